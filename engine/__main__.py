@@ -1,0 +1,185 @@
+"""``python -m engine generate|chat|perplexity|serve|build-demo``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="model folder, downloaded repo id, or 'demo'")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--context", type=int, default=4096, help="context length (tokens)")
+
+
+def _sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m engine", description="VPTQ Chat engine")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="stream the completion of a prompt to stdout")
+    _common(g)
+    _sampling(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="send the prompt as one user chat turn")
+    c = sub.add_parser("chat", help="multi-turn chat in the terminal")
+    _common(c)
+    _sampling(c)
+    c.add_argument("--system", help="system prompt")
+    pp = sub.add_parser("perplexity", help="perplexity of a text file")
+    _common(pp)
+    pp.add_argument("--file", required=True, type=Path)
+    pp.add_argument("--max-tokens", type=int, default=4096)
+    sub.add_parser("serve", help="the JSON-lines protocol on stdin/stdout (used by the app)")
+    sub.add_parser("build-demo", help="build the embedded demo model now")
+    return ap
+
+
+def _params(a: argparse.Namespace):
+    from .sampling import SamplingParams
+
+    p = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                       repetition_penalty=a.repetition_penalty, max_new_tokens=a.max_new_tokens,
+                       seed=a.seed, stop=a.stop)
+    p.validate()
+    return p
+
+
+def _session(a: argparse.Namespace):
+    import torch
+
+    from .generate import Session
+    from .loader import DTYPES
+    from .models import resolve_model
+
+    def progress(fraction: float, stage: str) -> None:
+        print(f"\r{stage}: {fraction:4.0%}", end="", file=sys.stderr, flush=True)
+
+    device = a.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = resolve_model(a.model, progress)
+    s = Session.load(path, device, DTYPES.get(a.dtype or ""), a.context, progress)
+    print(f"\rloaded {path} on {device}; kernels: {s.kernels} ({s.kernels_reason})",
+          file=sys.stderr)
+    return s
+
+
+def _stream(gen) -> None:
+    for text in gen:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    st = gen.stats
+    print(f"\n[{gen.reason}] {st.completion_tokens} tokens, TTFT {st.ttft_s * 1000:.0f} ms, "
+          f"prefill {st.prefill_tok_s:.1f} tok/s, decode {st.decode_tok_s:.1f} tok/s",
+          file=sys.stderr)
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    params = _params(a)
+    if not a.prompt.strip():
+        raise ValueError("--prompt is empty: give some text to complete")
+    s = _session(a)
+    if a.chat:
+        ids, _ = s.prompt_ids(messages=[{"role": "user", "content": a.prompt}],
+                              max_new_tokens=params.max_new_tokens)
+    else:
+        ids, _ = s.prompt_ids(prompt=a.prompt, max_new_tokens=params.max_new_tokens)
+    _stream(s.generate(ids, params))
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    params = _params(a)
+    s = _session(a)
+    history = [{"role": "system", "content": a.system}] if a.system else []
+    print("Type a message; 'exit' or Ctrl-D quits, '/reset' starts over.", file=sys.stderr)
+    while True:
+        try:
+            line = input("You: ")
+        except EOFError:
+            break
+        if line.strip() in ("exit", "/exit", "quit"):
+            break
+        if line.strip() == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids, dropped = s.prompt_ids(messages=history, max_new_tokens=params.max_new_tokens)
+        if dropped:
+            print(f"[dropped {dropped} old messages to fit the context]", file=sys.stderr)
+        gen = s.generate(ids, params, dropped)
+        sys.stdout.write("Assistant: ")
+        _stream(gen)
+        history.append({"role": "assistant", "content": gen.text})
+
+
+def cmd_perplexity(a: argparse.Namespace) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    if not a.file.exists():
+        raise ValueError(f"{a.file}: no such file")
+    s = _session(a)
+    ids = s.tok.encode(a.file.read_text(encoding="utf-8"))[: a.max_tokens]
+    window = min(a.context, s.n_ctx)
+    nll, count = 0.0, 0
+    for i in range(0, len(ids), window):
+        chunk = ids[i : i + window]
+        if len(chunk) < 2:
+            break
+        logits = s.logits(chunk, 0, last_only=False)  # [T, V]
+        target = torch.tensor(chunk[1:], device=logits.device)
+        nll += float(F.cross_entropy(logits[:-1].double(), target, reduction="sum"))
+        count += len(chunk) - 1
+        print(f"\r{i + len(chunk)}/{len(ids)} tokens", end="", file=sys.stderr, flush=True)
+    if count == 0:
+        raise ValueError(f"{a.file}: fewer than 2 tokens to score")
+    print(file=sys.stderr)
+    print(f"tokens scored: {count}")
+    print(f"perplexity: {math.exp(nll / count):.4f}")
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from .server import serve
+
+    serve()
+
+
+def cmd_build_demo(a: argparse.Namespace) -> None:
+    from .models import build_dense_demo
+
+    print(build_dense_demo(lambda f, stage: print(stage, file=sys.stderr)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    handler = globals()["cmd_" + a.command.replace("-", "_")]
+    try:
+        handler(a)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

