@@ -10,6 +10,31 @@ from pathlib import Path
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
 
 
+class ProgressLine:
+    """Load progress on stderr: redrawn in place on a terminal, one line per stage otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.stage = ""
+        self.open = False
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        if self.tty:
+            print(f"\r{stage}: {fraction:4.0%}", end="", file=sys.stderr, flush=True)
+            self.open = True
+        elif stage != self.stage:
+            print(f"{stage}...", file=sys.stderr, flush=True)
+        self.stage = stage
+
+    def end(self) -> None:
+        if self.open:
+            print(file=sys.stderr)
+            self.open = False
+
+
+PROGRESS = ProgressLine()
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="model folder, downloaded repo id, or 'demo'")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -52,9 +77,16 @@ def parser() -> argparse.ArgumentParser:
 def _params(a: argparse.Namespace):
     from .sampling import SamplingParams
 
-    p = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                       repetition_penalty=a.repetition_penalty, max_new_tokens=a.max_new_tokens,
-                       seed=a.seed, stop=a.stop)
+    p = SamplingParams(
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        max_new_tokens=a.max_new_tokens,
+        seed=a.seed,
+        stop=a.stop,
+    )
     p.validate()
     return p
 
@@ -66,16 +98,13 @@ def _session(a: argparse.Namespace):
     from .loader import DTYPES
     from .models import resolve_model
 
-    def progress(fraction: float, stage: str) -> None:
-        print(f"\r{stage}: {fraction:4.0%}", end="", file=sys.stderr, flush=True)
-
     device = a.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    path = resolve_model(a.model, progress)
-    s = Session.load(path, device, DTYPES.get(a.dtype or ""), a.context, progress)
-    print(f"\rloaded {path} on {device}; kernels: {s.kernels} ({s.kernels_reason})",
-          file=sys.stderr)
+    path = resolve_model(a.model, PROGRESS)
+    s = Session.load(path, device, DTYPES.get(a.dtype or ""), a.context, PROGRESS)
+    PROGRESS.end()
+    print(f"loaded {path} on {device}; kernels: {s.kernels} ({s.kernels_reason})", file=sys.stderr)
     return s
 
 
@@ -84,9 +113,11 @@ def _stream(gen) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
     st = gen.stats
-    print(f"\n[{gen.reason}] {st.completion_tokens} tokens, TTFT {st.ttft_s * 1000:.0f} ms, "
-          f"prefill {st.prefill_tok_s:.1f} tok/s, decode {st.decode_tok_s:.1f} tok/s",
-          file=sys.stderr)
+    print(
+        f"\n[{gen.reason}] {st.completion_tokens} tokens, TTFT {st.ttft_s * 1000:.0f} ms, "
+        f"prefill {st.prefill_tok_s:.1f} tok/s, decode {st.decode_tok_s:.1f} tok/s",
+        file=sys.stderr,
+    )
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -95,8 +126,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
         raise ValueError("--prompt is empty: give some text to complete")
     s = _session(a)
     if a.chat:
-        ids, _ = s.prompt_ids(messages=[{"role": "user", "content": a.prompt}],
-                              max_new_tokens=params.max_new_tokens)
+        ids, _ = s.prompt_ids(
+            messages=[{"role": "user", "content": a.prompt}], max_new_tokens=params.max_new_tokens
+        )
     else:
         ids, _ = s.prompt_ids(prompt=a.prompt, max_new_tokens=params.max_new_tokens)
     _stream(s.generate(ids, params))
@@ -147,10 +179,10 @@ def cmd_perplexity(a: argparse.Namespace) -> None:
         target = torch.tensor(chunk[1:], device=logits.device)
         nll += float(F.cross_entropy(logits[:-1].double(), target, reduction="sum"))
         count += len(chunk) - 1
-        print(f"\r{i + len(chunk)}/{len(ids)} tokens", end="", file=sys.stderr, flush=True)
+        PROGRESS(min(i + window, len(ids)) / len(ids), "scoring")
+    PROGRESS.end()
     if count == 0:
         raise ValueError(f"{a.file}: fewer than 2 tokens to score")
-    print(file=sys.stderr)
     print(f"tokens scored: {count}")
     print(f"perplexity: {math.exp(nll / count):.4f}")
 
@@ -164,7 +196,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def cmd_build_demo(a: argparse.Namespace) -> None:
     from .models import build_dense_demo
 
-    print(build_dense_demo(lambda f, stage: print(stage, file=sys.stderr)))
+    print(build_dense_demo(PROGRESS))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         handler(a)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        PROGRESS.end()
+        print("interrupted", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
+        PROGRESS.end()
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

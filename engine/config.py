@@ -123,7 +123,11 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 def _llama3(inv: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
-    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    factor, low, high = (
+        float(s["factor"]),
+        float(s["low_freq_factor"]),
+        float(s["high_freq_factor"]),
+    )
     old = float(s["original_max_position_embeddings"])
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > old / low, inv / factor, inv)

@@ -43,8 +43,14 @@ class Session:
         self.kernels, self.kernels_reason = ops.kernel_status(loaded.device)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-             max_seq_len: int = 4096, progress: Progress | None = None) -> Session:
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_seq_len: int = 4096,
+        progress: Progress | None = None,
+    ) -> Session:
         loaded = load_model(path, device, dtype, max_seq_len, progress)
         if progress:
             progress(1.0, "loading tokenizer")
@@ -54,8 +60,13 @@ class Session:
     def n_ctx(self) -> int:
         return self.loaded.model.max_seq
 
-    def prompt_ids(self, *, messages: list[dict] | None = None, prompt: str | None = None,
-                   max_new_tokens: int = 512) -> tuple[list[int], int]:
+    def prompt_ids(
+        self,
+        *,
+        messages: list[dict] | None = None,
+        prompt: str | None = None,
+        max_new_tokens: int = 512,
+    ) -> tuple[list[int], int]:
         """Token ids for a chat (``messages``) or a raw ``prompt``, and messages dropped."""
         budget = self.n_ctx - min(max_new_tokens, self.n_ctx // 2)
         if messages is not None:

@@ -7,8 +7,15 @@ from torch import nn
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch: int, n_kv_heads: int, max_seq: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        batch: int,
+        n_kv_heads: int,
+        max_seq: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
         super().__init__()
         shape = (batch, n_kv_heads, max_seq, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)

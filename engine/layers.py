@@ -63,5 +63,7 @@ class VQLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"K={s.in_features}, N={s.out_features}, v={s.vector_len}, k={s.num_centroids}, "
-                f"kr={s.num_res_centroids}, G={s.group_num}, P={s.outlier_size}")
+        return (
+            f"K={s.in_features}, N={s.out_features}, v={s.vector_len}, k={s.num_centroids}, "
+            f"kr={s.num_res_centroids}, G={s.group_num}, P={s.outlier_size}"
+        )

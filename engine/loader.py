@@ -93,15 +93,27 @@ def _layer_specs(args: ModelArgs, cfg: dict[str, Any], where: Path) -> dict[str,
     names = [
         f"model.layers.{i}.{part}"
         for i in range(args.n_layers)
-        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        for part in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
     ] + ["lm_head"]
     found = {n: resolve_layer(n, table, str(where)) for n in names}
     return {n: s for n, s in found.items() if s is not None}
 
 
-def _fill(model: Transformer, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device,
-          progress: Progress | None) -> int:
+def _fill(
+    model: Transformer,
+    ckpt: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: Progress | None,
+) -> int:
     entries = list(model.state_dict(keep_vars=True).items())
     total = 0
     for i, (name, target) in enumerate(entries):
@@ -114,8 +126,9 @@ def _fill(model: Transformer, ckpt: Checkpoint, dtype: torch.dtype, device: torc
     return total
 
 
-def _convert(name: str, t: torch.Tensor, target: torch.Tensor, dtype: torch.dtype,
-             ckpt: Checkpoint) -> torch.Tensor:
+def _convert(
+    name: str, t: torch.Tensor, target: torch.Tensor, dtype: torch.dtype, ckpt: Checkpoint
+) -> torch.Tensor:
     if tuple(t.shape) != tuple(target.shape):
         raise FormatError(
             f"{ckpt.where[name]}: tensor '{name}' has shape {list(t.shape)} but config.json "
@@ -132,7 +145,8 @@ def _convert(name: str, t: torch.Tensor, target: torch.Tensor, dtype: torch.dtyp
         return t.to(torch.int64)
     if t.dtype != target.dtype:
         raise FormatError(
-            f"{ckpt.where[name]}: tensor '{name}' is {t.dtype}, expected {target.dtype}; {REDOWNLOAD}"
+            f"{ckpt.where[name]}: tensor '{name}' is {t.dtype}, expected {target.dtype}; "
+            + REDOWNLOAD
         )
     return t
 

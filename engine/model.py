@@ -118,8 +118,9 @@ class Transformer(nn.Module):
         p = self.model.norm.weight
         a = self.args
         for layer in self.model.layers:
-            layer.self_attn.cache = KVCache(max_batch, a.n_kv_heads, max_seq, a.head_dim,
-                                            p.dtype, p.device)
+            layer.self_attn.cache = KVCache(
+                max_batch, a.n_kv_heads, max_seq, a.head_dim, p.dtype, p.device
+            )
         angles = torch.outer(torch.arange(max_seq, dtype=torch.float64), rope_inv_freq(a))
         angles = torch.cat((angles, angles), dim=-1)  # [max_seq, D]
         self.cos = angles.cos().float().to(p.device)

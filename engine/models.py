@@ -93,5 +93,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.dtype = torch.bfloat16
     cfg.save_pretrained(out)
-    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id).save_pretrained(out)
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id).save_pretrained(
+        out
+    )
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)

@@ -47,7 +47,9 @@ class SamplingParams:
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"sampling field '{name}' = {getattr(self, name)!r} must be {rule}")
+                raise ValueError(
+                    f"sampling field '{name}' = {getattr(self, name)!r} must be {rule}"
+                )
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError("sampling field 'stop' must be a list of non-empty strings")
 
@@ -80,8 +82,9 @@ def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, p: SamplingParams, gen: torch.Generator, seen: torch.Tensor | None = None
+) -> torch.Tensor:
     """logits: float32 [..., V] -> token ids [...] (a device tensor; no sync)."""
     if seen is not None:
         logits = penalize(logits, seen, p.repetition_penalty)

@@ -73,11 +73,19 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         s = self.session
-        info: dict[str, Any] = {"model": self.model_name or None, "generating": self.gen_id,
-                                "pid": os.getpid()}
+        info: dict[str, Any] = {
+            "model": self.model_name or None,
+            "generating": self.gen_id,
+            "pid": os.getpid(),
+        }
         if s is not None:
-            info.update(n_ctx=s.n_ctx, device=str(s.loaded.device), kernels=s.kernels,
-                        cached_tokens=len(s.cached), weight_bytes=s.loaded.weight_bytes)
+            info.update(
+                n_ctx=s.n_ctx,
+                device=str(s.loaded.device),
+                kernels=s.kernels,
+                cached_tokens=len(s.cached),
+                weight_bytes=s.loaded.weight_bytes,
+            )
         info.update(memory_stats())
         return info
 
@@ -97,8 +105,11 @@ class Server:
         if msg.type == "hello":
             version = msg.get("version")
             if version != PROTOCOL_VERSION:
-                self.send("error", kind="protocol",
-                          message=f"app speaks protocol {version}, engine {PROTOCOL_VERSION}")
+                self.send(
+                    "error",
+                    kind="protocol",
+                    message=f"app speaks protocol {version}, engine {PROTOCOL_VERSION}",
+                )
                 raise SystemExit(1)
         elif msg.type == "load":
             self.load(msg)
@@ -124,14 +135,25 @@ class Server:
             self.send("load_progress", msg.id, fraction=round(fraction, 4), stage=stage)
 
         path = resolve_model(str(name), progress)
-        s = Session.load(path, device, DTYPES.get(dtype or ""), int(msg.get("max_seq_len") or 4096),
-                         progress)
+        s = Session.load(
+            path, device, DTYPES.get(dtype or ""), int(msg.get("max_seq_len") or 4096), progress
+        )
         self.session, self.model_name = s, str(name)
-        self.send("loaded", msg.id, model=str(name), path=str(path), arch=s.loaded.args.arch,
-                  quant=s.loaded.quant, n_ctx=s.n_ctx, device=str(s.loaded.device),
-                  weight_bytes=s.loaded.weight_bytes, vram_bytes=memory_stats()["vram_bytes"],
-                  kernels=s.kernels, kernels_reason=s.kernels_reason,
-                  chat_template=s.tok.has_chat_template)
+        self.send(
+            "loaded",
+            msg.id,
+            model=str(name),
+            path=str(path),
+            arch=s.loaded.args.arch,
+            quant=s.loaded.quant,
+            n_ctx=s.n_ctx,
+            device=str(s.loaded.device),
+            weight_bytes=s.loaded.weight_bytes,
+            vram_bytes=memory_stats()["vram_bytes"],
+            kernels=s.kernels,
+            kernels_reason=s.kernels_reason,
+            chat_template=s.tok.has_chat_template,
+        )
 
     def unload(self) -> None:
         if self.session is None:
@@ -181,16 +203,20 @@ class Server:
         if msg.get("stop"):
             sampling["stop"] = list(msg.get("stop"))
         params = SamplingParams.from_dict(sampling)
-        ids, dropped = s.prompt_ids(messages=msg.get("messages"), prompt=msg.get("prompt"),
-                                    max_new_tokens=params.max_new_tokens)
+        ids, dropped = s.prompt_ids(
+            messages=msg.get("messages"),
+            prompt=msg.get("prompt"),
+            max_new_tokens=params.max_new_tokens,
+        )
         gen = s.generate(ids, params, dropped)
         with self.lock:
             self.gen, self.gen_id = gen, msg.id
             if msg.id in self.cancelled:
                 self.cancelled.discard(msg.id)
                 gen.cancel()
-        self.send("started", msg.id, prompt_tokens=len(ids), dropped_messages=dropped,
-                  n_ctx=s.n_ctx)
+        self.send(
+            "started", msg.id, prompt_tokens=len(ids), dropped_messages=dropped, n_ctx=s.n_ctx
+        )
         return gen
 
 
@@ -208,9 +234,15 @@ def device_info() -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
-    names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
-    return {"device": "cuda" if cuda else "cpu", "gpus": names, "torch": torch.__version__,
-            "capabilities": ["vptq", "dense", "cancel", "stats", "prefix_cache"]}
+    names = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    )
+    return {
+        "device": "cuda" if cuda else "cpu",
+        "gpus": names,
+        "torch": torch.__version__,
+        "capabilities": ["vptq", "dense", "cancel", "stats", "prefix_cache"],
+    }
 
 
 def memory_stats() -> dict[str, Any]:
@@ -236,8 +268,11 @@ def serve(stdin: IO[bytes] | None = None) -> None:
     os.dup2(2, 1)  # anything printed to fd 1 now lands on stderr
     sys.stdout = sys.stderr
     out = os.fdopen(proto_fd, "w", encoding="utf-8", buffering=1)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     server = Server(out)
     server.send("hello", version=PROTOCOL_VERSION, engine=__version__, **device_info())
     reader = threading.Thread(target=server.read, args=(stdin or sys.stdin.buffer,), daemon=True)

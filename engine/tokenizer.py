@@ -70,9 +70,14 @@ def check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
     for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("content"), str)
-                and m.get("role") in ("system", "user", "assistant")):
-            raise ValueError(f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}")
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("content"), str)
+            and m.get("role") in ("system", "user", "assistant")
+        ):
+            raise ValueError(
+                f"messages[{i}] must be {{'role': system|user|assistant, 'content': str}}"
+            )
     if not messages[-1]["content"].strip():
         raise ValueError("the last message is empty: type something to send")
 

@@ -13,3 +13,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_path():
+    """The demo model folder (built once into the data folder, as `make run` does)."""
+    from engine.models import build_dense_demo
+
+    return build_dense_demo()
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_path):
+    from engine.tokenizer import Tokenizer
+
+    return Tokenizer(demo_path)

@@ -55,7 +55,9 @@ class Checkpoint:
         try:
             return safe_open(str(f), framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types
-            raise FormatError(f"{f}: truncated or corrupt safetensors file ({e}); {REDOWNLOAD}")
+            raise FormatError(
+                f"{f}: truncated or corrupt safetensors file ({e}); {REDOWNLOAD}"
+            ) from e
 
     def _file(self, f: Path):
         if self._handle is None or self._handle[0] != f:

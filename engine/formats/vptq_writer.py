@@ -37,8 +37,12 @@ def spec_to_dict(spec: VQLayerSpec) -> dict[str, Any]:
     }
 
 
-def layer_tensors(spec: VQLayerSpec, main: torch.Tensor, residual: torch.Tensor | None,
-                  codebooks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def layer_tensors(
+    spec: VQLayerSpec,
+    main: torch.Tensor,
+    residual: torch.Tensor | None,
+    codebooks: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
     """Checkpoint tensors of one layer from unpacked indices ([G, R, S] each) and the float
     tensors (centroids.weight, res_centroids.weight, weight_scale, ..., perm as int64 [K])."""
     out = dict(codebooks)
@@ -62,8 +66,12 @@ def _as_int16(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t >= 1 << 15, t - (1 << 16), t).to(torch.int16)
 
 
-def write_checkpoint(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
-                     shard_bytes: int | None = None) -> None:
+def write_checkpoint(
+    folder: Path,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    shard_bytes: int | None = None,
+) -> None:
     """config.json plus one model.safetensors, or shards with the index when ``shard_bytes``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,15 @@ from pathlib import Path
 
 import torch
 
-BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+BASE = dict(
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def make_hf_model(kind: str, folder: Path, **overrides):
@@ -16,9 +23,17 @@ def make_hf_model(kind: str, folder: Path, **overrides):
 
     torch.manual_seed(0)
     if kind == "llama3":
-        cfg = tf.LlamaConfig(**BASE, rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+        cfg = tf.LlamaConfig(
+            **BASE,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        )
         model_cls = tf.LlamaForCausalLM
     elif kind == "llama":
         cfg, model_cls = tf.LlamaConfig(**BASE), tf.LlamaForCausalLM

@@ -14,8 +14,13 @@ def u32(words):
     ("b1", "b2", "i1", "i2", "expected"),
     [
         (3, 2, [1, 2, 3, 4, 5, 6, 7, 0], [3, 2, 1, 0, 3, 2, 1, 0], [0xEDD22E59, 0x00000003]),
-        (16, 8, [0x1234, 0xBEEF, 0x0001, 0xFFFF], [0xAB, 0x01, 0xFF, 0x00],
-         [0xEFAB1234, 0x000101BE, 0x00FFFFFF]),
+        (
+            16,
+            8,
+            [0x1234, 0xBEEF, 0x0001, 0xFFFF],
+            [0xAB, 0x01, 0xFF, 0x00],
+            [0xEFAB1234, 0x000101BE, 0x00FFFFFF],
+        ),
         (16, 0, [0x1234, 0xBEEF, 0x0001], None, [0xBEEF1234, 0x00000001]),
         (12, 0, [0xABC, 0x123, 0xFFF], None, [0xFF123ABC, 0x0000000F]),
     ],
@@ -45,8 +50,25 @@ def test_formula_layer_a_first_words():
 
 
 @pytest.mark.parametrize(
-    ("b1", "b2"), [(16, 8), (16, 0), (12, 0), (16, 12), (16, 16), (10, 9), (15, 0), (8, 8),
-                   (1, 0), (9, 0), (11, 0), (13, 0), (14, 0), (16, 13), (16, 14), (4, 3)]
+    ("b1", "b2"),
+    [
+        (16, 8),
+        (16, 0),
+        (12, 0),
+        (16, 12),
+        (16, 16),
+        (10, 9),
+        (15, 0),
+        (8, 8),
+        (1, 0),
+        (9, 0),
+        (11, 0),
+        (13, 0),
+        (14, 0),
+        (16, 13),
+        (16, 14),
+        (4, 3),
+    ],
 )
 @pytest.mark.parametrize("count", [1, 33, 37, 100])
 def test_round_trip_and_bit_rule(b1, b2, count):
@@ -57,7 +79,7 @@ def test_round_trip_and_bit_rule(b1, b2, count):
     assert words.shape == (3, words_per_row(count, bits))
     assert torch.equal(unpack_indices(words, bits, count), m)
     # Independent decode straight from the word/offset rule, in plain Python integers.
-    row = u32(words[1]) + [0]
+    row = [*u32(words[1]), 0]
     for g in range(count):
         s = g * bits
         w, o = s >> 5, s & 31

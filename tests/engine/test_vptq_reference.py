@@ -104,8 +104,9 @@ def test_linear_matches_oracle(tokens):
     x = torch.randn(2, tokens, 96, dtype=torch.float64)
     want = x.numpy() @ oracle_dense(L).T + L.bias
     bias = L.tensors["bias"].double()
-    args = tuple(a.double() if a is not None and a.is_floating_point() else a
-                 for a in dequant_args(L))
+    args = tuple(
+        a.double() if a is not None and a.is_floating_point() else a for a in dequant_args(L)
+    )
     got = vptq_linear(x, bias, *args, spec=spec)
     assert got.shape == (2, tokens, 20)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)  # float32 lookups

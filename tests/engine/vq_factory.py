@@ -28,12 +28,37 @@ class RandomLayer:
     tensors: dict[str, torch.Tensor]  # checkpoint tensors of the layer
 
 
-def make_spec(k_in=96, n_out=20, v=8, k=256, kr=0, g=1, p=0, v0=-1, k0=-1, norm=True,
-              perm=True, bias=False, packed=True) -> VQLayerSpec:
-    return VQLayerSpec(in_features=k_in, out_features=n_out, vector_len=v, num_centroids=k,
-                       num_res_centroids=kr, group_num=g, group_size=(k_in - p) // g,
-                       outlier_size=p, outlier_vector_len=v0, outlier_centroids=k0,
-                       enable_norm=norm, enable_perm=perm, bias=bias, packed=packed)
+def make_spec(
+    k_in=96,
+    n_out=20,
+    v=8,
+    k=256,
+    kr=0,
+    g=1,
+    p=0,
+    v0=-1,
+    k0=-1,
+    norm=True,
+    perm=True,
+    bias=False,
+    packed=True,
+) -> VQLayerSpec:
+    return VQLayerSpec(
+        in_features=k_in,
+        out_features=n_out,
+        vector_len=v,
+        num_centroids=k,
+        num_res_centroids=kr,
+        group_num=g,
+        group_size=(k_in - p) // g,
+        outlier_size=p,
+        outlier_vector_len=v0,
+        outlier_centroids=k0,
+        enable_norm=norm,
+        enable_perm=perm,
+        bias=bias,
+        packed=packed,
+    )
 
 
 def random_layer(spec: VQLayerSpec, seed: int = 0, dtype=torch.float32) -> RandomLayer:
@@ -55,6 +80,11 @@ def random_layer(spec: VQLayerSpec, seed: int = 0, dtype=torch.float32) -> Rando
         bs = rng.uniform(-1.0, 1.0, spec.in_features)
     if spec.bias:
         bias = rng.standard_normal(spec.out_features)
+
+    def stored(a):  # the values exactly as the checkpoint will hold them
+        return None if a is None else torch.tensor(a).to(dtype).double().numpy()
+
+    C, R, Co, sc, bs, bias = map(stored, (C, R, Co, sc, bs, bias))
     layer = RandomLayer(spec, i1, i2, oi, C, R, Co, perm, sc, bs, bias, {})
     layer.tensors = checkpoint_tensors(layer, dtype)
     return layer
@@ -113,7 +143,14 @@ def dequant_args(L: RandomLayer, device="cpu") -> tuple:
     perm = as_uint16(t["perm"]) if "perm" in t else None
     return tuple(
         None if x is None else x.to(device)
-        for x in (t["indices"], t["centroids.weight"], t.get("res_centroids.weight"),
-                  t.get("outlier_indices"), t.get("outlier_centroids.weight"), perm,
-                  t.get("weight_scale"), t.get("weight_bias"))
+        for x in (
+            t["indices"],
+            t["centroids.weight"],
+            t.get("res_centroids.weight"),
+            t.get("outlier_indices"),
+            t.get("outlier_centroids.weight"),
+            perm,
+            t.get("weight_scale"),
+            t.get("weight_bias"),
+        )
     )

@@ -1,0 +1,126 @@
+"""`python -m engine generate|perplexity` as a user runs them, including bad input."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .test_loader import CONFIG, build_vptq_model
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+def run(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(r, *needles):
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.mark.e2e
+def test_generate_chat_answers_paris(demo_path):
+    r = run(
+        "generate",
+        "--model",
+        "demo",
+        "--prompt",
+        "What is the capital of France?",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "30",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "TTFT" in r.stderr and "tok/s" in r.stderr  # statistics on stderr only
+    assert "kernels: reference" in r.stderr
+
+
+@pytest.mark.e2e
+def test_perplexity_prints_it_last(demo_path):
+    r = run(
+        "perplexity",
+        "--model",
+        demo_path,
+        "--file",
+        DATA / "pride_and_prejudice_ch1.txt",
+        "--max-tokens",
+        "600",
+        "--context",
+        "256",
+    )
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"perplexity: (\d+\.\d+)", last)
+    assert m, r.stdout
+    assert 2.0 < float(m.group(1)) < 60.0  # a real English model on English prose
+    assert "tokens scored: 597" in r.stdout  # 3 windows (256, 256, 88), each loses one token
+
+
+def test_bad_input_gives_one_line_errors(tmp_path):
+    build_vptq_model(tmp_path / "m", shard_bytes=200_000)
+    m = tmp_path / "m"
+    shards = sorted(m.glob("model-*.safetensors"))
+    cases = []
+    # truncated shard
+    t = tmp_path / "trunc"
+    t.mkdir()
+    for f in m.iterdir():
+        (t / f.name).write_bytes(f.read_bytes())
+    (t / shards[0].name).write_bytes(shards[0].read_bytes()[:5000])
+    cases.append((t, [shards[0].name, "truncated or corrupt", "re-download"]))
+    # missing shard
+    miss = tmp_path / "missing"
+    miss.mkdir()
+    for f in m.iterdir():
+        if f.name != shards[1].name:
+            (miss / f.name).write_bytes(f.read_bytes())
+    cases.append((miss, [shards[1].name, "is missing"]))
+    # config without a needed field; unknown architecture
+    for name, edit, needle in [
+        ("nofield", lambda c: c.pop("num_hidden_layers"), "missing field 'num_hidden_layers'"),
+        (
+            "arch",
+            lambda c: c.update(architectures=["FalconForCausalLM"]),
+            "unsupported architecture FalconForCausalLM",
+        ),
+    ]:
+        d = tmp_path / name
+        d.mkdir()
+        cfg = dict(CONFIG)
+        edit(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+        cases.append((d, [str(d / "config.json"), needle]))
+    for folder, needles in cases:
+        r = run("generate", "--model", folder, "--prompt", "hi", "--max-new-tokens", "2")
+        assert_one_line_error(r, *needles)
+    assert_one_line_error(run("generate", "--model", m, "--prompt", "  "), "--prompt is empty")
+    assert_one_line_error(
+        run("generate", "--model", tmp_path / "absent", "--prompt", "x"), "not found"
+    )
+
+
+@pytest.mark.e2e
+def test_terminal_chat_keeps_the_conversation(demo_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "chat", "--model", "demo", "--temperature", "0",
+         "--max-new-tokens", "30", "--system", "You are a helpful assistant."],
+        input="What is the capital of France?\nAnd of Germany?\nexit\n",
+        capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    first, second = r.stdout.split("Assistant: ")[1:3]
+    assert "Paris" in first and "Berlin" in second

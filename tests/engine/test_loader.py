@@ -1,0 +1,223 @@
+"""Reading VPTQ and dense checkpoints: round trips, config forms, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from engine.formats.vptq import FormatError
+from engine.formats.vptq_writer import spec_to_dict, write_checkpoint
+from engine.layers import VQLinear
+from engine.loader import load_model
+
+from .vq_factory import make_spec, oracle_dense, random_layer
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 48,
+    "intermediate_size": 80,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+}
+LINEARS = {
+    "self_attn.q_proj": (48, 48),
+    "self_attn.k_proj": (48, 24),
+    "self_attn.v_proj": (48, 24),
+    "self_attn.o_proj": (48, 48),
+    "mlp.gate_proj": (48, 80),
+    "mlp.up_proj": (48, 80),
+    "mlp.down_proj": (80, 48),
+}
+# One scheme per projection, so a single model covers residual, groups, outliers, padding,
+# odd vector lengths, wide and narrow codebooks, and layers without norm or perm.
+SCHEMES = {
+    "self_attn.q_proj": dict(v=8, k=65536, kr=256),
+    "self_attn.k_proj": dict(v=6, k=512, g=2),
+    "self_attn.v_proj": dict(v=12, k=2048, kr=8192),
+    "self_attn.o_proj": dict(v=8, k=256, v0=4, k0=16, p=8),
+    "mlp.gate_proj": dict(v=10, k=16, norm=False),
+    "mlp.up_proj": dict(v=16, k=8192, perm=False),
+    "mlp.down_proj": dict(v=4, k=2, g=4, kr=2),
+}
+
+
+def build_vptq_model(folder, dtype=torch.float16, shard_bytes=None, form="config_for_layers"):
+    """A random VPTQ Llama on disk; returns {layer name: dense float64 W} from the oracle."""
+    gen = torch.Generator().manual_seed(0)
+    tensors, per_layer, dense = {}, {}, {}
+    for i in range(CONFIG["num_hidden_layers"]):
+        for part, (k_in, n_out) in LINEARS.items():
+            spec = make_spec(k_in=k_in, n_out=n_out, **SCHEMES[part])
+            layer = random_layer(spec, seed=i * 10 + len(part), dtype=dtype)
+            name = f"model.layers.{i}.{part}"
+            tensors.update({f"{name}.{k}": v for k, v in layer.tensors.items()})
+            per_layer[name] = spec_to_dict(spec) | {"unknown_future_key": 1}
+            dense[name] = oracle_dense(layer)
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{i}.{norm}.weight"] = (
+                1 + 0.1 * torch.randn(48, generator=gen)
+            ).to(dtype)
+    tensors["model.embed_tokens.weight"] = torch.randn(64, 48, generator=gen).to(dtype)
+    tensors["model.norm.weight"] = torch.ones(48, dtype=dtype)
+    tensors["lm_head.weight"] = (0.2 * torch.randn(64, 48, generator=gen)).to(dtype)
+    cfg = dict(CONFIG, torch_dtype=str(dtype).removeprefix("torch."))
+    if form == "config_for_layers":
+        cfg["quantization_config"] = {"quant_method": "vptq", "config_for_layers": per_layer}
+    elif form == "shared_layer_config":
+        cfg["quantization_config"] = {
+            "quant_method": "vptq",
+            "config_for_layers": {},
+            "shared_layer_config": {},
+        }
+    elif form == "quant_config":
+        cfg["quant_config"] = per_layer
+    write_checkpoint(folder, cfg, tensors, shard_bytes)
+    return dense, tensors
+
+
+def dense_twin(folder, dense, tensors):
+    """The same model as a plain dense checkpoint, its linears from the oracle in float32."""
+    plain = {
+        k: v
+        for k, v in tensors.items()
+        if k.startswith(("model.embed", "model.norm", "lm_head")) or "layernorm" in k
+    }
+    plain.update({f"{name}.weight": torch.tensor(w).float() for name, w in dense.items()})
+    write_checkpoint(folder, dict(CONFIG), plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_vptq_model_round_trip(tmp_path, dtype):
+    dense, tensors = build_vptq_model(tmp_path / "q", dtype, shard_bytes=200_000)
+    assert len(list((tmp_path / "q").glob("model-*.safetensors"))) > 2
+    lm = load_model(tmp_path / "q", "cpu", torch.float32, max_seq_len=32)
+    assert lm.quant == "vptq" and len(lm.specs) == 14
+    for name, w in dense.items():
+        layer = lm.model.get_submodule(name)
+        assert isinstance(layer, VQLinear)
+        got = layer(torch.eye(layer.in_features)).T.double().numpy()
+        assert abs(got - w).max() <= 1e-5 * (1 + abs(w).max()), name
+    dense_twin(tmp_path / "d", dense, tensors)
+    twin = load_model(tmp_path / "d", "cpu", torch.float32, max_seq_len=32)
+    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(tokens), twin.model(tokens), atol=1e-3, rtol=1e-3)
+
+
+def test_shared_layer_config_fallback_and_legacy_quant_config(tmp_path):
+    dense, _ = build_vptq_model(tmp_path / "legacy", form="quant_config")
+    assert len(load_model(tmp_path / "legacy", "cpu", max_seq_len=8).specs) == 14
+    # shared_layer_config: one dict per last name component, used when no full name matches
+    cfg = json.loads((tmp_path / "legacy" / "config.json").read_text())
+    per_layer = cfg.pop("quant_config")
+    shared = {n.rsplit(".", 1)[-1]: d for n, d in per_layer.items() if ".0." in n}
+    cfg["quantization_config"] = {
+        "quant_method": "vptq",
+        "config_for_layers": {},
+        "shared_layer_config": shared,
+    }
+    (tmp_path / "legacy" / "config.json").write_text(json.dumps(cfg))
+    lm = load_model(tmp_path / "legacy", "cpu", max_seq_len=8)
+    assert set(lm.specs) == set(dense)
+
+
+def _edit_config(folder, fn):
+    cfg = json.loads((folder / "config.json").read_text())
+    fn(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda c: c["quantization_config"]["config_for_layers"][
+                "model.layers.0.mlp.up_proj"
+            ].update(norm_dim=1),
+            "model.layers.0.mlp.up_proj: norm_dim=1",
+        ),
+        (
+            lambda c: c["quantization_config"]["config_for_layers"][
+                "model.layers.1.mlp.up_proj"
+            ].update(vector_quant_dim="in"),
+            "vector_quant_dim='in' is not supported",
+        ),
+        (lambda c: c.pop("hidden_size"), "missing field 'hidden_size'"),
+        (
+            lambda c: c.update(architectures=["GPT2LMHeadModel"]),
+            "unsupported architecture GPT2LMHeadModel",
+        ),
+        (
+            lambda c: c["quantization_config"]["config_for_layers"][
+                "model.layers.0.mlp.up_proj"
+            ].update(num_centroids=[-1, 300]),
+            "'num_centroids' = 300 is not a power of two",
+        ),
+        (
+            lambda c: c["quantization_config"]["config_for_layers"][
+                "model.layers.0.mlp.up_proj"
+            ].update(group_size=7),
+            "!= in_features 48",
+        ),
+        (
+            lambda c: c["quantization_config"]["config_for_layers"][
+                "model.layers.0.mlp.up_proj"
+            ].update(vector_lens=[-1, 4]),
+            "tensor 'model.layers.0.mlp.up_proj.indices' has shape",
+        ),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, edit, message):
+    build_vptq_model(tmp_path)
+    _edit_config(tmp_path, edit)
+    with pytest.raises(FormatError, match=r"config\.json|safetensors") as err:
+        load_model(tmp_path, "cpu", max_seq_len=8)
+    assert message in str(err.value)
+
+
+def test_truncated_shard(tmp_path):
+    build_vptq_model(tmp_path, shard_bytes=200_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FormatError, match=f"{shard.name}: truncated or corrupt"):
+        load_model(tmp_path, "cpu", max_seq_len=8)
+
+
+def test_missing_shard(tmp_path):
+    build_vptq_model(tmp_path, shard_bytes=200_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(FormatError, match=f"{shard.name}: shard listed in .* is missing"):
+        load_model(tmp_path, "cpu", max_seq_len=8)
+
+
+def test_missing_tensor(tmp_path):
+    _, tensors = build_vptq_model(tmp_path / "a")
+    del tensors["model.layers.1.self_attn.o_proj.outlier_indices"]
+    write_checkpoint(
+        tmp_path / "b", json.loads((tmp_path / "a" / "config.json").read_text()), tensors
+    )
+    with pytest.raises(
+        FormatError, match=r"'model\.layers\.1\.self_attn\.o_proj\.outlier_indices' is missing"
+    ):
+        load_model(tmp_path / "b", "cpu", max_seq_len=8)
+
+
+def test_no_config_or_weights(tmp_path):
+    with pytest.raises(FormatError, match=r"config\.json: missing"):
+        load_model(tmp_path, "cpu")
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    with pytest.raises(FormatError, match=r"no \.safetensors files"):
+        load_model(tmp_path, "cpu")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(FormatError, match="not valid JSON"):
+        load_model(tmp_path, "cpu")

@@ -1,0 +1,133 @@
+"""`python -m engine serve` as a real subprocess with the demo model."""
+
+import pytest
+
+from .engine_proc import EngineProcess
+from .test_loader import build_vptq_model
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def engine(demo_path):
+    e = EngineProcess()
+    hello = e.next()
+    assert hello.type == "hello" and hello.get("version") == 1
+    e.send("hello", version=1)
+    e.send("load", "load-1", path="demo", max_seq_len=2048)
+    events = e.until("loaded", "load-1")
+    assert any(m.type == "load_progress" for m in events)
+    loaded = events[-1]
+    assert loaded.get("n_ctx") == 2048 and loaded.get("kernels") == "reference"
+    assert "CPU" in loaded.get("kernels_reason")
+    yield e
+    e.close()
+
+
+def test_two_turn_conversation(engine):
+    turn1 = [{"role": "user", "content": "What is the capital of France?"}]
+    answer, events = engine.chat("t1", turn1)
+    assert "Paris" in answer
+    started = next(m for m in events if m.type == "started")
+    assert started.get("prompt_tokens") > 10
+    finished = events[-1]
+    assert finished.get("reason") == "stop"
+    stats = finished.get("stats")
+    assert stats["completion_tokens"] > 3 and stats["ttft_s"] > 0 and stats["decode_tok_s"] > 0
+    turn2 = [
+        *turn1,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And of Germany?"},
+    ]
+    answer2, events = engine.chat("t2", turn2)
+    assert "Berlin" in answer2
+    assert events[-1].get("stats")["cached_tokens"] > 30  # the first turn's KV was reused
+
+
+def test_cancel_mid_answer_then_still_serves(engine):
+    engine.send(
+        "generate",
+        "long",
+        messages=[{"role": "user", "content": "Write a long story."}],
+        sampling={"temperature": 0, "max_new_tokens": 400},
+    )
+    deltas = 0
+    while deltas < 3:
+        if engine.next().type == "delta":
+            deltas += 1
+    engine.send("cancel", "long")
+    finished = engine.until("finished", "long")[-1]
+    assert finished.get("reason") == "cancelled"
+    assert finished.get("stats")["completion_tokens"] < 12  # stopped within a step or two
+    answer, _ = engine.chat(
+        "after", [{"role": "user", "content": "What is the capital of France?"}]
+    )
+    assert "Paris" in answer
+
+
+def test_max_tokens_and_stop_strings(engine):
+    msgs = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
+    text, events = engine.chat("len", msgs, max_new_tokens=5)
+    assert events[-1].get("reason") == "length"
+    assert events[-1].get("stats")["completion_tokens"] == 5
+    full, _ = engine.chat("full", msgs)
+    stop_at = full[len(full) // 2 :][:3]
+    text, events = engine.chat("stop", msgs, stop=[stop_at])
+    assert events[-1].get("reason") == "stop" and stop_at not in text
+    assert full.startswith(text)
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    msgs = [{"role": "user", "content": "Tell me a fun fact."}]
+    a, _ = engine.chat("s1", msgs, temperature=1.0, top_p=0.95, seed=7)
+    b, _ = engine.chat("s2", msgs, temperature=1.0, top_p=0.95, seed=7)
+    assert a == b
+
+
+def test_malformed_lines_and_bad_requests_answered_with_errors(engine):
+    engine.write("this is not json")
+    assert engine.next().get("kind") == "protocol"
+    engine.write('{"v": 1, "type": "nonsense"}')
+    assert "unknown message type" in engine.next().get("message")
+    engine.send("generate", "empty", prompt="   ")
+    events = engine.until("finished", "empty")
+    assert events[0].type == "error" and "prompt is empty" in events[0].get("message")
+    assert events[-1].get("reason") == "error"
+    engine.send("generate", "badsampling", prompt="Hi", sampling={"top_p": 7})
+    assert "'top_p'" in engine.until("finished", "badsampling")[0].get("message")
+    engine.send("stats", "st")
+    stats = engine.until("stats", "st")[-1]
+    assert stats.get("model") == "demo" and stats.get("rss_bytes") > 0
+
+
+def test_bad_models_give_error_events_then_the_engine_still_serves(tmp_path, demo_path):
+    build_vptq_model(tmp_path / "trunc", shard_bytes=200_000)
+    shard = sorted((tmp_path / "trunc").glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    (tmp_path / "arch").mkdir()
+    (tmp_path / "arch" / "config.json").write_text('{"architectures": ["BertModel"]}')
+    e = EngineProcess()
+    try:
+        assert e.next().type == "hello"
+        for name, needle in [
+            (tmp_path / "nowhere", "not found"),
+            (tmp_path / "trunc", f"{shard.name}: truncated or corrupt"),
+            (tmp_path / "arch", "unsupported architecture BertModel"),
+        ]:
+            e.send("load", "L", path=str(name))
+            err = e.until("error", "L")[-1]
+            assert needle in err.get("message"), err.payload
+        e.send("generate", "g", prompt="Hello")
+        assert e.until("finished", "g")[0].get("kind") == "not_loaded"
+        e.send("load", "ok", path=str(demo_path), max_seq_len=256)
+        e.until("loaded", "ok")
+        e.send(
+            "generate",
+            "g2",
+            prompt="The capital of France is",
+            sampling={"temperature": 0, "max_new_tokens": 4},
+        )
+        assert e.until("finished", "g2")[-1].get("reason") in ("stop", "length")
+    finally:
+        e.close()
+    assert e.proc.returncode == 0  # exits cleanly when stdin closes
