@@ -117,10 +117,25 @@ def test_bad_input_gives_one_line_errors(tmp_path):
 @pytest.mark.e2e
 def test_terminal_chat_keeps_the_conversation(demo_path):
     r = subprocess.run(
-        [sys.executable, "-m", "engine", "chat", "--model", "demo", "--temperature", "0",
-         "--max-new-tokens", "30", "--system", "You are a helpful assistant."],
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "chat",
+            "--model",
+            "demo",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "30",
+            "--system",
+            "You are a helpful assistant.",
+        ],
         input="What is the capital of France?\nAnd of Germany?\nexit\n",
-        capture_output=True, text=True, timeout=300)
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     first, second = r.stdout.split("Assistant: ")[1:3]
     assert "Paris" in first and "Berlin" in second
