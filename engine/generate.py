@@ -6,6 +6,8 @@ already holds (the usual case in a multi-turn chat) only prefills the new tokens
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -19,6 +21,7 @@ from .sampling import SamplingParams, sample
 from .tokenizer import ContextError, Detokenizer, StopMatcher, Tokenizer
 
 PREFILL_CHUNK = 512
+log = logging.getLogger("engine")
 
 
 @dataclass
@@ -36,11 +39,11 @@ class Stats:
 
 
 class Session:
-    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer):
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, kernels: tuple[str, str]):
         self.loaded = loaded
         self.tok = tokenizer
         self.cached: list[int] = []  # tokens whose keys/values sit in the KV cache
-        self.kernels, self.kernels_reason = ops.kernel_status(loaded.device)
+        self.kernels, self.kernels_reason = kernels
 
     @classmethod
     def load(
@@ -51,10 +54,15 @@ class Session:
         max_seq_len: int = 4096,
         progress: Progress | None = None,
     ) -> Session:
+        """Load a model; on a GPU the CUDA kernels are built (once) and loaded first."""
+        use = os.environ.get("VPTQ_CHAT_KERNELS", "cuda") != "reference"
+        kernels = ops.prepare(device, progress, use_kernels=use)
+        if kernels[0] != "cuda" and torch.device(device).type == "cuda":
+            log.warning("CUDA kernels unavailable, using the slow reference path: %s", kernels[1])
         loaded = load_model(path, device, dtype, max_seq_len, progress)
         if progress:
             progress(1.0, "loading tokenizer")
-        return cls(loaded, Tokenizer(loaded.folder, loaded.args.eos_token_ids))
+        return cls(loaded, Tokenizer(loaded.folder, loaded.args.eos_token_ids), kernels)
 
     @property
     def n_ctx(self) -> int:

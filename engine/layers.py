@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from . import ops
-from .formats.vptq import VQLayerSpec
+from .formats.packing import pack_indices
+from .formats.vptq import FormatError, VQLayerSpec
 from .ops.reference import as_uint16
 
 _INT = {"int32": torch.int32, "int16": torch.int16, "int64": torch.int64}
@@ -16,9 +19,10 @@ class VQLinear(nn.Module):
     """State-dict names match the VPTQ-community checkpoints (``centroids.weight``, ``indices``,
     ``perm`` ...), so the loader fills it like any other module."""
 
-    def __init__(self, spec: VQLayerSpec, dtype: torch.dtype = torch.float16):
+    def __init__(self, spec: VQLayerSpec, dtype: torch.dtype = torch.float16, name: str = ""):
         super().__init__()
         self.spec = spec
+        self.name = name
         for name, (shape, kind) in spec.tensor_shapes().items():
             tensor = torch.empty(shape, dtype=_INT.get(kind, dtype))
             holder: nn.Module = self
@@ -27,7 +31,8 @@ class VQLinear(nn.Module):
                 self.add_module(name.removesuffix(".weight"), holder)
                 name = "weight"
             holder.register_buffer(name, tensor)
-        self.register_buffer("perm_index", None, persistent=False)
+        self.register_buffer("perm_index", None, persistent=False)  # int32 [K]
+        self.register_buffer("inv_perm_index", None, persistent=False)  # int32 [K]
 
     @property
     def in_features(self) -> int:
@@ -38,15 +43,24 @@ class VQLinear(nn.Module):
         return self.spec.out_features
 
     def post_load(self) -> None:
-        """Derive the int64 permutation (perm is uint16 stored as int16) once, not per call."""
+        """Once after loading: read perm as uint16 and invert it (never per call), and pack
+        legacy unpacked indices so that every layer reaches the kernels in one layout."""
         if self.spec.enable_perm:
-            self.perm_index = as_uint16(self.perm)
+            perm = as_uint16(self.perm)
+            if sorted(perm.tolist()) != list(range(self.spec.in_features)):
+                raise FormatError(f"{self.name}: 'perm' is not a permutation of 0..K-1")
+            self.perm_index = perm.to(torch.int32)
+            self.inv_perm_index = torch.argsort(perm).to(torch.int32)
+        if not self.spec.packed:
+            values = as_uint16(self.indices)
+            self.indices = pack_indices(values, self.spec.index_bits)
+            self.spec = replace(self.spec, packed=True)
 
     def _book(self, name: str) -> torch.Tensor | None:
         holder = getattr(self, name, None)
         return None if holder is None else holder.weight
 
-    def dequant_args(self) -> tuple:
+    def tensors(self) -> tuple:
         return (
             self.indices,
             self.centroids.weight,
@@ -54,12 +68,13 @@ class VQLinear(nn.Module):
             getattr(self, "outlier_indices", None),
             self._book("outlier_centroids"),
             self.perm_index,
+            self.inv_perm_index,
             getattr(self, "weight_scale", None),
             getattr(self, "weight_bias", None),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
-        return ops.vptq_linear(x, getattr(self, "bias", None), *self.dequant_args(), spec=self.spec)
+        return ops.vptq_linear(x, getattr(self, "bias", None), self.tensors(), self.spec)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -69,7 +69,7 @@ def load_model(
                 f"{folder / 'config.json'}: layer {name} is {spec.in_features}->"
                 f"{spec.out_features} in quantization_config but {k}->{n} in the model shape"
             )
-        return VQLinear(spec, dtype)
+        return VQLinear(spec, dtype, name)
 
     with torch.device("meta"):
         model = Transformer(args, make)

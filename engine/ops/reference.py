@@ -45,12 +45,14 @@ def vptq_dequant(
     outlier_indices: torch.Tensor | None,
     outlier_centroids: torch.Tensor | None,
     perm: torch.Tensor | None,
+    inv_perm: torch.Tensor | None,
     weight_scale: torch.Tensor | None,
     weight_bias: torch.Tensor | None,
     spec: VQLayerSpec,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Dense W: [N, K] in ``dtype`` (default: the codebook dtype). perm: int64 [K]."""
+    """Dense W: [N, K] in ``dtype`` (default: the codebook dtype).
+    inv_perm[x] is the stored column of original column x (perm is its inverse, unused here)."""
     n, v = spec.out_features, spec.vector_len
     i1, i2 = layer_indices(indices, spec)
     vec = _lookup(centroids, i1, v)  # [G, R, S, v]
@@ -63,8 +65,8 @@ def vptq_dequant(
         ov = _lookup(outlier_centroids, as_uint16(outlier_indices), v0)[0]  # [R0, P, v0]
         r0, p, _ = ov.shape
         q = torch.cat([ov.permute(0, 2, 1).reshape(r0 * v0, p)[:n], q], dim=1)  # [N, K]
-    if perm is not None:
-        q = torch.empty_like(q).index_copy_(1, perm, q)  # W'[:, perm[y]] = Q[:, y]
+    if inv_perm is not None:
+        q = q[:, inv_perm.long()]  # W'[:, x] = Q[:, inv_perm[x]], i.e. W'[:, perm[y]] = Q[:, y]
     if weight_scale is not None and weight_bias is not None:
         q = q * weight_scale.float() + weight_bias.float()
     return q.to(dtype or centroids.dtype)

@@ -141,6 +141,8 @@ def dequant_args(L: RandomLayer, device="cpu") -> tuple:
 
     t = L.tensors
     perm = as_uint16(t["perm"]) if "perm" in t else None
+    inv = None if perm is None else torch.argsort(perm).to(torch.int32)
+    perm = None if perm is None else perm.to(torch.int32)
     return tuple(
         None if x is None else x.to(device)
         for x in (
@@ -150,6 +152,7 @@ def dequant_args(L: RandomLayer, device="cpu") -> tuple:
             t.get("outlier_indices"),
             t.get("outlier_centroids.weight"),
             perm,
+            inv,
             t.get("weight_scale"),
             t.get("weight_bias"),
         )

@@ -1,0 +1,391 @@
+// y[t,o] = sum_y xhat[t,y] * (C[c,i1][o%v] + R[c,i2][o%v]) + dot(x[t], b) + bias[o],
+// xhat[t,y] = x[t, perm[y]] * s[perm[y]]   (vptq-format.md §3.1-3.2; c = group of column y).
+//
+// dequant: one thread per (vector-row n, original column x) writes W[n*v .. n*v+v-1, x].
+// gemv:    one warp per vector-row n; the block stages xhat for a tile of stored columns in
+//          shared memory (accumulating its share of dot(x, b) on the way); lanes stride over the
+//          tile, decode the packed B-bit index, gather the v-wide codeword(s) with vector loads
+//          and accumulate in fp32. Codebooks that fit go to shared memory; the 65536-entry ones
+//          are read through L1/L2. Split-K partials go to an fp32 workspace, summed by a
+//          second kernel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "vptq.h"
+
+namespace vptq {
+namespace {
+
+constexpr int kWarps = 4;             // vector-rows per gemv block
+constexpr int kStageFloats = 2048;    // xhat staging: NT tokens x (2048 / NT) columns
+constexpr int kSmemCodebooks = 40 * 1024;  // budget for codebooks in shared memory (bytes)
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Element g of a packed row: bits g*B .. g*B+B-1 of a little-endian stream of 32-bit words.
+__device__ __forceinline__ uint32_t extract(const uint32_t* row, uint32_t g, int bits) {
+  const uint32_t bit = g * static_cast<uint32_t>(bits);
+  const uint32_t w = bit >> 5, off = bit & 31;
+  uint32_t val = __ldg(row + w) >> off;
+  if (off + bits > 32) val |= __ldg(row + w + 1) << (32 - off);
+  return bits == 32 ? val : (val & ((1u << bits) - 1u));
+}
+
+// A v-wide codeword as floats, with the widest loads its alignment allows
+// (the codeword starts at a multiple of v*2 bytes).
+template <typename T, int V>
+__device__ __forceinline__ void load_code(const T* p, float (&out)[V]) {
+  if constexpr (V % 8 == 0) {
+#pragma unroll
+    for (int c = 0; c < V / 8; ++c) {
+      const uint4 u = *reinterpret_cast<const uint4*>(p + 8 * c);
+      const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) out[8 * c + i] = to_f(h[i]);
+    }
+  } else if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int c = 0; c < V / 4; ++c) {
+      const uint2 u = *reinterpret_cast<const uint2*>(p + 4 * c);
+      const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[4 * c + i] = to_f(h[i]);
+    }
+  } else {
+    static_assert(V % 2 == 0, "odd vector lengths take the dequant path");
+#pragma unroll
+    for (int c = 0; c < V / 2; ++c) {
+      const uint32_t u = *reinterpret_cast<const uint32_t*>(p + 2 * c);
+      const T* h = reinterpret_cast<const T*>(&u);
+      out[2 * c] = to_f(h[0]);
+      out[2 * c + 1] = to_f(h[1]);
+    }
+  }
+}
+
+template <typename T>
+__global__ void dequant_kernel(Layer L, T* __restrict__ out) {
+  const int x = blockIdx.x * blockDim.x + threadIdx.x;
+  if (x >= L.K) return;
+  const int v = L.v, rows = (L.N + v - 1) / v, bits = L.b1 + L.b2;
+  const int y = L.inv_perm ? L.inv_perm[x] : x;
+  const float s = L.scale ? to_f(static_cast<const T*>(L.scale)[x]) : 1.f;
+  const float b = L.wbias ? to_f(static_cast<const T*>(L.wbias)[x]) : 0.f;
+  const T* C = static_cast<const T*>(L.centroids);
+  const T* R = static_cast<const T*>(L.res_centroids);
+  const T* Co = static_cast<const T*>(L.outlier_centroids);
+  for (int n = blockIdx.y; n < rows; n += gridDim.y) {
+    float vals[16];
+    if (y < L.P) {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int o = n * v + j;
+        if (j < v && o < L.N) {
+          const uint32_t idx = static_cast<uint16_t>(L.outlier_indices[(o / L.v0) * L.P + y]);
+          vals[j] = to_f(Co[idx * L.v0 + o % L.v0]);
+        }
+      }
+    } else {
+      const int c = (y - L.P) / L.S, g = (y - L.P) - c * L.S;
+      const uint32_t* row = reinterpret_cast<const uint32_t*>(L.indices) +
+                            (static_cast<size_t>(c) * rows + n) * L.words;
+      const uint32_t m = extract(row, g, bits);
+      const T* cw = C + (static_cast<size_t>(c) * L.k + (m & ((1u << L.b1) - 1u))) * v;
+#pragma unroll
+      for (int j = 0; j < 16; ++j)
+        if (j < v) vals[j] = to_f(cw[j]);
+      if (R != nullptr && L.b2 > 0) {
+        const uint32_t i2 = (m >> L.b1) & ((1u << L.b2) - 1u);
+        const T* rw = R + (static_cast<size_t>(c) * L.kr + i2) * v;
+#pragma unroll
+        for (int j = 0; j < 16; ++j)
+          if (j < v) vals[j] += to_f(rw[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int o = n * v + j;
+      if (j < v && o < L.N) out[static_cast<size_t>(o) * L.K + x] = from_f<T>(fmaf(vals[j], s, b));
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void copy_to_smem(T* dst, const T* src, int elems) {
+  // elems is even (v is even on the fused path): copy 32-bit words.
+  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int i = threadIdx.x; i < elems / 2; i += blockDim.x) d[i] = __ldg(s + i);
+}
+
+template <typename T, int V, int NT>
+__global__ void __launch_bounds__(kWarps * 32)
+    gemv_kernel(Layer L, const T* __restrict__ x, int ntok, T* __restrict__ out,
+                float* __restrict__ ws, int splits, int cb_smem) {
+  constexpr int kTile = kStageFloats / NT;
+  constexpr int U = (32 / V) < 1 ? 1 : ((32 / V) > 8 ? 8 : (32 / V));  // lookups in flight
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* xs = reinterpret_cast<float*>(smem);                    // [NT][kTile]
+  T* smem_books = reinterpret_cast<T*>(smem + kStageFloats * sizeof(float));
+  __shared__ float xb_part[kWarps][NT];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rows = (L.N + V - 1) / V, bits = L.b1 + L.b2;
+  const uint32_t mask1 = (1u << L.b1) - 1u, mask2 = (1u << L.b2) - 1u;
+  const T* C = static_cast<const T*>(L.centroids);
+  const T* R = L.b2 > 0 ? static_cast<const T*>(L.res_centroids) : nullptr;
+  if (cb_smem & 1) {
+    copy_to_smem(smem_books, C, L.G * L.k * V);
+    C = smem_books;
+  }
+  if ((cb_smem & 2) && R != nullptr) {
+    T* dst = smem_books + ((cb_smem & 1) ? L.G * L.k * V : 0);
+    copy_to_smem(dst, R, L.G * L.kr * V);
+    R = dst;
+  }
+  const T* scale = static_cast<const T*>(L.scale);
+  const T* wbias = static_cast<const T*>(L.wbias);
+
+  const int per_split = ((L.K + splits - 1) / splits + 31) & ~31;
+  const int y_begin = blockIdx.y * per_split, y_end = min(L.K, y_begin + per_split);
+  const int n = blockIdx.x * kWarps + warp;
+  const bool active = n < rows;
+
+  float acc[NT][V];
+  float xb[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    xb[t] = 0.f;
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[t][j] = 0.f;
+  }
+
+  for (int y0 = y_begin; y0 < y_end; y0 += kTile) {
+    const int yt = min(kTile, y_end - y0);
+    __syncthreads();  // the previous tile is consumed (first time: codebooks are in smem)
+    for (int i = threadIdx.x; i < yt; i += blockDim.x) {
+      const int p = L.perm ? L.perm[y0 + i] : y0 + i;
+      const float s = scale ? to_f(scale[p]) : 1.f;
+      const float b = wbias ? to_f(wbias[p]) : 0.f;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const float xv = t < ntok ? to_f(x[static_cast<size_t>(t) * L.K + p]) : 0.f;
+        xs[t * kTile + i] = xv * s;
+        xb[t] += xv * b;
+      }
+    }
+    __syncthreads();
+    if (!active) continue;
+    for (int i0 = 0; i0 < yt; i0 += 32 * U) {
+      uint32_t m[U];
+      int grp[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = i0 + u * 32 + lane;
+        m[u] = 0;
+        grp[u] = 0;
+        if (i < yt) {
+          const int y = y0 + i;
+          const int c = L.G == 1 ? 0 : y / L.S;
+          grp[u] = c;
+          const uint32_t* row = reinterpret_cast<const uint32_t*>(L.indices) +
+                                (static_cast<size_t>(c) * rows + n) * L.words;
+          m[u] = extract(row, y - c * L.S, bits);
+        }
+      }
+      float cw[U][V];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        load_code<T, V>(C + (static_cast<size_t>(grp[u]) * L.k + (m[u] & mask1)) * V, cw[u]);
+        if (R != nullptr) {
+          float rw[V];
+          load_code<T, V>(R + (static_cast<size_t>(grp[u]) * L.kr + ((m[u] >> L.b1) & mask2)) * V,
+                          rw);
+#pragma unroll
+          for (int j = 0; j < V; ++j) cw[u][j] += rw[j];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = i0 + u * 32 + lane;
+        if (i >= yt) continue;
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const float xv = xs[t * kTile + i];
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[t][j] = fmaf(xv, cw[u][j], acc[t][j]);
+        }
+      }
+    }
+  }
+
+  // dot(x, b) over this split's columns: the same for every output row of the block.
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    float v = xb[t];
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+    if (lane == 0) xb_part[warp][t] = v;
+  }
+  __syncthreads();
+  if (!active) return;
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) acc[t][j] += __shfl_xor_sync(0xffffffffu, acc[t][j], d);
+
+  const T* bias = static_cast<const T*>(L.bias);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int o = n * V + j;
+    if (lane != j || o >= L.N) continue;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (t >= ntok) break;
+      float total = acc[t][j];
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) total += xb_part[w][t];
+      if (splits == 1) {
+        if (bias) total += to_f(bias[o]);
+        out[static_cast<size_t>(t) * L.N + o] = from_f<T>(total);
+      } else {
+        ws[(static_cast<size_t>(blockIdx.y) * ntok + t) * L.N + o] = total;
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void split_sum_kernel(const float* __restrict__ ws, const T* __restrict__ bias,
+                                 int splits, int ntok, int N, T* __restrict__ out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;  // over ntok * N
+  if (i >= ntok * N) return;
+  float total = bias ? to_f(bias[i % N]) : 0.f;
+  for (int s = 0; s < splits; ++s) total += ws[static_cast<size_t>(s) * ntok * N + i];
+  out[i] = from_f<T>(total);
+}
+
+int tokens_tile(int T) { return T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8; }
+
+int smem_codebooks(const Layer& L) {
+  const size_t main_bytes = static_cast<size_t>(L.G) * L.k * L.v * 2;
+  const size_t res_bytes = L.b2 > 0 ? static_cast<size_t>(L.G) * L.kr * L.v * 2 : 0;
+  int flags = 0;
+  size_t used = 0;
+  if (res_bytes > 0 && res_bytes <= kSmemCodebooks) {
+    flags |= 2;
+    used += res_bytes;
+  }
+  if (main_bytes + used <= kSmemCodebooks) flags |= 1;
+  return flags;
+}
+
+size_t smem_bytes(const Layer& L, int flags) {
+  size_t bytes = kStageFloats * sizeof(float);
+  if (flags & 1) bytes += static_cast<size_t>(L.G) * L.k * L.v * 2;
+  if (flags & 2) bytes += static_cast<size_t>(L.G) * L.kr * L.v * 2;
+  return bytes;
+}
+
+template <typename T, int V, int NT>
+cudaError_t gemv_typed(const Layer& L, const void* x, int T_, void* out, float* ws, int splits,
+                       cudaStream_t stream) {
+  const int flags = smem_codebooks(L);
+  const int rows = (L.N + V - 1) / V;
+  const dim3 grid((rows + kWarps - 1) / kWarps, splits);
+  gemv_kernel<T, V, NT><<<grid, kWarps * 32, smem_bytes(L, flags), stream>>>(
+      L, static_cast<const T*>(x), T_, static_cast<T*>(out), ws, splits, flags);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  const int total = T_ * L.N;
+  split_sum_kernel<T><<<(total + 255) / 256, 256, 0, stream>>>(
+      ws, static_cast<const T*>(L.bias), splits, T_, L.N, static_cast<T*>(out));
+  return cudaGetLastError();
+}
+
+template <typename T, int NT>
+cudaError_t gemv_by_v(const Layer& L, const void* x, int T_, void* out, float* ws, int splits,
+                      cudaStream_t stream) {
+  switch (L.v) {
+    case 2: return gemv_typed<T, 2, NT>(L, x, T_, out, ws, splits, stream);
+    case 4: return gemv_typed<T, 4, NT>(L, x, T_, out, ws, splits, stream);
+    case 6: return gemv_typed<T, 6, NT>(L, x, T_, out, ws, splits, stream);
+    case 8: return gemv_typed<T, 8, NT>(L, x, T_, out, ws, splits, stream);
+    case 10: if constexpr (NT <= 4) return gemv_typed<T, 10, NT>(L, x, T_, out, ws, splits, stream);
+      break;
+    case 12: if constexpr (NT <= 4) return gemv_typed<T, 12, NT>(L, x, T_, out, ws, splits, stream);
+      break;
+    case 16: if constexpr (NT <= 4) return gemv_typed<T, 16, NT>(L, x, T_, out, ws, splits, stream);
+      break;
+    default: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t gemv_by_tokens(const Layer& L, const void* x, int T_, void* out, float* ws,
+                           int splits, cudaStream_t stream) {
+  switch (tokens_tile(T_)) {
+    case 1: return gemv_by_v<T, 1>(L, x, T_, out, ws, splits, stream);
+    case 2: return gemv_by_v<T, 2>(L, x, T_, out, ws, splits, stream);
+    case 4: return gemv_by_v<T, 4>(L, x, T_, out, ws, splits, stream);
+    default: return gemv_by_v<T, 8>(L, x, T_, out, ws, splits, stream);
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_dequant(const Layer& L, void* out, DType dtype, cudaStream_t stream) {
+  if (L.v < 1 || L.v > 16 || L.b1 + L.b2 > 32) return cudaErrorInvalidValue;
+  const int rows = (L.N + L.v - 1) / L.v;
+  const dim3 grid((L.K + 255) / 256, rows < 65535 ? rows : 65535);
+  if (dtype == DType::kHalf)
+    dequant_kernel<__half><<<grid, 256, 0, stream>>>(L, static_cast<__half*>(out));
+  else
+    dequant_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(L, static_cast<__nv_bfloat16*>(out));
+  return cudaGetLastError();
+}
+
+bool gemv_supported(const Layer& L, int T) {
+  if (T < 1 || T > 8 || L.P > 0 || L.b1 + L.b2 > 32) return false;
+  const int nt = tokens_tile(T);
+  switch (L.v) {
+    case 2: case 4: case 6: case 8: return true;
+    case 10: case 12: case 16: return nt <= 4;
+    default: return false;
+  }
+}
+
+int gemv_splits(const Layer& L, int T, int num_sms) {
+  const int rows = (L.N + L.v - 1) / L.v;
+  const int row_blocks = (rows + kWarps - 1) / kWarps;
+  const int want = 4 * num_sms;  // enough blocks in flight to hide the gather latency
+  int splits = (want + row_blocks - 1) / row_blocks;
+  const int max_splits = L.K / 512 > 1 ? L.K / 512 : 1;  // keep >= 512 columns per split
+  return splits < 1 ? 1 : (splits > max_splits ? max_splits : splits);
+}
+
+size_t gemv_workspace_floats(const Layer& L, int T, int splits) {
+  return splits > 1 ? static_cast<size_t>(splits) * T * L.N : 0;
+}
+
+cudaError_t launch_gemv(const Layer& L, const void* x, int T, void* out, float* workspace,
+                        int splits, DType dtype, cudaStream_t stream) {
+  if (!gemv_supported(L, T)) return cudaErrorInvalidValue;
+  if (dtype == DType::kHalf)
+    return gemv_by_tokens<__half>(L, x, T, out, workspace, splits, stream);
+  return gemv_by_tokens<__nv_bfloat16>(L, x, T, out, workspace, splits, stream);
+}
+
+}  // namespace vptq

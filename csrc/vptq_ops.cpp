@@ -1,0 +1,141 @@
+// The torch ops of the VPTQ kernels: the one TORCH_LIBRARY registration of this project.
+// meta = [N, K, v, k, kr, G, S, P, v0, k0, b1, b2] (engine/ops/cuda.py builds it from a spec).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "vptq.h"
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+const void* ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+vptq::DType dtype_of(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+              "vptq kernels take float16 or bfloat16, got ", t.scalar_type());
+  return t.scalar_type() == at::kHalf ? vptq::DType::kHalf : vptq::DType::kBFloat16;
+}
+
+void check_float(const OptTensor& t, const at::Tensor& like, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->is_cuda() && t->is_contiguous(), name, " must be a contiguous CUDA tensor");
+  TORCH_CHECK(t->scalar_type() == like.scalar_type(), name, " is ", t->scalar_type(),
+              " but the activations are ", like.scalar_type());
+}
+
+void check_int(const OptTensor& t, at::ScalarType type, const char* name) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == type, name,
+              " must be a contiguous CUDA ", type, " tensor");
+}
+
+vptq::Layer make_layer(const at::Tensor& indices, const at::Tensor& centroids,
+                       const OptTensor& res_centroids, const OptTensor& outlier_indices,
+                       const OptTensor& outlier_centroids, const OptTensor& perm,
+                       const OptTensor& inv_perm, const OptTensor& scale, const OptTensor& wbias,
+                       const OptTensor& bias, at::IntArrayRef meta) {
+  TORCH_CHECK(meta.size() == 12, "meta must hold 12 ints");
+  check_int(indices, at::kInt, "indices");
+  check_float(centroids, centroids, "centroids");
+  check_float(res_centroids, centroids, "res_centroids");
+  check_float(outlier_centroids, centroids, "outlier_centroids");
+  check_float(scale, centroids, "weight_scale");
+  check_float(wbias, centroids, "weight_bias");
+  check_float(bias, centroids, "bias");
+  check_int(outlier_indices, at::kShort, "outlier_indices");
+  check_int(perm, at::kInt, "perm");
+  check_int(inv_perm, at::kInt, "inv_perm");
+  vptq::Layer L;
+  L.indices = indices.data_ptr<int32_t>();
+  L.centroids = centroids.data_ptr();
+  L.res_centroids = ptr(res_centroids);
+  L.outlier_indices = outlier_indices.has_value() ? outlier_indices->data_ptr<int16_t>() : nullptr;
+  L.outlier_centroids = ptr(outlier_centroids);
+  L.perm = perm.has_value() ? perm->data_ptr<int32_t>() : nullptr;
+  L.inv_perm = inv_perm.has_value() ? inv_perm->data_ptr<int32_t>() : nullptr;
+  L.scale = ptr(scale);
+  L.wbias = ptr(wbias);
+  L.bias = ptr(bias);
+  L.N = meta[0]; L.K = meta[1]; L.v = meta[2]; L.k = meta[3]; L.kr = meta[4]; L.G = meta[5];
+  L.S = meta[6]; L.P = meta[7]; L.v0 = meta[8]; L.k0 = meta[9]; L.b1 = meta[10]; L.b2 = meta[11];
+  L.words = static_cast<int>(indices.size(-1));
+  const int64_t rows = (L.N + L.v - 1) / L.v;
+  TORCH_CHECK(indices.dim() == 3 && indices.size(0) == L.G && indices.size(1) == rows,
+              "indices shape ", indices.sizes(), " does not match G=", L.G, " rows=", rows);
+  TORCH_CHECK(static_cast<int64_t>(L.words) * 32 >= static_cast<int64_t>(L.S) * (L.b1 + L.b2),
+              "indices hold too few words per row");
+  TORCH_CHECK(centroids.numel() == static_cast<int64_t>(L.G) * L.k * L.v, "centroids size");
+  TORCH_CHECK(L.P == 0 || (outlier_indices.has_value() && outlier_centroids.has_value()),
+              "outliers need outlier_indices and outlier_centroids");
+  return L;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "vptq ", what, " launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor dequant_cuda(const at::Tensor& indices, const at::Tensor& centroids,
+                        const OptTensor& res_centroids, const OptTensor& outlier_indices,
+                        const OptTensor& outlier_centroids, const OptTensor& perm,
+                        const OptTensor& inv_perm, const OptTensor& weight_scale,
+                        const OptTensor& weight_bias, at::IntArrayRef meta) {
+  const c10::cuda::CUDAGuard guard(indices.device());
+  const vptq::Layer L = make_layer(indices, centroids, res_centroids, outlier_indices,
+                                   outlier_centroids, perm, inv_perm, weight_scale, weight_bias,
+                                   std::nullopt, meta);
+  at::Tensor out = at::empty({L.N, L.K}, centroids.options());
+  check_launch(vptq::launch_dequant(L, out.data_ptr(), dtype_of(centroids),
+                                    at::cuda::getCurrentCUDAStream()),
+               "dequant");
+  return out;
+}
+
+at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& centroids,
+                     const OptTensor& res_centroids, const OptTensor& perm,
+                     const OptTensor& weight_scale, const OptTensor& weight_bias,
+                     const OptTensor& bias, at::IntArrayRef meta) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const vptq::Layer L = make_layer(indices, centroids, res_centroids, std::nullopt, std::nullopt,
+                                   perm, std::nullopt, weight_scale, weight_bias, bias, meta);
+  TORCH_CHECK(x.size(-1) == L.K, "x has ", x.size(-1), " features, the layer takes ", L.K);
+  check_float(x.contiguous(), centroids, "x");
+  const at::Tensor xc = x.contiguous();
+  const int tokens = static_cast<int>(xc.numel() / L.K);
+  TORCH_CHECK(vptq::gemv_supported(L, tokens), "the fused GEMV does not take this layer with ",
+              tokens, " tokens; use dequant + GEMM");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = L.N;
+  at::Tensor out = at::empty(shape, x.options());
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int splits = vptq::gemv_splits(L, tokens, sms);
+  const size_t ws_floats = vptq::gemv_workspace_floats(L, tokens, splits);
+  at::Tensor ws = at::empty({static_cast<int64_t>(ws_floats)}, x.options().dtype(at::kFloat));
+  check_launch(vptq::launch_gemv(L, xc.data_ptr(), tokens, out.data_ptr(),
+                                 ws_floats ? ws.data_ptr<float>() : nullptr, splits,
+                                 dtype_of(x), at::cuda::getCurrentCUDAStream()),
+               "gemv");
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vptq, m) {
+  m.def(
+      "dequant(Tensor indices, Tensor centroids, Tensor? res_centroids, Tensor? outlier_indices, "
+      "Tensor? outlier_centroids, Tensor? perm, Tensor? inv_perm, Tensor? weight_scale, "
+      "Tensor? weight_bias, int[] meta) -> Tensor");
+  m.def(
+      "gemv(Tensor x, Tensor indices, Tensor centroids, Tensor? res_centroids, Tensor? perm, "
+      "Tensor? weight_scale, Tensor? weight_bias, Tensor? bias, int[] meta) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
+  m.impl("dequant", &dequant_cuda);
+  m.impl("gemv", &gemv_cuda);
+}

@@ -1,0 +1,163 @@
+"""Building, loading and calling the compiled VPTQ kernels of csrc/.
+
+The extension is built on first use with torch.utils.cpp_extension (ninja) into
+``<data folder>/kernels/<torch>-<cuda>-sm<arch>-<source hash>``, so a new torch, CUDA, GPU or
+source builds anew and everything else loads in a second. When it cannot be built, ``status()``
+says why and the engine runs the reference path, saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.vptq import VQLayerSpec
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = ("vptq_ops.cpp", "vptq_kernels.cu")
+HEADERS = ("vptq.h",)
+# Fused GEMV up to this many tokens; above it, dequant + cuBLAS GEMM. Measured with
+# `python -m engine bench kernels` on an H100: see DISPATCH.md beside csrc's kernels.
+GEMV_MAX_TOKENS = 8
+GEMV_VECTOR_LENS = {2: 8, 4: 8, 6: 8, 8: 8, 10: 4, 12: 4, 16: 4}  # v -> most tokens fused
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def source_hash() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update(name.encode())
+        h.update((CSRC / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_dir() -> Path:
+    from ..models import home
+
+    major, minor = torch.cuda.get_device_capability()
+    cuda = (torch.version.cuda or "none").replace(".", "")
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{cuda}-sm{major}{minor}-{source_hash()}"
+    return home() / "kernels" / tag
+
+
+def _why_not() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to PyTorch"
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA support"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None or not shutil.which("nvcc", path=_nvcc_path()):
+        return "the CUDA compiler nvcc was not found (install the CUDA toolkit, set CUDA_HOME)"
+    if shutil.which("ninja") is None:
+        return "ninja was not found (pip install ninja)"
+    return None
+
+
+def _nvcc_path() -> str:
+    import os
+
+    from torch.utils import cpp_extension
+
+    extra = str(Path(cpp_extension.CUDA_HOME or "/usr/local/cuda") / "bin")
+    return os.pathsep.join([extra, os.environ.get("PATH", "")])
+
+
+def load(progress: Callable[[float, str], None] | None = None) -> tuple[bool, str]:
+    """Build (once) and load the kernels; returns (loaded, reason or description)."""
+    with _lock:
+        if "ok" in _state:
+            return bool(_state["ok"]), str(_state["why"])
+        why = _why_not()
+        if why is None:
+            try:
+                _build(progress)
+                _register_fakes()
+                major, minor = torch.cuda.get_device_capability()
+                why = f"compiled CUDA kernels for sm_{major}{minor}"
+                _state.update(ok=True, why=why)
+                return True, why
+            except Exception as e:  # compiler errors, missing headers, a broken toolchain
+                why = f"the CUDA kernels failed to build ({str(e).strip().splitlines()[-1]})"
+        _state.update(ok=False, why=why)
+        return False, why
+
+
+def _build(progress) -> None:
+    from torch.utils import cpp_extension
+
+    out = build_dir()
+    name = f"vptq_kernels_{source_hash()}"
+    if progress and not any(out.glob(f"{name}*.so")):
+        progress(0.0, "building CUDA kernels, one time")
+    out.mkdir(parents=True, exist_ok=True)
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    cpp_extension.load(
+        name=name,
+        sources=[str(CSRC / s) for s in SOURCES],
+        build_directory=str(out),
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("vptq::dequant")
+    def _(indices, centroids, res, oi, oc, perm, inv_perm, scale, wbias, meta):
+        return centroids.new_empty((meta[0], meta[1]))
+
+    @torch.library.register_fake("vptq::gemv")
+    def _(x, indices, centroids, res, perm, scale, wbias, bias, meta):
+        return x.new_empty((*x.shape[:-1], meta[0]))
+
+
+def meta(spec: VQLayerSpec) -> list[int]:
+    return [
+        spec.out_features,
+        spec.in_features,
+        spec.vector_len,
+        spec.num_centroids,
+        spec.num_res_centroids,
+        spec.group_num,
+        spec.group_size,
+        spec.outlier_size,
+        spec.outlier_vector_len,
+        spec.outlier_centroids,
+        spec.main_bits,
+        spec.res_bits,
+    ]
+
+
+def fused_tokens(spec: VQLayerSpec) -> int:
+    """Most tokens the fused GEMV takes for this layer (0: dequant + GEMM always).
+    Mirrors gemv_supported() in csrc/vptq_kernels.cu."""
+    if spec.has_outliers or not spec.packed or spec.index_bits > 32:
+        return 0
+    return min(GEMV_VECTOR_LENS.get(spec.vector_len, 0), GEMV_MAX_TOKENS)
+
+
+def dequant(tensors: tuple, spec: VQLayerSpec) -> torch.Tensor:
+    indices, centroids, res, oi, oc, perm, inv_perm, scale, wbias = tensors
+    return torch.ops.vptq.dequant(
+        indices, centroids, res, oi, oc, perm, inv_perm, scale, wbias, meta(spec)
+    )
+
+
+def linear(x: torch.Tensor, bias: torch.Tensor | None, tensors: tuple, spec: VQLayerSpec):
+    """y = x W^T + bias: fused GEMV for few tokens, dequant + cuBLAS GEMM otherwise."""
+    tokens = x.numel() // spec.in_features
+    if tokens <= fused_tokens(spec):
+        indices, centroids, res, _, _, perm, _, scale, wbias = tensors
+        return torch.ops.vptq.gemv(x, indices, centroids, res, perm, scale, wbias, bias, meta(spec))
+    return F.linear(x, dequant(tensors, spec), bias)
