@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Without an NVIDIA driver take the CPU wheel of torch, never the multi-GB CUDA build.
 TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: run test lint demo clean
+.PHONY: run test lint demo kernels-compile clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,17 @@ lint: $(STAMP)
 	$(PY) -m ruff check app engine tests packaging
 	$(PY) -m ruff format --check app engine tests packaging
 
-test: lint demo
+# Compile-only check of every CUDA file for the supported GPU generations (no GPU needed).
+CUDA_ARCHS := 80 86 89 90
+kernels-compile:
+	@if command -v nvcc >/dev/null 2>&1; then \
+	  for f in csrc/*.cu; do \
+	    echo "nvcc $$f for sm_$(CUDA_ARCHS)"; \
+	    nvcc -c $$f -o /dev/null -O3 -std=c++17 $(foreach a,$(CUDA_ARCHS),-gencode arch=compute_$(a),code=sm_$(a)) || exit 1; \
+	  done; \
+	else echo "nvcc not found: skipping the CUDA compile check"; fi
+
+test: lint kernels-compile demo
 	$(PY) -m pytest
 
 clean:

@@ -71,6 +71,13 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-tokens", type=int, default=4096)
     sub.add_parser("serve", help="the JSON-lines protocol on stdin/stdout (used by the app)")
     sub.add_parser("build-demo", help="build the embedded demo model now")
+    sub.add_parser("build-kernels", help="build the CUDA kernels now (otherwise: on first use)")
+    b = sub.add_parser("bench", help="benchmarks with baselines timed in the same run")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bk = bsub.add_parser("kernels", help="VPTQ kernels vs cuBLAS fp16 on Llama-3.1 layer shapes")
+    bk.add_argument("--arch", action="append", help="llama-3.1-8b, llama-3.1-70b (default both)")
+    bk.add_argument("--scheme", action="append", help="e.g. v8-k65536-0 (default: all five)")
+    bk.add_argument("--out", type=Path, help="also write every measurement as JSON here")
     return ap
 
 
@@ -197,6 +204,28 @@ def cmd_build_demo(a: argparse.Namespace) -> None:
     from .models import build_dense_demo
 
     print(build_dense_demo(PROGRESS))
+
+
+def cmd_build_kernels(a: argparse.Namespace) -> None:
+    from .ops import cuda
+
+    ok, why = cuda.load(PROGRESS)
+    PROGRESS.end()
+    if not ok:
+        raise ValueError(f"cannot build the CUDA kernels: {why}")
+    print(f"{why}; cached in {cuda.build_dir()}")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from . import bench
+
+    archs = a.arch or list(bench.ARCHS)
+    schemes = a.scheme or list(bench.SCHEMES)
+    for name, known in (("arch", bench.ARCHS), ("scheme", bench.SCHEMES)):
+        for value in archs if name == "arch" else schemes:
+            if value not in known:
+                raise ValueError(f"unknown --{name} {value!r}; choose from {', '.join(known)}")
+    bench.run_kernels(archs, schemes, a.out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,188 @@
+"""``python -m engine bench kernels``: the VPTQ kernels against cuBLAS fp16 on real layer shapes.
+
+Random layers of the real Llama-3.1 shapes are built on the GPU and rotated across enough copies
+that each call reads its weights from DRAM, as in a real decode step. Times are CUDA-event
+medians; the baseline (cuBLAS fp16 F.linear) and the device's copy bandwidth are measured in the
+same run. Bytes are the fewest a call must move: each input read once, each output written once.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .formats.vptq import VQLayerSpec
+from .ops import cuda
+
+ARCHS = {  # hidden, intermediate, heads, kv heads, head dim
+    "llama-3.1-8b": (4096, 14336, 32, 8, 128),
+    "llama-3.1-70b": (8192, 28672, 64, 8, 128),
+}
+SCHEMES = {  # v, k, kr
+    "v8-k65536-0": (8, 65536, 0),
+    "v8-k65536-256": (8, 65536, 256),
+    "v16-k65536-65536": (16, 65536, 65536),
+    "v8-k65536-65536": (8, 65536, 65536),
+    "v12-k65536-4096": (12, 65536, 4096),
+}
+TOKENS = (1, 4, 8, 16, 512)
+ROTATE_BYTES = 256 << 20  # > 4x the H100's 50 MB L2
+
+
+def projections(arch: str) -> list[tuple[str, int, int]]:
+    h, i, heads, kv, hd = ARCHS[arch]
+    return [
+        ("q", h, heads * hd),
+        ("k", h, kv * hd),
+        ("v", h, kv * hd),
+        ("o", heads * hd, h),
+        ("gate", h, i),
+        ("up", h, i),
+        ("down", i, h),
+    ]
+
+
+@dataclass
+class Layer:
+    spec: VQLayerSpec
+    tensors: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
+
+
+def random_layer(k_in: int, n_out: int, scheme: str, dtype=torch.float16) -> Layer:
+    v, k, kr = SCHEMES[scheme]
+    spec = VQLayerSpec(
+        in_features=k_in,
+        out_features=n_out,
+        vector_len=v,
+        num_centroids=k,
+        num_res_centroids=kr,
+        group_size=k_in,
+    )
+    dev = "cuda"
+    words = torch.randint(
+        -(2**31), 2**31 - 1, (1, spec.num_indices, spec.words), dtype=torch.int32, device=dev
+    )  # every B-bit field is a valid index
+    books = torch.rand(1, k * v, dtype=dtype, device=dev)
+    res = torch.rand(1, kr * v, dtype=dtype, device=dev) * 0.1 if kr else None
+    perm = torch.randperm(k_in, device=dev)
+    scale = torch.rand(k_in, dtype=dtype, device=dev) + 0.5
+    wbias = torch.rand(k_in, dtype=dtype, device=dev) - 0.5
+    tensors = (words, books, res, None, None, perm.int(), torch.argsort(perm).int(), scale, wbias)
+    return Layer(spec, tensors)
+
+
+def time_us(fns: list[Callable[[], object]], reps: int = 7, calls: int = 20) -> float:
+    """Median microseconds per call, cycling over ``fns`` (one per weight copy)."""
+    for f in fns:
+        f()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(calls):
+            fns[i % len(fns)]()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(samples)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s (bytes read plus bytes written)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = time_us([lambda: b.copy_(a)], reps=5, calls=5)
+    return 2 * a.numel() / (us * 1e-6)
+
+
+def bench_projection(name: str, k_in: int, n_out: int, scheme: str, peak: float) -> list[dict]:
+    proto = random_layer(k_in, n_out, scheme)
+    copies = max(1, min(16, -(-ROTATE_BYTES // proto.nbytes)))
+    layers = [proto] + [random_layer(k_in, n_out, scheme) for _ in range(copies - 1)]
+    dense = [
+        torch.randn(n_out, k_in, dtype=torch.float16, device="cuda") * 0.02
+        for _ in range(max(1, min(16, -(-ROTATE_BYTES // (2 * n_out * k_in)))))
+    ]
+    rows = []
+    for t in TOKENS:
+        x = torch.randn(t, k_in, dtype=torch.float16, device="cuda")
+        io = 2 * t * (k_in + n_out)
+        row = {"proj": name, "K": k_in, "N": n_out, "scheme": scheme, "tokens": t}
+        row["cublas_us"] = time_us([lambda w=w, x=x: F.linear(x, w) for w in dense])
+        row["cublas_bytes"] = 2 * n_out * k_in + io
+        q = [lambda L=L, x=x: F.linear(x, cuda.dequant(L.tensors, L.spec)) for L in layers]
+        row["dequant_gemm_us"] = time_us(q)
+        row["dequant_gemm_bytes"] = proto.nbytes + 4 * n_out * k_in + io
+        if t <= cuda.fused_tokens(proto.spec):
+            g = [lambda L=L, x=x: cuda.linear(x, None, L.tensors, L.spec) for L in layers]
+            row["gemv_us"] = time_us(g)
+            row["gemv_bytes"] = proto.nbytes + io
+        best = min(row.get("gemv_us", float("inf")), row["dequant_gemm_us"])
+        row["best_us"] = best
+        row["speedup_vs_fp16"] = row["cublas_us"] / best
+        key = "gemv" if row.get("gemv_us") == best else "dequant_gemm"
+        row["best_path"] = key
+        row["best_gbs"] = row[f"{key}_bytes"] / (best * 1e-6) / 1e9
+        row["best_pct_peak"] = 100 * row[f"{key}_bytes"] / (best * 1e-6) / peak
+        rows.append(row)
+    return rows
+
+
+def run_kernels(archs: list[str], schemes: list[str], out: Path | None) -> None:
+    ok, why = cuda.load()
+    if not ok:
+        raise SystemExit(f"error: kernels unavailable: {why}")
+    peak = copy_bandwidth()
+    name = torch.cuda.get_device_name()
+    print(f"device: {name}; measured copy bandwidth {peak / 1e9:.0f} GB/s; {why}")
+    rows = []
+    for arch in archs:
+        for scheme in schemes:
+            for proj, k_in, n_out in projections(arch):
+                for r in bench_projection(proj, k_in, n_out, scheme, peak):
+                    rows.append(r | {"arch": arch})
+            _print_scheme(
+                arch, scheme, [r for r in rows if r["arch"] == arch and r["scheme"] == scheme]
+            )
+    _print_summary(rows)
+    if out:
+        out.write_text(json.dumps({"device": name, "copy_bandwidth": peak, "rows": rows}, indent=1))
+
+
+def _print_scheme(arch: str, scheme: str, rows: list[dict]) -> None:
+    print(f"\n{arch} {scheme}")
+    print(
+        f"{'proj':>5} {'T':>4} {'gemv us':>9} {'deq+gemm':>9} {'fp16 us':>9} {'x fp16':>7} "
+        f"{'GB/s':>6} {'%peak':>6}"
+    )
+    for r in rows:
+        gemv = f"{r['gemv_us']:9.1f}" if "gemv_us" in r else f"{'-':>9}"
+        print(
+            f"{r['proj']:>5} {r['tokens']:>4} {gemv} {r['dequant_gemm_us']:9.1f} "
+            f"{r['cublas_us']:9.1f} {r['speedup_vs_fp16']:7.2f} {r['best_gbs']:6.0f} "
+            f"{r['best_pct_peak']:6.1f}"
+        )
+
+
+def _print_summary(rows: list[dict]) -> None:
+    print("\nsum over a block's 7 projections (best path), ratio = fp16 time / VPTQ time")
+    print(f"{'arch':>14} {'scheme':>17} " + " ".join(f"{'T=' + str(t):>16}" for t in TOKENS))
+    keys = sorted({(r["arch"], r["scheme"]) for r in rows})
+    for arch, scheme in keys:
+        cells = []
+        for t in TOKENS:
+            sel = [r for r in rows if (r["arch"], r["scheme"], r["tokens"]) == (arch, scheme, t)]
+            q = sum(r["best_us"] for r in sel)
+            f = sum(r["cublas_us"] for r in sel)
+            cells.append(f"{q:6.0f}/{f:6.0f} {f / q:4.2f}x")
+        print(f"{arch:>14} {scheme:>17} " + " ".join(f"{c:>16}" for c in cells))

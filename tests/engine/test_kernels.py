@@ -1,0 +1,135 @@
+"""The CUDA kernels against the reference ops and the float64 oracle (marker gpu)."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine import ops
+from engine.ops import cuda, reference
+
+from .test_vptq_reference import VARIANTS
+from .vq_factory import dequant_args, make_spec, oracle_dense, random_layer
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    kind, why = ops.prepare("cuda")
+    assert kind == "cuda", why
+
+
+def gpu_args(layer, dtype):
+    return tuple(
+        None if a is None else (a.to(dtype) if a.is_floating_point() else a).cuda()
+        for a in dequant_args(layer)
+    )
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+LARGE = {  # odd, realistic and padded shapes on top of the reference test's variants
+    "8b-q-v8-k65536": dict(k_in=512, n_out=4096, v=8, k=65536),
+    "v8-k65536-256": dict(k_in=1000, n_out=300, v=8, k=65536, kr=256),
+    "v12-k65536-4096-pad": dict(k_in=768, n_out=1028, v=12, k=65536, kr=4096),
+    "v16-k65536-65536": dict(k_in=640, n_out=256, v=16, k=65536, kr=65536),
+    "v6-k4096": dict(k_in=333, n_out=130, v=6, k=4096),
+    "v10-k2048-r8192": dict(k_in=300, n_out=77, v=10, k=2048, kr=8192),
+    "v4-k16-groups": dict(k_in=512, n_out=64, v=4, k=16, g=4),
+    "v2-k2-nonorm": dict(k_in=96, n_out=9, v=2, k=2, norm=False, perm=False, bias=True),
+}
+ALL = {**VARIANTS, **LARGE}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_dequant_kernel_matches_reference(name, dtype):
+    spec = make_spec(**ALL[name])
+    if not spec.packed:
+        pytest.skip("unpacked indices are packed at load time; the kernels see packed ones")
+    layer = random_layer(spec, seed=hash(name) % 1000, dtype=dtype)
+    args = gpu_args(layer, dtype)
+    want = reference.vptq_dequant(*args, spec=spec, dtype=dtype)
+    got = ops.vptq_dequant(args, spec, dtype)
+    assert got.dtype == dtype and got.shape == (spec.out_features, spec.in_features)
+    # same fp32 math, one rounding: at most one unit in the last place apart
+    ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(1e-3)
+    assert ((got.float() - want.float()).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_linear_matches_oracle(name, tokens, dtype):
+    spec = make_spec(**ALL[name])
+    if not spec.packed:
+        pytest.skip("unpacked indices are packed at load time")
+    layer = random_layer(spec, seed=tokens, dtype=dtype)
+    args = gpu_args(layer, dtype)
+    bias = None if layer.bias is None else torch.tensor(layer.bias).to(dtype).cuda()
+    x = torch.randn(tokens, spec.in_features, dtype=torch.float64)
+    want = x.numpy() @ oracle_dense(layer).T + (0 if layer.bias is None else layer.bias)
+    out = torch.full((tokens, spec.out_features), float("nan"), dtype=dtype, device="cuda")
+    out[:] = ops.vptq_linear(x.to(dtype).cuda(), bias, args, spec)  # every element written
+    assert torch.isfinite(out).all()
+    # rounding x and the output to 16 bits dominates: ~1e-3 (fp16), ~8e-3 (bf16)
+    assert rel_err(out.double().cpu(), want) < (4e-3 if dtype == torch.float16 else 2e-2)
+    # and the kernel is at least as close to the oracle as dequant + cuBLAS in the same dtype
+    ref = reference.vptq_linear(x.to(dtype).cuda(), bias, *args, spec=spec)
+    assert rel_err(out.double().cpu(), want) <= 1.5 * rel_err(ref.double().cpu(), want) + 1e-4
+
+
+def test_fused_path_is_taken_for_few_tokens():
+    spec = make_spec(k_in=512, n_out=256, v=8, k=65536)
+    assert cuda.fused_tokens(spec) == 8
+    assert cuda.fused_tokens(make_spec(v=4, k=16, v0=4, k0=16, p=8, k_in=96)) == 0  # outliers
+
+
+@pytest.mark.parametrize("name", ["8b-q-v8-k65536", "v8-k65536-256", "outliers", "groups"])
+def test_opcheck(name):
+    spec = make_spec(**ALL[name])
+    args = gpu_args(random_layer(spec), torch.float16)
+    torch.library.opcheck(torch.ops.vptq.dequant.default, (*args, cuda.meta(spec)))
+    if cuda.fused_tokens(spec):
+        indices, centroids, res, _, _, perm, _, scale, wbias = args
+        x = torch.randn(2, spec.in_features, dtype=torch.float16, device="cuda")
+        torch.library.opcheck(
+            torch.ops.vptq.gemv.default,
+            (x, indices, centroids, res, perm, scale, wbias, None, cuda.meta(spec)),
+        )
+
+
+def test_gemv_is_cuda_graph_capturable():
+    spec = make_spec(k_in=4096, n_out=1024, v=8, k=65536, kr=256)
+    args = gpu_args(random_layer(spec), torch.float16)
+    x = torch.randn(1, 4096, dtype=torch.float16, device="cuda")
+    eager = ops.vptq_linear(x, None, args, spec)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.vptq_linear(x, None, args, spec)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+def test_whole_random_model_gpu_matches_cpu(tmp_path):
+    from engine.loader import load_model
+
+    from .test_loader import build_vptq_model
+
+    build_vptq_model(tmp_path, torch.float16)
+    cpu = load_model(tmp_path, "cpu", torch.float32, max_seq_len=32)
+    gpu = load_model(tmp_path, "cuda", torch.float16, max_seq_len=32)
+    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = cpu.model(tokens)
+        got = gpu.model(tokens.cuda()).cpu()  # prefill: dequant + GEMM
+        steps = [gpu.model(tokens[:, :4].cuda()).cpu()]  # then fused GEMV, one token a step
+        steps += [gpu.model(tokens[:, i : i + 1].cuda(), start=i).cpu() for i in range(4, 12)]
+    assert rel_err(got, want) < 1e-2
+    assert rel_err(torch.cat(steps, 1), want) < 1e-2
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
