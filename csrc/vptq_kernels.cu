@@ -18,7 +18,9 @@ namespace {
 
 constexpr int kWarps = 4;             // vector-rows per gemv block
 constexpr int kStageFloats = 2048;    // xhat staging: NT tokens x (2048 / NT) columns
-constexpr int kSmemCodebooks = 40 * 1024;  // budget for codebooks in shared memory (bytes)
+// Codebooks in shared memory get what is left of the 48 KB default after the staging buffer and
+// the static reduction scratch (a launch above 48 KB would need an opt-in per kernel).
+constexpr int kSmemCodebooks = 48 * 1024 - kStageFloats * 4 - 512;
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
 template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
@@ -72,11 +74,13 @@ __device__ __forceinline__ void load_code(const T* p, float (&out)[V]) {
   }
 }
 
-template <typename T>
+// V > 0: compile-time vector length with vector loads; V == 0: any v <= 16, scalar loads.
+template <typename T, int V>
 __global__ void dequant_kernel(Layer L, T* __restrict__ out) {
+  constexpr int kMax = V > 0 ? V : 16;
   const int x = blockIdx.x * blockDim.x + threadIdx.x;
   if (x >= L.K) return;
-  const int v = L.v, rows = (L.N + v - 1) / v, bits = L.b1 + L.b2;
+  const int v = V > 0 ? V : L.v, rows = (L.N + v - 1) / v, bits = L.b1 + L.b2;
   const int y = L.inv_perm ? L.inv_perm[x] : x;
   const float s = L.scale ? to_f(static_cast<const T*>(L.scale)[x]) : 1.f;
   const float b = L.wbias ? to_f(static_cast<const T*>(L.wbias)[x]) : 0.f;
@@ -84,10 +88,10 @@ __global__ void dequant_kernel(Layer L, T* __restrict__ out) {
   const T* R = static_cast<const T*>(L.res_centroids);
   const T* Co = static_cast<const T*>(L.outlier_centroids);
   for (int n = blockIdx.y; n < rows; n += gridDim.y) {
-    float vals[16];
+    float vals[kMax];
     if (y < L.P) {
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
+      for (int j = 0; j < kMax; ++j) {
         const int o = n * v + j;
         if (j < v && o < L.N) {
           const uint32_t idx = static_cast<uint16_t>(L.outlier_indices[(o / L.v0) * L.P + y]);
@@ -100,19 +104,25 @@ __global__ void dequant_kernel(Layer L, T* __restrict__ out) {
                             (static_cast<size_t>(c) * rows + n) * L.words;
       const uint32_t m = extract(row, g, bits);
       const T* cw = C + (static_cast<size_t>(c) * L.k + (m & ((1u << L.b1) - 1u))) * v;
+      const bool res = R != nullptr && L.b2 > 0;
+      const T* rw = res ? R + (static_cast<size_t>(c) * L.kr + ((m >> L.b1) & ((1u << L.b2) - 1u))) * v
+                        : nullptr;
+      if constexpr (V > 0) {
+        load_code<T, V>(cw, vals);
+        if (res) {
+          float r[V];
+          load_code<T, V>(rw, r);
 #pragma unroll
-      for (int j = 0; j < 16; ++j)
-        if (j < v) vals[j] = to_f(cw[j]);
-      if (R != nullptr && L.b2 > 0) {
-        const uint32_t i2 = (m >> L.b1) & ((1u << L.b2) - 1u);
-        const T* rw = R + (static_cast<size_t>(c) * L.kr + i2) * v;
+          for (int j = 0; j < V; ++j) vals[j] += r[j];
+        }
+      } else {
 #pragma unroll
-        for (int j = 0; j < 16; ++j)
-          if (j < v) vals[j] += to_f(rw[j]);
+        for (int j = 0; j < kMax; ++j)
+          if (j < v) vals[j] = to_f(cw[j]) + (res ? to_f(rw[j]) : 0.f);
       }
     }
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < kMax; ++j) {
       const int o = n * v + j;
       if (j < v && o < L.N) out[static_cast<size_t>(o) * L.K + x] = from_f<T>(fmaf(vals[j], s, b));
     }
@@ -132,7 +142,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     gemv_kernel(Layer L, const T* __restrict__ x, int ntok, T* __restrict__ out,
                 float* __restrict__ ws, int splits, int cb_smem) {
   constexpr int kTile = kStageFloats / NT;
-  constexpr int U = (32 / V) < 1 ? 1 : ((32 / V) > 8 ? 8 : (32 / V));  // lookups in flight
+  constexpr int kBudget = NT == 1 ? 64 : 32;  // registers for codewords in flight
+  constexpr int U = (kBudget / V) < 1 ? 1 : ((kBudget / V) > 8 ? 8 : (kBudget / V));
   extern __shared__ __align__(16) unsigned char smem[];
   float* xs = reinterpret_cast<float*>(smem);                    // [NT][kTile]
   T* smem_books = reinterpret_cast<T*>(smem + kStageFloats * sizeof(float));
@@ -344,17 +355,29 @@ cudaError_t gemv_by_tokens(const Layer& L, const void* x, int T_, void* out, flo
   }
 }
 
+template <typename T>
+cudaError_t dequant_typed(const Layer& L, void* out, cudaStream_t stream) {
+  const int rows = (L.N + L.v - 1) / L.v;
+  const dim3 grid((L.K + 255) / 256, rows < 65535 ? rows : 65535);
+  T* o = static_cast<T*>(out);
+  switch (L.v) {
+    case 2: dequant_kernel<T, 2><<<grid, 256, 0, stream>>>(L, o); break;
+    case 4: dequant_kernel<T, 4><<<grid, 256, 0, stream>>>(L, o); break;
+    case 6: dequant_kernel<T, 6><<<grid, 256, 0, stream>>>(L, o); break;
+    case 8: dequant_kernel<T, 8><<<grid, 256, 0, stream>>>(L, o); break;
+    case 12: dequant_kernel<T, 12><<<grid, 256, 0, stream>>>(L, o); break;
+    case 16: dequant_kernel<T, 16><<<grid, 256, 0, stream>>>(L, o); break;
+    default: dequant_kernel<T, 0><<<grid, 256, 0, stream>>>(L, o); break;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_dequant(const Layer& L, void* out, DType dtype, cudaStream_t stream) {
   if (L.v < 1 || L.v > 16 || L.b1 + L.b2 > 32) return cudaErrorInvalidValue;
-  const int rows = (L.N + L.v - 1) / L.v;
-  const dim3 grid((L.K + 255) / 256, rows < 65535 ? rows : 65535);
-  if (dtype == DType::kHalf)
-    dequant_kernel<__half><<<grid, 256, 0, stream>>>(L, static_cast<__half*>(out));
-  else
-    dequant_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(L, static_cast<__nv_bfloat16*>(out));
-  return cudaGetLastError();
+  if (dtype == DType::kHalf) return dequant_typed<__half>(L, out, stream);
+  return dequant_typed<__nv_bfloat16>(L, out, stream);
 }
 
 bool gemv_supported(const Layer& L, int T) {
@@ -370,7 +393,7 @@ bool gemv_supported(const Layer& L, int T) {
 int gemv_splits(const Layer& L, int T, int num_sms) {
   const int rows = (L.N + L.v - 1) / L.v;
   const int row_blocks = (rows + kWarps - 1) / kWarps;
-  const int want = 4 * num_sms;  // enough blocks in flight to hide the gather latency
+  const int want = 8 * num_sms;  // enough blocks in flight to hide the gather latency
   int splits = (want + row_blocks - 1) / row_blocks;
   const int max_splits = L.K / 512 > 1 ? L.K / 512 : 1;  // keep >= 512 columns per split
   return splits < 1 ? 1 : (splits > max_splits ? max_splits : splits);
