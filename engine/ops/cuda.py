@@ -22,10 +22,11 @@ from ..formats.vptq import VQLayerSpec
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("vptq_ops.cpp", "vptq_kernels.cu")
 HEADERS = ("vptq.h",)
-# Fused GEMV up to this many tokens; above it, dequant + cuBLAS GEMM. Measured with
-# `python -m engine bench kernels` on an H100: see DISPATCH.md beside csrc's kernels.
-GEMV_MAX_TOKENS = 8
-GEMV_VECTOR_LENS = {2: 8, 4: 8, 6: 8, 8: 8, 10: 4, 12: 4, 16: 4}  # v -> most tokens fused
+# Fused GEMV up to this many tokens; above it, dequant + cuBLAS GEMM. Chosen by measurement
+# (`python -m engine bench kernels`, H100): for every benchmarked scheme the GEMV wins at 1-4
+# tokens and loses at 8; csrc/KERNELS.md has the numbers.
+GEMV_MAX_TOKENS = 4
+GEMV_VECTOR_LENS = {2: 8, 4: 8, 6: 8, 8: 8, 10: 4, 12: 4, 16: 4}  # v -> most tokens it takes
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
