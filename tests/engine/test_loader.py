@@ -221,3 +221,73 @@ def test_no_config_or_weights(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(FormatError, match="not valid JSON"):
         load_model(tmp_path, "cpu")
+
+
+PEAK_SCRIPT = """
+import os, sys, threading, time, torch
+from engine.loader import load_model
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+peak, done = [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+before = rss()
+threading.Thread(target=watch, daemon=True).start()
+lm = load_model(sys.argv[1], "cpu", torch.float16, max_seq_len=16)
+done.set()
+print(before, max(peak[0], rss()), lm.weight_bytes)
+"""
+
+
+@pytest.mark.slow
+def test_peak_host_ram_stays_near_one_shard(tmp_path):
+    """Loading reads one tensor at a time: the peak is the model plus about one shard, never
+    the whole checkpoint held twice."""
+    import subprocess
+    import sys
+
+    cfg = dict(
+        CONFIG,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=4,
+        vocab_size=8192,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        for name, shape in [
+            ("self_attn.q_proj", (h, h)),
+            ("self_attn.k_proj", (h, h)),
+            ("self_attn.v_proj", (h, h)),
+            ("self_attn.o_proj", (h, h)),
+            ("mlp.gate_proj", (i, h)),
+            ("mlp.up_proj", (i, h)),
+            ("mlp.down_proj", (h, i)),
+        ]:
+            tensors[p + name + ".weight"] = torch.randn(shape, generator=gen).half()
+        tensors[p + "input_layernorm.weight"] = torch.ones(h).half()
+        tensors[p + "post_attention_layernorm.weight"] = torch.ones(h).half()
+    tensors["model.embed_tokens.weight"] = torch.randn(8192, h, generator=gen).half()
+    tensors["lm_head.weight"] = torch.randn(8192, h, generator=gen).half()
+    tensors["model.norm.weight"] = torch.ones(h).half()
+    shard = 40 << 20
+    write_checkpoint(tmp_path, cfg, tensors, shard_bytes=shard)
+    del tensors
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    before, peak, model = map(int, out)
+    assert model > 150 << 20
+    assert peak - before < model + 2 * shard + (60 << 20), (peak - before) / 2**20

@@ -106,6 +106,12 @@ def test_bad_models_give_error_events_then_the_engine_still_serves(tmp_path, dem
     shard.write_bytes(shard.read_bytes()[:1000])
     (tmp_path / "arch").mkdir()
     (tmp_path / "arch" / "config.json").write_text('{"architectures": ["BertModel"]}')
+    build_vptq_model(tmp_path / "shard", shard_bytes=200_000)
+    lost = sorted((tmp_path / "shard").glob("model-*.safetensors"))[-1]
+    lost.unlink()
+    build_vptq_model(tmp_path / "field")
+    cfg = (tmp_path / "field" / "config.json").read_text().replace('"vocab_size"', '"vocab"')
+    (tmp_path / "field" / "config.json").write_text(cfg)
     e = EngineProcess()
     try:
         assert e.next().type == "hello"
