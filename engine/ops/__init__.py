@@ -26,7 +26,7 @@ def prepare(
     """Load the kernels for ``device`` if it is a GPU; returns ("cuda" | "reference", why)."""
     global _cuda_ready
     if torch.device(device).type != "cuda":
-        return "reference", "running on the CPU: the pure-PyTorch reference path"
+        return "reference", "the model runs on the CPU"
     if not use_kernels:
         _cuda_ready = False
         return "reference", "CUDA kernels turned off (VPTQ_CHAT_KERNELS=reference)"

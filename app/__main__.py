@@ -1,0 +1,161 @@
+"""``vptq-chat`` / ``python -m app``: build the objects, wire them, run the Qt + asyncio loop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("app")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="vptq-chat", description="Chat with low-bit LLMs")
+    ap.add_argument("--version", action="version", version=f"vptq-chat {__version__}")
+    ap.add_argument("--model", help="model to load: a folder, a downloaded repo id, or 'demo'")
+    ap.add_argument(
+        "--theme",
+        choices=["system", "light", "dark"],
+        default=None,
+        help="colour theme (default: follow the system)",
+    )
+    return ap.parse_args(argv)
+
+
+def engine_command() -> list[str] | None:
+    """$VPTQ_CHAT_ENGINE_CMD replaces `python -m engine serve` (a remote or test engine)."""
+    cmd = os.environ.get("VPTQ_CHAT_ENGINE_CMD")
+    return shlex.split(cmd) if cmd else None
+
+
+def setup_logging(log_dir: Path) -> None:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        filename=str(log_dir / "app.log"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+
+
+def is_dark(app, theme: str) -> bool:
+    from PySide6.QtCore import Qt
+
+    if theme in ("light", "dark"):
+        return theme == "dark"
+    return app.styleHints().colorScheme() == Qt.ColorScheme.Dark
+
+
+def apply_theme(app, dark: bool) -> None:
+    from PySide6.QtGui import QColor, QPalette
+
+    app.setStyle("Fusion")
+    p = QPalette()
+    if dark:
+        for role, color in [
+            ("Window", "#202124"),
+            ("WindowText", "#e8eaed"),
+            ("Base", "#18191b"),
+            ("AlternateBase", "#26282b"),
+            ("Text", "#e8eaed"),
+            ("Button", "#2d2f33"),
+            ("ButtonText", "#e8eaed"),
+            ("Highlight", "#5b8def"),
+            ("HighlightedText", "#ffffff"),
+            ("ToolTipBase", "#2d2f33"),
+            ("ToolTipText", "#e8eaed"),
+            ("PlaceholderText", "#9aa0a6"),
+            ("Mid", "#5f6368"),
+        ]:
+            p.setColor(getattr(QPalette.ColorRole, role), QColor(color))
+    app.setPalette(p)
+    user = "#2b3a55" if dark else "#e8f0fe"
+    bot = "#26282b" if dark else "#ffffff"
+    app.setStyleSheet(
+        f"#userMessage {{ background: {user}; border-radius: 8px; }}"
+        f"#assistantMessage {{ background: {bot}; border-radius: 8px; }}"
+        "#userMessage QTextBrowser, #assistantMessage QTextBrowser { background: transparent; }"
+        "#warning { color: #d98200; } #ok { color: #1e8e3e; }"
+        "#errorBanner { background: #fce8e6; color: #a50e0e; padding: 8px; border-radius: 6px; }"
+        "#messageStats, #emptyHint { color: gray; }"
+    )
+
+
+class App:
+    """Everything the GUI process is made of, wired together (tests build it too)."""
+
+    def __init__(
+        self,
+        data: Path,
+        model: str | None = None,
+        theme: str = "system",
+        loop: asyncio.AbstractEventLoop | None = None,
+    ):
+        from PySide6.QtGui import QIcon
+        from PySide6.QtWidgets import QApplication
+        from qasync import QEventLoop
+
+        from .controller import ChatController
+        from .engine_client import EngineClient
+        from .gpu import Gpus
+        from .settings import Settings
+        from .store import Store
+        from .ui.main_window import MainWindow
+
+        self.data, self.log_dir = data, data / "logs"
+        setup_logging(self.log_dir)
+        self.qapp = QApplication.instance() or QApplication(sys.argv[:1])
+        self.qapp.setApplicationName("VPTQ Chat")
+        self.qapp.setDesktopFileName("vptq-chat")
+        icon = Path(__file__).resolve().parents[1] / "assets" / "icon.svg"
+        if icon.exists():
+            self.qapp.setWindowIcon(QIcon(str(icon)))
+        self.settings = Settings.load(data / "settings.json")
+        if model:
+            self.settings.model = model
+        self.dark = is_dark(self.qapp, theme)
+        apply_theme(self.qapp, self.dark)
+        self.store = Store(data / "history.sqlite3")  # StoreError: the caller says so
+        self.loop = loop or QEventLoop(self.qapp)
+        asyncio.set_event_loop(self.loop)
+        self.client = EngineClient(engine_command(), log_path=self.log_dir / "engine.log")
+        self.ctrl = ChatController(self.store, self.client, self.settings)
+        self.window = MainWindow(self.ctrl, Gpus(), self.settings, self.log_dir, self.dark)
+        self.client.on_state = self.window.on_engine_state
+
+    async def close(self) -> None:
+        await self.client.shutdown(timeout=5)
+        self.settings.save(self.data / "settings.json")
+        self.store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from PySide6.QtWidgets import QApplication, QMessageBox
+
+    from .settings import data_dir
+    from .store import StoreError
+
+    try:
+        app = App(data_dir(), args.model, args.theme or os.environ.get("VPTQ_CHAT_THEME", "system"))
+    except StoreError as e:
+        QApplication.instance() or QApplication(sys.argv[:1])
+        QMessageBox.critical(None, "VPTQ Chat", str(e))
+        return 1
+    app.window.show()
+    closed = asyncio.Event()
+    app.qapp.aboutToQuit.connect(closed.set)
+    with app.loop:
+        app.loop.create_task(app.ctrl.start_engine())
+        app.loop.run_until_complete(closed.wait())
+        app.loop.run_until_complete(app.close())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""ChatController: the chat's logic between the store, the engine client and the Qt models.
+
+It holds no widgets. A streamed answer is accumulated in memory, shown through the message
+model at most ~10 times a second, and written to SQLite at least every half second, so a
+crash of the engine or of the app keeps everything but the last fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from PySide6.QtCore import QObject, QTimer, Signal
+
+from .engine_client import EngineClient, EngineError
+from .settings import Settings
+from .store import Store
+from .ui.models import ConversationListModel, MessageListModel
+
+log = logging.getLogger("app.chat")
+REPAINT_MS = 100
+SAVE_S = 0.5
+
+
+class ChatController(QObject):
+    busy_changed = Signal(bool)
+    conversation_opened = Signal(int)
+    error = Signal(str)
+    status = Signal(str)
+    context_changed = Signal(int, int, int)  # prompt tokens, context, dropped messages
+    answer_finished = Signal(dict)  # stats of the finished answer
+    live_rate = Signal(float)  # tokens/s of the answer being streamed
+
+    def __init__(self, store: Store, client: EngineClient, settings: Settings):
+        super().__init__()
+        self.store, self.client, self.settings = store, client, settings
+        self.conversations = ConversationListModel(rename=self.rename)
+        self.messages = MessageListModel()
+        self.current: int | None = None
+        self.active: dict[str, Any] | None = None  # the request being streamed
+        self.task: asyncio.Task | None = None
+        self.repaint = QTimer(self, interval=REPAINT_MS)
+        self.repaint.timeout.connect(self._flush)
+        self.conversations.set_rows(store.conversations())
+
+    @property
+    def busy(self) -> bool:
+        return self.active is not None
+
+    # -- conversations ---------------------------------------------------------------------------
+    def open(self, cid: int) -> None:
+        if self.busy:
+            self.stop()
+        self.current = cid
+        self.messages.set_rows(self.store.messages(cid))
+        self.conversation_opened.emit(cid)
+
+    def new_conversation(self) -> int:
+        c = self.store.create_conversation(
+            system_prompt=self.settings.system_prompt, sampling=dict(self.settings.sampling)
+        )
+        self.conversations.put_first(c)
+        self.open(c.id)
+        return c.id
+
+    def rename(self, cid: int, title: str) -> None:
+        self.store.update_conversation(cid, title=title)
+
+    def delete(self, cid: int) -> None:
+        if cid == self.current:
+            self.stop()
+            self.current = None
+            self.messages.set_rows([])
+        self.store.delete_conversation(cid)
+        self.conversations.remove(cid)
+
+    def search(self, query: str) -> None:
+        if not query.strip():
+            self.conversations.set_rows(self.store.conversations())
+            return
+        hits = self.store.search(query)
+        self.conversations.set_rows([self.store.conversation(cid) for cid, _ in hits], dict(hits))
+
+    def save_draft(self, text: str) -> None:
+        if self.current is not None:
+            self.store.update_conversation(self.current, draft=text)
+
+    def update_settings(self, system_prompt: str, sampling: dict[str, Any]) -> None:
+        if self.current is not None:
+            self.store.update_conversation(
+                self.current, system_prompt=system_prompt, sampling=sampling
+            )
+
+    # -- chat ----------------------------------------------------------------------------------
+    def send(self, text: str) -> bool:
+        """Save the user's message and start the answer; False if nothing was sent."""
+        if self.busy or not text.strip():
+            return False
+        if self.current is None:
+            self.new_conversation()
+        cid = self.current
+        self.messages.append(self.store.add_message(cid, "user", text))
+        conv = self.store.conversation(cid)
+        if conv.title == "New chat":
+            self.store.update_conversation(cid, title=_title_from(text))
+        self.store.update_conversation(cid, draft="")
+        self.conversations.put_first(self.store.conversation(cid))
+        self._generate()
+        return True
+
+    def stop(self) -> None:
+        if self.active is not None:
+            self.client.cancel(self.active["id"])
+
+    def regenerate(self) -> None:
+        """Answer the last user message again, replacing the last answer."""
+        if self.busy or not self.messages.rows:
+            return
+        last = self.messages.rows[-1]
+        if last.role == "assistant":
+            self.store.delete_messages_from(last.conversation_id, last.id)
+            self.messages.truncate(len(self.messages.rows) - 1)
+        if self.messages.rows and self.messages.rows[-1].role == "user":
+            self._generate()
+
+    def edit_and_resend(self, row: int, text: str) -> None:
+        """Replace user message ``row`` with ``text``, drop everything after it, resend."""
+        if self.busy or not text.strip() or self.current is None:
+            return
+        m = self.messages.rows[row]
+        self.store.delete_messages_from(self.current, m.id)
+        self.messages.truncate(row)
+        self.send(text)
+
+    def history(self) -> list[dict[str, str]]:
+        conv = self.store.conversation(self.current)
+        out = [{"role": "system", "content": conv.system_prompt}] if conv.system_prompt else []
+        out += [
+            {"role": m.role, "content": m.content}
+            for m in self.messages.rows
+            if m.content and m.status != "error"
+        ]
+        return out
+
+    def _generate(self) -> None:
+        conv = self.store.conversation(self.current)
+        history = self.history()
+        answer = self.store.add_message(conv.id, "assistant", "", status="streaming")
+        row = self.messages.append(answer)
+        id_, queue = self.client.generate(history, sampling=conv.sampling or self.settings.sampling)
+        self.active = {
+            "id": id_,
+            "row": row,
+            "message": answer,
+            "text": "",
+            "tokens": 0,
+            "t0": time.monotonic(),
+            "saved": time.monotonic(),
+            "dirty": False,
+        }
+        self.busy_changed.emit(True)
+        self.repaint.start()
+        self.task = asyncio.ensure_future(self._consume(queue, self.active))
+
+    async def _consume(self, queue: asyncio.Queue, a: dict[str, Any]) -> None:
+        errors: list[str] = []
+        while True:
+            msg = await queue.get()
+            if msg.type == "started":
+                self.context_changed.emit(
+                    msg.get("prompt_tokens", 0), msg.get("n_ctx", 0), msg.get("dropped_messages", 0)
+                )
+            elif msg.type == "delta":
+                a["text"] += msg.get("text", "")
+                a["tokens"] += 1
+                a["dirty"] = True
+                if time.monotonic() - a["saved"] > SAVE_S:
+                    self.store.update_message(a["message"].id, content=a["text"])
+                    a["saved"] = time.monotonic()
+            elif msg.type == "error":
+                errors.append(msg.get("message", "unknown error"))
+            elif msg.type == "finished":
+                self._finish(a, msg.get("reason", "error"), msg.get("stats") or {}, errors)
+                return
+
+    def _flush(self) -> None:
+        a = self.active
+        if a is None or not a["dirty"] or a["message"].conversation_id != self.current:
+            return
+        a["dirty"] = False
+        self.messages.update(a["row"], content=a["text"])
+        elapsed = time.monotonic() - a["t0"]
+        if elapsed > 0:
+            self.live_rate.emit(a["tokens"] / elapsed)
+
+    def _finish(self, a: dict[str, Any], reason: str, stats: dict, errors: list[str]) -> None:
+        self.repaint.stop()
+        status = {"stop": "done", "length": "done", "cancelled": "stopped"}.get(reason, "error")
+        if reason == "length":
+            stats = {**stats, "truncated": True}
+        text = a["text"]
+        if status == "error" and not text:
+            text = "⚠ " + ("; ".join(errors) or "the engine could not answer")
+        self.store.update_message(a["message"].id, content=text, status=status, stats=stats)
+        if a["message"].conversation_id == self.current and a["row"] < len(self.messages.rows):
+            self.messages.update(a["row"], content=text, status=status, stats=stats)
+        self.active = None
+        self.busy_changed.emit(False)
+        if errors:
+            self.error.emit("; ".join(errors))
+        if stats:
+            self.answer_finished.emit(stats)
+
+    # -- import / export -------------------------------------------------------------------------
+    def import_json(self, data: Any, source: str) -> int:
+        c = self.store.import_json(data, source)
+        self.conversations.put_first(c)
+        self.open(c.id)
+        return c.id
+
+    # -- engine ----------------------------------------------------------------------------------
+    async def start_engine(self) -> None:
+        """Start the engine and load the configured model; failures become error signals."""
+        try:
+            await self.client.start()
+            await self.load_model(self.settings.model)
+        except EngineError as e:
+            self.error.emit(str(e))
+
+    async def load_model(self, path: str) -> None:
+        device = None if self.settings.device == "auto" else self.settings.device
+        self.status.emit(f"Loading {path}…")
+        try:
+            info = await self.client.load(
+                path, device=device, max_seq_len=self.settings.context, on_progress=self._progress
+            )
+        except EngineError as e:
+            self.error.emit(f"Could not load {path}: {e}")
+            return
+        self.settings.model = path
+        self.status.emit(f"{info.get('model')} ready: {info.get('n_ctx')} tokens of context")
+
+    def _progress(self, fraction: float, stage: str) -> None:
+        self.status.emit(f"{stage}: {fraction:.0%}")
+
+
+def _title_from(text: str) -> str:
+    words = text.split()
+    title = " ".join(words[:8])
+    return title[:60] + ("…" if len(words) > 8 or len(title) > 60 else "")

@@ -1,0 +1,255 @@
+"""EngineClient: owns the ``python -m engine serve`` subprocess and speaks engine/protocol.py.
+
+Pure asyncio (it runs on the Qt event loop through qasync, but holds no Qt object). Each
+generate request gets an asyncio.Queue of protocol messages that ends with its ``finished``.
+When the engine dies unexpectedly, every open request ends with an error, the engine is
+restarted and the last model reloaded; the conversation lives in the GUI, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from engine.protocol import EVENTS, PROTOCOL_VERSION, Message, ProtocolError, decode, encode
+
+log = logging.getLogger("app.engine")
+StateCallback = Callable[[str, dict[str, Any]], None]
+STATES = ("stopped", "starting", "ready", "loading", "loaded", "crashed", "failed")
+
+
+class EngineError(Exception):
+    """An error the engine reported (load failures, bad requests) or a dead engine."""
+
+
+class EngineClient:
+    def __init__(
+        self,
+        command: list[str] | None = None,
+        log_path: Path | None = None,
+        on_state: StateCallback | None = None,
+        max_restarts: int = 3,
+        env: dict[str, str] | None = None,
+    ):
+        self.command = command or [sys.executable, "-m", "engine", "serve"]
+        self.log_path = log_path
+        self.on_state = on_state or (lambda state, info: None)
+        self.max_restarts = max_restarts
+        self.env = env
+        self.state = "stopped"
+        self.hello: dict[str, Any] = {}
+        self.loaded: dict[str, Any] = {}
+        self.last_load: dict[str, Any] | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self._ids = itertools.count(1)
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._progress: dict[str, Callable[[float, str], None]] = {}
+        self._hello: asyncio.Future | None = None
+        self._reader: asyncio.Task | None = None
+        self._closing = False
+        self._restarts: list[float] = []
+
+    def _set_state(self, state: str, **info: Any) -> None:
+        self.state = state
+        self.on_state(state, info)
+
+    # -- process -------------------------------------------------------------------------------
+    async def start(self) -> dict[str, Any]:
+        """Start the engine and wait for its hello."""
+        self._closing = False
+        self._set_state("starting")
+        stderr = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL  # noqa: SIM115
+        env = dict(os.environ, **(self.env or {}), PYTHONUNBUFFERED="1")
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+            limit=16 << 20,
+        )
+        if stderr is not asyncio.subprocess.DEVNULL:
+            stderr.close()
+        self._hello = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read(self.proc))
+        try:
+            hello = await asyncio.wait_for(self._hello, timeout=120)
+        except (asyncio.TimeoutError, EngineError) as e:
+            self._set_state("failed", message=self._explain(f"the engine did not start ({e})"))
+            raise EngineError(self._explain("the engine did not start")) from e
+        self.hello = hello
+        self._send("hello", version=PROTOCOL_VERSION)
+        self._set_state("ready", **hello)
+        return hello
+
+    def _explain(self, what: str) -> str:
+        return f"{what}; details are in {self.log_path}" if self.log_path else what
+
+    def _send(self, type_: str, id_: str | None = None, **payload: Any) -> None:
+        if self.proc is None or self.proc.stdin is None or self.proc.returncode is not None:
+            raise EngineError("the engine is not running")
+        self.proc.stdin.write(encode(type_, id_, **payload).encode("utf-8"))
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            try:
+                msg = decode(line, EVENTS)
+            except ProtocolError as e:
+                log.error("bad line from the engine: %s", e)
+                continue
+            self._dispatch(msg)
+        await proc.wait()
+        if proc is self.proc and not self._closing:
+            await self._crashed(proc.returncode)
+
+    def _dispatch(self, msg: Message) -> None:
+        if msg.type == "hello" and self._hello is not None and not self._hello.done():
+            self._hello.set_result(msg.payload)
+        elif msg.id in self._queues:
+            self._queues[msg.id].put_nowait(msg)
+            if msg.type == "finished":
+                del self._queues[msg.id]
+        elif msg.id in self._progress and msg.type == "load_progress":
+            self._progress[msg.id](msg.get("fraction", 0.0), msg.get("stage", ""))
+        elif msg.id in self._waiters:
+            waiter = self._waiters.pop(msg.id)
+            if not waiter.done():
+                waiter.set_result(msg)
+        elif msg.type == "error":
+            log.error("engine error: %s", msg.payload)
+
+    async def _crashed(self, code: int | None) -> None:
+        why = self._explain(f"the engine stopped unexpectedly (exit code {code})")
+        log.error(why)
+        for id_, queue in list(self._queues.items()):
+            queue.put_nowait(Message("error", id_, {"kind": "crashed", "message": why}))
+            queue.put_nowait(Message("finished", id_, {"reason": "error", "stats": {}}))
+        self._queues.clear()
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_result(Message("error", None, {"kind": "crashed", "message": why}))
+        self._waiters.clear()
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(EngineError(why))
+            return
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < 300] + [now]
+        if len(self._restarts) > self.max_restarts:
+            self._set_state(
+                "failed",
+                message=f"{why}; it crashed {len(self._restarts)} times "
+                "in 5 minutes, so it was not restarted",
+            )
+            return
+        self._set_state("crashed", message=why)
+        try:
+            await self.start()
+            if self.last_load is not None:
+                await self.load(**self.last_load)
+        except EngineError as e:
+            log.error("restart failed: %s", e)
+
+    # -- requests ------------------------------------------------------------------------------
+    def _new_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def _request(self, type_: str, timeout: float | None = None, **payload: Any) -> Message:
+        id_ = self._new_id(type_)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[id_] = waiter
+        self._send(type_, id_, **payload)
+        return await asyncio.wait_for(waiter, timeout)
+
+    async def load(
+        self,
+        path: str,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_seq_len: int = 4096,
+        on_progress: Callable[[float, str], None] | None = None,
+    ) -> dict[str, Any]:
+        """Load a model; returns the ``loaded`` payload or raises EngineError with the reason."""
+        self.last_load = dict(
+            path=path, device=device, dtype=dtype, max_seq_len=max_seq_len, on_progress=on_progress
+        )
+        self._set_state("loading", path=path)
+        id_ = self._new_id("load")
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[id_] = waiter
+        if on_progress:
+            self._progress[id_] = on_progress
+        payload = {"path": path, "max_seq_len": max_seq_len}
+        payload.update({k: v for k, v in (("device", device), ("dtype", dtype)) if v})
+        try:
+            self._send("load", id_, **payload)
+            msg = await waiter
+        finally:
+            self._progress.pop(id_, None)
+        if msg.type == "error":
+            self.last_load = None if msg.get("kind") != "crashed" else self.last_load
+            self._set_state(
+                "ready" if self.proc and self.proc.returncode is None else "failed",
+                message=msg.get("message"),
+            )
+            raise EngineError(msg.get("message", "the model could not be loaded"))
+        self.loaded = msg.payload
+        self._set_state("loaded", **msg.payload)
+        return msg.payload
+
+    def generate(
+        self,
+        messages: list[dict[str, str]] | None = None,
+        prompt: str | None = None,
+        sampling: dict[str, Any] | None = None,
+    ) -> tuple[str, asyncio.Queue]:
+        """Start a request; returns (id, queue of its events, ending with ``finished``)."""
+        id_ = self._new_id("gen")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[id_] = queue
+        payload: dict[str, Any] = {"sampling": sampling or {}}
+        if messages is not None:
+            payload["messages"] = messages
+        if prompt is not None:
+            payload["prompt"] = prompt
+        try:
+            self._send("generate", id_, **payload)
+        except EngineError as e:
+            del self._queues[id_]
+            queue.put_nowait(Message("error", id_, {"kind": "not_running", "message": str(e)}))
+            queue.put_nowait(Message("finished", id_, {"reason": "error", "stats": {}}))
+        return id_, queue
+
+    def cancel(self, id_: str) -> None:
+        with contextlib.suppress(EngineError):  # a dead engine has nothing left to cancel
+            self._send("cancel", id_)
+
+    async def stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        return (await self._request("stats", timeout)).payload
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Ask the engine to exit; kill it if it does not within ``timeout`` seconds."""
+        self._closing = True
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            self._set_state("stopped")
+            return
+        try:
+            self._send("shutdown")
+            proc.stdin.close()
+            await asyncio.wait_for(proc.wait(), timeout)
+        except (EngineError, asyncio.TimeoutError, ConnectionError):
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+        self._set_state("stopped")

@@ -1,0 +1,95 @@
+"""NVIDIA GPUs through NVML (nvidia-ml-py): memory, utilisation, temperature, per-process use.
+
+Without a driver or NVML every call answers "nothing", and ``error`` says why in words.
+Devices carry their UUID, which matches them to CUDA device numbers (NVML's order can differ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class GpuInfo:
+    index: int
+    uuid: str
+    name: str
+    total: int
+    used: int
+    free: int
+    util: int | None  # percent
+    temp: int | None  # degrees C
+    engine_bytes: int | None = None  # memory used by the engine process
+
+
+class Gpus:
+    def __init__(self) -> None:
+        self.error: str | None = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.nvml = pynvml
+            self.driver = _text(pynvml.nvmlSystemGetDriverVersion())
+        except Exception as e:  # no library, no driver, no permission
+            self.nvml = None
+            self.driver = ""
+            self.error = f"No NVIDIA GPU driver found ({e}); the engine runs on the CPU."
+
+    @property
+    def available(self) -> bool:
+        return self.nvml is not None
+
+    def read(self, engine_pid: int | None = None) -> list[GpuInfo]:
+        if self.nvml is None:
+            return []
+        n = self.nvml
+        out = []
+        try:
+            for i in range(n.nvmlDeviceGetCount()):
+                h = n.nvmlDeviceGetHandleByIndex(i)
+                mem = n.nvmlDeviceGetMemoryInfo(h)
+                out.append(
+                    GpuInfo(
+                        i,
+                        _text(n.nvmlDeviceGetUUID(h)),
+                        _text(n.nvmlDeviceGetName(h)),
+                        mem.total,
+                        mem.used,
+                        mem.free,
+                        _try(lambda h=h: n.nvmlDeviceGetUtilizationRates(h).gpu),
+                        _try(lambda h=h: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
+                        _process_bytes(n, h, engine_pid),
+                    )
+                )
+        except Exception as e:
+            self.error = f"Reading the GPUs failed ({e})."
+        return out
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _try(fn):
+    try:
+        return int(fn())
+    except Exception:
+        return None
+
+
+def _process_bytes(n, handle, pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        for p in n.nvmlDeviceGetComputeRunningProcesses(handle):
+            if p.pid == pid:
+                return int(p.usedGpuMemory or 0)
+        return 0
+    except Exception:
+        return None
+
+
+def same_device(nvml_uuid: str, cuda_uuid: str) -> bool:
+    """NVML says 'GPU-<uuid>', torch says '<uuid>'."""
+    return nvml_uuid.removeprefix("GPU-").lower() == cuda_uuid.removeprefix("GPU-").lower()

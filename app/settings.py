@@ -1,0 +1,58 @@
+"""Every setting of the app, its default and type, in one place; saved as JSON."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+log = logging.getLogger("app.settings")
+
+DEFAULT_SAMPLING = {
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "max_new_tokens": 512,
+}
+
+
+def data_dir() -> Path:
+    """$VPTQ_CHAT_DATA, else $XDG_DATA_HOME/vptq-chat, else ~/.local/share/vptq-chat."""
+    if os.environ.get("VPTQ_CHAT_DATA"):
+        return Path(os.environ["VPTQ_CHAT_DATA"])
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "vptq-chat"
+
+
+@dataclass
+class Settings:
+    model: str = "demo"  # a model folder, a downloaded repo id, or "demo"
+    device: str = "auto"  # auto | cpu | cuda
+    context: int = 4096
+    system_prompt: str = ""
+    sampling: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLING))
+    show_panel: bool = True
+
+    @classmethod
+    def load(cls, path: Path) -> Settings:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls()
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("%s: unreadable (%s); using defaults", path, e)
+            return cls()
+        known = {f.name for f in fields(cls)}
+        s = cls(**{k: v for k, v in raw.items() if k in known})
+        s.sampling = {**DEFAULT_SAMPLING, **(s.sampling or {})}
+        return s
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)

@@ -1,0 +1,255 @@
+"""Conversations and messages in SQLite (WAL, FTS5 search). No Qt inside.
+
+Every write commits at once, so a crash or a kill loses nothing that was written: the partial
+answer being streamed (saved every few hundred milliseconds) and the unsent draft included.
+The schema carries a version (``PRAGMA user_version``); opening a newer database is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+EXPORT_FORMAT = "vptq-chat-conversation"
+
+_SCHEMA = """
+CREATE TABLE conversations (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL,
+    system_prompt TEXT NOT NULL DEFAULT '',
+    sampling TEXT NOT NULL DEFAULT '{}',
+    draft TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'done' CHECK (status IN ('done', 'streaming', 'stopped', 'error')),
+    stats TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL
+);
+CREATE INDEX messages_by_conversation ON messages(conversation_id, id);
+CREATE VIRTUAL TABLE messages_fts USING fts5(content, content='messages', content_rowid='id');
+CREATE TRIGGER messages_ai AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+CREATE TRIGGER messages_ad AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TRIGGER messages_au AFTER UPDATE OF content ON messages BEGIN
+    INSERT INTO messages_fts(messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
+END;
+"""
+
+
+class StoreError(Exception):
+    """A history file that cannot be used; the message names it and what to do."""
+
+
+@dataclass
+class Conversation:
+    id: int
+    title: str
+    system_prompt: str = ""
+    sampling: dict[str, Any] = field(default_factory=dict)
+    draft: str = ""
+    updated: float = 0.0
+
+
+@dataclass
+class Message:
+    id: int
+    conversation_id: int
+    role: str
+    content: str
+    status: str = "done"
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(str(self.path), isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"{self.path}: the chat history cannot be opened ({e}); move the file away "
+                "to start a new history"
+            ) from e
+        # Answers that were streaming when the app last stopped are kept, marked stopped.
+        self.db.execute("UPDATE messages SET status='stopped' WHERE status='streaming'")
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: written by a newer VPTQ Chat (schema {version}); update the app"
+            )
+        if version == 0:
+            self.db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- conversations -----------------------------------------------------------------------
+    def create_conversation(
+        self, title: str = "New chat", system_prompt: str = "", sampling: dict | None = None
+    ) -> Conversation:
+        now = time.time()
+        cur = self.db.execute(
+            "INSERT INTO conversations(title, system_prompt, sampling, created, updated) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (title, system_prompt, json.dumps(sampling or {}), now, now),
+        )
+        return self.conversation(cur.lastrowid)
+
+    def conversation(self, cid: int) -> Conversation:
+        row = self.db.execute(
+            "SELECT id, title, system_prompt, sampling, draft, updated FROM conversations "
+            "WHERE id=?",
+            (cid,),
+        ).fetchone()
+        if row is None:
+            raise KeyError(cid)
+        return Conversation(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+
+    def conversations(self) -> list[Conversation]:
+        rows = self.db.execute("SELECT id FROM conversations ORDER BY updated DESC, id DESC")
+        return [self.conversation(r[0]) for r in rows.fetchall()]
+
+    def update_conversation(self, cid: int, **fields: Any) -> None:
+        allowed = {"title", "system_prompt", "sampling", "draft"}
+        if not set(fields) <= allowed:
+            raise ValueError(f"unknown conversation fields: {set(fields) - allowed}")
+        if "sampling" in fields:
+            fields["sampling"] = json.dumps(fields["sampling"])
+        sets = ", ".join(f"{k}=?" for k in fields)
+        touch = ", updated=?" if set(fields) - {"draft"} else ""
+        values = [*fields.values(), *([time.time()] if touch else []), cid]
+        self.db.execute(f"UPDATE conversations SET {sets}{touch} WHERE id=?", values)
+
+    def delete_conversation(self, cid: int) -> None:
+        self.db.execute("DELETE FROM conversations WHERE id=?", (cid,))
+
+    # -- messages ------------------------------------------------------------------------------
+    def add_message(self, cid: int, role: str, content: str, status: str = "done") -> Message:
+        now = time.time()
+        cur = self.db.execute(
+            "INSERT INTO messages(conversation_id, role, content, status, created) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (cid, role, content, status, now),
+        )
+        self.db.execute("UPDATE conversations SET updated=? WHERE id=?", (now, cid))
+        return self.message(cur.lastrowid)
+
+    def message(self, mid: int) -> Message:
+        row = self.db.execute(
+            "SELECT id, conversation_id, role, content, status, stats FROM messages WHERE id=?",
+            (mid,),
+        ).fetchone()
+        if row is None:
+            raise KeyError(mid)
+        return Message(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+
+    def messages(self, cid: int) -> list[Message]:
+        rows = self.db.execute(
+            "SELECT id FROM messages WHERE conversation_id=? ORDER BY id", (cid,)
+        ).fetchall()
+        return [self.message(r[0]) for r in rows]
+
+    def update_message(
+        self,
+        mid: int,
+        content: str | None = None,
+        status: str | None = None,
+        stats: dict | None = None,
+    ) -> None:
+        fields = {
+            "content": content,
+            "status": status,
+            "stats": None if stats is None else json.dumps(stats),
+        }
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if fields:
+            sets = ", ".join(f"{k}=?" for k in fields)
+            self.db.execute(f"UPDATE messages SET {sets} WHERE id=?", [*fields.values(), mid])
+
+    def delete_messages_from(self, cid: int, mid: int) -> None:
+        """Delete message ``mid`` and everything after it (regenerate, edit and resend)."""
+        self.db.execute("DELETE FROM messages WHERE conversation_id=? AND id>=?", (cid, mid))
+
+    # -- search, export, import ------------------------------------------------------------------
+    def search(self, query: str, limit: int = 50) -> list[tuple[int, str]]:
+        """(conversation id, snippet) for messages matching ``query`` (words, prefix match)."""
+        words = [w.replace('"', "") for w in query.split() if w.strip('"')]
+        if not words:
+            return []
+        match = " ".join(f'"{w}"*' for w in words)
+        rows = self.db.execute(
+            "SELECT m.conversation_id, snippet(messages_fts, 0, '[', ']', '…', 8) "
+            "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
+            "WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
+            (match, limit),
+        ).fetchall()
+        seen: dict[int, str] = {}
+        for cid, snip in rows:
+            seen.setdefault(cid, snip)
+        return list(seen.items())
+
+    def export_json(self, cid: int) -> dict[str, Any]:
+        c = self.conversation(cid)
+        return {
+            "format": EXPORT_FORMAT,
+            "version": 1,
+            "title": c.title,
+            "system_prompt": c.system_prompt,
+            "sampling": c.sampling,
+            "messages": [
+                {"role": m.role, "content": m.content, "stats": m.stats} for m in self.messages(cid)
+            ],
+        }
+
+    def export_markdown(self, cid: int) -> str:
+        c = self.conversation(cid)
+        parts = [f"# {c.title}\n"]
+        if c.system_prompt:
+            parts.append(f"*System:* {c.system_prompt}\n")
+        for m in self.messages(cid):
+            parts.append(f"## {'You' if m.role == 'user' else 'Assistant'}\n\n{m.content}\n")
+        return "\n".join(parts)
+
+    def import_json(self, data: Any, source: str = "file") -> Conversation:
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            raise StoreError(f"{source}: not a VPTQ Chat conversation export")
+        msgs = data.get("messages")
+        if not isinstance(msgs, list) or not all(
+            isinstance(m, dict)
+            and m.get("role") in ("user", "assistant")
+            and isinstance(m.get("content"), str)
+            for m in msgs
+        ):
+            raise StoreError(f"{source}: 'messages' must be a list of {{role, content}}")
+        c = self.create_conversation(
+            str(data.get("title") or "Imported chat"),
+            str(data.get("system_prompt") or ""),
+            data.get("sampling") if isinstance(data.get("sampling"), dict) else {},
+        )
+        for m in msgs:
+            msg = self.add_message(c.id, m["role"], m["content"])
+            if isinstance(m.get("stats"), dict):
+                self.update_message(msg.id, stats=m["stats"])
+        return self.conversation(c.id)

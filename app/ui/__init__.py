@@ -1,0 +1,1 @@
+"""Widgets only: main window, chat view, sidebar models, live panel."""

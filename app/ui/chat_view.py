@@ -1,0 +1,266 @@
+"""The chat column: messages mirrored from MessageListModel, the composer, stop, context use."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QModelIndex, Qt, QTimer, Signal
+from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
+from PySide6.QtWidgets import (
+    QFrame,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QTextBrowser,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .markdown import code_blocks, plain_html, to_html
+from .models import MessageListModel, RoleRole, StatsRole, StatusRole
+
+
+def stats_line(stats: dict, status: str) -> str:
+    parts = []
+    if stats.get("completion_tokens"):
+        parts.append(f"{stats['completion_tokens']} tokens")
+    if stats.get("decode_tok_s"):
+        parts.append(f"{stats['decode_tok_s']:.1f} tok/s")
+    if stats.get("ttft_s"):
+        parts.append(f"first token {stats['ttft_s'] * 1000:.0f} ms")
+    if stats.get("prefill_tok_s"):
+        parts.append(f"prompt {stats['prefill_tok_s']:.0f} tok/s")
+    if status == "stopped":
+        parts.append("stopped")
+    if stats.get("truncated"):
+        parts.append("cut at the token limit")
+    if status == "streaming":
+        parts.append("writing…")
+    return " · ".join(parts)
+
+
+class MessageWidget(QFrame):
+    copy_requested = Signal(str)
+    edit_requested = Signal()
+    regenerate_requested = Signal()
+
+    def __init__(self, role: str, dark: bool):
+        super().__init__()
+        self.role, self.dark, self.text = role, dark, ""
+        self.setObjectName("userMessage" if role == "user" else "assistantMessage")
+        self.setFrameShape(QFrame.Shape.StyledPanel)
+        self.who = QLabel("You" if role == "user" else "Assistant")
+        self.who.setStyleSheet("font-weight: bold;")
+        self.meta = QLabel()
+        self.meta.setObjectName("messageStats")
+        self.body = QTextBrowser()
+        self.body.setOpenExternalLinks(True)
+        self.body.setFrameShape(QFrame.Shape.NoFrame)
+        self.body.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.body.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.body.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.body.setAccessibleName(f"{self.who.text()} message")
+        self.body.document().documentLayout().documentSizeChanged.connect(self._fit)
+        self.copy = self._button("Copy", "Copy this message", self._copy)
+        self.copy_code = self._button("Copy code", "Copy the code blocks", self._copy_code)
+        self.edit = self._button(
+            "Edit", "Edit this message and send it again", self.edit_requested.emit
+        )
+        self.regen = self._button("Regenerate", "Answer again", self.regenerate_requested.emit)
+        self.edit.setVisible(role == "user")
+        self.regen.setVisible(False)
+        head = QHBoxLayout()
+        head.addWidget(self.who)
+        head.addWidget(self.meta, 1)
+        for b in (self.copy_code, self.copy, self.edit, self.regen):
+            head.addWidget(b)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(10, 6, 10, 6)
+        lay.addLayout(head)
+        lay.addWidget(self.body)
+
+    def _button(self, text: str, tip: str, slot) -> QToolButton:
+        b = QToolButton()
+        b.setText(text)
+        b.setToolTip(tip)
+        b.setAccessibleName(tip)
+        b.setAutoRaise(True)
+        b.clicked.connect(slot)
+        return b
+
+    def set_content(self, text: str, status: str, stats: dict) -> None:
+        if text != self.text or not self.body.toPlainText():
+            self.text = text
+            html = plain_html(text) if self.role == "user" else to_html(text, self.dark)
+            self.body.setHtml(html)
+        self.copy_code.setVisible(bool(code_blocks(text)))
+        self.meta.setText(stats_line(stats, status))
+
+    def _fit(self) -> None:
+        self.body.setFixedHeight(int(self.body.document().size().height()) + 4)
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self.body.document().setTextWidth(self.body.viewport().width())
+        self._fit()
+
+    def _copy(self) -> None:
+        QGuiApplication.clipboard().setText(self.text)
+        self.copy_requested.emit(self.text)
+
+    def _copy_code(self) -> None:
+        QGuiApplication.clipboard().setText("\n\n".join(code_blocks(self.text)))
+
+
+class ChatView(QWidget):
+    send_requested = Signal(str)
+    stop_requested = Signal()
+    regenerate_requested = Signal()
+    edit_requested = Signal(int, str)  # row, new text
+    draft_changed = Signal(str)
+
+    def __init__(self, model: MessageListModel, dark: bool = False):
+        super().__init__()
+        self.model, self.dark = model, dark
+        self.widgets: list[MessageWidget] = []
+        self.busy = False
+        self.column = QVBoxLayout()
+        self.column.addStretch(1)
+        inner = QWidget()
+        inner.setLayout(self.column)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setWidget(inner)
+        self.scroll.setAccessibleName("Conversation")
+        self.scroll.verticalScrollBar().rangeChanged.connect(self._follow)
+        self.empty = QLabel("Start a conversation: type below and press Ctrl+Enter.")
+        self.empty.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.empty.setObjectName("emptyHint")
+        self.column.insertWidget(0, self.empty)
+        self.context = QLabel()
+        self.context.setAccessibleName("Context use")
+        self.dropped = QLabel()
+        self.dropped.setObjectName("warning")
+        self.dropped.setVisible(False)
+        self.input = QPlainTextEdit()
+        self.input.setPlaceholderText("Message the model (Ctrl+Enter sends, Esc stops)")
+        self.input.setAccessibleName("Message")
+        self.input.setMaximumHeight(120)
+        self.draft_timer = QTimer(self, singleShot=True, interval=300)
+        self.draft_timer.timeout.connect(lambda: self.draft_changed.emit(self.input.toPlainText()))
+        self.input.textChanged.connect(self.draft_timer.start)
+        self.send_button = QPushButton("Send")
+        self.send_button.setAccessibleName("Send message")
+        self.send_button.clicked.connect(self._send)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setAccessibleName("Stop the answer")
+        self.stop_button.clicked.connect(self.stop_requested.emit)
+        self.stop_button.setEnabled(False)
+        QShortcut(QKeySequence("Ctrl+Return"), self.input, self._send)
+        QShortcut(QKeySequence("Ctrl+Enter"), self.input, self._send)
+        QShortcut(QKeySequence("Escape"), self, self.stop_requested.emit)
+        buttons = QVBoxLayout()
+        buttons.addWidget(self.send_button)
+        buttons.addWidget(self.stop_button)
+        composer = QHBoxLayout()
+        composer.addWidget(self.input, 1)
+        composer.addLayout(buttons)
+        footer = QHBoxLayout()
+        footer.addWidget(self.context)
+        footer.addWidget(self.dropped, 1)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.scroll, 1)
+        lay.addLayout(footer)
+        lay.addLayout(composer)
+        model.modelReset.connect(self._rebuild)
+        model.rowsInserted.connect(self._inserted)
+        model.rowsRemoved.connect(self._removed)
+        model.dataChanged.connect(self._changed)
+        self._rebuild()
+
+    # -- model mirroring -----------------------------------------------------------------------
+    def _make(self, row: int) -> MessageWidget:
+        idx = self.model.index(row)
+        w = MessageWidget(idx.data(RoleRole), self.dark)
+        w.edit_requested.connect(lambda w=w: self._edit(w))
+        w.regenerate_requested.connect(self.regenerate_requested.emit)
+        w.set_content(idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {})
+        return w
+
+    def _rebuild(self) -> None:
+        for w in self.widgets:
+            w.deleteLater()
+        self.widgets = []
+        self._inserted(QModelIndex(), 0, self.model.rowCount() - 1)
+
+    def _inserted(self, parent, first: int, last: int) -> None:
+        for row in range(first, last + 1):
+            w = self._make(row)
+            self.widgets.insert(row, w)
+            self.column.insertWidget(row + 1, w)  # after the empty-state hint
+        self._refresh_buttons()
+
+    def _removed(self, parent, first: int, last: int) -> None:
+        for w in self.widgets[first : last + 1]:
+            w.deleteLater()
+        del self.widgets[first : last + 1]
+        self._refresh_buttons()
+
+    def _changed(self, top_left, bottom_right, roles=()) -> None:
+        for row in range(top_left.row(), bottom_right.row() + 1):
+            idx = self.model.index(row)
+            self.widgets[row].set_content(
+                idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {}
+            )
+        self._refresh_buttons()
+
+    def _refresh_buttons(self) -> None:
+        self.empty.setVisible(not self.widgets)
+        for i, w in enumerate(self.widgets):
+            w.regen.setVisible(
+                i == len(self.widgets) - 1 and w.role == "assistant" and not self.busy
+            )
+            w.edit.setEnabled(not self.busy)
+
+    # -- composer --------------------------------------------------------------------------------
+    def _send(self) -> None:
+        text = self.input.toPlainText()
+        if text.strip() and not self.busy:
+            self.send_requested.emit(text)
+
+    def sent(self) -> None:
+        """The controller took the message: clear the composer."""
+        self.input.clear()
+
+    def set_busy(self, busy: bool) -> None:
+        self.busy = busy
+        self.stop_button.setEnabled(busy)
+        self.send_button.setEnabled(not busy)
+        self._refresh_buttons()
+
+    def _edit(self, w: MessageWidget) -> None:
+        row = self.widgets.index(w)
+        text, ok = QInputDialog.getMultiLineText(
+            self, "Edit message", "Edit and send again:", w.text
+        )
+        if ok and text.strip():
+            self.edit_requested.emit(row, text)
+
+    def set_context(self, used: int, n_ctx: int, dropped: int) -> None:
+        self.context.setText(f"Context: {used} / {n_ctx} tokens" if n_ctx else "")
+        self.dropped.setVisible(dropped > 0)
+        self.dropped.setText(
+            f"⚠ The {dropped} oldest messages no longer fit the context and "
+            "were left out of this answer."
+            if dropped
+            else ""
+        )
+
+    def _follow(self, _min: int, maximum: int) -> None:
+        bar = self.scroll.verticalScrollBar()
+        if self.busy or bar.value() >= bar.maximum() - 80:
+            bar.setValue(maximum)

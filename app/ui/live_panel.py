@@ -1,0 +1,164 @@
+"""The live panel: model and kernel state, each GPU's memory/utilisation/temperature, and
+throughput (the answer being written and a plot of recent answers)."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QPointF, Qt
+from PySide6.QtGui import QPainter, QPen, QPolygonF
+from PySide6.QtWidgets import QFrame, QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
+
+from ..gpu import GpuInfo
+
+GiB = 1 << 30
+
+
+def gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / GiB:.1f} GiB"
+
+
+class Sparkline(QWidget):
+    """Tokens/s of recent answers, newest on the right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: list[float] = []
+        self.setMinimumHeight(60)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setAccessibleName("Tokens per second of recent answers")
+
+    def add(self, value: float, keep: int = 30) -> None:
+        self.values = [*self.values, value][-keep:]
+        self.update()
+
+    def paintEvent(self, event) -> None:
+        p = QPainter(self)
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        r = self.rect().adjusted(4, 4, -4, -4)
+        p.setPen(QPen(self.palette().mid().color(), 1))
+        p.drawRect(r)
+        if len(self.values) < 1:
+            p.drawText(r, Qt.AlignmentFlag.AlignCenter, "no answers yet")
+            return
+        top = max(self.values) * 1.1 or 1.0
+        n = max(len(self.values) - 1, 1)
+        pts = [
+            QPointF(r.left() + r.width() * i / n, r.bottom() - r.height() * v / top)
+            for i, v in enumerate(self.values)
+        ]
+        p.setPen(QPen(self.palette().highlight().color(), 2))
+        p.drawPolyline(QPolygonF(pts))
+        p.setBrush(self.palette().highlight())
+        p.drawEllipse(pts[-1], 3, 3)
+        p.setPen(self.palette().text().color())
+        p.drawText(r.adjusted(4, 2, 0, 0), Qt.AlignmentFlag.AlignLeft, f"{top / 1.1:.1f} tok/s")
+
+
+class GpuCard(QFrame):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFrameShape(QFrame.Shape.StyledPanel)
+        self.title = QLabel()
+        self.title.setStyleSheet("font-weight: bold;")
+        self.bar = QProgressBar()
+        self.bar.setAccessibleName("GPU memory used")
+        self.detail = QLabel()
+        self.detail.setWordWrap(True)
+        lay = QVBoxLayout(self)
+        for w in (self.title, self.bar, self.detail):
+            lay.addWidget(w)
+
+    def show_info(self, g: GpuInfo) -> None:
+        self.title.setText(f"GPU {g.index}: {g.name}")
+        self.bar.setRange(0, max(g.total // (1 << 20), 1))
+        self.bar.setValue(g.used // (1 << 20))
+        self.bar.setFormat(f"{gib(g.used)} of {gib(g.total)} used")
+        lines = [f"Free: {gib(g.free)}"]
+        if g.engine_bytes is not None:
+            lines.append(f"This engine: {gib(g.engine_bytes)}")
+        if g.util is not None:
+            lines.append(f"Utilisation: {g.util}%")
+        if g.temp is not None:
+            lines.append(f"Temperature: {g.temp} °C")
+        self.detail.setText("\n".join(lines))
+
+
+class LivePanel(QWidget):
+    def __init__(self) -> None:
+        super().__init__()
+        self.setAccessibleName("Live panel")
+        self.engine = QLabel("Engine: starting…")
+        self.engine.setWordWrap(True)
+        self.kernels = QLabel()
+        self.kernels.setWordWrap(True)
+        self.gpu_note = QLabel()
+        self.gpu_note.setWordWrap(True)
+        self.cards: list[GpuCard] = []
+        self.cards_box = QVBoxLayout()
+        self.rate = QLabel("Now: idle")
+        self.rate.setAccessibleName("Current tokens per second")
+        self.last = QLabel()
+        self.last.setWordWrap(True)
+        self.plot = Sparkline()
+        lay = QVBoxLayout(self)
+        for w in (_heading("Model"), self.engine, self.kernels, _heading("GPUs"), self.gpu_note):
+            lay.addWidget(w)
+        lay.addLayout(self.cards_box)
+        for w in (_heading("Throughput"), self.rate, self.plot, self.last):
+            lay.addWidget(w)
+        lay.addStretch(1)
+        self.setMinimumWidth(220)
+
+    def set_engine(self, state: str, info: dict) -> None:
+        if state == "loaded":
+            quant = info.get("quant", "")
+            self.engine.setText(
+                f"{info.get('model')} ({quant}) on {info.get('device')}, "
+                f"{info.get('n_ctx')} tokens of context"
+            )
+            if info.get("kernels") == "cuda":
+                self.kernels.setText(f"Kernels: CUDA ({info.get('kernels_reason', '')})")
+                self.kernels.setObjectName("ok")
+            else:
+                self.kernels.setText(
+                    "Kernels: pure-PyTorch reference path (slow): "
+                    f"{info.get('kernels_reason', 'reason unknown')}"
+                )
+                self.kernels.setObjectName("warning")
+            self.kernels.setStyleSheet(self.kernels.styleSheet())  # re-polish for the new name
+        elif state in ("crashed", "failed"):
+            self.engine.setText(f"Engine {state}: {info.get('message', '')}")
+        else:
+            self.engine.setText(f"Engine: {state}")
+
+    def set_gpus(self, gpus: list[GpuInfo], note: str | None, engine_rss: int | None) -> None:
+        if not gpus:
+            cpu = f" Engine memory (CPU): {gib(engine_rss)}." if engine_rss else ""
+            self.gpu_note.setText((note or "No GPU found.") + cpu)
+        else:
+            self.gpu_note.setText("")
+        while len(self.cards) < len(gpus):
+            self.cards.append(GpuCard())
+            self.cards_box.addWidget(self.cards[-1])
+        while len(self.cards) > len(gpus):
+            self.cards.pop().deleteLater()
+        for card, g in zip(self.cards, gpus, strict=True):
+            card.show_info(g)
+
+    def set_rate(self, tok_s: float | None) -> None:
+        self.rate.setText("Now: idle" if tok_s is None else f"Now: {tok_s:.1f} tok/s")
+
+    def add_answer(self, stats: dict) -> None:
+        if stats.get("decode_tok_s"):
+            self.plot.add(float(stats["decode_tok_s"]))
+        ttft, prompt = stats.get("ttft_s", 0) * 1000, stats.get("prefill_tok_s", 0)
+        self.last.setText(
+            f"Last answer: first token {ttft:.0f} ms, prompt {prompt:.0f} tok/s, "
+            f"writing {stats.get('decode_tok_s', 0):.1f} tok/s"
+        )
+        self.set_rate(None)
+
+
+def _heading(text: str) -> QLabel:
+    label = QLabel(text)
+    label.setStyleSheet("font-weight: bold; margin-top: 8px;")
+    return label

@@ -1,0 +1,299 @@
+"""The main window: conversations on the left, the chat in the middle, the live panel right."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import (
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QListView,
+    QMainWindow,
+    QMessageBox,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..controller import ChatController
+from ..gpu import Gpus
+from ..settings import DEFAULT_SAMPLING, Settings
+from ..store import StoreError
+from .chat_view import ChatView
+from .live_panel import LivePanel
+from .models import IdRole
+
+
+class ChatSettings(QWidget):
+    """Per-chat system prompt and sampling, folded away until asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.toggle = QToolButton(text="Chat settings ▸", checkable=True)
+        self.toggle.setAccessibleName("Show chat settings")
+        self.toggle.setAutoRaise(True)
+        self.body = QWidget(visible=False)
+        self.toggle.toggled.connect(self._show)
+        form = QFormLayout(self.body)
+        self.system = QLineEdit(placeholderText="e.g. You are a concise assistant.")
+        self.system.setAccessibleName("System prompt")
+        form.addRow("System prompt", self.system)
+        self.fields: dict[str, QDoubleSpinBox | QSpinBox] = {}
+        for key, label, lo, hi, step, dec in [
+            ("temperature", "Temperature (0 = greedy)", 0, 2, 0.05, 2),
+            ("top_p", "Top-p", 0.01, 1, 0.01, 2),
+            ("top_k", "Top-k (0 = off)", 0, 1000, 1, 0),
+            ("min_p", "Min-p", 0, 0.99, 0.01, 2),
+            ("repetition_penalty", "Repetition penalty", 0.5, 2, 0.05, 2),
+            ("max_new_tokens", "Max new tokens", 1, 32768, 16, 0),
+            ("seed", "Seed (-1 = random)", -1, 2**31 - 1, 1, 0),
+        ]:
+            box = QSpinBox() if dec == 0 else QDoubleSpinBox(decimals=dec)
+            box.setRange(lo, hi)
+            box.setSingleStep(step)
+            box.setAccessibleName(label)
+            self.fields[key] = box
+            form.addRow(label, box)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.toggle, 0, Qt.AlignmentFlag.AlignLeft)
+        lay.addWidget(self.body)
+
+    def _show(self, on: bool) -> None:
+        self.body.setVisible(on)
+        self.toggle.setText("Chat settings ▾" if on else "Chat settings ▸")
+
+    def load(self, system: str, sampling: dict) -> None:
+        self.system.setText(system)
+        merged = {**DEFAULT_SAMPLING, "seed": -1, **sampling}
+        for key, box in self.fields.items():
+            box.setValue(merged[key] if merged.get(key) is not None else -1)
+
+    def values(self) -> tuple[str, dict]:
+        sampling = {k: b.value() for k, b in self.fields.items()}
+        if sampling["seed"] < 0:
+            sampling["seed"] = None
+        return self.system.text(), sampling
+
+    def on_change(self, slot) -> None:
+        self.system.editingFinished.connect(slot)
+        for box in self.fields.values():
+            box.valueChanged.connect(slot)
+
+
+class MainWindow(QMainWindow):
+    def __init__(
+        self,
+        ctrl: ChatController,
+        gpus: Gpus,
+        settings: Settings,
+        log_dir: Path,
+        dark: bool = False,
+    ):
+        super().__init__()
+        self.ctrl, self.gpus, self.settings, self.log_dir = ctrl, gpus, settings, log_dir
+        self.tasks: set[asyncio.Task] = set()  # keep running tasks referenced until done
+        self.setWindowTitle("VPTQ Chat")
+        self.resize(1200, 780)
+        self.chat = ChatView(ctrl.messages, dark)
+        self.panel = LivePanel()
+        self.chat_settings = ChatSettings()
+        self.banner = QLabel(wordWrap=True, visible=False, objectName="errorBanner")
+        self.banner.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.banner.setAccessibleName("Error")
+        self.search = QLineEdit(placeholderText="Search chats (Ctrl+F)")
+        self.search.setAccessibleName("Search chats")
+        self.search.setClearButtonEnabled(True)
+        self.list = QListView()
+        self.list.setModel(ctrl.conversations)
+        self.list.setAccessibleName("Conversations")
+        self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.list.setUniformItemSizes(True)
+        new = QPushButton("New chat")
+        new.setAccessibleName("New chat")
+        new.clicked.connect(ctrl.new_conversation)
+        side = QWidget()
+        sl = QVBoxLayout(side)
+        sl.setContentsMargins(6, 6, 0, 6)
+        for w in (new, self.search, self.list):
+            sl.addWidget(w)
+        middle = QWidget()
+        ml = QVBoxLayout(middle)
+        ml.setContentsMargins(6, 6, 6, 6)
+        for w in (self.banner, self.chat_settings):
+            ml.addWidget(w)
+        ml.addWidget(self.chat, 1)
+        split = QSplitter()
+        for w in (side, middle, self.panel):
+            split.addWidget(w)
+        split.setSizes([230, 720, 250])
+        split.setStretchFactor(1, 1)
+        self.setCentralWidget(split)
+        self.panel.setVisible(settings.show_panel)
+        self._menus()
+        self._wire()
+        self.gpu_timer = QTimer(self, interval=1000)
+        self.gpu_timer.timeout.connect(self._poll)
+        self.gpu_timer.start()
+        self._poll()
+        if ctrl.conversations.rowCount():
+            self.list.setCurrentIndex(ctrl.conversations.index(0))
+            ctrl.open(ctrl.conversations.rows[0].id)
+
+    def _menus(self) -> None:
+        def act(menu, text, slot, shortcut=None):
+            a = QAction(text, self)
+            if shortcut:
+                a.setShortcut(QKeySequence(shortcut))
+            a.triggered.connect(slot)
+            menu.addAction(a)
+            return a
+
+        m = self.menuBar().addMenu("&File")
+        act(m, "&New chat", self.ctrl.new_conversation, "Ctrl+N")
+        act(m, "&Import chat (JSON)…", self._import)
+        act(m, "Export chat as &Markdown…", lambda: self._export("md"))
+        act(m, "Export chat as &JSON…", lambda: self._export("json"))
+        m.addSeparator()
+        act(m, "&Quit", self.close, "Ctrl+Q")
+        m = self.menuBar().addMenu("&Chat")
+        act(m, "&Search", self.search.setFocus, "Ctrl+F")
+        act(m, "&Rename", self._rename, "F2")
+        act(m, "&Delete", self._delete)
+        m = self.menuBar().addMenu("&Model")
+        act(m, "Load &demo model", lambda: self._load("demo"))
+        act(m, "Load model &folder…", self._load_folder)
+        m = self.menuBar().addMenu("&View")
+        a = act(m, "&Live panel", lambda on: self.panel.setVisible(on))
+        a.setCheckable(True)
+        a.setChecked(self.settings.show_panel)
+        m = self.menuBar().addMenu("&Help")
+        act(m, "Where are the &logs?", self._logs)
+
+    def _wire(self) -> None:
+        c = self.ctrl
+        self.chat.send_requested.connect(self._send)
+        self.chat.stop_requested.connect(c.stop)
+        self.chat.regenerate_requested.connect(c.regenerate)
+        self.chat.edit_requested.connect(c.edit_and_resend)
+        self.chat.draft_changed.connect(c.save_draft)
+        self.chat_settings.on_change(lambda *_: c.update_settings(*self.chat_settings.values()))
+        self.list.clicked.connect(lambda idx: c.open(idx.data(IdRole)))
+        self.search.textChanged.connect(c.search)
+        c.conversation_opened.connect(self._opened)
+        c.busy_changed.connect(self.chat.set_busy)
+        c.error.connect(self.show_error)
+        c.status.connect(lambda text: self.statusBar().showMessage(text))
+        c.context_changed.connect(self.chat.set_context)
+        c.live_rate.connect(self.panel.set_rate)
+        c.answer_finished.connect(self.panel.add_answer)
+
+    def _opened(self, cid: int) -> None:
+        conv = self.ctrl.store.conversation(cid)
+        self.chat_settings.load(conv.system_prompt, conv.sampling)
+        self.chat.input.blockSignals(True)
+        self.chat.input.setPlainText(conv.draft)
+        self.chat.input.blockSignals(False)
+        self.chat.set_context(0, 0, 0)
+        row = self.ctrl.conversations.row_of(cid)
+        if row >= 0:
+            self.list.setCurrentIndex(self.ctrl.conversations.index(row))
+
+    def _send(self, text: str) -> None:
+        if self.ctrl.send(text):
+            self.chat.sent()
+            self.banner.setVisible(False)
+
+    def show_error(self, message: str) -> None:
+        self.banner.setText(f"⚠ {message}\nLogs: {self.log_dir}")
+        self.banner.setVisible(True)
+
+    def on_engine_state(self, state: str, info: dict) -> None:
+        self.panel.set_engine(state, info)
+        if state == "crashed":
+            self.show_error(f"{info.get('message')}. Restarting it; your conversation is kept.")
+
+    def _poll(self) -> None:
+        pid = self.ctrl.client.proc.pid if self.ctrl.client.proc else None
+        self._spawn(self._poll_async(pid))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _poll_async(self, pid: int | None) -> None:
+        rss = None
+        if self.ctrl.client.state in ("ready", "loaded"):
+            try:
+                rss = (await self.ctrl.client.stats(timeout=2)).get("rss_bytes")
+            except Exception:  # a busy or restarting engine: try again next second
+                rss = None
+        self.panel.set_gpus(self.gpus.read(pid), self.gpus.error, rss)
+
+    # -- menu actions ------------------------------------------------------------------------------
+    def _current(self) -> int | None:
+        return self.ctrl.current
+
+    def _rename(self) -> None:
+        row = self.ctrl.conversations.row_of(self._current() or -1)
+        if row >= 0:
+            self.list.edit(self.ctrl.conversations.index(row))
+
+    def _delete(self) -> None:
+        cid = self._current()
+        if cid is None:
+            return
+        title = self.ctrl.store.conversation(cid).title
+        if (
+            QMessageBox.question(self, "Delete chat", f"Delete “{title}”? This cannot be undone.")
+            == QMessageBox.StandardButton.Yes
+        ):
+            self.ctrl.delete(cid)
+
+    def _export(self, kind: str) -> None:
+        cid = self._current()
+        if cid is None:
+            return
+        title = self.ctrl.store.conversation(cid).title
+        path, _ = QFileDialog.getSaveFileName(self, "Export chat", f"{title}.{kind}")
+        if not path:
+            return
+        if kind == "md":
+            text = self.ctrl.store.export_markdown(cid)
+        else:
+            text = json.dumps(self.ctrl.store.export_json(cid), indent=2, ensure_ascii=False)
+        Path(path).write_text(text, encoding="utf-8")
+        self.statusBar().showMessage(f"Exported to {path}")
+
+    def _import(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import chat", "", "JSON (*.json)")
+        if not path:
+            return
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            self.ctrl.import_json(data, path)
+        except (OSError, json.JSONDecodeError, StoreError) as e:
+            self.show_error(f"Could not import {path}: {e}")
+
+    def _load(self, path: str) -> None:
+        self._spawn(self.ctrl.load_model(path))
+
+    def _load_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Choose a model folder")
+        if path:
+            self._load(path)
+
+    def _logs(self) -> None:
+        QMessageBox.information(self, "Logs", f"The app and engine logs are in:\n{self.log_dir}")

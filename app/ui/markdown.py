@@ -1,0 +1,50 @@
+"""Markdown to the HTML subset Qt's rich text shows, with Pygments-highlighted code blocks."""
+
+from __future__ import annotations
+
+import html
+import re
+
+import markdown as md
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import TextLexer, get_lexer_by_name, guess_lexer
+from pygments.util import ClassNotFound
+
+FENCE = re.compile(r"```([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def code_blocks(text: str) -> list[str]:
+    """The fenced code blocks of a message (an unclosed last block counts, while streaming)."""
+    return [m.group(2).rstrip("\n") for m in FENCE.finditer(text)]
+
+
+def _code_html(lang: str, code: str, dark: bool) -> str:
+    try:
+        lexer = get_lexer_by_name(lang) if lang else guess_lexer(code)
+    except ClassNotFound:
+        lexer = TextLexer()
+    style = "monokai" if dark else "friendly"
+    fmt = HtmlFormatter(style=style, noclasses=True, nowrap=True)
+    bg = "#272822" if dark else "#f4f4f4"
+    body = highlight(code, lexer, fmt)
+    return (
+        f'<table width="100%" cellpadding="8" style="background:{bg};"><tr><td>'
+        f'<pre style="margin:0;">{body}</pre></td></tr></table>'
+    )
+
+
+def to_html(text: str, dark: bool = False) -> str:
+    """HTML for one message; code blocks are cut out first so markdown never touches them."""
+    parts, last = [], 0
+    for m in FENCE.finditer(text):
+        parts.append(md.markdown(text[last : m.start()], extensions=["tables", "sane_lists"]))
+        parts.append(_code_html(m.group(1), m.group(2).rstrip("\n"), dark))
+        last = m.end()
+    parts.append(md.markdown(text[last:], extensions=["tables", "sane_lists"]))
+    return "".join(parts)
+
+
+def plain_html(text: str) -> str:
+    """User messages are shown as typed."""
+    return f'<p style="white-space:pre-wrap;">{html.escape(text)}</p>'

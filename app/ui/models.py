@@ -1,0 +1,142 @@
+"""Qt list models over the store's conversations and messages. They emit dataChanged for the
+exact rows that change (a streamed answer touches one row, never the whole list)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from PySide6.QtCore import QAbstractListModel, QModelIndex, QPersistentModelIndex, Qt
+
+from ..store import Conversation, Message
+
+Index = QModelIndex | QPersistentModelIndex
+IdRole = Qt.ItemDataRole.UserRole + 1
+RoleRole = Qt.ItemDataRole.UserRole + 2
+StatusRole = Qt.ItemDataRole.UserRole + 3
+StatsRole = Qt.ItemDataRole.UserRole + 4
+SnippetRole = Qt.ItemDataRole.UserRole + 5
+
+
+class ConversationListModel(QAbstractListModel):
+    """The sidebar: conversations, newest first; editable titles (rename in place)."""
+
+    def __init__(self, rename: Callable[[int, str], None] | None = None):
+        super().__init__()
+        self.rows: list[Conversation] = []
+        self.snippets: dict[int, str] = {}
+        self.rename = rename
+
+    def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self.rows)
+
+    def data(self, index: Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid() or not 0 <= index.row() < len(self.rows):
+            return None
+        c = self.rows[index.row()]
+        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
+            return c.title
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return self.snippets.get(c.id) or c.title
+        if role == IdRole:
+            return c.id
+        if role == SnippetRole:
+            return self.snippets.get(c.id, "")
+        return None
+
+    def flags(self, index: Index) -> Qt.ItemFlag:
+        base = super().flags(index)
+        return base | Qt.ItemFlag.ItemIsEditable if index.isValid() else base
+
+    def setData(self, index: Index, value: Any, role: int = Qt.ItemDataRole.EditRole) -> bool:
+        title = str(value).strip()
+        if role != Qt.ItemDataRole.EditRole or not index.isValid() or not title:
+            return False
+        c = self.rows[index.row()]
+        c.title = title
+        if self.rename:
+            self.rename(c.id, title)
+        self.dataChanged.emit(index, index, [Qt.ItemDataRole.DisplayRole])
+        return True
+
+    def set_rows(self, rows: list[Conversation], snippets: dict[int, str] | None = None) -> None:
+        self.beginResetModel()
+        self.rows = list(rows)
+        self.snippets = snippets or {}
+        self.endResetModel()
+
+    def row_of(self, cid: int) -> int:
+        return next((i for i, c in enumerate(self.rows) if c.id == cid), -1)
+
+    def put_first(self, conv: Conversation) -> None:
+        """Insert or move a conversation to the top (it has the newest activity)."""
+        row = self.row_of(conv.id)
+        if row == 0:
+            self.rows[0] = conv
+            self.dataChanged.emit(self.index(0), self.index(0))
+            return
+        if row > 0:
+            self.beginMoveRows(QModelIndex(), row, row, QModelIndex(), 0)
+            self.rows.insert(0, self.rows.pop(row))
+            self.endMoveRows()
+            self.rows[0] = conv
+            self.dataChanged.emit(self.index(0), self.index(0))
+            return
+        self.beginInsertRows(QModelIndex(), 0, 0)
+        self.rows.insert(0, conv)
+        self.endInsertRows()
+
+    def remove(self, cid: int) -> None:
+        row = self.row_of(cid)
+        if row >= 0:
+            self.beginRemoveRows(QModelIndex(), row, row)
+            del self.rows[row]
+            self.endRemoveRows()
+
+
+class MessageListModel(QAbstractListModel):
+    """The messages of the open conversation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[Message] = []
+
+    def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self.rows)
+
+    def data(self, index: Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid() or not 0 <= index.row() < len(self.rows):
+            return None
+        m = self.rows[index.row()]
+        return {
+            Qt.ItemDataRole.DisplayRole: m.content,
+            IdRole: m.id,
+            RoleRole: m.role,
+            StatusRole: m.status,
+            StatsRole: m.stats,
+        }.get(role)
+
+    def set_rows(self, rows: list[Message]) -> None:
+        self.beginResetModel()
+        self.rows = list(rows)
+        self.endResetModel()
+
+    def append(self, message: Message) -> int:
+        row = len(self.rows)
+        self.beginInsertRows(QModelIndex(), row, row)
+        self.rows.append(message)
+        self.endInsertRows()
+        return row
+
+    def update(self, row: int, **fields: Any) -> None:
+        m = self.rows[row]
+        for k, v in fields.items():
+            setattr(m, k, v)
+        self.dataChanged.emit(self.index(row), self.index(row))
+
+    def truncate(self, row: int) -> None:
+        """Remove ``row`` and every row after it."""
+        if row < len(self.rows):
+            self.beginRemoveRows(QModelIndex(), row, len(self.rows) - 1)
+            del self.rows[row:]
+            self.endRemoveRows()

@@ -1,0 +1,118 @@
+"""A scripted engine that speaks the real protocol (engine/protocol.py), for GUI tests.
+
+The last user message picks the behaviour: "crash" dies mid-answer, "slow" streams 400
+words slowly (so stop can be tested), "fail" answers with an error event, anything else is
+echoed back word by word. Loading a path containing "bad" fails. Every request is logged to
+$FAKE_ENGINE_LOG (one JSON line each) so tests can check what the app sent.
+"""
+
+import json
+import os
+import sys
+import threading
+import time
+
+from engine.protocol import REQUESTS, decode, encode
+
+out = sys.stdout
+cancelled: set[str] = set()
+inbox: list = []
+cv = threading.Condition()
+
+
+def send(type_, id_=None, **payload):
+    out.write(encode(type_, id_, **payload))
+    out.flush()
+
+
+def reader():
+    for line in sys.stdin:
+        msg = decode(line, REQUESTS)
+        if os.environ.get("FAKE_ENGINE_LOG"):
+            with open(os.environ["FAKE_ENGINE_LOG"], "a") as f:
+                f.write(json.dumps({"type": msg.type, "id": msg.id, **msg.payload}) + "\n")
+        with cv:
+            if msg.type == "cancel":
+                cancelled.add(msg.id)
+            elif msg.type == "stats":
+                send(
+                    "stats", msg.id, model="fake", pid=os.getpid(), rss_bytes=1 << 20, vram_bytes=0
+                )
+            else:
+                inbox.append(msg)
+            cv.notify()
+    with cv:
+        inbox.append(None)
+        cv.notify()
+
+
+def generate(msg):
+    text = msg.get("messages")[-1]["content"]
+    send(
+        "started",
+        msg.id,
+        prompt_tokens=12 * len(msg.get("messages")),
+        dropped_messages=0,
+        n_ctx=2048,
+    )
+    if text == "fail":
+        send("error", msg.id, kind="request", message="the fake engine refuses 'fail'")
+        send("finished", msg.id, reason="error", stats={})
+        return
+    words = ["word"] * 400 if text == "slow" else f"You said: {text}".split(" ")
+    for i, w in enumerate(words):
+        if msg.id in cancelled:
+            send("finished", msg.id, reason="cancelled", stats={"completion_tokens": i})
+            return
+        send("delta", msg.id, text=(" " if i else "") + w)
+        if text == "crash" and i == 2:
+            os._exit(3)
+        time.sleep(0.02 if text in ("slow", "crash") else 0.001)
+    send(
+        "finished",
+        msg.id,
+        reason="stop",
+        stats={
+            "prompt_tokens": 12,
+            "completion_tokens": len(words),
+            "ttft_s": 0.05,
+            "prefill_tok_s": 240.0,
+            "decode_tok_s": 50.0,
+            "dropped_messages": 0,
+        },
+    )
+
+
+def main():
+    send("hello", version=1, engine="fake", device="cpu", gpus=[], capabilities=[])
+    threading.Thread(target=reader, daemon=True).start()
+    while True:
+        with cv:
+            while not inbox:
+                cv.wait()
+            msg = inbox.pop(0)
+        if msg is None or msg.type == "shutdown":
+            return
+        if msg.type == "load":
+            if "bad" in msg.get("path", ""):
+                send("error", msg.id, kind="load", message=f"{msg.get('path')}: no such model")
+                continue
+            send("load_progress", msg.id, fraction=0.5, stage="loading weights")
+            send(
+                "loaded",
+                msg.id,
+                model=msg.get("path"),
+                n_ctx=2048,
+                kernels="reference",
+                kernels_reason="fake engine",
+                quant="vptq",
+                device="cpu",
+                weight_bytes=1 << 20,
+                vram_bytes=0,
+            )
+        elif msg.type == "generate":
+            generate(msg)
+
+
+if __name__ == "__main__":
+    main()

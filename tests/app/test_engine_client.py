@@ -1,0 +1,127 @@
+"""EngineClient against the scripted fake engine and the real protocol."""
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.engine_client import EngineClient, EngineError
+
+FAKE = [sys.executable, str(Path(__file__).with_name("fake_engine.py"))]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+async def drain(queue):
+    events = []
+    while True:
+        msg = await queue.get()
+        events.append(msg)
+        if msg.type == "finished":
+            return events
+
+
+def text_of(events):
+    return "".join(m.get("text") for m in events if m.type == "delta")
+
+
+def make_client(tmp_path, states=None):
+    def on_state(state, info):
+        if states is not None:
+            states.append(state)
+
+    return EngineClient(
+        FAKE,
+        log_path=tmp_path / "engine.log",
+        on_state=on_state,
+        env={"PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+
+
+def test_stream_and_load_progress(tmp_path):
+    async def go():
+        c = make_client(tmp_path)
+        await c.start()
+        progress = []
+        loaded = await c.load("demo", on_progress=lambda f, s: progress.append((f, s)))
+        assert loaded["n_ctx"] == 2048 and progress == [(0.5, "loading weights")]
+        _, queue = c.generate([{"role": "user", "content": "hello there"}])
+        events = await drain(queue)
+        assert events[0].type == "started" and text_of(events) == "You said: hello there"
+        assert events[-1].get("reason") == "stop"
+        await c.shutdown()
+        assert c.proc.returncode == 0
+
+    run(go())
+
+
+def test_cancel(tmp_path):
+    async def go():
+        c = make_client(tmp_path)
+        await c.start()
+        await c.load("demo")
+        id_, queue = c.generate([{"role": "user", "content": "slow"}])
+        while (await queue.get()).type != "delta":
+            pass
+        c.cancel(id_)
+        events = await drain(queue)
+        assert events[-1].get("reason") == "cancelled"
+        assert events[-1].get("stats")["completion_tokens"] < 100
+        await c.shutdown()
+
+    run(go())
+
+
+def test_load_error_is_raised_with_the_engines_message(tmp_path):
+    async def go():
+        c = make_client(tmp_path)
+        await c.start()
+        with pytest.raises(EngineError, match="/x/bad: no such model"):
+            await c.load("/x/bad")
+        assert c.state == "ready"
+        await c.shutdown()
+
+    run(go())
+
+
+def test_crash_ends_the_request_then_restarts_and_reloads(tmp_path):
+    states = []
+
+    async def go():
+        c = make_client(tmp_path, states)
+        await c.start()
+        await c.load("demo")
+        first_pid = c.proc.pid
+        _, queue = c.generate([{"role": "user", "content": "crash"}])
+        events = await drain(queue)
+        assert text_of(events).startswith("You said:")  # the partial answer arrived first
+        err = next(m for m in events if m.type == "error")
+        assert "stopped unexpectedly (exit code 3)" in err.get("message")
+        assert str(tmp_path / "engine.log") in err.get("message")
+        assert events[-1].get("reason") == "error"
+        for _ in range(200):
+            if c.state == "loaded" and c.proc.pid != first_pid:
+                break
+            await asyncio.sleep(0.05)
+        assert c.state == "loaded" and c.proc.pid != first_pid
+        _, queue = c.generate([{"role": "user", "content": "again"}])
+        assert text_of(await drain(queue)) == "You said: again"
+        await c.shutdown()
+
+    run(go())
+    assert "crashed" in states and states[-1] == "stopped"
+
+
+def test_engine_that_cannot_start(tmp_path):
+    async def go():
+        c = EngineClient(
+            [sys.executable, "-c", "import sys; sys.exit(7)"], log_path=tmp_path / "engine.log"
+        )
+        with pytest.raises(EngineError, match="did not start"):
+            await c.start()
+        assert c.state == "failed"
+
+    run(go())

@@ -1,0 +1,125 @@
+"""The history store on a real SQLite file."""
+
+import json
+import sqlite3
+
+import pytest
+
+from app.store import SCHEMA_VERSION, Store, StoreError
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "history.sqlite3")
+    yield s
+    s.close()
+
+
+def test_conversations_and_messages_persist(tmp_path):
+    s = Store(tmp_path / "h.db")
+    c = s.create_conversation("First", system_prompt="Be brief.", sampling={"temperature": 0.2})
+    s.add_message(c.id, "user", "Hello")
+    a = s.add_message(c.id, "assistant", "Hi", status="streaming")
+    s.update_message(a.id, content="Hi there", status="done", stats={"decode_tok_s": 12.5})
+    s.update_conversation(c.id, title="Renamed", draft="unsent words")
+    s.close()
+    s = Store(tmp_path / "h.db")
+    c2 = s.conversation(c.id)
+    assert (c2.title, c2.system_prompt, c2.sampling, c2.draft) == (
+        "Renamed",
+        "Be brief.",
+        {"temperature": 0.2},
+        "unsent words",
+    )
+    msgs = s.messages(c.id)
+    assert [(m.role, m.content, m.status) for m in msgs] == [
+        ("user", "Hello", "done"),
+        ("assistant", "Hi there", "done"),
+    ]
+    assert msgs[1].stats == {"decode_tok_s": 12.5}
+    db = sqlite3.connect(tmp_path / "h.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_streaming_answer_left_behind_is_marked_stopped(tmp_path):
+    s = Store(tmp_path / "h.db")
+    c = s.create_conversation()
+    s.add_message(c.id, "assistant", "half an ans", status="streaming")
+    s.close()
+    s = Store(tmp_path / "h.db")
+    assert [(m.content, m.status) for m in s.messages(c.id)] == [("half an ans", "stopped")]
+
+
+def test_order_rename_delete(store):
+    a = store.create_conversation("a")
+    store.create_conversation("b")
+    store.add_message(a.id, "user", "newer activity")
+    assert [c.title for c in store.conversations()] == ["a", "b"]
+    store.delete_conversation(a.id)
+    assert [c.title for c in store.conversations()] == ["b"]
+    assert store.messages(a.id) == []  # cascaded
+
+
+def test_full_text_search(store):
+    a = store.create_conversation("cooking")
+    store.add_message(a.id, "user", "How do I make a béchamel sauce?")
+    b = store.create_conversation("space")
+    m = store.add_message(b.id, "assistant", "Jupiter is the largest planet")
+    assert [cid for cid, _ in store.search("sauce")] == [a.id]
+    assert [cid for cid, _ in store.search("plan")] == [b.id]  # prefix match
+    assert "[Jupiter]" in store.search("jupiter")[0][1]
+    store.update_message(m.id, content="Saturn has rings")
+    assert store.search("jupiter") == [] and store.search("saturn")[0][0] == b.id
+    assert store.search('"; DROP TABLE messages') == []
+    assert store.search("   ") == []
+
+
+def test_delete_from_message(store):
+    c = store.create_conversation()
+    ids = [
+        store.add_message(c.id, r, t).id
+        for r, t in [("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2")]
+    ]
+    store.delete_messages_from(c.id, ids[2])
+    assert [m.content for m in store.messages(c.id)] == ["q1", "a1"]
+
+
+def test_export_import_round_trip(store):
+    c = store.create_conversation("Trip", system_prompt="sys", sampling={"top_p": 0.9})
+    store.add_message(c.id, "user", "q")
+    a = store.add_message(c.id, "assistant", "```python\nprint(1)\n```")
+    store.update_message(a.id, stats={"decode_tok_s": 3.0})
+    data = json.loads(json.dumps(store.export_json(c.id)))
+    d = store.import_json(data)
+    assert d.id != c.id and (d.title, d.system_prompt, d.sampling) == (
+        "Trip",
+        "sys",
+        {"top_p": 0.9},
+    )
+    assert [(m.role, m.content, m.stats) for m in store.messages(d.id)] == [
+        ("user", "q", {}),
+        ("assistant", "```python\nprint(1)\n```", {"decode_tok_s": 3.0}),
+    ]
+    md = store.export_markdown(c.id)
+    assert md.startswith("# Trip") and "## You\n\nq" in md and "## Assistant" in md
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[], {"format": "other"}, {"format": "vptq-chat-conversation", "messages": [{"role": "x"}]}],
+)
+def test_import_refuses_other_files(store, bad):
+    with pytest.raises(StoreError, match=r"chat\.json"):
+        store.import_json(bad, "chat.json")
+
+
+def test_corrupt_or_newer_database(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=r"bad\.db: the chat history cannot be opened"):
+        Store(bad)
+    newer = tmp_path / "newer.db"
+    sqlite3.connect(newer).execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer VPTQ Chat"):
+        Store(newer)
