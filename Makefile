@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m engine build-demo
 
 run: demo
-	$(PY) -m engine chat --model demo
+	$(PY) -m app
 
 lint: $(STAMP)
 	$(PY) -m ruff check app engine tests packaging

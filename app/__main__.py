@@ -73,6 +73,10 @@ def apply_theme(app, dark: bool) -> None:
             ("Mid", "#5f6368"),
         ]:
             p.setColor(getattr(QPalette.ColorRole, role), QColor(color))
+        for role in ("WindowText", "Text", "ButtonText"):
+            p.setColor(
+                QPalette.ColorGroup.Disabled, getattr(QPalette.ColorRole, role), QColor("#6b6f75")
+            )
     app.setPalette(p)
     user = "#2b3a55" if dark else "#e8f0fe"
     bot = "#26282b" if dark else "#ffffff"
@@ -129,6 +133,8 @@ class App:
         self.client.on_state = self.window.on_engine_state
 
     async def close(self) -> None:
+        self.window.chat.flush_draft()
+        self.window.gpu_timer.stop()
         await self.client.shutdown(timeout=5)
         self.settings.save(self.data / "settings.json")
         self.store.close()

@@ -56,12 +56,14 @@ class MessageWidget(QFrame):
         self.who.setStyleSheet("font-weight: bold;")
         self.meta = QLabel()
         self.meta.setObjectName("messageStats")
+        self.meta.setWordWrap(True)
+        self.meta.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.body = QTextBrowser()
         self.body.setOpenExternalLinks(True)
         self.body.setFrameShape(QFrame.Shape.NoFrame)
         self.body.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.body.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.body.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.body.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
         self.body.setAccessibleName(f"{self.who.text()} message")
         self.body.document().documentLayout().documentSizeChanged.connect(self._fit)
         self.copy = self._button("Copy", "Copy this message", self._copy)
@@ -74,12 +76,14 @@ class MessageWidget(QFrame):
         self.regen.setVisible(False)
         head = QHBoxLayout()
         head.addWidget(self.who)
-        head.addWidget(self.meta, 1)
+        head.addStretch(1)
         for b in (self.copy_code, self.copy, self.edit, self.regen):
             head.addWidget(b)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(10, 6, 10, 6)
+        lay.setSpacing(2)
         lay.addLayout(head)
+        lay.addWidget(self.meta)
         lay.addWidget(self.body)
 
     def _button(self, text: str, tip: str, slot) -> QToolButton:
@@ -97,7 +101,9 @@ class MessageWidget(QFrame):
             html = plain_html(text) if self.role == "user" else to_html(text, self.dark)
             self.body.setHtml(html)
         self.copy_code.setVisible(bool(code_blocks(text)))
-        self.meta.setText(stats_line(stats, status))
+        line = stats_line(stats, status)
+        self.meta.setText(line)
+        self.meta.setVisible(bool(line))
 
     def _fit(self) -> None:
         self.body.setFixedHeight(int(self.body.document().size().height()) + 4)
@@ -133,6 +139,7 @@ class ChatView(QWidget):
         inner.setLayout(self.column)
         self.scroll = QScrollArea()
         self.scroll.setWidgetResizable(True)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.scroll.setWidget(inner)
         self.scroll.setAccessibleName("Conversation")
         self.scroll.verticalScrollBar().rangeChanged.connect(self._follow)
@@ -231,6 +238,12 @@ class ChatView(QWidget):
         text = self.input.toPlainText()
         if text.strip() and not self.busy:
             self.send_requested.emit(text)
+
+    def flush_draft(self) -> None:
+        """Save a draft whose debounce timer has not fired yet (before quitting)."""
+        if self.draft_timer.isActive():
+            self.draft_timer.stop()
+            self.draft_changed.emit(self.input.toPlainText())
 
     def sent(self) -> None:
         """The controller took the message: clear the composer."""

@@ -106,7 +106,7 @@ class LivePanel(QWidget):
         for w in (_heading("Throughput"), self.rate, self.plot, self.last):
             lay.addWidget(w)
         lay.addStretch(1)
-        self.setMinimumWidth(220)
+        self.setMinimumWidth(180)
 
     def set_engine(self, state: str, info: dict) -> None:
         if state == "loaded":

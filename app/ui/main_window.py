@@ -139,6 +139,7 @@ class MainWindow(QMainWindow):
             split.addWidget(w)
         split.setSizes([230, 720, 250])
         split.setStretchFactor(1, 1)
+        side.setMinimumWidth(150)
         self.setCentralWidget(split)
         self.panel.setVisible(settings.show_panel)
         self._menus()

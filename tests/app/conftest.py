@@ -1,0 +1,56 @@
+"""GUI fixtures: offscreen Qt, one qasync loop, the real App wired to the fake engine."""
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
+
+
+@pytest.fixture(scope="session")
+def qloop(qapp):
+    import qasync
+
+    loop = qasync.QEventLoop(qapp)
+    asyncio.set_event_loop(loop)
+    return loop
+
+
+def wait_until(loop, predicate, timeout=20.0, what="condition"):
+    """Run the Qt + asyncio loop until ``predicate()`` holds."""
+
+    async def poll():
+        end = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > end:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.02)
+
+    loop.run_until_complete(poll())
+
+
+def make_app(tmp_path, loop, monkeypatch, engine=FAKE_ENGINE, theme="light"):
+    from app.__main__ import App
+
+    if engine is not None:
+        monkeypatch.setenv("VPTQ_CHAT_ENGINE_CMD", f"{sys.executable} {engine}")
+    else:
+        monkeypatch.delenv("VPTQ_CHAT_ENGINE_CMD", raising=False)
+    app = App(tmp_path, model="demo", theme=theme, loop=loop)
+    app.window.resize(1100, 760)
+    app.window.show()
+    loop.run_until_complete(app.ctrl.start_engine())
+    return app
+
+
+@pytest.fixture
+def gui(tmp_path, qloop, monkeypatch):
+    app = make_app(tmp_path, qloop, monkeypatch)
+    yield app
+    qloop.run_until_complete(app.close())
+    app.window.close()

@@ -1,0 +1,104 @@
+"""The app as a process: killed mid-answer it loses nothing; with the real engine it answers;
+and what a user sees, in light and dark themes."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from app.store import Store
+
+from .conftest import FAKE_ENGINE, make_app, wait_until
+
+KILLED_APP = """
+import asyncio, sys
+from pathlib import Path
+from app.__main__ import App
+app = App(Path(sys.argv[1]), model="demo", theme="light")
+app.window.show()
+async def go():
+    await app.ctrl.start_engine()
+    app.window.chat.input.setPlainText("slow")
+    app.window.chat._send()
+    app.window.chat.input.setPlainText("an unsent draft")
+    while app.ctrl.messages.rows[-1].content.count("word") < 30:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.7)  # past the draft's debounce and a save of the partial answer
+    print("STREAMING", flush=True)
+    await asyncio.sleep(60)
+app.loop.run_until_complete(go())
+"""
+
+
+def test_history_survives_a_killed_app(tmp_path):
+    env = dict(
+        os.environ,
+        QT_QPA_PLATFORM="offscreen",
+        VPTQ_CHAT_ENGINE_CMD=f"{sys.executable} {FAKE_ENGINE}",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_APP, str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "STREAMING"
+        proc.send_signal(signal.SIGKILL)  # no chance to clean up
+        proc.wait(10)
+    finally:
+        proc.kill()
+    store = Store(tmp_path / "history.sqlite3")
+    conv = store.conversations()[0]
+    msgs = store.messages(conv.id)
+    assert [m.role for m in msgs] == ["user", "assistant"]
+    assert msgs[1].content.count("word") >= 30 and msgs[1].status == "stopped"
+    assert conv.draft == "an unsent draft"
+
+
+@pytest.mark.e2e
+def test_real_engine_with_the_demo_model(tmp_path, qloop, monkeypatch, demo_path):
+    app = make_app(tmp_path, qloop, monkeypatch, engine=None)
+    try:
+        app.ctrl.store.update_conversation(
+            app.ctrl.new_conversation(), sampling={"temperature": 0, "max_new_tokens": 30}
+        )
+        app.ctrl.open(app.ctrl.current)
+        app.window.chat.input.setPlainText("What is the capital of France?")
+        app.window.chat._send()
+        wait_until(
+            qloop,
+            lambda: app.ctrl.messages.rows[-1].status == "done",
+            timeout=120,
+            what="the demo model's answer",
+        )
+        assert "Paris" in app.ctrl.messages.rows[-1].content
+        assert app.client.loaded["kernels"] == "reference"
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_screenshot_in_both_themes(tmp_path, qloop, monkeypatch, theme):
+    """The window with a streamed answer, as a PNG (kept in $VPTQ_CHAT_SCREENSHOTS if set)."""
+    app = make_app(tmp_path, qloop, monkeypatch, theme=theme)
+    try:
+        app.window.chat.input.setPlainText("Show me **bold** text and ```python\nx = 1\n```")
+        app.window.chat._send()
+        wait_until(qloop, lambda: app.ctrl.messages.rows[-1].status == "done")
+        time.sleep(0.1)
+        qloop.run_until_complete(__import__("asyncio").sleep(0.2))
+        image = app.window.grab().toImage()
+        out = os.environ.get("VPTQ_CHAT_SCREENSHOTS")
+        if out:
+            image.save(os.path.join(out, f"window-{theme}.png"))
+        # the theme is real: the window background is light or dark
+        bg = image.pixelColor(5, image.height() // 2).lightness()
+        assert (bg > 160) if theme == "light" else (bg < 90)
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()

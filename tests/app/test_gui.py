@@ -1,0 +1,155 @@
+"""The real main window driven against the scripted fake engine."""
+
+import json
+
+from PySide6.QtGui import QGuiApplication
+
+from .conftest import wait_until
+
+
+def send(app, text):
+    app.window.chat.input.setPlainText(text)
+    app.window.chat._send()
+
+
+def answer_done(app):
+    rows = app.ctrl.messages.rows
+    return bool(rows) and rows[-1].role == "assistant" and rows[-1].status != "streaming"
+
+
+def test_stream_an_answer(gui, qloop):
+    send(gui, "hello world")
+    assert gui.window.chat.input.toPlainText() == ""  # the composer was cleared
+    wait_until(qloop, lambda: answer_done(gui), what="the answer")
+    widgets = gui.window.chat.widgets
+    assert [w.role for w in widgets] == ["user", "assistant"]
+    assert widgets[1].body.toPlainText().strip() == "You said: hello world"
+    assert "tok/s" in widgets[1].meta.text()
+    stored = gui.store.messages(gui.ctrl.current)
+    assert [(m.role, m.content, m.status) for m in stored] == [
+        ("user", "hello world", "done"),
+        ("assistant", "You said: hello world", "done"),
+    ]
+    assert stored[1].stats["decode_tok_s"] == 50.0
+    assert gui.window.chat.context.text() == "Context: 12 / 2048 tokens"
+    assert gui.ctrl.conversations.index(0).data() == "hello world"  # titled from the message
+    assert gui.window.panel.plot.values == [50.0]
+    assert "Kernels: pure-PyTorch reference path (slow): fake engine" in (
+        gui.window.panel.kernels.text()
+    )
+
+
+def test_stop_keeps_the_partial_answer(gui, qloop):
+    send(gui, "slow")
+    wait_until(
+        qloop,
+        lambda: (
+            len(gui.ctrl.messages.rows) == 2
+            and gui.ctrl.messages.rows[1].content.count("word") >= 5
+        ),
+        what="some words",
+    )
+    assert gui.window.chat.stop_button.isEnabled()
+    gui.window.chat.stop_button.click()
+    wait_until(qloop, lambda: answer_done(gui), what="the stop")
+    last = gui.store.messages(gui.ctrl.current)[-1]
+    assert last.status == "stopped" and 5 <= last.content.count("word") < 400
+    assert "stopped" in gui.window.chat.widgets[-1].meta.text()
+    assert gui.window.chat.send_button.isEnabled() and not gui.window.chat.stop_button.isEnabled()
+
+
+def test_engine_crash_is_reported_and_survived(gui, qloop):
+    send(gui, "crash")
+    wait_until(qloop, lambda: answer_done(gui), what="the crash")
+    last = gui.store.messages(gui.ctrl.current)[-1]
+    assert last.status == "error" and last.content.startswith("You said:")  # partial kept
+    banner = gui.window.banner.text()
+    assert "stopped unexpectedly" in banner and str(gui.log_dir) in banner
+    wait_until(qloop, lambda: gui.client.state == "loaded", what="the restart")
+    send(gui, "again")
+    wait_until(
+        qloop,
+        lambda: gui.ctrl.messages.rows[-1].content == "You said: again" and answer_done(gui),
+        what="an answer after the restart",
+    )
+    assert len(gui.store.messages(gui.ctrl.current)) == 4  # nothing lost
+
+
+def test_engine_error_shown_in_words(gui, qloop):
+    send(gui, "fail")
+    wait_until(qloop, lambda: answer_done(gui))
+    assert "the fake engine refuses 'fail'" in gui.window.banner.text()
+    assert gui.store.messages(gui.ctrl.current)[-1].status == "error"
+
+
+def test_regenerate_and_edit_then_resend(gui, qloop):
+    send(gui, "first")
+    wait_until(qloop, lambda: answer_done(gui))
+    assert gui.window.chat.widgets[-1].regen.isVisibleTo(gui.window)
+    gui.window.chat.widgets[-1].regen.click()
+    wait_until(qloop, lambda: answer_done(gui) and len(gui.ctrl.messages.rows) == 2)
+    assert [m.content for m in gui.store.messages(gui.ctrl.current)] == ["first", "You said: first"]
+    gui.window.chat.edit_requested.emit(0, "edited")
+    wait_until(qloop, lambda: answer_done(gui) and gui.ctrl.messages.rows[0].content == "edited")
+    assert [m.content for m in gui.store.messages(gui.ctrl.current)] == [
+        "edited",
+        "You said: edited",
+    ]
+
+
+def test_history_sent_to_the_engine(gui, qloop, tmp_path, monkeypatch):
+    """Per-chat system prompt and sampling reach the engine with the whole conversation."""
+    send(gui, "one")
+    wait_until(qloop, lambda: answer_done(gui))
+    gui.window.chat_settings.system.setText("Be brief.")
+    gui.window.chat_settings.fields["temperature"].setValue(0.0)
+    gui.window.chat_settings.system.editingFinished.emit()
+    conv = gui.store.conversation(gui.ctrl.current)
+    assert conv.system_prompt == "Be brief." and conv.sampling["temperature"] == 0.0
+    assert gui.ctrl.history() == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "You said: one"},
+    ]
+
+
+def test_draft_is_saved(gui, qloop):
+    send(gui, "hi")
+    wait_until(qloop, lambda: answer_done(gui))
+    gui.window.chat.input.setPlainText("half-written thought")
+    wait_until(
+        qloop,
+        lambda: gui.store.conversation(gui.ctrl.current).draft == "half-written thought",
+        what="the draft",
+    )
+
+
+def test_markdown_code_block_and_copy(gui, qloop):
+    send(gui, "```python\nprint('hi')\n```")
+    wait_until(qloop, lambda: answer_done(gui))
+    w = gui.window.chat.widgets[-1]
+    assert w.copy_code.isVisibleTo(gui.window)
+    assert "color" in w.body.toHtml()  # Pygments colours reached the widget
+    w.copy_code.click()
+    assert QGuiApplication.clipboard().text() == "print('hi')"
+
+
+def test_search_new_chat_and_export(gui, qloop):
+    send(gui, "apples are red")
+    wait_until(qloop, lambda: answer_done(gui))
+    first = gui.ctrl.current
+    gui.ctrl.new_conversation()
+    send(gui, "bananas are yellow")
+    wait_until(qloop, lambda: answer_done(gui))
+    assert gui.ctrl.conversations.rowCount() == 2
+    gui.window.search.setText("banana")
+    assert [c.title for c in gui.ctrl.conversations.rows] == ["bananas are yellow"]
+    gui.window.search.setText("")
+    assert gui.ctrl.conversations.rowCount() == 2
+    data = json.loads(json.dumps(gui.store.export_json(first)))
+    gui.ctrl.import_json(data, "x.json")
+    assert gui.ctrl.conversations.rowCount() == 3
+    assert [m.content for m in gui.ctrl.messages.rows] == [
+        "apples are red",
+        "You said: apples are red",
+    ]
