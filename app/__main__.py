@@ -131,6 +131,15 @@ class App:
         self.ctrl = ChatController(self.store, self.client, self.settings)
         self.window = MainWindow(self.ctrl, Gpus(), self.settings, self.log_dir, self.dark)
         self.client.on_state = self.window.on_engine_state
+        if theme == "system":  # follow the system when it switches between light and dark
+            self.qapp.styleHints().colorSchemeChanged.connect(self._scheme_changed)
+
+    def _scheme_changed(self, scheme) -> None:
+        from PySide6.QtCore import Qt
+
+        self.dark = scheme == Qt.ColorScheme.Dark
+        apply_theme(self.qapp, self.dark)
+        self.window.set_dark(self.dark)
 
     async def close(self) -> None:
         self.window.chat.flush_draft()

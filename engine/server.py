@@ -231,16 +231,32 @@ def _default_device() -> str:
 
 
 def device_info() -> dict[str, Any]:
+    """What the hello tells the app before any load: CUDA devices (with UUIDs, to match NVML's
+    list) and whether the CUDA kernels can be used, or why not."""
     import torch
 
+    from . import ops
+
     cuda = torch.cuda.is_available()
-    names = (
-        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
-    )
+    devices = []
+    for i in range(torch.cuda.device_count() if cuda else 0):
+        props = torch.cuda.get_device_properties(i)
+        devices.append(
+            {
+                "index": i,
+                "name": props.name,
+                "uuid": str(getattr(props, "uuid", "")),
+                "total_bytes": props.total_memory,
+            }
+        )
+    kernels, why = ops.availability()
     return {
         "device": "cuda" if cuda else "cpu",
-        "gpus": names,
+        "gpus": [d["name"] for d in devices],
+        "cuda_devices": devices,
         "torch": torch.__version__,
+        "kernels": kernels,
+        "kernels_reason": why,
         "capabilities": ["vptq", "dense", "cancel", "stats", "prefix_cache"],
     }
 

@@ -7,7 +7,7 @@ from PySide6.QtCore import QPointF, Qt
 from PySide6.QtGui import QPainter, QPen, QPolygonF
 from PySide6.QtWidgets import QFrame, QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
 
-from ..gpu import GpuInfo
+from ..gpu import GpuInfo, same_device
 
 GiB = 1 << 30
 
@@ -67,8 +67,9 @@ class GpuCard(QFrame):
         for w in (self.title, self.bar, self.detail):
             lay.addWidget(w)
 
-    def show_info(self, g: GpuInfo) -> None:
-        self.title.setText(f"GPU {g.index}: {g.name}")
+    def show_info(self, g: GpuInfo, cuda_index: int | None = None) -> None:
+        cuda = f" (cuda:{cuda_index})" if cuda_index is not None else ""
+        self.title.setText(f"GPU {g.index}{cuda}: {g.name}")
         self.bar.setRange(0, max(g.total // (1 << 20), 1))
         self.bar.setValue(g.used // (1 << 20))
         self.bar.setFormat(f"{gib(g.used)} of {gib(g.total)} used")
@@ -93,6 +94,7 @@ class LivePanel(QWidget):
         self.gpu_note = QLabel()
         self.gpu_note.setWordWrap(True)
         self.cards: list[GpuCard] = []
+        self.cuda_devices: list[dict] = []  # from the engine's hello: index, name, uuid
         self.cards_box = QVBoxLayout()
         self.rate = QLabel("Now: idle")
         self.rate.setAccessibleName("Current tokens per second")
@@ -125,6 +127,11 @@ class LivePanel(QWidget):
                 )
                 self.kernels.setObjectName("warning")
             self.kernels.setStyleSheet(self.kernels.styleSheet())  # re-polish for the new name
+        elif state == "ready" and info.get("kernels"):
+            self.engine.setText("Engine: ready, no model loaded")
+            label = "CUDA" if info["kernels"] == "cuda" else "pure-PyTorch reference path (slow)"
+            self.kernels.setText(f"Kernels: {label}: {info.get('kernels_reason', '')}")
+            self.cuda_devices = info.get("cuda_devices") or []
         elif state in ("crashed", "failed"):
             self.engine.setText(f"Engine {state}: {info.get('message', '')}")
         else:
@@ -142,7 +149,14 @@ class LivePanel(QWidget):
         while len(self.cards) > len(gpus):
             self.cards.pop().deleteLater()
         for card, g in zip(self.cards, gpus, strict=True):
-            card.show_info(g)
+            card.show_info(g, self.cuda_index(g.uuid))
+
+    def cuda_index(self, nvml_uuid: str) -> int | None:
+        """The engine's CUDA number of an NVML device (the two orders can differ)."""
+        return next(
+            (d["index"] for d in self.cuda_devices if same_device(nvml_uuid, d.get("uuid", ""))),
+            None,
+        )
 
     def set_rate(self, tok_s: float | None) -> None:
         self.rate.setText("Now: idle" if tok_s is None else f"Now: {tok_s:.1f} tok/s")

@@ -220,6 +220,11 @@ class MainWindow(QMainWindow):
         self.banner.setText(f"⚠ {message}\nLogs: {self.log_dir}")
         self.banner.setVisible(True)
 
+    def set_dark(self, dark: bool) -> None:
+        """Re-render messages (code colours) for a new light/dark theme."""
+        self.chat.dark = dark
+        self.chat._rebuild()
+
     def on_engine_state(self, state: str, info: dict) -> None:
         self.panel.set_engine(state, info)
         if state == "crashed":

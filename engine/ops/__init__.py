@@ -37,6 +37,19 @@ def prepare(
     return ("cuda", why) if ok else ("reference", why)
 
 
+def availability() -> tuple[str, str]:
+    """Before any load, cheaply: ("cuda" | "reference", why), without building anything."""
+    if not torch.cuda.is_available():
+        return "reference", "no CUDA GPU is visible, so models run on the CPU"
+    from . import cuda
+
+    why = cuda.why_not()
+    if why is not None:
+        return "reference", why
+    built = any(cuda.build_dir().glob("*.so"))
+    return "cuda", "CUDA kernels ready" if built else "CUDA kernels build on the first load"
+
+
 def _on_kernels(x: torch.Tensor, spec: VQLayerSpec) -> bool:
     return (
         _cuda_ready

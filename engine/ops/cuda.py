@@ -49,7 +49,8 @@ def build_dir() -> Path:
     return home() / "kernels" / tag
 
 
-def _why_not() -> str | None:
+def why_not() -> str | None:
+    """Why the kernels cannot be built here, or None."""
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to PyTorch"
     if torch.version.cuda is None:
@@ -77,7 +78,7 @@ def load(progress: Callable[[float, str], None] | None = None) -> tuple[bool, st
     with _lock:
         if "ok" in _state:
             return bool(_state["ok"]), str(_state["why"])
-        why = _why_not()
+        why = why_not()
         if why is None:
             try:
                 _build(progress)

@@ -34,14 +34,14 @@ def wait_until(loop, predicate, timeout=20.0, what="condition"):
     loop.run_until_complete(poll())
 
 
-def make_app(tmp_path, loop, monkeypatch, engine=FAKE_ENGINE, theme="light"):
+def make_app(tmp_path, loop, monkeypatch, engine=FAKE_ENGINE, theme="light", model="demo"):
     from app.__main__ import App
 
     if engine is not None:
         monkeypatch.setenv("VPTQ_CHAT_ENGINE_CMD", f"{sys.executable} {engine}")
     else:
         monkeypatch.delenv("VPTQ_CHAT_ENGINE_CMD", raising=False)
-    app = App(tmp_path, model="demo", theme=theme, loop=loop)
+    app = App(tmp_path, model=model, theme=theme, loop=loop)
     app.window.resize(1100, 760)
     app.window.show()
     loop.run_until_complete(app.ctrl.start_engine())

@@ -84,7 +84,17 @@ def generate(msg):
 
 
 def main():
-    send("hello", version=1, engine="fake", device="cpu", gpus=[], capabilities=[])
+    send(
+        "hello",
+        version=1,
+        engine="fake",
+        device="cpu",
+        gpus=[],
+        cuda_devices=[],
+        kernels="reference",
+        kernels_reason="the fake engine has no GPU",
+        capabilities=[],
+    )
     threading.Thread(target=reader, daemon=True).start()
     while True:
         with cv:

@@ -153,3 +153,40 @@ def test_search_new_chat_and_export(gui, qloop):
         "apples are red",
         "You said: apples are red",
     ]
+
+
+def test_gpu_cards_match_nvml_to_cuda_by_uuid(gui):
+    from app.gpu import GpuInfo
+
+    panel = gui.window.panel
+    panel.cuda_devices = [{"index": 0, "uuid": "bbbb-2"}, {"index": 1, "uuid": "aaaa-1"}]
+    nvml = [
+        GpuInfo(0, "GPU-aaaa-1", "A", 80 << 30, 10 << 30, 70 << 30, 5, 40, 3 << 30),
+        GpuInfo(1, "GPU-bbbb-2", "B", 80 << 30, 1 << 30, 79 << 30, None, None, None),
+    ]
+    panel.set_gpus(nvml, None, None)
+    assert [c.title.text() for c in panel.cards] == ["GPU 0 (cuda:1): A", "GPU 1 (cuda:0): B"]
+    assert "This engine: 3.0 GiB" in panel.cards[0].detail.text()
+    assert panel.cards[0].bar.format() == "10.0 GiB of 80.0 GiB used"
+    panel.set_gpus([], "No NVIDIA GPU driver found (x).", 2 << 30)
+    assert not panel.cards and "Engine memory (CPU): 2.0 GiB" in panel.gpu_note.text()
+
+
+def test_failed_load_leaves_a_usable_engine_and_shows_kernel_state(tmp_path, qloop, monkeypatch):
+    from .conftest import make_app
+
+    app = make_app(tmp_path, qloop, monkeypatch, model="/models/bad-one")
+    try:
+        assert "Could not load /models/bad-one: /models/bad-one: no such model" in (
+            app.window.banner.text()
+        )
+        assert str(app.log_dir) in app.window.banner.text()
+        assert app.window.panel.kernels.text() == (
+            "Kernels: pure-PyTorch reference path (slow): the fake engine has no GPU"
+        )
+        assert app.client.state == "ready"
+        qloop.run_until_complete(app.ctrl.load_model("demo"))
+        assert app.client.state == "loaded"
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
