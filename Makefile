@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Without an NVIDIA driver take the CPU wheel of torch, never the multi-GB CUDA build.
 TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: run test lint demo kernels-compile clean
+.PHONY: run test lint demo kernels-compile install-launcher clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(STAMP)
 
 run: demo
 	$(PY) -m app
+
+install-launcher: $(STAMP)
+	$(PY) -m app install-launcher
 
 lint: $(STAMP)
 	$(PY) -m ruff check app engine tests packaging
@@ -41,4 +44,4 @@ test: lint kernels-compile demo
 	$(PY) -m pytest
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -15,8 +15,19 @@ from . import __version__
 log = logging.getLogger("app")
 
 
+COMMANDS = {
+    "install-launcher": "add VPTQ Chat to your applications menu (for this user)",
+    "uninstall-launcher": "remove it from the applications menu",
+}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="vptq-chat", description="Chat with low-bit LLMs")
+    ap = argparse.ArgumentParser(
+        prog="vptq-chat",
+        description="Chat with low-bit LLMs",
+        epilog="commands: " + "; ".join(f"{k}: {v}" for k, v in COMMANDS.items()),
+    )
+    ap.add_argument("command", nargs="?", choices=list(COMMANDS), help=argparse.SUPPRESS)
     ap.add_argument("--version", action="version", version=f"vptq-chat {__version__}")
     ap.add_argument("--model", help="model to load: a folder, a downloaded repo id, or 'demo'")
     ap.add_argument(
@@ -116,7 +127,9 @@ class App:
         self.qapp = QApplication.instance() or QApplication(sys.argv[:1])
         self.qapp.setApplicationName("VPTQ Chat")
         self.qapp.setDesktopFileName("vptq-chat")
-        icon = Path(__file__).resolve().parents[1] / "assets" / "icon.svg"
+        from engine.paths import shipped
+
+        icon = shipped("assets") / "icon.svg"
         if icon.exists():
             self.qapp.setWindowIcon(QIcon(str(icon)))
         self.settings = Settings.load(data / "settings.json")
@@ -130,7 +143,9 @@ class App:
         self.client = EngineClient(engine_command(), log_path=self.log_dir / "engine.log")
         self.ctrl = ChatController(self.store, self.client, self.settings)
         self.window = MainWindow(self.ctrl, Gpus(), self.settings, self.log_dir, self.dark)
-        self.client.on_state = self.window.on_engine_state
+        self.client.on_state = self._engine_state
+        self.window.check_action.triggered.connect(self.show_checks)
+        self.checks_dialog = None
         if theme == "system":  # follow the system when it switches between light and dark
             self.qapp.styleHints().colorSchemeChanged.connect(self._scheme_changed)
 
@@ -141,6 +156,36 @@ class App:
         apply_theme(self.qapp, self.dark)
         self.window.set_dark(self.dark)
 
+    def _engine_state(self, state: str, info: dict) -> None:
+        self.window.on_engine_state(state, info)
+        if state == "ready" and not self.settings.first_run_done:
+            self.settings.first_run_done = True
+            self.settings.save(self.data / "settings.json")
+            self.show_checks()
+
+    def run_checks(self) -> list:
+        from engine.paths import home
+
+        from .first_run import run_checks
+
+        return run_checks(self.client.hello, self.window.gpus, home() / "models")
+
+    def show_checks(self) -> None:
+        """The first-run check (also Help > Check this computer), never modal."""
+        from .ui.first_run_dialog import FirstRunDialog
+
+        self.checks_dialog = FirstRunDialog(self.window, self.run_checks)
+        self.checks_dialog.show()
+
+    def activate(self) -> None:
+        """Another launch asked this instance to come to the front."""
+        w = self.window
+        w.showNormal()
+        w.raise_()
+        w.activateWindow()
+        if self.checks_dialog is not None and self.checks_dialog.isVisible():
+            self.checks_dialog.raise_()
+
     async def close(self) -> None:
         self.window.chat.flush_draft()
         self.window.gpu_timer.stop()
@@ -149,19 +194,41 @@ class App:
         self.store.close()
 
 
+def launcher_command(command: str) -> int:
+    from .launcher import LauncherError, install, uninstall
+
+    try:
+        files = install() if command == "install-launcher" else uninstall()
+    except LauncherError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    verb = "installed" if command == "install-launcher" else "removed"
+    print(f"launcher {verb}" + "".join(f"\n  {f}" for f in files))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.command:
+        return launcher_command(args.command)
     from PySide6.QtWidgets import QApplication, QMessageBox
 
     from .settings import data_dir
+    from .single_instance import InstanceServer, ask_running_instance, server_name
     from .store import StoreError
 
+    data = data_dir()
+    QApplication.instance() or QApplication(sys.argv[:1])
+    name = server_name(data)
+    if ask_running_instance(name):
+        print("VPTQ Chat is already running: brought its window to the front", file=sys.stderr)
+        return 0
     try:
-        app = App(data_dir(), args.model, args.theme or os.environ.get("VPTQ_CHAT_THEME", "system"))
+        app = App(data, args.model, args.theme or os.environ.get("VPTQ_CHAT_THEME", "system"))
     except StoreError as e:
-        QApplication.instance() or QApplication(sys.argv[:1])
         QMessageBox.critical(None, "VPTQ Chat", str(e))
         return 1
+    instance = InstanceServer(name, app.activate)
     app.window.show()
     closed = asyncio.Event()
     app.qapp.aboutToQuit.connect(closed.set)
@@ -169,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         app.loop.create_task(app.ctrl.start_engine())
         app.loop.run_until_complete(closed.wait())
         app.loop.run_until_complete(app.close())
+    instance.close()
     return 0
 
 

@@ -36,6 +36,7 @@ class Settings:
     system_prompt: str = ""
     sampling: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLING))
     show_panel: bool = True
+    first_run_done: bool = False
 
     @classmethod
     def load(cls, path: Path) -> Settings:

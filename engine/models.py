@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
 from .formats.vptq import FormatError
 from .loader import Progress
+from .paths import home
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE = ".complete"  # written last: a folder without it is an interrupted build
-
-
-def home() -> Path:
-    """The data folder: $VPTQ_CHAT_HOME, else $XDG_CACHE_HOME/vptq-chat, else ~/.cache/vptq-chat."""
-    if os.environ.get("VPTQ_CHAT_HOME"):
-        return Path(os.environ["VPTQ_CHAT_HOME"])
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "vptq-chat"
 
 
 def resolve_model(name: str, progress: Progress | None = None) -> Path:

@@ -180,6 +180,7 @@ class MainWindow(QMainWindow):
         a.setCheckable(True)
         a.setChecked(self.settings.show_panel)
         m = self.menuBar().addMenu("&Help")
+        self.check_action = act(m, "&Check this computer…", lambda: None)
         act(m, "Where are the &logs?", self._logs)
 
     def _wire(self) -> None:

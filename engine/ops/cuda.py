@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.vptq import VQLayerSpec
+from ..paths import shipped
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = shipped("csrc")
 SOURCES = ("vptq_ops.cpp", "vptq_kernels.cu")
 HEADERS = ("vptq.h",)
 # Fused GEMV up to this many tokens; above it, dequant + cuBLAS GEMM. Chosen by measurement
@@ -41,7 +42,7 @@ def source_hash() -> str:
 
 
 def build_dir() -> Path:
-    from ..models import home
+    from ..paths import home
 
     major, minor = torch.cuda.get_device_capability()
     cuda = (torch.version.cuda or "none").replace(".", "")

@@ -1,0 +1,107 @@
+"""The first-run check: what this computer can do, each problem with what to do about it.
+
+Pure logic (no Qt): the engine's hello says what PyTorch and the kernels can do (the GUI never
+imports torch), NVML says what the driver and GPUs report, and the disk says what fits.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .gpu import Gpus
+
+GiB = 1 << 30
+MIN_FREE_DISK = 10 * GiB  # a 2-bit 8B model is ~4 GiB, a 70B one ~20 GiB
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None: does not apply on this computer
+    detail: str
+    fix: str = ""
+
+
+def run_checks(hello: dict, gpus: Gpus, models_dir: Path) -> list[Check]:
+    checks = []
+    if gpus.available:
+        checks.append(Check("NVIDIA driver", True, f"driver {gpus.driver}"))
+        found = gpus.read()
+        checks += [
+            Check(
+                f"GPU {g.index}",
+                True,
+                f"{g.name}: {g.free / GiB:.1f} GiB free of {g.total / GiB:.1f} GiB",
+            )
+            for g in found
+        ]
+        if not found:
+            checks.append(
+                Check(
+                    "GPU",
+                    False,
+                    "the driver reports no GPU",
+                    "Check that the GPU is seated and enabled, then restart.",
+                )
+            )
+    else:
+        checks.append(
+            Check(
+                "NVIDIA driver",
+                False,
+                gpus.error or "not found",
+                "Install the NVIDIA driver to use a GPU. Without it VPTQ Chat runs "
+                "on the CPU: everything works, but answers come slowly.",
+            )
+        )
+    cuda = hello.get("device") == "cuda"
+    torch_version = hello.get("torch", "?")
+    checks.append(
+        Check(
+            "PyTorch with CUDA",
+            cuda,
+            f"PyTorch {torch_version}" + ("" if cuda else " cannot use a GPU"),
+            ""
+            if cuda
+            else "Install a CUDA build of PyTorch into this environment (needed only for a GPU).",
+        )
+    )
+    kernels = hello.get("kernels") == "cuda"
+    if not cuda:
+        checks.append(Check("CUDA kernels", None, "not needed on the CPU path"))
+    else:
+        fix = (
+            ""
+            if kernels
+            else (
+                "Install the CUDA toolkit (nvcc) and ninja; the engine then "
+                "builds its kernels on the first load. Until then models run "
+                "on the slow reference path."
+            )
+        )
+        checks.append(Check("CUDA kernels", kernels, hello.get("kernels_reason", "unknown"), fix))
+    models_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(models_dir).free
+    checks.append(
+        Check(
+            "Disk space for models",
+            free >= MIN_FREE_DISK,
+            f"{free / GiB:.1f} GiB free in {models_dir}",
+            ""
+            if free >= MIN_FREE_DISK
+            else "Models need 2-40 GiB each: free some space or move the data folder "
+            "(VPTQ_CHAT_HOME).",
+        )
+    )
+    return checks
+
+
+def verdict(checks: list[Check]) -> str:
+    by = {c.name: c for c in checks}
+    if by["CUDA kernels"].ok:
+        return "Ready: models run on your GPU with the CUDA kernels."
+    if by["PyTorch with CUDA"].ok:
+        return "Your GPU is usable, but on the slow reference path until the kernels build."
+    return "No usable GPU: VPTQ Chat runs on the CPU. It works, but answers come slowly."

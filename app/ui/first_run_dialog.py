@@ -1,0 +1,55 @@
+"""The first-run check as a window: one line per item, what to do about each failing one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+
+from ..first_run import Check, verdict
+
+
+class FirstRunDialog(QDialog):
+    def __init__(self, parent: QWidget | None, run: Callable[[], list[Check]]):
+        super().__init__(parent)
+        self.setWindowTitle("What this computer can do")
+        self.setMinimumWidth(480)
+        self.run = run
+        self.summary = QLabel(wordWrap=True)
+        self.summary.setStyleSheet("font-weight: bold;")
+        self.items = QVBoxLayout()
+        again = QPushButton("Check again")
+        again.setAccessibleName("Run the checks again")
+        again.clicked.connect(self.refresh)
+        close = QPushButton("Continue")
+        close.setDefault(True)
+        close.clicked.connect(self.accept)
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
+        buttons.addWidget(again)
+        buttons.addWidget(close)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.summary)
+        lay.addLayout(self.items)
+        lay.addLayout(buttons)
+        self.labels: list[QLabel] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        for label in self.labels:
+            label.deleteLater()
+        self.labels = []
+        checks = self.run()
+        self.summary.setText(verdict(checks))
+        for c in checks:
+            mark = {True: "✔", False: "✖", None: "–"}[c.ok]
+            text = f"{mark} <b>{c.name}</b>: {c.detail}"
+            if c.fix:
+                text += f"<br><span style='color: gray;'>{c.fix}</span>"
+            label = QLabel(text, wordWrap=True, textFormat=Qt.TextFormat.RichText)
+            state = {True: "ok", False: "problem", None: "not needed"}[c.ok]
+            label.setAccessibleName(f"{c.name}: {state}")
+            self.items.addWidget(label)
+            self.labels.append(label)
+        self.checks = checks

@@ -1,0 +1,167 @@
+"""The double-click launcher, single instance, the first-run check and the release build."""
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app import launcher
+from app.engine_client import EngineClient
+from app.first_run import run_checks, verdict
+from app.gpu import Gpus
+
+from .conftest import FAKE_ENGINE
+
+REPO = Path(__file__).resolve().parents[2]
+X_TOOLS = ("Xvfb", "xdotool", "import")
+
+
+@pytest.fixture
+def xdg(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg"
+
+
+def test_install_and_uninstall_the_desktop_entry(xdg):
+    written = launcher.install()
+    entry = xdg / "applications" / "vptq-chat.desktop"
+    assert entry in written
+    text = entry.read_text()
+    exe = Path(sys.executable).parent / "vptq-chat"
+    assert f'Exec="{exe}"' in text and exe.exists()  # this environment's, not PATH's
+    assert "Icon=vptq-chat" in text
+    for size in launcher.ICON_SIZES:
+        png = xdg / "icons" / "hicolor" / f"{size}x{size}" / "apps" / "vptq-chat.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (xdg / "icons/hicolor/scalable/apps/vptq-chat.svg").read_text().startswith("<svg")
+    removed = launcher.uninstall()
+    assert entry in removed and not entry.exists() and not any((xdg / "icons").rglob("*.png"))
+
+
+@pytest.mark.skipif(
+    shutil.which("desktop-file-validate") is None,
+    reason="desktop-file-validate is not installed (Debian: desktop-file-utils)",
+)
+def test_desktop_entry_validates(xdg):
+    launcher.install()
+    result = subprocess.run(
+        ["desktop-file-validate", str(launcher.desktop_file())], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout
+
+
+def test_windows_shortcut_script():
+    script = launcher.windows_script("create_shortcut.ps1.in", Path("C:/env/Scripts/vptq-chat.exe"))
+    assert "$link.TargetPath = 'C:/env/Scripts/vptq-chat.exe'" in script
+    assert "GetFolderPath('Programs')" in script  # the user's Start menu: no admin rights
+    ico = script.split("$link.IconLocation = '")[1].split("'")[0]
+    assert Path(ico).exists() and Path(ico).read_bytes()[:4] == b"\x00\x00\x01\x00"
+
+
+def test_first_run_verdict_without_a_gpu(tmp_path):
+    """On this machine (no NVIDIA driver, CPU PyTorch) the real engine's hello and NVML give
+    the CPU-path verdicts, each problem with what to do."""
+
+    async def hello():
+        c = EngineClient(log_path=tmp_path / "engine.log")
+        info = await c.start()
+        await c.shutdown()
+        return info
+
+    info = asyncio.run(hello())
+    gpus = Gpus()
+    if gpus.available:
+        pytest.skip("this machine has an NVIDIA driver")
+    checks = {c.name: c for c in run_checks(info, gpus, tmp_path / "models")}
+    assert checks["NVIDIA driver"].ok is False and "runs on the CPU" in checks["NVIDIA driver"].fix
+    assert (
+        checks["PyTorch with CUDA"].ok is False and "CUDA build" in checks["PyTorch with CUDA"].fix
+    )
+    assert checks["CUDA kernels"].ok is None  # not needed on the CPU path
+    assert checks["Disk space for models"].ok is not None
+    assert verdict(list(checks.values())).startswith("No usable GPU: VPTQ Chat runs on the CPU")
+
+
+def _windows(display, title="VPTQ Chat"):
+    out = subprocess.run(
+        ["xdotool", "search", "--onlyvisible", "--name", f"^{title}$"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DISPLAY": display},
+    )
+    return out.stdout.split()
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(
+    any(shutil.which(t) is None for t in X_TOOLS),
+    reason="needs Xvfb, xdotool and ImageMagick's import",
+)
+def test_launcher_opens_one_window_under_xvfb(xdg, tmp_path):
+    launcher.install()
+    exec_line = next(
+        line
+        for line in launcher.desktop_file().read_text().splitlines()
+        if line.startswith("Exec=")
+    )
+    command = exec_line.removeprefix("Exec=").strip('"')
+    display = ":73"
+    xvfb = subprocess.Popen(
+        ["Xvfb", display, "-screen", "0", "1280x800x24"], stderr=subprocess.DEVNULL
+    )
+    env = {
+        **os.environ,
+        "DISPLAY": display,
+        "VPTQ_CHAT_DATA": str(tmp_path / "data"),
+        "VPTQ_CHAT_ENGINE_CMD": f"{sys.executable} {FAKE_ENGINE}",
+    }
+    env.pop("QT_QPA_PLATFORM", None)  # a real X11 window this time
+    first = subprocess.Popen([command], env=env)
+    try:
+        end = time.monotonic() + 60
+        while not _windows(display) and time.monotonic() < end:
+            time.sleep(0.3)
+        windows = _windows(display)
+        assert windows, "no main window appeared"
+        time.sleep(2)  # the engine starts and the demo model loads
+        shot = tmp_path / "launcher.png"
+        subprocess.run(["import", "-window", "root", str(shot)], env=env, check=True)
+        keep = os.environ.get("VPTQ_CHAT_SCREENSHOTS")
+        if keep:
+            shutil.copy(shot, Path(keep) / "launcher.png")
+        assert shot.stat().st_size > 10_000  # a real picture, not an empty screen
+        second = subprocess.run([command], env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0 and "already running" in second.stderr
+        assert _windows(display) == windows  # no second window
+        engines = subprocess.run(
+            ["pgrep", "-fc", str(FAKE_ENGINE)], capture_output=True, text=True
+        ).stdout.strip()
+        assert engines == "1"  # and no second engine
+    finally:
+        first.terminate()
+        first.wait(20)
+        xvfb.terminate()
+
+
+@pytest.mark.slow
+def test_release_wheel_installs_and_runs(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "packaging" / "build_release.py"),
+            "--out",
+            str(tmp_path / "dist"),
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fresh install runs: vptq-chat 0.1.0" in result.stdout
+    assert list((tmp_path / "dist").glob("vptq_chat-0.1.0.tar.gz"))
