@@ -70,6 +70,18 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--file", required=True, type=Path)
     pp.add_argument("--max-tokens", type=int, default=4096)
     sub.add_parser("serve", help="the JSON-lines protocol on stdin/stdout (used by the app)")
+    q = sub.add_parser("quantize", help="quantize a dense model into a VPTQ checkpoint")
+    q.add_argument("--model", required=True, help="dense model folder, .gguf file, or 'demo'")
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--vector-len", type=int, default=4)
+    q.add_argument("--centroids", type=int, default=256)
+    q.add_argument("--res-centroids", type=int, default=0)
+    q.add_argument("--method", choices=["rtn", "kmeans", "vptq"], default="vptq")
+    q.add_argument("--calibration", type=Path, help="a text file (default: shipped text)")
+    q.add_argument("--calib-sequences", type=int, default=32)
+    q.add_argument("--calib-len", type=int, default=256)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     sub.add_parser("build-demo", help="build the embedded demo model now")
     sub.add_parser("build-kernels", help="build the CUDA kernels now (otherwise: on first use)")
     b = sub.add_parser("bench", help="benchmarks with baselines timed in the same run")
@@ -201,9 +213,16 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_build_demo(a: argparse.Namespace) -> None:
-    from .models import build_dense_demo
+    from .models import build_vptq_demo
 
-    print(build_dense_demo(PROGRESS))
+    print(build_vptq_demo(PROGRESS))
+    PROGRESS.end()
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from .quantize import main as quantize_main
+
+    quantize_main(a)
 
 
 def cmd_build_kernels(a: argparse.Namespace) -> None:

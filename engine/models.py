@@ -22,7 +22,9 @@ DONE = ".complete"  # written last: a folder without it is an interrupted build
 def resolve_model(name: str, progress: Progress | None = None) -> Path:
     """A model folder for ``name``: ``demo``/``demo-dense``, a local folder, or a downloaded
     Hugging Face repo id."""
-    if name in ("demo", "demo-dense"):
+    if name == "demo":
+        return build_vptq_demo(progress)
+    if name == "demo-dense":
         return build_dense_demo(progress)
     path = Path(name).expanduser()
     if path.exists():
@@ -60,6 +62,44 @@ def build_dense_demo(progress: Progress | None = None) -> Path:
     gguf = demo_gguf()
     if progress:
         progress(0.0, "building the demo model (one time, about a minute)")
+    return gguf_to_safetensors(gguf, out)
+
+
+# The embedded demo: SmolLM2-135M-Instruct quantized here with the second-order VPTQ method.
+# README's "Demo model" section gives its scheme, bits and perplexity against the dense model.
+DEMO_SCHEME = {"vector_len": 2, "centroids": 256, "res_centroids": 0}
+
+
+def demo_name() -> str:
+    s = DEMO_SCHEME
+    return f"demo-v{s['vector_len']}-k{s['centroids']}-{s['res_centroids']}"
+
+
+def build_vptq_demo(progress: Progress | None = None) -> Path:
+    """Quantize the dense demo once into <home>/models/demo-v..-k..-..; resumes if interrupted."""
+    from .quantize import Recipe, quantize
+
+    out = home() / "models" / demo_name()
+    if (out / DONE).exists():
+        return out
+    dense = build_dense_demo(progress)
+    if progress:
+        progress(0.0, "quantizing the demo model with VPTQ (one time, a few minutes)")
+
+    def log(message: str) -> None:
+        if progress and message.startswith("layer "):
+            done, total = message.split()[1].split("/")
+            progress(int(done) / int(total), "quantizing the demo model (one time)")
+
+    quantize(dense, out, Recipe(**DEMO_SCHEME), log=log)
+    (out / DONE).write_text(json.dumps({"source": "demo-dense", **DEMO_SCHEME}))
+    return out
+
+
+def gguf_to_safetensors(gguf: Path, out: Path) -> Path:
+    """A dense safetensors folder from a GGUF file (cached: converted once)."""
+    if (out / DONE).exists():
+        return out
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

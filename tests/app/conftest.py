@@ -18,7 +18,8 @@ def qloop(qapp):
 
     loop = qasync.QEventLoop(qapp)
     asyncio.set_event_loop(loop)
-    return loop
+    yield loop
+    loop.close()  # before Qt goes away, not in a finalizer at exit
 
 
 def wait_until(loop, predicate, timeout=20.0, what="condition"):

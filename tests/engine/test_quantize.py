@@ -1,0 +1,125 @@
+"""The VPTQ quantizer: the second-order method against its baselines, the written checkpoint,
+resuming, and the demo model's quality."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.layers import VQLinear
+from engine.loader import load_model
+from engine.ops import reference
+from engine.quantize import Recipe, quantize, tensors_of
+from engine.vq import grid_codebook, proxy_error, quantize_weight
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+def correlated_layer(n=256, k=192, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(k, k, generator=g) * 0.3 + torch.eye(k)
+    x = torch.randn(4096, k, generator=g) @ mix * torch.linspace(0.2, 3, k)
+    return torch.randn(n, k, generator=g) * 0.05, x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize(("v", "k", "kr"), [(2, 256, 0), (4, 256, 16), (4, 4096, 0)])
+def test_second_order_beats_kmeans_at_the_same_bits(v, k, kr):
+    w, h = correlated_layer()
+    errors = {m: proxy_error(w, quantize_weight(w, h, v, k, kr, method=m).dense, h)
+              for m in ("kmeans", "vptq")}
+    assert errors["vptq"] < 0.7 * errors["kmeans"], errors
+
+
+def test_rtn_uses_the_uniform_grid():
+    w, h = correlated_layer(64, 32)
+    q = quantize_weight(w, h, v=2, k=16, method="rtn")
+    assert torch.equal(q.centroids.reshape(16, 2), grid_codebook(16, 2))
+    with pytest.raises(ValueError, match="v-th power|2-th power"):
+        quantize_weight(w, h, v=2, k=32, method="rtn")
+
+
+@pytest.mark.parametrize("kr", [0, 16])
+def test_layer_round_trips_through_the_loaders_module(kr):
+    w, h = correlated_layer(96, 48)
+    q = quantize_weight(w, h, v=2, k=64, kr=kr, method="vptq")
+    lin = VQLinear(q.spec, torch.float32)
+    lin.load_state_dict({n.removeprefix("L."): t for n, t in
+                         tensors_of("L", q, None, torch.float32).items()})
+    lin.post_load()
+    dense = reference.vptq_dequant(*lin.tensors(), spec=q.spec, dtype=torch.float32)
+    assert torch.equal(dense, q.dense)  # what the quantizer propagated is what loads
+
+
+def tiny_model(folder: Path, demo_path: Path) -> Path:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2)
+    tf.LlamaForCausalLM(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(demo_path / name, folder / name)
+    return folder
+
+
+TINY = Recipe(vector_len=2, centroids=16, res_centroids=4, calib_sequences=8, calib_len=32)
+
+
+def test_quantized_checkpoint_loads_and_chats(tmp_path, demo_path):
+    src = tiny_model(tmp_path / "dense", demo_path)
+    out = quantize(src, tmp_path / "q", TINY, log=lambda m: None)
+    lm = load_model(out, "cpu", torch.float32, max_seq_len=64)
+    assert lm.quant == "vptq" and len(lm.specs) == 14
+    spec = lm.specs["model.layers.1.mlp.down_proj"]
+    assert (spec.vector_len, spec.num_centroids, spec.num_res_centroids) == (2, 16, 4)
+    assert (out / "tokenizer.json").exists() and not (tmp_path / "q.partial").exists()
+    r = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", str(out),
+                        "--prompt", "Hi", "--chat", "--max-new-tokens", "4", "--temperature", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "4 tokens" in r.stderr or "[stop]" in r.stderr, r.stderr
+
+
+def test_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, demo_path):
+    src = tiny_model(tmp_path / "dense", demo_path)
+    whole = quantize(src, tmp_path / "whole", TINY, log=lambda m: None)
+
+    def stop_after_first_layer(message):
+        if message.startswith("layer 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize(src, tmp_path / "again", TINY, log=stop_after_first_layer)
+    assert (tmp_path / "again.partial" / "layer_0.safetensors").exists()
+    seen = []
+    resumed = quantize(src, tmp_path / "again", TINY, log=seen.append)
+    assert not any(m.startswith("layer 1/") for m in seen)  # layer 0 was not redone
+    a = load_file(str(next(whole.glob("*.safetensors"))))
+    b = load_file(str(next(resumed.glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_demo_model_quality(demo_path):
+    """The VPTQ demo stays within 25% of the dense model's perplexity and still knows Paris."""
+
+    def ppl(model):
+        r = subprocess.run([sys.executable, "-m", "engine", "perplexity", "--model", model,
+                            "--file", str(DATA / "pride_and_prejudice_ch1.txt"), "--context",
+                            "512"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        return float(re.search(r"perplexity: ([\d.]+)", r.stdout).group(1))
+
+    dense, vptq = ppl("demo-dense"), ppl("demo")
+    assert vptq <= 1.25 * dense, (dense, vptq)
+    r = subprocess.run([sys.executable, "-m", "engine", "generate", "--model", "demo", "--chat",
+                        "--prompt", "What is the capital of France?", "--temperature", "0",
+                        "--max-new-tokens", "30"], capture_output=True, text=True, timeout=300)
+    assert "Paris" in r.stdout, r.stdout
