@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -33,6 +34,7 @@ class VQLinear(nn.Module):
             holder.register_buffer(name, tensor)
         self.register_buffer("perm_index", None, persistent=False)  # int32 [K]
         self.register_buffer("inv_perm_index", None, persistent=False)  # int32 [K]
+        self.register_buffer("dense_cache", None, persistent=False)  # CPU path: W [N, K]
 
     @property
     def in_features(self) -> int:
@@ -74,7 +76,14 @@ class VQLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
-        return ops.vptq_linear(x, getattr(self, "bias", None), self.tensors(), self.spec)
+        bias = getattr(self, "bias", None)
+        if x.is_cuda:
+            return ops.vptq_linear(x, bias, self.tensors(), self.spec)
+        # The CPU runs the reference path: dequantize once, not per token. It costs the dense
+        # weight's memory, which is what a CPU-sized model can afford.
+        if self.dense_cache is None or self.dense_cache.dtype != x.dtype:
+            self.dense_cache = ops.vptq_dequant(self.tensors(), self.spec, x.dtype)
+        return F.linear(x, self.dense_cache, None if bias is None else bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         s = self.spec

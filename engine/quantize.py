@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,6 +25,8 @@ from .formats.vptq import FormatError
 from .formats.vptq_writer import layer_tensors, spec_to_dict, write_checkpoint
 from .loader import load_model
 from .model import Transformer
+from .ops import reference
+from .ops.reference import as_uint16
 from .vq import METHODS, QuantizedWeight, quantize_weight
 
 CALIBRATION = Path(__file__).with_name("data") / "calibration.txt"
@@ -160,7 +162,39 @@ def run_layer(model: Transformer, i: int, xs: list[torch.Tensor]) -> list[torch.
     return outs
 
 
-def quantize_layer(model: Transformer, i: int, xs, recipe: Recipe, log: Log) -> dict:
+def stored(q: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+    """``q`` with its float tensors rounded to the checkpoint's dtype and ``dense`` rebuilt
+    from them: later layers are calibrated on exactly the weights that will be loaded."""
+    r = replace(
+        q,
+        centroids=q.centroids.to(dtype),
+        scale=q.scale.to(dtype),
+        bias=q.bias.to(dtype),
+        res_centroids=None if q.res_centroids is None else q.res_centroids.to(dtype),
+    )
+    t = tensors_of("L", r, None, dtype)
+    perm = t.get("L.perm")
+    perm = None if perm is None else as_uint16(perm)
+    inv = None if perm is None else torch.argsort(perm)
+    r.dense = reference.vptq_dequant(
+        t["L.indices"],
+        t["L.centroids.weight"],
+        t.get("L.res_centroids.weight"),
+        None,
+        None,
+        perm,
+        inv,
+        t["L.weight_scale"],
+        t["L.weight_bias"],
+        spec=q.spec,
+        dtype=torch.float32,
+    )
+    return r
+
+
+def quantize_layer(
+    model: Transformer, i: int, xs, recipe: Recipe, log: Log, dtype: torch.dtype = torch.float16
+) -> dict:
     layer = model.model.layers[i]
     results: dict[str, QuantizedWeight] = {}
     for probe, parts in STAGES:
@@ -179,6 +213,7 @@ def quantize_layer(model: Transformer, i: int, xs, recipe: Recipe, log: Log) -> 
                 recipe.method,
                 seed=recipe.seed + i,
             )
+            q = stored(q, dtype)
             lin.weight.data.copy_(q.dense.to(lin.weight.dtype))  # later stages see it quantized
             results[f"model.layers.{i}.{part}"] = q
     return results
@@ -205,7 +240,7 @@ def quantize(
     recipe: Recipe,
     text: Path | None = None,
     log: Log = print,
-    dtype=torch.bfloat16,
+    dtype=torch.float16,
     device: str = "cpu",
 ) -> Path:
     """Quantize the dense model in ``source`` into ``out``; resumes an interrupted run."""
@@ -242,7 +277,7 @@ def quantize(
             if i < state["done"]:  # resume: restore the saved layer, propagate through it
                 _restore(model, i, load_file(str(work / f"layer_{i}.safetensors")))
             else:
-                results = quantize_layer(model, i, xs, recipe, log)
+                results = quantize_layer(model, i, xs, recipe, log, dtype)
                 saved = {}
                 for name, q in results.items():
                     bias = model.get_submodule(name).bias
