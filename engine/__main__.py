@@ -82,7 +82,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-len", type=int, default=256)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    sub.add_parser("build-demo", help="build the embedded demo model now")
+    bd = sub.add_parser("build-demo", help="build the embedded demo model now")
+    bd.add_argument("--vptq", action="store_true", help="build the VPTQ-quantized demo instead")
     sub.add_parser("build-kernels", help="build the CUDA kernels now (otherwise: on first use)")
     b = sub.add_parser("bench", help="benchmarks with baselines timed in the same run")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -213,9 +214,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_build_demo(a: argparse.Namespace) -> None:
-    from .models import build_vptq_demo
+    from .models import build_dense_demo, build_vptq_demo
 
-    print(build_vptq_demo(PROGRESS))
+    print((build_vptq_demo if a.vptq else build_dense_demo)(PROGRESS))
     PROGRESS.end()
 
 

@@ -341,7 +341,7 @@ def main(args) -> None:
         calib_sequences=args.calib_sequences,
         calib_len=args.calib_len,
     )
-    source = resolve_model("demo-dense" if args.model == "demo" else args.model)
+    source = resolve_model("demo-dense" if args.model.startswith("demo") else args.model)
     if source.suffix == ".gguf":
         from .models import gguf_to_safetensors
 
