@@ -144,7 +144,7 @@ class App:
         self.ctrl = ChatController(self.store, self.client, self.settings)
         self.window = MainWindow(self.ctrl, Gpus(), self.settings, self.log_dir, self.dark)
         self.client.on_state = self._engine_state
-        self.window.check_action.triggered.connect(self.show_checks)
+        self.window.check_requested.connect(self.show_checks)
         self.checks_dialog = None
         if theme == "system":  # follow the system when it switches between light and dark
             self.qapp.styleHints().colorSchemeChanged.connect(self._scheme_changed)

@@ -193,7 +193,7 @@ def stored(q: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
 
 
 def quantize_layer(
-    model: Transformer, i: int, xs, recipe: Recipe, log: Log, dtype: torch.dtype = torch.float16
+    model: Transformer, i: int, xs, recipe: Recipe, dtype: torch.dtype = torch.float16
 ) -> dict:
     layer = model.model.layers[i]
     results: dict[str, QuantizedWeight] = {}
@@ -277,7 +277,7 @@ def quantize(
             if i < state["done"]:  # resume: restore the saved layer, propagate through it
                 _restore(model, i, load_file(str(work / f"layer_{i}.safetensors")))
             else:
-                results = quantize_layer(model, i, xs, recipe, log, dtype)
+                results = quantize_layer(model, i, xs, recipe, dtype)
                 saved = {}
                 for name, q in results.items():
                     bias = model.get_submodule(name).bias

@@ -239,6 +239,11 @@ class ChatView(QWidget):
         if text.strip() and not self.busy:
             self.send_requested.emit(text)
 
+    def set_dark(self, dark: bool) -> None:
+        """Re-render every message for a new theme (code colours differ)."""
+        self.dark = dark
+        self._rebuild()
+
     def flush_draft(self) -> None:
         """Save a draft whose debounce timer has not fired yet (before quitting)."""
         if self.draft_timer.isActive():

@@ -6,7 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
@@ -92,6 +92,8 @@ class ChatSettings(QWidget):
 
 
 class MainWindow(QMainWindow):
+    check_requested = Signal()  # Help > Check this computer
+
     def __init__(
         self,
         ctrl: ChatController,
@@ -180,7 +182,7 @@ class MainWindow(QMainWindow):
         a.setCheckable(True)
         a.setChecked(self.settings.show_panel)
         m = self.menuBar().addMenu("&Help")
-        self.check_action = act(m, "&Check this computer…", lambda: None)
+        act(m, "&Check this computer…", self.check_requested.emit)
         act(m, "Where are the &logs?", self._logs)
 
     def _wire(self) -> None:
@@ -223,8 +225,7 @@ class MainWindow(QMainWindow):
 
     def set_dark(self, dark: bool) -> None:
         """Re-render messages (code colours) for a new light/dark theme."""
-        self.chat.dark = dark
-        self.chat._rebuild()
+        self.chat.set_dark(dark)
 
     def on_engine_state(self, state: str, info: dict) -> None:
         self.panel.set_engine(state, info)
@@ -250,16 +251,13 @@ class MainWindow(QMainWindow):
         self.panel.set_gpus(self.gpus.read(pid), self.gpus.error, rss)
 
     # -- menu actions ------------------------------------------------------------------------------
-    def _current(self) -> int | None:
-        return self.ctrl.current
-
     def _rename(self) -> None:
-        row = self.ctrl.conversations.row_of(self._current() or -1)
+        row = self.ctrl.conversations.row_of(self.ctrl.current or -1)
         if row >= 0:
             self.list.edit(self.ctrl.conversations.index(row))
 
     def _delete(self) -> None:
-        cid = self._current()
+        cid = self.ctrl.current
         if cid is None:
             return
         title = self.ctrl.store.conversation(cid).title
@@ -270,7 +268,7 @@ class MainWindow(QMainWindow):
             self.ctrl.delete(cid)
 
     def _export(self, kind: str) -> None:
-        cid = self._current()
+        cid = self.ctrl.current
         if cid is None:
             return
         title = self.ctrl.store.conversation(cid).title

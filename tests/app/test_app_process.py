@@ -1,11 +1,11 @@
 """The app as a process: killed mid-answer it loses nothing; with the real engine it answers;
 and what a user sees, in light and dark themes."""
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -90,8 +90,7 @@ def test_screenshot_in_both_themes(tmp_path, qloop, monkeypatch, theme):
         app.window.chat.input.setPlainText("Show me **bold** text and ```python\nx = 1\n```")
         app.window.chat._send()
         wait_until(qloop, lambda: app.ctrl.messages.rows[-1].status == "done")
-        time.sleep(0.1)
-        qloop.run_until_complete(__import__("asyncio").sleep(0.2))
+        qloop.run_until_complete(asyncio.sleep(0.2))  # the last repaint lands
         image = app.window.grab().toImage()
         out = os.environ.get("VPTQ_CHAT_SCREENSHOTS")
         if out:

@@ -97,20 +97,38 @@ def test_regenerate_and_edit_then_resend(gui, qloop):
     ]
 
 
-def test_history_sent_to_the_engine(gui, qloop, tmp_path, monkeypatch):
-    """Per-chat system prompt and sampling reach the engine with the whole conversation."""
-    send(gui, "one")
-    wait_until(qloop, lambda: answer_done(gui))
-    gui.window.chat_settings.system.setText("Be brief.")
-    gui.window.chat_settings.fields["temperature"].setValue(0.0)
-    gui.window.chat_settings.system.editingFinished.emit()
-    conv = gui.store.conversation(gui.ctrl.current)
-    assert conv.system_prompt == "Be brief." and conv.sampling["temperature"] == 0.0
-    assert gui.ctrl.history() == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "one"},
-        {"role": "assistant", "content": "You said: one"},
-    ]
+def test_history_sent_to_the_engine(tmp_path, qloop, monkeypatch):
+    """Per-chat system prompt and sampling reach the engine with the whole conversation:
+    checked in the fake engine's own log of the requests it received."""
+    from .conftest import make_app
+
+    requests = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(requests))
+    app = make_app(tmp_path / "data", qloop, monkeypatch)
+    try:
+        send(app, "one")
+        wait_until(qloop, lambda: answer_done(app))
+        app.window.chat_settings.system.setText("Be brief.")
+        app.window.chat_settings.fields["temperature"].setValue(0.0)
+        app.window.chat_settings.system.editingFinished.emit()
+        send(app, "two")
+        wait_until(qloop, lambda: answer_done(app) and len(app.ctrl.messages.rows) == 4)
+        generates = [
+            json.loads(line)
+            for line in requests.read_text().splitlines()
+            if json.loads(line)["type"] == "generate"
+        ]
+        assert generates[-1]["messages"] == [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "You said: one"},
+            {"role": "user", "content": "two"},
+        ]
+        assert generates[-1]["sampling"]["temperature"] == 0.0
+        assert generates[0]["sampling"]["temperature"] == 0.7  # the default, before the edit
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
 
 
 def test_draft_is_saved(gui, qloop):
