@@ -260,7 +260,10 @@ def quantize(
     if lm.quant != "dense":
         raise FormatError(f"{source}: already quantized; give a dense (fp16/bf16) model")
     calib_file = work / "calibration.safetensors"
-    if calib_file.exists():
+    needs_data = recipe.method == "vptq"  # rtn and kmeans look at the weights only
+    if not needs_data:
+        tokens = torch.zeros(0, recipe.calib_len, dtype=torch.long, device=device)
+    elif calib_file.exists():
         tokens = load_file(str(calib_file))["tokens"].to(device)
     else:
         log("preparing calibration data (text and self-sampled answers)")
@@ -290,7 +293,8 @@ def quantize(
                 fresh += 1
                 eta = (time.monotonic() - started) / fresh * (n_layers - i - 1)
                 log(f"layer {i + 1}/{n_layers} quantized; about {eta / 60:.1f} min left")
-            xs = run_layer(model, i, xs)
+            if needs_data:
+                xs = run_layer(model, i, xs)
     _write(source, out, lm, state, work, dtype)
     shutil.rmtree(work)
     return out

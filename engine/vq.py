@@ -100,6 +100,16 @@ def grid_codebook(k: int, v: int, device: torch.device | str = "cpu") -> torch.T
     return torch.cartesian_prod(*[axis] * v).reshape(k, v)
 
 
+def grid_nearest(points: torch.Tensor, k: int) -> torch.Tensor:
+    """nearest(points, grid_codebook(k, v)) in closed form: round each coordinate to its level;
+    the index is the levels in mixed radix, first coordinate most significant."""
+    v = points.shape[1]
+    levels = round(k ** (1 / v))
+    cell = (points * levels).floor().clamp_(0, levels - 1).long()  # [P, v]
+    radix = levels ** torch.arange(v - 1, -1, -1, device=points.device)
+    return cell @ radix
+
+
 def quantize_weight(
     w: torch.Tensor,
     h: torch.Tensor | None,
@@ -145,7 +155,7 @@ def quantize_weight(
     if method == "vptq":
         main, res, q = _gptq(w, h, lo, scale, book, res_book, v, damp, block)
     else:
-        main = nearest(points, book)
+        main = grid_nearest(points, k) if method == "rtn" else nearest(points, book)
         q = book[main]
         res = None
         if res_book is not None:

@@ -14,7 +14,7 @@ from engine.layers import VQLinear
 from engine.loader import load_model
 from engine.ops import reference
 from engine.quantize import Recipe, quantize, tensors_of
-from engine.vq import grid_codebook, proxy_error, quantize_weight
+from engine.vq import grid_codebook, grid_nearest, nearest, proxy_error, quantize_weight
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -42,6 +42,17 @@ def test_rtn_uses_the_uniform_grid():
     assert torch.equal(q.centroids.reshape(16, 2), grid_codebook(16, 2))
     with pytest.raises(ValueError, match=r"is not a 2-th power"):
         quantize_weight(w, h, v=2, k=32, method="rtn")
+
+
+@pytest.mark.parametrize(("v", "k"), [(1, 256), (2, 16), (3, 64), (2, 65536)])
+def test_grid_nearest_is_the_brute_force_nearest(v, k):
+    pts = torch.rand(3000, v, generator=torch.Generator().manual_seed(v))
+    pts[:5] = torch.tensor([0.0, 1.0, -0.5, 1.5, 0.999999])[:, None]  # edges and outside the box
+    book = grid_codebook(k, v).double()
+    fast, brute = grid_nearest(pts, k), nearest(pts, grid_codebook(k, v))
+    dist = lambda idx: ((pts.double() - book[idx]) ** 2).sum(1)  # noqa: E731
+    assert (dist(fast) <= dist(brute) + 1e-12).all()  # never farther; ties may pick either
+    assert (fast == brute).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("kr", [0, 16])

@@ -1,0 +1,384 @@
+"""The catalogue, file metadata, token store and download manager against a fake hub on
+127.0.0.1 that injects faults. Each fault test checks the end state on disk."""
+
+import asyncio
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from app.downloads import DownloadManager
+from app.hub import (
+    INSTALLED,
+    Hub,
+    HubError,
+    HubSettings,
+    bytes_on_disk,
+    local_models,
+    parse_name,
+    save_token,
+    scheme_from_config,
+    token,
+)
+
+from .fake_hub import FakeHub, Repo
+
+CHUNK = 16384
+REPO = "VPTQ-community/Tiny-0.1B-Instruct-v8-k256-0-woft"
+
+
+def payload(n: int, seed: int) -> bytes:
+    out, block = bytearray(), hashlib.sha256(str(seed).encode()).digest()
+    while len(out) < n:
+        block = hashlib.sha256(block).digest()
+        out += block
+    return bytes(out[:n])
+
+
+def tiny_repo(repo_id=REPO, **kw) -> Repo:
+    files = {
+        "config.json": json.dumps({"hidden_size": 64}).encode(),
+        "model-00001-of-00002.safetensors": payload(300_000, 1),
+        "model-00002-of-00002.safetensors": payload(200_000, 2),
+        "tokenizer.json": b'{"version": "1.0"}',
+    }
+    return Repo(repo_id, files, **kw)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    with FakeHub() as fake:
+        fake.stall_seconds = 2.0
+        fake.add(tiny_repo())
+        yield fake
+
+
+def make_hub(fake, tmp_path, **kw) -> Hub:
+    return Hub(HubSettings(endpoint=fake.url, **kw), tmp_path / "hub-cache")
+
+
+def manager(fake, tmp_path, on_change=lambda d: None, **kw) -> DownloadManager:
+    opts = dict(stall_after=0.3, read_timeout=1.0, backoff=0.05, max_retries=3, chunk_size=CHUNK)
+    return DownloadManager(make_hub(fake, tmp_path), tmp_path / "models", on_change, **opts | kw)
+
+
+def run_download(fake, tmp_path, repo=REPO, before=None, **kw):
+    """Download ``repo``; returns (the final Download, every state it went through)."""
+    states = []
+
+    async def main():
+        m = manager(
+            fake,
+            tmp_path,
+            lambda d: states.append(d.state) if not states or states[-1] != d.state else None,
+            **kw,
+        )
+        d = m.start(repo)
+        if before:
+            await before(m, d)
+        d = await m.wait(repo)
+        m.close()
+        return d
+
+    return asyncio.run(main()), states
+
+
+def assert_installed(fake, tmp_path, repo=REPO):
+    folder = tmp_path / "models" / repo
+    assert (folder / INSTALLED).exists()
+    for path, data in fake.repos[repo].files.items():
+        assert (folder / path).read_bytes() == data, path
+    assert not list(folder.rglob("*.part"))
+
+
+def assert_not_installed(tmp_path, repo=REPO):
+    assert not (tmp_path / "models" / repo / INSTALLED).exists()
+
+
+# -- names, configs ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "base", "params", "family", "v", "k", "kr", "bits"),
+    [
+        ("Meta-Llama-3.1-70B-Instruct-v8-k65536-256-woft", "Meta-Llama-3.1-70B-Instruct", 70,
+         "Llama 3.1", 8, 65536, 256, 3.0),
+        ("Meta-Llama-3.1-8B-Instruct-v12-k65536-4096-woft", "Meta-Llama-3.1-8B-Instruct", 8,
+         "Llama 3.1", 12, 65536, 4096, 28 / 12),
+        ("Qwen2.5-72B-Instruct-v16-k65536-65536-woft", "Qwen2.5-72B-Instruct", 72, "Qwen 2.5",
+         16, 65536, 65536, 2.0),
+        ("Qwen2.5-0.5B-Instruct-v8-k65536-0-woft", "Qwen2.5-0.5B-Instruct", 0.5, "Qwen 2.5",
+         8, 65536, 0, 2.0),
+        ("Mistral-Large-Instruct-2407-v8-k65536-65536-woft", "Mistral-Large-Instruct-2407",
+         None, "Mistral", 8, 65536, 65536, 4.0),
+    ],
+)  # fmt: skip
+def test_names_parse_into_schemes(name, base, params, family, v, k, kr, bits):
+    s = parse_name(f"VPTQ-community/{name}")
+    assert (s.base, s.params_b, s.family, s.v, s.k, s.kr) == (base, params, family, v, k, kr)
+    assert s.bits == pytest.approx(bits)
+
+
+def test_name_without_scheme():
+    s = parse_name("VPTQ-community/README-notes")
+    assert s.bits is None and s.describe() == "scheme unknown"
+
+
+def test_config_gives_the_scheme_and_the_exact_parameter_count():
+    cfg = {  # Mistral-Large-Instruct-2407
+        "hidden_size": 12288, "num_hidden_layers": 88, "num_attention_heads": 96,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 28672,
+        "vocab_size": 32768, "max_position_embeddings": 131072,
+        "quantization_config": {"quant_method": "vptq", "config_for_layers": {
+            "model.layers.0.mlp.down_proj": {"vector_lens": [-1, 8], "num_centroids": [-1, 65536],
+                                             "num_res_centroids": [-1, 256]}}},
+    }  # fmt: skip
+    s = scheme_from_config("VPTQ-community/Mistral-Large-Instruct-2407-v8-k65536-65536-woft", cfg)
+    assert (s.v, s.k, s.kr) == (8, 65536, 256)  # the config wins over the name
+    # 88 x (12288*14336 + 12288*12288 + 3*12288*28672 + 2*12288) + 12288 + 2*32768*12288
+    assert s.params_b == 122.6
+
+
+# -- catalogue --------------------------------------------------------------------------------------
+def test_catalogue_lists_sorts_searches_pages_and_caches(hub, tmp_path):
+    hub.add(Repo("VPTQ-community/Qwen2.5-7B-Instruct-v8-k65536-0-woft", {}, 500, "2026-03-01"))
+    hub.add(Repo("VPTQ-community/Meta-Llama-3.1-8B-Instruct-v8-k65536-256-woft", {}, 900))
+    hub.add(Repo("someone-else/Llama-v8-k256-0", {}, 10_000))
+    hub.page_size = 2  # the client must follow the Link header
+    h = make_hub(hub, tmp_path)
+    entries, note = h.catalogue(sort="downloads")
+    assert [e.downloads for e in entries] == [900, 500, 0]  # the other org is not listed
+    assert note.startswith("3 models from http://127.0.0.1")
+    assert len(hub.gets("/api/models")) == 2
+    recent, _ = h.catalogue(sort="recent")
+    assert recent[0].id.startswith("VPTQ-community/Qwen2.5-7B")
+    found, _ = h.catalogue(search="llama")
+    assert [e.id for e in found] == ["VPTQ-community/Meta-Llama-3.1-8B-Instruct-v8-k65536-256-woft"]
+
+    offline = make_hub(hub, tmp_path, offline=True)
+    hub.requests.clear()
+    cached, note = offline.catalogue(search="qwen")
+    assert [e.id for e in cached] == ["VPTQ-community/Qwen2.5-7B-Instruct-v8-k65536-0-woft"]
+    assert note.startswith("offline mode: the list cached on") and not hub.requests
+    down = Hub(HubSettings(endpoint="http://127.0.0.1:9"), tmp_path / "hub-cache")
+    cached, note = down.catalogue()
+    assert len(cached) == 3 and "could not be reached" in note
+
+
+def test_no_catalogue_offline_without_cache(hub, tmp_path):
+    with pytest.raises(HubError, match="offline mode, and none is cached yet"):
+        make_hub(hub, tmp_path, offline=True).catalogue()
+
+
+def test_file_sizes_checksums_and_bytes_on_disk(hub, tmp_path):
+    files = make_hub(hub, tmp_path).files(REPO)
+    assert files.revision == hub.repos[REPO].sha
+    assert files.total == 500_000 + len(b'{"version": "1.0"}') + len(
+        json.dumps({"hidden_size": 64})
+    )
+    assert files.weight_bytes == 500_000
+    shard = next(f for f in files.files if f.path.startswith("model-00001"))
+    assert shard.sha256 == hashlib.sha256(payload(300_000, 1)).hexdigest()
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model-00001-of-00002.safetensors").write_bytes(payload(300_000, 1))
+    (folder / "model-00002-of-00002.safetensors.part").write_bytes(payload(1234, 2))
+    assert bytes_on_disk(folder, files) == 300_000 + 1234
+    hub.server.shutdown()  # offline: the cached list still answers
+    assert make_hub(hub, tmp_path, offline=True).files(REPO).total == files.total
+
+
+def test_token_is_checked_and_kept_in_huggingface_hubs_store(hub, tmp_path):
+    from huggingface_hub import constants
+
+    hub.token = "hf_secret"
+    with pytest.raises(HubError, match="access denied \\(401\\).*set a token"):
+        make_hub(hub, tmp_path).files(REPO)
+    with pytest.raises(HubError, match="rejected the token"):
+        save_token("hf_wrong", hub.url)
+    assert save_token("hf_secret", hub.url) == "tester"
+    assert token() == "hf_secret" and Path(constants.HF_TOKEN_PATH).read_text() == "hf_secret"
+    assert oct(os.stat(constants.HF_TOKEN_PATH).st_mode & 0o777) == "0o600"
+    assert make_hub(hub, tmp_path).files(REPO).total > 500_000
+    d, _ = run_download(hub, tmp_path)
+    assert d.state == "installed"
+
+
+# -- downloads --------------------------------------------------------------------------------------
+def test_clean_download_is_verified_and_installed(hub, tmp_path):
+    d, states = run_download(hub, tmp_path)
+    assert d.state == "installed", d.message
+    assert states[0] == "checking" and "verifying" in states and states[-1] == "installed"
+    assert d.done == sum(len(b) for b in hub.repos[REPO].files.values())
+    assert_installed(hub, tmp_path)
+    [m] = local_models(tmp_path / "models")
+    assert m.installed and m.repo == REPO and m.disk_bytes >= d.total
+
+
+SHARD = "model-00001-of-00002.safetensors"
+
+
+@pytest.mark.parametrize("fault", ["stall", "drop", "wrong_size", "corrupt", "trickle"])
+def test_transient_faults_end_in_a_verified_install(hub, tmp_path, fault):
+    hub.fail(REPO, SHARD, fault)
+    d, states = run_download(hub, tmp_path)
+    assert d.state == "installed", (d.message, states)
+    assert_installed(hub, tmp_path)
+    gets = hub.gets(f"/resolve/{hub.repos[REPO].sha}/{SHARD}")
+    assert len(gets) == (1 if fault == "trickle" else 2)
+    if fault in ("stall", "drop"):  # the second request resumes where the first stopped
+        start = int(gets[1][2].removeprefix("bytes=").removesuffix("-"))
+        assert 150_000 - CHUNK < start <= 150_000  # at most one chunk in flight was lost
+    if fault == "stall":
+        assert "stalled" in states
+    if fault in ("wrong_size", "corrupt"):  # the bad data was thrown away, then fetched whole
+        assert gets[1][2] is None and "retrying" in states
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("wrong_size", "Gave up after 3 retries"),
+        ("corrupt", "checksum mismatch"),
+        ("401", "access denied \\(401\\)"),
+        ("403", "access denied \\(403\\)"),
+        ("404", "not found on the hub \\(404\\)"),
+    ],
+)
+def test_persistent_faults_stop_with_a_message_and_nothing_installed(hub, tmp_path, fault, message):
+    hub.fail(REPO, SHARD, *[fault] * 10)
+    d, _ = run_download(hub, tmp_path)
+    assert d.state == "failed"
+    import re
+
+    assert re.search(message, d.message), d.message
+    assert_not_installed(tmp_path)
+    folder = tmp_path / "models" / REPO
+    assert (folder / "config.json").exists()  # files before the failing one are kept
+    assert not (folder / SHARD).exists()
+    assert [m.installed for m in local_models(tmp_path / "models")] == [False]
+
+
+async def _pause_mid_file(m, d):
+    while d.done < 10_000:
+        await asyncio.sleep(0.01)
+    m.pause(d.repo)
+    await m.wait(d.repo)
+    assert d.state == "paused"
+
+
+def test_pause_keeps_the_part_and_resume_continues_with_range(hub, tmp_path):
+    hub.fail(REPO, SHARD, "trickle")
+    d, states = run_download(hub, tmp_path, before=_pause_mid_file)
+    part = tmp_path / "models" / REPO / (SHARD + ".part")
+    assert d.state == "paused" and 0 < part.stat().st_size < 300_000
+    kept = part.stat().st_size
+
+    async def resume():
+        m = manager(hub, tmp_path)
+        [old] = m.restore()  # after an app restart it is listed as paused with its bytes
+        assert old.state == "paused" and old.done >= kept
+        m.resume(REPO)
+        d = await m.wait(REPO)
+        m.close()
+        return d
+
+    d = asyncio.run(resume())
+    assert d.state == "installed", d.message
+    assert_installed(hub, tmp_path)
+    assert hub.gets(SHARD)[-1][2] == f"bytes={kept}-"
+
+
+def test_a_server_that_ignores_range_restarts_the_file(hub, tmp_path):
+    hub.fail(REPO, SHARD, "trickle", "ignore_range")
+    run_download(hub, tmp_path, before=_pause_mid_file)
+
+    async def resume():
+        m = manager(hub, tmp_path)
+        m.restore()
+        m.resume(REPO)
+        d = await m.wait(REPO)
+        m.close()
+        return d
+
+    d = asyncio.run(resume())
+    assert d.state == "installed", d.message
+    assert d.done == d.total  # the progress did not count the first part twice
+    assert_installed(hub, tmp_path)
+
+
+def test_interrupted_app_resumes_on_restart(hub, tmp_path):
+    """An app that exits mid-download (state 'downloading' on disk) resumes by itself."""
+    hub.fail(REPO, SHARD, "trickle")
+
+    async def interrupted(m, d):
+        while d.done < 10_000:
+            await asyncio.sleep(0.01)
+        m.close()  # app exit: workers stop, parts stay
+        await asyncio.wait([d.task])
+
+    run_download(hub, tmp_path, before=interrupted)
+    assert_not_installed(tmp_path)
+
+    async def restart():
+        m = manager(hub, tmp_path)
+        [d] = m.restore()
+        assert d.state == "checking"  # resumed without being asked
+        d = await m.wait(REPO)
+        m.close()
+        return d
+
+    assert asyncio.run(restart()).state == "installed"
+    assert_installed(hub, tmp_path)
+
+
+def test_cancel_deletes_the_partial_download(hub, tmp_path):
+    hub.fail(REPO, SHARD, "trickle")
+
+    async def cancel(m, d):
+        while d.done < 10_000:
+            await asyncio.sleep(0.01)
+        await m.cancel(d.repo)
+
+    d, _ = run_download(hub, tmp_path, before=cancel)
+    assert d.state == "cancelled"
+    assert not (tmp_path / "models" / REPO).exists()
+
+
+def test_not_enough_disk_space_stops_before_downloading(hub, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    d, _ = run_download(hub, tmp_path)
+    assert d.state == "failed" and "Not enough disk space" in d.message and "resume" in d.message
+    assert not hub.gets("/resolve/")
+
+
+def test_delete_removes_an_installed_model(hub, tmp_path):
+    run_download(hub, tmp_path)
+
+    async def delete():
+        m = manager(hub, tmp_path)
+        await m.delete(REPO)
+
+    asyncio.run(delete())
+    assert not (tmp_path / "models" / REPO).exists() and local_models(tmp_path / "models") == []
+
+
+def test_offline_download_of_an_unknown_repo_says_why(hub, tmp_path):
+    async def main():
+        hub_off = make_hub(hub, tmp_path, offline=True)
+        m = DownloadManager(hub_off, tmp_path / "models")
+        m.start(REPO)
+        d = await m.wait(REPO)
+        m.close()
+        return d
+
+    d = asyncio.run(main())
+    assert d.state == "failed" and "offline mode" in d.message
