@@ -143,7 +143,7 @@ def test_config_gives_the_scheme_and_the_exact_parameter_count():
     assert s.params_b == 122.6
 
 
-# -- catalogue --------------------------------------------------------------------------------------
+# -- catalogue -------------------------------------------------------------------------------------
 def test_catalogue_lists_sorts_searches_pages_and_caches(hub, tmp_path):
     hub.add(Repo("VPTQ-community/Qwen2.5-7B-Instruct-v8-k65536-0-woft", {}, 500, "2026-03-01"))
     hub.add(Repo("VPTQ-community/Meta-Llama-3.1-8B-Instruct-v8-k65536-256-woft", {}, 900))
@@ -196,7 +196,7 @@ def test_token_is_checked_and_kept_in_huggingface_hubs_store(hub, tmp_path):
     from huggingface_hub import constants
 
     hub.token = "hf_secret"
-    with pytest.raises(HubError, match="access denied \\(401\\).*set a token"):
+    with pytest.raises(HubError, match=r"access denied \(401\).*set a token"):
         make_hub(hub, tmp_path).files(REPO)
     with pytest.raises(HubError, match="rejected the token"):
         save_token("hf_wrong", hub.url)
@@ -208,7 +208,7 @@ def test_token_is_checked_and_kept_in_huggingface_hubs_store(hub, tmp_path):
     assert d.state == "installed"
 
 
-# -- downloads --------------------------------------------------------------------------------------
+# -- downloads -------------------------------------------------------------------------------------
 def test_clean_download_is_verified_and_installed(hub, tmp_path):
     d, states = run_download(hub, tmp_path)
     assert d.state == "installed", d.message
@@ -273,7 +273,7 @@ async def _pause_mid_file(m, d):
 
 def test_pause_keeps_the_part_and_resume_continues_with_range(hub, tmp_path):
     hub.fail(REPO, SHARD, "trickle")
-    d, states = run_download(hub, tmp_path, before=_pause_mid_file)
+    d, _ = run_download(hub, tmp_path, before=_pause_mid_file)
     part = tmp_path / "models" / REPO / (SHARD + ".part")
     assert d.state == "paused" and 0 < part.stat().st_size < 300_000
     kept = part.stat().st_size
