@@ -101,7 +101,7 @@ def assert_not_installed(tmp_path, repo=REPO):
     assert not (tmp_path / "models" / repo / INSTALLED).exists()
 
 
-# -- names, configs ---------------------------------------------------------------------------------
+# -- names, configs --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("name", "base", "params", "family", "v", "k", "kr", "bits"),
     [
