@@ -145,9 +145,45 @@ class App:
         self.window = MainWindow(self.ctrl, Gpus(), self.settings, self.log_dir, self.dark)
         self.client.on_state = self._engine_state
         self.window.check_requested.connect(self.show_checks)
+        self.window.models_requested.connect(self.show_models)
         self.checks_dialog = None
+        self._browser(data)
         if theme == "system":  # follow the system when it switches between light and dark
             self.qapp.styleHints().colorSchemeChanged.connect(self._scheme_changed)
+
+    def _browser(self, data: Path) -> None:
+        from engine.paths import hub_models
+
+        from .browser import BrowserController
+        from .downloads import DownloadManager
+        from .hub import Hub, HubSettings
+
+        s = self.settings
+        hub = Hub(HubSettings(s.hub_endpoint, s.hub_proxy, s.hub_offline), data / "hub-cache")
+        self.downloads = DownloadManager(hub, hub_models(), loop=self.loop)
+        self.browser = BrowserController(hub, self.downloads, self.window.gpus, hub_models())
+        self.browser.load_requested.connect(self.window._load)
+        self.models_window = None
+        self.loop.call_soon(self._restore_downloads)
+
+    def _restore_downloads(self) -> None:
+        self.downloads.restore()
+        self.browser.refresh_local()
+
+    def _hub_settings_saved(self) -> None:
+        hs = self.browser.hub.settings
+        s = self.settings
+        s.hub_endpoint, s.hub_proxy, s.hub_offline = hs.endpoint, hs.proxy, hs.offline
+        s.save(self.data / "settings.json")
+
+    def show_models(self) -> None:
+        """Model > Browse and download models: one window, raised when already open."""
+        from .ui.browser import ModelsWindow
+
+        if self.models_window is None:
+            self.models_window = ModelsWindow(self.window, self.browser, self._hub_settings_saved)
+        self.models_window.show()
+        self.models_window.raise_()
 
     def _scheme_changed(self, scheme) -> None:
         from PySide6.QtCore import Qt
@@ -189,6 +225,7 @@ class App:
     async def close(self) -> None:
         self.window.chat.flush_draft()
         self.window.gpu_timer.stop()
+        self.downloads.close()  # partial files stay; the next start resumes them
         await self.client.shutdown(timeout=5)
         self.settings.save(self.data / "settings.json")
         self.store.close()

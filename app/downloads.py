@@ -60,6 +60,8 @@ class Download:
     speed: float = 0.0  # bytes/s over the last few seconds; 0 on a stall
     retries: int = 0
     file_index: int = 0
+    file_done: int = 0  # bytes of the current file
+    file_size: int = 0
     last_bytes: float = field(default_factory=time.monotonic)
     samples: deque = field(default_factory=lambda: deque(maxlen=64))
     stop: threading.Event = field(default_factory=threading.Event)
@@ -98,6 +100,7 @@ class DownloadManager:
         backoff: float = 2.0,
         speed_window: float = 3.0,
         chunk_size: int = 1 << 20,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         from huggingface_hub import constants
 
@@ -109,7 +112,7 @@ class DownloadManager:
         self.speed_window = speed_window
         self.downloads: dict[str, Download] = {}
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="download")
-        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop = loop  # None: the loop running when the first download starts
         self._ticker: asyncio.Task | None = None
 
     # -- public API (call on the loop) -------------------------------------------------------------
@@ -192,7 +195,7 @@ class DownloadManager:
 
     # -- the loop side -----------------------------------------------------------------------------
     def _launch(self, d: Download) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop = self.loop or asyncio.get_running_loop()
         if self._ticker is None or self._ticker.done():
             self._ticker = self.loop.create_task(self._tick())
         previous = d.task
@@ -233,6 +236,7 @@ class DownloadManager:
     def _bytes(self, d: Download, n: int) -> None:
         now = time.monotonic()
         d.done += n
+        d.file_done += n
         d.samples.append((now, d.done))
         if n > 0:
             d.last_bytes = now
@@ -295,6 +299,9 @@ class DownloadManager:
         (d.folder / MANIFEST).unlink(missing_ok=True)
         self._report(d, "installed", f"installed in {d.folder}")
 
+    def _file_started(self, d: Download, have: int, size: int) -> None:
+        d.file_done, d.file_size = have, size
+
     def _reset_done(self, d: Download, done: int) -> None:
         d.done = done
         d.samples.clear()
@@ -354,6 +361,7 @@ class DownloadManager:
         part = path.with_name(path.name + ".part")
         part.parent.mkdir(parents=True, exist_ok=True)
         have = part.stat().st_size if part.exists() else 0
+        self._post(self._file_started, d, min(have, f.size), f.size)
         if have > f.size:  # cannot be ours: start the file again
             part.unlink()
             self._post(self._bytes, d, -have)

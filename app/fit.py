@@ -120,4 +120,6 @@ def fit(shape: Shape, weight_bytes: int, free: int, context: int) -> Fit:
 
 
 def gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / MiB:.0f} MiB"
+    if n >= 0.1 * GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / MiB:.0f} MiB" if n >= MiB else f"{n / 1024:.0f} KiB"

@@ -66,6 +66,33 @@ class Gpus:
             self.error = f"Reading the GPUs failed ({e})."
         return out
 
+    def processes(self, index: int) -> list[tuple[int, str, int]]:
+        """Processes holding memory on GPU ``index``, biggest first: (pid, name, bytes)."""
+        if self.nvml is None:
+            return []
+        n = self.nvml
+        try:
+            h = n.nvmlDeviceGetHandleByIndex(index)
+            procs = [
+                *n.nvmlDeviceGetComputeRunningProcesses(h),
+                *n.nvmlDeviceGetGraphicsRunningProcesses(h),
+            ]
+        except Exception:
+            return []
+        seen: dict[int, int] = {}
+        for p in procs:
+            seen[p.pid] = max(seen.get(p.pid, 0), int(p.usedGpuMemory or 0))
+        out = [(pid, _process_name(pid), b) for pid, b in seen.items()]
+        return sorted(out, key=lambda t: -t[2])
+
+
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "process"
+
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

@@ -17,10 +17,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engine.paths import INSTALLED_MARKER
+
 log = logging.getLogger("app.hub")
 
 ORG = "VPTQ-community"
-INSTALLED = ".vptq-installed.json"  # written last: the model is complete and verified
+INSTALLED = INSTALLED_MARKER  # written last: the model is complete and verified
 MANIFEST = ".vptq-download.json"  # the revision and file list being downloaded
 _SCHEME = re.compile(r"-v(\d+)-k(\d+)-(\d+)(?=-|$)")
 _PARAMS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)[Bb](?![a-zA-Z])")

@@ -37,6 +37,9 @@ class Settings:
     sampling: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLING))
     show_panel: bool = True
     first_run_done: bool = False
+    hub_endpoint: str = ""  # a mirror (HF_ENDPOINT); empty: huggingface.co
+    hub_proxy: str = ""
+    hub_offline: bool = False
 
     @classmethod
     def load(cls, path: Path) -> Settings:

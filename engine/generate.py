@@ -31,6 +31,7 @@ class Stats:
     cached_tokens: int = 0  # prompt tokens whose KV was reused from the previous request
     dropped_messages: int = 0
     ttft_s: float = 0.0
+    cuda_graph: bool = False
     prefill_tok_s: float = 0.0
     decode_tok_s: float = 0.0
 
@@ -44,6 +45,7 @@ class Session:
         self.tok = tokenizer
         self.cached: list[int] = []  # tokens whose keys/values sit in the KV cache
         self.kernels, self.kernels_reason = kernels
+        self.decoder = None  # engine.decode.GraphDecoder, made on the first GPU generation
 
     @classmethod
     def load(
@@ -63,6 +65,17 @@ class Session:
         if progress:
             progress(1.0, "loading tokenizer")
         return cls(loaded, Tokenizer(loaded.folder, loaded.args.eos_token_ids), kernels)
+
+    def graph_decoder(self, p: SamplingParams):
+        """The CUDA-graph decoder for these sampling settings, or None (CPU, reference kernels,
+        VPTQ_CHAT_CUDA_GRAPH=0, or noisy sampling on a torch without graph-safe generators)."""
+        if self.loaded.device.type != "cuda" or os.environ.get("VPTQ_CHAT_CUDA_GRAPH") == "0":
+            return None
+        if self.decoder is None:
+            from .decode import GraphDecoder
+
+            self.decoder = GraphDecoder(self.loaded.model)
+        return self.decoder if self.decoder.usable(p) else None
 
     @property
     def n_ctx(self) -> int:
@@ -127,14 +140,21 @@ class Generation:
         reuse = _common_prefix(s.cached, self.ids[:-1])
         self.stats.cached_tokens = reuse
         logits = s.logits(self.ids[reuse:], reuse, last_only=True)  # [1, V]
-        gen = p.make_generator(device)
         seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
         seen[torch.tensor(self.ids, device=device)] = True
         detok, stops = Detokenizer(s.tok, self.ids), StopMatcher(p.stop)
         eos = set(s.tok.eos_ids)
+        base = len(s.cached)
+        limit = max(1, min(p.max_new_tokens, s.n_ctx - base + 1))
+        decoder = s.graph_decoder(p)
+        self.stats.cuda_graph = decoder is not None
+        if decoder is not None:
+            seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(6), "little")
+            tokens = decoder.run(logits, base, seen, p, seed, limit)
+        else:
+            tokens = self._eager(logits, seen)
         t_first = t0
-        while True:
-            token = int(sample(logits, p, gen, seen)[0])
+        for token in tokens:
             if not self.tokens:
                 t_first = time.perf_counter()
             self.tokens.append(token)
@@ -148,20 +168,30 @@ class Generation:
             if hit:
                 self.reason = "stop"
                 break
-            if len(self.tokens) >= p.max_new_tokens or len(s.cached) >= s.n_ctx:
+            if len(self.tokens) >= limit:
                 self.reason = "length"
                 break
             if self.cancelled:
                 self.reason = "cancelled"
                 break
-            seen[token] = True
-            logits = s.logits([token], len(s.cached), last_only=True)
+        if decoder is not None:  # the graph wrote the KV of every token but the last
+            s.cached.extend(self.tokens[:-1])
         if self.reason != "stop":
             tail = stops.feed(detok.flush())[0] + stops.flush()
             if tail:
                 self.text_parts.append(tail)
                 yield tail
         self._finish(t0, t_first, reuse)
+
+    def _eager(self, logits: torch.Tensor, seen: torch.Tensor) -> Iterator[int]:
+        """One token per step with plain kernel launches (the CPU path, and the reference)."""
+        s, p = self.s, self.p
+        gen = p.make_generator(logits.device)
+        while True:
+            token = int(sample(logits, p, gen, seen)[0])
+            yield token
+            seen[token] = True
+            logits = s.logits([token], len(s.cached), last_only=True)
 
     def _finish(self, t0: float, t_first: float, reuse: int) -> None:
         now = time.perf_counter()

@@ -31,3 +31,10 @@ class KVCache(nn.Module):
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write one position given as a device tensor (pos: [1]); return the whole cache. The
+        caller masks what lies beyond pos: this is the CUDA-graph form of update()."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v

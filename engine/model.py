@@ -53,7 +53,9 @@ class Attention(nn.Module):
         self.o_proj = make(f"{prefix}.o_proj", args.n_heads * d, h, args.o_bias)
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, start, mask: torch.Tensor | None) -> torch.Tensor:
+        """start: an int, or a device tensor [1] for one decode token (then ``mask`` covers the
+        whole static cache)."""
         b, t, _ = x.shape  # x: [B, T, H]
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -61,7 +63,10 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [B, H, T, D]
         if self.cache is None:
             raise RuntimeError("setup_caches() must run before the forward pass")
-        k, v = self.cache.update(start, k, v)  # [B, H_kv, start+T, D]
+        if isinstance(start, torch.Tensor):
+            k, v = self.cache.write_at(start, k, v)  # [B, H_kv, max_seq, D]
+        else:
+            k, v = self.cache.update(start, k, v)  # [B, H_kv, start+T, D]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -86,7 +91,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, f"{prefix}.mlp", make)
 
-    def forward(self, x, cos, sin, start: int, mask) -> torch.Tensor:
+    def forward(self, x, cos, sin, start, mask) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -125,6 +130,7 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)  # [max_seq, D]
         self.cos = angles.cos().float().to(p.device)
         self.sin = angles.sin().float().to(p.device)
+        self.key_pos = torch.arange(max_seq, device=p.device)  # for the decode mask
         self.max_seq = max_seq
 
     def attention_mask(self, start: int, t: int) -> torch.Tensor | None:
@@ -138,6 +144,21 @@ class Transformer(nn.Module):
         if window is not None:
             mask &= k > q - window
         return mask
+
+    def decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token (token: [1, 1]) at the position held by the device tensor pos ([1]) ->
+        float32 logits [1, V]. No host values, so it can be captured in a CUDA graph."""
+        cos, sin = self.cos[pos], self.sin[pos]  # [1, D]
+        mask = self.key_pos <= pos  # [max_seq]
+        if self.args.sliding_window is not None:
+            mask &= self.key_pos > pos - self.args.sliding_window
+        x = self.model.embed_tokens(token)  # [1, 1, H]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, pos, mask)
+        x = self.model.norm(x)[0]
+        if self.lm_head is None:
+            return F.linear(x, self.model.embed_tokens.weight).float()
+        return self.lm_head(x).float()
 
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False):
         """tokens: [B, T] at positions start..start+T-1 -> float32 logits [B, T or 1, V]."""

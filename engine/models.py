@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .formats.vptq import FormatError
 from .loader import Progress
-from .paths import home
+from .paths import INSTALLED_MARKER, home, hub_models
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DONE = ".complete"  # written last: a folder without it is an interrupted build
@@ -30,6 +30,9 @@ def resolve_model(name: str, progress: Progress | None = None) -> Path:
     if path.exists():
         return path
     if name.count("/") == 1 and not name.startswith((".", "/")):
+        ours = hub_models() / name
+        if (ours / INSTALLED_MARKER).exists():  # downloaded and verified by the app
+            return ours
         from huggingface_hub import snapshot_download
 
         try:

@@ -14,6 +14,16 @@ def home() -> Path:
     return Path(cache) / "vptq-chat"
 
 
+INSTALLED_MARKER = ".vptq-installed.json"  # written last into a verified downloaded model
+
+
+def hub_models() -> Path:
+    """Where downloaded hub models live: $VPTQ_CHAT_MODELS, else <home>/hub; then <owner>/<name>."""
+    if os.environ.get("VPTQ_CHAT_MODELS"):
+        return Path(os.environ["VPTQ_CHAT_MODELS"])
+    return home() / "hub"
+
+
 def shipped(name: str) -> Path:
     """A top-level folder of the project (csrc, assets, packaging): the source checkout's, else
     the copy a wheel installed under <prefix>/share/vptq-chat."""

@@ -93,6 +93,7 @@ class ChatSettings(QWidget):
 
 class MainWindow(QMainWindow):
     check_requested = Signal()  # Help > Check this computer
+    models_requested = Signal()  # Model > Browse models
 
     def __init__(
         self,
@@ -175,6 +176,7 @@ class MainWindow(QMainWindow):
         act(m, "&Rename", self._rename, "F2")
         act(m, "&Delete", self._delete)
         m = self.menuBar().addMenu("&Model")
+        act(m, "&Browse and download models…", self.models_requested.emit, "Ctrl+M")
         act(m, "Load &demo model", lambda: self._load("demo"))
         act(m, "Load model &folder…", self._load_folder)
         m = self.menuBar().addMenu("&View")

@@ -42,6 +42,7 @@ def make_app(tmp_path, loop, monkeypatch, engine=FAKE_ENGINE, theme="light", mod
         monkeypatch.setenv("VPTQ_CHAT_ENGINE_CMD", f"{sys.executable} {engine}")
     else:
         monkeypatch.delenv("VPTQ_CHAT_ENGINE_CMD", raising=False)
+    monkeypatch.setenv("VPTQ_CHAT_MODELS", str(tmp_path / "models"))
     app = App(tmp_path, model=model, theme=theme, loop=loop)
     app.window.resize(1100, 760)
     app.window.show()

@@ -1,0 +1,362 @@
+"""The model browser's logic between hub.py, downloads.py, fit.py and the widgets: Qt item
+models for the catalogue and the local models, and the async calls behind each button."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QModelIndex,
+    QObject,
+    QPersistentModelIndex,
+    QSortFilterProxyModel,
+    Qt,
+    Signal,
+)
+
+from .downloads import Download, DownloadManager
+from .fit import Fit, Shape, fit
+from .gpu import GpuInfo, Gpus
+from .hub import (
+    INSTALLED,
+    Entry,
+    Hub,
+    HubError,
+    RepoFiles,
+    Scheme,
+    bytes_on_disk,
+    folder_of,
+    local_models,
+    scheme_from_config,
+)
+
+log = logging.getLogger("app.browser")
+Index = QModelIndex | QPersistentModelIndex
+EntryRole = Qt.ItemDataRole.UserRole + 10
+SortRole = Qt.ItemDataRole.UserRole + 11
+
+
+def size_text(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class CatalogueModel(QAbstractTableModel):
+    COLUMNS = ("Model", "Base", "Params", "Bits", "Vector", "Codebook", "Residual", "Downloads")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[Entry, Scheme]] = []
+
+    def set_entries(self, entries: list[Entry]) -> None:
+        self.beginResetModel()
+        self.rows = [(e, e.scheme) for e in entries]
+        self.endResetModel()
+
+    def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self.rows)
+
+    def columnCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
+        return len(self.COLUMNS)
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole) -> Any:
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return self.COLUMNS[section]
+        return None
+
+    def data(self, index: Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid():
+            return None
+        e, s = self.rows[index.row()]
+        if role == EntryRole:
+            return e
+        values = (
+            e.id.split("/", 1)[-1],
+            s.base,
+            s.params_b,
+            s.bits,
+            s.v,
+            s.k,
+            s.kr,
+            e.downloads,
+        )
+        value = values[index.column()]
+        if role == SortRole:
+            return -1 if value is None else value
+        if role == Qt.ItemDataRole.DisplayRole:
+            if value is None:
+                return "?"
+            if index.column() == 2:
+                return f"{value:g}B"
+            if index.column() == 3:
+                return f"{value:.2f}"
+            return str(value)
+        if role == Qt.ItemDataRole.ToolTipRole:
+            updated = e.modified[:10] if e.modified else "unknown"
+            return f"{e.id}\n{s.describe()}\nupdated {updated}"
+        return None
+
+
+@dataclass
+class Filters:
+    family: str = ""  # "" = any
+    max_params: float = 0  # 0 = any
+    max_bits: float = 0
+    v: int = 0
+    k: int = 0
+    kr: int = -1  # -1 = any
+
+
+class CatalogueFilter(QSortFilterProxyModel):
+    """The scheme filters of the Browse tab."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filters = Filters()
+        self.setSortRole(SortRole)
+
+    def set_filters(self, f: Filters) -> None:
+        self.beginFilterChange()
+        self.filters = f
+        self.endFilterChange()
+
+    def filterAcceptsRow(self, row: int, parent: Index) -> bool:
+        _, s = self.sourceModel().rows[row]
+        f = self.filters
+        checks = (
+            not f.family or s.family == f.family,
+            not f.max_params or (s.params_b is not None and s.params_b <= f.max_params),
+            not f.max_bits or (s.bits is not None and s.bits <= f.max_bits + 1e-9),
+            not f.v or s.v == f.v,
+            not f.k or s.k == f.k,
+            f.kr < 0 or s.kr == f.kr,
+        )
+        return all(checks)
+
+
+class LocalModel(QAbstractTableModel):
+    """Downloads and installed models, one row per repo; a download's change touches its row."""
+
+    COLUMNS = ("Model", "State", "Progress", "Speed", "ETA", "On disk")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict] = []  # repo, state, message, fraction, speed, eta, disk, folder
+
+    def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self.rows)
+
+    def columnCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
+        return len(self.COLUMNS)
+
+    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole) -> Any:
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return self.COLUMNS[section]
+        return None
+
+    def data(self, index: Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid():
+            return None
+        r = self.rows[index.row()]
+        if role == EntryRole:
+            return r["repo"]
+        if role == Qt.ItemDataRole.ToolTipRole:
+            return r.get("message") or r["repo"]
+        if role != Qt.ItemDataRole.DisplayRole:
+            return None
+        active = r["state"] in ("downloading", "stalled", "retrying", "checking", "verifying")
+        return (
+            r["repo"].split("/", 1)[-1],
+            r["state"],
+            f"{r['fraction']:.0%}",
+            f"{size_text(r['speed'])}/s" if active else "",
+            eta_text(r["eta"]) if active else "",
+            size_text(r["disk"]),
+        )[index.column()]
+
+    def upsert(self, row: dict) -> None:
+        for i, r in enumerate(self.rows):
+            if r["repo"] == row["repo"]:
+                self.rows[i] = row
+                self.dataChanged.emit(self.index(i, 0), self.index(i, len(self.COLUMNS) - 1))
+                return
+        self.beginInsertRows(QModelIndex(), len(self.rows), len(self.rows))
+        self.rows.append(row)
+        self.endInsertRows()
+
+    def remove(self, repo: str) -> None:
+        for i, r in enumerate(self.rows):
+            if r["repo"] == repo:
+                self.beginRemoveRows(QModelIndex(), i, i)
+                del self.rows[i]
+                self.endRemoveRows()
+                return
+
+
+@dataclass
+class Details:
+    """What the detail pane shows for the selected catalogue entry."""
+
+    repo: str
+    scheme: Scheme
+    files: RepoFiles
+    on_disk: int
+    shape: Shape | None
+    installed: bool = False
+    note: str = ""
+
+
+class BrowserController(QObject):
+    catalogue_note = Signal(str)
+    details_ready = Signal(object)  # Details
+    download_changed = Signal(object)  # Download
+    error = Signal(str)
+    load_requested = Signal(str)  # a model folder
+
+    def __init__(self, hub: Hub, manager: DownloadManager, gpus: Gpus, models_dir: Path):
+        super().__init__()
+        self.hub, self.manager, self.gpus, self.models_dir = hub, manager, gpus, models_dir
+        self.catalogue = CatalogueModel()
+        self.filtered = CatalogueFilter()
+        self.filtered.setSourceModel(self.catalogue)
+        self.local = LocalModel()
+        self.details: Details | None = None
+        manager.on_change = self._changed
+        self.refresh_local()
+
+    # -- catalogue ---------------------------------------------------------------------------------
+    async def refresh(self, search: str = "", sort: str = "downloads") -> None:
+        try:
+            entries, note = await asyncio.to_thread(self.hub.catalogue, search, sort)
+        except HubError as e:
+            self.catalogue_note.emit(str(e))
+            return
+        self.catalogue.set_entries(entries)
+        self.catalogue_note.emit(note)
+
+    def families(self) -> list[str]:
+        return sorted({s.family for _, s in self.catalogue.rows})
+
+    async def select(self, repo: str) -> None:
+        try:
+            files = await asyncio.to_thread(self.hub.files, repo)
+        except HubError as e:
+            self.error.emit(str(e))
+            return
+        scheme, shape, note = self._scheme_of(repo), None, ""
+        try:
+            cfg = await asyncio.to_thread(self.hub.config, repo, files.revision)
+            scheme, shape = scheme_from_config(repo, cfg), Shape.from_config(cfg)
+        except (HubError, ValueError) as e:
+            note = f"No fit check: {e}"
+        folder = folder_of(self.models_dir, repo)
+        on_disk = bytes_on_disk(folder, files)
+        installed = (folder / INSTALLED).exists()
+        self.details = Details(repo, scheme, files, on_disk, shape, installed, note)
+        self.details_ready.emit(self.details)
+
+    def _scheme_of(self, repo: str) -> Scheme:
+        from .hub import parse_name
+
+        return parse_name(repo)
+
+    def gpus_now(self) -> list[GpuInfo]:
+        return self.gpus.read()
+
+    def fit(self, context: int, gpu: GpuInfo | None) -> Fit | None:
+        d = self.details
+        if d is None or d.shape is None or gpu is None:
+            return None
+        return fit(d.shape, d.files.weight_bytes, gpu.free, context)
+
+    def make_room(self, gpu: GpuInfo, limit: int = 3) -> list[str]:
+        """The biggest other users of the GPU: what to close to make room."""
+        procs = self.gpus.processes(gpu.index)
+        return [f"{name} (pid {pid}): {size_text(b)}" for pid, name, b in procs[:limit]]
+
+    # -- downloads ---------------------------------------------------------------------------------
+    def start(self, repo: str) -> None:
+        self._guard(lambda: self.manager.start(repo))
+
+    def pause(self, repo: str) -> None:
+        self.manager.pause(repo)
+
+    def resume(self, repo: str) -> None:
+        self._guard(lambda: self.manager.resume(repo))
+
+    async def cancel(self, repo: str) -> None:
+        await self.manager.cancel(repo)
+        self.refresh_local()
+
+    async def delete(self, repo: str) -> None:
+        await self.manager.delete(repo)
+        self.local.remove(repo)
+        self.refresh_local()
+
+    def load(self, repo: str) -> None:
+        self.load_requested.emit(str(folder_of(self.models_dir, repo)))
+
+    def _guard(self, fn) -> None:
+        try:
+            fn()
+        except HubError as e:
+            self.error.emit(str(e))
+
+    def _changed(self, d: Download) -> None:
+        if d.state == "cancelled":
+            self.local.remove(d.repo)
+        else:
+            self.local.upsert(
+                {
+                    "repo": d.repo,
+                    "state": d.state,
+                    "message": d.message,
+                    "fraction": 1.0 if d.state == "installed" else d.fraction,
+                    "speed": d.speed,
+                    "eta": d.eta,
+                    "disk": d.done,
+                }
+            )
+        self.download_changed.emit(d)
+
+    def refresh_local(self) -> None:
+        for m in local_models(self.models_dir):
+            d = self.manager.downloads.get(m.repo)
+            if d is not None and d.state != "installed":
+                self._changed(d)
+                continue
+            self.local.upsert(
+                {
+                    "repo": m.repo,
+                    "state": "installed" if m.installed else "partial",
+                    "message": str(m.folder),
+                    "fraction": 1.0 if m.installed else 0.0,
+                    "speed": 0.0,
+                    "eta": None,
+                    "disk": m.disk_bytes,
+                }
+            )
+
+
+def when(iso: str) -> str:
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%Y-%m-%d")
+    except ValueError:
+        return ""

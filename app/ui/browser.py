@@ -1,0 +1,458 @@
+"""The Models window: browse the VPTQ-community catalogue with scheme filters, see the exact
+size and the VRAM fit, download; manage downloads and installed models; hub settings."""
+
+from __future__ import annotations
+
+import asyncio
+
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QSplitter,
+    QTableView,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..browser import BrowserController, Details, EntryRole, Filters, eta_text, size_text
+from ..downloads import Download
+from ..fit import gib
+
+VERDICT_COLOURS = {"fits": "#2e7d32", "tight": "#b26a00", "does not fit": "#c62828"}
+
+
+def _table(model, name: str) -> QTableView:
+    t = QTableView()
+    t.setModel(model)
+    t.setAccessibleName(name)
+    t.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    t.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+    t.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    t.verticalHeader().setVisible(False)
+    t.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+    t.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+    return t
+
+
+def _combo(name: str, items: list[tuple[str, object]]) -> QComboBox:
+    c = QComboBox()
+    c.setAccessibleName(name)
+    for text, value in items:
+        c.addItem(text, value)
+    return c
+
+
+class BrowseTab(QWidget):
+    def __init__(self, ctrl: BrowserController, spawn) -> None:
+        super().__init__()
+        self.ctrl, self.spawn = ctrl, spawn
+        self.search = QLineEdit(placeholderText="Search VPTQ-community models")
+        self.search.setAccessibleName("Search models")
+        self.search.setClearButtonEnabled(True)
+        self.sort = _combo(
+            "Sort", [("Most downloaded", "downloads"), ("Recently updated", "recent")]
+        )
+        refresh = QPushButton("Refresh")
+        refresh.setAccessibleName("Refresh the model list")
+        self.note = QLabel(wordWrap=True, objectName="catalogueNote")
+        self.family = _combo("Base model", [("Any base model", "")])
+        self.params = _combo(
+            "Parameters",
+            [("Any size", 0), ("≤ 8B", 8), ("≤ 14B", 14), ("≤ 32B", 32), ("≤ 72B", 72)],
+        )
+        self.bits = _combo("Bits", [("Any bits", 0), ("≤ 2 bits", 2), ("≤ 3 bits", 3), ("≤ 4", 4)])
+        self.v = _combo(
+            "Vector length", [("Any vector", 0), *[(f"v{n}", n) for n in (4, 6, 8, 12, 16)]]
+        )
+        self.k = _combo(
+            "Codebook", [("Any codebook", 0), *[(f"k{n}", n) for n in (256, 4096, 65536)]]
+        )
+        self.kr = _combo(
+            "Residual",
+            [("Any residual", -1), ("No residual", 0), *[(f"r{n}", n) for n in (256, 4096, 65536)]],
+        )
+        self.table = _table(ctrl.filtered, "Catalogue")
+        self.table.setSortingEnabled(True)
+        self.detail = DetailPane(ctrl, spawn)
+        top = QHBoxLayout()
+        for w in (self.search, self.sort, refresh):
+            top.addWidget(w)
+        filters = QHBoxLayout()
+        for w in (self.family, self.params, self.bits, self.v, self.k, self.kr):
+            filters.addWidget(w)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.table)
+        split.addWidget(self.detail)
+        split.setSizes([300, 260])
+        lay = QVBoxLayout(self)
+        lay.addLayout(top)
+        lay.addLayout(filters)
+        lay.addWidget(self.note)
+        lay.addWidget(split, 1)
+        self.debounce = QTimer(self, singleShot=True, interval=400)
+        self.debounce.timeout.connect(self.refresh)
+        self.search.textChanged.connect(lambda _: self.debounce.start())
+        self.sort.currentIndexChanged.connect(lambda _: self.refresh())
+        refresh.clicked.connect(self.refresh)
+        for c in (self.family, self.params, self.bits, self.v, self.k, self.kr):
+            c.currentIndexChanged.connect(self._filter)
+        self.table.selectionModel().currentRowChanged.connect(self._selected)
+        ctrl.catalogue_note.connect(self.note.setText)
+        ctrl.catalogue.modelReset.connect(self._families)
+
+    def refresh(self) -> None:
+        self.spawn(self.ctrl.refresh(self.search.text().strip(), self.sort.currentData()))
+
+    def _families(self) -> None:
+        current = self.family.currentData()
+        self.family.blockSignals(True)
+        self.family.clear()
+        self.family.addItem("Any base model", "")
+        for f in self.ctrl.families():
+            self.family.addItem(f, f)
+        self.family.setCurrentIndex(max(0, self.family.findData(current)))
+        self.family.blockSignals(False)
+
+    def _filter(self) -> None:
+        self.ctrl.filtered.set_filters(
+            Filters(
+                self.family.currentData(),
+                self.params.currentData(),
+                self.bits.currentData(),
+                self.v.currentData(),
+                self.k.currentData(),
+                self.kr.currentData(),
+            )
+        )
+
+    def _selected(self, index) -> None:
+        entry = index.data(EntryRole)
+        if entry is not None:
+            self.detail.show_loading(entry.id)
+            self.spawn(self.ctrl.select(entry.id))
+
+
+class DetailPane(QWidget):
+    """The selected model: exact size, on disk, fit breakdown and the download controls."""
+
+    def __init__(self, ctrl: BrowserController, spawn) -> None:
+        super().__init__()
+        self.ctrl, self.spawn = ctrl, spawn
+        self.repo: str | None = None
+        self.title = QLabel(objectName="detailTitle", wordWrap=True)
+        self.title.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.size = QLabel(wordWrap=True)
+        self.gpu = QComboBox()
+        self.gpu.setAccessibleName("GPU for the fit check")
+        self.context = QSpinBox(minimum=256, maximum=1 << 20, singleStep=1024, value=4096)
+        self.context.setAccessibleName("Context length for the fit check")
+        self.verdict = QLabel(objectName="fitVerdict")
+        self.verdict.setAccessibleName("Fit verdict")
+        self.breakdown = QLabel(wordWrap=True)
+        self.breakdown.setAccessibleName("Fit breakdown")
+        self.download = QPushButton("Download")
+        self.pause = QPushButton("Pause")
+        self.cancel = QPushButton("Cancel")
+        self.load = QPushButton("Load in chat")
+        for b in (self.download, self.pause, self.cancel, self.load):
+            b.setAccessibleName(b.text())
+        self.progress = QProgressBar()
+        self.progress.setAccessibleName("Download progress")
+        self.state = QLabel(wordWrap=True)
+        self.state.setAccessibleName("Download state")
+        form = QFormLayout()
+        form.addRow("GPU", self.gpu)
+        form.addRow("Context (tokens)", self.context)
+        buttons = QHBoxLayout()
+        for b in (self.download, self.pause, self.cancel, self.load):
+            buttons.addWidget(b)
+        buttons.addStretch(1)
+        left = QVBoxLayout()
+        for w in (self.title, self.size):
+            left.addWidget(w)
+        left.addLayout(buttons)
+        left.addWidget(self.progress)
+        left.addWidget(self.state)
+        left.addStretch(1)
+        right = QVBoxLayout()
+        right.addLayout(form)
+        right.addWidget(self.verdict)
+        right.addWidget(self.breakdown)
+        right.addStretch(1)
+        lay = QHBoxLayout(self)
+        lay.addLayout(left, 3)
+        lay.addLayout(right, 2)
+        self.download.clicked.connect(self._download)
+        self.pause.clicked.connect(lambda: self.repo and ctrl.pause(self.repo))
+        self.cancel.clicked.connect(lambda: self.repo and spawn(ctrl.cancel(self.repo)))
+        self.load.clicked.connect(lambda: self.repo and ctrl.load(self.repo))
+        self.context.valueChanged.connect(lambda _: self.update_fit())
+        self.gpu.currentIndexChanged.connect(lambda _: self.update_fit())
+        ctrl.details_ready.connect(self.show_details)
+        ctrl.download_changed.connect(self.show_download)
+        self.show_loading(None)
+
+    def show_loading(self, repo: str | None) -> None:
+        self.repo = repo
+        self.title.setText(f"<b>{repo}</b>" if repo else "Select a model to see its size and fit.")
+        self.size.setText("reading its files…" if repo else "")
+        self.verdict.setText("")
+        self.breakdown.setText("")
+        for b in (self.download, self.pause, self.cancel, self.load):
+            b.setEnabled(False)
+        self.progress.setVisible(False)
+        self.state.setText("")
+
+    def show_details(self, d: Details) -> None:
+        if d.repo != self.repo:
+            return
+        self.title.setText(f"<b>{d.repo}</b><br>{d.scheme.describe()}")
+        self.size.setText(
+            f"Download size {size_text(d.files.total)} in {len(d.files.files)} files "
+            f"(weights {size_text(d.files.weight_bytes)}); already on disk "
+            f"{size_text(d.on_disk)}."
+        )
+        gpus = self.ctrl.gpus_now()
+        self.gpu.blockSignals(True)
+        self.gpu.clear()
+        for g in gpus:
+            self.gpu.addItem(f"{g.index}: {g.name} ({gib(g.free)} free)", g)
+        self.gpu.blockSignals(False)
+        if d.shape is not None:
+            self.context.setMaximum(d.shape.max_context)
+        self.update_fit()
+        self.show_download(self.ctrl.manager.downloads.get(d.repo))
+
+    def update_fit(self) -> None:
+        d = self.ctrl.details
+        if d is None or d.repo != self.repo:
+            return
+        gpu = self.gpu.currentData()
+        if gpu is None:
+            self.verdict.setText("No NVIDIA GPU: this model would run on the CPU (slow).")
+            self.breakdown.setText(self.ctrl.gpus.error or d.note)
+            return
+        f = self.ctrl.fit(self.context.value(), gpu)
+        if f is None:
+            self.verdict.setText("")
+            self.breakdown.setText(d.note)
+            return
+        colour = VERDICT_COLOURS[f.verdict]
+        self.verdict.setText(f"<b style='color:{colour}'>{f.verdict.capitalize()}</b>")
+        lines = f.lines()
+        if f.verdict != "fits":
+            room = self.ctrl.make_room(gpu)
+            if room:
+                lines.append("To make room, close: " + "; ".join(room))
+        self.breakdown.setText("<br>".join(lines))
+
+    def _download(self) -> None:
+        if self.repo:
+            d = self.ctrl.manager.downloads.get(self.repo)
+            (self.ctrl.resume if d else self.ctrl.start)(self.repo)
+
+    def show_download(self, d: Download | None) -> None:
+        if self.repo is None or (d is not None and d.repo != self.repo):
+            return
+        details = (
+            self.ctrl.details if self.ctrl.details and self.ctrl.details.repo == self.repo else None
+        )
+        installed = (d is not None and d.state == "installed") or (
+            d is None and details is not None and details.installed
+        )
+        active = d is not None and d.active
+        resumable = d is not None and d.state in ("paused", "failed")
+        self.download.setText("Resume" if resumable else "Download")
+        self.download.setEnabled(not active and not installed)
+        self.pause.setEnabled(active)
+        self.cancel.setEnabled(d is not None and not installed and d.state != "cancelled")
+        self.load.setEnabled(installed)
+        self.progress.setVisible(d is not None)
+        if d is None:
+            self.state.setText("Installed." if installed else "")
+            return
+        self.progress.setValue(int(100 * (1.0 if d.state == "installed" else d.fraction)))
+        parts = [d.state.capitalize()]
+        if d.files:
+            parts.append(f"{size_text(d.done)} of {size_text(d.total)}")
+            file = f"file {d.file_index + 1} of {len(d.files.files)}"
+            if d.active and d.file_size:
+                file += f": {size_text(d.file_done)} of {size_text(d.file_size)}"
+            parts.append(file)
+        if d.state in ("downloading", "stalled"):
+            parts.append(f"{size_text(d.speed)}/s, ETA {eta_text(d.eta)}")
+        if d.message:
+            parts.append(d.message)
+        self.state.setText(" · ".join(parts))
+
+
+class LocalTab(QWidget):
+    """Downloads in progress and installed models, with disk use and delete."""
+
+    def __init__(self, ctrl: BrowserController, spawn) -> None:
+        super().__init__()
+        self.ctrl, self.spawn = ctrl, spawn
+        self.table = _table(ctrl.local, "Downloads and installed models")
+        self.total = QLabel()
+        buttons = QHBoxLayout()
+        self.buttons = {}
+        for text in ("Load in chat", "Pause", "Resume", "Cancel", "Delete…"):
+            b = QPushButton(text)
+            b.setAccessibleName(text.rstrip("…"))
+            self.buttons[text] = b
+            buttons.addWidget(b)
+        buttons.addStretch(1)
+        buttons.addWidget(self.total)
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.table, 1)
+        lay.addLayout(buttons)
+        b = self.buttons
+        b["Load in chat"].clicked.connect(lambda: self._on(ctrl.load))
+        b["Pause"].clicked.connect(lambda: self._on(ctrl.pause))
+        b["Resume"].clicked.connect(lambda: self._on(ctrl.resume))
+        b["Cancel"].clicked.connect(lambda: self._on(lambda r: spawn(ctrl.cancel(r))))
+        b["Delete…"].clicked.connect(lambda: self._on(self._delete))
+        ctrl.local.dataChanged.connect(self._totals)
+        ctrl.local.rowsInserted.connect(self._totals)
+        ctrl.local.rowsRemoved.connect(self._totals)
+        self._totals()
+
+    def selected(self) -> str | None:
+        idx = self.table.currentIndex()
+        return idx.data(EntryRole) if idx.isValid() else None
+
+    def _on(self, fn) -> None:
+        repo = self.selected()
+        if repo:
+            fn(repo)
+
+    def _delete(self, repo: str) -> None:
+        row = next(r for r in self.ctrl.local.rows if r["repo"] == repo)
+        answer = QMessageBox.question(
+            self, "Delete model", f"Delete {repo} ({size_text(row['disk'])} on disk)?"
+        )
+        if answer == QMessageBox.StandardButton.Yes:
+            self.spawn(self.ctrl.delete(repo))
+
+    def _totals(self, *_) -> None:
+        disk = sum(r["disk"] for r in self.ctrl.local.rows)
+        n = len(self.ctrl.local.rows)
+        self.total.setText(f"{n} model{'s' * (n != 1)}, {size_text(disk)} on disk")
+
+
+class HubSettingsTab(QWidget):
+    """Mirror endpoint, proxy, token (kept in huggingface_hub's store), offline mode."""
+
+    def __init__(self, ctrl: BrowserController, on_saved) -> None:
+        super().__init__()
+        self.ctrl, self.on_saved = ctrl, on_saved
+        s = ctrl.hub.settings
+        self.endpoint = QLineEdit(s.endpoint, placeholderText="https://huggingface.co")
+        self.proxy = QLineEdit(s.proxy, placeholderText="http://proxy.example:3128")
+        self.token = QLineEdit(placeholderText="hf_…", echoMode=QLineEdit.EchoMode.Password)
+        self.offline = QCheckBox("Offline: use the cached list, download nothing")
+        self.offline.setChecked(s.offline)
+        self.status = QLabel(wordWrap=True)
+        for w, name in (
+            (self.endpoint, "Mirror endpoint"),
+            (self.proxy, "Proxy"),
+            (self.token, "Access token"),
+            (self.offline, "Offline mode"),
+        ):
+            w.setAccessibleName(name)
+        save = QPushButton("Save")
+        forget = QPushButton("Forget token")
+        form = QFormLayout(self)
+        form.addRow("Mirror endpoint (HF_ENDPOINT)", self.endpoint)
+        form.addRow("Proxy", self.proxy)
+        form.addRow("Access token", self.token)
+        form.addRow("", self.offline)
+        row = QHBoxLayout()
+        row.addWidget(save)
+        row.addWidget(forget)
+        row.addStretch(1)
+        form.addRow("", row)
+        form.addRow("", self.status)
+        save.clicked.connect(self.save)
+        forget.clicked.connect(self.forget)
+        self._token_status()
+
+    def _token_status(self) -> None:
+        from ..hub import token
+
+        self.status.setText("A token is stored." if token() else "No token stored.")
+
+    def save(self) -> None:
+        from ..hub import HubError, save_token
+
+        s = self.ctrl.hub.settings
+        s.endpoint, s.proxy = self.endpoint.text().strip(), self.proxy.text().strip()
+        s.offline = self.offline.isChecked()
+        self.ctrl.hub.apply()
+        self.on_saved()
+        if self.token.text().strip():
+            try:
+                user = save_token(self.token.text(), None if s.offline else s.url)
+            except HubError as e:
+                self.status.setText(str(e))
+                return
+            self.token.clear()
+            self.status.setText(f"Saved; the token belongs to {user}." if user else "Saved.")
+            return
+        self.status.setText("Saved.")
+
+    def forget(self) -> None:
+        from ..hub import clear_token
+
+        clear_token()
+        self._token_status()
+
+
+class ModelsWindow(QDialog):
+    def __init__(self, parent, ctrl: BrowserController, on_settings_saved) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Models")
+        self.resize(1000, 680)
+        self.ctrl = ctrl
+        self.tasks: set[asyncio.Task] = set()
+        self.tabs = QTabWidget()
+        self.browse = BrowseTab(ctrl, self.spawn)
+        self.local = LocalTab(ctrl, self.spawn)
+        self.hub_settings = HubSettingsTab(ctrl, on_settings_saved)
+        self.tabs.addTab(self.browse, "Browse")
+        self.tabs.addTab(self.local, "Downloads && installed")
+        self.tabs.addTab(self.hub_settings, "Hub settings")
+        self.error = QLabel(wordWrap=True, visible=False, objectName="errorBanner")
+        lay = QVBoxLayout(self)
+        lay.addWidget(self.error)
+        lay.addWidget(self.tabs)
+        ctrl.error.connect(self.show_error)
+        self.loaded_once = False
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if not self.loaded_once:
+            self.loaded_once = True
+            self.browse.refresh()
+
+    def show_error(self, message: str) -> None:
+        self.error.setText(f"⚠ {message}")
+        self.error.setVisible(True)
+
+    def spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)

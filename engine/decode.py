@@ -1,0 +1,113 @@
+"""Batch-1 decode as one CUDA graph: every layer, then sampling, then the next token and
+position written back into the graph's own input buffers. The host never waits for a token
+before launching the next step: token ids come back through pinned memory, one step behind.
+
+One graph per sampling setting (temperature, top-k, ...: they are baked into the graph),
+a few kept, all sharing one memory pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+
+import torch
+
+from .model import Transformer
+from .sampling import SamplingParams, sample
+
+log = logging.getLogger("engine.decode")
+MAX_GRAPHS = 4
+LAG = 2  # steps in flight before the host reads a token
+
+
+def _key(p: SamplingParams) -> tuple:
+    return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty)
+
+
+class GraphDecoder:
+    """Captured decode steps for one model on one GPU."""
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        dev = model.cos.device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # in: token; out: next
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # in: its position; out: +1
+        self.seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device=dev)
+        self.gen = torch.Generator(device=dev)
+        self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle()
+        self.rng_in_graph = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+    def _step(self, p: SamplingParams) -> None:
+        logits = self.model.decode(self.token, self.pos)  # [1, V]
+        nxt = sample(logits, p, self.gen, self.seen)  # [1]
+        self.seen.index_fill_(0, nxt, True)
+        self.token.copy_(nxt.view(1, 1))
+        self.pos.add_(1)
+
+    def graph(self, p: SamplingParams) -> torch.cuda.CUDAGraph:
+        key = _key(p)
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+            return self.graphs[key]
+        saved = (self.token.clone(), self.pos.clone(), self.seen.clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up: kernels choose their configurations
+            for _ in range(2):
+                self._step(p)
+                self._restore(saved)
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        if self.rng_in_graph:
+            g.register_generator_state(self.gen)
+        with torch.cuda.graph(g, pool=self.pool):
+            self._step(p)
+        self._restore(saved)
+        self.graphs[key] = g
+        while len(self.graphs) > MAX_GRAPHS:
+            self.graphs.popitem(last=False)
+        return g
+
+    def _restore(self, saved) -> None:
+        self.token.copy_(saved[0])
+        self.pos.copy_(saved[1])
+        self.seen.copy_(saved[2])
+
+    def usable(self, p: SamplingParams) -> bool:
+        """Sampling with noise needs the generator registered with the graph (torch >= 2.5)."""
+        return p.temperature == 0 or self.rng_in_graph
+
+    def run(
+        self, logits: torch.Tensor, pos: int, seen: torch.Tensor, p: SamplingParams, seed: int,
+        limit: int,
+    ) -> Iterator[int]:  # fmt: skip
+        """Yield up to ``limit`` tokens: the one sampled from the prefill ``logits`` ([1, V],
+        its position is ``pos``), then one per graph step. Stop iterating at any time: steps
+        already launched only wrote KV entries beyond what the caller keeps."""
+        g = self.graph(p)  # capturing draws random numbers: seed after it
+        self.gen.manual_seed(seed)
+        self.seen.copy_(seen)
+        self.token.copy_(sample(logits, p, self.gen, self.seen).view(1, 1))
+        self.seen.index_fill_(0, self.token.view(1), True)
+        self.pos.fill_(pos)
+        host = torch.empty(LAG + 1, dtype=torch.long, pin_memory=True)
+        pending: deque[tuple[int, torch.cuda.Event]] = deque()
+        launched = -1  # -1: the first token, sampled above
+        while True:
+            while launched < limit - 1 and len(pending) < LAG:
+                if launched >= 0:
+                    g.replay()
+                slot = launched % (LAG + 1)
+                host[slot : slot + 1].copy_(self.token.view(1), non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                pending.append((slot, ev))
+                launched += 1
+            if not pending:
+                return
+            slot, ev = pending.popleft()
+            ev.synchronize()
+            yield int(host[slot])

@@ -1,0 +1,206 @@
+"""The Models window on the real App against the fake hub: browse, filter, fit, download,
+load; and a model downloaded from the fake hub answering in the real engine."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from app.browser import EntryRole
+from app.gpu import GpuInfo
+from app.settings import Settings
+
+from .conftest import make_app, wait_until
+from .fake_hub import FakeHub, Repo
+from .test_hub import payload
+
+GiB = 1 << 30
+LLAMA_8B = {  # the fields of Meta-Llama-3.1-8B-Instruct's config.json that decide memory
+    "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "torch_dtype": "float16",
+}  # fmt: skip
+SMALL = "VPTQ-community/Meta-Llama-3.1-8B-Instruct-v8-k65536-0-woft"
+
+
+class FakeGpus:
+    """One 24 GB GPU with 16 GiB free, and another process holding 3 GiB."""
+
+    error = None
+    available = True
+
+    def read(self, engine_pid=None):
+        return [GpuInfo(0, "GPU-1234", "Test GPU 24GB", 24 * GiB, 8 * GiB, 16 * GiB, 3, 40)]
+
+    def processes(self, index):
+        return [(4242, "blender", 3 * GiB)]
+
+
+def catalogue_hub() -> FakeHub:
+    hub = FakeHub()
+    files = {
+        "config.json": json.dumps(LLAMA_8B).encode(),
+        "model-00001-of-00001.safetensors": payload(400_000, 7),
+        "tokenizer.json": b"{}",
+    }
+    hub.add(Repo(SMALL, files, downloads=900))
+    hub.add(Repo("VPTQ-community/Meta-Llama-3.1-70B-Instruct-v8-k65536-256-woft", {}, 800))
+    hub.add(Repo("VPTQ-community/Qwen2.5-7B-Instruct-v16-k65536-65536-woft", {}, 700))
+    return hub
+
+
+@pytest.fixture
+def browser_app(tmp_path, qloop, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
+    with catalogue_hub() as hub:
+        hub.stall_seconds = 1.0
+        Settings(hub_endpoint=hub.url).save(tmp_path / "settings.json")
+        app = make_app(tmp_path, qloop, monkeypatch)
+        app.browser.gpus = FakeGpus()
+        monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16384)  # progress in small steps
+        try:
+            yield app, hub
+        finally:
+            qloop.run_until_complete(app.close())
+            app.window.close()
+
+
+def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
+    app, hub = browser_app
+    app.show_models()
+    w = app.models_window
+    w.resize(1100, 720)
+    browse = w.browse
+    wait_until(qloop, lambda: app.browser.catalogue.rowCount() == 3, what="the catalogue")
+    assert "3 models from http://127.0.0.1" in browse.note.text()
+    assert [browse.family.itemText(i) for i in range(browse.family.count())] == [
+        "Any base model", "Llama 3.1", "Qwen 2.5"
+    ]  # fmt: skip
+    browse.bits.setCurrentIndex(browse.bits.findData(2))  # <= 2 bits: the 3-bit 70B goes
+    assert app.browser.filtered.rowCount() == 2
+    browse.family.setCurrentIndex(browse.family.findData("Qwen 2.5"))
+    assert app.browser.filtered.rowCount() == 1
+    browse.family.setCurrentIndex(0)
+
+    row = next(
+        r for r in range(app.browser.filtered.rowCount())
+        if app.browser.filtered.index(r, 0).data().startswith("Meta-Llama-3.1-8B")
+    )  # fmt: skip
+    browse.table.setCurrentIndex(app.browser.filtered.index(row, 0))
+    detail = browse.detail
+    wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
+    total = sum(len(b) for b in hub.repos[SMALL].files.values())
+    assert f"Download size {total / 1000:.1f} KB in 3 files" in detail.size.text()
+    assert "already on disk 0 B" in detail.size.text()
+    assert "Fits" in detail.verdict.text()
+    text = detail.breakdown.text()
+    assert "Weights 391 KiB" in text and "KV cache at 4096 tokens 0.50 GiB" in text
+    assert "Largest context that fits: 125440 tokens" in text  # (16 GiB - overhead) / 128 KiB
+    detail.context.setValue(131072)  # 16 GiB of KV cache alone
+    assert "Does not fit" in detail.verdict.text()
+    assert "To make room, close: blender (pid 4242): 3.2 GB" in detail.breakdown.text()
+
+    detail.download.click()
+    wait_until(qloop, lambda: detail.load.isEnabled(), what=f"the download {detail.state.text()}")
+    assert "Installed" in detail.state.text() and detail.progress.value() == 100
+    folder = tmp_path / "models" / SMALL
+    assert (folder / "model-00001-of-00001.safetensors").read_bytes() == payload(400_000, 7)
+    rows = app.browser.local.rows
+    assert [(r["repo"], r["state"]) for r in rows] == [(SMALL, "installed")]
+    w.tabs.setCurrentIndex(1)
+    shots = os.environ.get("VPTQ_CHAT_SCREENSHOTS")
+    if shots:
+        w.tabs.setCurrentIndex(0)
+        qloop.run_until_complete(__import__("asyncio").sleep(0.1))
+        w.grab().save(os.path.join(shots, "models-browse.png"))
+        w.tabs.setCurrentIndex(1)
+        qloop.run_until_complete(__import__("asyncio").sleep(0.1))
+        w.grab().save(os.path.join(shots, "models-installed.png"))
+    detail.load.click()
+    wait_until(qloop, lambda: app.settings.model == str(folder), what="the load")
+
+
+def test_pause_and_resume_from_the_window(browser_app, qloop):
+    app, hub = browser_app
+    hub.fail(SMALL, "model-00001-of-00001.safetensors", "trickle")
+    app.show_models()
+    detail = app.models_window.browse.detail
+    wait_until(qloop, lambda: app.browser.catalogue.rowCount() == 3)
+    rows = range(app.browser.filtered.rowCount())
+    row = next(r for r in rows if app.browser.filtered.index(r, 0).data(EntryRole).id == SMALL)
+    app.models_window.browse.table.setCurrentIndex(app.browser.filtered.index(row, 0))
+    wait_until(qloop, lambda: detail.download.isEnabled(), what="the details")
+    detail.download.click()
+    d = None
+    wait_until(
+        qloop,
+        lambda: (d := app.downloads.downloads.get(SMALL)) is not None and d.done > 20_000,
+        what="some bytes",
+    )
+    detail.pause.click()
+    d = app.downloads.downloads[SMALL]
+    assert d.state == "paused" and detail.download.text() == "Resume"
+    wait_until(qloop, lambda: d.task.done(), what="the worker to stop")
+    detail.download.click()
+    wait_until(qloop, lambda: d.state == "installed", what="the resumed download")
+    assert (hub.gets("model-00001")[-1][2] or "").startswith("bytes="), hub.requests
+
+
+def test_hub_settings_are_saved(browser_app, qloop, tmp_path):
+    app, _ = browser_app
+    app.show_models()
+    tab = app.models_window.hub_settings
+    tab.proxy.setText("http://127.0.0.1:3128")
+    tab.offline.setChecked(True)
+    tab.token.setText("hf_abc")
+    tab.save()
+    saved = json.loads((tmp_path / "settings.json").read_text())
+    assert saved["hub_proxy"] == "http://127.0.0.1:3128" and saved["hub_offline"] is True
+    assert os.environ["HTTPS_PROXY"] == "http://127.0.0.1:3128"
+    from huggingface_hub import get_token
+
+    assert get_token() == "hf_abc"
+    tab.proxy.setText("")
+    tab.offline.setChecked(False)
+    tab.save()
+    assert "HTTPS_PROXY" not in os.environ
+
+
+@pytest.mark.e2e
+def test_downloaded_model_answers_in_the_real_engine(tmp_path, demo_path, monkeypatch):
+    """A VPTQ model (the demo, 8-bit rtn) served by the fake hub, downloaded by the manager,
+    then run by `python -m engine generate` under its repo id."""
+    import asyncio
+
+    from app.downloads import DownloadManager
+    from app.hub import Hub, HubSettings
+    from engine.quantize import Recipe, quantize
+
+    quantize(demo_path, tmp_path / "q", Recipe(2, 65536, 0, "rtn"), log=lambda m: None)
+    repo = "VPTQ-community/SmolLM2-135M-Instruct-v2-k65536-0-rtn"
+    with FakeHub() as hub:
+        hub.add_folder(repo, tmp_path / "q")
+        hub.fail(repo, "model-00001-of-00001.safetensors", "drop")
+
+        async def download():
+            m = DownloadManager(Hub(HubSettings(hub.url), tmp_path / "c"), tmp_path / "models")
+            m.start(repo)
+            d = await m.wait(repo)
+            m.close()
+            return d
+
+        d = asyncio.run(download())
+    assert d.state == "installed", d.message
+    env = dict(os.environ, VPTQ_CHAT_MODELS=str(tmp_path / "models"))
+    out = subprocess.run(
+        [sys.executable, "-m", "engine", "generate", "--model", repo, "--chat", "--temperature",
+         "0", "--max-new-tokens", "20", "--prompt", "What is the capital of France?"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
