@@ -91,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
     bk.add_argument("--arch", action="append", help="llama-3.1-8b, llama-3.1-70b (default both)")
     bk.add_argument("--scheme", action="append", help="e.g. v8-k65536-0 (default: all five)")
     bk.add_argument("--out", type=Path, help="also write every measurement as JSON here")
+    be = bsub.add_parser("e2e", help="a whole random model on the GPU: prefill, graph decode")
+    be.add_argument("--arch", default="llama-3.1-8b", help="llama-3.1-8b|llama-3.1-70b|...")
+    be.add_argument("--scheme", default="v8-k65536-0")
+    be.add_argument("--context", type=int, default=4096)
+    be.add_argument("--tokens", type=int, default=256)
+    be.add_argument("--vram-limit", type=float, help="cap torch's memory at this many GiB")
     return ap
 
 
@@ -238,6 +244,18 @@ def cmd_build_kernels(a: argparse.Namespace) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> None:
     from . import bench
+
+    if a.bench == "e2e":
+        from . import bench_e2e
+
+        for name, value, known in (
+            ("arch", a.arch, bench_e2e.ARCHS),
+            ("scheme", a.scheme, bench_e2e.SCHEMES),
+        ):
+            if value not in known:
+                raise ValueError(f"unknown --{name} {value!r}; choose from {', '.join(known)}")
+        bench_e2e.run_e2e(a.arch, a.scheme, a.context, a.tokens, a.vram_limit)
+        return
 
     archs = a.arch or list(bench.ARCHS)
     schemes = a.scheme or list(bench.SCHEMES)

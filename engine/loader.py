@@ -8,7 +8,7 @@ device one tensor at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from .config import ModelArgs
 from .formats.checkpoint import REDOWNLOAD, Checkpoint
 from .formats.vptq import FormatError, VQLayerSpec, int_kind, layer_table, resolve_layer
 from .layers import VQLinear
+from .memory import OutOfMemory, Shape, gib
 from .model import Transformer, dense_linear
 
 Progress = Callable[[float, str], None]
@@ -33,6 +34,9 @@ class LoadedModel:
     quant: str  # "vptq" or "dense"
     specs: dict[str, VQLayerSpec]
     weight_bytes: int
+    kv_bytes: int = 0
+    workspace_bytes: int = 0
+    max_context: int = 0  # the largest context the free memory held after the weights
 
     @property
     def device(self) -> torch.device:
@@ -74,13 +78,52 @@ def load_model(
     with torch.device("meta"):
         model = Transformer(args, make)
     ckpt = Checkpoint(folder)
-    nbytes = _fill(model, ckpt, dtype, torch.device(device), progress)
+    shape = replace(Shape.from_config(cfg), dtype_bytes=dtype.itemsize)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        _check_weights_fit(ckpt, folder, dev, shape.workspace())
+    nbytes = _fill(model, ckpt, dtype, dev, progress)
     for m in model.modules():
         if isinstance(m, VQLinear):
             m.post_load()
-    model.setup_caches(1, min(max_seq_len, args.max_position_embeddings))
+    n_ctx = min(max_seq_len, args.max_position_embeddings)
+    largest = n_ctx
+    if dev.type == "cuda":
+        largest = _context_that_fits(shape, dev, n_ctx)
+    model.setup_caches(1, n_ctx)
     model.eval()
-    return LoadedModel(model, args, folder, "vptq" if specs else "dense", specs, nbytes)
+    kv = shape.kv_bytes_per_token * n_ctx
+    quant = "vptq" if specs else "dense"
+    return LoadedModel(model, args, folder, quant, specs, nbytes, kv, shape.workspace(), largest)
+
+
+def free_bytes(dev: torch.device) -> int:
+    """Free GPU memory including what torch holds cached but unused."""
+    free, _ = torch.cuda.mem_get_info(dev)
+    return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+
+
+def _check_weights_fit(ckpt: Checkpoint, folder: Path, dev: torch.device, workspace: int) -> None:
+    need = ckpt.nbytes + workspace
+    free = free_bytes(dev)
+    if need > free:
+        raise OutOfMemory(
+            f"{folder}: the weights need {gib(ckpt.nbytes)} plus {gib(workspace)} of workspace on "
+            f"{dev}, but only {gib(free)} is free. Close programs that use the GPU or choose a "
+            "model with fewer bits."
+        )
+
+
+def _context_that_fits(shape: Shape, dev: torch.device, n_ctx: int) -> int:
+    room = free_bytes(dev) - shape.workspace()
+    largest = shape.largest_context(room)
+    if n_ctx > largest:
+        raise OutOfMemory(
+            f"a context of {n_ctx} tokens needs {gib(shape.kv_bytes_per_token * n_ctx)} of KV "
+            f"cache plus {gib(shape.workspace())} of workspace, but {gib(free_bytes(dev))} is "
+            f"free after the weights. The largest context that fits is {largest} tokens."
+        )
+    return largest
 
 
 def _layer_specs(args: ModelArgs, cfg: dict[str, Any], where: Path) -> dict[str, VQLayerSpec]:

@@ -99,7 +99,10 @@ class Server:
                 self.handle(msg)
             except Exception as e:  # the engine keeps serving whatever one request does
                 log.error("request %s failed:\n%s", msg.type, traceback.format_exc())
-                self.send("error", msg.id, kind=msg.type, message=_describe(e))
+                oom = _is_oom(e)
+                if oom:
+                    self.unload()  # what a failed load left behind goes back to the GPU
+                self.send("error", msg.id, kind="oom" if oom else msg.type, message=_describe(e))
 
     def handle(self, msg: Message) -> None:
         if msg.type == "hello":
@@ -149,6 +152,9 @@ class Server:
             n_ctx=s.n_ctx,
             device=str(s.loaded.device),
             weight_bytes=s.loaded.weight_bytes,
+            kv_cache_bytes=s.loaded.kv_bytes,
+            workspace_bytes=s.loaded.workspace_bytes,
+            max_context=s.loaded.max_context,
             vram_bytes=memory_stats()["vram_bytes"],
             kernels=s.kernels,
             kernels_reason=s.kernels_reason,
@@ -156,8 +162,6 @@ class Server:
         )
 
     def unload(self) -> None:
-        if self.session is None:
-            return
         self.session, self.model_name = None, ""
         gc.collect()
         import torch
@@ -221,7 +225,17 @@ class Server:
 
 
 def _describe(e: Exception) -> str:
-    return str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
+    if isinstance(e, ValueError | OSError | MemoryError):
+        return str(e)
+    if _is_oom(e):  # torch's own: keep its first line, which has the sizes
+        return f"out of GPU memory: {str(e).splitlines()[0]}"
+    return f"{type(e).__name__}: {e}"
+
+
+def _is_oom(e: Exception) -> bool:
+    import torch
+
+    return isinstance(e, MemoryError | torch.cuda.OutOfMemoryError)
 
 
 def _default_device() -> str:

@@ -86,5 +86,10 @@ class Checkpoint:
             raise FormatError(f"{self.folder}: tensor '{name}' is missing from the checkpoint")
         return tuple(self._file(self.where[name]).get_slice(name).get_shape())
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the shard files (the tensors plus small headers)."""
+        return sum(f.stat().st_size for f in self.files())
+
     def close(self) -> None:
         self._handle = None

@@ -12,12 +12,14 @@ import hashlib
 import shutil
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..formats.vptq import VQLayerSpec
+from ..memory import DEQUANT_WORKSPACE  # prefill dequantizes a layer in slices of at most this
 from ..paths import shipped
 
 CSRC = shipped("csrc")
@@ -163,4 +165,23 @@ def linear(x: torch.Tensor, bias: torch.Tensor | None, tensors: tuple, spec: VQL
     if tokens <= fused_tokens(spec):
         indices, centroids, res, _, _, perm, _, scale, wbias = tensors
         return torch.ops.vptq.gemv(x, indices, centroids, res, perm, scale, wbias, bias, meta(spec))
-    return F.linear(x, dequant(tensors, spec), bias)
+    rows = _rows_per_chunk(spec, centroids_bytes=tensors[1].element_size())
+    if rows >= spec.num_indices:
+        return F.linear(x, dequant(tensors, spec), bias)
+    out = x.new_empty((*x.shape[:-1], spec.out_features))  # [..., N]
+    for r0 in range(0, spec.num_indices, rows):
+        r1 = min(r0 + rows, spec.num_indices)
+        n0, n1 = r0 * spec.vector_len, min(r1 * spec.vector_len, spec.out_features)
+        part = replace(spec, out_features=n1 - n0)
+        sliced = (tensors[0][:, r0:r1].contiguous(), *tensors[1:])
+        out[..., n0:n1] = F.linear(x, dequant(sliced, part), None if bias is None else bias[n0:n1])
+    return out
+
+
+def _rows_per_chunk(spec: VQLayerSpec, centroids_bytes: int) -> int:
+    """Vector-rows of W dequantized at once, so the dense workspace stays within
+    DEQUANT_WORKSPACE (layers with outliers are dequantized whole)."""
+    if spec.has_outliers:
+        return spec.num_indices
+    row = spec.vector_len * spec.in_features * centroids_bytes
+    return max(1, DEQUANT_WORKSPACE // row)

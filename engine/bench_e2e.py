@@ -1,0 +1,196 @@
+"""``python -m engine bench e2e``: a whole model of a real architecture, random weights built
+directly on the GPU (no files), run the way the engine runs it: prefill of a 512-token prompt,
+then CUDA-graph decode. In the same run, where it fits, the fp16 dense model of the same shape,
+and the device's copy bandwidth, from which the decode roofline (bytes read per token) follows.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+from .config import ModelArgs
+from .decode import GraphDecoder
+from .formats.vptq import VQLayerSpec
+from .layers import VQLinear
+from .loader import _assign
+from .memory import GiB, Shape
+from .model import Transformer, dense_linear
+from .sampling import SamplingParams
+
+ARCHS = {  # the shape fields of each model's config.json
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                         num_hidden_layers=32, num_key_value_heads=8, vocab_size=128256),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                          num_hidden_layers=80, num_key_value_heads=8, vocab_size=128256),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                       num_hidden_layers=28, num_key_value_heads=4, vocab_size=152064,
+                       architectures=["Qwen2ForCausalLM"]),
+    "qwen2.5-72b": dict(hidden_size=8192, intermediate_size=29568, num_attention_heads=64,
+                        num_hidden_layers=80, num_key_value_heads=8, vocab_size=152064,
+                        architectures=["Qwen2ForCausalLM"]),
+    "mistral-large": dict(hidden_size=12288, intermediate_size=28672, num_attention_heads=96,
+                          num_hidden_layers=88, num_key_value_heads=8, head_dim=128,
+                          vocab_size=32768, architectures=["MistralForCausalLM"]),
+}  # fmt: skip
+SCHEMES = {"v8-k65536-0": (8, 65536, 0), "v8-k65536-256": (8, 65536, 256),
+           "v16-k65536-65536": (16, 65536, 65536), "v8-k65536-65536": (8, 65536, 65536),
+           "v12-k65536-4096": (12, 65536, 4096)}  # fmt: skip
+PROMPT = 512
+
+
+def config(arch: str) -> dict:
+    base = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 131072,
+            "rope_theta": 500000.0, "torch_dtype": "float16"}  # fmt: skip
+    return base | ARCHS[arch]
+
+
+def build(arch: str, scheme: str | None, context: int) -> Transformer:
+    """The model on the GPU with random weights; scheme None: fp16 dense."""
+    args = ModelArgs.from_hf_config(config(arch), arch)
+
+    def make(name: str, k: int, n: int, bias: bool):
+        if scheme is None or name == "lm_head":
+            return dense_linear(name, k, n, bias)
+        v, c, r = SCHEMES[scheme]
+        spec = VQLayerSpec(
+            in_features=k,
+            out_features=n,
+            vector_len=v,
+            num_centroids=c,
+            num_res_centroids=r,
+            group_size=k,
+        )
+        return VQLinear(spec, torch.float16, name)
+
+    with torch.device("meta"):
+        model = Transformer(args, make)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, t in model.state_dict(keep_vars=True).items():
+        _assign(model, name, _random_like(name, t, gen))
+    for m in model.modules():
+        if isinstance(m, VQLinear):
+            m.post_load()
+    model.setup_caches(1, context)
+    return model.eval()
+
+
+def _random_like(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    dev = "cuda"
+    if name.endswith("perm"):
+        return torch.randperm(t.shape[0], device=dev, generator=gen).to(torch.int16)
+    if not t.dtype.is_floating_point:  # packed index words: every bit pattern is valid
+        info = torch.iinfo(t.dtype)
+        return torch.randint(info.min, info.max, t.shape, device=dev, dtype=t.dtype, generator=gen)
+    if "norm" in name or name.endswith("weight_scale"):
+        return torch.ones(t.shape, device=dev, dtype=torch.float16)
+    out = torch.empty(t.shape, device=dev, dtype=torch.float16)
+    return out.normal_(0, 0.02, generator=gen)
+
+
+def weight_bytes(model: Transformer) -> int:
+    return sum(b.numel() * b.element_size() for b in model.state_dict().values())
+
+
+def measure(model: Transformer, tokens: int) -> dict:
+    """Prefill a 512-token prompt, then greedy graph decode of ``tokens`` tokens."""
+    vocab = model.args.vocab_size
+    prompt = torch.randint(0, vocab, (1, PROMPT), device="cuda")
+    seen = torch.zeros(vocab, dtype=torch.bool, device="cuda")
+    dec = GraphDecoder(model)
+    p = SamplingParams(temperature=0, max_new_tokens=tokens)
+    with torch.no_grad():
+        model(prompt, 0, last_only=True)  # warm up: cuBLAS plans, kernel first calls
+        dec.graph(p)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        logits = model(prompt, 0, last_only=True)[0]
+        torch.cuda.synchronize()
+        t_prefill = time.perf_counter() - t0
+        stream = dec.run(logits, PROMPT, seen, p, seed=0, limit=tokens)
+        next(stream)
+        t_first = time.perf_counter()
+        n = 1 + sum(1 for _ in stream)
+        t_end = time.perf_counter()
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "prefill_tok_s": PROMPT / t_prefill,
+        "ttft_ms": (t_first - t0) * 1000,
+        "decode_tok_s": (n - 1) / (t_end - t_first),
+        "peak_torch_gib": torch.cuda.max_memory_allocated() / GiB,
+        "device_used_gib": (total - free) / GiB,
+        "weights_gib": weight_bytes(model) / GiB,
+    }
+
+
+def nvml_used_gib() -> float | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return pynvml.nvmlDeviceGetMemoryInfo(h).used / GiB
+    except Exception:
+        return None
+
+
+def run_e2e(arch: str, scheme: str, context: int, tokens: int, vram_limit: float | None) -> None:
+    from .bench import copy_bandwidth
+    from .ops import cuda
+
+    ok, why = cuda.load()
+    if not ok:
+        raise SystemExit(f"error: kernels unavailable: {why}")
+    peak = copy_bandwidth()
+    total = torch.cuda.get_device_properties(0).total_memory
+    print(f"device: {torch.cuda.get_device_name()}, {total / GiB:.0f} GiB; "
+          f"copy bandwidth {peak / 1e9:.0f} GB/s")  # fmt: skip
+    if vram_limit:
+        torch.cuda.set_per_process_memory_fraction(vram_limit * GiB / total)
+        print(f"torch capped at {vram_limit:g} GiB (set_per_process_memory_fraction)")
+    rows = {}
+    for label, sch in ((scheme, scheme), ("fp16", None)):
+        if sch is None:
+            need = 2 * Shape.from_config(config(arch)).parameters()
+            free = min(torch.cuda.mem_get_info()[0], (vram_limit or 1e9) * GiB)
+            if need > free:
+                rows[label] = {"error": f"does not fit: needs {need / GiB:.0f} GiB of weights, "
+                               f"{free / GiB:.0f} GiB free"}  # fmt: skip
+                continue
+        try:
+            model = build(arch, sch, context)
+            kv = sum(
+                layer.self_attn.cache.k.numel() * 4 for layer in model.model.layers
+            )  # K and V, 2 bytes each
+            r = measure(model, tokens)
+            r["roofline_tok_s"] = peak / (r["weights_gib"] * GiB + kv)
+            r["nvml_used_gib"] = nvml_used_gib()
+            rows[label] = r
+        except torch.cuda.OutOfMemoryError as e:
+            rows[label] = {"error": f"does not fit: {str(e).splitlines()[0]}"}
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    _print(arch, context, tokens, rows, scheme)
+
+
+def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> None:
+    print(f"\n{arch}, context {context}, prompt {PROMPT}, {tokens} decoded tokens (greedy)")
+    head = ("prefill tok/s", "TTFT ms", "decode tok/s", "roofline tok/s", "% roofline",
+            "weights GiB", "peak torch GiB", "used GiB (NVML)")  # fmt: skip
+    print(f"{'model':>18} " + " ".join(f"{h:>15}" for h in head))
+    for label, r in rows.items():
+        if "error" in r:
+            print(f"{label:>18} {r['error']}")
+            continue
+        nvml = r["nvml_used_gib"] if r["nvml_used_gib"] is not None else r["device_used_gib"]
+        cells = (r["prefill_tok_s"], r["ttft_ms"], r["decode_tok_s"], r["roofline_tok_s"],
+                 100 * r["decode_tok_s"] / r["roofline_tok_s"], r["weights_gib"],
+                 r["peak_torch_gib"], nvml)  # fmt: skip
+        print(f"{label:>18} " + " ".join(f"{c:15.1f}" for c in cells))
+    if "fp16" in rows and "error" not in rows["fp16"] and "error" not in rows[scheme]:
+        ratio = rows[scheme]["decode_tok_s"] / rows["fp16"]["decode_tok_s"]
+        print(f"decode speed {scheme} / fp16: {ratio:.2f}x")

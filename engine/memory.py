@@ -1,0 +1,99 @@
+"""GPU memory arithmetic from config.json: KV cache per token, runtime overhead, parameter
+count. Standard library only: the engine sizes its KV cache with it and the app's fit check
+(app/fit.py) uses the same numbers.
+
+The engine keeps the KV cache in the model's dtype (2 bytes for fp16/bf16), K and V for every
+layer and KV head. Prefill of more than a few tokens dequantizes the largest linear layer to a
+dense fp16 workspace before its GEMM, so that layer's N x K x 2 bytes is part of the overhead,
+beside the CUDA context and the prefill activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+GiB = 1 << 30
+CUDA_CONTEXT = 512 * MiB  # CUDA context, cuBLAS workspace and allocator slack (measured ~450 MiB)
+PREFILL_CHUNK = 512  # tokens per prefill step
+DEQUANT_WORKSPACE = 64 * MiB  # prefill dequantizes a layer in slices of at most this
+CONTEXT_STEP = 256  # the largest context is reported in these steps
+
+
+class OutOfMemory(MemoryError):
+    """The model or the requested context does not fit; the message has the numbers."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The parts of config.json that decide memory."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_context: int
+    dtype_bytes: int = 2
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Shape:
+        cfg = cfg.get("text_config", cfg)
+        try:
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            return cls(
+                layers=int(cfg["num_hidden_layers"]),
+                hidden=hidden,
+                intermediate=int(cfg["intermediate_size"]),
+                heads=heads,
+                kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                vocab=int(cfg["vocab_size"]),
+                max_context=int(cfg.get("max_position_embeddings") or 4096),
+                dtype_bytes=4 if cfg.get("torch_dtype", cfg.get("dtype")) == "float32" else 2,
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json has no {e.args[0]!r}") from None
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def largest_linear(self) -> int:
+        """Elements of the largest projection (what dequant-then-GEMM materialises)."""
+        q = self.heads * self.head_dim
+        return max(self.hidden * q, self.hidden * self.intermediate)
+
+    def workspace(self) -> int:
+        """What the engine allocates beside weights and KV cache: the dequantized largest layer
+        during prefill, the prefill activations, the logits."""
+        acts = PREFILL_CHUNK * (4 * self.hidden + 3 * self.intermediate) * self.dtype_bytes
+        logits = 2 * self.vocab * 4  # last-token logits and sampling buffers, fp32
+        return min(self.largest_linear * 2, DEQUANT_WORKSPACE) + acts + logits
+
+    def overhead(self) -> int:
+        return CUDA_CONTEXT + self.workspace()
+
+    def largest_context(self, room: int) -> int:
+        """The most tokens of KV cache that ``room`` bytes hold, in steps of CONTEXT_STEP and
+        capped by the model's own limit."""
+        tokens = max(0, room) // self.kv_bytes_per_token
+        return min(tokens - tokens % CONTEXT_STEP, self.max_context)
+
+    def parameters(self, tied: bool = False) -> int:
+        """Parameter count of the dense model this config describes."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = self.hidden * (q + 2 * kv) + q * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        per_layer = attn + mlp + 2 * self.hidden
+        emb = self.vocab * self.hidden
+        return self.layers * per_layer + self.hidden + emb * (1 if tied else 2)
+
+
+def gib(n: int) -> str:
+    if n >= 0.1 * GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / MiB:.0f} MiB" if n >= MiB else f"{n / 1024:.0f} KiB"

@@ -1,0 +1,224 @@
+"""The GPU runtime (marker gpu): CUDA-graph decode against eager decode, chunked prefill
+dequant, a 2-bit checkpoint of Llama-3.1-8B's layer shapes loading within the host-RAM bound,
+and out-of-memory answers (weights, context) after which the engine still serves."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import ops
+from engine.bench_e2e import build
+from engine.decode import GraphDecoder
+from engine.sampling import SamplingParams, sample
+
+pytestmark = pytest.mark.gpu
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    kind, why = ops.prepare("cuda")
+    assert kind == "cuda", why
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    from engine import bench_e2e
+
+    bench_e2e.ARCHS["tiny"] = dict(
+        hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_hidden_layers=4,
+        num_key_value_heads=2, vocab_size=4096,
+    )  # fmt: skip
+    model = build("tiny", "v8-k65536-256", context=256)
+    # random weights give flat logits: scale the head so greedy choices are clear-cut
+    model.lm_head.weight.data.mul_(40)
+    return model
+
+
+def eager_tokens(model, prompt, p: SamplingParams, seed: int, n: int) -> list[int]:
+    gen = p.make_generator(torch.device("cuda"))
+    gen.manual_seed(seed)
+    seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device="cuda")
+    logits = model(prompt, 0, last_only=True)[0]
+    out, pos = [], prompt.shape[1]
+    for _ in range(n):
+        t = sample(logits, p, gen, seen)
+        out.append(int(t))
+        seen[t] = True
+        logits = model(t.view(1, 1), pos, last_only=True)[0]
+        pos += 1
+    return out
+
+
+@pytest.mark.parametrize(
+    "p",
+    [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=1.3),
+        SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=5),
+    ],
+    ids=["greedy", "greedy-penalty", "sampled"],
+)
+@torch.no_grad()
+def test_graph_decode_gives_the_eager_tokens(small_model, p):
+    dec = GraphDecoder(small_model)
+    if not dec.usable(p):
+        pytest.skip("this torch cannot put a seeded generator into a CUDA graph")
+    prompt = torch.randint(0, 4096, (1, 9), device="cuda", generator=None)
+    want = eager_tokens(small_model, prompt, p, seed=5, n=40)
+    logits = small_model(prompt, 0, last_only=True)[0]
+    seen = torch.zeros(4096, dtype=torch.bool, device="cuda")
+    got = list(dec.run(logits, 9, seen, p, seed=5, limit=40))
+    assert got == want
+    # stopping early leaves the decoder reusable: the same again, and a shorter run
+    logits = small_model(prompt, 0, last_only=True)[0]
+    assert list(dec.run(logits, 9, seen, p, seed=5, limit=7)) == want[:7]
+
+
+@torch.no_grad()
+def test_prefill_in_dequant_slices_matches_whole_layer(monkeypatch):
+    from engine.ops import cuda
+
+    from .test_kernels import gpu_args, rel_err
+    from .vq_factory import make_spec, random_layer
+
+    spec = make_spec(k_in=512, n_out=1000, v=8, k=4096, kr=16)  # 1000 is not a multiple of 8
+    args = gpu_args(random_layer(spec, seed=1), torch.float16)
+    x = torch.randn(37, 512, dtype=torch.float16, device="cuda")
+    bias = torch.randn(1000, dtype=torch.float16, device="cuda")
+    whole = cuda.linear(x, bias, args, spec)
+    monkeypatch.setattr(cuda, "DEQUANT_WORKSPACE", 3 * 8 * 512 * 2)  # 3 vector-rows a slice
+    sliced = cuda.linear(x, bias, args, spec)
+    assert rel_err(sliced.cpu(), whole.cpu()) < 1e-3
+
+
+# -- an 8B-shaped checkpoint on disk, loaded by the real engine ----------------------------------
+LLAMA_8B_2BIT = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_hidden_layers=32,
+    num_key_value_heads=8,
+    vocab_size=49152,
+    max_position_embeddings=1 << 20,
+)  # fmt: skip  (the demo's vocabulary, so its tokenizer can drive it)
+
+
+@pytest.fixture(scope="module")
+def llama8b_folder(tmp_path_factory, demo_tokenizer_files):
+    from engine import bench_e2e
+    from engine.formats.vptq_writer import spec_to_dict, write_checkpoint
+
+    bench_e2e.ARCHS["llama8b-demo-vocab"] = LLAMA_8B_2BIT
+    model = build("llama8b-demo-vocab", "v8-k65536-0", context=16)
+    folder = tmp_path_factory.mktemp("llama8b")
+    tensors = {
+        k: v.cpu() for k, v in model.state_dict().items() if "cache" not in k and "index" not in k
+    }
+    tensors = {k: (v.view(torch.int16) if k.endswith(".perm") else v) for k, v in tensors.items()}
+    layers = {name: spec_to_dict(m.spec) for name, m in model.named_modules() if hasattr(m, "spec")}
+    cfg = bench_e2e.config("llama8b-demo-vocab") | {
+        "quantization_config": {"quant_method": "vptq", "config_for_layers": layers}
+    }
+    del model
+    torch.cuda.empty_cache()
+    write_checkpoint(folder, cfg, tensors, shard_bytes=512 << 20)
+    for f in demo_tokenizer_files.iterdir():
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer_files(tmp_path_factory):
+    """The demo's tokenizer files: $VPTQ_TEST_TOKENIZER on a machine without the demo."""
+    src = os.environ.get("VPTQ_TEST_TOKENIZER")
+    if src:
+        return Path(src)
+    from engine.models import build_dense_demo
+
+    out = tmp_path_factory.mktemp("tok")
+    for f in build_dense_demo().iterdir():
+        if f.suffix != ".safetensors" and f.name != "config.json" and f.is_file():
+            shutil.copy(f, out / f.name)
+    return out
+
+
+LOAD_AND_REPORT = """
+import json, resource, sys, torch
+from engine.loader import load_model
+lm = load_model(sys.argv[1], "cuda", torch.float16, max_seq_len=1024)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak_rss": peak, "weights": lm.weight_bytes, "kv": lm.kv_bytes,
+                  "largest": lm.max_context, "vram": torch.cuda.max_memory_allocated()}))
+"""
+
+
+def test_8b_two_bit_checkpoint_loads_within_the_host_ram_bound(llama8b_folder):
+    shards = sorted(llama8b_folder.glob("*.safetensors"))
+    largest = max(f.stat().st_size for f in shards)
+    base = subprocess.run(
+        [sys.executable, "-c", "import resource, torch; torch.zeros(1, device='cuda');"
+         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_REPORT, str(llama8b_folder)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    r = json.loads(out.stdout)
+    total = sum(f.stat().st_size for f in shards)
+    assert len(shards) >= 5 and total > 2 * GiB
+    # host RAM: the process itself plus about one shard, never the whole checkpoint
+    assert r["peak_rss"] - int(base.stdout) < largest + 512 * (1 << 20), (r, largest)
+    assert r["vram"] < r["weights"] + r["kv"] + 400 * (1 << 20)  # final + about one layer
+    assert r["kv"] == 2 * 32 * 8 * 128 * 2 * 1024
+
+
+def answer(e, type_, id_, **payload):
+    """Send one request; its events up to the first ``type_`` or ``error`` of that id."""
+    e.send(type_, id_, **payload)
+    events = []
+    while True:
+        m = e.next(timeout=300)
+        events.append(m)
+        if m.id == id_ and m.type in ("loaded", "finished", "error"):
+            return events
+
+
+def test_out_of_memory_is_an_error_with_numbers_and_the_engine_still_serves(llama8b_folder):
+    from .engine_proc import EngineProcess
+
+    e = EngineProcess()
+    try:
+        assert e.next().type == "hello"
+        e.send("hello", version=1)
+        path = str(llama8b_folder)
+        free, _ = torch.cuda.mem_get_info()
+        hog = torch.empty(free - 2 * GiB, dtype=torch.uint8, device="cuda")  # leave 2 GiB
+        err = answer(e, "load", "a", path=path, device="cuda")[-1]
+        assert err.type == "error" and err.get("kind") == "oom", err
+        assert "the weights need" in err.get("message") and "is free" in err.get("message")
+        del hog
+        torch.cuda.empty_cache()
+        err = answer(e, "load", "b", path=path, device="cuda", max_seq_len=1 << 20)[-1]
+        assert err.get("kind") == "oom", err
+        assert "a context of 1048576 tokens needs" in err.get("message")
+        assert "The largest context that fits is" in err.get("message")
+        loaded = answer(e, "load", "c", path=path, device="cuda", max_seq_len=2048)[-1]
+        assert loaded.type == "loaded", loaded
+        assert loaded.get("kv_cache_bytes") == 2 * 32 * 8 * 128 * 2 * 2048
+        assert loaded.get("max_context") >= 2048 and loaded.get("workspace_bytes") > 0
+        done = answer(
+            e, "generate", "g", messages=[{"role": "user", "content": "Hi"}],
+            sampling={"temperature": 0, "max_new_tokens": 8},
+        )[-1]  # fmt: skip
+        assert done.type == "finished" and done.get("reason") in ("length", "stop"), done
+        assert done.get("stats")["cuda_graph"] is True
+    finally:
+        e.close()
