@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError)
+# Before torch starts CUDA: growable segments, so a model that fills the card to within a few
+# hundred MB is not refused for fragmentation (the 70B-in-22-GiB budget depends on it).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, OSError, MemoryError)
 
 
 class ProgressLine:

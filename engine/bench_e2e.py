@@ -138,11 +138,11 @@ def nvml_used_gib() -> float | None:
 
 
 def run_e2e(arch: str, scheme: str, context: int, tokens: int, vram_limit: float | None) -> None:
+    from . import ops
     from .bench import copy_bandwidth
-    from .ops import cuda
 
-    ok, why = cuda.load()
-    if not ok:
+    kind, why = ops.prepare("cuda")
+    if kind != "cuda":
         raise SystemExit(f"error: kernels unavailable: {why}")
     peak = copy_bandwidth()
     total = torch.cuda.get_device_properties(0).total_memory

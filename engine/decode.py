@@ -53,6 +53,11 @@ class GraphDecoder:
             self.graphs.move_to_end(key)
             return self.graphs[key]
         saved = (self.token.clone(), self.pos.clone(), self.seen.clone())
+        # warm-up and capture write one KV entry: at the last position, which no kept token
+        # occupies yet (a token's KV is written when it is fed, before anything reads it)
+        saved_pos = self.model.max_seq - 1
+        self.pos.fill_(saved_pos)
+        saved = (saved[0], self.pos.clone(), saved[2])
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up: kernels choose their configurations

@@ -16,7 +16,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 CUDA_CONTEXT = 512 * MiB  # CUDA context, cuBLAS workspace and allocator slack (measured ~450 MiB)
 PREFILL_CHUNK = 512  # tokens per prefill step
-DEQUANT_WORKSPACE = 64 * MiB  # prefill dequantizes a layer in slices of at most this
+DEQUANT_WORKSPACE = 16 * MiB  # prefill dequantizes a layer in slices of at most this
 CONTEXT_STEP = 256  # the largest context is reported in these steps
 
 

@@ -149,9 +149,10 @@ class Transformer(nn.Module):
         """One token (token: [1, 1]) at the position held by the device tensor pos ([1]) ->
         float32 logits [1, V]. No host values, so it can be captured in a CUDA graph."""
         cos, sin = self.cos[pos], self.sin[pos]  # [1, D]
-        mask = self.key_pos <= pos  # [max_seq]
+        keys = self.key_pos[None, :]  # [1, max_seq]
+        mask = keys <= pos[:, None]  # [1, max_seq]: this query sees keys 0..pos
         if self.args.sliding_window is not None:
-            mask &= self.key_pos > pos - self.args.sliding_window
+            mask &= keys > pos[:, None] - self.args.sliding_window
         x = self.model.embed_tokens(token)  # [1, 1, H]
         for layer in self.model.layers:
             x = layer(x, cos, sin, pos, mask)

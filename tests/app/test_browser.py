@@ -100,7 +100,7 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
     assert "Fits" in detail.verdict.text()
     text = detail.breakdown.text()
     assert "Weights 391 KiB" in text and "KV cache at 4096 tokens 0.50 GiB" in text
-    assert "Largest context that fits: 125952 tokens" in text  # (16 GiB - overhead) / 128 KiB
+    assert "Largest context that fits: 126208 tokens" in text  # (16 GiB - overhead) / 128 KiB
     detail.context.setValue(131072)  # 16 GiB of KV cache alone
     assert "Does not fit" in detail.verdict.text()
     assert "To make room, close: blender (pid 4242): 3.2 GB" in detail.breakdown.text()
