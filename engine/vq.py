@@ -33,8 +33,9 @@ class QuantizedWeight:
     dense: torch.Tensor  # [N, K] the dequantized weight, original column order
 
 
-def nearest(points: torch.Tensor, book: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+def nearest(points: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     """Index of the closest codeword for each point; points [P, v], book [k, v]."""
+    chunk = max(1024, (1 << 22) // book.shape[0])  # distance blocks of 16 MB stay in cache
     norms = (book * book).sum(1)
     out = torch.empty(points.shape[0], dtype=torch.int64, device=points.device)
     for i in range(0, points.shape[0], chunk):
@@ -81,7 +82,12 @@ def kmeans(
     return book
 
 
+SEQUENTIAL_SEEDING = 1024  # k-means++ up to this k; above, a weighted sample (Lloyd does the rest)
+
+
 def _seed(points: torch.Tensor, w: torch.Tensor, k: int, gen) -> torch.Tensor:
+    if k > SEQUENTIAL_SEEDING:
+        return points[torch.multinomial(w, k, replacement=False, generator=gen)].clone()
     book = [points[torch.multinomial(w, 1, generator=gen)].squeeze(0)]
     d2 = ((points - book[0]) ** 2).sum(1)
     for _ in range(1, k):
