@@ -136,6 +136,14 @@ def _session(a: argparse.Namespace):
     s = Session.load(path, device, DTYPES.get(a.dtype or ""), a.context, PROGRESS)
     PROGRESS.end()
     print(f"loaded {path} on {device}; kernels: {s.kernels} ({s.kernels_reason})", file=sys.stderr)
+    lm = s.loaded
+    if lm.device.type == "cuda":
+        print(
+            f"GPU memory: weights {lm.weight_bytes / 2**30:.2f} GiB, KV cache "
+            f"{lm.kv_bytes / 2**30:.2f} GiB, workspace {lm.workspace_bytes / 2**30:.2f} GiB; "
+            f"the largest context that fits is {lm.max_context} tokens",
+            file=sys.stderr,
+        )
     return s
 
 

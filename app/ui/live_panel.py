@@ -7,6 +7,8 @@ from PySide6.QtCore import QPointF, Qt
 from PySide6.QtGui import QPainter, QPen, QPolygonF
 from PySide6.QtWidgets import QFrame, QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
 
+from engine.memory import gib as size
+
 from ..gpu import GpuInfo, same_device
 
 GiB = 1 << 30
@@ -113,10 +115,18 @@ class LivePanel(QWidget):
     def set_engine(self, state: str, info: dict) -> None:
         if state == "loaded":
             quant = info.get("quant", "")
-            self.engine.setText(
+            text = (
                 f"{info.get('model')} ({quant}) on {info.get('device')}, "
                 f"{info.get('n_ctx')} tokens of context"
             )
+            if info.get("kv_cache_bytes"):  # GPU: where the memory went
+                text += (
+                    f". Weights {size(info.get('weight_bytes') or 0)}, KV cache "
+                    f"{size(info['kv_cache_bytes'])}, workspace "
+                    f"{size(info.get('workspace_bytes') or 0)}; up to {info.get('max_context')} "
+                    "tokens would fit"
+                )
+            self.engine.setText(text)
             if info.get("kernels") == "cuda":
                 self.kernels.setText(f"Kernels: CUDA ({info.get('kernels_reason', '')})")
                 self.kernels.setObjectName("ok")

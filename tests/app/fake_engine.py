@@ -118,6 +118,9 @@ def main():
                 quant="vptq",
                 device="cpu",
                 weight_bytes=1 << 20,
+                kv_cache_bytes=48 << 20,
+                workspace_bytes=20 << 20,
+                max_context=30720,
                 vram_bytes=0,
             )
         elif msg.type == "generate":
