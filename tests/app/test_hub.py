@@ -65,7 +65,18 @@ def make_hub(fake, tmp_path, **kw) -> Hub:
 
 def manager(fake, tmp_path, on_change=lambda d: None, **kw) -> DownloadManager:
     opts = dict(stall_after=0.3, read_timeout=1.0, backoff=0.05, max_retries=3, chunk_size=CHUNK)
+    opts["speed_window"] = 0.5
     return DownloadManager(make_hub(fake, tmp_path), tmp_path / "models", on_change, **opts | kw)
+
+
+STALL_SPEEDS: list[float] = []  # the speed shown while a download is stalled
+
+
+def record(states: list, d) -> None:
+    if d.state == "stalled":
+        STALL_SPEEDS.append(d.speed)
+    if not states or states[-1] != d.state:
+        states.append(d.state)
 
 
 def run_download(fake, tmp_path, repo=REPO, before=None, **kw):
@@ -76,7 +87,7 @@ def run_download(fake, tmp_path, repo=REPO, before=None, **kw):
         m = manager(
             fake,
             tmp_path,
-            lambda d: states.append(d.state) if not states or states[-1] != d.state else None,
+            lambda d: record(states, d),
             **kw,
         )
         d = m.start(repo)
@@ -235,6 +246,7 @@ def test_transient_faults_end_in_a_verified_install(hub, tmp_path, fault):
         assert 150_000 - CHUNK < start <= 150_000  # at most one chunk in flight was lost
     if fault == "stall":
         assert "stalled" in states
+        assert STALL_SPEEDS and STALL_SPEEDS[-1] == 0.0  # an honest speed: nothing arrives
     if fault in ("wrong_size", "corrupt"):  # the bad data was thrown away, then fetched whole
         assert gets[1][2] is None and "retrying" in states
 
