@@ -52,34 +52,25 @@ class GraphDecoder:
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
-        saved = (self.token.clone(), self.pos.clone(), self.seen.clone())
-        # warm-up and capture write one KV entry: at the last position, which no kept token
-        # occupies yet (a token's KV is written when it is fed, before anything reads it)
-        saved_pos = self.model.max_seq - 1
-        self.pos.fill_(saved_pos)
-        saved = (saved[0], self.pos.clone(), saved[2])
+        # Warm-up steps write one KV entry at the last position, which no kept token occupies
+        # yet (a token's KV is written when it is fed, before anything reads it). run() sets
+        # token, position and seen-mask afterwards, so nothing else needs restoring.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up: kernels choose their configurations
             for _ in range(2):
+                self.pos.fill_(self.model.max_seq - 1)
                 self._step(p)
-                self._restore(saved)
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
         if self.rng_in_graph:
             g.register_generator_state(self.gen)
         with torch.cuda.graph(g, pool=self.pool):
             self._step(p)
-        self._restore(saved)
         self.graphs[key] = g
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
         return g
-
-    def _restore(self, saved) -> None:
-        self.token.copy_(saved[0])
-        self.pos.copy_(saved[1])
-        self.seen.copy_(saved[2])
 
     def usable(self, p: SamplingParams) -> bool:
         """Sampling with noise needs the generator registered with the graph (torch >= 2.5)."""
