@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from .hub import (
     bytes_on_disk,
     folder_of,
     local_models,
+    parse_name,
     scheme_from_config,
 )
 
@@ -58,17 +58,14 @@ def eta_text(seconds: float | None) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-class CatalogueModel(QAbstractTableModel):
-    COLUMNS = ("Model", "Base", "Params", "Bits", "Vector", "Codebook", "Residual", "Downloads")
+class _Table(QAbstractTableModel):
+    """A flat table with fixed column titles in COLUMNS and its data in ``rows``."""
+
+    COLUMNS: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
-        self.rows: list[tuple[Entry, Scheme]] = []
-
-    def set_entries(self, entries: list[Entry]) -> None:
-        self.beginResetModel()
-        self.rows = [(e, e.scheme) for e in entries]
-        self.endResetModel()
+        self.rows: list = []
 
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(self.rows)
@@ -80,6 +77,17 @@ class CatalogueModel(QAbstractTableModel):
         if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
             return self.COLUMNS[section]
         return None
+
+
+class CatalogueModel(_Table):
+    COLUMNS = ("Model", "Base", "Params", "Bits", "Vector", "Codebook", "Residual", "Downloads")
+
+    rows: list[tuple[Entry, Scheme]]
+
+    def set_entries(self, entries: list[Entry]) -> None:
+        self.beginResetModel()
+        self.rows = [(e, e.scheme) for e in entries]
+        self.endResetModel()
 
     def data(self, index: Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
         if not index.isValid():
@@ -151,25 +159,12 @@ class CatalogueFilter(QSortFilterProxyModel):
         return all(checks)
 
 
-class LocalModel(QAbstractTableModel):
+class LocalModel(_Table):
     """Downloads and installed models, one row per repo; a download's change touches its row."""
 
     COLUMNS = ("Model", "State", "Progress", "Speed", "ETA", "On disk")
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[dict] = []  # repo, state, message, fraction, speed, eta, disk, folder
-
-    def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
-        return 0 if parent.isValid() else len(self.rows)
-
-    def columnCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
-        return len(self.COLUMNS)
-
-    def headerData(self, section: int, orientation, role=Qt.ItemDataRole.DisplayRole) -> Any:
-        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
-            return self.COLUMNS[section]
-        return None
+    rows: list[dict]  # repo, state, message, fraction, speed, eta, disk
 
     def data(self, index: Index, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
         if not index.isValid():
@@ -260,7 +255,7 @@ class BrowserController(QObject):
         except HubError as e:
             self.error.emit(str(e))
             return
-        scheme, shape, note = self._scheme_of(repo), None, ""
+        scheme, shape, note = parse_name(repo), None, ""
         try:
             cfg = await asyncio.to_thread(self.hub.config, repo, files.revision)
             scheme, shape = scheme_from_config(repo, cfg), Shape.from_config(cfg)
@@ -271,11 +266,6 @@ class BrowserController(QObject):
         installed = (folder / INSTALLED).exists()
         self.details = Details(repo, scheme, files, on_disk, shape, installed, note)
         self.details_ready.emit(self.details)
-
-    def _scheme_of(self, repo: str) -> Scheme:
-        from .hub import parse_name
-
-        return parse_name(repo)
 
     def gpus_now(self) -> list[GpuInfo]:
         return self.gpus.read()
@@ -353,10 +343,3 @@ class BrowserController(QObject):
                     "disk": m.disk_bytes,
                 }
             )
-
-
-def when(iso: str) -> str:
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%Y-%m-%d")
-    except ValueError:
-        return ""
