@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     bd = sub.add_parser("build-demo", help="build the embedded demo model now")
-    bd.add_argument("--vptq", action="store_true", help="build the VPTQ-quantized demo instead")
+    bd.add_argument("--dense", action="store_true", help="only the dense demo (demo-dense)")
     sub.add_parser("build-kernels", help="build the CUDA kernels now (otherwise: on first use)")
     b = sub.add_parser("bench", help="benchmarks with baselines timed in the same run")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -235,7 +235,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 def cmd_build_demo(a: argparse.Namespace) -> None:
     from .models import build_dense_demo, build_vptq_demo
 
-    print((build_vptq_demo if a.vptq else build_dense_demo)(PROGRESS))
+    print((build_dense_demo if a.dense else build_vptq_demo)(PROGRESS))
     PROGRESS.end()
 
 

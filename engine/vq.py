@@ -55,13 +55,9 @@ def kmeans(
     gen: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Weighted k-means (k-means++ seeding); returns [k, v] centroids. Large inputs are fitted on
-    a sample drawn with probability proportional to weight, which keeps the weighted objective."""
+    a weighted sample (see fit_sample), which keeps the weighted objective."""
     if points.shape[0] > max(FIT_POINTS, 8 * k):
-        w = torch.ones(points.shape[0], device=points.device) if weights is None else weights
-        pick = torch.multinomial(
-            w.clamp_min(1e-12), max(FIT_POINTS, 8 * k), replacement=True, generator=gen
-        )
-        points, weights = points[pick], None
+        points, weights = fit_sample(points, weights, max(FIT_POINTS, 8 * k), gen)
     n, dev = points.shape[0], points.device
     w = torch.ones(n, device=dev) if weights is None else weights.clamp_min(1e-12)
     if n <= k:
@@ -82,7 +78,34 @@ def kmeans(
     return book
 
 
-SEQUENTIAL_SEEDING = 1024  # k-means++ up to this k; above, a weighted sample (Lloyd does the rest)
+HEAVY_QUANTILE = 0.99
+
+
+def fit_sample(points, weights, m: int, gen) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """About m points standing for all of them in the weighted objective: the heaviest 1% kept
+    as they are, the rest drawn in proportion to weight, each standing for an equal share of
+    the rest's total weight. Drawing everything in proportion to weight would not do: where a
+    few points hold nearly all the weight (a massive-activation channel, as in SmolLM2's
+    layer-11 down_proj) the sample is those points repeated, and so is the codebook."""
+    if weights is None:
+        pick = torch.randint(points.shape[0], (m,), generator=gen, device=points.device)
+        return points[pick], None
+    w = weights.float().clamp_min(1e-12)
+    probe = torch.randperm(w.shape[0], generator=gen, device=w.device)[: 1 << 16]
+    heavy = w > torch.quantile(w[probe], HEAVY_QUANTILE)
+    if int(heavy.sum()) > m // 2:  # too many to keep: the plain weighted draw
+        heavy = torch.zeros_like(heavy)
+    rest_w = w[~heavy]
+    drawn = m - int(heavy.sum())
+    pick = torch.multinomial(rest_w, drawn, replacement=True, generator=gen)
+    share = rest_w.sum() / drawn
+    return (
+        torch.cat([points[heavy], points[~heavy][pick]]),
+        torch.cat([w[heavy], share.expand(drawn)]),
+    )
+
+
+SEQUENTIAL_SEEDING = 256  # k-means++ up to this k; above, a weighted sample (Lloyd does the rest)
 
 
 def _seed(points: torch.Tensor, w: torch.Tensor, k: int, gen) -> torch.Tensor:

@@ -17,9 +17,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def demo_path():
-    """The demo model folder (built once into the data folder, as `make run` does)."""
-    from engine.models import build_dense_demo
+    """The dense demo model folder. Both demos are built once into the data folder, as `make
+    run` does: tests load `demo` (the VPTQ build) by name in engine processes."""
+    from engine.models import build_dense_demo, build_vptq_demo
 
+    build_vptq_demo()
     return build_dense_demo()
 
 

@@ -34,6 +34,9 @@ def rel_err(got, want):
 
 LARGE = {  # odd, realistic and padded shapes on top of the reference test's variants
     "8b-q-v8-k65536": dict(k_in=256, n_out=2048, v=8, k=65536),
+    # the cluster GEMV's shapes: odd K (one index in the last word), N not a multiple of 8, bias
+    "v8-k65536-cluster-odd": dict(k_in=1001, n_out=4100, v=8, k=65536, bias=True),
+    "v8-k65536-cluster-nonorm": dict(k_in=4096, n_out=512, v=8, k=65536, norm=False, perm=False),
     "v8-k65536-256": dict(k_in=1000, n_out=300, v=8, k=65536, kr=256),
     "v12-k65536-4096-pad": dict(k_in=768, n_out=1028, v=12, k=65536, kr=4096),
     "v16-k65536-65536": dict(k_in=640, n_out=256, v=16, k=65536, kr=65536),
@@ -142,3 +145,28 @@ def test_whole_random_model_gpu_matches_cpu(tmp_path):
     assert rel_err(got, want) < 1e-2
     assert rel_err(torch.cat(steps, 1), want) < 1e-2
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.slow
+def test_demo_model_greedy_tokens_match_the_cpu_reference():
+    """The demo model (VPTQ-quantized SmolLM2) answers with the same greedy tokens on the GPU
+    (kernels, CUDA-graph decode, fp16) as on the CPU reference path in float32."""
+    import os
+
+    from engine.generate import Session
+    from engine.models import resolve_model
+    from engine.sampling import SamplingParams
+
+    path = os.environ.get("VPTQ_TEST_DEMO") or resolve_model("demo")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    runs = {}
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.float16)):
+        session = Session.load(path, device, dtype, max_seq_len=256)
+        ids, _ = session.prompt_ids(messages=messages, max_new_tokens=24)
+        gen = session.generate(ids, params)
+        runs[device] = (gen.tokens, "".join(gen), gen.stats.cuda_graph, session.kernels)
+    tokens, text, graph, kernels = runs["cuda"]
+    assert kernels == "cuda" and graph
+    assert "Paris" in text, text
+    assert tokens == runs["cpu"][0], (text, runs["cpu"][1])

@@ -14,7 +14,15 @@ from engine.layers import VQLinear
 from engine.loader import load_model
 from engine.ops import reference
 from engine.quantize import Recipe, quantize, tensors_of
-from engine.vq import grid_codebook, grid_nearest, nearest, proxy_error, quantize_weight
+from engine.vq import (
+    FIT_POINTS,
+    grid_codebook,
+    grid_nearest,
+    kmeans,
+    nearest,
+    proxy_error,
+    quantize_weight,
+)
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -34,6 +42,25 @@ def test_second_order_beats_kmeans_at_the_same_bits(v, k, kr):
         for m in ("kmeans", "vptq")
     }
     assert errors["vptq"] < 0.7 * errors["kmeans"], errors
+
+
+def test_a_few_heavy_points_do_not_take_the_codebook():
+    """20 points hold 99.96% of the weight (a massive-activation channel, as in SmolLM2's layer-11
+    down_proj). The fit sample must still see the other 40000: they get about as good a codebook
+    as plain k-means gives them with the 236 centroids the heavy points leave over."""
+    g = torch.Generator().manual_seed(0)
+    heavy, light = torch.rand(20, 2, generator=g), torch.rand(40000, 2, generator=g)
+    points = torch.cat([heavy, light])
+    weights = torch.cat([torch.full((20,), 1e6), torch.ones(40000)])
+    assert points.shape[0] > FIT_POINTS  # the sampled branch
+
+    def light_error(book):
+        return float(((light - book[nearest(light, book)]) ** 2).sum())
+
+    book = kmeans(points, weights, 256, gen=torch.Generator().manual_seed(1))
+    assert float(((heavy - book[nearest(heavy, book)]) ** 2).sum()) < 1e-8  # each has its own
+    best = light_error(kmeans(light, None, 236, gen=torch.Generator().manual_seed(1)))
+    assert light_error(book) < 1.5 * best, (light_error(book), best)
 
 
 def test_rtn_uses_the_uniform_grid():
@@ -142,3 +169,35 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, demo_path):
     a = load_file(str(next(whole.glob("*.safetensors"))))
     b = load_file(str(next(resumed.glob("*.safetensors"))))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def perplexity(model: str) -> float:
+    text = DATA / "pride_and_prejudice_ch1.txt"
+    args = ["perplexity", "--model", model, "--file", str(text), "--context", "512"]
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    return float(r.stdout.strip().splitlines()[-1].split(":")[1])
+
+
+@pytest.mark.slow
+def test_the_demo_is_vptq_and_keeps_the_dense_models_quality(demo_path):
+    """`demo` is SmolLM2 quantized here with the second-order method at DEMO_SCHEME, and its
+    perplexity on a public-domain text it was not calibrated on is within 25% of the dense
+    model's. (`generate --model demo --chat` answering "Paris" is test_cli's.)"""
+    import json
+
+    from engine.models import DEMO_SCHEME, resolve_model
+
+    cfg = json.loads((resolve_model("demo") / "config.json").read_text())
+    layers = cfg["quantization_config"]["config_for_layers"]
+    assert cfg["quantization_config"]["quant_method"] == "vptq" and len(layers) == 30 * 7
+    scheme = next(iter(layers.values()))
+    assert scheme["vector_lens"][-1] == DEMO_SCHEME["vector_len"]
+    assert scheme["num_centroids"][-1] == DEMO_SCHEME["centroids"]
+    dense, quantized = perplexity("demo-dense"), perplexity("demo")
+    assert quantized <= 1.25 * dense, (quantized, dense)
