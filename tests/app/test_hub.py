@@ -82,6 +82,7 @@ def record(states: list, d) -> None:
 def run_download(fake, tmp_path, repo=REPO, before=None, **kw):
     """Download ``repo``; returns (the final Download, every state it went through)."""
     states = []
+    STALL_SPEEDS.clear()
 
     async def main():
         m = manager(

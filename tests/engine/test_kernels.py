@@ -1,5 +1,7 @@
 """The CUDA kernels against the reference ops and the float64 oracle (marker gpu)."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -34,7 +36,7 @@ def rel_err(got, want):
 
 LARGE = {  # odd, realistic and padded shapes on top of the reference test's variants
     "8b-q-v8-k65536": dict(k_in=256, n_out=2048, v=8, k=65536),
-    # the cluster GEMV's shapes: odd K (one index in the last word), N not a multiple of 8, bias
+    # edges of the 65536-entry GEMV: odd K (one index in the last word), N not a multiple of 8
     "v8-k65536-cluster-odd": dict(k_in=1001, n_out=4100, v=8, k=65536, bias=True),
     "v8-k65536-cluster-nonorm": dict(k_in=4096, n_out=512, v=8, k=65536, norm=False, perm=False),
     "v8-k65536-256": dict(k_in=1000, n_out=300, v=8, k=65536, kr=256),
@@ -151,8 +153,6 @@ def test_whole_random_model_gpu_matches_cpu(tmp_path):
 def test_demo_model_greedy_tokens_match_the_cpu_reference():
     """The demo model (VPTQ-quantized SmolLM2) answers with the same greedy tokens on the GPU
     (kernels, CUDA-graph decode, fp16) as on the CPU reference path in float32."""
-    import os
-
     from engine.generate import Session
     from engine.models import resolve_model
     from engine.sampling import SamplingParams

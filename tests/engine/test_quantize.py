@@ -24,6 +24,8 @@ from engine.vq import (
     quantize_weight,
 )
 
+from .test_cli import run
+
 DATA = Path(__file__).parent.parent / "data"
 
 
@@ -172,14 +174,8 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, demo_path):
 
 
 def perplexity(model: str) -> float:
-    text = DATA / "pride_and_prejudice_ch1.txt"
-    args = ["perplexity", "--model", model, "--file", str(text), "--context", "512"]
-    r = subprocess.run(
-        [sys.executable, "-m", "engine", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = run("perplexity", "--model", model, "--file", DATA / "pride_and_prejudice_ch1.txt",
+            "--context", 512, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
     return float(r.stdout.strip().splitlines()[-1].split(":")[1])
 
