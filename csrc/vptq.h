@@ -37,4 +37,31 @@ size_t gemv_workspace_floats(const Layer& L, int T, int splits);
 cudaError_t launch_gemv(const Layer& L, const void* x, int T, void* out, float* workspace,
                         int splits, DType dtype, cudaStream_t stream);
 
+// The sliced GEMV (vptq_sliced.cu, engine/ops/sliced.py builds the layout): the lookups of a
+// layer regrouped at load time by codebook slice, so every block serves its lookups from a
+// slice held in shared memory. entries[i] = (column within chunk << 16) | codeword within slice,
+// sorted by segment (slice, column chunk, vector-row); segment s spans offsets[s]..offsets[s+1].
+struct SlicedLayer {
+  const uint32_t* entries = nullptr;   // [E]
+  const uint16_t* res_codes = nullptr; // [E] residual codeword of each entry (small residual)
+  const int32_t* offsets = nullptr;    // [n_slices * n_chunks * rows + 1]
+  const void* table = nullptr;         // [n_cw, v] codebooks, concatenated
+  const void* res_table = nullptr;     // [res_cw, v] small residual codebooks, in every block
+  const void* scale = nullptr;         // [K] weight_scale (original columns)
+  const void* wbias = nullptr;         // [K] weight_bias
+  const void* bias = nullptr;          // [N]
+  int32_t* counters = nullptr;         // [row_blocks], zero between calls (the kernel resets)
+  int N = 0, K = 0, v = 0, n_cw = 0, slice_cw = 0, n_slices = 0, chunk_cols = 0, n_chunks = 0;
+  int rows = 0, res_cw = 0, row_block = 0, row_blocks = 0;
+};
+
+constexpr int kSlicedThreads = 512;
+
+// Dynamic shared memory the sliced GEMV needs for `tokens_tile` tokens (1, 2, 4 or 8).
+size_t sliced_smem_bytes(const SlicedLayer& L, int tokens_tile);
+bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin);
+// workspace: n_slices * T * N floats.
+cudaError_t launch_sliced_gemv(const SlicedLayer& L, const void* x, int T, void* out,
+                               float* workspace, DType dtype, cudaStream_t stream);
+
 }  // namespace vptq

@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include "vptq.h"
+#include "vptq_device.cuh"
 
 namespace vptq {
 namespace {
@@ -22,17 +23,6 @@ constexpr int kStageFloats = 2048;    // xhat staging: NT tokens x (2048 / NT) c
 // the static reduction scratch (a launch above 48 KB would need an opt-in per kernel).
 constexpr int kSmemCodebooks = 48 * 1024 - kStageFloats * 4 - 512;
 
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // Element g of a packed row: bits g*B .. g*B+B-1 of a little-endian stream of 32-bit words.
 __device__ __forceinline__ uint32_t extract(const uint32_t* row, uint32_t g, int bits) {
   const uint32_t bit = g * static_cast<uint32_t>(bits);
@@ -40,38 +30,6 @@ __device__ __forceinline__ uint32_t extract(const uint32_t* row, uint32_t g, int
   uint32_t val = __ldg(row + w) >> off;
   if (off + bits > 32) val |= __ldg(row + w + 1) << (32 - off);
   return bits == 32 ? val : (val & ((1u << bits) - 1u));
-}
-
-// A v-wide codeword as floats, with the widest loads its alignment allows
-// (the codeword starts at a multiple of v*2 bytes).
-template <typename T, int V>
-__device__ __forceinline__ void load_code(const T* p, float (&out)[V]) {
-  if constexpr (V % 8 == 0) {
-#pragma unroll
-    for (int c = 0; c < V / 8; ++c) {
-      const uint4 u = *reinterpret_cast<const uint4*>(p + 8 * c);
-      const T* h = reinterpret_cast<const T*>(&u);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) out[8 * c + i] = to_f(h[i]);
-    }
-  } else if constexpr (V % 4 == 0) {
-#pragma unroll
-    for (int c = 0; c < V / 4; ++c) {
-      const uint2 u = *reinterpret_cast<const uint2*>(p + 4 * c);
-      const T* h = reinterpret_cast<const T*>(&u);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) out[4 * c + i] = to_f(h[i]);
-    }
-  } else {
-    static_assert(V % 2 == 0, "odd vector lengths take the dequant path");
-#pragma unroll
-    for (int c = 0; c < V / 2; ++c) {
-      const uint32_t u = *reinterpret_cast<const uint32_t*>(p + 2 * c);
-      const T* h = reinterpret_cast<const T*>(&u);
-      out[2 * c] = to_f(h[0]);
-      out[2 * c + 1] = to_f(h[1]);
-    }
-  }
 }
 
 // V > 0: compile-time vector length with vector loads; V == 0: any v <= 16, scalar loads.

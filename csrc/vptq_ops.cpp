@@ -123,6 +123,65 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& indices, const at::T
   return out;
 }
 
+// meta = [N, K, v, n_cw, slice_cw, n_slices, chunk_cols, n_chunks, rows, res_cw, row_block,
+//         row_blocks] (engine/ops/sliced.py). counters comes back as it went in (all zero).
+at::Tensor gemv_sliced_cuda(const at::Tensor& x, const at::Tensor& entries,
+                            const OptTensor& res_codes, const at::Tensor& offsets,
+                            const at::Tensor& table, const OptTensor& res_table,
+                            const OptTensor& weight_scale, const OptTensor& weight_bias,
+                            const OptTensor& bias, const at::Tensor& counters,
+                            at::IntArrayRef meta) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(meta.size() == 12, "meta must hold 12 ints");
+  check_int(entries, at::kInt, "entries");
+  check_int(res_codes, at::kShort, "res_codes");
+  check_int(offsets, at::kInt, "offsets");
+  check_int(counters, at::kInt, "counters");
+  check_float(table, x, "table");
+  check_float(res_table, x, "res_table");
+  check_float(weight_scale, x, "weight_scale");
+  check_float(weight_bias, x, "weight_bias");
+  check_float(bias, x, "bias");
+  vptq::SlicedLayer L;
+  L.N = meta[0]; L.K = meta[1]; L.v = meta[2]; L.n_cw = meta[3]; L.slice_cw = meta[4];
+  L.n_slices = meta[5]; L.chunk_cols = meta[6]; L.n_chunks = meta[7]; L.rows = meta[8];
+  L.res_cw = meta[9]; L.row_block = meta[10]; L.row_blocks = meta[11];
+  TORCH_CHECK(x.size(-1) == L.K, "x has ", x.size(-1), " features, the layer takes ", L.K);
+  TORCH_CHECK(offsets.numel() == static_cast<int64_t>(L.n_slices) * L.n_chunks * L.rows + 1,
+              "offsets size");
+  TORCH_CHECK(table.numel() == static_cast<int64_t>(L.n_cw) * L.v, "table size");
+  TORCH_CHECK(counters.numel() >= L.row_blocks, "counters size");
+  TORCH_CHECK((L.res_cw > 0) == (res_codes.has_value() && res_table.has_value()),
+              "res_codes and res_table go together with res_cw > 0");
+  TORCH_CHECK(!res_codes.has_value() || res_codes->numel() == entries.numel(), "res_codes size");
+  L.entries = reinterpret_cast<const uint32_t*>(entries.data_ptr<int32_t>());
+  L.res_codes = res_codes.has_value()
+                    ? reinterpret_cast<const uint16_t*>(res_codes->data_ptr<int16_t>())
+                    : nullptr;
+  L.offsets = offsets.data_ptr<int32_t>();
+  L.table = table.data_ptr();
+  L.res_table = ptr(res_table);
+  L.scale = ptr(weight_scale);
+  L.wbias = ptr(weight_bias);
+  L.bias = ptr(bias);
+  L.counters = counters.data_ptr<int32_t>();
+  const at::Tensor xc = x.contiguous();
+  const int tokens = static_cast<int>(xc.numel() / L.K);
+  const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(vptq::sliced_supported(L, tokens, optin), "the sliced GEMV does not take ",
+              tokens, " tokens for this layer; use dequant + GEMM");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = L.N;
+  at::Tensor out = at::empty(shape, x.options());
+  at::Tensor ws = at::empty({static_cast<int64_t>(L.n_slices) * tokens * L.N},
+                            x.options().dtype(at::kFloat));
+  check_launch(vptq::launch_sliced_gemv(L, xc.data_ptr(), tokens, out.data_ptr(),
+                                        ws.data_ptr<float>(), dtype_of(x),
+                                        at::cuda::getCurrentCUDAStream()),
+               "gemv_sliced");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vptq, m) {
@@ -133,9 +192,14 @@ TORCH_LIBRARY(vptq, m) {
   m.def(
       "gemv(Tensor x, Tensor indices, Tensor centroids, Tensor? res_centroids, Tensor? perm, "
       "Tensor? weight_scale, Tensor? weight_bias, Tensor? bias, int[] meta) -> Tensor");
+  m.def(
+      "gemv_sliced(Tensor x, Tensor entries, Tensor? res_codes, Tensor offsets, Tensor table, "
+      "Tensor? res_table, Tensor? weight_scale, Tensor? weight_bias, Tensor? bias, "
+      "Tensor counters, int[] meta) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
   m.impl("dequant", &dequant_cuda);
   m.impl("gemv", &gemv_cuda);
+  m.impl("gemv_sliced", &gemv_sliced_cuda);
 }

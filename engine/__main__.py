@@ -95,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
     bk = bsub.add_parser("kernels", help="VPTQ kernels vs cuBLAS fp16 on Llama-3.1 layer shapes")
     bk.add_argument("--arch", action="append", help="llama-3.1-8b, llama-3.1-70b (default both)")
     bk.add_argument("--scheme", action="append", help="e.g. v8-k65536-0 (default: all five)")
+    bk.add_argument(
+        "--tokens", type=int, action="append", help="token counts (default: 1 4 8 16 512)"
+    )
     bk.add_argument("--out", type=Path, help="also write every measurement as JSON here")
     be = bsub.add_parser("e2e", help="a whole random model on the GPU: prefill, graph decode")
     be.add_argument("--arch", default="llama-3.1-8b", help="llama-3.1-8b|llama-3.1-70b|...")
@@ -276,7 +279,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
         for value in archs if name == "arch" else schemes:
             if value not in known:
                 raise ValueError(f"unknown --{name} {value!r}; choose from {', '.join(known)}")
-    bench.run_kernels(archs, schemes, a.out)
+    bench.run_kernels(archs, schemes, a.out, tuple(a.tokens or bench.TOKENS))
 
 
 def main(argv: list[str] | None = None) -> int:

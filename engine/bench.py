@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .formats.vptq import VQLayerSpec
-from .ops import cuda
+from .ops import cuda, sliced
 
 ARCHS = {  # hidden, intermediate, heads, kv heads, head dim
     "llama-3.1-8b": (4096, 14336, 32, 8, 128),
@@ -52,13 +52,24 @@ def projections(arch: str) -> list[tuple[str, int, int]]:
 class Layer:
     spec: VQLayerSpec
     tensors: tuple
+    sliced: sliced.SlicedLayout | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
 
+    @property
+    def gemv_bytes(self) -> int:
+        """What one GEMV call must read of the weights: the sliced layout instead of the packed
+        indices where the layer has one (its codebooks once)."""
+        if self.sliced is None:
+            return self.nbytes
+        return self.nbytes - self.tensors[0].numel() * 4 + self.sliced.nbytes
 
-def random_layer(k_in: int, n_out: int, scheme: str, dtype=torch.float16) -> Layer:
+
+def random_layer(
+    k_in: int, n_out: int, scheme: str, dtype=torch.float16, with_sliced: bool = True
+) -> Layer:
     v, k, kr = SCHEMES[scheme]
     spec = VQLayerSpec(
         in_features=k_in,
@@ -78,7 +89,13 @@ def random_layer(k_in: int, n_out: int, scheme: str, dtype=torch.float16) -> Lay
     scale = torch.rand(k_in, dtype=dtype, device=dev) + 0.5
     wbias = torch.rand(k_in, dtype=dtype, device=dev) - 0.5
     tensors = (words, books, res, None, None, perm.int(), torch.argsort(perm).int(), scale, wbias)
-    return Layer(spec, tensors)
+    layer = Layer(spec, tensors)
+    if with_sliced and sliced.eligible(spec):
+        props = torch.cuda.get_device_properties(dev)
+        layer.sliced = sliced.build(
+            tensors, spec, props.multi_processor_count, props.shared_memory_per_block_optin
+        )
+    return layer
 
 
 def time_us(fns: list[Callable[[], object]], reps: int = 7, calls: int = 20) -> float:
@@ -116,16 +133,18 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (us * 1e-6)
 
 
-def bench_projection(name: str, k_in: int, n_out: int, scheme: str, peak: float) -> list[dict]:
+def bench_projection(
+    name: str, k_in: int, n_out: int, scheme: str, peak: float, tokens=TOKENS
+) -> list[dict]:
     proto = random_layer(k_in, n_out, scheme)
-    copies = max(1, min(16, -(-ROTATE_BYTES // proto.nbytes)))
+    copies = max(1, min(16, -(-ROTATE_BYTES // (proto.nbytes + proto.gemv_bytes))))
     layers = [proto] + [random_layer(k_in, n_out, scheme) for _ in range(copies - 1)]
     dense = [
         torch.randn(n_out, k_in, dtype=torch.float16, device="cuda") * 0.02
         for _ in range(max(1, min(16, -(-ROTATE_BYTES // (2 * n_out * k_in)))))
     ]
     rows = []
-    for t in TOKENS:
+    for t in tokens:
         x = torch.randn(t, k_in, dtype=torch.float16, device="cuda")
         io = 2 * t * (k_in + n_out)
         row = {"proj": name, "K": k_in, "N": n_out, "scheme": scheme, "tokens": t}
@@ -136,7 +155,13 @@ def bench_projection(name: str, k_in: int, n_out: int, scheme: str, peak: float)
         row["dequant_gemm_bytes"] = proto.nbytes + 4 * n_out * k_in + io
         if t <= cuda.fused_tokens(proto.spec):
             g = [lambda L=L, x=x: cuda.linear(x, None, L.tensors, L.spec) for L in layers]
+            row["plain_gemv_us"] = time_us(g)  # packed indices, codewords through L2
+        if proto.sliced is not None and t <= proto.sliced.max_tokens:
+            g = [lambda L=L, x=x: cuda.gemv_sliced(x, None, L.sliced, L.tensors) for L in layers]
             row["gemv_us"] = time_us(g)
+            row["gemv_bytes"] = proto.gemv_bytes + io
+        elif "plain_gemv_us" in row:
+            row["gemv_us"] = row["plain_gemv_us"]
             row["gemv_bytes"] = proto.nbytes + io
         best = min(row.get("gemv_us", float("inf")), row["dequant_gemm_us"])
         row["best_us"] = best
@@ -149,7 +174,7 @@ def bench_projection(name: str, k_in: int, n_out: int, scheme: str, peak: float)
     return rows
 
 
-def run_kernels(archs: list[str], schemes: list[str], out: Path | None) -> None:
+def run_kernels(archs: list[str], schemes: list[str], out: Path | None, tokens=TOKENS) -> None:
     ok, why = cuda.load()
     if not ok:
         raise SystemExit(f"error: kernels unavailable: {why}")
@@ -160,12 +185,12 @@ def run_kernels(archs: list[str], schemes: list[str], out: Path | None) -> None:
     for arch in archs:
         for scheme in schemes:
             for proj, k_in, n_out in projections(arch):
-                for r in bench_projection(proj, k_in, n_out, scheme, peak):
+                for r in bench_projection(proj, k_in, n_out, scheme, peak, tokens):
                     rows.append(r | {"arch": arch})
             _print_scheme(
                 arch, scheme, [r for r in rows if r["arch"] == arch and r["scheme"] == scheme]
             )
-    _print_summary(rows)
+    _print_summary(rows, tokens)
     if out:
         out.write_text(json.dumps({"device": name, "copy_bandwidth": peak, "rows": rows}, indent=1))
 
@@ -173,25 +198,26 @@ def run_kernels(archs: list[str], schemes: list[str], out: Path | None) -> None:
 def _print_scheme(arch: str, scheme: str, rows: list[dict]) -> None:
     print(f"\n{arch} {scheme}")
     print(
-        f"{'proj':>5} {'T':>4} {'gemv us':>9} {'deq+gemm':>9} {'fp16 us':>9} {'x fp16':>7} "
-        f"{'GB/s':>6} {'%peak':>6}"
+        f"{'proj':>5} {'T':>4} {'gemv us':>9} {'plain':>9} {'deq+gemm':>9} {'fp16 us':>9} "
+        f"{'x fp16':>7} {'GB/s':>6} {'%peak':>6}"
     )
     for r in rows:
         gemv = f"{r['gemv_us']:9.1f}" if "gemv_us" in r else f"{'-':>9}"
+        plain = f"{r['plain_gemv_us']:9.1f}" if "plain_gemv_us" in r else f"{'-':>9}"
         print(
-            f"{r['proj']:>5} {r['tokens']:>4} {gemv} {r['dequant_gemm_us']:9.1f} "
+            f"{r['proj']:>5} {r['tokens']:>4} {gemv} {plain} {r['dequant_gemm_us']:9.1f} "
             f"{r['cublas_us']:9.1f} {r['speedup_vs_fp16']:7.2f} {r['best_gbs']:6.0f} "
             f"{r['best_pct_peak']:6.1f}"
         )
 
 
-def _print_summary(rows: list[dict]) -> None:
+def _print_summary(rows: list[dict], tokens=TOKENS) -> None:
     print("\nsum over a block's 7 projections (best path), ratio = fp16 time / VPTQ time")
-    print(f"{'arch':>14} {'scheme':>17} " + " ".join(f"{'T=' + str(t):>16}" for t in TOKENS))
+    print(f"{'arch':>14} {'scheme':>17} " + " ".join(f"{'T=' + str(t):>16}" for t in tokens))
     keys = sorted({(r["arch"], r["scheme"]) for r in rows})
     for arch, scheme in keys:
         cells = []
-        for t in TOKENS:
+        for t in tokens:
             sel = [r for r in rows if (r["arch"], r["scheme"], r["tokens"]) == (arch, scheme, t)]
             q = sum(r["best_us"] for r in sel)
             f = sum(r["cublas_us"] for r in sel)

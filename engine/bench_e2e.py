@@ -14,8 +14,8 @@ import torch
 from .config import ModelArgs
 from .decode import GraphDecoder
 from .formats.vptq import VQLayerSpec
-from .layers import VQLinear
-from .loader import _assign
+from .layers import VQLinear, build_sliced_layouts
+from .loader import SLICED_SLACK, _assign, free_bytes
 from .memory import GiB, Shape
 from .model import Transformer, dense_linear
 from .sampling import SamplingParams
@@ -47,8 +47,10 @@ def config(arch: str) -> dict:
     return base | ARCHS[arch]
 
 
-def build(arch: str, scheme: str | None, context: int) -> Transformer:
-    """The model on the GPU with random weights; scheme None: fp16 dense."""
+def build(arch: str, scheme: str | None, context: int, cap: float | None = None) -> Transformer:
+    """The model on the GPU with random weights; scheme None: fp16 dense. VPTQ layers get the
+    sliced decode layout as far as the memory left for it allows (cap: the process limit in
+    bytes), as the loader does."""
     args = ModelArgs.from_hf_config(config(arch), arch)
 
     def make(name: str, k: int, n: int, bias: bool):
@@ -73,6 +75,14 @@ def build(arch: str, scheme: str | None, context: int) -> Transformer:
     for m in model.modules():
         if isinstance(m, VQLinear):
             m.post_load()
+    shape = Shape.from_config(config(arch))
+    room = free_bytes(torch.device("cuda"))
+    if cap is not None:
+        room = min(room, int(cap) - torch.cuda.memory_allocated())
+    build_sliced_layouts(
+        model, room - shape.kv_bytes_per_token * context - shape.workspace() - SLICED_SLACK
+    )
+    torch.cuda.empty_cache()
     model.setup_caches(1, context)
     return model.eval()
 
@@ -92,6 +102,16 @@ def _random_like(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tens
 
 def weight_bytes(model: Transformer) -> int:
     return sum(b.numel() * b.element_size() for b in model.state_dict().values())
+
+
+def decode_bytes(model: Transformer) -> int:
+    """Bytes a decode step reads for the weights: a layer on the sliced path reads its layout
+    instead of its packed indices."""
+    total = weight_bytes(model)
+    for m in model.modules():
+        if isinstance(m, VQLinear) and m.sliced is not None:
+            total += m.sliced.nbytes - m.indices.numel() * m.indices.element_size()
+    return total
 
 
 def measure(model: Transformer, tokens: int) -> dict:
@@ -123,6 +143,12 @@ def measure(model: Transformer, tokens: int) -> dict:
         "peak_torch_gib": torch.cuda.max_memory_allocated() / GiB,
         "device_used_gib": (total - free) / GiB,
         "weights_gib": weight_bytes(model) / GiB,
+        "layout_gib": sum(
+            m.sliced.nbytes for m in model.modules() if getattr(m, "sliced", None) is not None
+        )
+        / GiB,
+        "decode_bytes": decode_bytes(model),
+        "sliced_layers": sum(1 for m in model.modules() if getattr(m, "sliced", None) is not None),
     }
 
 
@@ -161,12 +187,12 @@ def run_e2e(arch: str, scheme: str, context: int, tokens: int, vram_limit: float
                                f"{free / GiB:.0f} GiB free"}  # fmt: skip
                 continue
         try:
-            model = build(arch, sch, context)
+            model = build(arch, sch, context, vram_limit * GiB if vram_limit else None)
             kv = sum(
                 layer.self_attn.cache.k.numel() * 4 for layer in model.model.layers
             )  # K and V, 2 bytes each
             r = measure(model, tokens)
-            r["roofline_tok_s"] = peak / (r["weights_gib"] * GiB + kv)
+            r["roofline_tok_s"] = peak / (r["decode_bytes"] + kv)
             r["nvml_used_gib"] = nvml_used_gib()
             rows[label] = r
         except torch.cuda.OutOfMemoryError as e:
@@ -194,3 +220,7 @@ def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> Non
     if "fp16" in rows and "error" not in rows["fp16"] and "error" not in rows[scheme]:
         ratio = rows[scheme]["decode_tok_s"] / rows["fp16"]["decode_tok_s"]
         print(f"decode speed {scheme} / fp16: {ratio:.2f}x")
+    if "error" not in rows[scheme]:
+        r = rows[scheme]
+        print(f"{scheme}: sliced decode layout on {r['sliced_layers']} layers, "
+              f"{r['layout_gib']:+.1f} GiB beside the weights")  # fmt: skip

@@ -35,6 +35,7 @@ class VQLinear(nn.Module):
         self.register_buffer("perm_index", None, persistent=False)  # int32 [K]
         self.register_buffer("inv_perm_index", None, persistent=False)  # int32 [K]
         self.register_buffer("dense_cache", None, persistent=False)  # CPU path: W [N, K]
+        self.sliced = None  # engine.ops.sliced.SlicedLayout, built on the GPU where it fits
 
     @property
     def in_features(self) -> int:
@@ -78,7 +79,7 @@ class VQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         bias = getattr(self, "bias", None)
         if x.is_cuda:
-            return ops.vptq_linear(x, bias, self.tensors(), self.spec)
+            return ops.vptq_linear(x, bias, self.tensors(), self.spec, self.sliced)
         # The CPU runs the reference path: dequantize once, not per token. It costs the dense
         # weight's memory, which is what a CPU-sized model can afford.
         if self.dense_cache is None or self.dense_cache.dtype != x.dtype:
@@ -91,3 +92,25 @@ class VQLinear(nn.Module):
             f"K={s.in_features}, N={s.out_features}, v={s.vector_len}, k={s.num_centroids}, "
             f"kr={s.num_res_centroids}, G={s.group_num}, P={s.outlier_size}"
         )
+
+
+def build_sliced_layouts(model: nn.Module, budget: int) -> tuple[int, int]:
+    """Give the eligible VQLinear layers of a GPU model the sliced layout (engine/ops/sliced.py)
+    while its extra memory stays within ``budget`` bytes, largest layers first. Returns (layers
+    built, layers eligible). Without the CUDA kernels nothing is built."""
+    from .ops import sliced
+
+    layers = [m for m in model.modules() if isinstance(m, VQLinear) and sliced.eligible(m.spec)]
+    if not layers or not ops.kernels_ready() or not layers[0].indices.is_cuda:
+        return 0, len(layers)
+    props = torch.cuda.get_device_properties(layers[0].indices.device)
+    optin = props.shared_memory_per_block_optin
+    built = 0
+    for m in sorted(layers, key=lambda m: -sliced.extra_bytes(m.spec)):
+        need = sliced.extra_bytes(m.spec)
+        if need + sliced.scratch_bytes(m.spec) > budget:
+            continue
+        m.sliced = sliced.build(m.tensors(), m.spec, props.multi_processor_count, optin)
+        budget -= need
+        built += 1
+    return built, len(layers)

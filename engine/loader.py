@@ -7,6 +7,8 @@ device one tensor at a time.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,11 +20,13 @@ from torch import nn
 from .config import ModelArgs
 from .formats.checkpoint import REDOWNLOAD, Checkpoint
 from .formats.vptq import FormatError, VQLayerSpec, int_kind, layer_table, resolve_layer
-from .layers import VQLinear
-from .memory import OutOfMemory, Shape, gib
+from .layers import VQLinear, build_sliced_layouts
+from .memory import MiB, OutOfMemory, Shape, gib
 from .model import Transformer, dense_linear
 
 Progress = Callable[[float, str], None]
+SLICED_SLACK = 256 * MiB  # left free beside the sliced layouts (allocator rounding, graphs)
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -89,6 +93,8 @@ def load_model(
     n_ctx = min(max_seq_len, args.max_position_embeddings)
     largest = n_ctx
     if dev.type == "cuda":
+        _context_that_fits(shape, dev, n_ctx)  # an error with the numbers when it does not fit
+        _build_sliced(model, shape, dev, n_ctx, progress)
         largest = _context_that_fits(shape, dev, n_ctx)
     model.setup_caches(1, n_ctx)
     model.eval()
@@ -124,6 +130,20 @@ def _context_that_fits(shape: Shape, dev: torch.device, n_ctx: int) -> int:
             f"free after the weights. The largest context that fits is {largest} tokens."
         )
     return largest
+
+
+def _build_sliced(model, shape: Shape, dev: torch.device, n_ctx: int, progress) -> None:
+    """The sliced layout (fast decode for 65536-entry codebooks) for as many layers as the
+    memory left after the KV cache of ``n_ctx`` tokens allows; VPTQ_CHAT_SLICED=0 turns it off."""
+    if os.environ.get("VPTQ_CHAT_SLICED") == "0":
+        return
+    budget = free_bytes(dev) - shape.workspace() - shape.kv_bytes_per_token * n_ctx - SLICED_SLACK
+    if progress:
+        progress(0.99, "arranging codebook lookups for decode")
+    built, eligible = build_sliced_layouts(model, budget)
+    if eligible:
+        log.info("sliced decode layout for %d of %d layers", built, eligible)
+    torch.cuda.empty_cache()
 
 
 def _layer_specs(args: ModelArgs, cfg: dict[str, Any], where: Path) -> dict[str, VQLayerSpec]:

@@ -69,10 +69,17 @@ def vptq_dequant(tensors: tuple, spec: VQLayerSpec, dtype: torch.dtype) -> torch
     return reference.vptq_dequant(*tensors, spec=spec, dtype=dtype)
 
 
-def vptq_linear(x: torch.Tensor, bias: torch.Tensor | None, tensors: tuple, spec: VQLayerSpec):
-    """y = x W^T + bias for a VPTQ layer; x: [..., K] -> [..., N]."""
+def kernels_ready() -> bool:
+    return _cuda_ready
+
+
+def vptq_linear(
+    x: torch.Tensor, bias: torch.Tensor | None, tensors: tuple, spec: VQLayerSpec, sliced=None
+):
+    """y = x W^T + bias for a VPTQ layer; x: [..., K] -> [..., N]. ``sliced``: the layer's
+    engine.ops.sliced layout, where it has one."""
     if _on_kernels(x, spec) and tensors[1].dtype == x.dtype:
         from . import cuda
 
-        return cuda.linear(x, bias, tensors, spec)
+        return cuda.linear(x, bias, tensors, spec, sliced)
     return reference.vptq_linear(x, bias, *tensors, spec=spec)

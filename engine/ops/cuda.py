@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from ..formats.vptq import VQLayerSpec
 from ..memory import DEQUANT_WORKSPACE  # prefill dequantizes a layer in slices of at most this
 from ..paths import shipped
+from .sliced import SlicedLayout
 
 CSRC = shipped("csrc")
-SOURCES = ("vptq_ops.cpp", "vptq_kernels.cu")
-HEADERS = ("vptq.h",)
+SOURCES = ("vptq_ops.cpp", "vptq_kernels.cu", "vptq_sliced.cu")
+HEADERS = ("vptq.h", "vptq_device.cuh")
 # Fused GEMV up to this many tokens; above it, dequant + cuBLAS GEMM. Chosen by measurement
 # (`python -m engine bench kernels`, H100): for every benchmarked scheme the GEMV wins at 1-4
 # tokens and loses at 8; csrc/KERNELS.md has the numbers.
@@ -126,6 +127,10 @@ def _register_fakes() -> None:
     def _(x, indices, centroids, res, perm, scale, wbias, bias, meta):
         return x.new_empty((*x.shape[:-1], meta[0]))
 
+    @torch.library.register_fake("vptq::gemv_sliced")
+    def _(x, entries, res_codes, offsets, table, res_table, scale, wbias, bias, counters, meta):
+        return x.new_empty((*x.shape[:-1], meta[0]))
+
 
 def meta(spec: VQLayerSpec) -> list[int]:
     return [
@@ -159,9 +164,26 @@ def dequant(tensors: tuple, spec: VQLayerSpec) -> torch.Tensor:
     )
 
 
-def linear(x: torch.Tensor, bias: torch.Tensor | None, tensors: tuple, spec: VQLayerSpec):
-    """y = x W^T + bias: fused GEMV for few tokens, dequant + cuBLAS GEMM otherwise."""
+def gemv_sliced(x: torch.Tensor, bias: torch.Tensor | None, layout: SlicedLayout, tensors: tuple):
+    scale, wbias = tensors[7], tensors[8]
+    return torch.ops.vptq.gemv_sliced(
+        x, layout.entries, layout.res_codes, layout.offsets, layout.table, layout.res_table,
+        scale, wbias, bias, layout.counters, layout.meta,
+    )  # fmt: skip
+
+
+def linear(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    tensors: tuple,
+    spec: VQLayerSpec,
+    sliced: SlicedLayout | None = None,
+):
+    """y = x W^T + bias: the sliced GEMV where the layer has that layout (engine/ops/sliced.py),
+    else the fused GEMV for few tokens, dequant + cuBLAS GEMM otherwise."""
     tokens = x.numel() // spec.in_features
+    if sliced is not None and tokens <= min(sliced.max_tokens, GEMV_MAX_TOKENS):
+        return gemv_sliced(x, bias, sliced, tensors)
     if tokens <= fused_tokens(spec):
         indices, centroids, res, _, _, perm, _, scale, wbias = tensors
         return torch.ops.vptq.gemv(x, indices, centroids, res, perm, scale, wbias, bias, meta(spec))

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from engine import ops
-from engine.ops import cuda, reference
+from engine.ops import cuda, reference, sliced
 
+from .test_sliced import SLICED
 from .test_vptq_reference import VARIANTS
 from .vq_factory import dequant_args, make_spec, oracle_dense, random_layer
 
@@ -170,3 +171,115 @@ def test_demo_model_greedy_tokens_match_the_cpu_reference():
     assert kernels == "cuda" and graph
     assert "Paris" in text, text
     assert tokens == runs["cpu"][0], (text, runs["cpu"][1])
+
+
+# ---- the sliced GEMV (csrc/vptq_sliced.cu) ----
+
+SLICED_LARGE = {  # real shapes, many row blocks and slices; oracle: the float64 reference op
+    "8b-k-v8-k65536": dict(k_in=4096, n_out=1024, v=8, k=65536),
+    "8b-down-v8-k65536-chunks": dict(k_in=14336, n_out=512, v=8, k=65536),
+    "v8-k65536-r256": dict(k_in=4096, n_out=2056, v=8, k=65536, kr=256, bias=True),
+    "v8-k65536-r65536": dict(k_in=1024, n_out=1024, v=8, k=65536, kr=65536),
+    "v12-k65536-r4096": dict(k_in=4096, n_out=1028, v=12, k=65536, kr=4096),
+    "v16-k65536-r65536": dict(k_in=2048, n_out=512, v=16, k=65536, kr=65536),
+    "v8-k65536-noperm-nonorm": dict(k_in=4096, n_out=512, v=8, k=65536, norm=False, perm=False),
+}
+
+
+def device_layout(spec, args, ctas_per_sm=sliced.CTAS_PER_SM):
+    props = torch.cuda.get_device_properties(0)
+    return sliced.build(
+        args, spec, props.multi_processor_count, props.shared_memory_per_block_optin, ctas_per_sm
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("name", sorted(SLICED))
+def test_sliced_gemv_matches_oracle(name, tokens, dtype):
+    spec = make_spec(**SLICED[name])
+    if (name, dtype) not in _ORACLES:
+        layer = random_layer(spec, seed=len(name), dtype=dtype)
+        _ORACLES[name, dtype] = layer, oracle_dense(layer)
+    layer, dense = _ORACLES[name, dtype]
+    args = gpu_args(layer, dtype)
+    layout = device_layout(spec, args)
+    if tokens > layout.max_tokens:
+        pytest.skip(f"{tokens} tokens take dequant + GEMM for this layer")
+    bias = None if layer.bias is None else torch.tensor(layer.bias).to(dtype).cuda()
+    x = torch.randn(tokens, spec.in_features, dtype=torch.float64)
+    want = x.numpy() @ dense.T + (0 if layer.bias is None else layer.bias)
+    out = cuda.gemv_sliced(x.to(dtype).cuda(), bias, layout, args)
+    assert out.shape == (tokens, spec.out_features) and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert rel_err(out.double().cpu(), want) < (4e-3 if dtype == torch.float16 else 2e-2)
+    ref = reference.vptq_linear(x.to(dtype).cuda(), bias, *args, spec=spec)
+    assert rel_err(out.double().cpu(), want) <= 1.5 * rel_err(ref.double().cpu(), want) + 1e-4
+    again = cuda.gemv_sliced(x.to(dtype).cuda(), bias, layout, args)
+    assert torch.equal(out, again)  # deterministic, and the tickets were reset
+    assert not layout.counters.any()
+
+
+@pytest.mark.parametrize("ctas_per_sm", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 4])
+@pytest.mark.parametrize("name", sorted(SLICED_LARGE))
+def test_sliced_gemv_real_shapes(name, tokens, ctas_per_sm):
+    spec = make_spec(**SLICED_LARGE[name])
+    layer = random_layer(spec, seed=3, dtype=torch.float16)
+    args = gpu_args(layer, torch.float16)
+    layout = device_layout(spec, args, ctas_per_sm)
+    assert layout.meta[5] > 1 and (layout.meta[11] > 1 or layout.meta[8] == 1)
+    if tokens > layout.max_tokens:
+        pytest.skip("too many tokens for this layer's shared memory")
+    bias = None if layer.bias is None else torch.tensor(layer.bias).half().cuda()
+    x = torch.randn(tokens, spec.in_features, device="cuda")
+    out = cuda.gemv_sliced(x.half(), bias, layout, args)
+    args64 = tuple(None if a is None or not a.is_floating_point() else a.double() for a in args)
+    args64 = tuple(a if a64 is None else a64 for a, a64 in zip(args, args64, strict=True))
+    want = reference.vptq_linear(x.double(), bias if bias is None else bias.double(), *args64,
+                                 spec=spec)  # fmt: skip
+    assert rel_err(out.double().cpu(), want.cpu()) < 4e-3
+
+
+def test_sliced_opcheck_and_graph_capture():
+    spec = make_spec(**SLICED_LARGE["v8-k65536-r256"])
+    args = gpu_args(random_layer(spec), torch.float16)
+    layout = device_layout(spec, args)
+    _indices, _centroids, _res, _, _, _perm, _, scale, wbias = args
+    bias = torch.randn(spec.out_features, dtype=torch.float16, device="cuda")
+    for tokens in (1, 3):
+        x = torch.randn(tokens, spec.in_features, dtype=torch.float16, device="cuda")
+        torch.library.opcheck(
+            torch.ops.vptq.gemv_sliced.default,
+            (x, layout.entries, layout.res_codes, layout.offsets, layout.table, layout.res_table,
+             scale, wbias, bias, layout.counters, layout.meta),
+        )  # fmt: skip
+    x = torch.randn(1, spec.in_features, dtype=torch.float16, device="cuda")
+    eager = ops.vptq_linear(x, bias, args, spec, layout)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.vptq_linear(x, bias, args, spec, layout)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+def test_loader_gives_large_codebook_layers_the_sliced_layout(tmp_path, monkeypatch):
+    from engine.layers import VQLinear
+    from engine.loader import load_model
+
+    from .test_loader import build_vptq_model
+
+    build_vptq_model(tmp_path, torch.float16)
+    gpu = load_model(tmp_path, "cuda", torch.float16, max_seq_len=32)
+    layers = [m for m in gpu.model.modules() if isinstance(m, VQLinear)]
+    assert all((m.sliced is not None) == sliced.eligible(m.spec) for m in layers)
+    monkeypatch.setenv("VPTQ_CHAT_SLICED", "0")
+    off = load_model(tmp_path, "cuda", torch.float16, max_seq_len=32)
+    assert all(m.sliced is None for m in off.model.modules() if isinstance(m, VQLinear))
+    tokens = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        a = [gpu.model(tokens[:, i : i + 1], start=i) for i in range(6)]
+        b = [off.model(tokens[:, i : i + 1], start=i) for i in range(6)]
+    assert rel_err(torch.cat(a, 1).cpu(), torch.cat(b, 1).cpu()) < 1e-2

@@ -1,0 +1,403 @@
+// The sliced lookup-GEMV: y = x W^T + bias for 1..8 tokens for layers whose codebooks do not fit
+// in shared memory (the 65536-entry codebooks of the community models).
+//
+// Why: gathering a 16-byte codeword per index from a 1 MiB codebook in L2 moves a 32-byte
+// sector per 8 weights, more bytes than cuBLAS reads for the fp16 weight (csrc/KERNELS.md).
+// So engine/ops/sliced.py regroups a layer's lookups once, at load time, by codebook slice:
+// block (row block b, slice s) copies slice s of the codebooks (64 KB) into shared memory and
+// serves every lookup of its rows that falls into that slice from there. An entry is 32 bits,
+// (column within its 4096-column chunk << 16) | codeword within the slice; a segment is the
+// entries of one (slice, chunk, vector-row), sorted by column; perm is folded into the columns.
+//
+// Per block: the codebook slice (and a small residual codebook, which every block holds whole)
+// goes to shared memory; per chunk, xhat = x * weight_scale for the chunk's columns is staged
+// in fp32; each warp takes vector-rows, its lanes stride over the row's segment, gather xhat and
+// the codeword from shared memory and accumulate v x tokens sums in fp32; the warp sum goes to
+// the block's per-row accumulators. Then each block writes its slice's partial sums, and the
+// last block of a row block to finish (a ticket counter) adds the slices in order, dot(x, b)
+// and bias, and writes the output: deterministic, one launch, no host synchronisation.
+#include <cuda_pipeline.h>
+
+#include "vptq.h"
+#include "vptq_device.cuh"
+
+namespace vptq {
+namespace {
+
+constexpr int kWarpsS = kSlicedThreads / 32;
+
+__host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) & ~size_t{15}; }
+
+struct SmemPlan {
+  size_t cb, res, xs, acc, offs, total;
+};
+
+__host__ __device__ SmemPlan plan(const SlicedLayer& L, int nt) {
+  SmemPlan p;
+  p.cb = 0;
+  p.res = align16(static_cast<size_t>(L.slice_cw) * L.v * 2);
+  p.xs = p.res + align16(static_cast<size_t>(L.res_cw) * L.v * 2);
+  p.acc = p.xs + align16(static_cast<size_t>(L.chunk_cols + 1) * nt * 4);  // + zero column
+  p.offs = p.acc + align16(static_cast<size_t>(L.row_block) * L.v * nt * 4);
+  p.total = p.offs + static_cast<size_t>(L.row_block + 1) * 4;
+  return p;
+}
+
+// Start copying `elems` 16-bit values global -> shared (dst and src 16-byte aligned); the
+// caller commits and waits (cuda_pipeline.h).
+__device__ __forceinline__ void copy_async(uint16_t* dst, const uint16_t* src, int elems) {
+  const int vec = elems / 8;
+  for (int i = threadIdx.x; i < vec; i += blockDim.x)
+    __pipeline_memcpy_async(dst + 8 * i, src + 8 * i, 16);
+  for (int i = vec * 8 + threadIdx.x; i < elems; i += blockDim.x) dst[i] = __ldg(src + i);
+}
+
+template <int NT>
+__device__ __forceinline__ void load_x(const float* p, float (&xv)[NT]) {
+  if constexpr (NT == 1) {
+    xv[0] = *p;
+  } else if constexpr (NT == 2) {
+    const float2 f = *reinterpret_cast<const float2*>(p);
+    xv[0] = f.x;
+    xv[1] = f.y;
+  } else {
+#pragma unroll
+    for (int c = 0; c < NT / 4; ++c) {
+      const float4 f = *reinterpret_cast<const float4*>(p + 4 * c);
+      xv[4 * c] = f.x;
+      xv[4 * c + 1] = f.y;
+      xv[4 * c + 2] = f.z;
+      xv[4 * c + 3] = f.w;
+    }
+  }
+}
+
+// One halving step: lanes with bit d set keep the upper H values, the others the lower H, and
+// each adds its partner's copy of the half it keeps.
+template <int H, int D, int M>
+__device__ __forceinline__ void halve(float (&a)[M], int lane, int& idx) {
+  if constexpr (H >= 1) {
+    const bool upper = lane & D;
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+      const float send = upper ? a[i] : a[i + H];
+      const float keep = upper ? a[i + H] : a[i];
+      a[i] = keep + __shfl_xor_sync(0xffffffffu, send, D);
+    }
+    idx += upper ? H : 0;
+    halve<H / 2, D / 2, M>(a, lane, idx);
+  }
+}
+
+// Adds the warp's sum of a[t * V + j] to acc[j * NT + t] (atomically: two warps can share a row). For a power-of-two count the values
+// are halved between lane pairs at each step (M - 1 + 5 - log2 M shuffles instead of 5 M).
+template <int NT, int V>
+__device__ __forceinline__ void warp_sum_to(float (&a)[NT * V], int lane, float* acc) {
+  constexpr int M = NT * V;
+  if constexpr ((M & (M - 1)) == 0 && M <= 32) {
+    int idx = 0;
+    halve<M / 2, 16, M>(a, lane, idx);
+    constexpr int kSteps = M == 1 ? 0 : (M == 2 ? 1 : M == 4 ? 2 : M == 8 ? 3 : M == 16 ? 4 : 5);
+    int d = 16 >> kSteps;
+#pragma unroll
+    for (; d > 0; d /= 2) a[0] += __shfl_xor_sync(0xffffffffu, a[0], d);
+    if ((lane & (32 / M - 1)) == 0) {
+      const int t = idx / V, j = idx % V;
+      atomicAdd(acc + j * NT + t, a[0]);
+    }
+  } else {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) a[m] += __shfl_xor_sync(0xffffffffu, a[m], d);
+      const int t = m / V, j = m % V;
+      if (lane == m % 32) atomicAdd(acc + j * NT + t, a[m]);
+    }
+  }
+}
+
+// Batch at i0 of a segment ending at `end`: G groups of 128 entries, lane l holding entries
+// 4l..4l+3 of each group (segments are padded to multiples of 4, so a lane's four are all in
+// or all out). Past the end: entries of the zero column (xhat[chunk_cols] = 0), codeword 0.
+template <int G, bool RES>
+__device__ __forceinline__ void load_batch(const SlicedLayer& L, int i0, int end, int lane,
+                                           uint4 (&e)[G], uint2 (&rc)[G]) {
+  const uint32_t zero = static_cast<uint32_t>(L.chunk_cols) << 16;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    const int i = i0 + g * 128 + lane * 4;
+    e[g] = i < end ? __ldcs(reinterpret_cast<const uint4*>(L.entries + i))
+                   : make_uint4(zero, zero, zero, zero);
+    rc[g] = RES && i < end ? __ldcs(reinterpret_cast<const uint2*>(L.res_codes + i))
+                           : make_uint2(0u, 0u);
+  }
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int q) {
+  return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ uint32_t half_of(const uint2& v, int q) {
+  const uint32_t w = q < 2 ? v.x : v.y;
+  return (q & 1) ? w >> 16 : w & 0xFFFFu;
+}
+
+// The four lookups of one lane's entries, accumulated into a[t * V + j].
+template <typename T, int V, int NT, bool RES>
+__device__ __forceinline__ void lookups4(const uint4& e, const uint2& rc, const T* cb,
+                                         const T* rb, const float* xs, float (&a)[NT * V]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t ent = word(e, q);
+    float w[V];
+    load_code<T, V>(cb + (ent & 0xFFFFu) * V, w);
+    if (RES) {
+      float rw[V];
+      load_code<T, V>(rb + half_of(rc, q) * V, rw);
+#pragma unroll
+      for (int j = 0; j < V; ++j) w[j] += rw[j];
+    }
+    float xv[NT];
+    load_x<NT>(xs + (ent >> 16) * NT, xv);
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+      for (int j = 0; j < V; ++j) a[t * V + j] = fmaf(xv[t], w[j], a[t * V + j]);
+  }
+}
+
+template <typename T, int V, int NT, bool RES>
+__global__ void __launch_bounds__(kSlicedThreads, 1)
+    sliced_gemv_kernel(SlicedLayer L, const T* __restrict__ x, int ntok, T* __restrict__ out,
+                       float* __restrict__ ws) {
+  constexpr int G = 2;  // groups of 128 entries per batch
+  extern __shared__ __align__(16) unsigned char smem[];
+  const SmemPlan sp = plan(L, NT);
+  T* cb = reinterpret_cast<T*>(smem + sp.cb);
+  T* rb = reinterpret_cast<T*>(smem + sp.res);
+  float* xs = reinterpret_cast<float*>(smem + sp.xs);   // [chunk_cols + 1][NT]
+  float* acc = reinterpret_cast<float*>(smem + sp.acc);  // [row_block][V][NT]
+  int* offs = reinterpret_cast<int*>(smem + sp.offs);    // [row_block + 1] of this chunk
+
+  const int s = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r0 = blockIdx.x * L.row_block, r1 = min(L.rows, r0 + L.row_block);
+  const int cw0 = s * L.slice_cw, ncw = min(L.slice_cw, L.n_cw - cw0);
+  // The codebook slice streams into shared memory while the first entries are fetched.
+  copy_async(reinterpret_cast<uint16_t*>(cb),
+             static_cast<const uint16_t*>(L.table) + static_cast<size_t>(cw0) * V, ncw * V);
+  if (RES) copy_async(reinterpret_cast<uint16_t*>(rb),
+                      static_cast<const uint16_t*>(L.res_table), L.res_cw * V);
+  __pipeline_commit();
+  for (int i = threadIdx.x; i < (r1 - r0) * V * NT; i += blockDim.x) acc[i] = 0.f;
+  const T* scale = static_cast<const T*>(L.scale);
+
+  for (int c = 0; c < L.n_chunks; ++c) {
+    const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);
+    // This block's segments of the chunk are one run of entries; each warp takes an equal
+    // share of it (rows may be split between two warps) and walks it in groups of 128.
+    const int* goffs = L.offsets + (s * L.n_chunks + c) * L.rows + r0;
+    const int first = __ldg(goffs), last = __ldg(goffs + (r1 - r0));
+    const int share = ((last - first + kWarpsS - 1) / kWarpsS + 3) & ~3;
+    const int wb = min(last, first + warp * share), we = min(last, wb + share);
+    uint4 e[G];
+    uint2 rc[G];
+    load_batch<G, RES>(L, wb, we, lane, e, rc);  // in flight while xhat is staged
+    __syncthreads();  // the previous chunk's xhat and offsets are consumed
+    for (int i = threadIdx.x; i <= r1 - r0; i += blockDim.x) offs[i] = __ldg(goffs + i);
+    for (int i = threadIdx.x; i < NT; i += blockDim.x) xs[L.chunk_cols * NT + i] = 0.f;
+    for (int i = threadIdx.x; i < pc; i += blockDim.x) {
+      const float sc = scale ? to_f(scale[p0 + i]) : 1.f;
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+        xs[i * NT + t] = t < ntok ? to_f(x[static_cast<size_t>(t) * L.K + p0 + i]) * sc : 0.f;
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();
+    if (wb >= we) continue;
+    // R: the row whose partial sums the lanes hold in `a` (the row of entry wb).
+    int lo = 0, hi = r1 - r0 - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (offs[mid] <= wb) lo = mid; else hi = mid - 1;
+    }
+    int R = lo;
+    float a[NT * V];  // a[t * V + j]
+#pragma unroll
+    for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
+    for (int g0 = wb; g0 < we; g0 += 128 * G) {
+      uint4 ne[G];
+      uint2 nrc[G];
+      load_batch<G, RES>(L, g0 + 128 * G, we, lane, ne, nrc);  // the next batch
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const int gi = g0 + g * 128;
+        if (gi >= we) break;  // warp-uniform
+        const int i = gi + lane * 4;
+        int rl = R;  // this lane's row (lanes past the end stay on R with zero entries)
+        if (i < we)
+          while (i >= offs[rl + 1]) ++rl;
+        if (__all_sync(0xffffffffu, rl == R)) {
+          lookups4<T, V, NT, RES>(e[g], rc[g], cb, rb, xs, a);
+        } else {  // rows end inside this group
+          float p[NT * V];
+#pragma unroll
+          for (int m = 0; m < NT * V; ++m) p[m] = 0.f;
+          lookups4<T, V, NT, RES>(e[g], rc[g], cb, rb, xs, p);
+          const int rmax = __reduce_max_sync(0xffffffffu, rl);
+          for (int r = R; r < rmax; ++r) {
+            float part[NT * V];
+#pragma unroll
+            for (int m = 0; m < NT * V; ++m)
+              part[m] = (r == R ? a[m] : 0.f) + (rl == r ? p[m] : 0.f);
+            warp_sum_to<NT, V>(part, lane, acc + r * V * NT);
+          }
+#pragma unroll
+          for (int m = 0; m < NT * V; ++m) a[m] = rl == rmax ? p[m] : 0.f;
+          R = rmax;
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        e[g] = ne[g];
+        rc[g] = nrc[g];
+      }
+    }
+    warp_sum_to<NT, V>(a, lane, acc + R * V * NT);
+  }
+  __syncthreads();
+
+  // This slice's partial sums -> ws[s][t][n].
+  for (int i = threadIdx.x; i < (r1 - r0) * V; i += blockDim.x) {
+    const int n = r0 * V + i;
+    if (n >= L.N) break;
+    for (int t = 0; t < ntok; ++t)
+      ws[(static_cast<size_t>(s) * ntok + t) * L.N + n] = acc[i * NT + t];
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int last;
+  if (threadIdx.x == 0) last = atomicAdd(L.counters + blockIdx.x, 1) == L.n_slices - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+
+  // The last block of this row block: dot(x, b) per token, then the sum over slices.
+  __shared__ float red[kWarpsS][NT];
+  __shared__ float xb[NT];
+  float part[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) part[t] = 0.f;
+  const T* wbias = static_cast<const T*>(L.wbias);
+  if (wbias) {
+#pragma unroll 4
+    for (int p = threadIdx.x; p < L.K; p += blockDim.x) {
+      const float b = to_f(wbias[p]);
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+        if (t < ntok) part[t] = fmaf(to_f(x[static_cast<size_t>(t) * L.K + p]), b, part[t]);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) part[t] += __shfl_xor_sync(0xffffffffu, part[t], d);
+    if (lane == 0) red[warp][t] = part[t];
+  }
+  __syncthreads();
+  if (threadIdx.x < NT) {
+    float total = 0.f;
+    for (int w = 0; w < kWarpsS; ++w) total += red[w][threadIdx.x];
+    xb[threadIdx.x] = total;
+  }
+  __syncthreads();
+  const T* bias = static_cast<const T*>(L.bias);
+  for (int i = threadIdx.x; i < (r1 - r0) * V; i += blockDim.x) {
+    const int n = r0 * V + i;
+    if (n >= L.N) break;
+    const float bn = bias ? to_f(bias[n]) : 0.f;
+    for (int t = 0; t < ntok; ++t) {
+      float total = xb[t] + bn;
+#pragma unroll 8
+      for (int q = 0; q < L.n_slices; ++q)
+        total += __ldcg(ws + (static_cast<size_t>(q) * ntok + t) * L.N + n);
+      out[static_cast<size_t>(t) * L.N + n] = from_f<T>(total);
+    }
+  }
+  if (threadIdx.x == 0) L.counters[blockIdx.x] = 0;  // ready for the next call
+}
+
+int tokens_tile(int T) { return T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8; }
+
+template <typename T, int V, int NT>
+cudaError_t launch_typed(const SlicedLayer& L, const void* x, int T_, void* out, float* ws,
+                         cudaStream_t stream) {
+  const size_t smem = plan(L, NT).total;
+  const dim3 grid(L.row_blocks, L.n_slices);
+  if (L.res_cw > 0) {
+    auto kernel = sliced_gemv_kernel<T, V, NT, true>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kSlicedThreads, smem, stream>>>(L, static_cast<const T*>(x), T_,
+                                                    static_cast<T*>(out), ws);
+  } else {
+    auto kernel = sliced_gemv_kernel<T, V, NT, false>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kSlicedThreads, smem, stream>>>(L, static_cast<const T*>(x), T_,
+                                                    static_cast<T*>(out), ws);
+  }
+  return cudaGetLastError();
+}
+
+// v x tokens accumulators per lane stay at or below 32 (three such sets live at a row's end).
+template <typename T, int NT>
+cudaError_t by_v(const SlicedLayer& L, const void* x, int T_, void* out, float* ws,
+                 cudaStream_t stream) {
+  switch (L.v) {
+    case 2: return launch_typed<T, 2, NT>(L, x, T_, out, ws, stream);
+    case 4: return launch_typed<T, 4, NT>(L, x, T_, out, ws, stream);
+    case 6: if constexpr (NT <= 4) return launch_typed<T, 6, NT>(L, x, T_, out, ws, stream);
+      break;
+    case 8: if constexpr (NT <= 4) return launch_typed<T, 8, NT>(L, x, T_, out, ws, stream);
+      break;
+    case 10: if constexpr (NT <= 2) return launch_typed<T, 10, NT>(L, x, T_, out, ws, stream);
+      break;
+    case 12: if constexpr (NT <= 2) return launch_typed<T, 12, NT>(L, x, T_, out, ws, stream);
+      break;
+    case 16: if constexpr (NT <= 2) return launch_typed<T, 16, NT>(L, x, T_, out, ws, stream);
+      break;
+    default: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t by_tokens(const SlicedLayer& L, const void* x, int T_, void* out, float* ws,
+                      cudaStream_t stream) {
+  switch (tokens_tile(T_)) {
+    case 1: return by_v<T, 1>(L, x, T_, out, ws, stream);
+    case 2: return by_v<T, 2>(L, x, T_, out, ws, stream);
+    case 4: return by_v<T, 4>(L, x, T_, out, ws, stream);
+    default: return by_v<T, 8>(L, x, T_, out, ws, stream);
+  }
+}
+
+}  // namespace
+
+size_t sliced_smem_bytes(const SlicedLayer& L, int tokens_tile) { return plan(L, tokens_tile).total; }
+
+bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin) {
+  if (T < 1 || T > 8 || L.v < 2 || L.v > 16 || L.v % 2 != 0 || L.v == 14) return false;
+  const int nt = tokens_tile(T);
+  if (L.v * nt > 32) return false;
+  return sliced_smem_bytes(L, nt) <= smem_optin;
+}
+
+cudaError_t launch_sliced_gemv(const SlicedLayer& L, const void* x, int T, void* out,
+                               float* workspace, DType dtype, cudaStream_t stream) {
+  if (dtype == DType::kHalf) return by_tokens<__half>(L, x, T, out, workspace, stream);
+  return by_tokens<__nv_bfloat16>(L, x, T, out, workspace, stream);
+}
+
+}  // namespace vptq

@@ -1,0 +1,259 @@
+"""The sliced layout of a VPTQ layer, built once at load time for csrc/vptq_sliced.cu.
+
+A 65536-entry codebook (1 MiB at v=8) does not fit in shared memory, and gathering one codeword
+per index from L2 is slower than reading the fp16 weight (csrc/KERNELS.md). The weights are
+static, so we regroup the lookups once: codebooks are concatenated into one table and cut into
+slices of SLICE_BYTES; every lookup becomes a 32-bit entry
+
+    (original column within its CHUNK_COLS-column chunk) << 16 | codeword within its slice
+
+and entries are sorted into segments (slice, column chunk, vector-row). A GPU block then holds
+one slice in shared memory and serves all of its rows' lookups in that slice from there.
+``perm`` is folded into the columns. A residual codebook small enough to sit whole in every
+block (RES_SMEM_BYTES) rides along as a 16-bit code per entry; a large one is sliced like the
+main codebook, its lookups being entries of their own.
+
+The price is memory: 4 bytes per lookup (plus 2 for a small residual) on top of the packed
+indices, which prefill's dequant still uses. A 2-bit v8 layer's indices take 2 bytes per 8
+weights, so the layout adds 2x their size; the loader builds it only where it fits
+(engine/loader.py). ``linear_reference`` is the pure-PyTorch twin of the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..formats.vptq import VQLayerSpec
+from .reference import layer_indices
+
+SLICE_BYTES = 64 << 10  # codebook bytes per block (shared memory); see csrc/KERNELS.md
+CHUNK_COLS = 4096  # columns per chunk: xhat for a chunk is staged in shared memory
+RES_SMEM_BYTES = 96 << 10  # residual codebooks up to this size sit whole in every block
+MIN_BOOK_BYTES = 40 << 10  # smaller codebooks fit the plain GEMV's shared memory already
+PAD_ENTRY = CHUNK_COLS << 16  # column CHUNK_COLS: the kernel's zero column
+CTAS_PER_SM = int(os.environ.get("VPTQ_SLICED_CTAS_PER_SM", "2"))  # blocks per SM (tuning)
+VECTOR_LENS = (2, 4, 6, 8, 10, 12, 16)
+TOKEN_TILES = (1, 2, 4, 8)
+
+
+@dataclass
+class SlicedLayout:
+    entries: torch.Tensor  # int32 [E]
+    res_codes: torch.Tensor | None  # int16 [E] (small residual), else None
+    offsets: torch.Tensor  # int32 [n_slices * n_chunks * rows + 1]
+    table: torch.Tensor  # [n_cw, v]
+    res_table: torch.Tensor | None  # [res_cw, v]
+    counters: torch.Tensor  # int32 [row_blocks], zero between calls
+    meta: list[int]  # see csrc/vptq_ops.cpp gemv_sliced_cuda
+    max_tokens: int  # most tokens one call takes on this device (0: none)
+    table_is_copy: bool = False  # main and residual codebooks concatenated
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes beyond the layer's own tensors."""
+        parts = [self.entries, self.res_codes, self.offsets, self.counters]
+        if self.table_is_copy:
+            parts.append(self.table)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def eligible(spec: VQLayerSpec) -> bool:
+    """Layers the sliced GEMV is for: packed, no outliers, and a main codebook too large for the
+    plain GEMV's shared memory."""
+    book = spec.group_num * spec.num_centroids * spec.vector_len * 2
+    return (
+        spec.packed
+        and not spec.has_outliers
+        and spec.vector_len in VECTOR_LENS
+        and book > MIN_BOOK_BYTES
+        and spec.in_features <= 1 << 20
+    )
+
+
+def extra_bytes(spec: VQLayerSpec, elem: int = 2) -> int:
+    """What build() adds on the GPU for this layer (entries, residual codes, offsets, table);
+    ``elem``: bytes per codebook element."""
+    v, g = spec.vector_len, spec.group_num
+    count = spec.num_indices * spec.in_features
+    small = _small_residual(spec)
+    copied = spec.num_res_centroids > 0 and not small  # main and residual concatenated
+    lookups = count * (2 if copied else 1)
+    per = 4 + (2 if small else 0)
+    n_cw = g * (spec.num_centroids + (spec.num_res_centroids if copied else 0))
+    slices = -(-n_cw // _slice_cw(v))
+    offsets = 4 * (slices * -(-spec.in_features // CHUNK_COLS) * spec.num_indices + 1)
+    table = elem * v * n_cw if copied else 0
+    pad = 3 * (offsets // 4)  # at most 3 pad entries per segment
+    return (lookups + pad) * per + offsets + table
+
+
+def scratch_bytes(spec: VQLayerSpec) -> int:
+    """Temporary memory build() needs on top (int64 keys, columns, order: ~56 B a lookup)."""
+    return 56 * spec.num_indices * spec.in_features * (2 if spec.num_res_centroids else 1)
+
+
+def _slice_cw(v: int) -> int:
+    return min(65536, (SLICE_BYTES // (2 * v)) // 8 * 8)
+
+
+def _small_residual(spec: VQLayerSpec) -> bool:
+    res = spec.group_num * spec.num_res_centroids
+    return 0 < res <= 65536 and res * spec.vector_len * 2 <= RES_SMEM_BYTES
+
+
+def smem_bytes(v: int, slice_cw: int, res_cw: int, row_block: int, tokens_tile: int) -> int:
+    """Mirrors plan() in csrc/vptq_sliced.cu."""
+
+    def a16(n: int) -> int:
+        return (n + 15) & ~15
+
+    return (
+        a16(slice_cw * v * 2)
+        + a16(res_cw * v * 2)
+        + a16((CHUNK_COLS + 1) * tokens_tile * 4)
+        + a16(row_block * v * tokens_tile * 4)
+        + (row_block + 1) * 4
+    )
+
+
+def max_tokens(v: int, slice_cw: int, res_cw: int, row_block: int, smem_optin: int) -> int:
+    """Most tokens one call takes (0: none): v x tokens accumulators <= 32 per lane, and the
+    shared memory fits (sliced_supported() in csrc/vptq_sliced.cu)."""
+    fits = [
+        nt
+        for nt in TOKEN_TILES
+        if v * nt <= 32 and smem_bytes(v, slice_cw, res_cw, row_block, nt) <= smem_optin
+    ]
+    return max(fits, default=0)
+
+
+def launch_shape(rows: int, n_slices: int, num_sms: int, ctas_per_sm: int) -> tuple[int, int]:
+    """(row_block, row_blocks): about ctas_per_sm blocks per SM in one wave, never more."""
+    row_blocks = max(1, min(rows, (num_sms * ctas_per_sm) // n_slices))
+    row_block = -(-rows // row_blocks)
+    return row_block, -(-rows // row_block)
+
+
+def build(
+    tensors: tuple,
+    spec: VQLayerSpec,
+    num_sms: int,
+    smem_optin: int,
+    ctas_per_sm: int = CTAS_PER_SM,
+) -> SlicedLayout:
+    """The sliced layout of one layer, on the device of its tensors."""
+    indices, centroids, res, _, _, perm, _, _, _ = tensors
+    if not eligible(spec):
+        raise ValueError(f"the sliced GEMV does not take this layer ({spec})")
+    v, g, k, kr = spec.vector_len, spec.group_num, spec.num_centroids, spec.num_res_centroids
+    K, rows, S = spec.in_features, spec.num_indices, spec.group_size
+    dev = indices.device
+    i1, i2 = layer_indices(indices, spec)  # [G, R, S]
+    if kr == 0 or res is None:
+        i2 = None
+    small = i2 is not None and _small_residual(spec)
+
+    base = torch.arange(g, device=dev).view(g, 1, 1)
+    lookups = [(base * k + i1).flatten()]
+    table = centroids.reshape(-1, v)
+    if i2 is not None and not small:
+        lookups.append((g * k + base * kr + i2).flatten())
+        table = torch.cat([table, res.reshape(-1, v)])
+    res_table = res.reshape(-1, v).contiguous() if small else None
+    del i1
+
+    column = perm.long() if perm is not None else torch.arange(K, device=dev)  # stored -> orig
+    col = column.view(g, 1, S).expand(g, rows, S).flatten()
+    row = torch.arange(rows, device=dev).view(1, rows, 1).expand(g, rows, S).flatten()
+    n = len(lookups)
+    gid = torch.cat(lookups)
+    col, row = col.repeat(n), row.repeat(n)
+
+    slice_cw = _slice_cw(v)
+    n_cw = table.shape[0]
+    n_slices = -(-n_cw // slice_cw)
+    n_chunks = -(-K // CHUNK_COLS)
+    n_seg = n_slices * n_chunks * rows
+    seg = ((gid // slice_cw) * n_chunks + col // CHUNK_COLS) * rows + row
+    order = torch.argsort(seg * CHUNK_COLS + col % CHUNK_COLS)
+    packed = (((col % CHUNK_COLS) << 16) | (gid % slice_cw))[order]
+    # Each segment padded to a multiple of 4 entries (the kernel loads 4 at a time) with
+    # entries of the zero column CHUNK_COLS, codeword 0.
+    counts = torch.bincount(seg, minlength=n_seg)
+    padded = (counts + 3) // 4 * 4
+    start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    offsets = torch.cat([counts.new_zeros(1), padded.cumsum(0)])
+    sseg = seg[order]
+    pos = offsets[sseg] + torch.arange(sseg.numel(), device=dev) - start[sseg]
+    entries = torch.full((int(offsets[-1]),), PAD_ENTRY, dtype=torch.int64, device=dev)
+    entries[pos] = packed
+    entries = entries.to(torch.int32)
+    res_codes = None
+    if small:
+        rc = torch.zeros(entries.numel(), dtype=torch.int64, device=dev)
+        rc[pos] = (base * kr + i2).flatten()[order]
+        res_codes = torch.where(rc >= 32768, rc - 65536, rc).to(torch.int16)
+    offsets = offsets.to(torch.int32)
+    del seg, sseg, order, gid, col, row, pos, packed
+
+    res_cw = res_table.shape[0] if small else 0
+    row_block, row_blocks = launch_shape(rows, n_slices, num_sms, ctas_per_sm)
+    meta = [spec.out_features, K, v, n_cw, slice_cw, n_slices, CHUNK_COLS, n_chunks, rows,
+            res_cw, row_block, row_blocks]  # fmt: skip
+    return SlicedLayout(
+        entries=entries,
+        res_codes=res_codes,
+        offsets=offsets,
+        table=table.contiguous(),
+        res_table=res_table,
+        counters=torch.zeros(row_blocks, dtype=torch.int32, device=dev),
+        meta=meta,
+        max_tokens=max_tokens(v, slice_cw, res_cw, row_block, smem_optin),
+        table_is_copy=i2 is not None and not small,
+    )
+
+
+def relaunch(layout: SlicedLayout, num_sms: int, ctas_per_sm: int, smem_optin: int) -> None:
+    """Change the blocks per SM of a built layout (the entries do not depend on it)."""
+    m = layout.meta
+    v, slice_cw, n_slices, rows, res_cw = m[2], m[4], m[5], m[8], m[9]
+    row_block, row_blocks = launch_shape(rows, n_slices, num_sms, ctas_per_sm)
+    m[10], m[11] = row_block, row_blocks
+    layout.counters = torch.zeros(row_blocks, dtype=torch.int32, device=layout.entries.device)
+    layout.max_tokens = max_tokens(v, slice_cw, res_cw, row_block, smem_optin)
+
+
+def linear_reference(
+    x: torch.Tensor,
+    layout: SlicedLayout,
+    scale: torch.Tensor | None,
+    wbias: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """y = x W^T + bias from the sliced layout alone, in float64: the kernel's math, entry by
+    entry (tests check the layout against the dense oracle with it)."""
+    N, K, v, _, slice_cw, _n_slices, chunk_cols, n_chunks, rows = layout.meta[:9]
+    xf = x.reshape(-1, K).double()
+    xhat = xf * (scale.double() if scale is not None else 1.0)
+    counts = (layout.offsets[1:] - layout.offsets[:-1]).long()
+    seg = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
+    e = layout.entries.long() & 0xFFFFFFFF
+    real = (e >> 16) < chunk_cols  # not padding
+    seg, e = seg[real], e[real]
+    sl, rest = seg // (n_chunks * rows), seg % (n_chunks * rows)
+    chunk, row = rest // rows, rest % rows
+    col = chunk * chunk_cols + (e >> 16)
+    w = layout.table.double()[sl * slice_cw + (e & 0xFFFF)]  # [E, v]
+    if layout.res_codes is not None and layout.res_table is not None:
+        w = w + layout.res_table.double()[layout.res_codes.long()[real] & 0xFFFF]
+    contrib = xhat[:, col, None] * w  # [T, E, v]
+    y = xf.new_zeros(xf.shape[0], rows, v).index_add_(1, row, contrib)
+    y = y.reshape(xf.shape[0], rows * v)[:, :N]
+    if wbias is not None:
+        y = y + (xf @ wbias.double())[:, None]
+    if bias is not None:
+        y = y + bias.double()
+    return y.reshape(*x.shape[:-1], N)

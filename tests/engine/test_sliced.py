@@ -1,0 +1,104 @@
+"""The sliced layout (engine/ops/sliced.py) against the float64 oracle, on the CPU: the layout
+alone, decoded entry by entry, must give y = x W^T + bias exactly. The kernel that reads it is
+checked on the GPU in test_kernels.py."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine.ops import sliced
+
+from .vq_factory import dequant_args, make_spec, oracle_dense, random_layer
+
+SLICED = {  # every kind of layer the sliced GEMV takes
+    "v8-k65536": dict(k_in=96, n_out=40, v=8, k=65536),
+    "v8-k65536-chunks": dict(k_in=8300, n_out=16, v=8, k=65536),  # 3 column chunks
+    "v8-k65536-r256": dict(k_in=64, n_out=24, v=8, k=65536, kr=256),  # residual in every block
+    "v8-k65536-r65536": dict(k_in=50, n_out=16, v=8, k=65536, kr=65536),  # residual sliced
+    "v12-k65536-r4096-pad": dict(k_in=40, n_out=28, v=12, k=65536, kr=4096),
+    "v16-k65536": dict(k_in=33, n_out=20, v=16, k=65536),
+    "v4-k16384-groups": dict(k_in=60, n_out=10, v=4, k=16384, g=3),
+    "v8-k4096-nonorm-noperm-bias": dict(
+        k_in=70, n_out=9, v=8, k=4096, norm=False, perm=False, bias=True
+    ),
+    "v6-k8192-odd": dict(k_in=101, n_out=13, v=6, k=8192),
+}
+
+
+def build(name, num_sms=7, ctas_per_sm=2):
+    spec = make_spec(**SLICED[name])
+    layer = random_layer(spec, seed=len(name), dtype=torch.float64)
+    args = dequant_args(layer)
+    return spec, layer, args, sliced.build(args, spec, num_sms, 227 << 10, ctas_per_sm)
+
+
+@pytest.mark.parametrize("name", sorted(SLICED))
+def test_layout_reproduces_the_oracle(name):
+    spec, layer, args, layout = build(name)
+    assert sliced.eligible(spec)
+    x = torch.randn(3, spec.in_features, dtype=torch.float64)
+    bias = None if layer.bias is None else torch.tensor(layer.bias)
+    got = sliced.linear_reference(x, layout, args[7], args[8], bias).numpy()
+    want = x.numpy() @ oracle_dense(layer).T + (0 if layer.bias is None else layer.bias)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(SLICED))
+def test_layout_invariants(name):
+    spec, _, _, layout = build(name)
+    _N, K, v, n_cw, slice_cw, n_slices, chunk_cols, n_chunks, rows, _res_cw, rb, rbs = layout.meta
+    lookups = rows * K * (2 if spec.num_res_centroids and layout.res_codes is None else 1)
+    assert layout.offsets.numel() == n_slices * n_chunks * rows + 1
+    assert layout.entries.numel() == int(layout.offsets[-1])
+    sizes = layout.offsets.diff()
+    assert (sizes >= 0).all() and (sizes % 4 == 0).all()  # padded to 4: the kernel's uint4 loads
+    e = layout.entries.long() & 0xFFFFFFFF
+    pad = (e >> 16) == chunk_cols
+    assert (e[pad] == sliced.PAD_ENTRY).all() and int((~pad).sum()) == lookups
+    assert int(pad.sum()) <= 3 * sizes.numel()
+    assert int((e & 0xFFFF).max()) < slice_cw and int((e[~pad] >> 16).max()) < chunk_cols
+    assert (n_slices - 1) * slice_cw < n_cw <= n_slices * slice_cw
+    assert slice_cw * v * 2 <= sliced.SLICE_BYTES and slice_cw % 8 == 0
+    # within a segment, columns rise and the padding comes last
+    seg = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+    same = seg[1:] == seg[:-1]
+    col = e >> 16
+    assert ((col[1:] > col[:-1]) | (pad[1:] & pad[:-1]))[same].all()
+    # every row is in exactly one row block, and the blocks fill the machine without a 2nd wave
+    assert rb * rbs >= rows > rb * (rbs - 1) and rbs * n_slices <= max(7 * 2, n_slices)
+    assert layout.counters.numel() == rbs and not layout.counters.any()
+    assert layout.nbytes >= 4 * lookups
+    if layout.res_codes is not None:
+        assert not layout.res_codes[pad].any()
+
+
+def test_extra_bytes_is_what_build_adds():
+    for name in SLICED:
+        spec, _, _, layout = build(name)
+        estimate = sliced.extra_bytes(spec, elem=8)  # these tables are float64
+        assert estimate >= layout.nbytes - layout.counters.numel() * 4
+        assert estimate <= 1.1 * layout.nbytes + 4096
+
+
+def test_small_codebooks_stay_on_the_plain_path():
+    assert not sliced.eligible(make_spec(k=256, v=8))  # 4 KB: the plain GEMV's shared memory
+    assert not sliced.eligible(make_spec(v0=4, k0=16, p=8, k_in=96, k=65536))  # outliers
+    assert sliced.eligible(make_spec(k=65536, v=8))
+
+
+def test_launch_shape_never_needs_a_second_wave():
+    for rows in (1, 5, 128, 1792, 3584):
+        for n_slices in (1, 3, 16, 32, 300):
+            rb, rbs = sliced.launch_shape(rows, n_slices, 132, 2)
+            assert rb * rbs >= rows and rb * (rbs - 1) < rows
+            assert rbs * n_slices <= max(264, n_slices)
+
+
+def test_max_tokens_follows_shared_memory():
+    spec = make_spec(k_in=96, n_out=40, v=16, k=65536)
+    layer = random_layer(spec, dtype=torch.float16)
+    args = dequant_args(layer)
+    assert sliced.build(args, spec, 132, 227 << 10).max_tokens == 2  # v x tokens <= 32
+    # a consumer GPU's 99 KB: 64 KB of codebook + 2 x 16 KB of xhat
+    assert sliced.build(args, spec, 132, 99 << 10).max_tokens == 2
+    assert sliced.build(args, spec, 132, 90 << 10).max_tokens == 1
