@@ -89,7 +89,7 @@ __device__ __forceinline__ void halve(float (&a)[M], int lane, int& idx) {
   }
 }
 
-// Adds the warp's sum of a[t * V + j] to acc[j * NT + t] (atomically: two warps can share a row). For a power-of-two count the values
+// Adds the warp's sum of a[t * V + j] to acc[j * NT + t]. For a power-of-two count the values
 // are halved between lane pairs at each step (M - 1 + 5 - log2 M shuffles instead of 5 M).
 template <int NT, int V>
 __device__ __forceinline__ void warp_sum_to(float (&a)[NT * V], int lane, float* acc) {
@@ -103,7 +103,7 @@ __device__ __forceinline__ void warp_sum_to(float (&a)[NT * V], int lane, float*
     for (; d > 0; d /= 2) a[0] += __shfl_xor_sync(0xffffffffu, a[0], d);
     if ((lane & (32 / M - 1)) == 0) {
       const int t = idx / V, j = idx % V;
-      atomicAdd(acc + j * NT + t, a[0]);
+      acc[j * NT + t] += a[0];
     }
   } else {
 #pragma unroll
@@ -111,57 +111,58 @@ __device__ __forceinline__ void warp_sum_to(float (&a)[NT * V], int lane, float*
 #pragma unroll
       for (int d = 16; d > 0; d >>= 1) a[m] += __shfl_xor_sync(0xffffffffu, a[m], d);
       const int t = m / V, j = m % V;
-      if (lane == m % 32) atomicAdd(acc + j * NT + t, a[m]);
+      if (lane == m % 32) acc[j * NT + t] += a[m];
     }
   }
 }
 
-// Batch at i0 of a segment ending at `end`: G groups of 128 entries, lane l holding entries
-// 4l..4l+3 of each group (segments are padded to multiples of 4, so a lane's four are all in
-// or all out). Past the end: entries of the zero column (xhat[chunk_cols] = 0), codeword 0.
-template <int G, bool RES>
+// A batch of a segment: mini-groups u = 0..7 of 32 entries from i0, lane l holding entry
+// i0 + 32u + l. Segments are padded to multiples of 32, so a mini-group is all in or all out;
+// past the end: the zero column (xhat[chunk_cols] = 0) with codeword 0.
+template <bool RES>
 __device__ __forceinline__ void load_batch(const SlicedLayer& L, int i0, int end, int lane,
-                                           uint4 (&e)[G], uint2 (&rc)[G]) {
+                                           uint32_t (&e)[8], uint32_t (&rc)[8]) {
   const uint32_t zero = static_cast<uint32_t>(L.chunk_cols) << 16;
 #pragma unroll
-  for (int g = 0; g < G; ++g) {
-    const int i = i0 + g * 128 + lane * 4;
-    e[g] = i < end ? __ldcs(reinterpret_cast<const uint4*>(L.entries + i))
-                   : make_uint4(zero, zero, zero, zero);
-    rc[g] = RES && i < end ? __ldcs(reinterpret_cast<const uint2*>(L.res_codes + i))
-                           : make_uint2(0u, 0u);
+  for (int u = 0; u < 8; ++u) {
+    const int i = i0 + 32 * u + lane;
+    e[u] = i < end ? __ldcs(L.entries + i) : zero;
+    rc[u] = RES && i < end ? static_cast<uint32_t>(__ldcs(L.res_codes + i)) : 0u;
   }
 }
 
-__device__ __forceinline__ uint32_t word(const uint4& v, int q) {
-  return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
-}
-__device__ __forceinline__ uint32_t half_of(const uint2& v, int q) {
-  const uint32_t w = q < 2 ? v.x : v.y;
-  return (q & 1) ? w >> 16 : w & 0xFFFFu;
+// One lookup: a[t * V + j] += xhat[t, column] * (C[codeword][j] (+ R[res][j])).
+template <typename T, int V, int NT, bool RES>
+__device__ __forceinline__ void lookup(uint32_t ent, uint32_t res, const T* cb, const T* rb,
+                                       const float* xs, float (&a)[NT * V]) {
+  float w[V];
+  load_code<T, V>(cb + (ent & 0xFFFFu) * V, w);
+  if (RES) {
+    float rw[V];
+    load_code<T, V>(rb + res * V, rw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) w[j] += rw[j];
+  }
+  float xv[NT];
+  load_x<NT>(xs + (ent >> 16) * NT, xv);
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int j = 0; j < V; ++j) a[t * V + j] = fmaf(xv[t], w[j], a[t * V + j]);
 }
 
-// The four lookups of one lane's entries, accumulated into a[t * V + j].
+// The batch's first n mini-groups (all 8 unrolled when full, so 16 loads are in flight).
 template <typename T, int V, int NT, bool RES>
-__device__ __forceinline__ void lookups4(const uint4& e, const uint2& rc, const T* cb,
-                                         const T* rb, const float* xs, float (&a)[NT * V]) {
+__device__ __forceinline__ void lookup_batch(const uint32_t (&e)[8], const uint32_t (&rc)[8],
+                                             int n, const T* cb, const T* rb, const float* xs,
+                                             float (&a)[NT * V]) {
+  if (n >= 8) {
 #pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const uint32_t ent = word(e, q);
-    float w[V];
-    load_code<T, V>(cb + (ent & 0xFFFFu) * V, w);
-    if (RES) {
-      float rw[V];
-      load_code<T, V>(rb + half_of(rc, q) * V, rw);
+    for (int u = 0; u < 8; ++u) lookup<T, V, NT, RES>(e[u], rc[u], cb, rb, xs, a);
+  } else {
 #pragma unroll
-      for (int j = 0; j < V; ++j) w[j] += rw[j];
-    }
-    float xv[NT];
-    load_x<NT>(xs + (ent >> 16) * NT, xv);
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int j = 0; j < V; ++j) a[t * V + j] = fmaf(xv[t], w[j], a[t * V + j]);
+    for (int u = 0; u < 7; ++u)
+      if (u < n) lookup<T, V, NT, RES>(e[u], rc[u], cb, rb, xs, a);
   }
 }
 
@@ -169,7 +170,6 @@ template <typename T, int V, int NT, bool RES>
 __global__ void __launch_bounds__(kSlicedThreads, 1)
     sliced_gemv_kernel(SlicedLayer L, const T* __restrict__ x, int ntok, T* __restrict__ out,
                        float* __restrict__ ws) {
-  constexpr int G = 2;  // groups of 128 entries per batch
   extern __shared__ __align__(16) unsigned char smem[];
   const SmemPlan sp = plan(L, NT);
   T* cb = reinterpret_cast<T*>(smem + sp.cb);
@@ -192,15 +192,16 @@ __global__ void __launch_bounds__(kSlicedThreads, 1)
 
   for (int c = 0; c < L.n_chunks; ++c) {
     const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);
-    // This block's segments of the chunk are one run of entries; each warp takes an equal
-    // share of it (rows may be split between two warps) and walks it in groups of 128.
-    const int* goffs = L.offsets + (s * L.n_chunks + c) * L.rows + r0;
-    const int first = __ldg(goffs), last = __ldg(goffs + (r1 - r0));
-    const int share = ((last - first + kWarpsS - 1) / kWarpsS + 3) & ~3;
-    const int wb = min(last, first + warp * share), we = min(last, wb + share);
-    uint4 e[G];
-    uint2 rc[G];
-    load_batch<G, RES>(L, wb, we, lane, e, rc);  // in flight while xhat is staged
+    const int* goffs = L.offsets + (s * L.n_chunks + c) * L.rows + r0;  // this chunk's segments
+    // Warp w takes rows r0 + w, r0 + w + 16, ...; its first batch is in flight while xhat is
+    // staged, and each row's successor's first batch while the row is worked on.
+    int r = r0 + warp, beg = 0, end = 0;
+    if (r < r1) {
+      beg = __ldg(goffs + warp);
+      end = __ldg(goffs + warp + 1);
+    }
+    uint32_t e[8], rc[8];
+    load_batch<RES>(L, beg, end, lane, e, rc);
     __syncthreads();  // the previous chunk's xhat and offsets are consumed
     for (int i = threadIdx.x; i <= r1 - r0; i += blockDim.x) offs[i] = __ldg(goffs + i);
     for (int i = threadIdx.x; i < NT; i += blockDim.x) xs[L.chunk_cols * NT + i] = 0.f;
@@ -212,56 +213,33 @@ __global__ void __launch_bounds__(kSlicedThreads, 1)
     }
     __pipeline_wait_prior(0);
     __syncthreads();
-    if (wb >= we) continue;
-    // R: the row whose partial sums the lanes hold in `a` (the row of entry wb).
-    int lo = 0, hi = r1 - r0 - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (offs[mid] <= wb) lo = mid; else hi = mid - 1;
-    }
-    int R = lo;
-    float a[NT * V];  // a[t * V + j]
-#pragma unroll
-    for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
-    for (int g0 = wb; g0 < we; g0 += 128 * G) {
-      uint4 ne[G];
-      uint2 nrc[G];
-      load_batch<G, RES>(L, g0 + 128 * G, we, lane, ne, nrc);  // the next batch
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const int gi = g0 + g * 128;
-        if (gi >= we) break;  // warp-uniform
-        const int i = gi + lane * 4;
-        int rl = R;  // this lane's row (lanes past the end stay on R with zero entries)
-        if (i < we)
-          while (i >= offs[rl + 1]) ++rl;
-        if (__all_sync(0xffffffffu, rl == R)) {
-          lookups4<T, V, NT, RES>(e[g], rc[g], cb, rb, xs, a);
-        } else {  // rows end inside this group
-          float p[NT * V];
-#pragma unroll
-          for (int m = 0; m < NT * V; ++m) p[m] = 0.f;
-          lookups4<T, V, NT, RES>(e[g], rc[g], cb, rb, xs, p);
-          const int rmax = __reduce_max_sync(0xffffffffu, rl);
-          for (int r = R; r < rmax; ++r) {
-            float part[NT * V];
-#pragma unroll
-            for (int m = 0; m < NT * V; ++m)
-              part[m] = (r == R ? a[m] : 0.f) + (rl == r ? p[m] : 0.f);
-            warp_sum_to<NT, V>(part, lane, acc + r * V * NT);
-          }
-#pragma unroll
-          for (int m = 0; m < NT * V; ++m) a[m] = rl == rmax ? p[m] : 0.f;
-          R = rmax;
-        }
+    while (r < r1) {
+      const int nr = r + kWarpsS;
+      int nbeg = 0, nend = 0;
+      if (nr < r1) {
+        nbeg = offs[nr - r0];
+        nend = offs[nr - r0 + 1];
       }
+      uint32_t ne[8], nrc[8];
+      load_batch<RES>(L, nbeg, nend, lane, ne, nrc);
+      float a[NT * V];  // a[t * V + j]
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        e[g] = ne[g];
-        rc[g] = nrc[g];
+      for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
+      lookup_batch<T, V, NT, RES>(e, rc, (end - beg) >> 5, cb, rb, xs, a);
+      for (int i0 = beg + 256; i0 < end; i0 += 256) {  // segments longer than one batch
+        load_batch<RES>(L, i0, end, lane, e, rc);
+        lookup_batch<T, V, NT, RES>(e, rc, (end - i0) >> 5, cb, rb, xs, a);
+      }
+      warp_sum_to<NT, V>(a, lane, acc + (r - r0) * V * NT);
+      r = nr;
+      beg = nbeg;
+      end = nend;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        e[u] = ne[u];
+        rc[u] = nrc[u];
       }
     }
-    warp_sum_to<NT, V>(a, lane, acc + R * V * NT);
   }
   __syncthreads();
 

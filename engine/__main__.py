@@ -142,7 +142,9 @@ def _session(a: argparse.Namespace):
     lm = s.loaded
     if lm.device.type == "cuda":
         print(
-            f"GPU memory: weights {lm.weight_bytes / 2**30:.2f} GiB, KV cache "
+            f"GPU memory: weights {lm.weight_bytes / 2**30:.2f} GiB, fast decode layout "
+            f"{lm.layout_bytes / 2**30:.2f} GiB ({lm.sliced_layers[0]} of "
+            f"{lm.sliced_layers[1]} layers), KV cache "
             f"{lm.kv_bytes / 2**30:.2f} GiB, workspace {lm.workspace_bytes / 2**30:.2f} GiB; "
             f"the largest context that fits is {lm.max_context} tokens",
             file=sys.stderr,

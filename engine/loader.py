@@ -41,6 +41,8 @@ class LoadedModel:
     kv_bytes: int = 0
     workspace_bytes: int = 0
     max_context: int = 0  # the largest context the free memory held after the weights
+    layout_bytes: int = 0  # the sliced decode layouts (engine/ops/sliced.py) beside the weights
+    sliced_layers: tuple[int, int] = (0, 0)  # (layers with the sliced layout, layers eligible)
 
     @property
     def device(self) -> torch.device:
@@ -94,13 +96,19 @@ def load_model(
     largest = n_ctx
     if dev.type == "cuda":
         _context_that_fits(shape, dev, n_ctx)  # an error with the numbers when it does not fit
-        _build_sliced(model, shape, dev, n_ctx, progress)
+        sliced = _build_sliced(model, shape, dev, n_ctx, progress)
         largest = _context_that_fits(shape, dev, n_ctx)
     model.setup_caches(1, n_ctx)
     model.eval()
     kv = shape.kv_bytes_per_token * n_ctx
     quant = "vptq" if specs else "dense"
-    return LoadedModel(model, args, folder, quant, specs, nbytes, kv, shape.workspace(), largest)
+    loaded = LoadedModel(model, args, folder, quant, specs, nbytes, kv, shape.workspace(), largest)
+    if dev.type == "cuda":
+        loaded.sliced_layers = sliced
+        loaded.layout_bytes = sum(
+            m.sliced.nbytes for m in model.modules() if getattr(m, "sliced", None) is not None
+        )
+    return loaded
 
 
 def free_bytes(dev: torch.device) -> int:
@@ -132,11 +140,11 @@ def _context_that_fits(shape: Shape, dev: torch.device, n_ctx: int) -> int:
     return largest
 
 
-def _build_sliced(model, shape: Shape, dev: torch.device, n_ctx: int, progress) -> None:
+def _build_sliced(model, shape: Shape, dev: torch.device, n_ctx: int, progress) -> tuple[int, int]:
     """The sliced layout (fast decode for 65536-entry codebooks) for as many layers as the
     memory left after the KV cache of ``n_ctx`` tokens allows; VPTQ_CHAT_SLICED=0 turns it off."""
     if os.environ.get("VPTQ_CHAT_SLICED") == "0":
-        return
+        return 0, 0
     budget = free_bytes(dev) - shape.workspace() - shape.kv_bytes_per_token * n_ctx - SLICED_SLACK
     if progress:
         progress(0.99, "arranging codebook lookups for decode")
@@ -144,6 +152,7 @@ def _build_sliced(model, shape: Shape, dev: torch.device, n_ctx: int, progress) 
     if eligible:
         log.info("sliced decode layout for %d of %d layers", built, eligible)
     torch.cuda.empty_cache()
+    return built, eligible
 
 
 def _layer_specs(args: ModelArgs, cfg: dict[str, Any], where: Path) -> dict[str, VQLayerSpec]:

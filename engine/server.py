@@ -154,6 +154,7 @@ class Server:
             weight_bytes=s.loaded.weight_bytes,
             kv_cache_bytes=s.loaded.kv_bytes,
             workspace_bytes=s.loaded.workspace_bytes,
+            layout_bytes=s.loaded.layout_bytes,
             max_context=s.loaded.max_context,
             vram_bytes=memory_stats()["vram_bytes"],
             kernels=s.kernels,

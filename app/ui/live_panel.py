@@ -121,7 +121,13 @@ class LivePanel(QWidget):
             )
             if info.get("kv_cache_bytes"):  # GPU: where the memory went
                 text += (
-                    f". Weights {size(info.get('weight_bytes') or 0)}, KV cache "
+                    f". Weights {size(info.get('weight_bytes') or 0)}"
+                    + (
+                        f", fast decode layout {size(info['layout_bytes'])}"
+                        if info.get("layout_bytes")
+                        else ""
+                    )
+                    + ", KV cache "
                     f"{size(info['kv_cache_bytes'])}, workspace "
                     f"{size(info.get('workspace_bytes') or 0)}; up to {info.get('max_context')} "
                     "tokens would fit"

@@ -34,6 +34,7 @@ CHUNK_COLS = 4096  # columns per chunk: xhat for a chunk is staged in shared mem
 RES_SMEM_BYTES = 96 << 10  # residual codebooks up to this size sit whole in every block
 MIN_BOOK_BYTES = 40 << 10  # smaller codebooks fit the plain GEMV's shared memory already
 PAD_ENTRY = CHUNK_COLS << 16  # column CHUNK_COLS: the kernel's zero column
+PAD_TO = 32  # segment lengths are multiples of this
 CTAS_PER_SM = int(os.environ.get("VPTQ_SLICED_CTAS_PER_SM", "2"))  # blocks per SM (tuning)
 VECTOR_LENS = (2, 4, 6, 8, 10, 12, 16)
 TOKEN_TILES = (1, 2, 4, 8)
@@ -86,13 +87,26 @@ def extra_bytes(spec: VQLayerSpec, elem: int = 2) -> int:
     slices = -(-n_cw // _slice_cw(v))
     offsets = 4 * (slices * -(-spec.in_features // CHUNK_COLS) * spec.num_indices + 1)
     table = elem * v * n_cw if copied else 0
-    pad = 3 * (offsets // 4)  # at most 3 pad entries per segment
+    pad = (PAD_TO - 1) * (offsets // 4)  # at most PAD_TO - 1 pad entries per segment
     return (lookups + pad) * per + offsets + table
 
 
 def scratch_bytes(spec: VQLayerSpec) -> int:
-    """Temporary memory build() needs on top (int64 keys, columns, order: ~56 B a lookup)."""
-    return 56 * spec.num_indices * spec.in_features * (2 if spec.num_res_centroids else 1)
+    """Temporary memory build() needs on top: int32 codes, columns, segments and sort keys and
+    the int64 sort order, about 32 bytes a lookup at the peak."""
+    return 32 * spec.num_indices * spec.in_features * (2 if spec.num_res_centroids else 1)
+
+
+def _indices32(indices: torch.Tensor, spec: VQLayerSpec, rows_per_step: int = 256):
+    """(main, residual) indices as int32 [G, R, S], unpacked a few rows at a time so the int64
+    temporaries of unpacking stay small beside a loaded model."""
+    main, res = [], []
+    for r0 in range(0, spec.num_indices, rows_per_step):
+        i1, i2 = layer_indices(indices[:, r0 : r0 + rows_per_step], spec)
+        main.append(i1.to(torch.int32))
+        if i2 is not None:
+            res.append(i2.to(torch.int32))
+    return torch.cat(main, 1), (torch.cat(res, 1) if res else None)
 
 
 def _slice_cw(v: int) -> int:
@@ -151,53 +165,70 @@ def build(
     v, g, k, kr = spec.vector_len, spec.group_num, spec.num_centroids, spec.num_res_centroids
     K, rows, S = spec.in_features, spec.num_indices, spec.group_size
     dev = indices.device
-    i1, i2 = layer_indices(indices, spec)  # [G, R, S]
+    i32 = torch.int32  # int32 throughout: build() runs beside the loaded model on the GPU
+    i1, i2 = _indices32(indices, spec)  # int32 [G, R, S]
     if kr == 0 or res is None:
         i2 = None
     small = i2 is not None and _small_residual(spec)
 
-    base = torch.arange(g, device=dev).view(g, 1, 1)
+    base = torch.arange(g, device=dev, dtype=i32).view(g, 1, 1)
     lookups = [(base * k + i1).flatten()]
+    del i1
     table = centroids.reshape(-1, v)
-    if i2 is not None and not small:
+    res_code = None
+    if i2 is not None and small:
+        res_code = (base * kr + i2).flatten()
+    elif i2 is not None:
         lookups.append((g * k + base * kr + i2).flatten())
         table = torch.cat([table, res.reshape(-1, v)])
     res_table = res.reshape(-1, v).contiguous() if small else None
-    del i1
-
-    column = perm.long() if perm is not None else torch.arange(K, device=dev)  # stored -> orig
-    col = column.view(g, 1, S).expand(g, rows, S).flatten()
-    row = torch.arange(rows, device=dev).view(1, rows, 1).expand(g, rows, S).flatten()
-    n = len(lookups)
-    gid = torch.cat(lookups)
-    col, row = col.repeat(n), row.repeat(n)
+    table_is_copy = i2 is not None and not small
+    del i2
 
     slice_cw = _slice_cw(v)
     n_cw = table.shape[0]
     n_slices = -(-n_cw // slice_cw)
     n_chunks = -(-K // CHUNK_COLS)
     n_seg = n_slices * n_chunks * rows
-    seg = ((gid // slice_cw) * n_chunks + col // CHUNK_COLS) * rows + row
-    order = torch.argsort(seg * CHUNK_COLS + col % CHUNK_COLS)
-    packed = (((col % CHUNK_COLS) << 16) | (gid % slice_cw))[order]
-    # Each segment padded to a multiple of 4 entries (the kernel loads 4 at a time) with
-    # entries of the zero column CHUNK_COLS, codeword 0.
-    counts = torch.bincount(seg, minlength=n_seg)
-    padded = (counts + 3) // 4 * 4
-    start = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    offsets = torch.cat([counts.new_zeros(1), padded.cumsum(0)])
-    sseg = seg[order]
-    pos = offsets[sseg] + torch.arange(sseg.numel(), device=dev) - start[sseg]
-    entries = torch.full((int(offsets[-1]),), PAD_ENTRY, dtype=torch.int64, device=dev)
+    column = perm.to(i32) if perm is not None else torch.arange(K, device=dev, dtype=i32)
+    n = len(lookups)
+    col = column.view(g, 1, S).expand(g, rows, S).flatten().repeat(n)  # original columns
+    gid = torch.cat(lookups)
+    del lookups
+    seg = (gid // slice_cw * n_chunks + col // CHUNK_COLS) * rows
+    row = torch.arange(rows, device=dev, dtype=i32).view(1, rows, 1).expand(g, rows, S)
+    seg += row.flatten().repeat(n)
+    key = seg.long() if n_seg * CHUNK_COLS >= 2**31 else seg.clone()
+    key *= CHUNK_COLS
+    col %= CHUNK_COLS  # the column within its chunk from here on
+    key += col
+    packed = col << 16 | gid % slice_cw
+    del col, gid
+    order = torch.argsort(key)
+    del key
+    packed = packed[order]
+    # Each segment padded to a multiple of PAD_TO entries (the kernel's warps take 32 at a
+    # time) with entries of the zero column CHUNK_COLS, codeword 0.
+    counts = torch.bincount(seg, minlength=n_seg).to(i32)
+    seg = seg[order]
+    padded = (counts + PAD_TO - 1) // PAD_TO * PAD_TO
+    zero = counts.new_zeros(1)
+    start = torch.cat([zero, counts.cumsum(0, dtype=i32)])
+    offsets = torch.cat([zero, padded.cumsum(0, dtype=i32)])
+    del counts, padded
+    pos = offsets[seg]
+    pos -= start[seg]
+    pos += torch.arange(pos.numel(), device=dev, dtype=i32)
+    del seg, start
+    entries = torch.full((int(offsets[-1]),), PAD_ENTRY, dtype=i32, device=dev)
     entries[pos] = packed
-    entries = entries.to(torch.int32)
+    del packed
     res_codes = None
-    if small:
-        rc = torch.zeros(entries.numel(), dtype=torch.int64, device=dev)
-        rc[pos] = (base * kr + i2).flatten()[order]
+    if res_code is not None:
+        rc = torch.zeros(entries.numel(), dtype=i32, device=dev)
+        rc[pos] = res_code[order]
         res_codes = torch.where(rc >= 32768, rc - 65536, rc).to(torch.int16)
-    offsets = offsets.to(torch.int32)
-    del seg, sseg, order, gid, col, row, pos, packed
+    del order, pos
 
     res_cw = res_table.shape[0] if small else 0
     row_block, row_blocks = launch_shape(rows, n_slices, num_sms, ctas_per_sm)
@@ -212,7 +243,7 @@ def build(
         counters=torch.zeros(row_blocks, dtype=torch.int32, device=dev),
         meta=meta,
         max_tokens=max_tokens(v, slice_cw, res_cw, row_block, smem_optin),
-        table_is_copy=i2 is not None and not small,
+        table_is_copy=table_is_copy,
     )
 
 

@@ -120,6 +120,7 @@ def main():
                 weight_bytes=1 << 20,
                 kv_cache_bytes=48 << 20,
                 workspace_bytes=20 << 20,
+                layout_bytes=2 << 20,
                 max_context=30720,
                 vram_bytes=0,
             )

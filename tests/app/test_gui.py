@@ -37,9 +37,10 @@ def test_stream_an_answer(gui, qloop):
     assert "Kernels: pure-PyTorch reference path (slow): fake engine" in (
         gui.window.panel.kernels.text()
     )
-    assert "Weights 1 MiB, KV cache 48 MiB, workspace 20 MiB; up to 30720 tokens would fit" in (
-        gui.window.panel.engine.text()
-    )
+    assert (
+        "Weights 1 MiB, fast decode layout 2 MiB, KV cache 48 MiB, workspace 20 MiB; "
+        "up to 30720 tokens would fit"
+    ) in gui.window.panel.engine.text()
 
 
 def test_stop_keeps_the_partial_answer(gui, qloop):

@@ -51,11 +51,13 @@ def test_layout_invariants(name):
     assert layout.offsets.numel() == n_slices * n_chunks * rows + 1
     assert layout.entries.numel() == int(layout.offsets[-1])
     sizes = layout.offsets.diff()
-    assert (sizes >= 0).all() and (sizes % 4 == 0).all()  # padded to 4: the kernel's uint4 loads
+    assert (sizes >= 0).all() and (
+        sizes % sliced.PAD_TO == 0
+    ).all()  # the kernel takes 32 at a time
     e = layout.entries.long() & 0xFFFFFFFF
     pad = (e >> 16) == chunk_cols
     assert (e[pad] == sliced.PAD_ENTRY).all() and int((~pad).sum()) == lookups
-    assert int(pad.sum()) <= 3 * sizes.numel()
+    assert int(pad.sum()) <= (sliced.PAD_TO - 1) * sizes.numel()
     assert int((e & 0xFFFF).max()) < slice_cw and int((e[~pad] >> 16).max()) < chunk_cols
     assert (n_slices - 1) * slice_cw < n_cw <= n_slices * slice_cw
     assert slice_cw * v * 2 <= sliced.SLICE_BYTES and slice_cw % 8 == 0
