@@ -1,5 +1,5 @@
-// The sliced lookup-GEMV: y = x W^T + bias for 1..8 tokens for layers whose codebooks do not fit
-// in shared memory (the 65536-entry codebooks of the community models).
+// The sliced lookup-GEMV: y = x W^T + bias for 1..8 tokens (v x tokens <= 32) for layers whose
+// codebooks do not fit in shared memory (the 65536-entry codebooks of the community models).
 //
 // Why: gathering a 16-byte codeword per index from a 1 MiB codebook in L2 moves a 32-byte
 // sector per 8 weights, more bytes than cuBLAS reads for the fp16 weight (csrc/KERNELS.md).
@@ -7,13 +7,15 @@
 // block (row block b, slice s) copies slice s of the codebooks (64 KB) into shared memory and
 // serves every lookup of its rows that falls into that slice from there. An entry is 32 bits,
 // (column within its 4096-column chunk << 16) | codeword within the slice; a segment is the
-// entries of one (slice, chunk, vector-row), sorted by column; perm is folded into the columns.
+// entries of one (slice, chunk, vector-row), sorted by column and padded to a multiple of 32
+// with entries of a zero column; perm is folded into the columns.
 //
 // Per block: the codebook slice (and a small residual codebook, which every block holds whole)
 // goes to shared memory; per chunk, xhat = x * weight_scale for the chunk's columns is staged
-// in fp32; each warp takes vector-rows, its lanes stride over the row's segment, gather xhat and
-// the codeword from shared memory and accumulate v x tokens sums in fp32; the warp sum goes to
-// the block's per-row accumulators. Then each block writes its slice's partial sums, and the
+// in fp32; each warp takes vector-rows and walks a row's segment 32 entries at a time, one per
+// lane, in batches of 8 (the next row's first batch is fetched while the row is worked on);
+// lanes gather xhat and the codeword from shared memory and accumulate v x tokens sums in fp32;
+// the warp sum goes to the block's per-row accumulators. Then each block writes its slice's partial sums, and the
 // last block of a row block to finish (a ticket counter) adds the slices in order, dot(x, b)
 // and bias, and writes the output: deterministic, one launch, no host synchronisation.
 #include <cuda_pipeline.h>

@@ -247,16 +247,6 @@ def build(
     )
 
 
-def relaunch(layout: SlicedLayout, num_sms: int, ctas_per_sm: int, smem_optin: int) -> None:
-    """Change the blocks per SM of a built layout (the entries do not depend on it)."""
-    m = layout.meta
-    v, slice_cw, n_slices, rows, res_cw = m[2], m[4], m[5], m[8], m[9]
-    row_block, row_blocks = launch_shape(rows, n_slices, num_sms, ctas_per_sm)
-    m[10], m[11] = row_block, row_blocks
-    layout.counters = torch.zeros(row_blocks, dtype=torch.int32, device=layout.entries.device)
-    layout.max_tokens = max_tokens(v, slice_cw, res_cw, row_block, smem_optin)
-
-
 def linear_reference(
     x: torch.Tensor,
     layout: SlicedLayout,
