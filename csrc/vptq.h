@@ -57,8 +57,8 @@ struct SlicedLayer {
 
 constexpr int kSlicedThreads = 512;
 
-// Dynamic shared memory the sliced GEMV needs for `tokens_tile` tokens (1, 2, 4 or 8).
-size_t sliced_smem_bytes(const SlicedLayer& L, int tokens_tile);
+// Dynamic shared memory the sliced GEMV needs for a tile of nt tokens (1, 2, 4 or 8).
+size_t sliced_smem_bytes(const SlicedLayer& L, int nt);
 bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin);
 // workspace: n_slices * T * N floats.
 cudaError_t launch_sliced_gemv(const SlicedLayer& L, const void* x, int T, void* out,

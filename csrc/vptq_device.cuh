@@ -51,4 +51,7 @@ __device__ __forceinline__ void load_code(const T* p, float (&out)[V]) {
   }
 }
 
+// Tokens a kernel instance is compiled for: 1, 2, 4 or 8 (T tokens run in the next tile up).
+inline int tokens_tile(int T) { return T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8; }
+
 }  // namespace vptq

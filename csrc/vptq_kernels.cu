@@ -245,8 +245,6 @@ __global__ void split_sum_kernel(const float* __restrict__ ws, const T* __restri
   out[i] = from_f<T>(total);
 }
 
-int tokens_tile(int T) { return T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8; }
-
 int smem_codebooks(const Layer& L) {
   const size_t main_bytes = static_cast<size_t>(L.G) * L.k * L.v * 2;
   const size_t res_bytes = L.b2 > 0 ? static_cast<size_t>(L.G) * L.kr * L.v * 2 : 0;

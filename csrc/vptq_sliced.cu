@@ -305,29 +305,24 @@ __global__ void __launch_bounds__(kSlicedThreads, 1)
   if (threadIdx.x == 0) L.counters[blockIdx.x] = 0;  // ready for the next call
 }
 
-int tokens_tile(int T) { return T <= 1 ? 1 : T <= 2 ? 2 : T <= 4 ? 4 : 8; }
+template <typename T, int V, int NT, bool RES>
+cudaError_t launch_kernel(const SlicedLayer& L, const void* x, int T_, void* out, float* ws,
+                          cudaStream_t stream) {
+  const size_t smem = plan(L, NT).total;
+  auto kernel = sliced_gemv_kernel<T, V, NT, RES>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(L.row_blocks, L.n_slices), kSlicedThreads, smem, stream>>>(
+      L, static_cast<const T*>(x), T_, static_cast<T*>(out), ws);
+  return cudaGetLastError();
+}
 
 template <typename T, int V, int NT>
 cudaError_t launch_typed(const SlicedLayer& L, const void* x, int T_, void* out, float* ws,
                          cudaStream_t stream) {
-  const size_t smem = plan(L, NT).total;
-  const dim3 grid(L.row_blocks, L.n_slices);
-  if (L.res_cw > 0) {
-    auto kernel = sliced_gemv_kernel<T, V, NT, true>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    kernel<<<grid, kSlicedThreads, smem, stream>>>(L, static_cast<const T*>(x), T_,
-                                                    static_cast<T*>(out), ws);
-  } else {
-    auto kernel = sliced_gemv_kernel<T, V, NT, false>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    kernel<<<grid, kSlicedThreads, smem, stream>>>(L, static_cast<const T*>(x), T_,
-                                                    static_cast<T*>(out), ws);
-  }
-  return cudaGetLastError();
+  if (L.res_cw > 0) return launch_kernel<T, V, NT, true>(L, x, T_, out, ws, stream);
+  return launch_kernel<T, V, NT, false>(L, x, T_, out, ws, stream);
 }
 
 // v x tokens accumulators per lane stay at or below 32 (three such sets live at a row's end).
@@ -365,7 +360,7 @@ cudaError_t by_tokens(const SlicedLayer& L, const void* x, int T_, void* out, fl
 
 }  // namespace
 
-size_t sliced_smem_bytes(const SlicedLayer& L, int tokens_tile) { return plan(L, tokens_tile).total; }
+size_t sliced_smem_bytes(const SlicedLayer& L, int nt) { return plan(L, nt).total; }
 
 bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin) {
   if (T < 1 || T > 8 || L.v < 2 || L.v > 16 || L.v % 2 != 0 || L.v == 14) return false;
