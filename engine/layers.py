@@ -105,12 +105,8 @@ def build_sliced_layouts(model: nn.Module, budget: int) -> tuple[int, int]:
         return 0, len(layers)
     props = torch.cuda.get_device_properties(layers[0].indices.device)
     optin = props.shared_memory_per_block_optin
-    built = 0
-    for m in sorted(layers, key=lambda m: -sliced.extra_bytes(m.spec)):
-        need = sliced.extra_bytes(m.spec)
-        if need + sliced.scratch_bytes(m.spec) > budget:
-            continue
+    chosen = sliced.choose([m.spec for m in layers], budget)
+    for i in chosen:
+        m = layers[i]
         m.sliced = sliced.build(m.tensors(), m.spec, props.multi_processor_count, optin)
-        budget -= need
-        built += 1
-    return built, len(layers)
+    return len(chosen), len(layers)

@@ -91,6 +91,19 @@ def extra_bytes(spec: VQLayerSpec, elem: int = 2) -> int:
     return (lookups + pad) * per + offsets + table
 
 
+def choose(specs: list[VQLayerSpec], budget: int) -> list[int]:
+    """Which layers get the layout within ``budget`` bytes: largest first, each needing its
+    scratch on top while it is built; a layer too large for what is left is skipped and smaller
+    ones still fit."""
+    chosen = []
+    for i in sorted(range(len(specs)), key=lambda i: -extra_bytes(specs[i])):
+        need = extra_bytes(specs[i])
+        if need + scratch_bytes(specs[i]) <= budget:
+            chosen.append(i)
+            budget -= need
+    return chosen
+
+
 def scratch_bytes(spec: VQLayerSpec) -> int:
     """Temporary memory build() needs on top: int32 codes, columns, segments and sort keys and
     the int64 sort order, about 32 bytes a lookup at the peak."""

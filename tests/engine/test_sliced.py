@@ -104,3 +104,15 @@ def test_max_tokens_follows_shared_memory():
     # a consumer GPU's 99 KB: 64 KB of codebook + 2 x 16 KB of xhat
     assert sliced.build(args, spec, 132, 99 << 10).max_tokens == 2
     assert sliced.build(args, spec, 132, 90 << 10).max_tokens == 1
+
+
+def test_choose_fills_the_budget_largest_first():
+    big, small = make_spec(k_in=4096, n_out=4096, k=65536), make_spec(k_in=1024, n_out=512, k=65536)
+    specs = [small, big, small]
+    need_big, need_small = sliced.extra_bytes(big), sliced.extra_bytes(small)
+    scratch_big, scratch_small = sliced.scratch_bytes(big), sliced.scratch_bytes(small)
+    everything = need_big + scratch_big + 2 * need_small + scratch_small
+    assert sliced.choose(specs, everything) == [1, 0, 2]
+    assert sliced.choose(specs, need_big + scratch_big - 1) == [0, 2]  # big skipped, small fit
+    assert sliced.choose(specs, need_small + scratch_small) == [0]
+    assert sliced.choose(specs, 0) == [] and sliced.choose(specs, -(1 << 30)) == []
