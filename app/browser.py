@@ -19,6 +19,8 @@ from PySide6.QtCore import (
     Signal,
 )
 
+from engine.memory import sliced_model_bytes
+
 from .downloads import Download, DownloadManager
 from .fit import Fit, Shape, fit
 from .gpu import GpuInfo, Gpus
@@ -274,7 +276,9 @@ class BrowserController(QObject):
         d = self.details
         if d is None or d.shape is None or gpu is None:
             return None
-        return fit(d.shape, d.files.weight_bytes, gpu.free, context)
+        s = d.scheme
+        layout = sliced_model_bytes(d.shape, s.v, s.k, s.kr or 0) if s.v and s.k else 0
+        return fit(d.shape, d.files.weight_bytes, gpu.free, context, layout)
 
     def make_room(self, gpu: GpuInfo, limit: int = 3) -> list[str]:
         """The biggest other users of the GPU: what to close to make room."""

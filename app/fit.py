@@ -1,11 +1,12 @@
 """Will it fit: weights (exact file sizes) + KV cache at a context + runtime overhead, against
-the free VRAM of one GPU. The byte arithmetic is the engine's own (engine/memory.py)."""
+the free VRAM of one GPU, and whether the optional fast decode layout (engine/ops/sliced.py)
+fits beside them. The byte arithmetic is the engine's own (engine/memory.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.memory import Shape, gib
+from engine.memory import SLICED_SLACK, Shape, gib
 
 __all__ = ["Fit", "Shape", "fit", "gib"]
 TIGHT = 0.90  # above this share of free VRAM the verdict is "tight"
@@ -19,6 +20,7 @@ class Fit:
     free: int
     context: int
     max_context: int  # the largest context that fits (0: not even the weights)
+    fast_layout: int = 0  # the fast decode layout of a VPTQ model with large codebooks (bytes)
 
     @property
     def needed(self) -> int:
@@ -41,10 +43,23 @@ class Fit:
             out.append(f"Largest context that fits: {self.max_context} tokens")
         else:
             out.append("The weights alone do not fit")
+        if self.fast_layout and self.layout_fits:
+            out.append(f"Fast decode layout {gib(self.fast_layout)}: fits too")
+        elif self.fast_layout:
+            out.append(
+                f"Fast decode layout {gib(self.fast_layout)}: no room at this context "
+                "(decoding is slower)"
+            )
         return out
 
+    @property
+    def layout_fits(self) -> bool:
+        """Whether the engine will build the whole fast decode layout (it builds what fits)."""
+        return self.needed + self.fast_layout + SLICED_SLACK <= self.free
 
-def fit(shape: Shape, weight_bytes: int, free: int, context: int) -> Fit:
+
+def fit(shape: Shape, weight_bytes: int, free: int, context: int, fast_layout: int = 0) -> Fit:
     overhead = shape.overhead()
     largest = shape.largest_context(free - weight_bytes - overhead)
-    return Fit(weight_bytes, shape.kv_bytes_per_token * context, overhead, free, context, largest)
+    kv = shape.kv_bytes_per_token * context
+    return Fit(weight_bytes, kv, overhead, free, context, largest, fast_layout)

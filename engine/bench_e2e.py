@@ -15,8 +15,8 @@ from .config import ModelArgs
 from .decode import GraphDecoder
 from .formats.vptq import VQLayerSpec
 from .layers import VQLinear, build_sliced_layouts
-from .loader import SLICED_SLACK, _assign, free_bytes
-from .memory import GiB, Shape
+from .loader import _assign, free_bytes
+from .memory import SLICED_SLACK, GiB, Shape
 from .model import Transformer, dense_linear
 from .sampling import SamplingParams
 

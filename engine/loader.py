@@ -21,11 +21,10 @@ from .config import ModelArgs
 from .formats.checkpoint import REDOWNLOAD, Checkpoint
 from .formats.vptq import FormatError, VQLayerSpec, int_kind, layer_table, resolve_layer
 from .layers import VQLinear, build_sliced_layouts
-from .memory import MiB, OutOfMemory, Shape, gib
+from .memory import SLICED_SLACK, OutOfMemory, Shape, gib
 from .model import Transformer, dense_linear
 
 Progress = Callable[[float, str], None]
-SLICED_SLACK = 256 * MiB  # left free beside the sliced layouts (allocator rounding, graphs)
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -19,6 +19,16 @@ PREFILL_CHUNK = 512  # tokens per prefill step
 DEQUANT_WORKSPACE = 16 * MiB  # prefill dequantizes a layer in slices of at most this
 CONTEXT_STEP = 256  # the largest context is reported in these steps
 
+# The sliced decode layout (engine/ops/sliced.py, csrc/vptq_sliced.cu): its constants live here
+# so that the app's fit check can size it without torch.
+SLICE_BYTES = 64 * 1024  # codebook bytes per GPU block (shared memory)
+CHUNK_COLS = 4096  # input columns per chunk
+PAD_TO = 32  # segment lengths are multiples of this
+RES_SMEM_BYTES = 96 * 1024  # residual codebooks up to this size sit whole in every block
+MIN_BOOK_BYTES = 40 * 1024  # smaller codebooks fit the plain GEMV's shared memory already
+SLICED_VECTOR_LENS = (2, 4, 6, 8, 10, 12, 16)
+SLICED_SLACK = 256 * MiB  # left free beside the sliced layouts (allocator rounding, graphs)
+
 
 class OutOfMemory(MemoryError):
     """The model or the requested context does not fit; the message has the numbers."""
@@ -97,3 +107,40 @@ def gib(n: int) -> str:
     if n >= 0.1 * GiB:
         return f"{n / GiB:.2f} GiB"
     return f"{n / MiB:.0f} MiB" if n >= MiB else f"{n / 1024:.0f} KiB"
+
+
+def slice_codewords(v: int) -> int:
+    """Codewords of length v in one SLICE_BYTES slice (a multiple of 8: 16-byte copies)."""
+    return min(65536, (SLICE_BYTES // (2 * v)) // 8 * 8)
+
+
+def small_residual(v: int, kr: int, groups: int = 1) -> bool:
+    """Whether the residual codebooks sit whole in every block (else they are sliced)."""
+    return 0 < groups * kr <= 65536 and groups * kr * v * 2 <= RES_SMEM_BYTES
+
+
+def sliced_layer_bytes(
+    k_in: int, n_out: int, v: int, k: int, kr: int = 0, groups: int = 1, elem: int = 2
+) -> int:
+    """GPU bytes of one layer's sliced decode layout, an upper bound (every segment padded by
+    PAD_TO - 1 entries); 0 where the layer does not take it (small codebook, odd vector length).
+    ``elem``: bytes per codebook element."""
+    if v not in SLICED_VECTOR_LENS or groups * k * v * 2 <= MIN_BOOK_BYTES:
+        return 0
+    rows = -(-n_out // v)
+    small = small_residual(v, kr, groups)
+    copied = kr > 0 and not small  # a large residual is sliced beside the main codebook
+    lookups = rows * k_in * (2 if copied else 1)
+    per = 4 + (2 if small else 0)  # 32-bit entry (+ 16-bit residual code)
+    n_cw = groups * (k + (kr if copied else 0))
+    segments = -(-n_cw // slice_codewords(v)) * -(-k_in // CHUNK_COLS) * rows
+    table = elem * v * n_cw if copied else 0
+    return (lookups + (PAD_TO - 1) * segments) * per + 4 * (segments + 1) + table
+
+
+def sliced_model_bytes(shape: Shape, v: int, k: int, kr: int = 0) -> int:
+    """The sliced decode layouts of every decoder projection of a VPTQ model of this shape."""
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    h, i = shape.hidden, shape.intermediate
+    projections = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+    return shape.layers * sum(sliced_layer_bytes(a, b, v, k, kr) for a, b in projections)

@@ -27,16 +27,19 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.vptq import VQLayerSpec
+from ..memory import (
+    CHUNK_COLS,
+    MIN_BOOK_BYTES,
+    PAD_TO,
+    SLICED_VECTOR_LENS,
+    slice_codewords,
+    sliced_layer_bytes,
+    small_residual,
+)
 from .reference import layer_indices
 
-SLICE_BYTES = 64 << 10  # codebook bytes per block (shared memory); see csrc/KERNELS.md
-CHUNK_COLS = 4096  # columns per chunk: xhat for a chunk is staged in shared memory
-RES_SMEM_BYTES = 96 << 10  # residual codebooks up to this size sit whole in every block
-MIN_BOOK_BYTES = 40 << 10  # smaller codebooks fit the plain GEMV's shared memory already
 PAD_ENTRY = CHUNK_COLS << 16  # column CHUNK_COLS: the kernel's zero column
-PAD_TO = 32  # segment lengths are multiples of this
 CTAS_PER_SM = int(os.environ.get("VPTQ_SLICED_CTAS_PER_SM", "2"))  # blocks per SM (tuning)
-VECTOR_LENS = (2, 4, 6, 8, 10, 12, 16)
 TOKEN_TILES = (1, 2, 4, 8)
 
 
@@ -68,27 +71,19 @@ def eligible(spec: VQLayerSpec) -> bool:
     return (
         spec.packed
         and not spec.has_outliers
-        and spec.vector_len in VECTOR_LENS
+        and spec.vector_len in SLICED_VECTOR_LENS
         and book > MIN_BOOK_BYTES
         and spec.in_features <= 1 << 20
     )
 
 
 def extra_bytes(spec: VQLayerSpec, elem: int = 2) -> int:
-    """What build() adds on the GPU for this layer (entries, residual codes, offsets, table);
+    """What build() adds on the GPU for this layer, an upper bound (engine/memory.py);
     ``elem``: bytes per codebook element."""
-    v, g = spec.vector_len, spec.group_num
-    count = spec.num_indices * spec.in_features
-    small = _small_residual(spec)
-    copied = spec.num_res_centroids > 0 and not small  # main and residual concatenated
-    lookups = count * (2 if copied else 1)
-    per = 4 + (2 if small else 0)
-    n_cw = g * (spec.num_centroids + (spec.num_res_centroids if copied else 0))
-    slices = -(-n_cw // _slice_cw(v))
-    offsets = 4 * (slices * -(-spec.in_features // CHUNK_COLS) * spec.num_indices + 1)
-    table = elem * v * n_cw if copied else 0
-    pad = (PAD_TO - 1) * (offsets // 4)  # at most PAD_TO - 1 pad entries per segment
-    return (lookups + pad) * per + offsets + table
+    return sliced_layer_bytes(
+        spec.in_features, spec.out_features, spec.vector_len, spec.num_centroids,
+        spec.num_res_centroids, spec.group_num, elem,
+    )  # fmt: skip
 
 
 def choose(specs: list[VQLayerSpec], budget: int) -> list[int]:
@@ -120,15 +115,6 @@ def _indices32(indices: torch.Tensor, spec: VQLayerSpec, rows_per_step: int = 25
         if i2 is not None:
             res.append(i2.to(torch.int32))
     return torch.cat(main, 1), (torch.cat(res, 1) if res else None)
-
-
-def _slice_cw(v: int) -> int:
-    return min(65536, (SLICE_BYTES // (2 * v)) // 8 * 8)
-
-
-def _small_residual(spec: VQLayerSpec) -> bool:
-    res = spec.group_num * spec.num_res_centroids
-    return 0 < res <= 65536 and res * spec.vector_len * 2 <= RES_SMEM_BYTES
 
 
 def smem_bytes(v: int, slice_cw: int, res_cw: int, row_block: int, tokens_tile: int) -> int:
@@ -182,7 +168,9 @@ def build(
     i1, i2 = _indices32(indices, spec)  # int32 [G, R, S]
     if kr == 0 or res is None:
         i2 = None
-    small = i2 is not None and _small_residual(spec)
+    small = i2 is not None and small_residual(
+        spec.vector_len, spec.num_res_centroids, spec.group_num
+    )
 
     base = torch.arange(g, device=dev, dtype=i32).view(g, 1, 1)
     lookups = [(base * k + i1).flatten()]
@@ -198,7 +186,7 @@ def build(
     table_is_copy = i2 is not None and not small
     del i2
 
-    slice_cw = _slice_cw(v)
+    slice_cw = slice_codewords(v)
     n_cw = table.shape[0]
     n_slices = -(-n_cw // slice_cw)
     n_chunks = -(-K // CHUNK_COLS)

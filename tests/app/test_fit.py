@@ -9,6 +9,7 @@ Overhead = 512 MiB (CUDA context) + min(largest linear N*K*2 bytes, 16 MiB) (deq
 import pytest
 
 from app.fit import Shape, fit
+from engine.memory import sliced_model_bytes
 
 GiB = 1 << 30
 
@@ -81,3 +82,28 @@ def test_parameter_count_of_llama_8b():
 def test_missing_field_is_named():
     with pytest.raises(ValueError, match=r"config\.json has no 'num_hidden_layers'"):
         Shape.from_config({"hidden_size": 1, "num_attention_heads": 1})
+
+
+def test_fast_decode_layout_of_llama_8b_by_hand():
+    """4 bytes per lookup plus at most 31 pad entries and one 4-byte offset per segment
+    (slice of 4096 codewords x chunk of 4096 columns x vector-row), per decoder projection:
+    q, o: 512 rows x 4096 = 2097152 lookups, 16 x 512 = 8192 segments
+          -> (2097152 + 31 x 8192) x 4 + 4 x 8193 = 9437188
+    k, v: 128 rows -> (524288 + 31 x 2048) x 4 + 4 x 2049 = 2359300
+    gate, up: 1792 rows -> (7340032 + 31 x 28672) x 4 + 4 x 28673 = 33030148
+    down: 512 rows x 14336, 4 chunks -> (7340032 + 31 x 32768) x 4 + 4 x 32769 = 33554436
+    per layer 123207708, x 32 layers."""
+    shape = Shape.from_config(LLAMA_31_8B)
+    layout = sliced_model_bytes(shape, 8, 65536, 0)
+    assert layout == 32 * 123_207_708 == 3_942_646_656
+    assert sliced_model_bytes(shape, 8, 256, 0) == 0  # 4 KB codebooks: the plain GEMV's
+    roomy = fit(shape, 4_000_000_000, 16 * GiB, 8192, layout)
+    assert roomy.layout_fits and roomy.verdict == "fits"
+    assert "Fast decode layout 3.67 GiB: fits too" in roomy.lines()
+    # 8 GiB: the model fits (5.69 GB) but not with 3.94 GB of layout and 256 MiB of slack
+    tight = fit(shape, 4_000_000_000, 8 * GiB, 8192, layout)
+    assert tight.verdict == "fits" and not tight.layout_fits
+    assert any(
+        line.startswith("Fast decode layout 3.67 GiB: no room") for line in tight.lines()
+    )
+    assert not any("Fast decode" in line for line in fit(shape, 1, 8 * GiB, 8192).lines())

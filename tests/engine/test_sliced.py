@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine import memory
 from engine.ops import sliced
 
 from .vq_factory import dequant_args, make_spec, oracle_dense, random_layer
@@ -52,15 +53,15 @@ def test_layout_invariants(name):
     assert layout.entries.numel() == int(layout.offsets[-1])
     sizes = layout.offsets.diff()
     assert (sizes >= 0).all() and (
-        sizes % sliced.PAD_TO == 0
+        sizes % memory.PAD_TO == 0
     ).all()  # the kernel takes 32 at a time
     e = layout.entries.long() & 0xFFFFFFFF
     pad = (e >> 16) == chunk_cols
     assert (e[pad] == sliced.PAD_ENTRY).all() and int((~pad).sum()) == lookups
-    assert int(pad.sum()) <= (sliced.PAD_TO - 1) * sizes.numel()
+    assert int(pad.sum()) <= (memory.PAD_TO - 1) * sizes.numel()
     assert int((e & 0xFFFF).max()) < slice_cw and int((e[~pad] >> 16).max()) < chunk_cols
     assert (n_slices - 1) * slice_cw < n_cw <= n_slices * slice_cw
-    assert slice_cw * v * 2 <= sliced.SLICE_BYTES and slice_cw % 8 == 0
+    assert slice_cw * v * 2 <= memory.SLICE_BYTES and slice_cw % 8 == 0
     # within a segment, columns rise and the padding comes last
     seg = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
     same = seg[1:] == seg[:-1]
