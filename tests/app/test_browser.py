@@ -104,9 +104,7 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
     assert "Fast decode layout 3.67 GiB: fits too" in text  # v8-k65536-0 (test_fit.py by hand)
     detail.context.setValue(131072)  # 16 GiB of KV cache alone
     assert "Does not fit" in detail.verdict.text()
-    assert "Fast decode layout 3.67 GiB: no room at this context" in (
-        detail.breakdown.text()
-    )
+    assert "Fast decode layout 3.67 GiB: no room at this context" in (detail.breakdown.text())
     assert "To make room, close: blender (pid 4242): 3.2 GB" in detail.breakdown.text()
 
     detail.download.click()

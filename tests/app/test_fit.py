@@ -103,7 +103,5 @@ def test_fast_decode_layout_of_llama_8b_by_hand():
     # 8 GiB: the model fits (5.69 GB) but not with 3.94 GB of layout and 256 MiB of slack
     tight = fit(shape, 4_000_000_000, 8 * GiB, 8192, layout)
     assert tight.verdict == "fits" and not tight.layout_fits
-    assert any(
-        line.startswith("Fast decode layout 3.67 GiB: no room") for line in tight.lines()
-    )
+    assert any(line.startswith("Fast decode layout 3.67 GiB: no room") for line in tight.lines())
     assert not any("Fast decode" in line for line in fit(shape, 1, 8 * GiB, 8192).lines())
