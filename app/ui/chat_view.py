@@ -145,6 +145,7 @@ class ChatView(QWidget):
         self.scroll.verticalScrollBar().rangeChanged.connect(self._follow)
         self.empty = QLabel("Start a conversation: type below and press Ctrl+Enter.")
         self.empty.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.empty.setWordWrap(True)  # a narrow window wraps the hint instead of cutting it
         self.empty.setObjectName("emptyHint")
         self.column.insertWidget(0, self.empty)
         self.context = QLabel()
