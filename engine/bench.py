@@ -67,9 +67,7 @@ class Layer:
         return self.nbytes - self.tensors[0].numel() * 4 + self.sliced.nbytes
 
 
-def random_layer(
-    k_in: int, n_out: int, scheme: str, dtype=torch.float16, with_sliced: bool = True
-) -> Layer:
+def random_layer(k_in: int, n_out: int, scheme: str, dtype=torch.float16) -> Layer:
     v, k, kr = SCHEMES[scheme]
     spec = VQLayerSpec(
         in_features=k_in,
@@ -90,7 +88,7 @@ def random_layer(
     wbias = torch.rand(k_in, dtype=dtype, device=dev) - 0.5
     tensors = (words, books, res, None, None, perm.int(), torch.argsort(perm).int(), scale, wbias)
     layer = Layer(spec, tensors)
-    if with_sliced and sliced.eligible(spec):
+    if sliced.eligible(spec):
         props = torch.cuda.get_device_properties(dev)
         layer.sliced = sliced.build(
             tensors, spec, props.multi_processor_count, props.shared_memory_per_block_optin

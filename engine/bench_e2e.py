@@ -14,9 +14,9 @@ import torch
 from .config import ModelArgs
 from .decode import GraphDecoder
 from .formats.vptq import VQLayerSpec
-from .layers import VQLinear, build_sliced_layouts
+from .layers import VQLinear, build_sliced_layouts, sliced_summary
 from .loader import _assign, free_bytes
-from .memory import SLICED_SLACK, GiB, Shape
+from .memory import GiB, Shape, sliced_budget
 from .model import Transformer, dense_linear
 from .sampling import SamplingParams
 
@@ -79,9 +79,7 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
     room = free_bytes(torch.device("cuda"))
     if cap is not None:
         room = min(room, int(cap) - torch.cuda.memory_allocated())
-    build_sliced_layouts(
-        model, room - shape.kv_bytes_per_token * context - shape.workspace() - SLICED_SLACK
-    )
+    build_sliced_layouts(model, sliced_budget(room, shape, context))
     torch.cuda.empty_cache()
     model.setup_caches(1, context)
     return model.eval()
@@ -143,12 +141,9 @@ def measure(model: Transformer, tokens: int) -> dict:
         "peak_torch_gib": torch.cuda.max_memory_allocated() / GiB,
         "device_used_gib": (total - free) / GiB,
         "weights_gib": weight_bytes(model) / GiB,
-        "layout_gib": sum(
-            m.sliced.nbytes for m in model.modules() if getattr(m, "sliced", None) is not None
-        )
-        / GiB,
+        "layout_gib": sliced_summary(model)[1] / GiB,
         "decode_bytes": decode_bytes(model),
-        "sliced_layers": sum(1 for m in model.modules() if getattr(m, "sliced", None) is not None),
+        "sliced_layers": sliced_summary(model)[0],
     }
 
 

@@ -110,3 +110,9 @@ def build_sliced_layouts(model: nn.Module, budget: int) -> tuple[int, int]:
         m = layers[i]
         m.sliced = sliced.build(m.tensors(), m.spec, props.multi_processor_count, optin)
     return len(chosen), len(layers)
+
+
+def sliced_summary(model: nn.Module) -> tuple[int, int]:
+    """(layers with the sliced layout, bytes of those layouts)."""
+    layouts = [m.sliced for m in model.modules() if isinstance(m, VQLinear) and m.sliced]
+    return len(layouts), sum(t.nbytes for t in layouts)

@@ -20,8 +20,8 @@ from torch import nn
 from .config import ModelArgs
 from .formats.checkpoint import REDOWNLOAD, Checkpoint
 from .formats.vptq import FormatError, VQLayerSpec, int_kind, layer_table, resolve_layer
-from .layers import VQLinear, build_sliced_layouts
-from .memory import SLICED_SLACK, OutOfMemory, Shape, gib
+from .layers import VQLinear, build_sliced_layouts, sliced_summary
+from .memory import OutOfMemory, Shape, gib, sliced_budget
 from .model import Transformer, dense_linear
 
 Progress = Callable[[float, str], None]
@@ -104,9 +104,7 @@ def load_model(
     loaded = LoadedModel(model, args, folder, quant, specs, nbytes, kv, shape.workspace(), largest)
     if dev.type == "cuda":
         loaded.sliced_layers = sliced
-        loaded.layout_bytes = sum(
-            m.sliced.nbytes for m in model.modules() if getattr(m, "sliced", None) is not None
-        )
+        loaded.layout_bytes = sliced_summary(model)[1]
     return loaded
 
 
@@ -144,7 +142,7 @@ def _build_sliced(model, shape: Shape, dev: torch.device, n_ctx: int, progress) 
     memory left after the KV cache of ``n_ctx`` tokens allows; VPTQ_CHAT_SLICED=0 turns it off."""
     if os.environ.get("VPTQ_CHAT_SLICED") == "0":
         return 0, 0
-    budget = free_bytes(dev) - shape.workspace() - shape.kv_bytes_per_token * n_ctx - SLICED_SLACK
+    budget = sliced_budget(free_bytes(dev), shape, n_ctx)
     if progress:
         progress(0.99, "arranging codebook lookups for decode")
     built, eligible = build_sliced_layouts(model, budget)

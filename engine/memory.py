@@ -138,6 +138,12 @@ def sliced_layer_bytes(
     return (lookups + (PAD_TO - 1) * segments) * per + 4 * (segments + 1) + table
 
 
+def sliced_budget(room: int, shape: Shape, context: int) -> int:
+    """What the sliced layouts may take of ``room`` free bytes: the KV cache of ``context``
+    tokens, the workspace and SLICED_SLACK stay free."""
+    return room - shape.kv_bytes_per_token * context - shape.workspace() - SLICED_SLACK
+
+
 def sliced_model_bytes(shape: Shape, v: int, k: int, kr: int = 0) -> int:
     """The sliced decode layouts of every decoder projection of a VPTQ model of this shape."""
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim

@@ -29,9 +29,7 @@ import torch
 from ..formats.vptq import VQLayerSpec
 from ..memory import (
     CHUNK_COLS,
-    MIN_BOOK_BYTES,
     PAD_TO,
-    SLICED_VECTOR_LENS,
     slice_codewords,
     sliced_layer_bytes,
     small_residual,
@@ -65,15 +63,13 @@ class SlicedLayout:
 
 
 def eligible(spec: VQLayerSpec) -> bool:
-    """Layers the sliced GEMV is for: packed, no outliers, and a main codebook too large for the
-    plain GEMV's shared memory."""
-    book = spec.group_num * spec.num_centroids * spec.vector_len * 2
+    """Layers the sliced GEMV is for: packed, no outliers, and a codebook the layout takes
+    (engine/memory.py: larger than the plain GEMV's shared memory, a supported v)."""
     return (
         spec.packed
         and not spec.has_outliers
-        and spec.vector_len in SLICED_VECTOR_LENS
-        and book > MIN_BOOK_BYTES
         and spec.in_features <= 1 << 20
+        and extra_bytes(spec) > 0
     )
 
 
