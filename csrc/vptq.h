@@ -56,12 +56,23 @@ struct SlicedLayer {
 };
 
 constexpr int kSlicedThreads = 512;
+constexpr int kMaxGroup = 3;  // layers sharing x in one launch (q, k, v)
+constexpr int kGroupTokens = 2;  // most tokens a launch of several layers takes (decode: 1)
+
+// Layers that share their input, launched together: their blocks (row_blocks * n_slices each,
+// layer i first) fill one wave, so the fixed cost of a launch (slice copies, the last blocks'
+// sums) is paid once for all of them. They share K, v and the residual kind.
+struct SlicedGroup {
+  SlicedLayer L[kMaxGroup];
+  void* out[kMaxGroup] = {};   // [T, N_i]
+  float* ws[kMaxGroup] = {};   // [n_slices_i * T * N_i] partial sums
+  int n = 0;
+};
 
 // Dynamic shared memory the sliced GEMV needs for a tile of nt tokens (1, 2, 4 or 8).
 size_t sliced_smem_bytes(const SlicedLayer& L, int nt);
 bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin);
-// workspace: n_slices * T * N floats.
-cudaError_t launch_sliced_gemv(const SlicedLayer& L, const void* x, int T, void* out,
-                               float* workspace, DType dtype, cudaStream_t stream);
+cudaError_t launch_sliced_gemv(const SlicedGroup& G, const void* x, int T, DType dtype,
+                               cudaStream_t stream);
 
 }  // namespace vptq

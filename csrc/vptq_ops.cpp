@@ -123,16 +123,16 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& indices, const at::T
   return out;
 }
 
-// meta = [N, K, v, n_cw, slice_cw, n_slices, chunk_cols, n_chunks, rows, res_cw, row_block,
-//         row_blocks] (engine/ops/sliced.py). counters comes back as it went in (all zero).
-at::Tensor gemv_sliced_cuda(const at::Tensor& x, const at::Tensor& entries,
-                            const OptTensor& res_codes, const at::Tensor& offsets,
-                            const at::Tensor& table, const OptTensor& res_table,
-                            const OptTensor& weight_scale, const OptTensor& weight_bias,
-                            const OptTensor& bias, const at::Tensor& counters,
-                            at::IntArrayRef meta) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(meta.size() == 12, "meta must hold 12 ints");
+// One layer of a sliced launch. meta = [N, K, v, n_cw, slice_cw, n_slices, chunk_cols,
+// n_chunks, rows, res_cw, row_block, row_blocks] (engine/ops/sliced.py); counters comes back as
+// it went in (all zero).
+vptq::SlicedLayer sliced_layer(const at::Tensor& x, const at::Tensor& entries,
+                               const OptTensor& res_codes, const at::Tensor& offsets,
+                               const at::Tensor& table, const OptTensor& res_table,
+                               const OptTensor& weight_scale, const OptTensor& weight_bias,
+                               const OptTensor& bias, const at::Tensor& counters,
+                               at::IntArrayRef meta) {
+  TORCH_CHECK(meta.size() == 12, "meta must hold 12 ints per layer");
   check_int(entries, at::kInt, "entries");
   check_int(res_codes, at::kShort, "res_codes");
   check_int(offsets, at::kInt, "offsets");
@@ -165,21 +165,60 @@ at::Tensor gemv_sliced_cuda(const at::Tensor& x, const at::Tensor& entries,
   L.wbias = ptr(weight_bias);
   L.bias = ptr(bias);
   L.counters = counters.data_ptr<int32_t>();
+  return L;
+}
+
+// y_i = x W_i^T + bias_i for 1..kMaxGroup layers sharing x, in one launch (argument i of each
+// list belongs to layer i; they share v and whether a small residual rides along).
+std::vector<at::Tensor> gemv_sliced_cuda(
+    const at::Tensor& x, at::TensorList entries, const c10::List<OptTensor>& res_codes,
+    at::TensorList offsets, at::TensorList table, const c10::List<OptTensor>& res_table,
+    const c10::List<OptTensor>& weight_scale, const c10::List<OptTensor>& weight_bias,
+    const c10::List<OptTensor>& bias, at::TensorList counters, at::IntArrayRef meta) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int n = static_cast<int>(entries.size());
+  TORCH_CHECK(n >= 1 && n <= vptq::kMaxGroup, "the sliced GEMV takes 1 to ", vptq::kMaxGroup,
+              " layers, not ", n);
+  for (size_t size : {res_codes.size(), offsets.size(), table.size(), res_table.size(),
+                      weight_scale.size(), weight_bias.size(), bias.size(), counters.size()})
+    TORCH_CHECK(static_cast<int>(size) == n, "every argument list needs one item per layer");
+  TORCH_CHECK(static_cast<int>(meta.size()) == 12 * n, "meta must hold 12 ints per layer");
   const at::Tensor xc = x.contiguous();
-  const int tokens = static_cast<int>(xc.numel() / L.K);
+  vptq::SlicedGroup G;
+  G.n = n;
+  for (int i = 0; i < n; ++i) {
+    G.L[i] = sliced_layer(x, entries[i], res_codes.get(i), offsets[i], table[i], res_table.get(i),
+                          weight_scale.get(i), weight_bias.get(i), bias.get(i), counters[i],
+                          meta.slice(12 * i, 12));
+    TORCH_CHECK(G.L[i].K == G.L[0].K && G.L[i].v == G.L[0].v &&
+                    (G.L[i].res_cw > 0) == (G.L[0].res_cw > 0),
+                "layers of one sliced launch share K, v and the residual kind");
+  }
+  const int tokens = static_cast<int>(xc.numel() / G.L[0].K);
   const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(vptq::sliced_supported(L, tokens, optin), "the sliced GEMV does not take ",
-              tokens, " tokens for this layer; use dequant + GEMM");
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = L.N;
-  at::Tensor out = at::empty(shape, x.options());
-  at::Tensor ws = at::empty({static_cast<int64_t>(L.n_slices) * tokens * L.N},
-                            x.options().dtype(at::kFloat));
-  check_launch(vptq::launch_sliced_gemv(L, xc.data_ptr(), tokens, out.data_ptr(),
-                                        ws.data_ptr<float>(), dtype_of(x),
+  std::vector<at::Tensor> outs;
+  int64_t ws_floats = 0;
+  TORCH_CHECK(n == 1 || tokens <= vptq::kGroupTokens, "a sliced launch of several layers takes ",
+              vptq::kGroupTokens, " tokens at most, not ", tokens);
+  for (int i = 0; i < n; ++i) {
+    TORCH_CHECK(vptq::sliced_supported(G.L[i], tokens, optin), "the sliced GEMV does not take ",
+                tokens, " tokens for this layer; use dequant + GEMM");
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = G.L[i].N;
+    outs.push_back(at::empty(shape, x.options()));
+    G.out[i] = outs.back().data_ptr();
+    ws_floats += static_cast<int64_t>(G.L[i].n_slices) * tokens * G.L[i].N;
+  }
+  at::Tensor ws = at::empty({ws_floats}, x.options().dtype(at::kFloat));
+  float* w = ws.data_ptr<float>();
+  for (int i = 0; i < n; ++i) {
+    G.ws[i] = w;
+    w += static_cast<int64_t>(G.L[i].n_slices) * tokens * G.L[i].N;
+  }
+  check_launch(vptq::launch_sliced_gemv(G, xc.data_ptr(), tokens, dtype_of(x),
                                         at::cuda::getCurrentCUDAStream()),
                "gemv_sliced");
-  return out;
+  return outs;
 }
 
 }  // namespace
@@ -193,9 +232,9 @@ TORCH_LIBRARY(vptq, m) {
       "gemv(Tensor x, Tensor indices, Tensor centroids, Tensor? res_centroids, Tensor? perm, "
       "Tensor? weight_scale, Tensor? weight_bias, Tensor? bias, int[] meta) -> Tensor");
   m.def(
-      "gemv_sliced(Tensor x, Tensor entries, Tensor? res_codes, Tensor offsets, Tensor table, "
-      "Tensor? res_table, Tensor? weight_scale, Tensor? weight_bias, Tensor? bias, "
-      "Tensor counters, int[] meta) -> Tensor");
+      "gemv_sliced(Tensor x, Tensor[] entries, Tensor?[] res_codes, Tensor[] offsets, "
+      "Tensor[] table, Tensor?[] res_table, Tensor?[] weight_scale, Tensor?[] weight_bias, "
+      "Tensor?[] bias, Tensor[] counters, int[] meta) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(vptq, CUDA, m) {

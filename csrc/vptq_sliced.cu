@@ -7,18 +7,25 @@
 // block (row block b, slice s) copies slice s of the codebooks (64 KB) into shared memory and
 // serves every lookup of its rows that falls into that slice from there. An entry is 32 bits,
 // (column within its 4096-column chunk << 16) | codeword within the slice; a segment is the
-// entries of one (slice, chunk, vector-row), sorted by column and padded to a multiple of 32
-// with entries of a zero column; perm is folded into the columns.
+// entries of one (slice, chunk, vector-row), in round-robin order over the shared-memory banks
+// of their codewords and padded to a multiple of 32 with entries of a zero column; perm is
+// folded into the columns.
 //
 // Per block: the codebook slice (and a small residual codebook, which every block holds whole)
 // goes to shared memory; per chunk, xhat = x * weight_scale for the chunk's columns is staged
 // in fp32; each warp takes vector-rows and walks a row's segment 32 entries at a time, one per
-// lane, in batches of 8 (the next row's first batch is fetched while the row is worked on);
-// lanes gather xhat and the codeword from shared memory and accumulate v x tokens sums in fp32;
-// the warp sum goes to the block's per-row accumulators. Then each block writes its slice's partial sums, and the
-// last block of a row block to finish (a ticket counter) adds the slices in order, dot(x, b)
-// and bias, and writes the output: deterministic, one launch, no host synchronisation.
+// lane, in batches of kBatch (the next row's first batch is fetched while the row is worked
+// on); lanes gather xhat and the codeword from shared memory and accumulate v x tokens sums in
+// fp32; the warp sum goes to the block's per-row accumulators. Then each block writes its
+// slice's partial sums, and the last block of a row block to finish (a ticket counter) adds the
+// slices in order, dot(x, b) and bias, and writes the output: deterministic, one launch, no
+// host synchronisation. One launch may serve up to kMaxGroup layers that read the same x
+// (q, k, v): their blocks share one wave, and each layer's sums are those it gets alone.
 #include <cuda_pipeline.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "vptq.h"
 #include "vptq_device.cuh"
@@ -118,18 +125,21 @@ __device__ __forceinline__ void warp_sum_to(float (&a)[NT * V], int lane, float*
   }
 }
 
-// A batch of a segment: mini-groups u = 0..7 of 32 entries from i0, lane l holding entry
-// i0 + 32u + l. Segments are padded to multiples of 32, so a mini-group is all in or all out;
-// past the end: the zero column (xhat[chunk_cols] = 0) with codeword 0.
+// A batch of a segment: mini-groups u = 0 .. kBatch - 1 of 32 entries from p (this lane's
+// entry of the first), lane l holding entry 32 u + l. Segments are padded to multiples of 32,
+// so a mini-group is all in or all out; past the end (u >= n): the zero column
+// (xhat[chunk_cols] = 0) with codeword 0, whose lookup adds nothing.
+constexpr int kBatch = 9;  // a v=8 segment averages 256 entries: 9 x 32 holds ~98% of them
+constexpr int kShort = 4;  // segments of at most 4 mini-groups take a 4-lookup batch
+
 template <bool RES>
-__device__ __forceinline__ void load_batch(const SlicedLayer& L, int i0, int end, int lane,
-                                           uint32_t (&e)[8], uint32_t (&rc)[8]) {
-  const uint32_t zero = static_cast<uint32_t>(L.chunk_cols) << 16;
+__device__ __forceinline__ void load_batch(const uint32_t* p, const uint16_t* rp, int n,
+                                           uint32_t zero, uint32_t (&e)[kBatch],
+                                           uint32_t (&rc)[kBatch]) {
 #pragma unroll
-  for (int u = 0; u < 8; ++u) {
-    const int i = i0 + 32 * u + lane;
-    e[u] = i < end ? __ldcs(L.entries + i) : zero;
-    rc[u] = RES && i < end ? static_cast<uint32_t>(__ldcs(L.res_codes + i)) : 0u;
+  for (int u = 0; u < kBatch; ++u) {
+    e[u] = u < n ? __ldcs(p + 32 * u) : zero;
+    rc[u] = RES && u < n ? static_cast<uint32_t>(__ldcs(rp + 32 * u)) : 0u;
   }
 }
 
@@ -153,25 +163,68 @@ __device__ __forceinline__ void lookup(uint32_t ent, uint32_t res, const T* cb, 
     for (int j = 0; j < V; ++j) a[t * V + j] = fmaf(xv[t], w[j], a[t * V + j]);
 }
 
-// The batch's first n mini-groups (all 8 unrolled when full, so 16 loads are in flight).
+// The lookups of a batch whose segment has n mini-groups: without a branch per lookup, so the
+// shared-memory loads of all of them are in flight together; padding lookups add zero.
 template <typename T, int V, int NT, bool RES>
-__device__ __forceinline__ void lookup_batch(const uint32_t (&e)[8], const uint32_t (&rc)[8],
-                                             int n, const T* cb, const T* rb, const float* xs,
-                                             float (&a)[NT * V]) {
-  if (n >= 8) {
+__device__ __forceinline__ void lookup_batch(const uint32_t (&e)[kBatch],
+                                             const uint32_t (&rc)[kBatch], int n, const T* cb,
+                                             const T* rb, const float* xs, float (&a)[NT * V]) {
+  if (n > kShort) {
 #pragma unroll
-    for (int u = 0; u < 8; ++u) lookup<T, V, NT, RES>(e[u], rc[u], cb, rb, xs, a);
+    for (int u = 0; u < kBatch; ++u) lookup<T, V, NT, RES>(e[u], rc[u], cb, rb, xs, a);
   } else {
 #pragma unroll
-    for (int u = 0; u < 7; ++u)
-      if (u < n) lookup<T, V, NT, RES>(e[u], rc[u], cb, rb, xs, a);
+    for (int u = 0; u < kShort; ++u) lookup<T, V, NT, RES>(e[u], rc[u], cb, rb, xs, a);
   }
 }
 
-template <typename T, int V, int NT, bool RES>
-__global__ void __launch_bounds__(kSlicedThreads, 1)
-    sliced_gemv_kernel(SlicedLayer L, const T* __restrict__ x, int ntok, T* __restrict__ out,
-                       float* __restrict__ ws) {
+// Stages xhat = x * scale for columns p0 .. p0 + pc - 1 of every token in fp32, 8 columns per
+// thread and step, all loads issued before the first use (a chain of dependent global loads
+// here costs more than the lookups of a small projection).
+template <typename T, int NT>
+__device__ __forceinline__ void stage_x(const SlicedLayer& L, const T* x, int ntok, int p0,
+                                        int pc, float* xs) {
+  const T* scale = static_cast<const T*>(L.scale);
+  for (int i0 = threadIdx.x; i0 < pc; i0 += 8 * blockDim.x) {
+    float sc[8];
+    float xv[8][NT];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * blockDim.x;
+      sc[q] = i < pc && scale ? to_f(scale[p0 + i]) : 1.f;
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+        xv[q][t] = i < pc && t < ntok ? to_f(x[static_cast<size_t>(t) * L.K + p0 + i]) : 0.f;
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * blockDim.x;
+      if (i < pc) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) xs[i * NT + t] = xv[q][t] * sc[q];
+      }
+    }
+  }
+}
+
+// Two blocks per SM where 64 registers hold the loop without spilling (v x tokens <= 8, no
+// residual: the decode path of the 2-bit community models); larger tiles get more registers.
+// GROUP: G holds several layers (else one, read at fixed offsets: a layer index known only at
+// run time turns every read of L into an indexed constant load, which cost a single layer 15%).
+template <typename T, int V, int NT, bool RES, bool GROUP>
+__global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
+    sliced_gemv_kernel(const __grid_constant__ SlicedGroup G, const T* __restrict__ x, int ntok) {
+  // This block's layer (layer i owns row_blocks * n_slices blocks after those of layer i - 1),
+  // row block rblk and slice s.
+  int l = 0, first = 0;
+  while (GROUP && l + 1 < G.n && blockIdx.x >= first + G.L[l].row_blocks * G.L[l].n_slices) {
+    first += G.L[l].row_blocks * G.L[l].n_slices;
+    ++l;
+  }
+  const SlicedLayer& L = G.L[GROUP ? l : 0];
+  T* __restrict__ out = static_cast<T*>(G.out[GROUP ? l : 0]);
+  float* __restrict__ ws = G.ws[GROUP ? l : 0];
+  const int rblk = (blockIdx.x - first) % L.row_blocks, s = (blockIdx.x - first) / L.row_blocks;
   extern __shared__ __align__(16) unsigned char smem[];
   const SmemPlan sp = plan(L, NT);
   T* cb = reinterpret_cast<T*>(smem + sp.cb);
@@ -180,9 +233,18 @@ __global__ void __launch_bounds__(kSlicedThreads, 1)
   float* acc = reinterpret_cast<float*>(smem + sp.acc);  // [row_block][V][NT]
   int* offs = reinterpret_cast<int*>(smem + sp.offs);    // [row_block + 1] of this chunk
 
-  const int s = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int r0 = blockIdx.x * L.row_block, r1 = min(L.rows, r0 + L.row_block);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r0 = rblk * L.row_block, r1 = min(L.rows, r0 + L.row_block);
   const int cw0 = s * L.slice_cw, ncw = min(L.slice_cw, L.n_cw - cw0);
+  const uint32_t* entries = L.entries + lane;
+  const uint16_t* res_codes = RES ? L.res_codes + lane : nullptr;
+  const uint32_t zero = static_cast<uint32_t>(L.chunk_cols) << 16;
+  // The first chunk's first segment bounds are requested before the slice copy is queued.
+  int r = r0 + warp, beg = 0, end = 0;
+  if (r < r1) {
+    beg = __ldg(L.offsets + s * L.n_chunks * L.rows + r);
+    end = __ldg(L.offsets + s * L.n_chunks * L.rows + r + 1);
+  }
   // The codebook slice streams into shared memory while the first entries are fetched.
   copy_async(reinterpret_cast<uint16_t*>(cb),
              static_cast<const uint16_t*>(L.table) + static_cast<size_t>(cw0) * V, ncw * V);
@@ -190,29 +252,29 @@ __global__ void __launch_bounds__(kSlicedThreads, 1)
                       static_cast<const uint16_t*>(L.res_table), L.res_cw * V);
   __pipeline_commit();
   for (int i = threadIdx.x; i < (r1 - r0) * V * NT; i += blockDim.x) acc[i] = 0.f;
-  const T* scale = static_cast<const T*>(L.scale);
+  // Everything above reads only the layer's own tensors. Launched as a programmatic dependent
+  // launch (launch_kernel), the kernel got here while the previous kernel in the stream was
+  // still running; x and the workspace are touched only after it has finished.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();
+#endif
 
   for (int c = 0; c < L.n_chunks; ++c) {
     const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);
     const int* goffs = L.offsets + (s * L.n_chunks + c) * L.rows + r0;  // this chunk's segments
     // Warp w takes rows r0 + w, r0 + w + 16, ...; its first batch is in flight while xhat is
     // staged, and each row's successor's first batch while the row is worked on.
-    int r = r0 + warp, beg = 0, end = 0;
-    if (r < r1) {
+    r = r0 + warp;
+    if (c > 0 && r < r1) {
       beg = __ldg(goffs + warp);
       end = __ldg(goffs + warp + 1);
     }
-    uint32_t e[8], rc[8];
-    load_batch<RES>(L, beg, end, lane, e, rc);
+    uint32_t e[kBatch], rc[kBatch];
+    load_batch<RES>(entries + beg, res_codes + beg, (end - beg) >> 5, zero, e, rc);
     __syncthreads();  // the previous chunk's xhat and offsets are consumed
     for (int i = threadIdx.x; i <= r1 - r0; i += blockDim.x) offs[i] = __ldg(goffs + i);
     for (int i = threadIdx.x; i < NT; i += blockDim.x) xs[L.chunk_cols * NT + i] = 0.f;
-    for (int i = threadIdx.x; i < pc; i += blockDim.x) {
-      const float sc = scale ? to_f(scale[p0 + i]) : 1.f;
-#pragma unroll
-      for (int t = 0; t < NT; ++t)
-        xs[i * NT + t] = t < ntok ? to_f(x[static_cast<size_t>(t) * L.K + p0 + i]) * sc : 0.f;
-    }
+    stage_x<T, NT>(L, x, ntok, p0, pc, xs);
     __pipeline_wait_prior(0);
     __syncthreads();
     while (r < r1) {
@@ -222,14 +284,15 @@ __global__ void __launch_bounds__(kSlicedThreads, 1)
         nbeg = offs[nr - r0];
         nend = offs[nr - r0 + 1];
       }
-      uint32_t ne[8], nrc[8];
-      load_batch<RES>(L, nbeg, nend, lane, ne, nrc);
+      uint32_t ne[kBatch], nrc[kBatch];
+      load_batch<RES>(entries + nbeg, res_codes + nbeg, (nend - nbeg) >> 5, zero, ne, nrc);
       float a[NT * V];  // a[t * V + j]
 #pragma unroll
       for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
       lookup_batch<T, V, NT, RES>(e, rc, (end - beg) >> 5, cb, rb, xs, a);
-      for (int i0 = beg + 256; i0 < end; i0 += 256) {  // segments longer than one batch
-        load_batch<RES>(L, i0, end, lane, e, rc);
+      // the rare segment longer than a batch
+      for (int i0 = beg + 32 * kBatch; i0 < end; i0 += 32 * kBatch) {
+        load_batch<RES>(entries + i0, res_codes + i0, (end - i0) >> 5, zero, e, rc);
         lookup_batch<T, V, NT, RES>(e, rc, (end - i0) >> 5, cb, rb, xs, a);
       }
       warp_sum_to<NT, V>(a, lane, acc + (r - r0) * V * NT);
@@ -237,7 +300,7 @@ __global__ void __launch_bounds__(kSlicedThreads, 1)
       beg = nbeg;
       end = nend;
 #pragma unroll
-      for (int u = 0; u < 8; ++u) {
+      for (int u = 0; u < kBatch; ++u) {
         e[u] = ne[u];
         rc[u] = nrc[u];
       }
@@ -255,7 +318,7 @@ __global__ void __launch_bounds__(kSlicedThreads, 1)
   __threadfence();
   __syncthreads();
   __shared__ int last;
-  if (threadIdx.x == 0) last = atomicAdd(L.counters + blockIdx.x, 1) == L.n_slices - 1;
+  if (threadIdx.x == 0) last = atomicAdd(L.counters + rblk, 1) == L.n_slices - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -302,45 +365,77 @@ __global__ void __launch_bounds__(kSlicedThreads, 1)
       out[static_cast<size_t>(t) * L.N + n] = from_f<T>(total);
     }
   }
-  if (threadIdx.x == 0) L.counters[blockIdx.x] = 0;  // ready for the next call
+  if (threadIdx.x == 0) L.counters[rblk] = 0;  // ready for the next call
 }
 
-template <typename T, int V, int NT, bool RES>
-cudaError_t launch_kernel(const SlicedLayer& L, const void* x, int T_, void* out, float* ws,
-                          cudaStream_t stream) {
-  const size_t smem = plan(L, NT).total;
-  auto kernel = sliced_gemv_kernel<T, V, NT, RES>;
+// Programmatic dependent launch (compute capability 9.0 and later; VPTQ_SLICED_PDL=0 turns it
+// off): the slice copy and the first entry loads overlap the previous kernel's last blocks.
+bool dependent_launch() {
+  static const bool off = [] {
+    const char* v = std::getenv("VPTQ_SLICED_PDL");
+    return v != nullptr && std::strcmp(v, "0") == 0;
+  }();
+  int dev = 0, major = 0;
+  if (off || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+    return false;
+  return major >= 9;
+}
+
+template <typename T, int V, int NT, bool RES, bool GROUP>
+cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStream_t stream) {
+  size_t smem = 0;
+  unsigned blocks = 0;
+  for (int i = 0; i < G.n; ++i) {
+    smem = std::max(smem, plan(G.L[i], NT).total);
+    blocks += static_cast<unsigned>(G.L[i].row_blocks * G.L[i].n_slices);
+  }
+  auto kernel = sliced_gemv_kernel<T, V, NT, RES, GROUP>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(L.row_blocks, L.n_slices), kSlicedThreads, smem, stream>>>(
-      L, static_cast<const T*>(x), T_, static_cast<T*>(out), ws);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kSlicedThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = dependent_launch() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, G, static_cast<const T*>(x), T_);
 }
 
 template <typename T, int V, int NT>
-cudaError_t launch_typed(const SlicedLayer& L, const void* x, int T_, void* out, float* ws,
-                         cudaStream_t stream) {
-  if (L.res_cw > 0) return launch_kernel<T, V, NT, true>(L, x, T_, out, ws, stream);
-  return launch_kernel<T, V, NT, false>(L, x, T_, out, ws, stream);
+cudaError_t launch_typed(const SlicedGroup& G, const void* x, int T_, cudaStream_t stream) {
+  const bool res = G.L[0].res_cw > 0;
+  if constexpr (NT <= kGroupTokens) {
+    if (G.n > 1) {
+      if (res) return launch_kernel<T, V, NT, true, true>(G, x, T_, stream);
+      return launch_kernel<T, V, NT, false, true>(G, x, T_, stream);
+    }
+  }
+  if (G.n > 1) return cudaErrorInvalidValue;  // more tokens than a group takes
+  if (res) return launch_kernel<T, V, NT, true, false>(G, x, T_, stream);
+  return launch_kernel<T, V, NT, false, false>(G, x, T_, stream);
 }
 
 // v x tokens accumulators per lane stay at or below 32 (three such sets live at a row's end).
 template <typename T, int NT>
-cudaError_t by_v(const SlicedLayer& L, const void* x, int T_, void* out, float* ws,
-                 cudaStream_t stream) {
-  switch (L.v) {
-    case 2: return launch_typed<T, 2, NT>(L, x, T_, out, ws, stream);
-    case 4: return launch_typed<T, 4, NT>(L, x, T_, out, ws, stream);
-    case 6: if constexpr (NT <= 4) return launch_typed<T, 6, NT>(L, x, T_, out, ws, stream);
+cudaError_t by_v(const SlicedGroup& G, const void* x, int T_, cudaStream_t stream) {
+  switch (G.L[0].v) {
+    case 2: return launch_typed<T, 2, NT>(G, x, T_, stream);
+    case 4: return launch_typed<T, 4, NT>(G, x, T_, stream);
+    case 6: if constexpr (NT <= 4) return launch_typed<T, 6, NT>(G, x, T_, stream);
       break;
-    case 8: if constexpr (NT <= 4) return launch_typed<T, 8, NT>(L, x, T_, out, ws, stream);
+    case 8: if constexpr (NT <= 4) return launch_typed<T, 8, NT>(G, x, T_, stream);
       break;
-    case 10: if constexpr (NT <= 2) return launch_typed<T, 10, NT>(L, x, T_, out, ws, stream);
+    case 10: if constexpr (NT <= 2) return launch_typed<T, 10, NT>(G, x, T_, stream);
       break;
-    case 12: if constexpr (NT <= 2) return launch_typed<T, 12, NT>(L, x, T_, out, ws, stream);
+    case 12: if constexpr (NT <= 2) return launch_typed<T, 12, NT>(G, x, T_, stream);
       break;
-    case 16: if constexpr (NT <= 2) return launch_typed<T, 16, NT>(L, x, T_, out, ws, stream);
+    case 16: if constexpr (NT <= 2) return launch_typed<T, 16, NT>(G, x, T_, stream);
       break;
     default: break;
   }
@@ -348,13 +443,12 @@ cudaError_t by_v(const SlicedLayer& L, const void* x, int T_, void* out, float* 
 }
 
 template <typename T>
-cudaError_t by_tokens(const SlicedLayer& L, const void* x, int T_, void* out, float* ws,
-                      cudaStream_t stream) {
+cudaError_t by_tokens(const SlicedGroup& G, const void* x, int T_, cudaStream_t stream) {
   switch (tokens_tile(T_)) {
-    case 1: return by_v<T, 1>(L, x, T_, out, ws, stream);
-    case 2: return by_v<T, 2>(L, x, T_, out, ws, stream);
-    case 4: return by_v<T, 4>(L, x, T_, out, ws, stream);
-    default: return by_v<T, 8>(L, x, T_, out, ws, stream);
+    case 1: return by_v<T, 1>(G, x, T_, stream);
+    case 2: return by_v<T, 2>(G, x, T_, stream);
+    case 4: return by_v<T, 4>(G, x, T_, stream);
+    default: return by_v<T, 8>(G, x, T_, stream);
   }
 }
 
@@ -369,10 +463,11 @@ bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin) {
   return sliced_smem_bytes(L, nt) <= smem_optin;
 }
 
-cudaError_t launch_sliced_gemv(const SlicedLayer& L, const void* x, int T, void* out,
-                               float* workspace, DType dtype, cudaStream_t stream) {
-  if (dtype == DType::kHalf) return by_tokens<__half>(L, x, T, out, workspace, stream);
-  return by_tokens<__nv_bfloat16>(L, x, T, out, workspace, stream);
+cudaError_t launch_sliced_gemv(const SlicedGroup& G, const void* x, int T, DType dtype,
+                               cudaStream_t stream) {
+  if (G.n < 1 || G.n > kMaxGroup) return cudaErrorInvalidValue;
+  if (dtype == DType::kHalf) return by_tokens<__half>(G, x, T, stream);
+  return by_tokens<__nv_bfloat16>(G, x, T, stream);
 }
 
 }  // namespace vptq

@@ -172,6 +172,45 @@ def bench_projection(
     return rows
 
 
+SHARED_INPUT = (("q", "k", "v"), ("gate", "up"))  # projections the engine launches together
+
+
+def bench_shared(arch: str, scheme: str, tokens=TOKENS) -> list[dict]:
+    """The sliced GEMV with q, k, v and gate, up each in one launch (engine/layers.py
+    SharedInputGroup), as the engine decodes; rows like bench_projection's."""
+    shapes = {name: (k_in, n_out) for name, k_in, n_out in projections(arch)}
+    props = torch.cuda.get_device_properties(0)
+    rows = []
+    for names in SHARED_INPUT:
+        proto = [random_layer(*shapes[n], scheme) for n in names]
+        if any(layer.sliced is None for layer in proto):
+            return []
+        per_copy = sum(layer.nbytes + layer.gemv_bytes for layer in proto)
+        copies = max(1, min(8, -(-ROTATE_BYTES // per_copy)))
+        sets = [proto] + [
+            [random_layer(*shapes[n], scheme) for n in names] for _ in range(copies - 1)
+        ]
+        plans = [
+            sliced.group([layer.sliced for layer in s], props.multi_processor_count,
+                         props.shared_memory_per_block_optin)
+            for s in sets
+        ]  # fmt: skip
+        for t in tokens:
+            if t > min(plans[0].max_tokens, cuda.GEMV_MAX_TOKENS):
+                continue
+            x = torch.randn(t, shapes[names[0]][0], dtype=torch.float16, device="cuda")
+            fns = [
+                lambda s=s, p=p, x=x: cuda.gemv_sliced_group(
+                    x, [None] * len(s), p.layouts, [layer.tensors for layer in s], p.metas,
+                    p.counters,
+                )
+                for s, p in zip(sets, plans, strict=True)
+            ]  # fmt: skip
+            rows.append({"proj": "+".join(names), "scheme": scheme, "tokens": t,
+                         "shared_us": time_us(fns)})  # fmt: skip
+    return rows
+
+
 def run_kernels(archs: list[str], schemes: list[str], out: Path | None, tokens=TOKENS) -> None:
     ok, why = cuda.load()
     if not ok:
@@ -179,7 +218,7 @@ def run_kernels(archs: list[str], schemes: list[str], out: Path | None, tokens=T
     peak = copy_bandwidth()
     name = torch.cuda.get_device_name()
     print(f"device: {name}; measured copy bandwidth {peak / 1e9:.0f} GB/s; {why}")
-    rows = []
+    rows, shared = [], []
     for arch in archs:
         for scheme in schemes:
             for proj, k_in, n_out in projections(arch):
@@ -188,9 +227,15 @@ def run_kernels(archs: list[str], schemes: list[str], out: Path | None, tokens=T
             _print_scheme(
                 arch, scheme, [r for r in rows if r["arch"] == arch and r["scheme"] == scheme]
             )
+            shared += [r | {"arch": arch} for r in bench_shared(arch, scheme, tokens)]
     _print_summary(rows, tokens)
+    _print_shared(rows, shared)
     if out:
-        out.write_text(json.dumps({"device": name, "copy_bandwidth": peak, "rows": rows}, indent=1))
+        out.write_text(
+            json.dumps(
+                {"device": name, "copy_bandwidth": peak, "rows": rows, "shared": shared}, indent=1
+            )
+        )
 
 
 def _print_scheme(arch: str, scheme: str, rows: list[dict]) -> None:
@@ -221,3 +266,26 @@ def _print_summary(rows: list[dict], tokens=TOKENS) -> None:
             f = sum(r["cublas_us"] for r in sel)
             cells.append(f"{q:6.0f}/{f:6.0f} {f / q:4.2f}x")
         print(f"{arch:>14} {scheme:>17} " + " ".join(f"{c:>16}" for c in cells))
+
+
+def _print_shared(rows: list[dict], shared: list[dict]) -> None:
+    """The block sum as the engine decodes it: q+k+v and gate+up each one sliced launch."""
+    if not shared:
+        return
+    print("\nsum over a block with q+k+v and gate+up each in one launch (as the engine decodes)")
+    keys = sorted({(r["arch"], r["scheme"], r["tokens"]) for r in shared})
+    for arch, scheme, t in keys:
+        alone = {
+            r["proj"]: r for r in rows if (r["arch"], r["scheme"], r["tokens"]) == (arch, scheme, t)
+        }
+        group = {
+            r["proj"]: r["shared_us"]
+            for r in shared
+            if (r["arch"], r["scheme"], r["tokens"]) == (arch, scheme, t)
+        }
+        if len(group) != len(SHARED_INPUT):
+            continue
+        q = sum(group.values()) + alone["o"]["best_us"] + alone["down"]["best_us"]
+        f = sum(r["cublas_us"] for r in alone.values())
+        parts = ", ".join(f"{k} {v:.1f} us" for k, v in group.items())
+        print(f"{arch:>14} {scheme:>17} T={t}: {q:6.0f}/{f:6.0f} {f / q:4.2f}x ({parts})")

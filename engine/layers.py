@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
@@ -109,7 +110,38 @@ def build_sliced_layouts(model: nn.Module, budget: int) -> tuple[int, int]:
     for i in chosen:
         m = layers[i]
         m.sliced = sliced.build(m.tensors(), m.spec, props.multi_processor_count, optin)
+    if os.environ.get("VPTQ_SLICED_GROUPS", "1") != "0":
+        for block in model.modules():
+            linears = block.shared_input() if hasattr(block, "shared_input") else ()
+            layouts = [getattr(m, "sliced", None) for m in linears]
+            if linears and all(layouts) and sliced.groupable(layouts):
+                plan = sliced.group(layouts, props.multi_processor_count, optin)
+                block.fused = SharedInputGroup(linears, plan)
     return len(chosen), len(layers)
+
+
+class SharedInputGroup:
+    """Linear layers that read the same input (q, k, v; gate, up), all with sliced layouts:
+    decoded by one sliced GEMV launch whose blocks fill one wave (engine/ops/sliced.py
+    SlicedGroup), instead of one launch per layer each paying the slice copies and the final
+    sums on its own."""
+
+    def __init__(self, linears: tuple, plan) -> None:
+        self.linears, self.plan = linears, plan
+
+    def takes(self, x: torch.Tensor) -> bool:
+        from .ops import cuda
+
+        tokens = x.numel() // x.shape[-1]
+        return x.is_cuda and tokens <= min(self.plan.max_tokens, cuda.GEMV_MAX_TOKENS)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        from .ops import cuda
+
+        return cuda.gemv_sliced_group(
+            x, [getattr(m, "bias", None) for m in self.linears], self.plan.layouts,
+            [m.tensors() for m in self.linears], self.plan.metas, self.plan.counters,
+        )  # fmt: skip
 
 
 def sliced_summary(model: nn.Module) -> tuple[int, int]:

@@ -42,6 +42,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+def project(x: torch.Tensor, fused, linears: tuple) -> list[torch.Tensor]:
+    """The outputs of linear layers that read the same x: one launch where the loader gave them
+    a shared sliced GEMV (``fused``, engine/layers.py SharedInputGroup), else one call each."""
+    if fused is not None and fused.takes(x):
+        return fused(x)
+    return [m(x) for m in linears]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, prefix: str, make: LinearFactory):
         super().__init__()
@@ -52,14 +60,19 @@ class Attention(nn.Module):
         self.v_proj = make(f"{prefix}.v_proj", h, args.n_kv_heads * d, args.qkv_bias)
         self.o_proj = make(f"{prefix}.o_proj", args.n_heads * d, h, args.o_bias)
         self.cache: KVCache | None = None
+        self.fused = None  # q, k, v in one launch (engine/layers.py build_sliced_layouts)
+
+    def shared_input(self) -> tuple:
+        return self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, start, mask: torch.Tensor | None) -> torch.Tensor:
         """start: an int, or a device tensor [1] for one decode token (then ``mask`` covers the
         whole static cache)."""
         b, t, _ = x.shape  # x: [B, T, H]
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, self.fused, self.shared_input())
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [B, H, T, D]
         if self.cache is None:
             raise RuntimeError("setup_caches() must run before the forward pass")
@@ -78,9 +91,14 @@ class MLP(nn.Module):
         self.gate_proj = make(f"{prefix}.gate_proj", h, i, bias)
         self.up_proj = make(f"{prefix}.up_proj", h, i, bias)
         self.down_proj = make(f"{prefix}.down_proj", i, h, bias)
+        self.fused = None  # gate and up in one launch (engine/layers.py build_sliced_layouts)
+
+    def shared_input(self) -> tuple:
+        return self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.fused, self.shared_input())
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

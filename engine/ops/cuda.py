@@ -130,7 +130,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("vptq::gemv_sliced")
     def _(x, entries, res_codes, offsets, table, res_table, scale, wbias, bias, counters, meta):
-        return x.new_empty((*x.shape[:-1], meta[0]))
+        return [x.new_empty((*x.shape[:-1], meta[12 * i])) for i in range(len(entries))]
 
 
 def meta(spec: VQLayerSpec) -> list[int]:
@@ -166,10 +166,24 @@ def dequant(tensors: tuple, spec: VQLayerSpec) -> torch.Tensor:
 
 
 def gemv_sliced(x: torch.Tensor, bias: torch.Tensor | None, layout: SlicedLayout, tensors: tuple):
-    scale, wbias = tensors[7], tensors[8]
+    return gemv_sliced_group(x, [bias], [layout], [tensors], [layout.meta], [layout.counters])[0]
+
+
+def gemv_sliced_group(
+    x: torch.Tensor,
+    biases: list,
+    layouts: list[SlicedLayout],
+    tensors: list[tuple],
+    metas: list[list[int]],
+    counters: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """y_i = x W_i^T + bias_i for layers sharing x, in one launch (engine/ops/sliced.py
+    SlicedGroup gives the metas and counters of a group; a single layer uses its own)."""
     return torch.ops.vptq.gemv_sliced(
-        x, layout.entries, layout.res_codes, layout.offsets, layout.table, layout.res_table,
-        scale, wbias, bias, layout.counters, layout.meta,
+        x, [a.entries for a in layouts], [a.res_codes for a in layouts],
+        [a.offsets for a in layouts], [a.table for a in layouts], [a.res_table for a in layouts],
+        [t[7] for t in tensors], [t[8] for t in tensors], biases, counters,
+        [m for meta in metas for m in meta],
     )  # fmt: skip
 
 

@@ -7,8 +7,10 @@ slices of SLICE_BYTES; every lookup becomes a 32-bit entry
 
     (original column within its CHUNK_COLS-column chunk) << 16 | codeword within its slice
 
-and entries are sorted into segments (slice, column chunk, vector-row). A GPU block then holds
-one slice in shared memory and serves all of its rows' lookups in that slice from there.
+and entries are sorted into segments (slice, column chunk, vector-row), within a segment
+round-robin over the shared-memory banks of their codewords (``spread_order``). A GPU block
+then holds one slice in shared memory and serves all of its rows' lookups in that slice from
+there. Layers reading the same input can share one launch (``group``).
 ``perm`` is folded into the columns. A residual codebook small enough to sit whole in every
 block (RES_SMEM_BYTES) rides along as a 16-bit code per entry; a large one is sliced like the
 main codebook, its lookups being entries of their own.
@@ -146,6 +148,104 @@ def launch_shape(rows: int, n_slices: int, num_sms: int, ctas_per_sm: int) -> tu
     return row_block, -(-rows // row_block)
 
 
+def bank_groups(v: int) -> tuple[int, int]:
+    """(bytes per shared-memory load of a codeword, lanes served per wavefront) for length v:
+    the kernel loads a codeword 16 bytes at a time where it can (vptq_device.cuh load_code),
+    and a wavefront serves 128 bytes."""
+    unit = 16 if v % 8 == 0 else 8 if v % 4 == 0 else 4
+    return unit, 128 // unit
+
+
+def spread_order(seg: torch.Tensor, packed: torch.Tensor, v: int, n_seg: int) -> torch.Tensor:
+    """The order of the entries: by segment, and within a segment round-robin over the banks
+    their codewords start in. Lane i of a warp takes entry i of a run of 32, and lanes whose
+    codewords share a bank but not an address are served one after another; round-robin makes
+    each wavefront's lanes hit different banks while every bank has entries left (it removes
+    about half of the shared-memory wavefronts of random order). Within a bank, by column."""
+    unit, nb = bank_groups(v)
+    sb = seg * nb  # (segment, bank)
+    sb += (packed & 0xFFFF) * (v * 2 // unit) % nb
+    wide = n_seg * nb * CHUNK_COLS >= 2**31
+    key = sb.long() if wide else sb.clone()
+    key *= CHUNK_COLS
+    key += packed >> 16  # the column
+    order = torch.argsort(key)  # no more temporaries at the peak than sorting by column alone
+    del key
+    sb = sb[order]
+    first = torch.zeros(n_seg * nb + 1, dtype=torch.int32, device=seg.device)
+    first[1:] = torch.bincount(sb, minlength=n_seg * nb).cumsum(0, dtype=torch.int32)
+    rank = torch.arange(sb.numel(), device=seg.device, dtype=torch.int32)
+    rank -= first[sb]  # the entry's place among its segment's entries in its bank
+    del first
+    bank = sb % nb
+    key = (sb // nb).long() if n_seg * 2 * CHUNK_COLS * nb >= 2**31 else sb // nb
+    del sb
+    key *= 2 * CHUNK_COLS  # a segment may hold main and residual lookups of one column
+    key += rank
+    key *= nb
+    key += bank
+    del rank, bank
+    return order[torch.argsort(key)]
+
+
+MAX_GROUP = 3  # layers one launch takes (csrc/vptq.h kMaxGroup)
+GROUP_TOKENS = 2  # most tokens a launch of several layers takes (kGroupTokens)
+
+
+@dataclass
+class SlicedGroup:
+    """Layers that share their input (q, k, v; gate, up) launched as one sliced GEMV: each
+    keeps its layout, and gets here a row-block split of its own so that the blocks of all of
+    them fill one wave (row_block and row_blocks of its meta, its counters)."""
+
+    layouts: list[SlicedLayout]
+    metas: list[list[int]]
+    counters: list[torch.Tensor]
+    max_tokens: int
+
+
+def groupable(layouts: list[SlicedLayout]) -> bool:
+    """Whether one launch takes these layouts: 2..MAX_GROUP of them with the same input size,
+    vector length and residual kind (csrc/vptq_ops.cpp checks the same)."""
+    if not 2 <= len(layouts) <= MAX_GROUP:
+        return False
+    key = [(a.meta[1], a.meta[2], a.meta[9] > 0) for a in layouts]
+    return all(k == key[0] for k in key)
+
+
+def group_row_blocks(rows: list[int], n_slices: list[int], num_sms: int, ctas_per_sm: int):
+    """Row blocks per layer of a group: one each, and the rest of the wave's num_sms *
+    ctas_per_sm blocks shared in proportion to each layer's lookups (rows x slices); never more
+    than one wave in all unless one row block per layer already is."""
+    spare = max(0, num_sms * ctas_per_sm - sum(n_slices))
+    work = [r * s for r, s in zip(rows, n_slices, strict=True)]
+    return [
+        min(r, 1 + spare * w // sum(work) // s)
+        for r, s, w in zip(rows, n_slices, work, strict=True)
+    ]
+
+
+def group(
+    layouts: list[SlicedLayout], num_sms: int, smem_optin: int, ctas_per_sm: int = CTAS_PER_SM
+) -> SlicedGroup:
+    if not groupable(layouts):
+        raise ValueError("these layers cannot share a sliced launch")
+    rows = [a.meta[8] for a in layouts]
+    shares = group_row_blocks(rows, [a.meta[5] for a in layouts], num_sms, ctas_per_sm)
+    metas, counters, most = [], [], []
+    for a, r, share in zip(layouts, rows, shares, strict=True):
+        row_block = -(-r // share)
+        row_blocks = -(-r // row_block)
+        metas.append([*a.meta[:10], row_block, row_blocks])
+        counters.append(torch.zeros(row_blocks, dtype=torch.int32, device=a.entries.device))
+        v, slice_cw, res_cw = a.meta[2], a.meta[4], a.meta[9]
+        most.append(max_tokens(v, slice_cw, res_cw, row_block, smem_optin))
+    return SlicedGroup(
+        layouts=list(layouts), metas=metas, counters=counters,
+        max_tokens=min([GROUP_TOKENS, *most]),
+    )  # fmt: skip
+
+
 def build(
     tensors: tuple,
     spec: VQLayerSpec,
@@ -195,14 +295,11 @@ def build(
     seg = (gid // slice_cw * n_chunks + col // CHUNK_COLS) * rows
     row = torch.arange(rows, device=dev, dtype=i32).view(1, rows, 1).expand(g, rows, S)
     seg += row.flatten().repeat(n)
-    key = seg.long() if n_seg * CHUNK_COLS >= 2**31 else seg.clone()
-    key *= CHUNK_COLS
     col %= CHUNK_COLS  # the column within its chunk from here on
-    key += col
     packed = col << 16 | gid % slice_cw
-    del col, gid
-    order = torch.argsort(key)
-    del key
+    del gid
+    del col
+    order = spread_order(seg, packed, v, n_seg)
     packed = packed[order]
     # Each segment padded to a multiple of PAD_TO entries (the kernel's warps take 32 at a
     # time) with entries of the zero column CHUNK_COLS, codeword 0.

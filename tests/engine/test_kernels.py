@@ -251,8 +251,8 @@ def test_sliced_opcheck_and_graph_capture():
         x = torch.randn(tokens, spec.in_features, dtype=torch.float16, device="cuda")
         torch.library.opcheck(
             torch.ops.vptq.gemv_sliced.default,
-            (x, layout.entries, layout.res_codes, layout.offsets, layout.table, layout.res_table,
-             scale, wbias, bias, layout.counters, layout.meta),
+            (x, [layout.entries], [layout.res_codes], [layout.offsets], [layout.table],
+             [layout.res_table], [scale], [wbias], [bias], [layout.counters], layout.meta),
         )  # fmt: skip
     x = torch.randn(1, spec.in_features, dtype=torch.float16, device="cuda")
     eager = ops.vptq_linear(x, bias, args, spec, layout)
@@ -265,6 +265,45 @@ def test_sliced_opcheck_and_graph_capture():
     assert torch.equal(out, eager)
 
 
+GROUPS = {  # layers sharing x: q, k, v-like; gate, up-like; with a small residual
+    "qkv": [dict(k_in=4096, n_out=n, v=8, k=65536, bias=True) for n in (2048, 512, 512)],
+    "gate-up-chunks": [dict(k_in=8300, n_out=1000, v=8, k=65536) for _ in range(2)],
+    "r256": [dict(k_in=1024, n_out=n, v=8, k=65536, kr=256) for n in (640, 128)],
+}
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("name", sorted(GROUPS))
+def test_sliced_group_gives_each_layer_what_it_gives_alone(name, tokens):
+    specs = [make_spec(**kw) for kw in GROUPS[name]]
+    layers = [random_layer(sp, seed=i, dtype=torch.float16) for i, sp in enumerate(specs)]
+    args = [gpu_args(layer, torch.float16) for layer in layers]
+    layouts = [device_layout(sp, a) for sp, a in zip(specs, args, strict=True)]
+    props = torch.cuda.get_device_properties(0)
+    plan = sliced.group(layouts, props.multi_processor_count, props.shared_memory_per_block_optin)
+    biases = [None if ly.bias is None else torch.tensor(ly.bias).half().cuda() for ly in layers]
+    x = torch.randn(tokens, specs[0].in_features, dtype=torch.float16, device="cuda")
+    outs = cuda.gemv_sliced_group(x, biases, plan.layouts, args, plan.metas, plan.counters)
+    for out, a, layout, bias, layer in zip(outs, args, layouts, biases, layers, strict=True):
+        alone = cuda.gemv_sliced(x, bias, layout, a)
+        assert torch.equal(out, alone)  # same sums in the same order, other blocks
+        want = x.double().cpu().numpy() @ oracle_dense(layer).T + (
+            0 if layer.bias is None else layer.bias
+        )
+        assert rel_err(out.double().cpu(), want) < 4e-3
+    assert not any(c.any() for c in plan.counters)
+    with pytest.raises(RuntimeError, match="2 tokens at most"):
+        cuda.gemv_sliced_group(x.repeat(3, 1), biases, plan.layouts, args, plan.metas,
+                               plan.counters)  # fmt: skip
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = cuda.gemv_sliced_group(x, biases, plan.layouts, args, plan.metas, plan.counters)
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(captured, outs, strict=True))
+
+
 def test_loader_gives_large_codebook_layers_the_sliced_layout(tmp_path, monkeypatch):
     from engine.layers import VQLinear
     from engine.loader import load_model
@@ -275,6 +314,8 @@ def test_loader_gives_large_codebook_layers_the_sliced_layout(tmp_path, monkeypa
     gpu = load_model(tmp_path, "cuda", torch.float16, max_seq_len=32)
     layers = [m for m in gpu.model.modules() if isinstance(m, VQLinear)]
     assert all((m.sliced is not None) == sliced.eligible(m.spec) for m in layers)
+    # q, k, v differ in scheme here, so no launch is shared
+    assert all(m.fused is None for m in gpu.model.modules() if hasattr(m, "shared_input"))
     monkeypatch.setenv("VPTQ_CHAT_SLICED", "0")
     off = load_model(tmp_path, "cuda", torch.float16, max_seq_len=32)
     assert all(m.sliced is None for m in off.model.modules() if isinstance(m, VQLinear))
@@ -283,3 +324,23 @@ def test_loader_gives_large_codebook_layers_the_sliced_layout(tmp_path, monkeypa
         a = [gpu.model(tokens[:, i : i + 1], start=i) for i in range(6)]
         b = [off.model(tokens[:, i : i + 1], start=i) for i in range(6)]
     assert rel_err(torch.cat(a, 1).cpu(), torch.cat(b, 1).cpu()) < 1e-2
+
+
+def test_loader_shares_one_launch_among_layers_reading_the_same_input(tmp_path, monkeypatch):
+    from engine.loader import load_model
+
+    from .test_loader import SCHEMES, build_vptq_model
+
+    build_vptq_model(tmp_path, torch.float16, schemes={p: dict(v=8, k=65536) for p in SCHEMES})
+    gpu = load_model(tmp_path, "cuda", torch.float16, max_seq_len=32)
+    blocks = [m for m in gpu.model.modules() if hasattr(m, "shared_input")]
+    assert len(blocks) == 4 and all(b.fused is not None for b in blocks)  # attention, MLP x 2
+    assert [len(b.fused.linears) for b in blocks[:2]] == [3, 2]
+    monkeypatch.setenv("VPTQ_SLICED_GROUPS", "0")
+    alone = load_model(tmp_path, "cuda", torch.float16, max_seq_len=32)
+    assert all(m.fused is None for m in alone.model.modules() if hasattr(m, "shared_input"))
+    tokens = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        a = [gpu.model(tokens[:, i : i + 1], start=i) for i in range(6)]
+        c = [alone.model(tokens[:, i : i + 1], start=i) for i in range(6)]
+    assert torch.equal(torch.cat(a, 1), torch.cat(c, 1))  # the shared launch changes no sum

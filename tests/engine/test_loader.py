@@ -49,13 +49,15 @@ SCHEMES = {
 }
 
 
-def build_vptq_model(folder, dtype=torch.float16, shard_bytes=None, form="config_for_layers"):
+def build_vptq_model(
+    folder, dtype=torch.float16, shard_bytes=None, form="config_for_layers", schemes=SCHEMES
+):
     """A random VPTQ Llama on disk; returns {layer name: dense float64 W} from the oracle."""
     gen = torch.Generator().manual_seed(0)
     tensors, per_layer, dense = {}, {}, {}
     for i in range(CONFIG["num_hidden_layers"]):
         for part, (k_in, n_out) in LINEARS.items():
-            spec = make_spec(k_in=k_in, n_out=n_out, **SCHEMES[part])
+            spec = make_spec(k_in=k_in, n_out=n_out, **schemes[part])
             layer = random_layer(spec, seed=i * 10 + len(part), dtype=dtype)
             name = f"model.layers.{i}.{part}"
             tensors.update({f"{name}.{k}": v for k, v in layer.tensors.items()})

@@ -62,11 +62,22 @@ def test_layout_invariants(name):
     assert int((e & 0xFFFF).max()) < slice_cw and int((e[~pad] >> 16).max()) < chunk_cols
     assert (n_slices - 1) * slice_cw < n_cw <= n_slices * slice_cw
     assert slice_cw * v * 2 <= memory.SLICE_BYTES and slice_cw % 8 == 0
-    # within a segment, columns rise and the padding comes last
+    # within a segment the padding comes last, and the real entries go round-robin over the
+    # banks of their codewords: by rank within their bank, then by bank (spread_order)
     seg = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
     same = seg[1:] == seg[:-1]
-    col = e >> 16
-    assert ((col[1:] > col[:-1]) | (pad[1:] & pad[:-1]))[same].all()
+    assert not (pad[:-1] & ~pad[1:])[same].any()
+    unit, nb = sliced.bank_groups(v)
+    real = ~pad
+    r_seg, r_e = seg[real], e[real]
+    bank = (r_e & 0xFFFF) * (v * 2 // unit) % nb
+    seen: dict = {}
+    rank = []
+    for k in (r_seg * nb + bank).tolist():  # place of each entry among its segment's in its bank
+        rank.append(seen.get(k, 0))
+        seen[k] = rank[-1] + 1
+    order = torch.tensor(rank) * nb + bank
+    assert (order[1:] > order[:-1])[r_seg[1:] == r_seg[:-1]].all()
     # every row is in exactly one row block, and the blocks fill the machine without a 2nd wave
     assert rb * rbs >= rows > rb * (rbs - 1) and rbs * n_slices <= max(7 * 2, n_slices)
     assert layout.counters.numel() == rbs and not layout.counters.any()
@@ -117,3 +128,44 @@ def test_choose_fills_the_budget_largest_first():
     assert sliced.choose(specs, need_big + scratch_big - 1) == [0, 2]  # big skipped, small fit
     assert sliced.choose(specs, need_small + scratch_small) == [0]
     assert sliced.choose(specs, 0) == [] and sliced.choose(specs, -(1 << 30)) == []
+
+
+def test_spread_order_by_hand():
+    # one segment, v=8 (16-byte codewords: bank group = codeword % 8), columns 0..5 with
+    # codewords 0, 8, 1, 16, 9, 2: banks 0, 0, 1, 0, 1, 2
+    cw = torch.tensor([0, 8, 1, 16, 9, 2], dtype=torch.int32)
+    col = torch.arange(6, dtype=torch.int32)
+    packed = col << 16 | cw
+    seg = torch.zeros(6, dtype=torch.int32)
+    order = sliced.spread_order(seg, packed, 8, 1)
+    # rank 0 of banks 0, 1, 2 (columns 0, 2, 5), rank 1 of banks 0, 1 (1, 4), rank 2 of bank 0
+    assert order.tolist() == [0, 2, 5, 1, 4, 3]
+    # two segments stay apart, each spread on its own
+    seg2 = torch.tensor([1, 1, 0, 0, 0, 0], dtype=torch.int32)
+    assert sliced.spread_order(seg2, packed, 8, 2).tolist() == [3, 2, 5, 4, 0, 1]
+
+
+def test_group_row_blocks_fill_one_wave_by_work():
+    # Llama-3.1-8B q, k, v (512, 128, 128 vector-rows) and gate, up (1792 each), 16 slices
+    assert sliced.group_row_blocks([512, 128, 128], [16, 16, 16], 132, 2) == [10, 3, 3]
+    assert sliced.group_row_blocks([1792, 1792], [16, 16], 132, 2) == [8, 8]
+    for rows, slices in (([5, 1, 3000], [4, 40, 16]), ([7, 7], [300, 1])):
+        shares = sliced.group_row_blocks(rows, slices, 132, 2)
+        assert all(1 <= b <= r for b, r in zip(shares, rows, strict=True))
+        assert sum(b * s for b, s in zip(shares, slices, strict=True)) <= max(264, sum(slices))
+
+
+def test_group_gives_each_layer_its_own_split():
+    layouts = [build(n)[3] for n in ("v8-k65536", "v8-k65536", "v8-k65536")]
+    plan = sliced.group(layouts, 132, 227 << 10)
+    for a, meta, counters in zip(layouts, plan.metas, plan.counters, strict=True):
+        assert meta[:10] == a.meta[:10]  # the layout itself is shared, not copied
+        row_block, row_blocks = meta[10:]
+        assert row_block * row_blocks >= a.meta[8] > row_block * (row_blocks - 1)
+        assert counters.numel() == row_blocks and not counters.any()
+    assert plan.max_tokens == min(sliced.GROUP_TOKENS, *(a.max_tokens for a in layouts))
+    assert not sliced.groupable(layouts[:1]) and not sliced.groupable(layouts * 2)
+    assert not sliced.groupable([layouts[0], build("v16-k65536")[3]])  # another v
+    assert not sliced.groupable([layouts[0], build("v8-k65536-chunks")[3]])  # another K
+    with pytest.raises(ValueError):
+        sliced.group([layouts[0], build("v8-k65536-r256")[3]], 132, 227 << 10)  # residual
