@@ -52,3 +52,38 @@ def test_sliding_window_matches_transformers(tmp_path):
         steps += [ours.model(tokens[:, i : i + 1], start=i) for i in range(12, 24)]
     torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(torch.cat(steps, 1), want, atol=2e-4, rtol=1e-4)
+
+
+class _Shared:
+    """Stands in for engine.layers.SharedInputGroup: answers with the layers' own outputs,
+    scaled so that its use shows in the logits, and counts its calls."""
+
+    def __init__(self, linears, scale, takes=True):
+        self.linears, self.scale, self.take, self.calls = linears, scale, takes, 0
+
+    def takes(self, x):
+        return self.take
+
+    def __call__(self, x):
+        self.calls += 1
+        return [m(x) * self.scale for m in self.linears]
+
+
+def test_layers_sharing_an_input_use_the_shared_launch_where_it_takes_the_input(tmp_path):
+    make_hf_model("qwen2", tmp_path)  # q, k, v with bias
+    m = load_model(tmp_path, "cpu", torch.float32, max_seq_len=16).model
+    tokens = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(3))
+    blocks = [b for b in m.modules() if hasattr(b, "shared_input")]
+    assert [len(b.shared_input()) for b in blocks[:2]] == [3, 2]  # q, k, v; gate, up
+    with torch.no_grad():
+        want = m(tokens)
+        for b in blocks:
+            b.fused = _Shared(b.shared_input(), 1.0)
+        same = m(tokens)
+        assert all(b.fused.calls == 1 for b in blocks)
+        torch.testing.assert_close(same, want, atol=0, rtol=0)  # same outputs, same logits
+        for b in blocks:
+            b.fused = _Shared(b.shared_input(), 0.5, takes=False)  # e.g. too many tokens
+        assert torch.equal(m(tokens), want) and not any(b.fused.calls for b in blocks)
+        blocks[1].fused = _Shared(blocks[1].shared_input(), 0.5)  # the MLP's outputs are used
+        assert not torch.allclose(m(tokens), want)
