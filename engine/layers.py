@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 
@@ -14,6 +15,7 @@ from .formats.packing import pack_indices
 from .formats.vptq import FormatError, VQLayerSpec
 from .ops.reference import as_uint16
 
+log = logging.getLogger(__name__)
 _INT = {"int32": torch.int32, "int16": torch.int16, "int64": torch.int64}
 
 
@@ -97,27 +99,44 @@ class VQLinear(nn.Module):
 
 def build_sliced_layouts(model: nn.Module, budget: int) -> tuple[int, int]:
     """Give the eligible VQLinear layers of a GPU model the sliced layout (engine/ops/sliced.py)
-    while its extra memory stays within ``budget`` bytes, largest layers first. Returns (layers
-    built, layers eligible). Without the CUDA kernels nothing is built."""
+    while its extra memory stays within ``budget`` bytes, largest layers first, and layers that
+    read the same input a shared launch. Returns (layers built, layers eligible). Without the
+    CUDA kernels nothing is built."""
     from .ops import sliced
 
     layers = [m for m in model.modules() if isinstance(m, VQLinear) and sliced.eligible(m.spec)]
     if not layers or not ops.kernels_ready() or not layers[0].indices.is_cuda:
         return 0, len(layers)
     props = torch.cuda.get_device_properties(layers[0].indices.device)
-    optin = props.shared_memory_per_block_optin
-    chosen = sliced.choose([m.spec for m in layers], budget)
-    for i in chosen:
+    built = arrange(model, layers, budget, props.multi_processor_count,
+                    props.shared_memory_per_block_optin)  # fmt: skip
+    return built, len(layers)
+
+
+def arrange(model: nn.Module, layers: list, budget: int, num_sms: int, smem_optin: int) -> int:
+    """The layouts (sliced.choose picks the layers) and the shared launches; returns how many
+    layouts were built. Running out of memory while building (the scratch estimate is an
+    estimate) keeps the layouts built so far and leaves the rest on the plain path."""
+    from .ops import sliced
+
+    built = 0
+    for i in sliced.choose([m.spec for m in layers], budget):
         m = layers[i]
-        m.sliced = sliced.build(m.tensors(), m.spec, props.multi_processor_count, optin)
+        try:
+            m.sliced = sliced.build(m.tensors(), m.spec, num_sms, smem_optin)
+        except torch.OutOfMemoryError:
+            log.warning("out of memory arranging %s for fast decode: %d layers keep the plain "
+                        "kernels", m.name or "a layer", len(layers) - built)  # fmt: skip
+            break
+        built += 1
     if os.environ.get("VPTQ_SLICED_GROUPS", "1") != "0":
         for block in model.modules():
             linears = block.shared_input() if hasattr(block, "shared_input") else ()
             layouts = [getattr(m, "sliced", None) for m in linears]
             if linears and all(layouts) and sliced.groupable(layouts):
-                plan = sliced.group(layouts, props.multi_processor_count, optin)
+                plan = sliced.group(layouts, num_sms, smem_optin)
                 block.fused = SharedInputGroup(linears, plan)
-    return len(chosen), len(layers)
+    return built
 
 
 class SharedInputGroup:

@@ -169,3 +169,53 @@ def test_group_gives_each_layer_its_own_split():
     assert not sliced.groupable([layouts[0], build("v8-k65536-chunks")[3]])  # another K
     with pytest.raises(ValueError):
         sliced.group([layouts[0], build("v8-k65536-r256")[3]], 132, 227 << 10)  # residual
+
+
+def _uniform_model(tmp_path):
+    from engine.loader import load_model
+
+    from .test_loader import SCHEMES, build_vptq_model
+
+    build_vptq_model(tmp_path, torch.float16, schemes={p: dict(v=8, k=65536) for p in SCHEMES})
+    model = load_model(tmp_path, "cpu", torch.float16, max_seq_len=16).model
+    from engine.layers import VQLinear
+
+    return model, [m for m in model.modules() if isinstance(m, VQLinear)]
+
+
+def test_arrange_builds_layouts_and_shared_launches(tmp_path):
+    from engine import layers as L
+
+    model, linears = _uniform_model(tmp_path)
+    assert L.arrange(model, linears, 1 << 40, 132, 227 << 10) == len(linears) == 14
+    blocks = [b for b in model.modules() if hasattr(b, "shared_input")]
+    assert all(b.fused is not None for b in blocks)
+    for b in blocks:
+        assert [a for a in b.fused.plan.layouts] == [m.sliced for m in b.shared_input()]
+    # nothing fits: no layouts, no shared launches
+    model, linears = _uniform_model(tmp_path / "again")
+    assert L.arrange(model, linears, 0, 132, 227 << 10) == 0
+    assert all(m.sliced is None for m in linears)
+    assert all(b.fused is None for b in model.modules() if hasattr(b, "shared_input"))
+
+
+def test_out_of_memory_while_arranging_keeps_what_was_built(tmp_path, monkeypatch, caplog):
+    from engine import layers as L
+
+    model, linears = _uniform_model(tmp_path)
+    real, calls = sliced.build, []
+
+    def build_until_full(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sliced, "build", build_until_full)
+    assert L.arrange(model, linears, 1 << 40, 132, 227 << 10) == 2
+    assert sum(m.sliced is not None for m in linears) == 2 and len(calls) == 3
+    assert "out of memory arranging" in caplog.text and "12 layers keep the plain" in caplog.text
+    # shared launches only where every member has its layout
+    for b in model.modules():
+        if hasattr(b, "shared_input"):
+            assert (b.fused is not None) == all(m.sliced is not None for m in b.shared_input())
