@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QSplitter,
     QTableView,
@@ -93,10 +94,15 @@ class BrowseTab(QWidget):
         filters = QHBoxLayout()
         for w in (self.family, self.params, self.bits, self.v, self.k, self.kr):
             filters.addWidget(w)
+        # The details scroll rather than lose their last lines in a small window (a no-fit
+        # breakdown runs to eight lines).
+        detail_scroll = QScrollArea(widgetResizable=True)
+        detail_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        detail_scroll.setWidget(self.detail)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.table)
-        split.addWidget(self.detail)
-        split.setSizes([300, 260])
+        split.addWidget(detail_scroll)
+        split.setSizes([220, 340])
         lay = QVBoxLayout(self)
         lay.addLayout(top)
         lay.addLayout(filters)

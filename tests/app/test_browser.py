@@ -1,6 +1,7 @@
 """The Models window on the real App against the fake hub: browse, filter, fit, download,
 load; and a model downloaded from the fake hub answering in the real engine."""
 
+import asyncio
 import json
 import os
 import subprocess
@@ -106,6 +107,12 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
     assert "Does not fit" in detail.verdict.text()
     assert "Fast decode layout 3.67 GiB: no room at this context" in (detail.breakdown.text())
     assert "To make room, close: blender (pid 4242): 3.2 GB" in detail.breakdown.text()
+    # in a small window the eight lines scroll instead of losing the last ones
+    w.resize(780, 420)
+    qloop.run_until_complete(asyncio.sleep(0.2))
+    label = detail.breakdown
+    assert label.height() >= label.heightForWidth(label.width()) > 0
+    w.resize(1100, 720)
 
     detail.download.click()
     wait_until(qloop, lambda: detail.load.isEnabled(), what=f"the download {detail.state.text()}")
