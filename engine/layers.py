@@ -146,18 +146,15 @@ class SharedInputGroup:
     sums on its own."""
 
     def __init__(self, linears: tuple, plan) -> None:
-        self.linears, self.plan = linears, plan
+        from .ops import cuda  # built only where the kernels are loaded
+
+        self.linears, self.plan, self._launch = linears, plan, cuda.gemv_sliced_group
 
     def takes(self, x: torch.Tensor) -> bool:
-        from .ops import cuda
-
-        tokens = x.numel() // x.shape[-1]
-        return x.is_cuda and tokens <= min(self.plan.max_tokens, cuda.GEMV_MAX_TOKENS)
+        return x.is_cuda and x.numel() // x.shape[-1] <= self.plan.max_tokens
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        from .ops import cuda
-
-        return cuda.gemv_sliced_group(
+        return self._launch(
             x, [getattr(m, "bias", None) for m in self.linears], self.plan.layouts,
             [m.tensors() for m in self.linears], self.plan.metas, self.plan.counters,
         )  # fmt: skip

@@ -201,7 +201,7 @@ class SlicedGroup:
     layouts: list[SlicedLayout]
     metas: list[list[int]]
     counters: list[torch.Tensor]
-    max_tokens: int
+    max_tokens: int  # at most GROUP_TOKENS, which is below cuda.GEMV_MAX_TOKENS
 
 
 def groupable(layouts: list[SlicedLayout]) -> bool:

@@ -164,6 +164,9 @@ def test_group_gives_each_layer_its_own_split():
         assert row_block * row_blocks >= a.meta[8] > row_block * (row_blocks - 1)
         assert counters.numel() == row_blocks and not counters.any()
     assert plan.max_tokens == min(sliced.GROUP_TOKENS, *(a.max_tokens for a in layouts))
+    from engine.ops import cuda
+
+    assert sliced.GROUP_TOKENS <= cuda.GEMV_MAX_TOKENS  # a group never takes more than one
     assert not sliced.groupable(layouts[:1]) and not sliced.groupable(layouts * 2)
     assert not sliced.groupable([layouts[0], build("v16-k65536")[3]])  # another v
     assert not sliced.groupable([layouts[0], build("v8-k65536-chunks")[3]])  # another K
@@ -191,7 +194,7 @@ def test_arrange_builds_layouts_and_shared_launches(tmp_path):
     blocks = [b for b in model.modules() if hasattr(b, "shared_input")]
     assert all(b.fused is not None for b in blocks)
     for b in blocks:
-        assert [a for a in b.fused.plan.layouts] == [m.sliced for m in b.shared_input()]
+        assert b.fused.plan.layouts == [m.sliced for m in b.shared_input()]
     # nothing fits: no layouts, no shared launches
     model, linears = _uniform_model(tmp_path / "again")
     assert L.arrange(model, linears, 0, 132, 227 << 10) == 0
