@@ -10,10 +10,10 @@ slices of SLICE_BYTES; every lookup becomes a 32-bit entry
 and entries are sorted into segments (slice, column chunk, vector-row), within a segment
 round-robin over the shared-memory banks of their codewords (``spread_order``). A GPU block
 then holds one slice in shared memory and serves all of its rows' lookups in that slice from
-there. Layers reading the same input can share one launch (``group``).
-``perm`` is folded into the columns. A residual codebook small enough to sit whole in every
-block (RES_SMEM_BYTES) rides along as a 16-bit code per entry; a large one is sliced like the
-main codebook, its lookups being entries of their own.
+there. ``perm`` is folded into the columns. A residual codebook small enough to sit whole in
+every block (RES_SMEM_BYTES) rides along as a 16-bit code per entry; a large one is sliced like
+the main codebook, its lookups being entries of their own. Layers reading the same input can
+share one launch (``group``).
 
 The price is memory: 4 bytes per lookup (plus 2 for a small residual) on top of the packed
 indices, which prefill's dequant still uses. A 2-bit v8 layer's indices take 2 bytes per 8
@@ -51,7 +51,7 @@ class SlicedLayout:
     table: torch.Tensor  # [n_cw, v]
     res_table: torch.Tensor | None  # [res_cw, v]
     counters: torch.Tensor  # int32 [row_blocks], zero between calls
-    meta: list[int]  # see csrc/vptq_ops.cpp gemv_sliced_cuda
+    meta: list[int]  # see csrc/vptq_ops.cpp sliced_layer
     max_tokens: int  # most tokens one call takes on this device (0: none)
     table_is_copy: bool = False  # main and residual codebooks concatenated
 
@@ -98,8 +98,9 @@ def choose(specs: list[VQLayerSpec], budget: int) -> list[int]:
 
 
 def scratch_bytes(spec: VQLayerSpec) -> int:
-    """Temporary memory build() needs on top: int32 codes, columns, segments and sort keys and
-    the int64 sort order, about 32 bytes a lookup at the peak."""
+    """Temporary memory build() needs on top (int32 codes, columns, segments and sort keys, the
+    int64 sort orders), budgeted at 32 bytes a lookup. The GPU peak was not measured (on the CPU
+    it is about 63); running out while building is survived (engine/layers.py arrange)."""
     return 32 * spec.num_indices * spec.in_features * (2 if spec.num_res_centroids else 1)
 
 
