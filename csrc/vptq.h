@@ -75,4 +75,42 @@ bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin);
 cudaError_t launch_sliced_gemv(const SlicedGroup& G, const void* x, int T, DType dtype,
                                cudaStream_t stream);
 
+// The rest of a batch-1 decode step, fused (vptq_decode.cu). Tensors are contiguous, in the
+// activation dtype unless said otherwise.
+// out = w * norm(x) per row of H; with r: sum = x + r first, and the norm is of sum.
+cudaError_t launch_rms_norm(const void* x, const void* r, const void* w, void* out, void* sum,
+                            int rows, int H, float eps, DType dtype, cudaStream_t stream);
+
+struct RopeArgs {
+  const void* q = nullptr;      // [H, D] one token's query heads
+  const void* k = nullptr;      // [Hkv, D]
+  const void* v = nullptr;      // [Hkv, D]
+  const float* cos = nullptr;   // [S, D] fp32 RoPE tables
+  const float* sin = nullptr;   // [S, D]
+  const int64_t* pos = nullptr; // [1] the token's position, on the device
+  void* q_out = nullptr;        // [H, D] rotated query
+  void* k_cache = nullptr;      // [Hkv, S, D]: rotated key written at pos
+  void* v_cache = nullptr;      // [Hkv, S, D]: value written at pos
+  int H = 0, Hkv = 0, D = 0, S = 0;
+};
+cudaError_t launch_rope_kv(const RopeArgs& a, DType dtype, cudaStream_t stream);
+
+struct AttnArgs {
+  const void* q = nullptr;        // [H, D]
+  const void* k_cache = nullptr;  // [Hkv, S, D]
+  const void* v_cache = nullptr;  // [Hkv, S, D]
+  const int64_t* pos = nullptr;   // [1] keys max(0, pos - window + 1) .. pos are visible
+  void* out = nullptr;            // [H, D]
+  float* ws = nullptr;            // [H, splits, D + 2] fp32
+  int H = 0, Hkv = 0, D = 0, S = 0, splits = 1, window = 0;  // window 0: none
+  float scale = 1.f;
+};
+bool decode_attention_supported(int H, int Hkv, int D);
+int decode_attention_splits(int Hkv, int S, int num_sms);
+cudaError_t launch_decode_attention(const AttnArgs& a, DType dtype, cudaStream_t stream);
+
+// out = silu(g) * u elementwise, n values.
+cudaError_t launch_silu_mul(const void* g, const void* u, void* out, int64_t n, DType dtype,
+                            cudaStream_t stream);
+
 }  // namespace vptq

@@ -6,6 +6,9 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "vptq.h"
@@ -14,25 +17,51 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// Error messages are joined from std::string pieces, never with iostreams: c10::str's
+// ostringstream, instantiated in this library, crashed (SIGSEGV in std::ostream::_M_insert<long>)
+// on a machine whose loaded libstdc++ differs from the compiler's headers (the H200 test
+// machine). TORCH_CHECK passes a single std::string through untouched.
+template <typename T>
+std::string piece(const T& a) {
+  if constexpr (std::is_integral_v<T>) {
+    return std::to_string(a);
+  } else if constexpr (std::is_same_v<T, at::ScalarType>) {
+    return c10::toString(a);
+  } else if constexpr (std::is_same_v<T, at::IntArrayRef>) {
+    std::string s = "[";
+    for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+    return s + "]";
+  } else {
+    return std::string(a);
+  }
+}
+
+template <typename... A>
+std::string msg(const A&... a) {
+  return (std::string() + ... + piece(a));
+}
+
 const void* ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 vptq::DType dtype_of(const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
-              "vptq kernels take float16 or bfloat16, got ", t.scalar_type());
+              msg("vptq kernels take float16 or bfloat16, got ", t.scalar_type()));
   return t.scalar_type() == at::kHalf ? vptq::DType::kHalf : vptq::DType::kBFloat16;
 }
 
 void check_float(const OptTensor& t, const at::Tensor& like, const char* name) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->is_cuda() && t->is_contiguous(), name, " must be a contiguous CUDA tensor");
-  TORCH_CHECK(t->scalar_type() == like.scalar_type(), name, " is ", t->scalar_type(),
-              " but the activations are ", like.scalar_type());
+  TORCH_CHECK(t->is_cuda() && t->is_contiguous(),
+              msg(name, " must be a contiguous CUDA tensor"));
+  TORCH_CHECK(t->scalar_type() == like.scalar_type(),
+              msg(name, " is ", t->scalar_type(), " but the activations are ",
+                  like.scalar_type()));
 }
 
 void check_int(const OptTensor& t, at::ScalarType type, const char* name) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == type, name,
-              " must be a contiguous CUDA ", type, " tensor");
+  TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == type,
+              msg(name, " must be a contiguous CUDA ", type, " tensor"));
 }
 
 vptq::Layer make_layer(const at::Tensor& indices, const at::Tensor& centroids,
@@ -67,7 +96,7 @@ vptq::Layer make_layer(const at::Tensor& indices, const at::Tensor& centroids,
   L.words = static_cast<int>(indices.size(-1));
   const int64_t rows = (L.N + L.v - 1) / L.v;
   TORCH_CHECK(indices.dim() == 3 && indices.size(0) == L.G && indices.size(1) == rows,
-              "indices shape ", indices.sizes(), " does not match G=", L.G, " rows=", rows);
+              msg("indices shape ", indices.sizes(), " does not match G=", L.G, " rows=", rows));
   TORCH_CHECK(static_cast<int64_t>(L.words) * 32 >= static_cast<int64_t>(L.S) * (L.b1 + L.b2),
               "indices hold too few words per row");
   TORCH_CHECK(centroids.numel() == static_cast<int64_t>(L.G) * L.k * L.v, "centroids size");
@@ -77,7 +106,8 @@ vptq::Layer make_layer(const at::Tensor& indices, const at::Tensor& centroids,
 }
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "vptq ", what, " launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              msg("vptq ", what, " launch failed: ", cudaGetErrorString(err)));
 }
 
 at::Tensor dequant_cuda(const at::Tensor& indices, const at::Tensor& centroids,
@@ -103,12 +133,13 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& indices, const at::T
   const c10::cuda::CUDAGuard guard(x.device());
   const vptq::Layer L = make_layer(indices, centroids, res_centroids, std::nullopt, std::nullopt,
                                    perm, std::nullopt, weight_scale, weight_bias, bias, meta);
-  TORCH_CHECK(x.size(-1) == L.K, "x has ", x.size(-1), " features, the layer takes ", L.K);
+  TORCH_CHECK(x.size(-1) == L.K, msg("x has ", x.size(-1), " features, the layer takes ", L.K));
   check_float(x.contiguous(), centroids, "x");
   const at::Tensor xc = x.contiguous();
   const int tokens = static_cast<int>(xc.numel() / L.K);
-  TORCH_CHECK(vptq::gemv_supported(L, tokens), "the fused GEMV does not take this layer with ",
-              tokens, " tokens; use dequant + GEMM");
+  TORCH_CHECK(vptq::gemv_supported(L, tokens),
+              msg("the fused GEMV does not take this layer with ", tokens,
+                  " tokens; use dequant + GEMM"));
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = L.N;
   at::Tensor out = at::empty(shape, x.options());
@@ -146,7 +177,7 @@ vptq::SlicedLayer sliced_layer(const at::Tensor& x, const at::Tensor& entries,
   L.N = meta[0]; L.K = meta[1]; L.v = meta[2]; L.n_cw = meta[3]; L.slice_cw = meta[4];
   L.n_slices = meta[5]; L.chunk_cols = meta[6]; L.n_chunks = meta[7]; L.rows = meta[8];
   L.res_cw = meta[9]; L.row_block = meta[10]; L.row_blocks = meta[11];
-  TORCH_CHECK(x.size(-1) == L.K, "x has ", x.size(-1), " features, the layer takes ", L.K);
+  TORCH_CHECK(x.size(-1) == L.K, msg("x has ", x.size(-1), " features, the layer takes ", L.K));
   TORCH_CHECK(offsets.numel() == static_cast<int64_t>(L.n_slices) * L.n_chunks * L.rows + 1,
               "offsets size");
   TORCH_CHECK(table.numel() == static_cast<int64_t>(L.n_cw) * L.v, "table size");
@@ -177,8 +208,8 @@ std::vector<at::Tensor> gemv_sliced_cuda(
     const c10::List<OptTensor>& bias, at::TensorList counters, at::IntArrayRef meta) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int n = static_cast<int>(entries.size());
-  TORCH_CHECK(n >= 1 && n <= vptq::kMaxGroup, "the sliced GEMV takes 1 to ", vptq::kMaxGroup,
-              " layers, not ", n);
+  TORCH_CHECK(n >= 1 && n <= vptq::kMaxGroup,
+              msg("the sliced GEMV takes 1 to ", vptq::kMaxGroup, " layers, not ", n));
   for (size_t size : {res_codes.size(), offsets.size(), table.size(), res_table.size(),
                       weight_scale.size(), weight_bias.size(), bias.size(), counters.size()})
     TORCH_CHECK(static_cast<int>(size) == n, "every argument list needs one item per layer");
@@ -198,11 +229,13 @@ std::vector<at::Tensor> gemv_sliced_cuda(
   const size_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   std::vector<at::Tensor> outs;
   int64_t ws_floats = 0;
-  TORCH_CHECK(n == 1 || tokens <= vptq::kGroupTokens, "a sliced launch of several layers takes ",
-              vptq::kGroupTokens, " tokens at most, not ", tokens);
+  TORCH_CHECK(n == 1 || tokens <= vptq::kGroupTokens,
+              msg("a sliced launch of several layers takes ", vptq::kGroupTokens,
+                  " tokens at most, not ", tokens));
   for (int i = 0; i < n; ++i) {
-    TORCH_CHECK(vptq::sliced_supported(G.L[i], tokens, optin), "the sliced GEMV does not take ",
-                tokens, " tokens for this layer; use dequant + GEMM");
+    TORCH_CHECK(vptq::sliced_supported(G.L[i], tokens, optin),
+                msg("the sliced GEMV does not take ", tokens,
+                    " tokens for this layer; use dequant + GEMM"));
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = G.L[i].N;
     outs.push_back(at::empty(shape, x.options()));
@@ -221,6 +254,150 @@ std::vector<at::Tensor> gemv_sliced_cuda(
   return outs;
 }
 
+// The decode-step ops (vptq_decode.cu).
+void check_act(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), msg(name, " must be a contiguous CUDA tensor"));
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(),
+              msg(name, " is ", t.scalar_type(), " but the activations are ",
+                  like.scalar_type()));
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x, const OptTensor& residual,
+                                             const at::Tensor& weight, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const vptq::DType dt = dtype_of(x);
+  check_act(x, x, "x");
+  check_act(weight, x, "weight");
+  const int64_t H = x.size(-1);
+  TORCH_CHECK(weight.numel() == H, msg("weight has ", weight.numel(), " values, x has ", H));
+  at::Tensor out = at::empty_like(x);
+  at::Tensor sum;
+  if (residual.has_value()) {
+    check_act(*residual, x, "residual");
+    TORCH_CHECK(residual->sizes() == x.sizes(),
+                msg("residual ", residual->sizes(), " and x ", x.sizes(), " differ"));
+    sum = at::empty_like(x);
+  }
+  check_launch(vptq::launch_rms_norm(x.data_ptr(), ptr(residual), weight.data_ptr(),
+                                     out.data_ptr(), sum.defined() ? sum.data_ptr() : nullptr,
+                                     static_cast<int>(x.numel() / H), static_cast<int>(H),
+                                     static_cast<float>(eps), dt,
+                                     at::cuda::getCurrentCUDAStream()),
+               "rms_norm");
+  return {out, sum};
+}
+
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  return std::get<0>(norm_impl(x, std::nullopt, weight, eps));
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x,
+                                                     const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps) {
+  return norm_impl(x, residual, weight, eps);
+}
+
+void check_cache(const at::Tensor& c, const at::Tensor& like, const char* name) {
+  check_act(c, like, name);
+  TORCH_CHECK(c.dim() == 4 && c.size(0) == 1,
+              msg(name, " must be [1, kv_heads, max_seq, head_dim], not ", c.sizes()));
+}
+
+void check_pos(const at::Tensor& pos, const at::Tensor& like) {
+  TORCH_CHECK(pos.device() == like.device() && pos.scalar_type() == at::kLong && pos.numel() == 1,
+              "pos must be one int64 on the activations' GPU");
+}
+
+at::Tensor rope_kv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
+                        const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const vptq::DType dt = dtype_of(q);
+  check_act(q, q, "q");
+  check_act(k, q, "k");
+  check_act(v, q, "v");
+  check_cache(k_cache, q, "k_cache");
+  check_cache(v_cache, q, "v_cache");
+  check_pos(pos, q);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
+  vptq::RopeArgs a;
+  a.Hkv = static_cast<int>(k_cache.size(1));
+  a.S = static_cast<int>(k_cache.size(2));
+  a.D = static_cast<int>(k_cache.size(3));
+  TORCH_CHECK(a.D % 2 == 0 && q.numel() % a.D == 0,
+              msg("q holds ", q.numel(), " values, not whole heads of ", a.D));
+  a.H = static_cast<int>(q.numel() / a.D);
+  TORCH_CHECK(k.numel() == static_cast<int64_t>(a.Hkv) * a.D && v.numel() == k.numel(),
+              msg("one token's k and v must hold ", a.Hkv * a.D, " values"));
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == at::kFloat &&
+                    t->dim() == 2 && t->size(0) >= a.S && t->size(1) == a.D,
+                msg("cos and sin must be float32 [max_seq, ", a.D, "] tables"));
+  at::Tensor q_out = at::empty({1, a.H, 1, a.D}, q.options());
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.cos = cos.data_ptr<float>();
+  a.sin = sin.data_ptr<float>();
+  a.pos = pos.data_ptr<int64_t>();
+  a.q_out = q_out.data_ptr();
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  check_launch(vptq::launch_rope_kv(a, dt, at::cuda::getCurrentCUDAStream()), "rope_kv");
+  return q_out;
+}
+
+at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& pos,
+                                 int64_t window, double scale) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const vptq::DType dt = dtype_of(q);
+  check_act(q, q, "q");
+  check_cache(k_cache, q, "k_cache");
+  check_cache(v_cache, q, "v_cache");
+  check_pos(pos, q);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
+  vptq::AttnArgs a;
+  a.Hkv = static_cast<int>(k_cache.size(1));
+  a.S = static_cast<int>(k_cache.size(2));
+  a.D = static_cast<int>(k_cache.size(3));
+  TORCH_CHECK(q.numel() % a.D == 0, msg("q holds ", q.numel(), " values, not whole heads"));
+  a.H = static_cast<int>(q.numel() / a.D);
+  TORCH_CHECK(vptq::decode_attention_supported(a.H, a.Hkv, a.D),
+              msg("decode attention does not take ", a.H, " query heads over ", a.Hkv,
+                  " KV heads of dimension ", a.D, "; use scaled_dot_product_attention"));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  a.splits = vptq::decode_attention_splits(a.Hkv, a.S, sms);
+  at::Tensor out = at::empty({1, 1, static_cast<int64_t>(a.H) * a.D}, q.options());
+  at::Tensor ws = at::empty({static_cast<int64_t>(a.H) * a.splits * (a.D + 2)},
+                            q.options().dtype(at::kFloat));
+  a.q = q.data_ptr();
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  a.pos = pos.data_ptr<int64_t>();
+  a.out = out.data_ptr();
+  a.ws = ws.data_ptr<float>();
+  a.window = static_cast<int>(window);
+  a.scale = static_cast<float>(scale);
+  check_launch(vptq::launch_decode_attention(a, dt, at::cuda::getCurrentCUDAStream()),
+               "decode_attention");
+  return out;
+}
+
+at::Tensor silu_mul_cuda(const at::Tensor& gate, const at::Tensor& up) {
+  const c10::cuda::CUDAGuard guard(gate.device());
+  const vptq::DType dt = dtype_of(gate);
+  check_act(gate, gate, "gate");
+  check_act(up, gate, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), msg("gate ", gate.sizes(), " and up ", up.sizes(),
+                                              " differ"));
+  at::Tensor out = at::empty_like(gate);
+  check_launch(vptq::launch_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(),
+                                     gate.numel(), dt, at::cuda::getCurrentCUDAStream()),
+               "silu_mul");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vptq, m) {
@@ -235,10 +412,24 @@ TORCH_LIBRARY(vptq, m) {
       "gemv_sliced(Tensor x, Tensor[] entries, Tensor?[] res_codes, Tensor[] offsets, "
       "Tensor[] table, Tensor?[] res_table, Tensor?[] weight_scale, Tensor?[] weight_bias, "
       "Tensor?[] bias, Tensor[] counters, int[] meta) -> Tensor[]");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "rope_kv(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor pos, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache) -> Tensor");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window, "
+      "float scale) -> Tensor");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
   m.impl("dequant", &dequant_cuda);
   m.impl("gemv", &gemv_cuda);
   m.impl("gemv_sliced", &gemv_sliced_cuda);
+  m.impl("rms_norm", &rms_norm_cuda);
+  m.impl("add_rms_norm", &add_rms_norm_cuda);
+  m.impl("rope_kv", &rope_kv_cuda);
+  m.impl("decode_attention", &decode_attention_cuda);
+  m.impl("silu_mul", &silu_mul_cuda);
 }

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import ModelArgs, rope_inv_freq
 from .kv_cache import KVCache
+from .ops import decode as fused
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
 
@@ -29,10 +30,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The norm of x; with ``residual``: (the norm of s = x + residual, s), in one kernel
+        on the GPU (engine/ops/decode.py)."""
+        return fused.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,6 +60,7 @@ class Attention(nn.Module):
         self.k_proj = make(f"{prefix}.k_proj", h, args.n_kv_heads * d, args.qkv_bias)
         self.v_proj = make(f"{prefix}.v_proj", h, args.n_kv_heads * d, args.qkv_bias)
         self.o_proj = make(f"{prefix}.o_proj", args.n_heads * d, h, args.o_bias)
+        self.window = args.sliding_window
         self.cache: KVCache | None = None
         self.fused = None  # q, k, v in one launch (engine/layers.py build_sliced_layouts)
 
@@ -66,16 +68,22 @@ class Attention(nn.Module):
         return self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x, cos, sin, start, mask: torch.Tensor | None) -> torch.Tensor:
-        """start: an int, or a device tensor [1] for one decode token (then ``mask`` covers the
-        whole static cache)."""
+        """start: an int, or a device tensor [1] for one decode token. Then either ``mask``
+        covers the whole static cache, or mask is None and cos, sin are the whole tables: the
+        fused decode kernels (Transformer.decode chooses)."""
         b, t, _ = x.shape  # x: [B, T, H]
         q, k, v = project(x, self.fused, self.shared_input())
+        if self.cache is None:
+            raise RuntimeError("setup_caches() must run before the forward pass")
+        if isinstance(start, torch.Tensor) and mask is None:
+            c = self.cache
+            q = fused.rope_kv(q, k, v, cos, sin, start, c.k, c.v)
+            y = fused.attention(q, c.k, c.v, start, self.window, self.head_dim**-0.5)
+            return self.o_proj(y)
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [B, H, T, D]
-        if self.cache is None:
-            raise RuntimeError("setup_caches() must run before the forward pass")
         if isinstance(start, torch.Tensor):
             k, v = self.cache.write_at(start, k, v)  # [B, H_kv, max_seq, D]
         else:
@@ -98,7 +106,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.fused, self.shared_input())
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused.silu_mul(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -110,8 +118,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args, f"{prefix}.mlp", make)
 
     def forward(self, x, cos, sin, start, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
+        h, x = self.post_attention_layernorm(a, x)  # x + a and its norm, one kernel on a GPU
+        return x + self.mlp(h)
 
 
 class Backbone(nn.Module):
@@ -166,12 +175,16 @@ class Transformer(nn.Module):
     def decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token (token: [1, 1]) at the position held by the device tensor pos ([1]) ->
         float32 logits [1, V]. No host values, so it can be captured in a CUDA graph."""
-        cos, sin = self.cos[pos], self.sin[pos]  # [1, D]
-        keys = self.key_pos[None, :]  # [1, max_seq]
-        mask = keys <= pos[:, None]  # [1, max_seq]: this query sees keys 0..pos
-        if self.args.sliding_window is not None:
-            mask &= keys > pos[:, None] - self.args.sliding_window
         x = self.model.embed_tokens(token)  # [1, 1, H]
+        a = self.args
+        if fused.attention_fused(x, a.n_heads, a.n_kv_heads, a.head_dim):
+            cos, sin, mask = self.cos, self.sin, None  # the kernels read position pos
+        else:
+            cos, sin = self.cos[pos], self.sin[pos]  # [1, D]
+            keys = self.key_pos[None, :]  # [1, max_seq]
+            mask = keys <= pos[:, None]  # [1, max_seq]: this query sees keys 0..pos
+            if a.sliding_window is not None:
+                mask &= keys > pos[:, None] - a.sliding_window
         for layer in self.model.layers:
             x = layer(x, cos, sin, pos, mask)
         x = self.model.norm(x)[0]

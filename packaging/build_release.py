@@ -61,8 +61,9 @@ def check(wheel: Path) -> str:
         exe = venv / ("Scripts" if sys.platform == "win32" else "bin") / "vptq-chat"
         result = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True)
         shipped = venv / "share" / "vptq-chat"
+        kernels = [f"csrc/{f.name}" for f in (REPO / "csrc").iterdir() if f.suffix != ".md"]
         for needed in (
-            "csrc/vptq_kernels.cu",
+            *kernels,  # the engine builds the CUDA kernels from these on first use
             "assets/icon.svg",
             "packaging/linux/vptq-chat.desktop.in",
         ):

@@ -24,7 +24,7 @@ from ..paths import shipped
 from .sliced import SlicedLayout
 
 CSRC = shipped("csrc")
-SOURCES = ("vptq_ops.cpp", "vptq_kernels.cu", "vptq_sliced.cu")
+SOURCES = ("vptq_ops.cpp", "vptq_kernels.cu", "vptq_sliced.cu", "vptq_decode.cu")
 HEADERS = ("vptq.h", "vptq_device.cuh")
 # Fused GEMV (the sliced one where the layer has that layout) up to this many tokens; above it,
 # dequant + cuBLAS GEMM. Chosen by measurement (`python -m engine bench kernels`, H200): summed
@@ -131,6 +131,27 @@ def _register_fakes() -> None:
     @torch.library.register_fake("vptq::gemv_sliced")
     def _(x, entries, res_codes, offsets, table, res_table, scale, wbias, bias, counters, meta):
         return [x.new_empty((*x.shape[:-1], meta[12 * i])) for i in range(len(entries))]
+
+    @torch.library.register_fake("vptq::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("vptq::add_rms_norm")
+    def _(x, residual, weight, eps):
+        return torch.empty_like(x), torch.empty_like(x)
+
+    @torch.library.register_fake("vptq::rope_kv")
+    def _(q, k, v, cos, sin, pos, k_cache, v_cache):
+        d = k_cache.shape[3]
+        return q.new_empty((1, q.numel() // d, 1, d))
+
+    @torch.library.register_fake("vptq::decode_attention")
+    def _(q, k_cache, v_cache, pos, window, scale):
+        return q.new_empty((1, 1, q.numel()))
+
+    @torch.library.register_fake("vptq::silu_mul")
+    def _(gate, up):
+        return torch.empty_like(gate)
 
 
 def meta(spec: VQLayerSpec) -> list[int]:

@@ -165,3 +165,19 @@ def test_release_wheel_installs_and_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fresh install runs: vptq-chat 0.1.0" in result.stdout
     assert list((tmp_path / "dist").glob("vptq_chat-0.1.0.tar.gz"))
+
+
+def test_the_wheel_ships_every_file_the_kernel_build_reads():
+    import fnmatch
+    import re
+
+    from engine.ops import cuda
+
+    text = (REPO / "pyproject.toml").read_text()  # tomllib is not in Python 3.10
+    line = re.search(r'^"share/vptq-chat/csrc" = \[(.*)\]$', text, re.M)
+    patterns = re.findall(r'"([^"]+)"', line.group(1))
+    needed = [f"csrc/{name}" for name in cuda.SOURCES + cuda.HEADERS]
+    missing = [f for f in needed if not any(fnmatch.fnmatch(f, p) for p in patterns)]
+    assert not missing  # vptq_device.cuh was left out of the wheel until session 6
+    on_disk = {f"csrc/{f.name}" for f in (REPO / "csrc").iterdir() if f.suffix != ".md"}
+    assert on_disk == set(needed)  # nothing in csrc/ that the build does not list

@@ -1,0 +1,69 @@
+"""The rest of a decode step (RMSNorm, RoPE with the KV-cache write, attention, SiLU gate) as
+the fused kernels of csrc/vptq_decode.cu where they are loaded, else the plain PyTorch code they
+replace. At batch 1 those small kernels, not the weights, took a third of a step's GPU time
+(csrc/KERNELS.md). ``VPTQ_DECODE_FUSED=0`` turns the fused kernels off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels_ready
+
+ENABLED = os.environ.get("VPTQ_DECODE_FUSED", "1") != "0"
+# What decode_attention takes (decode_attention_supported() in csrc/vptq_decode.cu).
+ATTN_HEAD_DIMS = (64, 128)
+ATTN_GQA = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)  # query heads per KV head
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return ENABLED and kernels_ready() and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual=None):
+    """weight * x / rms(x); with ``residual``: (that of s = x + residual, s)."""
+    if _fused(x) and weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype):
+        if residual is None:
+            return torch.ops.vptq.rms_norm(x.contiguous(), weight.contiguous(), eps)
+        out, total = torch.ops.vptq.add_rms_norm(
+            x.contiguous(), residual.contiguous(), weight.contiguous(), eps
+        )
+        return out, total
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(x.dtype)
+    return out if residual is None else (out, x)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if _fused(gate) and up.dtype == gate.dtype and up.shape == gate.shape:
+        return torch.ops.vptq.silu_mul(gate.contiguous(), up.contiguous())
+    return F.silu(gate) * up
+
+
+def attention_fused(x: torch.Tensor, n_heads: int, n_kv: int, head_dim: int) -> bool:
+    """Whether a decode step on x takes rope_kv and decode_attention for these heads."""
+    return (
+        _fused(x)
+        and head_dim in ATTN_HEAD_DIMS
+        and n_heads % n_kv == 0
+        and n_heads // n_kv in ATTN_GQA
+    )
+
+
+def rope_kv(q, k, v, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
+    """One token: q, k, v [1, 1, heads * D] -> rotated q [1, H, 1, D]; the rotated k and v go
+    into the caches [1, H_kv, max_seq, D] at position pos ([1] int64 on the GPU); cos, sin: the
+    whole [max_seq, D] float32 tables."""
+    return torch.ops.vptq.rope_kv(q, k, v, cos, sin, pos, k_cache, v_cache)
+
+
+def attention(q, k_cache, v_cache, pos, window: int | None, scale: float) -> torch.Tensor:
+    """One query token (q [1, H, 1, D]) against cache positions pos - window + 1 .. pos (all up
+    to pos without a window) -> [1, 1, H * D]."""
+    return torch.ops.vptq.decode_attention(q, k_cache, v_cache, pos, window or 0, scale)

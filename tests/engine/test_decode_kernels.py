@@ -1,0 +1,217 @@
+"""The fused decode-step kernels (csrc/vptq_decode.cu) against float64 oracles and the PyTorch
+code they replace (marker gpu)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import ops
+from engine.loader import load_model
+from engine.model import rotate
+from engine.ops import decode as fused
+
+from .hf_models import make_hf_model
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    kind, why = ops.prepare("cuda")
+    assert kind == "cuda", why
+
+
+def ulps(dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double().cpu(), want.double().cpu()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def twin(fn, *args):
+    """The PyTorch code a fused op replaces: the same wrapper with the kernels turned off."""
+    old = fused.ENABLED
+    fused.ENABLED = False
+    try:
+        return fn(*args)
+    finally:
+        fused.ENABLED = old
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (3, 576), (2, 4100), (1, 12288)])
+def test_rms_norm_matches_float64(rows, hidden, dtype):
+    g = torch.Generator(device="cuda").manual_seed(hidden)
+    x = torch.randn(rows, hidden, device="cuda", generator=g).to(dtype)
+    r = torch.randn(rows, hidden, device="cuda", generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).to(dtype)
+    eps = 1e-5
+    out = fused.rms_norm(x, w, eps)
+    both, total = fused.rms_norm(x, w, eps, r)
+    assert torch.equal(total, x + r)  # the residual sum as PyTorch rounds it
+    for got, src in ((out, x), (both, x + r)):
+        s = src.double()
+        want = w.double() * s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+        base = rel(twin(fused.rms_norm, src, w, eps), want)
+        assert rel(got, want) <= 1.5 * base + ulps(dtype) / 8
+        assert got.dtype == dtype and got.shape == src.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_pytorch(dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gate = (3 * torch.randn(2, 14336, device="cuda", generator=g)).to(dtype)
+    up = torch.randn(2, 14336, device="cuda", generator=g).to(dtype)
+    got = fused.silu_mul(gate, up)
+    want = F.silu(gate) * up
+    # each rounding as PyTorch's; exp may differ in its last bit, so allow one unit
+    assert ((got.float() - want.float()).abs() <= 2 * ulps(dtype) * want.float().abs()).all()
+    gd = gate.double()
+    assert rel(got, gd / (1 + torch.exp(-gd)) * up.double()) < ulps(dtype)
+
+
+def caches(hkv, s, d, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    k = torch.randn(1, hkv, s, d, device="cuda", generator=g).to(dtype)
+    v = torch.randn(1, hkv, s, d, device="cuda", generator=g).to(dtype)
+    return k, v
+
+
+def rope_tables(s, d):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.outer(torch.arange(s, dtype=torch.float64), inv)
+    ang = torch.cat((ang, ang), -1)
+    return ang.cos().float().cuda(), ang.sin().float().cuda()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pos", [0, 17, 63])
+@pytest.mark.parametrize("h,hkv,d", [(32, 8, 128), (9, 3, 64)])
+def test_rope_kv_rotates_and_writes_the_cache_at_pos(h, hkv, d, pos, dtype):
+    s = 64
+    kc, vc = caches(hkv, s, d, dtype, seed=1)
+    before_k, before_v = kc.clone(), vc.clone()
+    cos, sin = rope_tables(s, d)
+    g = torch.Generator(device="cuda").manual_seed(pos)
+    q = torch.randn(1, 1, h * d, device="cuda", generator=g).to(dtype)
+    k = torch.randn(1, 1, hkv * d, device="cuda", generator=g).to(dtype)
+    v = torch.randn(1, 1, hkv * d, device="cuda", generator=g).to(dtype)
+    p = torch.tensor([pos], device="cuda")
+    q_rot = fused.rope_kv(q, k, v, cos, sin, p, kc, vc)
+    c, sn = cos[pos : pos + 1], sin[pos : pos + 1]
+    want_q = rotate(q.view(1, 1, h, d).transpose(1, 2), c, sn)  # engine/model.py's RoPE
+    want_k = rotate(k.view(1, 1, hkv, d).transpose(1, 2), c, sn)
+    assert torch.equal(q_rot, want_q)  # same roundings: bit for bit
+    assert torch.equal(kc[:, :, pos], want_k[:, :, 0])
+    assert torch.equal(vc[:, :, pos], v.view(1, hkv, d))
+    others = torch.arange(s, device="cuda") != pos
+    assert torch.equal(kc[:, :, others], before_k[:, :, others])
+    assert torch.equal(vc[:, :, others], before_v[:, :, others])
+    # float64 check of the rotation itself
+    qd = q.double().view(h, d)
+    rot = torch.cat((-qd[:, d // 2 :], qd[:, : d // 2]), -1)
+    assert rel(q_rot.view(h, d), qd * c.double() + rot * sn.double()) < ulps(dtype)
+
+
+def attention_oracle(q, kc, vc, pos, window):
+    """float64 softmax attention of one token over keys max(0, pos - window + 1) .. pos."""
+    _, h, _, d = q.shape
+    hkv = kc.shape[1]
+    lo = 0 if window is None else max(0, pos - window + 1)
+    k = kc[0, :, lo : pos + 1].double().repeat_interleave(h // hkv, 0)  # [H, n, D]
+    v = vc[0, :, lo : pos + 1].double().repeat_interleave(h // hkv, 0)
+    s = torch.einsum("hd,hnd->hn", q.double().view(h, d), k) / math.sqrt(d)
+    return torch.einsum("hn,hnd->hd", torch.softmax(s, -1), v).reshape(1, 1, h * d)
+
+
+ATTN = {  # query heads, KV heads, head dim, cache length
+    "llama8b": (32, 8, 128, 4096),
+    "llama70b": (64, 8, 128, 600),
+    "qwen7b": (28, 4, 128, 300),
+    "smollm": (9, 3, 64, 77),
+    "mha": (4, 4, 64, 33),
+    "mistral-large": (96, 8, 128, 50),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 16])
+@pytest.mark.parametrize("name", sorted(ATTN))
+def test_decode_attention_matches_float64(name, window, dtype):
+    h, hkv, d, s = ATTN[name]
+    kc, vc = caches(hkv, s, d, dtype, seed=s)
+    g = torch.Generator(device="cuda").manual_seed(h)
+    q = torch.randn(1, h, 1, d, device="cuda", generator=g).to(dtype)
+    for pos in sorted({0, 1, s // 3, s - 1}):
+        p = torch.tensor([pos], device="cuda")
+        got = fused.attention(q, kc, vc, p, window, d**-0.5)
+        want = attention_oracle(q, kc, vc, pos, window)
+        assert got.shape == (1, 1, h * d) and got.dtype == dtype
+        assert rel(got, want) < 2 * ulps(dtype), (pos, rel(got, want))
+
+
+def test_decode_ops_pass_opcheck_and_replay_in_a_graph():
+    dtype = torch.float16
+    h, hkv, d, s = 8, 2, 128, 40
+    kc, vc = caches(hkv, s, d, dtype, seed=5)
+    cos, sin = rope_tables(s, d)
+    x = torch.randn(1, 1, 256, device="cuda", dtype=dtype)
+    w = torch.randn(256, device="cuda", dtype=dtype)
+    q = torch.randn(1, 1, h * d, device="cuda", dtype=dtype)
+    k = torch.randn(1, 1, hkv * d, device="cuda", dtype=dtype)
+    p = torch.tensor([7], device="cuda")
+    vv = torch.ops.vptq
+    torch.library.opcheck(vv.rms_norm.default, (x, w, 1e-6))
+    torch.library.opcheck(vv.add_rms_norm.default, (x, x.clone(), w, 1e-6))
+    torch.library.opcheck(vv.silu_mul.default, (x, x.clone()))
+    torch.library.opcheck(vv.rope_kv.default, (q, k, k.clone(), cos, sin, p, kc, vc))
+    q4 = q.view(1, h, 1, d)
+    torch.library.opcheck(vv.decode_attention.default, (q4, kc, vc, p, 0, d**-0.5))
+    # one captured step serves every position: pos is read on the device
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q_rot = fused.rope_kv(q, k, k, cos, sin, p, kc, vc)
+        out = fused.attention(q_rot, kc, vc, p, None, d**-0.5)
+    for pos in (3, 39):
+        p.fill_(pos)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, fused.attention(q_rot, kc, vc, p, None, d**-0.5))
+        assert rel(out, attention_oracle(q_rot, kc, vc, pos, None)) < 2 * ulps(dtype)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral-window"])
+def test_model_decode_with_fused_kernels_matches_the_cpu_float32_model(tmp_path, kind):
+    window = {"sliding_window": 8} if kind == "mistral-window" else {}
+    make_hf_model(kind.split("-")[0], tmp_path, hidden_size=256, head_dim=64, **window)
+    cpu = load_model(tmp_path, "cpu", torch.float32, max_seq_len=64).model
+    gpu = load_model(tmp_path, "cuda", torch.float16, max_seq_len=64).model
+    a = gpu.args
+    assert fused.attention_fused(torch.zeros(1, device="cuda", dtype=torch.float16),
+                                 a.n_heads, a.n_kv_heads, a.head_dim)  # fmt: skip
+    tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = cpu(tokens)[0, 12:]  # float64-free oracle: the CPU float32 model, full forward
+        gpu(tokens[:, :12].cuda())
+        steps = []
+        for i in range(12, 30):
+            pos = torch.tensor([i], device="cuda")
+            steps.append(gpu.decode(tokens[:, i : i + 1].cuda(), pos)[0])
+        got = torch.stack(steps)
+        old = fused.ENABLED
+        fused.ENABLED = False  # the unfused GPU decode, for comparison
+        try:
+            gpu(tokens[:, :12].cuda())
+            plain = torch.stack([
+                gpu.decode(tokens[:, i : i + 1].cuda(), torch.tensor([i], device="cuda"))[0]
+                for i in range(12, 30)
+            ])  # fmt: skip
+        finally:
+            fused.ENABLED = old
+    assert rel(got, want) <= 1.5 * rel(plain, want) + 1e-3
+    assert rel(got, want) < 1e-2
