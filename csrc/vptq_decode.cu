@@ -13,6 +13,8 @@
 // activation dtype where PyTorch rounds.
 #include <algorithm>
 #include <cfloat>
+#include <cstdint>
+#include <initializer_list>
 
 #include "vptq.h"
 #include "vptq_device.cuh"
@@ -20,7 +22,7 @@
 namespace vptq {
 namespace {
 
-constexpr int kNormThreads = 512;
+constexpr int kNormThreads = 1024;
 
 __device__ __forceinline__ float block_sum(float v, float* red) {
 #pragma unroll
@@ -33,29 +35,77 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return total;
 }
 
+// Eight values of T as one 16-byte vector.
+template <typename T>
+struct Vec8 {
+  uint4 u;
+  __device__ __forceinline__ float get(int i) const {
+    return to_f(reinterpret_cast<const T*>(&u)[i]);
+  }
+  __device__ __forceinline__ void set(int i, float f) {
+    reinterpret_cast<T*>(&u)[i] = from_f<T>(f);
+  }
+};
+
 // One block per row. With r: s = round(x + r) (PyTorch's x + r), written to sum; then
 // out = round(round(s * rsqrt(mean(s^2) + eps)) * w), as RMSNorm does in the activation dtype.
-template <typename T>
+// VPT > 0: H % 8 == 0 and each thread holds up to VPT 8-value vectors in registers (one load
+// of each input, all issued at once); VPT == 0: any H, a strided loop reading sum back.
+template <typename T, int VPT>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(
     const T* __restrict__ x, const T* __restrict__ r, const T* __restrict__ w, T* __restrict__ out,
     T* sum, int H, float eps) {
   __shared__ float red[kNormThreads / 32];
   const size_t row = static_cast<size_t>(blockIdx.x) * H;
   float ss = 0.f;
-  for (int p = threadIdx.x; p < H; p += blockDim.x) {
-    float s = to_f(x[row + p]);
-    if (r) {
-      const T rounded = from_f<T>(s + to_f(r[row + p]));
-      sum[row + p] = rounded;
-      s = to_f(rounded);
+  if constexpr (VPT > 0) {
+    const int n_vec = H / 8;
+    Vec8<T> xs[VPT], ws[VPT];
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      const int i = threadIdx.x + j * blockDim.x;
+      if (i < n_vec) {
+        xs[j].u = reinterpret_cast<const uint4*>(x + row)[i];
+        ws[j].u = reinterpret_cast<const uint4*>(w)[i];
+        if (r) {
+          Vec8<T> rv;
+          rv.u = reinterpret_cast<const uint4*>(r + row)[i];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xs[j].set(e, xs[j].get(e) + rv.get(e));
+          reinterpret_cast<uint4*>(sum + row)[i] = xs[j].u;
+        }
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ss = fmaf(xs[j].get(e), xs[j].get(e), ss);
+      }
     }
-    ss = fmaf(s, s, ss);
-  }
-  const float inv = rsqrtf(block_sum(ss, red) / H + eps);
-  const T* src = r ? sum : x;  // this thread wrote the sums it reads back
-  for (int p = threadIdx.x; p < H; p += blockDim.x) {
-    const float n = to_f(from_f<T>(to_f(src[row + p]) * inv));
-    out[row + p] = from_f<T>(n * to_f(w[p]));
+    const float inv = rsqrtf(block_sum(ss, red) / H + eps);
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+      const int i = threadIdx.x + j * blockDim.x;
+      if (i < n_vec) {
+        Vec8<T> o;
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          o.set(e, to_f(from_f<T>(xs[j].get(e) * inv)) * ws[j].get(e));
+        reinterpret_cast<uint4*>(out + row)[i] = o.u;
+      }
+    }
+  } else {
+    for (int p = threadIdx.x; p < H; p += blockDim.x) {
+      float s = to_f(x[row + p]);
+      if (r) {
+        const T rounded = from_f<T>(s + to_f(r[row + p]));
+        sum[row + p] = rounded;
+        s = to_f(rounded);
+      }
+      ss = fmaf(s, s, ss);
+    }
+    const float inv = rsqrtf(block_sum(ss, red) / H + eps);
+    const T* src = r ? sum : x;  // this thread wrote the sums it reads back
+    for (int p = threadIdx.x; p < H; p += blockDim.x) {
+      const float n = to_f(from_f<T>(to_f(src[row + p]) * inv));
+      out[row + p] = from_f<T>(n * to_f(w[p]));
+    }
   }
 }
 
@@ -91,17 +141,19 @@ __global__ void rope_kv_kernel(const T* __restrict__ q, const T* __restrict__ k,
 }
 
 constexpr int kAttnWarps = 4;
-constexpr int kMaxGqa = 16;  // query heads per KV head the attention kernel takes
+constexpr int kAttnBatch = 4;       // keys a warp loads before it computes (their loads overlap)
+constexpr int kMaxSplits = 256;
 
-// Split s of KV head h: keys [lo + s * len, ...) of the visible range [lo, pos], one warp per key
-// in turn, lanes over the head dimension (E = D / 32 values each). Online softmax per query
-// head in base 2; the warps' states are merged in shared memory and written to ws as
-// (m, l, o[D]) per query head: the combine kernel merges the splits.
+// Split s of KV head h: keys [lo + s * len, ...) of the visible range [lo, pos]. Each warp takes
+// kAttnBatch keys at a time, lanes over the head dimension (E = D / 32 values each); online
+// softmax per query head in base 2. The warps' states are merged in shared memory and written
+// to ws as (m, l, o[D]) per query head; attn_combine_kernel merges the splits.
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
     const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     const int64_t* __restrict__ pos, float* __restrict__ ws, int S, int window, float scale) {
   constexpr int E = D / 32;
+  constexpr int U = kAttnBatch;
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int p = static_cast<int>(*pos);
@@ -114,10 +166,11 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
   const float qs = scale * 1.4426950408889634f;  // softmax in base 2
 #pragma unroll
   for (int g = 0; g < G; ++g) {
-    const T* qh = q + static_cast<size_t>(h * G + g) * D + lane * E;
+    float raw[E];
+    load_code<T, E>(q + static_cast<size_t>(h * G + g) * D + lane * E, raw);
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      qv[g][e] = to_f(qh[e]) * qs;
+      qv[g][e] = raw[e] * qs;
       o[g][e] = 0.f;
     }
     m[g] = -FLT_MAX;
@@ -125,26 +178,53 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
   }
   const T* kh = kc + static_cast<size_t>(h) * S * D + lane * E;
   const T* vh = vc + static_cast<size_t>(h) * S * D + lane * E;
-  for (int key = k0 + warp; key < k1; key += kAttnWarps) {
-    float kv[E], vv[E];
-    load_code<T, E>(kh + static_cast<size_t>(key) * D, kv);
-    load_code<T, E>(vh + static_cast<size_t>(key) * D, vv);
+  for (int base = k0 + warp * U; base < k1; base += kAttnWarps * U) {
+    float kv[U][E], vv[U][E];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = min(base + u, k1 - 1);  // past the end: a repeat, masked below
+      load_code<T, E>(kh + static_cast<size_t>(key) * D, kv[u]);
+      load_code<T, E>(vh + static_cast<size_t>(key) * D, vv[u]);
+    }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      float s = 0.f;
+      float sc[U];
 #pragma unroll
-      for (int e = 0; e < E; ++e) s = fmaf(qv[g][e], kv[e], s);
+      for (int u = 0; u < U; ++u) {
+        float acc = 0.f;
 #pragma unroll
-      for (int d = 16; d > 0; d >>= 1) s += __shfl_xor_sync(0xffffffffu, s, d);
-      const float mn = fmaxf(m[g], s);
-      const float corr = exp2f(m[g] - mn), pr = exp2f(s - mn);
-      l[g] = l[g] * corr + pr;
+        for (int e = 0; e < E; ++e) acc = fmaf(qv[g][e], kv[u][e], acc);
+        sc[u] = acc;
+      }
 #pragma unroll
-      for (int e = 0; e < E; ++e) o[g][e] = fmaf(o[g][e], corr, pr * vv[e]);
+      for (int d = 16; d > 0; d >>= 1)
+#pragma unroll
+        for (int u = 0; u < U; ++u) sc[u] += __shfl_xor_sync(0xffffffffu, sc[u], d);
+      float mn = m[g];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (base + u >= k1) sc[u] = -INFINITY;
+        mn = fmaxf(mn, sc[u]);
+      }
+      const float corr = exp2f(m[g] - mn);
+      float pr[U], psum = 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        pr[u] = exp2f(sc[u] - mn);
+        psum += pr[u];
+      }
+      l[g] = l[g] * corr + psum;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        float acc = o[g][e] * corr;
+#pragma unroll
+        for (int u = 0; u < U; ++u) acc = fmaf(pr[u], vv[u][e], acc);
+        o[g][e] = acc;
+      }
       m[g] = mn;
     }
   }
-  // Merge the warps: warp 0 takes the others' states from shared memory.
+  // Merge the warps: each output value takes the others' states from shared memory.
   __shared__ float sm[kAttnWarps][G][2];
   __shared__ float so[kAttnWarps][G][D];
 #pragma unroll
@@ -160,8 +240,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
   for (int i = threadIdx.x; i < G * (D + 2); i += blockDim.x) {
     const int g = i / (D + 2), c = i % (D + 2);
     float mm = -FLT_MAX;
+#pragma unroll
     for (int w = 0; w < kAttnWarps; ++w) mm = fmaxf(mm, sm[w][g][0]);
     float acc = 0.f;
+#pragma unroll
     for (int w = 0; w < kAttnWarps; ++w) {
       const float f = sm[w][g][1] > 0.f ? exp2f(sm[w][g][0] - mm) : 0.f;
       acc += f * (c == 0 ? 0.f : c == 1 ? sm[w][g][1] : so[w][g][c - 2]);
@@ -171,27 +253,39 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
   }
 }
 
-// Query head h: the splits' states merged, o / l written in the activation dtype.
+// Query head h: the splits' states merged, o / l written in the activation dtype. Warp 0 turns
+// the splits' (m, l) into weights in shared memory; then every thread sums its value of o over
+// the splits with the loads unrolled.
 template <typename T>
 __global__ void attn_combine_kernel(const float* __restrict__ ws, T* __restrict__ out,
                                     int splits, int D) {
+  __shared__ float wt[kMaxSplits];
   const int h = blockIdx.x;
   const float* base = ws + static_cast<size_t>(h) * splits * (D + 2);
-  float mm = -FLT_MAX;
-  for (int s = 0; s < splits; ++s)
-    if (base[s * (D + 2) + 1] > 0.f) mm = fmaxf(mm, base[s * (D + 2)]);
-  float l = 0.f;
-  for (int s = 0; s < splits; ++s) {
-    const float ls = base[s * (D + 2) + 1];
-    if (ls > 0.f) l += ls * exp2f(base[s * (D + 2)] - mm);
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    float mm = -FLT_MAX;
+    for (int s = lane; s < splits; s += 32)
+      if (base[s * (D + 2) + 1] > 0.f) mm = fmaxf(mm, base[s * (D + 2)]);
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, d));
+    float l = 0.f;
+    for (int s = lane; s < splits; s += 32) {
+      const float ls = base[s * (D + 2) + 1];
+      const float f = ls > 0.f ? exp2f(base[s * (D + 2)] - mm) : 0.f;
+      wt[s] = f;
+      l += ls * f;
+    }
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) l += __shfl_xor_sync(0xffffffffu, l, d);
+    for (int s = lane; s < splits; s += 32) wt[s] /= l;
   }
+  __syncthreads();
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
     float acc = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      const float ls = base[s * (D + 2) + 1];
-      if (ls > 0.f) acc += base[s * (D + 2) + 2 + d] * exp2f(base[s * (D + 2)] - mm);
-    }
-    out[static_cast<size_t>(h) * D + d] = from_f<T>(acc / l);
+#pragma unroll 16
+    for (int s = 0; s < splits; ++s) acc = fmaf(base[s * (D + 2) + 2 + d], wt[s], acc);
+    out[static_cast<size_t>(h) * D + d] = from_f<T>(acc);
   }
 }
 
@@ -240,22 +334,40 @@ cudaError_t attn_by_dim(const AttnArgs& a, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+template <typename T>
+cudaError_t rms_norm_typed(const void* x, const void* r, const void* w, void* out, void* sum,
+                           int rows, int H, float eps, cudaStream_t stream) {
+  const T* xt = static_cast<const T*>(x);
+  const T* rt = static_cast<const T*>(r);
+  const T* wt = static_cast<const T*>(w);
+  T* ot = static_cast<T*>(out);
+  T* st = static_cast<T*>(sum);
+  const int n_vec = H / 8;
+  const int vpt = (n_vec + kNormThreads - 1) / kNormThreads;
+  uintptr_t addr = 0;
+  for (const void* ptr : {x, r, w, static_cast<const void*>(out), static_cast<const void*>(sum)})
+    addr |= reinterpret_cast<uintptr_t>(ptr);
+  const bool aligned = H % 8 == 0 && addr % 16 == 0;
+  if (aligned && vpt <= 4) {
+    const int threads = std::min(kNormThreads, ((n_vec + vpt - 1) / vpt + 31) / 32 * 32);
+    auto kernel = vpt == 1   ? rms_norm_kernel<T, 1>
+                  : vpt == 2 ? rms_norm_kernel<T, 2>
+                  : vpt == 3 ? rms_norm_kernel<T, 3>
+                             : rms_norm_kernel<T, 4>;
+    kernel<<<rows, threads, 0, stream>>>(xt, rt, wt, ot, st, H, eps);
+  } else {
+    const int threads = std::min(kNormThreads, (H + 31) / 32 * 32);
+    rms_norm_kernel<T, 0><<<rows, threads, 0, stream>>>(xt, rt, wt, ot, st, H, eps);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_rms_norm(const void* x, const void* r, const void* w, void* out, void* sum,
                             int rows, int H, float eps, DType dtype, cudaStream_t stream) {
-  const int threads = std::min(kNormThreads, ((H + 31) / 32) * 32);
-  if (dtype == DType::kHalf)
-    rms_norm_kernel<__half><<<rows, threads, 0, stream>>>(
-        static_cast<const __half*>(x), static_cast<const __half*>(r),
-        static_cast<const __half*>(w), static_cast<__half*>(out), static_cast<__half*>(sum), H,
-        eps);
-  else
-    rms_norm_kernel<__nv_bfloat16><<<rows, threads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(r),
-        static_cast<const __nv_bfloat16*>(w), static_cast<__nv_bfloat16*>(out),
-        static_cast<__nv_bfloat16*>(sum), H, eps);
-  return cudaGetLastError();
+  if (dtype == DType::kHalf) return rms_norm_typed<__half>(x, r, w, out, sum, rows, H, eps, stream);
+  return rms_norm_typed<__nv_bfloat16>(x, r, w, out, sum, rows, H, eps, stream);
 }
 
 cudaError_t launch_rope_kv(const RopeArgs& a, DType dtype, cudaStream_t stream) {
@@ -283,7 +395,7 @@ bool decode_attention_supported(int H, int Hkv, int D) {
 int decode_attention_splits(int Hkv, int S, int num_sms) {
   // Two blocks per SM over the KV heads, but no split shorter than 32 keys of the whole cache.
   const int want = std::max(1, 2 * num_sms / std::max(1, Hkv));
-  return std::max(1, std::min(want, (S + 31) / 32));
+  return std::max(1, std::min({want, (S + 31) / 32, kMaxSplits}));
 }
 
 cudaError_t launch_decode_attention(const AttnArgs& a, DType dtype, cudaStream_t stream) {

@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
       end = __ldg(goffs + warp + 1);
     }
     uint32_t e[kBatch], rc[kBatch];
-    load_batch<RES>(entries + beg, res_codes + beg, (end - beg) >> 5, zero, e, rc);
+    load_batch<RES>(entries + beg, RES ? res_codes + beg : nullptr, (end - beg) >> 5, zero, e, rc);
     __syncthreads();  // the previous chunk's xhat and offsets are consumed
     for (int i = threadIdx.x; i <= r1 - r0; i += blockDim.x) offs[i] = __ldg(goffs + i);
     for (int i = threadIdx.x; i < NT; i += blockDim.x) xs[L.chunk_cols * NT + i] = 0.f;
@@ -285,14 +285,15 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
         nend = offs[nr - r0 + 1];
       }
       uint32_t ne[kBatch], nrc[kBatch];
-      load_batch<RES>(entries + nbeg, res_codes + nbeg, (nend - nbeg) >> 5, zero, ne, nrc);
+      load_batch<RES>(entries + nbeg, RES ? res_codes + nbeg : nullptr, (nend - nbeg) >> 5, zero,
+                      ne, nrc);
       float a[NT * V];  // a[t * V + j]
 #pragma unroll
       for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
       lookup_batch<T, V, NT, RES>(e, rc, (end - beg) >> 5, cb, rb, xs, a);
       // the rare segment longer than a batch
       for (int i0 = beg + 32 * kBatch; i0 < end; i0 += 32 * kBatch) {
-        load_batch<RES>(entries + i0, res_codes + i0, (end - i0) >> 5, zero, e, rc);
+        load_batch<RES>(entries + i0, RES ? res_codes + i0 : nullptr, (end - i0) >> 5, zero, e, rc);
         lookup_batch<T, V, NT, RES>(e, rc, (end - i0) >> 5, cb, rb, xs, a);
       }
       warp_sum_to<NT, V>(a, lane, acc + (r - r0) * V * NT);

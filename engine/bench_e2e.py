@@ -221,6 +221,10 @@ def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> Non
     if "fp16" in rows and "error" not in rows["fp16"] and "error" not in rows[scheme]:
         ratio = rows[scheme]["decode_tok_s"] / rows["fp16"]["decode_tok_s"]
         print(f"decode speed {scheme} / fp16: {ratio:.2f}x")
+    from .ops import decode as fused
+
+    glue = "fused kernels" if fused.ENABLED else "PyTorch ops (VPTQ_DECODE_FUSED=0)"
+    print(f"norms, RoPE, attention and SiLU in the decode step: {glue}")
     if "error" not in rows[scheme]:
         r = rows[scheme]
         print(f"{scheme}: sliced decode layout on {r['sliced_layers']} layers, "

@@ -42,6 +42,8 @@ def small_model():
 
 
 def eager_tokens(model, prompt, p: SamplingParams, seed: int, n: int) -> list[int]:
+    """The decode step the graph captures, run eagerly (Transformer.decode, position on the
+    device: the fused decode kernels where they apply)."""
     gen = p.make_generator(torch.device("cuda"))
     gen.manual_seed(seed)
     seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device="cuda")
@@ -51,7 +53,7 @@ def eager_tokens(model, prompt, p: SamplingParams, seed: int, n: int) -> list[in
         t = sample(logits, p, gen, seen)
         out.append(int(t))
         seen[t] = True
-        logits = model(t.view(1, 1), pos, last_only=True)[0]
+        logits = model.decode(t.view(1, 1), torch.tensor([pos], device="cuda"))
         pos += 1
     return out
 
@@ -70,7 +72,8 @@ def test_graph_decode_gives_the_eager_tokens(small_model, p):
     dec = GraphDecoder(small_model)
     if not dec.usable(p):
         pytest.skip("this torch cannot put a seeded generator into a CUDA graph")
-    prompt = torch.randint(0, 4096, (1, 9), device="cuda", generator=None)
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    prompt = torch.randint(0, 4096, (1, 9), device="cuda", generator=gen)
     want = eager_tokens(small_model, prompt, p, seed=5, n=40)
     logits = small_model(prompt, 0, last_only=True)[0]
     seen = torch.zeros(4096, dtype=torch.bool, device="cuda")
