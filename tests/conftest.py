@@ -15,6 +15,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def cuda_kernels():
+    """The compiled kernels, loaded (built on first use) for the GPU tests of a module."""
+    from engine import ops
+
+    kind, why = ops.prepare("cuda")
+    assert kind == "cuda", why
+
+
 @pytest.fixture(scope="session")
 def demo_path():
     """The dense demo model folder. Both demos are built once into the data folder, as `make

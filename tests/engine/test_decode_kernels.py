@@ -7,21 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import ops
 from engine.loader import load_model
 from engine.model import rotate
 from engine.ops import decode as fused
 
 from .hf_models import make_hf_model
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_kernels")]
 DTYPES = [torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    kind, why = ops.prepare("cuda")
-    assert kind == "cuda", why
 
 
 def ulps(dtype) -> float:
@@ -215,3 +208,34 @@ def test_model_decode_with_fused_kernels_matches_the_cpu_float32_model(tmp_path,
             fused.ENABLED = old
     assert rel(got, want) <= 1.5 * rel(plain, want) + 1e-3
     assert rel(got, want) < 1e-2
+
+
+def test_decode_ops_reject_bad_input_with_a_message():
+    """A wrong shape or dtype raises with the argument named (a failing check once crashed
+    the process instead: csrc/vptq_ops.cpp builds its messages without iostreams)."""
+    h16 = dict(device="cuda", dtype=torch.float16)
+    x, w = torch.randn(1, 1, 256, **h16), torch.randn(255, **h16)
+    with pytest.raises(RuntimeError, match="weight has 255 values, x has 256"):
+        torch.ops.vptq.rms_norm(x, w, 1e-6)
+    with pytest.raises(RuntimeError, match=r"residual \[1, 2, 256\] and x \[1, 1, 256\] differ"):
+        torch.ops.vptq.add_rms_norm(x, torch.randn(1, 2, 256, **h16), w[:1].repeat(256), 1e-6)
+    with pytest.raises(RuntimeError, match="up is BFloat16 but the activations are Half"):
+        torch.ops.vptq.silu_mul(x, x.bfloat16())
+    kc, vc = caches(2, 16, 64, torch.float16, seed=0)
+    cos, sin = rope_tables(16, 64)
+    p = torch.tensor([3], device="cuda")
+    q = torch.randn(1, 1, 9 * 64, **h16)  # 9 query heads over 2 KV heads: not whole groups
+    bad_cache = r"k_cache must be \[1, kv_heads, max_seq, head_dim\], not \[2, 16, 64\]"
+    with pytest.raises(RuntimeError, match=bad_cache):
+        torch.ops.vptq.decode_attention(q, kc[0], vc, p, 0, 0.125)
+    heads = "does not take 9 query heads over 2 KV heads of dimension 64"
+    with pytest.raises(RuntimeError, match=heads):
+        torch.ops.vptq.decode_attention(q, kc, vc, p, 0, 0.125)
+    with pytest.raises(RuntimeError, match="pos must be one int64"):
+        torch.ops.vptq.decode_attention(q[..., :128], kc, vc, p.int(), 0, 0.125)
+    k = torch.randn(1, 1, 2 * 64, **h16)
+    with pytest.raises(RuntimeError, match="k and v must hold 128 values"):
+        torch.ops.vptq.rope_kv(q, k[..., :64], k, cos, sin, p, kc, vc)
+    with pytest.raises(RuntimeError, match="cos and sin must be float32"):
+        torch.ops.vptq.rope_kv(q, k, k, cos.half(), sin, p, kc, vc)
+    assert not fused.attention_fused(q, 9, 2, 64)  # the model keeps SDPA for such heads

@@ -13,14 +13,8 @@ from .test_sliced import SLICED
 from .test_vptq_reference import VARIANTS
 from .vq_factory import dequant_args, make_spec, oracle_dense, random_layer
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_kernels")]
 DTYPES = [torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    kind, why = ops.prepare("cuda")
-    assert kind == "cuda", why
 
 
 def gpu_args(layer, dtype):

@@ -12,19 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import ops
 from engine.bench_e2e import build
 from engine.decode import GraphDecoder
 from engine.sampling import SamplingParams, sample
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_kernels")]
 GiB = 1 << 30
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    kind, why = ops.prepare("cuda")
-    assert kind == "cuda", why
 
 
 @pytest.fixture(scope="module")
