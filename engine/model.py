@@ -117,10 +117,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, f"{prefix}.mlp", make)
 
-    def forward(self, x, cos, sin, start, mask) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(x), cos, sin, start, mask)
-        h, x = self.post_attention_layernorm(a, x)  # x + a and its norm, one kernel on a GPU
-        return x + self.mlp(h)
+    def forward(self, x, cos, sin, start, mask, residual=None):
+        """The layer's input is x (+ residual, where given) -> (mlp output, residual), whose sum
+        is the layer's output. The sums are left to the next norm, which adds them in its
+        kernel on a GPU (engine/ops/decode.py rms_norm)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        a = self.self_attn(h, cos, sin, start, mask)
+        h, residual = self.post_attention_layernorm(a, residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
@@ -185,9 +192,10 @@ class Transformer(nn.Module):
             mask = keys <= pos[:, None]  # [1, max_seq]: this query sees keys 0..pos
             if a.sliding_window is not None:
                 mask &= keys > pos[:, None] - a.sliding_window
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, pos, mask)
-        x = self.model.norm(x)[0]
+            x, residual = layer(x, cos, sin, pos, mask, residual)
+        x = self.model.norm(x, residual)[0][0]
         if self.lm_head is None:
             return F.linear(x, self.model.embed_tokens.weight).float()
         return self.lm_head(x).float()
@@ -200,11 +208,12 @@ class Transformer(nn.Module):
         cos, sin = self.cos[start : start + t], self.sin[start : start + t]
         mask = self.attention_mask(start, t)
         x = self.model.embed_tokens(tokens)  # [B, T, H]
+        residual = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, start, mask)
+            x, residual = layer(x, cos, sin, start, mask, residual)
         if last_only:
-            x = x[:, -1:]
-        x = self.model.norm(x)
+            x, residual = x[:, -1:], residual[:, -1:]
+        x = self.model.norm(x, residual)[0]
         if self.lm_head is None:
             return F.linear(x, self.model.embed_tokens.weight).float()
         return self.lm_head(x).float()

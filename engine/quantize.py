@@ -158,7 +158,8 @@ def run_layer(model: Transformer, i: int, xs: list[torch.Tensor]) -> list[torch.
     for x in xs:
         t = x.shape[1]
         mask = model.attention_mask(0, t)
-        outs.append(layer(x, model.cos[:t], model.sin[:t], 0, mask))
+        out, residual = layer(x, model.cos[:t], model.sin[:t], 0, mask)
+        outs.append(out + residual)
     return outs
 
 
