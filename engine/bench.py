@@ -185,6 +185,8 @@ def bench_shared(arch: str, scheme: str, tokens=TOKENS) -> list[dict]:
         proto = [random_layer(*shapes[n], scheme) for n in names]
         if any(layer.sliced is None for layer in proto):
             return []
+        if not sliced.worth_sharing([layer.sliced for layer in proto], props.multi_processor_count):
+            continue  # the engine launches these one by one (sliced.MAX_SHARED_TAIL)
         per_copy = sum(layer.nbytes + layer.gemv_bytes for layer in proto)
         copies = max(1, min(8, -(-ROTATE_BYTES // per_copy)))
         sets = [proto] + [
@@ -283,8 +285,12 @@ def _print_shared(rows: list[dict], shared: list[dict]) -> None:
             for r in shared
             if (r["arch"], r["scheme"], r["tokens"]) == (arch, scheme, t)
         }
-        if len(group) != len(SHARED_INPUT):
+        if not group or any(n not in alone for names in SHARED_INPUT for n in names):
             continue
+        for names in SHARED_INPUT:  # not worth sharing: one launch each, as the engine does
+            key = "+".join(names)
+            if key not in group:
+                group[key + " separate"] = sum(alone[n]["best_us"] for n in names)
         q = sum(group.values()) + alone["o"]["best_us"] + alone["down"]["best_us"]
         f = sum(r["cublas_us"] for r in alone.values())
         parts = ", ".join(f"{k} {v:.1f} us" for k, v in group.items())

@@ -226,6 +226,32 @@ def group_row_blocks(rows: list[int], n_slices: list[int], num_sms: int, ctas_pe
     ]
 
 
+# A shared launch gives each layer fewer, larger row blocks than its own launch, and the last
+# block of a row block sums row_block * v outputs over all slices alone, after the others: a
+# serial tail. Measured on the H200 (`bench kernels --arch llama-3.1-8b`, all five schemes, 1
+# token, session 6), sharing helped wherever that tail, row_block * v * n_slices, was at most
+# 71.7 K (v12-k65536-4096 gate+up: 132.8 us against 137.6 in two launches) and hurt wherever it
+# was 114.7 K or more (v8-k65536-65536 gate+up 108.5 against 91.7; v16-k65536-65536 q+k+v
+# 131.8 against 76.5, gate+up 271.5 against 153.3). The bound lies between.
+MAX_SHARED_TAIL = 96 * 1024
+
+
+def shared_tail(
+    rows: list[int], n_slices: list[int], v: int, num_sms: int, ctas_per_sm: int = CTAS_PER_SM
+) -> int:
+    """The largest row_block * v * n_slices among the layers of a shared launch."""
+    shares = group_row_blocks(rows, n_slices, num_sms, ctas_per_sm)
+    return max(-(-r // b) * v * s for r, b, s in zip(rows, shares, n_slices, strict=True))
+
+
+def worth_sharing(layouts: list[SlicedLayout], num_sms: int, ctas_per_sm: int = CTAS_PER_SM):
+    """Whether these layouts can share a launch and are faster that way (MAX_SHARED_TAIL)."""
+    if not groupable(layouts):
+        return False
+    rows, n_slices = [a.meta[8] for a in layouts], [a.meta[5] for a in layouts]
+    return shared_tail(rows, n_slices, layouts[0].meta[2], num_sms, ctas_per_sm) <= MAX_SHARED_TAIL
+
+
 def group(
     layouts: list[SlicedLayout], num_sms: int, smem_optin: int, ctas_per_sm: int = CTAS_PER_SM
 ) -> SlicedGroup:

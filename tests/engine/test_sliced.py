@@ -174,6 +174,50 @@ def test_group_gives_each_layer_its_own_split():
         sliced.group([layouts[0], build("v8-k65536-r256")[3]], 132, 227 << 10)  # residual
 
 
+# (v, slices per layer, q+k+v faster shared, gate+up faster shared): the H200 measurements of
+# session 6 (`bench kernels --arch llama-3.1-8b`, 1 token) behind sliced.MAX_SHARED_TAIL
+MEASURED_SHARING = {
+    "v8-k65536-0": (8, 16, True, True),
+    "v8-k65536-256": (8, 16, True, True),
+    "v8-k65536-65536": (8, 32, True, False),
+    "v12-k65536-4096": (12, 25, True, True),
+    "v16-k65536-65536": (16, 64, False, False),
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(MEASURED_SHARING))
+def test_layers_share_a_launch_where_that_was_measured_faster(scheme):
+    v, slices, qkv, gate_up = MEASURED_SHARING[scheme]
+    rows_qkv = [-(-4096 // v), -(-1024 // v), -(-1024 // v)]  # Llama-3.1-8B q, k, v
+    rows_gu = [-(-14336 // v)] * 2
+    tail = sliced.shared_tail(rows_qkv, [slices] * 3, v, 132, 2)
+    assert (tail <= sliced.MAX_SHARED_TAIL) == qkv
+    assert (
+        sliced.shared_tail(rows_gu, [slices] * 2, v, 132, 2) <= sliced.MAX_SHARED_TAIL
+    ) == gate_up
+
+
+def test_worth_sharing_needs_groupable_layouts_and_a_short_tail(monkeypatch):
+    layouts = [build("v8-k65536")[3] for _ in range(3)]
+    assert sliced.worth_sharing(layouts, 132)
+    assert not sliced.worth_sharing(layouts[:1], 132)  # one layer is no group
+    monkeypatch.setattr(sliced, "MAX_SHARED_TAIL", 0)
+    assert not sliced.worth_sharing(layouts, 132)
+
+
+def test_bench_block_sum_takes_separate_launches_where_the_engine_does(capsys):
+    from engine import bench
+
+    alone = {"q": 16, "k": 12, "v": 12, "o": 16, "gate": 28, "up": 28, "down": 37}
+    rows = [dict(arch="a", scheme="s", tokens=1, proj=p, best_us=us, cublas_us=10.0)
+            for p, us in alone.items()]  # fmt: skip
+    shared = [dict(arch="a", scheme="s", tokens=1, proj="q+k+v", shared_us=21.0)]
+    bench._print_shared(rows, shared)
+    out = capsys.readouterr().out
+    assert "q+k+v 21.0 us" in out and "gate+up separate 56.0 us" in out
+    assert "130/    70" in out  # 21 + 56 + o 16 + down 37 against 7 x 10
+
+
 def _uniform_model(tmp_path):
     from engine.loader import load_model
 
