@@ -303,23 +303,9 @@ void check_cache(const at::Tensor& c, const at::Tensor& like, const char* name) 
               msg(name, " must be [1, kv_heads, max_seq, head_dim], not ", c.sizes()));
 }
 
-// The checks the ops on one token and the KV cache share; returns the heads and cache shape.
-struct CacheShape {
-  int H, Hkv, S, D;
-};
-
-CacheShape check_token_and_cache(const at::Tensor& q, const at::Tensor& k_cache,
-                                 const at::Tensor& v_cache, const at::Tensor& pos) {
-  check_act(q, q, "q");
-  check_cache(k_cache, q, "k_cache");
-  check_cache(v_cache, q, "v_cache");
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
-  TORCH_CHECK(pos.device() == q.device() && pos.scalar_type() == at::kLong && pos.numel() == 1,
+void check_pos(const at::Tensor& pos, const at::Tensor& like) {
+  TORCH_CHECK(pos.device() == like.device() && pos.scalar_type() == at::kLong && pos.numel() == 1,
               "pos must be one int64 on the activations' GPU");
-  const int D = static_cast<int>(k_cache.size(3));
-  TORCH_CHECK(q.numel() % D == 0, msg("q holds ", q.numel(), " values, not whole heads of ", D));
-  return {static_cast<int>(q.numel() / D), static_cast<int>(k_cache.size(1)),
-          static_cast<int>(k_cache.size(2)), D};
 }
 
 at::Tensor rope_kv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -327,15 +313,20 @@ at::Tensor rope_kv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const at::Tensor& k_cache, const at::Tensor& v_cache) {
   const c10::cuda::CUDAGuard guard(q.device());
   const vptq::DType dt = dtype_of(q);
-  const CacheShape c = check_token_and_cache(q, k_cache, v_cache, pos);
+  check_act(q, q, "q");
   check_act(k, q, "k");
   check_act(v, q, "v");
-  TORCH_CHECK(c.D % 2 == 0, msg("RoPE needs an even head dimension, not ", c.D));
+  check_cache(k_cache, q, "k_cache");
+  check_cache(v_cache, q, "v_cache");
+  check_pos(pos, q);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
   vptq::RopeArgs a;
-  a.H = c.H;
-  a.Hkv = c.Hkv;
-  a.S = c.S;
-  a.D = c.D;
+  a.Hkv = static_cast<int>(k_cache.size(1));
+  a.S = static_cast<int>(k_cache.size(2));
+  a.D = static_cast<int>(k_cache.size(3));
+  TORCH_CHECK(a.D % 2 == 0 && q.numel() % a.D == 0,
+              msg("q holds ", q.numel(), " values, not whole heads of ", a.D));
+  a.H = static_cast<int>(q.numel() / a.D);
   TORCH_CHECK(k.numel() == static_cast<int64_t>(a.Hkv) * a.D && v.numel() == k.numel(),
               msg("one token's k and v must hold ", a.Hkv * a.D, " values"));
   for (const auto* t : {&cos, &sin})
@@ -361,12 +352,17 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  int64_t window, double scale) {
   const c10::cuda::CUDAGuard guard(q.device());
   const vptq::DType dt = dtype_of(q);
-  const CacheShape c = check_token_and_cache(q, k_cache, v_cache, pos);
+  check_act(q, q, "q");
+  check_cache(k_cache, q, "k_cache");
+  check_cache(v_cache, q, "v_cache");
+  check_pos(pos, q);
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
   vptq::AttnArgs a;
-  a.H = c.H;
-  a.Hkv = c.Hkv;
-  a.S = c.S;
-  a.D = c.D;
+  a.Hkv = static_cast<int>(k_cache.size(1));
+  a.S = static_cast<int>(k_cache.size(2));
+  a.D = static_cast<int>(k_cache.size(3));
+  TORCH_CHECK(q.numel() % a.D == 0, msg("q holds ", q.numel(), " values, not whole heads"));
+  a.H = static_cast<int>(q.numel() / a.D);
   TORCH_CHECK(vptq::decode_attention_supported(a.H, a.Hkv, a.D),
               msg("decode attention does not take ", a.H, " query heads over ", a.Hkv,
                   " KV heads of dimension ", a.D, "; use scaled_dot_product_attention"));

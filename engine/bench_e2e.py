@@ -19,6 +19,7 @@ from .layers import VQLinear, build_sliced_layouts, sliced_summary
 from .loader import _assign, free_bytes
 from .memory import GiB, Shape, sliced_budget
 from .model import Transformer, dense_linear
+from .ops import decode as fused
 from .sampling import SamplingParams
 
 ARCHS = {  # the shape fields of each model's config.json
@@ -221,8 +222,6 @@ def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> Non
     if "fp16" in rows and "error" not in rows["fp16"] and "error" not in rows[scheme]:
         ratio = rows[scheme]["decode_tok_s"] / rows["fp16"]["decode_tok_s"]
         print(f"decode speed {scheme} / fp16: {ratio:.2f}x")
-    from .ops import decode as fused
-
     glue = "fused kernels" if fused.ENABLED else "PyTorch ops (VPTQ_DECODE_FUSED=0)"
     print(f"norms, RoPE, attention and SiLU in the decode step: {glue}")
     if "error" not in rows[scheme]:

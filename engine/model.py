@@ -43,11 +43,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def project(x: torch.Tensor, fused, linears: tuple) -> list[torch.Tensor]:
+def project(x: torch.Tensor, shared, linears: tuple) -> list[torch.Tensor]:
     """The outputs of linear layers that read the same x: one launch where the loader gave them
-    a shared sliced GEMV (``fused``, engine/layers.py SharedInputGroup), else one call each."""
-    if fused is not None and fused.takes(x):
-        return fused(x)
+    a shared sliced GEMV (``shared``, engine/layers.py SharedInputGroup), else one call each."""
+    if shared is not None and shared.takes(x):
+        return shared(x)
     return [m(x) for m in linears]
 
 
@@ -195,7 +195,8 @@ class Transformer(nn.Module):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, cos, sin, pos, mask, residual)
-        x = self.model.norm(x, residual)[0][0]
+        x, _ = self.model.norm(x, residual)  # [1, 1, H]
+        x = x[0]
         if self.lm_head is None:
             return F.linear(x, self.model.embed_tokens.weight).float()
         return self.lm_head(x).float()
@@ -213,7 +214,7 @@ class Transformer(nn.Module):
             x, residual = layer(x, cos, sin, start, mask, residual)
         if last_only:
             x, residual = x[:, -1:], residual[:, -1:]
-        x = self.model.norm(x, residual)[0]
+        x, _ = self.model.norm(x, residual)
         if self.lm_head is None:
             return F.linear(x, self.model.embed_tokens.weight).float()
         return self.lm_head(x).float()

@@ -189,7 +189,7 @@ def test_model_decode_with_fused_kernels_matches_the_cpu_float32_model(tmp_path,
                                  a.n_heads, a.n_kv_heads, a.head_dim)  # fmt: skip
     tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        want = cpu(tokens)[0, 12:]  # float64-free oracle: the CPU float32 model, full forward
+        want = cpu(tokens)[0, 12:]  # the oracle: the CPU float32 model, whole sequence at once
         gpu(tokens[:, :12].cuda())
         steps = []
         for i in range(12, 30):
