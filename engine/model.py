@@ -157,9 +157,12 @@ class Transformer(nn.Module):
         p = self.model.norm.weight
         a = self.args
         for layer in self.model.layers:
-            layer.self_attn.cache = KVCache(
-                max_batch, a.n_kv_heads, max_seq, a.head_dim, p.dtype, p.device
-            )
+            layer.self_attn.cache = None  # the old cache is freed before the new one is taken
+        caches = KVCache.allocate(
+            len(self.model.layers), max_batch, a.n_kv_heads, max_seq, a.head_dim, p.dtype, p.device
+        )
+        for layer, cache in zip(self.model.layers, caches, strict=True):
+            layer.self_attn.cache = cache
         angles = torch.outer(torch.arange(max_seq, dtype=torch.float64), rope_inv_freq(a))
         angles = torch.cat((angles, angles), dim=-1)  # [max_seq, D]
         self.cos = angles.cos().float().to(p.device)

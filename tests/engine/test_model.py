@@ -39,6 +39,28 @@ def test_kv_cache_decode_equals_full_forward(tmp_path, kind):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_the_kv_caches_of_all_layers_are_one_allocation(tmp_path):
+    """One tensor for every layer's K and V (KVCache.allocate): each layer gets contiguous,
+    zeroed, non-overlapping views of it, and a second setup_caches replaces it."""
+    make_hf_model("llama3", tmp_path)
+    m = load_model(tmp_path, "cpu", torch.float32, max_seq_len=48).model
+    caches = [layer.self_attn.cache for layer in m.model.layers]
+    a = m.args
+    base = caches[0].k.untyped_storage().data_ptr()
+    per = a.n_kv_heads * 48 * a.head_dim * 4  # bytes of one layer's K
+    starts = []
+    for c in caches:
+        for t in (c.k, c.v):
+            assert t.shape == (1, a.n_kv_heads, 48, a.head_dim) and t.is_contiguous()
+            assert t.untyped_storage().data_ptr() == base and not t.any()
+            starts.append(t.data_ptr() - base)
+    assert starts == [i * per for i in range(2 * len(caches))]
+    assert caches[0].k.untyped_storage().nbytes() == 2 * len(caches) * per
+    m.setup_caches(1, 16)
+    assert m.model.layers[-1].self_attn.cache.max_seq == 16
+    assert m.model.layers[0].self_attn.cache.k.untyped_storage().nbytes() == 2 * len(caches) * per // 3
+
+
 def test_sliding_window_matches_transformers(tmp_path):
     hf = make_hf_model("mistral", tmp_path, sliding_window=8)
     hf.config._attn_implementation = "eager"

@@ -78,6 +78,21 @@ def test_graph_decode_gives_the_eager_tokens(small_model, p):
 
 
 @torch.no_grad()
+def test_the_kv_cache_takes_its_own_size_of_gpu_memory(small_model):
+    """All layers' caches are one allocation: 4 MiB per K or V tensor, each allocated alone,
+    would be rounded up into the allocator's 20 MiB segments (40 MiB for 32)."""
+    a = small_model.args
+    try:
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved()
+        small_model.setup_caches(1, 16384)
+        need = 2 * a.n_layers * a.n_kv_heads * 16384 * a.head_dim * 2
+        assert need == 32 << 20
+        assert torch.cuda.memory_reserved() - before <= need + (2 << 20)
+    finally:
+        small_model.setup_caches(1, 256)
+
+
 def test_prefill_in_dequant_slices_matches_whole_layer(monkeypatch):
     from engine.ops import cuda
 
