@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.memory import SLICED_SLACK, Shape, gib
+from engine.memory import SLICED_SLACK, Shape, embedding_on_host, gib
 
 __all__ = ["Fit", "Shape", "fit", "gib"]
 TIGHT = 0.90  # above this share of free VRAM the verdict is "tight"
@@ -21,6 +21,7 @@ class Fit:
     context: int
     max_context: int  # the largest context that fits (0: not even the weights)
     fast_layout: int = 0  # the fast decode layout of a VPTQ model with large codebooks (bytes)
+    host: int = 0  # the embedding table, kept in host memory (weights counts only the GPU part)
 
     @property
     def needed(self) -> int:
@@ -34,7 +35,12 @@ class Fit:
 
     def lines(self) -> list[str]:
         out = [
-            f"Weights {gib(self.weights)}",
+            f"Weights {gib(self.weights)}"
+            + (
+                f" (the embedding table, {gib(self.host)}, stays in host memory)"
+                if self.host
+                else ""
+            ),
             f"KV cache at {self.context} tokens {gib(self.kv_cache)}",
             f"Runtime overhead {gib(self.overhead)}",
             f"Needed {gib(self.needed)} of {gib(self.free)} free",
@@ -59,7 +65,14 @@ class Fit:
 
 
 def fit(shape: Shape, weight_bytes: int, free: int, context: int, fast_layout: int = 0) -> Fit:
+    """weight_bytes: the files' weights; the engine keeps the embedding table in host memory
+    where everything would not fit the GPU otherwise (engine/memory.py embedding_on_host)."""
     overhead = shape.overhead()
-    largest = shape.largest_context(free - weight_bytes - overhead)
     kv = shape.kv_bytes_per_token * context
-    return Fit(weight_bytes, kv, overhead, free, context, largest, fast_layout)
+    everything = weight_bytes + kv + overhead + fast_layout + (SLICED_SLACK if fast_layout else 0)
+    host = 0
+    if embedding_on_host(everything, free, shape.tied):
+        host = min(shape.embedding_bytes(), weight_bytes)
+    weights = weight_bytes - host
+    largest = shape.largest_context(free - weights - overhead)
+    return Fit(weights, kv, overhead, free, context, largest, fast_layout, host)

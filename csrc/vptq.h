@@ -109,6 +109,11 @@ bool decode_attention_supported(int H, int Hkv, int D);
 int decode_attention_splits(int Hkv, int S, int num_sms);
 cudaError_t launch_decode_attention(const AttnArgs& a, DType dtype, cudaStream_t stream);
 
+// out[i] = table[ids[i]] for n ids, rows of `hidden` values; the table may lie in pinned host
+// memory (read over the bus through its device address). Ids outside 0..vocab-1 give zeros.
+cudaError_t launch_embed_rows(const void* table, const int64_t* ids, void* out, int64_t n,
+                              int64_t vocab, int64_t hidden, cudaStream_t stream);
+
 // out = silu(g) * u elementwise, n values.
 cudaError_t launch_silu_mul(const void* g, const void* u, void* out, int64_t n, DType dtype,
                             cudaStream_t stream);

@@ -8,7 +8,8 @@
 //   static KV cache there;
 // - decode_attention: one query token against the cache up to that position (GQA, sliding
 //   window), split over the keys (flash-decoding), then the splits combined;
-// - silu_mul: silu(gate) * up.
+// - silu_mul: silu(gate) * up;
+// - embed_rows: rows of an embedding table kept in pinned host memory.
 // Every rounding matches the PyTorch code they replace (engine/model.py): fp32 inside, the
 // activation dtype where PyTorch rounds.
 #include <algorithm>
@@ -289,6 +290,24 @@ __global__ void attn_combine_kernel(const float* __restrict__ ws, T* __restrict_
   }
 }
 
+// One block per id; 16-byte copies where the rows allow (rows of 16-bit values, so a row of a
+// multiple of 8 values keeps every row start 16-byte aligned).
+__global__ void embed_rows_kernel(const uint16_t* __restrict__ table, const int64_t* __restrict__ ids,
+                                  uint16_t* __restrict__ out, int64_t vocab, int64_t hidden) {
+  const int64_t id = ids[blockIdx.x];
+  uint16_t* dst = out + blockIdx.x * hidden;
+  const bool valid = id >= 0 && id < vocab;
+  const uint16_t* src = table + (valid ? id : 0) * hidden;
+  if (hidden % 8 == 0) {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    for (int64_t i = threadIdx.x; i < hidden / 8; i += blockDim.x) d[i] = valid ? s[i] : zero;
+  } else {
+    for (int64_t i = threadIdx.x; i < hidden; i += blockDim.x) dst[i] = valid ? src[i] : 0;
+  }
+}
+
 template <typename T>
 __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u,
                                 T* __restrict__ out, int64_t n) {
@@ -402,6 +421,15 @@ cudaError_t launch_decode_attention(const AttnArgs& a, DType dtype, cudaStream_t
   if (!decode_attention_supported(a.H, a.Hkv, a.D) || a.splits < 1) return cudaErrorInvalidValue;
   if (dtype == DType::kHalf) return attn_by_dim<__half>(a, stream);
   return attn_by_dim<__nv_bfloat16>(a, stream);
+}
+
+cudaError_t launch_embed_rows(const void* table, const int64_t* ids, void* out, int64_t n,
+                              int64_t vocab, int64_t hidden, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (n > 0x7fffffff) return cudaErrorInvalidValue;
+  embed_rows_kernel<<<static_cast<unsigned>(n), 128, 0, stream>>>(
+      static_cast<const uint16_t*>(table), ids, static_cast<uint16_t*>(out), vocab, hidden);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_silu_mul(const void* g, const void* u, void* out, int64_t n, DType dtype,

@@ -398,6 +398,39 @@ at::Tensor silu_mul_cuda(const at::Tensor& gate, const at::Tensor& up) {
   return out;
 }
 
+// Rows of an embedding table [vocab, hidden] for CUDA ids; the table is a CUDA tensor or lies
+// in pinned host memory (engine/loader.py keeps it there when the GPU is short of room), read
+// through its device address: no host synchronisation, so a CUDA graph can hold it.
+at::Tensor embed_rows_cuda(const at::Tensor& table, const at::Tensor& ids) {
+  const c10::cuda::CUDAGuard guard(ids.device());
+  TORCH_CHECK(ids.is_cuda() && ids.scalar_type() == at::kLong && ids.is_contiguous(),
+              "embed_rows: ids must be a contiguous CUDA int64 tensor");
+  TORCH_CHECK(table.dim() == 2 && table.is_contiguous() && table.element_size() == 2,
+              msg("embed_rows: the table must be a contiguous 2-D tensor of 16-bit floats, got ",
+                  table.scalar_type(), " ", table.sizes()));
+  const void* src = table.data_ptr();
+  if (!table.is_cuda()) {
+    TORCH_CHECK(table.is_pinned(),
+                "embed_rows: a table in host memory must be pinned (tensor.pin_memory())");
+    void* dev = nullptr;
+    const cudaError_t err = cudaHostGetDevicePointer(&dev, table.data_ptr(), 0);
+    TORCH_CHECK(err == cudaSuccess,
+                msg("embed_rows: the pinned table has no device address (",
+                    cudaGetErrorString(err), ")"));
+    src = dev;
+  } else {
+    TORCH_CHECK(table.device() == ids.device(), "embed_rows: table and ids on different GPUs");
+  }
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(table.size(1));
+  at::Tensor out = at::empty(shape, ids.options().dtype(table.scalar_type()));
+  check_launch(vptq::launch_embed_rows(src, ids.data_ptr<int64_t>(), out.data_ptr(), ids.numel(),
+                                       table.size(0), table.size(1),
+                                       at::cuda::getCurrentCUDAStream()),
+               "embed_rows");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(vptq, m) {
@@ -421,6 +454,7 @@ TORCH_LIBRARY(vptq, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window, "
       "float scale) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("embed_rows(Tensor table, Tensor ids) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
@@ -432,4 +466,5 @@ TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
   m.impl("rope_kv", &rope_kv_cuda);
   m.impl("decode_attention", &decode_attention_cuda);
   m.impl("silu_mul", &silu_mul_cuda);
+  m.impl("embed_rows", &embed_rows_cuda);
 }

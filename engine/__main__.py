@@ -146,7 +146,12 @@ def _session(a: argparse.Namespace):
             f"{lm.layout_bytes / 2**30:.2f} GiB ({lm.sliced_layers[0]} of "
             f"{lm.sliced_layers[1]} layers), KV cache "
             f"{lm.kv_bytes / 2**30:.2f} GiB, workspace {lm.workspace_bytes / 2**30:.2f} GiB; "
-            f"the largest context that fits is {lm.max_context} tokens",
+            f"the largest context that fits is {lm.max_context} tokens"
+            + (
+                f"; the embedding table ({lm.host_bytes / 2**30:.2f} GiB) stays in host memory"
+                if lm.host_bytes
+                else ""
+            ),
             file=sys.stderr,
         )
     return s

@@ -16,10 +16,11 @@ from .config import ModelArgs
 from .decode import GraphDecoder
 from .formats.vptq import VQLayerSpec
 from .layers import VQLinear, build_sliced_layouts, sliced_summary
-from .loader import _assign, free_bytes
-from .memory import GiB, Shape, sliced_budget
+from .loader import EMBEDDING, _assign, free_bytes
+from .memory import SLICED_SLACK, GiB, Shape, embedding_on_host, sliced_budget
 from .model import Transformer, dense_linear
 from .ops import decode as fused
+from .ops import sliced
 from .sampling import SamplingParams
 
 ARCHS = {  # the shape fields of each model's config.json
@@ -72,24 +73,42 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
 
     with torch.device("meta"):
         model = Transformer(args, make)
+    shape = Shape.from_config(config(arch))
+
+    def room() -> int:
+        free = free_bytes(torch.device("cuda"))
+        return free if cap is None else min(free, int(cap) - torch.cuda.memory_allocated())
+
+    tensors = model.state_dict(keep_vars=True)
+    layouts = sum(sliced.extra_bytes(m.spec) for m in model.modules()
+                  if isinstance(m, VQLinear) and sliced.eligible(m.spec))  # fmt: skip
+    need = (sum(t.numel() * t.element_size() for t in tensors.values()) + layouts + SLICED_SLACK
+            + shape.kv_bytes_per_token * context + shape.workspace())  # fmt: skip
+    on_host = embedding_on_host(need, room(), args.tie_word_embeddings)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for name, t in model.state_dict(keep_vars=True).items():
-        _assign(model, name, _random_like(name, t, gen))
+    for name, t in tensors.items():
+        w = _random_like(name, t, gen, host=on_host and name == EMBEDDING)
+        _assign(model, name, w)
     for m in model.modules():
         if isinstance(m, VQLinear):
             m.post_load()
-    shape = Shape.from_config(config(arch))
-    room = free_bytes(torch.device("cuda"))
-    if cap is not None:
-        room = min(room, int(cap) - torch.cuda.memory_allocated())
-    build_sliced_layouts(model, sliced_budget(room, shape, context))
+    build_sliced_layouts(model, sliced_budget(room(), shape, context))
     torch.cuda.empty_cache()
     model.setup_caches(1, context)
     return model.eval()
 
 
-def _random_like(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _random_like(name: str, t: torch.Tensor, gen: torch.Generator, host: bool = False):
+    """Random values for a weight on the GPU; host: fp16 values in pinned host memory, drawn on
+    the GPU 64 MiB at a time."""
     dev = "cuda"
+    if host:
+        out = torch.empty(t.shape, dtype=torch.float16, pin_memory=True)
+        flat, step = out.view(-1), 32 << 20
+        for i in range(0, flat.numel(), step):
+            part = torch.empty(min(step, flat.numel() - i), device=dev, dtype=torch.float16)
+            flat[i : i + part.numel()].copy_(part.normal_(0, 0.02, generator=gen))
+        return out
     if name.endswith("perm"):
         return torch.randperm(t.shape[0], device=dev, generator=gen).to(torch.int16)
     if not t.dtype.is_floating_point:  # packed index words: every bit pattern is valid
@@ -101,14 +120,19 @@ def _random_like(name: str, t: torch.Tensor, gen: torch.Generator) -> torch.Tens
     return out.normal_(0, 0.02, generator=gen)
 
 
-def weight_bytes(model: Transformer) -> int:
-    return sum(b.numel() * b.element_size() for b in model.state_dict().values())
+def weight_bytes(model: Transformer, device: str = "cuda") -> int:
+    """Bytes of the weights on ``device`` (the embedding table may be in host memory)."""
+    tensors = model.state_dict().values()
+    return sum(b.numel() * b.element_size() for b in tensors if b.device.type == device)
 
 
 def decode_bytes(model: Transformer) -> int:
     """Bytes a decode step reads for the weights: a layer on the sliced path reads its layout
-    instead of its packed indices."""
+    instead of its packed indices; of an untied embedding table, one row."""
     total = weight_bytes(model)
+    emb = model.model.embed_tokens.weight
+    if not model.args.tie_word_embeddings and emb.is_cuda:
+        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
     for m in model.modules():
         if isinstance(m, VQLinear) and m.sliced is not None:
             total += m.sliced.nbytes - m.indices.numel() * m.indices.element_size()
@@ -148,6 +172,7 @@ def measure(model: Transformer, tokens: int) -> dict:
         "peak_torch_gib": torch.cuda.max_memory_allocated() / GiB,
         "device_used_gib": (total - free) / GiB,
         "weights_gib": weight_bytes(model) / GiB,
+        "host_gib": weight_bytes(model, "cpu") / GiB,
         "layout_gib": sliced_summary(model)[1] / GiB,
         "decode_bytes": decode_bytes(model),
         "sliced_layers": sliced_summary(model)[0],
@@ -228,3 +253,6 @@ def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> Non
         r = rows[scheme]
         print(f"{scheme}: sliced decode layout on {r['sliced_layers']} layers, "
               f"{r['layout_gib']:+.1f} GiB beside the weights")  # fmt: skip
+    for label, r in rows.items():
+        if r.get("host_gib"):
+            print(f"{label}: the embedding table ({r['host_gib']:.2f} GiB) in pinned host memory")

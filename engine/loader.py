@@ -21,11 +21,12 @@ from .config import ModelArgs
 from .formats.checkpoint import REDOWNLOAD, Checkpoint
 from .formats.vptq import FormatError, VQLayerSpec, int_kind, layer_table, resolve_layer
 from .layers import VQLinear, build_sliced_layouts, sliced_summary
-from .memory import OutOfMemory, Shape, gib, sliced_budget
+from .memory import SLICED_SLACK, OutOfMemory, Shape, embedding_on_host, gib, sliced_budget
 from .model import Transformer, dense_linear
 
 Progress = Callable[[float, str], None]
 log = logging.getLogger(__name__)
+EMBEDDING = "model.embed_tokens.weight"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -41,6 +42,7 @@ class LoadedModel:
     workspace_bytes: int = 0
     max_context: int = 0  # the largest context the free memory held after the weights
     layout_bytes: int = 0  # the sliced decode layouts (engine/ops/sliced.py) beside the weights
+    host_bytes: int = 0  # weights kept in pinned host memory (the input embedding table)
     sliced_layers: tuple[int, int] = (0, 0)  # (layers with the sliced layout, layers eligible)
 
     @property
@@ -85,13 +87,18 @@ def load_model(
     ckpt = Checkpoint(folder)
     shape = replace(Shape.from_config(cfg), dtype_bytes=dtype.itemsize)
     dev = torch.device(device)
+    n_ctx = min(max_seq_len, args.max_position_embeddings)
+    on_host = set()
     if dev.type == "cuda":
-        _check_weights_fit(ckpt, folder, dev, shape.workspace())
-    nbytes = _fill(model, ckpt, dtype, dev, progress)
+        if _embedding_on_host(ckpt, shape, specs, dev, n_ctx, args.tie_word_embeddings):
+            on_host.add(EMBEDDING)
+            log.info("the input embedding table stays in host memory (the GPU is short of room)")
+        host = shape.embedding_bytes() if on_host else 0
+        _check_weights_fit(ckpt.nbytes - host, folder, dev, shape.workspace())
+    nbytes, host_bytes = _fill(model, ckpt, dtype, dev, progress, on_host)
     for m in model.modules():
         if isinstance(m, VQLinear):
             m.post_load()
-    n_ctx = min(max_seq_len, args.max_position_embeddings)
     largest = n_ctx
     if dev.type == "cuda":
         _context_that_fits(shape, dev, n_ctx)  # an error with the numbers when it does not fit
@@ -102,6 +109,7 @@ def load_model(
     kv = shape.kv_bytes_per_token * n_ctx
     quant = "vptq" if specs else "dense"
     loaded = LoadedModel(model, args, folder, quant, specs, nbytes, kv, shape.workspace(), largest)
+    loaded.host_bytes = host_bytes
     if dev.type == "cuda":
         loaded.sliced_layers = sliced
         loaded.layout_bytes = sliced_summary(model)[1]
@@ -114,12 +122,26 @@ def free_bytes(dev: torch.device) -> int:
     return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
 
 
-def _check_weights_fit(ckpt: Checkpoint, folder: Path, dev: torch.device, workspace: int) -> None:
-    need = ckpt.nbytes + workspace
+def _embedding_on_host(ckpt, shape: Shape, specs, dev, n_ctx: int, tied: bool) -> bool:
+    """memory.embedding_on_host for this model: what everything would take on the GPU, the
+    sliced layouts of every eligible layer included. Only with the kernels (embed_rows)."""
+    from . import ops
+    from .ops import sliced
+
+    if not ops.kernels_ready():
+        return False
+    layouts = sum(sliced.extra_bytes(s) for s in specs.values() if sliced.eligible(s))
+    need = (ckpt.nbytes + shape.kv_bytes_per_token * n_ctx + shape.workspace() + SLICED_SLACK
+            + layouts)  # fmt: skip
+    return embedding_on_host(need, free_bytes(dev), tied)
+
+
+def _check_weights_fit(weights: int, folder: Path, dev: torch.device, workspace: int) -> None:
+    need = weights + workspace
     free = free_bytes(dev)
     if need > free:
         raise OutOfMemory(
-            f"{folder}: the weights need {gib(ckpt.nbytes)} plus {gib(workspace)} of workspace on "
+            f"{folder}: the weights need {gib(weights)} plus {gib(workspace)} of workspace on "
             f"{dev}, but only {gib(free)} is free. Close programs that use the GPU or choose a "
             "model with fewer bits."
         )
@@ -182,17 +204,24 @@ def _fill(
     dtype: torch.dtype,
     device: torch.device,
     progress: Progress | None,
-) -> int:
+    on_host: set[str] = frozenset(),
+) -> tuple[int, int]:
+    """Every tensor to ``device``, those named in on_host to pinned host memory; returns the
+    bytes of each (device, host)."""
     entries = list(model.state_dict(keep_vars=True).items())
-    total = 0
+    total = host = 0
     for i, (name, target) in enumerate(entries):
         t = _convert(name, ckpt.get(name), target, dtype, ckpt)
-        _assign(model, name, t.to(device))
-        total += t.numel() * t.element_size()
+        if name in on_host:
+            _assign(model, name, t.contiguous().pin_memory())
+            host += t.numel() * t.element_size()
+        else:
+            _assign(model, name, t.to(device))
+            total += t.numel() * t.element_size()
         if progress is not None and (i % 16 == 0 or i == len(entries) - 1):
             progress((i + 1) / len(entries), "loading weights")
     ckpt.close()
-    return total
+    return total, host
 
 
 def _convert(

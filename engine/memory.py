@@ -10,6 +10,7 @@ beside the CUDA context and the prefill activations.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 MiB = 1 << 20
@@ -47,6 +48,7 @@ class Shape:
     vocab: int
     max_context: int
     dtype_bytes: int = 2
+    tied: bool = False  # the input embedding table is the output head too
 
     @classmethod
     def from_config(cls, cfg: dict) -> Shape:
@@ -63,6 +65,7 @@ class Shape:
                 vocab=int(cfg["vocab_size"]),
                 max_context=int(cfg.get("max_position_embeddings") or 4096),
                 dtype_bytes=4 if cfg.get("torch_dtype", cfg.get("dtype")) == "float32" else 2,
+                tied=bool(cfg.get("tie_word_embeddings", False)),
             )
         except KeyError as e:
             raise ValueError(f"config.json has no {e.args[0]!r}") from None
@@ -84,6 +87,10 @@ class Shape:
         logits = 2 * self.vocab * 4  # last-token logits and sampling buffers, fp32
         return min(self.largest_linear * 2, DEQUANT_WORKSPACE) + acts + logits
 
+    def embedding_bytes(self) -> int:
+        """The input embedding table (vocab x hidden)."""
+        return self.vocab * self.hidden * self.dtype_bytes
+
     def overhead(self) -> int:
         return CUDA_CONTEXT + self.workspace()
 
@@ -101,6 +108,21 @@ class Shape:
         per_layer = attn + mlp + 2 * self.hidden
         emb = self.vocab * self.hidden
         return self.layers * per_layer + self.hidden + emb * (1 if tied else 2)
+
+
+def embedding_on_host(need: int, free: int, tied: bool) -> bool:
+    """Whether the engine keeps the input embedding table in pinned host memory instead of on
+    the GPU: where ``need`` (the weights, the KV cache of the requested context, the workspace,
+    SLICED_SLACK and every sliced decode layout the model could take) exceeds ``free`` GPU bytes,
+    unless the table is the output head too (tied). A decode step reads one row of it over the
+    bus (vptq::embed_rows: 16 KB for Llama-3.1-70B), and its GPU memory (1.96 GiB for 70B) goes
+    to the KV cache and the fast decode layout instead. VPTQ_EMBED_ON_HOST=1 or 0 forces it."""
+    force = os.environ.get("VPTQ_EMBED_ON_HOST")
+    if tied:
+        return False
+    if force in ("0", "1"):
+        return force == "1"
+    return need > free
 
 
 def gib(n: int) -> str:

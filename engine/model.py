@@ -185,7 +185,7 @@ class Transformer(nn.Module):
     def decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token (token: [1, 1]) at the position held by the device tensor pos ([1]) ->
         float32 logits [1, V]. No host values, so it can be captured in a CUDA graph."""
-        x = self.model.embed_tokens(token)  # [1, 1, H]
+        x = fused.embed(self.model.embed_tokens.weight, token)  # [1, 1, H]
         a = self.args
         if fused.attention_fused(x, a.n_heads, a.n_kv_heads, a.head_dim):
             cos, sin, mask = self.cos, self.sin, None  # the kernels read position pos
@@ -211,7 +211,7 @@ class Transformer(nn.Module):
             raise ValueError(f"{start + t} tokens exceed the context of {self.max_seq}")
         cos, sin = self.cos[start : start + t], self.sin[start : start + t]
         mask = self.attention_mask(start, t)
-        x = self.model.embed_tokens(tokens)  # [B, T, H]
+        x = fused.embed(self.model.embed_tokens.weight, tokens)  # [B, T, H]
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, cos, sin, start, mask, residual)

@@ -155,6 +155,7 @@ class Server:
             kv_cache_bytes=s.loaded.kv_bytes,
             workspace_bytes=s.loaded.workspace_bytes,
             layout_bytes=s.loaded.layout_bytes,
+            host_weight_bytes=s.loaded.host_bytes,
             max_context=s.loaded.max_context,
             vram_bytes=memory_stats()["vram_bytes"],
             kernels=s.kernels,

@@ -131,6 +131,12 @@ class LivePanel(QWidget):
                     f"{size(info['kv_cache_bytes'])}, workspace "
                     f"{size(info.get('workspace_bytes') or 0)}; up to {info.get('max_context')} "
                     "tokens would fit"
+                    + (
+                        f". The embedding table ({size(info['host_weight_bytes'])}) stays in "
+                        "host memory to leave the GPU room"
+                        if info.get("host_weight_bytes")
+                        else ""
+                    )
                 )
             self.engine.setText(text)
             if info.get("kernels") == "cuda":

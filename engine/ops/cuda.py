@@ -153,6 +153,10 @@ def _register_fakes() -> None:
     def _(gate, up):
         return torch.empty_like(gate)
 
+    @torch.library.register_fake("vptq::embed_rows")
+    def _(table, ids):
+        return ids.new_empty((*ids.shape, table.shape[1]), dtype=table.dtype)
+
 
 def meta(spec: VQLayerSpec) -> list[int]:
     return [

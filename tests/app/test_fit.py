@@ -105,3 +105,23 @@ def test_fast_decode_layout_of_llama_8b_by_hand():
     assert tight.verdict == "fits" and not tight.layout_fits
     assert any(line.startswith("Fast decode layout 3.67 GiB: no room") for line in tight.lines())
     assert not any("Fast decode" in line for line in fit(shape, 1, 8 * GiB, 8192).lines())
+
+
+def test_llama_70b_keeps_its_embedding_table_in_host_memory_where_the_gpu_is_short(monkeypatch):
+    """With the fast decode layout (17 GB by sliced_model_bytes) 70B at 2 bits exceeds 22 GiB:
+    the engine then keeps the 128256 x 8192 x 2 byte table on the host, and the fit check
+    counts it there; a tied table (also the output head) stays on the GPU."""
+    monkeypatch.delenv("VPTQ_EMBED_ON_HOST", raising=False)
+    shape = Shape.from_config(LLAMA_31_70B)
+    layout = sliced_model_bytes(shape, 8, 65536)
+    f = fit(shape, 19_500_000_000, 22 * GiB, 4096, layout)
+    assert f.host == 128256 * 8192 * 2 == 2_101_346_304
+    assert f.weights == 19_500_000_000 - 2_101_346_304
+    assert "Weights 16.20 GiB (the embedding table, 1.96 GiB, stays in host memory)" in f.lines()
+    # (23622320128 - 17398653696 - 676308992) // 327680 = 16930 -> 16896
+    assert f.max_context == 16896
+    assert fit(shape, 19_500_000_000, 22 * GiB, 4096).host == 0  # fits without the layout
+    tied = Shape.from_config(LLAMA_31_70B | {"tie_word_embeddings": True})
+    assert fit(tied, 19_500_000_000, 22 * GiB, 4096, layout).host == 0
+    monkeypatch.setenv("VPTQ_EMBED_ON_HOST", "0")
+    assert fit(shape, 19_500_000_000, 22 * GiB, 4096, layout).host == 0

@@ -239,3 +239,59 @@ def test_decode_ops_reject_bad_input_with_a_message():
     with pytest.raises(RuntimeError, match="cos and sin must be float32"):
         torch.ops.vptq.rope_kv(q, k, k, cos.half(), sin, p, kc, vc)
     assert not fused.attention_fused(q, 9, 2, 64)  # the model keeps SDPA for such heads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [4096, 100])  # 16-byte copies; a row of odd alignment
+def test_embed_rows_reads_a_pinned_host_table(hidden, dtype):
+    """Rows of a table in pinned host memory, equal bit for bit to indexing it; ids outside
+    the vocabulary give zeros; the ids are read on the device, so a graph replays for new ids."""
+    gen = torch.Generator().manual_seed(hidden)
+    table = torch.randn(1000, hidden, generator=gen).to(dtype).pin_memory()
+    ids = torch.tensor([[5, 999, 0, 5, 1000, -1]], device="cuda")
+    got = fused.embed(table, ids)
+    assert got.shape == (1, 6, hidden) and got.is_cuda and got.dtype == dtype
+    want = table[ids[0, :4].cpu()]
+    assert torch.equal(got[0, :4].cpu(), want)
+    assert not got[0, 4:].any()  # 1000 and -1: no such rows
+    torch.library.opcheck(torch.ops.vptq.embed_rows.default, (table, ids))
+    one = torch.tensor([[7]], device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused.embed(table, one)
+    for i in (3, 998):
+        one.fill_(i)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0, 0].cpu(), table[i])
+
+
+def test_embed_rows_rejects_an_unpinned_host_table():
+    ids = torch.tensor([1], device="cuda")
+    with pytest.raises(RuntimeError, match="must be pinned"):
+        torch.ops.vptq.embed_rows(torch.zeros(4, 8, dtype=torch.float16), ids)
+    with pytest.raises(RuntimeError, match="16-bit floats"):
+        torch.ops.vptq.embed_rows(torch.zeros(4, 8).pin_memory(), ids)
+    with pytest.raises(RuntimeError, match="ids must be a contiguous CUDA int64"):
+        torch.ops.vptq.embed_rows(torch.zeros(4, 8, dtype=torch.float16).pin_memory(), ids.int())
+
+
+def test_a_model_with_its_embedding_table_in_host_memory_decodes_the_same(tmp_path, monkeypatch):
+    """VPTQ_EMBED_ON_HOST=1 (what the loader does by itself when the GPU is short of room):
+    the table is pinned host memory, reported as host bytes, and the logits are the same."""
+    make_hf_model("llama3", tmp_path, hidden_size=256, head_dim=64)
+    monkeypatch.setenv("VPTQ_EMBED_ON_HOST", "0")
+    ref = load_model(tmp_path, "cuda", torch.float16, max_seq_len=64)
+    monkeypatch.setenv("VPTQ_EMBED_ON_HOST", "1")
+    lm = load_model(tmp_path, "cuda", torch.float16, max_seq_len=64)
+    table = lm.model.model.embed_tokens.weight
+    assert table.device.type == "cpu" and table.is_pinned()
+    assert lm.host_bytes == table.numel() * 2 and ref.host_bytes == 0
+    assert lm.weight_bytes == ref.weight_bytes - lm.host_bytes
+    tokens = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.no_grad():
+        assert torch.equal(lm.model(tokens[:, :12]), ref.model(tokens[:, :12]))
+        for i in range(12, 20):
+            pos = torch.tensor([i], device="cuda")
+            t = tokens[:, i : i + 1]
+            assert torch.equal(lm.model.decode(t, pos), ref.model.decode(t, pos))
