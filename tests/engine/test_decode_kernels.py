@@ -254,7 +254,9 @@ def test_embed_rows_reads_a_pinned_host_table(hidden, dtype):
     want = table[ids[0, :4].cpu()]
     assert torch.equal(got[0, :4].cpu(), want)
     assert not got[0, 4:].any()  # 1000 and -1: no such rows
-    torch.library.opcheck(torch.ops.vptq.embed_rows.default, (table, ids))
+    # opcheck copies its arguments, and a copy is not pinned: it checks the GPU-table form
+    torch.library.opcheck(torch.ops.vptq.embed_rows.default, (table.cuda(), ids))
+    assert torch.equal(torch.ops.vptq.embed_rows(table.cuda(), ids), got)
     one = torch.tensor([[7]], device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
