@@ -82,7 +82,8 @@ class _Table(QAbstractTableModel):
 
 
 class CatalogueModel(_Table):
-    COLUMNS = ("Model", "Base", "Params", "Bits", "Vector", "Codebook", "Residual", "Downloads")
+    # No base-model column: the name starts with it (and the tooltip and the filter give it).
+    COLUMNS = ("Model", "Params", "Bits", "Vector", "Codebook", "Residual", "Downloads")
 
     rows: list[tuple[Entry, Scheme]]
 
@@ -99,7 +100,6 @@ class CatalogueModel(_Table):
             return e
         values = (
             e.id.split("/", 1)[-1],
-            s.base,
             s.params_b,
             s.bits,
             s.v,
@@ -113,14 +113,14 @@ class CatalogueModel(_Table):
         if role == Qt.ItemDataRole.DisplayRole:
             if value is None:
                 return "?"
-            if index.column() == 2:
+            if index.column() == 1:
                 return f"{value:g}B"
-            if index.column() == 3:
+            if index.column() == 2:
                 return f"{value:.2f}"
             return str(value)
         if role == Qt.ItemDataRole.ToolTipRole:
             updated = e.modified[:10] if e.modified else "unknown"
-            return f"{e.id}\n{s.describe()}\nupdated {updated}"
+            return f"{e.id}\nbase model {s.base or 'unknown'}\n{s.describe()}\nupdated {updated}"
         return None
 
 

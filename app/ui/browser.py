@@ -43,6 +43,9 @@ def _table(model, name: str) -> QTableView:
     t.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
     t.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
     t.verticalHeader().setVisible(False)
+    # one line a model; a name too long for the column keeps its end (the scheme: v8-k65536-0)
+    t.setWordWrap(False)
+    t.setTextElideMode(Qt.TextElideMode.ElideMiddle)
     t.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
     t.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
     return t

@@ -133,7 +133,7 @@ class LivePanel(QWidget):
                     "tokens would fit"
                     + (
                         f". The embedding table ({size(info['host_weight_bytes'])}) stays in "
-                        "host memory to leave the GPU room"
+                        "host memory to leave the GPU room."
                         if info.get("host_weight_bytes")
                         else ""
                     )

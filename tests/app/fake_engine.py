@@ -121,6 +121,7 @@ def main():
                 kv_cache_bytes=48 << 20,
                 workspace_bytes=20 << 20,
                 layout_bytes=2 << 20,
+                host_weight_bytes=3 << 20,
                 max_context=30720,
                 vram_bytes=0,
             )

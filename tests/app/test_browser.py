@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from PySide6.QtCore import Qt
 
 from app.browser import EntryRole
 from app.gpu import GpuInfo
@@ -93,6 +94,14 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
         if app.browser.filtered.index(r, 0).data().startswith("Meta-Llama-3.1-8B")
     )  # fmt: skip
     browse.table.setCurrentIndex(app.browser.filtered.index(row, 0))
+    # one line a model, long names elided in the middle; the base model in the tooltip
+    heads = [app.browser.filtered.headerData(c, Qt.Orientation.Horizontal) for c in range(7)]
+    assert heads == ["Model", "Params", "Bits", "Vector", "Codebook", "Residual", "Downloads"]
+    assert not browse.table.wordWrap()
+    assert browse.table.textElideMode() == Qt.TextElideMode.ElideMiddle
+    tip = app.browser.filtered.index(row, 0).data(Qt.ItemDataRole.ToolTipRole)
+    assert "base model Meta-Llama-3.1-8B-Instruct" in tip
+    assert [app.browser.filtered.index(row, c).data() for c in (1, 2, 3)] == ["8B", "2.00", "8"]
     detail = browse.detail
     wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
     total = sum(len(b) for b in hub.repos[SMALL].files.values())

@@ -39,7 +39,8 @@ def test_stream_an_answer(gui, qloop):
     )
     assert (
         "Weights 1 MiB, fast decode layout 2 MiB, KV cache 48 MiB, workspace 20 MiB; "
-        "up to 30720 tokens would fit"
+        "up to 30720 tokens would fit. The embedding table (3 MiB) stays in host memory to "
+        "leave the GPU room."
     ) in gui.window.panel.engine.text()
 
 
