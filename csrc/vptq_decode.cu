@@ -56,6 +56,8 @@ template <typename T, int VPT>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(
     const T* __restrict__ x, const T* __restrict__ r, const T* __restrict__ w, T* __restrict__ out,
     T* sum, int H, float eps) {
+  pdl_trigger();
+  pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
   __shared__ float red[kNormThreads / 32];
   const size_t row = static_cast<size_t>(blockIdx.x) * H;
   float ss = 0.f;
@@ -119,6 +121,8 @@ __global__ void rope_kv_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                const float* __restrict__ sin, const int64_t* __restrict__ pos,
                                T* __restrict__ q_out, T* __restrict__ k_cache,
                                T* __restrict__ v_cache, int H, int D, int S) {
+  pdl_trigger();
+  pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
   const int head = blockIdx.x;
   const bool is_q = head < H;
   const int j = head - H;
@@ -153,6 +157,8 @@ template <typename T, int D, int G>
 __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
     const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     const int64_t* __restrict__ pos, float* __restrict__ ws, int S, int window, float scale) {
+  pdl_trigger();
+  pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
   constexpr int E = D / 32;
   constexpr int U = kAttnBatch;
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
@@ -260,6 +266,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
 template <typename T>
 __global__ void attn_combine_kernel(const float* __restrict__ ws, T* __restrict__ out,
                                     int splits, int D) {
+  pdl_trigger();
+  pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
   __shared__ float wt[kMaxSplits];
   const int h = blockIdx.x;
   const float* base = ws + static_cast<size_t>(h) * splits * (D + 2);
@@ -311,6 +319,8 @@ __global__ void embed_rows_kernel(const uint16_t* __restrict__ table, const int6
 template <typename T>
 __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u,
                                 T* __restrict__ out, int64_t n) {
+  pdl_trigger();
+  pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const float a = to_f(g[i]);
@@ -322,11 +332,14 @@ __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u
 template <typename T, int D, int G>
 cudaError_t attn_typed(const AttnArgs& a, cudaStream_t stream) {
   const dim3 grid(a.Hkv, a.splits);
-  attn_split_kernel<T, D, G><<<grid, kAttnWarps * 32, 0, stream>>>(
-      static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
-      static_cast<const T*>(a.v_cache), a.pos, a.ws, a.S, a.window, a.scale);
-  attn_combine_kernel<T><<<a.Hkv * G, D, 0, stream>>>(a.ws, static_cast<T*>(a.out), a.splits, D);
-  return cudaGetLastError();
+  cudaError_t err = launch_pdl(attn_split_kernel<T, D, G>, grid, dim3(kAttnWarps * 32), 0,
+                               stream, static_cast<const T*>(a.q),
+                               static_cast<const T*>(a.k_cache),
+                               static_cast<const T*>(a.v_cache), a.pos, a.ws, a.S, a.window,
+                               a.scale);
+  if (err != cudaSuccess) return err;
+  return launch_pdl(attn_combine_kernel<T>, dim3(a.Hkv * G), dim3(D), 0, stream,
+                    static_cast<const float*>(a.ws), static_cast<T*>(a.out), a.splits, D);
 }
 
 template <typename T, int D>
@@ -373,12 +386,11 @@ cudaError_t rms_norm_typed(const void* x, const void* r, const void* w, void* ou
                   : vpt == 2 ? rms_norm_kernel<T, 2>
                   : vpt == 3 ? rms_norm_kernel<T, 3>
                              : rms_norm_kernel<T, 4>;
-    kernel<<<rows, threads, 0, stream>>>(xt, rt, wt, ot, st, H, eps);
-  } else {
-    const int threads = std::min(kNormThreads, (H + 31) / 32 * 32);
-    rms_norm_kernel<T, 0><<<rows, threads, 0, stream>>>(xt, rt, wt, ot, st, H, eps);
+    return launch_pdl(kernel, dim3(rows), dim3(threads), 0, stream, xt, rt, wt, ot, st, H, eps);
   }
-  return cudaGetLastError();
+  const int threads = std::min(kNormThreads, (H + 31) / 32 * 32);
+  return launch_pdl(rms_norm_kernel<T, 0>, dim3(rows), dim3(threads), 0, stream, xt, rt, wt, ot,
+                    st, H, eps);
 }
 
 }  // namespace
@@ -391,18 +403,18 @@ cudaError_t launch_rms_norm(const void* x, const void* r, const void* w, void* o
 
 cudaError_t launch_rope_kv(const RopeArgs& a, DType dtype, cudaStream_t stream) {
   const int threads = std::min(256, a.D);
+  const dim3 grid(a.H + a.Hkv), block(threads);
   if (dtype == DType::kHalf)
-    rope_kv_kernel<__half><<<a.H + a.Hkv, threads, 0, stream>>>(
-        static_cast<const __half*>(a.q), static_cast<const __half*>(a.k),
-        static_cast<const __half*>(a.v), a.cos, a.sin, a.pos, static_cast<__half*>(a.q_out),
-        static_cast<__half*>(a.k_cache), static_cast<__half*>(a.v_cache), a.H, a.D, a.S);
-  else
-    rope_kv_kernel<__nv_bfloat16><<<a.H + a.Hkv, threads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.k),
-        static_cast<const __nv_bfloat16*>(a.v), a.cos, a.sin, a.pos,
-        static_cast<__nv_bfloat16*>(a.q_out), static_cast<__nv_bfloat16*>(a.k_cache),
-        static_cast<__nv_bfloat16*>(a.v_cache), a.H, a.D, a.S);
-  return cudaGetLastError();
+    return launch_pdl(rope_kv_kernel<__half>, grid, block, 0, stream,
+                      static_cast<const __half*>(a.q), static_cast<const __half*>(a.k),
+                      static_cast<const __half*>(a.v), a.cos, a.sin, a.pos,
+                      static_cast<__half*>(a.q_out), static_cast<__half*>(a.k_cache),
+                      static_cast<__half*>(a.v_cache), a.H, a.D, a.S);
+  return launch_pdl(rope_kv_kernel<__nv_bfloat16>, grid, block, 0, stream,
+                    static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.k),
+                    static_cast<const __nv_bfloat16*>(a.v), a.cos, a.sin, a.pos,
+                    static_cast<__nv_bfloat16*>(a.q_out), static_cast<__nv_bfloat16*>(a.k_cache),
+                    static_cast<__nv_bfloat16*>(a.v_cache), a.H, a.D, a.S);
 }
 
 bool decode_attention_supported(int H, int Hkv, int D) {
@@ -438,14 +450,12 @@ cudaError_t launch_silu_mul(const void* g, const void* u, void* out, int64_t n, 
   const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4096));
   if (n == 0) return cudaSuccess;
   if (dtype == DType::kHalf)
-    silu_mul_kernel<__half><<<blocks, threads, 0, stream>>>(
-        static_cast<const __half*>(g), static_cast<const __half*>(u), static_cast<__half*>(out),
-        n);
-  else
-    silu_mul_kernel<__nv_bfloat16><<<blocks, threads, 0, stream>>>(
-        static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(u),
-        static_cast<__nv_bfloat16*>(out), n);
-  return cudaGetLastError();
+    return launch_pdl(silu_mul_kernel<__half>, dim3(blocks), dim3(threads), 0, stream,
+                      static_cast<const __half*>(g), static_cast<const __half*>(u),
+                      static_cast<__half*>(out), n);
+  return launch_pdl(silu_mul_kernel<__nv_bfloat16>, dim3(blocks), dim3(threads), 0, stream,
+                    static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(u),
+                    static_cast<__nv_bfloat16*>(out), n);
 }
 
 }  // namespace vptq

@@ -1,10 +1,16 @@
-// Device helpers shared by the kernel files: dtype conversion and codeword loads.
+// Device helpers shared by the kernel files: dtype conversion, codeword loads, and programmatic
+// dependent launch.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 
 namespace vptq {
 
@@ -49,6 +55,61 @@ __device__ __forceinline__ void load_code(const T* p, float (&out)[V]) {
       out[2 * c + 1] = to_f(h[1]);
     }
   }
+}
+
+// Programmatic dependent launch (PDL, compute capability 9.0 and later; VPTQ_PDL=0 turns it
+// off). A decode step is a chain of short kernels, and each one's launch and block start-up
+// would otherwise wait for the previous kernel to drain. A kernel launched by launch_pdl calls
+// pdl_trigger() first, which lets the next kernel in the stream be scheduled at once, and
+// pdl_wait() before it touches anything an earlier kernel writes: that returns once the
+// previous kernel has finished and its writes are visible, and since every kernel of the chain
+// waits so, once all earlier ones have. The next kernel is only scheduled when every block of
+// this one has started, so a chain cannot deadlock on blocks waiting for resources.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
+}
+
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();
+#endif
+}
+
+// Whether kernels on the current device are launched with PDL (cached per device).
+inline bool dependent_launch() {
+  static const bool off = [] {
+    const char* v = std::getenv("VPTQ_PDL");
+    return v != nullptr && std::strcmp(v, "0") == 0;
+  }();
+  static std::atomic<signed char> known[64] = {};  // 0: not asked yet, 1: yes, 2: no
+  int dev = 0;
+  if (off || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (known[dev].load() == 0) {
+    int major = 0;
+    const bool ok =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess;
+    known[dev].store(ok && major >= 9 ? 1 : 2);
+  }
+  return known[dev].load() == 1;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with PDL where dependent_launch() allows.
+template <typename... Params, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = dependent_launch() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 // Tokens a kernel instance is compiled for: 1, 2, 4 or 8 (T tokens run in the next tile up).

@@ -214,6 +214,7 @@ __device__ __forceinline__ void stage_x(const SlicedLayer& L, const T* x, int nt
 template <typename T, int V, int NT, bool RES, bool GROUP>
 __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     sliced_gemv_kernel(const __grid_constant__ SlicedGroup G, const T* __restrict__ x, int ntok) {
+  pdl_trigger();  // the next kernel may be scheduled beside this one (vptq_device.cuh)
   // This block's layer (layer i owns row_blocks * n_slices blocks after those of layer i - 1),
   // row block rblk and slice s.
   int l = 0, first = 0;
@@ -253,11 +254,9 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   __pipeline_commit();
   for (int i = threadIdx.x; i < (r1 - r0) * V * NT; i += blockDim.x) acc[i] = 0.f;
   // Everything above reads only the layer's own tensors. Launched as a programmatic dependent
-  // launch (launch_kernel), the kernel got here while the previous kernel in the stream was
+  // launch (launch_pdl), the kernel got here while the previous kernel in the stream was
   // still running; x and the workspace are touched only after it has finished.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cudaGridDependencySynchronize();
-#endif
+  pdl_wait();
 
   for (int c = 0; c < L.n_chunks; ++c) {
     const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);
@@ -369,20 +368,6 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   if (threadIdx.x == 0) L.counters[rblk] = 0;  // ready for the next call
 }
 
-// Programmatic dependent launch (compute capability 9.0 and later; VPTQ_SLICED_PDL=0 turns it
-// off): the slice copy and the first entry loads overlap the previous kernel's last blocks.
-bool dependent_launch() {
-  static const bool off = [] {
-    const char* v = std::getenv("VPTQ_SLICED_PDL");
-    return v != nullptr && std::strcmp(v, "0") == 0;
-  }();
-  int dev = 0, major = 0;
-  if (off || cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
-    return false;
-  return major >= 9;
-}
-
 template <typename T, int V, int NT, bool RES, bool GROUP>
 cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStream_t stream) {
   size_t smem = 0;
@@ -395,17 +380,8 @@ cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStrea
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kSlicedThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = dependent_launch() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, G, static_cast<const T*>(x), T_);
+  return launch_pdl(kernel, dim3(blocks), dim3(kSlicedThreads), smem, stream, G,
+                    static_cast<const T*>(x), T_);
 }
 
 template <typename T, int V, int NT>
