@@ -15,7 +15,7 @@ import torch
 from .config import ModelArgs
 from .decode import GraphDecoder
 from .formats.vptq import VQLayerSpec
-from .layers import VQLinear, build_sliced_layouts, sliced_summary
+from .layers import VQLinear, build_sliced_layouts, decode_paths, sliced_summary
 from .loader import EMBEDDING, _assign, free_bytes
 from .memory import SLICED_SLACK, GiB, Shape, embedding_on_host, sliced_budget
 from .model import Transformer, dense_linear
@@ -176,6 +176,7 @@ def measure(model: Transformer, tokens: int) -> dict:
         "layout_gib": sliced_summary(model)[1] / GiB,
         "decode_bytes": decode_bytes(model),
         "sliced_layers": sliced_summary(model)[0],
+        "paths": decode_paths(model),
     }
 
 
@@ -253,6 +254,10 @@ def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> Non
         r = rows[scheme]
         print(f"{scheme}: sliced decode layout on {r['sliced_layers']} layers, "
               f"{r['layout_gib']:+.1f} GiB beside the weights")  # fmt: skip
+        tuned = {k: n for k, n in r["paths"].items() if k in ("gemv", "dequant")}
+        if tuned:
+            print(f"{scheme}: timed faster at one token and taken instead of the sliced GEMV: "
+                  + ", ".join(f"{n} layers {k}" for k, n in tuned.items()))  # fmt: skip
     for label, r in rows.items():
         if r.get("host_gib"):
             print(f"{label}: the embedding table ({r['host_gib']:.2f} GiB) in pinned host memory")

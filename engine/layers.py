@@ -39,6 +39,7 @@ class VQLinear(nn.Module):
         self.register_buffer("inv_perm_index", None, persistent=False)  # int32 [K]
         self.register_buffer("dense_cache", None, persistent=False)  # CPU path: W [N, K]
         self.sliced = None  # engine.ops.sliced.SlicedLayout, built on the GPU where it fits
+        self.decode_path = None  # one token: the path tune_decode chose where not the sliced
 
     @property
     def in_features(self) -> int:
@@ -82,7 +83,9 @@ class VQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
         bias = getattr(self, "bias", None)
         if x.is_cuda:
-            return ops.vptq_linear(x, bias, self.tensors(), self.spec, self.sliced)
+            return ops.vptq_linear(
+                x, bias, self.tensors(), self.spec, self.sliced, self.decode_path
+            )
         # The CPU runs the reference path: dequantize once, not per token. It costs the dense
         # weight's memory, which is what a CPU-sized model can afford.
         if self.dense_cache is None or self.dense_cache.dtype != x.dtype:
@@ -110,7 +113,98 @@ def build_sliced_layouts(model: nn.Module, budget: int) -> tuple[int, int]:
     props = torch.cuda.get_device_properties(layers[0].indices.device)
     built = arrange(model, layers, budget, props.multi_processor_count,
                     props.shared_memory_per_block_optin)  # fmt: skip
+    if os.environ.get("VPTQ_TUNE_DECODE", "1") != "0":
+        chosen = tune_decode(model)
+        built -= sum(1 for m in layers if m.decode_path is not None)
+        if chosen:
+            log.info("decode path by layer shape: %s", chosen)
     return built, len(layers)
+
+
+TUNE_MARGIN = 0.95  # another path replaces the sliced GEMV only when 5% faster
+
+
+def tune_decode(model: nn.Module, timer=None) -> dict[str, str]:
+    """The path each shape of layer decodes one token on, chosen by timing the candidates on
+    this GPU: the sliced GEMV, the plain fused GEMV and dequant + GEMM. The sliced GEMV is not
+    always fastest (H200, csrc/KERNELS.md session 7: the plain GEMV for v16 q and o, dequant +
+    GEMM for v16 and v12 k and v). Layers in a shared launch keep it (the launch was measured
+    as a whole, engine/ops/sliced.py worth_sharing). A layer that takes another path gives its
+    sliced layout's memory back. ``timer(layers, path)``: seconds per call (default: CUDA-graph
+    replays over all layers of the shape). Returns {shape: path}."""
+    shared = {id(m) for b in model.modules() if getattr(b, "fused", None) for m in b.fused.linears}
+    by_shape: dict[VQLayerSpec, list[VQLinear]] = {}
+    for m in model.modules():
+        if isinstance(m, VQLinear) and m.sliced is not None and id(m) not in shared:
+            by_shape.setdefault(m.spec, []).append(m)
+    timer = timer or _replay_seconds
+    chosen = {}
+    for spec, linears in by_shape.items():
+        times = {}
+        for path in decode_candidates(spec):
+            try:
+                times[path] = timer(linears, path)
+            except torch.OutOfMemoryError:
+                times[path] = float("inf")
+        best = min(times, key=times.get)
+        if times[best] > TUNE_MARGIN * times["sliced"]:
+            best = "sliced"
+        chosen[f"{spec.in_features}x{spec.out_features} v{spec.vector_len}"] = best
+        if best != "sliced":
+            for m in linears:
+                m.sliced, m.decode_path = None, best
+    return chosen
+
+
+TUNE_DEQUANT_BYTES = 32 << 20  # dequant + GEMM is a candidate only up to this dense weight
+
+
+def decode_candidates(spec: VQLayerSpec) -> list[str]:
+    """What may decode one token of this layer besides its sliced layout. Dequant + GEMM writes
+    and reads the dense weight (2 bytes a weight) and won only on small layers; the cap also
+    bounds what its buffer takes in the decode graph's memory pool."""
+    from .ops import cuda
+
+    out = ["sliced"]
+    if cuda.fused_tokens(spec) >= 1:
+        out.append("gemv")
+    if spec.in_features * spec.out_features * 2 <= TUNE_DEQUANT_BYTES:
+        out.append("dequant")
+    return out
+
+
+def _replay_seconds(linears: list[VQLinear], path: str, replays: int = 5) -> float:
+    """Seconds per layer for one token on ``path``: every layer of the list once per replay of
+    a CUDA graph, so the weights come from memory as in a decode step (one layer timed alone
+    would sit in L2); the fastest of a few replays."""
+    from .ops import cuda
+
+    m0 = linears[0]
+    x = torch.randn(1, m0.in_features, device=m0.indices.device, dtype=m0.centroids.weight.dtype)
+
+    def run() -> None:
+        for m in linears:
+            bias = getattr(m, "bias", None)
+            if path == "sliced":
+                cuda.gemv_sliced(x, bias, m.sliced, m.tensors())
+            else:
+                cuda.linear(x, bias, m.tensors(), m.spec, None, path)
+
+    run()  # first calls: cuBLAS plans, kernel attributes
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    best = float("inf")
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000 / len(linears))
+    del graph
+    return best
 
 
 def arrange(model: nn.Module, layers: list, budget: int, num_sms: int, smem_optin: int) -> int:
@@ -158,6 +252,17 @@ class SharedInputGroup:
             x, [getattr(m, "bias", None) for m in self.linears], self.plan.layouts,
             [m.tensors() for m in self.linears], self.plan.metas, self.plan.counters,
         )  # fmt: skip
+
+
+def decode_paths(model: nn.Module) -> dict[str, int]:
+    """How many layers decode one token on each path: "sliced", or what tune_decode chose
+    instead ("gemv", "dequant"), or "default" (no layout: the plain dispatch)."""
+    out: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, VQLinear):
+            path = "sliced" if m.sliced is not None else (m.decode_path or "default")
+            out[path] = out.get(path, 0) + 1
+    return out
 
 
 def sliced_summary(model: nn.Module) -> tuple[int, int]:

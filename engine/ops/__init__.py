@@ -74,12 +74,17 @@ def kernels_ready() -> bool:
 
 
 def vptq_linear(
-    x: torch.Tensor, bias: torch.Tensor | None, tensors: tuple, spec: VQLayerSpec, sliced=None
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    tensors: tuple,
+    spec: VQLayerSpec,
+    sliced=None,
+    decode_path: str | None = None,
 ):
     """y = x W^T + bias for a VPTQ layer; x: [..., K] -> [..., N]. ``sliced``: the layer's
-    engine.ops.sliced layout, where it has one."""
+    engine.ops.sliced layout, where it has one; ``decode_path``: see cuda.linear."""
     if _on_kernels(x, spec) and tensors[1].dtype == x.dtype:
         from . import cuda
 
-        return cuda.linear(x, bias, tensors, spec, sliced)
+        return cuda.linear(x, bias, tensors, spec, sliced, decode_path)
     return reference.vptq_linear(x, bias, *tensors, spec=spec)

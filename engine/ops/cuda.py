@@ -218,13 +218,16 @@ def linear(
     tensors: tuple,
     spec: VQLayerSpec,
     sliced: SlicedLayout | None = None,
+    decode_path: str | None = None,
 ):
     """y = x W^T + bias: the sliced GEMV where the layer has that layout (engine/ops/sliced.py),
-    else the fused GEMV for few tokens, dequant + cuBLAS GEMM otherwise."""
+    else the fused GEMV for few tokens, dequant + cuBLAS GEMM otherwise. decode_path
+    "dequant": one token takes dequant + GEMM too (what load-time tuning found fastest for the
+    layer, engine/layers.py tune_decode)."""
     tokens = x.numel() // spec.in_features
     if sliced is not None and tokens <= min(sliced.max_tokens, GEMV_MAX_TOKENS):
         return gemv_sliced(x, bias, sliced, tensors)
-    if tokens <= fused_tokens(spec):
+    if tokens <= fused_tokens(spec) and not (tokens == 1 and decode_path == "dequant"):
         indices, centroids, res, _, _, perm, _, scale, wbias = tensors
         return torch.ops.vptq.gemv(x, indices, centroids, res, perm, scale, wbias, bias, meta(spec))
     rows = _rows_per_chunk(spec, centroids_bytes=tensors[1].element_size())

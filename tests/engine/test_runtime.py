@@ -93,6 +93,37 @@ def test_the_kv_cache_takes_its_own_size_of_gpu_memory(small_model):
         small_model.setup_caches(1, 256)
 
 
+def test_every_one_token_path_gives_the_same_logits_and_tuning_picks_one(monkeypatch):
+    """The paths load-time tuning chooses between (engine/layers.py tune_decode) decode the same
+    step: the sliced GEMV, the plain GEMV, dequant + GEMM; then the real timing runs."""
+    from engine import bench_e2e
+    from engine import layers as L
+
+    bench_e2e.ARCHS["tiny16"] = dict(
+        hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_hidden_layers=2,
+        num_key_value_heads=2, vocab_size=4096,
+    )  # fmt: skip
+    monkeypatch.setenv("VPTQ_TUNE_DECODE", "0")
+    monkeypatch.setenv("VPTQ_SLICED_GROUPS", "0")  # every layer on its own path
+    model = build("tiny16", "v16-k65536-65536", context=64)
+    linears = [m for m in model.modules() if isinstance(m, L.VQLinear)]
+    assert linears and all(m.sliced is not None for m in linears)
+    layouts = [m.sliced for m in linears]
+    token, pos = torch.tensor([[5]], device="cuda"), torch.tensor([0], device="cuda")
+    with torch.no_grad():
+        want = model.decode(token, pos)
+        for path in ("gemv", "dequant"):
+            for m in linears:
+                m.sliced, m.decode_path = None, path
+            got = model.decode(token, pos)
+            assert float((got - want).norm() / want.norm()) < 1e-2, path
+        for m, layout in zip(linears, layouts, strict=True):
+            m.sliced, m.decode_path = layout, None
+        chosen = L.tune_decode(model)
+    assert len(chosen) == 4 and set(chosen.values()) <= {"sliced", "gemv", "dequant"}
+    assert L.decode_paths(model).get("default", 0) == 0
+
+
 def test_prefill_in_dequant_slices_matches_whole_layer(monkeypatch):
     from engine.ops import cuda
 

@@ -266,3 +266,58 @@ def test_out_of_memory_while_arranging_keeps_what_was_built(tmp_path, monkeypatc
     for b in model.modules():
         if hasattr(b, "shared_input"):
             assert (b.fused is not None) == all(m.sliced is not None for m in b.shared_input())
+
+
+def test_tune_decode_keeps_the_fastest_path_of_each_shape(tmp_path, monkeypatch):
+    """Fake timings per (shape, path): a path replaces the sliced GEMV only when more than 5%
+    faster, the layers of that shape then give their layouts back; layers in a shared launch
+    are not timed."""
+    from engine import layers as L
+
+    monkeypatch.setenv("VPTQ_SLICED_GROUPS", "0")
+    model, linears = _uniform_model(tmp_path)
+    assert L.arrange(model, linears, 1 << 40, 132, 227 << 10) == 14
+    times = {  # (in, out) -> seconds per path
+        (48, 48): {"sliced": 1.0, "gemv": 0.5, "dequant": 0.8},  # q and o: the plain GEMV
+        (48, 24): {"sliced": 1.0, "gemv": 1.2, "dequant": 0.5},  # k and v: dequant + GEMM
+        (48, 80): {"sliced": 1.0, "gemv": 2.0, "dequant": 3.0},  # gate and up: sliced
+        (80, 48): {"sliced": 1.0, "gemv": 0.96, "dequant": 2.0},  # down: within the margin
+    }
+    seen = []
+
+    def timer(group, path):
+        spec = group[0].spec
+        seen.append((spec.in_features, spec.out_features, path, len(group)))
+        return times[(spec.in_features, spec.out_features)][path]
+
+    chosen = L.tune_decode(model, timer)
+    assert chosen == {"48x48 v8": "gemv", "48x24 v8": "dequant", "48x80 v8": "sliced",
+                      "80x48 v8": "sliced"}  # fmt: skip
+    assert sorted(set(seen)) == sorted(
+        (k, n, p, 4 if (k, n) != (80, 48) else 2) for (k, n), ps in times.items() for p in ps
+    )
+    by_name = {m.name.rsplit(".", 1)[-1]: m for m in linears}
+    for name, path in [("q_proj", "gemv"), ("o_proj", "gemv"), ("k_proj", "dequant"),
+                       ("v_proj", "dequant")]:  # fmt: skip
+        assert by_name[name].sliced is None and by_name[name].decode_path == path
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        assert by_name[name].sliced is not None and by_name[name].decode_path is None
+    # with shared launches q, k, v and gate, up are not timed: only o and down
+    monkeypatch.setenv("VPTQ_SLICED_GROUPS", "1")
+    model, linears = _uniform_model(tmp_path / "shared")
+    L.arrange(model, linears, 1 << 40, 132, 227 << 10)
+    seen.clear()
+    L.tune_decode(model, timer)
+    assert {(k, n, g) for k, n, _, g in seen} == {(48, 48, 2), (80, 48, 2)}
+
+
+def test_dequant_is_a_decode_candidate_only_for_small_layers():
+    from engine import layers as L
+
+    from .vq_factory import make_spec
+
+    assert L.decode_candidates(make_spec(k_in=4096, n_out=1024, v=16, k=65536, kr=65536)) == [
+        "sliced", "gemv", "dequant"
+    ]  # fmt: skip
+    big = make_spec(k_in=4096, n_out=14336, v=8, k=65536)  # 112 MiB dense
+    assert L.decode_candidates(big) == ["sliced", "gemv"]
