@@ -321,3 +321,23 @@ def test_dequant_is_a_decode_candidate_only_for_small_layers():
     ]  # fmt: skip
     big = make_spec(k_in=4096, n_out=14336, v=8, k=65536)  # 112 MiB dense
     assert L.decode_candidates(big) == ["sliced", "gemv"]
+
+
+def test_a_failure_to_time_the_decode_paths_keeps_the_sliced_gemv(tmp_path, monkeypatch, caplog):
+    from engine import layers as L
+
+    model, linears = _uniform_model(tmp_path)
+    L.arrange(model, linears, 1 << 40, 132, 227 << 10)
+
+    def broken(model):
+        raise RuntimeError("CUDA error: the launch timed out\nmore")
+
+    monkeypatch.setattr(L, "tune_decode", broken)
+    assert L.tune_or_keep(model) == {}
+    assert "timing the one-token decode paths failed (CUDA error: the launch timed out)" in (
+        caplog.text
+    )
+    assert all(m.sliced is not None and m.decode_path is None for m in linears)
+    monkeypatch.setenv("VPTQ_TUNE_DECODE", "0")
+    monkeypatch.setattr(L, "tune_decode", lambda model: 1 / 0)  # not called
+    assert L.tune_or_keep(model) == {}
