@@ -124,11 +124,12 @@ def free_bytes(dev: torch.device) -> int:
 
 def _embedding_on_host(ckpt, shape: Shape, specs, dev, n_ctx: int, tied: bool) -> bool:
     """memory.embedding_on_host for this model: what everything would take on the GPU, the
-    sliced layouts of every eligible layer included. Only with the kernels (embed_rows)."""
+    sliced layouts of every eligible layer included. Only where vptq::embed_rows can read the
+    table: with the kernels, and 16-bit weights."""
     from . import ops
     from .ops import sliced
 
-    if not ops.kernels_ready():
+    if not ops.kernels_ready() or shape.dtype_bytes != 2:
         return False
     layouts = sum(sliced.extra_bytes(s) for s in specs.values() if sliced.eligible(s))
     need = (ckpt.nbytes + shape.kv_bytes_per_token * n_ctx + shape.workspace() + SLICED_SLACK
