@@ -341,3 +341,28 @@ def test_a_failure_to_time_the_decode_paths_keeps_the_sliced_gemv(tmp_path, monk
     monkeypatch.setenv("VPTQ_TUNE_DECODE", "0")
     monkeypatch.setattr(L, "tune_decode", lambda model: 1 / 0)  # not called
     assert L.tune_or_keep(model) == {}
+
+
+def test_the_benchmark_sums_the_path_the_engine_takes():
+    """bench kernels' block sums use what load-time tuning picks at one token (the H200 v16
+    figures of csrc/KERNELS.md session 7) and the faster of GEMV and dequant + GEMM otherwise."""
+    from engine.bench import engine_path
+
+    from .vq_factory import make_spec
+
+    q = make_spec(k_in=4096, n_out=4096, v=16, k=65536, kr=65536)  # 32 MiB dense: all three
+    row = dict(tokens=1, gemv_us=34.7, plain_gemv_us=29.8, dequant_gemm_us=41.9)
+    assert engine_path(row, q, has_layout=True) == "plain_gemv"
+    k = make_spec(k_in=4096, n_out=1024, v=16, k=65536, kr=65536)
+    row = dict(tokens=1, gemv_us=21.4, plain_gemv_us=27.5, dequant_gemm_us=18.0)
+    assert engine_path(row, k, has_layout=True) == "dequant_gemm"
+    row = dict(tokens=1, gemv_us=21.4, plain_gemv_us=27.5, dequant_gemm_us=20.9)  # within 5%
+    assert engine_path(row, k, has_layout=True) == "gemv"
+    gate = make_spec(k_in=4096, n_out=14336, v=16, k=65536, kr=65536)  # too large for dequant
+    row = dict(tokens=1, gemv_us=77.1, plain_gemv_us=105.1, dequant_gemm_us=20.0)
+    assert engine_path(row, gate, has_layout=True) == "gemv"
+    row = dict(tokens=4, gemv_us=70.0, plain_gemv_us=60.0, dequant_gemm_us=65.0)  # no tuning
+    assert engine_path(row, q, has_layout=True) == "dequant_gemm"
+    assert engine_path(dict(tokens=512, dequant_gemm_us=55.0), q, has_layout=True) == (
+        "dequant_gemm"
+    )
