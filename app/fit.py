@@ -69,9 +69,8 @@ def fit(shape: Shape, weight_bytes: int, free: int, context: int, fast_layout: i
     where everything would not fit the GPU otherwise (engine/memory.py embedding_on_host)."""
     overhead = shape.overhead()
     kv = shape.kv_bytes_per_token * context
-    everything = weight_bytes + kv + overhead + fast_layout + (SLICED_SLACK if fast_layout else 0)
     host = 0
-    if embedding_on_host(everything, free, shape.tied):
+    if embedding_on_host(shape, weight_bytes, context, fast_layout, free, overhead):
         host = min(shape.embedding_bytes(), weight_bytes)
     weights = weight_bytes - host
     largest = shape.largest_context(free - weights - overhead)

@@ -17,7 +17,7 @@ from .decode import GraphDecoder
 from .formats.vptq import VQLayerSpec
 from .layers import VQLinear, build_sliced_layouts, decode_paths, sliced_summary
 from .loader import EMBEDDING, _assign, free_bytes
-from .memory import SLICED_SLACK, GiB, Shape, embedding_on_host, sliced_budget
+from .memory import GiB, Shape, embedding_on_host, sliced_budget
 from .model import Transformer, dense_linear
 from .ops import decode as fused
 from .ops import sliced
@@ -80,11 +80,9 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
         return free if cap is None else min(free, int(cap) - torch.cuda.memory_allocated())
 
     tensors = model.state_dict(keep_vars=True)
-    layouts = sum(sliced.extra_bytes(m.spec) for m in model.modules()
-                  if isinstance(m, VQLinear) and sliced.eligible(m.spec))  # fmt: skip
-    need = (sum(t.numel() * t.element_size() for t in tensors.values()) + layouts + SLICED_SLACK
-            + shape.kv_bytes_per_token * context + shape.workspace())  # fmt: skip
-    on_host = embedding_on_host(need, room(), args.tie_word_embeddings)
+    weights = sum(t.numel() * t.element_size() for t in tensors.values())
+    layouts = sliced.model_bytes(m.spec for m in model.modules() if isinstance(m, VQLinear))
+    on_host = embedding_on_host(shape, weights, context, layouts, room())
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, t in tensors.items():
         w = _random_like(name, t, gen, host=on_host and name == EMBEDDING)

@@ -111,10 +111,10 @@ def build_sliced_layouts(model: nn.Module, budget: int) -> tuple[int, int]:
     if not layers or not ops.kernels_ready() or not layers[0].indices.is_cuda:
         return 0, len(layers)
     props = torch.cuda.get_device_properties(layers[0].indices.device)
-    built = arrange(model, layers, budget, props.multi_processor_count,
-                    props.shared_memory_per_block_optin)  # fmt: skip
-    tune_or_keep(model)
-    return built - sum(1 for m in layers if m.decode_path is not None), len(layers)
+    arrange(model, layers, budget, props.multi_processor_count,
+            props.shared_memory_per_block_optin)  # fmt: skip
+    tune_or_keep(model)  # may give layouts back
+    return sum(1 for m in layers if m.sliced is not None), len(layers)
 
 
 def tune_or_keep(model: nn.Module) -> dict[str, str]:

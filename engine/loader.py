@@ -21,7 +21,7 @@ from .config import ModelArgs
 from .formats.checkpoint import REDOWNLOAD, Checkpoint
 from .formats.vptq import FormatError, VQLayerSpec, int_kind, layer_table, resolve_layer
 from .layers import VQLinear, build_sliced_layouts, sliced_summary
-from .memory import SLICED_SLACK, OutOfMemory, Shape, embedding_on_host, gib, sliced_budget
+from .memory import OutOfMemory, Shape, embedding_on_host, gib, sliced_budget
 from .model import Transformer, dense_linear
 
 Progress = Callable[[float, str], None]
@@ -90,7 +90,7 @@ def load_model(
     n_ctx = min(max_seq_len, args.max_position_embeddings)
     on_host = set()
     if dev.type == "cuda":
-        if _embedding_on_host(ckpt, shape, specs, dev, n_ctx, args.tie_word_embeddings):
+        if _embedding_on_host(ckpt, shape, specs, dev, n_ctx):
             on_host.add(EMBEDDING)
             log.info("the input embedding table stays in host memory (the GPU is short of room)")
         host = shape.embedding_bytes() if on_host else 0
@@ -122,19 +122,16 @@ def free_bytes(dev: torch.device) -> int:
     return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
 
 
-def _embedding_on_host(ckpt, shape: Shape, specs, dev, n_ctx: int, tied: bool) -> bool:
-    """memory.embedding_on_host for this model: what everything would take on the GPU, the
-    sliced layouts of every eligible layer included. Only where vptq::embed_rows can read the
-    table: with the kernels, and 16-bit weights."""
+def _embedding_on_host(ckpt, shape: Shape, specs, dev, n_ctx: int) -> bool:
+    """memory.embedding_on_host for this model, every eligible layer's sliced layout counted.
+    Only where vptq::embed_rows can read the table: with the kernels, and 16-bit weights."""
     from . import ops
     from .ops import sliced
 
     if not ops.kernels_ready() or shape.dtype_bytes != 2:
         return False
-    layouts = sum(sliced.extra_bytes(s) for s in specs.values() if sliced.eligible(s))
-    need = (ckpt.nbytes + shape.kv_bytes_per_token * n_ctx + shape.workspace() + SLICED_SLACK
-            + layouts)  # fmt: skip
-    return embedding_on_host(need, free_bytes(dev), tied)
+    layouts = sliced.model_bytes(specs.values())
+    return embedding_on_host(shape, ckpt.nbytes, n_ctx, layouts, free_bytes(dev))
 
 
 def _check_weights_fit(weights: int, folder: Path, dev: torch.device, workspace: int) -> None:

@@ -113,18 +113,23 @@ class Shape:
         return self.layers * per_layer + self.hidden + emb * (1 if tied else 2)
 
 
-def embedding_on_host(need: int, free: int, tied: bool) -> bool:
+def embedding_on_host(
+    shape: Shape, weights: int, context: int, layouts: int, free: int, overhead: int | None = None
+) -> bool:
     """Whether the engine keeps the input embedding table in pinned host memory instead of on
-    the GPU: where ``need`` (the weights, the KV cache of the requested context, the workspace,
-    SLICED_SLACK and every sliced decode layout the model could take) exceeds ``free`` GPU bytes,
-    unless the table is the output head too (tied). A decode step reads one row of it over the
-    bus (vptq::embed_rows: 16 KB for Llama-3.1-70B), and its GPU memory (1.96 GiB for 70B) goes
-    to the KV cache and the fast decode layout instead. VPTQ_EMBED_ON_HOST=1 or 0 forces it."""
-    force = os.environ.get("VPTQ_EMBED_ON_HOST")
-    if tied:
+    the GPU: where the weights, the KV cache of ``context`` tokens, the overhead (default the
+    workspace, for ``free`` measured inside a running engine), every sliced decode layout the
+    model could take (``layouts``) and SLICED_SLACK exceed ``free`` GPU bytes, unless the table
+    is the output head too (shape.tied). A decode step reads one row of it over the bus
+    (vptq::embed_rows: 16 KB for Llama-3.1-70B), and its GPU memory (1.96 GiB for 70B) goes to
+    the KV cache and the fast decode layout instead. VPTQ_EMBED_ON_HOST=1 or 0 forces it."""
+    if shape.tied:
         return False
+    force = os.environ.get("VPTQ_EMBED_ON_HOST")
     if force in ("0", "1"):
         return force == "1"
+    overhead = shape.workspace() if overhead is None else overhead
+    need = weights + shape.kv_bytes_per_token * context + overhead + layouts + SLICED_SLACK
     return need > free
 
 

@@ -84,6 +84,11 @@ def extra_bytes(spec: VQLayerSpec, elem: int = 2) -> int:
     )  # fmt: skip
 
 
+def model_bytes(specs) -> int:
+    """extra_bytes of every eligible layer among ``specs``: the whole model's layouts."""
+    return sum(extra_bytes(s) for s in specs if eligible(s))
+
+
 def choose(specs: list[VQLayerSpec], budget: int) -> list[int]:
     """Which layers get the layout within ``budget`` bytes: largest first, each needing its
     scratch on top while it is built; a layer too large for what is left is skipped and smaller
