@@ -298,15 +298,16 @@ __global__ void attn_combine_kernel(const float* __restrict__ ws, T* __restrict_
   }
 }
 
-// One block per id; 16-byte copies where the rows allow (rows of 16-bit values, so a row of a
-// multiple of 8 values keeps every row start 16-byte aligned).
+// One block per id; 16-byte copies where `wide` (launch_embed_rows: both tensors 16-byte
+// aligned and rows of a multiple of 8 values, so every row start is aligned too).
 __global__ void embed_rows_kernel(const uint16_t* __restrict__ table, const int64_t* __restrict__ ids,
-                                  uint16_t* __restrict__ out, int64_t vocab, int64_t hidden) {
+                                  uint16_t* __restrict__ out, int64_t vocab, int64_t hidden,
+                                  bool wide) {
   const int64_t id = ids[blockIdx.x];
   uint16_t* dst = out + blockIdx.x * hidden;
   const bool valid = id >= 0 && id < vocab;
   const uint16_t* src = table + (valid ? id : 0) * hidden;
-  if (hidden % 8 == 0) {
+  if (wide) {
     const uint4 zero = make_uint4(0, 0, 0, 0);
     const uint4* s = reinterpret_cast<const uint4*>(src);
     uint4* d = reinterpret_cast<uint4*>(dst);
@@ -439,8 +440,11 @@ cudaError_t launch_embed_rows(const void* table, const int64_t* ids, void* out, 
                               int64_t vocab, int64_t hidden, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (n > 0x7fffffff) return cudaErrorInvalidValue;
+  // a view of a table (a slice of rows, an offset storage) may start anywhere
+  const bool wide = hidden % 8 == 0 && reinterpret_cast<uintptr_t>(table) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(out) % 16 == 0;
   embed_rows_kernel<<<static_cast<unsigned>(n), 128, 0, stream>>>(
-      static_cast<const uint16_t*>(table), ids, static_cast<uint16_t*>(out), vocab, hidden);
+      static_cast<const uint16_t*>(table), ids, static_cast<uint16_t*>(out), vocab, hidden, wide);
   return cudaGetLastError();
 }
 

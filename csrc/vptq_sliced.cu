@@ -61,6 +61,56 @@ __device__ __forceinline__ void copy_async(uint16_t* dst, const uint16_t* src, i
   for (int i = vec * 8 + threadIdx.x; i < elems; i += blockDim.x) dst[i] = __ldg(src + i);
 }
 
+// The slice (and a small residual codebook) as one bulk copy by the tensor memory accelerator
+// (compute capability 9.0): one thread queues it and an mbarrier counts its bytes in, where
+// cp.async took eight 16-byte copies per thread and a block-wide wait. Returns false where the
+// bulk copy cannot take the tensors (sizes or addresses not multiples of 16, an older GPU, or
+// VPTQ_SLICED_BULK=0); the caller then copies with cp.async.
+__device__ __forceinline__ bool bulk_copy_start(void* dst, const void* src, uint32_t bytes,
+                                                void* dst2, const void* src2, uint32_t bytes2,
+                                                uint64_t* bar, bool allowed) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const auto fits = [](const void* p, uint32_t n) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && n % 16 == 0;
+  };
+  if (!allowed || !fits(src, bytes) || !fits(dst, bytes) || !fits(src2, bytes2) ||
+      !fits(dst2, bytes2) || bytes + bytes2 >= (1u << 20))  // the mbarrier's byte count
+    return false;
+  if (threadIdx.x == 0) {
+    const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(b));
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n"
+                 ::"r"(b), "r"(bytes + bytes2) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+        ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src), "r"(bytes), "r"(b)
+        : "memory");
+    if (bytes2 > 0)
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+          ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst2))), "l"(src2), "r"(bytes2),
+          "r"(b)
+          : "memory");
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Waits for the bulk copy (phase 0 of the mbarrier; every thread, after a __syncthreads that
+// follows bulk_copy_start, so the barrier's initialisation is visible).
+__device__ __forceinline__ void bulk_copy_wait(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
+      " @!done bra WAIT;\n}\n" ::"r"(b)
+      : "memory");
+#endif
+}
+
 template <int NT>
 __device__ __forceinline__ void load_x(const float* p, float (&xv)[NT]) {
   if constexpr (NT == 1) {
@@ -181,7 +231,9 @@ __device__ __forceinline__ void lookup_batch(const uint32_t (&e)[kBatch],
 // Stages xhat = x * scale for columns p0 .. p0 + pc - 1 of every token in fp32, 8 columns per
 // thread and step, all loads issued before the first use (a chain of dependent global loads
 // here costs more than the lookups of a small projection).
-template <typename T, int NT>
+// PRESTAGED: scale was put in xs[i * NT] by prestage_scale (the same thread for the same i),
+// before the kernel waited for x.
+template <typename T, int NT, bool PRESTAGED>
 __device__ __forceinline__ void stage_x(const SlicedLayer& L, const T* x, int ntok, int p0,
                                         int pc, float* xs) {
   const T* scale = static_cast<const T*>(L.scale);
@@ -191,7 +243,10 @@ __device__ __forceinline__ void stage_x(const SlicedLayer& L, const T* x, int nt
 #pragma unroll
     for (int q = 0; q < 8; ++q) {
       const int i = i0 + q * blockDim.x;
-      sc[q] = i < pc && scale ? to_f(scale[p0 + i]) : 1.f;
+      if (PRESTAGED)
+        sc[q] = i < pc ? xs[i * NT] : 1.f;
+      else
+        sc[q] = i < pc && scale ? to_f(scale[p0 + i]) : 1.f;
 #pragma unroll
       for (int t = 0; t < NT; ++t)
         xv[q][t] = i < pc && t < ntok ? to_f(x[static_cast<size_t>(t) * L.K + p0 + i]) : 0.f;
@@ -207,13 +262,33 @@ __device__ __forceinline__ void stage_x(const SlicedLayer& L, const T* x, int nt
   }
 }
 
+// The first chunk's scale into xs[i * NT], i < pc, with the thread-to-column map of stage_x.
+template <typename T, int NT>
+__device__ __forceinline__ void prestage_scale(const SlicedLayer& L, int pc, float* xs) {
+  const T* scale = static_cast<const T*>(L.scale);
+  for (int i0 = threadIdx.x; i0 < pc; i0 += 8 * blockDim.x) {
+    float sc[8];
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * blockDim.x;
+      sc[q] = i < pc && scale ? to_f(scale[i]) : 1.f;
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int i = i0 + q * blockDim.x;
+      if (i < pc) xs[i * NT] = sc[q];
+    }
+  }
+}
+
 // Two blocks per SM where 64 registers hold the loop without spilling (v x tokens <= 8, no
 // residual: the decode path of the 2-bit community models); larger tiles get more registers.
 // GROUP: G holds several layers (else one, read at fixed offsets: a layer index known only at
 // run time turns every read of L into an indexed constant load, which cost a single layer 15%).
 template <typename T, int V, int NT, bool RES, bool GROUP>
 __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
-    sliced_gemv_kernel(const __grid_constant__ SlicedGroup G, const T* __restrict__ x, int ntok) {
+    sliced_gemv_kernel(const __grid_constant__ SlicedGroup G, const T* __restrict__ x, int ntok,
+                       bool bulk_allowed) {
   pdl_trigger();  // the next kernel may be scheduled beside this one (vptq_device.cuh)
   // This block's layer (layer i owns row_blocks * n_slices blocks after those of layer i - 1),
   // row block rblk and slice s.
@@ -247,12 +322,24 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     end = __ldg(L.offsets + s * L.n_chunks * L.rows + r + 1);
   }
   // The codebook slice streams into shared memory while the first entries are fetched.
-  copy_async(reinterpret_cast<uint16_t*>(cb),
-             static_cast<const uint16_t*>(L.table) + static_cast<size_t>(cw0) * V, ncw * V);
-  if (RES) copy_async(reinterpret_cast<uint16_t*>(rb),
-                      static_cast<const uint16_t*>(L.res_table), L.res_cw * V);
-  __pipeline_commit();
+  __shared__ __align__(8) uint64_t slice_bar;
+  const T* slice_src = static_cast<const T*>(L.table) + static_cast<size_t>(cw0) * V;
+  const bool bulk = bulk_copy_start(cb, slice_src, ncw * V * 2, rb, L.res_table,
+                                    RES ? L.res_cw * V * 2 : 0, &slice_bar, bulk_allowed);
+  if (!bulk) {
+    copy_async(reinterpret_cast<uint16_t*>(cb), reinterpret_cast<const uint16_t*>(slice_src),
+               ncw * V);
+    if (RES) copy_async(reinterpret_cast<uint16_t*>(rb),
+                        static_cast<const uint16_t*>(L.res_table), L.res_cw * V);
+    __pipeline_commit();
+  }
   for (int i = threadIdx.x; i < (r1 - r0) * V * NT; i += blockDim.x) acc[i] = 0.f;
+  // The first chunk's segment bounds, scale and first batch of entries: all the layer's own.
+  const int* goffs0 = L.offsets + s * L.n_chunks * L.rows + r0;
+  for (int i = threadIdx.x; i <= r1 - r0; i += blockDim.x) offs[i] = __ldg(goffs0 + i);
+  prestage_scale<T, NT>(L, min(L.chunk_cols, L.K), xs);
+  uint32_t e[kBatch], rc[kBatch];
+  load_batch<RES>(entries + beg, RES ? res_codes + beg : nullptr, (end - beg) >> 5, zero, e, rc);
   // Everything above reads only the layer's own tensors. Launched as a programmatic dependent
   // launch (launch_pdl), the kernel got here while the previous kernel in the stream was
   // still running; x and the workspace are touched only after it has finished.
@@ -264,17 +351,28 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     // Warp w takes rows r0 + w, r0 + w + 16, ...; its first batch is in flight while xhat is
     // staged, and each row's successor's first batch while the row is worked on.
     r = r0 + warp;
-    if (c > 0 && r < r1) {
-      beg = __ldg(goffs + warp);
-      end = __ldg(goffs + warp + 1);
+    if (c == 0) {
+      stage_x<T, NT, true>(L, x, ntok, p0, pc, xs);
+    } else {
+      if (r < r1) {
+        beg = __ldg(goffs + warp);
+        end = __ldg(goffs + warp + 1);
+      }
+      load_batch<RES>(entries + beg, RES ? res_codes + beg : nullptr, (end - beg) >> 5, zero, e,
+                      rc);
+      __syncthreads();  // the previous chunk's xhat and offsets are consumed
+      for (int i = threadIdx.x; i <= r1 - r0; i += blockDim.x) offs[i] = __ldg(goffs + i);
+      stage_x<T, NT, false>(L, x, ntok, p0, pc, xs);
     }
-    uint32_t e[kBatch], rc[kBatch];
-    load_batch<RES>(entries + beg, RES ? res_codes + beg : nullptr, (end - beg) >> 5, zero, e, rc);
-    __syncthreads();  // the previous chunk's xhat and offsets are consumed
-    for (int i = threadIdx.x; i <= r1 - r0; i += blockDim.x) offs[i] = __ldg(goffs + i);
     for (int i = threadIdx.x; i < NT; i += blockDim.x) xs[L.chunk_cols * NT + i] = 0.f;
-    stage_x<T, NT>(L, x, ntok, p0, pc, xs);
-    __pipeline_wait_prior(0);
+    if (c == 0) {
+      if (bulk) {
+        __syncthreads();  // the mbarrier's initialisation, before anyone waits on it
+        bulk_copy_wait(&slice_bar);
+      } else {
+        __pipeline_wait_prior(0);
+      }
+    }
     __syncthreads();
     while (r < r1) {
       const int nr = r + kWarpsS;
@@ -377,11 +475,15 @@ cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStrea
     blocks += static_cast<unsigned>(G.L[i].row_blocks * G.L[i].n_slices);
   }
   auto kernel = sliced_gemv_kernel<T, V, NT, RES, GROUP>;
+  static const bool bulk = [] {  // VPTQ_SLICED_BULK=0: the slice copy by cp.async
+    const char* v = std::getenv("VPTQ_SLICED_BULK");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
   return launch_pdl(kernel, dim3(blocks), dim3(kSlicedThreads), smem, stream, G,
-                    static_cast<const T*>(x), T_);
+                    static_cast<const T*>(x), T_, bulk);
 }
 
 template <typename T, int V, int NT>

@@ -268,6 +268,18 @@ def test_embed_rows_reads_a_pinned_host_table(hidden, dtype):
         assert torch.equal(out[0, 0].cpu(), table[i])
 
 
+def test_embed_rows_reads_a_table_view_that_starts_off_16_bytes():
+    """A view one element into its storage: rows of 16 values, but no row start is 16-byte
+    aligned, so the kernel must copy 2 bytes at a time (a 16-byte load would fault)."""
+    flat = torch.randn(64 * 16 + 1, generator=torch.Generator().manual_seed(3)).half()
+    ids = torch.tensor([[0, 63, 7]], device="cuda")
+    for storage in (flat.pin_memory(), flat.cuda()):
+        table = storage[1:].view(64, 16)
+        assert table.data_ptr() % 16 != 0
+        got = torch.ops.vptq.embed_rows(table, ids)
+        assert torch.equal(got.reshape(3, 16).cpu(), table.cpu()[ids[0].cpu()])
+
+
 def test_embed_rows_rejects_an_unpinned_host_table():
     ids = torch.tensor([1], device="cuda")
     with pytest.raises(RuntimeError, match="must be pinned"):
