@@ -38,7 +38,7 @@ constexpr int kWarpsS = kSlicedThreads / 32;
 __host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) & ~size_t{15}; }
 
 struct SmemPlan {
-  size_t cb, res, xs, acc, offs, total;
+  size_t cb, res, xs, acc, total;
 };
 
 __host__ __device__ SmemPlan plan(const SlicedLayer& L, int nt) {
@@ -47,8 +47,7 @@ __host__ __device__ SmemPlan plan(const SlicedLayer& L, int nt) {
   p.res = align16(static_cast<size_t>(L.slice_cw) * L.v * 2);
   p.xs = p.res + align16(static_cast<size_t>(L.res_cw) * L.v * 2);
   p.acc = p.xs + align16(static_cast<size_t>(L.chunk_cols + 1) * nt * 4);  // + zero column
-  p.offs = p.acc + align16(static_cast<size_t>(L.row_block) * L.v * nt * 4);
-  p.total = p.offs + static_cast<size_t>(L.row_block + 1) * 4;
+  p.total = p.acc + align16(static_cast<size_t>(L.row_block) * L.v * nt * 4);
   return p;
 }
 
@@ -262,6 +261,23 @@ __device__ __forceinline__ void stage_x(const SlicedLayer& L, const T* x, int nt
   }
 }
 
+// The item after (c, r) in a warp's stream: the warp's next row, or its first row of the next
+// chunk (c == n_chunks: the stream has ended).
+__device__ __forceinline__ void next_item(int& c, int& r, int first_row, int r1) {
+  r += kWarpsS;
+  if (r >= r1) {
+    r = first_row;
+    ++c;
+  }
+}
+
+// The entries [x, y) of the segment of row r of chunk c in slice s; empty past the stream's end.
+__device__ __forceinline__ int2 segment(const SlicedLayer& L, int s, int c, int r) {
+  if (c >= L.n_chunks) return make_int2(0, 0);
+  const int* o = L.offsets + (s * L.n_chunks + c) * L.rows + r;
+  return make_int2(__ldg(o), __ldg(o + 1));
+}
+
 // The first chunk's scale into xs[i * NT], i < pc, with the thread-to-column map of stage_x.
 template <typename T, int NT>
 __device__ __forceinline__ void prestage_scale(const SlicedLayer& L, int pc, float* xs) {
@@ -307,7 +323,6 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   T* rb = reinterpret_cast<T*>(smem + sp.res);
   float* xs = reinterpret_cast<float*>(smem + sp.xs);   // [chunk_cols + 1][NT]
   float* acc = reinterpret_cast<float*>(smem + sp.acc);  // [row_block][V][NT]
-  int* offs = reinterpret_cast<int*>(smem + sp.offs);    // [row_block + 1] of this chunk
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int r0 = rblk * L.row_block, r1 = min(L.rows, r0 + L.row_block);
@@ -315,12 +330,16 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   const uint32_t* entries = L.entries + lane;
   const uint16_t* res_codes = RES ? L.res_codes + lane : nullptr;
   const uint32_t zero = static_cast<uint32_t>(L.chunk_cols) << 16;
-  // The first chunk's first segment bounds are requested before the slice copy is queued.
-  int r = r0 + warp, beg = 0, end = 0;
-  if (r < r1) {
-    beg = __ldg(L.offsets + s * L.n_chunks * L.rows + r);
-    end = __ldg(L.offsets + s * L.n_chunks * L.rows + r + 1);
-  }
+  // A warp's work is a stream of items (chunk, row): rows r0 + warp, r0 + warp + 16, ... of
+  // chunk 0, then the same rows of chunk 1, and so on. The bounds of a row's segment are
+  // fetched two items ahead and its first batch of entries one item ahead, across chunk ends
+  // too; the first two items' bounds are requested before the slice copy is queued.
+  const int first_row = r0 + warp;
+  int cn = first_row < r1 ? 0 : L.n_chunks, rn = first_row;  // the item whose bounds come next
+  int2 cur = segment(L, s, cn, rn);
+  next_item(cn, rn, first_row, r1);
+  int2 nxt = segment(L, s, cn, rn);
+  next_item(cn, rn, first_row, r1);
   // The codebook slice streams into shared memory while the first entries are fetched.
   __shared__ __align__(8) uint64_t slice_bar;
   const T* slice_src = static_cast<const T*>(L.table) + static_cast<size_t>(cw0) * V;
@@ -334,12 +353,11 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     __pipeline_commit();
   }
   for (int i = threadIdx.x; i < (r1 - r0) * V * NT; i += blockDim.x) acc[i] = 0.f;
-  // The first chunk's segment bounds, scale and first batch of entries: all the layer's own.
-  const int* goffs0 = L.offsets + s * L.n_chunks * L.rows + r0;
-  for (int i = threadIdx.x; i <= r1 - r0; i += blockDim.x) offs[i] = __ldg(goffs0 + i);
+  // The first chunk's scale and the first batch of entries: the layer's own too.
   prestage_scale<T, NT>(L, min(L.chunk_cols, L.K), xs);
   uint32_t e[kBatch], rc[kBatch];
-  load_batch<RES>(entries + beg, RES ? res_codes + beg : nullptr, (end - beg) >> 5, zero, e, rc);
+  load_batch<RES>(entries + cur.x, RES ? res_codes + cur.x : nullptr, (cur.y - cur.x) >> 5, zero,
+                  e, rc);
   // Everything above reads only the layer's own tensors. Launched as a programmatic dependent
   // launch (launch_pdl), the kernel got here while the previous kernel in the stream was
   // still running; x and the workspace are touched only after it has finished.
@@ -347,21 +365,10 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
 
   for (int c = 0; c < L.n_chunks; ++c) {
     const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);
-    const int* goffs = L.offsets + (s * L.n_chunks + c) * L.rows + r0;  // this chunk's segments
-    // Warp w takes rows r0 + w, r0 + w + 16, ...; its first batch is in flight while xhat is
-    // staged, and each row's successor's first batch while the row is worked on.
-    r = r0 + warp;
     if (c == 0) {
       stage_x<T, NT, true>(L, x, ntok, p0, pc, xs);
     } else {
-      if (r < r1) {
-        beg = __ldg(goffs + warp);
-        end = __ldg(goffs + warp + 1);
-      }
-      load_batch<RES>(entries + beg, RES ? res_codes + beg : nullptr, (end - beg) >> 5, zero, e,
-                      rc);
-      __syncthreads();  // the previous chunk's xhat and offsets are consumed
-      for (int i = threadIdx.x; i <= r1 - r0; i += blockDim.x) offs[i] = __ldg(goffs + i);
+      __syncthreads();  // the previous chunk's xhat is consumed
       stage_x<T, NT, false>(L, x, ntok, p0, pc, xs);
     }
     for (int i = threadIdx.x; i < NT; i += blockDim.x) xs[L.chunk_cols * NT + i] = 0.f;
@@ -374,16 +381,13 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
       }
     }
     __syncthreads();
-    while (r < r1) {
-      const int nr = r + kWarpsS;
-      int nbeg = 0, nend = 0;
-      if (nr < r1) {
-        nbeg = offs[nr - r0];
-        nend = offs[nr - r0 + 1];
-      }
+    for (int r = first_row; r < r1; r += kWarpsS) {  // the current item: (c, r), bounds cur
+      const int beg = cur.x, end = cur.y;
+      const int2 after = segment(L, s, cn, rn);  // used two items from now
+      next_item(cn, rn, first_row, r1);
       uint32_t ne[kBatch], nrc[kBatch];
-      load_batch<RES>(entries + nbeg, RES ? res_codes + nbeg : nullptr, (nend - nbeg) >> 5, zero,
-                      ne, nrc);
+      load_batch<RES>(entries + nxt.x, RES ? res_codes + nxt.x : nullptr, (nxt.y - nxt.x) >> 5,
+                      zero, ne, nrc);
       float a[NT * V];  // a[t * V + j]
 #pragma unroll
       for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
@@ -394,9 +398,8 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
         lookup_batch<T, V, NT, RES>(e, rc, (end - i0) >> 5, cb, rb, xs, a);
       }
       warp_sum_to<NT, V>(a, lane, acc + (r - r0) * V * NT);
-      r = nr;
-      beg = nbeg;
-      end = nend;
+      cur = nxt;
+      nxt = after;
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         e[u] = ne[u];

@@ -132,7 +132,6 @@ def smem_bytes(v: int, slice_cw: int, res_cw: int, row_block: int, tokens_tile: 
         + a16(res_cw * v * 2)
         + a16((CHUNK_COLS + 1) * tokens_tile * 4)
         + a16(row_block * v * tokens_tile * 4)
-        + (row_block + 1) * 4
     )
 
 
