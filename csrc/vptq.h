@@ -56,6 +56,10 @@ struct SlicedLayer {
 };
 
 constexpr int kSlicedThreads = 512;
+// Entries the sliced GEMV may read past a segment's end (a batch, vptq_sliced.cu): the
+// entries (and residual codes) end with this many padding entries (engine/memory.py
+// SLICED_READ_AHEAD).
+constexpr int kSlicedReadAhead = 288;
 constexpr int kMaxGroup = 3;  // layers sharing x in one launch (q, k, v)
 constexpr int kGroupTokens = 2;  // most tokens a launch of several layers takes (decode: 1)
 

@@ -176,19 +176,23 @@ __device__ __forceinline__ void warp_sum_to(float (&a)[NT * V], int lane, float*
 
 // A batch of a segment: mini-groups u = 0 .. kBatch - 1 of 32 entries from p (this lane's
 // entry of the first), lane l holding entry 32 u + l. Segments are padded to multiples of 32,
-// so a mini-group is all in or all out; past the end (u >= n): the zero column
-// (xhat[chunk_cols] = 0) with codeword 0, whose lookup adds nothing.
+// so a mini-group is all in or all out. All kBatch mini-groups are loaded, from one address
+// and without a condition (the entries array ends with kSlicedReadAhead padding entries, so
+// reading past the last segment stays inside it); those past the segment's end (u >= n) are
+// replaced at use by the zero column (xhat[chunk_cols] = 0) with codeword 0, which adds
+// nothing (a condition per load here cost ~40 instructions a segment, the entries pointer
+// reloaded for each).
 constexpr int kBatch = 9;  // a v=8 segment averages 256 entries: 9 x 32 holds ~98% of them
 constexpr int kShort = 4;  // segments of at most 4 mini-groups take a 4-lookup batch
+static_assert(kBatch * 32 <= kSlicedReadAhead, "the entries' tail covers a batch");
 
 template <bool RES>
-__device__ __forceinline__ void load_batch(const uint32_t* p, const uint16_t* rp, int n,
-                                           uint32_t zero, uint32_t (&e)[kBatch],
-                                           uint32_t (&rc)[kBatch]) {
+__device__ __forceinline__ void load_batch(const uint32_t* p, const uint16_t* rp,
+                                           uint32_t (&e)[kBatch], uint32_t (&rc)[kBatch]) {
 #pragma unroll
   for (int u = 0; u < kBatch; ++u) {
-    e[u] = u < n ? __ldcs(p + 32 * u) : zero;
-    rc[u] = RES && u < n ? static_cast<uint32_t>(__ldcs(rp + 32 * u)) : 0u;
+    e[u] = __ldcs(p + 32 * u);
+    rc[u] = RES ? static_cast<uint32_t>(__ldcs(rp + 32 * u)) : 0u;  // past n: any valid code
   }
 }
 
@@ -213,17 +217,21 @@ __device__ __forceinline__ void lookup(uint32_t ent, uint32_t res, const T* cb, 
 }
 
 // The lookups of a batch whose segment has n mini-groups: without a branch per lookup, so the
-// shared-memory loads of all of them are in flight together; padding lookups add zero.
+// shared-memory loads of all of them are in flight together; lookups past n take the zero
+// entry and add zero.
 template <typename T, int V, int NT, bool RES>
 __device__ __forceinline__ void lookup_batch(const uint32_t (&e)[kBatch],
-                                             const uint32_t (&rc)[kBatch], int n, const T* cb,
-                                             const T* rb, const float* xs, float (&a)[NT * V]) {
+                                             const uint32_t (&rc)[kBatch], int n, uint32_t zero,
+                                             const T* cb, const T* rb, const float* xs,
+                                             float (&a)[NT * V]) {
   if (n > kShort) {
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) lookup<T, V, NT, RES>(e[u], rc[u], cb, rb, xs, a);
+    for (int u = 0; u < kBatch; ++u)
+      lookup<T, V, NT, RES>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
   } else {
 #pragma unroll
-    for (int u = 0; u < kShort; ++u) lookup<T, V, NT, RES>(e[u], rc[u], cb, rb, xs, a);
+    for (int u = 0; u < kShort; ++u)
+      lookup<T, V, NT, RES>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
   }
 }
 
@@ -356,8 +364,7 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   // The first chunk's scale and the first batch of entries: the layer's own too.
   prestage_scale<T, NT>(L, min(L.chunk_cols, L.K), xs);
   uint32_t e[kBatch], rc[kBatch];
-  load_batch<RES>(entries + cur.x, RES ? res_codes + cur.x : nullptr, (cur.y - cur.x) >> 5, zero,
-                  e, rc);
+  load_batch<RES>(entries + cur.x, RES ? res_codes + cur.x : nullptr, e, rc);
   // Everything above reads only the layer's own tensors. Launched as a programmatic dependent
   // launch (launch_pdl), the kernel got here while the previous kernel in the stream was
   // still running; x and the workspace are touched only after it has finished.
@@ -386,16 +393,15 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
       const int2 after = segment(L, s, cn, rn);  // used two items from now
       next_item(cn, rn, first_row, r1);
       uint32_t ne[kBatch], nrc[kBatch];
-      load_batch<RES>(entries + nxt.x, RES ? res_codes + nxt.x : nullptr, (nxt.y - nxt.x) >> 5,
-                      zero, ne, nrc);
+      load_batch<RES>(entries + nxt.x, RES ? res_codes + nxt.x : nullptr, ne, nrc);
       float a[NT * V];  // a[t * V + j]
 #pragma unroll
       for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
-      lookup_batch<T, V, NT, RES>(e, rc, (end - beg) >> 5, cb, rb, xs, a);
+      lookup_batch<T, V, NT, RES>(e, rc, (end - beg) >> 5, zero, cb, rb, xs, a);
       // the rare segment longer than a batch
       for (int i0 = beg + 32 * kBatch; i0 < end; i0 += 32 * kBatch) {
-        load_batch<RES>(entries + i0, RES ? res_codes + i0 : nullptr, (end - i0) >> 5, zero, e, rc);
-        lookup_batch<T, V, NT, RES>(e, rc, (end - i0) >> 5, cb, rb, xs, a);
+        load_batch<RES>(entries + i0, RES ? res_codes + i0 : nullptr, e, rc);
+        lookup_batch<T, V, NT, RES>(e, rc, (end - i0) >> 5, zero, cb, rb, xs, a);
       }
       warp_sum_to<NT, V>(a, lane, acc + (r - r0) * V * NT);
       cur = nxt;

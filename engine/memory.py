@@ -28,6 +28,7 @@ CONTEXT_STEP = 256  # the largest context is reported in these steps
 SLICE_BYTES = 64 * 1024  # codebook bytes per GPU block (shared memory)
 CHUNK_COLS = 4096  # input columns per chunk
 PAD_TO = 32  # segment lengths are multiples of this
+SLICED_READ_AHEAD = 288  # padding entries after the last segment (csrc/vptq.h kSlicedReadAhead)
 RES_SMEM_BYTES = 96 * 1024  # residual codebooks up to this size sit whole in every block
 MIN_BOOK_BYTES = 40 * 1024  # smaller codebooks fit the plain GEMV's shared memory already
 SLICED_VECTOR_LENS = (2, 4, 6, 8, 10, 12, 16)
@@ -165,7 +166,8 @@ def sliced_layer_bytes(
     n_cw = groups * (k + (kr if copied else 0))
     segments = -(-n_cw // slice_codewords(v)) * -(-k_in // CHUNK_COLS) * rows
     table = elem * v * n_cw if copied else 0
-    return (lookups + (PAD_TO - 1) * segments) * per + 4 * (segments + 1) + table
+    entries = lookups + (PAD_TO - 1) * segments + SLICED_READ_AHEAD
+    return entries * per + 4 * (segments + 1) + table
 
 
 def sliced_budget(room: int, shape: Shape, context: int) -> int:

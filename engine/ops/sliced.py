@@ -32,6 +32,7 @@ from ..formats.vptq import VQLayerSpec
 from ..memory import (
     CHUNK_COLS,
     PAD_TO,
+    SLICED_READ_AHEAD,
     slice_codewords,
     sliced_layer_bytes,
     small_residual,
@@ -345,7 +346,10 @@ def build(
     pos -= start[seg]
     pos += torch.arange(pos.numel(), device=dev, dtype=i32)
     del seg, start
-    entries = torch.full((int(offsets[-1]),), PAD_ENTRY, dtype=i32, device=dev)
+    # and SLICED_READ_AHEAD more at the end: the kernel loads a whole batch of a segment
+    # unconditionally, so reading on past the last one stays inside the tensor
+    size = int(offsets[-1]) + SLICED_READ_AHEAD
+    entries = torch.full((size,), PAD_ENTRY, dtype=i32, device=dev)
     entries[pos] = packed
     del packed
     res_codes = None
@@ -386,7 +390,8 @@ def linear_reference(
     xhat = xf * (scale.double() if scale is not None else 1.0)
     counts = (layout.offsets[1:] - layout.offsets[:-1]).long()
     seg = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
-    e = layout.entries.long() & 0xFFFFFFFF
+    n = seg.numel()  # the read-ahead tail beyond the last segment is not part of any
+    e = layout.entries[:n].long() & 0xFFFFFFFF
     real = (e >> 16) < chunk_cols  # not padding
     seg, e = seg[real], e[real]
     sl, rest = seg // (n_chunks * rows), seg % (n_chunks * rows)
@@ -394,7 +399,7 @@ def linear_reference(
     col = chunk * chunk_cols + (e >> 16)
     w = layout.table.double()[sl * slice_cw + (e & 0xFFFF)]  # [E, v]
     if layout.res_codes is not None and layout.res_table is not None:
-        w = w + layout.res_table.double()[layout.res_codes.long()[real] & 0xFFFF]
+        w = w + layout.res_table.double()[layout.res_codes[:n].long()[real] & 0xFFFF]
     contrib = xhat[:, col, None] * w  # [T, E, v]
     y = xf.new_zeros(xf.shape[0], rows, v).index_add_(1, row, contrib)
     y = y.reshape(xf.shape[0], rows * v)[:, :N]
