@@ -273,7 +273,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
         for name, value, known in (
             ("arch", a.arch, bench_e2e.ARCHS),
-            ("scheme", a.scheme, bench_e2e.SCHEMES),
+            ("scheme", a.scheme, bench.SCHEMES),
         ):
             if value not in known:
                 raise ValueError(f"unknown --{name} {value!r}; choose from {', '.join(known)}")

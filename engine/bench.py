@@ -67,9 +67,10 @@ class Layer:
         return self.nbytes - self.tensors[0].numel() * 4 + self.sliced.nbytes
 
 
-def random_layer(k_in: int, n_out: int, scheme: str, dtype=torch.float16) -> Layer:
+def scheme_spec(scheme: str, k_in: int, n_out: int) -> VQLayerSpec:
+    """A k_in -> n_out layer quantized by one of SCHEMES, one group (as the community models)."""
     v, k, kr = SCHEMES[scheme]
-    spec = VQLayerSpec(
+    return VQLayerSpec(
         in_features=k_in,
         out_features=n_out,
         vector_len=v,
@@ -77,6 +78,11 @@ def random_layer(k_in: int, n_out: int, scheme: str, dtype=torch.float16) -> Lay
         num_res_centroids=kr,
         group_size=k_in,
     )
+
+
+def random_layer(k_in: int, n_out: int, scheme: str, dtype=torch.float16) -> Layer:
+    spec = scheme_spec(scheme, k_in, n_out)
+    v, k, kr = SCHEMES[scheme]
     dev = "cuda"
     words = torch.randint(
         -(2**31), 2**31 - 1, (1, spec.num_indices, spec.words), dtype=torch.int32, device=dev

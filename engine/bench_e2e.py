@@ -12,9 +12,9 @@ import time
 
 import torch
 
+from .bench import copy_bandwidth, scheme_spec
 from .config import ModelArgs
 from .decode import GraphDecoder
-from .formats.vptq import VQLayerSpec
 from .layers import VQLinear, build_sliced_layouts, decode_paths, sliced_summary
 from .loader import EMBEDDING, _assign, free_bytes
 from .memory import GiB, Shape, embedding_on_host, sliced_budget
@@ -38,9 +38,6 @@ ARCHS = {  # the shape fields of each model's config.json
                           num_hidden_layers=88, num_key_value_heads=8, head_dim=128,
                           vocab_size=32768, architectures=["MistralForCausalLM"]),
 }  # fmt: skip
-SCHEMES = {"v8-k65536-0": (8, 65536, 0), "v8-k65536-256": (8, 65536, 256),
-           "v16-k65536-65536": (16, 65536, 65536), "v8-k65536-65536": (8, 65536, 65536),
-           "v12-k65536-4096": (12, 65536, 4096)}  # fmt: skip
 PROMPT = 512
 PREFILL_RUNS = 3  # prefill timed this many times, the median reported
 
@@ -60,16 +57,7 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
     def make(name: str, k: int, n: int, bias: bool):
         if scheme is None or name == "lm_head":
             return dense_linear(name, k, n, bias)
-        v, c, r = SCHEMES[scheme]
-        spec = VQLayerSpec(
-            in_features=k,
-            out_features=n,
-            vector_len=v,
-            num_centroids=c,
-            num_res_centroids=r,
-            group_size=k,
-        )
-        return VQLinear(spec, torch.float16, name)
+        return VQLinear(scheme_spec(scheme, k, n), torch.float16, name)
 
     with torch.device("meta"):
         model = Transformer(args, make)
@@ -191,7 +179,6 @@ def nvml_used_gib() -> float | None:
 
 def run_e2e(arch: str, scheme: str, context: int, tokens: int, vram_limit: float | None) -> None:
     from . import ops
-    from .bench import copy_bandwidth
 
     kind, why = ops.prepare("cuda")
     if kind != "cuda":
