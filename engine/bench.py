@@ -82,7 +82,7 @@ def scheme_spec(scheme: str, k_in: int, n_out: int) -> VQLayerSpec:
 
 def random_layer(k_in: int, n_out: int, scheme: str, dtype=torch.float16) -> Layer:
     spec = scheme_spec(scheme, k_in, n_out)
-    v, k, kr = SCHEMES[scheme]
+    v, k, kr = spec.vector_len, spec.num_centroids, spec.num_res_centroids
     dev = "cuda"
     words = torch.randint(
         -(2**31), 2**31 - 1, (1, spec.num_indices, spec.words), dtype=torch.int32, device=dev

@@ -88,10 +88,10 @@ def load_model(
     shape = replace(Shape.from_config(cfg), dtype_bytes=dtype.itemsize)
     dev = torch.device(device)
     n_ctx = min(max_seq_len, args.max_position_embeddings)
-    on_host = set()
+    on_host: frozenset[str] = frozenset()
     if dev.type == "cuda":
         if _embedding_on_host(ckpt, shape, specs, dev, n_ctx):
-            on_host.add(EMBEDDING)
+            on_host = frozenset({EMBEDDING})
             log.info("the input embedding table stays in host memory (the GPU is short of room)")
         host = shape.embedding_bytes() if on_host else 0
         _check_weights_fit(ckpt.nbytes - host, folder, dev, shape.workspace())
@@ -124,11 +124,11 @@ def free_bytes(dev: torch.device) -> int:
 
 def _embedding_on_host(ckpt, shape: Shape, specs, dev, n_ctx: int) -> bool:
     """memory.embedding_on_host for this model, every eligible layer's sliced layout counted.
-    Only where vptq::embed_rows can read the table: with the kernels, and 16-bit weights."""
+    Only where vptq::embed_rows can read the table: with the kernels."""
     from . import ops
     from .ops import sliced
 
-    if not ops.kernels_ready() or shape.dtype_bytes != 2:
+    if not ops.kernels_ready():
         return False
     layouts = sliced.model_bytes(specs.values())
     return embedding_on_host(shape, ckpt.nbytes, n_ctx, layouts, free_bytes(dev))
@@ -202,7 +202,7 @@ def _fill(
     dtype: torch.dtype,
     device: torch.device,
     progress: Progress | None,
-    on_host: set[str] = frozenset(),
+    on_host: frozenset[str] = frozenset(),
 ) -> tuple[int, int]:
     """Every tensor to ``device``, those named in on_host to pinned host memory; returns the
     bytes of each (device, host)."""

@@ -121,10 +121,11 @@ def embedding_on_host(
     the GPU: where the weights, the KV cache of ``context`` tokens, the overhead (default the
     workspace, for ``free`` measured inside a running engine), every sliced decode layout the
     model could take (``layouts``) and SLICED_SLACK exceed ``free`` GPU bytes, unless the table
-    is the output head too (shape.tied). A decode step reads one row of it over the bus
-    (vptq::embed_rows: 16 KB for Llama-3.1-70B), and its GPU memory (1.96 GiB for 70B) goes to
-    the KV cache and the fast decode layout instead. VPTQ_EMBED_ON_HOST=1 or 0 forces it."""
-    if shape.tied:
+    is the output head too (shape.tied) or not of 16-bit values (what vptq::embed_rows reads). A
+    decode step reads one row of it over the bus (16 KB for Llama-3.1-70B), and its GPU memory
+    (1.96 GiB for 70B) goes to the KV cache and the fast decode layout instead.
+    VPTQ_EMBED_ON_HOST=1 or 0 forces it."""
+    if shape.tied or shape.dtype_bytes != 2:
         return False
     force = os.environ.get("VPTQ_EMBED_ON_HOST")
     if force in ("0", "1"):

@@ -2,8 +2,8 @@
 the rows of an embedding table kept in host memory) as the fused kernels of csrc/vptq_decode.cu
 where they are loaded, else the plain PyTorch code they replace. At batch 1 those small kernels,
 not the weights, took a third of a step's GPU time (csrc/KERNELS.md). ``VPTQ_DECODE_FUSED=0``
-turns the fused kernels off (for comparisons), except embed_rows, whose fallback goes through
-the host.
+turns the fused kernels off (for comparisons), except embed_rows, which a table in host
+memory needs.
 """
 
 from __future__ import annotations
@@ -50,14 +50,12 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def embed(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``table[ids]`` on the device of ids. A table kept in pinned host memory
-    (engine/memory.py embedding_on_host) is read by the GPU over the bus (vptq::embed_rows,
-    about 16 KB a token: no host synchronisation, so the decode graph holds it); without the
-    kernels the rows go through the host."""
+    (engine/memory.py embedding_on_host; the loader does that only with the kernels loaded) is
+    read by the GPU over the bus (vptq::embed_rows, about 16 KB a token: no host
+    synchronisation, so the decode graph holds it)."""
     if table.device == ids.device:
         return F.embedding(ids, table)
-    if ids.is_cuda and table.is_pinned() and kernels_ready() and table.element_size() == 2:
-        return torch.ops.vptq.embed_rows(table, ids.contiguous())
-    return F.embedding(ids.to(table.device), table).to(ids.device)
+    return torch.ops.vptq.embed_rows(table, ids.contiguous())
 
 
 def attention_fused(x: torch.Tensor, n_heads: int, n_kv: int, head_dim: int) -> bool:

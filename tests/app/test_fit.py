@@ -124,5 +124,8 @@ def test_llama_70b_keeps_its_embedding_table_in_host_memory_where_the_gpu_is_sho
     assert fit(shape, 19_500_000_000, 22 * GiB, 4096).host == 0  # fits without the layout
     tied = Shape.from_config(LLAMA_31_70B | {"tie_word_embeddings": True})
     assert fit(tied, 19_500_000_000, 22 * GiB, 4096, layout).host == 0
+    # vptq::embed_rows reads 16-bit tables: a float32 model keeps its table on the GPU
+    f32 = Shape.from_config(LLAMA_31_70B | {"torch_dtype": "float32"})
+    assert f32.dtype_bytes == 4 and fit(f32, 19_500_000_000, 22 * GiB, 4096, layout).host == 0
     monkeypatch.setenv("VPTQ_EMBED_ON_HOST", "0")
     assert fit(shape, 19_500_000_000, 22 * GiB, 4096, layout).host == 0
