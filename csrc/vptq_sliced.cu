@@ -235,38 +235,61 @@ __device__ __forceinline__ void lookup_batch(const uint32_t (&e)[kBatch],
   }
 }
 
-// Stages xhat = x * scale for columns p0 .. p0 + pc - 1 of every token in fp32, 8 columns per
-// thread and step, all loads issued before the first use (a chain of dependent global loads
-// here costs more than the lookups of a small projection).
+// Columns a thread stages per step: all of their loads are in registers at once.
+template <int NT>
+constexpr int kStageCols = NT == 1 ? 8 : 4;
+
+// Stages xhat = x * scale for columns p0 .. p0 + pc - 1 of every token in fp32, kStageCols
+// columns per thread and step, all loads issued before the first use (a chain of dependent global loads
+// here costs more than the lookups of a small projection), and returns this thread's share of
+// x . weight_bias over these columns in dot[t]: the last block of a row block needs dot(x, b),
+// and summing it there, after the lookups, put two more DRAM round trips on every launch's
+// critical path. weight_bias was prefetched into L2 (prefetch_l2), so its loads ride with x's.
 // PRESTAGED: scale was put in xs[i * NT] by prestage_scale (the same thread for the same i),
 // before the kernel waited for x.
 template <typename T, int NT, bool PRESTAGED>
 __device__ __forceinline__ void stage_x(const SlicedLayer& L, const T* x, int ntok, int p0,
-                                        int pc, float* xs) {
+                                        int pc, float* xs, float (&dot)[NT]) {
   const T* scale = static_cast<const T*>(L.scale);
-  for (int i0 = threadIdx.x; i0 < pc; i0 += 8 * blockDim.x) {
-    float sc[8];
-    float xv[8][NT];
+  const T* wbias = static_cast<const T*>(L.wbias);
 #pragma unroll
-    for (int q = 0; q < 8; ++q) {
+  for (int t = 0; t < NT; ++t) dot[t] = 0.f;
+  constexpr int C = kStageCols<NT>;
+  for (int i0 = threadIdx.x; i0 < pc; i0 += C * blockDim.x) {
+    float sc[C], b[C];
+    float xv[C][NT];
+#pragma unroll
+    for (int q = 0; q < C; ++q) {
       const int i = i0 + q * blockDim.x;
       if (PRESTAGED)
         sc[q] = i < pc ? xs[i * NT] : 1.f;
       else
         sc[q] = i < pc && scale ? to_f(scale[p0 + i]) : 1.f;
+      b[q] = i < pc && wbias ? to_f(wbias[p0 + i]) : 0.f;
 #pragma unroll
       for (int t = 0; t < NT; ++t)
         xv[q][t] = i < pc && t < ntok ? to_f(x[static_cast<size_t>(t) * L.K + p0 + i]) : 0.f;
     }
 #pragma unroll
-    for (int q = 0; q < 8; ++q) {
+    for (int q = 0; q < C; ++q) {
       const int i = i0 + q * blockDim.x;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) dot[t] = fmaf(xv[q][t], b[q], dot[t]);
       if (i < pc) {
 #pragma unroll
         for (int t = 0; t < NT; ++t) xs[i * NT + t] = xv[q][t] * sc[q];
       }
     }
   }
+}
+
+// Asks L2 for the 128-byte lines of bytes [p, p + n), one per thread (no registers held: the
+// lines are there when stage_x loads them with x).
+__device__ __forceinline__ void prefetch_l2(const void* p, size_t n) {
+  if (p == nullptr) return;
+  const char* c = static_cast<const char*>(p);
+  for (size_t o = threadIdx.x * size_t{128}; o < n; o += blockDim.x * size_t{128})
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + o));
 }
 
 // The item after (c, r) in a warp's stream: the warp's next row, or its first row of the next
@@ -290,15 +313,16 @@ __device__ __forceinline__ int2 segment(const SlicedLayer& L, int s, int c, int 
 template <typename T, int NT>
 __device__ __forceinline__ void prestage_scale(const SlicedLayer& L, int pc, float* xs) {
   const T* scale = static_cast<const T*>(L.scale);
-  for (int i0 = threadIdx.x; i0 < pc; i0 += 8 * blockDim.x) {
-    float sc[8];
+  constexpr int C = kStageCols<NT>;
+  for (int i0 = threadIdx.x; i0 < pc; i0 += C * blockDim.x) {
+    float sc[C];
 #pragma unroll
-    for (int q = 0; q < 8; ++q) {
+    for (int q = 0; q < C; ++q) {
       const int i = i0 + q * blockDim.x;
       sc[q] = i < pc && scale ? to_f(scale[i]) : 1.f;
     }
 #pragma unroll
-    for (int q = 0; q < 8; ++q) {
+    for (int q = 0; q < C; ++q) {
       const int i = i0 + q * blockDim.x;
       if (i < pc) xs[i * NT] = sc[q];
     }
@@ -361,8 +385,10 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     __pipeline_commit();
   }
   for (int i = threadIdx.x; i < (r1 - r0) * V * NT; i += blockDim.x) acc[i] = 0.f;
-  // The first chunk's scale and the first batch of entries: the layer's own too.
+  // The first chunk's scale, weight_bias into L2 and the first batch of entries: the layer's
+  // own too.
   prestage_scale<T, NT>(L, min(L.chunk_cols, L.K), xs);
+  prefetch_l2(L.wbias, static_cast<size_t>(L.K) * sizeof(T));
   uint32_t e[kBatch], rc[kBatch];
   load_batch<RES>(entries + cur.x, RES ? res_codes + cur.x : nullptr, e, rc);
   // Everything above reads only the layer's own tensors. Launched as a programmatic dependent
@@ -370,13 +396,21 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   // still running; x and the workspace are touched only after it has finished.
   pdl_wait();
 
+  __shared__ float red[kWarpsS][NT];  // per warp: its share of x . weight_bias, per token
   for (int c = 0; c < L.n_chunks; ++c) {
     const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);
+    float dot[NT];
     if (c == 0) {
-      stage_x<T, NT, true>(L, x, ntok, p0, pc, xs);
+      stage_x<T, NT, true>(L, x, ntok, p0, pc, xs, dot);
     } else {
       __syncthreads();  // the previous chunk's xhat is consumed
-      stage_x<T, NT, false>(L, x, ntok, p0, pc, xs);
+      stage_x<T, NT, false>(L, x, ntok, p0, pc, xs, dot);
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) dot[t] += __shfl_xor_sync(0xffffffffu, dot[t], d);
+      if (lane == 0) red[warp][t] = (c == 0 ? 0.f : red[warp][t]) + dot[t];
     }
     for (int i = threadIdx.x; i < NT; i += blockDim.x) xs[L.chunk_cols * NT + i] = 0.f;
     if (c == 0) {
@@ -430,47 +464,50 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   if (!last) return;
   __threadfence();
 
-  // The last block of this row block: dot(x, b) per token, then the sum over slices.
-  __shared__ float red[kWarpsS][NT];
+  // The last block of this row block: dot(x, b) per token from the warps' shares, then the
+  // sum over slices, kSumItems outputs per thread at a time with kSumSlices slices of each in
+  // flight (one output per thread and eight slices took four to eight rounds of L2 latency
+  // here, alone on the critical path).
   __shared__ float xb[NT];
-  float part[NT];
-#pragma unroll
-  for (int t = 0; t < NT; ++t) part[t] = 0.f;
-  const T* wbias = static_cast<const T*>(L.wbias);
-  if (wbias) {
-#pragma unroll 4
-    for (int p = threadIdx.x; p < L.K; p += blockDim.x) {
-      const float b = to_f(wbias[p]);
-#pragma unroll
-      for (int t = 0; t < NT; ++t)
-        if (t < ntok) part[t] = fmaf(to_f(x[static_cast<size_t>(t) * L.K + p]), b, part[t]);
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) part[t] += __shfl_xor_sync(0xffffffffu, part[t], d);
-    if (lane == 0) red[warp][t] = part[t];
-  }
-  __syncthreads();
   if (threadIdx.x < NT) {
     float total = 0.f;
     for (int w = 0; w < kWarpsS; ++w) total += red[w][threadIdx.x];
-    xb[threadIdx.x] = total;
+    xb[threadIdx.x] = L.wbias ? total : 0.f;  // x * 0 would turn an infinite x into NaN
   }
   __syncthreads();
   const T* bias = static_cast<const T*>(L.bias);
-  for (int i = threadIdx.x; i < (r1 - r0) * V; i += blockDim.x) {
-    const int n = r0 * V + i;
-    if (n >= L.N) break;
-    const float bn = bias ? to_f(bias[n]) : 0.f;
-    for (int t = 0; t < ntok; ++t) {
-      float total = xb[t] + bn;
-#pragma unroll 8
-      for (int q = 0; q < L.n_slices; ++q)
-        total += __ldcg(ws + (static_cast<size_t>(q) * ntok + t) * L.N + n);
-      out[static_cast<size_t>(t) * L.N + n] = from_f<T>(total);
+  const int outs = min((r1 - r0) * V, L.N - r0 * V);
+  const int items = outs * ntok;  // item j: output n = r0 * V + j % outs, token j / outs
+  constexpr int kSumItems = 4, kSumSlices = 8;
+  for (int j0 = threadIdx.x; j0 < items; j0 += kSumItems * blockDim.x) {
+    float total[kSumItems];
+    int at[kSumItems];  // ws holds n_slices x ntok x N < 2^31 floats (vptq_ops.cpp)
+#pragma unroll
+    for (int k = 0; k < kSumItems; ++k) {
+      const int j = min(j0 + k * static_cast<int>(blockDim.x), items - 1);
+      const int n = r0 * V + j % outs, t = j / outs;
+      total[k] = xb[t] + (bias ? to_f(bias[n]) : 0.f);
+      at[k] = t * L.N + n;
     }
+    const int stride = ntok * L.N;  // from one slice to the next
+    int q = 0;
+    for (; q + kSumSlices <= L.n_slices; q += kSumSlices) {
+      float v[kSumItems][kSumSlices];
+#pragma unroll
+      for (int k = 0; k < kSumItems; ++k)
+#pragma unroll
+        for (int u = 0; u < kSumSlices; ++u) v[k][u] = __ldcg(ws + (q + u) * stride + at[k]);
+#pragma unroll
+      for (int k = 0; k < kSumItems; ++k)
+#pragma unroll
+        for (int u = 0; u < kSumSlices; ++u) total[k] += v[k][u];
+    }
+    for (; q < L.n_slices; ++q)
+#pragma unroll
+      for (int k = 0; k < kSumItems; ++k) total[k] += __ldcg(ws + q * stride + at[k]);
+#pragma unroll
+    for (int k = 0; k < kSumItems; ++k)
+      if (j0 + k * static_cast<int>(blockDim.x) < items) out[at[k]] = from_f<T>(total[k]);
   }
   if (threadIdx.x == 0) L.counters[rblk] = 0;  // ready for the next call
 }

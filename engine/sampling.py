@@ -82,6 +82,22 @@ def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return probs
 
 
+ARGMAX_ROW = 128  # values per row of argmax's first stage
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) (the first of equal maxima; NaN counts as the largest) in two stages where
+    the last dimension splits into rows of ARGMAX_ROW: on one decode step's logits (1 x 128256
+    values) PyTorch's single reduction took 27 us of a 4.5 ms step on an H200."""
+    V = x.shape[-1]
+    if V % ARGMAX_ROW or V < 4 * ARGMAX_ROW:
+        return x.argmax(-1)
+    rows = x.reshape(*x.shape[:-1], V // ARGMAX_ROW, ARGMAX_ROW)
+    best, where = rows.max(-1)  # per row: the largest value, its first position
+    row = best.argmax(-1, keepdim=True)  # the first row holding the largest (or a NaN)
+    return (row * ARGMAX_ROW + where.gather(-1, row)).squeeze(-1)
+
+
 def sample(
     logits: torch.Tensor, p: SamplingParams, gen: torch.Generator, seen: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -89,7 +105,7 @@ def sample(
     if seen is not None:
         logits = penalize(logits, seen, p.repetition_penalty)
     if p.temperature == 0:
-        return logits.argmax(-1)
+        return argmax(logits)
     probs = filter_probs(torch.softmax(logits / p.temperature, dim=-1), p)
     noise = torch.empty_like(probs).exponential_(1.0, generator=gen)
-    return (probs / noise).argmax(-1)
+    return argmax(probs / noise)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.sampling import SamplingParams, filter_probs, penalize, sample
+from engine.sampling import SamplingParams, argmax, filter_probs, penalize, sample
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]]))
 
@@ -18,6 +18,26 @@ def test_greedy_is_argmax():
     assert torch.equal(
         sample(logits, SamplingParams(temperature=0), torch.Generator()), logits.argmax(-1)
     )
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_two_stage_argmax_keeps_argmax_semantics(device):
+    """Hand-placed maxima: the first of equal maxima wins within a row of the first stage and
+    across rows, a NaN counts as the largest, leading dimensions are kept."""
+    x = torch.zeros(4, 3, 1024)
+    x[0, 0, 700] = x[0, 0, 300] = 5.0  # equal maxima in different rows of 128: 300
+    x[0, 1, 131] = x[0, 1, 130] = 3.0  # equal maxima in one row: 130
+    x[0, 2, 5], x[0, 2, 900] = 10.0, float("nan")  # NaN wins: 900
+    x[1:] = torch.randn(3, 3, 1024)
+    x[2, 1, 1023] = 100.0  # the last position
+    x = x.to(device)
+    got = argmax(x).cpu()
+    assert got.shape == (4, 3)
+    assert got[0].tolist() == [300, 130, 900]
+    assert got[2, 1] == 1023
+    assert torch.equal(got[1:], x[1:].argmax(-1).cpu())
+    odd = torch.randn(2, 1000, device=device)  # not a multiple of a row: plain argmax
+    assert torch.equal(argmax(odd), odd.argmax(-1))
 
 
 def test_unfiltered_sampling_follows_softmax():
