@@ -336,9 +336,9 @@ __global__ void __launch_bounds__(kCombineThreads) attn_combine_kernel(
 
 // One block per id; 16-byte copies where `wide` (launch_embed_rows: both tensors 16-byte
 // aligned and rows of a multiple of 8 values, so every row start is aligned too).
-__global__ void embed_rows_kernel(const uint16_t* __restrict__ table, const int64_t* __restrict__ ids,
-                                  uint16_t* __restrict__ out, int64_t vocab, int64_t hidden,
-                                  bool wide) {
+__global__ void embed_rows_kernel(const uint16_t* __restrict__ table,
+                                  const int64_t* __restrict__ ids, uint16_t* __restrict__ out,
+                                  int64_t vocab, int64_t hidden, bool wide) {
   const int64_t id = ids[blockIdx.x];
   uint16_t* dst = out + blockIdx.x * hidden;
   const bool valid = id >= 0 && id < vocab;
