@@ -75,6 +75,7 @@ struct SlicedGroup {
 
 // Dynamic shared memory the sliced GEMV needs for a tile of nt tokens (1, 2, 4 or 8).
 size_t sliced_smem_bytes(const SlicedLayer& L, int nt);
+// Whether the sliced GEMV takes T tokens of this layer (tile, shared memory, index range).
 bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin);
 cudaError_t launch_sliced_gemv(const SlicedGroup& G, const void* x, int T, DType dtype,
                                cudaStream_t stream);

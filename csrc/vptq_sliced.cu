@@ -482,7 +482,7 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   constexpr int kSumItems = 4, kSumSlices = 8;
   for (int j0 = threadIdx.x; j0 < items; j0 += kSumItems * blockDim.x) {
     float total[kSumItems];
-    int at[kSumItems];  // ws holds n_slices x ntok x N < 2^31 floats (vptq_ops.cpp)
+    int at[kSumItems];  // ws holds n_slices x ntok x N < 2^31 floats (sliced_supported)
 #pragma unroll
     for (int k = 0; k < kSumItems; ++k) {
       const int j = min(j0 + k * static_cast<int>(blockDim.x), items - 1);
@@ -586,6 +586,8 @@ bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin) {
   if (T < 1 || T > 8 || L.v < 2 || L.v > 16 || L.v % 2 != 0 || L.v == 14) return false;
   const int nt = tokens_tile(T);
   if (L.v * nt > 32) return false;
+  // the last block indexes a layer's partial sums (n_slices x T x N floats) with int
+  if (static_cast<int64_t>(L.n_slices) * T * L.N >= (int64_t{1} << 31)) return false;
   return sliced_smem_bytes(L, nt) <= smem_optin;
 }
 
