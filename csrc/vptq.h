@@ -60,6 +60,9 @@ constexpr int kSlicedThreads = 512;
 // entries (and residual codes) end with this many padding entries (engine/memory.py
 // SLICED_READ_AHEAD).
 constexpr int kSlicedReadAhead = 288;
+// Shared memory the sliced GEMV's static arrays may take beside its dynamic plan
+// (engine/ops/sliced.py STATIC_SMEM).
+constexpr int kSlicedStaticSmem = 1024;
 constexpr int kMaxGroup = 3;  // layers sharing x in one launch (q, k, v)
 constexpr int kGroupTokens = 2;  // most tokens a launch of several layers takes (decode: 1)
 

@@ -178,6 +178,10 @@ vptq::SlicedLayer sliced_layer(const at::Tensor& x, const at::Tensor& entries,
   L.n_slices = meta[5]; L.chunk_cols = meta[6]; L.n_chunks = meta[7]; L.rows = meta[8];
   L.res_cw = meta[9]; L.row_block = meta[10]; L.row_blocks = meta[11];
   TORCH_CHECK(x.size(-1) == L.K, msg("x has ", x.size(-1), " features, the layer takes ", L.K));
+  TORCH_CHECK(L.chunk_cols >= 1 && L.chunk_cols < 65536 &&
+                  L.n_chunks == (L.K + L.chunk_cols - 1) / L.chunk_cols,
+              msg("meta: ", L.n_chunks, " chunks of ", L.chunk_cols, " columns do not split K = ",
+                  L.K, " (a column within a chunk is 16 bits)"));
   TORCH_CHECK(offsets.numel() == static_cast<int64_t>(L.n_slices) * L.n_chunks * L.rows + 1,
               "offsets size");
   TORCH_CHECK(table.numel() == static_cast<int64_t>(L.n_cw) * L.v, "table size");

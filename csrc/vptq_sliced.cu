@@ -398,6 +398,8 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   pdl_wait();
 
   __shared__ float red[kWarpsS][NT];  // per warp: its share of x . weight_bias, per token
+  static_assert(sizeof(red) + sizeof(float) * NT + 64 <= kSlicedStaticSmem,
+                "static shared arrays (red, xb, slice_bar, last) beyond kSlicedStaticSmem");
   for (int c = 0; c < L.n_chunks; ++c) {
     const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);
     float dot[NT];
@@ -588,7 +590,7 @@ bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin) {
   if (L.v * nt > 32) return false;
   // the last block indexes a layer's partial sums (n_slices x T x N floats) with int
   if (static_cast<int64_t>(L.n_slices) * T * L.N >= (int64_t{1} << 31)) return false;
-  return sliced_smem_bytes(L, nt) <= smem_optin;
+  return sliced_smem_bytes(L, nt) + kSlicedStaticSmem <= smem_optin;
 }
 
 cudaError_t launch_sliced_gemv(const SlicedGroup& G, const void* x, int T, DType dtype,

@@ -209,7 +209,9 @@ def bench_shared(arch: str, scheme: str, tokens=TOKENS) -> list[dict]:
         proto = [random_layer(*shapes[n], scheme) for n in names]
         if any(layer.sliced is None for layer in proto):
             return []
-        if not sliced.worth_sharing([layer.sliced for layer in proto], props.multi_processor_count):
+        layouts = [layer.sliced for layer in proto]
+        sms, optin = props.multi_processor_count, props.shared_memory_per_block_optin
+        if not sliced.worth_sharing(layouts, sms, optin):
             continue  # the engine launches these one by one (sliced.MAX_SHARED_TAIL)
         per_copy = sum(layer.nbytes + layer.gemv_bytes for layer in proto)
         copies = max(1, min(8, -(-ROTATE_BYTES // per_copy)))

@@ -231,7 +231,7 @@ def arrange(model: nn.Module, layers: list, budget: int, num_sms: int, smem_opti
         for block in model.modules():
             linears = block.shared_input() if hasattr(block, "shared_input") else ()
             layouts = [getattr(m, "sliced", None) for m in linears]
-            if linears and all(layouts) and sliced.worth_sharing(layouts, num_sms):
+            if linears and all(layouts) and sliced.worth_sharing(layouts, num_sms, smem_optin):
                 plan = sliced.group(layouts, num_sms, smem_optin)
                 block.fused = SharedInputGroup(linears, plan)
     return built

@@ -26,7 +26,8 @@ CONTEXT_STEP = 256  # the largest context is reported in these steps
 # The sliced decode layout (engine/ops/sliced.py, csrc/vptq_sliced.cu): its constants live here
 # so that the app's fit check can size it without torch.
 SLICE_BYTES = 64 * 1024  # codebook bytes per GPU block (shared memory)
-CHUNK_COLS = 4096  # input columns per chunk
+CHUNK_COLS = 4096  # input columns per chunk, at least (sizes below assume this many chunks)
+MAX_CHUNK_COLS = 8192  # at most (engine/ops/sliced.py chunk_width)
 PAD_TO = 32  # segment lengths are multiples of this
 SLICED_READ_AHEAD = 288  # padding entries after the last segment (csrc/vptq.h kSlicedReadAhead)
 RES_SMEM_BYTES = 96 * 1024  # residual codebooks up to this size sit whole in every block

@@ -5,7 +5,7 @@ per index from L2 is slower than reading the fp16 weight (csrc/KERNELS.md). The 
 static, so we regroup the lookups once: codebooks are concatenated into one table and cut into
 slices of SLICE_BYTES; every lookup becomes a 32-bit entry
 
-    (original column within its CHUNK_COLS-column chunk) << 16 | codeword within its slice
+    (original column within its column chunk) << 16 | codeword within its slice
 
 and entries are sorted into segments (slice, column chunk, vector-row), within a segment
 round-robin over the shared-memory banks of their codewords (``spread_order``). A GPU block
@@ -31,6 +31,7 @@ import torch
 from ..formats.vptq import VQLayerSpec
 from ..memory import (
     CHUNK_COLS,
+    MAX_CHUNK_COLS,
     PAD_TO,
     SLICED_READ_AHEAD,
     slice_codewords,
@@ -39,9 +40,9 @@ from ..memory import (
 )
 from .reference import layer_indices
 
-PAD_ENTRY = CHUNK_COLS << 16  # column CHUNK_COLS: the kernel's zero column
 CTAS_PER_SM = int(os.environ.get("VPTQ_SLICED_CTAS_PER_SM", "2"))  # blocks per SM (tuning)
 TOKEN_TILES = (1, 2, 4, 8)
+STATIC_SMEM = 1024  # room for the kernel's static shared arrays (csrc/vptq.h kSlicedStaticSmem)
 
 
 @dataclass
@@ -63,6 +64,12 @@ class SlicedLayout:
         if self.table_is_copy:
             parts.append(self.table)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def pad_entry(chunk_cols: int) -> int:
+    """The padding entry of a layout with chunks of chunk_cols columns: the kernel's zero
+    column (xhat there is 0), codeword 0."""
+    return chunk_cols << 16
 
 
 def eligible(spec: VQLayerSpec) -> bool:
@@ -122,7 +129,9 @@ def _indices32(indices: torch.Tensor, spec: VQLayerSpec, rows_per_step: int = 25
     return torch.cat(main, 1), (torch.cat(res, 1) if res else None)
 
 
-def smem_bytes(v: int, slice_cw: int, res_cw: int, row_block: int, tokens_tile: int) -> int:
+def smem_bytes(
+    v: int, slice_cw: int, res_cw: int, row_block: int, tokens_tile: int, chunk_cols: int
+) -> int:
     """Mirrors plan() in csrc/vptq_sliced.cu."""
 
     def a16(n: int) -> int:
@@ -131,20 +140,58 @@ def smem_bytes(v: int, slice_cw: int, res_cw: int, row_block: int, tokens_tile: 
     return (
         a16(slice_cw * v * 2)
         + a16(res_cw * v * 2)
-        + a16((CHUNK_COLS + 1) * tokens_tile * 4)
+        + a16((chunk_cols + 1) * tokens_tile * 4)
         + a16(row_block * v * tokens_tile * 4)
     )
 
 
-def max_tokens(v: int, slice_cw: int, res_cw: int, row_block: int, smem_optin: int) -> int:
+def max_tokens(
+    v: int, slice_cw: int, res_cw: int, row_block: int, chunk_cols: int, smem_optin: int
+) -> int:
     """Most tokens one call takes (0: none): v x tokens accumulators <= 32 per lane, and the
-    shared memory fits (sliced_supported() in csrc/vptq_sliced.cu)."""
+    shared memory fits beside STATIC_SMEM (sliced_supported() in csrc/vptq_sliced.cu)."""
+    room = smem_optin - STATIC_SMEM
     fits = [
         nt
         for nt in TOKEN_TILES
-        if v * nt <= 32 and smem_bytes(v, slice_cw, res_cw, row_block, nt) <= smem_optin
+        if v * nt <= 32 and smem_bytes(v, slice_cw, res_cw, row_block, nt, chunk_cols) <= room
     ]
     return max(fits, default=0)
+
+
+def two_per_sm(
+    v: int, slice_cw: int, res_cw: int, row_block: int, chunk_cols: int, smem_optin: int
+) -> bool:
+    """Whether two one-token blocks fit an SM's shared memory: an SM has 1 KiB more than one
+    block may opt in to, and each block takes its static arrays and 1 KiB the system reserves."""
+    block = smem_bytes(v, slice_cw, res_cw, row_block, 1, chunk_cols) + STATIC_SMEM + 1024
+    return 2 * block <= smem_optin + 1024
+
+
+def chunk_width(
+    K: int, v: int, slice_cw: int, res_cw: int, row_block: int, smem_optin: int
+) -> int:
+    """Input columns per chunk. The kernel stages xhat for one chunk at a time, and every chunk
+    end is a block-wide barrier behind the slowest warp plus a round of loads: Llama-3.1-8B's
+    down projection (4 chunks of 4096) took 29.0 us where gate, with as many lookups and
+    segments in 1 chunk, took 22.7 (csrc/KERNELS.md, session 10). So chunks are as wide as
+    MAX_CHUNK_COLS, K split evenly (a multiple of 8), where that keeps the layer's token tiles
+    and its two blocks per SM; else CHUNK_COLS."""
+    base = (
+        max_tokens(v, slice_cw, res_cw, row_block, CHUNK_COLS, smem_optin),
+        two_per_sm(v, slice_cw, res_cw, row_block, CHUNK_COLS, smem_optin),
+    )
+    n = -(-K // MAX_CHUNK_COLS)
+    while n * CHUNK_COLS < K:
+        width = (-(-K // n) + 7) // 8 * 8
+        now = (
+            max_tokens(v, slice_cw, res_cw, row_block, width, smem_optin),
+            two_per_sm(v, slice_cw, res_cw, row_block, width, smem_optin),
+        )
+        if now == base:
+            return width
+        n += 1
+    return CHUNK_COLS
 
 
 def launch_shape(rows: int, n_slices: int, num_sms: int, ctas_per_sm: int) -> tuple[int, int]:
@@ -162,7 +209,9 @@ def bank_groups(v: int) -> tuple[int, int]:
     return unit, 128 // unit
 
 
-def spread_order(seg: torch.Tensor, packed: torch.Tensor, v: int, n_seg: int) -> torch.Tensor:
+def spread_order(
+    seg: torch.Tensor, packed: torch.Tensor, v: int, n_seg: int, chunk_cols: int
+) -> torch.Tensor:
     """The order of the entries: by segment, and within a segment round-robin over the banks
     their codewords start in. Lane i of a warp takes entry i of a run of 32, and lanes whose
     codewords share a bank but not an address are served one after another; round-robin makes
@@ -171,9 +220,9 @@ def spread_order(seg: torch.Tensor, packed: torch.Tensor, v: int, n_seg: int) ->
     unit, nb = bank_groups(v)
     sb = seg * nb  # (segment, bank)
     sb += (packed & 0xFFFF) * (v * 2 // unit) % nb
-    wide = n_seg * nb * CHUNK_COLS >= 2**31
+    wide = n_seg * nb * chunk_cols >= 2**31
     key = sb.long() if wide else sb.clone()
-    key *= CHUNK_COLS
+    key *= chunk_cols
     key += packed >> 16  # the column
     order = torch.argsort(key)  # no more temporaries at the peak than sorting by column alone
     del key
@@ -184,9 +233,9 @@ def spread_order(seg: torch.Tensor, packed: torch.Tensor, v: int, n_seg: int) ->
     rank -= first[sb]  # the entry's place among its segment's entries in its bank
     del first
     bank = sb % nb
-    key = (sb // nb).long() if n_seg * 2 * CHUNK_COLS * nb >= 2**31 else sb // nb
+    key = (sb // nb).long() if n_seg * 2 * chunk_cols * nb >= 2**31 else sb // nb
     del sb
-    key *= 2 * CHUNK_COLS  # a segment may hold main and residual lookups of one column
+    key *= 2 * chunk_cols  # a segment may hold main and residual lookups of one column
     key += rank
     key *= nb
     key += bank
@@ -249,12 +298,24 @@ def shared_tail(
     return max(-(-r // b) * v * s for r, b, s in zip(rows, shares, n_slices, strict=True))
 
 
-def worth_sharing(layouts: list[SlicedLayout], num_sms: int, ctas_per_sm: int = CTAS_PER_SM):
-    """Whether these layouts can share a launch and are faster that way (MAX_SHARED_TAIL)."""
+def worth_sharing(
+    layouts: list[SlicedLayout], num_sms: int, smem_optin: int, ctas_per_sm: int = CTAS_PER_SM
+):
+    """Whether these layouts can share a launch and are faster that way: a short enough serial
+    tail (MAX_SHARED_TAIL), and the larger row blocks of the shared launch keep two blocks per
+    SM wherever each layer's own launch has them (their accumulators are in shared memory)."""
     if not groupable(layouts):
         return False
     rows, n_slices = [a.meta[8] for a in layouts], [a.meta[5] for a in layouts]
-    return shared_tail(rows, n_slices, layouts[0].meta[2], num_sms, ctas_per_sm) <= MAX_SHARED_TAIL
+    if shared_tail(rows, n_slices, layouts[0].meta[2], num_sms, ctas_per_sm) > MAX_SHARED_TAIL:
+        return False
+    shares = group_row_blocks(rows, n_slices, num_sms, ctas_per_sm)
+    for a, r, share in zip(layouts, rows, shares, strict=True):
+        v, slice_cw, chunk_cols, res_cw, own = a.meta[2], a.meta[4], a.meta[6], a.meta[9], a.meta[10]
+        keep = [two_per_sm(v, slice_cw, res_cw, rb, chunk_cols, smem_optin) for rb in (own, -(-r // share))]
+        if keep[0] and not keep[1]:
+            return False
+    return True
 
 
 def group(
@@ -271,7 +332,7 @@ def group(
         metas.append([*a.meta[:10], row_block, row_blocks])
         counters.append(torch.zeros(row_blocks, dtype=torch.int32, device=a.entries.device))
         v, slice_cw, res_cw = a.meta[2], a.meta[4], a.meta[9]
-        most.append(max_tokens(v, slice_cw, res_cw, row_block, smem_optin))
+        most.append(max_tokens(v, slice_cw, res_cw, row_block, a.meta[6], smem_optin))
     return SlicedGroup(
         layouts=list(layouts), metas=metas, counters=counters,
         max_tokens=min([GROUP_TOKENS, *most]),
@@ -317,24 +378,27 @@ def build(
     slice_cw = slice_codewords(v)
     n_cw = table.shape[0]
     n_slices = -(-n_cw // slice_cw)
-    n_chunks = -(-K // CHUNK_COLS)
+    res_cw = res_table.shape[0] if small else 0
+    row_block, row_blocks = launch_shape(rows, n_slices, num_sms, ctas_per_sm)
+    chunk_cols = chunk_width(K, v, slice_cw, res_cw, row_block, smem_optin)
+    n_chunks = -(-K // chunk_cols)
     n_seg = n_slices * n_chunks * rows
     column = perm.to(i32) if perm is not None else torch.arange(K, device=dev, dtype=i32)
     n = len(lookups)
     col = column.view(g, 1, S).expand(g, rows, S).flatten().repeat(n)  # original columns
     gid = torch.cat(lookups)
     del lookups
-    seg = (gid // slice_cw * n_chunks + col // CHUNK_COLS) * rows
+    seg = (gid // slice_cw * n_chunks + col // chunk_cols) * rows
     row = torch.arange(rows, device=dev, dtype=i32).view(1, rows, 1).expand(g, rows, S)
     seg += row.flatten().repeat(n)
-    col %= CHUNK_COLS  # the column within its chunk from here on
+    col %= chunk_cols  # the column within its chunk from here on
     packed = col << 16 | gid % slice_cw
     del gid
     del col
-    order = spread_order(seg, packed, v, n_seg)
+    order = spread_order(seg, packed, v, n_seg, chunk_cols)
     packed = packed[order]
     # Each segment padded to a multiple of PAD_TO entries (the kernel's warps take 32 at a
-    # time) with entries of the zero column CHUNK_COLS, codeword 0.
+    # time) with entries of the zero column chunk_cols, codeword 0 (pad_entry).
     counts = torch.bincount(seg, minlength=n_seg).to(i32)
     seg = seg[order]
     padded = (counts + PAD_TO - 1) // PAD_TO * PAD_TO
@@ -349,7 +413,7 @@ def build(
     # and SLICED_READ_AHEAD more at the end: the kernel loads a whole batch of a segment
     # unconditionally, so reading on past the last one stays inside the tensor
     size = int(offsets[-1]) + SLICED_READ_AHEAD
-    entries = torch.full((size,), PAD_ENTRY, dtype=i32, device=dev)
+    entries = torch.full((size,), pad_entry(chunk_cols), dtype=i32, device=dev)
     entries[pos] = packed
     del packed
     res_codes = None
@@ -359,9 +423,7 @@ def build(
         res_codes = torch.where(rc >= 32768, rc - 65536, rc).to(torch.int16)
     del order, pos
 
-    res_cw = res_table.shape[0] if small else 0
-    row_block, row_blocks = launch_shape(rows, n_slices, num_sms, ctas_per_sm)
-    meta = [spec.out_features, K, v, n_cw, slice_cw, n_slices, CHUNK_COLS, n_chunks, rows,
+    meta = [spec.out_features, K, v, n_cw, slice_cw, n_slices, chunk_cols, n_chunks, rows,
             res_cw, row_block, row_blocks]  # fmt: skip
     return SlicedLayout(
         entries=entries,
@@ -371,7 +433,7 @@ def build(
         res_table=res_table,
         counters=torch.zeros(row_blocks, dtype=torch.int32, device=dev),
         meta=meta,
-        max_tokens=max_tokens(v, slice_cw, res_cw, row_block, smem_optin),
+        max_tokens=max_tokens(v, slice_cw, res_cw, row_block, chunk_cols, smem_optin),
         table_is_copy=table_is_copy,
     )
 

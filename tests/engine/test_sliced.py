@@ -13,7 +13,7 @@ from .vq_factory import dequant_args, make_spec, oracle_dense, random_layer
 
 SLICED = {  # every kind of layer the sliced GEMV takes
     "v8-k65536": dict(k_in=96, n_out=40, v=8, k=65536),
-    "v8-k65536-chunks": dict(k_in=8300, n_out=16, v=8, k=65536),  # 3 column chunks
+    "v8-k65536-chunks": dict(k_in=8300, n_out=16, v=8, k=65536),  # 2 column chunks of 4152
     "v8-k65536-r256": dict(k_in=64, n_out=24, v=8, k=65536, kr=256),  # residual in every block
     "v8-k65536-r65536": dict(k_in=50, n_out=16, v=8, k=65536, kr=65536),  # residual sliced
     "v12-k65536-r4096-pad": dict(k_in=40, n_out=28, v=12, k=65536, kr=4096),
@@ -57,12 +57,12 @@ def test_layout_invariants(name):
         sizes % memory.PAD_TO == 0
     ).all()  # the kernel takes 32 at a time
     end = int(layout.offsets[-1])
-    assert (layout.entries[end:] == sliced.PAD_ENTRY).all()  # the tail: zero-column padding
+    assert (layout.entries[end:] == sliced.pad_entry(chunk_cols)).all()  # the tail: zero-column padding
     if layout.res_codes is not None:
         assert layout.res_codes.numel() == layout.entries.numel()
     e = layout.entries[:end].long() & 0xFFFFFFFF
     pad = (e >> 16) == chunk_cols
-    assert (e[pad] == sliced.PAD_ENTRY).all() and int((~pad).sum()) == lookups
+    assert (e[pad] == sliced.pad_entry(chunk_cols)).all() and int((~pad).sum()) == lookups
     assert int(pad.sum()) <= (memory.PAD_TO - 1) * sizes.numel()
     assert int((e & 0xFFFF).max()) < slice_cw and int((e[~pad] >> 16).max()) < chunk_cols
     assert (n_slices - 1) * slice_cw < n_cw <= n_slices * slice_cw
@@ -142,12 +142,12 @@ def test_spread_order_by_hand():
     col = torch.arange(6, dtype=torch.int32)
     packed = col << 16 | cw
     seg = torch.zeros(6, dtype=torch.int32)
-    order = sliced.spread_order(seg, packed, 8, 1)
+    order = sliced.spread_order(seg, packed, 8, 1, 4096)
     # rank 0 of banks 0, 1, 2 (columns 0, 2, 5), rank 1 of banks 0, 1 (1, 4), rank 2 of bank 0
     assert order.tolist() == [0, 2, 5, 1, 4, 3]
     # two segments stay apart, each spread on its own
     seg2 = torch.tensor([1, 1, 0, 0, 0, 0], dtype=torch.int32)
-    assert sliced.spread_order(seg2, packed, 8, 2).tolist() == [3, 2, 5, 4, 0, 1]
+    assert sliced.spread_order(seg2, packed, 8, 2, 4096).tolist() == [3, 2, 5, 4, 0, 1]
 
 
 def test_group_row_blocks_fill_one_wave_by_work():
@@ -204,10 +204,56 @@ def test_layers_share_a_launch_where_that_was_measured_faster(scheme):
 
 def test_worth_sharing_needs_groupable_layouts_and_a_short_tail(monkeypatch):
     layouts = [build("v8-k65536")[3] for _ in range(3)]
-    assert sliced.worth_sharing(layouts, 132)
-    assert not sliced.worth_sharing(layouts[:1], 132)  # one layer is no group
+    assert sliced.worth_sharing(layouts, 132, 232448)
+    assert not sliced.worth_sharing(layouts[:1], 132, 232448)  # one layer is no group
     monkeypatch.setattr(sliced, "MAX_SHARED_TAIL", 0)
-    assert not sliced.worth_sharing(layouts, 132)
+    assert not sliced.worth_sharing(layouts, 132, 232448)
+
+
+OPTIN = 227 << 10  # shared memory one block may opt in to on an H100 or H200
+
+
+@pytest.mark.parametrize(
+    "K, v, slice_cw, res_cw, row_block, want",
+    [
+        (4096, 8, 4096, 0, 32, 4096),  # one chunk
+        (5000, 8, 4096, 0, 32, 5000),  # one chunk, wider than CHUNK_COLS
+        (8192, 8, 4096, 0, 32, 8192),
+        (14336, 8, 4096, 0, 32, 7168),  # Llama-3.1-8B down: 2 chunks instead of 4
+        (28672, 8, 4096, 0, 32, 7168),  # Llama-3.1-70B down: 4 instead of 7
+        (8300, 8, 4096, 0, 32, 4152),  # 4150 rounded up to a multiple of 8
+        # xhat for 2 tokens of 8192 columns (64 KiB) beside a 96 KiB residual codebook and the
+        # 64 KiB slice leaves no room: 2-token calls would be lost
+        (8192, 12, 2728, 4096, 32, 4096),
+        (14336, 12, 2728, 4096, 32, 7168),  # 7168 columns still fit 2 tokens
+        # one token: 64 KiB slice + 32 KiB xhat + 300 x 16 x 4 B of accumulators (+ 2 KiB) is
+        # more than half an SM's 228 KiB: one block per SM instead of two
+        (8192, 16, 2048, 0, 300, 4096),
+        (8192, 16, 2048, 0, 200, 8192),
+    ],
+)
+def test_chunk_width_by_hand(K, v, slice_cw, res_cw, row_block, want):
+    assert sliced.chunk_width(K, v, slice_cw, res_cw, row_block, OPTIN) == want
+
+
+def fake_layout(N, K, v, rows, row_block, chunk_cols, n_slices=16):
+    meta = [N, K, v, 65536, 65536 // n_slices, n_slices, chunk_cols, -(-K // chunk_cols), rows,
+            0, row_block, -(-rows // row_block)]  # fmt: skip
+    empty = torch.zeros(0, dtype=torch.int32)
+    return sliced.SlicedLayout(empty, None, empty, empty, None, empty, meta, max_tokens=4)
+
+
+def test_worth_sharing_keeps_two_blocks_per_sm():
+    # 16 SMs: each layer alone gets 2 row blocks (300 rows), a shared launch 1 (600 rows). With
+    # 8192-column chunks, 64 KiB slice + 32 KiB xhat + 600 x 8 x 4 B of accumulators (+ 2 KiB)
+    # is more than half of an SM's 228 KiB: one block per SM instead of two.
+    wide = [fake_layout(4800, 8192, 8, 600, 300, 8192) for _ in range(2)]
+    assert sliced.two_per_sm(8, 4096, 0, 300, 8192, OPTIN)
+    assert not sliced.two_per_sm(8, 4096, 0, 600, 8192, OPTIN)
+    assert not sliced.worth_sharing(wide, 16, OPTIN)
+    narrow = [fake_layout(4800, 8192, 8, 600, 300, 4096) for _ in range(2)]
+    assert sliced.two_per_sm(8, 4096, 0, 600, 4096, OPTIN)
+    assert sliced.worth_sharing(narrow, 16, OPTIN)
 
 
 def test_bench_block_sum_takes_separate_launches_where_the_engine_does(capsys):
