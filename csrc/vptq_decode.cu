@@ -14,6 +14,8 @@
 // activation dtype where PyTorch rounds.
 #include <algorithm>
 #include <cfloat>
+#include <cstdlib>
+#include <cstring>
 #include <cstdint>
 #include <initializer_list>
 
@@ -156,18 +158,37 @@ constexpr int kMaxSplits = 256;
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
     const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
-    const int64_t* __restrict__ pos, float* __restrict__ ws, int S, int window, float scale) {
+    const int64_t* __restrict__ pos, float* __restrict__ ws, int S, int window, float scale,
+    bool preload) {
   pdl_trigger();
-  pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
   constexpr int E = D / 32;
   constexpr int U = kAttnBatch;
   const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // pos changes only after the step's last layer, and the keys before it were written by
+  // earlier steps: both are read before the wait for the previous kernel (rope_kv, which writes
+  // q and the key at pos), so the first batch of keys rides with that kernel's end.
   const int p = static_cast<int>(*pos);
   const int lo = window > 0 ? max(0, p - window + 1) : 0;
   const int n = p + 1 - lo;
   const int len = (n + splits - 1) / splits;
   const int k0 = lo + split * len, k1 = min(lo + n, k0 + len);
+  const T* kh = kc + static_cast<size_t>(h) * S * D + lane * E;
+  const T* vh = vc + static_cast<size_t>(h) * S * D + lane * E;
+  float kv[U][E], vv[U][E];
+  const auto load_keys = [&](int b0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = min(b0 + u, k1 - 1);  // past the end: a repeat, masked below
+      load_code<T, E>(kh + static_cast<size_t>(key) * D, kv[u]);
+      load_code<T, E>(vh + static_cast<size_t>(key) * D, vv[u]);
+    }
+  };
+  const int first = k0 + warp * U;
+  const bool early = preload && first < k1 && min(first + U - 1, k1 - 1) < p;
+  if (early) load_keys(first);
+  pdl_wait();  // q and the key at pos come from the previous kernel (vptq_device.cuh)
+  if (!early && first < k1) load_keys(first);
 
   float qv[G][E], o[G][E], m[G], l[G];
   const float qs = scale * 1.4426950408889634f;  // softmax in base 2
@@ -183,16 +204,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
     m[g] = -FLT_MAX;
     l[g] = 0.f;
   }
-  const T* kh = kc + static_cast<size_t>(h) * S * D + lane * E;
-  const T* vh = vc + static_cast<size_t>(h) * S * D + lane * E;
-  for (int base = k0 + warp * U; base < k1; base += kAttnWarps * U) {
-    float kv[U][E], vv[U][E];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int key = min(base + u, k1 - 1);  // past the end: a repeat, masked below
-      load_code<T, E>(kh + static_cast<size_t>(key) * D, kv[u]);
-      load_code<T, E>(vh + static_cast<size_t>(key) * D, vv[u]);
-    }
+  for (int base = first; base < k1; base += kAttnWarps * U) {
+    if (base != first) load_keys(base);  // the first batch is loaded
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       float sc[U];
@@ -366,6 +379,15 @@ __global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u
   }
 }
 
+// VPTQ_ATTN_PRELOAD=0: the first keys are loaded after the wait (for comparisons).
+bool attn_preload() {
+  static const bool on = [] {
+    const char* v = std::getenv("VPTQ_ATTN_PRELOAD");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
 template <typename T, int D, int G>
 cudaError_t attn_typed(const AttnArgs& a, cudaStream_t stream) {
   const dim3 grid(a.Hkv, a.splits);
@@ -373,7 +395,7 @@ cudaError_t attn_typed(const AttnArgs& a, cudaStream_t stream) {
                                stream, static_cast<const T*>(a.q),
                                static_cast<const T*>(a.k_cache),
                                static_cast<const T*>(a.v_cache), a.pos, a.ws, a.S, a.window,
-                               a.scale);
+                               a.scale, attn_preload());
   if (err != cudaSuccess) return err;
   return launch_pdl(attn_combine_kernel<T, D>, dim3(a.Hkv * G), dim3(kCombineThreads), 0,
                     stream, static_cast<const float*>(a.ws), static_cast<T*>(a.out), a.splits);
