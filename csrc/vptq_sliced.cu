@@ -6,10 +6,11 @@
 // So engine/ops/sliced.py regroups a layer's lookups once, at load time, by codebook slice:
 // block (row block b, slice s) copies slice s of the codebooks (64 KB) into shared memory and
 // serves every lookup of its rows that falls into that slice from there. An entry is 32 bits,
-// (column within its 4096-column chunk << 16) | codeword within the slice; a segment is the
-// entries of one (slice, chunk, vector-row), in round-robin order over the shared-memory banks
-// of their codewords and padded to a multiple of 32 with entries of a zero column; perm is
-// folded into the columns.
+// (column within its chunk of 4096 to 8192 columns << 16) | codeword within the slice (a chunk
+// is what shared memory holds of xhat at a time, engine/ops/sliced.py chunk_width); a segment
+// is the entries of one (slice, chunk, vector-row), in round-robin order over the shared-memory
+// banks of their codewords and padded to a multiple of 32 with entries of a zero column; perm
+// is folded into the columns.
 //
 // Per block: the codebook slice (and a small residual codebook, which every block holds whole)
 // goes to shared memory; per chunk, xhat = x * weight_scale for the chunk's columns is staged

@@ -168,15 +168,13 @@ def two_per_sm(
     return 2 * block <= smem_optin + 1024
 
 
-def chunk_width(
-    K: int, v: int, slice_cw: int, res_cw: int, row_block: int, smem_optin: int
-) -> int:
+def chunk_width(K: int, v: int, slice_cw: int, res_cw: int, row_block: int, smem_optin: int) -> int:
     """Input columns per chunk. The kernel stages xhat for one chunk at a time, and every chunk
     end is a block-wide barrier behind the slowest warp plus a round of loads: Llama-3.1-8B's
     down projection (4 chunks of 4096) took 29.0 us where gate, with as many lookups and
-    segments in 1 chunk, took 22.7 (csrc/KERNELS.md, session 10). So chunks are as wide as
-    MAX_CHUNK_COLS, K split evenly (a multiple of 8), where that keeps the layer's token tiles
-    and its two blocks per SM; else CHUNK_COLS."""
+    segments in 1 chunk, took 22.7; in 2 chunks of 7168 it takes 26.0 (H200, csrc/KERNELS.md,
+    session 10). So chunks are as wide as MAX_CHUNK_COLS, K split evenly (a multiple of 8),
+    where that keeps the layer's token tiles and its two blocks per SM; else CHUNK_COLS."""
     base = (
         max_tokens(v, slice_cw, res_cw, row_block, CHUNK_COLS, smem_optin),
         two_per_sm(v, slice_cw, res_cw, row_block, CHUNK_COLS, smem_optin),
@@ -311,9 +309,12 @@ def worth_sharing(
         return False
     shares = group_row_blocks(rows, n_slices, num_sms, ctas_per_sm)
     for a, r, share in zip(layouts, rows, shares, strict=True):
-        v, slice_cw, chunk_cols, res_cw, own = a.meta[2], a.meta[4], a.meta[6], a.meta[9], a.meta[10]
-        keep = [two_per_sm(v, slice_cw, res_cw, rb, chunk_cols, smem_optin) for rb in (own, -(-r // share))]
-        if keep[0] and not keep[1]:
+        v, slice_cw, chunk_cols, res_cw, own = (a.meta[i] for i in (2, 4, 6, 9, 10))
+        alone, shared = (
+            two_per_sm(v, slice_cw, res_cw, row_block, chunk_cols, smem_optin)
+            for row_block in (own, -(-r // share))
+        )
+        if alone and not shared:
             return False
     return True
 

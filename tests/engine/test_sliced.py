@@ -57,12 +57,13 @@ def test_layout_invariants(name):
         sizes % memory.PAD_TO == 0
     ).all()  # the kernel takes 32 at a time
     end = int(layout.offsets[-1])
-    assert (layout.entries[end:] == sliced.pad_entry(chunk_cols)).all()  # the tail: zero-column padding
+    pad_entry = sliced.pad_entry(chunk_cols)  # the zero column, codeword 0
+    assert (layout.entries[end:] == pad_entry).all()  # the read-ahead tail
     if layout.res_codes is not None:
         assert layout.res_codes.numel() == layout.entries.numel()
     e = layout.entries[:end].long() & 0xFFFFFFFF
     pad = (e >> 16) == chunk_cols
-    assert (e[pad] == sliced.pad_entry(chunk_cols)).all() and int((~pad).sum()) == lookups
+    assert (e[pad] == pad_entry).all() and int((~pad).sum()) == lookups
     assert int(pad.sum()) <= (memory.PAD_TO - 1) * sizes.numel()
     assert int((e & 0xFFFF).max()) < slice_cw and int((e[~pad] >> 16).max()) < chunk_cols
     assert (n_slices - 1) * slice_cw < n_cw <= n_slices * slice_cw
