@@ -115,17 +115,23 @@ def test_opcheck(name):
         )
 
 
+def replayed(fn):
+    """fn() captured in a CUDA graph and replayed: its output (copied out of the graph's
+    memory pool, which goes with the graph)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out.clone()
+
+
 def test_gemv_is_cuda_graph_capturable():
     spec = make_spec(k_in=4096, n_out=1024, v=8, k=65536, kr=256)
     args = gpu_args(random_layer(spec), torch.float16)
     x = torch.randn(1, 4096, dtype=torch.float16, device="cuda")
     eager = ops.vptq_linear(x, None, args, spec)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ops.vptq_linear(x, None, args, spec)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+    assert torch.equal(replayed(lambda: ops.vptq_linear(x, None, args, spec)), eager)
 
 
 def test_whole_random_model_gpu_matches_cpu(tmp_path):
@@ -355,3 +361,55 @@ def test_loader_shares_one_launch_among_layers_reading_the_same_input(tmp_path, 
         a = [gpu.model(tokens[:, i : i + 1], start=i) for i in range(6)]
         c = [alone.model(tokens[:, i : i + 1], start=i) for i in range(6)]
     assert torch.equal(torch.cat(a, 1), torch.cat(c, 1))  # the shared launch changes no sum
+
+
+# ---- the sliced GEMV's cluster path (VPTQ_SLICED_CLUSTER=1; off by default, not yet measured) ----
+
+CLUSTER_LAYERS = {
+    "8b-k-v8-k65536": SLICED_LARGE["8b-k-v8-k65536"],  # 256 blocks: 16 clusters of 16
+    "few-rows-v8-k65536": dict(k_in=4096, n_out=64, v=8, k=65536, bias=True),  # 8 clusters
+    "v8-k65536-r256": SLICED_LARGE["v8-k65536-r256"],  # small residual: one block per SM
+}
+
+
+@pytest.mark.parametrize("tokens", [1, 2])  # the cluster path is compiled for decode's 1-2
+@pytest.mark.parametrize("name", sorted(CLUSTER_LAYERS))
+def test_sliced_cluster_path_gives_the_ticket_paths_sums(name, tokens, monkeypatch, capfd):
+    """Each row block as a thread-block cluster whose blocks sum the slices from each other's
+    shared memory: the same additions in the same order as the ticket path's last block, so
+    the same bits; where the GPU cannot hold every cluster at once it takes the ticket path."""
+    spec = make_spec(**CLUSTER_LAYERS[name])
+    layer = random_layer(spec, seed=11, dtype=torch.float16)
+    args = gpu_args(layer, torch.float16)
+    layout = device_layout(spec, args)
+    if tokens > layout.max_tokens:
+        pytest.skip("too many tokens for this layer's shared memory")
+    bias = None if layer.bias is None else torch.tensor(layer.bias).half().cuda()
+    x = torch.randn(tokens, spec.in_features, dtype=torch.float16, device="cuda")
+    ticket = cuda.gemv_sliced(x, bias, layout, args)
+    monkeypatch.setenv("VPTQ_SLICED_CLUSTER", "1")
+    clustered = cuda.gemv_sliced(x, bias, layout, args)
+    torch.cuda.synchronize()
+    told = capfd.readouterr().err
+    assert f"blocks in clusters of {layout.meta[5]}" in told, told
+    if name == "few-rows-v8-k65536" and tokens == 1:  # 8 clusters of 16 two-block SMs fit
+        assert "at once, clusters" in told, told
+    assert torch.equal(clustered, ticket)
+    assert not layout.counters.any()
+    assert torch.equal(replayed(lambda: cuda.gemv_sliced(x, bias, layout, args)), ticket)
+
+
+def test_sliced_cluster_path_in_a_shared_launch(monkeypatch):
+    specs = [make_spec(**kw) for kw in GROUPS["qkv"]]
+    layers = [random_layer(sp, seed=i, dtype=torch.float16) for i, sp in enumerate(specs)]
+    args = [gpu_args(layer, torch.float16) for layer in layers]
+    layouts = [device_layout(sp, a) for sp, a in zip(specs, args, strict=True)]
+    props = torch.cuda.get_device_properties(0)
+    plan = sliced.group(layouts, props.multi_processor_count, props.shared_memory_per_block_optin)
+    biases = [torch.tensor(ly.bias).half().cuda() for ly in layers]
+    x = torch.randn(1, specs[0].in_features, dtype=torch.float16, device="cuda")
+    ticket = cuda.gemv_sliced_group(x, biases, plan.layouts, args, plan.metas, plan.counters)
+    monkeypatch.setenv("VPTQ_SLICED_CLUSTER", "1")
+    clustered = cuda.gemv_sliced_group(x, biases, plan.layouts, args, plan.metas, plan.counters)
+    for a, b in zip(clustered, ticket, strict=True):
+        assert torch.equal(a, b)
