@@ -365,6 +365,11 @@ def test_loader_shares_one_launch_among_layers_reading_the_same_input(tmp_path, 
 
 # ---- the sliced GEMV's cluster path (VPTQ_SLICED_CLUSTER=1; off by default, not yet measured) ----
 
+needs_clusters = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+    reason="thread-block clusters need compute capability 9.0",
+)
+
 CLUSTER_LAYERS = {
     "8b-k-v8-k65536": SLICED_LARGE["8b-k-v8-k65536"],  # 256 blocks: 16 clusters of 16
     "few-rows-v8-k65536": dict(k_in=4096, n_out=64, v=8, k=65536, bias=True),  # 8 clusters
@@ -372,6 +377,7 @@ CLUSTER_LAYERS = {
 }
 
 
+@needs_clusters
 @pytest.mark.parametrize("tokens", [1, 2])  # the cluster path is compiled for decode's 1-2
 @pytest.mark.parametrize("name", sorted(CLUSTER_LAYERS))
 def test_sliced_cluster_path_gives_the_ticket_paths_sums(name, tokens, monkeypatch, capfd):
@@ -399,6 +405,7 @@ def test_sliced_cluster_path_gives_the_ticket_paths_sums(name, tokens, monkeypat
     assert torch.equal(replayed(lambda: cuda.gemv_sliced(x, bias, layout, args)), ticket)
 
 
+@needs_clusters
 def test_sliced_cluster_path_in_a_shared_launch(monkeypatch):
     specs = [make_spec(**kw) for kw in GROUPS["qkv"]]
     layers = [random_layer(sp, seed=i, dtype=torch.float16) for i, sp in enumerate(specs)]
