@@ -605,8 +605,8 @@ int cluster_capacity(Kernel kernel, const cudaLaunchConfig_t& cfg, int cs) {
 }
 
 // VPTQ_SLICED_CLUSTER=1: row blocks as thread-block clusters where the GPU takes them
-// (cluster_end). Not measured yet, so off by default; it reports on stderr, once per grid and
-// cluster size, whether it launched clusters or fell back to the ticket path.
+// (cluster_end). Not measured yet, so off by default; it reports on stderr, once per kernel
+// instance and grid, whether it launched clusters or fell back to the ticket path.
 bool clusters_requested() {
   const char* v = std::getenv("VPTQ_SLICED_CLUSTER");
   return v != nullptr && std::strcmp(v, "1") == 0;
