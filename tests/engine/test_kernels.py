@@ -406,8 +406,9 @@ def test_sliced_cluster_path_gives_the_ticket_paths_sums(name, tokens, monkeypat
 
 
 @needs_clusters
-def test_sliced_cluster_path_in_a_shared_launch(monkeypatch):
-    specs = [make_spec(**kw) for kw in GROUPS["qkv"]]
+def test_sliced_cluster_path_in_a_shared_launch(monkeypatch, capfd):
+    # q, k, v of 4, 2 and 2 vector-rows: 8 row blocks, 8 clusters of 16 (any Hopper GPU)
+    specs = [make_spec(k_in=4096, n_out=n, v=8, k=65536, bias=True) for n in (32, 16, 16)]
     layers = [random_layer(sp, seed=i, dtype=torch.float16) for i, sp in enumerate(specs)]
     args = [gpu_args(layer, torch.float16) for layer in layers]
     layouts = [device_layout(sp, a) for sp, a in zip(specs, args, strict=True)]
@@ -418,5 +419,8 @@ def test_sliced_cluster_path_in_a_shared_launch(monkeypatch):
     ticket = cuda.gemv_sliced_group(x, biases, plan.layouts, args, plan.metas, plan.counters)
     monkeypatch.setenv("VPTQ_SLICED_CLUSTER", "1")
     clustered = cuda.gemv_sliced_group(x, biases, plan.layouts, args, plan.metas, plan.counters)
+    torch.cuda.synchronize()
+    told = capfd.readouterr().err
+    assert "128 blocks in clusters of 16" in told and "at once, clusters" in told, told
     for a, b in zip(clustered, ticket, strict=True):
         assert torch.equal(a, b)

@@ -26,11 +26,14 @@ SLICED = {  # every kind of layer the sliced GEMV takes
 }
 
 
+OPTIN = 227 << 10  # shared memory one block may opt in to on an H100 or H200
+
+
 def build(name, num_sms=7, ctas_per_sm=2):
     spec = make_spec(**SLICED[name])
     layer = random_layer(spec, seed=len(name), dtype=torch.float64)
     args = dequant_args(layer)
-    return spec, layer, args, sliced.build(args, spec, num_sms, 227 << 10, ctas_per_sm)
+    return spec, layer, args, sliced.build(args, spec, num_sms, OPTIN, ctas_per_sm)
 
 
 @pytest.mark.parametrize("name", sorted(SLICED))
@@ -118,7 +121,7 @@ def test_max_tokens_follows_shared_memory():
     spec = make_spec(k_in=96, n_out=40, v=16, k=65536)
     layer = random_layer(spec, dtype=torch.float16)
     args = dequant_args(layer)
-    assert sliced.build(args, spec, 132, 227 << 10).max_tokens == 2  # v x tokens <= 32
+    assert sliced.build(args, spec, 132, OPTIN).max_tokens == 2  # v x tokens <= 32
     # a consumer GPU's 99 KB: 64 KB of codebook + 2 x 16 KB of xhat
     assert sliced.build(args, spec, 132, 99 << 10).max_tokens == 2
     assert sliced.build(args, spec, 132, 90 << 10).max_tokens == 1
@@ -163,7 +166,7 @@ def test_group_row_blocks_fill_one_wave_by_work():
 
 def test_group_gives_each_layer_its_own_split():
     layouts = [build(n)[3] for n in ("v8-k65536", "v8-k65536", "v8-k65536")]
-    plan = sliced.group(layouts, 132, 227 << 10)
+    plan = sliced.group(layouts, 132, OPTIN)
     for a, meta, counters in zip(layouts, plan.metas, plan.counters, strict=True):
         assert meta[:10] == a.meta[:10]  # the layout itself is shared, not copied
         row_block, row_blocks = meta[10:]
@@ -177,7 +180,7 @@ def test_group_gives_each_layer_its_own_split():
     assert not sliced.groupable([layouts[0], build("v16-k65536")[3]])  # another v
     assert not sliced.groupable([layouts[0], build("v8-k65536-chunks")[3]])  # another K
     with pytest.raises(ValueError):
-        sliced.group([layouts[0], build("v8-k65536-r256")[3]], 132, 227 << 10)  # residual
+        sliced.group([layouts[0], build("v8-k65536-r256")[3]], 132, OPTIN)  # residual
 
 
 # (v, slices per layer, q+k+v faster shared, gate+up faster shared): the H200 measurements of
@@ -205,13 +208,10 @@ def test_layers_share_a_launch_where_that_was_measured_faster(scheme):
 
 def test_worth_sharing_needs_groupable_layouts_and_a_short_tail(monkeypatch):
     layouts = [build("v8-k65536")[3] for _ in range(3)]
-    assert sliced.worth_sharing(layouts, 132, 232448)
-    assert not sliced.worth_sharing(layouts[:1], 132, 232448)  # one layer is no group
+    assert sliced.worth_sharing(layouts, 132, OPTIN)
+    assert not sliced.worth_sharing(layouts[:1], 132, OPTIN)  # one layer is no group
     monkeypatch.setattr(sliced, "MAX_SHARED_TAIL", 0)
-    assert not sliced.worth_sharing(layouts, 132, 232448)
-
-
-OPTIN = 227 << 10  # shared memory one block may opt in to on an H100 or H200
+    assert not sliced.worth_sharing(layouts, 132, OPTIN)
 
 
 @pytest.mark.parametrize(
@@ -286,14 +286,14 @@ def test_arrange_builds_layouts_and_shared_launches(tmp_path):
     from engine import layers as L
 
     model, linears = _uniform_model(tmp_path)
-    assert L.arrange(model, linears, 1 << 40, 132, 227 << 10) == len(linears) == 14
+    assert L.arrange(model, linears, 1 << 40, 132, OPTIN) == len(linears) == 14
     blocks = [b for b in model.modules() if hasattr(b, "shared_input")]
     assert all(b.fused is not None for b in blocks)
     for b in blocks:
         assert b.fused.plan.layouts == [m.sliced for m in b.shared_input()]
     # nothing fits: no layouts, no shared launches
     model, linears = _uniform_model(tmp_path / "again")
-    assert L.arrange(model, linears, 0, 132, 227 << 10) == 0
+    assert L.arrange(model, linears, 0, 132, OPTIN) == 0
     assert all(m.sliced is None for m in linears)
     assert all(b.fused is None for b in model.modules() if hasattr(b, "shared_input"))
 
@@ -311,7 +311,7 @@ def test_out_of_memory_while_arranging_keeps_what_was_built(tmp_path, monkeypatc
         return real(*args, **kw)
 
     monkeypatch.setattr(sliced, "build", build_until_full)
-    assert L.arrange(model, linears, 1 << 40, 132, 227 << 10) == 2
+    assert L.arrange(model, linears, 1 << 40, 132, OPTIN) == 2
     assert sum(m.sliced is not None for m in linears) == 2 and len(calls) == 3
     assert "out of memory arranging" in caplog.text and "12 layers keep the plain" in caplog.text
     # shared launches only where every member has its layout
@@ -328,7 +328,7 @@ def test_tune_decode_keeps_the_fastest_path_of_each_shape(tmp_path, monkeypatch)
 
     monkeypatch.setenv("VPTQ_SLICED_GROUPS", "0")
     model, linears = _uniform_model(tmp_path)
-    assert L.arrange(model, linears, 1 << 40, 132, 227 << 10) == 14
+    assert L.arrange(model, linears, 1 << 40, 132, OPTIN) == 14
     times = {  # (in, out) -> seconds per path
         (48, 48): {"sliced": 1.0, "gemv": 0.5, "dequant": 0.8},  # q and o: the plain GEMV
         (48, 24): {"sliced": 1.0, "gemv": 1.2, "dequant": 0.5},  # k and v: dequant + GEMM
@@ -357,7 +357,7 @@ def test_tune_decode_keeps_the_fastest_path_of_each_shape(tmp_path, monkeypatch)
     # with shared launches q, k, v and gate, up are not timed: only o and down
     monkeypatch.setenv("VPTQ_SLICED_GROUPS", "1")
     model, linears = _uniform_model(tmp_path / "shared")
-    L.arrange(model, linears, 1 << 40, 132, 227 << 10)
+    L.arrange(model, linears, 1 << 40, 132, OPTIN)
     seen.clear()
     L.tune_decode(model, timer)
     assert {(k, n, g) for k, n, _, g in seen} == {(48, 48, 2), (80, 48, 2)}
@@ -379,7 +379,7 @@ def test_a_failure_to_time_the_decode_paths_keeps_the_sliced_gemv(tmp_path, monk
     from engine import layers as L
 
     model, linears = _uniform_model(tmp_path)
-    L.arrange(model, linears, 1 << 40, 132, 227 << 10)
+    L.arrange(model, linears, 1 << 40, 132, OPTIN)
 
     def broken(model):
         raise RuntimeError("CUDA error: the launch timed out\nmore")
