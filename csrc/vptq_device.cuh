@@ -77,11 +77,15 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Whether the current device has compute capability 9.0 or later (cached per device).
-inline bool hopper_or_later() {
+// Whether kernels on the current device are launched with PDL (cached per device).
+inline bool dependent_launch() {
+  static const bool off = [] {
+    const char* v = std::getenv("VPTQ_PDL");
+    return v != nullptr && std::strcmp(v, "0") == 0;
+  }();
   static std::atomic<signed char> known[64] = {};  // 0: not asked yet, 1: yes, 2: no
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (off || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
   if (known[dev].load() == 0) {
     int major = 0;
     const bool ok =
@@ -89,15 +93,6 @@ inline bool hopper_or_later() {
     known[dev].store(ok && major >= 9 ? 1 : 2);
   }
   return known[dev].load() == 1;
-}
-
-// Whether kernels on the current device are launched with PDL.
-inline bool dependent_launch() {
-  static const bool off = [] {
-    const char* v = std::getenv("VPTQ_PDL");
-    return v != nullptr && std::strcmp(v, "0") == 0;
-  }();
-  return !off && hopper_or_later();
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with PDL where dependent_launch() allows.

@@ -22,18 +22,11 @@
 // slices in order, dot(x, b) and bias, and writes the output: deterministic, one launch, no
 // host synchronisation. One launch may serve up to kMaxGroup layers that read the same x
 // (q, k, v): their blocks share one wave, and each layer's sums are those it gets alone.
-#include <cooperative_groups.h>
 #include <cuda_pipeline.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
-#include <set>
-#include <tuple>
-#include <utility>
 
 #include "vptq.h"
 #include "vptq_device.cuh"
@@ -42,7 +35,6 @@ namespace vptq {
 namespace {
 
 constexpr int kWarpsS = kSlicedThreads / 32;
-constexpr int kMaxClusterSlices = 16;  // the most blocks of a cluster (non-portable above 8)
 
 __host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) & ~size_t{15}; }
 
@@ -339,56 +331,11 @@ __device__ __forceinline__ void prestage_scale(const SlicedLayer& L, int pc, flo
   }
 }
 
-// The end of a launch whose row blocks are thread-block clusters (CLUSTER; compute capability
-// 9.0): the n_slices blocks of a row block, one per slice, are one cluster, and each adds up
-// its share of the row block's outputs over all slices' accumulators, read from the other
-// blocks' shared memory, in slice order from xb + bias as the last block of the ticket path
-// does (the same sums, bit for bit). No workspace, fences or ticket, and every block works on
-// the sum instead of one. (`red`: the warps' shares of x . weight_bias, as every block has.)
-template <typename T, int V, int NT>
-__device__ __forceinline__ void cluster_end(const SlicedLayer& L, T* out, const float (*red)[NT],
-                                            int ntok, int r0, int r1, int s, const float* acc) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  const cg::cluster_group cluster = cg::this_cluster();
-  __shared__ float xb[NT];  // as the ticket path's last block sums it
-  if (threadIdx.x < NT) {
-    float total = 0.f;
-    for (int w = 0; w < kWarpsS; ++w) total += red[w][threadIdx.x];
-    xb[threadIdx.x] = L.wbias ? total : 0.f;
-  }
-  cluster.sync();  // every slice's accumulators are complete, and xb is written
-  const T* bias = static_cast<const T*>(L.bias);
-  const int outs = min((r1 - r0) * V, L.N - r0 * V);
-  const int items = outs * ntok;  // item j: output n = r0 * V + j % outs, token j / outs
-  const int per = (items + L.n_slices - 1) / L.n_slices;
-  const int j1 = min(items, (s + 1) * per);
-  constexpr int kRound = 8;  // slices whose loads are in flight together
-  for (int j = s * per + static_cast<int>(threadIdx.x); j < j1; j += blockDim.x) {
-    const int i = j % outs, t = j / outs;
-    float total = xb[t] + (bias ? to_f(bias[r0 * V + i]) : 0.f);
-    for (int q0 = 0; q0 < L.n_slices; q0 += kRound) {
-      float v[kRound];
-#pragma unroll
-      for (int u = 0; u < kRound; ++u)
-        v[u] = q0 + u < L.n_slices ? cluster.map_shared_rank(acc, q0 + u)[i * NT + t] : 0.f;
-#pragma unroll
-      for (int u = 0; u < kRound; ++u)
-        if (q0 + u < L.n_slices) total += v[u];
-    }
-    out[static_cast<size_t>(t) * L.N + r0 * V + i] = from_f<T>(total);
-  }
-  cluster.sync();  // no block leaves while the others read its shared memory
-#endif
-}
-
 // Two blocks per SM where 64 registers hold the loop without spilling (v x tokens <= 8, no
 // residual: the decode path of the 2-bit community models); larger tiles get more registers.
 // GROUP: G holds several layers (else one, read at fixed offsets: a layer index known only at
 // run time turns every read of L into an indexed constant load, which cost a single layer 15%).
-// CLUSTER: the row block's blocks are one cluster, slice fastest in the block index
-// (cluster_end); else slice slowest, and the ticket path ends the launch.
-template <typename T, int V, int NT, bool RES, bool GROUP, bool CLUSTER>
+template <typename T, int V, int NT, bool RES, bool GROUP>
 __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     sliced_gemv_kernel(const __grid_constant__ SlicedGroup G, const T* __restrict__ x, int ntok,
                        bool bulk_allowed) {
@@ -403,9 +350,7 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   const SlicedLayer& L = G.L[GROUP ? l : 0];
   T* __restrict__ out = static_cast<T*>(G.out[GROUP ? l : 0]);
   float* __restrict__ ws = G.ws[GROUP ? l : 0];
-  const unsigned local = blockIdx.x - first;
-  const int rblk = CLUSTER ? local / L.n_slices : local % L.row_blocks;
-  const int s = CLUSTER ? local % L.n_slices : local / L.row_blocks;
+  const int rblk = (blockIdx.x - first) % L.row_blocks, s = (blockIdx.x - first) / L.row_blocks;
   extern __shared__ __align__(16) unsigned char smem[];
   const SmemPlan sp = plan(L, NT);
   T* cb = reinterpret_cast<T*>(smem + sp.cb);
@@ -507,153 +452,68 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     }
   }
   __syncthreads();
-  if constexpr (CLUSTER) {
-    cluster_end<T, V, NT>(L, out, red, ntok, r0, r1, s, acc);
-  } else {
-    // This slice's partial sums -> ws[s][t][n].
-    for (int i = threadIdx.x; i < (r1 - r0) * V; i += blockDim.x) {
-      const int n = r0 * V + i;
-      if (n >= L.N) break;
-      for (int t = 0; t < ntok; ++t)
-        ws[(static_cast<size_t>(s) * ntok + t) * L.N + n] = acc[i * NT + t];
-    }
-    __threadfence();
-    __syncthreads();
-    __shared__ int last;
-    if (threadIdx.x == 0) last = atomicAdd(L.counters + rblk, 1) == L.n_slices - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
 
-    // The last block of this row block: dot(x, b) per token from the warps' shares, then the
-    // sum over slices, kSumItems outputs per thread at a time with kSumSlices slices of each in
-    // flight (one output per thread and eight slices took four to eight rounds of L2 latency
-    // here, alone on the critical path).
-    __shared__ float xb[NT];
-    if (threadIdx.x < NT) {
-      float total = 0.f;
-      for (int w = 0; w < kWarpsS; ++w) total += red[w][threadIdx.x];
-      xb[threadIdx.x] = L.wbias ? total : 0.f;  // x * 0 would turn an infinite x into NaN
+  // This slice's partial sums -> ws[s][t][n].
+  for (int i = threadIdx.x; i < (r1 - r0) * V; i += blockDim.x) {
+    const int n = r0 * V + i;
+    if (n >= L.N) break;
+    for (int t = 0; t < ntok; ++t)
+      ws[(static_cast<size_t>(s) * ntok + t) * L.N + n] = acc[i * NT + t];
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int last;
+  if (threadIdx.x == 0) last = atomicAdd(L.counters + rblk, 1) == L.n_slices - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+
+  // The last block of this row block: dot(x, b) per token from the warps' shares, then the
+  // sum over slices, kSumItems outputs per thread at a time with kSumSlices slices of each in
+  // flight (one output per thread and eight slices took four to eight rounds of L2 latency
+  // here, alone on the critical path).
+  __shared__ float xb[NT];
+  if (threadIdx.x < NT) {
+    float total = 0.f;
+    for (int w = 0; w < kWarpsS; ++w) total += red[w][threadIdx.x];
+    xb[threadIdx.x] = L.wbias ? total : 0.f;  // x * 0 would turn an infinite x into NaN
+  }
+  __syncthreads();
+  const T* bias = static_cast<const T*>(L.bias);
+  const int outs = min((r1 - r0) * V, L.N - r0 * V);
+  const int items = outs * ntok;  // item j: output n = r0 * V + j % outs, token j / outs
+  constexpr int kSumItems = 4, kSumSlices = 8;
+  for (int j0 = threadIdx.x; j0 < items; j0 += kSumItems * blockDim.x) {
+    float total[kSumItems];
+    int at[kSumItems];  // ws holds n_slices x ntok x N < 2^31 floats (sliced_supported)
+#pragma unroll
+    for (int k = 0; k < kSumItems; ++k) {
+      const int j = min(j0 + k * static_cast<int>(blockDim.x), items - 1);
+      const int n = r0 * V + j % outs, t = j / outs;
+      total[k] = xb[t] + (bias ? to_f(bias[n]) : 0.f);
+      at[k] = t * L.N + n;
     }
-    __syncthreads();
-    const T* bias = static_cast<const T*>(L.bias);
-    const int outs = min((r1 - r0) * V, L.N - r0 * V);
-    const int items = outs * ntok;  // item j: output n = r0 * V + j % outs, token j / outs
-    constexpr int kSumItems = 4, kSumSlices = 8;
-    for (int j0 = threadIdx.x; j0 < items; j0 += kSumItems * blockDim.x) {
-      float total[kSumItems];
-      int at[kSumItems];  // ws holds n_slices x ntok x N < 2^31 floats (sliced_supported)
-  #pragma unroll
-      for (int k = 0; k < kSumItems; ++k) {
-        const int j = min(j0 + k * static_cast<int>(blockDim.x), items - 1);
-        const int n = r0 * V + j % outs, t = j / outs;
-        total[k] = xb[t] + (bias ? to_f(bias[n]) : 0.f);
-        at[k] = t * L.N + n;
-      }
-      const int stride = ntok * L.N;  // from one slice to the next
-      int q = 0;
-      for (; q + kSumSlices <= L.n_slices; q += kSumSlices) {
-        float v[kSumItems][kSumSlices];
-  #pragma unroll
-        for (int k = 0; k < kSumItems; ++k)
-  #pragma unroll
-          for (int u = 0; u < kSumSlices; ++u) v[k][u] = __ldcg(ws + (q + u) * stride + at[k]);
-  #pragma unroll
-        for (int k = 0; k < kSumItems; ++k)
-  #pragma unroll
-          for (int u = 0; u < kSumSlices; ++u) total[k] += v[k][u];
-      }
-      for (; q < L.n_slices; ++q)
-  #pragma unroll
-        for (int k = 0; k < kSumItems; ++k) total[k] += __ldcg(ws + q * stride + at[k]);
-  #pragma unroll
+    const int stride = ntok * L.N;  // from one slice to the next
+    int q = 0;
+    for (; q + kSumSlices <= L.n_slices; q += kSumSlices) {
+      float v[kSumItems][kSumSlices];
+#pragma unroll
       for (int k = 0; k < kSumItems; ++k)
-        if (j0 + k * static_cast<int>(blockDim.x) < items) out[at[k]] = from_f<T>(total[k]);
+#pragma unroll
+        for (int u = 0; u < kSumSlices; ++u) v[k][u] = __ldcg(ws + (q + u) * stride + at[k]);
+#pragma unroll
+      for (int k = 0; k < kSumItems; ++k)
+#pragma unroll
+        for (int u = 0; u < kSumSlices; ++u) total[k] += v[k][u];
     }
-    if (threadIdx.x == 0) L.counters[rblk] = 0;  // ready for the next call
+    for (; q < L.n_slices; ++q)
+#pragma unroll
+      for (int k = 0; k < kSumItems; ++k) total[k] += __ldcg(ws + q * stride + at[k]);
+#pragma unroll
+    for (int k = 0; k < kSumItems; ++k)
+      if (j0 + k * static_cast<int>(blockDim.x) < items) out[at[k]] = from_f<T>(total[k]);
   }
-
-}
-
-// How many clusters of cs blocks of `kernel` the GPU holds at once (0: none, or the query
-// failed), cached per device, kernel, shared memory and cluster size.
-template <typename Kernel>
-int cluster_capacity(Kernel kernel, const cudaLaunchConfig_t& cfg, int cs) {
-  static std::mutex mu;
-  static std::map<std::tuple<int, const void*, size_t, int>, int> known;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  const auto key = std::make_tuple(dev, reinterpret_cast<const void*>(kernel),
-                                   cfg.dynamicSmemBytes, cs);
-  const std::lock_guard<std::mutex> lock(mu);
-  const auto it = known.find(key);
-  if (it != known.end()) return it->second;
-  int n = 0;
-  if (cs > 8 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) !=
-          cudaSuccess) {
-    n = -1;
-  } else if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
-    n = -1;
-  }
-  if (n < 0) {
-    (void)cudaGetLastError();  // a refusal here only means: no clusters
-    n = 0;
-  }
-  known.emplace(key, n);
-  return n;
-}
-
-// VPTQ_SLICED_CLUSTER=1: row blocks as thread-block clusters where the GPU takes them
-// (cluster_end). Not measured yet, so off by default; it reports on stderr, once per kernel
-// instance and grid, whether it launched clusters or fell back to the ticket path.
-bool clusters_requested() {
-  const char* v = std::getenv("VPTQ_SLICED_CLUSTER");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
-// The launch in clusters of cs blocks (one row block each) where the GPU holds all of them at
-// once: a cluster left for a second wave would end the launch after the ticket path would.
-// cudaErrorNotSupported: not launched, use the ticket path.
-template <typename T, int V, int NT, bool RES, bool GROUP>
-cudaError_t launch_clustered(const SlicedGroup& G, const void* x, int T_, size_t smem,
-                             unsigned blocks, bool bulk, cudaStream_t stream) {
-  const int cs = G.L[0].n_slices;
-  for (int i = 1; i < G.n; ++i)
-    if (G.L[i].n_slices != cs) return cudaErrorNotSupported;
-  if (!hopper_or_later() || (cs != 2 && cs != 4 && cs != 8 && cs != kMaxClusterSlices))
-    return cudaErrorNotSupported;
-  auto kernel = sliced_gemv_kernel<T, V, NT, RES, GROUP, true>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(kSlicedThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cs;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;  // the capacity is asked without PDL, which does not change it
-  const int capacity = cluster_capacity(kernel, cfg, cs);
-  const bool fits = static_cast<int64_t>(capacity) * cs >= blocks;
-  {
-    static std::mutex mu;
-    static std::set<std::pair<const void*, unsigned>> told;  // kernel instance, grid
-    const std::lock_guard<std::mutex> lock(mu);
-    if (told.insert({reinterpret_cast<const void*>(kernel), blocks}).second)
-      std::fprintf(stderr, "vptq: sliced GEMV, %u blocks in clusters of %d: %d clusters at once, "
-                   "%s\n", blocks, cs, capacity, fits ? "clusters" : "ticket path");
-  }
-  if (!fits) return cudaErrorNotSupported;
-  cfg.numAttrs = dependent_launch() ? 2 : 1;
-  return cudaLaunchKernelEx(&cfg, kernel, G, static_cast<const T*>(x), T_, bulk);
+  if (threadIdx.x == 0) L.counters[rblk] = 0;  // ready for the next call
 }
 
 template <typename T, int V, int NT, bool RES, bool GROUP>
@@ -664,20 +524,11 @@ cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStrea
     smem = std::max(smem, plan(G.L[i], NT).total);
     blocks += static_cast<unsigned>(G.L[i].row_blocks * G.L[i].n_slices);
   }
+  auto kernel = sliced_gemv_kernel<T, V, NT, RES, GROUP>;
   static const bool bulk = [] {  // VPTQ_SLICED_BULK=0: the slice copy by cp.async
     const char* v = std::getenv("VPTQ_SLICED_BULK");
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
-  // A cluster holds up to 16 blocks, one per slice: a 65536-entry codebook in 64 KB slices is
-  // 4, 8 or 16 slices at v = 2, 4, 8. Compiled for decode's 1-2 tokens only.
-  if constexpr ((V == 2 || V == 4 || V == 8) && NT <= kGroupTokens) {
-    if (clusters_requested()) {
-      const cudaError_t err =
-          launch_clustered<T, V, NT, RES, GROUP>(G, x, T_, smem, blocks, bulk, stream);
-      if (err != cudaErrorNotSupported) return err;
-    }
-  }
-  auto kernel = sliced_gemv_kernel<T, V, NT, RES, GROUP, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
