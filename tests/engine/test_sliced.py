@@ -140,18 +140,64 @@ def test_choose_fills_the_budget_largest_first():
 
 
 def test_spread_order_by_hand():
-    # one segment, v=8 (16-byte codewords: bank group = codeword % 8), columns 0..5 with
-    # codewords 0, 8, 1, 16, 9, 2: banks 0, 0, 1, 0, 1, 2
+    # one segment, v=8 (16-byte codewords: codeword bank = codeword % 8), columns 0..5 with
+    # codewords 0, 8, 1, 16, 9, 2: codeword banks 0, 0, 1, 0, 1, 2; xhat banks rotated by 4 per
+    # codeword bank, (column - 4 x bank) % 32: 0, 1, 30, 3, 0, 29
     cw = torch.tensor([0, 8, 1, 16, 9, 2], dtype=torch.int32)
     col = torch.arange(6, dtype=torch.int32)
     packed = col << 16 | cw
     seg = torch.zeros(6, dtype=torch.int32)
     order = sliced.spread_order(seg, packed, 8, 1, 4096)
-    # rank 0 of banks 0, 1, 2 (columns 0, 2, 5), rank 1 of banks 0, 1 (1, 4), rank 2 of bank 0
-    assert order.tolist() == [0, 2, 5, 1, 4, 3]
+    # bank 0 by xhat bank: 0, 1, 3; bank 1: 4 (0), 2 (30); bank 2: 5. Then round-robin: rank 0
+    # of banks 0, 1, 2, rank 1 of banks 0, 1, rank 2 of bank 0
+    assert order.tolist() == [0, 4, 5, 1, 2, 3]
     # two segments stay apart, each spread on its own
     seg2 = torch.tensor([1, 1, 0, 0, 0, 0], dtype=torch.int32)
-    assert sliced.spread_order(seg2, packed, 8, 2, 4096).tolist() == [3, 2, 5, 4, 0, 1]
+    assert sliced.spread_order(seg2, packed, 8, 2, 4096).tolist() == [3, 4, 5, 2, 0, 1]
+
+
+def test_spread_order_cycles_through_the_xhat_banks():
+    # codeword bank 0 only; columns 5, 32, 40, 0: xhat banks 5, 0, 8, 0. Columns 32 and 0
+    # share bank 0: 32 (first in the input) is its copy 0, column 0 its copy 1, so column 0
+    # comes after every copy 0 (column order would put it first)
+    col = torch.tensor([5, 32, 40, 0], dtype=torch.int32)
+    packed = col << 16 | torch.tensor([0, 8, 16, 24], dtype=torch.int32)
+    order = sliced.spread_order(torch.zeros(4, dtype=torch.int32), packed, 8, 1, 4096)
+    assert order.tolist() == [1, 0, 2, 3]
+
+
+def xhat_wavefronts(layout) -> float:
+    """Shared-memory wavefronts of one token's xhat loads, per 32-entry run (the most distinct
+    addresses in one of the 32 banks), averaged over the layout."""
+    e = layout.entries[: int(layout.offsets[-1])].long() & 0xFFFFFFFF
+    col = (e >> 16).view(-1, 32)
+    key, _ = (col % 32 * (1 << 20) + col).sort(dim=1)
+    new = torch.ones_like(key, dtype=torch.bool)
+    new[:, 1:] = key[:, 1:] != key[:, :-1]  # a bank serves equal addresses at once
+    per_bank = torch.zeros(key.shape[0], 32, dtype=torch.long)
+    per_bank.scatter_add_(1, key >> 20, new.long())
+    return per_bank.max(1).values.double().mean().item()
+
+
+def test_spread_order_spreads_the_xhat_loads_over_the_banks(monkeypatch):
+    # a v=8 layer of the Llama-3.1-8B q shape, 16 slices: about 256 lookups a segment
+    spec = make_spec(k_in=4096, n_out=1024, v=8, k=65536)
+    layer = random_layer(spec, seed=5, dtype=torch.float16)
+    args = dequant_args(layer)
+    spread = xhat_wavefronts(sliced.build(args, spec, 132, OPTIN))
+
+    def by_column(seg, packed, v, n_seg, chunk_cols):  # the order before session 11
+        unit, nb = sliced.bank_groups(v)
+        sb = (seg * nb + (packed & 0xFFFF) * (v * 2 // unit) % nb).long()
+        order = torch.argsort(sb * chunk_cols + (packed >> 16))
+        sb = sb[order]
+        first = torch.cat([sb.new_zeros(1), torch.bincount(sb).cumsum(0)])
+        rank = torch.arange(sb.numel()) - first[sb]
+        return order[torch.argsort(((sb // nb) * 2 * chunk_cols + rank) * nb + sb % nb)]
+
+    monkeypatch.setattr(sliced, "spread_order", by_column)
+    plain = xhat_wavefronts(sliced.build(args, spec, 132, OPTIN))
+    assert 3.2 < plain < 3.5 and spread < 3.05, (plain, spread)
 
 
 def test_group_row_blocks_fill_one_wave_by_work():
