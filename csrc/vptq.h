@@ -56,7 +56,7 @@ struct SlicedLayer {
 };
 
 constexpr int kSlicedThreads = 512;
-// Entries the sliced GEMV may read past a segment's end (a batch, vptq_sliced.cu): the
+// Entries the sliced GEMV may read past a segment's end (a batch, vptq_sliced.cuh): the
 // entries (and residual codes) end with this many padding entries (engine/memory.py
 // SLICED_READ_AHEAD).
 constexpr int kSlicedReadAhead = 288;

@@ -24,8 +24,19 @@ from ..paths import shipped
 from .sliced import SlicedLayout
 
 CSRC = shipped("csrc")
-SOURCES = ("vptq_ops.cpp", "vptq_kernels.cu", "vptq_sliced.cu", "vptq_decode.cu")
-HEADERS = ("vptq.h", "vptq_device.cuh")
+# The sliced GEMV's instances are spread over one file per token tile so that ninja builds them
+# in parallel (one file took most of the first-use build).
+SOURCES = (
+    "vptq_ops.cpp",
+    "vptq_kernels.cu",
+    "vptq_decode.cu",
+    "vptq_sliced.cu",
+    "vptq_sliced_1.cu",
+    "vptq_sliced_2.cu",
+    "vptq_sliced_4.cu",
+    "vptq_sliced_8.cu",
+)
+HEADERS = ("vptq.h", "vptq_device.cuh", "vptq_sliced.cuh")
 # Fused GEMV (the sliced one where the layer has that layout) up to this many tokens; above it,
 # dequant + cuBLAS GEMM. Chosen by measurement (`python -m engine bench kernels`, H200): summed
 # over a Llama-3.1-8B block at 4 tokens the sliced GEMV takes 276 us against 533 us for

@@ -1,4 +1,4 @@
-"""The sliced layout of a VPTQ layer, built once at load time for csrc/vptq_sliced.cu.
+"""The sliced layout of a VPTQ layer, built once at load time for csrc/vptq_sliced.cuh.
 
 A 65536-entry codebook (1 MiB at v=8) does not fit in shared memory, and gathering one codeword
 per index from L2 is slower than reading the fp16 weight (csrc/KERNELS.md). The weights are
@@ -132,7 +132,7 @@ def _indices32(indices: torch.Tensor, spec: VQLayerSpec, rows_per_step: int = 25
 def smem_bytes(
     v: int, slice_cw: int, res_cw: int, row_block: int, tokens_tile: int, chunk_cols: int
 ) -> int:
-    """Mirrors plan() in csrc/vptq_sliced.cu."""
+    """Mirrors plan() in csrc/vptq_sliced.cuh."""
 
     def a16(n: int) -> int:
         return (n + 15) & ~15

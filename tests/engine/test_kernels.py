@@ -176,7 +176,7 @@ def test_demo_model_greedy_tokens_match_the_cpu_reference():
     assert tokens == runs["cpu"][0], (text, runs["cpu"][1])
 
 
-# ---- the sliced GEMV (csrc/vptq_sliced.cu) ----
+# ---- the sliced GEMV (csrc/vptq_sliced.cuh) ----
 
 SLICED_LARGE = {  # real shapes, many row blocks and slices; oracle: the float64 reference op
     "8b-k-v8-k65536": dict(k_in=4096, n_out=1024, v=8, k=65536),

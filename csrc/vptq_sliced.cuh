@@ -1,0 +1,590 @@
+// The sliced lookup-GEMV: y = x W^T + bias for 1..8 tokens (v x tokens <= 32) for layers whose
+// codebooks do not fit in shared memory (the 65536-entry codebooks of the community models).
+//
+// Why: gathering a 16-byte codeword per index from a 1 MiB codebook in L2 moves a 32-byte
+// sector per 8 weights, more bytes than cuBLAS reads for the fp16 weight (csrc/KERNELS.md).
+// So engine/ops/sliced.py regroups a layer's lookups once, at load time, by codebook slice:
+// block (row block b, slice s) copies slice s of the codebooks (64 KB) into shared memory and
+// serves every lookup of its rows that falls into that slice from there. An entry is 32 bits,
+// (column within its chunk of 4096 to 8192 columns << 16) | codeword within the slice (a chunk
+// is what shared memory holds of xhat at a time, engine/ops/sliced.py chunk_width); a segment
+// is the entries of one (slice, chunk, vector-row), in round-robin order over the shared-memory
+// banks of their codewords and padded to a multiple of 32 with entries of a zero column; perm
+// is folded into the columns.
+//
+// Per block: the codebook slice (and a small residual codebook, which every block holds whole)
+// goes to shared memory; per chunk, xhat = x * weight_scale for the chunk's columns is staged
+// in fp32; each warp takes vector-rows and walks a row's segment 32 entries at a time, one per
+// lane, in batches of kBatch (the next row's first batch is fetched while the row is worked
+// on); lanes gather xhat and the codeword from shared memory and accumulate v x tokens sums in
+// fp32; the warp sum goes to the block's per-row accumulators. Then each block writes its
+// slice's partial sums, and the last block of a row block to finish (a ticket counter) adds the
+// slices in order, dot(x, b) and bias, and writes the output: deterministic, one launch, no
+// host synchronisation. One launch may serve up to kMaxGroup layers that read the same x
+// (q, k, v): their blocks share one wave, and each layer's sums are those it gets alone.
+#pragma once
+
+#include <cuda_pipeline.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "vptq.h"
+#include "vptq_device.cuh"
+
+namespace vptq {
+namespace {
+
+constexpr int kWarpsS = kSlicedThreads / 32;
+
+__host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) & ~size_t{15}; }
+
+struct SmemPlan {
+  size_t cb, res, xs, acc, total;
+};
+
+__host__ __device__ SmemPlan plan(const SlicedLayer& L, int nt) {
+  SmemPlan p;
+  p.cb = 0;
+  p.res = align16(static_cast<size_t>(L.slice_cw) * L.v * 2);
+  p.xs = p.res + align16(static_cast<size_t>(L.res_cw) * L.v * 2);
+  p.acc = p.xs + align16(static_cast<size_t>(L.chunk_cols + 1) * nt * 4);  // + zero column
+  p.total = p.acc + align16(static_cast<size_t>(L.row_block) * L.v * nt * 4);
+  return p;
+}
+
+// Start copying `elems` 16-bit values global -> shared (dst and src 16-byte aligned); the
+// caller commits and waits (cuda_pipeline.h).
+__device__ __forceinline__ void copy_async(uint16_t* dst, const uint16_t* src, int elems) {
+  const int vec = elems / 8;
+  for (int i = threadIdx.x; i < vec; i += blockDim.x)
+    __pipeline_memcpy_async(dst + 8 * i, src + 8 * i, 16);
+  for (int i = vec * 8 + threadIdx.x; i < elems; i += blockDim.x) dst[i] = __ldg(src + i);
+}
+
+// The slice (and a small residual codebook) as one bulk copy by the tensor memory accelerator
+// (compute capability 9.0): one thread queues it and an mbarrier counts its bytes in, where
+// cp.async took eight 16-byte copies per thread and a block-wide wait. Returns false where the
+// bulk copy cannot take the tensors (sizes or addresses not multiples of 16, an older GPU, or
+// VPTQ_SLICED_BULK=0); the caller then copies with cp.async.
+__device__ __forceinline__ bool bulk_copy_start(void* dst, const void* src, uint32_t bytes,
+                                                void* dst2, const void* src2, uint32_t bytes2,
+                                                uint64_t* bar, bool allowed) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const auto fits = [](const void* p, uint32_t n) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0 && n % 16 == 0;
+  };
+  if (!allowed || !fits(src, bytes) || !fits(dst, bytes) || !fits(src2, bytes2) ||
+      !fits(dst2, bytes2) || bytes + bytes2 >= (1u << 20))  // the mbarrier's byte count
+    return false;
+  if (threadIdx.x == 0) {
+    const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(b));
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n"
+                 ::"r"(b), "r"(bytes + bytes2) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+        ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src), "r"(bytes), "r"(b)
+        : "memory");
+    if (bytes2 > 0)
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+          ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst2))), "l"(src2), "r"(bytes2),
+          "r"(b)
+          : "memory");
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Waits for the bulk copy (phase 0 of the mbarrier; every thread, after a __syncthreads that
+// follows bulk_copy_start, so the barrier's initialisation is visible).
+__device__ __forceinline__ void bulk_copy_wait(uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "{\n .reg .pred done;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n"
+      " @!done bra WAIT;\n}\n" ::"r"(b)
+      : "memory");
+#endif
+}
+
+template <int NT>
+__device__ __forceinline__ void load_x(const float* p, float (&xv)[NT]) {
+  if constexpr (NT == 1) {
+    xv[0] = *p;
+  } else if constexpr (NT == 2) {
+    const float2 f = *reinterpret_cast<const float2*>(p);
+    xv[0] = f.x;
+    xv[1] = f.y;
+  } else {
+#pragma unroll
+    for (int c = 0; c < NT / 4; ++c) {
+      const float4 f = *reinterpret_cast<const float4*>(p + 4 * c);
+      xv[4 * c] = f.x;
+      xv[4 * c + 1] = f.y;
+      xv[4 * c + 2] = f.z;
+      xv[4 * c + 3] = f.w;
+    }
+  }
+}
+
+// One halving step: lanes with bit d set keep the upper H values, the others the lower H, and
+// each adds its partner's copy of the half it keeps.
+template <int H, int D, int M>
+__device__ __forceinline__ void halve(float (&a)[M], int lane, int& idx) {
+  if constexpr (H >= 1) {
+    const bool upper = lane & D;
+#pragma unroll
+    for (int i = 0; i < H; ++i) {
+      const float send = upper ? a[i] : a[i + H];
+      const float keep = upper ? a[i + H] : a[i];
+      a[i] = keep + __shfl_xor_sync(0xffffffffu, send, D);
+    }
+    idx += upper ? H : 0;
+    halve<H / 2, D / 2, M>(a, lane, idx);
+  }
+}
+
+// Adds the warp's sum of a[t * V + j] to acc[j * NT + t]. For a power-of-two count the values
+// are halved between lane pairs at each step (M - 1 + 5 - log2 M shuffles instead of 5 M).
+template <int NT, int V>
+__device__ __forceinline__ void warp_sum_to(float (&a)[NT * V], int lane, float* acc) {
+  constexpr int M = NT * V;
+  if constexpr ((M & (M - 1)) == 0 && M <= 32) {
+    int idx = 0;
+    halve<M / 2, 16, M>(a, lane, idx);
+    constexpr int kSteps = M == 1 ? 0 : (M == 2 ? 1 : M == 4 ? 2 : M == 8 ? 3 : M == 16 ? 4 : 5);
+    int d = 16 >> kSteps;
+#pragma unroll
+    for (; d > 0; d /= 2) a[0] += __shfl_xor_sync(0xffffffffu, a[0], d);
+    if ((lane & (32 / M - 1)) == 0) {
+      const int t = idx / V, j = idx % V;
+      acc[j * NT + t] += a[0];
+    }
+  } else {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) a[m] += __shfl_xor_sync(0xffffffffu, a[m], d);
+      const int t = m / V, j = m % V;
+      if (lane == m % 32) acc[j * NT + t] += a[m];
+    }
+  }
+}
+
+// A batch of a segment: mini-groups u = 0 .. kBatch - 1 of 32 entries from p (this lane's
+// entry of the first), lane l holding entry 32 u + l. Segments are padded to multiples of 32,
+// so a mini-group is all in or all out. All kBatch mini-groups are loaded, from one address
+// and without a condition (the entries array ends with kSlicedReadAhead padding entries, so
+// reading past the last segment stays inside it); those past the segment's end (u >= n) are
+// replaced at use by the zero column (xhat[chunk_cols] = 0) with codeword 0, which adds
+// nothing (a condition per load here cost ~40 instructions a segment, the entries pointer
+// reloaded for each).
+constexpr int kBatch = 9;  // a v=8 segment averages 256 entries: 9 x 32 holds ~98% of them
+constexpr int kShort = 4;  // segments of at most 4 mini-groups take a 4-lookup batch
+static_assert(kBatch * 32 <= kSlicedReadAhead, "the entries' tail covers a batch");
+
+template <bool RES>
+__device__ __forceinline__ void load_batch(const uint32_t* p, const uint16_t* rp,
+                                           uint32_t (&e)[kBatch], uint32_t (&rc)[kBatch]) {
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u) {
+    e[u] = __ldcs(p + 32 * u);
+    rc[u] = RES ? static_cast<uint32_t>(__ldcs(rp + 32 * u)) : 0u;  // past n: any valid code
+  }
+}
+
+// One lookup: a[t * V + j] += xhat[t, column] * (C[codeword][j] (+ R[res][j])).
+template <typename T, int V, int NT, bool RES>
+__device__ __forceinline__ void lookup(uint32_t ent, uint32_t res, const T* cb, const T* rb,
+                                       const float* xs, float (&a)[NT * V]) {
+  float w[V];
+  load_code<T, V>(cb + (ent & 0xFFFFu) * V, w);
+  if (RES) {
+    float rw[V];
+    load_code<T, V>(rb + res * V, rw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) w[j] += rw[j];
+  }
+  float xv[NT];
+  load_x<NT>(xs + (ent >> 16) * NT, xv);
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int j = 0; j < V; ++j) a[t * V + j] = fmaf(xv[t], w[j], a[t * V + j]);
+}
+
+// The lookups of a batch whose segment has n mini-groups: without a branch per lookup, so the
+// shared-memory loads of all of them are in flight together; lookups past n take the zero
+// entry and add zero.
+template <typename T, int V, int NT, bool RES>
+__device__ __forceinline__ void lookup_batch(const uint32_t (&e)[kBatch],
+                                             const uint32_t (&rc)[kBatch], int n, uint32_t zero,
+                                             const T* cb, const T* rb, const float* xs,
+                                             float (&a)[NT * V]) {
+  if (n > kShort) {
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      lookup<T, V, NT, RES>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
+  } else {
+#pragma unroll
+    for (int u = 0; u < kShort; ++u)
+      lookup<T, V, NT, RES>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
+  }
+}
+
+// Columns a thread stages per step: all of their loads are in registers at once.
+template <int NT>
+constexpr int kStageCols = NT == 1 ? 8 : 4;
+
+// Stages xhat = x * scale for columns p0 .. p0 + pc - 1 of every token in fp32, kStageCols
+// columns per thread and step, all loads issued before the first use (a chain of dependent
+// global loads here costs more than the lookups of a small projection), and returns this
+// thread's share of x . weight_bias over these columns in dot[t]: the last block of a row block
+// needs dot(x, b), and summing it there, after the lookups, put two more DRAM round trips on
+// every launch's critical path. weight_bias was prefetched into L2 (prefetch_l2), so its loads
+// ride with x's.
+// PRESTAGED: scale was put in xs[i * NT] by prestage_scale (the same thread for the same i),
+// before the kernel waited for x.
+template <typename T, int NT, bool PRESTAGED>
+__device__ __forceinline__ void stage_x(const SlicedLayer& L, const T* x, int ntok, int p0,
+                                        int pc, float* xs, float (&dot)[NT]) {
+  const T* scale = static_cast<const T*>(L.scale);
+  const T* wbias = static_cast<const T*>(L.wbias);
+#pragma unroll
+  for (int t = 0; t < NT; ++t) dot[t] = 0.f;
+  constexpr int C = kStageCols<NT>;
+  for (int i0 = threadIdx.x; i0 < pc; i0 += C * blockDim.x) {
+    float sc[C], b[C];
+    float xv[C][NT];
+#pragma unroll
+    for (int q = 0; q < C; ++q) {
+      const int i = i0 + q * blockDim.x;
+      if (PRESTAGED)
+        sc[q] = i < pc ? xs[i * NT] : 1.f;
+      else
+        sc[q] = i < pc && scale ? to_f(scale[p0 + i]) : 1.f;
+      b[q] = i < pc && wbias ? to_f(wbias[p0 + i]) : 0.f;
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+        xv[q][t] = i < pc && t < ntok ? to_f(x[static_cast<size_t>(t) * L.K + p0 + i]) : 0.f;
+    }
+#pragma unroll
+    for (int q = 0; q < C; ++q) {
+      const int i = i0 + q * blockDim.x;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) dot[t] = fmaf(xv[q][t], b[q], dot[t]);
+      if (i < pc) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) xs[i * NT + t] = xv[q][t] * sc[q];
+      }
+    }
+  }
+}
+
+// Asks L2 for the 128-byte lines of bytes [p, p + n), one per thread (no registers held: the
+// lines are there when stage_x loads them with x).
+__device__ __forceinline__ void prefetch_l2(const void* p, size_t n) {
+  if (p == nullptr) return;
+  const char* c = static_cast<const char*>(p);
+  for (size_t o = threadIdx.x * size_t{128}; o < n; o += blockDim.x * size_t{128})
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + o));
+}
+
+// The item after (c, r) in a warp's stream: the warp's next row, or its first row of the next
+// chunk (c == n_chunks: the stream has ended).
+__device__ __forceinline__ void next_item(int& c, int& r, int first_row, int r1) {
+  r += kWarpsS;
+  if (r >= r1) {
+    r = first_row;
+    ++c;
+  }
+}
+
+// The entries [x, y) of the segment of row r of chunk c in slice s; empty past the stream's end.
+__device__ __forceinline__ int2 segment(const SlicedLayer& L, int s, int c, int r) {
+  if (c >= L.n_chunks) return make_int2(0, 0);
+  const int* o = L.offsets + (s * L.n_chunks + c) * L.rows + r;
+  return make_int2(__ldg(o), __ldg(o + 1));
+}
+
+// The first chunk's scale into xs[i * NT], i < pc, with the thread-to-column map of stage_x.
+template <typename T, int NT>
+__device__ __forceinline__ void prestage_scale(const SlicedLayer& L, int pc, float* xs) {
+  const T* scale = static_cast<const T*>(L.scale);
+  constexpr int C = kStageCols<NT>;
+  for (int i0 = threadIdx.x; i0 < pc; i0 += C * blockDim.x) {
+    float sc[C];
+#pragma unroll
+    for (int q = 0; q < C; ++q) {
+      const int i = i0 + q * blockDim.x;
+      sc[q] = i < pc && scale ? to_f(scale[i]) : 1.f;
+    }
+#pragma unroll
+    for (int q = 0; q < C; ++q) {
+      const int i = i0 + q * blockDim.x;
+      if (i < pc) xs[i * NT] = sc[q];
+    }
+  }
+}
+
+// Two blocks per SM where 64 registers hold the loop without spilling (v x tokens <= 8, no
+// residual: the decode path of the 2-bit community models); larger tiles get more registers.
+// GROUP: G holds several layers (else one, read at fixed offsets: a layer index known only at
+// run time turns every read of L into an indexed constant load, which cost a single layer 15%).
+template <typename T, int V, int NT, bool RES, bool GROUP>
+__global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
+    sliced_gemv_kernel(const __grid_constant__ SlicedGroup G, const T* __restrict__ x, int ntok,
+                       bool bulk_allowed) {
+  pdl_trigger();  // the next kernel may be scheduled beside this one (vptq_device.cuh)
+  // This block's layer (layer i owns row_blocks * n_slices blocks after those of layer i - 1),
+  // row block rblk and slice s.
+  int l = 0, first = 0;
+  while (GROUP && l + 1 < G.n && blockIdx.x >= first + G.L[l].row_blocks * G.L[l].n_slices) {
+    first += G.L[l].row_blocks * G.L[l].n_slices;
+    ++l;
+  }
+  const SlicedLayer& L = G.L[GROUP ? l : 0];
+  T* __restrict__ out = static_cast<T*>(G.out[GROUP ? l : 0]);
+  float* __restrict__ ws = G.ws[GROUP ? l : 0];
+  const int rblk = (blockIdx.x - first) % L.row_blocks, s = (blockIdx.x - first) / L.row_blocks;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const SmemPlan sp = plan(L, NT);
+  T* cb = reinterpret_cast<T*>(smem + sp.cb);
+  T* rb = reinterpret_cast<T*>(smem + sp.res);
+  float* xs = reinterpret_cast<float*>(smem + sp.xs);   // [chunk_cols + 1][NT]
+  float* acc = reinterpret_cast<float*>(smem + sp.acc);  // [row_block][V][NT]
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int r0 = rblk * L.row_block, r1 = min(L.rows, r0 + L.row_block);
+  const int cw0 = s * L.slice_cw, ncw = min(L.slice_cw, L.n_cw - cw0);
+  const uint32_t* entries = L.entries + lane;
+  const uint16_t* res_codes = RES ? L.res_codes + lane : nullptr;
+  const uint32_t zero = static_cast<uint32_t>(L.chunk_cols) << 16;
+  // A warp's work is a stream of items (chunk, row): rows r0 + warp, r0 + warp + 16, ... of
+  // chunk 0, then the same rows of chunk 1, and so on. The bounds of a row's segment are
+  // fetched two items ahead and its first batch of entries one item ahead, across chunk ends
+  // too; the first two items' bounds are requested before the slice copy is queued.
+  const int first_row = r0 + warp;
+  int cn = first_row < r1 ? 0 : L.n_chunks, rn = first_row;  // the item whose bounds come next
+  int2 cur = segment(L, s, cn, rn);
+  next_item(cn, rn, first_row, r1);
+  int2 nxt = segment(L, s, cn, rn);
+  next_item(cn, rn, first_row, r1);
+  // The codebook slice streams into shared memory while the first entries are fetched.
+  __shared__ __align__(8) uint64_t slice_bar;
+  const T* slice_src = static_cast<const T*>(L.table) + static_cast<size_t>(cw0) * V;
+  const bool bulk = bulk_copy_start(cb, slice_src, ncw * V * 2, rb, L.res_table,
+                                    RES ? L.res_cw * V * 2 : 0, &slice_bar, bulk_allowed);
+  if (!bulk) {
+    copy_async(reinterpret_cast<uint16_t*>(cb), reinterpret_cast<const uint16_t*>(slice_src),
+               ncw * V);
+    if (RES) copy_async(reinterpret_cast<uint16_t*>(rb),
+                        static_cast<const uint16_t*>(L.res_table), L.res_cw * V);
+    __pipeline_commit();
+  }
+  for (int i = threadIdx.x; i < (r1 - r0) * V * NT; i += blockDim.x) acc[i] = 0.f;
+  // The first chunk's scale, weight_bias into L2 and the first batch of entries: the layer's
+  // own too.
+  prestage_scale<T, NT>(L, min(L.chunk_cols, L.K), xs);
+  prefetch_l2(L.wbias, static_cast<size_t>(L.K) * sizeof(T));
+  uint32_t e[kBatch], rc[kBatch];
+  load_batch<RES>(entries + cur.x, RES ? res_codes + cur.x : nullptr, e, rc);
+  // Everything above reads only the layer's own tensors. Launched as a programmatic dependent
+  // launch (launch_pdl), the kernel got here while the previous kernel in the stream was
+  // still running; x and the workspace are touched only after it has finished.
+  pdl_wait();
+
+  __shared__ float red[kWarpsS][NT];  // per warp: its share of x . weight_bias, per token
+  static_assert(sizeof(red) + sizeof(float) * NT + 64 <= kSlicedStaticSmem,
+                "static shared arrays (red, xb, slice_bar, last) beyond kSlicedStaticSmem");
+  for (int c = 0; c < L.n_chunks; ++c) {
+    const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);
+    float dot[NT];
+    if (c == 0) {
+      stage_x<T, NT, true>(L, x, ntok, p0, pc, xs, dot);
+    } else {
+      __syncthreads();  // the previous chunk's xhat is consumed
+      stage_x<T, NT, false>(L, x, ntok, p0, pc, xs, dot);
+    }
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) dot[t] += __shfl_xor_sync(0xffffffffu, dot[t], d);
+      if (lane == 0) red[warp][t] = (c == 0 ? 0.f : red[warp][t]) + dot[t];
+    }
+    for (int i = threadIdx.x; i < NT; i += blockDim.x) xs[L.chunk_cols * NT + i] = 0.f;
+    if (c == 0) {
+      if (bulk) {
+        __syncthreads();  // the mbarrier's initialisation, before anyone waits on it
+        bulk_copy_wait(&slice_bar);
+      } else {
+        __pipeline_wait_prior(0);
+      }
+    }
+    __syncthreads();
+    for (int r = first_row; r < r1; r += kWarpsS) {  // the current item: (c, r), bounds cur
+      const int beg = cur.x, end = cur.y;
+      const int2 after = segment(L, s, cn, rn);  // used two items from now
+      next_item(cn, rn, first_row, r1);
+      uint32_t ne[kBatch], nrc[kBatch];
+      load_batch<RES>(entries + nxt.x, RES ? res_codes + nxt.x : nullptr, ne, nrc);
+      float a[NT * V];  // a[t * V + j]
+#pragma unroll
+      for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
+      lookup_batch<T, V, NT, RES>(e, rc, (end - beg) >> 5, zero, cb, rb, xs, a);
+      // the rare segment longer than a batch
+      for (int i0 = beg + 32 * kBatch; i0 < end; i0 += 32 * kBatch) {
+        load_batch<RES>(entries + i0, RES ? res_codes + i0 : nullptr, e, rc);
+        lookup_batch<T, V, NT, RES>(e, rc, (end - i0) >> 5, zero, cb, rb, xs, a);
+      }
+      warp_sum_to<NT, V>(a, lane, acc + (r - r0) * V * NT);
+      cur = nxt;
+      nxt = after;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        e[u] = ne[u];
+        rc[u] = nrc[u];
+      }
+    }
+  }
+  __syncthreads();
+
+  // This slice's partial sums -> ws[s][t][n].
+  for (int i = threadIdx.x; i < (r1 - r0) * V; i += blockDim.x) {
+    const int n = r0 * V + i;
+    if (n >= L.N) break;
+    for (int t = 0; t < ntok; ++t)
+      ws[(static_cast<size_t>(s) * ntok + t) * L.N + n] = acc[i * NT + t];
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int last;
+  if (threadIdx.x == 0) last = atomicAdd(L.counters + rblk, 1) == L.n_slices - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+
+  // The last block of this row block: dot(x, b) per token from the warps' shares, then the
+  // sum over slices, kSumItems outputs per thread at a time with kSumSlices slices of each in
+  // flight (one output per thread and eight slices took four to eight rounds of L2 latency
+  // here, alone on the critical path).
+  __shared__ float xb[NT];
+  if (threadIdx.x < NT) {
+    float total = 0.f;
+    for (int w = 0; w < kWarpsS; ++w) total += red[w][threadIdx.x];
+    xb[threadIdx.x] = L.wbias ? total : 0.f;  // x * 0 would turn an infinite x into NaN
+  }
+  __syncthreads();
+  const T* bias = static_cast<const T*>(L.bias);
+  const int outs = min((r1 - r0) * V, L.N - r0 * V);
+  const int items = outs * ntok;  // item j: output n = r0 * V + j % outs, token j / outs
+  constexpr int kSumItems = 4, kSumSlices = 8;
+  for (int j0 = threadIdx.x; j0 < items; j0 += kSumItems * blockDim.x) {
+    float total[kSumItems];
+    int at[kSumItems];  // ws holds n_slices x ntok x N < 2^31 floats (sliced_supported)
+#pragma unroll
+    for (int k = 0; k < kSumItems; ++k) {
+      const int j = min(j0 + k * static_cast<int>(blockDim.x), items - 1);
+      const int n = r0 * V + j % outs, t = j / outs;
+      total[k] = xb[t] + (bias ? to_f(bias[n]) : 0.f);
+      at[k] = t * L.N + n;
+    }
+    const int stride = ntok * L.N;  // from one slice to the next
+    int q = 0;
+    for (; q + kSumSlices <= L.n_slices; q += kSumSlices) {
+      float v[kSumItems][kSumSlices];
+#pragma unroll
+      for (int k = 0; k < kSumItems; ++k)
+#pragma unroll
+        for (int u = 0; u < kSumSlices; ++u) v[k][u] = __ldcg(ws + (q + u) * stride + at[k]);
+#pragma unroll
+      for (int k = 0; k < kSumItems; ++k)
+#pragma unroll
+        for (int u = 0; u < kSumSlices; ++u) total[k] += v[k][u];
+    }
+    for (; q < L.n_slices; ++q)
+#pragma unroll
+      for (int k = 0; k < kSumItems; ++k) total[k] += __ldcg(ws + q * stride + at[k]);
+#pragma unroll
+    for (int k = 0; k < kSumItems; ++k)
+      if (j0 + k * static_cast<int>(blockDim.x) < items) out[at[k]] = from_f<T>(total[k]);
+  }
+  if (threadIdx.x == 0) L.counters[rblk] = 0;  // ready for the next call
+}
+
+template <typename T, int V, int NT, bool RES, bool GROUP>
+cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStream_t stream) {
+  size_t smem = 0;
+  unsigned blocks = 0;
+  for (int i = 0; i < G.n; ++i) {
+    smem = std::max(smem, plan(G.L[i], NT).total);
+    blocks += static_cast<unsigned>(G.L[i].row_blocks * G.L[i].n_slices);
+  }
+  auto kernel = sliced_gemv_kernel<T, V, NT, RES, GROUP>;
+  static const bool bulk = [] {  // VPTQ_SLICED_BULK=0: the slice copy by cp.async
+    const char* v = std::getenv("VPTQ_SLICED_BULK");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  return launch_pdl(kernel, dim3(blocks), dim3(kSlicedThreads), smem, stream, G,
+                    static_cast<const T*>(x), T_, bulk);
+}
+
+template <typename T, int V, int NT>
+cudaError_t launch_typed(const SlicedGroup& G, const void* x, int T_, cudaStream_t stream) {
+  const bool res = G.L[0].res_cw > 0;
+  if constexpr (NT <= kGroupTokens) {
+    if (G.n > 1) {
+      if (res) return launch_kernel<T, V, NT, true, true>(G, x, T_, stream);
+      return launch_kernel<T, V, NT, false, true>(G, x, T_, stream);
+    }
+  }
+  if (G.n > 1) return cudaErrorInvalidValue;  // more tokens than a group takes
+  if (res) return launch_kernel<T, V, NT, true, false>(G, x, T_, stream);
+  return launch_kernel<T, V, NT, false, false>(G, x, T_, stream);
+}
+
+// v x tokens accumulators per lane stay at or below 32 (three such sets live at a row's end).
+template <typename T, int NT>
+cudaError_t by_v(const SlicedGroup& G, const void* x, int T_, cudaStream_t stream) {
+  switch (G.L[0].v) {
+    case 2: return launch_typed<T, 2, NT>(G, x, T_, stream);
+    case 4: return launch_typed<T, 4, NT>(G, x, T_, stream);
+    case 6: if constexpr (NT <= 4) return launch_typed<T, 6, NT>(G, x, T_, stream);
+      break;
+    case 8: if constexpr (NT <= 4) return launch_typed<T, 8, NT>(G, x, T_, stream);
+      break;
+    case 10: if constexpr (NT <= 2) return launch_typed<T, 10, NT>(G, x, T_, stream);
+      break;
+    case 12: if constexpr (NT <= 2) return launch_typed<T, 12, NT>(G, x, T_, stream);
+      break;
+    case 16: if constexpr (NT <= 2) return launch_typed<T, 16, NT>(G, x, T_, stream);
+      break;
+    default: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+// The launches for a tile of 1, 2, 4 or 8 tokens, fp16 or bf16: each in its own translation
+// unit (vptq_sliced_<tile>.cu), so that a build compiles the kernel instances in parallel;
+// vptq_sliced.cu dispatches to them.
+cudaError_t launch_sliced_tile1(const SlicedGroup& G, const void* x, int T, DType dtype,
+                                cudaStream_t stream);
+cudaError_t launch_sliced_tile2(const SlicedGroup& G, const void* x, int T, DType dtype,
+                                cudaStream_t stream);
+cudaError_t launch_sliced_tile4(const SlicedGroup& G, const void* x, int T, DType dtype,
+                                cudaStream_t stream);
+cudaError_t launch_sliced_tile8(const SlicedGroup& G, const void* x, int T, DType dtype,
+                                cudaStream_t stream);
+
+}  // namespace vptq
