@@ -249,7 +249,7 @@ def spread_order(
     those of its segment, codeword bank and rotated column bank): each bank's list cycles
     through the column banks, and the lists of the nb codeword banks start a quarter of the
     way apart, so the 32 lanes of a run mostly read xhat from different banks. Measured
-    (H200, csrc/KERNELS.md session 11): 3.35 -> 2.96 xhat wavefronts a lookup on the 8B gate
+    (H200, csrc/KERNELS.md session 11): 3.35 -> 2.96 xhat wavefronts a run on the 8B gate
     layout, 277.6 / 278.0 -> 280.2 / 280.4 tok/s end to end. The sorts are done one at a time
     on int32 keys where they fit, so the peak is that of a single sort, as before."""
     unit, nb = bank_groups(v)
