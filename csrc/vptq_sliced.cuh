@@ -576,15 +576,19 @@ cudaError_t by_v(const SlicedGroup& G, const void* x, int T_, cudaStream_t strea
 }  // namespace
 
 // The launches for a tile of 1, 2, 4 or 8 tokens, fp16 or bf16: each in its own translation
-// unit (vptq_sliced_<tile>.cu), so that a build compiles the kernel instances in parallel;
-// vptq_sliced.cu dispatches to them.
-cudaError_t launch_sliced_tile1(const SlicedGroup& G, const void* x, int T, DType dtype,
-                                cudaStream_t stream);
-cudaError_t launch_sliced_tile2(const SlicedGroup& G, const void* x, int T, DType dtype,
-                                cudaStream_t stream);
-cudaError_t launch_sliced_tile4(const SlicedGroup& G, const void* x, int T, DType dtype,
-                                cudaStream_t stream);
-cudaError_t launch_sliced_tile8(const SlicedGroup& G, const void* x, int T, DType dtype,
-                                cudaStream_t stream);
+// unit (vptq_sliced_<tile>.cu, which defines it with VPTQ_SLICED_TILE), so that a build
+// compiles the kernel instances in parallel; vptq_sliced.cu dispatches to them.
+#define VPTQ_SLICED_TILE_SIGNATURE(NT)                                                         \
+  cudaError_t launch_sliced_tile##NT(const SlicedGroup& G, const void* x, int T, DType dtype,  \
+                                     cudaStream_t stream)
+#define VPTQ_SLICED_TILE(NT)                                                                   \
+  VPTQ_SLICED_TILE_SIGNATURE(NT) {                                                             \
+    if (dtype == DType::kHalf) return by_v<__half, NT>(G, x, T, stream);                       \
+    return by_v<__nv_bfloat16, NT>(G, x, T, stream);                                           \
+  }
+VPTQ_SLICED_TILE_SIGNATURE(1);
+VPTQ_SLICED_TILE_SIGNATURE(2);
+VPTQ_SLICED_TILE_SIGNATURE(4);
+VPTQ_SLICED_TILE_SIGNATURE(8);
 
 }  // namespace vptq

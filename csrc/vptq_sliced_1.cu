@@ -1,12 +1,6 @@
-// The sliced GEMV's launches for a tile of 1 token (vptq_sliced.cuh).
+// The sliced GEMV's kernel instances and launches for a tile of 1 token (vptq_sliced.cuh).
 #include "vptq_sliced.cuh"
 
 namespace vptq {
-
-cudaError_t launch_sliced_tile1(const SlicedGroup& G, const void* x, int T, DType dtype,
-                                cudaStream_t stream) {
-  if (dtype == DType::kHalf) return by_v<__half, 1>(G, x, T, stream);
-  return by_v<__nv_bfloat16, 1>(G, x, T, stream);
-}
-
+VPTQ_SLICED_TILE(1)
 }  // namespace vptq

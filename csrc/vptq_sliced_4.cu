@@ -1,12 +1,6 @@
-// The sliced GEMV's launches for a tile of 4 tokens (vptq_sliced.cuh).
+// The sliced GEMV's kernel instances and launches for a tile of 4 tokens (vptq_sliced.cuh).
 #include "vptq_sliced.cuh"
 
 namespace vptq {
-
-cudaError_t launch_sliced_tile4(const SlicedGroup& G, const void* x, int T, DType dtype,
-                                cudaStream_t stream) {
-  if (dtype == DType::kHalf) return by_v<__half, 4>(G, x, T, stream);
-  return by_v<__nv_bfloat16, 4>(G, x, T, stream);
-}
-
+VPTQ_SLICED_TILE(4)
 }  // namespace vptq
