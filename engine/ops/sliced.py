@@ -267,7 +267,7 @@ def spread_order(
     key += ci
     del ci
     key *= X_BANKS
-    key += _xhat_bank(packed, sb, nb)
+    key += _xhat_bank(packed, sb, nb)  # again rather than kept: one tensor less at the peak
     order = torch.argsort(key)  # keys are unique: (segment, codeword bank, copy, column bank)
     del key
     sb = sb[order]
