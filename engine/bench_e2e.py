@@ -1,7 +1,7 @@
 """``python -m engine bench e2e``: a whole model of a real architecture, random weights built
 directly on the GPU (no files), run the way the engine runs it: prefill of a 512-token prompt,
 then CUDA-graph decode. In the same run, where it fits, the fp16 dense model of the same shape,
-and the device's copy bandwidth, from which the decode roofline (bytes read per token) follows.
+and the device's read bandwidth, from which the decode roofline (bytes read per token) follows.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .bench import copy_bandwidth, scheme_spec
+from .bench import read_bandwidth, scheme_spec
 from .config import ModelArgs
 from .decode import GraphDecoder
 from .layers import VQLinear, build_sliced_layouts, decode_paths, sliced_summary
@@ -183,10 +183,10 @@ def run_e2e(arch: str, scheme: str, context: int, tokens: int, vram_limit: float
     kind, why = ops.prepare("cuda")
     if kind != "cuda":
         raise SystemExit(f"error: kernels unavailable: {why}")
-    peak = copy_bandwidth()
+    peak = read_bandwidth()
     total = torch.cuda.get_device_properties(0).total_memory
     print(f"device: {torch.cuda.get_device_name()}, {total / GiB:.0f} GiB; "
-          f"copy bandwidth {peak / 1e9:.0f} GB/s")  # fmt: skip
+          f"read bandwidth {peak / 1e9:.0f} GB/s")  # fmt: skip
     if vram_limit:
         torch.cuda.set_per_process_memory_fraction(vram_limit * GiB / total)
         print(f"torch capped at {vram_limit:g} GiB (set_per_process_memory_fraction)")
