@@ -105,6 +105,11 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--context", type=int, default=4096)
     be.add_argument("--tokens", type=int, default=256)
     be.add_argument("--vram-limit", type=float, help="cap torch's memory at this many GiB")
+    be.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the decode step without each of its parts (what each part costs it)",
+    )
     return ap
 
 
@@ -277,7 +282,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
         ):
             if value not in known:
                 raise ValueError(f"unknown --{name} {value!r}; choose from {', '.join(known)}")
-        bench_e2e.run_e2e(a.arch, a.scheme, a.context, a.tokens, a.vram_limit)
+        bench_e2e.run_e2e(a.arch, a.scheme, a.context, a.tokens, a.vram_limit, a.breakdown)
         return
 
     archs = a.arch or list(bench.ARCHS)

@@ -177,8 +177,17 @@ def nvml_used_gib() -> float | None:
         return None
 
 
-def run_e2e(arch: str, scheme: str, context: int, tokens: int, vram_limit: float | None) -> None:
-    from . import ops
+def run_e2e(
+    arch: str,
+    scheme: str,
+    context: int,
+    tokens: int,
+    vram_limit: float | None,
+    breakdown: bool = False,
+) -> None:
+    """breakdown: also time the quantized model's decode step without each of its parts
+    (engine/bench_step.py) and print that after the table."""
+    from . import bench_step, ops
 
     kind, why = ops.prepare("cuda")
     if kind != "cuda":
@@ -208,12 +217,16 @@ def run_e2e(arch: str, scheme: str, context: int, tokens: int, vram_limit: float
             r["roofline_tok_s"] = peak / (r["decode_bytes"] + kv)
             r["nvml_used_gib"] = nvml_used_gib()
             rows[label] = r
+            if breakdown and sch is not None:
+                steps = bench_step.breakdown(model), model.args.n_layers
         except torch.cuda.OutOfMemoryError as e:
             rows[label] = {"error": f"does not fit: {str(e).splitlines()[0]}"}
         model = None
         gc.collect()
         torch.cuda.empty_cache()
     _print(arch, context, tokens, rows, scheme)
+    if breakdown and "error" not in rows[scheme]:
+        bench_step.print_breakdown(*steps)
 
 
 def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> None:
