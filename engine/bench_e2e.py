@@ -199,7 +199,7 @@ def run_e2e(
     if vram_limit:
         torch.cuda.set_per_process_memory_fraction(vram_limit * GiB / total)
         print(f"torch capped at {vram_limit:g} GiB (set_per_process_memory_fraction)")
-    rows = {}
+    rows, steps = {}, None
     for label, sch in ((scheme, scheme), ("fp16", None)):
         if sch is None:
             need = 2 * Shape.from_config(config(arch)).parameters()
@@ -218,14 +218,17 @@ def run_e2e(
             r["nvml_used_gib"] = nvml_used_gib()
             rows[label] = r
             if breakdown and sch is not None:
-                steps = bench_step.breakdown(model), model.args.n_layers
+                try:
+                    steps = bench_step.breakdown(model), model.args.n_layers
+                except torch.cuda.OutOfMemoryError as e:  # the measured row stands
+                    print(f"breakdown: does not fit: {str(e).splitlines()[0]}")
         except torch.cuda.OutOfMemoryError as e:
             rows[label] = {"error": f"does not fit: {str(e).splitlines()[0]}"}
         model = None
         gc.collect()
         torch.cuda.empty_cache()
     _print(arch, context, tokens, rows, scheme)
-    if breakdown and "error" not in rows[scheme]:
+    if steps is not None:
         bench_step.print_breakdown(*steps)
 
 
