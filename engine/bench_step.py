@@ -29,7 +29,7 @@ PARTS = {  # label: what is taken out
     "attention": ("attention",),
     "RMSNorm": ("norm",),
     "SiLU gate": ("silu",),
-    "all of those": ("rope", "attention", "norm", "silu"),
+    "RoPE, attention, RMSNorm, SiLU": ("rope", "attention", "norm", "silu"),
     "q+k+v projections": ("qkv",),
     "o projection": ("o",),
     "gate+up projections": ("gate_up",),
@@ -115,11 +115,12 @@ def breakdown(model: Transformer, rounds: int = 2) -> dict[str, list[float]]:
 
 def print_breakdown(times: dict[str, list[float]], n_layers: int) -> None:
     whole = statistics.mean(times["whole step"])
+    width = max(len("without " + label) for label in PARTS)
     print(f"\ndecode step at position {POSITION} (CUDA graph, {REPLAYS} replays) without each "
           "part, alternated with the whole step:")  # fmt: skip
-    print(f"{'whole step':>22} {whole:9.1f} us ({1e6 / whole:.1f} tok/s; "
+    print(f"{'whole step':>{width}} {whole:9.1f} us ({1e6 / whole:.1f} tok/s; "
           f"{min(times['whole step']):.1f}-{max(times['whole step']):.1f})")  # fmt: skip
     for label in PARTS:
         t = statistics.mean(times[label])
-        print(f"{'without ' + label:>30} {t:9.1f} us, saves {whole - t:7.1f} us "
-              f"({(whole - t) / n_layers:5.2f} a layer)")  # fmt: skip
+        each = "" if label == "lm_head" else f" ({(whole - t) / n_layers:5.2f} a layer)"
+        print(f"{'without ' + label:>{width}} {t:9.1f} us, saves {whole - t:7.1f} us{each}")
