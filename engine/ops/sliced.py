@@ -221,14 +221,8 @@ def _copy_index(key: torch.Tensor) -> torch.Tensor:
     """Each element's place among the elements of equal key (int32; in their order)."""
     order = torch.argsort(key, stable=True)
     ks = key[order]
-    ci = torch.zeros_like(ks, dtype=torch.int32)
-    t = 1
-    while t < ks.numel():  # sorted: ks[i] == ks[i - t] means t equal keys before i
-        same = ks[t:] == ks[:-t]
-        if not same.any():
-            break
-        ci[t:] += same
-        t += 1
+    ci = torch.arange(ks.numel(), dtype=torch.int32, device=key.device)
+    ci -= torch.searchsorted(ks, ks, out_int32=True)  # minus where its run of equal keys starts
     del ks
     out = torch.empty_like(ci)
     out[order] = ci

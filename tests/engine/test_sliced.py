@@ -139,6 +139,12 @@ def test_choose_fills_the_budget_largest_first():
     assert sliced.choose(specs, 0) == [] and sliced.choose(specs, -(1 << 30)) == []
 
 
+def test_copy_index_counts_equal_keys_in_input_order():
+    key = torch.tensor([3, 1, 3, 3, 1, 0, 3], dtype=torch.int32)
+    assert sliced._copy_index(key).tolist() == [0, 0, 1, 2, 1, 0, 3]
+    assert sliced._copy_index(key[:0]).tolist() == []
+
+
 def test_spread_order_by_hand():
     # one segment, v=8 (16-byte codewords: codeword bank = codeword % 8), columns 0..5 with
     # codewords 0, 8, 1, 16, 9, 2: codeword banks 0, 0, 1, 0, 1, 2; xhat banks rotated by 4 per
