@@ -221,7 +221,8 @@ def run_e2e(
                 try:
                     steps = bench_step.breakdown(model), model.args.n_layers
                 except torch.cuda.OutOfMemoryError as e:  # the measured row stands
-                    print(f"breakdown: does not fit: {str(e).splitlines()[0]}")
+                    print(f"breakdown: out of GPU memory ({str(e).splitlines()[0]}); "
+                          "a smaller --context leaves it more room")  # fmt: skip
         except torch.cuda.OutOfMemoryError as e:
             rows[label] = {"error": f"does not fit: {str(e).splitlines()[0]}"}
         model = None
