@@ -37,6 +37,18 @@ size_t gemv_workspace_floats(const Layer& L, int T, int splits);
 cudaError_t launch_gemv(const Layer& L, const void* x, int T, void* out, float* workspace,
                         int splits, DType dtype, cudaStream_t stream);
 
+// A decode activation given as partial sums (engine/ops/decode.py Partial): value i is
+// round(p[i] + p[stride + i] + ... + p[(n - 1) * stride + i]) in the activation dtype, the
+// terms added in that order. The sliced GEMV leaves its output so (SlicedGroup::partial) for
+// the kernel that reads it to add, instead of ending with one block per row block adding its
+// slices while the rest of the GPU waits (csrc/KERNELS.md session 13). p == nullptr: the
+// input is a whole tensor in the activation dtype.
+struct Parts {
+  const float* p = nullptr;
+  int n = 0;
+  int64_t stride = 0;
+};
+
 // The sliced GEMV (vptq_sliced.cu, engine/ops/sliced.py builds the layout): the lookups of a
 // layer regrouped at load time by codebook slice, so every block serves its lookups from a
 // slice held in shared memory. entries[i] = (column within chunk << 16) | codeword within slice,
@@ -74,6 +86,9 @@ struct SlicedGroup {
   void* out[kMaxGroup] = {};   // [T, N_i]
   float* ws[kMaxGroup] = {};   // [n_slices_i * T * N_i] partial sums
   int n = 0;
+  // The output left as Parts of n_slices_i + 1 terms: ws[i] is then [n_slices_i + 1, T, N_i],
+  // term 0 dot(x, weight_bias) + bias and term 1 + s slice s's sums; out[i] is not written.
+  bool partial = false;
 };
 
 // Dynamic shared memory the sliced GEMV needs for a tile of nt tokens (1, 2, 4 or 8).
@@ -85,14 +100,17 @@ cudaError_t launch_sliced_gemv(const SlicedGroup& G, const void* x, int T, DType
 
 // The rest of a batch-1 decode step, fused (vptq_decode.cu). Tensors are contiguous, in the
 // activation dtype unless said otherwise.
-// out = w * norm(x) per row of H; with r: sum = x + r first, and the norm is of sum.
-cudaError_t launch_rms_norm(const void* x, const void* r, const void* w, void* out, void* sum,
-                            int rows, int H, float eps, DType dtype, cudaStream_t stream);
+// out = w * norm(x) per row of H; with r: sum = x + r first, and the norm is of sum. Inputs
+// with a Parts beside them may come as partial sums (then their pointer is ignored).
+cudaError_t launch_rms_norm(const void* x, Parts xp, const void* r, const void* w, void* out,
+                            void* sum, int rows, int H, float eps, DType dtype,
+                            cudaStream_t stream);
 
 struct RopeArgs {
   const void* q = nullptr;      // [H, D] one token's query heads
   const void* k = nullptr;      // [Hkv, D]
   const void* v = nullptr;      // [Hkv, D]
+  Parts qp, kp, vp;             // q, k, v as partial sums, where given
   const float* cos = nullptr;   // [S, D] fp32 RoPE tables
   const float* sin = nullptr;   // [S, D]
   const int64_t* pos = nullptr; // [1] the token's position, on the device
@@ -123,7 +141,7 @@ cudaError_t launch_embed_rows(const void* table, const int64_t* ids, void* out, 
                               int64_t vocab, int64_t hidden, cudaStream_t stream);
 
 // out = silu(g) * u elementwise, n values.
-cudaError_t launch_silu_mul(const void* g, const void* u, void* out, int64_t n, DType dtype,
-                            cudaStream_t stream);
+cudaError_t launch_silu_mul(const void* g, Parts gp, const void* u, Parts up, void* out,
+                            int64_t n, DType dtype, cudaStream_t stream);
 
 }  // namespace vptq

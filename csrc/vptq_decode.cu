@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include <cooperative_groups.h>
+
 #include "vptq.h"
 #include "vptq_device.cuh"
 
@@ -53,11 +55,12 @@ struct Vec8 {
 // One block per row. With r: s = round(x + r) (PyTorch's x + r), written to sum; then
 // out = round(round(s * rsqrt(mean(s^2) + eps)) * w), as RMSNorm does in the activation dtype.
 // VPT > 0: H % 8 == 0 and each thread holds up to VPT 8-value vectors in registers (one load
-// of each input, all issued at once); VPT == 0: any H, a strided loop reading sum back.
+// of each input, all issued at once); VPT == 0: any H, a strided loop reading sum back, and x
+// may come as partial sums (xp; add_rms_norm_parts_kernel is the fast way for those).
 template <typename T, int VPT>
 __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(
-    const T* __restrict__ x, const T* __restrict__ r, const T* __restrict__ w, T* __restrict__ out,
-    T* sum, int H, float eps) {
+    const T* __restrict__ x, Parts xp, const T* __restrict__ r, const T* __restrict__ w,
+    T* __restrict__ out, T* sum, int H, float eps) {
   pdl_trigger();
   pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
   __shared__ float red[kNormThreads / 32];
@@ -97,7 +100,7 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(
     }
   } else {
     for (int p = threadIdx.x; p < H; p += blockDim.x) {
-      float s = to_f(x[row + p]);
+      float s = act<T>(x, xp, row + p);
       if (r) {
         const T rounded = from_f<T>(s + to_f(r[row + p]));
         sum[row + p] = rounded;
@@ -106,12 +109,101 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(
       ss = fmaf(s, s, ss);
     }
     const float inv = rsqrtf(block_sum(ss, red) / H + eps);
-    const T* src = r ? sum : x;  // this thread wrote the sums it reads back
     for (int p = threadIdx.x; p < H; p += blockDim.x) {
-      const float n = to_f(from_f<T>(to_f(src[row + p]) * inv));
+      const float s = r ? to_f(sum[row + p]) : act<T>(x, xp, row + p);  // sums: this thread's
+      const float n = to_f(from_f<T>(s * inv));
       out[row + p] = from_f<T>(n * to_f(w[p]));
     }
   }
+}
+
+// add_rms_norm of x given as partial sums (the sliced GEMV's output, vptq.h Parts): one block
+// reading all of them (16 or more terms of every value) would take the SM's L2 bandwidth for
+// microseconds, so a cluster of kNormCluster blocks takes each row, block b summing the terms
+// of columns [b H / C, (b + 1) H / C), kPartCols neighbours per thread and step (float4 loads);
+// the blocks' sums of squares meet in distributed shared memory. Roundings as rms_norm_kernel.
+// Compute capability 9.0 (clusters); H % (kNormCluster * kPartCols) == 0, 16-byte aligned
+// terms (norm_parts_fits).
+constexpr int kNormCluster = 8;
+constexpr int kPartCols = 4;
+constexpr int kPartSteps = 4;
+constexpr int kPartThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kPartThreads) add_rms_norm_parts_kernel(
+    Parts xp, const T* __restrict__ r, const T* __restrict__ w, T* __restrict__ out,
+    T* __restrict__ sum, int H, float eps) {
+  pdl_trigger();
+  pdl_wait();  // the terms come from the previous kernel (vptq_device.cuh)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  __shared__ float red[kPartThreads / 32];
+  __shared__ float block_ss;
+  const size_t row = static_cast<size_t>(blockIdx.y) * H;
+  const int cols = H / kNormCluster, c0 = static_cast<int>(cluster.block_rank()) * cols;
+  float s[kPartSteps][kPartCols];
+  float ss = 0.f;
+#pragma unroll
+  for (int k = 0; k < kPartSteps; ++k) {
+    const int c = (threadIdx.x + k * blockDim.x) * kPartCols;
+    if (c < cols) {
+      const size_t i = row + c0 + c;
+      float4 t = __ldcg(reinterpret_cast<const float4*>(xp.p + i));
+      float4 v[16];
+      int q = 1;
+      for (; q + 16 <= xp.n; q += 16) {  // as parts_sum: 16 terms in flight
+#pragma unroll
+        for (int u = 0; u < 16; ++u)
+          v[u] = __ldcg(reinterpret_cast<const float4*>(xp.p + (q + u) * xp.stride + i));
+#pragma unroll
+        for (int u = 0; u < 16; ++u) {
+          t.x += v[u].x;
+          t.y += v[u].y;
+          t.z += v[u].z;
+          t.w += v[u].w;
+        }
+      }
+      for (; q < xp.n; ++q) {
+        const float4 u = __ldcg(reinterpret_cast<const float4*>(xp.p + q * xp.stride + i));
+        t.x += u.x;
+        t.y += u.y;
+        t.z += u.z;
+        t.w += u.w;
+      }
+      const float tv[kPartCols] = {t.x, t.y, t.z, t.w};
+      T rv[kPartCols], sv[kPartCols];
+      *reinterpret_cast<uint2*>(rv) = *reinterpret_cast<const uint2*>(r + i);
+#pragma unroll
+      for (int e = 0; e < kPartCols; ++e) {
+        sv[e] = from_f<T>(to_f(from_f<T>(tv[e])) + to_f(rv[e]));  // round(round(x) + r)
+        s[k][e] = to_f(sv[e]);
+        ss = fmaf(s[k][e], s[k][e], ss);
+      }
+      *reinterpret_cast<uint2*>(sum + i) = *reinterpret_cast<const uint2*>(sv);
+    }
+  }
+  const float mine = block_sum(ss, red);
+  if (threadIdx.x == 0) block_ss = mine;
+  cluster.sync();
+  float total = 0.f;
+  for (int b = 0; b < kNormCluster; ++b) total += *cluster.map_shared_rank(&block_ss, b);
+  cluster.sync();  // no block leaves while another still reads its block_ss
+  const float inv = rsqrtf(total / H + eps);
+#pragma unroll
+  for (int k = 0; k < kPartSteps; ++k) {
+    const int c = (threadIdx.x + k * blockDim.x) * kPartCols;
+    if (c < cols) {
+      const size_t i = row + c0 + c;
+      T wv[kPartCols], ov[kPartCols];
+      *reinterpret_cast<uint2*>(wv) = *reinterpret_cast<const uint2*>(w + c0 + c);
+#pragma unroll
+      for (int e = 0; e < kPartCols; ++e)
+        ov[e] = from_f<T>(to_f(from_f<T>(s[k][e] * inv)) * to_f(wv[e]));
+      *reinterpret_cast<uint2*>(out + i) = *reinterpret_cast<const uint2*>(ov);
+    }
+  }
+#endif
 }
 
 // Block b < H rotates query head b into q_out; block H + j rotates key head j and writes it and
@@ -119,7 +211,8 @@ __global__ void __launch_bounds__(kNormThreads) rms_norm_kernel(
 // the second half, x * cos + rotate(x) * sin, each product rounded as PyTorch does.
 template <typename T>
 __global__ void rope_kv_kernel(const T* __restrict__ q, const T* __restrict__ k,
-                               const T* __restrict__ v, const float* __restrict__ cos,
+                               const T* __restrict__ v, Parts qp, Parts kp, Parts vp,
+                               const float* __restrict__ cos,
                                const float* __restrict__ sin, const int64_t* __restrict__ pos,
                                T* __restrict__ q_out, T* __restrict__ k_cache,
                                T* __restrict__ v_cache, int H, int D, int S) {
@@ -128,13 +221,15 @@ __global__ void rope_kv_kernel(const T* __restrict__ q, const T* __restrict__ k,
   const int head = blockIdx.x;
   const bool is_q = head < H;
   const int j = head - H;
-  const T* src = is_q ? q + static_cast<size_t>(head) * D : k + static_cast<size_t>(j) * D;
+  const T* src = is_q ? q : k;
+  const Parts& sp = is_q ? qp : kp;
+  const size_t at = static_cast<size_t>(is_q ? head : j) * D;  // the head's first value
   const int64_t p = *pos;
   const size_t slot = (static_cast<size_t>(j) * S + p) * D;  // cache [1, Hkv, S, D]
   const int half = D / 2;
   for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    const float xv = to_f(src[d]);
-    const float other = to_f(src[d < half ? d + half : d - half]);
+    const float xv = act<T>(src, sp, at + d);
+    const float other = act<T>(src, sp, at + (d < half ? d + half : d - half));
     const float rot = d < half ? -other : other;
     const float c = cos[p * D + d], s = sin[p * D + d];
     const T y = from_f<T>(__fadd_rn(__fmul_rn(xv, c), __fmul_rn(rot, s)));
@@ -142,7 +237,7 @@ __global__ void rope_kv_kernel(const T* __restrict__ q, const T* __restrict__ k,
       q_out[static_cast<size_t>(head) * D + d] = y;
     } else {
       k_cache[slot + d] = y;
-      v_cache[slot + d] = v[static_cast<size_t>(j) * D + d];
+      v_cache[slot + d] = from_f<T>(act<T>(v, vp, static_cast<size_t>(j) * D + d));
     }
   }
 }
@@ -367,15 +462,15 @@ __global__ void embed_rows_kernel(const uint16_t* __restrict__ table,
 }
 
 template <typename T>
-__global__ void silu_mul_kernel(const T* __restrict__ g, const T* __restrict__ u,
-                                T* __restrict__ out, int64_t n) {
+__global__ void silu_mul_kernel(const T* __restrict__ g, Parts gp, const T* __restrict__ u,
+                                Parts up, T* __restrict__ out, int64_t n) {
   pdl_trigger();
   pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float a = to_f(g[i]);
+    const float a = act<T>(g, gp, i);
     const float s = to_f(from_f<T>(a / (1.f + expf(-a))));  // F.silu rounds to the dtype
-    out[i] = from_f<T>(s * to_f(u[i]));
+    out[i] = from_f<T>(s * act<T>(u, up, i));
   }
 }
 
@@ -425,39 +520,78 @@ cudaError_t attn_by_dim(const AttnArgs& a, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+// Whether add_rms_norm_parts_kernel takes these rows: compute capability 9.0 or later, H split
+// evenly into the cluster's blocks, float4 terms and 4-value groups of the activations.
+bool norm_parts_fits(const Parts& xp, const void* r, const void* w, const void* out,
+                     const void* sum, int H) {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      major < 9 || r == nullptr)
+    return false;
+  const int cols = H / kNormCluster;
+  uintptr_t addr = reinterpret_cast<uintptr_t>(xp.p) | (xp.stride * sizeof(float));
+  uintptr_t half = reinterpret_cast<uintptr_t>(r) | reinterpret_cast<uintptr_t>(w) |
+                   reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(sum);
+  return H % (kNormCluster * kPartCols) == 0 && cols <= kPartThreads * kPartCols * kPartSteps &&
+         addr % 16 == 0 && half % 8 == 0;
+}
+
 template <typename T>
-cudaError_t rms_norm_typed(const void* x, const void* r, const void* w, void* out, void* sum,
-                           int rows, int H, float eps, cudaStream_t stream) {
+cudaError_t rms_norm_typed(const void* x, const Parts& xp, const void* r, const void* w,
+                           void* out, void* sum, int rows, int H, float eps,
+                           cudaStream_t stream) {
   const T* xt = static_cast<const T*>(x);
   const T* rt = static_cast<const T*>(r);
   const T* wt = static_cast<const T*>(w);
   T* ot = static_cast<T*>(out);
   T* st = static_cast<T*>(sum);
+  if (xp.p != nullptr && norm_parts_fits(xp, r, w, out, sum, H)) {
+    const int groups = H / kNormCluster / kPartCols;  // per block
+    const int steps = (groups + kPartThreads - 1) / kPartThreads;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(kNormCluster, rows);
+    cfg.blockDim = dim3(((groups + steps - 1) / steps + 31) / 32 * 32);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kNormCluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = dependent_launch() ? 2 : 1;
+    return cudaLaunchKernelEx(&cfg, add_rms_norm_parts_kernel<T>, xp, rt, wt, ot, st, H, eps);
+  }
   const int n_vec = H / 8;
   const int vpt = (n_vec + kNormThreads - 1) / kNormThreads;
   uintptr_t addr = 0;
   for (const void* ptr : {x, r, w, static_cast<const void*>(out), static_cast<const void*>(sum)})
     addr |= reinterpret_cast<uintptr_t>(ptr);
   const bool aligned = H % 8 == 0 && addr % 16 == 0;
-  if (aligned && vpt <= 4) {
+  if (xp.p == nullptr && aligned && vpt <= 4) {
     const int threads = std::min(kNormThreads, ((n_vec + vpt - 1) / vpt + 31) / 32 * 32);
     auto kernel = vpt == 1   ? rms_norm_kernel<T, 1>
                   : vpt == 2 ? rms_norm_kernel<T, 2>
                   : vpt == 3 ? rms_norm_kernel<T, 3>
                              : rms_norm_kernel<T, 4>;
-    return launch_pdl(kernel, dim3(rows), dim3(threads), 0, stream, xt, rt, wt, ot, st, H, eps);
+    return launch_pdl(kernel, dim3(rows), dim3(threads), 0, stream, xt, xp, rt, wt, ot, st, H,
+                      eps);
   }
   const int threads = std::min(kNormThreads, (H + 31) / 32 * 32);
-  return launch_pdl(rms_norm_kernel<T, 0>, dim3(rows), dim3(threads), 0, stream, xt, rt, wt, ot,
-                    st, H, eps);
+  return launch_pdl(rms_norm_kernel<T, 0>, dim3(rows), dim3(threads), 0, stream, xt, xp, rt, wt,
+                    ot, st, H, eps);
 }
 
 }  // namespace
 
-cudaError_t launch_rms_norm(const void* x, const void* r, const void* w, void* out, void* sum,
-                            int rows, int H, float eps, DType dtype, cudaStream_t stream) {
-  if (dtype == DType::kHalf) return rms_norm_typed<__half>(x, r, w, out, sum, rows, H, eps, stream);
-  return rms_norm_typed<__nv_bfloat16>(x, r, w, out, sum, rows, H, eps, stream);
+cudaError_t launch_rms_norm(const void* x, Parts xp, const void* r, const void* w, void* out,
+                            void* sum, int rows, int H, float eps, DType dtype,
+                            cudaStream_t stream) {
+  if (dtype == DType::kHalf)
+    return rms_norm_typed<__half>(x, xp, r, w, out, sum, rows, H, eps, stream);
+  return rms_norm_typed<__nv_bfloat16>(x, xp, r, w, out, sum, rows, H, eps, stream);
 }
 
 cudaError_t launch_rope_kv(const RopeArgs& a, DType dtype, cudaStream_t stream) {
@@ -466,13 +600,14 @@ cudaError_t launch_rope_kv(const RopeArgs& a, DType dtype, cudaStream_t stream) 
   if (dtype == DType::kHalf)
     return launch_pdl(rope_kv_kernel<__half>, grid, block, 0, stream,
                       static_cast<const __half*>(a.q), static_cast<const __half*>(a.k),
-                      static_cast<const __half*>(a.v), a.cos, a.sin, a.pos,
+                      static_cast<const __half*>(a.v), a.qp, a.kp, a.vp, a.cos, a.sin, a.pos,
                       static_cast<__half*>(a.q_out), static_cast<__half*>(a.k_cache),
                       static_cast<__half*>(a.v_cache), a.H, a.D, a.S);
   return launch_pdl(rope_kv_kernel<__nv_bfloat16>, grid, block, 0, stream,
                     static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.k),
-                    static_cast<const __nv_bfloat16*>(a.v), a.cos, a.sin, a.pos,
-                    static_cast<__nv_bfloat16*>(a.q_out), static_cast<__nv_bfloat16*>(a.k_cache),
+                    static_cast<const __nv_bfloat16*>(a.v), a.qp, a.kp, a.vp, a.cos, a.sin,
+                    a.pos, static_cast<__nv_bfloat16*>(a.q_out),
+                    static_cast<__nv_bfloat16*>(a.k_cache),
                     static_cast<__nv_bfloat16*>(a.v_cache), a.H, a.D, a.S);
 }
 
@@ -506,18 +641,19 @@ cudaError_t launch_embed_rows(const void* table, const int64_t* ids, void* out, 
   return cudaGetLastError();
 }
 
-cudaError_t launch_silu_mul(const void* g, const void* u, void* out, int64_t n, DType dtype,
-                            cudaStream_t stream) {
+cudaError_t launch_silu_mul(const void* g, Parts gp, const void* u, Parts up, void* out,
+                            int64_t n, DType dtype, cudaStream_t stream) {
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4096));
   if (n == 0) return cudaSuccess;
   if (dtype == DType::kHalf)
     return launch_pdl(silu_mul_kernel<__half>, dim3(blocks), dim3(threads), 0, stream,
-                      static_cast<const __half*>(g), static_cast<const __half*>(u),
+                      static_cast<const __half*>(g), gp, static_cast<const __half*>(u), up,
                       static_cast<__half*>(out), n);
   return launch_pdl(silu_mul_kernel<__nv_bfloat16>, dim3(blocks), dim3(threads), 0, stream,
-                    static_cast<const __nv_bfloat16*>(g), static_cast<const __nv_bfloat16*>(u),
-                    static_cast<__nv_bfloat16*>(out), n);
+                    static_cast<const __nv_bfloat16*>(g), gp,
+                    static_cast<const __nv_bfloat16*>(u), up, static_cast<__nv_bfloat16*>(out),
+                    n);
 }
 
 }  // namespace vptq

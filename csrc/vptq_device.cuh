@@ -12,6 +12,8 @@
 #include <cstring>
 #include <utility>
 
+#include "vptq.h"
+
 namespace vptq {
 
 template <typename T> __device__ __forceinline__ float to_f(T v);
@@ -23,6 +25,37 @@ template <typename T> __device__ __forceinline__ T from_f(float v);
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+// Value i of a decode activation given as Parts (vptq.h): the terms added in order, 16 or 8
+// loads in flight at a time, rounded to T as the whole tensor would hold it.
+template <typename T>
+__device__ __forceinline__ float parts_sum(const Parts& y, size_t i) {
+  const float* p = y.p + i;
+  float s = __ldcg(p);
+  int q = 1;
+  for (; q + 16 <= y.n; q += 16) {
+    float v[16];
+#pragma unroll
+    for (int u = 0; u < 16; ++u) v[u] = __ldcg(p + (q + u) * y.stride);
+#pragma unroll
+    for (int u = 0; u < 16; ++u) s += v[u];
+  }
+  for (; q + 8 <= y.n; q += 8) {
+    float v[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v[u] = __ldcg(p + (q + u) * y.stride);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) s += v[u];
+  }
+  for (; q < y.n; ++q) s += __ldcg(p + q * y.stride);
+  return to_f(from_f<T>(s));
+}
+
+// Value i of an input given whole (y) or as partial sums (yp.p set).
+template <typename T>
+__device__ __forceinline__ float act(const T* y, const Parts& yp, size_t i) {
+  return yp.p ? parts_sum<T>(yp, i) : to_f(y[i]);
 }
 
 // A v-wide codeword as floats, with the widest loads its alignment allows

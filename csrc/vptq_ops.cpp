@@ -43,11 +43,13 @@ std::string msg(const A&... a) {
 
 const void* ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
-vptq::DType dtype_of(const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
-              msg("vptq kernels take float16 or bfloat16, got ", t.scalar_type()));
-  return t.scalar_type() == at::kHalf ? vptq::DType::kHalf : vptq::DType::kBFloat16;
+vptq::DType dtype_of(at::ScalarType t) {
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16,
+              msg("vptq kernels take float16 or bfloat16, got ", t));
+  return t == at::kHalf ? vptq::DType::kHalf : vptq::DType::kBFloat16;
 }
+
+vptq::DType dtype_of(const at::Tensor& t) { return dtype_of(t.scalar_type()); }
 
 void check_float(const OptTensor& t, const at::Tensor& like, const char* name) {
   if (!t.has_value()) return;
@@ -209,7 +211,8 @@ std::vector<at::Tensor> gemv_sliced_cuda(
     const at::Tensor& x, at::TensorList entries, const c10::List<OptTensor>& res_codes,
     at::TensorList offsets, at::TensorList table, const c10::List<OptTensor>& res_table,
     const c10::List<OptTensor>& weight_scale, const c10::List<OptTensor>& weight_bias,
-    const c10::List<OptTensor>& bias, at::TensorList counters, at::IntArrayRef meta) {
+    const c10::List<OptTensor>& bias, at::TensorList counters, at::IntArrayRef meta,
+    bool partial) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int n = static_cast<int>(entries.size());
   TORCH_CHECK(n >= 1 && n <= vptq::kMaxGroup,
@@ -242,15 +245,24 @@ std::vector<at::Tensor> gemv_sliced_cuda(
                     " tokens for this layer; use dequant + GEMM"));
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = G.L[i].N;
-    outs.push_back(at::empty(shape, x.options()));
-    G.out[i] = outs.back().data_ptr();
-    ws_floats += static_cast<int64_t>(G.L[i].n_slices) * tokens * G.L[i].N;
+    if (partial) {  // the output is its terms, vptq.h SlicedGroup::partial
+      shape.insert(shape.begin(), G.L[i].n_slices + 1);
+      outs.push_back(at::empty(shape, x.options().dtype(at::kFloat)));
+      G.ws[i] = outs.back().data_ptr<float>();
+    } else {
+      outs.push_back(at::empty(shape, x.options()));
+      G.out[i] = outs.back().data_ptr();
+      ws_floats += static_cast<int64_t>(G.L[i].n_slices) * tokens * G.L[i].N;
+    }
   }
-  at::Tensor ws = at::empty({ws_floats}, x.options().dtype(at::kFloat));
-  float* w = ws.data_ptr<float>();
-  for (int i = 0; i < n; ++i) {
-    G.ws[i] = w;
-    w += static_cast<int64_t>(G.L[i].n_slices) * tokens * G.L[i].N;
+  G.partial = partial;
+  if (!partial) {
+    at::Tensor ws = at::empty({ws_floats}, x.options().dtype(at::kFloat));
+    float* w = ws.data_ptr<float>();
+    for (int i = 0; i < n; ++i) {
+      G.ws[i] = w;
+      w += static_cast<int64_t>(G.L[i].n_slices) * tokens * G.L[i].N;
+    }
   }
   check_launch(vptq::launch_sliced_gemv(G, xc.data_ptr(), tokens, dtype_of(x),
                                         at::cuda::getCurrentCUDAStream()),
@@ -266,25 +278,60 @@ void check_act(const at::Tensor& t, const at::Tensor& like, const char* name) {
                   like.scalar_type()));
 }
 
+// A decode activation given whole (the activation dtype `dtype`) or, in float32 with one
+// leading dimension more, as the terms of partial sums (vptq.h Parts, engine/ops/decode.py
+// Partial). `sizes` is the whole tensor's shape.
+struct Act {
+  const void* whole = nullptr;
+  vptq::Parts parts;
+  std::vector<int64_t> sizes;
+  int64_t numel = 0;
+};
+
+Act act_input(const at::Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), msg(name, " must be a contiguous CUDA tensor"));
+  Act a;
+  if (t.scalar_type() == at::kFloat && t.dim() >= 2 && t.size(0) >= 1) {
+    a.parts.p = t.data_ptr<float>();
+    a.parts.n = static_cast<int>(t.size(0));
+    a.parts.stride = t.numel() / t.size(0);
+    a.sizes.assign(t.sizes().begin() + 1, t.sizes().end());
+    a.numel = a.parts.stride;
+  } else {
+    TORCH_CHECK(t.scalar_type() == dtype,
+                msg(name, " is ", t.scalar_type(), " but the activations are ", dtype,
+                    " (or float32 partial sums with a leading dimension of terms)"));
+    a.whole = t.data_ptr();
+    a.sizes.assign(t.sizes().begin(), t.sizes().end());
+    a.numel = t.numel();
+  }
+  return a;
+}
+
 std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x, const OptTensor& residual,
                                              const at::Tensor& weight, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const vptq::DType dt = dtype_of(x);
-  check_act(x, x, "x");
-  check_act(weight, x, "weight");
-  const int64_t H = x.size(-1);
+  // x may come as partial sums where a residual gives the activation dtype
+  const at::Tensor& like = residual.has_value() ? *residual : x;
+  const vptq::DType dt = dtype_of(like);
+  const Act xa = act_input(x, like.scalar_type(), "x");
+  TORCH_CHECK(xa.parts.p == nullptr || residual.has_value(),
+              "rms_norm takes x as partial sums only with a residual (add_rms_norm)");
+  check_act(weight, like, "weight");
+  const int64_t H = xa.sizes.back();
   TORCH_CHECK(weight.numel() == H, msg("weight has ", weight.numel(), " values, x has ", H));
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = at::empty(xa.sizes, like.options());
   at::Tensor sum;
   if (residual.has_value()) {
-    check_act(*residual, x, "residual");
-    TORCH_CHECK(residual->sizes() == x.sizes(),
-                msg("residual ", residual->sizes(), " and x ", x.sizes(), " differ"));
-    sum = at::empty_like(x);
+    check_act(*residual, like, "residual");
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(xa.sizes),
+                msg("residual ", residual->sizes(), " and x ", at::IntArrayRef(xa.sizes),
+                    " differ"));
+    sum = at::empty_like(*residual);
   }
-  check_launch(vptq::launch_rms_norm(x.data_ptr(), ptr(residual), weight.data_ptr(),
+  check_launch(vptq::launch_rms_norm(xa.whole, xa.parts, ptr(residual), weight.data_ptr(),
                                      out.data_ptr(), sum.defined() ? sum.data_ptr() : nullptr,
-                                     static_cast<int>(x.numel() / H), static_cast<int>(H),
+                                     static_cast<int>(xa.numel / H), static_cast<int>(H),
                                      static_cast<float>(eps), dt,
                                      at::cuda::getCurrentCUDAStream()),
                "rms_norm");
@@ -316,31 +363,34 @@ at::Tensor rope_kv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& pos,
                         const at::Tensor& k_cache, const at::Tensor& v_cache) {
   const c10::cuda::CUDAGuard guard(q.device());
-  const vptq::DType dt = dtype_of(q);
-  check_act(q, q, "q");
-  check_act(k, q, "k");
-  check_act(v, q, "v");
-  check_cache(k_cache, q, "k_cache");
-  check_cache(v_cache, q, "v_cache");
-  check_pos(pos, q);
+  const vptq::DType dt = dtype_of(k_cache);  // q, k and v may come as partial sums
+  const Act qa = act_input(q, k_cache.scalar_type(), "q");
+  const Act ka = act_input(k, k_cache.scalar_type(), "k");
+  const Act va = act_input(v, k_cache.scalar_type(), "v");
+  check_cache(k_cache, k_cache, "k_cache");
+  check_cache(v_cache, k_cache, "v_cache");
+  check_pos(pos, k_cache);
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
   vptq::RopeArgs a;
   a.Hkv = static_cast<int>(k_cache.size(1));
   a.S = static_cast<int>(k_cache.size(2));
   a.D = static_cast<int>(k_cache.size(3));
-  TORCH_CHECK(a.D % 2 == 0 && q.numel() % a.D == 0,
-              msg("q holds ", q.numel(), " values, not whole heads of ", a.D));
-  a.H = static_cast<int>(q.numel() / a.D);
-  TORCH_CHECK(k.numel() == static_cast<int64_t>(a.Hkv) * a.D && v.numel() == k.numel(),
+  TORCH_CHECK(a.D % 2 == 0 && qa.numel % a.D == 0,
+              msg("q holds ", qa.numel, " values, not whole heads of ", a.D));
+  a.H = static_cast<int>(qa.numel / a.D);
+  TORCH_CHECK(ka.numel == static_cast<int64_t>(a.Hkv) * a.D && va.numel == ka.numel,
               msg("one token's k and v must hold ", a.Hkv * a.D, " values"));
   for (const auto* t : {&cos, &sin})
     TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == at::kFloat &&
                     t->dim() == 2 && t->size(0) >= a.S && t->size(1) == a.D,
                 msg("cos and sin must be float32 [max_seq, ", a.D, "] tables"));
-  at::Tensor q_out = at::empty({1, a.H, 1, a.D}, q.options());
-  a.q = q.data_ptr();
-  a.k = k.data_ptr();
-  a.v = v.data_ptr();
+  at::Tensor q_out = at::empty({1, a.H, 1, a.D}, k_cache.options());
+  a.q = qa.whole;
+  a.k = ka.whole;
+  a.v = va.whole;
+  a.qp = qa.parts;
+  a.kp = ka.parts;
+  a.vp = va.parts;
   a.cos = cos.data_ptr<float>();
   a.sin = sin.data_ptr<float>();
   a.pos = pos.data_ptr<int64_t>();
@@ -388,16 +438,24 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   return out;
 }
 
-at::Tensor silu_mul_cuda(const at::Tensor& gate, const at::Tensor& up) {
+at::Tensor silu_mul_cuda(const at::Tensor& gate, const at::Tensor& up,
+                         std::optional<at::ScalarType> dtype) {
   const c10::cuda::CUDAGuard guard(gate.device());
-  const vptq::DType dt = dtype_of(gate);
-  check_act(gate, gate, "gate");
-  check_act(up, gate, "up");
-  TORCH_CHECK(gate.sizes() == up.sizes(), msg("gate ", gate.sizes(), " and up ", up.sizes(),
-                                              " differ"));
-  at::Tensor out = at::empty_like(gate);
-  check_launch(vptq::launch_silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(),
-                                     gate.numel(), dt, at::cuda::getCurrentCUDAStream()),
+  // gate and up may come as partial sums; the activation dtype is then that of the other, or
+  // dtype where both do
+  at::ScalarType type = gate.scalar_type() != at::kFloat ? gate.scalar_type()
+                        : up.scalar_type() != at::kFloat ? up.scalar_type()
+                                                         : dtype.value_or(at::kFloat);
+  TORCH_CHECK(!dtype.has_value() || *dtype == type,
+              msg("silu_mul: dtype ", *dtype, " but the activations are ", type));
+  const vptq::DType dt = dtype_of(type);
+  const Act g = act_input(gate, type, "gate");
+  const Act u = act_input(up, type, "up");
+  TORCH_CHECK(g.sizes == u.sizes, msg("gate ", at::IntArrayRef(g.sizes), " and up ",
+                                      at::IntArrayRef(u.sizes), " differ"));
+  at::Tensor out = at::empty(g.sizes, gate.options().dtype(type));
+  check_launch(vptq::launch_silu_mul(g.whole, g.parts, u.whole, u.parts, out.data_ptr(), g.numel,
+                                     dt, at::cuda::getCurrentCUDAStream()),
                "silu_mul");
   return out;
 }
@@ -448,7 +506,7 @@ TORCH_LIBRARY(vptq, m) {
   m.def(
       "gemv_sliced(Tensor x, Tensor[] entries, Tensor?[] res_codes, Tensor[] offsets, "
       "Tensor[] table, Tensor?[] res_table, Tensor?[] weight_scale, Tensor?[] weight_bias, "
-      "Tensor?[] bias, Tensor[] counters, int[] meta) -> Tensor[]");
+      "Tensor?[] bias, Tensor[] counters, int[] meta, bool partial=False) -> Tensor[]");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def(
@@ -457,7 +515,7 @@ TORCH_LIBRARY(vptq, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window, "
       "float scale) -> Tensor");
-  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  m.def("silu_mul(Tensor gate, Tensor up, ScalarType? dtype=None) -> Tensor");
   m.def("embed_rows(Tensor table, Tensor ids) -> Tensor");
 }
 

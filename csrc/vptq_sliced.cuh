@@ -455,12 +455,36 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   }
   __syncthreads();
 
-  // This slice's partial sums -> ws[s][t][n].
+  // This slice's partial sums -> ws[s][t][n] (partial: term 1 + s of the output, vptq.h).
+  const int term = G.partial ? s + 1 : s;
   for (int i = threadIdx.x; i < (r1 - r0) * V; i += blockDim.x) {
     const int n = r0 * V + i;
     if (n >= L.N) break;
     for (int t = 0; t < ntok; ++t)
-      ws[(static_cast<size_t>(s) * ntok + t) * L.N + n] = acc[i * NT + t];
+      ws[(static_cast<size_t>(term) * ntok + t) * L.N + n] = acc[i * NT + t];
+  }
+  // dot(x, b) per token from the warps' shares (complete since the lookups' barrier).
+  __shared__ float xb[NT];
+  const auto sum_dot = [&] {
+    if (threadIdx.x < NT) {
+      float total = 0.f;
+      for (int w = 0; w < kWarpsS; ++w) total += red[w][threadIdx.x];
+      xb[threadIdx.x] = L.wbias ? total : 0.f;  // x * 0 would turn an infinite x into NaN
+    }
+    __syncthreads();
+  };
+  const T* bias = static_cast<const T*>(L.bias);
+  const int outs = min((r1 - r0) * V, L.N - r0 * V);
+  const int items = outs * ntok;  // item j: output n = r0 * V + j % outs, token j / outs
+  if (G.partial) {  // the reader adds the terms; slice 0's blocks write term 0
+    if (s == 0) {
+      sum_dot();
+      for (int j = threadIdx.x; j < items; j += blockDim.x) {
+        const int n = r0 * V + j % outs, t = j / outs;
+        ws[static_cast<size_t>(t) * L.N + n] = xb[t] + (bias ? to_f(bias[n]) : 0.f);
+      }
+    }
+    return;
   }
   __threadfence();
   __syncthreads();
@@ -470,20 +494,10 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   if (!last) return;
   __threadfence();
 
-  // The last block of this row block: dot(x, b) per token from the warps' shares, then the
-  // sum over slices, kSumItems outputs per thread at a time with kSumSlices slices of each in
-  // flight (one output per thread and eight slices took four to eight rounds of L2 latency
-  // here, alone on the critical path).
-  __shared__ float xb[NT];
-  if (threadIdx.x < NT) {
-    float total = 0.f;
-    for (int w = 0; w < kWarpsS; ++w) total += red[w][threadIdx.x];
-    xb[threadIdx.x] = L.wbias ? total : 0.f;  // x * 0 would turn an infinite x into NaN
-  }
-  __syncthreads();
-  const T* bias = static_cast<const T*>(L.bias);
-  const int outs = min((r1 - r0) * V, L.N - r0 * V);
-  const int items = outs * ntok;  // item j: output n = r0 * V + j % outs, token j / outs
+  // The last block of this row block: the sum over slices, kSumItems outputs per thread at a
+  // time with kSumSlices slices of each in flight (one output per thread and eight slices took
+  // four to eight rounds of L2 latency here, alone on the critical path).
+  sum_dot();
   constexpr int kSumItems = 4, kSumSlices = 8;
   for (int j0 = threadIdx.x; j0 < items; j0 += kSumItems * blockDim.x) {
     float total[kSumItems];

@@ -41,7 +41,13 @@ PARTS = {  # label: what is taken out
 
 def _empty(n: int, dtype: torch.dtype | None = None):
     """A linear layer's stand-in: an uninitialised [.., n] output, no kernel."""
-    return lambda x: x.new_empty((*x.shape[:-1], n), dtype=dtype)
+    return lambda x, **_: x.new_empty((*x.shape[:-1], n), dtype=dtype)
+
+
+def _stand_in(y):
+    """y where a part's stand-in passes its input on: a Partial (its sums never added) becomes
+    an uninitialised tensor of its shape, no kernel."""
+    return y.parts.new_empty(y.shape, dtype=y.dtype) if isinstance(y, fused.Partial) else y
 
 
 @contextlib.contextmanager
@@ -55,14 +61,14 @@ def without(model: Transformer, parts: tuple[str, ...]) -> Iterator[None]:
 
         if "rope" in parts:
             d = model.args.head_dim
-            patch(fused, "rope_kv", lambda q, *_: q.view(1, 1, -1, d).transpose(1, 2))
+            patch(fused, "rope_kv", lambda q, *_: _stand_in(q).view(1, 1, -1, d).transpose(1, 2))
         if "attention" in parts:
             patch(fused, "attention", lambda q, *_: q.transpose(1, 2).reshape(1, 1, -1))
         if "norm" in parts:
-            patch(fused, "rms_norm", lambda x, w, eps, residual=None: x if residual is None
-                  else (x, x))  # fmt: skip
+            patch(fused, "rms_norm", lambda x, w, eps, residual=None: _stand_in(x)
+                  if residual is None else (_stand_in(x),) * 2)  # fmt: skip
         if "silu" in parts:
-            patch(fused, "silu_mul", lambda gate, up: gate)
+            patch(fused, "silu_mul", lambda gate, up: _stand_in(gate))
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             if "qkv" in parts:

@@ -80,11 +80,15 @@ class VQLinear(nn.Module):
             getattr(self, "weight_bias", None),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+    can_defer = True  # engine/model.py apply
+
+    def forward(self, x: torch.Tensor, defer: bool = False):  # x: [..., K] -> [..., N]
+        """``defer``: on the sliced GEMV, the output may stay a Partial (engine/ops/decode.py)
+        for the fused decode kernel that reads it."""
         bias = getattr(self, "bias", None)
         if x.is_cuda:
             return ops.vptq_linear(
-                x, bias, self.tensors(), self.spec, self.sliced, self.decode_path
+                x, bias, self.tensors(), self.spec, self.sliced, self.decode_path, defer
             )
         # The CPU runs the reference path: dequantize once, not per token. It costs the dense
         # weight's memory, which is what a CPU-sized model can afford.
@@ -251,10 +255,11 @@ class SharedInputGroup:
     def takes(self, x: torch.Tensor) -> bool:
         return x.is_cuda and x.numel() // x.shape[-1] <= self.plan.max_tokens
 
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, defer: bool = False) -> list:
+        """The layers' outputs; ``defer``: as Partials (engine/ops/decode.py)."""
         return self._launch(
             x, [getattr(m, "bias", None) for m in self.linears], self.plan.layouts,
-            [m.tensors() for m in self.linears], self.plan.metas, self.plan.counters,
+            [m.tensors() for m in self.linears], self.plan.metas, self.plan.counters, defer,
         )  # fmt: skip
 
 

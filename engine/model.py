@@ -7,6 +7,7 @@ VQLinear for quantized layers and an nn.Linear otherwise.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -18,6 +19,16 @@ from .kv_cache import KVCache
 from .ops import decode as fused
 
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
+# The fused decode step leaves the sliced GEMV's sums to the kernels that read its outputs
+# (engine/ops/decode.py Partial); VPTQ_PARTIAL_SUMS=0 makes every GEMV add its own (for
+# comparisons).
+PARTIAL_SUMS = os.environ.get("VPTQ_PARTIAL_SUMS", "1") != "0"
+
+
+def fused_decode(start, mask) -> bool:
+    """Whether a forward pass is the fused decode step: one token at a position held on the
+    device, no mask (Transformer.decode chooses)."""
+    return isinstance(start, torch.Tensor) and mask is None
 
 
 def dense_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -43,12 +54,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def project(x: torch.Tensor, shared, linears: tuple) -> list[torch.Tensor]:
+def apply(m: nn.Module, x: torch.Tensor, defer: bool = False):
+    """m(x). ``defer`` (the fused decode step): a layer that can (engine/layers.py VQLinear on
+    the sliced GEMV) may return its output as a Partial, whose sums the next fused kernel adds
+    (engine/ops/decode.py)."""
+    if defer and PARTIAL_SUMS and getattr(m, "can_defer", False):
+        return m(x, defer=True)
+    return m(x)
+
+
+def project(x: torch.Tensor, shared, linears: tuple, defer: bool = False) -> list:
     """The outputs of linear layers that read the same x: one launch where the loader gave them
     a shared sliced GEMV (``shared``, engine/layers.py SharedInputGroup), else one call each."""
     if shared is not None and shared.takes(x):
-        return shared(x)
-    return [m(x) for m in linears]
+        return shared(x, defer=True) if defer and PARTIAL_SUMS else shared(x)
+    return [apply(m, x, defer) for m in linears]
 
 
 class Attention(nn.Module):
@@ -72,14 +92,15 @@ class Attention(nn.Module):
         covers the whole static cache, or mask is None and cos, sin are the whole tables: the
         fused decode kernels (Transformer.decode chooses)."""
         b, t, _ = x.shape  # x: [B, T, H]
-        q, k, v = project(x, self.fused, self.shared_input())
         if self.cache is None:
             raise RuntimeError("setup_caches() must run before the forward pass")
-        if isinstance(start, torch.Tensor) and mask is None:
+        if fused_decode(start, mask):
+            q, k, v = project(x, self.fused, self.shared_input(), defer=True)
             c = self.cache
             q = fused.rope_kv(q, k, v, cos, sin, start, c.k, c.v)
             y = fused.attention(q, c.k, c.v, start, self.window, self.head_dim**-0.5)
-            return self.o_proj(y)
+            return apply(self.o_proj, y, defer=True)  # its sums left to the next norm
+        q, k, v = project(x, self.fused, self.shared_input())
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -104,9 +125,10 @@ class MLP(nn.Module):
     def shared_input(self) -> tuple:
         return self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.fused, self.shared_input())
-        return self.down_proj(fused.silu_mul(gate, up))
+    def forward(self, x: torch.Tensor, defer: bool = False):
+        """``defer``: the fused decode step, where projections may return Partials."""
+        gate, up = project(x, self.fused, self.shared_input(), defer)
+        return apply(self.down_proj, fused.silu_mul(gate, up), defer)
 
 
 class DecoderLayer(nn.Module):
@@ -120,14 +142,15 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, start, mask, residual=None):
         """The layer's input is x (+ residual, where given) -> (mlp output, residual), whose sum
         is the layer's output. The sums are left to the next norm, which adds them in its
-        kernel on a GPU (engine/ops/decode.py rms_norm)."""
+        kernel on a GPU (engine/ops/decode.py rms_norm); in the fused decode step (start a
+        tensor, no mask) so may be the projections' own sums (Partial)."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
         a = self.self_attn(h, cos, sin, start, mask)
         h, residual = self.post_attention_layernorm(a, residual)
-        return self.mlp(h), residual
+        return self.mlp(h, defer=fused_decode(start, mask)), residual
 
 
 class Backbone(nn.Module):

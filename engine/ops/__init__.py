@@ -80,11 +80,13 @@ def vptq_linear(
     spec: VQLayerSpec,
     sliced=None,
     decode_path: str | None = None,
+    partial: bool = False,
 ):
     """y = x W^T + bias for a VPTQ layer; x: [..., K] -> [..., N]. ``sliced``: the layer's
-    engine.ops.sliced layout, where it has one; ``decode_path``: see cuda.linear."""
+    engine.ops.sliced layout, where it has one; ``decode_path``: see cuda.linear;
+    ``partial``: the sliced GEMV may leave y as a decode.Partial."""
     if _on_kernels(x, spec) and tensors[1].dtype == x.dtype:
         from . import cuda
 
-        return cuda.linear(x, bias, tensors, spec, sliced, decode_path)
+        return cuda.linear(x, bias, tensors, spec, sliced, decode_path, partial)
     return reference.vptq_linear(x, bias, *tensors, spec=spec)

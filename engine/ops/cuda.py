@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..formats.vptq import VQLayerSpec
 from ..memory import DEQUANT_WORKSPACE  # prefill dequantizes a layer in slices of at most this
 from ..paths import shipped
+from .decode import Partial
 from .sliced import SlicedLayout
 
 CSRC = shipped("csrc")
@@ -140,8 +141,13 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], meta[0]))
 
     @torch.library.register_fake("vptq::gemv_sliced")
-    def _(x, entries, res_codes, offsets, table, res_table, scale, wbias, bias, counters, meta):
-        return [x.new_empty((*x.shape[:-1], meta[12 * i])) for i in range(len(entries))]
+    def _(x, entries, res_codes, offsets, table, res_table, scale, wbias, bias, counters, meta,
+          partial=False):  # fmt: skip
+        shape = x.shape[:-1]
+        if partial:  # [n_slices + 1, ..., N] float32 terms
+            return [x.new_empty((meta[12 * i + 5] + 1, *shape, meta[12 * i]), dtype=torch.float32)
+                    for i in range(len(entries))]  # fmt: skip
+        return [x.new_empty((*shape, meta[12 * i])) for i in range(len(entries))]
 
     @torch.library.register_fake("vptq::rms_norm")
     def _(x, weight, eps):
@@ -149,20 +155,23 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("vptq::add_rms_norm")
     def _(x, residual, weight, eps):
-        return torch.empty_like(x), torch.empty_like(x)
+        return torch.empty_like(residual), torch.empty_like(residual)
 
     @torch.library.register_fake("vptq::rope_kv")
     def _(q, k, v, cos, sin, pos, k_cache, v_cache):
         d = k_cache.shape[3]
-        return q.new_empty((1, q.numel() // d, 1, d))
+        values = q[0].numel() if q.dtype == torch.float32 else q.numel()  # terms of sums
+        return k_cache.new_empty((1, values // d, 1, d))
 
     @torch.library.register_fake("vptq::decode_attention")
     def _(q, k_cache, v_cache, pos, window, scale):
         return q.new_empty((1, 1, q.numel()))
 
     @torch.library.register_fake("vptq::silu_mul")
-    def _(gate, up):
-        return torch.empty_like(gate)
+    def _(gate, up, dtype=None):
+        whole = [t for t in (gate, up) if t.dtype != torch.float32]
+        like = whole[0] if whole else gate[0]
+        return like.new_empty(like.shape, dtype=whole[0].dtype if whole else dtype)
 
     @torch.library.register_fake("vptq::embed_rows")
     def _(table, ids):
@@ -201,8 +210,13 @@ def dequant(tensors: tuple, spec: VQLayerSpec) -> torch.Tensor:
     )
 
 
-def gemv_sliced(x: torch.Tensor, bias: torch.Tensor | None, layout: SlicedLayout, tensors: tuple):
-    return gemv_sliced_group(x, [bias], [layout], [tensors], [layout.meta], [layout.counters])[0]
+def gemv_sliced(
+    x: torch.Tensor, bias: torch.Tensor | None, layout: SlicedLayout, tensors: tuple,
+    partial: bool = False,
+):  # fmt: skip
+    return gemv_sliced_group(
+        x, [bias], [layout], [tensors], [layout.meta], [layout.counters], partial
+    )[0]
 
 
 def gemv_sliced_group(
@@ -212,15 +226,18 @@ def gemv_sliced_group(
     tensors: list[tuple],
     metas: list[list[int]],
     counters: list[torch.Tensor],
-) -> list[torch.Tensor]:
+    partial: bool = False,
+) -> list:
     """y_i = x W_i^T + bias_i for layers sharing x, in one launch (engine/ops/sliced.py
-    SlicedGroup gives the metas and counters of a group; a single layer uses its own)."""
-    return torch.ops.vptq.gemv_sliced(
+    SlicedGroup gives the metas and counters of a group; a single layer uses its own).
+    ``partial``: each y_i as a Partial (engine/ops/decode.py), its sums left to the reader."""
+    out = torch.ops.vptq.gemv_sliced(
         x, [a.entries for a in layouts], [a.res_codes for a in layouts],
         [a.offsets for a in layouts], [a.table for a in layouts], [a.res_table for a in layouts],
         [t[7] for t in tensors], [t[8] for t in tensors], biases, counters,
-        [m for meta in metas for m in meta],
+        [m for meta in metas for m in meta], partial,
     )  # fmt: skip
+    return [Partial(y, x.dtype) for y in out] if partial else out
 
 
 def linear(
@@ -230,14 +247,15 @@ def linear(
     spec: VQLayerSpec,
     sliced: SlicedLayout | None = None,
     decode_path: str | None = None,
+    partial: bool = False,
 ):
     """y = x W^T + bias: the sliced GEMV where the layer has that layout (engine/ops/sliced.py),
     else the fused GEMV for few tokens, dequant + cuBLAS GEMM otherwise. decode_path
     "dequant": one token takes dequant + GEMM too (what load-time tuning found fastest for the
-    layer, engine/layers.py tune_decode)."""
+    layer, engine/layers.py tune_decode). ``partial``: the sliced GEMV may return a Partial."""
     tokens = x.numel() // spec.in_features
     if sliced is not None and tokens <= min(sliced.max_tokens, GEMV_MAX_TOKENS):
-        return gemv_sliced(x, bias, sliced, tensors)
+        return gemv_sliced(x, bias, sliced, tensors, partial)
     if tokens <= fused_tokens(spec) and not (tokens == 1 and decode_path == "dequant"):
         indices, centroids, res, _, _, perm, _, scale, wbias = tensors
         return torch.ops.vptq.gemv(x, indices, centroids, res, perm, scale, wbias, bias, meta(spec))

@@ -9,6 +9,7 @@ memory needs.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +22,59 @@ ATTN_HEAD_DIMS = (64, 128)
 ATTN_GQA = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)  # query heads per KV head
 
 
-def _fused(x: torch.Tensor) -> bool:
+@dataclass(frozen=True)
+class Partial:
+    """A projection's output left as the sliced GEMV's partial sums (engine/ops/cuda.py
+    gemv_sliced with partial=True) for the kernel that reads it to add: the whole output is
+    ``parts[0] + parts[1] + ...`` in that order, in float32, rounded to ``dtype`` (csrc/vptq.h
+    Parts). The GEMV then ends when its last block's lookups do, instead of with one block per
+    row block adding sixteen slices while the rest of the GPU waits. rms_norm with a residual,
+    silu_mul and rope_kv take it; anything else calls ``whole()``."""
+
+    parts: torch.Tensor  # float32 [terms, *shape]
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parts.shape[1:]
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.parts.is_cuda
+
+    def whole(self) -> torch.Tensor:
+        """The output as one tensor, added in the kernels' order (so bit for bit theirs)."""
+        total = self.parts[0].clone()
+        for term in self.parts[1:]:
+            total += term
+        return total.to(self.dtype)
+
+
+def whole(y):
+    """y as a tensor, where it may be a Partial."""
+    return y.whole() if isinstance(y, Partial) else y
+
+
+def _arg(y):
+    """What the fused ops take for y: the tensor, or a Partial's terms."""
+    return y.parts.contiguous() if isinstance(y, Partial) else y.contiguous()
+
+
+def _fused(x) -> bool:
     return ENABLED and kernels_ready() and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual=None):
-    """weight * x / rms(x); with ``residual``: (that of s = x + residual, s)."""
+def rms_norm(x, weight: torch.Tensor, eps: float, residual=None):
+    """weight * x / rms(x); with ``residual``: (that of s = x + residual, s). With a residual,
+    x may be a Partial."""
     if _fused(x) and weight.dtype == x.dtype and (residual is None or residual.dtype == x.dtype):
         if residual is None:
-            return torch.ops.vptq.rms_norm(x.contiguous(), weight.contiguous(), eps)
+            return torch.ops.vptq.rms_norm(whole(x).contiguous(), weight.contiguous(), eps)
         out, total = torch.ops.vptq.add_rms_norm(
-            x.contiguous(), residual.contiguous(), weight.contiguous(), eps
+            _arg(x), residual.contiguous(), weight.contiguous(), eps
         )
         return out, total
+    x = whole(x)
     if residual is not None:
         x = x + residual
     h = x.float()
@@ -42,9 +83,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual=None):
     return out if residual is None else (out, x)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate, up) -> torch.Tensor:
+    """silu(gate) * up; either may be a Partial."""
     if _fused(gate) and up.dtype == gate.dtype and up.shape == gate.shape:
-        return torch.ops.vptq.silu_mul(gate.contiguous(), up.contiguous())
+        return torch.ops.vptq.silu_mul(_arg(gate), _arg(up), gate.dtype)
+    gate, up = whole(gate), whole(up)
     return F.silu(gate) * up
 
 
@@ -71,8 +114,8 @@ def attention_fused(x: torch.Tensor, n_heads: int, n_kv: int, head_dim: int) -> 
 def rope_kv(q, k, v, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
     """One token: q, k, v [1, 1, heads * D] -> rotated q [1, H, 1, D]; the rotated k and v go
     into the caches [1, H_kv, max_seq, D] at position pos ([1] int64 on the GPU); cos, sin: the
-    whole [max_seq, D] float32 tables."""
-    return torch.ops.vptq.rope_kv(q, k, v, cos, sin, pos, k_cache, v_cache)
+    whole [max_seq, D] float32 tables. q, k and v may be Partials."""
+    return torch.ops.vptq.rope_kv(_arg(q), _arg(k), _arg(v), cos, sin, pos, k_cache, v_cache)
 
 
 def attention(q, k_cache, v_cache, pos, window: int | None, scale: float) -> torch.Tensor:

@@ -148,6 +148,89 @@ def test_decode_attention_matches_float64(name, window, dtype):
         assert rel(got, want) < 2 * ulps(dtype), (pos, rel(got, want))
 
 
+# ---- inputs as the sliced GEMV's partial sums (engine/ops/decode.py Partial) ----
+
+
+def partial(shape, terms: int, dtype, seed: int) -> fused.Partial:
+    """Random float32 terms of a [*shape] activation; their sum in order, rounded to dtype, is
+    what the kernels must read (Partial.whole, checked against float64 in test_decode_ops.py)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return fused.Partial(torch.randn(terms, *shape, device="cuda", generator=g) / 4, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("terms", [17, 9, 2])
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (2, 8192), (1, 576), (1, 4100)])
+def test_add_rms_norm_adds_partial_sums(rows, hidden, terms, dtype):
+    """H % 32 == 0: a cluster of blocks a row; 4100: one block a row (the general path)."""
+    x = partial((rows, hidden), terms, dtype, seed=hidden + terms)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    r = torch.randn(rows, hidden, device="cuda", generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).to(dtype)
+    out, total = fused.rms_norm(x, w, 1e-5, r)
+    want_out, want_total = fused.rms_norm(x.whole(), w, 1e-5, r)  # the whole-tensor kernel
+    assert torch.equal(total, want_total)  # round(round(sum of terms) + r), bit for bit
+    assert out.dtype == dtype and out.shape == (rows, hidden)
+    # the sum of squares is added in another order: the normalised value may round to its
+    # neighbour, and times the weight that is up to two units of the output's precision
+    diff = (out.float() - want_out.float()).abs()
+    assert (diff <= 2 * ulps(dtype) * want_out.float().abs()).all()
+    assert (diff > 0).float().mean() < 0.05  # and rarely
+    s = want_total.double()
+    oracle = w.double() * s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert rel(out, oracle) <= 1.5 * rel(want_out, oracle) + ulps(dtype) / 8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["gate", "up", "both"])
+def test_silu_mul_adds_partial_sums(which, dtype):
+    gate = partial((1, 14336), 17, dtype, seed=1)
+    up = partial((1, 14336), 17, dtype, seed=2)
+    g = gate if which != "up" else gate.whole()
+    u = up if which != "gate" else up.whole()
+    got = fused.silu_mul(g, u)
+    assert got.dtype == dtype and got.shape == (1, 14336)
+    assert torch.equal(got, fused.silu_mul(gate.whole(), up.whole()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("terms", [17, 5])
+def test_rope_kv_adds_partial_sums(terms, dtype):
+    h, hkv, d, s, pos = 32, 8, 128, 64, 40
+    cos, sin = rope_tables(s, d)
+    p = torch.tensor([pos], device="cuda")
+    q = partial((1, 1, h * d), terms, dtype, seed=3)
+    k = partial((1, 1, hkv * d), terms, dtype, seed=4)
+    v = partial((1, 1, hkv * d), terms, dtype, seed=5)
+    kc, vc = caches(hkv, s, d, dtype, seed=1)
+    kc2, vc2 = kc.clone(), vc.clone()
+    got = fused.rope_kv(q, k, v, cos, sin, p, kc, vc)
+    want = fused.rope_kv(q.whole(), k.whole(), v.whole(), cos, sin, p, kc2, vc2)
+    assert torch.equal(got, want) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def test_partial_sum_ops_pass_opcheck():
+    dtype, terms = torch.float16, 17
+    x = partial((1, 1, 256), terms, dtype, seed=0).parts
+    r = torch.randn(1, 1, 256, device="cuda", dtype=dtype)
+    w = torch.randn(256, device="cuda", dtype=dtype)
+    h, hkv, d, s = 8, 2, 128, 40
+    kc, vc = caches(hkv, s, d, dtype, seed=5)
+    cos, sin = rope_tables(s, d)
+    q = partial((1, 1, h * d), terms, dtype, seed=1).parts
+    k = partial((1, 1, hkv * d), terms, dtype, seed=2).parts
+    p = torch.tensor([7], device="cuda")
+    vv = torch.ops.vptq
+    torch.library.opcheck(vv.add_rms_norm.default, (x, r, w, 1e-6))
+    torch.library.opcheck(vv.silu_mul.default, (x, x.clone(), dtype))
+    torch.library.opcheck(vv.silu_mul.default, (x, r))
+    torch.library.opcheck(vv.rope_kv.default, (q, k, k.clone(), cos, sin, p, kc, vc))
+    with pytest.raises(RuntimeError, match="partial sums only with a residual"):
+        vv.rms_norm(x, w, 1e-6)
+    with pytest.raises(RuntimeError, match=r"gate .* and up .* differ"):
+        vv.silu_mul(x, r[..., :128].contiguous())
+
+
 def test_decode_ops_pass_opcheck_and_replay_in_a_graph():
     dtype = torch.float16
     h, hkv, d, s = 8, 2, 128, 40

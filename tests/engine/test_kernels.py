@@ -8,6 +8,7 @@ import torch
 
 from engine import ops
 from engine.ops import cuda, reference, sliced
+from engine.ops.decode import Partial
 
 from .test_sliced import SLICED
 from .test_vptq_reference import VARIANTS
@@ -221,6 +222,13 @@ def test_sliced_gemv_matches_oracle(name, tokens, dtype):
     again = cuda.gemv_sliced(x.to(dtype).cuda(), bias, layout, args)
     assert torch.equal(out, again)  # deterministic, and the tickets were reset
     assert not layout.counters.any()
+    # the sums left to the reader: dot(x, b) + bias, then each slice's; added in that order
+    # they are the output bit for bit
+    part = cuda.gemv_sliced(x.to(dtype).cuda(), bias, layout, args, partial=True)
+    assert isinstance(part, Partial) and part.dtype == dtype
+    assert part.parts.shape == (layout.meta[5] + 1, tokens, spec.out_features)
+    assert torch.equal(part.whole(), out)
+    assert not layout.counters.any()  # no tickets taken
 
 
 @pytest.mark.parametrize("ctas_per_sm", [1, 2])
@@ -256,6 +264,11 @@ def test_sliced_opcheck_and_graph_capture():
             torch.ops.vptq.gemv_sliced.default,
             (x, [layout.entries], [layout.res_codes], [layout.offsets], [layout.table],
              [layout.res_table], [scale], [wbias], [bias], [layout.counters], layout.meta),
+        )  # fmt: skip
+        torch.library.opcheck(
+            torch.ops.vptq.gemv_sliced.default,
+            (x, [layout.entries], [layout.res_codes], [layout.offsets], [layout.table],
+             [layout.res_table], [scale], [wbias], [bias], [layout.counters], layout.meta, True),
         )  # fmt: skip
     x = torch.randn(1, spec.in_features, dtype=torch.float16, device="cuda")
     eager = ops.vptq_linear(x, bias, args, spec, layout)
@@ -295,6 +308,8 @@ def test_sliced_group_gives_each_layer_what_it_gives_alone(name, tokens):
         )
         assert rel_err(out.double().cpu(), want) < 4e-3
     assert not any(c.any() for c in plan.counters)
+    parts = cuda.gemv_sliced_group(x, biases, plan.layouts, args, plan.metas, plan.counters, True)
+    assert all(torch.equal(p.whole(), out) for p, out in zip(parts, outs, strict=True))
     with pytest.raises(RuntimeError, match="2 tokens at most"):
         cuda.gemv_sliced_group(x.repeat(3, 1), biases, plan.layouts, args, plan.metas,
                                plan.counters)  # fmt: skip

@@ -78,6 +78,41 @@ def test_graph_decode_gives_the_eager_tokens(small_model, p):
 
 
 @torch.no_grad()
+def test_decode_leaving_the_sums_to_the_next_kernels_matches_each_gemv_adding_its_own(
+    small_model, monkeypatch
+):
+    """The fused decode step takes the sliced GEMVs' outputs as partial sums (rope_kv,
+    silu_mul, add_rms_norm add them); with VPTQ_PARTIAL_SUMS=0 each GEMV adds its own. Both
+    give the same logits (the norms' sums of squares are added in another order)."""
+    from engine import model as model_mod
+    from engine.ops import decode as fused
+
+    seen = []
+    for name in ("rope_kv", "silu_mul", "rms_norm"):
+        orig = getattr(fused, name)
+        spy = lambda *a, _f=orig, **kw: (seen.append(type(a[0]).__name__), _f(*a, **kw))[1]  # noqa: E731
+        monkeypatch.setattr(fused, name, spy)
+    small_model(torch.arange(20, device="cuda").view(1, 20), 0)  # the cache up to 19
+    token, pos = torch.tensor([[7]], device="cuda"), torch.tensor([20], device="cuda")
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(model_mod, "PARTIAL_SUMS", on)
+        seen.clear()
+        runs[on] = (small_model.decode(token, pos), list(seen))
+    (with_parts, kinds), (alone, kinds_alone) = runs[True], runs[False]
+    want = 0  # rope_kv's q, silu_mul's gate, the norms after o and down: where sliced
+    for layer in small_model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        want += attn.fused is not None or attn.q_proj.sliced is not None
+        want += mlp.fused is not None or mlp.gate_proj.sliced is not None
+        want += (attn.o_proj.sliced is not None) + (mlp.down_proj.sliced is not None)
+    assert want >= 2 * small_model.args.n_layers and kinds.count("Partial") == want
+    assert "Partial" not in kinds_alone
+    err = float((with_parts - alone).norm() / alone.norm())
+    assert err < 2e-3 and torch.equal(with_parts.argmax(-1), alone.argmax(-1)), err
+
+
+@torch.no_grad()
 def test_the_kv_cache_takes_its_own_size_of_gpu_memory(small_model):
     """All layers' caches are one allocation: 4 MiB per K or V tensor, each allocated alone,
     would be rounded up into the allocator's 20 MiB segments (40 MiB for 32)."""

@@ -1,0 +1,51 @@
+"""engine/ops/decode.py on the CPU: a Partial (a projection's output left as the sliced GEMV's
+partial sums) is the in-order float32 sum of its terms, and every decode op that takes one
+gives what it gives for that sum as a tensor."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.ops import decode as fused
+
+
+def terms(n: int, shape, seed: int) -> torch.Tensor:
+    """n float32 terms of very different sizes (so the order of adding them matters)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-3, 2, n).view(-1, *[1] * len(shape))
+    return torch.randn(n, *shape, generator=g) * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_whole_adds_the_terms_in_order_in_float32(dtype):
+    parts = terms(17, (3, 40), seed=1)
+    got = fused.Partial(parts, dtype).whole()
+    assert got.dtype == dtype and got.shape == (3, 40)
+    # the oracle: numpy adding in float32, term after term (the kernels' order)
+    acc = parts[0].numpy().astype(np.float32)
+    for t in parts[1:].numpy():
+        acc = (acc + t).astype(np.float32)
+    assert torch.equal(got, torch.from_numpy(acc).to(dtype))
+    exact = parts.double().sum(0)
+    assert float((got.double() - exact).abs().max()) <= float(exact.abs().max()) * 1e-2
+    # another order rounds differently somewhere: the order is what the oracle checks
+    fwd = fused.Partial(parts, torch.float32).whole()
+    assert not torch.equal(fused.Partial(parts.flip(0), torch.float32).whole(), fwd)
+
+
+def test_decode_ops_read_a_partial_as_its_whole_tensor():
+    dtype = torch.bfloat16
+    gate, up = (fused.Partial(terms(9, (1, 64), seed=s), dtype) for s in (2, 3))
+    want = F.silu(gate.whole()) * up.whole()
+    assert torch.equal(fused.silu_mul(gate, up), want)
+    assert torch.equal(fused.silu_mul(gate, up.whole()), want)
+    x = fused.Partial(terms(9, (1, 64), seed=4), dtype)
+    r = torch.randn(1, 64).to(dtype)
+    w = torch.rand(64).to(dtype)
+    out, total = fused.rms_norm(x, w, 1e-5, r)
+    want_out, want_total = fused.rms_norm(x.whole(), w, 1e-5, r)
+    assert torch.equal(total, want_total) and torch.equal(out, want_out)
+    assert torch.equal(total, x.whole() + r)
+    assert torch.equal(fused.rms_norm(x, w, 1e-5), fused.rms_norm(x.whole(), w, 1e-5))
+    assert fused.whole(r) is r
