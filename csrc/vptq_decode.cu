@@ -134,7 +134,6 @@ __global__ void __launch_bounds__(kPartThreads) add_rms_norm_parts_kernel(
     Parts xp, const T* __restrict__ r, const T* __restrict__ w, T* __restrict__ out,
     T* __restrict__ sum, int H, float eps) {
   pdl_trigger();
-  pdl_wait();  // the terms come from the previous kernel (vptq_device.cuh)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -143,12 +142,21 @@ __global__ void __launch_bounds__(kPartThreads) add_rms_norm_parts_kernel(
   const size_t row = static_cast<size_t>(blockIdx.y) * H;
   const int cols = H / kNormCluster, c0 = static_cast<int>(cluster.block_rank()) * cols;
   float s[kPartSteps][kPartCols];
+  T wv[kPartSteps][kPartCols];  // the weight, read before the wait (no kernel writes it)
+#pragma unroll
+  for (int k = 0; k < kPartSteps; ++k) {
+    const int c = (threadIdx.x + k * blockDim.x) * kPartCols;
+    if (c < cols) *reinterpret_cast<uint2*>(wv[k]) = *reinterpret_cast<const uint2*>(w + c0 + c);
+  }
+  pdl_wait();  // the terms and the residual come from earlier kernels (vptq_device.cuh)
   float ss = 0.f;
 #pragma unroll
   for (int k = 0; k < kPartSteps; ++k) {
     const int c = (threadIdx.x + k * blockDim.x) * kPartCols;
     if (c < cols) {
       const size_t i = row + c0 + c;
+      T rv[kPartCols], sv[kPartCols];  // the residual first: its load rides with the terms'
+      *reinterpret_cast<uint2*>(rv) = *reinterpret_cast<const uint2*>(r + i);
       float4 t = __ldcg(reinterpret_cast<const float4*>(xp.p + i));
       float4 v[16];
       int q = 1;
@@ -172,8 +180,6 @@ __global__ void __launch_bounds__(kPartThreads) add_rms_norm_parts_kernel(
         t.w += u.w;
       }
       const float tv[kPartCols] = {t.x, t.y, t.z, t.w};
-      T rv[kPartCols], sv[kPartCols];
-      *reinterpret_cast<uint2*>(rv) = *reinterpret_cast<const uint2*>(r + i);
 #pragma unroll
       for (int e = 0; e < kPartCols; ++e) {
         sv[e] = from_f<T>(to_f(from_f<T>(tv[e])) + to_f(rv[e]));  // round(round(x) + r)
@@ -195,14 +201,15 @@ __global__ void __launch_bounds__(kPartThreads) add_rms_norm_parts_kernel(
     const int c = (threadIdx.x + k * blockDim.x) * kPartCols;
     if (c < cols) {
       const size_t i = row + c0 + c;
-      T wv[kPartCols], ov[kPartCols];
-      *reinterpret_cast<uint2*>(wv) = *reinterpret_cast<const uint2*>(w + c0 + c);
+      T ov[kPartCols];
 #pragma unroll
       for (int e = 0; e < kPartCols; ++e)
-        ov[e] = from_f<T>(to_f(from_f<T>(s[k][e] * inv)) * to_f(wv[e]));
+        ov[e] = from_f<T>(to_f(from_f<T>(s[k][e] * inv)) * to_f(wv[k][e]));
       *reinterpret_cast<uint2*>(out + i) = *reinterpret_cast<const uint2*>(ov);
     }
   }
+#else
+  pdl_wait();
 #endif
 }
 
@@ -217,27 +224,40 @@ __global__ void rope_kv_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                T* __restrict__ q_out, T* __restrict__ k_cache,
                                T* __restrict__ v_cache, int H, int D, int S) {
   pdl_trigger();
-  pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
+  // pos changes only after the step's last layer (as in attn_split_kernel): it and this
+  // thread's first cos and sin are read before the wait, off the path behind q, k and v
+  const int64_t p = *pos;
+  const int d0 = threadIdx.x;
+  const float c0 = d0 < D ? cos[p * D + d0] : 0.f, s0 = d0 < D ? sin[p * D + d0] : 0.f;
+  pdl_wait();  // q, k and v come from the previous kernel (vptq_device.cuh)
   const int head = blockIdx.x;
   const bool is_q = head < H;
   const int j = head - H;
   const T* src = is_q ? q : k;
-  const Parts& sp = is_q ? qp : kp;
+  const Parts sp = is_q ? qp : kp;
   const size_t at = static_cast<size_t>(is_q ? head : j) * D;  // the head's first value
-  const int64_t p = *pos;
   const size_t slot = (static_cast<size_t>(j) * S + p) * D;  // cache [1, Hkv, S, D]
   const int half = D / 2;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    const float xv = act<T>(src, sp, at + d);
-    const float other = act<T>(src, sp, at + (d < half ? d + half : d - half));
+  for (int d = d0; d < D; d += blockDim.x) {
+    // this value, its rotation partner and (key heads) the value head's: loads all at once
+    const T* ys[3] = {src, src, v};
+    const Parts ps[3] = {sp, sp, vp};
+    const size_t at3[3] = {at + d, at + (d < half ? d + half : d - half),
+                           static_cast<size_t>(is_q ? 0 : j) * D + d};
+    float got[3];
+    if (is_q)
+      acts<T, 2>(ys, ps, at3, got);
+    else
+      acts<T, 3>(ys, ps, at3, got);
+    const float xv = got[0], other = got[1];
     const float rot = d < half ? -other : other;
-    const float c = cos[p * D + d], s = sin[p * D + d];
+    const float c = d == d0 ? c0 : cos[p * D + d], s = d == d0 ? s0 : sin[p * D + d];
     const T y = from_f<T>(__fadd_rn(__fmul_rn(xv, c), __fmul_rn(rot, s)));
     if (is_q) {
       q_out[static_cast<size_t>(head) * D + d] = y;
     } else {
       k_cache[slot + d] = y;
-      v_cache[slot + d] = from_f<T>(act<T>(v, vp, static_cast<size_t>(j) * D + d));
+      v_cache[slot + d] = from_f<T>(got[2]);
     }
   }
 }
@@ -468,9 +488,14 @@ __global__ void silu_mul_kernel(const T* __restrict__ g, Parts gp, const T* __re
   pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float a = act<T>(g, gp, i);
+    const T* ys[2] = {g, u};
+    const Parts ps[2] = {gp, up};
+    const size_t at[2] = {static_cast<size_t>(i), static_cast<size_t>(i)};
+    float gu[2];
+    acts<T, 2>(ys, ps, at, gu);  // gate's and up's terms in flight together
+    const float a = gu[0];
     const float s = to_f(from_f<T>(a / (1.f + expf(-a))));  // F.silu rounds to the dtype
-    out[i] = from_f<T>(s * act<T>(u, up, i));
+    out[i] = from_f<T>(s * gu[1]);
   }
 }
 

@@ -27,35 +27,45 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
   return __float2bfloat16_rn(v);
 }
 
-// Value i of a decode activation given as Parts (vptq.h): the terms added in order, 16 or 8
-// loads in flight at a time, rounded to T as the whole tensor would hold it.
-template <typename T>
-__device__ __forceinline__ float parts_sum(const Parts& y, size_t i) {
-  const float* p = y.p + i;
-  float s = __ldcg(p);
-  int q = 1;
-  for (; q + 16 <= y.n; q += 16) {
-    float v[16];
+// Values idx[k] of K decode activations, each given whole (y[k]) or as Parts (vptq.h: the
+// terms added in order, rounded to T as the whole tensor would hold it). The loads of all their
+// terms are in flight together, 16 terms at a time: a kernel reading two or three such values
+// a thread waits one round trip of L2 latency for them, not one each.
+template <typename T, int K>
+__device__ __forceinline__ void acts(const T* const* y, const Parts* yp, const size_t* idx,
+                                     float* out) {
+  int n = 0;
 #pragma unroll
-    for (int u = 0; u < 16; ++u) v[u] = __ldcg(p + (q + u) * y.stride);
-#pragma unroll
-    for (int u = 0; u < 16; ++u) s += v[u];
+  for (int k = 0; k < K; ++k) {
+    out[k] = yp[k].p ? __ldcg(yp[k].p + idx[k]) : to_f(y[k][idx[k]]);
+    n = max(n, yp[k].n);  // 0 for a whole tensor
   }
-  for (; q + 8 <= y.n; q += 8) {
-    float v[8];
+  for (int q = 1; q < n; q += 16) {
+    float v[K][16];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) v[u] = __ldcg(p + (q + u) * y.stride);
+    for (int k = 0; k < K; ++k) {
+      if (yp[k].n == 0) continue;  // a whole tensor
 #pragma unroll
-    for (int u = 0; u < 8; ++u) s += v[u];
+      for (int u = 0; u < 16; ++u)  // past the last term: that one again, not added (no branch)
+        v[k][u] = __ldcg(yp[k].p + min(q + u, yp[k].n - 1) * yp[k].stride + idx[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+#pragma unroll
+      for (int u = 0; u < 16; ++u)
+        if (q + u < yp[k].n) out[k] += v[k][u];
   }
-  for (; q < y.n; ++q) s += __ldcg(p + q * y.stride);
-  return to_f(from_f<T>(s));
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    if (yp[k].p) out[k] = to_f(from_f<T>(out[k]));
 }
 
 // Value i of an input given whole (y) or as partial sums (yp.p set).
 template <typename T>
 __device__ __forceinline__ float act(const T* y, const Parts& yp, size_t i) {
-  return yp.p ? parts_sum<T>(yp, i) : to_f(y[i]);
+  float out;
+  acts<T, 1>(&y, &yp, &i, &out);
+  return out;
 }
 
 // A v-wide codeword as floats, with the widest loads its alignment allows

@@ -312,11 +312,11 @@ std::tuple<at::Tensor, at::Tensor> norm_impl(const at::Tensor& x, const OptTenso
                                              const at::Tensor& weight, double eps) {
   const c10::cuda::CUDAGuard guard(x.device());
   // x may come as partial sums where a residual gives the activation dtype
+  TORCH_CHECK(x.scalar_type() != at::kFloat || residual.has_value(),
+              "rms_norm takes x as partial sums only with a residual (add_rms_norm)");
   const at::Tensor& like = residual.has_value() ? *residual : x;
   const vptq::DType dt = dtype_of(like);
   const Act xa = act_input(x, like.scalar_type(), "x");
-  TORCH_CHECK(xa.parts.p == nullptr || residual.has_value(),
-              "rms_norm takes x as partial sums only with a residual (add_rms_norm)");
   check_act(weight, like, "weight");
   const int64_t H = xa.sizes.back();
   TORCH_CHECK(weight.numel() == H, msg("weight has ", weight.numel(), " values, x has ", H));
