@@ -11,7 +11,9 @@
 // - silu_mul: silu(gate) * up;
 // - embed_rows: rows of an embedding table kept in pinned host memory.
 // Every rounding matches the PyTorch code they replace (engine/model.py): fp32 inside, the
-// activation dtype where PyTorch rounds.
+// activation dtype where PyTorch rounds. add_rms_norm, rope_kv and silu_mul also take their
+// inputs as a sliced GEMV's partial sums (vptq.h Parts) and add them first, rounded as the
+// GEMV would have written them.
 #include <algorithm>
 #include <cfloat>
 #include <cstdlib>

@@ -20,8 +20,13 @@
 // fp32; the warp sum goes to the block's per-row accumulators. Then each block writes its
 // slice's partial sums, and the last block of a row block to finish (a ticket counter) adds the
 // slices in order, dot(x, b) and bias, and writes the output: deterministic, one launch, no
-// host synchronisation. One launch may serve up to kMaxGroup layers that read the same x
-// (q, k, v): their blocks share one wave, and each layer's sums are those it gets alone.
+// host synchronisation. In the decode step the launch stops short of that (SlicedGroup::partial,
+// vptq.h Parts): each block writes its slice's sums as a term of the output, the blocks of
+// slice 0 also dot(x, b) + bias, and the kernel that reads the output (add_rms_norm, rope_kv,
+// silu_mul, vptq_decode.cu) adds the terms in the same order, so the GEMV ends when its last
+// lookups do, with no fence, ticket or lone block at the end. One launch may serve up to
+// kMaxGroup layers that read the same x (q, k, v): their blocks share one wave, and each
+// layer's sums are those it gets alone.
 #pragma once
 
 #include <cuda_pipeline.h>
