@@ -30,3 +30,14 @@ def test_breakdown_takes_each_part_out_and_puts_it_back(tmp_path):
             assert torch.equal(model(tokens), want), f"{label} was not put back"
     assert all(getattr(fused, n) is f for n, f in functions.items())
     assert not [m for m in model.modules() if "forward" in vars(m)]
+
+
+def test_stand_ins_take_partial_sums_without_adding_them():
+    """In the GPU decode step a part's input may be a projection's partial sums: the stand-in
+    passes on a tensor of the whole shape and dtype (no kernel), and a tensor as it is."""
+    part = fused.Partial(torch.randn(17, 1, 1, 64), torch.float16)
+    got = bench_step._stand_in(part)
+    assert isinstance(got, torch.Tensor) and got.shape == (1, 1, 64) and got.dtype == torch.float16
+    x = torch.randn(1, 1, 64)
+    assert bench_step._stand_in(x) is x
+    assert bench_step._empty(32)(x, defer=True).shape == (1, 1, 32)  # as VQLinear is called
