@@ -551,11 +551,7 @@ cudaError_t attn_by_dim(const AttnArgs& a, cudaStream_t stream) {
 // evenly into the cluster's blocks, float4 terms and 4-value groups of the activations.
 bool norm_parts_fits(const Parts& xp, const void* r, const void* w, const void* out,
                      const void* sum, int H) {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      major < 9 || r == nullptr)
-    return false;
+  if (!hopper_or_later() || r == nullptr) return false;
   const int cols = H / kNormCluster;
   uintptr_t addr = reinterpret_cast<uintptr_t>(xp.p) | (xp.stride * sizeof(float));
   uintptr_t half = reinterpret_cast<uintptr_t>(r) | reinterpret_cast<uintptr_t>(w) |

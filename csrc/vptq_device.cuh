@@ -120,15 +120,12 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Whether kernels on the current device are launched with PDL (cached per device).
-inline bool dependent_launch() {
-  static const bool off = [] {
-    const char* v = std::getenv("VPTQ_PDL");
-    return v != nullptr && std::strcmp(v, "0") == 0;
-  }();
+// Whether the current device has compute capability 9.0 or later (PDL, thread block clusters),
+// asked once per device.
+inline bool hopper_or_later() {
   static std::atomic<signed char> known[64] = {};  // 0: not asked yet, 1: yes, 2: no
   int dev = 0;
-  if (off || cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
   if (known[dev].load() == 0) {
     int major = 0;
     const bool ok =
@@ -136,6 +133,15 @@ inline bool dependent_launch() {
     known[dev].store(ok && major >= 9 ? 1 : 2);
   }
   return known[dev].load() == 1;
+}
+
+// Whether kernels on the current device are launched with PDL.
+inline bool dependent_launch() {
+  static const bool off = [] {
+    const char* v = std::getenv("VPTQ_PDL");
+    return v != nullptr && std::strcmp(v, "0") == 0;
+  }();
+  return !off && hopper_or_later();
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with PDL where dependent_launch() allows.
