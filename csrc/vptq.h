@@ -127,7 +127,7 @@ struct AttnArgs {
   const void* v_cache = nullptr;  // [Hkv, S, D]
   const int64_t* pos = nullptr;   // [1] keys max(0, pos - window + 1) .. pos are visible
   void* out = nullptr;            // [H, D]
-  float* ws = nullptr;            // [H, splits, D + 2] fp32
+  float* ws = nullptr;            // fp32: o [H, splits, D], then (m, l) [H, splits, 2]
   int H = 0, Hkv = 0, D = 0, S = 0, splits = 1, window = 0;  // window 0: none
   float scale = 1.f;
 };
@@ -139,6 +139,14 @@ cudaError_t launch_decode_attention(const AttnArgs& a, DType dtype, cudaStream_t
 // memory (read over the bus through its device address). Ids outside 0..vocab-1 give zeros.
 cudaError_t launch_embed_rows(const void* table, const int64_t* ids, void* out, int64_t n,
                               int64_t vocab, int64_t hidden, cudaStream_t stream);
+
+// The greedy pick that ends a decode step: *token = argmax(logits[0 .. V)) (the first of equal
+// maxima, NaN as the largest), seen[*token] = true, *pos += 1. ws: greedy_pick_blocks(V) floats
+// (wv) and int64s (wi); ticket: one int32 zero, left zero.
+int greedy_pick_blocks(int64_t V);
+cudaError_t launch_greedy_pick(const void* logits, int64_t V, float* wv, int64_t* wi, int* ticket,
+                               int64_t* token, bool* seen, int64_t* pos, DType dtype,
+                               cudaStream_t stream);
 
 // out = silu(g) * u elementwise, n values.
 cudaError_t launch_silu_mul(const void* g, Parts gp, const void* u, Parts up, void* out,

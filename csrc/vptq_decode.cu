@@ -9,7 +9,8 @@
 // - decode_attention: one query token against the cache up to that position (GQA, sliding
 //   window), split over the keys (flash-decoding), then the splits combined;
 // - silu_mul: silu(gate) * up;
-// - embed_rows: rows of an embedding table kept in pinned host memory.
+// - embed_rows: rows of an embedding table kept in pinned host memory;
+// - greedy_pick: the end of a greedy step (the next token, its seen mark, the position + 1).
 // Every rounding matches the PyTorch code they replace (engine/model.py): fp32 inside, the
 // activation dtype where PyTorch rounds. add_rms_norm, rope_kv and silu_mul also take their
 // inputs as a sliced GEMV's partial sums (vptq.h Parts) and add them first, rounded as the
@@ -139,8 +140,11 @@ __global__ void __launch_bounds__(kPartThreads) add_rms_norm_parts_kernel(
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
+  // This block has started: the others may write into its shared memory once they have seen
+  // every block of the cluster arrive here (the wait below, long after).
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   __shared__ float red[kPartThreads / 32];
-  __shared__ float block_ss;
+  __shared__ float all_ss[kNormCluster];
   const size_t row = static_cast<size_t>(blockIdx.y) * H;
   const int cols = H / kNormCluster, c0 = static_cast<int>(cluster.block_rank()) * cols;
   float s[kPartSteps][kPartCols];
@@ -191,12 +195,17 @@ __global__ void __launch_bounds__(kPartThreads) add_rms_norm_parts_kernel(
       *reinterpret_cast<uint2*>(sum + i) = *reinterpret_cast<const uint2*>(sv);
     }
   }
+  // Each block writes its sum of squares into every block's all_ss[its rank]; after one
+  // barrier each reads only its own shared memory (reading the others' took a second barrier,
+  // so that no block left while another still read it: 20 us a step of the 8B model,
+  // csrc/KERNELS.md session 14).
   const float mine = block_sum(ss, red);
-  if (threadIdx.x == 0) block_ss = mine;
+  const int rank = static_cast<int>(cluster.block_rank());
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  if (threadIdx.x < kNormCluster) *cluster.map_shared_rank(&all_ss[rank], threadIdx.x) = mine;
   cluster.sync();
   float total = 0.f;
-  for (int b = 0; b < kNormCluster; ++b) total += *cluster.map_shared_rank(&block_ss, b);
-  cluster.sync();  // no block leaves while another still reads its block_ss
+  for (int b = 0; b < kNormCluster; ++b) total += all_ss[b];
   const float inv = rsqrtf(total / H + eps);
 #pragma unroll
   for (int k = 0; k < kPartSteps; ++k) {
@@ -271,9 +280,9 @@ constexpr int kMaxSplits = 256;
 // Split s of KV head h: keys [lo + s * len, ...) of the visible range [lo, pos]. Each warp takes
 // kAttnBatch keys at a time, lanes over the head dimension (E = D / 32 values each); online
 // softmax per query head in base 2. The warps' states are merged in shared memory and written
-// to ws as (m, l, o[D]) per query head; attn_combine_kernel merges the splits.
-template <typename T, int D, int G>
-__global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
+// to ws (o[D] and (m, l) per query head, vptq.h AttnArgs); attn_combine_kernel merges the splits.
+template <typename T, int D, int G, int W>
+__global__ void __launch_bounds__(W * 32) attn_split_kernel(
     const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     const int64_t* __restrict__ pos, float* __restrict__ ws, int S, int window, float scale,
     bool preload) {
@@ -321,7 +330,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
     m[g] = -FLT_MAX;
     l[g] = 0.f;
   }
-  for (int base = first; base < k1; base += kAttnWarps * U) {
+  for (int base = first; base < k1; base += W * U) {
     if (base != first) load_keys(base);  // the first batch is loaded
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -362,8 +371,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
     }
   }
   // Merge the warps: each output value takes the others' states from shared memory.
-  __shared__ float sm[kAttnWarps][G][2];
-  __shared__ float so[kAttnWarps][G][D];
+  __shared__ float sm[W][G][2];
+  __shared__ float so[W][G][D];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     if (lane == 0) {
@@ -378,61 +387,62 @@ __global__ void __launch_bounds__(kAttnWarps * 32) attn_split_kernel(
     const int g = i / (D + 2), c = i % (D + 2);
     float mm = -FLT_MAX;
 #pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) mm = fmaxf(mm, sm[w][g][0]);
+    for (int w = 0; w < W; ++w) mm = fmaxf(mm, sm[w][g][0]);
     float acc = 0.f;
 #pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) {
+    for (int w = 0; w < W; ++w) {
       const float f = sm[w][g][1] > 0.f ? exp2f(sm[w][g][0] - mm) : 0.f;
       acc += f * (c == 0 ? 0.f : c == 1 ? sm[w][g][1] : so[w][g][c - 2]);
     }
-    // ws: [H, splits, D + 2] = (m, l, o)
-    ws[(static_cast<size_t>(h * G + g) * splits + split) * (D + 2) + c] = c == 0 ? mm : acc;
+    const size_t at = static_cast<size_t>(h * G + g) * splits + split;  // ws: see AttnArgs
+    if (c < 2)
+      ws[static_cast<size_t>(gridDim.x) * G * splits * D + at * 2 + c] = c == 0 ? mm : acc;
+    else
+      ws[at * D + c - 2] = acc;
   }
 }
 
-// Query head h: the splits' states merged, o / l written in the activation dtype. 512 threads:
-// thread (part, d) sums o[d] over the splits s = part, part + P, ... (P = 512 / D), and issues
-// those loads first, before the weights are known, while warp 0 turns the splits' (m, l),
-// loaded once, into weights in shared memory; the P parts are then added in order. Measured on
-// the H200 (8B at position 600, 33 splits): 3.8 us a call when each of D threads walked all
-// splits and warp 0 read (m, l) twice; every round of L2 latency here is on the decode step's
-// critical path.
-constexpr int kCombineThreads = 512;
-constexpr int kCombineBatch = 16;  // splits per thread whose loads are issued together
+// Query head h: the splits' states merged, o / l written in the activation dtype. D / 2
+// threads, a pair of neighbouring lanes for each four values: one sums the even splits, the
+// other the odd ones, each with the loads of up to kCombineBatch splits issued together, before
+// the weights are known; warp 0 meanwhile turns the splits' (m, l) into weights in shared
+// memory. Every round of L2 latency here is on the decode step's critical path: 512 threads,
+// each summing a quarter of the splits of one value, with ws as [H, splits, D + 2] (no 16-byte
+// loads), cost the 8B step about 15 us more (csrc/KERNELS.md, session 14).
+constexpr int kCombineBatch = 18;  // splits a lane loads at once: one round up to 36 splits
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kCombineThreads) attn_combine_kernel(
-    const float* __restrict__ ws, T* __restrict__ out, int splits) {
+__global__ void __launch_bounds__(D / 2) attn_combine_kernel(const float* __restrict__ ws,
+                                                            T* __restrict__ out, int splits) {
   pdl_trigger();
   pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
-  constexpr int P = kCombineThreads / D;
-  static_assert(kMaxSplits % 32 == 0 && P * D == kCombineThreads, "combine shape");
   __shared__ float wt[kMaxSplits];
-  __shared__ float part[P][D];
-  const int h = blockIdx.x, d = threadIdx.x % D, pi = threadIdx.x / D;
-  const float* base = ws + static_cast<size_t>(h) * splits * (D + 2);
-  float ov[kCombineBatch];
+  const int h = blockIdx.x, lane = threadIdx.x % 32, pi = threadIdx.x & 1;
+  const int d = (threadIdx.x / 2) * 4;
+  const float* o = ws + static_cast<size_t>(h) * splits * D + d;  // ws: see AttnArgs
+  float4 ov[kCombineBatch];
 #pragma unroll
   for (int j = 0; j < kCombineBatch; ++j) {
-    const int sp = pi + j * P;
-    ov[j] = sp < splits ? base[sp * (D + 2) + 2 + d] : 0.f;
+    const int sp = pi + 2 * j;
+    ov[j] = sp < splits ? __ldcg(reinterpret_cast<const float4*>(o + sp * D))
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
   }
   if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
+    const float* ml = ws + (static_cast<size_t>(gridDim.x) * D + 2 * h) * splits;
     constexpr int R = kMaxSplits / 32;
     float ms[R], ls[R];
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int sp = lane + 32 * i;
-      ms[i] = sp < splits ? base[sp * (D + 2)] : -FLT_MAX;
-      ls[i] = sp < splits ? base[sp * (D + 2) + 1] : 0.f;
+      ms[i] = sp < splits ? ml[2 * sp] : -FLT_MAX;
+      ls[i] = sp < splits ? ml[2 * sp + 1] : 0.f;
     }
     float mm = -FLT_MAX;
 #pragma unroll
     for (int i = 0; i < R; ++i)
       if (ls[i] > 0.f) mm = fmaxf(mm, ms[i]);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, o));
+    for (int m = 16; m > 0; m >>= 1) mm = fmaxf(mm, __shfl_xor_sync(0xffffffffu, mm, m));
     float l = 0.f;
 #pragma unroll
     for (int i = 0; i < R; ++i) {
@@ -440,27 +450,34 @@ __global__ void __launch_bounds__(kCombineThreads) attn_combine_kernel(
       l += ls[i] * ms[i];
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) l += __shfl_xor_sync(0xffffffffu, l, o);
+    for (int m = 16; m > 0; m >>= 1) l += __shfl_xor_sync(0xffffffffu, l, m);
 #pragma unroll
     for (int i = 0; i < R; ++i)
       if (lane + 32 * i < splits) wt[lane + 32 * i] = ms[i] / l;
   }
   __syncthreads();
-  float acc = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  const auto add = [&](const float4& v, float w) {
+    acc.x = fmaf(v.x, w, acc.x);
+    acc.y = fmaf(v.y, w, acc.y);
+    acc.z = fmaf(v.z, w, acc.z);
+    acc.w = fmaf(v.w, w, acc.w);
+  };
 #pragma unroll
-  for (int j = 0; j < kCombineBatch; ++j) {
-    const int sp = pi + j * P;
-    if (sp < splits) acc = fmaf(ov[j], wt[sp], acc);
-  }
-  for (int sp = pi + kCombineBatch * P; sp < splits; sp += P)  // more splits than a batch
-    acc = fmaf(base[sp * (D + 2) + 2 + d], wt[sp], acc);
-  part[pi][d] = acc;
-  __syncthreads();
+  for (int j = 0; j < kCombineBatch; ++j)
+    if (pi + 2 * j < splits) add(ov[j], wt[pi + 2 * j]);
+  for (int sp = pi + 2 * kCombineBatch; sp < splits; sp += 2)  // more splits than a batch
+    add(*reinterpret_cast<const float4*>(o + sp * D), wt[sp]);
+  float4 odd;  // the odd splits' sums, from the neighbouring lane
+  odd.x = __shfl_xor_sync(0xffffffffu, acc.x, 1);
+  odd.y = __shfl_xor_sync(0xffffffffu, acc.y, 1);
+  odd.z = __shfl_xor_sync(0xffffffffu, acc.z, 1);
+  odd.w = __shfl_xor_sync(0xffffffffu, acc.w, 1);
   if (pi == 0) {
-    float total = 0.f;
-#pragma unroll
-    for (int q = 0; q < P; ++q) total += part[q][d];
-    out[static_cast<size_t>(h) * D + d] = from_f<T>(total);
+    const T v4[4] = {from_f<T>(acc.x + odd.x), from_f<T>(acc.y + odd.y),
+                     from_f<T>(acc.z + odd.z), from_f<T>(acc.w + odd.w)};
+    *reinterpret_cast<uint2*>(out + static_cast<size_t>(h) * D + d) =
+        *reinterpret_cast<const uint2*>(v4);
   }
 }
 
@@ -501,6 +518,95 @@ __global__ void silu_mul_kernel(const T* __restrict__ g, Parts gp, const T* __re
   }
 }
 
+// The greedy pick that ends a decode step: token = argmax(logits) (the first of equal maxima, a
+// NaN counting as the largest: torch.argmax), then seen[token] = true and pos += 1, in one
+// launch where PyTorch took nine small kernels (a cast, the two stages of
+// engine/sampling.py argmax, a gather, index arithmetic, index_fill_, copy_, add_). Block b
+// takes values [b * per, (b + 1) * per) and writes its best (value, index) to ws; the last
+// block to finish (a ticket, which it leaves zero) picks among those.
+constexpr int kPickThreads = 512;
+constexpr int kPickMaxBlocks = kPickThreads;  // the last block takes one block's best a thread
+
+struct Best {
+  float v;
+  int64_t i;
+};
+
+// Whether a beats b: a NaN first, then the larger value, then the lower index.
+__device__ __forceinline__ bool beats(const Best& a, const Best& b) {
+  if (isnan(a.v) || isnan(b.v)) return isnan(a.v) && (!isnan(b.v) || a.i < b.i);
+  return a.v > b.v || (a.v == b.v && a.i < b.i);
+}
+
+__device__ __forceinline__ Best warp_best(Best x) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) {
+    Best o;
+    o.v = __shfl_xor_sync(0xffffffffu, x.v, d);
+    o.i = __shfl_xor_sync(0xffffffffu, x.i, d);
+    if (beats(o, x)) x = o;
+  }
+  return x;
+}
+
+__device__ __forceinline__ Best block_best(Best x, Best* red) {
+  x = warp_best(x);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) red[warp] = x;
+  __syncthreads();
+  x = lane < static_cast<int>(blockDim.x / 32) ? red[lane] : Best{-INFINITY, INT64_MAX};
+  return warp_best(x);  // every warp holds the block's best
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kPickThreads) greedy_pick_kernel(
+    const T* __restrict__ logits, int64_t V, int64_t per, bool wide, float* __restrict__ wv,
+    int64_t* __restrict__ wi, int* __restrict__ ticket, int64_t* __restrict__ token,
+    bool* __restrict__ seen, int64_t* __restrict__ pos) {
+  pdl_trigger();
+  pdl_wait();  // the logits come from the previous kernel (vptq_device.cuh)
+  __shared__ Best red[kPickThreads / 32];
+  __shared__ bool last;
+  const int64_t lo = blockIdx.x * per, hi = min(V, lo + per);
+  Best best{-INFINITY, INT64_MAX};  // beaten by any value, -inf included (lower index)
+  if (wide) {  // 8 values a load (V and the block's range multiples of 8, 16-byte aligned)
+    for (int64_t i = lo + threadIdx.x * 8; i < hi; i += kPickThreads * 8) {
+      const uint4 u = *reinterpret_cast<const uint4*>(logits + i);
+      const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const Best c{to_f(h[e]), i + e};
+        if (beats(c, best)) best = c;
+      }
+    }
+  } else {
+    for (int64_t i = lo + threadIdx.x; i < hi; i += kPickThreads) {
+      const Best c{to_f(logits[i]), i};
+      if (beats(c, best)) best = c;
+    }
+  }
+  best = block_best(best, red);
+  if (threadIdx.x == 0) {
+    wv[blockIdx.x] = best.v;
+    wi[blockIdx.x] = best.i;
+    __threadfence();  // this block's best is visible before its ticket
+    last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.x) - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  Best b{-INFINITY, INT64_MAX};
+  if (threadIdx.x < gridDim.x) b = Best{__ldcg(wv + threadIdx.x), __ldcg(wi + threadIdx.x)};
+  __syncthreads();  // red[] is reused
+  b = block_best(b, red);
+  if (threadIdx.x == 0) {
+    *token = b.i;
+    seen[b.i] = true;
+    *pos += 1;
+    *ticket = 0;  // ready for the next step
+  }
+}
+
 // VPTQ_ATTN_PRELOAD=0: the first keys are loaded after the wait (for comparisons).
 bool attn_preload() {
   static const bool on = [] {
@@ -510,17 +616,20 @@ bool attn_preload() {
   return on;
 }
 
+// Eight warps a split where G * D <= 512 (Llama-3.1-8B's 4 x 128: at position 600 the 19 keys of
+// a split are all loaded before the wait, where four warps took a second round of key loads
+// after it; at 3000, 3 rounds instead of 6), else four (70B's 8 x 128 lost 0.4% with eight):
+// csrc/KERNELS.md, session 14.
 template <typename T, int D, int G>
 cudaError_t attn_typed(const AttnArgs& a, cudaStream_t stream) {
-  const dim3 grid(a.Hkv, a.splits);
-  cudaError_t err = launch_pdl(attn_split_kernel<T, D, G>, grid, dim3(kAttnWarps * 32), 0,
-                               stream, static_cast<const T*>(a.q),
-                               static_cast<const T*>(a.k_cache),
-                               static_cast<const T*>(a.v_cache), a.pos, a.ws, a.S, a.window,
-                               a.scale, attn_preload());
+  constexpr int W = G * D <= 512 ? 8 : kAttnWarps;
+  cudaError_t err = launch_pdl(
+      attn_split_kernel<T, D, G, W>, dim3(a.Hkv, a.splits), dim3(W * 32), 0, stream,
+      static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
+      static_cast<const T*>(a.v_cache), a.pos, a.ws, a.S, a.window, a.scale, attn_preload());
   if (err != cudaSuccess) return err;
-  return launch_pdl(attn_combine_kernel<T, D>, dim3(a.Hkv * G), dim3(kCombineThreads), 0,
-                    stream, static_cast<const float*>(a.ws), static_cast<T*>(a.out), a.splits);
+  return launch_pdl(attn_combine_kernel<T, D>, dim3(a.Hkv * G), dim3(D / 2), 0, stream,
+                    static_cast<const float*>(a.ws), static_cast<T*>(a.out), a.splits);
 }
 
 template <typename T, int D>
@@ -666,7 +775,7 @@ cudaError_t launch_embed_rows(const void* table, const int64_t* ids, void* out, 
 
 cudaError_t launch_silu_mul(const void* g, Parts gp, const void* u, Parts up, void* out,
                             int64_t n, DType dtype, cudaStream_t stream) {
-  const int threads = 256;
+  const int threads = 256;  // 512: the same; 64, 128 and 1024: slower (KERNELS.md session 14)
   const int blocks = static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 4096));
   if (n == 0) return cudaSuccess;
   if (dtype == DType::kHalf)
@@ -677,6 +786,32 @@ cudaError_t launch_silu_mul(const void* g, Parts gp, const void* u, Parts up, vo
                     static_cast<const __nv_bfloat16*>(g), gp,
                     static_cast<const __nv_bfloat16*>(u), up, static_cast<__nv_bfloat16*>(out),
                     n);
+}
+
+// Values per block of greedy_pick_kernel: 8 a thread (one 16-byte load), more only past
+// kPickMaxBlocks blocks; a multiple of 8.
+static int64_t pick_per(int64_t V) {
+  const int64_t fewest = (V + kPickMaxBlocks - 1) / kPickMaxBlocks;
+  return (std::max<int64_t>(kPickThreads * 8, fewest) + 7) / 8 * 8;
+}
+
+int greedy_pick_blocks(int64_t V) {
+  return static_cast<int>((V + pick_per(V) - 1) / pick_per(V));
+}
+
+cudaError_t launch_greedy_pick(const void* logits, int64_t V, float* wv, int64_t* wi, int* ticket,
+                               int64_t* token, bool* seen, int64_t* pos, DType dtype,
+                               cudaStream_t stream) {
+  if (V < 1) return cudaErrorInvalidValue;
+  const dim3 grid(greedy_pick_blocks(V)), block(kPickThreads);
+  const bool wide = V % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+  if (dtype == DType::kHalf)
+    return launch_pdl(greedy_pick_kernel<__half>, grid, block, 0, stream,
+                      static_cast<const __half*>(logits), V, pick_per(V), wide, wv, wi, ticket,
+                      token, seen, pos);
+  return launch_pdl(greedy_pick_kernel<__nv_bfloat16>, grid, block, 0, stream,
+                    static_cast<const __nv_bfloat16*>(logits), V, pick_per(V), wide, wv, wi,
+                    ticket, token, seen, pos);
 }
 
 }  // namespace vptq

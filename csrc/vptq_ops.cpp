@@ -460,6 +460,38 @@ at::Tensor silu_mul_cuda(const at::Tensor& gate, const at::Tensor& up,
   return out;
 }
 
+// The greedy pick of a decode step (vptq_decode.cu greedy_pick_kernel): token = argmax(logits),
+// seen[token] = true, pos += 1, with nothing read back to the host (a CUDA graph holds it).
+void greedy_pick_cuda(const at::Tensor& logits, const at::Tensor& token, const at::Tensor& seen,
+                      const at::Tensor& pos, const at::Tensor& ticket) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto on = [&](const at::Tensor& t, at::ScalarType type, const char* name) {
+    TORCH_CHECK(t.device() == logits.device() && t.scalar_type() == type && t.is_contiguous(),
+                msg("greedy_pick: ", name, " must be a contiguous ", type,
+                    " tensor on the device of the logits"));
+  };
+  check_act(logits, logits, "logits");
+  on(token, at::kLong, "token");
+  on(seen, at::kBool, "seen");
+  on(pos, at::kLong, "pos");
+  on(ticket, at::kInt, "ticket");
+  const int64_t V = logits.size(-1);
+  TORCH_CHECK(logits.numel() == V && token.numel() == 1 && pos.numel() == 1 &&
+                  seen.numel() == V && ticket.numel() == 1,
+              msg("greedy_pick: one row of logits, one token, pos and ticket, and a seen mask "
+                  "of the logits' length, got ", logits.numel(), " logits and ", seen.numel(),
+                  " seen"));
+  const int blocks = vptq::greedy_pick_blocks(V);
+  at::Tensor wv = at::empty({blocks}, logits.options().dtype(at::kFloat));
+  at::Tensor wi = at::empty({blocks}, logits.options().dtype(at::kLong));
+  check_launch(vptq::launch_greedy_pick(logits.data_ptr(), V, wv.data_ptr<float>(),
+                                        wi.data_ptr<int64_t>(), ticket.data_ptr<int32_t>(),
+                                        token.data_ptr<int64_t>(), seen.data_ptr<bool>(),
+                                        pos.data_ptr<int64_t>(), dtype_of(logits),
+                                        at::cuda::getCurrentCUDAStream()),
+               "greedy_pick");
+}
+
 // Rows of an embedding table [vocab, hidden] for CUDA ids; the table is a CUDA tensor or lies
 // in pinned host memory (engine/loader.py keeps it there when the GPU is short of room), read
 // through its device address: no host synchronisation, so a CUDA graph can hold it.
@@ -517,6 +549,9 @@ TORCH_LIBRARY(vptq, m) {
       "float scale) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up, ScalarType? dtype=None) -> Tensor");
   m.def("embed_rows(Tensor table, Tensor ids) -> Tensor");
+  m.def(
+      "greedy_pick(Tensor logits, Tensor(a!) token, Tensor(b!) seen, Tensor(c!) pos, "
+      "Tensor(d!) ticket) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
@@ -529,4 +564,5 @@ TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
   m.impl("decode_attention", &decode_attention_cuda);
   m.impl("silu_mul", &silu_mul_cuda);
   m.impl("embed_rows", &embed_rows_cuda);
+  m.impl("greedy_pick", &greedy_pick_cuda);
 }

@@ -39,9 +39,9 @@ PARTS = {  # label: what is taken out
 }
 
 
-def _empty(n: int, dtype: torch.dtype | None = None):
+def _empty(n: int):
     """A linear layer's stand-in: an uninitialised [.., n] output, no kernel."""
-    return lambda x, **_: x.new_empty((*x.shape[:-1], n), dtype=dtype)
+    return lambda x, **_: x.new_empty((*x.shape[:-1], n))
 
 
 def _stand_in(y):
@@ -84,7 +84,7 @@ def without(model: Transformer, parts: tuple[str, ...]) -> Iterator[None]:
             if "down" in parts:
                 patch(mlp.down_proj, "forward", _empty(mlp.down_proj.out_features))
         if "lm_head" in parts and model.lm_head is not None:
-            patch(model.lm_head, "forward", _empty(model.args.vocab_size, torch.float32))
+            patch(model.lm_head, "forward", _empty(model.args.vocab_size))
         yield
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from .model import Transformer
+from .ops import decode as fused
 from .sampling import SamplingParams, sample
 
 log = logging.getLogger("engine.decode")
@@ -35,12 +36,17 @@ class GraphDecoder:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # in: token; out: next
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # in: its position; out: +1
         self.seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device=dev)
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=dev)  # for fused.greedy_pick
         self.gen = torch.Generator(device=dev)
         self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle()
         self.rng_in_graph = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
     def _step(self, p: SamplingParams) -> None:
+        if p.temperature == 0 and p.repetition_penalty == 1.0:  # greedy: one kernel ends it
+            logits = self.model.decode(self.token, self.pos, cast=False)  # [1, V]
+            fused.greedy_pick(logits, self.token, self.seen, self.pos, self.ticket)
+            return
         logits = self.model.decode(self.token, self.pos)  # [1, V]
         nxt = sample(logits, p, self.gen, self.seen)  # [1]
         self.seen.index_fill_(0, nxt, True)

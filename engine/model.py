@@ -205,9 +205,10 @@ class Transformer(nn.Module):
             mask &= k > q - window
         return mask
 
-    def decode(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def decode(self, token: torch.Tensor, pos: torch.Tensor, cast: bool = True) -> torch.Tensor:
         """One token (token: [1, 1]) at the position held by the device tensor pos ([1]) ->
-        float32 logits [1, V]. No host values, so it can be captured in a CUDA graph."""
+        float32 logits [1, V] (cast=False: in the lm_head's dtype). No host values, so it can be
+        captured in a CUDA graph."""
         x = fused.embed(self.model.embed_tokens.weight, token)  # [1, 1, H]
         a = self.args
         if fused.attention_fused(x, a.n_heads, a.n_kv_heads, a.head_dim):
@@ -224,8 +225,10 @@ class Transformer(nn.Module):
         x, _ = self.model.norm(x, residual)  # [1, 1, H]
         x = x[0]
         if self.lm_head is None:
-            return F.linear(x, self.model.embed_tokens.weight).float()
-        return self.lm_head(x).float()
+            logits = F.linear(x, self.model.embed_tokens.weight)
+        else:
+            logits = self.lm_head(x)
+        return logits.float() if cast else logits
 
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = False):
         """tokens: [B, T] at positions start..start+T-1 -> float32 logits [B, T or 1, V]."""

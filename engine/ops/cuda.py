@@ -173,6 +173,10 @@ def _register_fakes() -> None:
         like = whole[0] if whole else gate[0]
         return like.new_empty(like.shape, dtype=whole[0].dtype if whole else dtype)
 
+    @torch.library.register_fake("vptq::greedy_pick")
+    def _(logits, token, seen, pos, ticket):
+        return None
+
     @torch.library.register_fake("vptq::embed_rows")
     def _(table, ids):
         return ids.new_empty((*ids.shape, table.shape[1]), dtype=table.dtype)

@@ -1,9 +1,9 @@
-"""The rest of a decode step (RMSNorm, RoPE with the KV-cache write, attention, SiLU gate, and
-the rows of an embedding table kept in host memory) as the fused kernels of csrc/vptq_decode.cu
-where they are loaded, else the plain PyTorch code they replace. At batch 1 those small kernels,
-not the weights, took a third of a step's GPU time (csrc/KERNELS.md). ``VPTQ_DECODE_FUSED=0``
-turns the fused kernels off (for comparisons), except embed_rows, which a table in host
-memory needs.
+"""The rest of a decode step (RMSNorm, RoPE with the KV-cache write, attention, SiLU gate, the
+rows of an embedding table kept in host memory, and the greedy pick) as the fused kernels of
+csrc/vptq_decode.cu where they are loaded, else the plain PyTorch code they replace. At batch 1
+those small kernels, not the weights, took a third of a step's GPU time (csrc/KERNELS.md).
+``VPTQ_DECODE_FUSED=0`` turns the fused kernels off (for comparisons), except embed_rows, which
+a table in host memory needs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..sampling import argmax
 from . import kernels_ready
 
 ENABLED = os.environ.get("VPTQ_DECODE_FUSED", "1") != "0"
@@ -122,3 +123,17 @@ def attention(q, k_cache, v_cache, pos, window: int | None, scale: float) -> tor
     """One query token (q [1, H, 1, D]) against cache positions pos - window + 1 .. pos (all up
     to pos without a window) -> [1, 1, H * D]."""
     return torch.ops.vptq.decode_attention(q, k_cache, v_cache, pos, window or 0, scale)
+
+
+def greedy_pick(logits, token, seen, pos, ticket) -> None:
+    """The end of a greedy decode step: token[...] = argmax(logits) (logits [1, V], any float
+    dtype; the first of equal maxima, NaN the largest, as torch.argmax), seen[token] = True,
+    pos += 1. Fused: one kernel (ticket: an int32 zero that it leaves zero) where PyTorch takes
+    nine small ones, a cast to float32 among them."""
+    if _fused(logits):
+        torch.ops.vptq.greedy_pick(logits, token, seen, pos, ticket)
+        return
+    nxt = argmax(logits.float()).view(1)
+    seen.index_fill_(0, nxt, True)
+    token.copy_(nxt.view(token.shape))
+    pos.add_(1)

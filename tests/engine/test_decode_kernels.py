@@ -128,6 +128,7 @@ ATTN = {  # query heads, KV heads, head dim, cache length
     "qwen7b": (28, 4, 128, 300),
     "smollm": (9, 3, 64, 77),
     "mha": (4, 4, 64, 33),
+    "one-split": (4, 2, 64, 20),
     "mistral-large": (96, 8, 128, 50),
 }
 
@@ -207,6 +208,65 @@ def test_rope_kv_adds_partial_sums(terms, dtype):
     got = fused.rope_kv(q, k, v, cos, sin, p, kc, vc)
     want = fused.rope_kv(q.whole(), k.whole(), v.whole(), cos, sin, p, kc2, vc2)
     assert torch.equal(got, want) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+PICK_SIZES = [128256, 32000, 1001, 5, 3_000_000]  # Llama 3's vocabulary, odd, beyond 512 blocks
+
+
+def pick_logits(v, dtype, seed, case):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(v, device="cuda", generator=g).to(dtype)
+    if case == "ties":  # the largest value at three places: the first wins
+        at = torch.tensor([v // 2, v // 3, v - 1], device="cuda")
+        x[at] = x.max() + 1
+    elif case == "nan":  # NaNs count as the largest: the first NaN wins
+        x[torch.tensor([v - 1, v // 2], device="cuda")] = float("nan")
+    elif case == "-inf":
+        x.fill_(-float("inf"))
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["random", "ties", "nan", "-inf"])
+@pytest.mark.parametrize("v", PICK_SIZES)
+def test_greedy_pick_matches_torch_argmax(v, case, dtype):
+    for offset in (0, 1):  # 1: not 16-byte aligned, one value a load
+        buf = pick_logits(v + offset, dtype, seed=v + offset, case=case)
+        logits = buf[offset:].view(1, v)
+        x = logits[0].double().cpu()
+        nan = torch.isnan(x).nonzero()  # the oracle: the first NaN, else the first maximum
+        want = int(nan[0]) if len(nan) else int((x == x.max()).nonzero()[0])
+        token = torch.full((1, 1), 7, dtype=torch.long, device="cuda")
+        pos = torch.tensor([41], device="cuda")
+        seen = torch.zeros(v, dtype=torch.bool, device="cuda")
+        seen[0] = True
+        ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+        for step in (1, 2):  # the second call finds the ticket left at zero
+            torch.ops.vptq.greedy_pick(logits, token, seen, pos, ticket)
+            assert int(token) == want, (step, offset)
+            assert int(pos) == 41 + step and int(ticket) == 0
+        assert seen[want] and seen[0] and int(seen.sum()) == 1 + (want != 0)
+
+
+def test_greedy_pick_in_a_graph_and_opcheck():
+    v, dtype = 128256, torch.float16
+    logits = pick_logits(v, dtype, seed=3, case="random").view(1, v)
+    token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([0], device="cuda")
+    seen = torch.zeros(v, dtype=torch.bool, device="cuda")
+    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
+    torch.library.opcheck(torch.ops.vptq.greedy_pick.default, (logits, token, seen, pos, ticket))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused.greedy_pick(logits, token, seen, pos, ticket)
+    pos.zero_()
+    for step in range(1, 4):
+        logits.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(token) == int(logits.float().argmax()) and int(pos) == step
+    with pytest.raises(RuntimeError, match="seen"):
+        torch.ops.vptq.greedy_pick(logits, token, seen[:5], pos, ticket)
 
 
 def test_partial_sum_ops_pass_opcheck():

@@ -49,3 +49,16 @@ def test_decode_ops_read_a_partial_as_its_whole_tensor():
     assert torch.equal(total, x.whole() + r)
     assert torch.equal(fused.rms_norm(x, w, 1e-5), fused.rms_norm(x.whole(), w, 1e-5))
     assert fused.whole(r) is r
+
+
+def test_greedy_pick_without_kernels_takes_the_first_largest_and_moves_on():
+    logits = torch.tensor([[1.0, 7.0, -2.0, 7.0, 3.0]], dtype=torch.bfloat16)
+    token, pos = torch.tensor([[4]]), torch.tensor([11])
+    seen = torch.tensor([True, False, False, False, False])
+    ticket = torch.zeros(1, dtype=torch.int32)
+    fused.greedy_pick(logits, token, seen, pos, ticket)
+    assert token.tolist() == [[1]] and pos.tolist() == [12]  # the first of the two 7s
+    assert seen.tolist() == [True, True, False, False, False]
+    logits[0, 2] = float("nan")  # a NaN counts as the largest, as in torch.argmax
+    fused.greedy_pick(logits, token, seen, pos, ticket)
+    assert token.tolist() == [[2]] and pos.tolist() == [13] and seen[2]
