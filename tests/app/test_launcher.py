@@ -97,6 +97,23 @@ def _windows(display, title="VPTQ Chat"):
     return out.stdout.split()
 
 
+def _start_xvfb():
+    """A virtual X display on a free number, once it accepts connections: Xvfb writes the
+    number to -displayfd when ready (an app started before that cannot connect, and a fixed
+    number may be held by another Xvfb)."""
+    r, w = os.pipe()
+    xvfb = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(w), "-screen", "0", "1280x800x24"],
+        pass_fds=(w,),
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(w)
+    with os.fdopen(r) as ready:
+        number = ready.readline().strip()  # "" if Xvfb exited without a display
+    assert number, f"Xvfb did not start (exit status {xvfb.poll()})"
+    return f":{number}", xvfb
+
+
 @pytest.mark.e2e
 @pytest.mark.skipif(
     any(shutil.which(t) is None for t in X_TOOLS),
@@ -110,10 +127,7 @@ def test_launcher_opens_one_window_under_xvfb(xdg, tmp_path):
         if line.startswith("Exec=")
     )
     command = exec_line.removeprefix("Exec=").strip('"')
-    display = ":73"
-    xvfb = subprocess.Popen(
-        ["Xvfb", display, "-screen", "0", "1280x800x24"], stderr=subprocess.DEVNULL
-    )
+    display, xvfb = _start_xvfb()
     env = {
         **os.environ,
         "DISPLAY": display,
