@@ -63,8 +63,8 @@ __global__ void dequant_kernel(Layer L, T* __restrict__ out) {
       const uint32_t m = extract(row, g, bits);
       const T* cw = C + (static_cast<size_t>(c) * L.k + (m & ((1u << L.b1) - 1u))) * v;
       const bool res = R != nullptr && L.b2 > 0;
-      const T* rw = res ? R + (static_cast<size_t>(c) * L.kr + ((m >> L.b1) & ((1u << L.b2) - 1u))) * v
-                        : nullptr;
+      const uint32_t rcw = (m >> L.b1) & ((1u << L.b2) - 1u);  // the residual codeword
+      const T* rw = res ? R + (static_cast<size_t>(c) * L.kr + rcw) * v : nullptr;
       if constexpr (V > 0) {
         load_code<T, V>(cw, vals);
         if (res) {

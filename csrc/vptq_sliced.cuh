@@ -95,7 +95,8 @@ __device__ __forceinline__ bool bulk_copy_start(void* dst, const void* src, uint
         : "memory");
     if (bytes2 > 0)
       asm volatile(
-          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+          " [%0], [%1], %2, [%3];\n"
           ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst2))), "l"(src2), "r"(bytes2),
           "r"(b)
           : "memory");
