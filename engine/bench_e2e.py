@@ -125,8 +125,24 @@ def decode_bytes(model: Transformer) -> int:
     return total
 
 
+# The chat's default sampling (app/settings.py DEFAULT_SAMPLING), timed beside greedy decoding.
+CHAT_SAMPLING = dict(temperature=0.7, top_p=0.95)
+
+
+def _decode(dec: GraphDecoder, logits, seen, p: SamplingParams, tokens: int) -> tuple[float, float]:
+    """Graph decode of ``tokens`` tokens after the prompt: (seconds to the first token, then
+    decode tok/s)."""
+    t0 = time.perf_counter()
+    stream = dec.run(logits, PROMPT, seen, p, seed=0, limit=tokens)
+    next(stream)
+    t_first = time.perf_counter()
+    n = 1 + sum(1 for _ in stream)
+    return t_first - t0, (n - 1) / (time.perf_counter() - t_first)
+
+
 def measure(model: Transformer, tokens: int) -> dict:
-    """Prefill a 512-token prompt, then greedy graph decode of ``tokens`` tokens."""
+    """Prefill a 512-token prompt, then greedy graph decode of ``tokens`` tokens; then the same
+    decode with the chat's default sampling (softmax, top-p and a draw in each step's graph)."""
     vocab = model.args.vocab_size
     prompt = torch.randint(0, vocab, (1, PROMPT), device="cuda")
     seen = torch.zeros(vocab, dtype=torch.bool, device="cuda")
@@ -144,18 +160,23 @@ def measure(model: Transformer, tokens: int) -> dict:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         t_prefill = statistics.median(times)
-        t0 = time.perf_counter()
-        stream = dec.run(logits, PROMPT, seen, p, seed=0, limit=tokens)
-        next(stream)
-        t_first = time.perf_counter()
-        n = 1 + sum(1 for _ in stream)
-        t_end = time.perf_counter()
-    free, total = torch.cuda.mem_get_info()
+        first_s, decode_tok_s = _decode(dec, logits, seen, p, tokens)
+        free, total = torch.cuda.mem_get_info()
+        peak = torch.cuda.max_memory_allocated()
+        chat = SamplingParams(**CHAT_SAMPLING, max_new_tokens=tokens)
+        sampled: float | str = "this PyTorch cannot draw random numbers inside a CUDA graph"
+        if dec.usable(chat):
+            try:
+                dec.graph(chat)
+                sampled = _decode(dec, logits, seen, chat, tokens)[1]
+            except torch.cuda.OutOfMemoryError:  # the greedy figures stand
+                sampled = "out of GPU memory"
     return {
         "prefill_tok_s": PROMPT / t_prefill,
-        "ttft_ms": (t_prefill + t_first - t0) * 1000,
-        "decode_tok_s": (n - 1) / (t_end - t_first),
-        "peak_torch_gib": torch.cuda.max_memory_allocated() / GiB,
+        "ttft_ms": (t_prefill + first_s) * 1000,
+        "decode_tok_s": decode_tok_s,
+        "sampled_tok_s": sampled,  # or why not
+        "peak_torch_gib": peak / GiB,
         "device_used_gib": (total - free) / GiB,
         "weights_gib": weight_bytes(model) / GiB,
         "host_gib": weight_bytes(model, "cpu") / GiB,
@@ -250,6 +271,12 @@ def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> Non
     if "fp16" in rows and "error" not in rows["fp16"] and "error" not in rows[scheme]:
         ratio = rows[scheme]["decode_tok_s"] / rows["fp16"]["decode_tok_s"]
         print(f"decode speed {scheme} / fp16: {ratio:.2f}x")
+    for label, r in rows.items():
+        if "error" not in r:
+            got = r["sampled_tok_s"]
+            got = f"{got:.1f} tok/s" if isinstance(got, float) else got
+            sampling = ", ".join(f"{k} {v:g}" for k, v in CHAT_SAMPLING.items())
+            print(f"{label}: decode with the chat's default sampling ({sampling}): {got}")
     glue = "fused kernels" if fused.ENABLED else "PyTorch ops (VPTQ_DECODE_FUSED=0)"
     print(f"norms, RoPE, attention and SiLU in the decode step: {glue}")
     if "error" not in rows[scheme]:

@@ -129,6 +129,7 @@ ATTN = {  # query heads, KV heads, head dim, cache length
     "smollm": (9, 3, 64, 77),
     "mha": (4, 4, 64, 33),
     "one-split": (4, 2, 64, 20),
+    "many-splits": (8, 2, 128, 2400),  # 75 splits on 132 SMs: past the merge's first batch
     "mistral-large": (96, 8, 128, 50),
 }
 

@@ -78,6 +78,18 @@ def test_graph_decode_gives_the_eager_tokens(small_model, p):
 
 
 @torch.no_grad()
+def test_bench_e2e_times_greedy_and_the_chats_sampling(small_model):
+    from engine import bench_e2e
+
+    model = build("tiny", "v8-k65536-256", context=1024)  # "tiny": small_model's shapes
+    if not GraphDecoder(model).usable(SamplingParams(**bench_e2e.CHAT_SAMPLING)):
+        pytest.skip("this torch cannot put a seeded generator into a CUDA graph")
+    r = bench_e2e.measure(model, 16)
+    assert r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 and r["prefill_tok_s"] > 0
+    assert isinstance(r["sampled_tok_s"], float) and r["sampled_tok_s"] > 0
+
+
+@torch.no_grad()
 def test_decode_leaving_the_sums_to_the_next_kernels_matches_each_gemv_adding_its_own(
     small_model, monkeypatch
 ):
