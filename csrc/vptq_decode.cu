@@ -2,7 +2,7 @@
 // and each small PyTorch kernel between them (RMSNorm alone is seven) costs a launch and a
 // drain of the GPU. Measured on the H200 (session 6, `bench e2e`-built Llama-3.1-8B, one eager
 // decode step under torch.profiler): 2.3 ms of the 6.8 ms step went to ~45 such kernels per
-// layer. These kernels do that work in five launches per layer (csrc/KERNELS.md):
+// layer. These kernels do that work in six launches per layer (csrc/KERNELS.md):
 // - rms_norm / add_rms_norm: y = w * norm(x) with the residual sum x + r done on the way;
 // - rope_kv: RoPE on q and k at the position held on the device, k and v written into the
 //   static KV cache there;
