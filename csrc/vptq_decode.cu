@@ -146,7 +146,8 @@ __global__ void __launch_bounds__(kPartThreads) add_rms_norm_parts_kernel(
   __shared__ float red[kPartThreads / 32];
   __shared__ float all_ss[kNormCluster];
   const size_t row = static_cast<size_t>(blockIdx.y) * H;
-  const int cols = H / kNormCluster, c0 = static_cast<int>(cluster.block_rank()) * cols;
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int cols = H / kNormCluster, c0 = rank * cols;
   float s[kPartSteps][kPartCols];
   T wv[kPartSteps][kPartCols];  // the weight, read before the wait (no kernel writes it)
 #pragma unroll
@@ -200,7 +201,6 @@ __global__ void __launch_bounds__(kPartThreads) add_rms_norm_parts_kernel(
   // so that no block left while another still read it: 20 us a step of the 8B model,
   // csrc/KERNELS.md session 14).
   const float mine = block_sum(ss, red);
-  const int rank = static_cast<int>(cluster.block_rank());
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
   if (threadIdx.x < kNormCluster) *cluster.map_shared_rank(&all_ss[rank], threadIdx.x) = mine;
   cluster.sync();
@@ -414,6 +414,7 @@ constexpr int kCombineBatch = 18;  // splits a lane loads at once: one round up 
 template <typename T, int D>
 __global__ void __launch_bounds__(D / 2) attn_combine_kernel(const float* __restrict__ ws,
                                                             T* __restrict__ out, int splits) {
+  static_assert(kMaxSplits % 32 == 0 && D % 64 == 0, "whole warps: splits by 32, lane pairs");
   pdl_trigger();
   pdl_wait();  // inputs come from the previous kernel (vptq_device.cuh)
   __shared__ float wt[kMaxSplits];
@@ -796,22 +797,24 @@ static int64_t pick_per(int64_t V) {
 }
 
 int greedy_pick_blocks(int64_t V) {
-  return static_cast<int>((V + pick_per(V) - 1) / pick_per(V));
+  const int64_t per = pick_per(V);
+  return static_cast<int>((V + per - 1) / per);
 }
 
 cudaError_t launch_greedy_pick(const void* logits, int64_t V, float* wv, int64_t* wi, int* ticket,
                                int64_t* token, bool* seen, int64_t* pos, DType dtype,
                                cudaStream_t stream) {
   if (V < 1) return cudaErrorInvalidValue;
+  const int64_t per = pick_per(V);
   const dim3 grid(greedy_pick_blocks(V)), block(kPickThreads);
   const bool wide = V % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
   if (dtype == DType::kHalf)
     return launch_pdl(greedy_pick_kernel<__half>, grid, block, 0, stream,
-                      static_cast<const __half*>(logits), V, pick_per(V), wide, wv, wi, ticket,
-                      token, seen, pos);
+                      static_cast<const __half*>(logits), V, per, wide, wv, wi, ticket, token,
+                      seen, pos);
   return launch_pdl(greedy_pick_kernel<__nv_bfloat16>, grid, block, 0, stream,
-                    static_cast<const __nv_bfloat16*>(logits), V, pick_per(V), wide, wv, wi,
-                    ticket, token, seen, pos);
+                    static_cast<const __nv_bfloat16*>(logits), V, per, wide, wv, wi, ticket,
+                    token, seen, pos);
 }
 
 }  // namespace vptq

@@ -58,7 +58,7 @@ def apply(m: nn.Module, x: torch.Tensor, defer: bool = False):
     """m(x). ``defer`` (the fused decode step): a layer that can (engine/layers.py VQLinear on
     the sliced GEMV) may return its output as a Partial, whose sums the next fused kernel adds
     (engine/ops/decode.py)."""
-    if defer and PARTIAL_SUMS and getattr(m, "can_defer", False):
+    if defer and getattr(m, "can_defer", False):
         return m(x, defer=True)
     return m(x)
 
@@ -67,7 +67,7 @@ def project(x: torch.Tensor, shared, linears: tuple, defer: bool = False) -> lis
     """The outputs of linear layers that read the same x: one launch where the loader gave them
     a shared sliced GEMV (``shared``, engine/layers.py SharedInputGroup), else one call each."""
     if shared is not None and shared.takes(x):
-        return shared(x, defer=True) if defer and PARTIAL_SUMS else shared(x)
+        return shared(x, defer=True) if defer else shared(x)
     return [apply(m, x, defer) for m in linears]
 
 
@@ -95,11 +95,11 @@ class Attention(nn.Module):
         if self.cache is None:
             raise RuntimeError("setup_caches() must run before the forward pass")
         if fused_decode(start, mask):
-            q, k, v = project(x, self.fused, self.shared_input(), defer=True)
+            q, k, v = project(x, self.fused, self.shared_input(), defer=PARTIAL_SUMS)
             c = self.cache
             q = fused.rope_kv(q, k, v, cos, sin, start, c.k, c.v)
             y = fused.attention(q, c.k, c.v, start, self.window, self.head_dim**-0.5)
-            return apply(self.o_proj, y, defer=True)  # its sums left to the next norm
+            return apply(self.o_proj, y, defer=PARTIAL_SUMS)  # its sums left to the next norm
         q, k, v = project(x, self.fused, self.shared_input())
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -150,7 +150,7 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm(x, residual)
         a = self.self_attn(h, cos, sin, start, mask)
         h, residual = self.post_attention_layernorm(a, residual)
-        return self.mlp(h, defer=fused_decode(start, mask)), residual
+        return self.mlp(h, defer=PARTIAL_SUMS and fused_decode(start, mask)), residual
 
 
 class Backbone(nn.Module):
