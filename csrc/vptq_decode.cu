@@ -10,7 +10,8 @@
 //   window), split over the keys (flash-decoding), then the splits combined;
 // - silu_mul: silu(gate) * up;
 // - embed_rows: rows of an embedding table kept in pinned host memory;
-// - greedy_pick: the end of a greedy step (the next token, its seen mark, the position + 1).
+// - greedy_pick: the end of a greedy step (the next token, its seen mark, the position + 1);
+// - sample_pick: the same with temperature, top-p and min-p sampling.
 // Every rounding matches the PyTorch code they replace (engine/model.py): fp32 inside, the
 // activation dtype where PyTorch rounds. add_rms_norm, rope_kv and silu_mul also take their
 // inputs as a sliced GEMV's partial sums (vptq.h Parts) and add them first, rounded as the
@@ -608,6 +609,236 @@ __global__ void __launch_bounds__(kPickThreads) greedy_pick_kernel(
   }
 }
 
+// The sampled pick that ends a decode step with temperature, top-p and min-p: of the tokens
+// top-p and min-p keep, token = argmax(p / noise) (noise ~ Exp(1), drawn by PyTorch from the
+// chat's generator: a draw from the kept tokens' distribution), then seen[token] = true and
+// pos += 1. PyTorch took a sort of the whole vocabulary and about fifteen kernels for it.
+//
+// One cluster of kSampleCluster blocks (compute capability 9.0); block b holds values
+// [b * per, (b + 1) * per) in shared memory, and the blocks exchange their partial results by
+// writing them into every block's shared memory, one cluster barrier an exchange:
+// 1. x = logits / temperature; the maximum M (NaN ignored).
+// 2. p = exp(x - M) (1 for the largest; 0 where p < min_p or NaN) and the total S.
+// 3. top-p keeps a token when the mass of the tokens with a strictly larger p is below
+//    P = top_p * S (engine/sampling.py filter_probs, with ties kept or dropped together).
+//    p >= 0, so p's bit pattern k orders the tokens as p does; the kept ones are those with
+//    k >= cut, where cut + 1 is the smallest c with H(c) = mass of {k >= c} below P. Six
+//    rounds find it, each splitting the range left into 32 bins (5 bits of k) and summing the
+//    mass per bin across the cluster: each thread into its own column of a shared-memory
+//    histogram (no atomics; a flat row puts thousands of values into one bin, and 64-bit
+//    shared atomics, compare-and-swap loops, took 132 us a pick that way), then each warp
+//    one bin.
+// 4. The kept token with the largest p / noise (the first of equals); block 0 writes it.
+// Every sum runs in a fixed order (doubles across threads), so a seeded chat draws the same
+// tokens on every run. Where no token has positive p (all logits -inf or NaN, or one +inf),
+// the pick is greedy.
+constexpr int kSampleCluster = 8;
+constexpr int kSampleThreads = 1024;
+[[maybe_unused]] constexpr int kSampleBins = 32;
+static_assert(kSampleThreads == 32 * kSampleBins, "a warp per bin");
+constexpr int kSampleHist = kSampleBins * kSampleThreads * 4;  // bytes: a column a thread
+constexpr int kSampleMaxPer = 22 * 1024;  // values a block (with the histogram, 216 KiB)
+[[maybe_unused]] constexpr int kSampleBatch = 8;  // global loads in flight a thread
+
+[[maybe_unused]] __device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, d));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float m = -INFINITY;
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) m = fmaxf(m, red[w]);
+  return m;
+}
+
+[[maybe_unused]] __device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+  return v;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
+    const T* __restrict__ logits, const float* __restrict__ noise, int64_t V, int per,
+    float temperature, double top_p, float min_p, int64_t* __restrict__ token,
+    bool* __restrict__ seen, int64_t* __restrict__ pos) {
+  pdl_trigger();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  // This block has started: the others may write into its shared memory once they have seen
+  // every block arrive here (the wait before the first exchange).
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+  extern __shared__ __align__(16) unsigned char sample_smem[];
+  float* hist = reinterpret_cast<float*>(sample_smem);               // [bin][thread]
+  float* pv = reinterpret_cast<float*>(sample_smem + kSampleHist);  // this block's x, then p
+  __shared__ float redf[kSampleThreads / 32];
+  __shared__ double redd[kSampleThreads / 32];
+  __shared__ Best redb[kSampleThreads / 32];
+  // What the blocks send each other: slot [rank] of every block's copy.
+  __shared__ float all_max[kSampleCluster];
+  __shared__ Best all_greedy[kSampleCluster];
+  __shared__ double all_sum[kSampleCluster];
+  __shared__ double all_hist[2][kSampleCluster][kSampleBins];  // rounds alternate
+  __shared__ Best all_best[kSampleCluster];
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t base = static_cast<int64_t>(rank) * per;
+  const int n = static_cast<int>(V - base < 0 ? 0 : V - base < per ? V - base : per);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Sends v to slot `rank` of every block's copy of `slots` (threads 0 .. kSampleCluster - 1).
+  const auto send = [&](auto* slots, auto v) {
+    if (threadIdx.x < kSampleCluster) *cluster.map_shared_rank(&slots[rank], threadIdx.x) = v;
+  };
+  pdl_wait();  // the logits come from the previous kernel, the noise from an earlier one
+
+  // 1. x and its maximum; the greedy pick too, for a row without positive p. Thread t takes
+  // values t, t + kSampleThreads, ..., kSampleBatch loads at a time.
+  float mx = -INFINITY;
+  Best greedy{-INFINITY, INT64_MAX};
+  for (int i0 = threadIdx.x; i0 < n; i0 += kSampleBatch * kSampleThreads) {
+    float raw[kSampleBatch];
+#pragma unroll
+    for (int u = 0; u < kSampleBatch; ++u) {
+      const int i = i0 + u * kSampleThreads;
+      raw[u] = i < n ? to_f(logits[base + i]) : -INFINITY;
+    }
+#pragma unroll
+    for (int u = 0; u < kSampleBatch; ++u) {
+      const int i = i0 + u * kSampleThreads;
+      if (i < n) {
+        const Best c{raw[u], base + i};
+        if (beats(c, greedy)) greedy = c;
+        const float x = raw[u] / temperature;
+        pv[i] = x;
+        mx = fmaxf(mx, x);
+      }
+    }
+  }
+  mx = block_max(mx, redf);
+  greedy = block_best(greedy, redb);
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+  send(all_max, mx);
+  send(all_greedy, greedy);
+  cluster.sync();
+  float M = -INFINITY;
+  for (int b = 0; b < kSampleCluster; ++b) M = fmaxf(M, all_max[b]);
+
+  // 2. p and the total.
+  float mine = 0.f;
+  for (int i = threadIdx.x; i < n; i += kSampleThreads) {
+    float p = expf(pv[i] - M);
+    if (!(p >= min_p)) p = 0.f;  // NaN too
+    pv[i] = p;
+    mine += p;
+  }
+  {
+    const double w = warp_sum_d(mine);
+    if (lane == 0) redd[warp] = w;
+    __syncthreads();
+    double b = 0.0;
+    for (int k = 0; k < kSampleThreads / 32; ++k) b += redd[k];
+    send(all_sum, b);
+  }
+  cluster.sync();
+  double S = 0.0;
+  for (int b = 0; b < kSampleCluster; ++b) S += all_sum[b];
+  if (!(S > 0.0)) {  // nothing to sample from: the greedy pick (every block takes this branch)
+    if (rank == 0 && threadIdx.x == 0) {
+      Best b = all_greedy[0];
+      for (int r = 1; r < kSampleCluster; ++r)
+        if (beats(all_greedy[r], b)) b = all_greedy[r];
+      *token = b.i;
+      seen[b.i] = true;
+      *pos += 1;
+    }
+    return;
+  }
+
+  // 3. The cut: rounds of 32 bins over [lo, lo + 32 << shift), knowing H(lo) >= P and
+  // H(lo + (32 << shift)) = above < P. Keys of p <= 1 lie below 2^30.
+  uint32_t cut = 1;  // top_p = 1: every token with p > 0
+  if (top_p < 1.0) {
+    const double P = top_p * S;
+    uint32_t lo = 0;
+    double above = 0.0;
+    float* col = hist + threadIdx.x;
+#pragma unroll 1
+    for (int round = 0, shift = 25; shift >= 0; ++round, shift -= 5) {
+      const uint32_t span = static_cast<uint32_t>(kSampleBins) << shift;
+#pragma unroll
+      for (int b = 0; b < kSampleBins; ++b) col[b * kSampleThreads] = 0.f;
+      for (int i = threadIdx.x; i < n; i += kSampleThreads) {
+        const float p = pv[i];
+        const uint32_t k = __float_as_uint(p) - lo;  // below lo: wraps past span
+        if (k < span && p > 0.f) col[(k >> shift) * kSampleThreads] += p;
+      }
+      __syncthreads();
+      double (*slots)[kSampleBins] = all_hist[round & 1];
+      {
+        const float* row = hist + warp * kSampleThreads;  // warp w sums bin w
+        double h = 0.0;
+#pragma unroll 8
+        for (int k = lane; k < kSampleThreads; k += 32) h += row[k];
+        h = warp_sum_d(h);
+        if (lane < kSampleCluster) *cluster.map_shared_rank(&slots[rank][warp], lane) = h;
+      }
+      cluster.sync();  // also: every column was read before the next round clears its own
+      // Every warp finds the same answer: lane j holds H(lo + (j << shift)) - above as the
+      // suffix sum of the bins; the first j >= 1 with H < P ends the new range.
+      double bin = 0.0;
+      for (int r = 0; r < kSampleCluster; ++r) bin += slots[r][lane];
+      double suffix = bin;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const double o = __shfl_down_sync(0xffffffffu, suffix, d);
+        if (lane + d < 32) suffix += o;
+      }
+      const unsigned below = __ballot_sync(0xffffffffu, lane >= 1 && above + suffix < P);
+      const int j = below ? __ffs(below) - 1 : 32;
+      const double at_j = __shfl_sync(0xffffffffu, suffix, j & 31);
+      if (j < 32) above += at_j;
+      lo += static_cast<uint32_t>(j - 1) << shift;
+    }
+    cut = lo;  // shift 0: lo + 1 is the smallest c with H(c) < P
+  }
+
+  // 4. The draw among the kept tokens.
+  Best best{-INFINITY, INT64_MAX};
+  for (int i0 = threadIdx.x; i0 < n; i0 += kSampleBatch * kSampleThreads) {
+    float e[kSampleBatch];
+#pragma unroll
+    for (int u = 0; u < kSampleBatch; ++u) {
+      const int i = i0 + u * kSampleThreads;
+      e[u] = i < n ? noise[base + i] : 1.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kSampleBatch; ++u) {
+      const int i = i0 + u * kSampleThreads;
+      if (i < n) {
+        const float p = pv[i];
+        if (p > 0.f && __float_as_uint(p) >= cut) {
+          const Best c{p / e[u], base + i};
+          if (beats(c, best)) best = c;
+        }
+      }
+    }
+  }
+  best = block_best(best, redb);
+  if (threadIdx.x == 0) *cluster.map_shared_rank(&all_best[rank], 0) = best;
+  cluster.sync();
+  if (rank == 0 && threadIdx.x == 0) {
+    Best b = all_best[0];
+    for (int r = 1; r < kSampleCluster; ++r)
+      if (beats(all_best[r], b)) b = all_best[r];
+    *token = b.i;
+    seen[b.i] = true;
+    *pos += 1;
+  }
+#else
+  pdl_wait();
+#endif
+}
+
 // VPTQ_ATTN_PRELOAD=0: the first keys are loaded after the wait (for comparisons).
 bool attn_preload() {
   static const bool on = [] {
@@ -815,6 +1046,43 @@ cudaError_t launch_greedy_pick(const void* logits, int64_t V, float* wv, int64_t
   return launch_pdl(greedy_pick_kernel<__nv_bfloat16>, grid, block, 0, stream,
                     static_cast<const __nv_bfloat16*>(logits), V, per, wide, wv, wi, ticket,
                     token, seen, pos);
+}
+
+bool sample_pick_supported(int64_t V) {
+  return V >= 1 && (V + kSampleCluster - 1) / kSampleCluster <= kSampleMaxPer;
+}
+
+cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V,
+                               float temperature, double top_p, float min_p, int64_t* token,
+                               bool* seen, int64_t* pos, DType dtype, cudaStream_t stream) {
+  if (!hopper_or_later()) return cudaErrorNotSupported;
+  if (!sample_pick_supported(V)) return cudaErrorInvalidValue;
+  const int per = static_cast<int>((V + kSampleCluster - 1) / kSampleCluster);
+  const size_t smem = kSampleHist + static_cast<size_t>(per) * sizeof(float);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(kSampleCluster);
+  cfg.blockDim = dim3(kSampleThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kSampleCluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = dependent_launch() ? 2 : 1;
+  const auto go = [&](auto kernel, const auto* typed) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    return cudaLaunchKernelEx(&cfg, kernel, typed, noise, V, per, temperature, top_p, min_p,
+                              token, seen, pos);
+  };
+  if (dtype == DType::kHalf)
+    return go(sample_pick_kernel<__half>, static_cast<const __half*>(logits));
+  return go(sample_pick_kernel<__nv_bfloat16>, static_cast<const __nv_bfloat16*>(logits));
 }
 
 }  // namespace vptq

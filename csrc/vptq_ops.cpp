@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdio>
 #include <optional>
 #include <tuple>
 #include <string>
@@ -25,6 +26,10 @@ template <typename T>
 std::string piece(const T& a) {
   if constexpr (std::is_integral_v<T>) {
     return std::to_string(a);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char s[32];  // 0.7, not 0.700000
+    std::snprintf(s, sizeof(s), "%g", static_cast<double>(a));
+    return s;
   } else if constexpr (std::is_same_v<T, at::ScalarType>) {
     return c10::toString(a);
   } else if constexpr (std::is_same_v<T, at::IntArrayRef>) {
@@ -492,6 +497,45 @@ void greedy_pick_cuda(const at::Tensor& logits, const at::Tensor& token, const a
                "greedy_pick");
 }
 
+// The sampled pick of a decode step (vptq_decode.cu sample_pick_kernel): of the tokens top-p
+// and min-p keep at this temperature, the one with the largest p / noise; seen[token] = true,
+// pos += 1; nothing read back to the host.
+void sample_pick_cuda(const at::Tensor& logits, const at::Tensor& noise, const at::Tensor& token,
+                      const at::Tensor& seen, const at::Tensor& pos, double temperature,
+                      double top_p, double min_p) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto on = [&](const at::Tensor& t, at::ScalarType type, const char* name) {
+    TORCH_CHECK(t.device() == logits.device() && t.scalar_type() == type && t.is_contiguous(),
+                msg("sample_pick: ", name, " must be a contiguous ", type,
+                    " tensor on the device of the logits"));
+  };
+  check_act(logits, logits, "logits");
+  on(noise, at::kFloat, "noise");
+  on(token, at::kLong, "token");
+  on(seen, at::kBool, "seen");
+  on(pos, at::kLong, "pos");
+  const int64_t V = logits.size(-1);
+  TORCH_CHECK(logits.numel() == V && noise.numel() == V && token.numel() == 1 &&
+                  pos.numel() == 1 && seen.numel() == V,
+              msg("sample_pick: one row of logits, noise and a seen mask of the logits' length, "
+                  "one token and pos; got ", logits.numel(), " logits, ", noise.numel(),
+                  " noise, ", seen.numel(), " seen"));
+  TORCH_CHECK(temperature > 0 && top_p > 0 && top_p <= 1 && min_p >= 0 && min_p < 1,
+              msg("sample_pick: temperature ", temperature, " must be > 0, top_p ", top_p,
+                  " in (0, 1], min_p ", min_p, " in [0, 1)"));
+  TORCH_CHECK(vptq::sample_pick_supported(V),
+              msg("sample_pick: ", V, " logits is beyond what the kernel holds in shared "
+                  "memory; use engine/sampling.py sample"));
+  const cudaError_t err = vptq::launch_sample_pick(
+      logits.data_ptr(), noise.data_ptr<float>(), V, static_cast<float>(temperature), top_p,
+      static_cast<float>(min_p), token.data_ptr<int64_t>(), seen.data_ptr<bool>(),
+      pos.data_ptr<int64_t>(), dtype_of(logits), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err != cudaErrorNotSupported,
+              "sample_pick needs compute capability 9.0 or later (thread block clusters); use "
+              "engine/sampling.py sample");
+  check_launch(err, "sample_pick");
+}
+
 // Rows of an embedding table [vocab, hidden] for CUDA ids; the table is a CUDA tensor or lies
 // in pinned host memory (engine/loader.py keeps it there when the GPU is short of room), read
 // through its device address: no host synchronisation, so a CUDA graph can hold it.
@@ -552,6 +596,9 @@ TORCH_LIBRARY(vptq, m) {
   m.def(
       "greedy_pick(Tensor logits, Tensor(a!) token, Tensor(b!) seen, Tensor(c!) pos, "
       "Tensor(d!) ticket) -> ()");
+  m.def(
+      "sample_pick(Tensor logits, Tensor noise, Tensor(a!) token, Tensor(b!) seen, "
+      "Tensor(c!) pos, float temperature, float top_p, float min_p) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
@@ -565,4 +612,5 @@ TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
   m.impl("silu_mul", &silu_mul_cuda);
   m.impl("embed_rows", &embed_rows_cuda);
   m.impl("greedy_pick", &greedy_pick_cuda);
+  m.impl("sample_pick", &sample_pick_cuda);
 }

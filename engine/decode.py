@@ -43,12 +43,20 @@ class GraphDecoder:
         self.rng_in_graph = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
     def _step(self, p: SamplingParams) -> None:
+        logits = self.model.decode(self.token, self.pos, cast=False)  # [1, V]
         if p.temperature == 0 and p.repetition_penalty == 1.0:  # greedy: one kernel ends it
-            logits = self.model.decode(self.token, self.pos, cast=False)  # [1, V]
             fused.greedy_pick(logits, self.token, self.seen, self.pos, self.ticket)
             return
-        logits = self.model.decode(self.token, self.pos)  # [1, V]
-        nxt = sample(logits, p, self.gen, self.seen)  # [1]
+        if p.top_k == 0 and p.repetition_penalty == 1.0 and fused.sample_pick_fused(logits):
+            # the chat's sampling in one kernel, with the noise sample() would draw from the
+            # same generator, so the same tokens
+            noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+            noise.exponential_(1.0, generator=self.gen)
+            fused.sample_pick(
+                logits, noise, self.token, self.seen, self.pos, p.temperature, p.top_p, p.min_p
+            )
+            return
+        nxt = sample(logits.float(), p, self.gen, self.seen)  # [1]
         self.seen.index_fill_(0, nxt, True)
         self.token.copy_(nxt.view(1, 1))
         self.pos.add_(1)

@@ -177,6 +177,10 @@ def _register_fakes() -> None:
     def _(logits, token, seen, pos, ticket):
         return None
 
+    @torch.library.register_fake("vptq::sample_pick")
+    def _(logits, noise, token, seen, pos, temperature, top_p, min_p):
+        return None
+
     @torch.library.register_fake("vptq::embed_rows")
     def _(table, ids):
         return ids.new_empty((*ids.shape, table.shape[1]), dtype=table.dtype)

@@ -1,9 +1,9 @@
 """The rest of a decode step (RMSNorm, RoPE with the KV-cache write, attention, SiLU gate, the
-rows of an embedding table kept in host memory, and the greedy pick) as the fused kernels of
-csrc/vptq_decode.cu where they are loaded, else the plain PyTorch code they replace. At batch 1
-those small kernels, not the weights, took a third of a step's GPU time (csrc/KERNELS.md).
-``VPTQ_DECODE_FUSED=0`` turns the fused kernels off (for comparisons), except embed_rows, which
-a table in host memory needs.
+rows of an embedding table kept in host memory, the greedy and the sampled pick) as the fused
+kernels of csrc/vptq_decode.cu where they are loaded, else the plain PyTorch code they replace.
+At batch 1 those small kernels, not the weights, took a third of a step's GPU time
+(csrc/KERNELS.md). ``VPTQ_DECODE_FUSED=0`` turns the fused kernels off (for comparisons), except
+embed_rows, which a table in host memory needs.
 """
 
 from __future__ import annotations
@@ -134,6 +134,56 @@ def greedy_pick(logits, token, seen, pos, ticket) -> None:
         torch.ops.vptq.greedy_pick(logits, token, seen, pos, ticket)
         return
     nxt = argmax(logits.float()).view(1)
+    seen.index_fill_(0, nxt, True)
+    token.copy_(nxt.view(token.shape))
+    pos.add_(1)
+
+
+# What sample_pick_kernel holds (csrc/vptq_decode.cu: 8 blocks of kSampleMaxPer values).
+SAMPLE_PICK_MAX_VOCAB = 8 * 22 * 1024
+
+
+def sample_pick_fused(logits: torch.Tensor) -> bool:
+    """Whether sample_pick runs as one kernel: it needs thread block clusters (compute
+    capability 9.0) and a vocabulary that fits its shared memory."""
+    return (
+        _fused(logits)
+        and torch.cuda.get_device_capability(logits.device)[0] >= 9
+        and logits.shape[-1] <= SAMPLE_PICK_MAX_VOCAB
+    )
+
+
+def sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p) -> None:
+    """The end of a sampled decode step without top-k or a repetition penalty: of the tokens
+    that min-p and top-p keep from p = exp(logits / temperature - max), token[...] = the one
+    with the largest p / noise (noise [1, V] float32 ~ Exp(1): a draw from the kept tokens'
+    distribution, as engine/sampling.py sample), seen[token] = True, pos += 1.
+
+    Top-p keeps a token when the mass of the tokens with a strictly larger p is below
+    top_p times the total (ties kept or dropped together). Where no token has p > 0 (every
+    logit -inf or NaN), the pick is greedy. Fused (compute capability 9.0, sample_pick_fused):
+    one kernel where PyTorch sorts the vocabulary in about fifteen, its sums in a fixed order,
+    so a seeded chat draws the same tokens on every run; else these tensor operations, with no
+    host sync either."""
+    if sample_pick_fused(logits):
+        torch.ops.vptq.sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p)
+        return
+    raw = logits.float().view(-1)
+    x = raw / temperature
+    p = torch.exp(x - torch.where(x.isnan(), -torch.inf, x).amax())
+    p = torch.where(p >= min_p, p, 0.0)  # NaN too
+    total = p.double().sum()
+    keys = p.view(torch.int32)  # p >= 0: its bits order the tokens as p does
+    if top_p < 1:
+        ordered, order = keys.sort(descending=True)
+        mass = p[order].double()
+        before = mass.cumsum(0) - mass  # for the first of equals: the mass strictly above
+        cut = ordered[((before < top_p * total).sum() - 1).view(1)]  # the smallest key kept
+    else:
+        cut = torch.ones(1, dtype=torch.int32, device=p.device)
+    kept = (keys >= cut) & (p > 0)
+    ratio = torch.where(kept, p / noise.view(-1), -1.0)
+    nxt = torch.where(total > 0, argmax(ratio), argmax(raw)).view(1)
     seen.index_fill_(0, nxt, True)
     token.copy_(nxt.view(token.shape))
     pos.add_(1)

@@ -12,6 +12,7 @@ from engine.model import rotate
 from engine.ops import decode as fused
 
 from .hf_models import make_hf_model
+from .sampling_oracle import allowed_tokens, chat_logits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_kernels")]
 DTYPES = [torch.float16, torch.bfloat16]
@@ -453,3 +454,92 @@ def test_a_model_with_its_embedding_table_in_host_memory_decodes_the_same(tmp_pa
             pos = torch.tensor([i], device="cuda")
             t = tokens[:, i : i + 1]
             assert torch.equal(lm.model.decode(t, pos), ref.model.decode(t, pos))
+
+
+SAMPLE_SIZES = [128256, 151936, 1001, 5, fused.SAMPLE_PICK_MAX_VOCAB]
+SAMPLE_SETTINGS = [(0.7, 0.95, 0.0), (1.0, 1.0, 0.0), (1.3, 0.5, 0.05), (0.7, 1e-9, 0.0)]
+
+
+def sample_args(v: int):
+    token = torch.full((1, 1), 7, dtype=torch.long, device="cuda")
+    pos = torch.tensor([41], device="cuda")
+    seen = torch.zeros(v, dtype=torch.bool, device="cuda")
+    return token, seen, pos
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["flat", "peaked", "ties", "masked", "-inf"])
+@pytest.mark.parametrize("v", SAMPLE_SIZES)
+def test_sample_pick_draws_what_the_float64_oracle_allows(v, case, dtype):
+    assert fused.sample_pick_fused(torch.zeros(1, v, dtype=dtype, device="cuda"))
+    unique = 0
+    for draw, (temperature, top_p, min_p) in enumerate(SAMPLE_SETTINGS * 2):
+        logits = chat_logits(v, case, seed=draw).to("cuda", dtype)
+        g = torch.Generator(device="cuda").manual_seed(draw)
+        noise = torch.empty(1, v, device="cuda").exponential_(1.0, generator=g)
+        token, seen, pos = sample_args(v)
+        got = []
+        for step in (1, 2):  # the same inputs, the same token
+            torch.ops.vptq.sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p)
+            got.append(int(token))
+            assert int(pos) == 41 + step
+        allowed = allowed_tokens(logits, noise, temperature, top_p, min_p)
+        assert got[0] == got[1] and got[0] in allowed, (draw, got, sorted(allowed)[:5])
+        assert bool(seen[got[0]]) and int(seen.sum()) == 1
+        unique += len(allowed) == 1
+    assert unique >= 6
+
+
+def test_sample_pick_draws_from_the_kept_distribution():
+    # top-p 0.8 keeps the first three (the mass above the fourth is 0.9); min-p none
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03], dtype=torch.float64)
+    logits = probs.log().view(1, 5).to("cuda", torch.float16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    noise = torch.empty(1, 5, device="cuda")
+    token, seen, pos = sample_args(5)
+    n = 4000
+    got = torch.empty(n, dtype=torch.long, device="cuda")
+    for i in range(n):
+        noise.exponential_(1.0, generator=g)
+        torch.ops.vptq.sample_pick(logits, noise, token, seen, pos, 1.0, 0.8, 0.0)
+        got[i : i + 1].copy_(token.view(1))
+    counts = torch.bincount(got.cpu(), minlength=5).double()
+    kept = logits.double().cpu().exp()[0, :3]
+    want = kept / kept.sum() * n
+    assert counts[3:].sum() == 0
+    sigma = (want * (1 - want / n)).sqrt()
+    assert bool(((counts[:3] - want).abs() < 4 * sigma).all()), (counts, want)
+
+
+def test_sample_pick_in_a_graph_opcheck_and_bad_input():
+    v, dtype = 128256, torch.bfloat16
+    logits = torch.randn(1, v, device="cuda").to(dtype)
+    noise = torch.empty(1, v, device="cuda").exponential_()
+    token, seen, pos = sample_args(v)
+    args = (logits, noise, token, seen, pos, 0.7, 0.95, 0.0)
+    torch.library.opcheck(torch.ops.vptq.sample_pick.default, args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused.sample_pick(*args)
+    for _ in range(3):
+        logits.copy_(torch.randn(1, v, device="cuda") * 3)
+        noise.exponential_()
+        pos.fill_(10)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(token) in allowed_tokens(logits, noise, 0.7, 0.95, 0.0) and int(pos) == 11
+    vv = torch.ops.vptq
+    big = fused.SAMPLE_PICK_MAX_VOCAB + 8
+    with pytest.raises(RuntimeError, match="beyond what the kernel holds"):
+        vv.sample_pick(*sample_big(big))
+    with pytest.raises(RuntimeError, match="temperature 0 must be > 0"):
+        vv.sample_pick(logits, noise, token, seen, pos, 0.0, 0.95, 0.0)
+    with pytest.raises(RuntimeError, match="noise"):
+        vv.sample_pick(logits, noise[:, :5], token, seen, pos, 0.7, 0.95, 0.0)
+    assert not fused.sample_pick_fused(torch.zeros(1, big, dtype=dtype, device="cuda"))
+
+
+def sample_big(v: int):
+    logits = torch.zeros(1, v, device="cuda", dtype=torch.float16)
+    noise = torch.ones(1, v, device="cuda")
+    return (logits, noise, *sample_args(v), 0.7, 0.95, 0.0)

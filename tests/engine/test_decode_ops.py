@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from engine.ops import decode as fused
 
+from .sampling_oracle import allowed_tokens, chat_logits
+
 
 def terms(n: int, shape, seed: int) -> torch.Tensor:
     """n float32 terms of very different sizes (so the order of adding them matters)."""
@@ -62,3 +64,26 @@ def test_greedy_pick_without_kernels_takes_the_first_largest_and_moves_on():
     logits[0, 2] = float("nan")  # a NaN counts as the largest, as in torch.argmax
     fused.greedy_pick(logits, token, seen, pos, ticket)
     assert token.tolist() == [[2]] and pos.tolist() == [13] and seen[2]
+
+
+@pytest.mark.parametrize("case", ["flat", "peaked", "ties", "masked", "-inf"])
+@pytest.mark.parametrize(
+    "temperature,top_p,min_p", [(0.7, 0.95, 0.0), (1.0, 1.0, 0.0), (1.3, 0.5, 0.05), (0.7, 1e-9, 0)]
+)
+def test_sample_pick_without_kernels_draws_from_what_top_p_and_min_p_keep(
+    case, temperature, top_p, min_p
+):
+    v, unique = 5003, 0
+    for draw in range(12):
+        logits = chat_logits(v, case, seed=draw)
+        g = torch.Generator().manual_seed(100 + draw)
+        noise = torch.empty(1, v).exponential_(1.0, generator=g)
+        token = torch.zeros(1, 1, dtype=torch.long)
+        pos = torch.tensor([41])
+        seen = torch.zeros(v, dtype=torch.bool)
+        fused.sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p)
+        allowed = allowed_tokens(logits, noise, temperature, top_p, min_p)
+        assert int(token) in allowed, (draw, int(token), sorted(allowed)[:5])
+        assert int(pos) == 42 and bool(seen[int(token)]) and int(seen.sum()) == 1
+        unique += len(allowed) == 1
+    assert unique >= 10  # the oracle pins the token nearly always

@@ -57,8 +57,9 @@ def eager_tokens(model, prompt, p: SamplingParams, seed: int, n: int) -> list[in
         SamplingParams(temperature=0),
         SamplingParams(temperature=0, repetition_penalty=1.3),
         SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=5),
+        SamplingParams(temperature=0.7, top_p=0.95, seed=5),  # the chat's: fused.sample_pick
     ],
-    ids=["greedy", "greedy-penalty", "sampled"],
+    ids=["greedy", "greedy-penalty", "sampled", "chat-default"],
 )
 @torch.no_grad()
 def test_graph_decode_gives_the_eager_tokens(small_model, p):
