@@ -913,20 +913,9 @@ cudaError_t rms_norm_typed(const void* x, const Parts& xp, const void* r, const 
   if (xp.p != nullptr && norm_parts_fits(xp, r, w, out, sum, H)) {
     const int groups = H / kNormCluster / kPartCols;  // per block
     const int steps = (groups + kPartThreads - 1) / kPartThreads;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(kNormCluster, rows);
-    cfg.blockDim = dim3(((groups + steps - 1) / steps + 31) / 32 * 32);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = kNormCluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = dependent_launch() ? 2 : 1;
-    return cudaLaunchKernelEx(&cfg, add_rms_norm_parts_kernel<T>, xp, rt, wt, ot, st, H, eps);
+    const dim3 block(((groups + steps - 1) / steps + 31) / 32 * 32);
+    return launch_pdl_in(kNormCluster, add_rms_norm_parts_kernel<T>, dim3(kNormCluster, rows),
+                         block, 0, stream, xp, rt, wt, ot, st, H, eps);
   }
   const int n_vec = H / 8;
   const int vpt = (n_vec + kNormThreads - 1) / kNormThreads;
@@ -1059,26 +1048,13 @@ cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V
   if (!sample_pick_supported(V)) return cudaErrorInvalidValue;
   const int per = static_cast<int>((V + kSampleCluster - 1) / kSampleCluster);
   const size_t smem = kSampleHist + static_cast<size_t>(per) * sizeof(float);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(kSampleCluster);
-  cfg.blockDim = dim3(kSampleThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kSampleCluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = dependent_launch() ? 2 : 1;
   const auto go = [&](auto kernel, const auto* typed) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
-    return cudaLaunchKernelEx(&cfg, kernel, typed, noise, V, per, temperature, top_p, min_p,
-                              token, seen, pos);
+    return launch_pdl_in(kSampleCluster, kernel, dim3(kSampleCluster), dim3(kSampleThreads),
+                         smem, stream, typed, noise, V, per, temperature, top_p, min_p, token,
+                         seen, pos);
   };
   if (dtype == DType::kHalf)
     return go(sample_pick_kernel<__half>, static_cast<const __half*>(logits));

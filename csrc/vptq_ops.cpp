@@ -465,21 +465,24 @@ at::Tensor silu_mul_cuda(const at::Tensor& gate, const at::Tensor& up,
   return out;
 }
 
+// A contiguous tensor of `type` on the device of the logits (the state a pick updates).
+void check_beside(const at::Tensor& t, const at::Tensor& logits, at::ScalarType type,
+                  const char* op, const char* name) {
+  TORCH_CHECK(t.device() == logits.device() && t.scalar_type() == type && t.is_contiguous(),
+              msg(op, ": ", name, " must be a contiguous ", type,
+                  " tensor on the device of the logits"));
+}
+
 // The greedy pick of a decode step (vptq_decode.cu greedy_pick_kernel): token = argmax(logits),
 // seen[token] = true, pos += 1, with nothing read back to the host (a CUDA graph holds it).
 void greedy_pick_cuda(const at::Tensor& logits, const at::Tensor& token, const at::Tensor& seen,
                       const at::Tensor& pos, const at::Tensor& ticket) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto on = [&](const at::Tensor& t, at::ScalarType type, const char* name) {
-    TORCH_CHECK(t.device() == logits.device() && t.scalar_type() == type && t.is_contiguous(),
-                msg("greedy_pick: ", name, " must be a contiguous ", type,
-                    " tensor on the device of the logits"));
-  };
   check_act(logits, logits, "logits");
-  on(token, at::kLong, "token");
-  on(seen, at::kBool, "seen");
-  on(pos, at::kLong, "pos");
-  on(ticket, at::kInt, "ticket");
+  check_beside(token, logits, at::kLong, "greedy_pick", "token");
+  check_beside(seen, logits, at::kBool, "greedy_pick", "seen");
+  check_beside(pos, logits, at::kLong, "greedy_pick", "pos");
+  check_beside(ticket, logits, at::kInt, "greedy_pick", "ticket");
   const int64_t V = logits.size(-1);
   TORCH_CHECK(logits.numel() == V && token.numel() == 1 && pos.numel() == 1 &&
                   seen.numel() == V && ticket.numel() == 1,
@@ -504,16 +507,11 @@ void sample_pick_cuda(const at::Tensor& logits, const at::Tensor& noise, const a
                       const at::Tensor& seen, const at::Tensor& pos, double temperature,
                       double top_p, double min_p) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto on = [&](const at::Tensor& t, at::ScalarType type, const char* name) {
-    TORCH_CHECK(t.device() == logits.device() && t.scalar_type() == type && t.is_contiguous(),
-                msg("sample_pick: ", name, " must be a contiguous ", type,
-                    " tensor on the device of the logits"));
-  };
   check_act(logits, logits, "logits");
-  on(noise, at::kFloat, "noise");
-  on(token, at::kLong, "token");
-  on(seen, at::kBool, "seen");
-  on(pos, at::kLong, "pos");
+  check_beside(noise, logits, at::kFloat, "sample_pick", "noise");
+  check_beside(token, logits, at::kLong, "sample_pick", "token");
+  check_beside(seen, logits, at::kBool, "sample_pick", "seen");
+  check_beside(pos, logits, at::kLong, "sample_pick", "pos");
   const int64_t V = logits.size(-1);
   TORCH_CHECK(logits.numel() == V && noise.numel() == V && token.numel() == 1 &&
                   pos.numel() == 1 && seen.numel() == V,
