@@ -680,6 +680,8 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
   __shared__ Best all_greedy[kSampleCluster];
   __shared__ double all_sum[kSampleCluster];
   __shared__ double all_hist[2][kSampleCluster][kSampleBins];  // rounds alternate
+  __shared__ uint32_t all_keys[2][2][kSampleCluster];  // [round & 1][min, max][rank]
+  __shared__ uint32_t redk[2][kSampleThreads / 32];
   __shared__ Best all_best[kSampleCluster];
   const int rank = static_cast<int>(cluster.block_rank());
   const int64_t base = static_cast<int64_t>(rank) * per;
@@ -767,13 +769,25 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
       const uint32_t span = static_cast<uint32_t>(kSampleBins) << shift;
 #pragma unroll
       for (int b = 0; b < kSampleBins; ++b) col[b * kSampleThreads] = 0.f;
+      uint32_t kmin = 0xFFFFFFFFu, kmax = 0;  // the range's keys: one alone ends the search
       for (int i = threadIdx.x; i < n; i += kSampleThreads) {
         const float p = pv[i];
-        const uint32_t k = __float_as_uint(p) - lo;  // below lo: wraps past span
-        if (k < span && p > 0.f) col[(k >> shift) * kSampleThreads] += p;
+        const uint32_t key = __float_as_uint(p), k = key - lo;  // below lo: wraps past span
+        if (k < span && p > 0.f) {
+          col[(k >> shift) * kSampleThreads] += p;
+          kmin = min(kmin, key);
+          kmax = max(kmax, key);
+        }
+      }
+      kmin = __reduce_min_sync(0xffffffffu, kmin);
+      kmax = __reduce_max_sync(0xffffffffu, kmax);
+      if (lane == 0) {
+        redk[0][warp] = kmin;
+        redk[1][warp] = kmax;
       }
       __syncthreads();
       double (*slots)[kSampleBins] = all_hist[round & 1];
+      uint32_t (*keys)[kSampleCluster] = all_keys[round & 1];
       {
         const float* row = hist + warp * kSampleThreads;  // warp w sums bin w
         double h = 0.0;
@@ -781,8 +795,29 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
         for (int k = lane; k < kSampleThreads; k += 32) h += row[k];
         h = warp_sum_d(h);
         if (lane < kSampleCluster) *cluster.map_shared_rank(&slots[rank][warp], lane) = h;
+        if (warp == 0) {
+          kmin = __reduce_min_sync(0xffffffffu, redk[0][lane]);
+          kmax = __reduce_max_sync(0xffffffffu, redk[1][lane]);
+          if (lane < kSampleCluster) {
+            *cluster.map_shared_rank(&keys[0][rank], lane) = kmin;
+            *cluster.map_shared_rank(&keys[1][rank], lane) = kmax;
+          }
+        }
       }
       cluster.sync();  // also: every column was read before the next round clears its own
+      // All the range's tokens share one key k0: the mass above them is `above` < P, so they
+      // are kept, and everything below lo is not: cut = k0, whatever the bins say (a row leaves
+      // one token in the range after two or three rounds, and each round is ~3.7 us).
+      kmin = 0xFFFFFFFFu;
+      kmax = 0;
+      for (int r = 0; r < kSampleCluster; ++r) {
+        kmin = min(kmin, keys[0][r]);
+        kmax = max(kmax, keys[1][r]);
+      }
+      if (kmin == kmax) {
+        lo = kmin;
+        break;
+      }
       // Every warp finds the same answer: lane j holds H(lo + (j << shift)) - above as the
       // suffix sum of the bins; the first j >= 1 with H < P ends the new range.
       double bin = 0.0;
@@ -799,7 +834,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
       if (j < 32) above += at_j;
       lo += static_cast<uint32_t>(j - 1) << shift;
     }
-    cut = lo;  // shift 0: lo + 1 is the smallest c with H(c) < P
+    cut = lo;  // after shift 0: lo + 1 is the smallest c with H(c) < P
   }
 
   // 4. The draw among the kept tokens.
