@@ -79,15 +79,42 @@ def test_graph_decode_gives_the_eager_tokens(small_model, p):
 
 
 @torch.no_grad()
-def test_bench_e2e_times_greedy_and_the_chats_sampling(small_model):
+def test_bench_e2e_times_greedy_and_the_chats_sampling(small_model, monkeypatch):
+    """measure() on a clock that ticks 1 ms a reading: every rate is the tokens it decoded over
+    the ticks between its readings, the sampled run uses the chat's settings, and its graph ends
+    with the fused sampled pick where that runs."""
+    from types import SimpleNamespace
+
     from engine import bench_e2e
+    from engine.ops import decode as fused
 
     model = build("tiny", "v8-k65536-256", context=1024)  # "tiny": small_model's shapes
-    if not GraphDecoder(model).usable(SamplingParams(**bench_e2e.CHAT_SAMPLING)):
+    chat = SamplingParams(**bench_e2e.CHAT_SAMPLING)
+    if not GraphDecoder(model).usable(chat):
         pytest.skip("this torch cannot put a seeded generator into a CUDA graph")
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(bench_e2e, "time", SimpleNamespace(perf_counter=lambda: next(ticks) / 1e3))
+    runs, picks = [], []
+    run = GraphDecoder.run
+
+    def counting_run(self, logits, pos, seen, p, seed, limit):
+        n = 0
+        for token in run(self, logits, pos, seen, p, seed, limit):
+            n += 1
+            yield token
+        runs.append((p.temperature, p.top_p, n))
+
+    monkeypatch.setattr(GraphDecoder, "run", counting_run)
+    pick = fused.sample_pick
+    monkeypatch.setattr(fused, "sample_pick", lambda *a: (picks.append(1), pick(*a))[1])
     r = bench_e2e.measure(model, 16)
-    assert r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 and r["prefill_tok_s"] > 0
-    assert isinstance(r["sampled_tok_s"], float) and r["sampled_tok_s"] > 0
+    assert runs == [(0, 1.0, 16), (chat.temperature, chat.top_p, 16)]
+    assert r["prefill_tok_s"] == pytest.approx(bench_e2e.PROMPT / 1e-3)
+    assert r["ttft_ms"] == pytest.approx(2.0)  # the prefill's tick and the first token's
+    assert r["decode_tok_s"] == pytest.approx(15 / 1e-3)  # 15 tokens after the first, 1 tick
+    assert r["sampled_tok_s"] == pytest.approx(15 / 1e-3)
+    logits = torch.zeros(1, 4096, dtype=torch.float16, device="cuda")
+    assert bool(picks) == fused.sample_pick_fused(logits)  # captured: called while capturing
 
 
 @torch.no_grad()
