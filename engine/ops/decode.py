@@ -139,18 +139,26 @@ def greedy_pick(logits, token, seen, pos, ticket) -> None:
     pos.add_(1)
 
 
-# What sample_pick_kernel holds (csrc/vptq_decode.cu: 8 blocks of kSampleMaxPer values).
+# What sample_pick_kernel holds (csrc/vptq_decode.cu: 8 blocks of kSampleMaxPer values) and
+# the shared memory a block takes besides its values (the 128 KiB histogram and small arrays).
 SAMPLE_PICK_MAX_VOCAB = 8 * 22 * 1024
+SAMPLE_PICK_SMEM = 128 * 1024 + 8 * 1024
+
+
+def sample_pick_fits(vocab: int, major: int, smem_optin: int) -> bool:
+    """Whether the sampled-pick kernel runs on a GPU of this compute capability (major) and
+    shared memory a block (opt-in): clusters need 9.0, and GPUs such as the GeForce RTX 50
+    series (12.0, 99 KiB a block) have too little room for it."""
+    need = SAMPLE_PICK_SMEM + 4 * -(-vocab // 8)
+    return major >= 9 and vocab <= SAMPLE_PICK_MAX_VOCAB and smem_optin >= need
 
 
 def sample_pick_fused(logits: torch.Tensor) -> bool:
-    """Whether sample_pick runs as one kernel: it needs thread block clusters (compute
-    capability 9.0) and a vocabulary that fits its shared memory."""
-    return (
-        _fused(logits)
-        and torch.cuda.get_device_capability(logits.device)[0] >= 9
-        and logits.shape[-1] <= SAMPLE_PICK_MAX_VOCAB
-    )
+    """Whether sample_pick runs as one kernel on this GPU (sample_pick_fits)."""
+    if not _fused(logits):
+        return False
+    props = torch.cuda.get_device_properties(logits.device)
+    return sample_pick_fits(logits.shape[-1], props.major, props.shared_memory_per_block_optin)
 
 
 def sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p) -> None:

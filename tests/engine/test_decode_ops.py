@@ -87,3 +87,15 @@ def test_sample_pick_without_kernels_draws_from_what_top_p_and_min_p_keep(
         assert int(pos) == 42 and bool(seen[int(token)]) and int(seen.sum()) == 1
         unique += len(allowed) == 1
     assert unique >= 10  # the oracle pins the token nearly always
+
+
+def test_the_sampled_pick_kernel_is_chosen_only_where_it_fits():
+    h100 = 227 * 1024  # shared memory a block, opt-in
+    assert fused.sample_pick_fits(128256, 9, h100)  # Llama 3 on an H100 or H200
+    assert fused.sample_pick_fits(151936, 9, h100)  # Qwen 2.5
+    assert fused.sample_pick_fits(fused.SAMPLE_PICK_MAX_VOCAB, 9, h100)
+    assert not fused.sample_pick_fits(fused.SAMPLE_PICK_MAX_VOCAB + 8, 9, h100)
+    assert not fused.sample_pick_fits(128256, 8, 163 * 1024)  # an A100: no clusters
+    assert not fused.sample_pick_fits(128256, 12, 99 * 1024)  # a GeForce RTX 5090
+    assert not fused.sample_pick_fits(32768, 12, 99 * 1024)  # even Mistral's small vocabulary
+    assert not fused.sample_pick_fused(torch.zeros(1, 1000))  # CPU logits: the PyTorch code
