@@ -151,8 +151,7 @@ cudaError_t launch_greedy_pick(const void* logits, int64_t V, float* wv, int64_t
 // The sampled pick that ends a decode step (temperature > 0, 0 < top_p <= 1, 0 <= min_p < 1):
 // *token = the kept token with the largest p / noise[token] (noise: V float32 draws of Exp(1)),
 // seen[*token] = true, *pos += 1 (vptq_decode.cu sample_pick_kernel). Compute capability 9.0
-// and room for the kernel's shared memory (else cudaErrorNotSupported), and
-// sample_pick_supported(V).
+// (cudaErrorNotSupported before) and sample_pick_supported(V).
 bool sample_pick_supported(int64_t V);
 cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V,
                                float temperature, double top_p, float min_p, int64_t* token,

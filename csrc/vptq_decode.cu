@@ -1084,17 +1084,8 @@ cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V
   const int per = static_cast<int>((V + kSampleCluster - 1) / kSampleCluster);
   const size_t smem = kSampleHist + static_cast<size_t>(per) * sizeof(float);
   const auto go = [&](auto kernel, const auto* typed) {
-    int dev = 0, optin = 0;
-    cudaFuncAttributes fa = {};
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err == cudaSuccess)
-      err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (err == cudaSuccess) err = cudaFuncGetAttributes(&fa, kernel);
-    if (err != cudaSuccess) return err;
-    if (fa.sharedSizeBytes + smem > static_cast<size_t>(optin))  // GeForce RTX 50: 99 KiB
-      return cudaErrorNotSupported;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
     return launch_pdl_in(kSampleCluster, kernel, dim3(kSampleCluster), dim3(kSampleThreads),
                          smem, stream, typed, noise, V, per, temperature, top_p, min_p, token,

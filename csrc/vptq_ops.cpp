@@ -529,8 +529,8 @@ void sample_pick_cuda(const at::Tensor& logits, const at::Tensor& noise, const a
       static_cast<float>(min_p), token.data_ptr<int64_t>(), seen.data_ptr<bool>(),
       pos.data_ptr<int64_t>(), dtype_of(logits), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err != cudaErrorNotSupported,
-              "sample_pick needs compute capability 9.0 or later (thread block clusters) and "
-              "about 216 KiB of shared memory a block; use engine/sampling.py sample");
+              "sample_pick needs compute capability 9.0 or later (thread block clusters); use "
+              "engine/sampling.py sample");
   check_launch(err, "sample_pick");
 }
 
