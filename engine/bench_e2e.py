@@ -125,6 +125,22 @@ def decode_bytes(model: Transformer) -> int:
     return total
 
 
+def kv_bytes_read(model: Transformer, tokens: int) -> float:
+    """Bytes of K and V a graph step reads on average while ``measure`` decodes ``tokens``
+    tokens: the first comes from the prefill, then the step at position PROMPT + t (t = 0 ..
+    tokens - 2) reads the cache up to there (within a sliding window), not the whole context
+    the cache was sized for."""
+    window = model.args.sliding_window
+    read = [PROMPT + 1 + t for t in range(max(1, tokens - 1))]  # positions a step reads
+    read = [min(n, window) if window else n for n in read]
+    total = 0.0
+    for layer in model.model.layers:
+        k = layer.self_attn.cache.k  # [1, kv heads, context, head dim]
+        per_position = 2 * k.numel() // k.shape[2] * k.element_size()  # K and V
+        total += per_position * sum(read) / len(read)
+    return total
+
+
 # The chat's default sampling (app/settings.py DEFAULT_SAMPLING), timed beside greedy decoding.
 CHAT_SAMPLING = dict(temperature=0.7, top_p=0.95)
 
@@ -231,11 +247,8 @@ def run_e2e(
                 continue
         try:
             model = build(arch, sch, context, vram_limit * GiB if vram_limit else None)
-            kv = sum(
-                layer.self_attn.cache.k.numel() * 4 for layer in model.model.layers
-            )  # K and V, 2 bytes each
             r = measure(model, tokens)
-            r["roofline_tok_s"] = peak / (r["decode_bytes"] + kv)
+            r["roofline_tok_s"] = peak / (r["decode_bytes"] + kv_bytes_read(model, tokens))
             r["nvml_used_gib"] = nvml_used_gib()
             rows[label] = r
             if breakdown and sch is not None:

@@ -1,0 +1,28 @@
+"""`bench e2e`'s arithmetic on the CPU (its runs are in test_runtime.py, marker gpu): the decode
+roofline counts the part of the KV cache each step reads, not the whole context."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from engine import bench_e2e
+from engine.loader import load_model
+
+from .hf_models import make_hf_model
+
+
+def test_the_roofline_counts_the_cache_a_step_reads_not_the_whole_context(tmp_path):
+    make_hf_model("llama3", tmp_path)
+    model = load_model(tmp_path, "cpu", torch.float32, max_seq_len=2048).model
+    a = model.args
+    per_position = 2 * a.n_kv_heads * a.head_dim * 4  # K and V in float32, a layer
+    # 5 tokens: the first from the prefill, then steps at 512 .. 515 reading 513 .. 516 keys
+    want = a.n_layers * per_position * (513 + 514 + 515 + 516) / 4
+    assert bench_e2e.PROMPT == 512
+    assert bench_e2e.kv_bytes_read(model, 5) == pytest.approx(want)
+    whole = a.n_layers * per_position * 2048
+    assert bench_e2e.kv_bytes_read(model, 5) < whole / 3  # what the roofline counted before
+    model.args = dataclasses.replace(a, sliding_window=514)  # a step reads at most 514 keys
+    want = a.n_layers * per_position * (513 + 514 + 514 + 514) / 4
+    assert bench_e2e.kv_bytes_read(model, 5) == pytest.approx(want)
