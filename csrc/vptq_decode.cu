@@ -623,11 +623,11 @@ __global__ void __launch_bounds__(kPickThreads) greedy_pick_kernel(
 //    P = top_p * S (engine/sampling.py filter_probs, with ties kept or dropped together).
 //    p >= 0, so p's bit pattern k orders the tokens as p does; the kept ones are those with
 //    k >= cut, where cut + 1 is the smallest c with H(c) = mass of {k >= c} below P. Six
-//    rounds find it, each splitting the range left into 32 bins (5 bits of k) and summing the
-//    mass per bin across the cluster: each thread into its own column of a shared-memory
-//    histogram (no atomics; a flat row puts thousands of values into one bin, and 64-bit
-//    shared atomics, compare-and-swap loops, took 132 us a pick that way), then each warp
-//    one bin.
+//    rounds find it (fewer once the range left holds a single key), each splitting the range
+//    left into 32 bins (5 bits of k) and summing the mass per bin across the cluster: each
+//    thread into its own column of a shared-memory histogram (no atomics; a flat row puts
+//    thousands of values into one bin, and 64-bit shared atomics, compare-and-swap loops,
+//    took 132 us a pick that way), then each warp one bin.
 // 4. The kept token with the largest p / noise (the first of equals); block 0 writes it.
 // Every sum runs in a fixed order (doubles across threads), so a seeded chat draws the same
 // tokens on every run. Where no token has positive p (all logits -inf or NaN, or one +inf),
