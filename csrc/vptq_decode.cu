@@ -691,7 +691,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
   const auto send = [&](auto* slots, auto v) {
     if (threadIdx.x < kSampleCluster) *cluster.map_shared_rank(&slots[rank], threadIdx.x) = v;
   };
-  pdl_wait();  // the logits come from the previous kernel, the noise from an earlier one
+  pdl_wait();  // the noise comes from the previous kernel, the logits from an earlier one
 
   // 1. x and its maximum; the greedy pick too, for a row without positive p. Thread t takes
   // values t, t + kSampleThreads, ..., kSampleBatch loads at a time.
