@@ -51,6 +51,17 @@ def test_decode_ops_read_a_partial_as_its_whole_tensor():
     assert torch.equal(total, x.whole() + r)
     assert torch.equal(fused.rms_norm(x, w, 1e-5), fused.rms_norm(x.whole(), w, 1e-5))
     assert fused.whole(r) is r
+    # and against float64 from the exact sums of the terms, within bfloat16's rounding
+    g, u, s = gate.parts.double().sum(0), up.parts.double().sum(0), x.parts.double().sum(0)
+    s = s + r.double()
+    exact = {
+        "silu_mul": (fused.silu_mul(gate, up), g * torch.sigmoid(g) * u),
+        "rms_norm": (out, w.double() * s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)),
+        "sum": (total, s),
+    }
+    for name, (got, oracle) in exact.items():
+        err = float((got.double() - oracle).norm() / oracle.norm())
+        assert err < 4 * torch.finfo(dtype).eps, (name, err)
 
 
 def test_greedy_pick_without_kernels_takes_the_first_largest_and_moves_on():
