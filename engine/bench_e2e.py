@@ -132,13 +132,12 @@ def kv_bytes_read(model: Transformer, tokens: int) -> float:
     the cache was sized for."""
     window = model.args.sliding_window
     read = [PROMPT + 1 + t for t in range(max(1, tokens - 1))]  # positions a step reads
-    read = [min(n, window) if window else n for n in read]
-    total = 0.0
+    mean = sum(min(n, window) if window else n for n in read) / len(read)
+    total = 0
     for layer in model.model.layers:
         k = layer.self_attn.cache.k  # [1, kv heads, context, head dim]
-        per_position = 2 * k.numel() // k.shape[2] * k.element_size()  # K and V
-        total += per_position * sum(read) / len(read)
-    return total
+        total += 2 * k.numel() // k.shape[2] * k.element_size()  # K and V of one position
+    return total * mean
 
 
 # The chat's default sampling (app/settings.py DEFAULT_SAMPLING), timed beside greedy decoding.

@@ -57,9 +57,7 @@ class GraphDecoder:
             )
             return
         nxt = sample(logits.float(), p, self.gen, self.seen)  # [1]
-        self.seen.index_fill_(0, nxt, True)
-        self.token.copy_(nxt.view(1, 1))
-        self.pos.add_(1)
+        fused.advance(nxt, self.token, self.seen, self.pos)
 
     def graph(self, p: SamplingParams) -> torch.cuda.CUDAGraph:
         key = _key(p)

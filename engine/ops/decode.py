@@ -125,6 +125,14 @@ def attention(q, k_cache, v_cache, pos, window: int | None, scale: float) -> tor
     return torch.ops.vptq.decode_attention(q, k_cache, v_cache, pos, window or 0, scale)
 
 
+def advance(nxt, token, seen, pos) -> None:
+    """The end of a decode step's pick, on the device: token[...] = nxt ([1] int64), seen[nxt] =
+    True, pos += 1 (what the fused picks do inside their kernel)."""
+    seen.index_fill_(0, nxt, True)
+    token.copy_(nxt.view(token.shape))
+    pos.add_(1)
+
+
 def greedy_pick(logits, token, seen, pos, ticket) -> None:
     """The end of a greedy decode step: token[...] = argmax(logits) (logits [1, V], any float
     dtype; the first of equal maxima, NaN the largest, as torch.argmax), seen[token] = True,
@@ -133,10 +141,7 @@ def greedy_pick(logits, token, seen, pos, ticket) -> None:
     if _fused(logits):
         torch.ops.vptq.greedy_pick(logits, token, seen, pos, ticket)
         return
-    nxt = argmax(logits.float()).view(1)
-    seen.index_fill_(0, nxt, True)
-    token.copy_(nxt.view(token.shape))
-    pos.add_(1)
+    advance(argmax(logits.float()).view(1), token, seen, pos)
 
 
 # What sample_pick_kernel holds (csrc/vptq_decode.cu: 8 blocks of kSampleMaxPer values) and
@@ -191,7 +196,4 @@ def sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p) -> N
         cut = torch.ones(1, dtype=torch.int32, device=p.device)
     kept = (keys >= cut) & (p > 0)
     ratio = torch.where(kept, p / noise.view(-1), -1.0)
-    nxt = torch.where(total > 0, argmax(ratio), argmax(raw)).view(1)
-    seen.index_fill_(0, nxt, True)
-    token.copy_(nxt.view(token.shape))
-    pos.add_(1)
+    advance(torch.where(total > 0, argmax(ratio), argmax(raw)).view(1), token, seen, pos)
