@@ -14,10 +14,12 @@
 //
 // Per block: the codebook slice (and a small residual codebook, which every block holds whole)
 // goes to shared memory; per chunk, xhat = x * weight_scale for the chunk's columns is staged
-// in fp32; each warp takes vector-rows and walks a row's segment 32 entries at a time, one per
-// lane, in batches of kBatch (the next row's first batch is fetched while the row is worked
-// on); lanes gather xhat and the codeword from shared memory and accumulate v x tokens sums in
-// fp32; the warp sum goes to the block's per-row accumulators. Then each block writes its
+// in fp32; each warp takes pairs of vector-rows, a half-warp a row, and walks the two rows'
+// segments 16 entries at a time, one per lane, in batches of kBatch (the next batch fetched
+// while one is worked on); lanes gather xhat and the codeword from shared memory and accumulate
+// v x tokens sums in fp32; each half-warp's sum goes to its row's accumulator in the block's
+// shared memory (two rows a warp halve the shuffles of these sums, a fifth of the loop's
+// instructions with one row a warp: csrc/KERNELS.md session 16). Then each block writes its
 // slice's partial sums, and the last block of a row block to finish (a ticket counter) adds the
 // slices in order, dot(x, b) and bias, and writes the output: deterministic, one launch, no
 // host synchronisation. In the decode step the launch stops short of that (SlicedGroup::partial,
@@ -42,6 +44,9 @@ namespace vptq {
 namespace {
 
 constexpr int kWarpsS = kSlicedThreads / 32;
+// A warp works on two vector-rows at once, lanes 0-15 on one and 16-31 on the other; segments
+// are padded to multiples of kRowLanes (engine/memory.py PAD_TO).
+constexpr int kRowLanes = 16;
 
 __host__ __device__ constexpr size_t align16(size_t n) { return (n + 15) & ~size_t{15}; }
 
@@ -143,7 +148,7 @@ __device__ __forceinline__ void load_x(const float* p, float (&xv)[NT]) {
 // each adds its partner's copy of the half it keeps.
 template <int H, int D, int M>
 __device__ __forceinline__ void halve(float (&a)[M], int lane, int& idx) {
-  if constexpr (H >= 1) {
+  if constexpr (H >= 1 && D >= 1) {
     const bool upper = lane & D;
 #pragma unroll
     for (int i = 0; i < H; ++i) {
@@ -156,52 +161,59 @@ __device__ __forceinline__ void halve(float (&a)[M], int lane, int& idx) {
   }
 }
 
-// Adds the warp's sum of a[t * V + j] to acc[j * NT + t]. For a power-of-two count the values
-// are halved between lane pairs at each step (M - 1 + 5 - log2 M shuffles instead of 5 M).
+// Adds each half-warp's sum of a[t * V + j] to its row's acc[j * NT + t] (lanes 0-15 hold one
+// row, 16-31 the other; acc points at this lane's row, which exists where own is set). For a
+// power-of-two count the values are halved between lane pairs at each step (for 8 values: 8
+// shuffles for the two rows, where a warp of one row took 9 for that one).
 template <int NT, int V>
-__device__ __forceinline__ void warp_sum_to(float (&a)[NT * V], int lane, float* acc) {
+__device__ __forceinline__ void pair_sum_to(float (&a)[NT * V], int lane, float* acc, bool own) {
   constexpr int M = NT * V;
   if constexpr ((M & (M - 1)) == 0 && M <= 32) {
     int idx = 0;
-    halve<M / 2, 16, M>(a, lane, idx);
-    constexpr int kSteps = M == 1 ? 0 : (M == 2 ? 1 : M == 4 ? 2 : M == 8 ? 3 : M == 16 ? 4 : 5);
-    int d = 16 >> kSteps;
+    halve<M / 2, kRowLanes / 2, M>(a, lane, idx);
+    constexpr int kSteps = M == 1 ? 0 : M == 2 ? 1 : M == 4 ? 2 : M == 8 ? 3 : 4;
+    constexpr int kKept = M > kRowLanes ? M / kRowLanes : 1;  // values a lane holds now
+    constexpr int kLanesEach = M >= kRowLanes ? 1 : kRowLanes / M;  // lanes holding each sum
 #pragma unroll
-    for (; d > 0; d /= 2) a[0] += __shfl_xor_sync(0xffffffffu, a[0], d);
-    if ((lane & (32 / M - 1)) == 0) {
-      const int t = idx / V, j = idx % V;
-      acc[j * NT + t] += a[0];
+    for (int d = (kRowLanes / 2) >> kSteps; d > 0; d /= 2)
+      a[0] += __shfl_xor_sync(0xffffffffu, a[0], d);
+    if (own && (lane & (kLanesEach - 1)) == 0) {
+#pragma unroll
+      for (int i = 0; i < kKept; ++i) {
+        const int t = (idx + i) / V, j = (idx + i) % V;
+        acc[j * NT + t] += a[i];
+      }
     }
   } else {
 #pragma unroll
     for (int m = 0; m < M; ++m) {
 #pragma unroll
-      for (int d = 16; d > 0; d >>= 1) a[m] += __shfl_xor_sync(0xffffffffu, a[m], d);
+      for (int d = kRowLanes / 2; d > 0; d >>= 1) a[m] += __shfl_xor_sync(0xffffffffu, a[m], d);
       const int t = m / V, j = m % V;
-      if (lane == m % 32) acc[j * NT + t] += a[m];
+      if (own && (lane & (kRowLanes - 1)) == m % kRowLanes) acc[j * NT + t] += a[m];
     }
   }
 }
 
-// A batch of a segment: mini-groups u = 0 .. kBatch - 1 of 32 entries from p (this lane's
-// entry of the first), lane l holding entry 32 u + l. Segments are padded to multiples of 32,
-// so a mini-group is all in or all out. All kBatch mini-groups are loaded, from one address
-// and without a condition (the entries array ends with kSlicedReadAhead padding entries, so
-// reading past the last segment stays inside it); those past the segment's end (u >= n) are
-// replaced at use by the zero column (xhat[chunk_cols] = 0) with codeword 0, which adds
-// nothing (a condition per load here cost ~40 instructions a segment, the entries pointer
-// reloaded for each).
-constexpr int kBatch = 9;  // a v=8 segment averages 256 entries: 9 x 32 holds ~98% of them
-constexpr int kShort = 4;  // segments of at most 4 mini-groups take a 4-lookup batch
-static_assert(kBatch * 32 <= kSlicedReadAhead, "the entries' tail covers a batch");
+// A batch of a segment: mini-groups u = 0 .. kBatch - 1 of kRowLanes entries from p (this
+// lane's entry of the first), lane l of a half-warp holding entry kRowLanes * u + l. Segments
+// are padded to multiples of kRowLanes, so a mini-group is all in or all out. All kBatch
+// mini-groups are loaded, from one address and without a condition (the entries array ends
+// with kSlicedReadAhead padding entries, so reading past the last segment stays inside it);
+// those past the segment's end (u >= n) are replaced at use by the zero column
+// (xhat[chunk_cols] = 0) with codeword 0, which adds nothing (a condition per load here cost
+// ~40 instructions a segment, the entries pointer reloaded for each).
+constexpr int kBatch = 9;  // a v=8 pair of segments averages 2 x 256 entries: 2 batches
+constexpr int kShort = 4;  // the last batch of a pair with at most 4 mini-groups left
+static_assert(kBatch * kRowLanes * 2 <= kSlicedReadAhead, "the entries' tail covers a batch");
 
 template <bool RES>
 __device__ __forceinline__ void load_batch(const uint32_t* p, const uint16_t* rp,
                                            uint32_t (&e)[kBatch], uint32_t (&rc)[kBatch]) {
 #pragma unroll
   for (int u = 0; u < kBatch; ++u) {
-    e[u] = __ldcs(p + 32 * u);
-    rc[u] = RES ? static_cast<uint32_t>(__ldcs(rp + 32 * u)) : 0u;  // past n: any valid code
+    e[u] = __ldcs(p + kRowLanes * u);
+    rc[u] = RES ? static_cast<uint32_t>(__ldcs(rp + kRowLanes * u)) : 0u;  // past n: any code
   }
 }
 
@@ -225,15 +237,16 @@ __device__ __forceinline__ void lookup(uint32_t ent, uint32_t res, const T* cb, 
     for (int j = 0; j < V; ++j) a[t * V + j] = fmaf(xv[t], w[j], a[t * V + j]);
 }
 
-// The lookups of a batch whose segment has n mini-groups: without a branch per lookup, so the
+// The lookups of a batch of which this lane's segment has n mini-groups and the longer segment
+// of the warp's two has nw (the same in every lane): without a branch per lookup, so the
 // shared-memory loads of all of them are in flight together; lookups past n take the zero
 // entry and add zero.
 template <typename T, int V, int NT, bool RES>
 __device__ __forceinline__ void lookup_batch(const uint32_t (&e)[kBatch],
-                                             const uint32_t (&rc)[kBatch], int n, uint32_t zero,
-                                             const T* cb, const T* rb, const float* xs,
-                                             float (&a)[NT * V]) {
-  if (n > kShort) {
+                                             const uint32_t (&rc)[kBatch], int n, int nw,
+                                             uint32_t zero, const T* cb, const T* rb,
+                                             const float* xs, float (&a)[NT * V]) {
+  if (nw > kShort) {
 #pragma unroll
     for (int u = 0; u < kBatch; ++u)
       lookup<T, V, NT, RES>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
@@ -302,19 +315,20 @@ __device__ __forceinline__ void prefetch_l2(const void* p, size_t n) {
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + o));
 }
 
-// The item after (c, r) in a warp's stream: the warp's next row, or its first row of the next
-// chunk (c == n_chunks: the stream has ended).
-__device__ __forceinline__ void next_item(int& c, int& r, int first_row, int r1) {
-  r += kWarpsS;
-  if (r >= r1) {
-    r = first_row;
+// The item after (c, p) in a warp's stream: the warp's next pair of rows, or its first pair of
+// the next chunk (c == n_chunks: the stream has ended).
+__device__ __forceinline__ void next_item(int& c, int& p, int first_pair, int pairs) {
+  p += kWarpsS;
+  if (p >= pairs) {
+    p = first_pair;
     ++c;
   }
 }
 
-// The entries [x, y) of the segment of row r of chunk c in slice s; empty past the stream's end.
-__device__ __forceinline__ int2 segment(const SlicedLayer& L, int s, int c, int r) {
-  if (c >= L.n_chunks) return make_int2(0, 0);
+// The entries [x, y) of the segment of row r of chunk c in slice s; empty past the stream's end
+// and past the row block's last row r1 (the second row of an odd block's last pair).
+__device__ __forceinline__ int2 segment(const SlicedLayer& L, int s, int c, int r, int r1) {
+  if (c >= L.n_chunks || r >= r1) return make_int2(0, 0);
   const int* o = L.offsets + (s * L.n_chunks + c) * L.rows + r;
   return make_int2(__ldg(o), __ldg(o + 1));
 }
@@ -369,19 +383,23 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int r0 = rblk * L.row_block, r1 = min(L.rows, r0 + L.row_block);
   const int cw0 = s * L.slice_cw, ncw = min(L.slice_cw, L.n_cw - cw0);
-  const uint32_t* entries = L.entries + lane;
-  const uint16_t* res_codes = RES ? L.res_codes + lane : nullptr;
+  const int half = lane / kRowLanes;  // which row of the warp's pair this lane works on
+  const uint32_t* entries = L.entries + lane % kRowLanes;
+  const uint16_t* res_codes = RES ? L.res_codes + lane % kRowLanes : nullptr;
   const uint32_t zero = static_cast<uint32_t>(L.chunk_cols) << 16;
-  // A warp's work is a stream of items (chunk, row): rows r0 + warp, r0 + warp + 16, ... of
-  // chunk 0, then the same rows of chunk 1, and so on. The bounds of a row's segment are
-  // fetched two items ahead and its first batch of entries one item ahead, across chunk ends
-  // too; the first two items' bounds are requested before the slice copy is queued.
-  const int first_row = r0 + warp;
-  int cn = first_row < r1 ? 0 : L.n_chunks, rn = first_row;  // the item whose bounds come next
-  int2 cur = segment(L, s, cn, rn);
-  next_item(cn, rn, first_row, r1);
-  int2 nxt = segment(L, s, cn, rn);
-  next_item(cn, rn, first_row, r1);
+  // A warp's work is a stream of items (chunk, pair of rows): pairs warp, warp + 16, ... of
+  // chunk 0 (pair p: rows r0 + 2p and r0 + 2p + 1), then the same pairs of chunk 1, and so on;
+  // each lane fetches the bounds of its half's row. An item is one or more batches (the longer
+  // of its two segments decides how many); the bounds are fetched two items ahead and the
+  // entries one batch ahead, across items and chunk ends too. The first two items' bounds are
+  // requested before the slice copy is queued.
+  const int first_pair = warp, pairs = (r1 - r0 + 1) / 2;
+  const auto row_of = [&](int p) { return r0 + 2 * p + half; };
+  int cn = first_pair < pairs ? 0 : L.n_chunks, pn = first_pair;  // whose bounds come next
+  int2 cur = segment(L, s, cn, row_of(pn), r1);
+  next_item(cn, pn, first_pair, pairs);
+  int2 nxt = segment(L, s, cn, row_of(pn), r1);
+  next_item(cn, pn, first_pair, pairs);
   // The codebook slice streams into shared memory while the first entries are fetched.
   __shared__ __align__(8) uint64_t slice_bar;
   const T* slice_src = static_cast<const T*>(L.table) + static_cast<size_t>(cw0) * V;
@@ -434,29 +452,33 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
       }
     }
     __syncthreads();
-    for (int r = first_row; r < r1; r += kWarpsS) {  // the current item: (c, r), bounds cur
-      const int beg = cur.x, end = cur.y;
-      const int2 after = segment(L, s, cn, rn);  // used two items from now
-      next_item(cn, rn, first_row, r1);
-      uint32_t ne[kBatch], nrc[kBatch];
-      load_batch<RES>(entries + nxt.x, RES ? res_codes + nxt.x : nullptr, ne, nrc);
+    for (int p = first_pair; p < pairs; p += kWarpsS) {  // the current item: (c, p), bounds cur
+      const int beg = cur.x, n = (cur.y - cur.x) / kRowLanes;  // this lane's row's mini-groups
+      const int nw = max(n, __shfl_xor_sync(0xffffffffu, n, kRowLanes));  // the pair's longer
+      const int2 after = segment(L, s, cn, row_of(pn), r1);  // used two items from now
+      next_item(cn, pn, first_pair, pairs);
       float a[NT * V];  // a[t * V + j]
 #pragma unroll
       for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
-      lookup_batch<T, V, NT, RES>(e, rc, (end - beg) >> 5, zero, cb, rb, xs, a);
-      // the rare segment longer than a batch
-      for (int i0 = beg + 32 * kBatch; i0 < end; i0 += 32 * kBatch) {
-        load_batch<RES>(entries + i0, RES ? res_codes + i0 : nullptr, e, rc);
-        lookup_batch<T, V, NT, RES>(e, rc, (end - i0) >> 5, zero, cb, rb, xs, a);
+      for (int u0 = 0;; u0 += kBatch) {  // the batch of mini-groups u0 .. u0 + kBatch - 1
+        // the entries one batch ahead: this item's next batch, else the next item's first (a
+        // lane whose row has ended reads from its segment's end, which stays in the tail)
+        const bool more = u0 + kBatch < nw;
+        const int ahead = more ? beg + kRowLanes * min(u0 + kBatch, n) : nxt.x;
+        uint32_t ne[kBatch], nrc[kBatch];
+        load_batch<RES>(entries + ahead, RES ? res_codes + ahead : nullptr, ne, nrc);
+        lookup_batch<T, V, NT, RES>(e, rc, n - u0, nw - u0, zero, cb, rb, xs, a);
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          e[u] = ne[u];
+          rc[u] = nrc[u];
+        }
+        if (!more) break;
       }
-      warp_sum_to<NT, V>(a, lane, acc + (r - r0) * V * NT);
+      const int row = row_of(p);  // past r1 (an odd block's last pair): nothing to add
+      pair_sum_to<NT, V>(a, lane, acc + (row - r0) * V * NT, row < r1);
       cur = nxt;
       nxt = after;
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        e[u] = ne[u];
-        rc[u] = nrc[u];
-      }
     }
   }
   __syncthreads();

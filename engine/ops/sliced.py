@@ -233,19 +233,22 @@ def spread_order(
     seg: torch.Tensor, packed: torch.Tensor, v: int, n_seg: int, chunk_cols: int
 ) -> torch.Tensor:
     """The order of the entries: by segment, and within a segment round-robin over the banks
-    their codewords start in. Lane i of a warp takes entry i of a run of 32, and lanes whose
-    codewords share a bank but not an address are served one after another; round-robin makes
-    each wavefront's lanes hit different banks while every bank has entries left (it removes
-    about half of the shared-memory wavefronts of random order).
+    their codewords start in. Lane i of a half-warp takes entry i of a run of 16 (the other
+    half-warp takes the run of the pair's other row), and lanes whose codewords share a bank
+    but not an address are served one after another; round-robin makes each wavefront's lanes
+    hit different banks while every bank has entries left (it removes about half of the
+    shared-memory wavefronts of random order).
 
     Within a codeword bank the entries go by copy index, then by the bank of their xhat
     column rotated by X_BANKS / nb per codeword bank (copy index: the entry's place among
     those of its segment, codeword bank and rotated column bank): each bank's list cycles
     through the column banks, and the lists of the nb codeword banks start a quarter of the
-    way apart, so the 32 lanes of a run mostly read xhat from different banks. Measured
-    (H200, csrc/KERNELS.md session 11): 3.35 -> 2.96 xhat wavefronts a run on the 8B gate
-    layout, 277.6 / 278.0 -> 280.2 / 280.4 tok/s end to end. The sorts are done one at a time
-    on int32 keys where they fit, so the peak is that of a single sort, as before."""
+    way apart, so the lanes of a run mostly read xhat from different banks. Measured with a
+    warp a row (H200, csrc/KERNELS.md session 11): 3.35 -> 2.96 xhat wavefronts a run on the
+    8B gate layout, 277.6 / 278.0 -> 280.2 / 280.4 tok/s end to end. With two rows a warp the
+    two runs read at once come from different rows: 3.15 a warp's run (8B q shape); rotating
+    odd rows by half a step more gave 3.14 (session 16, not kept). The sorts are done one at
+    a time on int32 keys where they fit, so the peak is that of a single sort, as before."""
     unit, nb = bank_groups(v)
     sb = seg * nb  # (segment, codeword bank)
     sb += (packed & 0xFFFF) * (v * 2 // unit) % nb
@@ -438,7 +441,7 @@ def build(
     del col
     order = spread_order(seg, packed, v, n_seg, chunk_cols)
     packed = packed[order]
-    # Each segment padded to a multiple of PAD_TO entries (the kernel's warps take 32 at a
+    # Each segment padded to a multiple of PAD_TO entries (the kernel's half-warps take 16 at a
     # time) with entries of the zero column chunk_cols, codeword 0 (pad_entry).
     counts = torch.bincount(seg, minlength=n_seg).to(i32)
     seg = seg[order]
