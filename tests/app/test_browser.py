@@ -111,10 +111,10 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
     text = detail.breakdown.text()
     assert "Weights 391 KiB" in text and "KV cache at 4096 tokens 0.50 GiB" in text
     assert "Largest context that fits: 125440 tokens" in text  # (16 GiB - overhead) / 128 KiB
-    assert "Fast decode layout 3.67 GiB: fits too" in text  # v8-k65536-0 (test_fit.py by hand)
+    assert "Fast decode layout 3.46 GiB: fits too" in text  # v8-k65536-0 (test_fit.py by hand)
     detail.context.setValue(131072)  # 16 GiB of KV cache alone
     assert "Does not fit" in detail.verdict.text()
-    assert "Fast decode layout 3.67 GiB: no room at this context" in (detail.breakdown.text())
+    assert "Fast decode layout 3.46 GiB: no room at this context" in (detail.breakdown.text())
     assert "To make room, close: blender (pid 4242): 3.2 GB" in detail.breakdown.text()
     # in a small window the eight lines scroll instead of losing the last ones
     w.resize(780, 420)
