@@ -65,6 +65,9 @@ struct SlicedLayer {
   int32_t* counters = nullptr;         // [row_blocks], zero between calls (the kernel resets)
   int N = 0, K = 0, v = 0, n_cw = 0, slice_cw = 0, n_slices = 0, chunk_cols = 0, n_chunks = 0;
   int rows = 0, res_cw = 0, row_block = 0, row_blocks = 0;
+  // Blocks a row block takes, and terms of its sums: one for each slice of each column chunk
+  // (part = chunk * n_slices + slice).
+  __host__ __device__ int parts() const { return n_slices * n_chunks; }
 };
 
 constexpr int kSlicedThreads = 512;
@@ -78,16 +81,17 @@ constexpr int kSlicedStaticSmem = 1024;
 constexpr int kMaxGroup = 3;  // layers sharing x in one launch (q, k, v)
 constexpr int kGroupTokens = 2;  // most tokens a launch of several layers takes (decode: 1)
 
-// Layers that share their input, launched together: their blocks (row_blocks * n_slices each,
+// Layers that share their input, launched together: their blocks (row_blocks * parts() each,
 // layer i first) fill one wave, so the fixed cost of a launch (slice copies, the last blocks'
 // sums) is paid once for all of them. They share K, v and the residual kind.
 struct SlicedGroup {
   SlicedLayer L[kMaxGroup];
   void* out[kMaxGroup] = {};   // [T, N_i]
-  float* ws[kMaxGroup] = {};   // [n_slices_i * T * N_i] partial sums
+  float* ws[kMaxGroup] = {};   // [parts_i * T * N_i] partial sums
   int n = 0;
-  // The output left as Parts of n_slices_i + 1 terms: ws[i] is then [n_slices_i + 1, T, N_i],
-  // term 0 dot(x, weight_bias) + bias and term 1 + s slice s's sums; out[i] is not written.
+  // The output left as Parts of parts_i + 1 terms: ws[i] is then [parts_i + 1, T, N_i], term 0
+  // the bias (zero without one) and term 1 + part that part's sums, slice 0's parts with
+  // dot(x, weight_bias) over their chunk's columns added; out[i] is not written.
   bool partial = false;
 };
 

@@ -251,13 +251,13 @@ std::vector<at::Tensor> gemv_sliced_cuda(
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = G.L[i].N;
     if (partial) {  // the output is its terms, vptq.h SlicedGroup::partial
-      shape.insert(shape.begin(), G.L[i].n_slices + 1);
+      shape.insert(shape.begin(), G.L[i].parts() + 1);
       outs.push_back(at::empty(shape, x.options().dtype(at::kFloat)));
       G.ws[i] = outs.back().data_ptr<float>();
     } else {
       outs.push_back(at::empty(shape, x.options()));
       G.out[i] = outs.back().data_ptr();
-      ws_floats += static_cast<int64_t>(G.L[i].n_slices) * tokens * G.L[i].N;
+      ws_floats += static_cast<int64_t>(G.L[i].parts()) * tokens * G.L[i].N;
     }
   }
   G.partial = partial;
@@ -266,7 +266,7 @@ std::vector<at::Tensor> gemv_sliced_cuda(
     float* w = ws.data_ptr<float>();
     for (int i = 0; i < n; ++i) {
       G.ws[i] = w;
-      w += static_cast<int64_t>(G.L[i].n_slices) * tokens * G.L[i].N;
+      w += static_cast<int64_t>(G.L[i].parts()) * tokens * G.L[i].N;
     }
   }
   check_launch(vptq::launch_sliced_gemv(G, xc.data_ptr(), tokens, dtype_of(x),

@@ -10,8 +10,8 @@ bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin) {
   if (T < 1 || T > 8 || L.v < 2 || L.v > 16 || L.v % 2 != 0 || L.v == 14) return false;
   const int nt = tokens_tile(T);
   if (L.v * nt > 32) return false;
-  // the last block indexes a layer's partial sums (n_slices x T x N floats) with int
-  if (static_cast<int64_t>(L.n_slices) * T * L.N >= (int64_t{1} << 31)) return false;
+  // the last block indexes a layer's partial sums (parts x T x N floats) with int
+  if (static_cast<int64_t>(L.parts()) * T * L.N >= (int64_t{1} << 31)) return false;
   return sliced_smem_bytes(L, nt) + kSlicedStaticSmem <= smem_optin;
 }
 

@@ -4,31 +4,32 @@
 // Why: gathering a 16-byte codeword per index from a 1 MiB codebook in L2 moves a 32-byte
 // sector per 8 weights, more bytes than cuBLAS reads for the fp16 weight (csrc/KERNELS.md).
 // So engine/ops/sliced.py regroups a layer's lookups once, at load time, by codebook slice:
-// block (row block b, slice s) copies slice s of the codebooks (64 KB) into shared memory and
-// serves every lookup of its rows that falls into that slice from there. An entry is 32 bits,
-// (column within its chunk of 4096 to 8192 columns << 16) | codeword within the slice (a chunk
-// is what shared memory holds of xhat at a time, engine/ops/sliced.py chunk_width); a segment
-// is the entries of one (slice, chunk, vector-row), in round-robin order over the shared-memory
-// banks of their codewords and padded to a multiple of 32 with entries of a zero column; perm
-// is folded into the columns.
+// block (row block b, part = (chunk c, slice s)) copies slice s of the codebooks (64 KB) into
+// shared memory and serves every lookup of its rows in column chunk c that falls into that
+// slice from there. An entry is 32 bits, (column within its chunk of 4096 to 8192 columns << 16)
+// | codeword within the slice (a chunk is what shared memory holds of xhat, engine/ops/sliced.py
+// chunk_width); a segment is the entries of one (slice, chunk, vector-row), in round-robin order
+// over the shared-memory banks of their codewords and padded to a multiple of 16 with entries
+// of a zero column; perm is folded into the columns.
 //
 // Per block: the codebook slice (and a small residual codebook, which every block holds whole)
-// goes to shared memory; per chunk, xhat = x * weight_scale for the chunk's columns is staged
-// in fp32; each warp takes pairs of vector-rows, a half-warp a row, and walks the two rows'
-// segments 16 entries at a time, one per lane, in batches of kBatch (the next batch fetched
-// while one is worked on); lanes gather xhat and the codeword from shared memory and accumulate
-// v x tokens sums in fp32; each half-warp's sum goes to its row's accumulator in the block's
-// shared memory (two rows a warp halve the shuffles of these sums, a fifth of the loop's
-// instructions with one row a warp: csrc/KERNELS.md session 16). Then each block writes its
-// slice's partial sums, and the last block of a row block to finish (a ticket counter) adds the
-// slices in order, dot(x, b) and bias, and writes the output: deterministic, one launch, no
-// host synchronisation. In the decode step the launch stops short of that (SlicedGroup::partial,
-// vptq.h Parts): each block writes its slice's sums as a term of the output, the blocks of
-// slice 0 also dot(x, b) + bias, and the kernel that reads the output (add_rms_norm, rope_kv,
-// silu_mul, vptq_decode.cu) adds the terms in the same order, so the GEMV ends when its last
-// lookups do, with no fence, ticket or lone block at the end. One launch may serve up to
-// kMaxGroup layers that read the same x (q, k, v): their blocks share one wave, and each
-// layer's sums are those it gets alone.
+// goes to shared memory; xhat = x * weight_scale for the chunk's columns is staged in fp32; each
+// warp takes pairs of vector-rows, a half-warp a row, and walks the two rows' segments 16
+// entries at a time, one per lane, in batches of kBatch (the next batch fetched while one is
+// worked on); lanes gather xhat and the codeword from shared memory and accumulate v x tokens
+// sums in fp32; each half-warp's sum goes to its row's accumulator in the block's shared memory
+// (two rows a warp halve the shuffles of these sums, a fifth of the loop's instructions with
+// one row a warp: csrc/KERNELS.md session 16). Then each block writes its part's sums (slice
+// 0's with dot(x, b) over the chunk added), and the last block of a row block to finish (a
+// ticket counter) adds bias and the parts in order and writes the output: deterministic, one
+// launch, no host synchronisation. In the decode step the launch stops short of that
+// (SlicedGroup::partial, vptq.h Parts): each block's sums are a term of the output, the blocks
+// of part 0 also write term 0, the bias, and the kernel that reads the output (add_rms_norm,
+// rope_kv, silu_mul, vptq_decode.cu) adds the terms in the same order, so the GEMV ends when its
+// last lookups do, with no fence, ticket or lone block at the end. A layer of several chunks
+// has a block per chunk, not a block walking the chunks behind a barrier at each chunk end
+// (csrc/KERNELS.md session 16). One launch may serve up to kMaxGroup layers that read the same x
+// (q, k, v): their blocks share one wave, and each layer's sums are those it gets alone.
 #pragma once
 
 #include <cuda_pipeline.h>
@@ -268,12 +269,11 @@ constexpr int kStageCols = NT == 1 ? 8 : 4;
 // needs dot(x, b), and summing it there, after the lookups, put two more DRAM round trips on
 // every launch's critical path. weight_bias was prefetched into L2 (prefetch_l2), so its loads
 // ride with x's.
-// PRESTAGED: scale was put in xs[i * NT] by prestage_scale (the same thread for the same i),
-// before the kernel waited for x.
-template <typename T, int NT, bool PRESTAGED>
+// The scale was put in xs[i * NT] by prestage_scale (the same thread for the same i), before
+// the kernel waited for x.
+template <typename T, int NT>
 __device__ __forceinline__ void stage_x(const SlicedLayer& L, const T* x, int ntok, int p0,
                                         int pc, float* xs, float (&dot)[NT]) {
-  const T* scale = static_cast<const T*>(L.scale);
   const T* wbias = static_cast<const T*>(L.wbias);
 #pragma unroll
   for (int t = 0; t < NT; ++t) dot[t] = 0.f;
@@ -284,10 +284,7 @@ __device__ __forceinline__ void stage_x(const SlicedLayer& L, const T* x, int nt
 #pragma unroll
     for (int q = 0; q < C; ++q) {
       const int i = i0 + q * blockDim.x;
-      if (PRESTAGED)
-        sc[q] = i < pc ? xs[i * NT] : 1.f;
-      else
-        sc[q] = i < pc && scale ? to_f(scale[p0 + i]) : 1.f;
+      sc[q] = i < pc ? xs[i * NT] : 1.f;
       b[q] = i < pc && wbias ? to_f(wbias[p0 + i]) : 0.f;
 #pragma unroll
       for (int t = 0; t < NT; ++t)
@@ -315,14 +312,11 @@ __device__ __forceinline__ void prefetch_l2(const void* p, size_t n) {
     asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + o));
 }
 
-// The item after (c, p) in a warp's stream: the warp's next pair of rows, or its first pair of
-// the next chunk (c == n_chunks: the stream has ended).
-__device__ __forceinline__ void next_item(int& c, int& p, int first_pair, int pairs) {
+// The item after (c, p) in a warp's stream: the warp's next pair of rows of its block's chunk
+// c, or none (c = n_chunks: the stream has ended).
+__device__ __forceinline__ void next_item(int& c, int& p, int pairs, int n_chunks) {
   p += kWarpsS;
-  if (p >= pairs) {
-    p = first_pair;
-    ++c;
-  }
+  if (p >= pairs) c = n_chunks;
 }
 
 // The entries [x, y) of the segment of row r of chunk c in slice s; empty past the stream's end
@@ -333,9 +327,10 @@ __device__ __forceinline__ int2 segment(const SlicedLayer& L, int s, int c, int 
   return make_int2(__ldg(o), __ldg(o + 1));
 }
 
-// The first chunk's scale into xs[i * NT], i < pc, with the thread-to-column map of stage_x.
+// The chunk's scale (columns p0 .. p0 + pc - 1) into xs[i * NT], with the thread-to-column map
+// of stage_x.
 template <typename T, int NT>
-__device__ __forceinline__ void prestage_scale(const SlicedLayer& L, int pc, float* xs) {
+__device__ __forceinline__ void prestage_scale(const SlicedLayer& L, int p0, int pc, float* xs) {
   const T* scale = static_cast<const T*>(L.scale);
   constexpr int C = kStageCols<NT>;
   for (int i0 = threadIdx.x; i0 < pc; i0 += C * blockDim.x) {
@@ -343,7 +338,7 @@ __device__ __forceinline__ void prestage_scale(const SlicedLayer& L, int pc, flo
 #pragma unroll
     for (int q = 0; q < C; ++q) {
       const int i = i0 + q * blockDim.x;
-      sc[q] = i < pc && scale ? to_f(scale[i]) : 1.f;
+      sc[q] = i < pc && scale ? to_f(scale[p0 + i]) : 1.f;
     }
 #pragma unroll
     for (int q = 0; q < C; ++q) {
@@ -362,17 +357,19 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     sliced_gemv_kernel(const __grid_constant__ SlicedGroup G, const T* __restrict__ x, int ntok,
                        bool bulk_allowed) {
   pdl_trigger();  // the next kernel may be scheduled beside this one (vptq_device.cuh)
-  // This block's layer (layer i owns row_blocks * n_slices blocks after those of layer i - 1),
-  // row block rblk and slice s.
+  // This block's layer (layer i owns row_blocks * n_slices * n_chunks blocks after those of
+  // layer i - 1), row block rblk and part = c * n_slices + s: slice s of column chunk c.
   int l = 0, first = 0;
-  while (GROUP && l + 1 < G.n && blockIdx.x >= first + G.L[l].row_blocks * G.L[l].n_slices) {
-    first += G.L[l].row_blocks * G.L[l].n_slices;
+  while (GROUP && l + 1 < G.n && blockIdx.x >= first + G.L[l].row_blocks * G.L[l].parts()) {
+    first += G.L[l].row_blocks * G.L[l].parts();
     ++l;
   }
   const SlicedLayer& L = G.L[GROUP ? l : 0];
   T* __restrict__ out = static_cast<T*>(G.out[GROUP ? l : 0]);
   float* __restrict__ ws = G.ws[GROUP ? l : 0];
-  const int rblk = (blockIdx.x - first) % L.row_blocks, s = (blockIdx.x - first) / L.row_blocks;
+  const int rblk = (blockIdx.x - first) % L.row_blocks, part = (blockIdx.x - first) / L.row_blocks;
+  const int s = part % L.n_slices, c = part / L.n_slices;
+  const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);  // the chunk's columns
   extern __shared__ __align__(16) unsigned char smem[];
   const SmemPlan sp = plan(L, NT);
   T* cb = reinterpret_cast<T*>(smem + sp.cb);
@@ -387,19 +384,18 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   const uint32_t* entries = L.entries + lane % kRowLanes;
   const uint16_t* res_codes = RES ? L.res_codes + lane % kRowLanes : nullptr;
   const uint32_t zero = static_cast<uint32_t>(L.chunk_cols) << 16;
-  // A warp's work is a stream of items (chunk, pair of rows): pairs warp, warp + 16, ... of
-  // chunk 0 (pair p: rows r0 + 2p and r0 + 2p + 1), then the same pairs of chunk 1, and so on;
-  // each lane fetches the bounds of its half's row. An item is one or more batches (the longer
-  // of its two segments decides how many); the bounds are fetched two items ahead and the
-  // entries one batch ahead, across items and chunk ends too. The first two items' bounds are
-  // requested before the slice copy is queued.
+  // A warp's work is a stream of items, pairs of rows of the block's chunk: pairs warp,
+  // warp + 16, ... (pair p: rows r0 + 2p and r0 + 2p + 1); each lane fetches the bounds of its
+  // half's row. An item is one or more batches (the longer of its two segments decides how
+  // many); the bounds are fetched two items ahead and the entries one batch ahead, across items
+  // too. The first two items' bounds are requested before the slice copy is queued.
   const int first_pair = warp, pairs = (r1 - r0 + 1) / 2;
   const auto row_of = [&](int p) { return r0 + 2 * p + half; };
-  int cn = first_pair < pairs ? 0 : L.n_chunks, pn = first_pair;  // whose bounds come next
+  int cn = first_pair < pairs ? c : L.n_chunks, pn = first_pair;  // whose bounds come next
   int2 cur = segment(L, s, cn, row_of(pn), r1);
-  next_item(cn, pn, first_pair, pairs);
+  next_item(cn, pn, pairs, L.n_chunks);
   int2 nxt = segment(L, s, cn, row_of(pn), r1);
-  next_item(cn, pn, first_pair, pairs);
+  next_item(cn, pn, pairs, L.n_chunks);
   // The codebook slice streams into shared memory while the first entries are fetched.
   __shared__ __align__(8) uint64_t slice_bar;
   const T* slice_src = static_cast<const T*>(L.table) + static_cast<size_t>(cw0) * V;
@@ -413,10 +409,11 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     __pipeline_commit();
   }
   for (int i = threadIdx.x; i < (r1 - r0) * V * NT; i += blockDim.x) acc[i] = 0.f;
-  // The first chunk's scale, weight_bias into L2 and the first batch of entries: the layer's
-  // own too.
-  prestage_scale<T, NT>(L, min(L.chunk_cols, L.K), xs);
-  prefetch_l2(L.wbias, static_cast<size_t>(L.K) * sizeof(T));
+  // The chunk's scale, its weight_bias into L2 and the first batch of entries: the layer's own
+  // too.
+  prestage_scale<T, NT>(L, p0, pc, xs);
+  if (L.wbias)
+    prefetch_l2(static_cast<const T*>(L.wbias) + p0, static_cast<size_t>(pc) * sizeof(T));
   uint32_t e[kBatch], rc[kBatch];
   load_batch<RES>(entries + cur.x, RES ? res_codes + cur.x : nullptr, e, rc);
   // Everything above reads only the layer's own tensors. Launched as a programmatic dependent
@@ -427,130 +424,123 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   __shared__ float red[kWarpsS][NT];  // per warp: its share of x . weight_bias, per token
   static_assert(sizeof(red) + sizeof(float) * NT + 64 <= kSlicedStaticSmem,
                 "static shared arrays (red, xb, slice_bar, last) beyond kSlicedStaticSmem");
-  for (int c = 0; c < L.n_chunks; ++c) {
-    const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);
+  {
     float dot[NT];
-    if (c == 0) {
-      stage_x<T, NT, true>(L, x, ntok, p0, pc, xs, dot);
-    } else {
-      __syncthreads();  // the previous chunk's xhat is consumed
-      stage_x<T, NT, false>(L, x, ntok, p0, pc, xs, dot);
-    }
+    stage_x<T, NT>(L, x, ntok, p0, pc, xs, dot);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
 #pragma unroll
       for (int d = 16; d > 0; d >>= 1) dot[t] += __shfl_xor_sync(0xffffffffu, dot[t], d);
-      if (lane == 0) red[warp][t] = (c == 0 ? 0.f : red[warp][t]) + dot[t];
+      if (lane == 0) red[warp][t] = dot[t];
     }
-    for (int i = threadIdx.x; i < NT; i += blockDim.x) xs[L.chunk_cols * NT + i] = 0.f;
-    if (c == 0) {
-      if (bulk) {
-        __syncthreads();  // the mbarrier's initialisation, before anyone waits on it
-        bulk_copy_wait(&slice_bar);
-      } else {
-        __pipeline_wait_prior(0);
-      }
-    }
-    __syncthreads();
-    for (int p = first_pair; p < pairs; p += kWarpsS) {  // the current item: (c, p), bounds cur
-      const int beg = cur.x, n = (cur.y - cur.x) / kRowLanes;  // this lane's row's mini-groups
-      const int nw = max(n, __shfl_xor_sync(0xffffffffu, n, kRowLanes));  // the pair's longer
-      const int2 after = segment(L, s, cn, row_of(pn), r1);  // used two items from now
-      next_item(cn, pn, first_pair, pairs);
-      float a[NT * V];  // a[t * V + j]
+  }
+  for (int i = threadIdx.x; i < NT; i += blockDim.x) xs[L.chunk_cols * NT + i] = 0.f;
+  if (bulk) {
+    __syncthreads();  // the mbarrier's initialisation, before anyone waits on it
+    bulk_copy_wait(&slice_bar);
+  } else {
+    __pipeline_wait_prior(0);
+  }
+  __syncthreads();
+  for (int p = first_pair; p < pairs; p += kWarpsS) {  // the current item: pair p, bounds cur
+    const int beg = cur.x, n = (cur.y - cur.x) / kRowLanes;  // this lane's row's mini-groups
+    const int nw = max(n, __shfl_xor_sync(0xffffffffu, n, kRowLanes));  // the pair's longer
+    const int2 after = segment(L, s, cn, row_of(pn), r1);  // used two items from now
+    next_item(cn, pn, pairs, L.n_chunks);
+    float a[NT * V];  // a[t * V + j]
 #pragma unroll
-      for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
-      for (int u0 = 0;; u0 += kBatch) {  // the batch of mini-groups u0 .. u0 + kBatch - 1
-        // the entries one batch ahead: this item's next batch, else the next item's first (a
-        // lane whose row has ended reads from its segment's end, which stays in the tail)
-        const bool more = u0 + kBatch < nw;
-        const int ahead = more ? beg + kRowLanes * min(u0 + kBatch, n) : nxt.x;
-        uint32_t ne[kBatch], nrc[kBatch];
-        load_batch<RES>(entries + ahead, RES ? res_codes + ahead : nullptr, ne, nrc);
-        lookup_batch<T, V, NT, RES>(e, rc, n - u0, nw - u0, zero, cb, rb, xs, a);
+    for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
+    for (int u0 = 0;; u0 += kBatch) {  // the batch of mini-groups u0 .. u0 + kBatch - 1
+      // the entries one batch ahead: this item's next batch, else the next item's first (a
+      // lane whose row has ended reads from its segment's end, which stays in the tail)
+      const bool more = u0 + kBatch < nw;
+      const int ahead = more ? beg + kRowLanes * min(u0 + kBatch, n) : nxt.x;
+      uint32_t ne[kBatch], nrc[kBatch];
+      load_batch<RES>(entries + ahead, RES ? res_codes + ahead : nullptr, ne, nrc);
+      lookup_batch<T, V, NT, RES>(e, rc, n - u0, nw - u0, zero, cb, rb, xs, a);
 #pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          e[u] = ne[u];
-          rc[u] = nrc[u];
-        }
-        if (!more) break;
+      for (int u = 0; u < kBatch; ++u) {
+        e[u] = ne[u];
+        rc[u] = nrc[u];
       }
-      const int row = row_of(p);  // past r1 (an odd block's last pair): nothing to add
-      pair_sum_to<NT, V>(a, lane, acc + (row - r0) * V * NT, row < r1);
-      cur = nxt;
-      nxt = after;
+      if (!more) break;
     }
+    const int row = row_of(p);  // past r1 (an odd block's last pair): nothing to add
+    pair_sum_to<NT, V>(a, lane, acc + (row - r0) * V * NT, row < r1);
+    cur = nxt;
+    nxt = after;
   }
   __syncthreads();
 
-  // This slice's partial sums -> ws[s][t][n] (partial: term 1 + s of the output, vptq.h).
-  const int term = G.partial ? s + 1 : s;
-  for (int i = threadIdx.x; i < (r1 - r0) * V; i += blockDim.x) {
-    const int n = r0 * V + i;
-    if (n >= L.N) break;
-    for (int t = 0; t < ntok; ++t)
-      ws[(static_cast<size_t>(term) * ntok + t) * L.N + n] = acc[i * NT + t];
-  }
-  // dot(x, b) per token from the warps' shares (complete since the lookups' barrier).
+  // dot(x, b) over the chunk's columns, from the warps' shares: slice 0's block of each chunk
+  // adds it to its sums, so that the terms add up to x W^T + bias with bias alone in term 0.
   __shared__ float xb[NT];
-  const auto sum_dot = [&] {
+  if (s == 0) {
     if (threadIdx.x < NT) {
       float total = 0.f;
       for (int w = 0; w < kWarpsS; ++w) total += red[w][threadIdx.x];
       xb[threadIdx.x] = L.wbias ? total : 0.f;  // x * 0 would turn an infinite x into NaN
     }
     __syncthreads();
-  };
+  }
+  // This part's sums -> ws[part][t][n] (partial: term 1 + part of the output, vptq.h).
+  const int term = G.partial ? part + 1 : part;
+  for (int i = threadIdx.x; i < (r1 - r0) * V; i += blockDim.x) {
+    const int n = r0 * V + i;
+    if (n >= L.N) break;
+    for (int t = 0; t < ntok; ++t)
+      ws[(static_cast<size_t>(term) * ntok + t) * L.N + n] =
+          s == 0 ? acc[i * NT + t] + xb[t] : acc[i * NT + t];
+  }
   const T* bias = static_cast<const T*>(L.bias);
   const int outs = min((r1 - r0) * V, L.N - r0 * V);
   const int items = outs * ntok;  // item j: output n = r0 * V + j % outs, token j / outs
-  if (G.partial) {  // the reader adds the terms; slice 0's blocks write term 0
-    if (s == 0) {
-      sum_dot();
+  if (G.partial) {  // the reader adds the terms; the blocks of part 0 write term 0
+    if (part == 0) {
       for (int j = threadIdx.x; j < items; j += blockDim.x) {
         const int n = r0 * V + j % outs, t = j / outs;
-        ws[static_cast<size_t>(t) * L.N + n] = xb[t] + (bias ? to_f(bias[n]) : 0.f);
+        ws[static_cast<size_t>(t) * L.N + n] = bias ? to_f(bias[n]) : 0.f;
       }
     }
     return;
   }
+  const int n_parts = L.parts();
   __threadfence();
   __syncthreads();
   __shared__ int last;
-  if (threadIdx.x == 0) last = atomicAdd(L.counters + rblk, 1) == L.n_slices - 1;
+  if (threadIdx.x == 0) last = atomicAdd(L.counters + rblk, 1) == n_parts - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
 
-  // The last block of this row block: the sum over slices, kSumItems outputs per thread at a
-  // time with kSumSlices slices of each in flight (one output per thread and eight slices took
+  // The last block of this row block: bias and the sum over parts, kSumItems outputs per thread
+  // at a time with kSumParts parts of each in flight (one output per thread and eight parts took
   // four to eight rounds of L2 latency here, alone on the critical path).
-  sum_dot();
-  constexpr int kSumItems = 4, kSumSlices = 8;
+  constexpr int kSumItems = 4, kSumParts = 8;
   for (int j0 = threadIdx.x; j0 < items; j0 += kSumItems * blockDim.x) {
     float total[kSumItems];
-    int at[kSumItems];  // ws holds n_slices x ntok x N < 2^31 floats (sliced_supported)
+    int at[kSumItems];  // ws holds n_parts x ntok x N < 2^31 floats (sliced_supported)
 #pragma unroll
     for (int k = 0; k < kSumItems; ++k) {
       const int j = min(j0 + k * static_cast<int>(blockDim.x), items - 1);
       const int n = r0 * V + j % outs, t = j / outs;
-      total[k] = xb[t] + (bias ? to_f(bias[n]) : 0.f);
+      total[k] = bias ? to_f(bias[n]) : 0.f;
       at[k] = t * L.N + n;
     }
-    const int stride = ntok * L.N;  // from one slice to the next
+    const int stride = ntok * L.N;  // from one part to the next
     int q = 0;
-    for (; q + kSumSlices <= L.n_slices; q += kSumSlices) {
-      float v[kSumItems][kSumSlices];
+    for (; q + kSumParts <= n_parts; q += kSumParts) {
+      float v[kSumItems][kSumParts];
 #pragma unroll
       for (int k = 0; k < kSumItems; ++k)
 #pragma unroll
-        for (int u = 0; u < kSumSlices; ++u) v[k][u] = __ldcg(ws + (q + u) * stride + at[k]);
+        for (int u = 0; u < kSumParts; ++u) v[k][u] = __ldcg(ws + (q + u) * stride + at[k]);
 #pragma unroll
       for (int k = 0; k < kSumItems; ++k)
 #pragma unroll
-        for (int u = 0; u < kSumSlices; ++u) total[k] += v[k][u];
+        for (int u = 0; u < kSumParts; ++u) total[k] += v[k][u];
     }
-    for (; q < L.n_slices; ++q)
+    for (; q < n_parts; ++q)
 #pragma unroll
       for (int k = 0; k < kSumItems; ++k) total[k] += __ldcg(ws + q * stride + at[k]);
 #pragma unroll
@@ -566,7 +556,7 @@ cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStrea
   unsigned blocks = 0;
   for (int i = 0; i < G.n; ++i) {
     smem = std::max(smem, plan(G.L[i], NT).total);
-    blocks += static_cast<unsigned>(G.L[i].row_blocks * G.L[i].n_slices);
+    blocks += static_cast<unsigned>(G.L[i].row_blocks * G.L[i].parts());
   }
   auto kernel = sliced_gemv_kernel<T, V, NT, RES, GROUP>;
   static const bool bulk = [] {  // VPTQ_SLICED_BULK=0: the slice copy by cp.async

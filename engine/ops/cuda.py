@@ -144,8 +144,9 @@ def _register_fakes() -> None:
     def _(x, entries, res_codes, offsets, table, res_table, scale, wbias, bias, counters, meta,
           partial=False):  # fmt: skip
         shape = x.shape[:-1]
-        if partial:  # [n_slices + 1, ..., N] float32 terms
-            return [x.new_empty((meta[12 * i + 5] + 1, *shape, meta[12 * i]), dtype=torch.float32)
+        if partial:  # [parts + 1, ..., N] float32 terms (parts: slices x column chunks)
+            return [x.new_empty((meta[12 * i + 5] * meta[12 * i + 7] + 1, *shape, meta[12 * i]),
+                                dtype=torch.float32)
                     for i in range(len(entries))]  # fmt: skip
         return [x.new_empty((*shape, meta[12 * i])) for i in range(len(entries))]
 

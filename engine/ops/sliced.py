@@ -169,12 +169,15 @@ def two_per_sm(
 
 
 def chunk_width(K: int, v: int, slice_cw: int, res_cw: int, row_block: int, smem_optin: int) -> int:
-    """Input columns per chunk. The kernel stages xhat for one chunk at a time, and every chunk
-    end is a block-wide barrier behind the slowest warp plus a round of loads: Llama-3.1-8B's
-    down projection (4 chunks of 4096) took 29.0 us where gate, with as many lookups and
-    segments in 1 chunk, took 22.7; in 2 chunks of 7168 it takes 26.0 (H200, csrc/KERNELS.md,
-    session 10). So chunks are as wide as MAX_CHUNK_COLS, K split evenly (a multiple of 8),
-    where that keeps the layer's token tiles and its two blocks per SM; else CHUNK_COLS."""
+    """Input columns per chunk: what a block's shared memory holds of xhat. Each chunk has its
+    own blocks (one per slice and row block) and its own terms of the sums, which the kernel
+    reading the output adds, so a chunk costs blocks of the wave and terms, not a barrier.
+    (Until session 16 a block walked all chunks, and each chunk end was a block-wide barrier
+    behind the slowest warp plus a round of loads: Llama-3.1-8B's down projection in 4 chunks
+    of 4096 took 29.0 us where gate, with as many lookups in 1 chunk, took 22.7, in 2 chunks of
+    7168 26.0; H200, csrc/KERNELS.md session 10.) Chunks are as wide as MAX_CHUNK_COLS, K split
+    evenly (a multiple of 8), where that keeps the layer's token tiles and its two blocks per
+    SM; else CHUNK_COLS."""
     base = (
         max_tokens(v, slice_cw, res_cw, row_block, CHUNK_COLS, smem_optin),
         two_per_sm(v, slice_cw, res_cw, row_block, CHUNK_COLS, smem_optin),
@@ -192,9 +195,16 @@ def chunk_width(K: int, v: int, slice_cw: int, res_cw: int, row_block: int, smem
     return CHUNK_COLS
 
 
-def launch_shape(rows: int, n_slices: int, num_sms: int, ctas_per_sm: int) -> tuple[int, int]:
-    """(row_block, row_blocks): about ctas_per_sm blocks per SM in one wave, never more."""
-    row_blocks = max(1, min(rows, (num_sms * ctas_per_sm) // n_slices))
+def parts(meta: list[int]) -> int:
+    """Blocks a row block of the layout takes, one for each slice of each column chunk, and
+    terms of its partial sums (csrc/vptq.h SlicedLayer::parts)."""
+    return meta[5] * meta[7]
+
+
+def launch_shape(rows: int, n_parts: int, num_sms: int, ctas_per_sm: int) -> tuple[int, int]:
+    """(row_block, row_blocks): about ctas_per_sm blocks per SM in one wave, never more; a row
+    block takes n_parts blocks."""
+    row_blocks = max(1, min(rows, (num_sms * ctas_per_sm) // n_parts))
     row_block = -(-rows // row_blocks)
     return row_block, -(-rows // row_block)
 
@@ -311,8 +321,9 @@ def groupable(layouts: list[SlicedLayout]) -> bool:
 
 def group_row_blocks(rows: list[int], n_slices: list[int], num_sms: int, ctas_per_sm: int):
     """Row blocks per layer of a group: one each, and the rest of the wave's num_sms *
-    ctas_per_sm blocks shared in proportion to each layer's lookups (rows x slices); never more
-    than one wave in all unless one row block per layer already is."""
+    ctas_per_sm blocks shared in proportion to each layer's lookups (rows x parts); never more
+    than one wave in all unless one row block per layer already is. ``n_slices``: each layer's
+    parts (slices x column chunks), the blocks a row block takes."""
     spare = max(0, num_sms * ctas_per_sm - sum(n_slices))
     work = [r * s for r, s in zip(rows, n_slices, strict=True)]
     return [
@@ -334,7 +345,8 @@ MAX_SHARED_TAIL = 96 * 1024
 def shared_tail(
     rows: list[int], n_slices: list[int], v: int, num_sms: int, ctas_per_sm: int = CTAS_PER_SM
 ) -> int:
-    """The largest row_block * v * n_slices among the layers of a shared launch."""
+    """The largest row_block * v * parts among the layers of a shared launch (``n_slices``: each
+    layer's parts)."""
     shares = group_row_blocks(rows, n_slices, num_sms, ctas_per_sm)
     return max(-(-r // b) * v * s for r, b, s in zip(rows, shares, n_slices, strict=True))
 
@@ -347,7 +359,7 @@ def worth_sharing(
     SM wherever each layer's own launch has them (their accumulators are in shared memory)."""
     if not groupable(layouts):
         return False
-    rows, n_slices = [a.meta[8] for a in layouts], [a.meta[5] for a in layouts]
+    rows, n_slices = [a.meta[8] for a in layouts], [parts(a.meta) for a in layouts]
     if shared_tail(rows, n_slices, layouts[0].meta[2], num_sms, ctas_per_sm) > MAX_SHARED_TAIL:
         return False
     shares = group_row_blocks(rows, n_slices, num_sms, ctas_per_sm)
@@ -368,7 +380,7 @@ def group(
     if not groupable(layouts):
         raise ValueError("these layers cannot share a sliced launch")
     rows = [a.meta[8] for a in layouts]
-    shares = group_row_blocks(rows, [a.meta[5] for a in layouts], num_sms, ctas_per_sm)
+    shares = group_row_blocks(rows, [parts(a.meta) for a in layouts], num_sms, ctas_per_sm)
     metas, counters, most = [], [], []
     for a, r, share in zip(layouts, rows, shares, strict=True):
         row_block = -(-r // share)
@@ -423,8 +435,15 @@ def build(
     n_cw = table.shape[0]
     n_slices = -(-n_cw // slice_cw)
     res_cw = res_table.shape[0] if small else 0
-    row_block, row_blocks = launch_shape(rows, n_slices, num_sms, ctas_per_sm)
-    chunk_cols = chunk_width(K, v, slice_cw, res_cw, row_block, smem_optin)
+    # A block serves one slice of one column chunk, so the chunks share the wave; wider row
+    # blocks take more accumulators, which may narrow the chunks: settle both.
+    n_chunks = 1
+    for _ in range(4):
+        row_block, row_blocks = launch_shape(rows, n_slices * n_chunks, num_sms, ctas_per_sm)
+        chunk_cols = chunk_width(K, v, slice_cw, res_cw, row_block, smem_optin)
+        if -(-K // chunk_cols) == n_chunks:
+            break
+        n_chunks = -(-K // chunk_cols)
     n_chunks = -(-K // chunk_cols)
     n_seg = n_slices * n_chunks * rows
     column = perm.to(i32) if perm is not None else torch.arange(K, device=dev, dtype=i32)

@@ -222,11 +222,13 @@ def test_sliced_gemv_matches_oracle(name, tokens, dtype):
     again = cuda.gemv_sliced(x.to(dtype).cuda(), bias, layout, args)
     assert torch.equal(out, again)  # deterministic, and the tickets were reset
     assert not layout.counters.any()
-    # the sums left to the reader: dot(x, b) + bias, then each slice's; added in that order
-    # they are the output bit for bit
+    # the sums left to the reader: the bias, then each part's (a slice of a column chunk, slice
+    # 0's with dot(x, b) over the chunk); added in that order they are the output bit for bit
     part = cuda.gemv_sliced(x.to(dtype).cuda(), bias, layout, args, partial=True)
     assert isinstance(part, Partial) and part.dtype == dtype
-    assert part.parts.shape == (layout.meta[5] + 1, tokens, spec.out_features)
+    assert part.parts.shape == (sliced.parts(layout.meta) + 1, tokens, spec.out_features)
+    bias0 = torch.zeros(tokens, spec.out_features) if bias is None else bias.float().cpu()
+    assert torch.equal(part.parts[0].cpu(), bias0.expand(tokens, -1))
     assert torch.equal(part.whole(), out)
     assert not layout.counters.any()  # no tickets taken
 

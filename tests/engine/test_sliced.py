@@ -91,7 +91,8 @@ def test_layout_invariants(name):
     order = torch.tensor(rank) * nb + bank
     assert (order[1:] > order[:-1])[r_seg[1:] == r_seg[:-1]].all()
     # every row is in exactly one row block, and the blocks fill the machine without a 2nd wave
-    assert rb * rbs >= rows > rb * (rbs - 1) and rbs * n_slices <= max(7 * 2, n_slices)
+    parts = n_slices * n_chunks  # blocks a row block takes
+    assert rb * rbs >= rows > rb * (rbs - 1) and rbs * parts <= max(7 * 2, parts)
     assert layout.counters.numel() == rbs and not layout.counters.any()
     assert layout.nbytes >= 4 * lookups
     if layout.res_codes is not None:
@@ -327,9 +328,16 @@ def test_worth_sharing_keeps_two_blocks_per_sm():
     assert sliced.two_per_sm(8, 4096, 0, 300, 8192, OPTIN)
     assert not sliced.two_per_sm(8, 4096, 0, 600, 8192, OPTIN)
     assert not sliced.worth_sharing(wide, 16, OPTIN)
-    narrow = [fake_layout(4800, 8192, 8, 600, 300, 4096) for _ in range(2)]
-    assert sliced.two_per_sm(8, 4096, 0, 600, 4096, OPTIN)
-    assert sliced.worth_sharing(narrow, 16, OPTIN)
+    # 4096-column chunks keep two blocks per SM. Two chunks make 32 parts (blocks) a row block:
+    # on 32 SMs each layer alone gets 2 row blocks of 192 rows, a shared launch 1 of 384, whose
+    # last block sums 384 x 8 x 32 values: just within MAX_SHARED_TAIL
+    narrow = [fake_layout(3072, 8192, 8, 384, 192, 4096) for _ in range(2)]
+    assert sliced.group_row_blocks([384, 384], [32, 32], 32, 2) == [1, 1]
+    assert sliced.two_per_sm(8, 4096, 0, 384, 4096, OPTIN)
+    assert sliced.shared_tail([384, 384], [32, 32], 8, 32) == sliced.MAX_SHARED_TAIL
+    assert sliced.worth_sharing(narrow, 32, OPTIN)
+    longer = [fake_layout(3200, 8192, 8, 400, 200, 4096) for _ in range(2)]  # 400 x 8 x 32
+    assert not sliced.worth_sharing(longer, 32, OPTIN)
 
 
 def test_bench_block_sum_takes_separate_launches_where_the_engine_does(capsys):
