@@ -162,7 +162,7 @@ def partial(shape, terms: int, dtype, seed: int) -> fused.Partial:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("terms", [17, 9, 2])
+@pytest.mark.parametrize("terms", [65, 33, 17, 9, 2])  # 70B and 8B down: 4 and 2 chunks
 @pytest.mark.parametrize("rows,hidden", [(1, 4096), (2, 8192), (1, 576), (1, 4100)])
 def test_add_rms_norm_adds_partial_sums(rows, hidden, terms, dtype):
     """H % 32 == 0: a cluster of blocks a row; 4100: one block a row (the general path)."""
@@ -197,7 +197,7 @@ def test_silu_mul_adds_partial_sums(which, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("terms", [17, 5])
+@pytest.mark.parametrize("terms", [33, 17, 5])
 def test_rope_kv_adds_partial_sums(terms, dtype):
     h, hkv, d, s, pos = 32, 8, 128, 64, 40
     cos, sin = rope_tables(s, d)
