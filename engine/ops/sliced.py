@@ -319,23 +319,22 @@ def groupable(layouts: list[SlicedLayout]) -> bool:
     return all(k == key[0] for k in key)
 
 
-def group_row_blocks(rows: list[int], n_slices: list[int], num_sms: int, ctas_per_sm: int):
+def group_row_blocks(rows: list[int], n_parts: list[int], num_sms: int, ctas_per_sm: int):
     """Row blocks per layer of a group: one each, and the rest of the wave's num_sms *
     ctas_per_sm blocks shared in proportion to each layer's lookups (rows x parts); never more
-    than one wave in all unless one row block per layer already is. ``n_slices``: each layer's
+    than one wave in all unless one row block per layer already is. ``n_parts``: each layer's
     parts (slices x column chunks), the blocks a row block takes."""
-    spare = max(0, num_sms * ctas_per_sm - sum(n_slices))
-    work = [r * s for r, s in zip(rows, n_slices, strict=True)]
+    spare = max(0, num_sms * ctas_per_sm - sum(n_parts))
+    work = [r * s for r, s in zip(rows, n_parts, strict=True)]
     return [
-        min(r, 1 + spare * w // sum(work) // s)
-        for r, s, w in zip(rows, n_slices, work, strict=True)
+        min(r, 1 + spare * w // sum(work) // s) for r, s, w in zip(rows, n_parts, work, strict=True)
     ]
 
 
 # A shared launch gives each layer fewer, larger row blocks than its own launch, and the last
-# block of a row block sums row_block * v outputs over all slices alone, after the others: a
+# block of a row block sums row_block * v outputs over all parts alone, after the others: a
 # serial tail. Measured on the H200 (`bench kernels --arch llama-3.1-8b`, all five schemes, 1
-# token, session 6), sharing helped wherever that tail, row_block * v * n_slices, was at most
+# token, session 6), sharing helped wherever that tail, row_block * v * parts, was at most
 # 71.7 K (v12-k65536-4096 gate+up: 132.8 us against 137.6 in two launches) and hurt wherever it
 # was 114.7 K or more (v8-k65536-65536 gate+up 108.5 against 91.7; v16-k65536-65536 q+k+v
 # 131.8 against 76.5, gate+up 271.5 against 153.3). The bound lies between.
@@ -343,12 +342,11 @@ MAX_SHARED_TAIL = 96 * 1024
 
 
 def shared_tail(
-    rows: list[int], n_slices: list[int], v: int, num_sms: int, ctas_per_sm: int = CTAS_PER_SM
+    rows: list[int], n_parts: list[int], v: int, num_sms: int, ctas_per_sm: int = CTAS_PER_SM
 ) -> int:
-    """The largest row_block * v * parts among the layers of a shared launch (``n_slices``: each
-    layer's parts)."""
-    shares = group_row_blocks(rows, n_slices, num_sms, ctas_per_sm)
-    return max(-(-r // b) * v * s for r, b, s in zip(rows, shares, n_slices, strict=True))
+    """The largest row_block * v * parts among the layers of a shared launch."""
+    shares = group_row_blocks(rows, n_parts, num_sms, ctas_per_sm)
+    return max(-(-r // b) * v * s for r, b, s in zip(rows, shares, n_parts, strict=True))
 
 
 def worth_sharing(
@@ -359,10 +357,10 @@ def worth_sharing(
     SM wherever each layer's own launch has them (their accumulators are in shared memory)."""
     if not groupable(layouts):
         return False
-    rows, n_slices = [a.meta[8] for a in layouts], [parts(a.meta) for a in layouts]
-    if shared_tail(rows, n_slices, layouts[0].meta[2], num_sms, ctas_per_sm) > MAX_SHARED_TAIL:
+    rows, n_parts = [a.meta[8] for a in layouts], [parts(a.meta) for a in layouts]
+    if shared_tail(rows, n_parts, layouts[0].meta[2], num_sms, ctas_per_sm) > MAX_SHARED_TAIL:
         return False
-    shares = group_row_blocks(rows, n_slices, num_sms, ctas_per_sm)
+    shares = group_row_blocks(rows, n_parts, num_sms, ctas_per_sm)
     for a, r, share in zip(layouts, rows, shares, strict=True):
         v, slice_cw, chunk_cols, res_cw, own = (a.meta[i] for i in (2, 4, 6, 9, 10))
         alone, shared = (
