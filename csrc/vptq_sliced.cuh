@@ -265,10 +265,10 @@ constexpr int kStageCols = NT == 1 ? 8 : 4;
 // Stages xhat = x * scale for columns p0 .. p0 + pc - 1 of every token in fp32, kStageCols
 // columns per thread and step, all loads issued before the first use (a chain of dependent
 // global loads here costs more than the lookups of a small projection), and returns this
-// thread's share of x . weight_bias over these columns in dot[t]: the last block of a row block
-// needs dot(x, b), and summing it there, after the lookups, put two more DRAM round trips on
-// every launch's critical path. weight_bias was prefetched into L2 (prefetch_l2), so its loads
-// ride with x's.
+// thread's share of x . weight_bias over these columns in dot[t]: slice 0's block of the chunk
+// adds dot(x, b) to its sums, and summing it after the lookups put two more DRAM round trips
+// on every launch's critical path. weight_bias was prefetched into L2 (prefetch_l2), so its
+// loads ride with x's.
 // The scale was put in xs[i * NT] by prestage_scale (the same thread for the same i), before
 // the kernel waited for x.
 template <typename T, int NT>

@@ -29,7 +29,7 @@ class Partial:
     gemv_sliced with partial=True) for the kernel that reads it to add: the whole output is
     ``parts[0] + parts[1] + ...`` in that order, in float32, rounded to ``dtype`` (csrc/vptq.h
     Parts). The GEMV then ends when its last block's lookups do, instead of with one block per
-    row block adding sixteen slices while the rest of the GPU waits. rms_norm with a residual,
+    row block adding all its slices while the rest of the GPU waits. rms_norm with a residual,
     silu_mul and rope_kv take it; anything else calls ``whole()``."""
 
     parts: torch.Tensor  # float32 [terms, *shape]
