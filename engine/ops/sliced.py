@@ -209,6 +209,30 @@ def launch_shape(rows: int, n_parts: int, num_sms: int, ctas_per_sm: int) -> tup
     return row_block, -(-rows // row_block)
 
 
+def layer_shape(
+    K: int,
+    rows: int,
+    v: int,
+    slice_cw: int,
+    res_cw: int,
+    n_slices: int,
+    num_sms: int,
+    ctas_per_sm: int,
+    smem_optin: int,
+) -> tuple[int, int, int]:
+    """(chunk_cols, row_block, row_blocks) of a layer's own launch. A block serves one slice of
+    one column chunk, so the chunks share the wave with the slices; wider row blocks take more
+    accumulators, which may narrow the chunks: the two are settled together."""
+    n_chunks = 1
+    for _ in range(4):
+        row_block, row_blocks = launch_shape(rows, n_slices * n_chunks, num_sms, ctas_per_sm)
+        chunk_cols = chunk_width(K, v, slice_cw, res_cw, row_block, smem_optin)
+        if -(-K // chunk_cols) == n_chunks:
+            break
+        n_chunks = -(-K // chunk_cols)
+    return chunk_cols, row_block, row_blocks
+
+
 def bank_groups(v: int) -> tuple[int, int]:
     """(bytes per shared-memory load of a codeword, lanes served per wavefront) for length v:
     the kernel loads a codeword 16 bytes at a time where it can (vptq_device.cuh load_code),
@@ -433,15 +457,9 @@ def build(
     n_cw = table.shape[0]
     n_slices = -(-n_cw // slice_cw)
     res_cw = res_table.shape[0] if small else 0
-    # A block serves one slice of one column chunk, so the chunks share the wave; wider row
-    # blocks take more accumulators, which may narrow the chunks: settle both.
-    n_chunks = 1
-    for _ in range(4):
-        row_block, row_blocks = launch_shape(rows, n_slices * n_chunks, num_sms, ctas_per_sm)
-        chunk_cols = chunk_width(K, v, slice_cw, res_cw, row_block, smem_optin)
-        if -(-K // chunk_cols) == n_chunks:
-            break
-        n_chunks = -(-K // chunk_cols)
+    chunk_cols, row_block, row_blocks = layer_shape(
+        K, rows, v, slice_cw, res_cw, n_slices, num_sms, ctas_per_sm, smem_optin
+    )
     n_chunks = -(-K // chunk_cols)
     n_seg = n_slices * n_chunks * rows
     column = perm.to(i32) if perm is not None else torch.arange(K, device=dev, dtype=i32)

@@ -121,6 +121,26 @@ def test_launch_shape_never_needs_a_second_wave():
             assert rbs * n_slices <= max(264, n_slices)
 
 
+@pytest.mark.parametrize(
+    "K,rows,want",
+    [
+        # (K, vector-rows): (chunk_cols, row_block, row_blocks) on 132 SMs, 2 blocks each,
+        # v=8, 16 slices of 4096 codewords: 264 // (16 x chunks) row blocks
+        (4096, 1792, (4096, 112, 16)),  # Llama-3.1-8B gate alone: one chunk
+        (14336, 512, (7168, 64, 8)),  # 8B down: 2 chunks of 7168, 32 parts a row block
+        (28672, 1024, (7168, 256, 4)),  # 70B down: 4 chunks, 64 parts
+        (18944, 448, (6320, 90, 5)),  # Qwen2.5-7B down: 3 chunks (18944 / 3 rounded up to 8)
+    ],
+)
+def test_layer_shape_gives_the_chunks_blocks_of_their_own(K, rows, want):
+    shape = sliced.layer_shape(K, rows, 8, 4096, 0, 16, 132, 2, OPTIN)
+    assert shape == want
+    chunk_cols, row_block, row_blocks = shape
+    parts = 16 * -(-K // chunk_cols)
+    assert row_blocks * parts <= 264 and row_block * row_blocks >= rows  # one wave, every row
+    assert sliced.two_per_sm(8, 4096, 0, row_block, chunk_cols, OPTIN)
+
+
 def test_max_tokens_follows_shared_memory():
     spec = make_spec(k_in=96, n_out=40, v=16, k=65536)
     layer = random_layer(spec, dtype=torch.float16)
