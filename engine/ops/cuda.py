@@ -23,6 +23,7 @@ from ..memory import DEQUANT_WORKSPACE  # prefill dequantizes a layer in slices 
 from ..paths import shipped
 from .decode import Partial
 from .sliced import SlicedLayout
+from .sliced import parts as sliced_parts
 
 CSRC = shipped("csrc")
 # The sliced GEMV's instances are spread over one file per token tile so that ninja builds them
@@ -145,9 +146,9 @@ def _register_fakes() -> None:
           partial=False):  # fmt: skip
         shape = x.shape[:-1]
         if partial:  # [parts + 1, ..., N] float32 terms (parts: slices x column chunks)
-            return [x.new_empty((meta[12 * i + 5] * meta[12 * i + 7] + 1, *shape, meta[12 * i]),
-                                dtype=torch.float32)
-                    for i in range(len(entries))]  # fmt: skip
+            metas = [meta[12 * i : 12 * i + 12] for i in range(len(entries))]
+            return [x.new_empty((sliced_parts(m) + 1, *shape, m[0]), dtype=torch.float32)
+                    for m in metas]  # fmt: skip
         return [x.new_empty((*shape, meta[12 * i])) for i in range(len(entries))]
 
     @torch.library.register_fake("vptq::rms_norm")

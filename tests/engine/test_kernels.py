@@ -254,8 +254,9 @@ def test_sliced_gemv_real_shapes(name, tokens, ctas_per_sm):
     assert rel_err(out.double().cpu(), want.cpu()) < 4e-3
 
 
-def test_sliced_opcheck_and_graph_capture():
-    spec = make_spec(**SLICED_LARGE["v8-k65536-r256"])
+@pytest.mark.parametrize("name", ["v8-k65536-r256", "8b-down-v8-k65536-chunks"])
+def test_sliced_opcheck_and_graph_capture(name):
+    spec = make_spec(**SLICED_LARGE[name])
     args = gpu_args(random_layer(spec), torch.float16)
     layout = device_layout(spec, args)
     _indices, _centroids, _res, _, _, _perm, _, scale, wbias = args
