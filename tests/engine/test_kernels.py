@@ -38,6 +38,11 @@ LARGE = {  # odd, realistic and padded shapes on top of the reference test's var
     "v8-k65536-256": dict(k_in=1000, n_out=300, v=8, k=65536, kr=256),
     "v12-k65536-4096-pad": dict(k_in=768, n_out=1028, v=12, k=65536, kr=4096),
     "v16-k65536-65536": dict(k_in=640, n_out=256, v=16, k=65536, kr=65536),
+    # the wide GEMV (16- and 32-bit index fields): groups with N not a multiple of 8, v=8 with a
+    # 65536-entry residual, and more vector-rows than the resident warps (a warp takes several)
+    "v8-k65536-groups-wide": dict(k_in=1024, n_out=1000, v=8, k=65536, g=2, bias=True),
+    "v8-k65536-65536": dict(k_in=768, n_out=264, v=8, k=65536, kr=65536),
+    "v8-k65536-tall": dict(k_in=512, n_out=20000, v=8, k=65536),
     "v6-k4096": dict(k_in=333, n_out=130, v=6, k=4096),
     "v10-k2048-r8192": dict(k_in=300, n_out=77, v=10, k=2048, kr=8192),
     "v4-k16-groups": dict(k_in=512, n_out=64, v=4, k=16, g=4),
