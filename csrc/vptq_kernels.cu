@@ -98,6 +98,57 @@ __device__ __forceinline__ void copy_to_smem(T* dst, const T* src, int elems) {
   for (int i = threadIdx.x; i < elems / 2; i += blockDim.x) d[i] = __ldg(s + i);
 }
 
+// xb[t] summed over the block's threads (each thread's share of dot(x, weight_bias) over the
+// split's columns), in every thread; part: WARPS x NT floats of shared memory.
+template <int NT, int WARPS>
+__device__ __forceinline__ void block_sum(float (&xb)[NT], float (*part)[NT]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) xb[t] += __shfl_xor_sync(0xffffffffu, xb[t], d);
+    if (lane == 0) part[warp][t] = xb[t];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    xb[t] = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) xb[t] += part[w][t];
+  }
+}
+
+// Vector-row n's sums across the warp (acc: each lane's share) plus xb[t]: lane j writes
+// output n * V + j of each token, with the bias into out where K is not split, else into split
+// blockIdx.y's workspace for split_sum_kernel.
+template <typename T, int V, int NT>
+__device__ __forceinline__ void finish_row(float (&acc)[NT][V], const float (&xb)[NT],
+                                           const Layer& L, int n, int ntok, T* out, float* ws,
+                                           int splits) {
+  const int lane = threadIdx.x & 31;
+  const T* bias = static_cast<const T*>(L.bias);
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) acc[t][j] += __shfl_xor_sync(0xffffffffu, acc[t][j], d);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int o = n * V + j;
+    if (lane != j || o >= L.N) continue;
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      if (t >= ntok) break;
+      const float total = acc[t][j] + xb[t];
+      if (splits == 1)
+        out[static_cast<size_t>(t) * L.N + o] = from_f<T>(bias ? total + to_f(bias[o]) : total);
+      else
+        ws[(static_cast<size_t>(blockIdx.y) * ntok + t) * L.N + o] = total;
+    }
+  }
+}
+
 template <typename T, int V, int NT>
 __global__ void __launch_bounds__(kWarps * 32)
     gemv_kernel(Layer L, const T* __restrict__ x, int ntok, T* __restrict__ out,
@@ -200,42 +251,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
 
-  // dot(x, b) over this split's columns: the same for every output row of the block.
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    float v = xb[t];
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
-    if (lane == 0) xb_part[warp][t] = v;
-  }
-  __syncthreads();
-  if (!active) return;
-#pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int j = 0; j < V; ++j)
-#pragma unroll
-      for (int d = 16; d > 0; d >>= 1) acc[t][j] += __shfl_xor_sync(0xffffffffu, acc[t][j], d);
-
-  const T* bias = static_cast<const T*>(L.bias);
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const int o = n * V + j;
-    if (lane != j || o >= L.N) continue;
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      if (t >= ntok) break;
-      float total = acc[t][j];
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) total += xb_part[w][t];
-      if (splits == 1) {
-        if (bias) total += to_f(bias[o]);
-        out[static_cast<size_t>(t) * L.N + o] = from_f<T>(total);
-      } else {
-        ws[(static_cast<size_t>(blockIdx.y) * ntok + t) * L.N + o] = total;
-      }
-    }
-  }
+  block_sum<NT, kWarps>(xb, xb_part);  // dot(x, b) over this split's columns
+  if (active) finish_row<T, V, NT>(acc, xb, L, n, ntok, out, ws, splits);
 }
 
 // The wide GEMV: the plain layout's fast path where a row's 8 adjacent index fields (an octet)
@@ -258,8 +275,9 @@ struct Wide {
   static constexpr int kFieldWords = BITS / 4;     // 32-bit words of an octet's fields
   static constexpr int kCodeWords = V / 2;         // 32-bit words of a codeword
   static constexpr int kColWords = kCodeWords * (kRes ? 2 : 1);  // gathered per column
-  // 32-bit words of codewords a lane has in flight: 16 16-byte loads at one token
-  static constexpr int kBudget = NT == 1 ? 64 : NT == 2 ? 32 : 16;
+  // 32-bit words of codewords a lane has in flight: 16 16-byte loads at one token, fewer where
+  // the sums take more registers (no spills at 128 registers)
+  static constexpr int kBudget = NT == 1 ? 64 : NT * V <= 16 ? 32 : 16;
   static constexpr int kOctets = kBudget / kColWords >= 16 ? 2 : 1;  // octets per round
   static constexpr int kCols = 8 * kOctets;                          // columns per round
   static constexpr int kPiece = kBudget / kColWords < 1 ? 1
@@ -380,21 +398,8 @@ __global__ void __launch_bounds__(kWideWarps * 32, kWideBlocksPerSm)
       }
     }
   }
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-#pragma unroll
-    for (int d = 16; d > 0; d >>= 1) xb[t] += __shfl_xor_sync(0xffffffffu, xb[t], d);
-    if (lane == 0) xb_part[warp][t] = xb[t];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    xb[t] = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWideWarps; ++w) xb[t] += xb_part[w][t];
-  }
+  block_sum<NT, kWideWarps>(xb, xb_part);
 
-  const T* bias = static_cast<const T*>(L.bias);
   for (; n < rows; n += stride) {
     float acc[NT][V];
 #pragma unroll
@@ -468,27 +473,7 @@ __global__ void __launch_bounds__(kWideWarps * 32, kWideBlocksPerSm)
         }
       }
     }
-    // the row's sums across the warp; lane j writes output n * V + j
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int j = 0; j < V; ++j)
-#pragma unroll
-        for (int d = 16; d > 0; d >>= 1) acc[t][j] += __shfl_xor_sync(0xffffffffu, acc[t][j], d);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int o = n * V + j;
-      if (lane != j || o >= L.N) continue;
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        if (t >= ntok) break;
-        const float total = acc[t][j] + xb[t];
-        if (splits == 1)
-          out[static_cast<size_t>(t) * L.N + o] = from_f<T>(bias ? total + to_f(bias[o]) : total);
-        else
-          ws[(static_cast<size_t>(blockIdx.y) * ntok + t) * L.N + o] = total;
-      }
-    }
+    finish_row<T, V, NT>(acc, xb, L, n, ntok, out, ws, splits);
   }
 }
 
