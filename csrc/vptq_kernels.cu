@@ -507,6 +507,18 @@ size_t smem_bytes(const Layer& L, int flags) {
   return bytes;
 }
 
+// After a GEMV launch: its error, else where K was split, out = bias + the splits' partial sums.
+template <typename T>
+cudaError_t sum_splits(const Layer& L, int T_, void* out, const float* ws, int splits,
+                       cudaStream_t stream) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  const int total = T_ * L.N;
+  split_sum_kernel<T><<<(total + 255) / 256, 256, 0, stream>>>(
+      ws, static_cast<const T*>(L.bias), splits, T_, L.N, static_cast<T*>(out));
+  return cudaGetLastError();
+}
+
 template <typename T, int V, int NT>
 cudaError_t gemv_typed(const Layer& L, const void* x, int T_, void* out, float* ws, int splits,
                        cudaStream_t stream) {
@@ -515,12 +527,7 @@ cudaError_t gemv_typed(const Layer& L, const void* x, int T_, void* out, float* 
   const dim3 grid((rows + kWarps - 1) / kWarps, splits);
   gemv_kernel<T, V, NT><<<grid, kWarps * 32, smem_bytes(L, flags), stream>>>(
       L, static_cast<const T*>(x), T_, static_cast<T*>(out), ws, splits, flags);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || splits == 1) return err;
-  const int total = T_ * L.N;
-  split_sum_kernel<T><<<(total + 255) / 256, 256, 0, stream>>>(
-      ws, static_cast<const T*>(L.bias), splits, T_, L.N, static_cast<T*>(out));
-  return cudaGetLastError();
+  return sum_splits<T>(L, T_, out, ws, splits, stream);
 }
 
 // Whether the wide GEMV takes the layer at T tokens: fields of 16 bits (no residual) or 24, 28
@@ -585,12 +592,7 @@ cudaError_t wide_typed(const Layer& L, const void* x, int T_, void* out, float* 
   const size_t smem = static_cast<size_t>(wide_per_split(L.K, splits)) * NT * sizeof(float);
   gemv_wide_kernel<T, V, NT, BITS><<<grid, kWideWarps * 32, smem, stream>>>(
       L, static_cast<const T*>(x), T_, static_cast<T*>(out), ws, splits);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || splits == 1) return err;
-  const int total = T_ * L.N;
-  split_sum_kernel<T><<<(total + 255) / 256, 256, 0, stream>>>(
-      ws, static_cast<const T*>(L.bias), splits, T_, L.N, static_cast<T*>(out));
-  return cudaGetLastError();
+  return sum_splits<T>(L, T_, out, ws, splits, stream);
 }
 
 template <typename T, int V, int NT>
