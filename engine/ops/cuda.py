@@ -37,8 +37,11 @@ SOURCES = (
     "vptq_sliced_2.cu",
     "vptq_sliced_4.cu",
     "vptq_sliced_8.cu",
+    "vptq_wide_1.cu",
+    "vptq_wide_2.cu",
+    "vptq_wide_4.cu",
 )
-HEADERS = ("vptq.h", "vptq_device.cuh", "vptq_sliced.cuh")
+HEADERS = ("vptq.h", "vptq_device.cuh", "vptq_sliced.cuh", "vptq_gemv.cuh")
 # Fused GEMV (the sliced one where the layer has that layout) up to this many tokens; above it,
 # dequant + cuBLAS GEMM. Chosen by measurement (`python -m engine bench kernels`, H200): summed
 # over a Llama-3.1-8B block at 4 tokens the sliced GEMV takes 276 us against 533 us for
