@@ -876,10 +876,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
 
 // VPTQ_ATTN_PRELOAD=0: the first keys are loaded after the wait (for comparisons).
 bool attn_preload() {
-  static const bool on = [] {
-    const char* v = std::getenv("VPTQ_ATTN_PRELOAD");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool on = !switched_off("VPTQ_ATTN_PRELOAD");
   return on;
 }
 

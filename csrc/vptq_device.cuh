@@ -135,12 +135,16 @@ inline bool hopper_or_later() {
   return known[dev].load() == 1;
 }
 
+// Whether the environment variable `name` is "0": the switches for comparisons (VPTQ_PDL=0 and
+// the like, README), each read once by its caller into a static.
+inline bool switched_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, "0") == 0;
+}
+
 // Whether kernels on the current device are launched with PDL.
 inline bool dependent_launch() {
-  static const bool off = [] {
-    const char* v = std::getenv("VPTQ_PDL");
-    return v != nullptr && std::strcmp(v, "0") == 0;
-  }();
+  static const bool off = switched_off("VPTQ_PDL");
   return !off && hopper_or_later();
 }
 

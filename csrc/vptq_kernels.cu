@@ -242,10 +242,7 @@ cudaError_t gemv_typed(const Layer& L, const void* x, int T_, void* out, float* 
 // registers, whole octets per group, rows and codebooks aligned for its vector loads.
 // VPTQ_WIDE_GEMV=0 turns it off.
 bool wide_ok(const Layer& L, int T) {
-  static const bool off = [] {
-    const char* e = std::getenv("VPTQ_WIDE_GEMV");
-    return e != nullptr && std::strcmp(e, "0") == 0;
-  }();
+  static const bool off = switched_off("VPTQ_WIDE_GEMV");
   const int bits = L.b1 + L.b2, nt = tokens_tile(T);
   const bool fields = bits == 16 ? L.b2 == 0
                                  : (bits == 24 || bits == 28 || bits == 32) && L.b1 <= 16 &&

@@ -559,10 +559,7 @@ cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStrea
     blocks += static_cast<unsigned>(G.L[i].row_blocks * G.L[i].parts());
   }
   auto kernel = sliced_gemv_kernel<T, V, NT, RES, GROUP>;
-  static const bool bulk = [] {  // VPTQ_SLICED_BULK=0: the slice copy by cp.async
-    const char* v = std::getenv("VPTQ_SLICED_BULK");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
+  static const bool bulk = !switched_off("VPTQ_SLICED_BULK");  // 0: the slice copy by cp.async
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
