@@ -30,12 +30,13 @@ struct Layer {
 cudaError_t launch_dequant(const Layer& L, void* out, DType dtype, cudaStream_t stream);
 
 // y = x W^T + bias for T tokens without materialising W. x: [T, K], out: [T, N].
-// workspace: at least gemv_workspace_floats(...) floats (may be null when that is 0).
+// workspace: at least gemv_workspace_floats(...) floats (may be null when that is 0); splits
+// from gemv_splits with the same num_sms (the device's SMs).
 bool gemv_supported(const Layer& L, int T);
 int gemv_splits(const Layer& L, int T, int num_sms);
 size_t gemv_workspace_floats(const Layer& L, int T, int splits);
 cudaError_t launch_gemv(const Layer& L, const void* x, int T, void* out, float* workspace,
-                        int splits, DType dtype, cudaStream_t stream);
+                        int splits, int num_sms, DType dtype, cudaStream_t stream);
 
 // A decode activation given as partial sums (engine/ops/decode.py Partial): value i is
 // round(p[i] + p[stride + i] + ... + p[(n - 1) * stride + i]) in the activation dtype, the

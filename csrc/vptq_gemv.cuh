@@ -319,11 +319,8 @@ int wide_blocks(const Layer& L, int splits, int num_sms) {
 
 template <typename T, int V, int NT, int BITS>
 cudaError_t wide_typed(const Layer& L, const void* x, int T_, void* out, float* ws, int splits,
-                       cudaStream_t stream) {
-  int dev = 0, sms = 1;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const dim3 grid(wide_blocks(L, splits, sms), splits);
+                       int num_sms, cudaStream_t stream) {
+  const dim3 grid(wide_blocks(L, splits, num_sms), splits);
   const size_t smem = static_cast<size_t>(wide_per_split(L.K, splits)) * NT * sizeof(float);
   gemv_wide_kernel<T, V, NT, BITS><<<grid, kWideWarps * 32, smem, stream>>>(
       L, static_cast<const T*>(x), T_, static_cast<T*>(out), ws, splits);
@@ -332,12 +329,12 @@ cudaError_t wide_typed(const Layer& L, const void* x, int T_, void* out, float* 
 
 template <typename T, int V, int NT>
 cudaError_t wide_by_bits(const Layer& L, const void* x, int T_, void* out, float* ws, int splits,
-                         cudaStream_t stream) {
+                         int num_sms, cudaStream_t stream) {
   switch (L.b1 + L.b2) {
-    case 16: return wide_typed<T, V, NT, 16>(L, x, T_, out, ws, splits, stream);
-    case 24: return wide_typed<T, V, NT, 24>(L, x, T_, out, ws, splits, stream);
-    case 28: return wide_typed<T, V, NT, 28>(L, x, T_, out, ws, splits, stream);
-    default: return wide_typed<T, V, NT, 32>(L, x, T_, out, ws, splits, stream);
+    case 16: return wide_typed<T, V, NT, 16>(L, x, T_, out, ws, splits, num_sms, stream);
+    case 24: return wide_typed<T, V, NT, 24>(L, x, T_, out, ws, splits, num_sms, stream);
+    case 28: return wide_typed<T, V, NT, 28>(L, x, T_, out, ws, splits, num_sms, stream);
+    default: return wide_typed<T, V, NT, 32>(L, x, T_, out, ws, splits, num_sms, stream);
   }
 }
 
@@ -345,12 +342,12 @@ cudaError_t wide_by_bits(const Layer& L, const void* x, int T_, void* out, float
 // tokens (what wide_ok admits).
 template <typename T, int NT>
 cudaError_t wide_by_v(const Layer& L, const void* x, int T_, void* out, float* ws, int splits,
-                      cudaStream_t stream) {
+                      int num_sms, cudaStream_t stream) {
   if constexpr (NT <= 2) {
-    if (L.v == 16) return wide_by_bits<T, 16, NT>(L, x, T_, out, ws, splits, stream);
-    if (L.v == 12) return wide_by_bits<T, 12, NT>(L, x, T_, out, ws, splits, stream);
+    if (L.v == 16) return wide_by_bits<T, 16, NT>(L, x, T_, out, ws, splits, num_sms, stream);
+    if (L.v == 12) return wide_by_bits<T, 12, NT>(L, x, T_, out, ws, splits, num_sms, stream);
   }
-  if (L.v == 8) return wide_by_bits<T, 8, NT>(L, x, T_, out, ws, splits, stream);
+  if (L.v == 8) return wide_by_bits<T, 8, NT>(L, x, T_, out, ws, splits, num_sms, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -360,11 +357,12 @@ cudaError_t wide_by_v(const Layer& L, const void* x, int T_, void* out, float* w
 // defines each with VPTQ_WIDE_TILE; launch_gemv in vptq_kernels.cu dispatches to them).
 #define VPTQ_WIDE_TILE_SIGNATURE(NT)                                                           \
   cudaError_t launch_wide_tile##NT(const Layer& L, const void* x, int T, void* out, float* ws, \
-                                   int splits, DType dtype, cudaStream_t stream)
+                                   int splits, int num_sms, DType dtype, cudaStream_t stream)
 #define VPTQ_WIDE_TILE(NT)                                                                     \
   VPTQ_WIDE_TILE_SIGNATURE(NT) {                                                               \
-    if (dtype == DType::kHalf) return wide_by_v<__half, NT>(L, x, T, out, ws, splits, stream); \
-    return wide_by_v<__nv_bfloat16, NT>(L, x, T, out, ws, splits, stream);                     \
+    if (dtype == DType::kHalf)                                                                 \
+      return wide_by_v<__half, NT>(L, x, T, out, ws, splits, num_sms, stream);                 \
+    return wide_by_v<__nv_bfloat16, NT>(L, x, T, out, ws, splits, num_sms, stream);            \
   }
 VPTQ_WIDE_TILE_SIGNATURE(1);
 VPTQ_WIDE_TILE_SIGNATURE(2);

@@ -15,6 +15,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 #include "vptq.h"
 #include "vptq_device.cuh"
 #include "vptq_gemv.cuh"
@@ -256,20 +258,19 @@ bool wide_ok(const Layer& L, int T) {
          (L.b2 == 0 || aligned(L.res_centroids, code_align));
 }
 
-// Splits of K for the wide GEMV: the fewest whose xhat fits kWideStageBytes, up to one per 256
-// columns, choosing the one with the shortest warp: rounds of rows a warp takes in turn, each
-// its split's columns plus about one 256-column step of row overhead (the reduction, the
-// pipeline refill), and the block's staging (a round trip per 1024 columns).
+// Splits of K for the wide GEMV: from the fewest whose xhat fits kWideStageBytes up to one per
+// 256 columns (at most 32, so no split is empty), the one with the shortest warp: rounds of rows
+// a warp takes in turn, each its split's columns plus about one 256-column step of row overhead
+// (the reduction, the pipeline refill), and the block's staging (a round trip per 1024 columns).
 int wide_splits(const Layer& L, int T, int num_sms) {
   const int rows = (L.N + L.v - 1) / L.v;
   const int max_cols = kWideStageBytes / (4 * tokens_tile(T));
   const int lo = (L.K + max_cols - 1) / max_cols;
-  const int hi = L.K / 256 > lo ? (L.K / 256 < 32 ? L.K / 256 : 32) : lo;
+  const int hi = std::max(lo, std::min(L.K / 256, 32));
   int best = lo;
   long best_cost = -1;
   for (int s = lo; s <= hi; ++s) {
     const int cols = wide_per_split(L.K, s);
-    if (cols * (s - 1) >= L.K) continue;  // an empty last split
     const int warps = wide_blocks(L, s, num_sms) * kWideWarps;
     const long rounds = (rows + warps - 1) / warps;
     const long cost = rounds * ((cols + 255) / 256 * 256 + 256) + cols / 4;
@@ -358,13 +359,13 @@ size_t gemv_workspace_floats(const Layer& L, int T, int splits) {
 }
 
 cudaError_t launch_gemv(const Layer& L, const void* x, int T, void* out, float* workspace,
-                        int splits, DType dtype, cudaStream_t stream) {
+                        int splits, int num_sms, DType dtype, cudaStream_t stream) {
   if (!gemv_supported(L, T)) return cudaErrorInvalidValue;
   if (wide_ok(L, T)) {
     switch (tokens_tile(T)) {
-      case 1: return launch_wide_tile1(L, x, T, out, workspace, splits, dtype, stream);
-      case 2: return launch_wide_tile2(L, x, T, out, workspace, splits, dtype, stream);
-      default: return launch_wide_tile4(L, x, T, out, workspace, splits, dtype, stream);
+      case 1: return launch_wide_tile1(L, x, T, out, workspace, splits, num_sms, dtype, stream);
+      case 2: return launch_wide_tile2(L, x, T, out, workspace, splits, num_sms, dtype, stream);
+      default: return launch_wide_tile4(L, x, T, out, workspace, splits, num_sms, dtype, stream);
     }
   }
   if (dtype == DType::kHalf)

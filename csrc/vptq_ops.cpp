@@ -155,7 +155,7 @@ at::Tensor gemv_cuda(const at::Tensor& x, const at::Tensor& indices, const at::T
   const size_t ws_floats = vptq::gemv_workspace_floats(L, tokens, splits);
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_floats)}, x.options().dtype(at::kFloat));
   check_launch(vptq::launch_gemv(L, xc.data_ptr(), tokens, out.data_ptr(),
-                                 ws_floats ? ws.data_ptr<float>() : nullptr, splits,
+                                 ws_floats ? ws.data_ptr<float>() : nullptr, splits, sms,
                                  dtype_of(x), at::cuda::getCurrentCUDAStream()),
                "gemv");
   return out;
