@@ -107,6 +107,40 @@ def test_fused_path_is_taken_for_few_tokens():
     assert cuda.fused_tokens(make_spec(v=4, k=16, v0=4, k0=16, p=8, k_in=96)) == 0  # outliers
 
 
+def cuda_kernels_run(fn) -> list[str]:
+    """The names of the CUDA kernels fn() launches (torch.profiler)."""
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.key for e in prof.key_averages() if "kernel" in e.key]
+
+
+@pytest.mark.parametrize(
+    "name,wide",
+    [
+        ("8b-q-v8-k65536", True),  # 16-bit index fields
+        ("v8-k65536-256", True),  # 24: main and residual
+        ("v12-k65536-4096-pad", True),  # 28, v = 12
+        ("v16-k65536-65536", True),  # 32, v = 16
+        ("v8-k65536-groups-wide", True),
+        ("v8-k65536-cluster-odd", False),  # K = 1001: octets would cross a row's end
+        ("v6-k4096", False),  # 12-bit fields
+    ],
+)
+def test_plain_gemv_takes_the_wide_kernel_where_it_applies(name, wide):
+    """The oracle tests above pass on either plain kernel; this checks that the wide one
+    (csrc/vptq_gemv.cuh) is what the community schemes' layers get (csrc/vptq_kernels.cu
+    wide_ok), so that those tests cover it."""
+    spec = make_spec(**ALL[name])
+    layer, _dense = layer_and_oracle(name, torch.float16)
+    args = gpu_args(layer, torch.float16)
+    x = torch.randn(1, spec.in_features, dtype=torch.float16, device="cuda")
+    names = cuda_kernels_run(lambda: ops.vptq_linear(x, None, args, spec))
+    assert any("gemv_wide_kernel" in n for n in names) == wide, names
+    assert any("gemv_kernel<" in n for n in names) != wide, names
+
+
 @pytest.mark.parametrize("name", ["8b-q-v8-k65536", "v8-k65536-256", "outliers", "groups"])
 def test_opcheck(name):
     spec = make_spec(**ALL[name])
