@@ -120,20 +120,23 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// Whether the current device has compute capability 9.0 or later (PDL, thread block clusters),
-// asked once per device.
-inline bool hopper_or_later() {
-  static std::atomic<signed char> known[64] = {};  // 0: not asked yet, 1: yes, 2: no
+// The current device's compute capability major (0 where it cannot be asked), asked once per
+// device.
+inline int compute_major() {
+  static std::atomic<int> known[64] = {};  // 0: not asked yet, else major + 1
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 0;
   if (known[dev].load() == 0) {
     int major = 0;
-    const bool ok =
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess;
-    known[dev].store(ok && major >= 9 ? 1 : 2);
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+      major = 0;
+    known[dev].store(major + 1);
   }
-  return known[dev].load() == 1;
+  return known[dev].load() - 1;
 }
+
+// Whether the current device has compute capability 9.0 or later (PDL, thread block clusters).
+inline bool hopper_or_later() { return compute_major() >= 9; }
 
 // Whether the environment variable `name` is "0": the switches for comparisons (VPTQ_PDL=0 and
 // the like, README), each read once by its caller into a static.

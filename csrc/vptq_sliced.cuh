@@ -79,26 +79,54 @@ __device__ __forceinline__ void copy_async(uint16_t* dst, const uint16_t* src, i
 // cp.async took eight 16-byte copies per thread and a block-wide wait. Returns false where the
 // bulk copy cannot take the tensors (sizes or addresses not multiples of 16, an older GPU, or
 // VPTQ_SLICED_BULK=0); the caller then copies with cp.async.
+// twin: this block and the other of its cluster of two serve the same slice (launched in pairs,
+// launch_kernel). Each then reads half of the slice from L2 and multicasts it into both blocks'
+// shared memory, so a launch reads each slice once per pair: copying every block's own 64 KB
+// slice at the start of a launch took 17 MB of L2 reads for the 264 blocks of an 8B launch, and
+// a launch without the copy (timing only, wrong sums) took 11 us less an 8B block (85 -> 74)
+// and 270 us less a decode step (csrc/KERNELS.md session 18). Both blocks' mbarriers are set up
+// before either copy can signal them (a cluster barrier), and twin_end keeps either from
+// exiting before both slices are in.
 __device__ __forceinline__ bool bulk_copy_start(void* dst, const void* src, uint32_t bytes,
                                                 void* dst2, const void* src2, uint32_t bytes2,
-                                                uint64_t* bar, bool allowed) {
+                                                uint64_t* bar, bool allowed, bool twin) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const auto fits = [](const void* p, uint32_t n) {
     return reinterpret_cast<uintptr_t>(p) % 16 == 0 && n % 16 == 0;
   };
   if (!allowed || !fits(src, bytes) || !fits(dst, bytes) || !fits(src2, bytes2) ||
       !fits(dst2, bytes2) || bytes + bytes2 >= (1u << 20))  // the mbarrier's byte count
-    return false;
+    return false;  // the same answer in both blocks of a twin pair: same layer, same slice
+  const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
   if (threadIdx.x == 0) {
-    const uint32_t b = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(b));
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n"
                  ::"r"(b), "r"(bytes + bytes2) : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
-        ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(src), "r"(bytes), "r"(b)
-        : "memory");
+  }
+  if (twin) {  // the other block's mbarrier is ready before this block's half can reach it
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+  }
+  if (threadIdx.x == 0) {
+    const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    if (twin) {
+      uint32_t rank;
+      asm("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+      const uint32_t half = (bytes / 2) & ~15u;
+      const uint32_t off = rank == 0 ? 0 : half, n = rank == 0 ? half : bytes - half;
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+          " [%0], [%1], %2, [%3], %4;\n"
+          ::"r"(d + off), "l"(static_cast<const char*>(src) + off), "r"(n), "r"(b),
+          "h"(static_cast<uint16_t>(3))
+          : "memory");
+    } else {
+      asm volatile(
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+          ::"r"(d), "l"(src), "r"(bytes), "r"(b)
+          : "memory");
+    }
     if (bytes2 > 0)
       asm volatile(
           "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
@@ -110,6 +138,21 @@ __device__ __forceinline__ bool bulk_copy_start(void* dst, const void* src, uint
   return true;
 #else
   return false;
+#endif
+}
+
+// A twin pair's end (bulk_copy_start): each block arrives once its slice is in (twin_arrive)
+// and waits for the other before it exits (twin_end), so no block exits while the other's copy
+// may still be writing; by then the other has long arrived.
+__device__ __forceinline__ void twin_arrive(bool twin) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (twin) asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void twin_end(bool twin) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (twin) asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 #endif
 }
 
@@ -348,6 +391,19 @@ __device__ __forceinline__ void prestage_scale(const SlicedLayer& L, int p0, int
   }
 }
 
+// The layer of block b of a launch of G (layer i owns row_blocks * n_slices * n_chunks blocks
+// after those of layer i - 1) and, in first, the index of that layer's first block.
+template <bool GROUP>
+__device__ __forceinline__ int layer_of(const SlicedGroup& G, int b, int& first) {
+  int l = 0;
+  first = 0;
+  while (GROUP && l + 1 < G.n && b >= first + G.L[l].row_blocks * G.L[l].parts()) {
+    first += G.L[l].row_blocks * G.L[l].parts();
+    ++l;
+  }
+  return l;
+}
+
 // Two blocks per SM where 64 registers hold the loop without spilling (v x tokens <= 8, no
 // residual: the decode path of the 2-bit community models); larger tiles get more registers.
 // GROUP: G holds several layers (else one, read at fixed offsets: a layer index known only at
@@ -355,16 +411,25 @@ __device__ __forceinline__ void prestage_scale(const SlicedLayer& L, int p0, int
 template <typename T, int V, int NT, bool RES, bool GROUP>
 __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     sliced_gemv_kernel(const __grid_constant__ SlicedGroup G, const T* __restrict__ x, int ntok,
-                       bool bulk_allowed) {
+                       bool bulk_allowed, bool in_pairs) {
   pdl_trigger();  // the next kernel may be scheduled beside this one (vptq_device.cuh)
   // This block's layer (layer i owns row_blocks * n_slices * n_chunks blocks after those of
   // layer i - 1), row block rblk and part = c * n_slices + s: slice s of column chunk c.
-  int l = 0, first = 0;
-  while (GROUP && l + 1 < G.n && blockIdx.x >= first + G.L[l].row_blocks * G.L[l].parts()) {
-    first += G.L[l].row_blocks * G.L[l].parts();
-    ++l;
-  }
+  const int b = blockIdx.x;
+  int first = 0;
+  const int l = layer_of<GROUP>(G, b, first);
   const SlicedLayer& L = G.L[GROUP ? l : 0];
+  if (b - first >= L.row_blocks * L.parts()) return;  // the pad of an odd grid in pairs
+  // Launched in clusters of two (in_pairs): the blocks b and b ^ 1 are twins where they serve the
+  // same layer and part (all pairs but those straddling two parts), and then share the slice
+  // copy (bulk_copy_start).
+  bool twin = false;
+  if (in_pairs) {
+    int peer_first = 0;
+    const int peer_l = layer_of<GROUP>(G, b ^ 1, peer_first);
+    twin = peer_l == l && (b ^ 1) - first < L.row_blocks * L.parts() &&
+           ((b ^ 1) - first) / L.row_blocks == (b - first) / L.row_blocks;
+  }
   T* __restrict__ out = static_cast<T*>(G.out[GROUP ? l : 0]);
   float* __restrict__ ws = G.ws[GROUP ? l : 0];
   const int rblk = (blockIdx.x - first) % L.row_blocks, part = (blockIdx.x - first) / L.row_blocks;
@@ -400,7 +465,8 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   __shared__ __align__(8) uint64_t slice_bar;
   const T* slice_src = static_cast<const T*>(L.table) + static_cast<size_t>(cw0) * V;
   const bool bulk = bulk_copy_start(cb, slice_src, ncw * V * 2, rb, L.res_table,
-                                    RES ? L.res_cw * V * 2 : 0, &slice_bar, bulk_allowed);
+                                    RES ? L.res_cw * V * 2 : 0, &slice_bar, bulk_allowed, twin);
+  twin = twin && bulk;  // without the bulk copy (in both twins alike) each copies its own
   if (!bulk) {
     copy_async(reinterpret_cast<uint16_t*>(cb), reinterpret_cast<const uint16_t*>(slice_src),
                ncw * V);
@@ -438,6 +504,7 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   if (bulk) {
     __syncthreads();  // the mbarrier's initialisation, before anyone waits on it
     bulk_copy_wait(&slice_bar);
+    twin_arrive(twin);
   } else {
     __pipeline_wait_prior(0);
   }
@@ -502,6 +569,7 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
         ws[static_cast<size_t>(t) * L.N + n] = bias ? to_f(bias[n]) : 0.f;
       }
     }
+    twin_end(twin);
     return;
   }
   const int n_parts = L.parts();
@@ -510,6 +578,7 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   __shared__ int last;
   if (threadIdx.x == 0) last = atomicAdd(L.counters + rblk, 1) == n_parts - 1;
   __syncthreads();
+  twin_end(twin);
   if (!last) return;
   __threadfence();
 
@@ -560,11 +629,17 @@ cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStrea
   }
   auto kernel = sliced_gemv_kernel<T, V, NT, RES, GROUP>;
   static const bool bulk = !switched_off("VPTQ_SLICED_BULK");  // 0: the slice copy by cp.async
+  // In clusters of two blocks sharing each slice copy (bulk_copy_start), with the bulk copy on
+  // compute capability 9.x (measured there; ptxas warns that the multicast may be slow on later
+  // GPUs); VPTQ_SLICED_PAIRS=0 launches single blocks, each copying its own.
+  static const bool pairs_on = !switched_off("VPTQ_SLICED_PAIRS");
+  const bool pairs = pairs_on && bulk && blocks > 1 && compute_major() == 9;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  return launch_pdl(kernel, dim3(blocks), dim3(kSlicedThreads), smem, stream, G,
-                    static_cast<const T*>(x), T_, bulk);
+  if (pairs) blocks += blocks % 2;  // the pad returns at once
+  return launch_pdl_in(pairs ? 2 : 0, kernel, dim3(blocks), dim3(kSlicedThreads), smem, stream,
+                       G, static_cast<const T*>(x), T_, bulk, pairs);
 }
 
 template <typename T, int V, int NT>

@@ -123,7 +123,9 @@ def _build(progress) -> None:
         progress(0.0, "building CUDA kernels, one time")
     out.mkdir(parents=True, exist_ok=True)
     major, minor = torch.cuda.get_device_capability()
-    arch = f"{major}{minor}"
+    # Hopper builds for sm_90a, whose features (the slice copy's multicast) ptxas would otherwise
+    # flag as possibly slow on later GPUs.
+    arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
     cpp_extension.load(
         name=name,
         sources=[str(CSRC / s) for s in SOURCES],
