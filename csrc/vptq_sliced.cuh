@@ -123,7 +123,8 @@ __device__ __forceinline__ bool bulk_copy_start(void* dst, const void* src, uint
           : "memory");
     } else {
       asm volatile(
-          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+          "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+          " [%0], [%1], %2, [%3];\n"
           ::"r"(d), "l"(src), "r"(bytes), "r"(b)
           : "memory");
     }
