@@ -113,6 +113,22 @@ def test_small_codebooks_stay_on_the_plain_path():
     assert sliced.eligible(make_spec(k=65536, v=8))
 
 
+def test_the_gpu_oracle_layers_cover_the_pairs_edge_cases():
+    """On Hopper the sliced GEMV runs in clusters of two blocks that share a slice copy where
+    both serve the same part (csrc/vptq_sliced.cuh bulk_copy_start). test_kernels.py's oracle
+    test, on an H100 or H200 (132 SMs), must meet the two exceptions: a grid of odd size, padded
+    with a block that returns at once, and pairs that straddle two parts (odd row_blocks)."""
+
+    def blocks(name):
+        layout = build(name, num_sms=132)[3]
+        return sliced.parts(layout.meta), layout.meta[11]
+
+    parts, row_blocks = blocks("v12-k65536-r4096-pad")
+    assert parts * row_blocks % 2 == 1  # 25 x 3: the pad
+    parts, row_blocks = blocks("v8-k65536")
+    assert parts % 2 == 0 and row_blocks % 2 == 1  # 16 x 5: twins, and pairs straddling parts
+
+
 def test_launch_shape_never_needs_a_second_wave():
     for rows in (1, 5, 128, 1792, 3584):
         for n_slices in (1, 3, 16, 32, 300):
