@@ -37,11 +37,26 @@ def test_two_turn_conversation(engine):
     turn2 = [
         *turn1,
         {"role": "assistant", "content": answer},
-        {"role": "user", "content": "And of Germany?"},
+        {"role": "user", "content": "What is the capital of Germany?"},
     ]
     answer2, events = engine.chat("t2", turn2)
     assert "Berlin" in answer2
     assert events[-1].get("stats")["cached_tokens"] > 30  # the first turn's KV was reused
+    # with the first turn's KV reused, the answer is the one computed from the whole
+    # conversation afresh (in this process, nothing cached)
+    assert answer2 == fresh_answer(turn2)
+
+
+def fresh_answer(messages, max_new_tokens=40):
+    """The demo's greedy answer from a new session in this process (as EngineProcess.chat)."""
+    from engine.generate import Session
+    from engine.models import resolve_model
+    from engine.sampling import SamplingParams
+
+    session = Session.load(resolve_model("demo"), "cpu", None, max_seq_len=2048)
+    ids, _ = session.prompt_ids(messages=messages, max_new_tokens=max_new_tokens)
+    params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
+    return "".join(session.generate(ids, params))
 
 
 def test_cancel_mid_answer_then_still_serves(engine):
