@@ -25,7 +25,10 @@ def engine(demo_path):
 
 
 def test_two_turn_conversation(engine):
-    turn1 = [{"role": "user", "content": "What is the capital of France?"}]
+    turn1 = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     answer, events = engine.chat("t1", turn1)
     assert "Paris" in answer
     started = next(m for m in events if m.type == "started")
@@ -37,10 +40,10 @@ def test_two_turn_conversation(engine):
     turn2 = [
         *turn1,
         {"role": "assistant", "content": answer},
-        {"role": "user", "content": "What is the capital of Germany?"},
+        {"role": "user", "content": "And of Germany?"},
     ]
     answer2, events = engine.chat("t2", turn2)
-    assert "Berlin" in answer2
+    assert "Berlin" in answer2  # which the demo answers only with the first turn before it
     assert events[-1].get("stats")["cached_tokens"] > 30  # the first turn's KV was reused
     # with the first turn's KV reused, the answer is the one computed from the whole
     # conversation afresh (in this process, nothing cached)
