@@ -88,7 +88,7 @@ def build_vptq_demo(progress: Progress | None = None) -> Path:
         return out
     dense = build_dense_demo(progress)
     if progress:
-        progress(0.0, "quantizing the demo model with VPTQ (one time, about 8 minutes)")
+        progress(0.0, "quantizing the demo model with VPTQ (one time, 3 to 8 minutes)")
 
     def log(message: str) -> None:
         if progress and message.startswith("layer "):
