@@ -421,16 +421,11 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   const int l = layer_of<GROUP>(G, b, first);
   const SlicedLayer& L = G.L[GROUP ? l : 0];
   if (b - first >= L.row_blocks * L.parts()) return;  // the pad of an odd grid in pairs
-  // Launched in clusters of two (in_pairs): the blocks b and b ^ 1 are twins where they serve the
-  // same layer and part (all pairs but those straddling two parts), and then share the slice
-  // copy (bulk_copy_start).
-  bool twin = false;
-  if (in_pairs) {
-    int peer_first = 0;
-    const int peer_l = layer_of<GROUP>(G, b ^ 1, peer_first);
-    twin = peer_l == l && (b ^ 1) - first < L.row_blocks * L.parts() &&
-           ((b ^ 1) - first) / L.row_blocks == (b - first) / L.row_blocks;
-  }
+  // Launched in clusters of two (in_pairs): blocks b and b ^ 1 are twins where both lie in the
+  // blocks of this layer's part, [lo, lo + row_blocks) (all pairs but those straddling two
+  // parts), and then share the slice copy (bulk_copy_start).
+  const int lo = first + (b - first) / L.row_blocks * L.row_blocks;
+  bool twin = in_pairs && (b ^ 1) >= lo && (b ^ 1) < lo + L.row_blocks;
   T* __restrict__ out = static_cast<T*>(G.out[GROUP ? l : 0]);
   float* __restrict__ ws = G.ws[GROUP ? l : 0];
   const int rblk = (blockIdx.x - first) % L.row_blocks, part = (blockIdx.x - first) / L.row_blocks;
