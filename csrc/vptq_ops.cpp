@@ -359,9 +359,19 @@ void check_cache(const at::Tensor& c, const at::Tensor& like, const char* name) 
               msg(name, " must be [1, kv_heads, max_seq, head_dim], not ", c.sizes()));
 }
 
-void check_pos(const at::Tensor& pos, const at::Tensor& like) {
+// The KV caches (two [1, Hkv, S, D] tensors of one shape beside `like`) and pos (one int64
+// there), checked; their shape goes to a.Hkv, a.S, a.D (RopeArgs, AttnArgs).
+template <typename Args>
+void check_kv(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos,
+              const at::Tensor& like, Args& a) {
+  check_cache(k_cache, like, "k_cache");
+  check_cache(v_cache, like, "v_cache");
   TORCH_CHECK(pos.device() == like.device() && pos.scalar_type() == at::kLong && pos.numel() == 1,
               "pos must be one int64 on the activations' GPU");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
+  a.Hkv = static_cast<int>(k_cache.size(1));
+  a.S = static_cast<int>(k_cache.size(2));
+  a.D = static_cast<int>(k_cache.size(3));
 }
 
 at::Tensor rope_kv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -372,14 +382,8 @@ at::Tensor rope_kv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const Act qa = act_input(q, k_cache.scalar_type(), "q");
   const Act ka = act_input(k, k_cache.scalar_type(), "k");
   const Act va = act_input(v, k_cache.scalar_type(), "v");
-  check_cache(k_cache, k_cache, "k_cache");
-  check_cache(v_cache, k_cache, "v_cache");
-  check_pos(pos, k_cache);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
   vptq::RopeArgs a;
-  a.Hkv = static_cast<int>(k_cache.size(1));
-  a.S = static_cast<int>(k_cache.size(2));
-  a.D = static_cast<int>(k_cache.size(3));
+  check_kv(k_cache, v_cache, pos, k_cache, a);
   TORCH_CHECK(a.D % 2 == 0 && qa.numel % a.D == 0,
               msg("q holds ", qa.numel, " values, not whole heads of ", a.D));
   a.H = static_cast<int>(qa.numel / a.D);
@@ -412,14 +416,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   const c10::cuda::CUDAGuard guard(q.device());
   const vptq::DType dt = dtype_of(q);
   check_act(q, q, "q");
-  check_cache(k_cache, q, "k_cache");
-  check_cache(v_cache, q, "v_cache");
-  check_pos(pos, q);
-  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
   vptq::AttnArgs a;
-  a.Hkv = static_cast<int>(k_cache.size(1));
-  a.S = static_cast<int>(k_cache.size(2));
-  a.D = static_cast<int>(k_cache.size(3));
+  check_kv(k_cache, v_cache, pos, q, a);
   TORCH_CHECK(q.numel() % a.D == 0, msg("q holds ", q.numel(), " values, not whole heads"));
   a.H = static_cast<int>(q.numel() / a.D);
   TORCH_CHECK(vptq::decode_attention_supported(a.H, a.Hkv, a.D),

@@ -145,7 +145,8 @@ def greedy_pick(logits, token, seen, pos, ticket) -> None:
 
 
 # What sample_pick_kernel holds (csrc/vptq_decode.cu: 8 blocks of kSampleMaxPer values) and
-# the shared memory a block takes besides its values (the 128 KiB histogram and small arrays).
+# the shared memory a block takes besides its values (the 128 KiB histogram and small arrays);
+# test_decode_ops.py reads the kernel's constants from the source and checks these against them.
 SAMPLE_PICK_MAX_VOCAB = 8 * 22 * 1024
 SAMPLE_PICK_SMEM = 128 * 1024 + 8 * 1024
 

@@ -2,6 +2,10 @@
 partial sums) is the in-order float32 sum of its terms, and every decode op that takes one
 gives what it gives for that sum as a tensor."""
 
+import math
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +114,22 @@ def test_the_sampled_pick_kernel_is_chosen_only_where_it_fits():
     assert not fused.sample_pick_fits(128256, 12, 99 * 1024)  # a GeForce RTX 5090
     assert not fused.sample_pick_fits(32768, 12, 99 * 1024)  # even Mistral's small vocabulary
     assert not fused.sample_pick_fused(torch.zeros(1, 1000))  # CPU logits: the PyTorch code
+
+
+def test_the_sampled_pick_limits_match_the_kernel_source():
+    """sample_pick_fits decides on the CPU what the kernel takes; its limits are the constants
+    of csrc/vptq_decode.cu, read here from the source so that neither drifts alone."""
+    src = (Path(__file__).resolve().parents[2] / "csrc" / "vptq_decode.cu").read_text()
+
+    def const(name: str) -> int:
+        m = re.search(rf"constexpr int {name} = ([0-9 *]+);", src)
+        assert m, f"{name} not found in csrc/vptq_decode.cu"
+        return math.prod(int(f) for f in m.group(1).split("*"))
+
+    cluster, per = const("kSampleCluster"), const("kSampleMaxPer")
+    hist = const("kSampleBins") * const("kSampleThreads") * 4
+    assert cluster * per == fused.SAMPLE_PICK_MAX_VOCAB
+    # the histogram and the small static arrays beside it; a block of the largest vocabulary
+    # still fits an H100's 227 KiB
+    assert hist <= fused.SAMPLE_PICK_SMEM <= hist + 16 * 1024
+    assert fused.SAMPLE_PICK_SMEM + 4 * per <= 227 * 1024
