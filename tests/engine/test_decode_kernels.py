@@ -383,6 +383,15 @@ def test_decode_ops_reject_bad_input_with_a_message():
         torch.ops.vptq.rope_kv(q, k[..., :64], k, cos, sin, p, kc, vc)
     with pytest.raises(RuntimeError, match="cos and sin must be float32"):
         torch.ops.vptq.rope_kv(q, k, k, cos.half(), sin, p, kc, vc)
+    one_head = vc[:, :1]  # [1, 1, 16, 64] beside a [1, 2, 16, 64] k_cache
+    for op in (
+        lambda: torch.ops.vptq.rope_kv(q, k, k, cos, sin, p, kc, one_head),
+        lambda: torch.ops.vptq.decode_attention(q[..., :128], kc, one_head, p, 0, 0.125),
+    ):
+        with pytest.raises(RuntimeError, match="k_cache and v_cache differ in shape"):
+            op()
+    with pytest.raises(RuntimeError, match="pos must be one int64"):
+        torch.ops.vptq.rope_kv(q, k, k, cos, sin, p.int(), kc, vc)
     assert not fused.attention_fused(q, 9, 2, 64)  # the model keeps SDPA for such heads
 
 
