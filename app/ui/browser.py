@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..browser import BrowserController, Details, EntryRole, Filters, eta_text, size_text
-from ..downloads import Download
+from ..downloads import ACTIVE, Download
 from ..fit import gib
 
 VERDICT_COLOURS = {"fits": "#2e7d32", "tight": "#b26a00", "does not fit": "#c62828"}
@@ -334,14 +334,31 @@ class LocalTab(QWidget):
         b["Resume"].clicked.connect(lambda: self._on(ctrl.resume))
         b["Cancel"].clicked.connect(lambda: self._on(lambda r: spawn(ctrl.cancel(r))))
         b["Delete…"].clicked.connect(lambda: self._on(self._delete))
-        ctrl.local.dataChanged.connect(self._totals)
-        ctrl.local.rowsInserted.connect(self._totals)
-        ctrl.local.rowsRemoved.connect(self._totals)
+        for signal in (ctrl.local.dataChanged, ctrl.local.rowsInserted, ctrl.local.rowsRemoved):
+            signal.connect(self._totals)
+            signal.connect(self._buttons_for_selection)
+        self.table.selectionModel().currentChanged.connect(self._buttons_for_selection)
         self._totals()
+        self._buttons_for_selection()
 
     def selected(self) -> str | None:
         idx = self.table.currentIndex()
         return idx.data(EntryRole) if idx.isValid() else None
+
+    def _buttons_for_selection(self, *_) -> None:
+        """Only what applies to the selected row: load an installed model, pause a running
+        download, resume a paused, failed or partial one, cancel a download (not an installed
+        model: that is Delete), delete anything on disk."""
+        repo = self.selected()
+        row = next((r for r in self.ctrl.local.rows if r["repo"] == repo), None)
+        state = row["state"] if row else None
+        running = state in ACTIVE or state == "queued"
+        b = self.buttons
+        b["Load in chat"].setEnabled(state == "installed")
+        b["Pause"].setEnabled(running)
+        b["Resume"].setEnabled(state in ("paused", "failed", "partial"))
+        b["Cancel"].setEnabled(running or state in ("paused", "failed"))
+        b["Delete…"].setEnabled(row is not None)
 
     def _on(self, fn) -> None:
         repo = self.selected()

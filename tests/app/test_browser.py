@@ -131,6 +131,10 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
     rows = app.browser.local.rows
     assert [(r["repo"], r["state"]) for r in rows] == [(SMALL, "installed")]
     w.tabs.setCurrentIndex(1)
+    local = w.local
+    assert enabled_buttons(local) == []  # nothing selected yet
+    local.table.setCurrentIndex(app.browser.local.index(0, 0))
+    assert enabled_buttons(local) == ["Load in chat", "Delete…"]
     shots = os.environ.get("VPTQ_CHAT_SCREENSHOTS")
     if shots:
         w.tabs.setCurrentIndex(0)
@@ -141,6 +145,11 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
         w.grab().save(os.path.join(shots, "models-installed.png"))
     detail.load.click()
     wait_until(qloop, lambda: app.settings.model == str(folder), what="the load")
+
+
+def enabled_buttons(local) -> list[str]:
+    """The Downloads & installed tab's buttons that can be clicked now, in their order."""
+    return [text for text, b in local.buttons.items() if b.isEnabled()]
 
 
 def test_pause_and_resume_from_the_window(browser_app, qloop):
@@ -160,9 +169,13 @@ def test_pause_and_resume_from_the_window(browser_app, qloop):
         lambda: (d := app.downloads.downloads.get(SMALL)) is not None and d.done > 20_000,
         what="some bytes",
     )
+    local = app.models_window.local
+    local.table.setCurrentIndex(app.browser.local.index(0, 0))
+    assert enabled_buttons(local) == ["Pause", "Cancel", "Delete…"]
     detail.pause.click()
     d = app.downloads.downloads[SMALL]
     assert d.state == "paused" and detail.download.text() == "Resume"
+    assert enabled_buttons(local) == ["Resume", "Cancel", "Delete…"]
     wait_until(qloop, lambda: d.task.done(), what="the worker to stop")
     detail.download.click()
     wait_until(qloop, lambda: d.state == "installed", what="the resumed download")
