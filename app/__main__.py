@@ -113,10 +113,10 @@ class App:
     ):
         from PySide6.QtGui import QIcon
         from PySide6.QtWidgets import QApplication
-        from qasync import QEventLoop
 
         from .controller import ChatController
         from .engine_client import EngineClient
+        from .event_loop import QtAsyncLoop
         from .gpu import Gpus
         from .settings import Settings
         from .store import Store
@@ -138,7 +138,7 @@ class App:
         self.dark = is_dark(self.qapp, theme)
         apply_theme(self.qapp, self.dark)
         self.store = Store(data / "history.sqlite3")  # StoreError: the caller says so
-        self.loop = loop or QEventLoop(self.qapp)
+        self.loop = loop or QtAsyncLoop(self.qapp)
         asyncio.set_event_loop(self.loop)
         self.client = EngineClient(engine_command(), log_path=self.log_dir / "engine.log")
         self.ctrl = ChatController(self.store, self.client, self.settings)

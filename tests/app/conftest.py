@@ -14,9 +14,9 @@ FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
 
 @pytest.fixture(scope="session")
 def qloop(qapp):
-    import qasync
+    from app.event_loop import QtAsyncLoop
 
-    loop = qasync.QEventLoop(qapp)
+    loop = QtAsyncLoop(qapp)
     asyncio.set_event_loop(loop)
     yield loop
     loop.close()  # before Qt goes away, not in a finalizer at exit
