@@ -57,12 +57,12 @@ def run_checks(hello: dict, gpus: Gpus, models_dir: Path) -> list[Check]:
             )
         )
     cuda = hello.get("device") == "cuda"
-    torch_version = hello.get("torch", "?")
+    torch_name = " ".join(["PyTorch", *([hello["torch"]] if hello.get("torch") else [])])
     checks.append(
         Check(
             "PyTorch with CUDA",
             cuda,
-            f"PyTorch {torch_version}" + ("" if cuda else " cannot use a GPU"),
+            torch_name + ("" if cuda else " cannot use a GPU"),
             ""
             if cuda
             else "Install a CUDA build of PyTorch into this environment (needed only for a GPU).",

@@ -89,6 +89,7 @@ def main():
         version=1,
         engine="fake",
         device="cpu",
+        torch="2.13.0+cpu",
         gpus=[],
         cuda_devices=[],
         kernels="reference",

@@ -82,6 +82,11 @@ def test_first_run_verdict_without_a_gpu(tmp_path):
     assert (
         checks["PyTorch with CUDA"].ok is False and "CUDA build" in checks["PyTorch with CUDA"].fix
     )
+    import torch
+
+    assert checks["PyTorch with CUDA"].detail == f"PyTorch {torch.__version__} cannot use a GPU"
+    unknown = {c.name: c for c in run_checks({**info, "torch": None}, gpus, tmp_path / "models")}
+    assert unknown["PyTorch with CUDA"].detail == "PyTorch cannot use a GPU"  # not "PyTorch ?"
     assert checks["CUDA kernels"].ok is None  # not needed on the CPU path
     assert checks["Disk space for models"].ok is not None
     assert verdict(list(checks.values())).startswith("No usable GPU: VPTQ Chat runs on the CPU")
