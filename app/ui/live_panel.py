@@ -24,7 +24,7 @@ class Sparkline(QWidget):
     def __init__(self) -> None:
         super().__init__()
         self.values: list[float] = []
-        self.setMinimumHeight(60)
+        self.setMinimumHeight(80)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.setAccessibleName("Tokens per second of recent answers")
 
@@ -41,18 +41,23 @@ class Sparkline(QWidget):
         if len(self.values) < 1:
             p.drawText(r, Qt.AlignmentFlag.AlignCenter, "no answers yet")
             return
-        top = max(self.values) * 1.1 or 1.0
+        # the line below the scale's label, so that a steady rate does not run through it
+        plot = r.adjusted(3, p.fontMetrics().height() + 4, -3, -3)
+        top = max(self.values) or 1.0
         n = max(len(self.values) - 1, 1)
         pts = [
-            QPointF(r.left() + r.width() * i / n, r.bottom() - r.height() * v / top)
-            for i, v in enumerate(self.values)
+            QPointF(
+                plot.right() - plot.width() * (len(self.values) - 1 - i) / n,
+                plot.bottom() - plot.height() * v / top,
+            )
+            for i, v in enumerate(self.values)  # newest on the right, the first answer too
         ]
         p.setPen(QPen(self.palette().highlight().color(), 2))
         p.drawPolyline(QPolygonF(pts))
         p.setBrush(self.palette().highlight())
         p.drawEllipse(pts[-1], 3, 3)
         p.setPen(self.palette().text().color())
-        p.drawText(r.adjusted(4, 2, 0, 0), Qt.AlignmentFlag.AlignLeft, f"{top / 1.1:.1f} tok/s")
+        p.drawText(r.adjusted(4, 2, 0, 0), Qt.AlignmentFlag.AlignLeft, f"max {top:.1f} tok/s")
 
 
 class GpuCard(QFrame):

@@ -214,3 +214,38 @@ def test_failed_load_leaves_a_usable_engine_and_shows_kernel_state(tmp_path, qlo
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()
+
+
+def test_throughput_line_stays_below_its_label(qapp):
+    """The sparkline of answers' tokens/s: a steady rate draws at the top of the plot, under the
+    scale's label, not through it; a slower answer draws lower."""
+    from PySide6.QtGui import QColor
+
+    from app.ui.live_panel import Sparkline
+
+    s = Sparkline()
+    s.resize(220, 60)
+    for v in (50.0, 50.0, 25.0):
+        s.add(v)
+    image = s.grab().toImage()
+    line = s.palette().highlight().color()
+
+    def rows_with_line(x0: int, x1: int) -> list[int]:
+        def near(c: QColor) -> bool:
+            return abs(c.red() - line.red()) + abs(c.green() - line.green()) < 40 and (
+                abs(c.blue() - line.blue()) < 40
+            )
+
+        return [y for y in range(image.height()) for x in range(x0, x1)
+                if near(image.pixelColor(x, y))]  # fmt: skip
+
+    label_bottom = 4 + 2 + s.fontMetrics().height()
+    steady = rows_with_line(20, 60)  # the first two answers, 50 tok/s
+    assert steady and min(steady) >= label_bottom - 1, (min(steady), label_bottom)
+    slower = rows_with_line(190, 200)  # the last, 25 tok/s
+    assert slower and min(slower) > max(steady)
+    first = Sparkline()
+    first.resize(220, 60)
+    first.add(40.0)  # a first answer: a dot at the right, where the newest are
+    image = first.grab().toImage()
+    assert rows_with_line(200, 220) and not rows_with_line(0, 100)
