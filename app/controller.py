@@ -39,6 +39,8 @@ class ChatController(QObject):
         self.conversations = ConversationListModel(rename=self.rename)
         self.messages = MessageListModel()
         self.current: int | None = None
+        # chat settings edited with no chat open: what the next new chat starts with
+        self.next_chat: tuple[str, dict[str, Any]] | None = None
         self.active: dict[str, Any] | None = None  # the request being streamed
         self.task: asyncio.Task | None = None
         self.repaint = QTimer(self, interval=REPAINT_MS)
@@ -58,9 +60,9 @@ class ChatController(QObject):
         self.conversation_opened.emit(cid)
 
     def new_conversation(self) -> int:
-        c = self.store.create_conversation(
-            system_prompt=self.settings.system_prompt, sampling=dict(self.settings.sampling)
-        )
+        system, sampling = self.next_chat or (self.settings.system_prompt, self.settings.sampling)
+        self.next_chat = None
+        c = self.store.create_conversation(system_prompt=system, sampling=dict(sampling))
         self.conversations.put_first(c)
         self.open(c.id)
         return c.id
@@ -88,10 +90,10 @@ class ChatController(QObject):
             self.store.update_conversation(self.current, draft=text)
 
     def update_settings(self, system_prompt: str, sampling: dict[str, Any]) -> None:
-        if self.current is not None:
-            self.store.update_conversation(
-                self.current, system_prompt=system_prompt, sampling=sampling
-            )
+        if self.current is None:  # kept for the chat the next message (or New chat) starts
+            self.next_chat = (system_prompt, dict(sampling))
+            return
+        self.store.update_conversation(self.current, system_prompt=system_prompt, sampling=sampling)
 
     # -- chat ----------------------------------------------------------------------------------
     def send(self, text: str) -> bool:

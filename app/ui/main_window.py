@@ -154,6 +154,13 @@ class MainWindow(QMainWindow):
         if ctrl.conversations.rowCount():
             self.list.setCurrentIndex(ctrl.conversations.index(0))
             ctrl.open(ctrl.conversations.rows[0].id)
+        else:
+            self._show_next_chat_settings()
+
+    def _show_next_chat_settings(self) -> None:
+        """With no chat open the panel holds what the next new chat starts with (the app's
+        defaults until edited), not the fields' minimums."""
+        self.chat_settings.load(self.settings.system_prompt, self.settings.sampling)
 
     def _menus(self) -> None:
         def act(menu, text, slot, shortcut=None):
@@ -268,6 +275,8 @@ class MainWindow(QMainWindow):
             == QMessageBox.StandardButton.Yes
         ):
             self.ctrl.delete(cid)
+            if self.ctrl.current is None:
+                self._show_next_chat_settings()
 
     def _export(self, kind: str) -> None:
         cid = self.ctrl.current

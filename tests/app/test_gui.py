@@ -249,3 +249,38 @@ def test_throughput_line_stays_below_its_label(qapp):
     first.add(40.0)  # a first answer: a dot at the right, where the newest are
     image = first.grab().toImage()
     assert rows_with_line(200, 220) and not rows_with_line(0, 100)
+
+
+def test_settings_before_the_first_chat_start_it(tmp_path, qloop, monkeypatch):
+    """With no chat open the settings panel shows the defaults, not its fields' minimums, and
+    what is set there before the first message is what that new chat starts with and sends."""
+    from app.settings import DEFAULT_SAMPLING
+
+    from .conftest import make_app
+
+    requests = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(requests))
+    app = make_app(tmp_path / "data", qloop, monkeypatch)
+    try:
+        panel = app.window.chat_settings
+        assert app.ctrl.current is None
+        shown = {k: box.value() for k, box in panel.fields.items()}
+        assert shown == {**DEFAULT_SAMPLING, "seed": -1}
+        panel.system.setText("Answer in French.")
+        panel.system.editingFinished.emit()
+        panel.fields["max_new_tokens"].setValue(64)
+        send(app, "hello")
+        wait_until(qloop, lambda: answer_done(app))
+        conv = app.ctrl.store.conversation(app.ctrl.current)
+        assert conv.system_prompt == "Answer in French."
+        assert conv.sampling["max_new_tokens"] == 64
+        generate = [json.loads(x) for x in requests.read_text().splitlines()][-1]
+        assert generate["messages"][0] == {"role": "system", "content": "Answer in French."}
+        assert generate["sampling"]["max_new_tokens"] == 64
+        app.window.chat_settings.toggle.click()  # the next chat starts from the defaults again
+        app.ctrl.new_conversation()
+        assert app.ctrl.store.conversation(app.ctrl.current).system_prompt == ""
+        assert panel.fields["max_new_tokens"].value() == DEFAULT_SAMPLING["max_new_tokens"]
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
