@@ -400,7 +400,7 @@ class HubSettingsTab(QWidget):
         ):
             w.setAccessibleName(name)
         save = QPushButton("Save")
-        forget = QPushButton("Forget token")
+        self.forget_button = forget = QPushButton("Forget token")
         form = QFormLayout(self)
         form.addRow("Mirror endpoint (HF_ENDPOINT)", self.endpoint)
         form.addRow("Proxy", self.proxy)
@@ -419,7 +419,9 @@ class HubSettingsTab(QWidget):
     def _token_status(self) -> None:
         from ..hub import token
 
-        self.status.setText("A token is stored." if token() else "No token stored.")
+        stored = bool(token())
+        self.status.setText("A token is stored." if stored else "No token stored.")
+        self.forget_button.setEnabled(stored)
 
     def save(self) -> None:
         from ..hub import HubError, save_token
@@ -437,6 +439,7 @@ class HubSettingsTab(QWidget):
                 return
             self.token.clear()
             self.status.setText(f"Saved; the token belongs to {user}." if user else "Saved.")
+            self.forget_button.setEnabled(True)
             return
         self.status.setText("Saved.")
 

@@ -186,6 +186,7 @@ def test_hub_settings_are_saved(browser_app, qloop, tmp_path):
     app, _ = browser_app
     app.show_models()
     tab = app.models_window.hub_settings
+    assert not tab.forget_button.isEnabled() and tab.status.text() == "No token stored."
     tab.proxy.setText("http://127.0.0.1:3128")
     tab.offline.setChecked(True)
     tab.token.setText("hf_abc")
@@ -195,7 +196,9 @@ def test_hub_settings_are_saved(browser_app, qloop, tmp_path):
     assert os.environ["HTTPS_PROXY"] == "http://127.0.0.1:3128"
     from huggingface_hub import get_token
 
-    assert get_token() == "hf_abc"
+    assert get_token() == "hf_abc" and tab.forget_button.isEnabled()
+    tab.forget_button.click()
+    assert get_token() is None and not tab.forget_button.isEnabled()
     tab.proxy.setText("")
     tab.offline.setChecked(False)
     tab.save()
