@@ -35,6 +35,8 @@ def stats_line(stats: dict, status: str) -> str:
         parts.append(f"prompt {stats['prefill_tok_s']:.0f} tok/s")
     if status == "stopped":
         parts.append("stopped")
+    if status == "error":  # the text is what came before it (the banner says what happened)
+        parts.append("ended by an error")
     if stats.get("truncated"):
         parts.append("cut at the token limit")
     if status == "streaming":

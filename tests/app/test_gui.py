@@ -68,6 +68,7 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     wait_until(qloop, lambda: answer_done(gui), what="the crash")
     last = gui.store.messages(gui.ctrl.current)[-1]
     assert last.status == "error" and last.content.startswith("You said:")  # partial kept
+    assert gui.window.chat.widgets[-1].meta.text() == "ended by an error"  # marked unfinished
     banner = gui.window.banner.text()
     assert "stopped unexpectedly" in banner and str(gui.log_dir) in banner
     # a new engine process and a model load: allow for a busy CI machine (it once took > 20 s)
