@@ -21,7 +21,7 @@ from PySide6.QtCore import (
 
 from engine.memory import sliced_model_bytes
 
-from .downloads import Download, DownloadManager
+from .downloads import ACTIVE, Download, DownloadManager
 from .fit import Fit, Shape, fit
 from .gpu import GpuInfo, Gpus
 from .hub import (
@@ -178,7 +178,7 @@ class LocalModel(_Table):
             return r.get("message") or r["repo"]
         if role != Qt.ItemDataRole.DisplayRole:
             return None
-        active = r["state"] in ("downloading", "stalled", "retrying", "checking", "verifying")
+        active = r["state"] in ACTIVE
         return (
             r["repo"].split("/", 1)[-1],
             r["state"],

@@ -56,6 +56,7 @@ class ChatController(QObject):
         if self.busy:
             self.stop()
         self.current = cid
+        self.next_chat = None  # what was set with no chat open is for a chat started from there
         self.messages.set_rows(self.store.messages(cid))
         self.conversation_opened.emit(cid)
 

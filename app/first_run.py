@@ -57,7 +57,7 @@ def run_checks(hello: dict, gpus: Gpus, models_dir: Path) -> list[Check]:
             )
         )
     cuda = hello.get("device") == "cuda"
-    torch_name = " ".join(["PyTorch", *([hello["torch"]] if hello.get("torch") else [])])
+    torch_name = f"PyTorch {hello['torch']}" if hello.get("torch") else "PyTorch"
     checks.append(
         Check(
             "PyTorch with CUDA",

@@ -352,12 +352,11 @@ class LocalTab(QWidget):
         repo = self.selected()
         row = next((r for r in self.ctrl.local.rows if r["repo"] == repo), None)
         state = row["state"] if row else None
-        running = state in ACTIVE or state == "queued"
         b = self.buttons
         b["Load in chat"].setEnabled(state == "installed")
-        b["Pause"].setEnabled(running)
+        b["Pause"].setEnabled(state in ACTIVE)  # what DownloadManager.pause stops
         b["Resume"].setEnabled(state in ("paused", "failed", "partial"))
-        b["Cancel"].setEnabled(running or state in ("paused", "failed"))
+        b["Cancel"].setEnabled(state in (*ACTIVE, "queued", "paused", "failed"))
         b["Delete…"].setEnabled(row is not None)
 
     def _on(self, fn) -> None:

@@ -274,9 +274,8 @@ class MainWindow(QMainWindow):
             QMessageBox.question(self, "Delete chat", f"Delete “{title}”? This cannot be undone.")
             == QMessageBox.StandardButton.Yes
         ):
-            self.ctrl.delete(cid)
-            if self.ctrl.current is None:
-                self._show_next_chat_settings()
+            self.ctrl.delete(cid)  # the open chat: none is open now
+            self._show_next_chat_settings()
 
     def _export(self, kind: str) -> None:
         cid = self.ctrl.current

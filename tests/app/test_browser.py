@@ -182,6 +182,26 @@ def test_pause_and_resume_from_the_window(browser_app, qloop):
     assert (hub.gets("model-00001")[-1][2] or "").startswith("bytes="), hub.requests
 
 
+def test_download_buttons_follow_the_rows_state(browser_app):
+    """Pause only where the manager can stop a transfer (not a queued one, which Cancel
+    removes), Resume where there is something to resume."""
+    app, _ = browser_app
+    app.show_models()
+    local, rows = app.models_window.local, app.browser.local
+    row = dict(repo=SMALL, message="", fraction=0.0, speed=0.0, eta=None, disk=0)
+    want = {
+        "queued": ["Cancel", "Delete…"],
+        "stalled": ["Pause", "Cancel", "Delete…"],
+        "failed": ["Resume", "Cancel", "Delete…"],
+        "partial": ["Resume", "Delete…"],
+        "installed": ["Load in chat", "Delete…"],
+    }
+    for state, buttons in want.items():
+        rows.upsert({**row, "state": state})
+        local.table.setCurrentIndex(rows.index(0, 0))
+        assert enabled_buttons(local) == buttons, state
+
+
 def test_hub_settings_are_saved(browser_app, qloop, tmp_path):
     app, _ = browser_app
     app.show_models()

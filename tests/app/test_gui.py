@@ -282,6 +282,15 @@ def test_settings_before_the_first_chat_start_it(tmp_path, qloop, monkeypatch):
         app.ctrl.new_conversation()
         assert app.ctrl.store.conversation(app.ctrl.current).system_prompt == ""
         assert panel.fields["max_new_tokens"].value() == DEFAULT_SAMPLING["max_new_tokens"]
+        # set with no chat open, then a chat opened instead: not carried into a later new chat
+        first, second = app.ctrl.conversations.rows[1].id, app.ctrl.current
+        app.ctrl.delete(second)
+        panel.system.setText("Talk like a pirate.")
+        panel.system.editingFinished.emit()
+        app.ctrl.open(first)
+        assert app.ctrl.store.conversation(first).system_prompt == "Answer in French."
+        app.ctrl.new_conversation()
+        assert app.ctrl.store.conversation(app.ctrl.current).system_prompt == ""
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()
