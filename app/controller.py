@@ -236,14 +236,13 @@ class ChatController(QObject):
         device = None if self.settings.device == "auto" else self.settings.device
         self.status.emit(f"Loading {path}…")
         try:
-            info = await self.client.load(
+            await self.client.load(
                 path, device=device, max_seq_len=self.settings.context, on_progress=self._progress
             )
         except EngineError as e:
             self.error.emit(f"Could not load {path}: {e}")
             return
-        self.settings.model = path
-        self.status.emit(f"{info.get('model')} ready: {info.get('n_ctx')} tokens of context")
+        self.settings.model = path  # the window shows it ready (the engine's "loaded" state)
 
     def _progress(self, fraction: float, stage: str) -> None:
         self.status.emit(f"{stage}: {fraction:.0%}")

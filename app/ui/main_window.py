@@ -240,6 +240,9 @@ class MainWindow(QMainWindow):
         self.panel.set_engine(state, info)
         if state == "crashed":
             self.show_error(f"{info.get('message')}. Restarting it; your conversation is kept.")
+        elif state == "loaded":  # the user's load and the reload after a restart alike
+            model, n_ctx = info.get("model"), info.get("n_ctx")
+            self.statusBar().showMessage(f"{model} ready: {n_ctx} tokens of context")
 
     def _poll(self) -> None:
         pid = self.ctrl.client.proc.pid if self.ctrl.client.proc else None

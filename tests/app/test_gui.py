@@ -73,6 +73,7 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     assert "stopped unexpectedly" in banner and str(gui.log_dir) in banner
     # a new engine process and a model load: allow for a busy CI machine (it once took > 20 s)
     wait_until(qloop, lambda: gui.client.state == "loaded", timeout=60, what="the restart")
+    assert gui.window.statusBar().currentMessage() == "demo ready: 2048 tokens of context"
     send(gui, "again")
     wait_until(
         qloop,
