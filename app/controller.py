@@ -22,6 +22,9 @@ from .ui.models import ConversationListModel, MessageListModel
 log = logging.getLogger("app.chat")
 REPAINT_MS = 100
 SAVE_S = 0.5
+# Error kinds whose news the user already has: the window shows a crash from the engine's state,
+# and a stop is the user's own restart. An answer they end is marked, without a second banner.
+ANNOUNCED = ("crashed", "stopped")
 
 
 class ChatController(QObject):
@@ -169,6 +172,7 @@ class ChatController(QObject):
 
     async def _consume(self, queue: asyncio.Queue, a: dict[str, Any]) -> None:
         errors: list[str] = []
+        announced: set[str] = set()  # errors the window already shows from the engine's state
         while True:
             msg = await queue.get()
             if msg.type == "started":
@@ -184,8 +188,11 @@ class ChatController(QObject):
                     a["saved"] = time.monotonic()
             elif msg.type == "error":
                 errors.append(msg.get("message", "unknown error"))
+                if msg.get("kind") in ANNOUNCED:
+                    announced.add(errors[-1])
             elif msg.type == "finished":
-                self._finish(a, msg.get("reason", "error"), msg.get("stats") or {}, errors)
+                self._finish(a, msg.get("reason", "error"), msg.get("stats") or {}, errors,
+                             announced)  # fmt: skip
                 return
 
     def _flush(self) -> None:
@@ -198,7 +205,9 @@ class ChatController(QObject):
         if elapsed > 0:
             self.live_rate.emit(a["tokens"] / elapsed)
 
-    def _finish(self, a: dict[str, Any], reason: str, stats: dict, errors: list[str]) -> None:
+    def _finish(
+        self, a: dict[str, Any], reason: str, stats: dict, errors: list[str], announced: set[str]
+    ) -> None:
         self.repaint.stop()
         status = {"stop": "done", "length": "done", "cancelled": "stopped"}.get(reason, "error")
         if reason == "length":
@@ -211,8 +220,9 @@ class ChatController(QObject):
             self.messages.update(a["row"], content=text, status=status, stats=stats)
         self.active = None
         self.busy_changed.emit(False)
-        if errors:
-            self.error.emit("; ".join(errors))
+        news = [e for e in errors if e not in announced]
+        if news:
+            self.error.emit("; ".join(news))
         if stats:
             self.answer_finished.emit(stats)
 
@@ -225,14 +235,27 @@ class ChatController(QObject):
 
     # -- engine ----------------------------------------------------------------------------------
     async def start_engine(self) -> None:
-        """Start the engine and load the configured model; failures become error signals."""
+        """Start the engine and load the configured model. A failed start needs no error signal:
+        the client's "failed" state carries its message to the window."""
         try:
             await self.client.start()
-            await self.load_model(self.settings.model)
-        except EngineError as e:
-            self.error.emit(str(e))
+        except EngineError:
+            return
+        await self.load_model(self.settings.model)
+
+    async def restart_engine(self) -> None:
+        """Model > Restart engine: stop the engine (an answer in progress keeps what it has, marked
+        as ended by an error) and start it again with the model; after the engine crashed too
+        often to be restarted by itself, this is how it comes back."""
+        await self.client.shutdown()
+        await self.start_engine()
 
     async def load_model(self, path: str) -> None:
+        if self.client.state in ("stopped", "failed"):  # a load starts a dead engine again
+            try:
+                await self.client.start()
+            except EngineError:
+                return  # the "failed" state tells the window why
         device = None if self.settings.device == "auto" else self.settings.device
         self.status.emit(f"Loading {path}…")
         try:

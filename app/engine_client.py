@@ -26,6 +26,10 @@ StateCallback = Callable[[str, dict[str, Any]], None]
 STATES = ("stopped", "starting", "ready", "loading", "loaded", "crashed", "failed")
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else "twice" if n == 2 else f"{n} times"
+
+
 class EngineError(Exception):
     """An error the engine reported (load failures, bad requests) or a dead engine."""
 
@@ -64,7 +68,14 @@ class EngineClient:
 
     # -- process -------------------------------------------------------------------------------
     async def start(self) -> dict[str, Any]:
-        """Start the engine and wait for its hello."""
+        """Start the engine and wait for its hello (a process left from a start that timed out
+        is killed first)."""
+        if self.proc is not None and self.proc.returncode is None:
+            self._closing = True  # its end is not a crash
+            self.proc.kill()
+            await self.proc.wait()
+            if self._reader is not None:
+                await asyncio.gather(self._reader, return_exceptions=True)
         self._closing = False
         self._set_state("starting")
         stderr = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL  # noqa: SIM115
@@ -128,17 +139,22 @@ class EngineClient:
         elif msg.type == "error":
             log.error("engine error: %s", msg.payload)
 
-    async def _crashed(self, code: int | None) -> None:
-        why = self._explain(f"the engine stopped unexpectedly (exit code {code})")
-        log.error(why)
+    def _end_requests(self, kind: str, why: str) -> None:
+        """Every open request ends with an error (kind, why): its queue with that and
+        ``finished``, its waiter with that."""
         for id_, queue in list(self._queues.items()):
-            queue.put_nowait(Message("error", id_, {"kind": "crashed", "message": why}))
+            queue.put_nowait(Message("error", id_, {"kind": kind, "message": why}))
             queue.put_nowait(Message("finished", id_, {"reason": "error", "stats": {}}))
         self._queues.clear()
         for waiter in self._waiters.values():
             if not waiter.done():
-                waiter.set_result(Message("error", None, {"kind": "crashed", "message": why}))
+                waiter.set_result(Message("error", None, {"kind": kind, "message": why}))
         self._waiters.clear()
+
+    async def _crashed(self, code: int | None) -> None:
+        why = self._explain(f"the engine stopped unexpectedly (exit code {code})")
+        log.error(why)
+        self._end_requests("crashed", why)
         if self._hello is not None and not self._hello.done():
             self._hello.set_exception(EngineError(why))
             return
@@ -147,8 +163,8 @@ class EngineClient:
         if len(self._restarts) > self.max_restarts:
             self._set_state(
                 "failed",
-                message=f"{why}; it crashed {len(self._restarts)} times "
-                "in 5 minutes, so it was not restarted",
+                message=f"{why}; it crashed {_times(len(self._restarts))} in 5 minutes, "
+                "so it was not restarted",
             )
             return
         self._set_state("crashed", message=why)
@@ -252,4 +268,5 @@ class EngineClient:
             await proc.wait()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
+        self._end_requests("stopped", "the engine was stopped before it answered")
         self._set_state("stopped")

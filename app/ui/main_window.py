@@ -186,6 +186,8 @@ class MainWindow(QMainWindow):
         act(m, "&Browse and download models…", self.models_requested.emit, "Ctrl+M")
         act(m, "Load &demo model", lambda: self._load("demo"))
         act(m, "Load model &folder…", self._load_folder)
+        m.addSeparator()
+        act(m, "&Restart engine", lambda: self._spawn(self.ctrl.restart_engine()))
         m = self.menuBar().addMenu("&View")
         a = act(m, "&Live panel", lambda on: self.panel.setVisible(on))
         a.setCheckable(True)
@@ -240,6 +242,11 @@ class MainWindow(QMainWindow):
         self.panel.set_engine(state, info)
         if state == "crashed":
             self.show_error(f"{info.get('message')}. Restarting it; your conversation is kept.")
+            self.statusBar().showMessage("The engine crashed; restarting it…")
+        elif state == "failed":
+            self.show_error(f"{info.get('message')}. Your conversation is kept; "
+                            "Model > Restart engine starts it again.")  # fmt: skip
+            self.statusBar().showMessage("The engine is not running")
         elif state == "loaded":  # the user's load and the reload after a restart alike
             model, n_ctx = info.get("model"), info.get("n_ctx")
             self.statusBar().showMessage(f"{model} ready: {n_ctx} tokens of context")

@@ -16,6 +16,7 @@ from engine.protocol import REQUESTS, decode, encode
 
 out = sys.stdout
 cancelled: set[str] = set()
+ANSWERING = "answering"  # cancels whichever answer is under way
 inbox: list = []
 cv = threading.Condition()
 
@@ -34,6 +35,9 @@ def reader():
         with cv:
             if msg.type == "cancel":
                 cancelled.add(msg.id)
+            elif msg.type == "shutdown":  # as engine/server.py: the answer under way is cancelled
+                cancelled.add(ANSWERING)
+                inbox.append(msg)
             elif msg.type == "stats":
                 send(
                     "stats", msg.id, model="fake", pid=os.getpid(), rss_bytes=1 << 20, vram_bytes=0
@@ -59,9 +63,11 @@ def generate(msg):
         send("error", msg.id, kind="request", message="the fake engine refuses 'fail'")
         send("finished", msg.id, reason="error", stats={})
         return
+    if text == "hang":  # stuck: it neither answers nor takes a cancel or a shutdown
+        time.sleep(600)
     words = ["word"] * 400 if text == "slow" else f"You said: {text}".split(" ")
     for i, w in enumerate(words):
-        if msg.id in cancelled:
+        if msg.id in cancelled or ANSWERING in cancelled:
             send("finished", msg.id, reason="cancelled", stats={"completion_tokens": i})
             return
         send("delta", msg.id, text=(" " if i else "") + w)

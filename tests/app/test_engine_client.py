@@ -125,3 +125,47 @@ def test_engine_that_cannot_start(tmp_path):
         assert c.state == "failed"
 
     run(go())
+
+
+def test_shutdown_ends_an_open_answer(tmp_path):
+    async def go():
+        states = []
+        c = make_client(tmp_path, states)
+        await c.start()
+        await c.load("demo")
+        _, queue = c.generate([{"role": "user", "content": "slow"}])
+        while (await queue.get()).type != "delta":  # the answer is streaming
+            pass
+        await c.shutdown()  # the engine cancels it and exits
+        rest = await asyncio.wait_for(drain(queue), 5)
+        assert rest[-1].type == "finished" and rest[-1].get("reason") == "cancelled"
+        await c.start()
+        await c.load("demo")
+        _, queue = c.generate([{"role": "user", "content": "hang"}])
+        assert (await queue.get()).type == "started"
+        await c.shutdown(timeout=0.5)  # a stuck engine is killed
+        rest = await asyncio.wait_for(drain(queue), 5)
+        assert [(m.type, m.get("kind")) for m in rest if m.type != "delta"] == [
+            ("error", "stopped"),
+            ("finished", None),
+        ]
+        assert rest[-1].get("reason") == "error" and "crashed" not in states
+
+    run(go())
+
+
+def test_start_again_replaces_a_running_engine(tmp_path):
+    async def go():
+        states = []
+        c = make_client(tmp_path, states)
+        await c.start()
+        first = c.proc
+        await c.start()
+        assert first.returncode is not None and c.proc is not first
+        assert "crashed" not in states and c.state == "ready"
+        await c.load("demo")
+        _, queue = c.generate([{"role": "user", "content": "still here"}])
+        assert text_of(await drain(queue)) == "You said: still here"
+        await c.shutdown()
+
+    run(go())

@@ -71,6 +71,8 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     assert gui.window.chat.widgets[-1].meta.text() == "ended by an error"  # marked unfinished
     banner = gui.window.banner.text()
     assert "stopped unexpectedly" in banner and str(gui.log_dir) in banner
+    # the window's note on the restart stays: the answer's end does not repeat the crash over it
+    assert "Restarting it; your conversation is kept." in banner
     # a new engine process and a model load: allow for a busy CI machine (it once took > 20 s)
     wait_until(qloop, lambda: gui.client.state == "loaded", timeout=60, what="the restart")
     assert gui.window.statusBar().currentMessage() == "demo ready: 2048 tokens of context"
@@ -81,6 +83,63 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
         what="an answer after the restart",
     )
     assert len(gui.store.messages(gui.ctrl.current)) == 4  # nothing lost
+
+
+def menu_action(window, text):
+    from PySide6.QtGui import QAction
+
+    (action,) = [a for a in window.findChildren(QAction) if a.text() == text]
+    return action
+
+
+def test_engine_that_crashes_too_often_comes_back_from_the_menu(gui, qloop):
+    gui.client.max_restarts = 0  # the first crash is one too many
+    send(gui, "crash")
+    wait_until(qloop, lambda: answer_done(gui) and gui.client.state == "failed", what="the crash")
+    banner = gui.window.banner.text()
+    assert "it crashed once in 5 minutes, so it was not restarted" in banner
+    assert "Model > Restart engine starts it again" in banner
+    assert gui.window.statusBar().currentMessage() == "The engine is not running"
+    assert gui.store.messages(gui.ctrl.current)[-1].content.startswith("You said:")  # kept
+    menu_action(gui.window, "&Restart engine").trigger()
+    wait_until(qloop, lambda: gui.client.state == "loaded", timeout=60, what="the restart")
+    send(gui, "back")
+    wait_until(qloop, lambda: answer_done(gui), what="an answer after the restart")
+    assert gui.ctrl.messages.rows[-1].content == "You said: back"
+    assert len(gui.store.messages(gui.ctrl.current)) == 4
+
+
+def test_restart_engine_during_an_answer_keeps_it(gui, qloop):
+    send(gui, "slow")
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].content.count("word") >= 3)
+    old = gui.client.proc
+    menu_action(gui.window, "&Restart engine").trigger()
+    wait_until(qloop, lambda: answer_done(gui), what="the end of the answer")
+    last = gui.store.messages(gui.ctrl.current)[-1]  # the engine cancels it on shutdown
+    assert last.status == "stopped" and last.content.startswith("word word word")
+    assert not gui.window.banner.isVisible()  # the user's own restart needs no warning
+    wait_until(qloop, lambda: gui.client.proc is not old and gui.client.state == "loaded",
+               timeout=60, what="the restart")  # fmt: skip
+    assert old.returncode == 0  # it exited when asked
+    send(gui, "after")
+    wait_until(qloop, lambda: answer_done(gui) and gui.ctrl.messages.rows[-1].content
+               == "You said: after", what="an answer after the restart")  # fmt: skip
+
+
+def test_engine_that_cannot_start_says_how_to_retry(tmp_path, qloop, monkeypatch):
+    from .conftest import make_app
+
+    script = tmp_path / "dead_engine.py"
+    script.write_text("import sys\nsys.exit(3)\n")
+    app = make_app(tmp_path, qloop, monkeypatch, engine=script)
+    try:
+        assert app.client.state == "failed"
+        banner = app.window.banner.text()
+        assert "the engine did not start" in banner and str(app.log_dir) in banner
+        assert "Model > Restart engine starts it again" in banner
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
 
 
 def test_engine_error_shown_in_words(gui, qloop):
