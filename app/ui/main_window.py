@@ -137,12 +137,14 @@ class MainWindow(QMainWindow):
         for w in (self.banner, self.chat_settings):
             ml.addWidget(w)
         ml.addWidget(self.chat, 1)
-        split = QSplitter()
+        self.split = split = QSplitter()
         for w in (side, middle, self.panel):
             split.addWidget(w)
         split.setSizes([230, 720, 250])
         split.setStretchFactor(1, 1)
         side.setMinimumWidth(150)
+        self.user_sized = False  # a dragged handle: the panes keep the user's widths
+        split.splitterMoved.connect(lambda *_: setattr(self, "user_sized", True))
         self.setCentralWidget(split)
         self.panel.setVisible(settings.show_panel)
         self._menus()
@@ -156,6 +158,26 @@ class MainWindow(QMainWindow):
             ctrl.open(ctrl.conversations.rows[0].id)
         else:
             self._show_next_chat_settings()
+
+    def resizeEvent(self, event) -> None:  # Qt calls it on every resize
+        super().resizeEvent(event)
+        if not self.user_sized:
+            self._fit_panes()
+
+    def _fit_panes(self) -> None:
+        """The chat list and the live panel take a share of the width, between a floor and their
+        full widths (230 and 250 px), so that in a small window the chat keeps most of it."""
+        sizes = self.split.sizes()
+        total = sum(sizes)
+        side = max(160, min(230, round(total * 0.22)))
+        panel = 0 if self.panel.isHidden() else max(190, min(250, round(total * 0.25)))
+        self.split.setSizes([side, total - side - panel, panel])
+
+    def _show_panel(self, on: bool) -> None:
+        self.panel.setVisible(on)
+        self.settings.show_panel = on  # saved when the app closes
+        if not self.user_sized:
+            self._fit_panes()
 
     def _show_next_chat_settings(self) -> None:
         """With no chat open the panel holds what the next new chat starts with (the app's
@@ -189,7 +211,7 @@ class MainWindow(QMainWindow):
         m.addSeparator()
         act(m, "&Restart engine", lambda: self._spawn(self.ctrl.restart_engine()))
         m = self.menuBar().addMenu("&View")
-        a = act(m, "&Live panel", lambda on: self.panel.setVisible(on))
+        a = act(m, "&Live panel", self._show_panel)
         a.setCheckable(True)
         a.setChecked(self.settings.show_panel)
         m = self.menuBar().addMenu("&Help")

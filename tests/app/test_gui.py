@@ -354,3 +354,24 @@ def test_settings_before_the_first_chat_start_it(tmp_path, qloop, monkeypatch):
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()
+
+
+def test_small_window_gives_the_chat_most_of_the_width(gui, qloop):
+    w = gui.window
+
+    def resized(width):
+        w.resize(width, 560)
+        wait_until(qloop, lambda: sum(w.split.sizes()) > 0 and w.width() == width)
+        return w.split.sizes()
+
+    side, chat, panel = resized(820)
+    assert chat >= 420 and side >= 150 and panel >= 180  # the chat was 332 px here
+    assert resized(1400)[0::2] == [230, 250]  # full widths where there is room
+    live = menu_action(w, "&Live panel")
+    live.trigger()  # off
+    assert not gui.settings.show_panel and w.split.sizes()[2] == 0
+    live.trigger()  # on again, at its width (a hidden pane's 0 is not kept)
+    assert gui.settings.show_panel and w.split.sizes()[2] == 250
+    w.split.setSizes([300, 850, 250])
+    w.split.splitterMoved.emit(300, 1)  # the user dragged a handle: their widths stay
+    assert resized(1200)[0] == 300
