@@ -171,8 +171,7 @@ class ChatController(QObject):
         self.task = asyncio.ensure_future(self._consume(queue, self.active))
 
     async def _consume(self, queue: asyncio.Queue, a: dict[str, Any]) -> None:
-        errors: list[str] = []
-        announced: set[str] = set()  # errors the window already shows from the engine's state
+        errors: list[tuple[str, str]] = []  # (kind, message)
         while True:
             msg = await queue.get()
             if msg.type == "started":
@@ -187,12 +186,9 @@ class ChatController(QObject):
                     self.store.update_message(a["message"].id, content=a["text"])
                     a["saved"] = time.monotonic()
             elif msg.type == "error":
-                errors.append(msg.get("message", "unknown error"))
-                if msg.get("kind") in ANNOUNCED:
-                    announced.add(errors[-1])
+                errors.append((msg.get("kind", ""), msg.get("message", "unknown error")))
             elif msg.type == "finished":
-                self._finish(a, msg.get("reason", "error"), msg.get("stats") or {}, errors,
-                             announced)  # fmt: skip
+                self._finish(a, msg.get("reason", "error"), msg.get("stats") or {}, errors)
                 return
 
     def _flush(self) -> None:
@@ -206,7 +202,7 @@ class ChatController(QObject):
             self.live_rate.emit(a["tokens"] / elapsed)
 
     def _finish(
-        self, a: dict[str, Any], reason: str, stats: dict, errors: list[str], announced: set[str]
+        self, a: dict[str, Any], reason: str, stats: dict, errors: list[tuple[str, str]]
     ) -> None:
         self.repaint.stop()
         status = {"stop": "done", "length": "done", "cancelled": "stopped"}.get(reason, "error")
@@ -214,13 +210,13 @@ class ChatController(QObject):
             stats = {**stats, "truncated": True}
         text = a["text"]
         if status == "error" and not text:
-            text = "⚠ " + ("; ".join(errors) or "the engine could not answer")
+            text = "⚠ " + ("; ".join(m for _, m in errors) or "the engine could not answer")
         self.store.update_message(a["message"].id, content=text, status=status, stats=stats)
         if a["message"].conversation_id == self.current and a["row"] < len(self.messages.rows):
             self.messages.update(a["row"], content=text, status=status, stats=stats)
         self.active = None
         self.busy_changed.emit(False)
-        news = [e for e in errors if e not in announced]
+        news = [message for kind, message in errors if kind not in ANNOUNCED]
         if news:
             self.error.emit("; ".join(news))
         if stats:
@@ -244,9 +240,10 @@ class ChatController(QObject):
         await self.load_model(self.settings.model)
 
     async def restart_engine(self) -> None:
-        """Model > Restart engine: stop the engine (an answer in progress keeps what it has, marked
-        as ended by an error) and start it again with the model; after the engine crashed too
-        often to be restarted by itself, this is how it comes back."""
+        """Model > Restart engine: stop the engine (it cancels an answer in progress, which keeps
+        what it has; one it does not finish in time is killed) and start it again with the
+        model. After the engine crashed too often to be restarted by itself, this brings it
+        back."""
         await self.client.shutdown()
         await self.start_engine()
 
