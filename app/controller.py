@@ -14,7 +14,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QTimer, Signal
 
-from .engine_client import EngineClient, EngineError
+from .engine_client import PROCESS_ENDED, EngineClient, EngineError
 from .settings import Settings
 from .store import Store
 from .ui.models import ConversationListModel, MessageListModel
@@ -23,8 +23,8 @@ log = logging.getLogger("app.chat")
 REPAINT_MS = 100
 SAVE_S = 0.5
 # Error kinds whose news the user already has: the window shows a crash from the engine's state,
-# and a stop is the user's own restart. An answer they end is marked, without a second banner.
-ANNOUNCED = ("crashed", "stopped")
+# and a stop is the user's own restart. An answer or a load they end gets no second banner.
+ANNOUNCED = PROCESS_ENDED
 
 
 class ChatController(QObject):
@@ -260,7 +260,8 @@ class ChatController(QObject):
                 path, device=device, max_seq_len=self.settings.context, on_progress=self._progress
             )
         except EngineError as e:
-            self.error.emit(f"Could not load {path}: {e}")
+            if e.kind not in ANNOUNCED:
+                self.error.emit(f"Could not load {path}: {e}")
             return
         self.settings.model = path  # the window shows it ready (the engine's "loaded" state)
 

@@ -31,7 +31,16 @@ def _times(n: int) -> str:
 
 
 class EngineError(Exception):
-    """An error the engine reported (load failures, bad requests) or a dead engine."""
+    """An error the engine reported (load failures, bad requests) or a dead engine; ``kind`` is
+    the protocol's error kind where there is one ("crashed", "stopped": the process ended)."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# Error kinds of requests the engine's exit ended; the client's own state tells of the exit.
+PROCESS_ENDED = ("crashed", "stopped")
 
 
 class EngineClient:
@@ -212,12 +221,14 @@ class EngineClient:
         finally:
             self._progress.pop(id_, None)
         if msg.type == "error":
-            self.last_load = None if msg.get("kind") != "crashed" else self.last_load
-            self._set_state(
-                "ready" if self.proc and self.proc.returncode is None else "failed",
-                message=msg.get("message"),
-            )
-            raise EngineError(msg.get("message", "the model could not be loaded"))
+            kind = msg.get("kind", "")
+            if kind not in PROCESS_ENDED:  # else a restart may already be under way
+                self.last_load = None
+                self._set_state(
+                    "ready" if self.proc and self.proc.returncode is None else "failed",
+                    message=msg.get("message"),
+                )
+            raise EngineError(msg.get("message", "the model could not be loaded"), kind)
         self.loaded = msg.payload
         self._set_state("loaded", **msg.payload)
         return msg.payload

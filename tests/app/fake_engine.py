@@ -111,6 +111,8 @@ def main():
         if msg is None or msg.type == "shutdown":
             return
         if msg.type == "load":
+            if "hang" in msg.get("path", ""):  # a load that never ends
+                time.sleep(600)
             if "bad" in msg.get("path", ""):
                 send("error", msg.id, kind="load", message=f"{msg.get('path')}: no such model")
                 continue

@@ -126,6 +126,27 @@ def test_restart_engine_during_an_answer_keeps_it(gui, qloop):
                == "You said: after", what="an answer after the restart")  # fmt: skip
 
 
+def test_restart_engine_during_a_stuck_load(gui, qloop, monkeypatch):
+    import functools
+
+    states = []
+    on_state = gui.client.on_state
+    gui.client.on_state = lambda state, info: (states.append(state), on_state(state, info))
+    gui.window._load("/models/hang")  # the engine never finishes loading it
+    wait_until(qloop, lambda: gui.client.state == "loading")
+    old = gui.client.proc
+    monkeypatch.setattr(gui.client, "shutdown", functools.partial(gui.client.shutdown, timeout=0.5))
+    menu_action(gui.window, "&Restart engine").trigger()
+    wait_until(qloop, lambda: gui.client.proc is not old and gui.client.state == "loaded",
+               timeout=60, what="the restart")  # fmt: skip
+    assert old.returncode is not None  # killed: it did not exit when asked
+    # stopped, then started again with the chat's model: no failure, no banner on the way
+    after = states[states.index("stopped") :]
+    assert after == ["stopped", "starting", "ready", "loading", "loaded"]
+    assert not gui.window.banner.isVisible()
+    assert gui.window.statusBar().currentMessage() == "demo ready: 2048 tokens of context"
+
+
 def test_engine_that_cannot_start_says_how_to_retry(tmp_path, qloop, monkeypatch):
     from .conftest import make_app
 
