@@ -113,6 +113,8 @@ def main():
         if msg.type == "load":
             if "hang" in msg.get("path", ""):  # a load that never ends
                 time.sleep(600)
+            if "crash" in msg.get("path", ""):  # a load that kills the engine
+                os._exit(3)
             if "bad" in msg.get("path", ""):
                 send("error", msg.id, kind="load", message=f"{msg.get('path')}: no such model")
                 continue

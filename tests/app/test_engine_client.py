@@ -169,3 +169,24 @@ def test_start_again_replaces_a_running_engine(tmp_path):
         await c.shutdown()
 
     run(go())
+
+
+def test_crash_during_a_load_restarts_without_failing_first(tmp_path):
+    async def go():
+        states, infos = [], []
+        c = make_client(tmp_path)
+        c.on_state = lambda state, info: (states.append(state), infos.append(info))
+        c.max_restarts = 1
+        await c.start()
+        with pytest.raises(EngineError) as e:
+            await c.load("/models/crash-on-load")
+        assert e.value.kind == "crashed"
+        for _ in range(1000):  # restarted, reloaded, crashed again: one too many
+            if c.state == "failed":
+                break
+            await asyncio.sleep(0.02)
+        after = states[states.index("crashed") :]
+        assert after == ["crashed", "starting", "ready", "loading", "failed"]
+        assert "twice in 5 minutes, so it was not restarted" in infos[-1]["message"]
+
+    run(go())
