@@ -22,9 +22,8 @@ from .ui.models import ConversationListModel, MessageListModel
 log = logging.getLogger("app.chat")
 REPAINT_MS = 100
 SAVE_S = 0.5
-# Error kinds whose news the user already has: the window shows a crash from the engine's state,
-# and a stop is the user's own restart. An answer or a load they end gets no second banner.
-ANNOUNCED = PROCESS_ENDED
+# What brings a dead engine back (said wherever the user meets one).
+RESTART_HINT = "Model > Restart engine starts it again"
 
 
 class ChatController(QObject):
@@ -216,7 +215,13 @@ class ChatController(QObject):
             self.messages.update(a["row"], content=text, status=status, stats=stats)
         self.active = None
         self.busy_changed.emit(False)
-        news = [message for kind, message in errors if kind not in ANNOUNCED]
+        # The window shows a crash from the engine's state, and a stop is the user's own restart:
+        # an answer they end gets no second banner.
+        news = [
+            f"{message}; {RESTART_HINT}" if kind == "not_running" else message
+            for kind, message in errors
+            if kind not in PROCESS_ENDED
+        ]
         if news:
             self.error.emit("; ".join(news))
         if stats:
@@ -260,7 +265,7 @@ class ChatController(QObject):
                 path, device=device, max_seq_len=self.settings.context, on_progress=self._progress
             )
         except EngineError as e:
-            if e.kind not in ANNOUNCED:
+            if e.kind not in PROCESS_ENDED:  # the window tells of the engine's end
                 self.error.emit(f"Could not load {path}: {e}")
             return
         self.settings.model = path  # the window shows it ready (the engine's "loaded" state)

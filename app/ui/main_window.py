@@ -25,7 +25,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ..controller import ChatController
+from ..controller import RESTART_HINT, ChatController
 from ..gpu import Gpus
 from ..settings import DEFAULT_SAMPLING, Settings
 from ..store import StoreError
@@ -161,12 +161,14 @@ class MainWindow(QMainWindow):
 
     def resizeEvent(self, event) -> None:  # Qt calls it on every resize
         super().resizeEvent(event)
-        if not self.user_sized:
-            self._fit_panes()
+        self._fit_panes()
 
     def _fit_panes(self) -> None:
         """The chat list and the live panel take a share of the width, between a floor and their
-        full widths (230 and 250 px), so that in a small window the chat keeps most of it."""
+        full widths (230 and 250 px), so that in a small window the chat keeps most of it;
+        widths the user dragged stay."""
+        if self.user_sized:
+            return
         sizes = self.split.sizes()
         total = sum(sizes)
         side = max(160, min(230, round(total * 0.22)))
@@ -176,8 +178,7 @@ class MainWindow(QMainWindow):
     def _show_panel(self, on: bool) -> None:
         self.panel.setVisible(on)
         self.settings.show_panel = on  # saved when the app closes
-        if not self.user_sized:
-            self._fit_panes()
+        self._fit_panes()
 
     def _show_next_chat_settings(self) -> None:
         """With no chat open the panel holds what the next new chat starts with (the app's
@@ -266,8 +267,7 @@ class MainWindow(QMainWindow):
             self.show_error(f"{info.get('message')}. Restarting it; your conversation is kept.")
             self.statusBar().showMessage("The engine crashed; restarting it…")
         elif state == "failed":
-            self.show_error(f"{info.get('message')}. Your conversation is kept; "
-                            "Model > Restart engine starts it again.")  # fmt: skip
+            self.show_error(f"{info.get('message')}. Your conversation is kept; {RESTART_HINT}.")
             self.statusBar().showMessage("The engine is not running")
         elif state == "loaded":  # the user's load and the reload after a restart alike
             model, n_ctx = info.get("model"), info.get("n_ctx")

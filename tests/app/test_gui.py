@@ -101,12 +101,16 @@ def test_engine_that_crashes_too_often_comes_back_from_the_menu(gui, qloop):
     assert "Model > Restart engine starts it again" in banner
     assert gui.window.statusBar().currentMessage() == "The engine is not running"
     assert gui.store.messages(gui.ctrl.current)[-1].content.startswith("You said:")  # kept
+    send(gui, "anyone there?")  # a message to the dead engine says how to bring it back
+    wait_until(qloop, lambda: answer_done(gui), what="the refused message")
+    banner = gui.window.banner.text()
+    assert "the engine is not running; Model > Restart engine starts it again" in banner
     menu_action(gui.window, "&Restart engine").trigger()
     wait_until(qloop, lambda: gui.client.state == "loaded", timeout=60, what="the restart")
     send(gui, "back")
     wait_until(qloop, lambda: answer_done(gui), what="an answer after the restart")
     assert gui.ctrl.messages.rows[-1].content == "You said: back"
-    assert len(gui.store.messages(gui.ctrl.current)) == 4
+    assert len(gui.store.messages(gui.ctrl.current)) == 6
 
 
 def test_restart_engine_during_an_answer_keeps_it(gui, qloop):
