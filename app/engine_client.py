@@ -70,6 +70,10 @@ class EngineClient:
         self._reader: asyncio.Task | None = None
         self._closing = False
         self._restarts: list[float] = []
+        # Done when the restart after a crash (start and reload) is over: requests made
+        # meanwhile wait for it instead of reaching the dead process.
+        self._recovered: asyncio.Future | None = None
+        self._unsent: dict[str, asyncio.Task] = {}  # generate requests waiting for it
 
     def _set_state(self, state: str, **info: Any) -> None:
         self.state = state
@@ -139,8 +143,9 @@ class EngineClient:
             self._queues[msg.id].put_nowait(msg)
             if msg.type == "finished":
                 del self._queues[msg.id]
-        elif msg.id in self._progress and msg.type == "load_progress":
-            self._progress[msg.id](msg.get("fraction", 0.0), msg.get("stage", ""))
+        elif msg.type == "load_progress":  # not the load's answer, with or without a callback
+            if msg.id in self._progress:
+                self._progress[msg.id](msg.get("fraction", 0.0), msg.get("stage", ""))
         elif msg.id in self._waiters:
             waiter = self._waiters.pop(msg.id)
             if not waiter.done():
@@ -177,12 +182,21 @@ class EngineClient:
             )
             return
         self._set_state("crashed", message=why)
+        reload = self.last_load
+        self._recovered = asyncio.get_running_loop().create_future()
         try:
             await self.start()
-            if self.last_load is not None:
-                await self.load(**self.last_load)
+            if reload is not None and self.last_load is reload:  # else the user loads another
+                await self._load(**reload)
         except EngineError as e:
             log.error("restart failed: %s", e)
+        finally:
+            self._recovered.set_result(None)
+
+    async def _after_recovery(self) -> None:
+        """Waits out a restart after a crash, where one is under way."""
+        if self._recovered is not None and not self._recovered.done():
+            await asyncio.shield(self._recovered)
 
     # -- requests ------------------------------------------------------------------------------
     def _new_id(self, prefix: str) -> str:
@@ -203,10 +217,16 @@ class EngineClient:
         max_seq_len: int = 4096,
         on_progress: Callable[[float, str], None] | None = None,
     ) -> dict[str, Any]:
-        """Load a model; returns the ``loaded`` payload or raises EngineError with the reason."""
+        """Load a model; returns the ``loaded`` payload or raises EngineError with the reason.
+        Made while the engine restarts after a crash, it waits for the restart and takes the
+        place of its reload."""
         self.last_load = dict(
             path=path, device=device, dtype=dtype, max_seq_len=max_seq_len, on_progress=on_progress
         )
+        await self._after_recovery()
+        return await self._load(**self.last_load)
+
+    async def _load(self, path, device, dtype, max_seq_len, on_progress) -> dict[str, Any]:
         self._set_state("loading", path=path)
         id_ = self._new_id("load")
         waiter = asyncio.get_running_loop().create_future()
@@ -239,7 +259,8 @@ class EngineClient:
         prompt: str | None = None,
         sampling: dict[str, Any] | None = None,
     ) -> tuple[str, asyncio.Queue]:
-        """Start a request; returns (id, queue of its events, ending with ``finished``)."""
+        """Start a request; returns (id, queue of its events, ending with ``finished``). Made
+        while the engine restarts after a crash, it is sent once the model is back."""
         id_ = self._new_id("gen")
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[id_] = queue
@@ -248,15 +269,34 @@ class EngineClient:
             payload["messages"] = messages
         if prompt is not None:
             payload["prompt"] = prompt
+        if self._recovered is not None and not self._recovered.done():
+            self._unsent[id_] = asyncio.ensure_future(self._send_later(id_, payload))
+        else:
+            self._send_request(id_, payload)
+        return id_, queue
+
+    async def _send_later(self, id_: str, payload: dict[str, Any]) -> None:
+        await self._after_recovery()
+        del self._unsent[id_]
+        if id_ in self._queues:  # not ended meanwhile (a shutdown)
+            self._send_request(id_, payload)
+
+    def _send_request(self, id_: str, payload: dict[str, Any]) -> None:
+        """Sends generate request id_; a dead engine ends its queue with "not_running"."""
         try:
             self._send("generate", id_, **payload)
         except EngineError as e:
-            del self._queues[id_]
+            queue = self._queues.pop(id_)
             queue.put_nowait(Message("error", id_, {"kind": "not_running", "message": str(e)}))
             queue.put_nowait(Message("finished", id_, {"reason": "error", "stats": {}}))
-        return id_, queue
 
     def cancel(self, id_: str) -> None:
+        if id_ in self._unsent:  # still waiting for the restart: it ends here
+            self._unsent.pop(id_).cancel()
+            queue = self._queues.pop(id_, None)
+            if queue is not None:
+                queue.put_nowait(Message("finished", id_, {"reason": "cancelled", "stats": {}}))
+            return
         with contextlib.suppress(EngineError):  # a dead engine has nothing left to cancel
             self._send("cancel", id_)
 

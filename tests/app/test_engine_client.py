@@ -1,6 +1,7 @@
 """EngineClient against the scripted fake engine and the real protocol."""
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 
@@ -113,6 +114,51 @@ def test_crash_ends_the_request_then_restarts_and_reloads(tmp_path):
 
     run(go())
     assert "crashed" in states and states[-1] == "stopped"
+
+
+async def wait_for_state(c, *states):
+    for _ in range(2000):
+        if c.state in states:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"state {c.state}, not one of {states}")
+
+
+def test_requests_made_while_the_engine_restarts_wait_for_it(tmp_path):
+    """A load, a message and a stopped message made while the engine restarts after a crash go
+    to the new process: the load replaces the reload of the old model (which the new engine
+    then never gets), the message is answered by the reloaded model, and the stopped one ends
+    without reaching the engine. They used to fail with "the engine is not running"."""
+    log = tmp_path / "requests.jsonl"
+
+    async def go():
+        c = make_client(tmp_path)
+        c.env["FAKE_ENGINE_LOG"] = str(log)
+        await c.start()
+        await c.load("/models/first")
+        _, queue = c.generate([{"role": "user", "content": "crash"}])
+        await drain(queue)
+        await wait_for_state(c, "crashed", "starting")
+        loaded = await c.load("/models/second")
+        assert loaded["model"] == "/models/second" and c.state == "loaded"
+        log.write_text("")
+        _, queue = c.generate([{"role": "user", "content": "crash"}])  # a second restart
+        await drain(queue)
+        await wait_for_state(c, "crashed", "starting")
+        id_, stopped = c.generate([{"role": "user", "content": "never sent"}])
+        c.cancel(id_)
+        _, queue = c.generate([{"role": "user", "content": "after the restart"}])
+        events = await drain(queue)
+        assert text_of(events) == "You said: after the restart", events
+        assert [m.get("reason") for m in await drain(stopped)] == ["cancelled"]
+        await c.shutdown()
+
+    run(go())
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    loads = [m["path"] for m in sent if m["type"] == "load"]
+    prompts = [m["messages"][-1]["content"] for m in sent if m["type"] == "generate"]
+    assert loads == ["/models/second"]  # the second restart reloads the user's model, once
+    assert prompts == ["crash", "after the restart"]
 
 
 def test_engine_that_cannot_start(tmp_path):
