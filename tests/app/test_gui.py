@@ -85,6 +85,17 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     assert len(gui.store.messages(gui.ctrl.current)) == 4  # nothing lost
 
 
+def test_a_message_sent_while_the_engine_restarts_is_answered_after(gui, qloop):
+    send(gui, "crash")
+    wait_until(qloop, lambda: answer_done(gui), what="the crash")
+    assert gui.client.state != "loaded"  # the restart is under way
+    send(gui, "while it restarts")
+    wait_until(qloop, lambda: answer_done(gui), timeout=60, what="the answer after the restart")
+    rows = gui.store.messages(gui.ctrl.current)
+    assert (rows[-1].content, rows[-1].status) == ("You said: while it restarts", "done")
+    assert "not running" not in gui.window.banner.text()
+
+
 def menu_action(window, text):
     from PySide6.QtGui import QAction
 
