@@ -35,6 +35,7 @@
 #include <cuda_pipeline.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -630,9 +631,18 @@ cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStrea
   // GPUs); VPTQ_SLICED_PAIRS=0 launches single blocks, each copying its own.
   static const bool pairs_on = !switched_off("VPTQ_SLICED_PAIRS");
   const bool pairs = pairs_on && bulk && blocks > 1 && compute_major() == 9;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
+  // The kernel's shared-memory limit, raised on each device only when a launch needs more
+  // than the last one set (it was set on every eager launch).
+  static std::atomic<int> allowed[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64 || allowed[dev].load() < static_cast<int>(smem)) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    if (dev >= 0 && dev < 64) allowed[dev].store(static_cast<int>(smem));
+  }
   if (pairs) blocks += blocks % 2;  // the pad returns at once
   return launch_pdl_in(pairs ? 2 : 0, kernel, dim3(blocks), dim3(kSlicedThreads), smem, stream,
                        G, static_cast<const T*>(x), T_, bulk, pairs);
