@@ -73,7 +73,8 @@ class EngineClient:
         # Done when the restart after a crash (start and reload) is over: requests made
         # meanwhile wait for it instead of reaching the dead process.
         self._recovered: asyncio.Future | None = None
-        self._unsent: dict[str, asyncio.Task] = {}  # generate requests waiting for it
+        # generate requests waiting for it: their queues and the tasks that send them
+        self._unsent: dict[str, tuple[asyncio.Queue, asyncio.Task]] = {}
 
     def _set_state(self, state: str, **info: Any) -> None:
         self.state = state
@@ -153,12 +154,16 @@ class EngineClient:
         elif msg.type == "error":
             log.error("engine error: %s", msg.payload)
 
+    @staticmethod
+    def _end(queue: asyncio.Queue, id_: str, kind: str, why: str) -> None:
+        queue.put_nowait(Message("error", id_, {"kind": kind, "message": why}))
+        queue.put_nowait(Message("finished", id_, {"reason": "error", "stats": {}}))
+
     def _end_requests(self, kind: str, why: str) -> None:
-        """Every open request ends with an error (kind, why): its queue with that and
-        ``finished``, its waiter with that."""
+        """Every request sent to the engine ends with an error (kind, why): its queue with that
+        and ``finished``, its waiter with that."""
         for id_, queue in list(self._queues.items()):
-            queue.put_nowait(Message("error", id_, {"kind": kind, "message": why}))
-            queue.put_nowait(Message("finished", id_, {"reason": "error", "stats": {}}))
+            self._end(queue, id_, kind, why)
         self._queues.clear()
         for waiter in self._waiters.values():
             if not waiter.done():
@@ -183,7 +188,7 @@ class EngineClient:
             return
         self._set_state("crashed", message=why)
         reload = self.last_load
-        self._recovered = asyncio.get_running_loop().create_future()
+        recovered = self._recovered = asyncio.get_running_loop().create_future()
         try:
             await self.start()
             if reload is not None and self.last_load is reload:  # else the user loads another
@@ -191,11 +196,12 @@ class EngineClient:
         except EngineError as e:
             log.error("restart failed: %s", e)
         finally:
-            self._recovered.set_result(None)
+            recovered.set_result(None)  # a crash during the reload has begun another
 
     async def _after_recovery(self) -> None:
-        """Waits out a restart after a crash, where one is under way."""
-        if self._recovered is not None and not self._recovered.done():
+        """Waits out a restart after a crash, where one is under way (and the next one, where
+        the engine crashed again meanwhile)."""
+        while self._recovered is not None and not self._recovered.done():
             await asyncio.shield(self._recovered)
 
     # -- requests ------------------------------------------------------------------------------
@@ -226,7 +232,14 @@ class EngineClient:
         await self._after_recovery()
         return await self._load(**self.last_load)
 
-    async def _load(self, path, device, dtype, max_seq_len, on_progress) -> dict[str, Any]:
+    async def _load(
+        self,
+        path: str,
+        device: str | None,
+        dtype: str | None,
+        max_seq_len: int,
+        on_progress: Callable[[float, str], None] | None,
+    ) -> dict[str, Any]:
         self._set_state("loading", path=path)
         id_ = self._new_id("load")
         waiter = asyncio.get_running_loop().create_future()
@@ -263,39 +276,37 @@ class EngineClient:
         while the engine restarts after a crash, it is sent once the model is back."""
         id_ = self._new_id("gen")
         queue: asyncio.Queue = asyncio.Queue()
-        self._queues[id_] = queue
         payload: dict[str, Any] = {"sampling": sampling or {}}
         if messages is not None:
             payload["messages"] = messages
         if prompt is not None:
             payload["prompt"] = prompt
         if self._recovered is not None and not self._recovered.done():
-            self._unsent[id_] = asyncio.ensure_future(self._send_later(id_, payload))
+            task = asyncio.ensure_future(self._send_later(id_, queue, payload))
+            self._unsent[id_] = (queue, task)
         else:
-            self._send_request(id_, payload)
+            self._send_request(id_, queue, payload)
         return id_, queue
 
-    async def _send_later(self, id_: str, payload: dict[str, Any]) -> None:
+    async def _send_later(self, id_: str, queue: asyncio.Queue, payload: dict[str, Any]) -> None:
         await self._after_recovery()
         del self._unsent[id_]
-        if id_ in self._queues:  # not ended meanwhile (a shutdown)
-            self._send_request(id_, payload)
+        self._send_request(id_, queue, payload)
 
-    def _send_request(self, id_: str, payload: dict[str, Any]) -> None:
+    def _send_request(self, id_: str, queue: asyncio.Queue, payload: dict[str, Any]) -> None:
         """Sends generate request id_; a dead engine ends its queue with "not_running"."""
+        self._queues[id_] = queue
         try:
             self._send("generate", id_, **payload)
         except EngineError as e:
-            queue = self._queues.pop(id_)
-            queue.put_nowait(Message("error", id_, {"kind": "not_running", "message": str(e)}))
-            queue.put_nowait(Message("finished", id_, {"reason": "error", "stats": {}}))
+            del self._queues[id_]
+            self._end(queue, id_, "not_running", str(e))
 
     def cancel(self, id_: str) -> None:
         if id_ in self._unsent:  # still waiting for the restart: it ends here
-            self._unsent.pop(id_).cancel()
-            queue = self._queues.pop(id_, None)
-            if queue is not None:
-                queue.put_nowait(Message("finished", id_, {"reason": "cancelled", "stats": {}}))
+            queue, task = self._unsent.pop(id_)
+            task.cancel()
+            queue.put_nowait(Message("finished", id_, {"reason": "cancelled", "stats": {}}))
             return
         with contextlib.suppress(EngineError):  # a dead engine has nothing left to cancel
             self._send("cancel", id_)
@@ -307,6 +318,11 @@ class EngineClient:
         """Ask the engine to exit; kill it if it does not within ``timeout`` seconds."""
         self._closing = True
         proc = self.proc
+        why = "the engine was stopped before it answered"
+        for id_, (queue, task) in list(self._unsent.items()):  # waiting for a restart
+            task.cancel()
+            self._end(queue, id_, "stopped", why)
+        self._unsent.clear()
         if proc is None or proc.returncode is not None:
             self._set_state("stopped")
             return
@@ -319,5 +335,5 @@ class EngineClient:
             await proc.wait()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
-        self._end_requests("stopped", "the engine was stopped before it answered")
+        self._end_requests("stopped", why)
         self._set_state("stopped")

@@ -161,6 +161,47 @@ def test_requests_made_while_the_engine_restarts_wait_for_it(tmp_path):
     assert prompts == ["crash", "after the restart"]
 
 
+def test_a_crash_during_the_reload_restarts_again_and_requests_wait_for_the_last(tmp_path):
+    """Each crash of a reload starts another restart: a message made during the first waits
+    through all of them and ends "not running" once the engine is given up, and no restart
+    ends another's wait (a second restart used to find its signal already set)."""
+    problems = []
+
+    async def go():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: problems.append(ctx))
+        c = make_client(tmp_path)
+        c.max_restarts = 2
+        await c.start()
+        with pytest.raises(EngineError):
+            await c.load("/models/crash-on-load")  # each reload kills the engine again
+        await wait_for_state(c, "crashed", "starting")
+        _, queue = c.generate([{"role": "user", "content": "hello"}])
+        events = await drain(queue)
+        assert c.state == "failed" and len(c._restarts) == 3
+        assert [m.type for m in events] == ["error", "finished"]
+        assert events[0].get("kind") == "not_running"  # not ended by the crashes before it
+
+    run(go())
+    assert not problems, problems
+
+
+def test_shutdown_ends_a_message_waiting_for_a_restart(tmp_path):
+    async def go():
+        c = make_client(tmp_path)
+        await c.start()
+        c._recovered = asyncio.get_running_loop().create_future()  # as if restarting
+        _, queue = c.generate([{"role": "user", "content": "hello"}])
+        await c.shutdown()
+        events = await drain(queue)
+        assert [(m.type, m.get("kind")) for m in events] == [("error", "stopped"),
+                                                             ("finished", None)]  # fmt: skip
+        c._recovered.set_result(None)
+        await asyncio.sleep(0.05)  # its sender, cancelled, sends nothing to the stopped engine
+        assert not c._unsent and not c._queues
+
+    run(go())
+
+
 def test_engine_that_cannot_start(tmp_path):
     async def go():
         c = EngineClient(
