@@ -75,6 +75,7 @@ class EngineClient:
         self._recovered: asyncio.Future | None = None
         # generate requests waiting for it: their queues and the tasks that send them
         self._unsent: dict[str, tuple[asyncio.Queue, asyncio.Task]] = {}
+        self._shutdowns = 0  # a restart that sees this change stops short of its reload
 
     def _set_state(self, state: str, **info: Any) -> None:
         self.state = state
@@ -187,10 +188,12 @@ class EngineClient:
             )
             return
         self._set_state("crashed", message=why)
-        reload = self.last_load
+        reload, shutdowns = self.last_load, self._shutdowns
         recovered = self._recovered = asyncio.get_running_loop().create_future()
         try:
             await self.start()
+            if self._shutdowns != shutdowns:  # the app closes, or Restart engine
+                return
             if reload is not None and self.last_load is reload:  # else the user loads another
                 await self._load(**reload)
         except EngineError as e:
@@ -315,14 +318,19 @@ class EngineClient:
         return (await self._request("stats", timeout)).payload
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        """Ask the engine to exit; kill it if it does not within ``timeout`` seconds."""
-        self._closing = True
-        proc = self.proc
+        """Ask the engine to exit; kill it if it does not within ``timeout`` seconds. A restart
+        after a crash that is under way ends first, without its reload."""
+        self._shutdowns += 1
         why = "the engine was stopped before it answered"
         for id_, (queue, task) in list(self._unsent.items()):  # waiting for a restart
             task.cancel()
             self._end(queue, id_, "stopped", why)
         self._unsent.clear()
+        if self._recovered is not None and not self._recovered.done():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._recovered), timeout)
+        self._closing = True
+        proc = self.proc
         if proc is None or proc.returncode is not None:
             self._set_state("stopped")
             return

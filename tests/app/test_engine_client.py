@@ -185,21 +185,26 @@ def test_a_crash_during_the_reload_restarts_again_and_requests_wait_for_the_last
     assert not problems, problems
 
 
-def test_shutdown_ends_a_message_waiting_for_a_restart(tmp_path):
+def test_shutdown_during_a_restart_stops_the_new_engine_without_its_reload(tmp_path):
+    log = tmp_path / "requests.jsonl"
+
     async def go():
         c = make_client(tmp_path)
+        c.env["FAKE_ENGINE_LOG"] = str(log)
         await c.start()
-        c._recovered = asyncio.get_running_loop().create_future()  # as if restarting
-        _, queue = c.generate([{"role": "user", "content": "hello"}])
+        await c.load("/models/first")
+        _, queue = c.generate([{"role": "user", "content": "crash"}])
+        await drain(queue)
+        await wait_for_state(c, "crashed", "starting")
+        _, waiting = c.generate([{"role": "user", "content": "never sent"}])
         await c.shutdown()
-        events = await drain(queue)
-        assert [(m.type, m.get("kind")) for m in events] == [("error", "stopped"),
-                                                             ("finished", None)]  # fmt: skip
-        c._recovered.set_result(None)
-        await asyncio.sleep(0.05)  # its sender, cancelled, sends nothing to the stopped engine
-        assert not c._unsent and not c._queues
+        assert c.state == "stopped" and c.proc.returncode == 0  # the new engine, asked to exit
+        assert [m.get("kind") for m in await drain(waiting)] == ["stopped", None]
 
-    run(go())
+    run(go())  # and no task left behind (asyncio.run waits for them)
+    sent = [json.loads(line)["type"] for line in log.read_text().splitlines()]
+    # the new engine started (its hello), then got no reload and no message
+    assert sent == ["hello", "load", "generate", "hello", "shutdown"]
 
 
 def test_engine_that_cannot_start(tmp_path):
