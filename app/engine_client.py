@@ -201,10 +201,15 @@ class EngineClient:
         finally:
             recovered.set_result(None)  # a crash during the reload has begun another
 
+    @property
+    def _recovering(self) -> bool:
+        """Whether a restart after a crash is under way."""
+        return self._recovered is not None and not self._recovered.done()
+
     async def _after_recovery(self) -> None:
         """Waits out a restart after a crash, where one is under way (and the next one, where
         the engine crashed again meanwhile)."""
-        while self._recovered is not None and not self._recovered.done():
+        while self._recovering:
             await asyncio.shield(self._recovered)
 
     # -- requests ------------------------------------------------------------------------------
@@ -284,7 +289,7 @@ class EngineClient:
             payload["messages"] = messages
         if prompt is not None:
             payload["prompt"] = prompt
-        if self._recovered is not None and not self._recovered.done():
+        if self._recovering:
             task = asyncio.ensure_future(self._send_later(id_, queue, payload))
             self._unsent[id_] = (queue, task)
         else:
@@ -326,7 +331,7 @@ class EngineClient:
             task.cancel()
             self._end(queue, id_, "stopped", why)
         self._unsent.clear()
-        if self._recovered is not None and not self._recovered.done():
+        if self._recovering:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._recovered), timeout)
         self._closing = True

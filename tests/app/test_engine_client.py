@@ -124,6 +124,24 @@ async def wait_for_state(c, *states):
     raise AssertionError(f"state {c.state}, not one of {states}")
 
 
+async def crash(c):
+    """Kill c's engine with an answer ("crash") and return while it restarts."""
+    _, queue = c.generate([{"role": "user", "content": "crash"}])
+    await drain(queue)
+    await wait_for_state(c, "crashed", "starting")
+
+
+async def logged_client_after_a_crash(tmp_path, log):
+    """A client whose engine logs its requests to ``log``, with /models/first loaded, returned
+    while the engine restarts after a crash."""
+    c = make_client(tmp_path)
+    c.env["FAKE_ENGINE_LOG"] = str(log)
+    await c.start()
+    await c.load("/models/first")
+    await crash(c)
+    return c
+
+
 def test_requests_made_while_the_engine_restarts_wait_for_it(tmp_path):
     """A load, a message and a stopped message made while the engine restarts after a crash go
     to the new process: the load replaces the reload of the old model (which the new engine
@@ -132,19 +150,11 @@ def test_requests_made_while_the_engine_restarts_wait_for_it(tmp_path):
     log = tmp_path / "requests.jsonl"
 
     async def go():
-        c = make_client(tmp_path)
-        c.env["FAKE_ENGINE_LOG"] = str(log)
-        await c.start()
-        await c.load("/models/first")
-        _, queue = c.generate([{"role": "user", "content": "crash"}])
-        await drain(queue)
-        await wait_for_state(c, "crashed", "starting")
+        c = await logged_client_after_a_crash(tmp_path, log)
         loaded = await c.load("/models/second")
         assert loaded["model"] == "/models/second" and c.state == "loaded"
         log.write_text("")
-        _, queue = c.generate([{"role": "user", "content": "crash"}])  # a second restart
-        await drain(queue)
-        await wait_for_state(c, "crashed", "starting")
+        await crash(c)  # a second restart
         id_, stopped = c.generate([{"role": "user", "content": "never sent"}])
         c.cancel(id_)
         _, queue = c.generate([{"role": "user", "content": "after the restart"}])
@@ -189,13 +199,7 @@ def test_shutdown_during_a_restart_stops_the_new_engine_without_its_reload(tmp_p
     log = tmp_path / "requests.jsonl"
 
     async def go():
-        c = make_client(tmp_path)
-        c.env["FAKE_ENGINE_LOG"] = str(log)
-        await c.start()
-        await c.load("/models/first")
-        _, queue = c.generate([{"role": "user", "content": "crash"}])
-        await drain(queue)
-        await wait_for_state(c, "crashed", "starting")
+        c = await logged_client_after_a_crash(tmp_path, log)
         _, waiting = c.generate([{"role": "user", "content": "never sent"}])
         await c.shutdown()
         assert c.state == "stopped" and c.proc.returncode == 0  # the new engine, asked to exit
