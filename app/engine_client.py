@@ -95,7 +95,7 @@ class EngineClient:
         self._set_state("starting")
         stderr = open(self.log_path, "ab") if self.log_path else asyncio.subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ, **(self.env or {}), PYTHONUNBUFFERED="1")
-        self.proc = await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             *self.command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -105,11 +105,18 @@ class EngineClient:
         )
         if stderr is not asyncio.subprocess.DEVNULL:
             stderr.close()
+        if self._closing:  # shutdown() began while the process was made
+            proc.kill()
+            await proc.wait()
+            raise EngineError("the engine was stopped while it started", "stopped")
+        self.proc = proc
         self._hello = asyncio.get_running_loop().create_future()
         self._reader = asyncio.create_task(self._read(self.proc))
         try:
             hello = await asyncio.wait_for(self._hello, timeout=120)
         except (asyncio.TimeoutError, EngineError) as e:
+            if self._closing:  # stopped by shutdown(), which tells the state
+                raise EngineError("the engine was stopped while it started", "stopped") from e
             self._set_state("failed", message=self._explain(f"the engine did not start ({e})"))
             raise EngineError(self._explain("the engine did not start")) from e
         self.hello = hello
@@ -197,7 +204,8 @@ class EngineClient:
             if reload is not None and self.last_load is reload:  # else the user loads another
                 await self._load(**reload)
         except EngineError as e:
-            log.error("restart failed: %s", e)
+            if e.kind != "stopped":  # else shutdown() ended it
+                log.error("restart failed: %s", e)
         finally:
             recovered.set_result(None)  # a crash during the reload has begun another
 
@@ -323,30 +331,40 @@ class EngineClient:
         return (await self._request("stats", timeout)).payload
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        """Ask the engine to exit; kill it if it does not within ``timeout`` seconds. A restart
-        after a crash that is under way ends first, without its reload."""
+        """Stop the engine: one that answers is asked to exit and killed if it does not within
+        ``timeout`` seconds; one still starting or loading a model has nothing to finish and is
+        killed at once (a hung start or a long load no longer holds the app's exit). A restart
+        after a crash that is under way ends with it, without its reload."""
         self._shutdowns += 1
         why = "the engine was stopped before it answered"
         for id_, (queue, task) in list(self._unsent.items()):  # waiting for a restart
             task.cancel()
             self._end(queue, id_, "stopped", why)
         self._unsent.clear()
-        if self._recovering:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._recovered), timeout)
         self._closing = True
-        proc = self.proc
+        while True:
+            proc = self.proc
+            await self._stop(proc, timeout)
+            if self._hello is not None and not self._hello.done():  # a start waiting for it
+                self._hello.set_exception(EngineError(why, "stopped"))
+            self._end_requests("stopped", why)
+            # A restart under way ends now (its start or reload was stopped above); one that
+            # had not yet made its process when this began has made it meanwhile: stop that too.
+            await self._after_recovery()
+            if self.proc is proc:
+                break
+        self._set_state("stopped")
+
+    async def _stop(self, proc: asyncio.subprocess.Process | None, timeout: float) -> None:
         if proc is None or proc.returncode is not None:
-            self._set_state("stopped")
             return
-        try:
-            self._send("shutdown")
-            proc.stdin.close()
-            await asyncio.wait_for(proc.wait(), timeout)
-        except (EngineError, asyncio.TimeoutError, ConnectionError):
+        if self.state not in ("starting", "loading"):
+            with contextlib.suppress(EngineError, asyncio.TimeoutError, ConnectionError):
+                self._send("shutdown")
+                proc.stdin.close()
+                await asyncio.wait_for(proc.wait(), timeout)
+        if proc.returncode is None:
             proc.kill()
             await proc.wait()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
-        self._end_requests("stopped", why)
-        self._set_state("stopped")

@@ -2,8 +2,10 @@
 
 The last user message picks the behaviour: "crash" dies mid-answer, "slow" streams 400
 words slowly (so stop can be tested), "fail" answers with an error event, anything else is
-echoed back word by word. Loading a path containing "bad" fails. Every request is logged to
-$FAKE_ENGINE_LOG (one JSON line each) so tests can check what the app sent.
+echoed back word by word. Loading a path containing "bad" fails ("hang" never ends, "crash"
+kills the engine). Every request is logged to $FAKE_ENGINE_LOG (one JSON line each) so tests
+can check what the app sent, and its pid to $FAKE_ENGINE_PIDS. While the file
+$FAKE_ENGINE_HANG_START exists, the engine hangs before its hello.
 """
 
 import json
@@ -90,6 +92,12 @@ def generate(msg):
 
 
 def main():
+    if os.environ.get("FAKE_ENGINE_PIDS"):
+        with open(os.environ["FAKE_ENGINE_PIDS"], "a") as f:
+            f.write(f"{os.getpid()}\n")
+    hang = os.environ.get("FAKE_ENGINE_HANG_START")
+    if hang and os.path.exists(hang):  # a start that never says hello
+        time.sleep(600)
     send(
         "hello",
         version=1,

@@ -1,7 +1,10 @@
 """EngineClient against the scripted fake engine and the real protocol."""
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -196,19 +199,78 @@ def test_a_crash_during_the_reload_restarts_again_and_requests_wait_for_the_last
 
 
 def test_shutdown_during_a_restart_stops_the_new_engine_without_its_reload(tmp_path):
+    """Closing the app (or Restart engine) while the engine restarts after a crash: the new
+    engine, still starting, is killed before it gets a request, and a message waiting for it
+    ends "stopped"."""
     log = tmp_path / "requests.jsonl"
 
     async def go():
         c = await logged_client_after_a_crash(tmp_path, log)
+        assert c.state == "starting"
         _, waiting = c.generate([{"role": "user", "content": "never sent"}])
         await c.shutdown()
-        assert c.state == "stopped" and c.proc.returncode == 0  # the new engine, asked to exit
+        assert c.state == "stopped" and c.proc.returncode is not None
         assert [m.get("kind") for m in await drain(waiting)] == ["stopped", None]
 
     run(go())  # and no task left behind (asyncio.run waits for them)
     sent = [json.loads(line)["type"] for line in log.read_text().splitlines()]
-    # the new engine started (its hello), then got no reload and no message
-    assert sent == ["hello", "load", "generate", "hello", "shutdown"]
+    assert sent == ["hello", "load", "generate"]  # nothing reached the new engine
+
+
+# shutdown()'s timeout in the two tests below, longer than the wait the test allows: an
+# engine with nothing to finish is killed at once, not asked and waited for.
+PATIENT = 30
+
+
+def test_shutdown_does_not_wait_for_a_restart_that_hangs(tmp_path):
+    """The engine restarting after a crash hangs before its hello: shutdown kills it at once.
+    It used to wait its timeout for the restart, then again for the hung engine to exit, and
+    left the restart waiting two minutes for the hello."""
+    hang, pids = tmp_path / "hang", tmp_path / "pids"
+
+    async def go():
+        c = make_client(tmp_path)
+        c.env.update(FAKE_ENGINE_HANG_START=str(hang), FAKE_ENGINE_PIDS=str(pids))
+        await c.start()
+        await c.load("/models/first")
+        hang.touch()  # the next start hangs
+        await crash(c)
+        while len(pids.read_text().split()) < 2:  # the new engine is up, and hangs
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(c.shutdown(timeout=PATIENT), PATIENT / 2)
+        assert c.state == "stopped" and not c._recovering
+
+    try:
+        run(go())
+    finally:
+        left = []
+        for pid in map(int, pids.read_text().split() if pids.exists() else []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # a hung engine outlives a failed test otherwise
+                left.append(pid)
+    assert not left  # no engine left behind
+
+
+def test_shutdown_during_a_load_stops_the_engine_at_once(tmp_path):
+    """A load under way (one that never ends here) is ended "stopped" and its engine killed,
+    without waiting for shutdown's timeout; the engine starts and loads again after."""
+
+    async def go():
+        states = []
+        c = make_client(tmp_path, states)
+        await c.start()
+        loading = asyncio.ensure_future(c.load("/models/hang"))
+        await wait_for_state(c, "loading")
+        await asyncio.wait_for(c.shutdown(timeout=PATIENT), PATIENT / 2)
+        with pytest.raises(EngineError) as e:
+            await loading
+        assert e.value.kind == "stopped" and c.state == "stopped"
+        assert "failed" not in states and "crashed" not in states
+        await c.start()
+        assert (await c.load("/models/next"))["model"] == "/models/next"
+        await c.shutdown()
+
+    run(go())
 
 
 def test_engine_that_cannot_start(tmp_path):
