@@ -40,7 +40,38 @@ from ..memory import (
 )
 from .reference import layer_indices
 
-CTAS_PER_SM = int(os.environ.get("VPTQ_SLICED_CTAS_PER_SM", "2"))  # blocks per SM (tuning)
+CTAS_OVERRIDE = os.environ.get("VPTQ_SLICED_CTAS_PER_SM")  # blocks per SM, for tuning runs
+
+
+def blocks_per_sm(v: int, res_cw: int) -> int:
+    """The one-token sliced kernel's blocks an SM runs at once: two where 64 registers hold its
+    loop (v <= 8 without a small residual codebook; csrc/vptq_sliced.cuh's __launch_bounds__),
+    else one, its 72-123 registers a thread leaving room for one block of 512 threads."""
+    return 2 if v <= 8 and res_cw == 0 else 1
+
+
+# Launches are planned for two blocks an SM (one wave where the SM holds two). A kernel that
+# holds one runs such a plan in two waves, and each wave pays the blocks' fixed costs (the
+# slice and residual codebook copies, xhat, the end) again: Llama-3.1-8B v8-k65536-256 took 149
+# us a block that way against 128 planned for one wave (H200, csrc/KERNELS.md session 22). But
+# one wave of 50-100 blocks a row block leaves SMs idle (v12-k65536-4096 down: 65 us in one wave
+# of 100 blocks, 52 in two of 250). So for such a kernel both plans are costed, in lookups of
+# the fullest block plus WAVE_LOOKUPS a wave, and the cheaper taken (the one wave on a tie):
+# that picks the faster plan of every launch measured there but v16 gate (one wave, 4% slower).
+WAVE_LOOKUPS = 8192
+
+
+def plan_cost(waves: int, lookups_per_block: float) -> float:
+    return waves * (WAVE_LOOKUPS + lookups_per_block)
+
+
+def plans(v: int, res_cw: int, ctas_per_sm: int | None) -> list[int]:
+    """The blocks an SM to plan a launch for, to be costed by plan_cost: ``ctas_per_sm`` where
+    given (tests), else VPTQ_SLICED_CTAS_PER_SM where set, else what the kernel holds and two."""
+    given = ctas_per_sm or (int(CTAS_OVERRIDE) if CTAS_OVERRIDE else 0)
+    return [given] if given else sorted({blocks_per_sm(v, res_cw), 2})
+
+
 TOKEN_TILES = (1, 2, 4, 8)
 STATIC_SMEM = 1024  # room for the kernel's static shared arrays (csrc/vptq.h kSlicedStaticSmem)
 
@@ -233,6 +264,32 @@ def layer_shape(
     return chunk_cols, row_block, row_blocks
 
 
+def planned_shape(
+    K: int,
+    rows: int,
+    v: int,
+    slice_cw: int,
+    res_cw: int,
+    n_slices: int,
+    cell_lookups: int,
+    num_sms: int,
+    smem_optin: int,
+    ctas_per_sm: int | None = None,
+) -> tuple[int, int, int]:
+    """layer_shape for the cheaper plan (``plans``, ``plan_cost``). ``cell_lookups``: lookups a
+    (vector-row, column) has in the layout's table, 2 where the residual codebook is sliced."""
+
+    def cost(c: int) -> float:
+        chunk_cols, row_block, row_blocks = shape = layer_shape(
+            K, rows, v, slice_cw, res_cw, n_slices, num_sms, c, smem_optin
+        )
+        blocks = row_blocks * n_slices * -(-K // chunk_cols)
+        waves = -(-blocks // (num_sms * blocks_per_sm(v, res_cw)))
+        return plan_cost(waves, row_block * chunk_cols * cell_lookups / n_slices), c, shape
+
+    return min(cost(c) for c in plans(v, res_cw, ctas_per_sm))[2]
+
+
 def bank_groups(v: int) -> tuple[int, int]:
     """(bytes per shared-memory load of a codeword, lanes served per wavefront) for length v:
     the kernel loads a codeword 16 bytes at a time where it can (vptq_device.cuh load_code),
@@ -355,6 +412,28 @@ def group_row_blocks(rows: list[int], n_parts: list[int], num_sms: int, ctas_per
     ]
 
 
+def group_plan(
+    layouts: list[SlicedLayout], num_sms: int, ctas_per_sm: int | None = None
+) -> tuple[int, list[int]]:
+    """(blocks an SM, row blocks of each layer) of a shared launch, for the cheaper plan
+    (``plans``, ``plan_cost``)."""
+    v, res_cw = layouts[0].meta[2], layouts[0].meta[9]
+    rows, n_parts = [a.meta[8] for a in layouts], [parts(a.meta) for a in layouts]
+
+    def cost(c: int):
+        shares = group_row_blocks(rows, n_parts, num_sms, c)
+        blocks = sum(b * s for b, s in zip(shares, n_parts, strict=True))
+        waves = -(-blocks // (num_sms * blocks_per_sm(v, res_cw)))
+        fullest = max(
+            -(-r // b) * a.meta[6] * (2 if a.table_is_copy else 1) / a.meta[5]
+            for a, r, b in zip(layouts, rows, shares, strict=True)
+        )
+        return plan_cost(waves, fullest), c, shares
+
+    _, c, shares = min(cost(c) for c in plans(v, res_cw, ctas_per_sm))
+    return c, shares
+
+
 # A shared launch gives each layer fewer, larger row blocks than its own launch, and the last
 # block of a row block sums row_block * v outputs over all parts alone, after the others: a
 # serial tail. Measured on the H200 (`bench kernels --arch llama-3.1-8b`, all five schemes, 1
@@ -365,26 +444,24 @@ def group_row_blocks(rows: list[int], n_parts: list[int], num_sms: int, ctas_per
 MAX_SHARED_TAIL = 96 * 1024
 
 
-def shared_tail(
-    rows: list[int], n_parts: list[int], v: int, num_sms: int, ctas_per_sm: int = CTAS_PER_SM
-) -> int:
+def shared_tail(rows: list[int], n_parts: list[int], v: int, num_sms: int, ctas_per_sm: int) -> int:
     """The largest row_block * v * parts among the layers of a shared launch."""
     shares = group_row_blocks(rows, n_parts, num_sms, ctas_per_sm)
     return max(-(-r // b) * v * s for r, b, s in zip(rows, shares, n_parts, strict=True))
 
 
 def worth_sharing(
-    layouts: list[SlicedLayout], num_sms: int, smem_optin: int, ctas_per_sm: int = CTAS_PER_SM
+    layouts: list[SlicedLayout], num_sms: int, smem_optin: int, ctas_per_sm: int | None = None
 ):
     """Whether these layouts can share a launch and are faster that way: a short enough serial
     tail (MAX_SHARED_TAIL), and the larger row blocks of the shared launch keep two blocks per
     SM wherever each layer's own launch has them (their accumulators are in shared memory)."""
     if not groupable(layouts):
         return False
+    ctas_per_sm, shares = group_plan(layouts, num_sms, ctas_per_sm)
     rows, n_parts = [a.meta[8] for a in layouts], [parts(a.meta) for a in layouts]
     if shared_tail(rows, n_parts, layouts[0].meta[2], num_sms, ctas_per_sm) > MAX_SHARED_TAIL:
         return False
-    shares = group_row_blocks(rows, n_parts, num_sms, ctas_per_sm)
     for a, r, share in zip(layouts, rows, shares, strict=True):
         v, slice_cw, chunk_cols, res_cw, own = (a.meta[i] for i in (2, 4, 6, 9, 10))
         alone, shared = (
@@ -397,12 +474,12 @@ def worth_sharing(
 
 
 def group(
-    layouts: list[SlicedLayout], num_sms: int, smem_optin: int, ctas_per_sm: int = CTAS_PER_SM
+    layouts: list[SlicedLayout], num_sms: int, smem_optin: int, ctas_per_sm: int | None = None
 ) -> SlicedGroup:
     if not groupable(layouts):
         raise ValueError("these layers cannot share a sliced launch")
     rows = [a.meta[8] for a in layouts]
-    shares = group_row_blocks(rows, [parts(a.meta) for a in layouts], num_sms, ctas_per_sm)
+    shares = group_plan(layouts, num_sms, ctas_per_sm)[1]
     metas, counters, most = [], [], []
     for a, r, share in zip(layouts, rows, shares, strict=True):
         row_block = -(-r // share)
@@ -422,7 +499,7 @@ def build(
     spec: VQLayerSpec,
     num_sms: int,
     smem_optin: int,
-    ctas_per_sm: int = CTAS_PER_SM,
+    ctas_per_sm: int | None = None,
 ) -> SlicedLayout:
     """The sliced layout of one layer, on the device of its tensors."""
     indices, centroids, res, _, _, perm, _, _, _ = tensors
@@ -457,8 +534,8 @@ def build(
     n_cw = table.shape[0]
     n_slices = -(-n_cw // slice_cw)
     res_cw = res_table.shape[0] if small else 0
-    chunk_cols, row_block, row_blocks = layer_shape(
-        K, rows, v, slice_cw, res_cw, n_slices, num_sms, ctas_per_sm, smem_optin
+    chunk_cols, row_block, row_blocks = planned_shape(
+        K, rows, v, slice_cw, res_cw, n_slices, len(lookups), num_sms, smem_optin, ctas_per_sm
     )
     n_chunks = -(-K // chunk_cols)
     n_seg = n_slices * n_chunks * rows

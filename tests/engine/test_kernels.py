@@ -229,7 +229,7 @@ SLICED_LARGE = {  # real shapes, many row blocks and slices; oracle: the float64
 }
 
 
-def device_layout(spec, args, ctas_per_sm=sliced.CTAS_PER_SM):
+def device_layout(spec, args, ctas_per_sm=None):
     props = torch.cuda.get_device_properties(0)
     return sliced.build(
         args, spec, props.multi_processor_count, props.shared_memory_per_block_optin, ctas_per_sm
