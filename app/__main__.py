@@ -227,6 +227,7 @@ class App:
         self.window.gpu_timer.stop()
         self.downloads.close()  # partial files stay; the next start resumes them
         await self.client.shutdown(timeout=5)
+        self.settings.window = self.window.saved_geometry()
         self.settings.save(self.data / "settings.json")
         self.store.close()
 

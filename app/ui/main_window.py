@@ -6,8 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtCore import QByteArray, QPoint, QSize, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QGuiApplication, QKeySequence
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
@@ -107,7 +107,7 @@ class MainWindow(QMainWindow):
         self.ctrl, self.gpus, self.settings, self.log_dir = ctrl, gpus, settings, log_dir
         self.tasks: set[asyncio.Task] = set()  # keep running tasks referenced until done
         self.setWindowTitle("VPTQ Chat")
-        self.resize(1200, 780)
+        self._place(settings.window)
         self.chat = ChatView(ctrl.messages, dark)
         self.panel = LivePanel()
         self.chat_settings = ChatSettings()
@@ -158,6 +158,25 @@ class MainWindow(QMainWindow):
             ctrl.open(ctrl.conversations.rows[0].id)
         else:
             self._show_next_chat_settings()
+
+    def _place(self, saved: str) -> None:
+        """Where the window was when the app last closed (``saved``: saved_geometry()); the first
+        time, 1200 x 780 where the screen's free area allows (it was 1200 x 780 on any screen,
+        taller than a 1366 x 768 laptop's), centred."""
+        if saved and self.restoreGeometry(QByteArray.fromBase64(saved.encode("ascii"))):
+            return
+        screen = QGuiApplication.primaryScreen()
+        if screen is None:
+            self.resize(1200, 780)
+            return
+        free = screen.availableGeometry()  # without the task bar; the frame takes some more
+        size = QSize(min(1200, free.width() * 95 // 100), min(780, free.height() * 90 // 100))
+        self.resize(size)
+        self.move(free.center() - QPoint(size.width() // 2, size.height() // 2))
+
+    def saved_geometry(self) -> str:
+        """The window's size, place and maximised state, for Settings.window."""
+        return bytes(self.saveGeometry().toBase64()).decode("ascii")
 
     def resizeEvent(self, event) -> None:  # Qt calls it on every resize
         super().resizeEvent(event)

@@ -411,3 +411,37 @@ def test_small_window_gives_the_chat_most_of_the_width(gui, qloop):
     w.split.setSizes([300, 850, 250])
     w.split.splitterMoved.emit(300, 1)  # the user dragged a handle: their widths stay
     assert resized(1200)[0] == 300
+
+
+def test_the_window_fits_the_screen_and_reopens_where_it_was_left(tmp_path, qloop, monkeypatch):
+    from PySide6.QtCore import QPoint, QSize
+    from PySide6.QtGui import QGuiApplication
+
+    from app.__main__ import App
+
+    monkeypatch.setenv("VPTQ_CHAT_MODELS", str(tmp_path / "models"))
+    free = QGuiApplication.primaryScreen().availableGeometry()
+    assert free.width() < 1200  # the offscreen screen is smaller than the window's 1200 x 780
+
+    def opened():
+        app = App(tmp_path, model="demo", theme="light", loop=qloop)
+        app.window.show()
+        return app
+
+    def closed(app):
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+    app = opened()
+    w = app.window
+    assert free.contains(w.frameGeometry()), (free, w.frameGeometry())
+    assert w.width() >= free.width() * 0.9 and w.height() >= free.height() * 0.85
+    w.resize(640, 480)
+    w.move(free.topLeft() + QPoint(30, 40))
+    closed(app)
+    app = opened()
+    try:
+        assert app.window.size() == QSize(640, 480)
+        assert app.window.pos() == free.topLeft() + QPoint(30, 40)
+    finally:
+        closed(app)
