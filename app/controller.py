@@ -61,6 +61,16 @@ class ChatController(QObject):
         self.next_chat = None  # what was set with no chat open is for a chat started from there
         self.messages.set_rows(self.store.messages(cid))
         self.conversation_opened.emit(cid)
+        self._show_context()
+
+    def _show_context(self) -> None:
+        """The open chat's context line: what its last answer left in the model's context (the
+        prompt and the answer), kept with that answer's stats; none before a first answer."""
+        for m in reversed(self.messages.rows):
+            if m.role == "assistant" and m.stats.get("n_ctx"):
+                used = m.stats.get("prompt_tokens", 0) + m.stats.get("completion_tokens", 0)
+                self.context_changed.emit(used, m.stats["n_ctx"], 0)
+                return
 
     def new_conversation(self) -> int:
         system, sampling = self.next_chat or (self.settings.system_prompt, self.settings.sampling)
@@ -174,9 +184,10 @@ class ChatController(QObject):
         while True:
             msg = await queue.get()
             if msg.type == "started":
-                self.context_changed.emit(
-                    msg.get("prompt_tokens", 0), msg.get("n_ctx", 0), msg.get("dropped_messages", 0)
-                )
+                a["context"] = (msg.get("n_ctx", 0), msg.get("dropped_messages", 0))
+                if a["message"].conversation_id == self.current:
+                    n_ctx, dropped = a["context"]
+                    self.context_changed.emit(msg.get("prompt_tokens", 0), n_ctx, dropped)
             elif msg.type == "delta":
                 a["text"] += msg.get("text", "")
                 a["tokens"] += 1
@@ -207,6 +218,12 @@ class ChatController(QObject):
         status = {"stop": "done", "length": "done", "cancelled": "stopped"}.get(reason, "error")
         if reason == "length":
             stats = {**stats, "truncated": True}
+        n_ctx, dropped = a.get("context", (0, 0))
+        if n_ctx and "completion_tokens" in stats:  # the context line after the answer
+            stats = {**stats, "n_ctx": n_ctx}
+            if a["message"].conversation_id == self.current:
+                used = stats.get("prompt_tokens", 0) + stats["completion_tokens"]
+                self.context_changed.emit(used, n_ctx, dropped)
         text = a["text"]
         if status == "error" and not text:
             text = "⚠ " + ("; ".join(m for _, m in errors) or "the engine could not answer")

@@ -31,8 +31,14 @@ def test_stream_an_answer(gui, qloop):
         ("assistant", "You said: hello world", "done"),
     ]
     assert stored[1].stats["decode_tok_s"] == 50.0
-    assert gui.window.chat.context.text() == "Context: 12 / 2048 tokens"
-    assert gui.ctrl.conversations.index(0).data() == "hello world"  # titled from the message
+    # the context line: the 12-token prompt and the 4-token answer, kept with the chat
+    assert gui.window.chat.context.text() == "Context: 16 / 2048 tokens"
+    first = gui.ctrl.current
+    gui.ctrl.new_conversation()
+    assert gui.window.chat.context.text() == ""  # nothing asked yet
+    gui.ctrl.open(first)
+    assert gui.window.chat.context.text() == "Context: 16 / 2048 tokens"
+    assert gui.ctrl.conversations.index(1).data() == "hello world"  # titled from the message
     assert gui.window.panel.plot.values == [50.0]
     assert "Kernels: pure-PyTorch reference path (slow): fake engine" in (
         gui.window.panel.kernels.text()
