@@ -61,7 +61,9 @@ def blocks_per_sm(v: int, res_cw: int) -> int:
 WAVE_LOOKUPS = 8192
 
 
-def plan_cost(waves: int, lookups_per_block: float) -> float:
+def plan_cost(blocks: int, lookups_per_block: float, num_sms: int, per_sm: int) -> float:
+    """A launch of ``blocks`` on SMs that each run ``per_sm`` at once, in waves."""
+    waves = -(-blocks // (num_sms * per_sm))
     return waves * (WAVE_LOOKUPS + lookups_per_block)
 
 
@@ -284,8 +286,8 @@ def planned_shape(
             K, rows, v, slice_cw, res_cw, n_slices, num_sms, c, smem_optin
         )
         blocks = row_blocks * n_slices * -(-K // chunk_cols)
-        waves = -(-blocks // (num_sms * blocks_per_sm(v, res_cw)))
-        return plan_cost(waves, row_block * chunk_cols * cell_lookups / n_slices), c, shape
+        lookups = row_block * chunk_cols * cell_lookups / n_slices
+        return plan_cost(blocks, lookups, num_sms, blocks_per_sm(v, res_cw)), c, shape
 
     return min(cost(c) for c in plans(v, res_cw, ctas_per_sm))[2]
 
@@ -423,12 +425,11 @@ def group_plan(
     def cost(c: int):
         shares = group_row_blocks(rows, n_parts, num_sms, c)
         blocks = sum(b * s for b, s in zip(shares, n_parts, strict=True))
-        waves = -(-blocks // (num_sms * blocks_per_sm(v, res_cw)))
         fullest = max(
             -(-r // b) * a.meta[6] * (2 if a.table_is_copy else 1) / a.meta[5]
             for a, r, b in zip(layouts, rows, shares, strict=True)
         )
-        return plan_cost(waves, fullest), c, shares
+        return plan_cost(blocks, fullest, num_sms, blocks_per_sm(v, res_cw)), c, shares
 
     _, c, shares = min(cost(c) for c in plans(v, res_cw, ctas_per_sm))
     return c, shares
