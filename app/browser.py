@@ -235,17 +235,34 @@ class BrowserController(QObject):
         self.filtered.setSourceModel(self.catalogue)
         self.local = LocalModel()
         self.details: Details | None = None
+        self._refreshes = 0  # refresh() calls so far: only the last one's answer is shown
         manager.on_change = self._changed
         self.refresh_local()
 
     # -- catalogue ---------------------------------------------------------------------------------
     async def refresh(self, search: str = "", sort: str = "downloads") -> None:
+        """The model list: at once the one cached on disk (where there is one) and a note that
+        the hub is being asked, then the hub's answer, or the cached list with the reason. The
+        hub retries a dead connection for about half a minute; the list was empty meanwhile.
+        Only the last of overlapping refreshes (a search typed on) shows its answer."""
+        self._refreshes += 1
+        mine = self._refreshes
+        hub = self.hub
+        if not hub.settings.offline:
+            cached = hub.cached_catalogue(search, sort)
+            asking = f"Asking {hub.settings.url} for the model list"
+            if cached is not None:
+                self.catalogue.set_entries(cached[0])
+                asking += f"; meanwhile, the list cached on {cached[1]}"
+            self.catalogue_note.emit(asking + "…")
         try:
-            entries, note = await asyncio.to_thread(self.hub.catalogue, search, sort)
+            entries, note = await asyncio.to_thread(hub.catalogue, search, sort)
         except HubError as e:
-            self.catalogue_note.emit(str(e))
+            entries, note = None, str(e)
+        if mine != self._refreshes:  # a later refresh is under way: its answer counts
             return
-        self.catalogue.set_entries(entries)
+        if entries is not None:
+            self.catalogue.set_entries(entries)
         self.catalogue_note.emit(note)
 
     def families(self) -> list[str]:

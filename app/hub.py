@@ -204,16 +204,24 @@ class Hub:
                 reason = f"the hub could not be reached ({_short(e)})"
         else:
             reason = "offline mode"
+        cached = self.cached_catalogue(search, sort)
+        if cached is None:
+            raise HubError(f"No model list: {reason}, and none is cached yet.")
+        entries, when = cached
+        return entries, f"{reason}: the list cached on {when}"
+
+    def cached_catalogue(self, search: str = "", sort: str = "downloads"):
+        """(entries, when it was cached) from the list last fetched, searched and sorted here;
+        None where none is cached. Reads a file only: quick enough for the GUI's thread."""
         try:
-            raw = json.loads(cache.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise HubError(f"No model list: {reason}, and none is cached yet.") from None
-        entries = [Entry(**m) for m in raw["models"]]
+            raw = json.loads((self.cache_dir / "catalogue.json").read_text())
+            entries = [Entry(**m) for m in raw["models"]]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            return None
         entries = [e for e in entries if search.lower() in e.id.lower()]
         key = (lambda e: e.downloads) if sort == "downloads" else (lambda e: e.modified)
         entries.sort(key=key, reverse=True)
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(raw["time"]))
-        return entries, f"{reason}: the list cached on {when}"
+        return entries, time.strftime("%Y-%m-%d %H:%M", time.localtime(raw["time"]))
 
     def _fetch(self, search: str, sort: str) -> list[Entry]:
         models = self.api().list_models(

@@ -51,6 +51,7 @@ class FakeHub:
         self.faults: dict[tuple[str, str], deque] = defaultdict(deque)
         self.requests: list[tuple[str, str, str | None]] = []  # method, path, Range
         self.stall_seconds = 3.0
+        self.list_delays: dict[str, float] = {}  # search term -> seconds before the model list
         self.page_size = 1000
         self.token: str | None = None  # when set, requests without it get 401
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -136,6 +137,7 @@ class FakeHub:
 
             def _list(self, query):
                 search = query.get("search", [""])[0].lower()
+                time.sleep(hub.list_delays.get(search, 0.0))
                 rows = [r for r in hub.repos.values() if search in r.id.lower()]
                 author = query.get("author", [""])[0]
                 rows = [r for r in rows if not author or r.id.startswith(author + "/")]

@@ -152,6 +152,26 @@ def enabled_buttons(local) -> list[str]:
     return [text for text, b in local.buttons.items() if b.isEnabled()]
 
 
+def test_the_cached_list_shows_while_the_hub_answers_and_the_last_search_wins(browser_app, qloop):
+    app, hub = browser_app
+    app.show_models()
+    browse, rows = app.models_window.browse, app.browser.catalogue.rowCount
+    wait_until(qloop, lambda: rows() == 3, what="the first list, which is cached")
+    hub.add(Repo("VPTQ-community/Qwen2.5-72B-Instruct-v8-k65536-0-woft", {}, 600))
+    hub.list_delays[""] = 1.0  # a slow hub
+    browse.refresh()
+    wait_until(qloop, lambda: "Asking" in browse.note.text(), what="the note")
+    assert rows() == 3 and "meanwhile, the list cached on" in browse.note.text()
+    wait_until(qloop, lambda: rows() == 4, what="the hub's answer")
+    assert "4 models from http://127.0.0.1" in browse.note.text()
+    # a search answered after the one typed next is not shown over it
+    hub.list_delays.update({"": 0.0, "qwen": 1.0})
+    qloop.run_until_complete(asyncio.gather(
+        app.browser.refresh("qwen"), app.browser.refresh(""),
+    ))  # fmt: skip
+    assert rows() == 4 and "4 models from" in browse.note.text()
+
+
 def test_pause_and_resume_from_the_window(browser_app, qloop):
     app, hub = browser_app
     hub.fail(SMALL, "model-00001-of-00001.safetensors", "trickle")
