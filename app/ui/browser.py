@@ -90,6 +90,7 @@ class BrowseTab(QWidget):
         )
         self.table = _table(ctrl.filtered, "Catalogue")
         self.table.setSortingEnabled(True)
+        self._hub_order()
         self.detail = DetailPane(ctrl, spawn)
         top = QHBoxLayout()
         for w in (self.search, self.sort, refresh):
@@ -114,13 +115,19 @@ class BrowseTab(QWidget):
         self.debounce = QTimer(self, singleShot=True, interval=400)
         self.debounce.timeout.connect(self.refresh)
         self.search.textChanged.connect(lambda _: self.debounce.start())
-        self.sort.currentIndexChanged.connect(lambda _: self.refresh())
+        self.sort.currentIndexChanged.connect(lambda _: (self._hub_order(), self.refresh()))
         refresh.clicked.connect(self.refresh)
         for c in (self.family, self.params, self.bits, self.v, self.k, self.kr):
             c.currentIndexChanged.connect(self._filter)
         self.table.selectionModel().currentRowChanged.connect(self._selected)
         ctrl.catalogue_note.connect(self.note.setText)
         ctrl.catalogue.modelReset.connect(self._families)
+
+    def _hub_order(self) -> None:
+        """The list in the order the sort menu asked the hub for, until a column's header is
+        clicked (enabling sorting sorted it by name, Z to A, whatever the menu said)."""
+        self.table.horizontalHeader().setSortIndicator(-1, Qt.SortOrder.AscendingOrder)
+        self.ctrl.filtered.sort(-1)
 
     def refresh(self) -> None:
         self.spawn(self.ctrl.refresh(self.search.text().strip(), self.sort.currentData()))

@@ -152,11 +152,25 @@ def enabled_buttons(local) -> list[str]:
     return [text for text, b in local.buttons.items() if b.isEnabled()]
 
 
-def test_the_cached_list_shows_while_the_hub_answers_and_the_last_search_wins(browser_app, qloop):
+def test_the_list_in_the_hub_order_cached_while_asked_and_the_last_search_wins(browser_app, qloop):
     app, hub = browser_app
     app.show_models()
     browse, rows = app.models_window.browse, app.browser.catalogue.rowCount
     wait_until(qloop, lambda: rows() == 3, what="the first list, which is cached")
+    shown = app.browser.filtered
+
+    def downloads():
+        return [shown.index(r, 6).data() for r in range(shown.rowCount())]
+
+    assert downloads() == ["900", "800", "700"]  # "Most downloaded": the hub's order
+    browse.table.sortByColumn(6, Qt.SortOrder.AscendingOrder)  # a click on the header
+    assert downloads() == ["700", "800", "900"]
+    asked = len(hub.gets("/api/models"))
+    browse.sort.setCurrentIndex(browse.sort.findData("recent"))  # asks the hub again
+    assert downloads() == ["900", "800", "700"]  # the hub's order until its answer comes
+    wait_until(qloop, lambda: len(hub.gets("/api/models")) > asked, what="the recent list")
+    wait_until(qloop, lambda: "3 models from" in browse.note.text(), what="its answer")
+    browse.sort.setCurrentIndex(browse.sort.findData("downloads"))
     hub.add(Repo("VPTQ-community/Qwen2.5-72B-Instruct-v8-k65536-0-woft", {}, 600))
     hub.list_delays[""] = 1.0  # a slow hub
     browse.refresh()
