@@ -143,6 +143,9 @@ class RepoFiles:
         return cls(d["repo"], d["revision"], [RemoteFile(**f) for f in d["files"]])
 
 
+REACH_TIMEOUT = 10.0  # seconds the hub has to answer the catalogue's first request
+
+
 @dataclass
 class HubSettings:
     endpoint: str = ""  # a mirror (HF_ENDPOINT); empty: huggingface.co
@@ -224,6 +227,12 @@ class Hub:
         return entries, time.strftime("%Y-%m-%d %H:%M", time.localtime(raw["time"]))
 
     def _fetch(self, search: str, sort: str) -> list[Entry]:
+        # list_models retries a dead connection five times, for about half a minute (its
+        # http_backoff, fixed there): one plain request first says at once that the hub cannot
+        # be reached (a refused connection, an unknown host, no answer in REACH_TIMEOUT).
+        from huggingface_hub import get_session
+
+        get_session().head(self.settings.url, timeout=REACH_TIMEOUT)  # any answer will do
         models = self.api().list_models(
             author=ORG,
             search=search or None,
