@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
 from ..browser import BrowserController, Details, EntryRole, Filters, eta_text, size_text
 from ..downloads import ACTIVE, Download
 from ..fit import gib
+from ..hub import HubSettings
 
 VERDICT_COLOURS = {"fits": "#2e7d32", "tight": "#b26a00", "does not fit": "#c62828"}
 
@@ -392,7 +393,8 @@ class HubSettingsTab(QWidget):
         super().__init__()
         self.ctrl, self.on_saved = ctrl, on_saved
         s = ctrl.hub.settings
-        self.endpoint = QLineEdit(s.endpoint, placeholderText="https://huggingface.co")
+        # empty: $HF_ENDPOINT where set, else huggingface.co (what HubSettings.url takes)
+        self.endpoint = QLineEdit(s.endpoint, placeholderText=HubSettings().url)
         self.proxy = QLineEdit(s.proxy, placeholderText="http://proxy.example:3128")
         self.token = QLineEdit(placeholderText="hf_…", echoMode=QLineEdit.EchoMode.Password)
         self.offline = QCheckBox("Offline: use the cached list, download nothing")

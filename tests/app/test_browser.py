@@ -236,11 +236,13 @@ def test_download_buttons_follow_the_rows_state(browser_app):
         assert enabled_buttons(local) == buttons, state
 
 
-def test_hub_settings_are_saved(browser_app, qloop, tmp_path):
+def test_hub_settings_are_saved(browser_app, qloop, tmp_path, monkeypatch):
     app, _ = browser_app
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.example")
     app.show_models()
     tab = app.models_window.hub_settings
     assert not tab.forget_button.isEnabled() and tab.status.text() == "No token stored."
+    assert tab.endpoint.placeholderText() == "http://mirror.example"  # what an empty box means
     tab.proxy.setText("http://127.0.0.1:3128")
     tab.offline.setChecked(True)
     tab.token.setText("hf_abc")
