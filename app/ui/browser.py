@@ -383,6 +383,9 @@ class LocalTab(QWidget):
     def _totals(self, *_) -> None:
         disk = sum(r["disk"] for r in self.ctrl.local.rows)
         n = len(self.ctrl.local.rows)
+        if n == 0:  # an empty table says where models come from
+            self.total.setText("No models yet: pick one in Browse and press Download.")
+            return
         self.total.setText(f"{n} model{'s' * (n != 1)}, {size_text(disk)} on disk")
 
 

@@ -190,7 +190,8 @@ def test_pause_and_resume_from_the_window(browser_app, qloop):
     app, hub = browser_app
     hub.fail(SMALL, "model-00001-of-00001.safetensors", "trickle")
     app.show_models()
-    detail = app.models_window.browse.detail
+    detail, local = app.models_window.browse.detail, app.models_window.local
+    assert local.total.text() == "No models yet: pick one in Browse and press Download."
     wait_until(qloop, lambda: app.browser.catalogue.rowCount() == 3)
     rows = range(app.browser.filtered.rowCount())
     row = next(r for r in rows if app.browser.filtered.index(r, 0).data(EntryRole).id == SMALL)
@@ -203,7 +204,7 @@ def test_pause_and_resume_from_the_window(browser_app, qloop):
         lambda: (d := app.downloads.downloads.get(SMALL)) is not None and d.done > 20_000,
         what="some bytes",
     )
-    local = app.models_window.local
+    assert local.total.text().startswith("1 model, ")
     local.table.setCurrentIndex(app.browser.local.index(0, 0))
     assert enabled_buttons(local) == ["Pause", "Cancel", "Delete…"]
     detail.pause.click()
