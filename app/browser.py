@@ -242,9 +242,9 @@ class BrowserController(QObject):
     # -- catalogue ---------------------------------------------------------------------------------
     async def refresh(self, search: str = "", sort: str = "downloads") -> None:
         """The model list: at once the one cached on disk (where there is one) and a note that
-        the hub is being asked, then the hub's answer, or the cached list with the reason. The
-        hub retries a dead connection for about half a minute; the list was empty meanwhile.
-        Only the last of overlapping refreshes (a search typed on) shows its answer."""
+        the hub is being asked (a slow hub left the list empty meanwhile), then the hub's
+        answer, or the cached list with the reason. Only the last of overlapping refreshes (a
+        search typed on) shows its answer."""
         self._refreshes += 1
         mine = self._refreshes
         hub = self.hub

@@ -194,13 +194,13 @@ class Hub:
     def catalogue(self, search: str = "", sort: str = "downloads") -> tuple[list[Entry], str]:
         """The organisation's models and a note on where they came from. Offline or on a network
         error, the cached list (filtered here) with the reason."""
-        cache = self.cache_dir / "catalogue.json"
         if not self.settings.offline:
             try:
                 entries = self._fetch(search, sort)
                 if not search:
                     _write_json(
-                        cache, {"time": time.time(), "models": [asdict(e) for e in entries]}
+                        self._catalogue_file,
+                        {"time": time.time(), "models": [asdict(e) for e in entries]},
                     )
                 return entries, f"{len(entries)} models from {self.settings.url}"
             except Exception as e:
@@ -209,15 +209,24 @@ class Hub:
             reason = "offline mode"
         cached = self.cached_catalogue(search, sort)
         if cached is None:
-            raise HubError(f"No model list: {reason}, and none is cached yet.")
+            fix = (
+                "turn Offline off in Hub settings"
+                if self.settings.offline
+                else "check the network, or the mirror and proxy in Hub settings"
+            )
+            raise HubError(f"No model list: {reason}, and none is cached yet; {fix}.")
         entries, when = cached
         return entries, f"{reason}: the list cached on {when}"
+
+    @property
+    def _catalogue_file(self) -> Path:
+        return self.cache_dir / "catalogue.json"
 
     def cached_catalogue(self, search: str = "", sort: str = "downloads"):
         """(entries, when it was cached) from the list last fetched, searched and sorted here;
         None where none is cached. Reads a file only: quick enough for the GUI's thread."""
         try:
-            raw = json.loads((self.cache_dir / "catalogue.json").read_text())
+            raw = json.loads(self._catalogue_file.read_text())
             entries = [Entry(**m) for m in raw["models"]]
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             return None

@@ -133,7 +133,8 @@ class FakeHub:
                 for k, v in (headers or {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":  # HTTP: a HEAD answer has no body
+                    self.wfile.write(body)
 
             def _list(self, query):
                 search = query.get("search", [""])[0].lower()

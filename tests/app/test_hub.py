@@ -182,8 +182,12 @@ def test_catalogue_lists_sorts_searches_pages_and_caches(hub, tmp_path):
 
 
 def test_no_catalogue_offline_without_cache(hub, tmp_path):
-    with pytest.raises(HubError, match="offline mode, and none is cached yet"):
+    with pytest.raises(HubError, match="offline mode, and none is cached yet; turn Offline off"):
         make_hub(hub, tmp_path, offline=True).catalogue()
+    down = Hub(HubSettings(endpoint="http://127.0.0.1:9"), tmp_path / "empty-cache")
+    fix = r"could not be reached .*; check the network, or the mirror"
+    with pytest.raises(HubError, match=fix):
+        down.catalogue()
 
 
 def test_file_sizes_checksums_and_bytes_on_disk(hub, tmp_path):
