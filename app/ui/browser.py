@@ -32,6 +32,7 @@ from ..browser import BrowserController, Details, EntryRole, Filters, eta_text, 
 from ..downloads import ACTIVE, Download
 from ..fit import gib
 from ..hub import HubSettings
+from .screen import fit_to_screen
 
 VERDICT_COLOURS = {"fits": "#2e7d32", "tight": "#b26a00", "does not fit": "#c62828"}
 
@@ -55,6 +56,9 @@ def _table(model, name: str) -> QTableView:
 def _combo(name: str, items: list[tuple[str, object]]) -> QComboBox:
     c = QComboBox()
     c.setAccessibleName(name)
+    # narrower than its longest item where the window is (six filters side by side took 820 px)
+    c.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    c.setMinimumContentsLength(8)
     for text, value in items:
         c.addItem(text, value)
     return c
@@ -323,7 +327,7 @@ class LocalTab(QWidget):
         super().__init__()
         self.ctrl, self.spawn = ctrl, spawn
         self.table = _table(ctrl.local, "Downloads and installed models")
-        self.total = QLabel()
+        self.total = QLabel(wordWrap=True)  # the empty line is long
         buttons = QHBoxLayout()
         self.buttons = {}
         for text in ("Load in chat", "Pause", "Resume", "Cancel", "Delete…"):
@@ -465,7 +469,7 @@ class ModelsWindow(QDialog):
     def __init__(self, parent, ctrl: BrowserController, on_settings_saved) -> None:
         super().__init__(parent)
         self.setWindowTitle("Models")
-        self.resize(1000, 680)
+        fit_to_screen(self, 1000, 680)
         self.ctrl = ctrl
         self.tasks: set[asyncio.Task] = set()
         self.tabs = QTabWidget()

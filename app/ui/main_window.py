@@ -6,8 +6,8 @@ import asyncio
 import json
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QPoint, QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QGuiApplication, QKeySequence
+from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
+from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
@@ -32,6 +32,7 @@ from ..store import StoreError
 from .chat_view import ChatView
 from .live_panel import LivePanel
 from .models import IdRole
+from .screen import fit_to_screen
 
 
 class ChatSettings(QWidget):
@@ -165,14 +166,7 @@ class MainWindow(QMainWindow):
         taller than a 1366 x 768 laptop's), centred."""
         if saved and self.restoreGeometry(QByteArray.fromBase64(saved.encode("ascii"))):
             return
-        screen = QGuiApplication.primaryScreen()
-        if screen is None:
-            self.resize(1200, 780)
-            return
-        free = screen.availableGeometry()  # without the task bar; the frame takes some more
-        size = QSize(min(1200, free.width() * 95 // 100), min(780, free.height() * 90 // 100))
-        self.resize(size)
-        self.move(free.center() - QPoint(size.width() // 2, size.height() // 2))
+        fit_to_screen(self, 1200, 780)
 
     def saved_geometry(self) -> str:
         """The window's size, place and maximised state, for Settings.window."""

@@ -217,6 +217,18 @@ def test_pause_and_resume_from_the_window(browser_app, qloop):
     assert (hub.gets("model-00001")[-1][2] or "").startswith("bytes="), hub.requests
 
 
+def test_the_models_window_fits_the_screen(browser_app):
+    from PySide6.QtGui import QGuiApplication
+
+    app, _ = browser_app
+    free = QGuiApplication.primaryScreen().availableGeometry()
+    assert free.width() < 1000  # the offscreen screen is narrower than the window's 1000 x 680
+    app.show_models()
+    w = app.models_window
+    assert free.contains(w.frameGeometry()), (free, w.frameGeometry())
+    assert w.height() == 680 and w.width() >= free.width() * 0.9
+
+
 def test_download_buttons_follow_the_rows_state(browser_app):
     """Pause only where the manager can stop a transfer (not a queued one, which Cancel
     removes), Resume where there is something to resume."""
