@@ -38,6 +38,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 #include "vptq.h"
 #include "vptq_device.cuh"
@@ -632,16 +633,23 @@ cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStrea
   static const bool pairs_on = !switched_off("VPTQ_SLICED_PAIRS");
   const bool pairs = pairs_on && bulk && blocks > 1 && compute_major() == 9;
   // The kernel's shared-memory limit, raised on each device only when a launch needs more
-  // than the last one set (it was set on every eager launch).
+  // than the last one set (it was set on every eager launch). The raise holds a lock, so that
+  // the limit only grows and `allowed` never says more than was set, whichever host threads
+  // launch.
   static std::atomic<int> allowed[64] = {};
+  static std::mutex raising;
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64 || allowed[dev].load() < static_cast<int>(smem)) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) allowed[dev].store(static_cast<int>(smem));
+  const int need = static_cast<int>(smem);
+  const bool cached = dev >= 0 && dev < 64;
+  if (!cached || allowed[dev].load() < need) {
+    std::lock_guard<std::mutex> hold(raising);
+    if (!cached || allowed[dev].load() < need) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, need);
+      if (err != cudaSuccess) return err;
+      if (cached) allowed[dev].store(need);
+    }
   }
   if (pairs) blocks += blocks % 2;  // the pad returns at once
   return launch_pdl_in(pairs ? 2 : 0, kernel, dim3(blocks), dim3(kSlicedThreads), smem, stream,

@@ -293,6 +293,70 @@ def test_sliced_gemv_real_shapes(name, tokens, ctas_per_sm):
     assert rel_err(out.double().cpu(), want.cpu()) < 4e-3
 
 
+# Run in a fresh process, where no launch has yet raised the kernel's shared-memory limit:
+# threads, each on its own stream with its own copy of a layer (its own tickets), all launch
+# at once, half with a layer that needs more shared memory than the other half's. Each prints
+# whether its sums equal the same call made alone afterwards.
+_THREADED = """
+import dataclasses, sys, threading
+import torch
+from engine import ops
+from engine.ops import cuda, sliced
+from tests.engine.vq_factory import dequant_args, make_spec, random_layer
+
+assert ops.prepare("cuda")[0] == "cuda"
+props = torch.cuda.get_device_properties(0)
+layers = []
+for k_in in (4096, 14336):  # the second's larger xhat chunk needs more shared memory
+    spec = make_spec(k_in=k_in, n_out=512, v=8, k=65536)
+    args = tuple(None if a is None else (a.half() if a.is_floating_point() else a).cuda()
+                 for a in dequant_args(random_layer(spec, seed=k_in, dtype=torch.float16)))
+    layout = sliced.build(args, spec, props.multi_processor_count,
+                          props.shared_memory_per_block_optin)
+    x = torch.randn(1, k_in, dtype=torch.float16, device="cuda")
+    layers.append((layout, args, x))
+smem = [sliced.smem_bytes(*(l.meta[i] for i in (2, 4, 9, 10)), 1, l.meta[6]) for l, _, _ in layers]
+print("smem", *smem)
+n = 8
+start, outs = threading.Barrier(n), [None] * n
+def go(i):
+    layout, args, x = layers[i % 2]
+    mine = dataclasses.replace(layout, counters=layout.counters.clone())
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        start.wait()
+        outs[i] = [cuda.gemv_sliced(x, None, mine, args) for _ in range(20)]
+    stream.synchronize()
+threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+for t in threads: t.start()
+for t in threads: t.join()
+for i in range(n):
+    layout, args, x = layers[i % 2]
+    alone = cuda.gemv_sliced(x, None, layout, args)
+    print("thread", i, all(torch.equal(o, alone) for o in outs[i]))
+"""
+
+
+def test_sliced_launches_from_several_threads_at_once():
+    """The kernel's shared-memory limit is raised under a lock (csrc/vptq_sliced.cuh
+    launch_kernel): host threads launching the same kernel instance for the first time, with
+    different shared-memory needs, all launch and get the sums a lone launch gets."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _THREADED], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.split("\n")
+    smem = [int(n) for n in lines[0].split()[1:]]
+    assert smem[0] < smem[1], smem  # the two layers do need different limits
+    assert [line for line in lines if line.startswith("thread")] == [
+        f"thread {i} True" for i in range(8)
+    ]
+
+
 @pytest.mark.parametrize("name", ["v8-k65536-r256", "8b-down-v8-k65536-chunks"])
 def test_sliced_opcheck_and_graph_capture(name):
     spec = make_spec(**SLICED_LARGE[name])
