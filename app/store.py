@@ -188,6 +188,16 @@ class Store:
             sets = ", ".join(f"{k}=?" for k in fields)
             self.db.execute(f"UPDATE messages SET {sets} WHERE id=?", [*fields.values(), mid])
 
+    def recent_answer_stats(self, limit: int = 30) -> list[dict]:
+        """The stats of the last ``limit`` answers that have a writing speed, in any chat,
+        oldest first (the live panel's plot after a restart)."""
+        rows = self.db.execute(
+            "SELECT stats FROM messages WHERE role='assistant' "
+            "AND json_extract(stats, '$.decode_tok_s') > 0 ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [json.loads(r[0]) for r in reversed(rows)]
+
     def delete_messages_from(self, cid: int, mid: int) -> None:
         """Delete message ``mid`` and everything after it (regenerate, edit and resend)."""
         self.db.execute("DELETE FROM messages WHERE conversation_id=? AND id>=?", (cid, mid))

@@ -188,6 +188,12 @@ class LivePanel(QWidget):
     def set_rate(self, tok_s: float | None) -> None:
         self.rate.setText("Now: idle" if tok_s is None else f"Now: {tok_s:.1f} tok/s")
 
+    def show_history(self, answers: list[dict]) -> None:
+        """Recent answers' stats from the history, oldest first: the plot and the last line
+        show what came before this start."""
+        for stats in answers:
+            self.add_answer(stats)
+
     def add_answer(self, stats: dict) -> None:
         if stats.get("decode_tok_s"):
             self.plot.add(float(stats["decode_tok_s"]))

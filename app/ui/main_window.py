@@ -111,6 +111,7 @@ class MainWindow(QMainWindow):
         self._place(settings.window)
         self.chat = ChatView(ctrl.messages, dark)
         self.panel = LivePanel()
+        self.panel.show_history(ctrl.store.recent_answer_stats())
         self.chat_settings = ChatSettings()
         self.banner = QLabel(wordWrap=True, visible=False, objectName="errorBanner")
         self.banner.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)

@@ -4,7 +4,7 @@ import json
 
 from PySide6.QtGui import QGuiApplication
 
-from .conftest import wait_until
+from .conftest import make_app, wait_until
 
 
 def send(app, text):
@@ -451,3 +451,26 @@ def test_the_window_fits_the_screen_and_reopens_where_it_was_left(tmp_path, qloo
         assert app.window.pos() == free.topLeft() + QPoint(30, 40)
     finally:
         closed(app)
+
+
+def test_the_throughput_plot_shows_earlier_answers_after_a_restart(tmp_path, qloop, monkeypatch):
+    """The live panel's plot and last-answer line come back from the history: a restart used
+    to leave them empty although the chat showed each answer's speed."""
+    app = make_app(tmp_path, qloop, monkeypatch)
+    try:
+        for text in ("one", "two"):
+            send(app, text)
+            wait_until(qloop, lambda: answer_done(app), what="the answer")
+        assert app.window.panel.plot.values == [50.0, 50.0]
+        last = app.window.panel.last.text()
+        assert last.startswith("Last answer: first token") and "50.0 tok/s" in last
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+    app = make_app(tmp_path, qloop, monkeypatch)
+    try:
+        assert app.window.panel.plot.values == [50.0, 50.0]
+        assert app.window.panel.last.text() == last
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()

@@ -51,6 +51,26 @@ def test_streaming_answer_left_behind_is_marked_stopped(tmp_path):
     assert [(m.content, m.status) for m in s.messages(c.id)] == [("half an ans", "stopped")]
 
 
+def test_recent_answer_speeds_across_chats(tmp_path):
+    """The live panel's plot after a restart: the last answers with a speed, in any chat,
+    oldest first; answers without one (an error, a user message) are left out."""
+    s = Store(tmp_path / "h.db")
+    a, b = s.create_conversation("a"), s.create_conversation("b")
+    for i, cid in enumerate([a.id, b.id, a.id, b.id, a.id]):
+        s.add_message(cid, "user", f"question {i}")
+        m = s.add_message(cid, "assistant", "")
+        s.update_message(m.id, content="x", stats={"decode_tok_s": 10.0 + i, "ttft_s": 0.1})
+    failed = s.add_message(b.id, "assistant", "")
+    s.update_message(failed.id, status="error", stats={"decode_tok_s": 0, "error": "oom"})
+    s.close()
+    s = Store(tmp_path / "h.db")
+    assert [st["decode_tok_s"] for st in s.recent_answer_stats(3)] == [12.0, 13.0, 14.0]
+    assert [st["decode_tok_s"] for st in s.recent_answer_stats()] == [10.0, 11.0, 12.0, 13.0, 14.0]
+    s.delete_conversation(a.id)
+    assert [st["decode_tok_s"] for st in s.recent_answer_stats()] == [11.0, 13.0]
+    s.close()
+
+
 def test_order_rename_delete(store):
     a = store.create_conversation("a")
     store.create_conversation("b")
