@@ -12,24 +12,25 @@
 // over the shared-memory banks of their codewords and padded to a multiple of 16 with entries
 // of a zero column; perm is folded into the columns.
 //
-// Per block: the codebook slice (and a small residual codebook, which every block holds whole)
-// goes to shared memory; xhat = x * weight_scale for the chunk's columns is staged in fp32; each
-// warp takes pairs of vector-rows, a half-warp a row, and walks the two rows' segments 16
-// entries at a time, one per lane, in batches of kBatch (the next batch fetched while one is
-// worked on); lanes gather xhat and the codeword from shared memory and accumulate v x tokens
-// sums in fp32; each half-warp's sum goes to its row's accumulator in the block's shared memory
-// (two rows a warp halve the shuffles of these sums, a fifth of the loop's instructions with
-// one row a warp: csrc/KERNELS.md session 16). Then each block writes its part's sums (slice
-// 0's with dot(x, b) over the chunk added), and the last block of a row block to finish (a
-// ticket counter) adds bias and the parts in order and writes the output: deterministic, one
-// launch, no host synchronisation. In the decode step the launch stops short of that
-// (SlicedGroup::partial, vptq.h Parts): each block's sums are a term of the output, the blocks
-// of part 0 also write term 0, the bias, and the kernel that reads the output (add_rms_norm,
-// rope_kv, silu_mul, vptq_decode.cu) adds the terms in the same order, so the GEMV ends when its
-// last lookups do, with no fence, ticket or lone block at the end. A layer of several chunks
-// has a block per chunk, not a block walking the chunks behind a barrier at each chunk end
-// (csrc/KERNELS.md session 16). One launch may serve up to kMaxGroup layers that read the same x
-// (q, k, v): their blocks share one wave, and each layer's sums are those it gets alone.
+// Per block: the codebook slice (and a small residual codebook, which every block holds whole) goes
+// to shared memory; xhat = x * weight_scale for the chunk's columns is staged in fp32; each warp
+// takes pairs of vector-rows, a half-warp a row, and walks the two rows' segments 16 entries at a
+// time, one per lane, in batches of kBatch (the next batch fetched while one is worked on; at v =
+// 16 without a small residual codebook a warp takes one row, a lane pair on each entry, kHalves);
+// lanes gather xhat and the codeword from shared memory and accumulate v x tokens sums in fp32;
+// each half-warp's sum goes to its row's accumulator in the block's shared memory (two rows a warp
+// halve the shuffles of these sums, a fifth of the loop's instructions with one row a warp:
+// csrc/KERNELS.md session 16). Then each block writes its part's sums (slice 0's with dot(x, b)
+// over the chunk added), and the last block of a row block to finish (a ticket counter) adds bias
+// and the parts in order and writes the output: deterministic, one launch, no host synchronisation.
+// In the decode step the launch stops short of that (SlicedGroup::partial, vptq.h Parts): each
+// block's sums are a term of the output, the blocks of part 0 also write term 0, the bias, and the
+// kernel that reads the output (add_rms_norm, rope_kv, silu_mul, vptq_decode.cu) adds the terms in
+// the same order, so the GEMV ends when its last lookups do, with no fence, ticket or lone block at
+// the end. A layer of several chunks has a block per chunk, not a block walking the chunks behind a
+// barrier at each chunk end (csrc/KERNELS.md session 16). One launch may serve up to kMaxGroup
+// layers that read the same x (q, k, v): their blocks share one wave, and each layer's sums are
+// those it gets alone.
 #pragma once
 
 #include <cuda_pipeline.h>
@@ -191,40 +192,42 @@ __device__ __forceinline__ void load_x(const float* p, float (&xv)[NT]) {
   }
 }
 
-// One halving step: lanes with bit d set keep the upper H values, the others the lower H, and
-// each adds its partner's copy of the half it keeps.
-template <int H, int D, int M>
+// One halving step: lanes with bit D << SH set keep the upper H values, the others the lower
+// H, and each adds its partner's copy of the half it keeps.
+template <int H, int D, int M, int SH>
 __device__ __forceinline__ void halve(float (&a)[M], int lane, int& idx) {
   if constexpr (H >= 1 && D >= 1) {
-    const bool upper = lane & D;
+    const bool upper = lane & (D << SH);
 #pragma unroll
     for (int i = 0; i < H; ++i) {
       const float send = upper ? a[i] : a[i + H];
       const float keep = upper ? a[i + H] : a[i];
-      a[i] = keep + __shfl_xor_sync(0xffffffffu, send, D);
+      a[i] = keep + __shfl_xor_sync(0xffffffffu, send, D << SH);
     }
     idx += upper ? H : 0;
-    halve<H / 2, D / 2, M>(a, lane, idx);
+    halve<H / 2, D / 2, M, SH>(a, lane, idx);
   }
 }
 
-// Adds each half-warp's sum of a[t * V + j] to its row's acc[j * NT + t] (lanes 0-15 hold one
-// row, 16-31 the other; acc points at this lane's row, which exists where own is set). For a
-// power-of-two count the values are halved between lane pairs at each step (for 8 values: 8
-// shuffles for the two rows, where a warp of one row took 9 for that one).
-template <int NT, int V>
+// Adds the sum over each group of 16 lanes of a[t * V + j] to its acc[j * NT + t] (acc points
+// at this lane's group's sums, which exist where own is set). SH = 0: lanes 0-15 and 16-31
+// (the rows of a pair); SH = 1: the even and the odd lanes (kHalves: a row's two halves of
+// each codeword). For a power-of-two count the values are halved between lane pairs at each
+// step (for 8 values: 8 shuffles for the two groups, where a warp of one row took 9 for that
+// one).
+template <int NT, int V, int SH = 0>
 __device__ __forceinline__ void pair_sum_to(float (&a)[NT * V], int lane, float* acc, bool own) {
   constexpr int M = NT * V;
   if constexpr ((M & (M - 1)) == 0 && M <= 32) {
     int idx = 0;
-    halve<M / 2, kRowLanes / 2, M>(a, lane, idx);
+    halve<M / 2, kRowLanes / 2, M, SH>(a, lane, idx);
     constexpr int kSteps = M == 1 ? 0 : M == 2 ? 1 : M == 4 ? 2 : M == 8 ? 3 : 4;
     constexpr int kKept = M > kRowLanes ? M / kRowLanes : 1;  // values a lane holds now
     constexpr int kLanesEach = M >= kRowLanes ? 1 : kRowLanes / M;  // lanes holding each sum
 #pragma unroll
     for (int d = (kRowLanes / 2) >> kSteps; d > 0; d /= 2)
-      a[0] += __shfl_xor_sync(0xffffffffu, a[0], d);
-    if (own && (lane & (kLanesEach - 1)) == 0) {
+      a[0] += __shfl_xor_sync(0xffffffffu, a[0], d << SH);
+    if (own && ((lane >> SH) & (kLanesEach - 1)) == 0) {
 #pragma unroll
       for (int i = 0; i < kKept; ++i) {
         const int t = (idx + i) / V, j = (idx + i) % V;
@@ -235,9 +238,10 @@ __device__ __forceinline__ void pair_sum_to(float (&a)[NT * V], int lane, float*
 #pragma unroll
     for (int m = 0; m < M; ++m) {
 #pragma unroll
-      for (int d = kRowLanes / 2; d > 0; d >>= 1) a[m] += __shfl_xor_sync(0xffffffffu, a[m], d);
+      for (int d = kRowLanes / 2; d > 0; d >>= 1)
+        a[m] += __shfl_xor_sync(0xffffffffu, a[m], d << SH);
       const int t = m / V, j = m % V;
-      if (own && (lane & (kRowLanes - 1)) == m % kRowLanes) acc[j * NT + t] += a[m];
+      if (own && ((lane >> SH) & (kRowLanes - 1)) == m % kRowLanes) acc[j * NT + t] += a[m];
     }
   }
 }
@@ -264,12 +268,13 @@ __device__ __forceinline__ void load_batch(const uint32_t* p, const uint16_t* rp
   }
 }
 
-// One lookup: a[t * V + j] += xhat[t, column] * (C[codeword][j] (+ R[res][j])).
-template <typename T, int V, int NT, bool RES>
+// One lookup: a[t * V + j] += xhat[t, column] * (C[codeword][j] (+ R[res][j])). S: the
+// codewords' stride in cb (V, or twice V where a lane takes half of each, kHalves).
+template <typename T, int V, int NT, bool RES, int S = V>
 __device__ __forceinline__ void lookup(uint32_t ent, uint32_t res, const T* cb, const T* rb,
                                        const float* xs, float (&a)[NT * V]) {
   float w[V];
-  load_code<T, V>(cb + (ent & 0xFFFFu) * V, w);
+  load_code<T, V>(cb + (ent & 0xFFFFu) * S, w);
   if (RES) {
     float rw[V];
     load_code<T, V>(rb + res * V, rw);
@@ -288,7 +293,7 @@ __device__ __forceinline__ void lookup(uint32_t ent, uint32_t res, const T* cb, 
 // of the warp's two has nw (the same in every lane): without a branch per lookup, so the
 // shared-memory loads of all of them are in flight together; lookups past n take the zero
 // entry and add zero.
-template <typename T, int V, int NT, bool RES>
+template <typename T, int V, int NT, bool RES, int S = V>
 __device__ __forceinline__ void lookup_batch(const uint32_t (&e)[kBatch],
                                              const uint32_t (&rc)[kBatch], int n, int nw,
                                              uint32_t zero, const T* cb, const T* rb,
@@ -296,11 +301,11 @@ __device__ __forceinline__ void lookup_batch(const uint32_t (&e)[kBatch],
   if (nw > kShort) {
 #pragma unroll
     for (int u = 0; u < kBatch; ++u)
-      lookup<T, V, NT, RES>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
+      lookup<T, V, NT, RES, S>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
   } else {
 #pragma unroll
     for (int u = 0; u < kShort; ++u)
-      lookup<T, V, NT, RES>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
+      lookup<T, V, NT, RES, S>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
   }
 }
 
@@ -407,12 +412,24 @@ __device__ __forceinline__ int layer_of(const SlicedGroup& G, int b, int& first)
   return l;
 }
 
-// Two blocks per SM where 64 registers hold the loop without spilling (v x tokens <= 8, no
-// residual: the decode path of the 2-bit community models); larger tiles get more registers.
+// kHalves: a v = 16 row is a warp's item alone, lanes 2i and 2i + 1 taking codeword values 0-7
+// and 8-15 of the row's entry i of each run of 16 (the same entry and xhat addresses in both:
+// broadcasts), so that a lane holds 8 sums, as at v = 8, where a lane holding 16 took 96-123
+// registers and one block an SM. A quarter-warp's 16-byte loads then read four whole 32-byte
+// codewords, which spread_order puts in four different bank groups: one wavefront, where eight
+// codewords' same halves share 16 of the 32 banks (two wavefronts at least).
+template <int V, bool RES>
+constexpr bool kHalves = V == 16 && !RES;
+template <int V, bool RES>
+constexpr int kLaneV = kHalves<V, RES> ? V / 2 : V;  // a lane's share of a codeword
+
+// Two blocks per SM where 64 registers hold the loop without spilling (a lane's v x tokens <=
+// 8, no residual: the decode path of the 2-bit community models, v8-k65536-0 and
+// v16-k65536-65536); larger tiles get more registers.
 // GROUP: G holds several layers (else one, read at fixed offsets: a layer index known only at
 // run time turns every read of L into an indexed constant load, which cost a single layer 15%).
 template <typename T, int V, int NT, bool RES, bool GROUP>
-__global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
+__global__ void __launch_bounds__(kSlicedThreads, NT * kLaneV<V, RES> <= 8 && !RES ? 2 : 1)
     sliced_gemv_kernel(const __grid_constant__ SlicedGroup G, const T* __restrict__ x, int ntok,
                        bool bulk_allowed, bool in_pairs) {
   pdl_trigger();  // the next kernel may be scheduled beside this one (vptq_device.cuh)
@@ -443,17 +460,22 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int r0 = rblk * L.row_block, r1 = min(L.rows, r0 + L.row_block);
   const int cw0 = s * L.slice_cw, ncw = min(L.slice_cw, L.n_cw - cw0);
-  const int half = lane / kRowLanes;  // which row of the warp's pair this lane works on
-  const uint32_t* entries = L.entries + lane % kRowLanes;
-  const uint16_t* res_codes = RES ? L.res_codes + lane % kRowLanes : nullptr;
+  constexpr bool H = kHalves<V, RES>;
+  constexpr int VL = kLaneV<V, RES>;
+  // which row of the warp's pair this lane works on, or (H) which half of each codeword
+  const int half = H ? lane & 1 : lane / kRowLanes;
+  const int slot = H ? lane >> 1 : lane % kRowLanes;  // this lane's entry of each run of 16
+  const uint32_t* entries = L.entries + slot;
+  const uint16_t* res_codes = RES ? L.res_codes + slot : nullptr;
   const uint32_t zero = static_cast<uint32_t>(L.chunk_cols) << 16;
   // A warp's work is a stream of items, pairs of rows of the block's chunk: pairs warp,
   // warp + 16, ... (pair p: rows r0 + 2p and r0 + 2p + 1); each lane fetches the bounds of its
   // half's row. An item is one or more batches (the longer of its two segments decides how
   // many); the bounds are fetched two items ahead and the entries one batch ahead, across items
   // too. The first two items' bounds are requested before the slice copy is queued.
-  const int first_pair = warp, pairs = (r1 - r0 + 1) / 2;
-  const auto row_of = [&](int p) { return r0 + 2 * p + half; };
+  const int first_pair = warp, pairs = H ? r1 - r0 : (r1 - r0 + 1) / 2;
+  const auto row_of = [&](int p) { return H ? r0 + p : r0 + 2 * p + half; };
+  const T* cbl = H ? cb + half * VL : cb;  // this lane's values of each codeword
   int cn = first_pair < pairs ? c : L.n_chunks, pn = first_pair;  // whose bounds come next
   int2 cur = segment(L, s, cn, row_of(pn), r1);
   next_item(cn, pn, pairs, L.n_chunks);
@@ -512,9 +534,9 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
     const int nw = max(n, __shfl_xor_sync(0xffffffffu, n, kRowLanes));  // the pair's longer
     const int2 after = segment(L, s, cn, row_of(pn), r1);  // used two items from now
     next_item(cn, pn, pairs, L.n_chunks);
-    float a[NT * V];  // a[t * V + j]
+    float a[NT * VL];  // a[t * VL + j]: value j of this lane's share
 #pragma unroll
-    for (int m = 0; m < NT * V; ++m) a[m] = 0.f;
+    for (int m = 0; m < NT * VL; ++m) a[m] = 0.f;
     for (int u0 = 0;; u0 += kBatch) {  // the batch of mini-groups u0 .. u0 + kBatch - 1
       // the entries one batch ahead: this item's next batch, else the next item's first (a
       // lane whose row has ended reads from its segment's end, which stays in the tail)
@@ -522,7 +544,7 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
       const int ahead = more ? beg + kRowLanes * min(u0 + kBatch, n) : nxt.x;
       uint32_t ne[kBatch], nrc[kBatch];
       load_batch<RES>(entries + ahead, RES ? res_codes + ahead : nullptr, ne, nrc);
-      lookup_batch<T, V, NT, RES>(e, rc, n - u0, nw - u0, zero, cb, rb, xs, a);
+      lookup_batch<T, VL, NT, RES, V>(e, rc, n - u0, nw - u0, zero, cbl, rb, xs, a);
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         e[u] = ne[u];
@@ -531,7 +553,8 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * V <= 8 && !RES ? 2 : 1)
       if (!more) break;
     }
     const int row = row_of(p);  // past r1 (an odd block's last pair): nothing to add
-    pair_sum_to<NT, V>(a, lane, acc + (row - r0) * V * NT, row < r1);
+    float* row_acc = acc + (row - r0) * V * NT + (H ? half * VL * NT : 0);
+    pair_sum_to<NT, VL, H ? 1 : 0>(a, lane, row_acc, row < r1);
     cur = nxt;
     nxt = after;
   }

@@ -45,9 +45,10 @@ CTAS_OVERRIDE = os.environ.get("VPTQ_SLICED_CTAS_PER_SM")  # blocks per SM, for 
 
 def blocks_per_sm(v: int, res_cw: int) -> int:
     """The one-token sliced kernel's blocks an SM runs at once: two where 64 registers hold its
-    loop (v <= 8 without a small residual codebook; csrc/vptq_sliced.cuh's __launch_bounds__),
-    else one, its 72-123 registers a thread leaving room for one block of 512 threads."""
-    return 2 if v <= 8 and res_cw == 0 else 1
+    loop (without a small residual codebook, v <= 8, or v = 16 whose lanes take half a codeword
+    each; csrc/vptq_sliced.cuh's __launch_bounds__), else one, its 72-113 registers a thread
+    leaving room for one block of 512 threads."""
+    return 2 if (v <= 8 or v == 16) and res_cw == 0 else 1
 
 
 # Launches are planned for two blocks an SM (one wave where the SM holds two). A kernel that
@@ -327,10 +328,11 @@ def spread_order(
 ) -> torch.Tensor:
     """The order of the entries: by segment, and within a segment round-robin over the banks
     their codewords start in. Lane i of a half-warp takes entry i of a run of 16 (the other
-    half-warp takes the run of the pair's other row), and lanes whose codewords share a bank
-    but not an address are served one after another; round-robin makes each wavefront's lanes
-    hit different banks while every bank has entries left (it removes about half of the
-    shared-memory wavefronts of random order).
+    half-warp takes the run of the pair's other row; at v = 16 lanes 2i and 2i + 1 take the two
+    halves of entry i, so that a quarter-warp reads four whole codewords of four banks), and
+    lanes whose codewords share a bank but not an address are served one after another;
+    round-robin makes each wavefront's lanes hit different banks while every bank has entries
+    left (it removes about half of the shared-memory wavefronts of random order).
 
     Within a codeword bank the entries go by copy index, then by the bank of their xhat
     column rotated by X_BANKS / nb per codeword bank (copy index: the entry's place among
