@@ -190,10 +190,11 @@ class Store:
 
     def recent_answer_stats(self, limit: int = 30) -> list[dict]:
         """The stats of the last ``limit`` answers that have a writing speed, in any chat,
-        oldest first (the live panel's plot after a restart)."""
+        oldest first (the live panel's plot after a restart). A row whose stats are not JSON is
+        passed over, not an error: the window opens whatever one message holds."""
         rows = self.db.execute(
-            "SELECT stats FROM messages WHERE role='assistant' "
-            "AND json_extract(stats, '$.decode_tok_s') > 0 ORDER BY id DESC LIMIT ?",
+            "SELECT stats FROM messages WHERE role='assistant' AND CASE WHEN json_valid(stats) "
+            "THEN json_extract(stats, '$.decode_tok_s') END > 0 ORDER BY id DESC LIMIT ?",
             (limit,),
         ).fetchall()
         return [json.loads(r[0]) for r in reversed(rows)]

@@ -62,6 +62,8 @@ def test_recent_answer_speeds_across_chats(tmp_path):
         s.update_message(m.id, content="x", stats={"decode_tok_s": 10.0 + i, "ttft_s": 0.1})
     failed = s.add_message(b.id, "assistant", "")
     s.update_message(failed.id, status="error", stats={"decode_tok_s": 0, "error": "oom"})
+    broken = s.add_message(b.id, "assistant", "")
+    s.db.execute("UPDATE messages SET stats='{\"decode_tok_s\": 9' WHERE id=?", (broken.id,))
     s.close()
     s = Store(tmp_path / "h.db")
     assert [st["decode_tok_s"] for st in s.recent_answer_stats(3)] == [12.0, 13.0, 14.0]
