@@ -51,6 +51,16 @@ END;
 """
 
 
+def _json_object(text: str) -> dict:
+    """A stored JSON object (a chat's sampling, an answer's stats); {} where the text is not
+    one, so that a damaged field costs its settings or numbers, not the chat."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 class StoreError(Exception):
     """A history file that cannot be used; the message names it and what to do."""
 
@@ -125,7 +135,7 @@ class Store:
         ).fetchone()
         if row is None:
             raise KeyError(cid)
-        return Conversation(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5])
+        return Conversation(row[0], row[1], row[2], _json_object(row[3]), row[4], row[5])
 
     def conversations(self) -> list[Conversation]:
         rows = self.db.execute("SELECT id FROM conversations ORDER BY updated DESC, id DESC")
@@ -163,7 +173,7 @@ class Store:
         ).fetchone()
         if row is None:
             raise KeyError(mid)
-        return Message(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+        return Message(row[0], row[1], row[2], row[3], row[4], _json_object(row[5]))
 
     def messages(self, cid: int) -> list[Message]:
         rows = self.db.execute(

@@ -73,6 +73,22 @@ def test_recent_answer_speeds_across_chats(tmp_path):
     s.close()
 
 
+def test_a_damaged_field_costs_its_numbers_not_the_chat(tmp_path):
+    """A chat's sampling or an answer's stats that are not a JSON object read as {}: the chat
+    list and the chat still open (json.loads raised, and the window could not start)."""
+    s = Store(tmp_path / "h.db")
+    c = s.create_conversation("kept", sampling={"temperature": 0.2})
+    s.add_message(c.id, "user", "question")
+    a = s.add_message(c.id, "assistant", "answer")
+    s.db.execute("UPDATE conversations SET sampling='{\"temperature\": 0.' WHERE id=?", (c.id,))
+    s.db.execute("UPDATE messages SET stats='[1, 2]' WHERE id=?", (a.id,))
+    s.close()
+    s = Store(tmp_path / "h.db")
+    assert [(x.title, x.sampling) for x in s.conversations()] == [("kept", {})]
+    assert [(m.content, m.stats) for m in s.messages(c.id)] == [("question", {}), ("answer", {})]
+    s.close()
+
+
 def test_order_rename_delete(store):
     a = store.create_conversation("a")
     store.create_conversation("b")
