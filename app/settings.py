@@ -48,12 +48,25 @@ class Settings:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             return cls()
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
             log.warning("%s: unreadable (%s); using defaults", path, e)
             return cls()
-        known = {f.name for f in fields(cls)}
-        s = cls(**{k: v for k, v in raw.items() if k in known})
-        s.sampling = {**DEFAULT_SAMPLING, **(s.sampling or {})}
+        if not isinstance(raw, dict):
+            log.warning("%s: not a settings object; using defaults", path)
+            return cls()
+        defaults, kept = cls(), {}
+        for f in fields(cls):
+            if f.name not in raw:
+                continue
+            value, want = raw[f.name], type(getattr(defaults, f.name))
+            # bool is an int to isinstance: each must be its own type (a float for an int is not)
+            if type(value) is want or (want is dict and isinstance(value, dict)):
+                kept[f.name] = value
+            else:
+                log.warning("%s: %s = %r is not of type %s; using %r", path, f.name, value,
+                            want.__name__, getattr(defaults, f.name))  # fmt: skip
+        s = cls(**kept)
+        s.sampling = {**DEFAULT_SAMPLING, **s.sampling}
         return s
 
     def save(self, path: Path) -> None:

@@ -76,9 +76,14 @@ class ChatSettings(QWidget):
 
     def load(self, system: str, sampling: dict) -> None:
         self.system.setText(system)
-        merged = {**DEFAULT_SAMPLING, "seed": -1, **sampling}
+        defaults = {**DEFAULT_SAMPLING, "seed": -1}
         for key, box in self.fields.items():
-            box.setValue(merged[key] if merged.get(key) is not None else -1)
+            value = sampling.get(key, defaults[key])
+            if key == "seed" and value is None:  # a random seed
+                value = -1
+            if isinstance(value, bool) or not isinstance(value, int | float):  # a damaged file
+                value = defaults[key]
+            box.setValue(round(value) if isinstance(box, QSpinBox) else float(value))
 
     def values(self) -> tuple[str, dict]:
         sampling = {k: b.value() for k, b in self.fields.items()}

@@ -474,3 +474,20 @@ def test_the_throughput_plot_shows_earlier_answers_after_a_restart(tmp_path, qlo
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()
+
+
+def test_chat_settings_take_a_damaged_sampling_as_defaults(qapp):
+    """Values of the wrong type (a hand-edited or damaged settings file or history) fall back
+    to the defaults; whole numbers are rounded into their boxes. setValue raised TypeError on a
+    string, and the window did not open."""
+    from app.settings import DEFAULT_SAMPLING
+    from app.ui.main_window import ChatSettings
+
+    box = ChatSettings()
+    box.load("Be brief.", {"temperature": "hot", "top_k": 2.7, "top_p": None, "seed": None,
+                           "max_new_tokens": True, "min_p": 0.05})  # fmt: skip
+    system, sampling = box.values()
+    assert system == "Be brief."
+    assert sampling == {**DEFAULT_SAMPLING, "top_k": 3, "min_p": 0.05, "seed": None}
+    box.load("", {"seed": 42, "temperature": 0})
+    assert box.values()[1] == {**DEFAULT_SAMPLING, "temperature": 0.0, "seed": 42}

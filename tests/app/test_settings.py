@@ -1,0 +1,35 @@
+"""The settings file: saved and read back, and a damaged one costs only what is damaged."""
+
+import json
+
+from app.settings import DEFAULT_SAMPLING, Settings
+
+
+def test_settings_round_trip(tmp_path):
+    path = tmp_path / "settings.json"
+    s = Settings(model="VPTQ-community/x", context=8192, sampling={"temperature": 0.1})
+    s.hub_offline = True
+    s.save(path)
+    back = Settings.load(path)
+    assert (back.model, back.context, back.hub_offline) == ("VPTQ-community/x", 8192, True)
+    assert back.sampling == {**DEFAULT_SAMPLING, "temperature": 0.1}
+
+
+def test_a_damaged_settings_file_keeps_what_is_whole(tmp_path, caplog):
+    """A field of the wrong type falls back to its default, with a warning naming the file and
+    the field; the others are kept. Not an object at all, or not JSON: all defaults."""
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps({
+        "model": "mine", "context": "8192", "show_panel": 1, "sampling": 5,
+        "first_run_done": True, "hub_proxy": None, "unknown_later_field": 3,
+    }))  # fmt: skip
+    s = Settings.load(path)
+    assert (s.model, s.first_run_done) == ("mine", True)
+    assert (s.context, s.show_panel, s.sampling, s.hub_proxy) == (4096, True, DEFAULT_SAMPLING, "")
+    assert f"{path}: context = '8192' is not of type int; using 4096" in caplog.text
+    assert "sampling = 5 is not of type dict" in caplog.text
+    for text in ("[1, 2]", '{"model": ', "\x00\x01"):
+        path.write_text(text)
+        assert Settings.load(path) == Settings()
+    path.write_bytes(b"\xff\xfe{")  # not UTF-8
+    assert Settings.load(path) == Settings()
