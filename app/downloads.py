@@ -123,7 +123,7 @@ class DownloadManager:
             try:
                 raw = json.loads(manifest.read_text())
                 files = RepoFiles.from_json(raw["files"])
-            except (OSError, json.JSONDecodeError, KeyError) as e:
+            except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError: JSON, UTF-8
                 log.warning("%s: unreadable (%s); ignored", manifest, e)
                 continue
             if (manifest.parent / INSTALLED).exists() or files.repo in self.downloads:

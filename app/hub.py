@@ -228,12 +228,13 @@ class Hub:
         try:
             raw = json.loads(self._catalogue_file.read_text())
             entries = [Entry(**m) for m in raw["models"]]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(raw["time"]))
+        except (OSError, ValueError, KeyError, TypeError, OverflowError):  # none usable
             return None
         entries = [e for e in entries if search.lower() in e.id.lower()]
         key = (lambda e: e.downloads) if sort == "downloads" else (lambda e: e.modified)
         entries.sort(key=key, reverse=True)
-        return entries, time.strftime("%Y-%m-%d %H:%M", time.localtime(raw["time"]))
+        return entries, when
 
     def _fetch(self, search: str, sort: str) -> list[Entry]:
         # list_models retries a dead connection five times, for about half a minute (its
@@ -282,15 +283,17 @@ class Hub:
     def _cached_files(self, cache: Path, repo: str, reason: str) -> RepoFiles:
         try:
             return RepoFiles.from_json(json.loads(cache.read_text()))
-        except (OSError, json.JSONDecodeError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):  # ValueError: not JSON, not UTF-8
             raise HubError(f"{repo}: {reason}, and its file list is not cached.") from None
 
     def config(self, repo: str, revision: str) -> dict:
         """config.json of one revision (cached: a revision never changes)."""
         cache = self.cache_dir / "configs" / repo.replace("/", "--") / f"{revision}.json"
         try:
-            return json.loads(cache.read_text())
-        except (OSError, json.JSONDecodeError):
+            config = json.loads(cache.read_text())
+            if isinstance(config, dict):
+                return config
+        except (OSError, ValueError):  # not there, not JSON, not UTF-8: fetched again
             pass
         if self.settings.offline:
             raise HubError(f"{repo}: offline mode, and its config.json is not cached.")
@@ -304,6 +307,8 @@ class Hub:
             cfg = r.json()
         except Exception as e:
             raise HubError(f"{repo}: could not read config.json ({_short(e)})") from None
+        if not isinstance(cfg, dict):
+            raise HubError(f"{repo}: its config.json is not a JSON object; ask its publisher")
         _write_json(cache, cfg)
         return cfg
 

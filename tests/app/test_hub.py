@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.downloads import DownloadManager
+from app.downloads import MANIFEST, DownloadManager
 from app.hub import (
     INSTALLED,
     Hub,
@@ -179,6 +179,32 @@ def test_catalogue_lists_sorts_searches_pages_and_caches(hub, tmp_path):
     down = Hub(HubSettings(endpoint="http://127.0.0.1:9"), tmp_path / "hub-cache")
     cached, note = down.catalogue()
     assert len(cached) == 3 and "could not be reached" in note
+    # a damaged cache file is no cached list (the window asks the hub), never an exception
+    good = (tmp_path / "hub-cache" / "catalogue.json").read_bytes()
+    assert len(down.cached_catalogue()[0]) == 3
+    raw = json.loads(good)
+    for bad in (b"\xff{", b"[]", b'{"models": 1, "time": 0}',
+                json.dumps({"models": raw["models"]}).encode(),  # no time
+                json.dumps({**raw, "time": "noon"}).encode()):  # fmt: skip
+        (tmp_path / "hub-cache" / "catalogue.json").write_bytes(bad)
+        assert down.cached_catalogue() is None, bad
+
+
+def test_config_is_cached_per_revision_and_a_damaged_cache_is_fetched_again(hub, tmp_path):
+    h = make_hub(hub, tmp_path)
+    sha = hub.repos[REPO].sha
+    assert h.config(REPO, sha) == {"hidden_size": 64}
+    asked = len(hub.gets("config.json"))
+    assert h.config(REPO, sha) == {"hidden_size": 64} and len(hub.gets("config.json")) == asked
+    [cache] = (tmp_path / "hub-cache" / "configs").rglob("*.json")
+    for bad in (b"\xff", b"[1]"):
+        cache.write_bytes(bad)
+        assert h.config(REPO, sha) == {"hidden_size": 64}
+    assert len(hub.gets("config.json")) == asked + 2
+    hub.add(tiny_repo("VPTQ-community/odd"))
+    hub.repos["VPTQ-community/odd"].files["config.json"] = b"[1, 2]"
+    with pytest.raises(HubError, match=r"odd: its config\.json is not a JSON object"):
+        h.config("VPTQ-community/odd", hub.repos["VPTQ-community/odd"].sha)
 
 
 def test_no_catalogue_offline_without_cache(hub, tmp_path):
@@ -294,6 +320,10 @@ def test_pause_keeps_the_part_and_resume_continues_with_range(hub, tmp_path):
     part = tmp_path / "models" / REPO / (SHARD + ".part")
     assert d.state == "paused" and 0 < part.stat().st_size < 300_000
     kept = part.stat().st_size
+    # damaged manifests of other downloads are passed over, not the end of the restore
+    for name, data in (("list", b"[1, 2]"), ("bytes", b"\xff\xfe{"), ("shape", b'{"files": 3}')):
+        (tmp_path / "models" / "Org" / name).mkdir(parents=True)
+        (tmp_path / "models" / "Org" / name / MANIFEST).write_bytes(data)
 
     async def resume():
         m = manager(hub, tmp_path)
