@@ -40,11 +40,22 @@ class ProgressLine:
 PROGRESS = ProgressLine()
 
 
+def tokens(text: str) -> int:
+    """An argparse type: a whole number of tokens, at least 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens, at least 1")
+    return n
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="model folder, downloaded repo id, or 'demo'")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--context", type=int, default=4096, help="context length (tokens)")
+    p.add_argument("--context", type=tokens, default=4096, help="context length (tokens)")
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
@@ -102,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     be = bsub.add_parser("e2e", help="a whole random model on the GPU: prefill, graph decode")
     be.add_argument("--arch", default="llama-3.1-8b", help="llama-3.1-8b|llama-3.1-70b|...")
     be.add_argument("--scheme", default="v8-k65536-0")
-    be.add_argument("--context", type=int, default=4096)
+    be.add_argument("--context", type=tokens, default=4096)
     be.add_argument("--tokens", type=int, default=256)
     be.add_argument("--vram-limit", type=float, help="cap torch's memory at this many GiB")
     be.add_argument(

@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import traceback
@@ -130,17 +131,22 @@ class Server:
         name = msg.get("path") or msg.get("model") or "demo"
         device = msg.get("device") or _default_device()
         dtype = msg.get("dtype")
+        max_seq_len = msg.get("max_seq_len") or 4096
+        if not isinstance(name, str):
+            raise ValueError(f"load: model {name!r} is not a folder, 'demo' or a repo id")
+        if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise ValueError(f"load: device {device!r} is not one of cpu, cuda, cuda:N")
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"load: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        if type(max_seq_len) is not int or max_seq_len < 1:
+            raise ValueError(f"load: max_seq_len {max_seq_len!r} is not a whole number of tokens")
         self.unload()
 
         def progress(fraction: float, stage: str) -> None:
             self.send("load_progress", msg.id, fraction=round(fraction, 4), stage=stage)
 
         path = resolve_model(str(name), progress)
-        s = Session.load(
-            path, device, DTYPES.get(dtype or ""), int(msg.get("max_seq_len") or 4096), progress
-        )
+        s = Session.load(path, device, DTYPES.get(dtype or ""), max_seq_len, progress)
         self.session, self.model_name = s, str(name)
         self.send(
             "loaded",

@@ -109,6 +109,13 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         r = run("generate", "--model", folder, "--prompt", "hi", "--max-new-tokens", "2")
         assert_one_line_error(r, *needles)
     assert_one_line_error(run("generate", "--model", m, "--prompt", "  "), "--prompt is empty")
+    for bad in ("0", "-5", "lots"):  # refused by the parser, before any model is read
+        r = run("generate", "--model", m, "--prompt", "x", "--context", bad)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.splitlines()[-1] == (
+            "python -m engine generate: error: argument --context: "
+            f"'{bad}' is not a whole number of tokens, at least 1"
+        )
     assert_one_line_error(
         run("generate", "--model", tmp_path / "absent", "--prompt", "x"), "not found"
     )

@@ -113,6 +113,17 @@ def test_malformed_lines_and_bad_requests_answered_with_errors(engine):
     assert events[-1].get("reason") == "error"
     engine.send("generate", "badsampling", prompt="Hi", sampling={"top_p": 7})
     assert "'top_p'" in engine.until("finished", "badsampling")[0].get("message")
+    # a load with a bad field is refused naming it, before the loaded model is let go (the
+    # stats below still name it)
+    for fields, needle in [
+        (dict(max_seq_len="big"), "load: max_seq_len 'big' is not a whole number of tokens"),
+        (dict(max_seq_len=-5), "load: max_seq_len -5 is not"),
+        (dict(device="tpu"), "load: device 'tpu' is not one of cpu, cuda, cuda:N"),
+        (dict(path=5), "load: model 5 is not a folder"),
+    ]:
+        engine.send("load", "bad", **{"path": "demo", **fields})
+        err = engine.until("error", "bad")[-1]
+        assert err.get("kind") == "load" and err.get("message").startswith(needle), err.payload
     engine.send("stats", "st")
     stats = engine.until("stats", "st")[-1]
     assert stats.get("model") == "demo" and stats.get("rss_bytes") > 0
