@@ -212,8 +212,8 @@ class Server:
         if s is None:
             raise ValueError("no model is loaded: load one first")
         sampling = dict(msg.get("sampling") or {})
-        if msg.get("stop"):
-            sampling["stop"] = list(msg.get("stop"))
+        if msg.get("stop"):  # a list of strings, checked with the rest of the sampling
+            sampling["stop"] = msg.get("stop")
         params = SamplingParams.from_dict(sampling)
         ids, dropped = s.prompt_ids(
             messages=msg.get("messages"),

@@ -94,11 +94,25 @@ def test_same_seed_same_tokens():
         ("min_p", 1),
         ("max_new_tokens", 0),
         ("top_k", -1),
+        # the wrong type: refused by name, not a TypeError from a comparison or a later tensor op
+        ("temperature", "hot"),
+        ("top_p", None),
+        ("top_k", 2.5),
+        ("max_new_tokens", True),
+        ("seed", "42"),
+        ("stop", "END"),  # a string, not a list of them: it stopped on every E, N or D
+        ("stop", [""]),
     ],
 )
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"'{field}'"):
         SamplingParams.from_dict({field: value})
+
+
+def test_whole_numbers_and_floats_are_taken_where_they_belong():
+    p = SamplingParams.from_dict({"temperature": 1, "top_p": 0.5, "top_k": 40, "seed": None,
+                                  "stop": ["END"], "max_new_tokens": 8})  # fmt: skip
+    assert (p.temperature, p.top_k, p.stop) == (1, 40, ["END"])
 
 
 def test_unknown_field_refused():
