@@ -20,6 +20,34 @@ DEFAULT_SAMPLING = {
 }
 
 
+# Each sampling setting's type (the engine refuses other types and unknown names).
+SAMPLING_KINDS = {
+    "temperature": int | float,
+    "top_p": int | float,
+    "top_k": int,
+    "min_p": int | float,
+    "repetition_penalty": int | float,
+    "max_new_tokens": int,
+    "seed": int,  # or None: a random seed
+}
+
+
+def clean_sampling(sampling: object) -> dict:
+    """The defaults with the settings of ``sampling`` that have a known name and the right type
+    over them: what a damaged or hand-edited file holds beside those is dropped, so that the
+    engine is never sent what it refuses on every answer."""
+    out = dict(DEFAULT_SAMPLING)
+    for key, value in sampling.items() if isinstance(sampling, dict) else ():
+        kind = SAMPLING_KINDS.get(key)
+        if kind is None:
+            continue
+        if (key == "seed" and value is None) or (
+            isinstance(value, kind) and not isinstance(value, bool)
+        ):
+            out[key] = value
+    return out
+
+
 def data_dir() -> Path:
     """$VPTQ_CHAT_DATA, else $XDG_DATA_HOME/vptq-chat, else ~/.local/share/vptq-chat."""
     if os.environ.get("VPTQ_CHAT_DATA"):
@@ -66,7 +94,7 @@ class Settings:
                 log.warning("%s: %s = %r is not of type %s; using %r", path, f.name, value,
                             want.__name__, getattr(defaults, f.name))  # fmt: skip
         s = cls(**kept)
-        s.sampling = {**DEFAULT_SAMPLING, **s.sampling}
+        s.sampling = clean_sampling(s.sampling)
         return s
 
     def save(self, path: Path) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .settings import clean_sampling
+
 SCHEMA_VERSION = 1
 EXPORT_FORMAT = "vptq-chat-conversation"
 
@@ -267,7 +269,7 @@ class Store:
         c = self.create_conversation(
             str(data.get("title") or "Imported chat"),
             str(data.get("system_prompt") or ""),
-            data.get("sampling") if isinstance(data.get("sampling"), dict) else {},
+            clean_sampling(data["sampling"]) if data.get("sampling") else {},
         )
         for m in msgs:
             msg = self.add_message(c.id, m["role"], m["content"])

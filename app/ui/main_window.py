@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
 
 from ..controller import RESTART_HINT, ChatController
 from ..gpu import Gpus
-from ..settings import DEFAULT_SAMPLING, Settings
+from ..settings import Settings, clean_sampling
 from ..store import StoreError
 from .chat_view import ChatView
 from .live_panel import LivePanel
@@ -76,14 +76,10 @@ class ChatSettings(QWidget):
 
     def load(self, system: str, sampling: dict) -> None:
         self.system.setText(system)
-        defaults = {**DEFAULT_SAMPLING, "seed": -1}
+        values = clean_sampling(sampling)  # a damaged file's values: the defaults
         for key, box in self.fields.items():
-            value = sampling.get(key, defaults[key])
-            if key == "seed" and value is None:  # a random seed
-                value = -1
-            if isinstance(value, bool) or not isinstance(value, int | float):  # a damaged file
-                value = defaults[key]
-            box.setValue(round(value) if isinstance(box, QSpinBox) else float(value))
+            value = values.get(key)
+            box.setValue(-1 if value is None else value)  # seed None: random
 
     def values(self) -> tuple[str, dict]:
         sampling = {k: b.value() for k, b in self.fields.items()}

@@ -209,6 +209,8 @@ def test_regenerate_and_edit_then_resend(gui, qloop):
 def test_history_sent_to_the_engine(tmp_path, qloop, monkeypatch):
     """Per-chat system prompt and sampling reach the engine with the whole conversation:
     checked in the fake engine's own log of the requests it received."""
+    from app.settings import DEFAULT_SAMPLING
+
     from .conftest import make_app
 
     requests = tmp_path / "requests.jsonl"
@@ -235,6 +237,14 @@ def test_history_sent_to_the_engine(tmp_path, qloop, monkeypatch):
         ]
         assert generates[-1]["sampling"]["temperature"] == 0.0
         assert generates[0]["sampling"]["temperature"] == 0.7  # the default, before the edit
+        # a chat whose stored sampling is damaged sends only what the engine takes
+        app.store.update_conversation(
+            app.ctrl.current, sampling={"temperature": "hot", "top_k": 5, "temprature": 1}
+        )
+        send(app, "three")
+        wait_until(qloop, lambda: answer_done(app) and len(app.ctrl.messages.rows) == 6)
+        last = json.loads(requests.read_text().splitlines()[-1])
+        assert last["type"] == "generate" and last["sampling"] == {**DEFAULT_SAMPLING, "top_k": 5}
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()
@@ -478,8 +488,7 @@ def test_the_throughput_plot_shows_earlier_answers_after_a_restart(tmp_path, qlo
 
 def test_chat_settings_take_a_damaged_sampling_as_defaults(qapp):
     """Values of the wrong type (a hand-edited or damaged settings file or history) fall back
-    to the defaults; whole numbers are rounded into their boxes. setValue raised TypeError on a
-    string, and the window did not open."""
+    to the defaults (setValue raised TypeError on a string, and the window did not open)."""
     from app.settings import DEFAULT_SAMPLING
     from app.ui.main_window import ChatSettings
 
@@ -488,6 +497,6 @@ def test_chat_settings_take_a_damaged_sampling_as_defaults(qapp):
                            "max_new_tokens": True, "min_p": 0.05})  # fmt: skip
     system, sampling = box.values()
     assert system == "Be brief."
-    assert sampling == {**DEFAULT_SAMPLING, "top_k": 3, "min_p": 0.05, "seed": None}
+    assert sampling == {**DEFAULT_SAMPLING, "min_p": 0.05, "seed": None}
     box.load("", {"seed": 42, "temperature": 0})
     assert box.values()[1] == {**DEFAULT_SAMPLING, "temperature": 0.0, "seed": 42}

@@ -28,6 +28,10 @@ def test_a_damaged_settings_file_keeps_what_is_whole(tmp_path, caplog):
     assert (s.context, s.show_panel, s.sampling, s.hub_proxy) == (4096, True, DEFAULT_SAMPLING, "")
     assert f"{path}: context = '8192' is not of type int; using 4096" in caplog.text
     assert "sampling = 5 is not of type dict" in caplog.text
+    # sampling: names the engine does not know and values of the wrong type are dropped
+    path.write_text(json.dumps({"sampling": {"temperature": "hot", "top_k": 7, "temprature": 1,
+                                             "seed": None, "max_new_tokens": 1.5}}))  # fmt: skip
+    assert Settings.load(path).sampling == {**DEFAULT_SAMPLING, "top_k": 7, "seed": None}
     for text in ("[1, 2]", '{"model": ', "\x00\x01"):
         path.write_text(text)
         assert Settings.load(path) == Settings()
