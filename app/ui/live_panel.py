@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from PySide6.QtCore import QPointF, Qt
 from PySide6.QtGui import QPainter, QPen, QPolygonF
-from PySide6.QtWidgets import QFrame, QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QFrame,
+    QLabel,
+    QProgressBar,
+    QScrollArea,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.memory import gib as size
 
@@ -90,10 +98,16 @@ class GpuCard(QFrame):
         self.detail.setText("\n".join(lines))
 
 
-class LivePanel(QWidget):
+class LivePanel(QScrollArea):
+    """In a scroll area: in a short window its wrapped lines keep their height and scroll,
+    where a plain layout squeezed them and cut off their first and last lines."""
+
     def __init__(self) -> None:
         super().__init__()
         self.setAccessibleName("Live panel")
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.engine = QLabel("Engine: starting…")
         self.engine.setWordWrap(True)
         self.kernels = QLabel()
@@ -108,13 +122,15 @@ class LivePanel(QWidget):
         self.last = QLabel()
         self.last.setWordWrap(True)
         self.plot = Sparkline()
-        lay = QVBoxLayout(self)
+        content = QWidget()
+        lay = QVBoxLayout(content)
         for w in (_heading("Model"), self.engine, self.kernels, _heading("GPUs"), self.gpu_note):
             lay.addWidget(w)
         lay.addLayout(self.cards_box)
         for w in (_heading("Throughput"), self.rate, self.plot, self.last):
             lay.addWidget(w)
         lay.addStretch(1)
+        self.setWidget(content)
         self.setMinimumWidth(180)
 
     def set_engine(self, state: str, info: dict) -> None:

@@ -1,5 +1,6 @@
 """The real main window driven against the scripted fake engine."""
 
+import asyncio
 import json
 
 from PySide6.QtGui import QGuiApplication
@@ -427,6 +428,23 @@ def test_small_window_gives_the_chat_most_of_the_width(gui, qloop):
     w.split.setSizes([300, 850, 250])
     w.split.splitterMoved.emit(300, 1)  # the user dragged a handle: their widths stay
     assert resized(1200)[0] == 300
+
+
+def test_a_short_window_scrolls_the_live_panel_instead_of_cutting_its_lines(gui, qloop):
+    """At 820 x 420 the panel's wrapped lines (the loaded model's long description) keep the
+    height their text needs and the panel scrolls; a plain layout squeezed them, cutting off
+    their first and last lines."""
+    from PySide6.QtWidgets import QLabel
+
+    w = gui.window
+    w.resize(820, 420)
+    wait_until(qloop, lambda: w.height() == 420 and w.panel.engine.text().startswith("demo"))
+    qloop.run_until_complete(asyncio.sleep(0.2))  # layouts settle
+    labels = [x for x in w.panel.findChildren(QLabel) if x.isVisible() and x.wordWrap()]
+    assert w.panel.engine in labels and len(labels) >= 4
+    for label in labels:
+        assert label.height() >= label.heightForWidth(label.width()), label.text()
+    assert w.panel.verticalScrollBar().maximum() > 0  # the rest is a scroll away
 
 
 def test_the_window_fits_the_screen_and_reopens_where_it_was_left(tmp_path, qloop, monkeypatch):
