@@ -94,7 +94,12 @@ class Settings:
                 log.warning("%s: %s = %r is not of type %s; using %r", path, f.name, value,
                             want.__name__, getattr(defaults, f.name))  # fmt: skip
         s = cls(**kept)
-        s.sampling = clean_sampling(s.sampling)
+        raw_sampling, s.sampling = s.sampling, clean_sampling(s.sampling)
+        missing = object()
+        dropped = sorted(k for k, v in raw_sampling.items() if s.sampling.get(k, missing) != v)
+        if dropped:
+            log.warning("%s: sampling %s unknown or of the wrong type; using the defaults",
+                        path, ", ".join(dropped))  # fmt: skip
         return s
 
     def save(self, path: Path) -> None:

@@ -32,6 +32,7 @@ def test_a_damaged_settings_file_keeps_what_is_whole(tmp_path, caplog):
     path.write_text(json.dumps({"sampling": {"temperature": "hot", "top_k": 7, "temprature": 1,
                                              "seed": None, "max_new_tokens": 1.5}}))  # fmt: skip
     assert Settings.load(path).sampling == {**DEFAULT_SAMPLING, "top_k": 7, "seed": None}
+    assert "sampling max_new_tokens, temperature, temprature unknown or of the wrong" in caplog.text
     for text in ("[1, 2]", '{"model": ', "\x00\x01"):
         path.write_text(text)
         assert Settings.load(path) == Settings()
