@@ -15,7 +15,7 @@ from typing import Any
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from .engine_client import PROCESS_ENDED, EngineClient, EngineError
-from .settings import Settings, clean_sampling
+from .settings import Settings
 from .store import Store
 from .ui.models import ConversationListModel, MessageListModel
 
@@ -164,8 +164,7 @@ class ChatController(QObject):
         history = self.history()
         answer = self.store.add_message(conv.id, "assistant", "", status="streaming")
         row = self.messages.append(answer)
-        sampling = clean_sampling(conv.sampling) if conv.sampling else self.settings.sampling
-        id_, queue = self.client.generate(history, sampling=sampling)
+        id_, queue = self.client.generate(history, sampling=conv.sampling or self.settings.sampling)
         self.active = {
             "id": id_,
             "row": row,

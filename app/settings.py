@@ -32,11 +32,11 @@ SAMPLING_KINDS = {
 }
 
 
-def clean_sampling(sampling: object) -> dict:
-    """The defaults with the settings of ``sampling`` that have a known name and the right type
-    over them: what a damaged or hand-edited file holds beside those is dropped, so that the
-    engine is never sent what it refuses on every answer."""
-    out = dict(DEFAULT_SAMPLING)
+def valid_sampling(sampling: object) -> dict:
+    """The settings of ``sampling`` that have a known name and the right type: what a damaged
+    or hand-edited file holds beside those is dropped, so that the engine is never sent what
+    it refuses on every answer."""
+    out = {}
     for key, value in sampling.items() if isinstance(sampling, dict) else ():
         kind = SAMPLING_KINDS.get(key)
         if kind is None:
@@ -46,6 +46,11 @@ def clean_sampling(sampling: object) -> dict:
         ):
             out[key] = value
     return out
+
+
+def clean_sampling(sampling: object) -> dict:
+    """The defaults with the valid settings of ``sampling`` over them."""
+    return {**DEFAULT_SAMPLING, **valid_sampling(sampling)}
 
 
 def data_dir() -> Path:
@@ -95,8 +100,9 @@ class Settings:
                             want.__name__, getattr(defaults, f.name))  # fmt: skip
         s = cls(**kept)
         raw_sampling, s.sampling = s.sampling, clean_sampling(s.sampling)
-        missing = object()
-        dropped = sorted(k for k, v in raw_sampling.items() if s.sampling.get(k, missing) != v)
+        dropped = sorted(
+            k for k, v in raw_sampling.items() if k not in s.sampling or s.sampling[k] != v
+        )
         if dropped:
             log.warning("%s: sampling %s unknown or of the wrong type; using the defaults",
                         path, ", ".join(dropped))  # fmt: skip

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .settings import clean_sampling
+from .settings import valid_sampling
 
 SCHEMA_VERSION = 1
 EXPORT_FORMAT = "vptq-chat-conversation"
@@ -137,7 +137,8 @@ class Store:
         ).fetchone()
         if row is None:
             raise KeyError(cid)
-        return Conversation(row[0], row[1], row[2], _json_object(row[3]), row[4], row[5])
+        sampling = valid_sampling(_json_object(row[3]))  # what the engine takes, of it
+        return Conversation(row[0], row[1], row[2], sampling, row[4], row[5])
 
     def conversations(self) -> list[Conversation]:
         rows = self.db.execute("SELECT id FROM conversations ORDER BY updated DESC, id DESC")
@@ -269,7 +270,7 @@ class Store:
         c = self.create_conversation(
             str(data.get("title") or "Imported chat"),
             str(data.get("system_prompt") or ""),
-            clean_sampling(data["sampling"]) if data.get("sampling") else {},
+            data.get("sampling") if isinstance(data.get("sampling"), dict) else {},
         )
         for m in msgs:
             msg = self.add_message(c.id, m["role"], m["content"])

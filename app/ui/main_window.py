@@ -79,7 +79,8 @@ class ChatSettings(QWidget):
         values = clean_sampling(sampling)  # a damaged file's values: the defaults
         for key, box in self.fields.items():
             value = values.get(key)
-            box.setValue(-1 if value is None else value)  # seed None: random
+            value = -1 if value is None else value  # seed None: random
+            box.setValue(min(max(value, box.minimum()), box.maximum()))  # Qt's int: 32 bits
 
     def values(self) -> tuple[str, dict]:
         sampling = {k: b.value() for k, b in self.fields.items()}

@@ -210,8 +210,6 @@ def test_regenerate_and_edit_then_resend(gui, qloop):
 def test_history_sent_to_the_engine(tmp_path, qloop, monkeypatch):
     """Per-chat system prompt and sampling reach the engine with the whole conversation:
     checked in the fake engine's own log of the requests it received."""
-    from app.settings import DEFAULT_SAMPLING
-
     from .conftest import make_app
 
     requests = tmp_path / "requests.jsonl"
@@ -245,7 +243,7 @@ def test_history_sent_to_the_engine(tmp_path, qloop, monkeypatch):
         send(app, "three")
         wait_until(qloop, lambda: answer_done(app) and len(app.ctrl.messages.rows) == 6)
         last = json.loads(requests.read_text().splitlines()[-1])
-        assert last["type"] == "generate" and last["sampling"] == {**DEFAULT_SAMPLING, "top_k": 5}
+        assert last["type"] == "generate" and last["sampling"] == {"top_k": 5}
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()
@@ -518,3 +516,5 @@ def test_chat_settings_take_a_damaged_sampling_as_defaults(qapp):
     assert sampling == {**DEFAULT_SAMPLING, "min_p": 0.05, "seed": None}
     box.load("", {"seed": 42, "temperature": 0})
     assert box.values()[1] == {**DEFAULT_SAMPLING, "temperature": 0.0, "seed": 42}
+    box.load("", {"seed": 2**40, "max_new_tokens": 10**6, "top_k": -3})  # beyond the boxes
+    assert box.values()[1] == {**DEFAULT_SAMPLING, "seed": 2**31 - 1, "max_new_tokens": 32768}

@@ -5,7 +5,6 @@ import sqlite3
 
 import pytest
 
-from app.settings import DEFAULT_SAMPLING
 from app.store import SCHEMA_VERSION, Store, StoreError
 
 
@@ -135,7 +134,7 @@ def test_export_import_round_trip(store):
     assert d.id != c.id and (d.title, d.system_prompt, d.sampling) == (
         "Trip",
         "sys",
-        {**DEFAULT_SAMPLING, "top_p": 0.9},
+        {"top_p": 0.9},
     )
     assert [(m.role, m.content, m.stats) for m in store.messages(d.id)] == [
         ("user", "q", {}),
