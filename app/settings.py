@@ -8,6 +8,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from engine.protocol import sampling_type_error
+
 log = logging.getLogger("app.settings")
 
 DEFAULT_SAMPLING = {
@@ -20,32 +22,14 @@ DEFAULT_SAMPLING = {
 }
 
 
-# Each sampling setting's type (the engine refuses other types and unknown names).
-SAMPLING_KINDS = {
-    "temperature": int | float,
-    "top_p": int | float,
-    "top_k": int,
-    "min_p": int | float,
-    "repetition_penalty": int | float,
-    "max_new_tokens": int,
-    "seed": int,  # or None: a random seed
-}
-
-
 def valid_sampling(sampling: object) -> dict:
-    """The settings of ``sampling`` that have a known name and the right type: what a damaged
+    """The settings of ``sampling`` that the chat settings show (the defaults' names and the
+    seed) with a value the engine takes (engine/protocol.py SAMPLING_FIELDS): what a damaged
     or hand-edited file holds beside those is dropped, so that the engine is never sent what
     it refuses on every answer."""
-    out = {}
-    for key, value in sampling.items() if isinstance(sampling, dict) else ():
-        kind = SAMPLING_KINDS.get(key)
-        if kind is None:
-            continue
-        if (key == "seed" and value is None) or (
-            isinstance(value, kind) and not isinstance(value, bool)
-        ):
-            out[key] = value
-    return out
+    shown = {*DEFAULT_SAMPLING, "seed"}
+    items = sampling.items() if isinstance(sampling, dict) else ()
+    return {k: v for k, v in items if k in shown and sampling_type_error(k, v) is None}
 
 
 def clean_sampling(sampling: object) -> dict:

@@ -20,6 +20,35 @@ EVENTS = frozenset(
 )
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
+# The sampling fields of a `generate` request and what each takes. The engine refuses other
+# names and values (engine/sampling.py); the app drops them from damaged files (app/settings.py).
+SAMPLING_FIELDS = {
+    "temperature": "a number",
+    "top_k": "a whole number",
+    "top_p": "a number",
+    "min_p": "a number",
+    "repetition_penalty": "a number",
+    "max_new_tokens": "a whole number",
+    "seed": "a whole number or null",
+    "stop": "a list of strings",
+}
+
+
+def sampling_type_error(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be sampling field ``name`` (its name or its type), or None.
+    Ranges are the engine's business (SamplingParams.validate)."""
+    kind = SAMPLING_FIELDS.get(name)
+    if kind is None:
+        return f"unknown sampling field '{name}'"
+    if kind == "a list of strings":
+        ok = isinstance(value, list) and all(isinstance(s, str) for s in value)
+    elif value is None:
+        ok = kind.endswith("or null")
+    else:
+        ok = isinstance(value, int if kind.startswith("a whole") else (int, float))
+        ok = ok and not isinstance(value, bool)
+    return None if ok else f"sampling field '{name}' = {value!r} must be {kind}"
+
 
 class ProtocolError(ValueError):
     """A line that is not a valid protocol message; the message says what is wrong."""

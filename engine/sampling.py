@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .protocol import sampling_type_error
+
 
 @dataclass
 class SamplingParams:
@@ -38,19 +40,9 @@ class SamplingParams:
 
     def validate(self) -> None:
         for f in fields(self):  # types first: a string or a bool fails here, named
-            value = getattr(self, f.name)
-            whole = f.name in ("top_k", "max_new_tokens", "seed")
-            if f.name == "stop":
-                ok = isinstance(value, list)
-            elif f.name == "seed" and value is None:
-                ok = True
-            else:
-                kinds = int if whole else int | float
-                ok = isinstance(value, kinds) and not isinstance(value, bool)
-            if not ok:
-                kind = "a list of strings" if f.name == "stop" else (
-                    "a whole number" if whole else "a number")  # fmt: skip
-                raise ValueError(f"sampling field '{f.name}' = {value!r} must be {kind}")
+            problem = sampling_type_error(f.name, getattr(self, f.name))
+            if problem:
+                raise ValueError(problem)
         checks = [
             ("temperature", self.temperature >= 0, ">= 0"),
             ("top_k", self.top_k >= 0, ">= 0"),

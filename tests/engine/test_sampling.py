@@ -102,6 +102,7 @@ def test_same_seed_same_tokens():
         ("seed", "42"),
         ("stop", "END"),  # a string, not a list of them: it stopped on every E, N or D
         ("stop", [""]),
+        ("stop", ["END", 5]),
     ],
 )
 def test_bad_values_name_the_field(field, value):
@@ -113,6 +114,18 @@ def test_whole_numbers_and_floats_are_taken_where_they_belong():
     p = SamplingParams.from_dict({"temperature": 1, "top_p": 0.5, "top_k": 40, "seed": None,
                                   "stop": ["END"], "max_new_tokens": 8})  # fmt: skip
     assert (p.temperature, p.top_k, p.stop) == (1, 40, ["END"])
+
+
+def test_the_protocol_names_every_sampling_field_the_engine_takes():
+    # the app cleans its files by engine.protocol's table: it must be the engine's own fields
+    from dataclasses import fields
+
+    from engine.protocol import SAMPLING_FIELDS, sampling_type_error
+
+    assert list(SAMPLING_FIELDS) == [f.name for f in fields(SamplingParams)]
+    for f in fields(SamplingParams):  # and every default passes its own check
+        default = f.default_factory() if f.name == "stop" else f.default
+        assert sampling_type_error(f.name, default) is None
 
 
 def test_unknown_field_refused():
