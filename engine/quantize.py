@@ -10,6 +10,7 @@ resumes from the last finished layer.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -61,7 +62,11 @@ class Recipe:
 
     def check(self) -> None:
         if self.calib_sequences < 8 or self.calib_sequences % 8:
-            raise ValueError("--calib-sequences must be a multiple of 8")
+            raise ValueError(f"--calib-sequences {self.calib_sequences}: give 8, 16, 24, ...")
+        if not 1 <= self.vector_len <= 64:
+            raise ValueError(f"--vector-len {self.vector_len} is outside 1..64")
+        if self.calib_len < 1:
+            raise ValueError(f"--calib-len {self.calib_len}: give at least 1 token")
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}")
         for name, value in (
@@ -255,11 +260,12 @@ def quantize(
         log(f"{work}: left by a run with other settings; starting over")
         shutil.rmtree(work)
         state = None
-    work.mkdir(parents=True, exist_ok=True)
     lm = load_model(source, device, torch.float32, max_seq_len=recipe.calib_len)
     model, tok = lm.model, Tokenizer(source)
     if lm.quant != "dense":
         raise FormatError(f"{source}: already quantized; give a dense (fp16/bf16) model")
+    check_vector_len(model, recipe.vector_len, source)
+    work.mkdir(parents=True, exist_ok=True)
     calib_file = work / "calibration.safetensors"
     needs_data = recipe.method == "vptq"  # rtn and kmeans look at the weights only
     if not needs_data:
@@ -299,6 +305,25 @@ def quantize(
     _write(source, out, lm, state, work, dtype)
     shutil.rmtree(work)
     return out
+
+
+def check_vector_len(model: Transformer, v: int, source: Path) -> None:
+    """Every projection's output rows split into vectors of v, or a ValueError naming the first
+    that does not and the vector lengths that fit them all (before any work is done)."""
+    rows = {
+        f"model.layers.{i}.{part}": layer.get_submodule(part).weight.shape[0]
+        for i, layer in enumerate(model.model.layers)
+        for _, parts in STAGES
+        for part in parts
+    }
+    bad = next(((name, n) for name, n in rows.items() if n % v), None)
+    if bad is not None:
+        common = math.gcd(*rows.values())
+        fits = ", ".join(str(d) for d in range(1, 65) if common % d == 0)
+        raise ValueError(
+            f"--vector-len {v}: {bad[0]} has {bad[1]} output rows, not a multiple of {v}; "
+            f"vector lengths that fit every layer of {source.name}: {fits}"
+        )
 
 
 def _restore(model: Transformer, i: int, saved: dict) -> None:

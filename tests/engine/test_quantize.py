@@ -4,6 +4,7 @@ resuming, and the demo model's quality."""
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,37 @@ def test_quantized_checkpoint_loads_and_chats(tmp_path, demo_path):
     )
     assert r.returncode == 0, r.stderr
     assert "[length] 4 tokens" in r.stderr or "[stop]" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [
+        ("vector_len", 0, "--vector-len 0"),  # was a ZeroDivisionError
+        ("vector_len", -2, "--vector-len -2"),  # was "invalid shape dimension"
+        ("vector_len", 65, "--vector-len 65"),  # the loader reads 1..64
+        ("calib_len", 0, "--calib-len 0"),
+        ("calib_sequences", 0, "--calib-sequences 0"),
+        ("centroids", 100, "--centroids 100"),
+    ],
+)
+def test_bad_settings_are_named(field, value, flag):
+    with pytest.raises(ValueError, match=flag):
+        replace(TINY, **{field: value}).check()
+
+
+def test_a_vector_length_that_does_not_fit_a_layer_is_refused_before_any_work(
+    tmp_path, demo_path
+):
+    src = tiny_model(tmp_path / "dense", demo_path)  # q 64 rows, k and v 32, gate 128
+    with pytest.raises(ValueError) as e:
+        quantize(src, tmp_path / "q", replace(TINY, vector_len=3), log=lambda m: None)
+    assert str(e.value) == (
+        "--vector-len 3: model.layers.0.self_attn.q_proj has 64 output rows, not a multiple of"
+        " 3; vector lengths that fit every layer of dense: 1, 2, 4, 8, 16, 32"
+    )
+    assert not (tmp_path / "q.partial").exists()  # nothing left behind
+    r = run("quantize", "--model", "demo", "--out", tmp_path / "d", "--vector-len", 0)
+    assert r.returncode != 0 and r.stderr.strip() == "error: --vector-len 0 is outside 1..64"
 
 
 def test_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, demo_path):
