@@ -171,9 +171,7 @@ def test_bad_settings_are_named(field, value, flag):
         replace(TINY, **{field: value}).check()
 
 
-def test_a_vector_length_that_does_not_fit_a_layer_is_refused_before_any_work(
-    tmp_path, demo_path
-):
+def test_a_vector_length_that_does_not_fit_a_layer_is_refused_before_any_work(tmp_path, demo_path):
     src = tiny_model(tmp_path / "dense", demo_path)  # q 64 rows, k and v 32, gate 128
     with pytest.raises(ValueError) as e:
         quantize(src, tmp_path / "q", replace(TINY, vector_len=3), log=lambda m: None)
