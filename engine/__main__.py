@@ -84,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("perplexity", help="perplexity of a text file")
     _common(pp)
     pp.add_argument("--file", required=True, type=Path)
-    pp.add_argument("--max-tokens", type=int, default=4096)
+    pp.add_argument("--max-tokens", type=tokens, default=4096)
     sub.add_parser("serve", help="the JSON-lines protocol on stdin/stdout (used by the app)")
     q = sub.add_parser("quantize", help="quantize a dense model into a VPTQ checkpoint")
     q.add_argument("--model", required=True, help="dense model folder, .gguf file, or 'demo'")
@@ -230,10 +230,15 @@ def cmd_perplexity(a: argparse.Namespace) -> None:
     import torch
     import torch.nn.functional as F
 
-    if not a.file.exists():
-        raise ValueError(f"{a.file}: no such file")
+    if not a.file.is_file():
+        what = "a folder, not a file" if a.file.is_dir() else "no such file"
+        raise ValueError(f"{a.file}: {what}")
+    try:  # before the model loads: a bad file fails at once
+        text = a.file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{a.file}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     s = _session(a)
-    ids = s.tok.encode(a.file.read_text(encoding="utf-8"))[: a.max_tokens]
+    ids = s.tok.encode(text)[: a.max_tokens]
     window = min(a.context, s.n_ctx)
     nll, count = 0.0, 0
     for i in range(0, len(ids), window):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import ops
-from .loader import LoadedModel, Progress, load_model
+from .loader import LoadedModel, Progress, check_device, load_model
 from .sampling import SamplingParams, sample
 from .tokenizer import ContextError, Detokenizer, StopMatcher, Tokenizer
 
@@ -57,6 +57,7 @@ class Session:
         progress: Progress | None = None,
     ) -> Session:
         """Load a model; on a GPU the CUDA kernels are built (once) and loaded first."""
+        check_device(device)  # before the kernels' build, which a missing GPU would skip
         use = os.environ.get("VPTQ_CHAT_KERNELS", "cuda") != "reference"
         kernels = ops.prepare(device, progress, use_kernels=use)
         if kernels[0] != "cuda" and torch.device(device).type == "cuda":

@@ -57,6 +57,22 @@ def default_dtype(device: str, args: ModelArgs) -> torch.dtype:
     return torch.bfloat16 if args.torch_dtype == "bfloat16" else torch.float16
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device PyTorch can use, or a ValueError saying what it sees."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this PyTorch is a CPU build" if torch.version.cuda is None else (
+                "no NVIDIA driver or GPU is visible")  # fmt: skip
+            raise ValueError(f"device '{device}': PyTorch sees no CUDA GPU ({why}); use cpu")
+        if (dev.index or 0) >= count:
+            raise ValueError(
+                f"device '{device}': PyTorch sees {count} CUDA GPU(s), cuda:0..cuda:{count - 1}"
+            )
+    return dev
+
+
 def load_model(
     folder: str | Path,
     device: str = "cpu",
@@ -65,6 +81,7 @@ def load_model(
     progress: Progress | None = None,
 ) -> LoadedModel:
     folder = Path(folder)
+    check_device(device)
     if not folder.is_dir():
         raise FormatError(f"{folder}: no such model folder")
     args, cfg = ModelArgs.from_folder(folder)

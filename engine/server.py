@@ -125,7 +125,7 @@ class Server:
 
     def load(self, msg: Message) -> None:
         from .generate import Session
-        from .loader import DTYPES
+        from .loader import DTYPES, check_device
         from .models import resolve_model
 
         name = msg.get("path") or msg.get("model") or "demo"
@@ -140,6 +140,10 @@ class Server:
             raise ValueError(f"load: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if type(max_seq_len) is not int or max_seq_len < 1:
             raise ValueError(f"load: max_seq_len {max_seq_len!r} is not a whole number of tokens")
+        try:  # a GPU that is not there: refused before the loaded model is let go
+            check_device(device)
+        except ValueError as e:
+            raise ValueError(f"load: {e}") from None
         self.unload()
 
         def progress(fraction: float, stage: str) -> None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from .test_loader import CONFIG, build_vptq_model
 
@@ -119,6 +120,18 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     assert_one_line_error(
         run("generate", "--model", tmp_path / "absent", "--prompt", "x"), "not found"
     )
+    # a text perplexity cannot read is named before the model loads
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))  # was a bare UnicodeDecodeError
+    for file, needle in [
+        (latin, "latin1.txt: not UTF-8 text (byte 3)"),
+        (tmp_path, "a folder, not a file"),
+        (tmp_path / "absent.txt", "absent.txt: no such file"),
+    ]:
+        assert_one_line_error(run("perplexity", "--model", m, "--file", file), needle)
+    if not torch.cuda.is_available():  # was torch's AssertionError on a CPU build
+        r = run("generate", "--model", m, "--prompt", "x", "--device", "cuda")
+        assert_one_line_error(r, "device 'cuda': PyTorch sees no CUDA GPU")
 
 
 @pytest.mark.e2e

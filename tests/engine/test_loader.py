@@ -1,6 +1,7 @@
 """Reading VPTQ and dense checkpoints: round trips, config forms, and bad input."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -293,3 +294,13 @@ def test_peak_host_ram_stays_near_one_shard(tmp_path):
     before, peak, model = map(int, out)
     assert model > 150 << 20
     assert peak - before < model + 2 * shard + (60 << 20), (peak - before) / 2**20
+
+
+def test_a_gpu_that_is_not_there_is_named(tmp_path):
+    from engine.loader import check_device
+
+    assert check_device("cpu") == torch.device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    expect = "sees no CUDA GPU" if count == 0 else f"sees {count} CUDA GPU(s), cuda:0..cuda:"
+    with pytest.raises(ValueError, match=f"device 'cuda:99': PyTorch {re.escape(expect)}"):
+        load_model(tmp_path, "cuda:99")  # before the folder is looked at

@@ -119,6 +119,7 @@ def test_malformed_lines_and_bad_requests_answered_with_errors(engine):
         (dict(max_seq_len="big"), "load: max_seq_len 'big' is not a whole number of tokens"),
         (dict(max_seq_len=-5), "load: max_seq_len -5 is not"),
         (dict(device="tpu"), "load: device 'tpu' is not one of cpu, cuda, cuda:N"),
+        (dict(device="cuda:99"), "load: device 'cuda:99': PyTorch sees"),  # was a torch error
         (dict(path=5), "load: model 5 is not a folder"),
     ]:
         engine.send("load", "bad", **{"path": "demo", **fields})
