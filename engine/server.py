@@ -215,13 +215,18 @@ class Server:
         s = self.session
         if s is None:
             raise ValueError("no model is loaded: load one first")
-        sampling = dict(msg.get("sampling") or {})
+        sampling, prompt = msg.get("sampling") or {}, msg.get("prompt")
+        if not isinstance(sampling, dict):
+            raise ValueError(f"'sampling' must be an object of settings, not {sampling!r}")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f"'prompt' must be a string, not {prompt!r}")
+        sampling = dict(sampling)
         if msg.get("stop"):  # a list of strings, checked with the rest of the sampling
             sampling["stop"] = msg.get("stop")
         params = SamplingParams.from_dict(sampling)
         ids, dropped = s.prompt_ids(
             messages=msg.get("messages"),
-            prompt=msg.get("prompt"),
+            prompt=prompt,
             max_new_tokens=params.max_new_tokens,
         )
         gen = s.generate(ids, params, dropped)

@@ -111,8 +111,14 @@ def test_malformed_lines_and_bad_requests_answered_with_errors(engine):
     events = engine.until("finished", "empty")
     assert events[0].type == "error" and "prompt is empty" in events[0].get("message")
     assert events[-1].get("reason") == "error"
-    engine.send("generate", "badsampling", prompt="Hi", sampling={"top_p": 7})
-    assert "'top_p'" in engine.until("finished", "badsampling")[0].get("message")
+    for fields, needle in [
+        (dict(prompt="Hi", sampling={"top_p": 7}), "sampling field 'top_p' = 7 must be"),
+        (dict(prompt="Hi", sampling="hot"), "'sampling' must be an object of settings"),
+        (dict(prompt=5), "'prompt' must be a string, not 5"),  # was an AttributeError
+    ]:
+        engine.send("generate", "badrequest", **fields)
+        events = engine.until("finished", "badrequest")
+        assert events[0].get("message").startswith(needle), events[0].payload
     # a load with a bad field is refused naming it, before the loaded model is let go (the
     # stats below still name it)
     for fields, needle in [
