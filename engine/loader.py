@@ -1,4 +1,4 @@
-"""Build a Transformer from a model folder: VPTQ, or plain fp16/bf16/fp32 safetensors.
+"""Build a Transformer from a model folder: VPTQ, GPTQ, or plain fp16/bf16/fp32 safetensors.
 
 The model is built on the meta device, then each state-dict entry is read lazily from the
 checkpoint, checked against the shape the config implies, converted and moved to the target
@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from .config import ModelArgs
+from .formats import gptq
 from .formats.checkpoint import REDOWNLOAD, Checkpoint
 from .formats.vptq import FormatError, VQLayerSpec, int_kind, layer_table, resolve_layer
+from .gptq_linear import GPTQLinear
 from .layers import VQLinear, build_sliced_layouts, sliced_summary
 from .memory import OutOfMemory, Shape, embedding_on_host, gib, sliced_budget
 from .model import Transformer, dense_linear
@@ -35,7 +37,7 @@ class LoadedModel:
     model: Transformer
     args: ModelArgs
     folder: Path
-    quant: str  # "vptq" or "dense"
+    quant: str  # "vptq", "gptq" or "dense"
     specs: dict[str, VQLayerSpec]
     weight_bytes: int
     kv_bytes: int = 0
@@ -86,9 +88,13 @@ def load_model(
         raise FormatError(f"{folder}: no such model folder")
     args, cfg = ModelArgs.from_folder(folder)
     dtype = dtype or default_dtype(device, args)
-    specs = _layer_specs(args, cfg, folder / "config.json")
+    gptq_cfg = gptq.read_config(cfg, folder)
+    specs = {} if gptq_cfg else _layer_specs(args, cfg, folder / "config.json")
 
     def make(name: str, k: int, n: int, bias: bool) -> nn.Module:
+        if gptq_cfg is not None:
+            g = gptq_cfg.spec(name, k, n, bias)
+            return dense_linear(name, k, n, bias) if g is None else GPTQLinear(g, dtype, name)
         spec = specs.get(name)
         if spec is None:
             return dense_linear(name, k, n, bias)
@@ -114,7 +120,7 @@ def load_model(
         _check_weights_fit(ckpt.nbytes - host, folder, dev, shape.workspace())
     nbytes, host_bytes = _fill(model, ckpt, dtype, dev, progress, on_host)
     for m in model.modules():
-        if isinstance(m, VQLinear):
+        if isinstance(m, VQLinear | GPTQLinear):
             m.post_load()
     largest = n_ctx
     if dev.type == "cuda":
@@ -124,7 +130,8 @@ def load_model(
     model.setup_caches(1, n_ctx)
     model.eval()
     kv = shape.kv_bytes_per_token * n_ctx
-    quant = "vptq" if specs else "dense"
+    gptq_layers = any(isinstance(m, GPTQLinear) for m in model.modules())
+    quant = "vptq" if specs else "gptq" if gptq_layers else "dense"
     loaded = LoadedModel(model, args, folder, quant, specs, nbytes, kv, shape.workspace(), largest)
     loaded.host_bytes = host_bytes
     if dev.type == "cuda":
@@ -194,7 +201,10 @@ def _layer_specs(args: ModelArgs, cfg: dict[str, Any], where: Path) -> dict[str,
     if table is None:
         qc = cfg.get("quantization_config")
         if isinstance(qc, dict) and qc.get("quant_method") not in (None, "vptq"):
-            raise FormatError(f"{where}: quant_method {qc.get('quant_method')!r} is not supported")
+            raise FormatError(
+                f"{where}: quant_method {qc.get('quant_method')!r} is not supported (VPTQ and "
+                "GPTQ are)"
+            )
         return {}
     names = [
         f"model.layers.{i}.{part}"
@@ -226,7 +236,8 @@ def _fill(
     entries = list(model.state_dict(keep_vars=True).items())
     total = host = 0
     for i, (name, target) in enumerate(entries):
-        t = _convert(name, ckpt.get(name), target, dtype, ckpt)
+        t = _read(model, name, ckpt)
+        t = _convert(name, t, target, dtype, ckpt)
         if name in on_host:
             _assign(model, name, t.contiguous().pin_memory())
             host += t.numel() * t.element_size()
@@ -239,18 +250,30 @@ def _fill(
     return total, host
 
 
+def _read(model: nn.Module, name: str, ckpt: Checkpoint) -> torch.Tensor:
+    """The tensor from the checkpoint, or its module's stand-in for one that may be absent."""
+    if name not in ckpt:
+        path, _, attr = name.rpartition(".")
+        missing = getattr(model.get_submodule(path), "missing_tensor", None)
+        stand_in = missing(attr) if missing else None
+        if stand_in is not None:
+            return stand_in
+    return ckpt.get(name)
+
+
 def _convert(
     name: str, t: torch.Tensor, target: torch.Tensor, dtype: torch.dtype, ckpt: Checkpoint
 ) -> torch.Tensor:
+    where = ckpt.where.get(name, ckpt.folder)
     if tuple(t.shape) != tuple(target.shape):
         raise FormatError(
-            f"{ckpt.where[name]}: tensor '{name}' has shape {list(t.shape)} but config.json "
+            f"{where}: tensor '{name}' has shape {list(t.shape)} but config.json "
             f"implies {list(target.shape)}; the config does not match the weights"
         )
     want = int_kind(target.dtype)
     if want == "float":
         if not t.is_floating_point():
-            raise FormatError(f"{ckpt.where[name]}: tensor '{name}' is {t.dtype}, expected floats")
+            raise FormatError(f"{where}: tensor '{name}' is {t.dtype}, expected floats")
         return t.to(dtype)
     if t.element_size() == 2 and want == "int16":  # int16, uint16 or an fp16 bit pattern
         return t.view(torch.int16)
@@ -258,8 +281,7 @@ def _convert(
         return t.to(torch.int64)
     if t.dtype != target.dtype:
         raise FormatError(
-            f"{ckpt.where[name]}: tensor '{name}' is {t.dtype}, expected {target.dtype}; "
-            + REDOWNLOAD
+            f"{where}: tensor '{name}' is {t.dtype}, expected {target.dtype}; " + REDOWNLOAD
         )
     return t
 

@@ -1,0 +1,57 @@
+"""GPTQLinear: a GPTQ-quantized linear layer holding the checkpoint's tensors
+(engine/formats/gptq.py has the format and the math)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import gptq
+from .formats.gptq import GPTQSpec
+
+
+class GPTQLinear(nn.Module):
+    """State-dict names match GPTQ checkpoints (``qweight``, ``qzeros``, ``scales``, ``g_idx``,
+    ``bias``), so the loader fills it like any other module; ``g_idx`` may be absent (old
+    checkpoints), and then each row's group is row // group_size."""
+
+    def __init__(self, spec: GPTQSpec, dtype: torch.dtype = torch.float16, name: str = ""):
+        super().__init__()
+        self.spec, self.name = spec, name
+        kinds = {"int32": torch.int32, "int64": torch.int64}
+        for attr, (shape, kind) in spec.tensor_shapes().items():
+            self.register_buffer(attr, torch.empty(shape, dtype=kinds.get(kind, dtype)))
+        self.register_buffer("zeros", None, persistent=False)  # true zero points, int32 [G, N]
+        self.register_buffer("dense_cache", None, persistent=False)  # CPU path: W^T [N, K]
+
+    in_features = property(lambda self: self.spec.in_features)
+    out_features = property(lambda self: self.spec.out_features)
+
+    def missing_tensor(self, attr: str) -> torch.Tensor | None:
+        """What the loader uses for a tensor the checkpoint lacks, or None (an error)."""
+        return gptq.trivial_g_idx(self.spec) if attr == "g_idx" else None
+
+    def post_load(self) -> None:
+        """Once after loading: the zero points in v2 terms, and g_idx checked."""
+        gptq.check_g_idx(self.g_idx, self.spec, self.name)
+        self.zeros = gptq.zero_points(self.qzeros, self.spec, self.name)
+
+    def weight_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense weight as nn.Linear holds it, [N, K]."""
+        w = gptq.dequant(self.qweight, self.zeros, self.scales, self.g_idx, self.spec)
+        return w.T.to(dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self, "bias", None)
+        bias = None if bias is None else bias.to(x.dtype)
+        if x.is_cuda:  # dequantized per call: the GPU keeps only the packed weights
+            return F.linear(x, self.weight_t(x.dtype), bias)
+        # The CPU dequantizes once, as VQLinear does: the dense weight's memory, not per token.
+        if self.dense_cache is None or self.dense_cache.dtype != x.dtype:
+            self.dense_cache = self.weight_t(x.dtype)
+        return F.linear(x, self.dense_cache, bias)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"K={s.in_features}, N={s.out_features}, {gptq.describe(s)}"

@@ -1,0 +1,257 @@
+"""GPTQ checkpoints: the bit layouts against hand-checked words and a bit-by-bit packer of our
+own, the zero-point conventions, and whole models against transformers holding the same
+weights dequantized in float64 (../shared/docs/gptq-format.md §6)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.formats import gptq
+from engine.formats.gptq import GPTQSpec
+from engine.formats.vptq import FormatError
+from engine.loader import load_model
+
+from .hf_models import make_hf_model
+from .test_cli import run
+
+M32 = 0xFFFFFFFF
+
+
+def words(*unsigned: int) -> torch.Tensor:
+    """A column of int32 words from their unsigned values."""
+    return torch.tensor([[w - 2**32 if w >= 2**31 else w] for w in unsigned], dtype=torch.int32)
+
+
+def bitwise_pack(codes: list[int], bits: int) -> list[int]:
+    """The oracle: code i at bits [bits*i, bits*i + bits) of one little-endian integer, cut into
+    32-bit words (what §2.1 and §2.2 describe, for every width alike)."""
+    big = 0
+    for i, c in enumerate(codes):
+        big |= c << (bits * i)
+    return [(big >> (32 * w)) & M32 for w in range(len(codes) * bits // 32)]
+
+
+# Known answers, gptq-format.md §2.1-§2.3.
+@pytest.mark.parametrize(
+    ("bits", "codes", "expect"),
+    [
+        (4, list(range(1, 9)), [0x87654321]),
+        (2, [0, 1, 2, 3] * 4, [0xE4E4E4E4]),
+        (8, [1, 2, 3, 4], [0x04030201]),
+        (3, [4] * 32, [0x24924924, 0x49249249, 0x92492492]),
+        (3, [3] * 32, [0xDB6DB6DB, 0xB6DB6DB6, 0x6DB6DB6D]),
+        (3, [i % 8 for i in range(32)], [0x88FAC688, 0xC688FAC6, 0xFAC688FA]),
+        (2, [2] * 16, [0xAAAAAAAA]),
+        (8, [0x7F] * 4, [0x7F7F7F7F]),
+    ],
+)
+def test_known_words(bits, codes, expect):
+    assert bitwise_pack(codes, bits) == expect
+    assert gptq.unpack_rows(words(*expect), bits)[:, 0].tolist() == codes
+    packed = gptq.pack_rows(torch.tensor(codes).view(-1, 1), bits)[:, 0]
+    assert [w & M32 for w in packed.tolist()] == expect
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_random_codes_against_the_bitwise_packer(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (96, 5), generator=g)
+    want = torch.stack(
+        [words(*bitwise_pack(codes[:, c].tolist(), bits))[:, 0] for c in range(5)], 1
+    )
+    assert torch.equal(gptq.pack_rows(codes, bits), want)
+    assert torch.equal(gptq.unpack_rows(want, bits), codes.to(torch.int32))
+    assert torch.equal(gptq.unpack_cols(want.T.contiguous(), bits), codes.T.to(torch.int32))
+
+
+def spec(bits=4, sym=False, v2=True, K=64, N=32, group=32):
+    return GPTQSpec(K, N, bits, group, sym, v2)
+
+
+def test_zero_points_v1_v2_and_symmetric(caplog):
+    z = torch.tensor([[0, 5, 15, 8] * 8, [1, 2, 3, 4] * 8])  # [groups 2, N 32]
+    assert torch.equal(gptq.zero_points(gptq.pack_cols(z, 4), spec(), "x"), z.to(torch.int32))
+    # v1 stores z - 1 and the reader adds 1 unmasked: a stored 15 is a zero point of 16
+    assert torch.equal(gptq.zero_points(gptq.pack_cols(z, 4), spec(v2=False), "x"), z + 1)
+    # symmetric: 2**(b-1) whatever is stored; a stored pattern of the other format is named
+    v2_pattern = gptq.pack_cols(torch.full((2, 32), 8), 4)
+    with caplog.at_level(logging.WARNING):
+        assert gptq.zero_points(v2_pattern, spec(sym=True, v2=True), "x").unique().tolist() == [8]
+        assert not caplog.records
+        got = gptq.zero_points(v2_pattern, spec(sym=True, v2=False), "model.layers.0.q")
+    assert got.unique().tolist() == [8]
+    assert "model.layers.0.q: symmetric, but its stored zero points do not match the gptq" in (
+        caplog.text
+    )
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def gptq_model(tmp_path, kind="llama", *, bits, group, desc_act, sym, fmt, g_idx=True,
+               dense=(), overrides=None, seed=0, extra=None, **hf_config):  # fmt: skip
+    """A tiny transformers model quantized by hand into a GPTQ folder: random codes, scales and
+    zero points (0 and 2**b - 1 among them for v2; v1 cannot hold 0), and g_idx a random
+    act-order map or the trivial one. Returns (folder, the transformers model holding
+    W = scales[g] * (q - z[g]) in float64, rounded once to float32)."""
+    src = tmp_path / "hf"
+    hf = make_hf_model(kind, src, **hf_config)
+    hf = hf.double()
+    overrides = overrides or {}
+    gen = torch.Generator().manual_seed(seed)
+    state = load_file(str(src / "model.safetensors"))
+    for name, module in hf.named_modules():
+        part = name.rsplit(".", 1)[-1]
+        if part not in LINEARS or any(d in name for d in dense):
+            continue
+        b = overrides.get(name, bits)
+        N, K = module.weight.shape
+        G = K if group == -1 else group
+        ng = -(-K // G)
+        order = torch.randperm(K, generator=gen) if desc_act else torch.arange(K)
+        gi = torch.empty(K, dtype=torch.int64)
+        gi[order] = torch.arange(K) // G  # row k -> the group it was quantized in
+        q = torch.randint(0, 2**b, (K, N), generator=gen)
+        lo = 1 if fmt == "gptq" else 0
+        z = (
+            torch.full((ng, N), 2 ** (b - 1))
+            if sym
+            else torch.randint(lo, 2**b, (ng, N), generator=gen)
+        )
+        if not sym:
+            z[0, 0], z[-1, -1] = lo, 2**b - 1
+        scales = (torch.rand(ng, N, generator=gen) * 0.02 + 1e-3).half()
+        w = scales.double()[gi] * (q - z[gi]).double()  # [K, N]
+        with torch.no_grad():
+            module.weight.copy_(w.T)
+        stored = z if fmt == "gptq_v2" else z - 1
+        del state[f"{name}.weight"]
+        state[f"{name}.qweight"] = gptq.pack_rows(q, b)
+        state[f"{name}.qzeros"] = gptq.pack_cols(stored, b)
+        state[f"{name}.scales"] = scales
+        if g_idx:
+            state[f"{name}.g_idx"] = gi.to(torch.int32)
+    folder = tmp_path / "gptq"
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": desc_act,
+        "sym": sym, "checkpoint_format": fmt, **(extra or {}),
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, hf
+
+
+def assert_same_logits(folder, hf):
+    ours = load_model(folder, "cpu", torch.float32, max_seq_len=64)
+    assert ours.quant == "gptq"
+    tokens = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+        got = ours.model(tokens)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    return ours
+
+
+@pytest.mark.parametrize(
+    ("kind", "bits", "group", "desc_act", "sym", "fmt"),
+    [
+        ("llama", 2, 32, False, False, "gptq_v2"),  # 2-bit zero points of 0: only v2 holds them
+        ("qwen2", 3, 32, True, False, "gptq"),  # 3-bit straddling codes, act-order, qkv bias
+        ("llama", 4, 64, True, True, "gptq"),  # K = 96: a short last group
+        ("llama", 8, -1, False, False, "gptq_v2"),  # one group over all of K
+        ("llama", 4, 32, False, False, "gptq"),
+    ],
+)
+def test_models_match_transformers_holding_the_dequantized_weights(
+    tmp_path, kind, bits, group, desc_act, sym, fmt
+):
+    folder, hf = gptq_model(tmp_path, kind, bits=bits, group=group, desc_act=desc_act, sym=sym,
+                            fmt=fmt)  # fmt: skip
+    ours = assert_same_logits(folder, hf)
+    q = ours.model.model.layers[0].self_attn.q_proj
+    assert (q.spec.bits, q.spec.sym, q.spec.v2) == (bits, sym, fmt == "gptq_v2")
+
+
+def test_old_checkpoints_without_g_idx_and_per_module_settings(tmp_path):
+    # no g_idx (pre-act-order tools); `dynamic` leaves down_proj dense and makes layer 1's
+    # projections 8-bit; the sidecar quantize_config.json agrees with config.json
+    layer1 = {f"model.layers.1.{p}.{n}": 8 for p in ("self_attn", "mlp") for n in LINEARS}
+    folder, hf = gptq_model(
+        tmp_path, bits=4, group=32, desc_act=False, sym=True, fmt="gptq", g_idx=False,
+        dense=("down_proj",), overrides=layer1,
+        extra={"dynamic": {r"-:.*down_proj": {}, r"+:model\.layers\.1\.": {"bits": 8}}},
+    )  # fmt: skip
+    (folder / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32}))
+    ours = assert_same_logits(folder, hf)
+    layers = ours.model.model.layers
+    assert layers[0].mlp.down_proj.__class__.__name__ == "Linear"
+    assert (layers[0].mlp.gate_proj.spec.bits, layers[1].mlp.gate_proj.spec.bits) == (4, 8)
+
+
+def test_the_engine_chats_with_a_gptq_model(tmp_path, demo_path):
+    folder, _ = gptq_model(tmp_path, bits=2, group=32, desc_act=True, sym=False, fmt="gptq_v2",
+                           vocab_size=49152)  # the demo's tokenizer  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(demo_path / name, folder / name)
+    r = run("generate", "--model", folder, "--prompt", "hi", "--max-new-tokens", 3,
+            "--temperature", 0)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "[length] 3 tokens" in r.stderr
+
+
+def _edit(folder, fn, name="config.json"):
+    path = folder / name
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    fn(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c["quantization_config"].update(checkpoint_format="marlin"),
+         "checkpoint_format 'marlin' is not supported (only 'gptq' and 'gptq_v2')"),
+        (lambda c: c["quantization_config"].update(bits=5),
+         "model.layers.0.self_attn.q_proj: 5-bit GPTQ is not supported"),
+        (lambda c: c["quantization_config"].update(pack_dtype="int16"),
+         "pack_dtype 'int16' is not supported"),
+        (lambda c: c["quantization_config"].update(bits=2),  # the weights are 4-bit
+         "tensor 'model.layers.0.self_attn.q_proj.qweight' has shape [8, 64] but config.json "
+         "implies [4, 64]"),
+        (lambda c: c["quantization_config"].update(group_size=64),  # 1 group of K, 2 in the file
+         "'model.layers.0.self_attn.q_proj.qzeros' has shape [2, 8] but config.json implies [1, "
+         "8]"),
+        (lambda c: c["quantization_config"].update(quant_method="awq"),
+         "quant_method 'awq' is not supported (VPTQ and GPTQ are)"),
+        (lambda c: c["quantization_config"].update(dynamic={"+:(": {"bits": 8}}),
+         "dynamic pattern '+:(' is not a regex"),
+    ],
+)  # fmt: skip
+def test_bad_configs_name_the_field(tmp_path, edit, message):
+    folder, _ = gptq_model(tmp_path, bits=4, group=32, desc_act=False, sym=False, fmt="gptq")
+    _edit(folder, edit)
+    with pytest.raises(FormatError, match=re.escape(message)):
+        load_model(folder, "cpu", torch.float32, max_seq_len=16)
+
+
+def test_disagreeing_config_files_and_a_bad_g_idx_are_named(tmp_path):
+    folder, _ = gptq_model(tmp_path, bits=4, group=32, desc_act=True, sym=False, fmt="gptq")
+    (folder / "quantize_config.json").write_text(json.dumps({"bits": 8, "group_size": 32}))
+    with pytest.raises(FormatError, match="disagree on bits \\(4 against 8\\)"):
+        load_model(folder, "cpu", torch.float32, max_seq_len=16)
+    (folder / "quantize_config.json").unlink()
+    state = load_file(str(folder / "model.safetensors"))
+    state["model.layers.1.mlp.up_proj.g_idx"][5] = 9  # K = 64, group 32: groups 0 and 1
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(FormatError, match=r"model.layers.1.mlp.up_proj.g_idx: group numbers 0..9 "
+                       r"outside 0..1"):  # fmt: skip
+        load_model(folder, "cpu", torch.float32, max_seq_len=16)
