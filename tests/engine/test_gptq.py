@@ -255,3 +255,27 @@ def test_disagreeing_config_files_and_a_bad_g_idx_are_named(tmp_path):
     with pytest.raises(FormatError, match=r"model.layers.1.mlp.up_proj.g_idx: group numbers 0..9 "
                        r"outside 0..1"):  # fmt: skip
         load_model(folder, "cpu", torch.float32, max_seq_len=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_kernels")
+@pytest.mark.parametrize(("bits", "sym", "fmt"), [(2, False, "gptq_v2"), (3, True, "gptq")])
+def test_on_the_gpu_logits_match_and_graph_decode_gives_the_eager_tokens(tmp_path, bits, sym, fmt):
+    from engine.decode import GraphDecoder
+    from engine.sampling import SamplingParams
+
+    from .test_runtime import eager_tokens
+
+    folder, hf = gptq_model(tmp_path, bits=bits, group=32, desc_act=True, sym=sym, fmt=fmt)
+    lm = load_model(folder, "cuda", torch.float16, max_seq_len=64)
+    tokens = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits.float()
+        got = lm.model(tokens.cuda()).float().cpu()
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)  # fp16 activations
+        lm.model.lm_head.weight.mul_(40)  # clear-cut greedy choices from random weights
+        p = SamplingParams(temperature=0)
+        eager = eager_tokens(lm.model, tokens.cuda(), p, seed=1, n=20)
+        logits = lm.model(tokens.cuda(), 0, last_only=True)[0]
+        seen = torch.zeros(97, dtype=torch.bool, device="cuda")
+        assert list(GraphDecoder(lm.model).run(logits, 9, seen, p, seed=1, limit=20)) == eager
