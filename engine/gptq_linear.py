@@ -9,6 +9,7 @@ from torch import nn
 
 from .formats import gptq
 from .formats.gptq import GPTQSpec
+from .memory import DEQUANT_WORKSPACE
 
 
 class GPTQLinear(nn.Module):
@@ -37,20 +38,39 @@ class GPTQLinear(nn.Module):
         gptq.check_g_idx(self.g_idx, self.spec, self.name)
         self.zeros = gptq.zero_points(self.qzeros, self.spec, self.name)
 
-    def weight_t(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dense weight as nn.Linear holds it, [N, K]."""
-        w = gptq.dequant(self.qweight, self.zeros, self.scales, self.g_idx, self.spec)
-        return w.T.to(dtype).contiguous()
+    def weight_t(self, dtype: torch.dtype, n0: int = 0, n1: int | None = None) -> torch.Tensor:
+        """Columns n0:n1 of the dense weight as nn.Linear holds it, [n1 - n0, K]."""
+        cols = slice(n0, n1)
+        w = gptq.dequant(
+            self.qweight[:, cols], self.zeros[:, cols], self.scales[:, cols], self.g_idx,
+            self.spec, torch.float32 if dtype == torch.float32 else dtype,
+        )  # fmt: skip
+        return w.T.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = getattr(self, "bias", None)
         bias = None if bias is None else bias.to(x.dtype)
-        if x.is_cuda:  # dequantized per call: the GPU keeps only the packed weights
-            return F.linear(x, self.weight_t(x.dtype), bias)
+        if x.is_cuda:  # the GPU keeps only the packed weights: unpacked per call, in slices
+            return self.linear_in_slices(x, bias, self.columns_per_slice())
         # The CPU dequantizes once, as VQLinear does: the dense weight's memory, not per token.
         if self.dense_cache is None or self.dense_cache.dtype != x.dtype:
             self.dense_cache = self.weight_t(x.dtype)
         return F.linear(x, self.dense_cache, bias)
+
+    def linear_in_slices(self, x: torch.Tensor, bias: torch.Tensor | None, step: int):
+        """x W^T + bias, unpacking ``step`` output columns of W at a time."""
+        if step >= self.out_features:
+            return F.linear(x, self.weight_t(x.dtype), bias)
+        parts = []
+        for n0 in range(0, self.out_features, step):
+            b = None if bias is None else bias[n0 : n0 + step]
+            parts.append(F.linear(x, self.weight_t(x.dtype, n0, n0 + step), b))
+        return torch.cat(parts, -1)
+
+    def columns_per_slice(self) -> int:
+        """Output columns unpacked at once: their temporaries (int32 codes, the weight and its
+        transpose, about 12 bytes a weight) within memory.DEQUANT_WORKSPACE."""
+        return max(1, DEQUANT_WORKSPACE // (12 * self.in_features))
 
     def extra_repr(self) -> str:
         s = self.spec

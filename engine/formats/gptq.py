@@ -276,10 +276,14 @@ def dequant(
     scales: torch.Tensor,
     g_idx: torch.Tensor,
     spec: GPTQSpec,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """W [K, N] in float32: scales[g_idx] * (q - zeros[g_idx])."""
+    """W [K, N] in ``dtype``: scales[g_idx] * (q - zeros[g_idx]), rounded once (q - z is a
+    small whole number, so the product in ``dtype`` is the float64 one rounded). Columns are
+    independent: slices of qweight, zeros and scales give those columns of W."""
     q = unpack_rows(qweight, spec.bits)
-    return scales.float()[g_idx] * (q - zeros[g_idx]).float()
+    q -= zeros[g_idx]
+    return scales.to(dtype)[g_idx] * q.to(dtype)
 
 
 def describe(spec: GPTQSpec) -> str:

@@ -279,3 +279,15 @@ def test_on_the_gpu_logits_match_and_graph_decode_gives_the_eager_tokens(tmp_pat
         logits = lm.model(tokens.cuda(), 0, last_only=True)[0]
         seen = torch.zeros(97, dtype=torch.bool, device="cuda")
         assert list(GraphDecoder(lm.model).run(logits, 9, seen, p, seed=1, limit=20)) == eager
+
+
+def test_unpacking_in_column_slices_gives_the_whole_layer(tmp_path):
+    # the GPU path unpacks a layer a few output columns at a time (memory.DEQUANT_WORKSPACE)
+    folder, _ = gptq_model(tmp_path, "qwen2", bits=3, group=32, desc_act=True, sym=False,
+                           fmt="gptq")  # fmt: skip
+    q = load_model(folder, "cpu", torch.float32, max_seq_len=16).model.model.layers[0]
+    q = q.self_attn.q_proj  # with a bias
+    x = torch.randn(3, q.in_features, dtype=torch.float64).float()
+    whole = q(x)
+    for step in (1, 7, 64, 1000):
+        torch.testing.assert_close(q.linear_in_slices(x, q.bias, step), whole)
