@@ -288,7 +288,7 @@ def device_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "kernels": kernels,
         "kernels_reason": why,
-        "capabilities": ["vptq", "dense", "cancel", "stats", "prefix_cache"],
+        "capabilities": ["vptq", "gptq", "dense", "cancel", "stats", "prefix_cache"],
     }
 
 

@@ -291,3 +291,12 @@ def test_unpacking_in_column_slices_gives_the_whole_layer(tmp_path):
     whole = q(x)
     for step in (1, 7, 64, 1000):
         torch.testing.assert_close(q.linear_in_slices(x, q.bias, step), whole)
+
+
+def test_settings_only_in_quantize_config_json(tmp_path):
+    # AutoGPTQ-era folders: config.json without quantization_config, the settings beside it
+    folder, hf = gptq_model(tmp_path, bits=8, group=32, desc_act=True, sym=False, fmt="gptq")
+    settings = {}
+    _edit(folder, lambda c: settings.update(c.pop("quantization_config")))
+    (folder / "quantize_config.json").write_text(json.dumps(settings))
+    assert_same_logits(folder, hf)
