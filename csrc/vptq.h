@@ -162,6 +162,27 @@ cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V
                                float temperature, double top_p, float min_p, int64_t* token,
                                bool* seen, int64_t* pos, DType dtype, cudaStream_t stream);
 
+// A GPTQ layer at a few tokens (vptq_gptq.cu): out[t, n] = sum_k x[t, k] * scales[g, n] *
+// (q[k, n] - zeros[g, n]) + bias[n], g = g_idx[k]; q packed in qweight [K * bits / 32, N]
+// (engine/formats/gptq.py), zeros the true zero points [groups, N], x [tokens, K] and out
+// [tokens, N] contiguous; bias may be null. K % 32 == 0; bits 2, 3, 4 or 8. part: fp32
+// workspace of gptq_splits(N, K, num_sms) * tokens * N values.
+struct GptqArgs {
+  const void* x;
+  const int32_t* qweight;
+  const int32_t* zeros;
+  const void* scales;
+  const int32_t* g_idx;
+  const void* bias;
+  void* out;
+  float* part;
+  int64_t N, K, tokens;
+  int bits;
+  DType dtype;
+};
+int gptq_splits(int64_t N, int64_t K, int num_sms);
+cudaError_t launch_gptq_gemv(const GptqArgs& a, int num_sms, cudaStream_t stream);
+
 // out = silu(g) * u elementwise, n values.
 cudaError_t launch_silu_mul(const void* g, Parts gp, const void* u, Parts up, void* out,
                             int64_t n, DType dtype, cudaStream_t stream);

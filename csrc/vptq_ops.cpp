@@ -463,6 +463,50 @@ at::Tensor silu_mul_cuda(const at::Tensor& gate, const at::Tensor& up,
   return out;
 }
 
+at::Tensor gptq_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros,
+                          const at::Tensor& scales, const at::Tensor& g_idx, const OptTensor& bias,
+                          int64_t bits) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const vptq::DType dt = dtype_of(x);
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
+              msg("gptq_gemv: bits ", bits, " is not 2, 3, 4 or 8"));
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "gptq_gemv: x must be a contiguous [T, K]");
+  const int64_t T = x.size(0), K = x.size(1), N = qweight.size(-1);
+  TORCH_CHECK(K % 32 == 0, msg("gptq_gemv: K = ", K, " is not a multiple of 32"));
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.dim() == 2 &&
+                  qweight.size(0) == K * bits / 32,
+              msg("gptq_gemv: qweight must be a contiguous int32 [", K * bits / 32, ", N]"));
+  TORCH_CHECK(scales.scalar_type() == x.scalar_type() && scales.is_contiguous() &&
+                  scales.dim() == 2 && scales.size(1) == N,
+              msg("gptq_gemv: scales must be a contiguous ", x.scalar_type(), " [G, ", N, "]"));
+  TORCH_CHECK(zeros.scalar_type() == at::kInt && zeros.is_contiguous() &&
+                  zeros.sizes() == scales.sizes(),
+              "gptq_gemv: zeros must be a contiguous int32 of the scales' shape");
+  TORCH_CHECK(g_idx.scalar_type() == at::kInt && g_idx.is_contiguous() && g_idx.numel() == K,
+              msg("gptq_gemv: g_idx must be a contiguous int32 [", K, "]"));
+  check_float(bias, x, "bias");
+  TORCH_CHECK(!bias.has_value() || bias->numel() == N, "gptq_gemv: bias must have N values");
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  at::Tensor part = at::empty({vptq::gptq_splits(N, K, sms), T, N}, x.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({T, N}, x.options());
+  if (T == 0) return out;
+  vptq::GptqArgs a{x.data_ptr(),
+                   qweight.data_ptr<int32_t>(),
+                   zeros.data_ptr<int32_t>(),
+                   scales.data_ptr(),
+                   g_idx.data_ptr<int32_t>(),
+                   ptr(bias),
+                   out.data_ptr(),
+                   part.data_ptr<float>(),
+                   N,
+                   K,
+                   T,
+                   static_cast<int>(bits),
+                   dt};
+  check_launch(vptq::launch_gptq_gemv(a, sms, at::cuda::getCurrentCUDAStream()), "gptq_gemv");
+  return out;
+}
+
 // A contiguous tensor of `type` on the device of the logits (the state a pick updates).
 void check_beside(const at::Tensor& t, const at::Tensor& logits, at::ScalarType type,
                   const char* op, const char* name) {
@@ -588,6 +632,9 @@ TORCH_LIBRARY(vptq, m) {
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window, "
       "float scale) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up, ScalarType? dtype=None) -> Tensor");
+  m.def(
+      "gptq_gemv(Tensor x, Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, "
+      "Tensor? bias, int bits) -> Tensor");
   m.def("embed_rows(Tensor table, Tensor ids) -> Tensor");
   m.def(
       "greedy_pick(Tensor logits, Tensor(a!) token, Tensor(b!) seen, Tensor(c!) pos, "
@@ -606,6 +653,7 @@ TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
   m.impl("rope_kv", &rope_kv_cuda);
   m.impl("decode_attention", &decode_attention_cuda);
   m.impl("silu_mul", &silu_mul_cuda);
+  m.impl("gptq_gemv", &gptq_gemv_cuda);
   m.impl("embed_rows", &embed_rows_cuda);
   m.impl("greedy_pick", &greedy_pick_cuda);
   m.impl("sample_pick", &sample_pick_cuda);

@@ -7,9 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .formats import gptq
 from .formats.gptq import GPTQSpec
 from .memory import DEQUANT_WORKSPACE
+
+# The GPTQ GEMV kernel up to this many tokens (one launch's token tile); above, slices unpacked
+# by PyTorch, then cuBLAS. Not tuned by measurement yet (csrc/KERNELS.md, session 24).
+GEMV_MAX_TOKENS = 8
 
 
 class GPTQLinear(nn.Module):
@@ -25,6 +30,7 @@ class GPTQLinear(nn.Module):
             self.register_buffer(attr, torch.empty(shape, dtype=kinds.get(kind, dtype)))
         self.register_buffer("zeros", None, persistent=False)  # true zero points, int32 [G, N]
         self.register_buffer("dense_cache", None, persistent=False)  # CPU path: W^T [N, K]
+        self.register_buffer("g_idx32", None, persistent=False)  # g_idx for the kernel
 
     in_features = property(lambda self: self.spec.in_features)
     out_features = property(lambda self: self.spec.out_features)
@@ -37,6 +43,7 @@ class GPTQLinear(nn.Module):
         """Once after loading: the zero points in v2 terms, and g_idx checked."""
         gptq.check_g_idx(self.g_idx, self.spec, self.name)
         self.zeros = gptq.zero_points(self.qzeros, self.spec, self.name)
+        self.g_idx32 = self.g_idx.to(torch.int32)
 
     def weight_t(self, dtype: torch.dtype, n0: int = 0, n1: int | None = None) -> torch.Tensor:
         """Columns n0:n1 of the dense weight as nn.Linear holds it, [n1 - n0, K]."""
@@ -50,12 +57,27 @@ class GPTQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = getattr(self, "bias", None)
         bias = None if bias is None else bias.to(x.dtype)
-        if x.is_cuda:  # the GPU keeps only the packed weights: unpacked per call, in slices
-            return self.linear_in_slices(x, bias, self.columns_per_slice())
+        if x.is_cuda:  # the GPU keeps only the packed weights
+            tokens = x.numel() // self.in_features
+            if tokens <= GEMV_MAX_TOKENS and self.kernel_ok(x):  # csrc/vptq_gptq.cu
+                y = torch.ops.vptq.gptq_gemv(
+                    x.reshape(tokens, self.in_features).contiguous(), self.qweight, self.zeros,
+                    self.scales, self.g_idx32, bias, self.spec.bits,
+                )  # fmt: skip
+                return y.view(*x.shape[:-1], self.out_features)
+            return self.linear_in_slices(x, bias, self.columns_per_slice())  # then cuBLAS
         # The CPU dequantizes once, as VQLinear does: the dense weight's memory, not per token.
         if self.dense_cache is None or self.dense_cache.dtype != x.dtype:
             self.dense_cache = self.weight_t(x.dtype)
         return F.linear(x, self.dense_cache, bias)
+
+    def kernel_ok(self, x: torch.Tensor) -> bool:
+        return (
+            ops.kernels_ready()
+            and x.dtype in (torch.float16, torch.bfloat16)
+            and self.scales.dtype == x.dtype
+            and self.in_features % 32 == 0
+        )
 
     def linear_in_slices(self, x: torch.Tensor, bias: torch.Tensor | None, step: int):
         """x W^T + bias, unpacking ``step`` output columns of W at a time."""

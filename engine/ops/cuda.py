@@ -32,6 +32,7 @@ SOURCES = (
     "vptq_ops.cpp",
     "vptq_kernels.cu",
     "vptq_decode.cu",
+    "vptq_gptq.cu",
     "vptq_sliced.cu",
     "vptq_sliced_1.cu",
     "vptq_sliced_2.cu",
@@ -187,6 +188,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("vptq::sample_pick")
     def _(logits, noise, token, seen, pos, temperature, top_p, min_p):
         return None
+
+    @torch.library.register_fake("vptq::gptq_gemv")
+    def _(x, qweight, zeros, scales, g_idx, bias, bits):
+        return x.new_empty((x.shape[0], qweight.shape[1]))
 
     @torch.library.register_fake("vptq::embed_rows")
     def _(table, ids):

@@ -300,3 +300,33 @@ def test_settings_only_in_quantize_config_json(tmp_path):
     _edit(folder, lambda c: settings.update(c.pop("quantization_config")))
     (folder / "quantize_config.json").write_text(json.dumps(settings))
     assert_same_logits(folder, hf)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_gemv_kernel_against_float64(bits, dtype):
+    # act-order g_idx, a short last group, N not a multiple of the block's 128 columns, K over
+    # one split's 1024 rows; 1-13 tokens (tiles of 8, 4, 2, 1)
+    g = torch.Generator().manual_seed(bits)
+    K, N, G = 2112, 200, 128
+    ng = -(-K // G)
+    g_idx = torch.empty(K, dtype=torch.int64)
+    g_idx[torch.randperm(K, generator=g)] = torch.arange(K) // G
+    q = torch.randint(0, 2**bits, (K, N), generator=g)
+    z = torch.randint(0, 2**bits, (ng, N), generator=g)
+    scales = (torch.rand(ng, N, generator=g) * 0.02 + 1e-3).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype)
+    w = scales.double()[g_idx] * (q - z[g_idx]).double()
+    args = [gptq.pack_rows(q, bits), z.to(torch.int32), scales, g_idx.to(torch.int32)]
+    args = [t.cuda() for t in args]
+    for tokens in (1, 3, 8, 13):
+        x = torch.randn(tokens, K, generator=g).to(dtype)
+        want = x.double() @ w + bias.double()
+        got = torch.ops.vptq.gptq_gemv(x.cuda(), *args, bias.cuda(), bits).cpu().double()
+        err = (got - want).abs().max() / want.abs().max()
+        assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (tokens, float(err))
+        unbiased = torch.ops.vptq.gptq_gemv(x.cuda(), *args, None, bits).cpu().double()
+        torch.testing.assert_close(unbiased + bias.double(), got, atol=0.05, rtol=0.02)
+    torch.library.opcheck(torch.ops.vptq.gptq_gemv, (x.cuda(), *args, bias.cuda(), bits))

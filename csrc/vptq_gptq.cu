@@ -1,0 +1,158 @@
+// GPTQ layers (engine/formats/gptq.py) at a few tokens: y[t, n] = sum_k x[t, k] * s[g_k, n] *
+// (q[k, n] - z[g_k, n]) + bias[n], g_k = g_idx[k], without writing the dense weight.
+//
+// A thread owns one output column and a run of rows (a split of K); consecutive threads take
+// consecutive columns, so each packed word row (qweight is [K * bits / 32, N]) is read as one
+// coalesced line per warp. 32 rows are `bits` words: code i sits at bit bits * i of them as
+// one little-endian string (3-bit codes 10 and 21 cross a word), which covers every width
+// alike. The block stages its rows of x (fp32) and of g_idx in shared memory; the scale and
+// zero point are reloaded only where the group changes (act-order makes that any row). fp32
+// sums; each split writes its partial sums, and a second kernel adds the splits in order with
+// the bias (deterministic, graph-capturable: the workspace comes from the caller).
+#include <algorithm>
+#include <cstdint>
+
+#include "vptq.h"
+#include "vptq_device.cuh"
+
+namespace vptq {
+namespace {
+
+constexpr int kGptqThreads = 128;   // output columns a block
+constexpr int kGptqMaxRows = 1024;  // rows a split: x (8 tokens) and g_idx in 36 KB of smem
+
+template <typename S, int BITS, int NT>
+__global__ void __launch_bounds__(kGptqThreads)
+    gptq_gemv_kernel(const S* __restrict__ x, const int32_t* __restrict__ qweight,
+                     const int32_t* __restrict__ zeros, const S* __restrict__ scales,
+                     const int32_t* __restrict__ g_idx, float* __restrict__ part, int64_t N,
+                     int64_t K, int rows_per_split, int64_t t0, int64_t tokens) {
+  extern __shared__ float smem[];
+  float* xs = smem;                                             // [NT][rows_per_split]
+  int* gs = reinterpret_cast<int*>(smem + NT * rows_per_split);  // [rows_per_split]
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int rows = static_cast<int>(K - k0 < rows_per_split ? K - k0 : rows_per_split);
+  for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+    gs[i] = g_idx[k0 + i];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) xs[t * rows_per_split + i] = to_f(x[t * K + k0 + i]);
+  }
+  __syncthreads();
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGptqThreads + threadIdx.x;
+  if (n >= N) return;
+  constexpr uint32_t kMask = (1u << BITS) - 1;
+  float acc[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t] = 0.f;
+  int group = -1;
+  float s = 0.f, z = 0.f;
+  for (int u = 0; u < rows; u += 32) {  // rows is a multiple of 32 (K % 32 == 0)
+    const int64_t word_row = (k0 + u) / 32 * BITS;
+    uint32_t w[BITS];
+#pragma unroll
+    for (int j = 0; j < BITS; ++j) w[j] = static_cast<uint32_t>(qweight[(word_row + j) * N + n]);
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int bit = BITS * i, word = bit >> 5, off = bit & 31;
+      uint32_t c = w[word] >> off;
+      if (off + BITS > 32) c |= w[word + 1] << (32 - off);
+      c &= kMask;
+      const int g = gs[u + i];
+      if (g != group) {  // the same for every thread of the block: no divergence
+        group = g;
+        s = to_f(scales[static_cast<int64_t>(g) * N + n]);
+        z = static_cast<float>(zeros[static_cast<int64_t>(g) * N + n]);
+      }
+      const float wv = s * (static_cast<float>(c) - z);
+#pragma unroll
+      for (int t = 0; t < NT; ++t) acc[t] = fmaf(xs[t * rows_per_split + u + i], wv, acc[t]);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t) part[(blockIdx.y * tokens + t0 + t) * N + n] = acc[t];
+}
+
+template <typename S>
+__global__ void gptq_sum_kernel(const float* __restrict__ part, const S* __restrict__ bias,
+                                S* __restrict__ out, int64_t N, int64_t tokens, int splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= tokens * N) return;
+  float v = 0.f;
+  for (int s = 0; s < splits; ++s) v += part[s * tokens * N + i];
+  if (bias != nullptr) v += to_f(bias[i % N]);
+  out[i] = from_f<S>(v);
+}
+
+template <typename S, int BITS, int NT>
+cudaError_t launch_tile(const GptqArgs& a, int64_t t0, int splits, int rows, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(NT + 1) * rows * sizeof(float);
+  const dim3 grid(static_cast<unsigned>((a.N + kGptqThreads - 1) / kGptqThreads),
+                  static_cast<unsigned>(splits));
+  gptq_gemv_kernel<S, BITS, NT><<<grid, kGptqThreads, smem, stream>>>(
+      static_cast<const S*>(a.x) + t0 * a.K, a.qweight, a.zeros,
+      static_cast<const S*>(a.scales), a.g_idx, a.part, a.N, a.K, rows, t0, a.tokens);
+  return cudaGetLastError();
+}
+
+template <typename S, int BITS>
+cudaError_t launch_bits(const GptqArgs& a, int splits, int rows, cudaStream_t stream) {
+  for (int64_t t0 = 0; t0 < a.tokens;) {
+    const int64_t left = a.tokens - t0;
+    cudaError_t err;
+    int nt;
+    if (left >= 8) {
+      err = launch_tile<S, BITS, 8>(a, t0, splits, rows, stream), nt = 8;
+    } else if (left >= 4) {
+      err = launch_tile<S, BITS, 4>(a, t0, splits, rows, stream), nt = 4;
+    } else if (left >= 2) {
+      err = launch_tile<S, BITS, 2>(a, t0, splits, rows, stream), nt = 2;
+    } else {
+      err = launch_tile<S, BITS, 1>(a, t0, splits, rows, stream), nt = 1;
+    }
+    if (err != cudaSuccess) return err;
+    t0 += nt;
+  }
+  const int64_t n = a.tokens * a.N;
+  const int threads = 256;
+  gptq_sum_kernel<S><<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0, stream>>>(
+      a.part, static_cast<const S*>(a.bias), static_cast<S*>(a.out), a.N, a.tokens, splits);
+  return cudaGetLastError();
+}
+
+template <typename S>
+cudaError_t launch_dtype(const GptqArgs& a, int splits, int rows, cudaStream_t stream) {
+  switch (a.bits) {
+    case 2: return launch_bits<S, 2>(a, splits, rows, stream);
+    case 3: return launch_bits<S, 3>(a, splits, rows, stream);
+    case 4: return launch_bits<S, 4>(a, splits, rows, stream);
+    case 8: return launch_bits<S, 8>(a, splits, rows, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// Rows a split: about two blocks an SM over the column blocks, whole runs of 32, at most
+// kGptqMaxRows.
+int gptq_rows(int64_t N, int64_t K, int num_sms) {
+  const int64_t col_blocks = (N + kGptqThreads - 1) / kGptqThreads;
+  const int64_t want = std::max<int64_t>(1, (2 * num_sms + col_blocks - 1) / col_blocks);
+  int64_t rows = (K + want - 1) / want;
+  rows = std::min<int64_t>((rows + 31) / 32 * 32, kGptqMaxRows);
+  return static_cast<int>(std::max<int64_t>(rows, 32));
+}
+
+}  // namespace
+
+int gptq_splits(int64_t N, int64_t K, int num_sms) {
+  const int rows = gptq_rows(N, K, num_sms);
+  return static_cast<int>((K + rows - 1) / rows);
+}
+
+cudaError_t launch_gptq_gemv(const GptqArgs& a, int num_sms, cudaStream_t stream) {
+  if (a.K % 32 != 0 || a.tokens < 1) return cudaErrorInvalidValue;
+  const int rows = gptq_rows(a.N, a.K, num_sms);
+  const int splits = static_cast<int>((a.K + rows - 1) / rows);
+  if (a.dtype == DType::kHalf) return launch_dtype<__half>(a, splits, rows, stream);
+  return launch_dtype<__nv_bfloat16>(a, splits, rows, stream);
+}
+
+}  // namespace vptq
