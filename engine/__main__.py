@@ -110,6 +110,12 @@ def parser() -> argparse.ArgumentParser:
         "--tokens", type=int, action="append", help="token counts (default: 1 4 8 16 512)"
     )
     bk.add_argument("--out", type=Path, help="also write every measurement as JSON here")
+    bg = bsub.add_parser("gptq", help="the GPTQ kernel vs cuBLAS fp16 on Llama-3.1 layer shapes")
+    bg.add_argument("--arch", action="append", help="llama-3.1-8b, llama-3.1-70b (default 8b)")
+    bg.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
+    bg.add_argument("--group", type=int, default=128, help="group size, or -1 (one group)")
+    bg.add_argument("--act-order", action="store_true", help="a shuffled g_idx")
+    bg.add_argument("--tokens", type=int, action="append", help="token counts (default: 1 4 8)")
     be = bsub.add_parser("e2e", help="a whole random model on the GPU: prefill, graph decode")
     be.add_argument("--arch", default="llama-3.1-8b", help="llama-3.1-8b|llama-3.1-70b|...")
     be.add_argument("--scheme", default="v8-k65536-0")
@@ -299,6 +305,20 @@ def cmd_bench(a: argparse.Namespace) -> None:
             if value not in known:
                 raise ValueError(f"unknown --{name} {value!r}; choose from {', '.join(known)}")
         bench_e2e.run_e2e(a.arch, a.scheme, a.context, a.tokens, a.vram_limit, a.breakdown)
+        return
+
+    if a.bench == "gptq":
+        from . import bench_gptq
+
+        archs = a.arch or ["llama-3.1-8b"]
+        for value in archs:
+            if value not in bench.ARCHS:
+                raise ValueError(f"unknown --arch {value!r}; choose from {', '.join(bench.ARCHS)}")
+        if a.group != -1 and a.group < 1:
+            raise ValueError(f"--group {a.group}: give a positive group size or -1")
+        if any(not 1 <= t <= 8 for t in a.tokens or ()):
+            raise ValueError("--tokens: the GPTQ kernel takes 1 to 8 tokens")
+        bench_gptq.run_gptq(archs, a.bits, a.group, a.act_order, tuple(a.tokens or (1, 4, 8)))
         return
 
     archs = a.arch or list(bench.ARCHS)
