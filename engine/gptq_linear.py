@@ -43,6 +43,7 @@ class GPTQLinear(nn.Module):
         """Once after loading: the zero points in v2 terms, and g_idx checked."""
         gptq.check_g_idx(self.g_idx, self.spec, self.name)
         self.zeros = gptq.zero_points(self.qzeros, self.spec, self.name)
+        self.qzeros = None  # read into zeros: not kept twice
         self.g_idx32 = self.g_idx.to(torch.int32)
 
     def weight_t(self, dtype: torch.dtype, n0: int = 0, n1: int | None = None) -> torch.Tensor:
