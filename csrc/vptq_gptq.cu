@@ -1,9 +1,9 @@
 // GPTQ layers (engine/formats/gptq.py) at a few tokens: y[t, n] = sum_k x[t, k] * s[g_k, n] *
 // (q[k, n] - z[g_k, n]) + bias[n], g_k = g_idx[k], without writing the dense weight.
 //
-// A thread owns one output column and a run of rows (a split of K); consecutive threads take
-// consecutive columns, so each packed word row (qweight is [K * bits / 32, N]) is read as one
-// coalesced line per warp. 32 rows are `bits` words: code i sits at bit bits * i of them as
+// A thread owns four adjacent output columns (one where N % 4 != 0) and a run of rows (a split
+// of K); consecutive threads take consecutive columns, so each packed word row (qweight is
+// [K * bits / 32, N]) is read in 16-byte loads, coalesced across the warp. 32 rows are `bits` words: code i sits at bit bits * i of them as
 // one little-endian string (3-bit codes 10 and 21 cross a word), which covers every width
 // alike. The block stages its rows of x (fp32) and of g_idx in shared memory; the scale and
 // zero point are reloaded only where the group changes (act-order makes that any row). fp32
@@ -25,7 +25,7 @@ constexpr int kGptqMaxRows = 1024;  // rows a split: x (8 tokens) and g_idx in 3
 // 32 -> 240 (fp16 137); 16 keeps the partial sums to a fraction of the weights' bytes.
 constexpr int kGptqBlocksPerSm = 16;
 
-template <typename S, int BITS, int NT>
+template <typename S, int BITS, int NT, int COLS>
 __global__ void __launch_bounds__(kGptqThreads)
     gptq_gemv_kernel(const S* __restrict__ x, const int32_t* __restrict__ qweight,
                      const int32_t* __restrict__ zeros, const S* __restrict__ scales,
@@ -42,38 +42,62 @@ __global__ void __launch_bounds__(kGptqThreads)
     for (int t = 0; t < NT; ++t) xs[t * rows_per_split + i] = to_f(x[t * K + k0 + i]);
   }
   __syncthreads();
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGptqThreads + threadIdx.x;
+  // COLS adjacent columns a thread (4: one 16-byte load a word row, N % 4 == 0)
+  const int64_t n = (static_cast<int64_t>(blockIdx.x) * kGptqThreads + threadIdx.x) * COLS;
   if (n >= N) return;
   constexpr uint32_t kMask = (1u << BITS) - 1;
-  float acc[NT];
+  float acc[NT][COLS];
 #pragma unroll
-  for (int t = 0; t < NT; ++t) acc[t] = 0.f;
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int c = 0; c < COLS; ++c) acc[t][c] = 0.f;
   int group = -1;
-  float s = 0.f, z = 0.f;
+  float s[COLS], z[COLS];
   for (int u = 0; u < rows; u += 32) {  // rows is a multiple of 32 (K % 32 == 0)
     const int64_t word_row = (k0 + u) / 32 * BITS;
-    uint32_t w[BITS];
+    uint32_t w[BITS][COLS];
 #pragma unroll
-    for (int j = 0; j < BITS; ++j) w[j] = static_cast<uint32_t>(qweight[(word_row + j) * N + n]);
+    for (int j = 0; j < BITS; ++j) {
+      const int32_t* src = qweight + (word_row + j) * N + n;
+      if constexpr (COLS == 4) {
+        const int4 v = *reinterpret_cast<const int4*>(src);
+        w[j][0] = v.x, w[j][1] = v.y, w[j][2] = v.z, w[j][3] = v.w;
+      } else {
+#pragma unroll
+        for (int c = 0; c < COLS; ++c) w[j][c] = static_cast<uint32_t>(src[c]);
+      }
+    }
 #pragma unroll
     for (int i = 0; i < 32; ++i) {
       const int bit = BITS * i, word = bit >> 5, off = bit & 31;
-      uint32_t c = w[word] >> off;
-      if (off + BITS > 32) c |= w[word + 1] << (32 - off);
-      c &= kMask;
       const int g = gs[u + i];
       if (g != group) {  // the same for every thread of the block: no divergence
         group = g;
-        s = to_f(scales[static_cast<int64_t>(g) * N + n]);
-        z = static_cast<float>(zeros[static_cast<int64_t>(g) * N + n]);
-      }
-      const float wv = s * (static_cast<float>(c) - z);
 #pragma unroll
-      for (int t = 0; t < NT; ++t) acc[t] = fmaf(xs[t * rows_per_split + u + i], wv, acc[t]);
+        for (int c = 0; c < COLS; ++c) {
+          s[c] = to_f(scales[static_cast<int64_t>(g) * N + n + c]);
+          z[c] = static_cast<float>(zeros[static_cast<int64_t>(g) * N + n + c]);
+        }
+      }
+      float wv[COLS];
+#pragma unroll
+      for (int c = 0; c < COLS; ++c) {
+        uint32_t code = w[word][c] >> off;
+        if (off + BITS > 32) code |= w[word + 1][c] << (32 - off);
+        wv[c] = s[c] * (static_cast<float>(code & kMask) - z[c]);
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const float xv = xs[t * rows_per_split + u + i];
+#pragma unroll
+        for (int c = 0; c < COLS; ++c) acc[t][c] = fmaf(xv, wv[c], acc[t][c]);
+      }
     }
   }
 #pragma unroll
-  for (int t = 0; t < NT; ++t) part[(blockIdx.y * tokens + t0 + t) * N + n] = acc[t];
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int c = 0; c < COLS; ++c) part[(blockIdx.y * tokens + t0 + t) * N + n + c] = acc[t][c];
 }
 
 template <typename S>
@@ -87,15 +111,25 @@ __global__ void gptq_sum_kernel(const float* __restrict__ part, const S* __restr
   out[i] = from_f<S>(v);
 }
 
-template <typename S, int BITS, int NT>
-cudaError_t launch_tile(const GptqArgs& a, int64_t t0, int splits, int rows, cudaStream_t stream) {
+// Columns a thread: 4 (16-byte loads) where N allows.
+int gptq_cols(int64_t N) { return N % 4 == 0 ? 4 : 1; }
+
+template <typename S, int BITS, int NT, int COLS>
+cudaError_t launch_cols(const GptqArgs& a, int64_t t0, int splits, int rows, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(NT + 1) * rows * sizeof(float);
-  const dim3 grid(static_cast<unsigned>((a.N + kGptqThreads - 1) / kGptqThreads),
+  const int64_t per_block = static_cast<int64_t>(kGptqThreads) * COLS;
+  const dim3 grid(static_cast<unsigned>((a.N + per_block - 1) / per_block),
                   static_cast<unsigned>(splits));
-  gptq_gemv_kernel<S, BITS, NT><<<grid, kGptqThreads, smem, stream>>>(
+  gptq_gemv_kernel<S, BITS, NT, COLS><<<grid, kGptqThreads, smem, stream>>>(
       static_cast<const S*>(a.x) + t0 * a.K, a.qweight, a.zeros,
       static_cast<const S*>(a.scales), a.g_idx, a.part, a.N, a.K, rows, t0, a.tokens);
   return cudaGetLastError();
+}
+
+template <typename S, int BITS, int NT>
+cudaError_t launch_tile(const GptqArgs& a, int64_t t0, int splits, int rows, cudaStream_t stream) {
+  if (gptq_cols(a.N) == 4) return launch_cols<S, BITS, NT, 4>(a, t0, splits, rows, stream);
+  return launch_cols<S, BITS, NT, 1>(a, t0, splits, rows, stream);
 }
 
 template <typename S, int BITS>
@@ -137,7 +171,8 @@ cudaError_t launch_dtype(const GptqArgs& a, int splits, int rows, cudaStream_t s
 // Rows a split: about kGptqBlocksPerSm blocks an SM over the column blocks, whole runs of 32,
 // at most kGptqMaxRows.
 int gptq_rows(int64_t N, int64_t K, int num_sms) {
-  const int64_t col_blocks = (N + kGptqThreads - 1) / kGptqThreads;
+  const int64_t per_block = static_cast<int64_t>(kGptqThreads) * gptq_cols(N);
+  const int64_t col_blocks = (N + per_block - 1) / per_block;
   const int64_t want =
       std::max<int64_t>(1, (kGptqBlocksPerSm * num_sms + col_blocks - 1) / col_blocks);
   int64_t rows = (K + want - 1) / want;

@@ -306,11 +306,12 @@ def test_settings_only_in_quantize_config_json(tmp_path):
 @pytest.mark.usefixtures("cuda_kernels")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_the_gemv_kernel_against_float64(bits, dtype):
-    # act-order g_idx, a short last group, N not a multiple of the block's 128 columns, K over
-    # one split's 1024 rows; 1-13 tokens (tiles of 8, 4, 2, 1)
+@pytest.mark.parametrize("N", [200, 198])  # 4 columns a thread, and 1 (N % 4 != 0)
+def test_the_gemv_kernel_against_float64(bits, dtype, N):
+    # act-order g_idx, a short last group, N not a multiple of a block's columns, K over one
+    # split's 1024 rows; 1-13 tokens (tiles of 8, 4, 2, 1)
     g = torch.Generator().manual_seed(bits)
-    K, N, G = 2112, 200, 128
+    K, G = 2112, 128
     ng = -(-K // G)
     g_idx = torch.empty(K, dtype=torch.int64)
     g_idx[torch.randperm(K, generator=g)] = torch.arange(K) // G
