@@ -59,10 +59,6 @@ class GPTQSpec:
             shapes["bias"] = ((N,), "float")
         return shapes
 
-    @property
-    def bits_per_weight(self) -> float:
-        return self.bits + (16 + self.bits) / self.group_size
-
 
 def _unit(bits: int) -> int:
     """Codes packed together: 32 for 3 bits (three words), else the codes of one word."""
