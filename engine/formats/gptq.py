@@ -27,6 +27,16 @@ BITS = (2, 3, 4, 8)
 FORMATS = {"gptq": "v1", "gptq_v2": "v2"}
 # Keys whose disagreement between config.json and quantize_config.json is an error.
 DECISIVE = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")
+# What GPTQModel before 7.0.0 subtracted from each qzeros word to write v2 zero points as v1
+# (gptq-format.md §3.3 case 2, §5.4): one field's "1" a field, except at 3 bits, where the
+# constants of words 0 and 2 are swapped (so 3-bit files need exactly these back).
+V1_WORD_CONSTANTS = {
+    2: (0x55555555,),
+    3: (0x24924924, 0x92492492, 0x49249249),
+    4: (0x11111111,),
+    8: (0x01010101,),
+}
+FIXED_WRITER = (7, 0, 0)  # GPTQModel converts zero points field by field from this version
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,9 @@ class GPTQSpec:
     sym: bool
     v2: bool  # zero points stored as they are (gptq_v2), not minus one (gptq)
     bias: bool = False
+    # v1 zero points written as whole words minus a constant (GPTQModel before 7.0.0), so a
+    # field of z = 0 borrowed from the next one: read back by adding the words' constants
+    word_zeros: bool = False
 
     @property
     def groups(self) -> int:
@@ -124,6 +137,7 @@ class GPTQConfig:
     dynamic: dict[str, dict[str, Any]]
     in_block: frozenset[str] | None  # modules_in_block_to_quantize, or None: all of them
     where: str
+    word_zeros: bool = False  # see GPTQSpec.word_zeros
 
     def spec(self, name: str, K: int, N: int, bias: bool) -> GPTQSpec | None:
         """The layer ``name``'s spec, or None where it is left dense."""
@@ -153,7 +167,8 @@ class GPTQConfig:
                 raise FormatError(
                     f"{where}: {what} {n} is not a multiple of {unit}, as {bits}-bit packing needs"
                 )
-        return GPTQSpec(K, N, bits, K if group == -1 else group, bool(sym), self.v2, bias)
+        group = K if group == -1 else group
+        return GPTQSpec(K, N, bits, group, bool(sym), self.v2, bias, self.word_zeros)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -216,6 +231,15 @@ def read_config(cfg: dict[str, Any], folder: Path) -> GPTQConfig | None:
     if in_block:
         flat = [n for group in in_block for n in (group if isinstance(group, list) else [group])]
         names = frozenset(str(n) for n in flat)
+    writer = gptqmodel_version(src)
+    word_zeros = FORMATS[fmt] == "v1" and writer is not None and writer < FIXED_WRITER
+    if word_zeros:
+        log.info(
+            "%s: written by GPTQModel %s (before 7.0.0); its v1 zero points are read back "
+            "word by word, as it wrote them",
+            where,
+            ".".join(map(str, writer)),  # type: ignore[arg-type]
+        )
     return GPTQConfig(
         bits=src["bits"],
         group_size=src["group_size"],
@@ -225,7 +249,22 @@ def read_config(cfg: dict[str, Any], folder: Path) -> GPTQConfig | None:
         dynamic=dynamic,
         in_block=names,
         where=where,
+        word_zeros=word_zeros,
     )
+
+
+def gptqmodel_version(src: dict[str, Any]) -> tuple[int, ...] | None:
+    """The GPTQModel version that wrote the file (``meta.quantizer``, a string or a list such as
+    ["gptqmodel:4.1.0"]), or None when another tool wrote it or the field says nothing."""
+    meta = src.get("meta")
+    quantizer = meta.get("quantizer") if isinstance(meta, dict) else None
+    quantizer = quantizer if quantizer is not None else src.get("quantizer")
+    names = quantizer if isinstance(quantizer, list) else [quantizer]
+    for name in names:
+        m = re.fullmatch(r"\s*gptqmodel:v?(\d+)\.(\d+)(?:\.(\d+))?\S*\s*", str(name), re.I)
+        if m:
+            return tuple(int(p or 0) for p in m.groups())
+    return None
 
 
 def _field(d: dict[str, Any], key: str) -> Any:
@@ -237,12 +276,15 @@ def _field(d: dict[str, Any], key: str) -> Any:
 def zero_points(qzeros: torch.Tensor, spec: GPTQSpec, name: str) -> torch.Tensor:
     """The true zero points, int32 [groups, N]. Symmetric layers use 2**(bits-1) whatever is
     stored (so a v1/v2 mislabel cannot shift them); their stored pattern is only checked."""
+    as_v2 = spec.v2
+    if spec.word_zeros and not spec.v2:  # the writer's word subtraction undone, borrows too
+        qzeros, as_v2 = add_word_constants(qzeros, spec.bits), True
     fields = unpack_cols(qzeros, spec.bits)
     half = 1 << (spec.bits - 1)
     if spec.sym:
         stored = {half - 1: "v1", half: "v2"}
         kinds = {stored.get(int(v)) for v in fields.unique().tolist()}
-        if len(kinds) != 1 or kinds.pop() != ("v2" if spec.v2 else "v1"):
+        if len(kinds) != 1 or kinds.pop() != ("v2" if as_v2 else "v1"):
             log.warning(
                 "%s: symmetric, but its stored zero points do not match the %s pattern; "
                 "using %d as the zero point",
@@ -251,7 +293,17 @@ def zero_points(qzeros: torch.Tensor, spec: GPTQSpec, name: str) -> torch.Tensor
                 half,
             )
         return torch.full_like(fields, half)
-    return fields if spec.v2 else fields + 1  # v1: stored minus one, the +1 never masked
+    return fields if as_v2 else fields + 1  # v1: stored minus one, the +1 never masked
+
+
+def add_word_constants(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """qzeros words plus V1_WORD_CONSTANTS (word j of a row takes constant j mod 3 at 3 bits),
+    modulo 2**32: the v2 words that GPTQModel before 7.0.0 subtracted them from."""
+    consts = V1_WORD_CONSTANTS[bits]
+    cols = torch.arange(qzeros.shape[1]) % len(consts)
+    add = torch.tensor(consts, dtype=torch.int64)[cols].to(qzeros.device)
+    w = (qzeros.to(torch.int64) + add) & 0xFFFFFFFF
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
 
 
 def trivial_g_idx(spec: GPTQSpec) -> torch.Tensor:
@@ -284,6 +336,5 @@ def dequant(
 
 def describe(spec: GPTQSpec) -> str:
     g = "-1" if spec.group_size == spec.in_features else str(spec.group_size)
-    return f"{spec.bits}-bit, group {g}, {'sym' if spec.sym else 'asym'}, " + (
-        "gptq_v2" if spec.v2 else "gptq"
-    )
+    fmt = "gptq_v2" if spec.v2 else "gptq (GPTQModel < 7 zeros)" if spec.word_zeros else "gptq"
+    return f"{spec.bits}-bit, group {g}, {'sym' if spec.sym else 'asym'}, {fmt}"

@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -95,12 +96,25 @@ def test_zero_points_v1_v2_and_symmetric(caplog):
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def old_gptqmodel_words(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """v1 qzeros as GPTQModel before 7.0.0 wrote them: the v2 words less a constant a word
+    (gptq-format.md §3.3 case 2 and §5.4's 3-bit constants, typed in from there)."""
+    consts = {2: [0x55555555], 3: [0x24924924, 0x92492492, 0x49249249], 4: [0x11111111],
+              8: [0x01010101]}[bits]  # fmt: skip
+    v2 = gptq.pack_cols(z, bits).to(torch.int64)
+    sub = torch.tensor([consts[j % len(consts)] for j in range(v2.shape[1])])
+    w = (v2 - sub) % 2**32
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
 def gptq_model(tmp_path, kind="llama", *, bits, group, desc_act, sym, fmt, g_idx=True,
-               dense=(), overrides=None, seed=0, extra=None, **hf_config):  # fmt: skip
+               dense=(), overrides=None, seed=0, extra=None, old_writer=False,
+               **hf_config):  # fmt: skip
     """A tiny transformers model quantized by hand into a GPTQ folder: random codes, scales and
-    zero points (0 and 2**b - 1 among them for v2; v1 cannot hold 0), and g_idx a random
-    act-order map or the trivial one. Returns (folder, the transformers model holding
-    W = scales[g] * (q - z[g]) in float64, rounded once to float32)."""
+    zero points (0 and 2**b - 1 among them for v2; v1 cannot hold 0, except as GPTQModel before
+    7.0.0 wrote it, ``old_writer``), and g_idx a random act-order map or the trivial one.
+    Returns (folder, the transformers model holding W = scales[g] * (q - z[g]) in float64,
+    rounded once to float32)."""
     src = tmp_path / "hf"
     hf = make_hf_model(kind, src, **hf_config)
     hf = hf.double()
@@ -119,7 +133,7 @@ def gptq_model(tmp_path, kind="llama", *, bits, group, desc_act, sym, fmt, g_idx
         gi = torch.empty(K, dtype=torch.int64)
         gi[order] = torch.arange(K) // G  # row k -> the group it was quantized in
         q = torch.randint(0, 2**b, (K, N), generator=gen)
-        lo = 1 if fmt == "gptq" else 0
+        lo = 1 if fmt == "gptq" and not old_writer else 0
         z = (
             torch.full((ng, N), 2 ** (b - 1))
             if sym
@@ -134,7 +148,9 @@ def gptq_model(tmp_path, kind="llama", *, bits, group, desc_act, sym, fmt, g_idx
         stored = z if fmt == "gptq_v2" else z - 1
         del state[f"{name}.weight"]
         state[f"{name}.qweight"] = gptq.pack_rows(q, b)
-        state[f"{name}.qzeros"] = gptq.pack_cols(stored, b)
+        state[f"{name}.qzeros"] = (
+            old_gptqmodel_words(z, b) if old_writer else gptq.pack_cols(stored, b)
+        )
         state[f"{name}.scales"] = scales
         if g_idx:
             state[f"{name}.g_idx"] = gi.to(torch.int32)
@@ -179,6 +195,59 @@ def test_models_match_transformers_holding_the_dequantized_weights(
     ours = assert_same_logits(folder, hf)
     q = ours.model.model.layers[0].self_attn.q_proj
     assert (q.spec.bits, q.spec.sym, q.spec.v2) == (bits, sym, fmt == "gptq_v2")
+
+
+def test_gptqmodel_before_7_zero_words_are_undone_word_by_word():
+    # §5.4's worked example: symmetric 3-bit, v2 zeros all 4, written by GPTQModel < 7.0.0
+    stored = old_gptqmodel_words(torch.full((1, 32), 4), 3)
+    assert gptq.unpack_cols(stored, 3)[0].tolist() == [0] * 10 + [4] + [3] * 11 + [2] * 10
+    old = GPTQSpec(64, 32, 3, 32, False, False, word_zeros=True)
+    assert gptq.zero_points(stored, old, "x").unique().tolist() == [4]
+    # a field-by-field reader gets §5.4's wrong zeros 1, 5, 4, 3
+    plain = gptq.zero_points(stored, spec(bits=3, v2=False), "x")[0]
+    assert plain.tolist() == [1] * 10 + [5] + [4] * 11 + [3] * 10
+    # §3.3 case 2: 4-bit fields [0, 5, 8, ...] less 0x11111111 borrow: [15, 3, 7, ...]
+    z = torch.tensor([[0, 5, 8, 1, 15, 0, 0, 2] * 4])
+    stored = old_gptqmodel_words(z, 4)
+    assert gptq.unpack_cols(stored, 4)[0, :3].tolist() == [15, 3, 7]
+    assert torch.equal(gptq.zero_points(stored, replace(old, bits=4), "x"), z.to(torch.int32))
+    assert gptq.zero_points(stored, spec(v2=False), "x")[0, :3].tolist() == [16, 4, 8]
+
+
+@pytest.mark.parametrize(
+    ("quantizer", "word_zeros"),
+    [
+        (["gptqmodel:4.1.0"], True),
+        ("gptqmodel:0.9.1", True),
+        (["gptqmodel:6.9.9-dev", "transformers:4.57"], True),
+        (["gptqmodel:7.0.0"], False),
+        (["gptqmodel:10.2"], False),
+        (["optimum:2.1.0"], False),  # AutoGPTQ's packer: per field
+        (None, False),
+    ],
+)
+def test_the_writer_decides_how_v1_zero_words_are_read(tmp_path, quantizer, word_zeros):
+    cfg = {"quant_method": "gptq", "bits": 4, "group_size": 32, "checkpoint_format": "gptq"}
+    if quantizer is not None:
+        cfg["meta"] = {"quantizer": quantizer}
+    read = gptq.read_config({"quantization_config": cfg}, tmp_path)
+    assert read.spec("model.layers.0.mlp.up_proj", 64, 32, False).word_zeros is word_zeros
+    v2 = gptq.read_config(
+        {"quantization_config": {**cfg, "checkpoint_format": "gptq_v2"}}, tmp_path
+    )
+    assert not v2.word_zeros  # v2 zero points were never subtracted from
+
+
+@pytest.mark.parametrize(("bits", "sym"), [(3, False), (2, False), (3, True)])
+def test_a_model_by_gptqmodel_before_7_matches_transformers(tmp_path, bits, sym, caplog):
+    meta = {"meta": {"quantizer": ["gptqmodel:4.2.5"]}}
+    folder, hf = gptq_model(tmp_path, bits=bits, group=32, desc_act=True, sym=sym, fmt="gptq",
+                            old_writer=True, extra=meta)  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        ours = assert_same_logits(folder, hf)
+    assert "written by GPTQModel 4.2.5 (before 7.0.0)" in caplog.text
+    assert "do not match" not in caplog.text  # symmetric: the stored pattern is v2's once added
+    assert "GPTQModel < 7" in repr(ours.model.model.layers[0].mlp.up_proj)
 
 
 def test_old_checkpoints_without_g_idx_and_per_module_settings(tmp_path):
