@@ -183,6 +183,21 @@ struct GptqArgs {
 int gptq_splits(int64_t N, int64_t K, int num_sms);
 cudaError_t launch_gptq_gemv(const GptqArgs& a, int num_sms, cudaStream_t stream);
 
+// Columns n0 .. n0 + cols of a GPTQ layer's dense weight (vptq_gptq.cu): out [K, cols]
+// row-major, out[k, c] = scales[g, n0 + c] * (q[k, n0 + c] - zeros[g, n0 + c]), g = g_idx[k],
+// in the scales' dtype. K % 32 == 0, K / 32 <= 65535.
+struct GptqDequantArgs {
+  const int32_t* qweight;
+  const int32_t* zeros;
+  const void* scales;
+  const int32_t* g_idx;
+  void* out;
+  int64_t N, K, n0, cols;
+  int bits;
+  DType dtype;
+};
+cudaError_t launch_gptq_dequant(const GptqDequantArgs& a, cudaStream_t stream);
+
 // out = silu(g) * u elementwise, n values.
 cudaError_t launch_silu_mul(const void* g, Parts gp, const void* u, Parts up, void* out,
                             int64_t n, DType dtype, cudaStream_t stream);

@@ -9,6 +9,7 @@
 // zero point are reloaded only where the group changes (act-order makes that any row). fp32
 // sums; each split writes its partial sums, and a second kernel adds the splits in order with
 // the bias (deterministic, graph-capturable: the workspace comes from the caller).
+// More tokens: gptq_dequant_kernel writes column slices of the dense weight for cuBLAS.
 #include <algorithm>
 #include <cstdint>
 
@@ -25,6 +26,13 @@ constexpr int kGptqMaxRows = 1024;  // rows a split: x (8 tokens) and g_idx in 3
 // 32 -> 240 (fp16 137); 16 keeps the partial sums to a fraction of the weights' bytes.
 constexpr int kGptqBlocksPerSm = 16;
 
+// 2**23 + code as a float's bits is exact for codes below 2**23: one OR and one add give
+// code - z (exact, z < 2**9) without an int-to-float conversion, a slow instruction.
+constexpr float kMagic = 8388608.f;  // 2**23
+__device__ __forceinline__ float code_minus(uint32_t code, float magic_z) {
+  return __uint_as_float(0x4B000000u | code) - magic_z;
+}
+
 template <typename S, int BITS, int NT, int COLS>
 __global__ void __launch_bounds__(kGptqThreads)
     gptq_gemv_kernel(const S* __restrict__ x, const int32_t* __restrict__ qweight,
@@ -32,14 +40,14 @@ __global__ void __launch_bounds__(kGptqThreads)
                      const int32_t* __restrict__ g_idx, float* __restrict__ part, int64_t N,
                      int64_t K, int rows_per_split, int64_t t0, int64_t tokens) {
   extern __shared__ float smem[];
-  float* xs = smem;                                             // [NT][rows_per_split]
+  float* xs = smem;                                             // [rows_per_split][NT]
   int* gs = reinterpret_cast<int*>(smem + NT * rows_per_split);  // [rows_per_split]
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int rows = static_cast<int>(K - k0 < rows_per_split ? K - k0 : rows_per_split);
   for (int i = threadIdx.x; i < rows; i += blockDim.x) {
     gs[i] = g_idx[k0 + i];
 #pragma unroll
-    for (int t = 0; t < NT; ++t) xs[t * rows_per_split + i] = to_f(x[t * K + k0 + i]);
+    for (int t = 0; t < NT; ++t) xs[i * NT + t] = to_f(x[t * K + k0 + i]);
   }
   __syncthreads();
   // COLS adjacent columns a thread (4: one 16-byte load a word row, N % 4 == 0)
@@ -52,7 +60,7 @@ __global__ void __launch_bounds__(kGptqThreads)
 #pragma unroll
     for (int c = 0; c < COLS; ++c) acc[t][c] = 0.f;
   int group = -1;
-  float s[COLS], z[COLS];
+  float s[COLS], z[COLS];  // z: 2**23 + the zero point (code_minus)
   for (int u = 0; u < rows; u += 32) {  // rows is a multiple of 32 (K % 32 == 0)
     const int64_t word_row = (k0 + u) / 32 * BITS;
     uint32_t w[BITS][COLS];
@@ -76,7 +84,7 @@ __global__ void __launch_bounds__(kGptqThreads)
 #pragma unroll
         for (int c = 0; c < COLS; ++c) {
           s[c] = to_f(scales[static_cast<int64_t>(g) * N + n + c]);
-          z[c] = static_cast<float>(zeros[static_cast<int64_t>(g) * N + n + c]);
+          z[c] = kMagic + static_cast<float>(zeros[static_cast<int64_t>(g) * N + n + c]);
         }
       }
       float wv[COLS];
@@ -84,14 +92,24 @@ __global__ void __launch_bounds__(kGptqThreads)
       for (int c = 0; c < COLS; ++c) {
         uint32_t code = w[word][c] >> off;
         if (off + BITS > 32) code |= w[word + 1][c] << (32 - off);
-        wv[c] = s[c] * (static_cast<float>(code & kMask) - z[c]);
+        wv[c] = s[c] * code_minus(code & kMask, z[c]);
+      }
+      // the row's x of every token in NT / 4 16-byte loads (a broadcast: one address a warp)
+      float xv[NT];
+      if constexpr (NT % 4 == 0) {
+#pragma unroll
+        for (int t = 0; t < NT; t += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(xs + (u + i) * NT + t);
+          xv[t] = v.x, xv[t + 1] = v.y, xv[t + 2] = v.z, xv[t + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) xv[t] = xs[(u + i) * NT + t];
       }
 #pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        const float xv = xs[t * rows_per_split + u + i];
+      for (int t = 0; t < NT; ++t)
 #pragma unroll
-        for (int c = 0; c < COLS; ++c) acc[t][c] = fmaf(xv, wv[c], acc[t][c]);
-      }
+        for (int c = 0; c < COLS; ++c) acc[t][c] = fmaf(xv[t], wv[c], acc[t][c]);
     }
   }
 #pragma unroll
@@ -113,6 +131,90 @@ __global__ void gptq_sum_kernel(const float* __restrict__ part, const S* __restr
 
 // Columns a thread: 4 (16-byte loads) where N allows.
 int gptq_cols(int64_t N) { return N % 4 == 0 ? 4 : 1; }
+
+// Prefill: columns n0 .. n0 + C of the dense weight, out [K, C] row-major (so that cuBLAS takes
+// it as it is). A thread owns COLS adjacent columns of one run of 32 rows (blockIdx.y): the
+// same 16-byte word loads as the GEMV, and each row's COLS values stored together, a warp's
+// stores of a row contiguous. s * (q - z) is exact in fp32 (an 11-bit or 8-bit mantissa times
+// a whole number below 2**9), so its one rounding to S equals engine/formats/gptq.py dequant.
+template <typename S, int COLS>
+struct alignas(sizeof(S) * COLS) Pack {
+  S v[COLS];
+};
+
+template <typename S, int BITS, int COLS>
+__global__ void __launch_bounds__(kGptqThreads)
+    gptq_dequant_kernel(const int32_t* __restrict__ qweight, const int32_t* __restrict__ zeros,
+                        const S* __restrict__ scales, const int32_t* __restrict__ g_idx,
+                        S* __restrict__ out, int64_t N, int64_t n0, int64_t C) {
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * kGptqThreads + threadIdx.x) * COLS;
+  if (c >= C) return;
+  const int64_t n = n0 + c, k0 = static_cast<int64_t>(blockIdx.y) * 32;
+  constexpr uint32_t kMask = (1u << BITS) - 1;
+  uint32_t w[BITS][COLS];
+#pragma unroll
+  for (int j = 0; j < BITS; ++j) {
+    const int32_t* src = qweight + (blockIdx.y * static_cast<int64_t>(BITS) + j) * N + n;
+    if constexpr (COLS == 4) {
+      const int4 v = *reinterpret_cast<const int4*>(src);
+      w[j][0] = v.x, w[j][1] = v.y, w[j][2] = v.z, w[j][3] = v.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < COLS; ++i) w[j][i] = static_cast<uint32_t>(src[i]);
+    }
+  }
+  int group = -1;
+  float s[COLS], z[COLS];  // z: 2**23 + the zero point (code_minus)
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const int bit = BITS * i, word = bit >> 5, off = bit & 31;
+    const int g = g_idx[k0 + i];
+    if (g != group) {
+      group = g;
+#pragma unroll
+      for (int j = 0; j < COLS; ++j) {
+        s[j] = to_f(scales[static_cast<int64_t>(g) * N + n + j]);
+        z[j] = kMagic + static_cast<float>(zeros[static_cast<int64_t>(g) * N + n + j]);
+      }
+    }
+    Pack<S, COLS> row;
+#pragma unroll
+    for (int j = 0; j < COLS; ++j) {
+      uint32_t code = w[word][j] >> off;
+      if (off + BITS > 32) code |= w[word + 1][j] << (32 - off);
+      row.v[j] = from_f<S>(s[j] * code_minus(code & kMask, z[j]));
+    }
+    *reinterpret_cast<Pack<S, COLS>*>(out + (k0 + i) * C + c) = row;
+  }
+}
+
+template <typename S, int BITS>
+cudaError_t launch_dequant_bits(const GptqDequantArgs& a, cudaStream_t stream) {
+  const dim3 grid4(static_cast<unsigned>((a.cols + 4 * kGptqThreads - 1) / (4 * kGptqThreads)),
+                   static_cast<unsigned>(a.K / 32));
+  S* out = static_cast<S*>(a.out);
+  const S* scales = static_cast<const S*>(a.scales);
+  if (a.N % 4 == 0 && a.n0 % 4 == 0 && a.cols % 4 == 0) {
+    gptq_dequant_kernel<S, BITS, 4><<<grid4, kGptqThreads, 0, stream>>>(
+        a.qweight, a.zeros, scales, a.g_idx, out, a.N, a.n0, a.cols);
+  } else {
+    const dim3 grid(static_cast<unsigned>((a.cols + kGptqThreads - 1) / kGptqThreads), grid4.y);
+    gptq_dequant_kernel<S, BITS, 1><<<grid, kGptqThreads, 0, stream>>>(
+        a.qweight, a.zeros, scales, a.g_idx, out, a.N, a.n0, a.cols);
+  }
+  return cudaGetLastError();
+}
+
+template <typename S>
+cudaError_t launch_dequant_dtype(const GptqDequantArgs& a, cudaStream_t stream) {
+  switch (a.bits) {
+    case 2: return launch_dequant_bits<S, 2>(a, stream);
+    case 3: return launch_dequant_bits<S, 3>(a, stream);
+    case 4: return launch_dequant_bits<S, 4>(a, stream);
+    case 8: return launch_dequant_bits<S, 8>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 template <typename S, int BITS, int NT, int COLS>
 cudaError_t launch_cols(const GptqArgs& a, int64_t t0, int splits, int rows, cudaStream_t stream) {
@@ -185,6 +287,13 @@ int gptq_rows(int64_t N, int64_t K, int num_sms) {
 int gptq_splits(int64_t N, int64_t K, int num_sms) {
   const int rows = gptq_rows(N, K, num_sms);
   return static_cast<int>((K + rows - 1) / rows);
+}
+
+cudaError_t launch_gptq_dequant(const GptqDequantArgs& a, cudaStream_t stream) {
+  if (a.K % 32 != 0 || a.K / 32 > 65535 || a.n0 < 0 || a.cols < 1 || a.n0 + a.cols > a.N)
+    return cudaErrorInvalidValue;
+  if (a.dtype == DType::kHalf) return launch_dequant_dtype<__half>(a, stream);
+  return launch_dequant_dtype<__nv_bfloat16>(a, stream);
 }
 
 cudaError_t launch_gptq_gemv(const GptqArgs& a, int num_sms, cudaStream_t stream) {

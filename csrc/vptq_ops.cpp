@@ -463,27 +463,63 @@ at::Tensor silu_mul_cuda(const at::Tensor& gate, const at::Tensor& up,
   return out;
 }
 
+// The checks gptq_gemv and gptq_dequant share: a GPTQ layer's tensors for K input rows.
+void check_gptq_layer(const char* op, const at::Tensor& qweight, const at::Tensor& zeros,
+                      const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits, int64_t K,
+                      at::ScalarType type) {
+  const int64_t N = qweight.size(-1);
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
+              msg(op, ": bits ", bits, " is not 2, 3, 4 or 8"));
+  TORCH_CHECK(K % 32 == 0, msg(op, ": K = ", K, " is not a multiple of 32"));
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.dim() == 2 &&
+                  qweight.size(0) == K * bits / 32,
+              msg(op, ": qweight must be a contiguous int32 [", K * bits / 32, ", N]"));
+  TORCH_CHECK(scales.scalar_type() == type && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(1) == N,
+              msg(op, ": scales must be a contiguous ", type, " [G, ", N, "]"));
+  TORCH_CHECK(zeros.scalar_type() == at::kInt && zeros.is_contiguous() &&
+                  zeros.sizes() == scales.sizes(),
+              msg(op, ": zeros must be a contiguous int32 of the scales' shape"));
+  TORCH_CHECK(g_idx.scalar_type() == at::kInt && g_idx.is_contiguous() && g_idx.numel() == K,
+              msg(op, ": g_idx must be a contiguous int32 [", K, "]"));
+  for (const at::Tensor* t : {&qweight, &zeros, &scales, &g_idx})
+    TORCH_CHECK(t->device() == qweight.device(), msg(op, ": the layer's tensors are on two devices"));
+}
+
+at::Tensor gptq_dequant_cuda(const at::Tensor& qweight, const at::Tensor& zeros,
+                             const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
+                             int64_t n0, int64_t n1) {
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const int64_t K = g_idx.numel(), N = qweight.size(-1);
+  check_gptq_layer("gptq_dequant", qweight, zeros, scales, g_idx, bits, K, scales.scalar_type());
+  const vptq::DType dt = dtype_of(scales);
+  TORCH_CHECK(0 <= n0 && n0 < n1 && n1 <= N,
+              msg("gptq_dequant: columns ", n0, "..", n1, " are not within 0..", N));
+  TORCH_CHECK(K / 32 <= 65535, msg("gptq_dequant: K = ", K, " is over 2097120"));
+  at::Tensor out = at::empty({K, n1 - n0}, scales.options());
+  vptq::GptqDequantArgs a{qweight.data_ptr<int32_t>(),
+                          zeros.data_ptr<int32_t>(),
+                          scales.data_ptr(),
+                          g_idx.data_ptr<int32_t>(),
+                          out.data_ptr(),
+                          N,
+                          K,
+                          n0,
+                          n1 - n0,
+                          static_cast<int>(bits),
+                          dt};
+  check_launch(vptq::launch_gptq_dequant(a, at::cuda::getCurrentCUDAStream()), "gptq_dequant");
+  return out;
+}
+
 at::Tensor gptq_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros,
                           const at::Tensor& scales, const at::Tensor& g_idx, const OptTensor& bias,
                           int64_t bits) {
   const c10::cuda::CUDAGuard guard(x.device());
   const vptq::DType dt = dtype_of(x);
-  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8,
-              msg("gptq_gemv: bits ", bits, " is not 2, 3, 4 or 8"));
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "gptq_gemv: x must be a contiguous [T, K]");
   const int64_t T = x.size(0), K = x.size(1), N = qweight.size(-1);
-  TORCH_CHECK(K % 32 == 0, msg("gptq_gemv: K = ", K, " is not a multiple of 32"));
-  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.dim() == 2 &&
-                  qweight.size(0) == K * bits / 32,
-              msg("gptq_gemv: qweight must be a contiguous int32 [", K * bits / 32, ", N]"));
-  TORCH_CHECK(scales.scalar_type() == x.scalar_type() && scales.is_contiguous() &&
-                  scales.dim() == 2 && scales.size(1) == N,
-              msg("gptq_gemv: scales must be a contiguous ", x.scalar_type(), " [G, ", N, "]"));
-  TORCH_CHECK(zeros.scalar_type() == at::kInt && zeros.is_contiguous() &&
-                  zeros.sizes() == scales.sizes(),
-              "gptq_gemv: zeros must be a contiguous int32 of the scales' shape");
-  TORCH_CHECK(g_idx.scalar_type() == at::kInt && g_idx.is_contiguous() && g_idx.numel() == K,
-              msg("gptq_gemv: g_idx must be a contiguous int32 [", K, "]"));
+  check_gptq_layer("gptq_gemv", qweight, zeros, scales, g_idx, bits, K, x.scalar_type());
   check_float(bias, x, "bias");
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "gptq_gemv: bias must have N values");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -635,6 +671,9 @@ TORCH_LIBRARY(vptq, m) {
   m.def(
       "gptq_gemv(Tensor x, Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, "
       "Tensor? bias, int bits) -> Tensor");
+  m.def(
+      "gptq_dequant(Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, int bits, int n0, "
+      "int n1) -> Tensor");
   m.def("embed_rows(Tensor table, Tensor ids) -> Tensor");
   m.def(
       "greedy_pick(Tensor logits, Tensor(a!) token, Tensor(b!) seen, Tensor(c!) pos, "
@@ -654,6 +693,7 @@ TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
   m.impl("decode_attention", &decode_attention_cuda);
   m.impl("silu_mul", &silu_mul_cuda);
   m.impl("gptq_gemv", &gptq_gemv_cuda);
+  m.impl("gptq_dequant", &gptq_dequant_cuda);
   m.impl("embed_rows", &embed_rows_cuda);
   m.impl("greedy_pick", &greedy_pick_cuda);
   m.impl("sample_pick", &sample_pick_cuda);

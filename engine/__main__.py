@@ -115,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
     bg.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
     bg.add_argument("--group", type=int, default=128, help="group size, or -1 (one group)")
     bg.add_argument("--act-order", action="store_true", help="a shuffled g_idx")
-    bg.add_argument("--tokens", type=int, action="append", help="token counts (default: 1 4 8)")
+    bg.add_argument("--tokens", type=int, action="append", help="token counts (default: 1 4 8 512)")
     be = bsub.add_parser("e2e", help="a whole random model on the GPU: prefill, graph decode")
     be.add_argument("--arch", default="llama-3.1-8b", help="llama-3.1-8b|llama-3.1-70b|...")
     be.add_argument("--scheme", default="v8-k65536-0")
@@ -316,9 +316,10 @@ def cmd_bench(a: argparse.Namespace) -> None:
                 raise ValueError(f"unknown --arch {value!r}; choose from {', '.join(bench.ARCHS)}")
         if a.group != -1 and a.group < 1:
             raise ValueError(f"--group {a.group}: give a positive group size or -1")
-        if any(not 1 <= t <= 8 for t in a.tokens or ()):
-            raise ValueError("--tokens: the GPTQ kernel takes 1 to 8 tokens")
-        bench_gptq.run_gptq(archs, a.bits, a.group, a.act_order, tuple(a.tokens or (1, 4, 8)))
+        if any(not 1 <= t <= 65536 for t in a.tokens or ()):
+            raise ValueError("--tokens: give token counts from 1 to 65536")
+        tokens = tuple(a.tokens or (1, 4, 8, 512))
+        bench_gptq.run_gptq(archs, a.bits, a.group, a.act_order, tokens)
         return
 
     archs = a.arch or list(bench.ARCHS)

@@ -1,6 +1,7 @@
-"""`python -m engine bench gptq`: the GPTQ GEMV kernel (csrc/vptq_gptq.cu) against cuBLAS fp16
-and against the path above its token limit (PyTorch unpacking, then cuBLAS), on Llama-3.1 layer
-shapes, timed in the same run as CUDA-graph replays over weight copies larger than L2."""
+"""`python -m engine bench gptq`: GPTQ layers (csrc/vptq_gptq.cu) against cuBLAS fp16 on
+Llama-3.1 layer shapes, timed in the same run as CUDA-graph replays over weight copies larger
+than L2: the GEMV kernel up to 8 tokens, the dense weight's slices then cuBLAS above (prefill),
+and the dequant kernel alone against the device's read bandwidth."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from . import ops
 from .bench import ROTATE_BYTES, projections, read_bandwidth, time_us
 from .formats.gptq import GPTQSpec
-from .gptq_linear import GPTQLinear
+from .gptq_linear import GEMV_MAX_TOKENS, GPTQLinear
 
 
 def random_layer(K: int, N: int, bits: int, group: int, act_order: bool) -> GPTQLinear:
@@ -24,24 +25,21 @@ def random_layer(K: int, N: int, bits: int, group: int, act_order: bool) -> GPTQ
     rows = torch.arange(K, device="cuda") // spec.group_size
     if act_order:
         rows = rows[torch.randperm(K, device="cuda", generator=g)]
-    layer.g_idx, layer.g_idx32 = rows, rows.int()
+    layer.g_idx = rows.int()
     return layer
 
 
 def weight_bytes(layer: GPTQLinear) -> int:
     """What the kernel reads of a layer: packed codes, zero points (int32), scales, g_idx."""
-    ts = (layer.qweight, layer.zeros, layer.scales, layer.g_idx32)
+    ts = (layer.qweight, layer.zeros, layer.scales, layer.g_idx)
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def time_three(layers: list[GPTQLinear], dense: list[torch.Tensor], t: int):
-    """us per call of cuBLAS fp16, the kernel, and unpacking in slices then cuBLAS."""
-    K, step = layers[0].in_features, layers[0].columns_per_slice()
-    x = torch.randn(t, K, dtype=torch.float16, device="cuda")
+def time_pair(layers: list[GPTQLinear], dense: list[torch.Tensor], t: int) -> tuple[float, float]:
+    """us per call of cuBLAS fp16 and of the GPTQ layer, at t tokens."""
+    x = torch.randn(t, layers[0].in_features, dtype=torch.float16, device="cuda")
     fp16 = time_us([lambda w=w: F.linear(x, w) for w in dense])
-    kernel = time_us([lambda L=L: L(x) for L in layers])
-    unpack = time_us([lambda L=L: L.linear_in_slices(x, None, step) for L in layers])
-    return fp16, kernel, unpack
+    return fp16, time_us([lambda L=L: L(x) for L in layers])
 
 
 def run_gptq(archs: list[str], bits: int, group: int, act_order: bool, tokens: tuple) -> None:
@@ -50,11 +48,13 @@ def run_gptq(archs: list[str], bits: int, group: int, act_order: bool, tokens: t
         raise ValueError(f"kernels unavailable: {why}")
     peak = read_bandwidth()
     print(f"device read bandwidth (sum over 1 GiB): {peak / 1e9:.0f} GB/s")
-    print(f"GPTQ {bits}-bit, group {group}, act-order {'on' if act_order else 'off'}")
+    print(f"GPTQ {bits}-bit, group {group}, act-order {'on' if act_order else 'off'}; "
+          f"the GEMV up to {GEMV_MAX_TOKENS} tokens, dequant + cuBLAS above")  # fmt: skip
     for arch in archs:
-        print(f"\n{arch}: us per call; GB/s of the kernel's bytes (% of the read bandwidth)")
-        print(f"{'proj':>6} {'T':>3} {'fp16':>8} {'kernel':>8} {'unpack':>9} {'kernel GB/s':>14}"
-              f" {'vs fp16':>8}")  # fmt: skip
+        print(f"\n{arch}: us per call; GB/s (% of the read bandwidth): of the packed layer for "
+              "the GEMV, of the weight written and the packed layer read for dequant")  # fmt: skip
+        print(f"{'proj':>6} {'T':>4} {'fp16':>8} {'gptq':>8} {'vs fp16':>8} {'GB/s':>12} "
+              f"{'dequant':>8} {'GB/s':>12}")  # fmt: skip
         sums: dict[int, list[float]] = {t: [0.0, 0.0] for t in tokens}
         for name, K, N in projections(arch):
             proto = random_layer(K, N, bits, group, act_order)
@@ -64,14 +64,19 @@ def run_gptq(archs: list[str], bits: int, group: int, act_order: bool, tokens: t
             ]
             dense = [torch.randn(N, K, dtype=torch.float16, device="cuda") * 0.02
                      for _ in range(max(1, min(16, -(-ROTATE_BYTES // (2 * N * K)))))]  # fmt: skip
+            dq = time_us([lambda L=L: L.weight_t(torch.float16) for L in layers])
+            dq_bytes = weight_bytes(proto) + 2 * N * K
+            dq_gbs = f"{dq_bytes / dq / 1e3:6.0f} ({100 * dq_bytes / dq / 1e-6 / peak:3.0f}%)"
             for t in tokens:
-                fp16, kernel, unpack = time_three(layers, dense, t)
-                gbs = weight_bytes(proto) / (kernel * 1e-6) / 1e9
+                fp16, layer = time_pair(layers, dense, t)
                 sums[t][0] += fp16
-                sums[t][1] += kernel
-                pct = 100 * gbs * 1e9 / peak
-                print(f"{name:>6} {t:>3} {fp16:8.1f} {kernel:8.1f} {unpack:9.1f} "
-                      f"{gbs:8.0f} ({pct:3.0f}%) {fp16 / kernel:7.2f}x")  # fmt: skip
-        for t, (fp16, kernel) in sums.items():
-            print(f"{arch} GPTQ {bits}-bit T={t}: block {kernel:.0f} us against {fp16:.0f} us "
-                  f"for cuBLAS fp16, {fp16 / kernel:.2f}x")  # fmt: skip
+                sums[t][1] += layer
+                gbs = weight_bytes(proto) / layer / 1e3  # bytes / us / 1e3 = GB/s
+                read = f"{gbs:6.0f} ({100 * gbs * 1e9 / peak:3.0f}%)"
+                read = read if t <= GEMV_MAX_TOKENS else ""  # prefill: not bound by the bytes
+                print(f"{name:>6} {t:>4} {fp16:8.1f} {layer:8.1f} {fp16 / layer:7.2f}x "
+                      f"{read:>12} {dq:8.1f} {dq_gbs:>12}")  # fmt: skip
+        for t, (fp16, layer) in sums.items():
+            how = "GEMV" if t <= GEMV_MAX_TOKENS else "dequant + cuBLAS"
+            print(f"{arch} GPTQ {bits}-bit T={t} ({how}): block {layer:.0f} us against {fp16:.0f}"
+                  f" us for cuBLAS fp16, {fp16 / layer:.2f}x")  # fmt: skip

@@ -12,9 +12,9 @@ from .formats import gptq
 from .formats.gptq import GPTQSpec
 from .memory import DEQUANT_WORKSPACE
 
-# The GPTQ GEMV kernel up to this many tokens (one launch's token tile); above, slices unpacked
-# by PyTorch, then cuBLAS. H200, `bench gptq --bits 4`: an 8B block takes 237 us at 8 tokens
-# with the kernel, where unpacking the gate projection alone took 2006 us (KERNELS.md session 24).
+# The GPTQ GEMV kernel up to this many tokens (one launch's token tile); above, column slices of
+# the dense weight written by `vptq::gptq_dequant`, then cuBLAS. H200, `bench gptq --bits 4`:
+# an 8B block takes 237 us at 8 tokens with the GEMV (KERNELS.md session 24).
 GEMV_MAX_TOKENS = 8
 
 
@@ -31,7 +31,6 @@ class GPTQLinear(nn.Module):
             self.register_buffer(attr, torch.empty(shape, dtype=kinds.get(kind, dtype)))
         self.register_buffer("zeros", None, persistent=False)  # true zero points, int32 [G, N]
         self.register_buffer("dense_cache", None, persistent=False)  # CPU path: W^T [N, K]
-        self.register_buffer("g_idx32", None, persistent=False)  # g_idx for the kernel
 
     in_features = property(lambda self: self.spec.in_features)
     out_features = property(lambda self: self.spec.out_features)
@@ -41,14 +40,22 @@ class GPTQLinear(nn.Module):
         return gptq.trivial_g_idx(self.spec) if attr == "g_idx" else None
 
     def post_load(self) -> None:
-        """Once after loading: the zero points in v2 terms, and g_idx checked."""
+        """Once after loading: the zero points in v2 terms, and g_idx checked and kept as int32
+        (what the kernels take; checkpoints hold int32 or int64)."""
         gptq.check_g_idx(self.g_idx, self.spec, self.name)
         self.zeros = gptq.zero_points(self.qzeros, self.spec, self.name)
         self.qzeros = None  # read into zeros: not kept twice
-        self.g_idx32 = self.g_idx.to(torch.int32)
+        self.g_idx = self.g_idx.to(torch.int32)
 
     def weight_t(self, dtype: torch.dtype, n0: int = 0, n1: int | None = None) -> torch.Tensor:
-        """Columns n0:n1 of the dense weight as nn.Linear holds it, [n1 - n0, K]."""
+        """Columns n0:n1 of the dense weight as nn.Linear holds it, [n1 - n0, K] (a transposed
+        view where the kernel wrote it)."""
+        n1 = self.out_features if n1 is None else n1
+        if self.qweight.is_cuda and dtype == self.scales.dtype and self.kernel_layer_ok():
+            w = torch.ops.vptq.gptq_dequant(
+                self.qweight, self.zeros, self.scales, self.g_idx, self.spec.bits, n0, n1
+            )  # csrc/vptq_gptq.cu: [K, n1 - n0]
+            return w.T
         cols = slice(n0, n1)
         w = gptq.dequant(
             self.qweight[:, cols], self.zeros[:, cols], self.scales[:, cols], self.g_idx,
@@ -64,21 +71,24 @@ class GPTQLinear(nn.Module):
             if tokens <= GEMV_MAX_TOKENS and self.kernel_ok(x):  # csrc/vptq_gptq.cu
                 y = torch.ops.vptq.gptq_gemv(
                     x.reshape(tokens, self.in_features).contiguous(), self.qweight, self.zeros,
-                    self.scales, self.g_idx32, bias, self.spec.bits,
+                    self.scales, self.g_idx, bias, self.spec.bits,
                 )  # fmt: skip
                 return y.view(*x.shape[:-1], self.out_features)
-            return self.linear_in_slices(x, bias, self.columns_per_slice())  # then cuBLAS
+            return self.linear_in_slices(x, bias, self.columns_per_slice(self.kernel_ok(x)))
         # The CPU dequantizes once, as VQLinear does: the dense weight's memory, not per token.
         if self.dense_cache is None or self.dense_cache.dtype != x.dtype:
             self.dense_cache = self.weight_t(x.dtype)
         return F.linear(x, self.dense_cache, bias)
 
     def kernel_ok(self, x: torch.Tensor) -> bool:
+        return self.scales.dtype == x.dtype and self.kernel_layer_ok()
+
+    def kernel_layer_ok(self) -> bool:
         return (
             ops.kernels_ready()
-            and x.dtype in (torch.float16, torch.bfloat16)
-            and self.scales.dtype == x.dtype
+            and self.scales.dtype in (torch.float16, torch.bfloat16)
             and self.in_features % 32 == 0
+            and self.in_features // 32 <= 65535
         )
 
     def linear_in_slices(self, x: torch.Tensor, bias: torch.Tensor | None, step: int):
@@ -87,13 +97,18 @@ class GPTQLinear(nn.Module):
             return F.linear(x, self.weight_t(x.dtype), bias)
         parts = []
         for n0 in range(0, self.out_features, step):
-            b = None if bias is None else bias[n0 : n0 + step]
-            parts.append(F.linear(x, self.weight_t(x.dtype, n0, n0 + step), b))
+            n1 = min(n0 + step, self.out_features)
+            b = None if bias is None else bias[n0:n1]
+            parts.append(F.linear(x, self.weight_t(x.dtype, n0, n1), b))
         return torch.cat(parts, -1)
 
-    def columns_per_slice(self) -> int:
-        """Output columns unpacked at once: their temporaries (int32 codes, the weight and its
-        transpose, about 12 bytes a weight) within memory.DEQUANT_WORKSPACE."""
+    def columns_per_slice(self, kernel: bool = False) -> int:
+        """Output columns unpacked at once within memory.DEQUANT_WORKSPACE: the kernel's slice
+        is the weight alone (2 bytes a weight; whole multiples of 4 columns keep its 16-byte
+        loads), PyTorch's has temporaries (int32 codes, the weight and its transpose, about 12
+        bytes a weight)."""
+        if kernel:
+            return max(4, DEQUANT_WORKSPACE // (2 * self.in_features) // 4 * 4)
         return max(1, DEQUANT_WORKSPACE // (12 * self.in_features))
 
     def extra_repr(self) -> str:

@@ -193,6 +193,10 @@ def _register_fakes() -> None:
     def _(x, qweight, zeros, scales, g_idx, bias, bits):
         return x.new_empty((x.shape[0], qweight.shape[1]))
 
+    @torch.library.register_fake("vptq::gptq_dequant")
+    def _(qweight, zeros, scales, g_idx, bits, n0, n1):
+        return scales.new_empty((g_idx.shape[0], n1 - n0))
+
     @torch.library.register_fake("vptq::embed_rows")
     def _(table, ids):
         return ids.new_empty((*ids.shape, table.shape[1]), dtype=table.dtype)

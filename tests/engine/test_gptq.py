@@ -400,3 +400,56 @@ def test_the_gemv_kernel_against_float64(bits, dtype, N):
         unbiased = torch.ops.vptq.gptq_gemv(x.cuda(), *args, None, bits).cpu().double()
         torch.testing.assert_close(unbiased + bias.double(), got, atol=0.05, rtol=0.02)
     torch.library.opcheck(torch.ops.vptq.gptq_gemv, (x.cuda(), *args, bias.cuda(), bits))
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_dequant_kernel_equals_the_reference_bit_for_bit(bits, dtype):
+    # s * (q - z) is exact before its one rounding, so the kernel's slices equal
+    # engine/formats/gptq.py dequant in the same dtype; the slices cover the 4-column threads
+    # (n0, width multiples of 4) and the 1-column ones, act-order g_idx, a short last group
+    g = torch.Generator().manual_seed(bits + 10)
+    K, N, G = 1088, 200, 128
+    ng = -(-K // G)
+    g_idx = torch.empty(K, dtype=torch.int64)
+    g_idx[torch.randperm(K, generator=g)] = torch.arange(K) // G
+    q = torch.randint(0, 2**bits, (K, N), generator=g)
+    z = torch.randint(0, 2**bits + 1, (ng, N), generator=g)  # v1's unmasked +1 reaches 2**b
+    scales = (torch.rand(ng, N, generator=g) * 0.02 + 1e-3).to(dtype)
+    args = [gptq.pack_rows(q, bits), z.to(torch.int32), scales, g_idx.to(torch.int32)]
+    spec_ = GPTQSpec(K, N, bits, G, False, True)
+    want = gptq.dequant(*args[:3], g_idx, spec_, dtype)
+    w64 = scales.double()[g_idx] * (q - z[g_idx]).double()
+    assert (want.double() - w64).abs().max() <= w64.abs().max() * 2**-8  # one rounding
+    args = [t.cuda() for t in args]
+    for n0, n1 in ((0, N), (4, 104), (196, 200), (3, 50), (0, 1)):
+        got = torch.ops.vptq.gptq_dequant(*args, bits, n0, n1)
+        assert got.shape == (K, n1 - n0) and got.dtype == dtype
+        assert torch.equal(got.cpu(), want[:, n0:n1]), (n0, n1)
+    torch.library.opcheck(torch.ops.vptq.gptq_dequant, (*args, bits, 4, 104))
+    with pytest.raises(RuntimeError, match=re.escape("columns 150..201 are not within 0..200")):
+        torch.ops.vptq.gptq_dequant(*args, bits, 150, 201)
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_kernels")
+def test_prefill_on_the_gpu_in_kernel_slices_matches_float64(tmp_path):
+    # above GEMV_MAX_TOKENS the layer multiplies the kernel's slices of the dense weight
+    from engine.gptq_linear import GEMV_MAX_TOKENS
+
+    folder, hf = gptq_model(tmp_path, "qwen2", bits=3, group=32, desc_act=True, sym=False,
+                            fmt="gptq")  # fmt: skip
+    lm = load_model(folder, "cuda", torch.float16, max_seq_len=64)
+    q = lm.model.model.layers[0].self_attn.q_proj  # with a bias
+    assert q.g_idx.dtype == torch.int32 and q.kernel_layer_ok()
+    w = hf.model.layers[0].self_attn.q_proj  # float64, the dequantized weights
+    x = torch.randn(GEMV_MAX_TOKENS + 5, q.in_features, generator=torch.Generator().manual_seed(3))
+    want = w(x.double())
+    with torch.no_grad():
+        whole = q(x.half().cuda())
+        torch.testing.assert_close(whole.cpu().double(), want, atol=2e-2, rtol=1e-2)
+        for step in (4, 8, 28):
+            part = q.linear_in_slices(x.half().cuda(), q.bias.half(), step)
+            torch.testing.assert_close(part, whole, atol=1e-3, rtol=1e-3)  # cuBLAS per shape
