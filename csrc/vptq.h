@@ -166,13 +166,17 @@ cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V
 // (q[k, n] - zeros[g, n]) + bias[n], g = g_idx[k]; q packed in qweight [K * bits / 32, N]
 // (engine/formats/gptq.py), zeros the true zero points [groups, N], x [tokens, K] and out
 // [tokens, N] contiguous; bias may be null. K % 32 == 0; bits 2, 3, 4 or 8. part: fp32
-// workspace of gptq_splits(N, K, num_sms) * tokens * N values.
+// workspace of gptq_splits(N, K, num_sms) * tokens * N values. perm (may be null): qweight's
+// rows sorted by group, row k holding input perm[k]. group_size > 0 promises g_idx[k] = k /
+// group_size (it picks the faster kernel where that is a multiple of 32); 0 promises nothing.
 struct GptqArgs {
   const void* x;
   const int32_t* qweight;
   const int32_t* zeros;
   const void* scales;
   const int32_t* g_idx;
+  const int32_t* perm;
+  int group_size;
   const void* bias;
   void* out;
   float* part;
@@ -185,12 +189,14 @@ cudaError_t launch_gptq_gemv(const GptqArgs& a, int num_sms, cudaStream_t stream
 
 // Columns n0 .. n0 + cols of a GPTQ layer's dense weight (vptq_gptq.cu): out [K, cols]
 // row-major, out[k, c] = scales[g, n0 + c] * (q[k, n0 + c] - zeros[g, n0 + c]), g = g_idx[k],
-// in the scales' dtype. K % 32 == 0, K / 32 <= 65535.
+// in the scales' dtype. K % 32 == 0, K / 32 <= 65535. perm (may be null): as GptqArgs; row k
+// is written to out row perm[k], so out is W in the checkpoint's row order.
 struct GptqDequantArgs {
   const int32_t* qweight;
   const int32_t* zeros;
   const void* scales;
   const int32_t* g_idx;
+  const int32_t* perm;
   void* out;
   int64_t N, K, n0, cols;
   int bits;

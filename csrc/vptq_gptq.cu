@@ -37,8 +37,9 @@ template <typename S, int BITS, int NT, int COLS>
 __global__ void __launch_bounds__(kGptqThreads)
     gptq_gemv_kernel(const S* __restrict__ x, const int32_t* __restrict__ qweight,
                      const int32_t* __restrict__ zeros, const S* __restrict__ scales,
-                     const int32_t* __restrict__ g_idx, float* __restrict__ part, int64_t N,
-                     int64_t K, int rows_per_split, int64_t t0, int64_t tokens) {
+                     const int32_t* __restrict__ g_idx, const int32_t* __restrict__ perm,
+                     float* __restrict__ part, int64_t N, int64_t K, int rows_per_split,
+                     int64_t t0, int64_t tokens) {
   extern __shared__ float smem[];
   float* xs = smem;                                             // [rows_per_split][NT]
   int* gs = reinterpret_cast<int*>(smem + NT * rows_per_split);  // [rows_per_split]
@@ -46,8 +47,9 @@ __global__ void __launch_bounds__(kGptqThreads)
   const int rows = static_cast<int>(K - k0 < rows_per_split ? K - k0 : rows_per_split);
   for (int i = threadIdx.x; i < rows; i += blockDim.x) {
     gs[i] = g_idx[k0 + i];
+    const int64_t k = perm != nullptr ? perm[k0 + i] : k0 + i;  // rows sorted by group
 #pragma unroll
-    for (int t = 0; t < NT; ++t) xs[i * NT + t] = to_f(x[t * K + k0 + i]);
+    for (int t = 0; t < NT; ++t) xs[i * NT + t] = to_f(x[t * K + k]);
   }
   __syncthreads();
   // COLS adjacent columns a thread (4: one 16-byte load a word row, N % 4 == 0)
@@ -118,6 +120,96 @@ __global__ void __launch_bounds__(kGptqThreads)
     for (int c = 0; c < COLS; ++c) part[(blockIdx.y * tokens + t0 + t) * N + n + c] = acc[t][c];
 }
 
+// The same sums where a group's rows are contiguous (g = k / G, G a multiple of 32: act-order
+// layers get there by a load-time row sort, perm giving each sorted row's x), at 2, 4 and 8
+// bits with four columns a thread. Each weight costs three instructions: one LOP3 puts code p
+// of a half-word (still shifted by BITS * p) into the mantissa of 2**23, one FADD takes off
+// 2**23 + z * 2**(BITS * p) (so (q - z) * 2**(BITS * p), exact), one FFMA multiplies it by x
+// staged times 2**-(BITS * p). The scale multiplies each group's sum once, not each weight.
+template <typename S, int BITS, int NT>
+__global__ void __launch_bounds__(kGptqThreads)
+    gptq_gemv_grouped_kernel(const S* __restrict__ x, const int32_t* __restrict__ qweight,
+                             const int32_t* __restrict__ zeros, const S* __restrict__ scales,
+                             const int32_t* __restrict__ perm, float* __restrict__ part,
+                             int64_t N, int64_t K, int G, int rows_per_split, int64_t t0,
+                             int64_t tokens) {
+  constexpr int P = 16 / BITS;  // codes in half a word
+  constexpr int R = 32 / BITS;  // rows a word
+  constexpr uint32_t kMask = (1u << BITS) - 1;
+  extern __shared__ float4 grouped_smem[];
+  float* xs = reinterpret_cast<float*>(grouped_smem);  // [NT][rows_per_split]
+  const int64_t k0 = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int rows = static_cast<int>(K - k0 < rows_per_split ? K - k0 : rows_per_split);
+  for (int i = threadIdx.x; i < rows; i += blockDim.x) {
+    const int64_t k = perm != nullptr ? perm[k0 + i] : k0 + i;
+    const float f = __uint_as_float(static_cast<uint32_t>(127 - BITS * (i % P)) << 23);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) xs[t * rows_per_split + i] = to_f(x[t * K + k]) * f;
+  }
+  __syncthreads();
+  const int64_t n = (static_cast<int64_t>(blockIdx.x) * kGptqThreads + threadIdx.x) * 4;
+  if (n >= N) return;
+  float acc[NT][4], gacc[NT][4], s[4], mz[4][P];
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[t][c] = gacc[t][c] = 0.f;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) s[c] = 0.f;
+  int group = -1;
+  for (int u = 0; u < rows; u += 32) {
+    const int g = static_cast<int>((k0 + u) / G);
+    if (g != group) {  // the previous group's sums scaled once; this one's zero terms
+      group = g;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+#pragma unroll
+        for (int t = 0; t < NT; ++t) acc[t][c] = fmaf(s[c], gacc[t][c], acc[t][c]), gacc[t][c] = 0.f;
+        s[c] = to_f(scales[static_cast<int64_t>(g) * N + n + c]);
+        const float z = static_cast<float>(zeros[static_cast<int64_t>(g) * N + n + c]);
+#pragma unroll
+        for (int p = 0; p < P; ++p) mz[c][p] = kMagic + z * static_cast<float>(1 << (BITS * p));
+      }
+    }
+    const int64_t word_row = (k0 + u) / 32 * BITS;
+    uint32_t w[BITS][4];
+#pragma unroll
+    for (int j = 0; j < BITS; ++j) {
+      const int4 v = *reinterpret_cast<const int4*>(qweight + (word_row + j) * N + n);
+      w[j][0] = v.x, w[j][1] = v.y, w[j][2] = v.z, w[j][3] = v.w;
+    }
+#pragma unroll
+    for (int j = 0; j < BITS; ++j) {
+      float xv[NT][R];  // the R rows of word j, R / 4 broadcast 16-byte loads a token
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int q = 0; q < R; q += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(xs + t * rows_per_split + u + j * R + q);
+          xv[t][q] = v.x, xv[t][q + 1] = v.y, xv[t][q + 2] = v.z, xv[t][q + 3] = v.w;
+        }
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t half = h ? w[j][c] >> 16 : w[j][c];
+#pragma unroll
+          for (int p = 0; p < P; ++p) {
+            const float v =
+                __uint_as_float((half & (kMask << (BITS * p))) | 0x4B000000u) - mz[c][p];
+#pragma unroll
+            for (int t = 0; t < NT; ++t) gacc[t][c] = fmaf(xv[t][h * P + p], v, gacc[t][c]);
+          }
+        }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      part[(blockIdx.y * tokens + t0 + t) * N + n + c] = fmaf(s[c], gacc[t][c], acc[t][c]);
+}
+
 template <typename S>
 __global__ void gptq_sum_kernel(const float* __restrict__ part, const S* __restrict__ bias,
                                 S* __restrict__ out, int64_t N, int64_t tokens, int splits) {
@@ -146,7 +238,8 @@ template <typename S, int BITS, int COLS>
 __global__ void __launch_bounds__(kGptqThreads)
     gptq_dequant_kernel(const int32_t* __restrict__ qweight, const int32_t* __restrict__ zeros,
                         const S* __restrict__ scales, const int32_t* __restrict__ g_idx,
-                        S* __restrict__ out, int64_t N, int64_t n0, int64_t C) {
+                        const int32_t* __restrict__ perm, S* __restrict__ out, int64_t N,
+                        int64_t n0, int64_t C) {
   const int64_t c = (static_cast<int64_t>(blockIdx.x) * kGptqThreads + threadIdx.x) * COLS;
   if (c >= C) return;
   const int64_t n = n0 + c, k0 = static_cast<int64_t>(blockIdx.y) * 32;
@@ -184,7 +277,8 @@ __global__ void __launch_bounds__(kGptqThreads)
       if (off + BITS > 32) code |= w[word + 1][j] << (32 - off);
       row.v[j] = from_f<S>(s[j] * code_minus(code & kMask, z[j]));
     }
-    *reinterpret_cast<Pack<S, COLS>*>(out + (k0 + i) * C + c) = row;
+    const int64_t k = perm != nullptr ? perm[k0 + i] : k0 + i;  // sorted row -> its own
+    *reinterpret_cast<Pack<S, COLS>*>(out + k * C + c) = row;
   }
 }
 
@@ -196,11 +290,11 @@ cudaError_t launch_dequant_bits(const GptqDequantArgs& a, cudaStream_t stream) {
   const S* scales = static_cast<const S*>(a.scales);
   if (a.N % 4 == 0 && a.n0 % 4 == 0 && a.cols % 4 == 0) {
     gptq_dequant_kernel<S, BITS, 4><<<grid4, kGptqThreads, 0, stream>>>(
-        a.qweight, a.zeros, scales, a.g_idx, out, a.N, a.n0, a.cols);
+        a.qweight, a.zeros, scales, a.g_idx, a.perm, out, a.N, a.n0, a.cols);
   } else {
     const dim3 grid(static_cast<unsigned>((a.cols + kGptqThreads - 1) / kGptqThreads), grid4.y);
     gptq_dequant_kernel<S, BITS, 1><<<grid, kGptqThreads, 0, stream>>>(
-        a.qweight, a.zeros, scales, a.g_idx, out, a.N, a.n0, a.cols);
+        a.qweight, a.zeros, scales, a.g_idx, a.perm, out, a.N, a.n0, a.cols);
   }
   return cudaGetLastError();
 }
@@ -224,12 +318,30 @@ cudaError_t launch_cols(const GptqArgs& a, int64_t t0, int splits, int rows, cud
                   static_cast<unsigned>(splits));
   gptq_gemv_kernel<S, BITS, NT, COLS><<<grid, kGptqThreads, smem, stream>>>(
       static_cast<const S*>(a.x) + t0 * a.K, a.qweight, a.zeros,
-      static_cast<const S*>(a.scales), a.g_idx, a.part, a.N, a.K, rows, t0, a.tokens);
+      static_cast<const S*>(a.scales), a.g_idx, a.perm, a.part, a.N, a.K, rows, t0, a.tokens);
   return cudaGetLastError();
+}
+
+// Whether the grouped kernel takes the layer: contiguous groups of whole runs of 32 rows,
+// a code width that halves of words hold, four columns a thread.
+bool grouped_ok(const GptqArgs& a) {
+  return a.group_size > 0 && a.group_size % 32 == 0 && a.bits != 3 && gptq_cols(a.N) == 4;
 }
 
 template <typename S, int BITS, int NT>
 cudaError_t launch_tile(const GptqArgs& a, int64_t t0, int splits, int rows, cudaStream_t stream) {
+  if constexpr (BITS != 3) {
+    if (grouped_ok(a)) {
+      const size_t smem = static_cast<size_t>(NT) * rows * sizeof(float);
+      const dim3 grid(static_cast<unsigned>((a.N + 4 * kGptqThreads - 1) / (4 * kGptqThreads)),
+                      static_cast<unsigned>(splits));
+      gptq_gemv_grouped_kernel<S, BITS, NT><<<grid, kGptqThreads, smem, stream>>>(
+          static_cast<const S*>(a.x) + t0 * a.K, a.qweight, a.zeros,
+          static_cast<const S*>(a.scales), a.perm, a.part, a.N, a.K, a.group_size, rows, t0,
+          a.tokens);
+      return cudaGetLastError();
+    }
+  }
   if (gptq_cols(a.N) == 4) return launch_cols<S, BITS, NT, 4>(a, t0, splits, rows, stream);
   return launch_cols<S, BITS, NT, 1>(a, t0, splits, rows, stream);
 }

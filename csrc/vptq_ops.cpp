@@ -486,9 +486,18 @@ void check_gptq_layer(const char* op, const at::Tensor& qweight, const at::Tenso
     TORCH_CHECK(t->device() == qweight.device(), msg(op, ": the layer's tensors are on two devices"));
 }
 
+const int32_t* gptq_perm(const char* op, const OptTensor& perm, const at::Tensor& qweight,
+                         int64_t K) {
+  if (!perm.has_value()) return nullptr;
+  TORCH_CHECK(perm->scalar_type() == at::kInt && perm->is_contiguous() && perm->numel() == K &&
+                  perm->device() == qweight.device(),
+              msg(op, ": perm must be a contiguous int32 [", K, "] beside qweight"));
+  return perm->data_ptr<int32_t>();
+}
+
 at::Tensor gptq_dequant_cuda(const at::Tensor& qweight, const at::Tensor& zeros,
                              const at::Tensor& scales, const at::Tensor& g_idx, int64_t bits,
-                             int64_t n0, int64_t n1) {
+                             int64_t n0, int64_t n1, const OptTensor& perm) {
   const c10::cuda::CUDAGuard guard(qweight.device());
   const int64_t K = g_idx.numel(), N = qweight.size(-1);
   check_gptq_layer("gptq_dequant", qweight, zeros, scales, g_idx, bits, K, scales.scalar_type());
@@ -501,6 +510,7 @@ at::Tensor gptq_dequant_cuda(const at::Tensor& qweight, const at::Tensor& zeros,
                           zeros.data_ptr<int32_t>(),
                           scales.data_ptr(),
                           g_idx.data_ptr<int32_t>(),
+                          gptq_perm("gptq_dequant", perm, qweight, K),
                           out.data_ptr(),
                           N,
                           K,
@@ -514,7 +524,7 @@ at::Tensor gptq_dequant_cuda(const at::Tensor& qweight, const at::Tensor& zeros,
 
 at::Tensor gptq_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& zeros,
                           const at::Tensor& scales, const at::Tensor& g_idx, const OptTensor& bias,
-                          int64_t bits) {
+                          int64_t bits, const OptTensor& perm, int64_t group_size) {
   const c10::cuda::CUDAGuard guard(x.device());
   const vptq::DType dt = dtype_of(x);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "gptq_gemv: x must be a contiguous [T, K]");
@@ -522,6 +532,8 @@ at::Tensor gptq_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const 
   check_gptq_layer("gptq_gemv", qweight, zeros, scales, g_idx, bits, K, x.scalar_type());
   check_float(bias, x, "bias");
   TORCH_CHECK(!bias.has_value() || bias->numel() == N, "gptq_gemv: bias must have N values");
+  TORCH_CHECK(0 <= group_size && group_size <= K,
+              msg("gptq_gemv: group_size ", group_size, " is not within 0..", K));
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   at::Tensor part = at::empty({vptq::gptq_splits(N, K, sms), T, N}, x.options().dtype(at::kFloat));
   at::Tensor out = at::empty({T, N}, x.options());
@@ -531,6 +543,8 @@ at::Tensor gptq_gemv_cuda(const at::Tensor& x, const at::Tensor& qweight, const 
                    zeros.data_ptr<int32_t>(),
                    scales.data_ptr(),
                    g_idx.data_ptr<int32_t>(),
+                   gptq_perm("gptq_gemv", perm, qweight, K),
+                   static_cast<int>(group_size),
                    ptr(bias),
                    out.data_ptr(),
                    part.data_ptr<float>(),
@@ -670,10 +684,10 @@ TORCH_LIBRARY(vptq, m) {
   m.def("silu_mul(Tensor gate, Tensor up, ScalarType? dtype=None) -> Tensor");
   m.def(
       "gptq_gemv(Tensor x, Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, "
-      "Tensor? bias, int bits) -> Tensor");
+      "Tensor? bias, int bits, Tensor? perm=None, int group_size=0) -> Tensor");
   m.def(
       "gptq_dequant(Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, int bits, int n0, "
-      "int n1) -> Tensor");
+      "int n1, Tensor? perm=None) -> Tensor");
   m.def("embed_rows(Tensor table, Tensor ids) -> Tensor");
   m.def(
       "greedy_pick(Tensor logits, Tensor(a!) token, Tensor(b!) seen, Tensor(c!) pos, "

@@ -26,6 +26,7 @@ def random_layer(K: int, N: int, bits: int, group: int, act_order: bool) -> GPTQ
     if act_order:
         rows = rows[torch.randperm(K, device="cuda", generator=g)]
     layer.g_idx = rows.int()
+    layer.arrange()  # as a load does: act-order rows sorted by group
     return layer
 
 

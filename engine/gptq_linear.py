@@ -31,6 +31,9 @@ class GPTQLinear(nn.Module):
             self.register_buffer(attr, torch.empty(shape, dtype=kinds.get(kind, dtype)))
         self.register_buffer("zeros", None, persistent=False)  # true zero points, int32 [G, N]
         self.register_buffer("dense_cache", None, persistent=False)  # CPU path: W^T [N, K]
+        # sort_rows: qweight's row k holds input row perm[k] (int32 [K]), or None: as stored
+        self.register_buffer("perm", None, persistent=False)
+        self.contiguous_groups = False  # g_idx[k] == k // group_size (the faster kernel)
 
     in_features = property(lambda self: self.spec.in_features)
     out_features = property(lambda self: self.spec.out_features)
@@ -40,12 +43,34 @@ class GPTQLinear(nn.Module):
         return gptq.trivial_g_idx(self.spec) if attr == "g_idx" else None
 
     def post_load(self) -> None:
-        """Once after loading: the zero points in v2 terms, and g_idx checked and kept as int32
-        (what the kernels take; checkpoints hold int32 or int64)."""
+        """Once after loading: the zero points in v2 terms, g_idx checked and kept as int32
+        (what the kernels take; checkpoints hold int32 or int64), and on a GPU the rows sorted
+        by group (act-order layers), as the faster kernel needs them."""
         gptq.check_g_idx(self.g_idx, self.spec, self.name)
         self.zeros = gptq.zero_points(self.qzeros, self.spec, self.name)
         self.qzeros = None  # read into zeros: not kept twice
         self.g_idx = self.g_idx.to(torch.int32)
+        self.arrange()
+
+    def arrange(self) -> None:
+        """On a GPU, rows sorted by group; then whether the groups are contiguous."""
+        if self.qweight.is_cuda:
+            self.sort_rows()
+        self.contiguous_groups = self.g_idx_is_trivial()
+
+    def g_idx_is_trivial(self) -> bool:
+        return torch.equal(self.g_idx, gptq.trivial_g_idx(self.spec).to(self.g_idx))
+
+    def sort_rows(self) -> None:
+        """Rows of qweight (and g_idx) sorted by group, ``perm`` remembering each row's input:
+        x[perm] @ W_sorted == x @ W. Act-order layers then have contiguous groups, whose scale
+        the kernel applies once a group (gptq-format.md §3.4)."""
+        if self.perm is not None or self.g_idx_is_trivial():
+            return
+        order = torch.argsort(self.g_idx, stable=True)
+        self.qweight = gptq.permute_rows(self.qweight, order, self.spec.bits)
+        self.g_idx = self.g_idx[order]
+        self.perm = order.to(torch.int32)
 
     def weight_t(self, dtype: torch.dtype, n0: int = 0, n1: int | None = None) -> torch.Tensor:
         """Columns n0:n1 of the dense weight as nn.Linear holds it, [n1 - n0, K] (a transposed
@@ -53,14 +78,17 @@ class GPTQLinear(nn.Module):
         n1 = self.out_features if n1 is None else n1
         if self.qweight.is_cuda and dtype == self.scales.dtype and self.kernel_layer_ok():
             w = torch.ops.vptq.gptq_dequant(
-                self.qweight, self.zeros, self.scales, self.g_idx, self.spec.bits, n0, n1
-            )  # csrc/vptq_gptq.cu: [K, n1 - n0]
+                self.qweight, self.zeros, self.scales, self.g_idx, self.spec.bits, n0, n1,
+                self.perm,
+            )  # fmt: skip  # csrc/vptq_gptq.cu: [K, n1 - n0], rows in the checkpoint's order
             return w.T
         cols = slice(n0, n1)
         w = gptq.dequant(
             self.qweight[:, cols], self.zeros[:, cols], self.scales[:, cols], self.g_idx,
             self.spec, torch.float32 if dtype == torch.float32 else dtype,
         )  # fmt: skip
+        if self.perm is not None:  # sorted rows back to their inputs
+            w = torch.empty_like(w).index_copy_(0, self.perm.long(), w)
         return w.T.contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +99,8 @@ class GPTQLinear(nn.Module):
             if tokens <= GEMV_MAX_TOKENS and self.kernel_ok(x):  # csrc/vptq_gptq.cu
                 y = torch.ops.vptq.gptq_gemv(
                     x.reshape(tokens, self.in_features).contiguous(), self.qweight, self.zeros,
-                    self.scales, self.g_idx, bias, self.spec.bits,
+                    self.scales, self.g_idx, bias, self.spec.bits, self.perm,
+                    self.spec.group_size if self.contiguous_groups else 0,
                 )  # fmt: skip
                 return y.view(*x.shape[:-1], self.out_features)
             return self.linear_in_slices(x, bias, self.columns_per_slice(self.kernel_ok(x)))

@@ -110,7 +110,7 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if R % unit:
         raise ValueError(f"{R} rows of {bits}-bit codes do not fill whole words")
     blocks = c.reshape(R // unit, unit, C)
-    words = torch.zeros(R // unit, unit * bits // 32, C, dtype=torch.int64)
+    words = torch.zeros(R // unit, unit * bits // 32, C, dtype=torch.int64, device=c.device)
     for i in range(unit):
         pos = i * bits
         word, off = pos // 32, pos % 32
@@ -123,6 +123,20 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def pack_cols(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_rows(codes.T, bits).T.contiguous()
+
+
+def permute_rows(
+    words: torch.Tensor, order: torch.Tensor, bits: int, step: int | None = None
+) -> torch.Tensor:
+    """qweight with its code rows taken in ``order`` (row k of the result is row order[k]),
+    repacked ``step`` columns at a time (default: 4M codes, about 100 MB of temporaries), on
+    the words' device."""
+    out = torch.empty_like(words)
+    step = step or max(1, 2**22 // (words.shape[0] * 32 // bits))
+    for n0 in range(0, words.shape[1], step):
+        codes = unpack_rows(words[:, n0 : n0 + step], bits)
+        out[:, n0 : n0 + step] = pack_rows(codes[order], bits)
+    return out
 
 
 @dataclass(frozen=True)

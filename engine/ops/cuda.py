@@ -190,11 +190,11 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("vptq::gptq_gemv")
-    def _(x, qweight, zeros, scales, g_idx, bias, bits):
+    def _(x, qweight, zeros, scales, g_idx, bias, bits, perm=None, group_size=0):
         return x.new_empty((x.shape[0], qweight.shape[1]))
 
     @torch.library.register_fake("vptq::gptq_dequant")
-    def _(qweight, zeros, scales, g_idx, bits, n0, n1):
+    def _(qweight, zeros, scales, g_idx, bits, n0, n1, perm=None):
         return scales.new_empty((g_idx.shape[0], n1 - n0))
 
     @torch.library.register_fake("vptq::embed_rows")

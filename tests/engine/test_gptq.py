@@ -72,6 +72,16 @@ def test_random_codes_against_the_bitwise_packer(bits):
     assert torch.equal(gptq.unpack_cols(want.T.contiguous(), bits), codes.T.to(torch.int32))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_permuting_rows_moves_whole_codes(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, (64, 9), generator=g)
+    order = torch.randperm(64, generator=g)
+    for step in (None, 2):  # in one piece and in column chunks
+        got = gptq.permute_rows(gptq.pack_rows(codes, bits), order, bits, step)
+        assert torch.equal(gptq.unpack_rows(got, bits), codes[order].to(torch.int32))
+
+
 def spec(bits=4, sym=False, v2=True, K=64, N=32, group=32):
     return GPTQSpec(K, N, bits, group, sym, v2)
 
@@ -328,15 +338,24 @@ def test_disagreeing_config_files_and_a_bad_g_idx_are_named(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.usefixtures("cuda_kernels")
-@pytest.mark.parametrize(("bits", "sym", "fmt"), [(2, False, "gptq_v2"), (3, True, "gptq")])
-def test_on_the_gpu_logits_match_and_graph_decode_gives_the_eager_tokens(tmp_path, bits, sym, fmt):
+@pytest.mark.parametrize(
+    ("bits", "sym", "fmt", "desc_act", "group"),
+    [(2, False, "gptq_v2", True, 32), (3, True, "gptq", True, 32), (4, False, "gptq", False, 32),
+     (8, True, "gptq_v2", False, -1)],
+)  # fmt: skip
+def test_on_the_gpu_logits_match_and_graph_decode_gives_the_eager_tokens(
+    tmp_path, bits, sym, fmt, desc_act, group
+):
     from engine.decode import GraphDecoder
     from engine.sampling import SamplingParams
 
     from .test_runtime import eager_tokens
 
-    folder, hf = gptq_model(tmp_path, bits=bits, group=32, desc_act=True, sym=sym, fmt=fmt)
+    folder, hf = gptq_model(tmp_path, bits=bits, group=group, desc_act=desc_act, sym=sym,
+                            fmt=fmt)  # fmt: skip
     lm = load_model(folder, "cuda", torch.float16, max_seq_len=64)
+    up = lm.model.model.layers[0].mlp.up_proj
+    assert up.contiguous_groups and (up.perm is not None) == desc_act  # rows sorted at load
     tokens = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(tokens).logits.float()
@@ -362,6 +381,26 @@ def test_unpacking_in_column_slices_gives_the_whole_layer(tmp_path):
         torch.testing.assert_close(q.linear_in_slices(x, q.bias, step), whole)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_rows_sorted_by_group_give_the_same_layer(tmp_path, bits):
+    # what a GPU load does to act-order layers, here on the CPU where its outputs are exact
+    folder, _ = gptq_model(tmp_path, "qwen2", bits=bits, group=32, desc_act=True, sym=False,
+                           fmt="gptq_v2")  # fmt: skip
+    q = load_model(folder, "cpu", torch.float32, max_seq_len=16).model.model.layers[1]
+    q = q.self_attn.q_proj
+    assert q.perm is None and not q.contiguous_groups  # the CPU keeps the stored order
+    x = torch.randn(5, q.in_features, dtype=torch.float64).float()
+    w, y = q.weight_t(torch.float32), q(x)
+    q.sort_rows()
+    assert q.perm is not None and q.g_idx_is_trivial()
+    assert torch.equal(q.g_idx.diff() >= 0, torch.ones(q.in_features - 1, dtype=torch.bool))
+    assert torch.equal(q.weight_t(torch.float32), w)
+    q.dense_cache = None
+    torch.testing.assert_close(q(x), y)
+    # sorting the weights' rows alone (without perm) would not be the same layer
+    assert not torch.equal(gptq.dequant(q.qweight, q.zeros, q.scales, q.g_idx, q.spec), w.T)
+
+
 def test_settings_only_in_quantize_config_json(tmp_path):
     # AutoGPTQ-era folders: config.json without quantization_config, the settings beside it
     folder, hf = gptq_model(tmp_path, bits=8, group=32, desc_act=True, sym=False, fmt="gptq")
@@ -378,28 +417,52 @@ def test_settings_only_in_quantize_config_json(tmp_path):
 @pytest.mark.parametrize("N", [200, 198])  # 4 columns a thread, and 1 (N % 4 != 0)
 def test_the_gemv_kernel_against_float64(bits, dtype, N):
     # act-order g_idx, a short last group, N not a multiple of a block's columns, K over one
-    # split's 1024 rows; 1-13 tokens (tiles of 8, 4, 2, 1)
+    # split's 1024 rows; 1-13 tokens (tiles of 8, 4, 2, 1). Three forms of the same layer: as
+    # stored (a group looked up a row), rows sorted by group with perm (the load's form: the
+    # grouped kernel where bits != 3 and N % 4 == 0), and sorted without the group size's
+    # promise (the first kernel through perm)
     g = torch.Generator().manual_seed(bits)
-    K, G = 2112, 128
+    K, N_, G = 2112, N, 128
     ng = -(-K // G)
     g_idx = torch.empty(K, dtype=torch.int64)
     g_idx[torch.randperm(K, generator=g)] = torch.arange(K) // G
-    q = torch.randint(0, 2**bits, (K, N), generator=g)
-    z = torch.randint(0, 2**bits, (ng, N), generator=g)
-    scales = (torch.rand(ng, N, generator=g) * 0.02 + 1e-3).to(dtype)
-    bias = torch.randn(N, generator=g).to(dtype)
+    q = torch.randint(0, 2**bits, (K, N_), generator=g)
+    z = torch.randint(0, 2**bits + 1, (ng, N_), generator=g)  # v1's unmasked +1 reaches 2**b
+    scales = (torch.rand(ng, N_, generator=g) * 0.02 + 1e-3).to(dtype)
+    bias = torch.randn(N_, generator=g).to(dtype)
     w = scales.double()[g_idx] * (q - z[g_idx]).double()
-    args = [gptq.pack_rows(q, bits), z.to(torch.int32), scales, g_idx.to(torch.int32)]
-    args = [t.cuda() for t in args]
+    packed = gptq.pack_rows(q, bits)
+    order = torch.argsort(g_idx, stable=True)
+    zs = z.to(torch.int32).cuda(), scales.cuda()
+    stored = (packed.cuda(), *zs, g_idx.to(torch.int32).cuda())
+    by_group = (gptq.permute_rows(packed, order, bits).cuda(), *zs, g_idx[order].int().cuda())
+    perm = order.to(torch.int32).cuda()
+    forms = {
+        "stored": (stored, {}),
+        "sorted": (by_group, {"perm": perm, "group_size": G}),
+        "sorted, no group promise": (by_group, {"perm": perm}),
+    }
     for tokens in (1, 3, 8, 13):
         x = torch.randn(tokens, K, generator=g).to(dtype)
         want = x.double() @ w + bias.double()
-        got = torch.ops.vptq.gptq_gemv(x.cuda(), *args, bias.cuda(), bits).cpu().double()
-        err = (got - want).abs().max() / want.abs().max()
-        assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (tokens, float(err))
-        unbiased = torch.ops.vptq.gptq_gemv(x.cuda(), *args, None, bits).cpu().double()
-        torch.testing.assert_close(unbiased + bias.double(), got, atol=0.05, rtol=0.02)
-    torch.library.opcheck(torch.ops.vptq.gptq_gemv, (x.cuda(), *args, bias.cuda(), bits))
+        for form, (args, kw) in forms.items():
+            got = torch.ops.vptq.gptq_gemv(x.cuda(), *args, bias.cuda(), bits, **kw)
+            got = got.cpu().double()
+            err = (got - want).abs().max() / want.abs().max()
+            assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), (form, tokens, float(err))
+        unbiased = torch.ops.vptq.gptq_gemv(x.cuda(), *by_group, None, bits, perm, G)
+        torch.testing.assert_close(unbiased.cpu().double() + bias.double(), got, atol=0.05,
+                                   rtol=0.02)  # fmt: skip
+    for args, kw in forms.values():
+        kw = {"perm": None, "group_size": 0, **kw}
+        torch.library.opcheck(
+            torch.ops.vptq.gptq_gemv, (x.cuda(), *args, bias.cuda(), bits, kw["perm"],
+                                       kw["group_size"]),
+        )  # fmt: skip
+    # the dequant kernel puts sorted rows back in the stored order
+    for args, p in ((stored, None), (by_group, perm)):
+        dense = torch.ops.vptq.gptq_dequant(*args, bits, 0, N_, p).cpu().double()
+        assert (dense - w).abs().max() <= w.abs().max() * 2**-8
 
 
 @pytest.mark.gpu
