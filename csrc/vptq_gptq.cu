@@ -21,16 +21,24 @@ namespace {
 
 constexpr int kGptqThreads = 128;   // output columns a block
 constexpr int kGptqMaxRows = 1024;  // rows a split: x (8 tokens) and g_idx in 36 KB of smem
-// Blocks an SM, in splits of K: the loop is latency-bound, so more warps help. H200, `bench
-// gptq --tokens 1`, Llama-3.1-8B block at 4 bits: 2 -> 390 us, 4 -> 309, 8 -> 270, 16 -> 248,
-// 32 -> 240 (fp16 137); 16 keeps the partial sums to a fraction of the weights' bytes.
-constexpr int kGptqBlocksPerSm = 16;
+// Blocks an SM, in splits of K. H200, `bench gptq --tokens 1`, Llama-3.1-8B block at 4 bits,
+// the first kernel: 2 -> 390 us, 4 -> 309, 8 -> 270, 16 -> 248, 32 -> 240 (fp16 137). The
+// grouped kernel (session 25): 2 -> 112, 4 -> 101, 8 -> 95, 16 -> 95, 32 -> 108 at one token,
+// 8 -> 194 and 16 -> 212 at 8 tokens; 2-bit 8 -> 90, 16 -> 96.
+constexpr int kGptqBlocksPerSm = 8;
 
 // 2**23 + code as a float's bits is exact for codes below 2**23: one OR and one add give
 // code - z (exact, z < 2**9) without an int-to-float conversion, a slow instruction.
 constexpr float kMagic = 8388608.f;  // 2**23
 __device__ __forceinline__ float code_minus(uint32_t code, float magic_z) {
   return __uint_as_float(0x4B000000u | code) - magic_z;
+}
+
+// (word & mask) | 0x4B000000 in one LOP3 (left to itself, ptxas spends an AND and an OR).
+__device__ __forceinline__ uint32_t mask_into_magic(uint32_t word, uint32_t mask) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(word), "r"(mask), "n"(0x4B000000));
+  return d;
 }
 
 template <typename S, int BITS, int NT, int COLS>
@@ -156,11 +164,14 @@ __global__ void __launch_bounds__(kGptqThreads)
     for (int c = 0; c < 4; ++c) acc[t][c] = gacc[t][c] = 0.f;
 #pragma unroll
   for (int c = 0; c < 4; ++c) s[c] = 0.f;
-  int group = -1;
-  for (int u = 0; u < rows; u += 32) {
-    const int g = static_cast<int>((k0 + u) / G);
-    if (g != group) {  // the previous group's sums scaled once; this one's zero terms
-      group = g;
+  // K < 2**31 rows (gptq_dequant's limit is far below): 32-bit row numbers; a division only
+  // where a group starts
+  int next = static_cast<int>(k0);  // the row where the next group starts
+  const int32_t* wp = qweight + k0 / 32 * BITS * N + n;  // this run's first word row
+  for (int u = 0; u < rows; u += 32, wp += BITS * N) {
+    if (static_cast<int>(k0) + u >= next) {  // the last group's sums scaled; this one's zeros
+      const int g = (static_cast<int>(k0) + u) / G;
+      next = (g + 1) * G;
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
 #pragma unroll
@@ -171,11 +182,10 @@ __global__ void __launch_bounds__(kGptqThreads)
         for (int p = 0; p < P; ++p) mz[c][p] = kMagic + z * static_cast<float>(1 << (BITS * p));
       }
     }
-    const int64_t word_row = (k0 + u) / 32 * BITS;
     uint32_t w[BITS][4];
 #pragma unroll
     for (int j = 0; j < BITS; ++j) {
-      const int4 v = *reinterpret_cast<const int4*>(qweight + (word_row + j) * N + n);
+      const int4 v = *reinterpret_cast<const int4*>(wp + j * N);
       w[j][0] = v.x, w[j][1] = v.y, w[j][2] = v.z, w[j][3] = v.w;
     }
 #pragma unroll
@@ -195,8 +205,7 @@ __global__ void __launch_bounds__(kGptqThreads)
           const uint32_t half = h ? w[j][c] >> 16 : w[j][c];
 #pragma unroll
           for (int p = 0; p < P; ++p) {
-            const float v =
-                __uint_as_float((half & (kMask << (BITS * p))) | 0x4B000000u) - mz[c][p];
+            const float v = __uint_as_float(mask_into_magic(half, kMask << (BITS * p))) - mz[c][p];
 #pragma unroll
             for (int t = 0; t < NT; ++t) gacc[t][c] = fmaf(xv[t][h * P + p], v, gacc[t][c]);
           }
