@@ -3,13 +3,16 @@
 //
 // A thread owns four adjacent output columns (one where N % 4 != 0) and a run of rows (a split
 // of K); consecutive threads take consecutive columns, so each packed word row (qweight is
-// [K * bits / 32, N]) is read in 16-byte loads, coalesced across the warp. 32 rows are `bits` words: code i sits at bit bits * i of them as
-// one little-endian string (3-bit codes 10 and 21 cross a word), which covers every width
-// alike. The block stages its rows of x (fp32) and of g_idx in shared memory; the scale and
-// zero point are reloaded only where the group changes (act-order makes that any row). fp32
-// sums; each split writes its partial sums, and a second kernel adds the splits in order with
-// the bias (deterministic, graph-capturable: the workspace comes from the caller).
+// [K * bits / 32, N]) is read in 16-byte loads, coalesced across the warp. 32 rows are `bits`
+// words: code i sits at bit bits * i of them as one little-endian string (3-bit codes 10 and 21
+// cross a word). The block stages its rows of x (fp32, through perm where the load sorted the
+// rows by group) in shared memory. fp32 sums; each split writes its partial sums, and a second
+// kernel adds the splits in order with the bias (deterministic, graph-capturable).
+// Two GEMV kernels: gptq_gemv_grouped_kernel where groups are contiguous runs of whole 32-row
+// units (three instructions a weight, the scale once a group; 2, 4 and 8 bits), and
+// gptq_gemv_kernel for the rest (a group looked up a row, any width).
 // More tokens: gptq_dequant_kernel writes column slices of the dense weight for cuBLAS.
+// Measurements: csrc/KERNELS.md, sessions 24 and 25.
 #include <algorithm>
 #include <cstdint>
 
