@@ -118,7 +118,12 @@ def parser() -> argparse.ArgumentParser:
     bg.add_argument("--tokens", type=int, action="append", help="token counts (default: 1 4 8 512)")
     be = bsub.add_parser("e2e", help="a whole random model on the GPU: prefill, graph decode")
     be.add_argument("--arch", default="llama-3.1-8b", help="llama-3.1-8b|llama-3.1-70b|...")
-    be.add_argument("--scheme", default="v8-k65536-0")
+    be.add_argument(
+        "--scheme",
+        default="v8-k65536-0",
+        help="a VPTQ scheme (v8-k65536-0, ...) or a GPTQ one: gptq-4bit, gptq-4bit-act, "
+        "gptq-3bit, gptq-2bit, gptq-8bit (group 128)",
+    )
     be.add_argument("--context", type=tokens, default=4096)
     be.add_argument("--tokens", type=int, default=256)
     be.add_argument("--vram-limit", type=float, help="cap torch's memory at this many GiB")
@@ -300,7 +305,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
 
         for name, value, known in (
             ("arch", a.arch, bench_e2e.ARCHS),
-            ("scheme", a.scheme, bench.SCHEMES),
+            ("scheme", a.scheme, bench.SCHEMES | bench_e2e.GPTQ_SCHEMES),
         ):
             if value not in known:
                 raise ValueError(f"unknown --{name} {value!r}; choose from {', '.join(known)}")

@@ -15,6 +15,8 @@ import torch
 from .bench import read_bandwidth, scheme_spec
 from .config import ModelArgs
 from .decode import GraphDecoder
+from .formats.gptq import GPTQSpec
+from .gptq_linear import GPTQLinear
 from .layers import VQLinear, build_sliced_layouts, decode_paths, sliced_summary
 from .loader import EMBEDDING, _assign, free_bytes
 from .memory import GiB, Shape, embedding_on_host, sliced_budget
@@ -40,6 +42,15 @@ ARCHS = {  # the shape fields of each model's config.json
 }  # fmt: skip
 PROMPT = 512
 PREFILL_RUNS = 3  # prefill timed this many times, the median reported
+# GPTQ models beside the VPTQ schemes (bench.SCHEMES): bits, group size, act-order; asymmetric
+# gptq_v2 zero points, as GPTQModel writes by default
+GPTQ_SCHEMES = {
+    "gptq-4bit": (4, 128, False),
+    "gptq-4bit-act": (4, 128, True),
+    "gptq-3bit": (3, 128, False),
+    "gptq-2bit": (2, 128, False),
+    "gptq-8bit": (8, 128, False),
+}
 
 
 def config(arch: str) -> dict:
@@ -53,10 +64,15 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
     sliced decode layout as far as the memory left for it allows (cap: the process limit in
     bytes), as the loader does."""
     args = ModelArgs.from_hf_config(config(arch), arch)
+    gptq = GPTQ_SCHEMES.get(scheme or "")
 
     def make(name: str, k: int, n: int, bias: bool):
         if scheme is None or name == "lm_head":
             return dense_linear(name, k, n, bias)
+        if gptq:
+            bits, group = gptq[:2]
+            spec = GPTQSpec(k, n, bits, group, sym=False, v2=True, bias=bias)
+            return GPTQLinear(spec, torch.float16, name)
         return VQLinear(scheme_spec(scheme, k, n), torch.float16, name)
 
     with torch.device("meta"):
@@ -73,10 +89,14 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
     on_host = embedding_on_host(shape, weights, context, layouts, room())
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, t in tensors.items():
-        w = _random_like(name, t, gen, host=on_host and name == EMBEDDING)
+        if name.endswith(".g_idx"):  # each row's group: in order, or an act-order shuffle
+            rows = torch.arange(t.shape[0], device="cuda") // gptq[1]
+            w = rows[torch.randperm(t.shape[0], device="cuda", generator=gen)] if gptq[2] else rows
+        else:
+            w = _random_like(name, t, gen, host=on_host and name == EMBEDDING)
         _assign(model, name, w)
     for m in model.modules():
-        if isinstance(m, VQLinear):
+        if isinstance(m, VQLinear | GPTQLinear):
             m.post_load()
     build_sliced_layouts(model, sliced_budget(room(), shape, context))
     torch.cuda.empty_cache()
@@ -122,6 +142,8 @@ def decode_bytes(model: Transformer) -> int:
     for m in model.modules():
         if isinstance(m, VQLinear) and m.sliced is not None:
             total += m.sliced.nbytes - m.indices.numel() * m.indices.element_size()
+        if isinstance(m, GPTQLinear):  # the zero points, read at load into int32 beside it
+            total += m.zeros.numel() * m.zeros.element_size()
     return total
 
 

@@ -410,6 +410,20 @@ def test_settings_only_in_quantize_config_json(tmp_path):
     assert_same_logits(folder, hf)
 
 
+def act_order_layer(K, N, G, bits, dtype, seed):
+    """Random tensors of a GPTQ layer: (generator, g_idx an act-order map with a short last
+    group where G does not divide K, codes q [K, N], true zero points z [groups, N] up to 2**b
+    (v1's unmasked +1), scales in dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    ng = -(-K // G)
+    g_idx = torch.empty(K, dtype=torch.int64)
+    g_idx[torch.randperm(K, generator=g)] = torch.arange(K) // G
+    q = torch.randint(0, 2**bits, (K, N), generator=g)
+    z = torch.randint(0, 2**bits + 1, (ng, N), generator=g)
+    scales = (torch.rand(ng, N, generator=g) * 0.02 + 1e-3).to(dtype)
+    return g, g_idx, q, z, scales
+
+
 @pytest.mark.gpu
 @pytest.mark.usefixtures("cuda_kernels")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -421,14 +435,8 @@ def test_the_gemv_kernel_against_float64(bits, dtype, N):
     # stored (a group looked up a row), rows sorted by group with perm (the load's form: the
     # grouped kernel where bits != 3 and N % 4 == 0), and sorted without the group size's
     # promise (the first kernel through perm)
-    g = torch.Generator().manual_seed(bits)
     K, N_, G = 2112, N, 128
-    ng = -(-K // G)
-    g_idx = torch.empty(K, dtype=torch.int64)
-    g_idx[torch.randperm(K, generator=g)] = torch.arange(K) // G
-    q = torch.randint(0, 2**bits, (K, N_), generator=g)
-    z = torch.randint(0, 2**bits + 1, (ng, N_), generator=g)  # v1's unmasked +1 reaches 2**b
-    scales = (torch.rand(ng, N_, generator=g) * 0.02 + 1e-3).to(dtype)
+    g, g_idx, q, z, scales = act_order_layer(K, N_, G, bits, dtype, seed=bits)
     bias = torch.randn(N_, generator=g).to(dtype)
     w = scales.double()[g_idx] * (q - z[g_idx]).double()
     packed = gptq.pack_rows(q, bits)
@@ -473,14 +481,8 @@ def test_the_dequant_kernel_equals_the_reference_bit_for_bit(bits, dtype):
     # s * (q - z) is exact before its one rounding, so the kernel's slices equal
     # engine/formats/gptq.py dequant in the same dtype; the slices cover the 4-column threads
     # (n0, width multiples of 4) and the 1-column ones, act-order g_idx, a short last group
-    g = torch.Generator().manual_seed(bits + 10)
     K, N, G = 1088, 200, 128
-    ng = -(-K // G)
-    g_idx = torch.empty(K, dtype=torch.int64)
-    g_idx[torch.randperm(K, generator=g)] = torch.arange(K) // G
-    q = torch.randint(0, 2**bits, (K, N), generator=g)
-    z = torch.randint(0, 2**bits + 1, (ng, N), generator=g)  # v1's unmasked +1 reaches 2**b
-    scales = (torch.rand(ng, N, generator=g) * 0.02 + 1e-3).to(dtype)
+    _, g_idx, q, z, scales = act_order_layer(K, N, G, bits, dtype, seed=bits + 10)
     args = [gptq.pack_rows(q, bits), z.to(torch.int32), scales, g_idx.to(torch.int32)]
     spec_ = GPTQSpec(K, N, bits, G, False, True)
     want = gptq.dequant(*args[:3], g_idx, spec_, dtype)
@@ -516,3 +518,34 @@ def test_prefill_on_the_gpu_in_kernel_slices_matches_float64(tmp_path):
         for step in (4, 8, 28):
             part = q.linear_in_slices(x.half().cuda(), q.bias.half(), step)
             torch.testing.assert_close(part, whole, atol=1e-3, rtol=1e-3)  # cuBLAS per shape
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("cuda_kernels")
+@pytest.mark.parametrize("scheme", ["gptq-4bit-act", "gptq-3bit"])
+def test_bench_e2e_builds_gptq_models_whose_graph_decode_is_eager(monkeypatch, scheme):
+    # `bench e2e --scheme gptq-...`: random GPTQ layers of a real model's kind, act-order rows
+    # sorted as a load sorts them; a 12-token prompt goes through the dequant kernel
+    from engine import bench_e2e
+    from engine.decode import GraphDecoder
+    from engine.gptq_linear import GPTQLinear
+    from engine.sampling import SamplingParams
+
+    from .test_runtime import eager_tokens
+
+    tiny = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                num_hidden_layers=2, num_key_value_heads=2, vocab_size=4096)  # fmt: skip
+    monkeypatch.setitem(bench_e2e.ARCHS, "tiny-gptq", tiny)
+    model = bench_e2e.build("tiny-gptq", scheme, context=256)
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, GPTQLinear) and up.contiguous_groups
+    assert (up.perm is not None) == scheme.endswith("-act")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # clear-cut greedy choices from random weights
+        p = SamplingParams(temperature=0)
+        gen = torch.Generator(device="cuda").manual_seed(4)
+        prompt = torch.randint(0, 4096, (1, 12), device="cuda", generator=gen)
+        want = eager_tokens(model, prompt, p, seed=1, n=20)
+        logits = model(prompt, 0, last_only=True)[0]
+        seen = torch.zeros(4096, dtype=torch.bool, device="cuda")
+        assert list(GraphDecoder(model).run(logits, 12, seen, p, seed=1, limit=20)) == want
