@@ -100,7 +100,7 @@ class GPTQLinear(nn.Module):
                 y = torch.ops.vptq.gptq_gemv(
                     x.reshape(tokens, self.in_features).contiguous(), self.qweight, self.zeros,
                     self.scales, self.g_idx, bias, self.spec.bits, self.perm,
-                    self.spec.group_size if self.contiguous_groups else 0,
+                    min(self.spec.group_size, self.in_features) if self.contiguous_groups else 0,
                 )  # fmt: skip
                 return y.view(*x.shape[:-1], self.out_features)
             return self.linear_in_slices(x, bias, self.columns_per_slice(self.kernel_ok(x)))
