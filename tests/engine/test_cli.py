@@ -159,3 +159,18 @@ def test_terminal_chat_keeps_the_conversation(demo_path):
     assert r.returncode == 0, r.stderr
     first, second = r.stdout.split("Assistant: ")[1:3]
     assert "Paris" in first and "Berlin" in second
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("e2e", "--scheme", "gptq-5bit"), ("unknown --scheme 'gptq-5bit'", "v8-k65536-0",
+                                            "gptq-4bit-act", "gptq-8bit")),
+        (("kernels", "--scheme", "gptq-4bit"), ("unknown --scheme 'gptq-4bit'",)),  # VPTQ only
+        (("gptq", "--tokens", "0"), ("--tokens: give token counts from 1 to 65536",)),
+        (("gptq", "--group", "0"), ("--group 0: give a positive group size or -1",)),
+        (("gptq", "--arch", "qwen2.5-7b"), ("unknown --arch 'qwen2.5-7b'", "llama-3.1-70b")),
+    ],
+)  # fmt: skip
+def test_bench_settings_are_checked_before_any_gpu_work(args, needles):
+    assert_one_line_error(run("bench", *args, timeout=120), *needles)
