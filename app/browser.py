@@ -111,6 +111,8 @@ class CatalogueModel(_Table):
         if role == SortRole:
             return -1 if value is None else value
         if role == Qt.ItemDataRole.DisplayRole:
+            if s.gptq and index.column() in (3, 4, 5):  # no vectors or codebooks
+                return "GPTQ" if index.column() == 3 else "–"
             if value is None:
                 return "?"
             if index.column() == 1:

@@ -26,6 +26,11 @@ INSTALLED = INSTALLED_MARKER  # written last: the model is complete and verified
 MANIFEST = ".vptq-download.json"  # the revision and file list being downloaded
 _SCHEME = re.compile(r"-v(\d+)-k(\d+)-(\d+)(?=-|$)")
 _PARAMS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)[Bb](?![a-zA-Z])")
+_GPTQ = re.compile(r"[-_.]?gptq", re.I)  # GPTQ checkpoints of any publisher ("...-GPTQ-Int4")
+_GPTQ_BITS = re.compile(r"(?:int|w)([2348])(?!\d)|(?<!\d)([2348])[-_]?bits?(?![a-z])", re.I)
+# Weight formats the engine does not read; a repo that also has safetensors is fetched without
+# them (some publish the same weights two or three times over).
+UNREAD_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5", ".ot", ".tflite")
 
 
 class HubError(Exception):
@@ -41,10 +46,14 @@ class Scheme:
     v: int | None  # vector length
     k: int | None  # centroids of the main codebook
     kr: int | None  # residual centroids (0: none)
+    gptq: bool = False  # a GPTQ checkpoint (v, k, kr None)
+    gptq_bits: int | None = None
 
     @property
     def bits(self) -> float | None:
-        """Index bits per weight (the codebooks add a little on top)."""
+        """Index bits per weight (the codebooks add a little on top); GPTQ's code width."""
+        if self.gptq:
+            return self.gptq_bits
         if not self.v or not self.k:
             return None
         res = math.log2(self.kr) if self.kr and self.kr > 1 else 0.0
@@ -54,12 +63,15 @@ class Scheme:
     def family(self) -> str:
         """'Llama 3.1', 'Qwen2.5', 'Mistral', ...: the base model's family for filtering."""
         name = self.base.removeprefix("Meta-")
-        m = re.match(r"([A-Za-z]+)[- ]?(\d+(?:\.\d+)?)?", name)
+        # the number after the name is a version ("Llama-3.1"), not a size ("Mistral-7B")
+        m = re.match(r"([A-Za-z]+)[- ]?(\d+(?:\.\d+)?(?![\d.]*[Bb](?![a-z])))?", name)
         if not m:
             return name
         return f"{m.group(1)} {m.group(2)}".strip() if m.group(2) else m.group(1)
 
     def describe(self) -> str:
+        if self.gptq:
+            return f"GPTQ, {self.gptq_bits} bits/weight" if self.gptq_bits else "GPTQ"
         if self.bits is None:
             return "scheme unknown"
         res = f" + residual {self.kr}" if self.kr else ""
@@ -68,6 +80,13 @@ class Scheme:
 
 def parse_name(repo_id: str) -> Scheme:
     name = repo_id.rsplit("/", 1)[-1]
+    g = _GPTQ.search(name)
+    if g:  # e.g. Meta-Llama-3.1-8B-Instruct-GPTQ-INT4: the width from the name where it says
+        base = name[: g.start()]
+        b = _GPTQ_BITS.search(name)
+        p = _PARAMS.search(base)
+        bits = int(b.group(1) or b.group(2)) if b else None
+        return Scheme(base, float(p.group(1)) if p else None, None, None, None, True, bits)
     m = _SCHEME.search(name)
     base = name[: m.start()] if m else name
     p = _PARAMS.search(base)
@@ -80,23 +99,41 @@ def parse_name(repo_id: str) -> Scheme:
 def scheme_from_config(repo_id: str, config: dict) -> Scheme:
     """The name's scheme, corrected by the config's quantization_config and with the exact
     parameter count where the name lacks one."""
-    from .fit import Shape
 
     s = parse_name(repo_id)
     q = config.get("quantization_config") or {}
+    if isinstance(q, dict) and (q.get("quant_method") or q.get("method")) == "gptq":
+        bits = q.get("bits") if q.get("bits") in (2, 3, 4, 8) else None
+        return Scheme(s.base, _params(s.params_b, config), None, None, None, True, bits)
     layers = q.get("config_for_layers") or {}
     first = next(iter(layers.values()), None) or q.get("shared_layer_config") or {}
     v = (first.get("vector_lens") or [None, s.v])[-1]
     k = (first.get("num_centroids") or [None, s.k])[-1]
     kr = (first.get("num_res_centroids") or [None, s.kr])[-1]
-    params = s.params_b
-    if params is None:
-        try:
-            tied = bool(config.get("tie_word_embeddings"))
-            params = round(Shape.from_config(config).parameters(tied) / 1e9, 1)
-        except ValueError:
-            params = None
-    return Scheme(s.base, params, v, k, max(kr, 0) if kr is not None else None)
+    return Scheme(s.base, _params(s.params_b, config), v, k, max(kr, 0) if kr is not None else None)
+
+
+def _params(named: float | None, config: dict) -> float | None:
+    """Billions of parameters: the name's, else counted from the config's shape."""
+    from .fit import Shape
+
+    if named is not None:
+        return named
+    try:
+        tied = bool(config.get("tie_word_embeddings"))
+        return round(Shape.from_config(config).parameters(tied) / 1e9, 1)
+    except ValueError:
+        return None
+
+
+def catalogue_query(search: str) -> tuple[str, str | None]:
+    """(author, search) for the hub's model list: the community organisation's models, or,
+    where the search reads ``owner/part``, that owner's (any Hub repo by name, GPTQ ones
+    among them)."""
+    owner, slash, rest = search.strip().partition("/")
+    if slash and owner and "/" not in rest:
+        return owner, rest or None
+    return ORG, search.strip() or None
 
 
 @dataclass
@@ -202,7 +239,8 @@ class Hub:
                         self._catalogue_file,
                         {"time": time.time(), "models": [asdict(e) for e in entries]},
                     )
-                return entries, f"{len(entries)} models from {self.settings.url}"
+                n = len(entries)
+                return entries, f"{n} model{'' if n == 1 else 's'} from {self.settings.url}"
             except Exception as e:
                 reason = f"the hub could not be reached ({_short(e)})"
         else:
@@ -243,9 +281,10 @@ class Hub:
         from huggingface_hub import get_session
 
         get_session().head(self.settings.url, timeout=REACH_TIMEOUT)  # any answer will do
+        author, part = catalogue_query(search)
         models = self.api().list_models(
-            author=ORG,
-            search=search or None,
+            author=author,
+            search=part,
             sort="downloads" if sort == "downloads" else "last_modified",
             expand=["downloads", "likes", "lastModified"],
         )
@@ -276,6 +315,8 @@ class Hub:
             )
             for s in info.siblings or []
         ]
+        if any(f.path.endswith(".safetensors") for f in files):
+            files = [f for f in files if not f.path.endswith(UNREAD_WEIGHTS)]
         out = RepoFiles(repo, info.sha or "main", files)
         _write_json(cache, out.to_json())
         return out

@@ -68,8 +68,15 @@ class BrowseTab(QWidget):
     def __init__(self, ctrl: BrowserController, spawn) -> None:
         super().__init__()
         self.ctrl, self.spawn = ctrl, spawn
-        self.search = QLineEdit(placeholderText="Search VPTQ-community models")
+        self.search = QLineEdit(
+            placeholderText="Search VPTQ-community models, or owner/name for any Hub repo "
+            "(GPTQ models too)"
+        )
         self.search.setAccessibleName("Search models")
+        self.search.setToolTip(
+            "Words search the VPTQ-community models. 'owner/' lists that owner's models and "
+            "'owner/words' searches them, e.g. hugging-quants/gptq for GPTQ checkpoints."
+        )
         self.search.setClearButtonEnabled(True)
         self.sort = _combo(
             "Sort", [("Most downloaded", "downloads"), ("Recently updated", "recent")]

@@ -147,6 +147,50 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
     wait_until(qloop, lambda: app.settings.model == str(folder), what="the load")
 
 
+GPTQ = "hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4"
+
+
+def test_owner_slash_words_finds_a_gptq_repo_that_downloads_without_unread_weights(
+    browser_app, qloop, tmp_path
+):
+    app, hub = browser_app
+    config = {**LLAMA_8B, "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    files = {
+        "config.json": json.dumps(config).encode(),
+        "model.safetensors": payload(300_000, 8),
+        "pytorch_model.bin": payload(500_000, 9),  # the same weights again, for other tools
+        "quantize_config.json": b'{"bits": 4}',
+    }
+    hub.add(Repo(GPTQ, files, downloads=50))
+    hub.add(Repo("hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4", {}, 40))
+    app.show_models()
+    browse = app.models_window.browse
+    wait_until(qloop, lambda: app.browser.catalogue.rowCount() == 3, what="the catalogue")
+    browse.search.setText("hugging-quants/gptq")  # typed: asked once typing pauses
+    shown = app.browser.filtered
+    wait_until(qloop, lambda: shown.rowCount() == 1 and "1 model from" in browse.note.text(),
+               what="the owner's GPTQ repo")  # fmt: skip
+    cells = [shown.index(0, c).data() for c in range(7)]
+    assert cells == ["Meta-Llama-3.1-8B-Instruct-GPTQ-INT4", "8B", "4.00", "GPTQ", "–", "–", "50"]
+    assert "GPTQ, 4 bits/weight" in shown.index(0, 0).data(Qt.ItemDataRole.ToolTipRole)
+    browse.table.setCurrentIndex(shown.index(0, 0))
+    detail = browse.detail
+    wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
+    assert "GPTQ, 4 bits/weight" in detail.title.text()
+    total = sum(len(b) for p, b in files.items() if not p.endswith(".bin"))
+    assert f"Download size {total / 1000:.1f} KB in 3 files" in detail.size.text()
+    assert "Fits" in detail.verdict.text()
+    if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):
+        app.models_window.resize(1100, 720)
+        qloop.run_until_complete(asyncio.sleep(0.2))
+        app.models_window.grab().save(os.path.join(shots, "models-gptq.png"))
+    detail.download.click()
+    wait_until(qloop, lambda: detail.load.isEnabled(), what=f"the download {detail.state.text()}")
+    folder = tmp_path / "models" / GPTQ
+    assert (folder / "model.safetensors").read_bytes() == payload(300_000, 8)
+    assert not (folder / "pytorch_model.bin").exists() and not hub.gets("pytorch_model.bin")
+
+
 def enabled_buttons(local) -> list[str]:
     """The Downloads & installed tab's buttons that can be clicked now, in their order."""
     return [text for text, b in local.buttons.items() if b.isEnabled()]

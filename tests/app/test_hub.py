@@ -429,3 +429,70 @@ def test_offline_download_of_an_unknown_repo_says_why(hub, tmp_path):
 
     d = asyncio.run(main())
     assert d.state == "failed" and "offline mode" in d.message
+
+
+# -- any Hub repo by name: GPTQ checkpoints --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("repo", "base", "params", "family", "bits"),
+    [
+        ("hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4", "Meta-Llama-3.1-8B-Instruct", 8,
+         "Llama 3.1", 4),
+        ("Qwen/Qwen2.5-72B-Instruct-GPTQ-Int8", "Qwen2.5-72B-Instruct", 72, "Qwen 2.5", 8),
+        ("BitDistiller/Qwen2.5-7B-w2g64-gptq", "Qwen2.5-7B-w2g64", 7, "Qwen 2.5", 2),
+        ("someone/Mistral-7B-gptq-3bit", "Mistral-7B", 7, "Mistral", 3),
+        ("TheBloke/Llama-2-7B-GPTQ", "Llama-2-7B", 7, "Llama 2", None),  # width not in the name
+    ],
+)  # fmt: skip
+def test_gptq_names_parse(repo, base, params, family, bits):
+    s = parse_name(repo)
+    assert (s.gptq, s.base, s.params_b, s.family, s.bits) == (True, base, params, family, bits)
+    assert (s.v, s.k, s.kr) == (None, None, None)
+    assert s.describe() == (f"GPTQ, {bits} bits/weight" if bits else "GPTQ")
+
+
+def test_a_gptq_config_gives_its_width_and_the_parameter_count():
+    cfg = {  # Llama-3.1-8B's shape; the name says nothing of the size or the width
+        "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+        "quantization_config": {"quant_method": "gptq", "bits": 3, "group_size": 128},
+    }  # fmt: skip
+    s = scheme_from_config("TheBloke/Llama-GPTQ", cfg)
+    assert (s.gptq, s.bits, s.describe()) == (True, 3, "GPTQ, 3 bits/weight")
+    # 32 x (2*4096*4096 + 2*4096*1024 + 3*4096*14336 + 2*4096) + 4096 + 2*128256*4096 = 8.03e9
+    assert s.params_b == 8.0
+
+
+def test_owner_slash_words_lists_that_owners_repos(hub, tmp_path):
+    hub.add(Repo("VPTQ-community/Qwen2.5-7B-Instruct-v8-k65536-0-woft", {}, 500))
+    hub.add(Repo("hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4", {}, 300))
+    hub.add(Repo("hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4", {}, 200))
+    hub.add(Repo("Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4", {}, 900))
+    h = make_hub(hub, tmp_path)
+    h.catalogue()  # the community list, cached
+    found, note = h.catalogue(search="hugging-quants/")
+    assert [e.id for e in found] == [
+        "hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4",
+        "hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4",
+    ]
+    assert note.startswith("2 models from http://127.0.0.1")
+    found, _ = h.catalogue(search=" hugging-quants/gptq ")
+    assert [e.id for e in found] == ["hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4"]
+    assert found[0].scheme.describe() == "GPTQ, 4 bits/weight"
+    found, _ = h.catalogue(search="gptq")  # plain words: the community's models only
+    assert found == []
+    assert len(h.cached_catalogue()[0]) == 2  # searches never replace the cached list
+
+
+def test_weights_the_engine_cannot_read_are_not_fetched_beside_safetensors(hub, tmp_path):
+    both = tiny_repo("someone/Both-GPTQ")
+    both.files |= {"pytorch_model.bin": b"x" * 1000, "model.gguf": b"y" * 10, "README.md": b"z"}
+    hub.add(both)
+    hub.add(Repo("someone/Old-GPTQ", {"config.json": b"{}", "pytorch_model.bin": b"x" * 10}))
+    h = make_hub(hub, tmp_path)
+    got = {f.path for f in h.files("someone/Both-GPTQ").files}
+    assert got == set(tiny_repo().files) | {"README.md"}
+    # no safetensors at all: the list stays whole (the engine then names what it lacks)
+    assert {f.path for f in h.files("someone/Old-GPTQ").files} == {
+        "config.json",
+        "pytorch_model.bin",
+    }
