@@ -48,6 +48,7 @@ class Scheme:
     kr: int | None  # residual centroids (0: none)
     gptq: bool = False  # a GPTQ checkpoint (v, k, kr None)
     gptq_bits: int | None = None
+    gptq_group: int | None = None  # from the config (-1: one group)
 
     @property
     def bits(self) -> float | None:
@@ -104,7 +105,8 @@ def scheme_from_config(repo_id: str, config: dict) -> Scheme:
     q = config.get("quantization_config") or {}
     if isinstance(q, dict) and (q.get("quant_method") or q.get("method")) == "gptq":
         bits = q.get("bits") if q.get("bits") in (2, 3, 4, 8) else None
-        return Scheme(s.base, _params(s.params_b, config), None, None, None, True, bits)
+        group = q.get("group_size") if isinstance(q.get("group_size"), int) else None
+        return Scheme(s.base, _params(s.params_b, config), None, None, None, True, bits, group)
     layers = q.get("config_for_layers") or {}
     first = next(iter(layers.values()), None) or q.get("shared_layer_config") or {}
     v = (first.get("vector_lens") or [None, s.v])[-1]

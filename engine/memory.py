@@ -178,9 +178,23 @@ def sliced_budget(room: int, shape: Shape, context: int) -> int:
     return room - shape.kv_bytes_per_token * context - shape.workspace() - SLICED_SLACK
 
 
-def sliced_model_bytes(shape: Shape, v: int, k: int, kr: int = 0) -> int:
-    """The sliced decode layouts of every decoder projection of a VPTQ model of this shape."""
+def projections(shape: Shape) -> list[tuple[int, int]]:
+    """(in, out) features of a decoder layer's q, k, v, o, gate, up and down projections."""
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     h, i = shape.hidden, shape.intermediate
-    projections = [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
-    return shape.layers * sum(sliced_layer_bytes(a, b, v, k, kr) for a, b in projections)
+    return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+def sliced_model_bytes(shape: Shape, v: int, k: int, kr: int = 0) -> int:
+    """The sliced decode layouts of every decoder projection of a VPTQ model of this shape."""
+    return shape.layers * sum(sliced_layer_bytes(a, b, v, k, kr) for a, b in projections(shape))
+
+
+def gptq_zero_bytes(shape: Shape, bits: int, group: int) -> int:
+    """What a loaded GPTQ model holds beyond its files: each group's zero points unpacked to
+    int32 (engine/gptq_linear.py), in place of the packed qzeros (group -1: one group)."""
+    total = 0
+    for k, n in projections(shape):
+        groups = 1 if group <= 0 else -(-k // group)
+        total += groups * n * 4 - groups * n * bits // 8
+    return shape.layers * total

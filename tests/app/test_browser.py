@@ -11,6 +11,7 @@ import pytest
 from PySide6.QtCore import Qt
 
 from app.browser import EntryRole
+from app.fit import gib
 from app.gpu import GpuInfo
 from app.settings import Settings
 
@@ -154,7 +155,8 @@ def test_owner_slash_words_finds_a_gptq_repo_that_downloads_without_unread_weigh
     browser_app, qloop, tmp_path
 ):
     app, hub = browser_app
-    config = {**LLAMA_8B, "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    config = {**LLAMA_8B, "quantization_config": {"quant_method": "gptq", "bits": 4,
+                                                  "group_size": 128}}  # fmt: skip
     files = {
         "config.json": json.dumps(config).encode(),
         "model.safetensors": payload(300_000, 8),
@@ -180,6 +182,10 @@ def test_owner_slash_words_finds_a_gptq_repo_that_downloads_without_unread_weigh
     total = sum(len(b) for p, b in files.items() if not p.endswith(".bin"))
     assert f"Download size {total / 1000:.1f} KB in 3 files" in detail.size.text()
     assert "Fits" in detail.verdict.text()
+    # the weights: the files plus the zero points unpacked at load, 3.5 bytes more a group and
+    # column: 32 layers x 3.5 x (32 x (4096 + 1024 + 1024 + 4096 + 2 x 14336) + 112 x 4096)
+    zeros = 32 * 7 * (32 * (4096 + 1024 + 1024 + 4096 + 2 * 14336) + 112 * 4096) // 2
+    assert f"Weights {gib(300_000 + zeros)}" in detail.breakdown.text()
     if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):
         app.models_window.resize(1100, 720)
         qloop.run_until_complete(asyncio.sleep(0.2))

@@ -549,3 +549,19 @@ def test_bench_e2e_builds_gptq_models_whose_graph_decode_is_eager(monkeypatch, s
         logits = model(prompt, 0, last_only=True)[0]
         seen = torch.zeros(4096, dtype=torch.bool, device="cuda")
         assert list(GraphDecoder(model).run(logits, 12, seen, p, seed=1, limit=20)) == want
+
+
+@pytest.mark.parametrize(("bits", "group"), [(4, 32), (3, -1), (2, 64)])
+def test_the_memory_estimate_of_the_zero_points_is_what_a_load_holds(tmp_path, bits, group):
+    # the Models window adds memory.gptq_zero_bytes to the files' size: the loaded layers'
+    # int32 zero points less the packed qzeros they replace
+    from engine.memory import Shape, gptq_zero_bytes
+
+    folder, _ = gptq_model(tmp_path, bits=bits, group=group, desc_act=False, sym=False,
+                           fmt="gptq_v2")  # fmt: skip
+    cfg = json.loads((folder / "config.json").read_text())
+    stored = load_file(str(folder / "model.safetensors"))
+    packed = sum(t.numel() * 4 for n, t in stored.items() if n.endswith(".qzeros"))
+    lm = load_model(folder, "cpu", torch.float32, max_seq_len=16)
+    held = sum(m.zeros.numel() * 4 for m in lm.model.modules() if hasattr(m, "zeros"))
+    assert gptq_zero_bytes(Shape.from_config(cfg), bits, group) == held - packed > 0
