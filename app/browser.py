@@ -297,10 +297,10 @@ class BrowserController(QObject):
             return None
         s = d.scheme
         layout = sliced_model_bytes(d.shape, s.v, s.k, s.kr or 0) if s.v and s.k else 0
-        weights = d.files.weight_bytes
+        unpacked = 0
         if s.gptq and s.gptq_bits and s.gptq_group is not None:  # zero points unpacked at load
-            weights += gptq_zero_bytes(d.shape, s.gptq_bits, s.gptq_group)
-        return fit(d.shape, weights, gpu.free, context, layout)
+            unpacked = gptq_zero_bytes(d.shape, s.gptq_bits, s.gptq_group)
+        return fit(d.shape, d.files.weight_bytes, gpu.free, context, layout, unpacked)
 
     def make_room(self, gpu: GpuInfo, limit: int = 3) -> list[str]:
         """The biggest other users of the GPU: what to close to make room."""

@@ -22,6 +22,7 @@ class Fit:
     max_context: int  # the largest context that fits (0: not even the weights)
     fast_layout: int = 0  # the fast decode layout of a VPTQ model with large codebooks (bytes)
     host: int = 0  # the embedding table, kept in host memory (weights counts only the GPU part)
+    unpacked: int = 0  # of weights: GPTQ zero points a load unpacks beyond the files
 
     @property
     def needed(self) -> int:
@@ -39,6 +40,11 @@ class Fit:
             + (
                 f" (the embedding table, {gib(self.host)}, stays in host memory)"
                 if self.host
+                else ""
+            )
+            + (
+                f" (with {gib(self.unpacked)} of zero points unpacked at load)"
+                if self.unpacked
                 else ""
             ),
             f"KV cache at {self.context} tokens {gib(self.kv_cache)}",
@@ -64,9 +70,18 @@ class Fit:
         return self.needed + self.fast_layout + SLICED_SLACK <= self.free
 
 
-def fit(shape: Shape, weight_bytes: int, free: int, context: int, fast_layout: int = 0) -> Fit:
-    """weight_bytes: the files' weights; the engine keeps the embedding table in host memory
+def fit(
+    shape: Shape,
+    weight_bytes: int,
+    free: int,
+    context: int,
+    fast_layout: int = 0,
+    unpacked: int = 0,
+) -> Fit:
+    """weight_bytes: the files' weights; unpacked: what a load adds to them (GPTQ zero points,
+    engine/memory.py gptq_zero_bytes). The engine keeps the embedding table in host memory
     where everything would not fit the GPU otherwise (engine/memory.py embedding_on_host)."""
+    weight_bytes += unpacked
     overhead = shape.overhead()
     kv = shape.kv_bytes_per_token * context
     host = 0
@@ -74,4 +89,4 @@ def fit(shape: Shape, weight_bytes: int, free: int, context: int, fast_layout: i
         host = min(shape.embedding_bytes(), weight_bytes)
     weights = weight_bytes - host
     largest = shape.largest_context(free - weights - overhead)
-    return Fit(weights, kv, overhead, free, context, largest, fast_layout, host)
+    return Fit(weights, kv, overhead, free, context, largest, fast_layout, host, unpacked)
