@@ -189,9 +189,10 @@ def test_owner_slash_words_finds_a_gptq_repo_that_downloads_without_unread_weigh
     want = f"Weights {gib(300_000 + zeros)} (with {gib(zeros)} of zero points unpacked at load)"
     assert want in detail.breakdown.text()
     if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):
-        app.models_window.resize(1100, 720)
-        qloop.run_until_complete(asyncio.sleep(0.2))
-        app.models_window.grab().save(os.path.join(shots, "models-gptq.png"))
+        for name, size in (("models-gptq.png", (1100, 720)), ("models-gptq-small.png", (780, 420))):
+            app.models_window.resize(*size)
+            qloop.run_until_complete(asyncio.sleep(0.2))
+            app.models_window.grab().save(os.path.join(shots, name))
     detail.download.click()
     wait_until(qloop, lambda: detail.load.isEnabled(), what=f"the download {detail.state.text()}")
     folder = tmp_path / "models" / GPTQ
