@@ -100,7 +100,6 @@ def parse_name(repo_id: str) -> Scheme:
 def scheme_from_config(repo_id: str, config: dict) -> Scheme:
     """The name's scheme, corrected by the config's quantization_config and with the exact
     parameter count where the name lacks one."""
-
     s = parse_name(repo_id)
     q = config.get("quantization_config") or {}
     if isinstance(q, dict) and (q.get("quant_method") or q.get("method")) == "gptq":

@@ -13,8 +13,9 @@ from .formats.gptq import GPTQSpec
 from .memory import DEQUANT_WORKSPACE
 
 # The GPTQ GEMV kernel up to this many tokens (one launch's token tile); above, column slices of
-# the dense weight written by `vptq::gptq_dequant`, then cuBLAS. H200, `bench gptq --bits 4`:
-# an 8B block takes 237 us at 8 tokens with the GEMV (KERNELS.md session 24).
+# the dense weight written by `vptq::gptq_dequant`, then cuBLAS. H200, `bench gptq --bits 4`
+# (KERNELS.md session 25): an 8B block takes 205 us at 8 tokens with the GEMV, where writing its
+# seven dense weights alone takes 318 us.
 GEMV_MAX_TOKENS = 8
 
 
