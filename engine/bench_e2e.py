@@ -41,6 +41,7 @@ ARCHS = {  # the shape fields of each model's config.json
                           vocab_size=32768, architectures=["MistralForCausalLM"]),
 }  # fmt: skip
 PROMPT = 512
+TURN = 37  # tokens of a follow-up message, timed after the first answer: lengths not seen before
 PREFILL_RUNS = 3  # prefill timed this many times, the median reported
 # GPTQ models beside the VPTQ schemes (bench.SCHEMES): bits, group size, act-order; asymmetric
 # gptq_v2 zero points, as GPTQModel writes by default
@@ -166,11 +167,13 @@ def kv_bytes_read(model: Transformer, tokens: int) -> float:
 CHAT_SAMPLING = dict(temperature=0.7, top_p=0.95)
 
 
-def _decode(dec: GraphDecoder, logits, seen, p: SamplingParams, tokens: int) -> tuple[float, float]:
-    """Graph decode of ``tokens`` tokens after the prompt: (seconds to the first token, then
-    decode tok/s)."""
+def _decode(
+    dec: GraphDecoder, logits, seen, p: SamplingParams, tokens: int, pos: int = PROMPT
+) -> tuple[float, float]:
+    """Graph decode of ``tokens`` tokens after the prompt (the first at ``pos``): (seconds to
+    the first token, then decode tok/s)."""
     t0 = time.perf_counter()
-    stream = dec.run(logits, PROMPT, seen, p, seed=0, limit=tokens)
+    stream = dec.run(logits, pos, seen, p, seed=0, limit=tokens)
     next(stream)
     t_first = time.perf_counter()
     n = 1 + sum(1 for _ in stream)
@@ -198,6 +201,14 @@ def measure(model: Transformer, tokens: int) -> dict:
             times.append(time.perf_counter() - t0)
         t_prefill = statistics.median(times)
         first_s, decode_tok_s = _decode(dec, logits, seen, p, tokens)
+        turn_ms = None  # a chat's next turn: its new tokens after the cached ones, then a token
+        if PROMPT + tokens + TURN <= model.max_seq:
+            follow = torch.randint(0, vocab, (1, TURN), device="cuda")
+            t0 = time.perf_counter()
+            turn = model(follow, PROMPT + tokens, last_only=True)[0]
+            t_turn = time.perf_counter() - t0
+            pos = PROMPT + tokens + TURN
+            turn_ms = (t_turn + _decode(dec, turn, seen, p, 1, pos)[0]) * 1000
         free, total = torch.cuda.mem_get_info()
         peak = torch.cuda.max_memory_allocated()
         chat = SamplingParams(**CHAT_SAMPLING, max_new_tokens=tokens)
@@ -211,6 +222,7 @@ def measure(model: Transformer, tokens: int) -> dict:
     return {
         "prefill_tok_s": PROMPT / t_prefill,
         "ttft_ms": (t_prefill + first_s) * 1000,
+        "turn_ttft_ms": turn_ms,
         "decode_tok_s": decode_tok_s,
         "sampled_tok_s": sampled,  # or why not
         "peak_torch_gib": peak / GiB,
@@ -311,6 +323,10 @@ def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> Non
             got = f"{got:.1f} tok/s" if isinstance(got, float) else got
             sampling = ", ".join(f"{k} {v:g}" for k, v in CHAT_SAMPLING.items())
             print(f"{label}: decode with the chat's default sampling ({sampling}): {got}")
+    for label, r in rows.items():
+        if r.get("turn_ttft_ms") is not None:
+            print(f"{label}: TTFT of a follow-up turn ({TURN} new tokens after the answer, "
+                  f"lengths not seen before): {r['turn_ttft_ms']:.1f} ms")  # fmt: skip
     glue = "fused kernels" if fused.ENABLED else "PyTorch ops (VPTQ_DECODE_FUSED=0)"
     print(f"norms, RoPE, attention and SiLU in the decode step: {glue}")
     if "error" not in rows[scheme]:

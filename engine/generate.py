@@ -21,6 +21,9 @@ from .sampling import SamplingParams, sample
 from .tokenizer import ContextError, Detokenizer, StopMatcher, Tokenizer
 
 PREFILL_CHUNK = 512
+# Tokens of the warm-up prompt: more than the decode GEMVs take (engine/ops/cuda.py
+# GEMV_MAX_TOKENS), so that it runs the prefill path: dequant + GEMM, attention.
+WARM_UP_TOKENS = 16
 log = logging.getLogger("engine")
 
 
@@ -65,7 +68,43 @@ class Session:
         loaded = load_model(path, device, dtype, max_seq_len, progress)
         if progress:
             progress(1.0, "loading tokenizer")
-        return cls(loaded, Tokenizer(loaded.folder, loaded.args.eos_token_ids), kernels)
+        session = cls(loaded, Tokenizer(loaded.folder, loaded.args.eos_token_ids), kernels)
+        if os.environ.get("VPTQ_CHAT_WARM_UP") != "0":
+            if progress and loaded.device.type == "cuda":
+                progress(1.0, "warming up")
+            session.warm_up()
+        return session
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """On a GPU, what the first answer would otherwise wait for: the first prefill (where the
+        kernels PyTorch and we use are loaded, 0.1-1.5 s on an H200), the greedy decode graph's
+        capture (about 0.1 s) and the samplers' first calls (about 20 ms). Its KV entries are
+        overwritten by the first prompt's (self.cached stays empty). A failure here (out of
+        memory, say) is logged and costs only that speed: the first answer meets it again and
+        reports it."""
+        if self.loaded.device.type != "cuda":
+            return
+        t0 = time.perf_counter()
+        model = self.loaded.model
+        ids = torch.arange(min(WARM_UP_TOKENS, self.n_ctx), device=self.loaded.device)
+        try:
+            logits = model(ids[None] % model.args.vocab_size, 0, last_only=True)[0]
+            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            greedy, sampled = SamplingParams(temperature=0), SamplingParams(top_p=0.95)
+            gen = torch.Generator(device=logits.device)
+            for p in (greedy, sampled):
+                sample(logits, p, gen, seen)
+            decoder = self.graph_decoder(greedy)
+            if decoder is not None:
+                decoder.graph(greedy)
+            torch.cuda.synchronize(self.loaded.device)
+        except RuntimeError as e:  # torch.OutOfMemoryError among them
+            self.decoder = None
+            log.warning("warming up failed (%s); the first answer will start more slowly",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)  # fmt: skip
+            return
+        log.info("warmed up in %.2f s", time.perf_counter() - t0)
 
     def graph_decoder(self, p: SamplingParams):
         """The CUDA-graph decoder for these sampling settings, or None (CPU, reference kernels,

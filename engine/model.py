@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import ModelArgs, rope_inv_freq
 from .kv_cache import KVCache
@@ -29,6 +31,35 @@ def fused_decode(start, mask) -> bool:
     """Whether a forward pass is the fused decode step: one token at a position held on the
     device, no mask (Transformer.decode chooses)."""
     return isinstance(start, torch.Tensor) and mask is None
+
+
+# Prefill attention: PyTorch's own pick for grouped heads on Hopper, cuDNN's attention, builds a
+# plan for each new (query, key) length, 40 ms to 1.1 s on an H200, and every chat turn brings a
+# new one (csrc/KERNELS.md session 26). Flash and memory-efficient attention take any length.
+CAUSAL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Softmax attention of q [B, H, T, D] over k, v [B, H_kv, S, D] (query head h reads key head
+    h // (H / H_kv)). causal: query t sees keys 0 .. S - T + t, the queries being the last T
+    positions (mask ignored). Then K and V are not copied per query head: each key head's group
+    of query heads is a batch entry of its own, over K and V expanded with stride 0, for flash
+    attention. Else mask [T, S] bool (or None: every key) on PyTorch's pick: a sliding window's
+    prefill and the decode step off the fused kernels (one shape), where memory-efficient
+    attention would expand the mask to every head."""
+    if not causal:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    b, h, t, d = q.shape
+    kv, s = k.shape[1], k.shape[2]
+    q = q.unflatten(1, (kv, h // kv)).flatten(0, 1)  # [B * H_kv, group, T, D]
+    k = k.flatten(0, 1)[:, None].expand(-1, h // kv, -1, -1)
+    v = v.flatten(0, 1)[:, None].expand(-1, h // kv, -1, -1)
+    with sdpa_kernel(CAUSAL_BACKENDS):
+        if t == s:  # without the causal_lower_right bias's dispatch in Python
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, s))
+    return y.reshape(b, h, t, d)
 
 
 def dense_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -109,7 +140,11 @@ class Attention(nn.Module):
             k, v = self.cache.write_at(start, k, v)  # [B, H_kv, max_seq, D]
         else:
             k, v = self.cache.update(start, k, v)  # [B, H_kv, start+T, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        # a prefill chunk within the window sees every earlier key: causal, no mask needed
+        causal = not isinstance(start, torch.Tensor) and (
+            self.window is None or k.shape[2] <= self.window
+        )
+        y = attention(q, k, v, mask, causal)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 

@@ -110,3 +110,63 @@ def test_layers_sharing_an_input_use_the_shared_launch_where_it_takes_the_input(
         assert torch.equal(m(tokens), want) and not any(b.fused.calls for b in blocks)
         blocks[1].fused = _Shared(blocks[1].shared_input(), 0.5)  # the MLP's outputs are used
         assert not torch.allclose(m(tokens), want)
+
+
+def _attention_oracle(q, k, v, mask):
+    """float64 softmax attention, each key head repeated for its group of query heads."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = (t.double().repeat_interleave(g, 1) for t in (k, v))
+    s = q.double() @ kk.transpose(-1, -2) / q.shape[-1] ** 0.5
+    return s.masked_fill(~mask, float("-inf")).softmax(-1) @ vv
+
+
+def _attention_case(t, s, heads, kv, dtype, device, window=None):
+    """q of the last t of s positions ([1, heads, t, 32], transposed as the model has it), k and v
+    [1, kv, s, 32] views of a longer cache, and the [t, s] mask (within window)."""
+    gen = torch.Generator(device=device).manual_seed(t * 1000 + s)
+    q = torch.randn(1, t, heads, 32, dtype=dtype, device=device, generator=gen).transpose(1, 2)
+    cache = torch.randn(2, 1, kv, s + 7, 32, dtype=dtype, device=device, generator=gen)
+    k, v = cache[0, :, :, :s], cache[1, :, :, :s]
+    qp = torch.arange(s - t, s, device=device)[:, None]
+    kp = torch.arange(s, device=device)[None]
+    mask = kp <= qp
+    if window is not None:
+        mask &= kp > qp - window
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize(
+    "t,s,heads,kv", [(6, 6, 4, 2), (3, 13, 6, 2), (1, 9, 4, 4), (5, 12, 8, 1), (1, 1, 2, 1)]
+)
+def test_prefill_attention_against_float64(t, s, heads, kv):
+    from engine.model import attention
+
+    q, k, v, mask = _attention_case(t, s, heads, kv, torch.float32, "cpu")
+    want = _attention_oracle(q, k, v, mask)
+    torch.testing.assert_close(attention(q, k, v, None, True).double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(attention(q, k, v, mask, False).double(), want, atol=1e-6, rtol=0)
+    q, k, v, win = _attention_case(t, s, heads, kv, torch.float32, "cpu", window=3)
+    want = _attention_oracle(q, k, v, win)
+    torch.testing.assert_close(attention(q, k, v, win, False).double(), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,s", [(512, 512), (37, 37), (20, 65), (512, 4096), (1, 300)])
+def test_prefill_attention_on_the_gpu_copies_no_key_heads(t, s):
+    """fp16 within fp16's error of float64; causal, no memory taken beyond the output and 1 MiB:
+    K and V are read in place by every query head of their group, not repeated (at 512 x 4096
+    those copies would take 16 MiB)."""
+    from engine.model import attention
+
+    q, k, v, mask = _attention_case(t, s, 32, 8, torch.float16, "cuda")
+    want = _attention_oracle(q, k, v, mask)
+    for causal in (True, False):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        got = attention(q, k, v, mask, causal)
+        torch.cuda.synchronize()
+        taken = torch.cuda.max_memory_allocated() - before  # before the check's temporaries
+        torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=0)
+        if causal:
+            assert taken <= got.numel() * got.element_size() + (1 << 20)

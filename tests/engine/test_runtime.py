@@ -108,9 +108,10 @@ def test_bench_e2e_times_greedy_and_the_chats_sampling(small_model, monkeypatch)
     pick = fused.sample_pick
     monkeypatch.setattr(fused, "sample_pick", lambda *a: (picks.append(1), pick(*a))[1])
     r = bench_e2e.measure(model, 16)
-    assert runs == [(0, 1.0, 16), (chat.temperature, chat.top_p, 16)]
+    assert runs == [(0, 1.0, 16), (0, 1.0, 1), (chat.temperature, chat.top_p, 16)]
     assert r["prefill_tok_s"] == pytest.approx(bench_e2e.PROMPT / 1e-3)
     assert r["ttft_ms"] == pytest.approx(2.0)  # the prefill's tick and the first token's
+    assert r["turn_ttft_ms"] == pytest.approx(2.0)  # the same for the follow-up turn
     assert r["decode_tok_s"] == pytest.approx(15 / 1e-3)  # 15 tokens after the first, 1 tick
     assert r["sampled_tok_s"] == pytest.approx(15 / 1e-3)
     logits = torch.zeros(1, 4096, dtype=torch.float16, device="cuda")
@@ -227,28 +228,75 @@ LLAMA_8B_2BIT = dict(
 )  # fmt: skip  (the demo's vocabulary, so its tokenizer can drive it)
 
 
-@pytest.fixture(scope="module")
-def llama8b_folder(tmp_path_factory, demo_tokenizer_files):
+def random_checkpoint(folder, arch, shape, scheme, tokenizer_files, shard_bytes=512 << 20):
+    """A random model of ``shape`` (bench e2e's builder) written to ``folder`` as a VPTQ
+    checkpoint with the demo's tokenizer, as the engine loads it from disk."""
     from engine import bench_e2e
     from engine.formats.vptq_writer import spec_to_dict, write_checkpoint
 
-    bench_e2e.ARCHS["llama8b-demo-vocab"] = LLAMA_8B_2BIT
-    model = build("llama8b-demo-vocab", "v8-k65536-0", context=16)
-    folder = tmp_path_factory.mktemp("llama8b")
+    bench_e2e.ARCHS[arch] = shape
+    model = build(arch, scheme, context=16)
     tensors = {
         k: v.cpu() for k, v in model.state_dict().items() if "cache" not in k and "index" not in k
     }
     tensors = {k: (v.view(torch.int16) if k.endswith(".perm") else v) for k, v in tensors.items()}
     layers = {name: spec_to_dict(m.spec) for name, m in model.named_modules() if hasattr(m, "spec")}
-    cfg = bench_e2e.config("llama8b-demo-vocab") | {
+    cfg = bench_e2e.config(arch) | {
         "quantization_config": {"quant_method": "vptq", "config_for_layers": layers}
     }
     del model
     torch.cuda.empty_cache()
-    write_checkpoint(folder, cfg, tensors, shard_bytes=512 << 20)
-    for f in demo_tokenizer_files.iterdir():
+    write_checkpoint(folder, cfg, tensors, shard_bytes=shard_bytes)
+    for f in tokenizer_files.iterdir():
         shutil.copy(f, folder / f.name)
     return folder
+
+
+@pytest.fixture(scope="module")
+def llama8b_folder(tmp_path_factory, demo_tokenizer_files):
+    folder = tmp_path_factory.mktemp("llama8b")
+    return random_checkpoint(
+        folder, "llama8b-demo-vocab", LLAMA_8B_2BIT, "v8-k65536-0", demo_tokenizer_files
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, demo_tokenizer_files):
+    shape = dict(hidden_size=512, intermediate_size=1536, num_attention_heads=8,
+                 num_hidden_layers=4, num_key_value_heads=2, vocab_size=49152)  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny")
+    return random_checkpoint(folder, "tiny-demo-vocab", shape, "v8-k65536-0", demo_tokenizer_files)
+
+
+def test_a_warmed_up_session_answers_as_a_cold_one(tiny_folder, monkeypatch):
+    """Session.load warms up on the GPU (a prefill, the greedy graph, the samplers) and says so;
+    its dummy prompt leaves nothing behind: two turns give the tokens of a session loaded
+    without it (VPTQ_CHAT_WARM_UP=0), the second reusing the first turn's KV entries."""
+    from engine.generate import Session
+
+    turns = [[{"role": "user", "content": "Name three colours."}]]
+    turns.append(turns[0] + [{"role": "assistant", "content": "Red."}, turns[0][0]])
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    runs = {}
+    for warm in ("1", "0"):
+        monkeypatch.setenv("VPTQ_CHAT_WARM_UP", warm)
+        stages = []
+        progress = lambda f, st, to=stages: to.append(st)  # noqa: E731
+        s = Session.load(tiny_folder, "cuda", torch.float16, 256, progress)
+        model = s.loaded.model
+        model.lm_head.weight.data.mul_(40)  # random weights: clear-cut greedy choices
+        graphs = len(s.decoder.graphs) if s.decoder else 0
+        assert ("warming up" in stages, graphs) == ((True, 1) if warm == "1" else (False, 0))
+        out = []
+        for messages in turns:
+            gen = s.generate(s.prompt_ids(messages=messages, max_new_tokens=12)[0], greedy)
+            "".join(gen)
+            out.append((gen.tokens, gen.stats.cached_tokens, gen.stats.cuda_graph))
+        runs[warm] = out
+        del s, model
+        torch.cuda.empty_cache()
+    assert runs["1"] == runs["0"]
+    assert runs["1"][1][1] > 0 and runs["1"][0][2]  # the second turn reused the first's KV
 
 
 @pytest.fixture(scope="module")
