@@ -70,13 +70,11 @@ class Session:
             progress(1.0, "loading tokenizer")
         session = cls(loaded, Tokenizer(loaded.folder, loaded.args.eos_token_ids), kernels)
         if os.environ.get("VPTQ_CHAT_WARM_UP") != "0":
-            if progress and loaded.device.type == "cuda":
-                progress(1.0, "warming up")
-            session.warm_up()
+            session.warm_up(progress)
         return session
 
     @torch.no_grad()
-    def warm_up(self) -> None:
+    def warm_up(self, progress: Progress | None = None) -> None:
         """On a GPU, what the first answer would otherwise wait for: the first prefill (where the
         kernels PyTorch and we use are loaded, 0.1-1.5 s on an H200), the greedy decode graph's
         capture (about 0.1 s) and the samplers' first calls (about 20 ms). Its KV entries are
@@ -85,6 +83,8 @@ class Session:
         reports it."""
         if self.loaded.device.type != "cuda":
             return
+        if progress:
+            progress(1.0, "warming up")
         t0 = time.perf_counter()
         model = self.loaded.model
         ids = torch.arange(min(WARM_UP_TOKENS, self.n_ctx), device=self.loaded.device)

@@ -39,15 +39,15 @@ def fused_decode(start, mask) -> bool:
 CAUSAL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+def attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention of q [B, H, T, D] over k, v [B, H_kv, S, D] (query head h reads key head
-    h // (H / H_kv)). causal: query t sees keys 0 .. S - T + t, the queries being the last T
-    positions (mask ignored). Then K and V are not copied per query head: each key head's group
-    of query heads is a batch entry of its own, over K and V expanded with stride 0, for flash
-    attention. Else mask [T, S] bool (or None: every key) on PyTorch's pick: a sliding window's
-    prefill and the decode step off the fused kernels (one shape), where memory-efficient
-    attention would expand the mask to every head."""
-    if not causal:
+    h // (H / H_kv)). mask None: causal, the queries being the last T positions (query t sees
+    keys 0 .. S - T + t); K and V are not copied per query head: each key head's group of query
+    heads is a batch entry of its own, over K and V expanded with stride 0, for flash attention.
+    Else mask [T, S] bool on PyTorch's pick: a sliding window's prefill and the decode step off
+    the fused kernels (one shape), where memory-efficient attention would expand the mask to
+    every head."""
+    if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     b, h, t, d = q.shape
     kv, s = k.shape[1], k.shape[2]
@@ -140,11 +140,7 @@ class Attention(nn.Module):
             k, v = self.cache.write_at(start, k, v)  # [B, H_kv, max_seq, D]
         else:
             k, v = self.cache.update(start, k, v)  # [B, H_kv, start+T, D]
-        # a prefill chunk within the window sees every earlier key: causal, no mask needed
-        causal = not isinstance(start, torch.Tensor) and (
-            self.window is None or k.shape[2] <= self.window
-        )
-        y = attention(q, k, v, mask, causal)
+        y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -229,9 +225,10 @@ class Transformer(nn.Module):
         self.max_seq = max_seq
 
     def attention_mask(self, start: int, t: int) -> torch.Tensor | None:
-        """[T, start+T] bool: query t sees keys 0..start+t (within the sliding window)."""
+        """[T, start+T] bool: query t sees keys 0..start+t within the sliding window; None where
+        that is every earlier key (no window, or the chunk ends within it): causal attention."""
         window = self.args.sliding_window
-        if t == 1 and (window is None or start < window):
+        if window is None or start + t <= window:
             return None
         q = torch.arange(start, start + t, device=self.cos.device)[:, None]
         k = torch.arange(start + t, device=self.cos.device)[None, :]

@@ -143,11 +143,11 @@ def test_prefill_attention_against_float64(t, s, heads, kv):
 
     q, k, v, mask = _attention_case(t, s, heads, kv, torch.float32, "cpu")
     want = _attention_oracle(q, k, v, mask)
-    torch.testing.assert_close(attention(q, k, v, None, True).double(), want, atol=1e-6, rtol=0)
-    torch.testing.assert_close(attention(q, k, v, mask, False).double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(attention(q, k, v, None).double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(attention(q, k, v, mask).double(), want, atol=1e-6, rtol=0)
     q, k, v, win = _attention_case(t, s, heads, kv, torch.float32, "cpu", window=3)
     want = _attention_oracle(q, k, v, win)
-    torch.testing.assert_close(attention(q, k, v, win, False).double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(attention(q, k, v, win).double(), want, atol=1e-6, rtol=0)
 
 
 @pytest.mark.gpu
@@ -160,13 +160,13 @@ def test_prefill_attention_on_the_gpu_copies_no_key_heads(t, s):
 
     q, k, v, mask = _attention_case(t, s, 32, 8, torch.float16, "cuda")
     want = _attention_oracle(q, k, v, mask)
-    for causal in (True, False):
+    for given in (None, mask):  # None: causal, the mask left to attention()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        got = attention(q, k, v, mask, causal)
+        got = attention(q, k, v, given)
         torch.cuda.synchronize()
         taken = torch.cuda.max_memory_allocated() - before  # before the check's temporaries
         torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=0)
-        if causal:
+        if given is None:
             assert taken <= got.numel() * got.element_size() + (1 << 20)

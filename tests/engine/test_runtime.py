@@ -228,7 +228,7 @@ LLAMA_8B_2BIT = dict(
 )  # fmt: skip  (the demo's vocabulary, so its tokenizer can drive it)
 
 
-def random_checkpoint(folder, arch, shape, scheme, tokenizer_files, shard_bytes=512 << 20):
+def random_checkpoint(folder, arch, shape, scheme, tokenizer_files):
     """A random model of ``shape`` (bench e2e's builder) written to ``folder`` as a VPTQ
     checkpoint with the demo's tokenizer, as the engine loads it from disk."""
     from engine import bench_e2e
@@ -246,7 +246,7 @@ def random_checkpoint(folder, arch, shape, scheme, tokenizer_files, shard_bytes=
     }
     del model
     torch.cuda.empty_cache()
-    write_checkpoint(folder, cfg, tensors, shard_bytes=shard_bytes)
+    write_checkpoint(folder, cfg, tensors, shard_bytes=512 << 20)
     for f in tokenizer_files.iterdir():
         shutil.copy(f, folder / f.name)
     return folder
