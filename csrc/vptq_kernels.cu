@@ -1,7 +1,9 @@
 // y[t,o] = sum_y xhat[t,y] * (C[c,i1][o%v] + R[c,i2][o%v]) + dot(x[t], b) + bias[o],
 // xhat[t,y] = x[t, perm[y]] * s[perm[y]]   (vptq-format.md §3.1-3.2; c = group of column y).
 //
-// dequant: one thread per (vector-row n, original column x) writes W[n*v .. n*v+v-1, x].
+// dequant: a thread per vector-row n and eight original columns x .. x+7 (v <= 8, no outliers):
+//          eight codeword gathers, then one 16-byte store to each row n*v + j of W; else a
+//          thread per (n, x), writing W[n*v .. n*v+v-1, x] a value at a time.
 // gemv:    one warp per vector-row n; the block stages xhat for a tile of stored columns in
 //          shared memory (accumulating its share of dot(x, b) on the way); lanes stride over the
 //          tile, decode the packed B-bit index, gather the v-wide codeword(s) with vector loads
@@ -16,6 +18,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "vptq.h"
 #include "vptq_device.cuh"
@@ -39,53 +42,63 @@ __device__ __forceinline__ uint32_t extract(const uint32_t* row, uint32_t g, int
   return bits == 32 ? val : (val & ((1u << bits) - 1u));
 }
 
+// The v values of vector-row n at stored column y (outlier or not), before scale and bias.
+template <typename T, int V>
+__device__ __forceinline__ void dequant_fetch(const Layer& L, int n, int y, int rows,
+                                              float (&vals)[V > 0 ? V : 16]) {
+  constexpr int kMax = V > 0 ? V : 16;
+  const int v = V > 0 ? V : L.v, bits = L.b1 + L.b2;
+  if (y < L.P) {
+    const T* Co = static_cast<const T*>(L.outlier_centroids);
+#pragma unroll
+    for (int j = 0; j < kMax; ++j) {
+      const int o = n * v + j;
+      if (j < v && o < L.N) {
+        const uint32_t idx = static_cast<uint16_t>(L.outlier_indices[(o / L.v0) * L.P + y]);
+        vals[j] = to_f(Co[idx * L.v0 + o % L.v0]);
+      }
+    }
+    return;
+  }
+  const T* C = static_cast<const T*>(L.centroids);
+  const T* R = static_cast<const T*>(L.res_centroids);
+  const int c = (y - L.P) / L.S, g = (y - L.P) - c * L.S;
+  const uint32_t* row = reinterpret_cast<const uint32_t*>(L.indices) +
+                        (static_cast<size_t>(c) * rows + n) * L.words;
+  const uint32_t m = extract(row, g, bits);
+  const T* cw = C + (static_cast<size_t>(c) * L.k + (m & ((1u << L.b1) - 1u))) * v;
+  const bool res = R != nullptr && L.b2 > 0;
+  const uint32_t rcw = (m >> L.b1) & ((1u << L.b2) - 1u);  // the residual codeword
+  const T* rw = res ? R + (static_cast<size_t>(c) * L.kr + rcw) * v : nullptr;
+  if constexpr (V > 0) {
+    load_code<T, V>(cw, vals);
+    if (res) {
+      float r[V];
+      load_code<T, V>(rw, r);
+#pragma unroll
+      for (int j = 0; j < V; ++j) vals[j] += r[j];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kMax; ++j)
+      if (j < v) vals[j] = to_f(cw[j]) + (res ? to_f(rw[j]) : 0.f);
+  }
+}
+
 // V > 0: compile-time vector length with vector loads; V == 0: any v <= 16, scalar loads.
+// Layers with outliers, K % 8 != 0 or v > 8; the others take dequant8_kernel.
 template <typename T, int V>
 __global__ void dequant_kernel(Layer L, T* __restrict__ out) {
   constexpr int kMax = V > 0 ? V : 16;
   const int x = blockIdx.x * blockDim.x + threadIdx.x;
   if (x >= L.K) return;
-  const int v = V > 0 ? V : L.v, rows = (L.N + v - 1) / v, bits = L.b1 + L.b2;
+  const int v = V > 0 ? V : L.v, rows = (L.N + v - 1) / v;
   const int y = L.inv_perm ? L.inv_perm[x] : x;
   const float s = L.scale ? to_f(static_cast<const T*>(L.scale)[x]) : 1.f;
   const float b = L.wbias ? to_f(static_cast<const T*>(L.wbias)[x]) : 0.f;
-  const T* C = static_cast<const T*>(L.centroids);
-  const T* R = static_cast<const T*>(L.res_centroids);
-  const T* Co = static_cast<const T*>(L.outlier_centroids);
   for (int n = blockIdx.y; n < rows; n += gridDim.y) {
     float vals[kMax];
-    if (y < L.P) {
-#pragma unroll
-      for (int j = 0; j < kMax; ++j) {
-        const int o = n * v + j;
-        if (j < v && o < L.N) {
-          const uint32_t idx = static_cast<uint16_t>(L.outlier_indices[(o / L.v0) * L.P + y]);
-          vals[j] = to_f(Co[idx * L.v0 + o % L.v0]);
-        }
-      }
-    } else {
-      const int c = (y - L.P) / L.S, g = (y - L.P) - c * L.S;
-      const uint32_t* row = reinterpret_cast<const uint32_t*>(L.indices) +
-                            (static_cast<size_t>(c) * rows + n) * L.words;
-      const uint32_t m = extract(row, g, bits);
-      const T* cw = C + (static_cast<size_t>(c) * L.k + (m & ((1u << L.b1) - 1u))) * v;
-      const bool res = R != nullptr && L.b2 > 0;
-      const uint32_t rcw = (m >> L.b1) & ((1u << L.b2) - 1u);  // the residual codeword
-      const T* rw = res ? R + (static_cast<size_t>(c) * L.kr + rcw) * v : nullptr;
-      if constexpr (V > 0) {
-        load_code<T, V>(cw, vals);
-        if (res) {
-          float r[V];
-          load_code<T, V>(rw, r);
-#pragma unroll
-          for (int j = 0; j < V; ++j) vals[j] += r[j];
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < kMax; ++j)
-          if (j < v) vals[j] = to_f(cw[j]) + (res ? to_f(rw[j]) : 0.f);
-      }
-    }
+    dequant_fetch<T, V>(L, n, y, rows, vals);
 #pragma unroll
     for (int j = 0; j < kMax; ++j) {
       const int o = n * v + j;
@@ -309,19 +322,108 @@ cudaError_t gemv_by_tokens(const Layer& L, const void* x, int T_, void* out, flo
   }
 }
 
-template <typename T>
-cudaError_t dequant_typed(const Layer& L, void* out, cudaStream_t stream) {
+// A codeword of V values (V = 2, 4, 6 or 8) kept as loaded: the widest loads that its
+// alignment allows (16 bytes at V = 8, 8 at 4, 4 at 2 and 6), values converted when read.
+template <typename T, int V>
+struct RawCode {
+  using Word = std::conditional_t<V == 8, uint4, std::conditional_t<V == 4, uint2, uint32_t>>;
+  static constexpr int kWords = V * sizeof(T) / sizeof(Word);
+  __device__ __forceinline__ static void load(const T* p, Word (&w)[kWords]) {
+#pragma unroll
+    for (int i = 0; i < kWords; ++i) w[i] = reinterpret_cast<const Word*>(p)[i];
+  }
+  __device__ __forceinline__ static float at(const Word (&w)[kWords], int j) {
+    return to_f(reinterpret_cast<const T*>(w)[j]);
+  }
+};
+
+// Eight adjacent original columns a thread (v <= 8, no outliers, K % 8 == 0): the eight
+// codewords' value j of vector-row n go out as one 16-byte store to row n*v + j, where the
+// column-a-thread kernel above stores each value alone. Both wait on the codeword gathers from
+// L2 (65536-entry codebooks); this one issues an eighth of the stores: the 8B model's weights
+// in 9.8 ms against 12.7 (H200, csrc/KERNELS.md session 27).
+template <typename T, int V, bool RES>
+__global__ void __launch_bounds__(128) dequant8_kernel(Layer L, T* __restrict__ out) {
+  const int x0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+  if (x0 >= L.K) return;
+  const int rows = (L.N + V - 1) / V, bits = L.b1 + L.b2;
+  const T* C = static_cast<const T*>(L.centroids);
+  const T* R = static_cast<const T*>(L.res_centroids);
+  const uint32_t mask1 = (1u << L.b1) - 1u, mask2 = (1u << L.b2) - 1u;
+  float s[8], b[8];
+  int grp[8], g[8];
+#pragma unroll
+  for (int c = 0; c < 8; ++c) {
+    const int x = x0 + c, y = L.inv_perm ? L.inv_perm[x] : x;
+    s[c] = L.scale ? to_f(static_cast<const T*>(L.scale)[x]) : 1.f;
+    b[c] = L.wbias ? to_f(static_cast<const T*>(L.wbias)[x]) : 0.f;
+    grp[c] = y / L.S;
+    g[c] = y - grp[c] * L.S;
+  }
+  using Raw = RawCode<T, V>;
+  for (int n = blockIdx.y; n < rows; n += gridDim.y) {
+    typename Raw::Word cw[8][Raw::kWords], rw[RES ? 8 : 1][Raw::kWords];  // as loaded
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const uint32_t* row = reinterpret_cast<const uint32_t*>(L.indices) +
+                            (static_cast<size_t>(grp[c]) * rows + n) * L.words;
+      const uint32_t m = extract(row, g[c], bits);
+      Raw::load(C + (static_cast<size_t>(grp[c]) * L.k + (m & mask1)) * V, cw[c]);
+      if constexpr (RES)
+        Raw::load(R + (static_cast<size_t>(grp[c]) * L.kr + ((m >> L.b1) & mask2)) * V, rw[c]);
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int o = n * V + j;
+      if (o >= L.N) break;
+      uint4 u;
+      T* h = reinterpret_cast<T*>(&u);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        float w = Raw::at(cw[c], j);
+        if constexpr (RES) w += Raw::at(rw[c], j);
+        h[c] = from_f<T>(fmaf(w, s[c], b[c]));
+      }
+      *reinterpret_cast<uint4*>(out + static_cast<size_t>(o) * L.K + x0) = u;
+    }
+  }
+}
+
+// dequant8_kernel where it applies (v <= 8 even, no outliers, K % 8 == 0, out 16-byte aligned).
+// One vector-row a thread: four a thread, or 64 registers a thread for more blocks an SM, took
+// longer (csrc/KERNELS.md session 27).
+template <typename T, int V>
+bool dequant8_launch(const Layer& L, T* o, cudaStream_t stream) {
+  if (L.P != 0 || L.K % 8 != 0 || reinterpret_cast<uintptr_t>(o) % 16 != 0) return false;
+  const int rows = (L.N + V - 1) / V;
+  const dim3 grid((L.K / 8 + 127) / 128, rows < 65535 ? rows : 65535);
+  if (L.res_centroids != nullptr && L.b2 > 0)
+    dequant8_kernel<T, V, true><<<grid, 128, 0, stream>>>(L, o);
+  else
+    dequant8_kernel<T, V, false><<<grid, 128, 0, stream>>>(L, o);
+  return true;
+}
+
+template <typename T, int V>
+void dequant_launch(const Layer& L, T* o, cudaStream_t stream) {
+  if constexpr (V == 2 || V == 4 || V == 6 || V == 8)
+    if (dequant8_launch<T, V>(L, o, stream)) return;
   const int rows = (L.N + L.v - 1) / L.v;
   const dim3 grid((L.K + 255) / 256, rows < 65535 ? rows : 65535);
+  dequant_kernel<T, V><<<grid, 256, 0, stream>>>(L, o);
+}
+
+template <typename T>
+cudaError_t dequant_typed(const Layer& L, void* out, cudaStream_t stream) {
   T* o = static_cast<T*>(out);
   switch (L.v) {
-    case 2: dequant_kernel<T, 2><<<grid, 256, 0, stream>>>(L, o); break;
-    case 4: dequant_kernel<T, 4><<<grid, 256, 0, stream>>>(L, o); break;
-    case 6: dequant_kernel<T, 6><<<grid, 256, 0, stream>>>(L, o); break;
-    case 8: dequant_kernel<T, 8><<<grid, 256, 0, stream>>>(L, o); break;
-    case 12: dequant_kernel<T, 12><<<grid, 256, 0, stream>>>(L, o); break;
-    case 16: dequant_kernel<T, 16><<<grid, 256, 0, stream>>>(L, o); break;
-    default: dequant_kernel<T, 0><<<grid, 256, 0, stream>>>(L, o); break;
+    case 2: dequant_launch<T, 2>(L, o, stream); break;
+    case 4: dequant_launch<T, 4>(L, o, stream); break;
+    case 6: dequant_launch<T, 6>(L, o, stream); break;
+    case 8: dequant_launch<T, 8>(L, o, stream); break;
+    case 12: dequant_launch<T, 12>(L, o, stream); break;
+    case 16: dequant_launch<T, 16>(L, o, stream); break;
+    default: dequant_launch<T, 0>(L, o, stream); break;
   }
   return cudaGetLastError();
 }

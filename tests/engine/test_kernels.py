@@ -44,6 +44,9 @@ LARGE = {  # odd, realistic and padded shapes on top of the reference test's var
     "v8-k65536-65536": dict(k_in=768, n_out=264, v=8, k=65536, kr=65536),
     "v8-k65536-tall": dict(k_in=512, n_out=20000, v=8, k=65536),
     "v6-k4096": dict(k_in=333, n_out=130, v=6, k=4096),
+    # dequant's eight-columns-a-thread kernel: v = 6 with a residual, the last vector-row cut
+    # short (130 rows), groups of columns
+    "v6-k4096-r256-groups": dict(k_in=336, n_out=130, v=6, k=4096, kr=256, g=2),
     "v10-k2048-r8192": dict(k_in=300, n_out=77, v=10, k=2048, kr=8192),
     "v4-k16-groups": dict(k_in=512, n_out=64, v=4, k=16, g=4),
     "v2-k2-nonorm": dict(k_in=96, n_out=9, v=2, k=2, norm=False, perm=False, bias=True),
