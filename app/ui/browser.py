@@ -81,6 +81,8 @@ class BrowseTab(QWidget):
         self.sort = _combo(
             "Sort", [("Most downloaded", "downloads"), ("Recently updated", "recent")]
         )
+        # beside the search field, which gives way: the whole item, "Most downloaded", shows
+        self.sort.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
         refresh = QPushButton("Refresh")
         refresh.setAccessibleName("Refresh the model list")
         self.note = QLabel(wordWrap=True, objectName="catalogueNote")

@@ -282,6 +282,30 @@ def test_the_models_window_fits_the_screen(browser_app):
     assert w.height() == 680 and w.width() >= free.width() * 0.9
 
 
+def test_the_sort_menu_shows_its_whole_item_in_a_small_window(browser_app, qloop):
+    """The text area of the sort menu (the style's edit field, arrow and frame excluded) holds
+    its longest item at the smallest size the screenshots check; it read "Most downloac"."""
+    from PySide6.QtWidgets import QComboBox, QStyle, QStyleOptionComboBox
+
+    app, _ = browser_app
+    app.show_models()
+    app.models_window.resize(780, 420)
+    qloop.run_until_complete(asyncio.sleep(0.1))
+    sort = next(
+        c for c in app.models_window.findChildren(QComboBox) if c.accessibleName() == "Sort"
+    )
+    opt = QStyleOptionComboBox()
+    sort.initStyleOption(opt)
+    field = sort.style().subControlRect(
+        QStyle.ComplexControl.CC_ComboBox, opt, QStyle.SubControl.SC_ComboBoxEditField, sort
+    )
+    for i in range(sort.count()):
+        assert field.width() >= sort.fontMetrics().horizontalAdvance(sort.itemText(i)), (
+            sort.itemText(i),
+            field.width(),
+        )
+
+
 def test_download_buttons_follow_the_rows_state(browser_app):
     """Pause only where the manager can stop a transfer (not a queued one, which Cancel
     removes), Resume where there is something to resume."""
