@@ -120,8 +120,16 @@ __device__ __forceinline__ void pdl_wait() {
 #endif
 }
 
-// The current device's compute capability major (0 where it cannot be asked), asked once per
-// device.
+// The generation VPTQ_CUDA_ARCH names ("86" or "8.6": 8), or 0 where unset: the kernels were then
+// compiled for that older generation (engine/ops/arch.py), and the host launches them as on it.
+inline int emulated_major() {
+  const char* e = std::getenv("VPTQ_CUDA_ARCH");
+  const int v = e ? std::atoi(e) : 0;
+  return v >= 10 ? v / 10 : v;
+}
+
+// The current device's compute capability major (0 where it cannot be asked), or VPTQ_CUDA_ARCH's
+// where that is older, asked once per device.
 inline int compute_major() {
   static std::atomic<int> known[64] = {};  // 0: not asked yet, else major + 1
   int dev = 0;
@@ -130,6 +138,8 @@ inline int compute_major() {
     int major = 0;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
       major = 0;
+    const int as = emulated_major();
+    if (as > 0 && as < major) major = as;
     known[dev].store(major + 1);
   }
   return known[dev].load() - 1;

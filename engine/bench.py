@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .formats.vptq import VQLayerSpec
 from .ops import cuda, sliced
+from .ops.arch import smem_optin
 
 ARCHS = {  # hidden, intermediate, heads, kv heads, head dim
     "llama-3.1-8b": (4096, 14336, 32, 8, 128),
@@ -95,10 +96,8 @@ def random_layer(k_in: int, n_out: int, scheme: str, dtype=torch.float16) -> Lay
     tensors = (words, books, res, None, None, perm.int(), torch.argsort(perm).int(), scale, wbias)
     layer = Layer(spec, tensors)
     if sliced.eligible(spec):
-        props = torch.cuda.get_device_properties(dev)
-        layer.sliced = sliced.build(
-            tensors, spec, props.multi_processor_count, props.shared_memory_per_block_optin
-        )
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        layer.sliced = sliced.build(tensors, spec, sms, smem_optin(dev))
     return layer
 
 
@@ -212,7 +211,7 @@ def bench_shared(arch: str, scheme: str, tokens=TOKENS) -> list[dict]:
         if any(layer.sliced is None for layer in proto):
             return []
         layouts = [layer.sliced for layer in proto]
-        sms, optin = props.multi_processor_count, props.shared_memory_per_block_optin
+        sms, optin = props.multi_processor_count, smem_optin(0)
         if not sliced.worth_sharing(layouts, sms, optin):
             continue  # the engine launches these one by one (sliced.MAX_SHARED_TAIL)
         per_copy = sum(layer.nbytes + layer.gemv_bytes for layer in proto)
@@ -220,11 +219,7 @@ def bench_shared(arch: str, scheme: str, tokens=TOKENS) -> list[dict]:
         sets = [proto] + [
             [random_layer(*shapes[n], scheme) for n in names] for _ in range(copies - 1)
         ]
-        plans = [
-            sliced.group([layer.sliced for layer in s], props.multi_processor_count,
-                         props.shared_memory_per_block_optin)
-            for s in sets
-        ]  # fmt: skip
+        plans = [sliced.group([layer.sliced for layer in s], sms, optin) for s in sets]
         for t in tokens:
             if t > plans[0].max_tokens:  # at most sliced.GROUP_TOKENS
                 continue

@@ -13,6 +13,7 @@ from torch import nn
 from . import ops
 from .formats.packing import pack_indices
 from .formats.vptq import FormatError, VQLayerSpec
+from .ops import arch
 from .ops.reference import as_uint16
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,9 @@ def build_sliced_layouts(model: nn.Module, budget: int) -> tuple[int, int]:
     layers = [m for m in model.modules() if isinstance(m, VQLinear) and sliced.eligible(m.spec)]
     if not layers or not ops.kernels_ready() or not layers[0].indices.is_cuda:
         return 0, len(layers)
-    props = torch.cuda.get_device_properties(layers[0].indices.device)
-    arrange(model, layers, budget, props.multi_processor_count,
-            props.shared_memory_per_block_optin)  # fmt: skip
+    dev = layers[0].indices.device
+    props = torch.cuda.get_device_properties(dev)
+    arrange(model, layers, budget, props.multi_processor_count, arch.smem_optin(dev))
     tune_or_keep(model)  # may give layouts back
     return sum(1 for m in layers if m.sliced is not None), len(layers)
 

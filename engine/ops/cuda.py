@@ -2,8 +2,9 @@
 
 The extension is built on first use with torch.utils.cpp_extension (ninja) into
 ``<data folder>/kernels/<torch>-<cuda>-sm<arch>-<source hash>``, so a new torch, CUDA, GPU or
-source builds anew and everything else loads in a second. When it cannot be built, ``status()``
-says why and the engine runs the reference path, saying so.
+source builds anew and everything else loads in a second (engine/ops/arch.py: the GPU
+generation, which VPTQ_CUDA_ARCH may set to an older one). When it cannot be built,
+``status()`` says why and the engine runs the reference path, saying so.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from ..formats.vptq import VQLayerSpec
 from ..memory import DEQUANT_WORKSPACE  # prefill dequantizes a layer in slices of at most this
 from ..paths import shipped
+from . import arch
 from .decode import Partial
 from .sliced import SlicedLayout
 from .sliced import parts as sliced_parts
@@ -65,9 +67,8 @@ def source_hash() -> str:
 def build_dir() -> Path:
     from ..paths import home
 
-    major, minor = torch.cuda.get_device_capability()
     cuda = (torch.version.cuda or "none").replace(".", "")
-    tag = f"torch{torch.__version__.split('+')[0]}-cu{cuda}-sm{major}{minor}-{source_hash()}"
+    tag = f"torch{torch.__version__.split('+')[0]}-cu{cuda}-{arch.tag()}-{source_hash()}"
     return home() / "kernels" / tag
 
 
@@ -105,8 +106,10 @@ def load(progress: Callable[[float, str], None] | None = None) -> tuple[bool, st
             try:
                 _build(progress)
                 _register_fakes()
-                major, minor = torch.cuda.get_device_capability()
+                major, minor = arch.capability()
                 why = f"compiled CUDA kernels for sm_{major}{minor}"
+                if arch.tag() != f"sm{major}{minor}":  # VPTQ_CUDA_ARCH
+                    why += f" (as {arch.ENV}={major}{minor} on this newer GPU)"
                 _state.update(ok=True, why=why)
                 return True, why
             except Exception as e:  # compiler errors, missing headers, a broken toolchain
@@ -123,16 +126,12 @@ def _build(progress) -> None:
     if progress and not any(out.glob(f"{name}*.so")):
         progress(0.0, "building CUDA kernels, one time")
     out.mkdir(parents=True, exist_ok=True)
-    major, minor = torch.cuda.get_device_capability()
-    # Hopper builds for sm_90a, whose features (the slice copy's multicast) ptxas would otherwise
-    # flag as possibly slow on later GPUs.
-    arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
     cpp_extension.load(
         name=name,
         sources=[str(CSRC / s) for s in SOURCES],
         build_directory=str(out),
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+        extra_cuda_cflags=["-O3", "-std=c++17", arch.gencode()],
         is_python_module=False,
         verbose=False,
     )

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sampling import argmax
-from . import kernels_ready
+from . import arch, kernels_ready
 
 ENABLED = os.environ.get("VPTQ_DECODE_FUSED", "1") != "0"
 # What decode_attention takes (decode_attention_supported() in csrc/vptq_decode.cu).
@@ -163,8 +163,8 @@ def sample_pick_fused(logits: torch.Tensor) -> bool:
     """Whether sample_pick runs as one kernel on this GPU (sample_pick_fits)."""
     if not _fused(logits):
         return False
-    props = torch.cuda.get_device_properties(logits.device)
-    return sample_pick_fits(logits.shape[-1], props.major, props.shared_memory_per_block_optin)
+    major = arch.capability(logits.device)[0]
+    return sample_pick_fits(logits.shape[-1], major, arch.smem_optin(logits.device))
 
 
 def sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p) -> None:
