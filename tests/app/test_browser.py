@@ -282,28 +282,32 @@ def test_the_models_window_fits_the_screen(browser_app):
     assert w.height() == 680 and w.width() >= free.width() * 0.9
 
 
-def test_the_sort_menu_shows_its_whole_item_in_a_small_window(browser_app, qloop):
-    """The text area of the sort menu (the style's edit field, arrow and frame excluded) holds
-    its longest item at the smallest size the screenshots check; it read "Most downloac"."""
+def test_the_menus_show_their_whole_text_in_a_small_window(browser_app, qloop):
+    """The text area of each menu (the style's edit field, arrow and frame excluded) holds what it
+    shows at the smallest size the screenshots check: every item of the sort menu (it read "Most
+    downloac"), and each filter's "Any ..." (it read "Any base mode")."""
     from PySide6.QtWidgets import QComboBox, QStyle, QStyleOptionComboBox
 
     app, _ = browser_app
     app.show_models()
     app.models_window.resize(780, 420)
     qloop.run_until_complete(asyncio.sleep(0.1))
-    sort = next(
-        c for c in app.models_window.findChildren(QComboBox) if c.accessibleName() == "Sort"
-    )
-    opt = QStyleOptionComboBox()
-    sort.initStyleOption(opt)
-    field = sort.style().subControlRect(
-        QStyle.ComplexControl.CC_ComboBox, opt, QStyle.SubControl.SC_ComboBoxEditField, sort
-    )
-    for i in range(sort.count()):
-        assert field.width() >= sort.fontMetrics().horizontalAdvance(sort.itemText(i)), (
-            sort.itemText(i),
-            field.width(),
+    menus = {c.accessibleName(): c for c in app.models_window.findChildren(QComboBox)}
+
+    def room(menu: QComboBox) -> int:
+        opt = QStyleOptionComboBox()
+        menu.initStyleOption(opt)
+        field = menu.style().subControlRect(
+            QStyle.ComplexControl.CC_ComboBox, opt, QStyle.SubControl.SC_ComboBoxEditField, menu
         )
+        return field.width()
+
+    sort = menus["Sort"]
+    shown = [(sort, sort.itemText(i)) for i in range(sort.count())]
+    names = ("Base model", "Parameters", "Bits", "Vector length", "Codebook", "Residual")
+    shown += [(menus[n], menus[n].currentText()) for n in names]
+    for menu, text in shown:
+        assert room(menu) >= menu.fontMetrics().horizontalAdvance(text), (text, room(menu))
 
 
 def test_download_buttons_follow_the_rows_state(browser_app):
