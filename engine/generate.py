@@ -75,14 +75,14 @@ class Session:
 
     @torch.no_grad()
     def warm_up(self, progress: Progress | None = None) -> None:
-        """On a GPU, what the first answer would otherwise wait for: the first prefill (where the
-        kernels PyTorch and we use are loaded, 0.1-1.5 s on an H200), the greedy decode graph's
-        capture (about 0.1 s) and the samplers' first calls (about 20 ms). Its KV entries are
-        overwritten by the first prompt's (self.cached stays empty). A failure here (out of
-        memory, say) is logged and costs only that speed: the first answer meets it again and
-        reports it."""
-        if self.loaded.device.type != "cuda":
-            return
+        """What the first answer would otherwise wait for: the first prefill, where on a GPU the
+        kernels PyTorch and we use are loaded (0.1-1.5 s on an H200) and on the CPU every VPTQ
+        layer's weights are expanded to the dense ones the reference path keeps (engine/layers.py;
+        seconds for the demo model); on a GPU also the greedy decode graph's capture (about 0.1 s)
+        and the samplers' first calls (about 20 ms). Its KV entries are overwritten by the first
+        prompt's (self.cached stays empty). A failure here (out of memory, say) is logged and
+        costs only that speed: the first answer meets it again and reports it."""
+        cuda = self.loaded.device.type == "cuda"
         if progress:
             progress(1.0, "warming up")
         t0 = time.perf_counter()
@@ -90,15 +90,16 @@ class Session:
         ids = torch.arange(min(WARM_UP_TOKENS, self.n_ctx), device=self.loaded.device)
         try:
             logits = model(ids[None] % model.args.vocab_size, 0, last_only=True)[0]
-            seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            greedy, sampled = SamplingParams(temperature=0), SamplingParams(top_p=0.95)
-            gen = torch.Generator(device=logits.device)
-            for p in (greedy, sampled):
-                sample(logits, p, gen, seen)
-            decoder = self.graph_decoder(greedy)
-            if decoder is not None:
-                decoder.graph(greedy)
-            torch.cuda.synchronize(self.loaded.device)
+            if cuda:
+                seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                greedy, sampled = SamplingParams(temperature=0), SamplingParams(top_p=0.95)
+                gen = torch.Generator(device=logits.device)
+                for p in (greedy, sampled):
+                    sample(logits, p, gen, seen)
+                decoder = self.graph_decoder(greedy)
+                if decoder is not None:
+                    decoder.graph(greedy)
+                torch.cuda.synchronize(self.loaded.device)
         except RuntimeError as e:  # torch.OutOfMemoryError among them
             self.decoder = None
             log.warning("warming up failed (%s); the first answer will start more slowly",

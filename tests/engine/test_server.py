@@ -62,6 +62,33 @@ def fresh_answer(messages, max_new_tokens=40):
     return "".join(session.generate(ids, params))
 
 
+def test_loading_on_the_cpu_expands_the_weights_before_the_first_answer(monkeypatch):
+    """Session.load warms up on the CPU too: the reference path's dense weights, which the first
+    answer would otherwise wait seconds for, are there before any prompt, the stage is
+    reported, and the dummy prompt leaves nothing behind (the answers of a session loaded
+    without it, VPTQ_CHAT_WARM_UP=0)."""
+    from engine.generate import Session
+    from engine.layers import VQLinear
+    from engine.models import resolve_model
+    from engine.sampling import SamplingParams
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    answers = {}
+    for warm in ("1", "0"):
+        monkeypatch.setenv("VPTQ_CHAT_WARM_UP", warm)
+        stages = []
+        progress = lambda f, st, to=stages: to.append(st)  # noqa: E731
+        s = Session.load(resolve_model("demo"), "cpu", None, 512, progress)
+        layers = [m for m in s.loaded.model.modules() if isinstance(m, VQLinear)]
+        assert len(layers) == 7 * s.loaded.args.n_layers
+        assert {m.dense_cache is not None for m in layers} == {warm == "1"}
+        assert ("warming up" in stages) == (warm == "1")
+        ids, _ = s.prompt_ids(messages=messages, max_new_tokens=8)
+        gen = s.generate(ids, SamplingParams(temperature=0, max_new_tokens=8))
+        answers[warm] = "".join(gen), gen.tokens
+    assert answers["1"] == answers["0"]
+
+
 def test_cancel_mid_answer_then_still_serves(engine):
     engine.send(
         "generate",
