@@ -87,7 +87,7 @@ class BrowseTab(QWidget):
         refresh.setAccessibleName("Refresh the model list")
         self.note = QLabel(wordWrap=True, objectName="catalogueNote")
         self.family = _combo("Base model", [("Any base model", "")])
-        self.family.setMinimumContentsLength(14)  # "Any base model" whole in a 780-px window
+        self.family.setMinimumContentsLength(10)  # "Any base model" whole at the least width
         self.params = _combo(
             "Parameters",
             [("Any size", 0), ("≤ 8B", 8), ("≤ 14B", 14), ("≤ 32B", 32), ("≤ 72B", 72)],
