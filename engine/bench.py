@@ -18,13 +18,28 @@ import torch
 import torch.nn.functional as F
 
 from .formats.vptq import VQLayerSpec
+from .memory import Shape
+from .memory import projections as memory_projections
 from .ops import cuda, sliced
 from .ops.arch import smem_optin
 
-ARCHS = {  # hidden, intermediate, heads, kv heads, head dim
-    "llama-3.1-8b": (4096, 14336, 32, 8, 128),
-    "llama-3.1-70b": (8192, 28672, 64, 8, 128),
-}
+MODELS = {  # the shape fields of each benchmarked model's config.json
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                         num_hidden_layers=32, num_key_value_heads=8, vocab_size=128256),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                          num_hidden_layers=80, num_key_value_heads=8, vocab_size=128256),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                       num_hidden_layers=28, num_key_value_heads=4, vocab_size=152064,
+                       architectures=["Qwen2ForCausalLM"]),
+    "qwen2.5-72b": dict(hidden_size=8192, intermediate_size=29568, num_attention_heads=64,
+                        num_hidden_layers=80, num_key_value_heads=8, vocab_size=152064,
+                        architectures=["Qwen2ForCausalLM"]),
+    "mistral-large": dict(hidden_size=12288, intermediate_size=28672, num_attention_heads=96,
+                          num_hidden_layers=88, num_key_value_heads=8, head_dim=128,
+                          vocab_size=32768, architectures=["MistralForCausalLM"]),
+}  # fmt: skip
+ARCHS = ("llama-3.1-8b", "llama-3.1-70b")  # bench kernels' layer shapes
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # memory.projections' order
 SCHEMES = {  # v, k, kr
     "v8-k65536-0": (8, 65536, 0),
     "v8-k65536-256": (8, 65536, 256),
@@ -36,17 +51,17 @@ TOKENS = (1, 4, 8, 16, 512)
 ROTATE_BYTES = 256 << 20  # > 4x the H100's 50 MB L2
 
 
+def model_config(arch: str) -> dict:
+    """The config.json of a benchmarked model (bench e2e builds it with random weights)."""
+    base = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 131072,
+            "rope_theta": 500000.0, "torch_dtype": "float16"}  # fmt: skip
+    return base | MODELS[arch]
+
+
 def projections(arch: str) -> list[tuple[str, int, int]]:
-    h, i, heads, kv, hd = ARCHS[arch]
-    return [
-        ("q", h, heads * hd),
-        ("k", h, kv * hd),
-        ("v", h, kv * hd),
-        ("o", heads * hd, h),
-        ("gate", h, i),
-        ("up", h, i),
-        ("down", i, h),
-    ]
+    """(name, in, out) of each projection of one of the model's decoder layers."""
+    pairs = memory_projections(Shape.from_config(model_config(arch)))
+    return [(name, k, n) for name, (k, n) in zip(PROJECTIONS, pairs, strict=True)]
 
 
 @dataclass

@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from .bench import read_bandwidth, scheme_spec
+from .bench import MODELS, read_bandwidth, scheme_spec
+from .bench import model_config as config
 from .config import ModelArgs
 from .decode import GraphDecoder
 from .formats.gptq import GPTQSpec
@@ -25,21 +26,7 @@ from .ops import decode as fused
 from .ops import sliced
 from .sampling import SamplingParams
 
-ARCHS = {  # the shape fields of each model's config.json
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                         num_hidden_layers=32, num_key_value_heads=8, vocab_size=128256),
-    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
-                          num_hidden_layers=80, num_key_value_heads=8, vocab_size=128256),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
-                       num_hidden_layers=28, num_key_value_heads=4, vocab_size=152064,
-                       architectures=["Qwen2ForCausalLM"]),
-    "qwen2.5-72b": dict(hidden_size=8192, intermediate_size=29568, num_attention_heads=64,
-                        num_hidden_layers=80, num_key_value_heads=8, vocab_size=152064,
-                        architectures=["Qwen2ForCausalLM"]),
-    "mistral-large": dict(hidden_size=12288, intermediate_size=28672, num_attention_heads=96,
-                          num_hidden_layers=88, num_key_value_heads=8, head_dim=128,
-                          vocab_size=32768, architectures=["MistralForCausalLM"]),
-}  # fmt: skip
+ARCHS = MODELS  # the models bench e2e builds (engine/bench.py)
 PROMPT = 512
 TURN = 37  # tokens of a follow-up message, timed after the first answer: lengths not seen before
 PREFILL_RUNS = 3  # prefill timed this many times, the median reported
@@ -52,12 +39,6 @@ GPTQ_SCHEMES = {
     "gptq-2bit": (2, 128, False),
     "gptq-8bit": (8, 128, False),
 }
-
-
-def config(arch: str) -> dict:
-    base = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 131072,
-            "rope_theta": 500000.0, "torch_dtype": "float16"}  # fmt: skip
-    return base | ARCHS[arch]
 
 
 def build(arch: str, scheme: str | None, context: int, cap: float | None = None) -> Transformer:
