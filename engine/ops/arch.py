@@ -7,7 +7,7 @@ launching it so (vptq_device.cuh ``compute_major``). With VPTQ_CUDA_ARCH below t
 kernels are compiled from that generation's virtual architecture into the device's machine code
 (``-gencode arch=compute_86,code=sm_90``), the host code and the Python planners below take that
 generation's capability and shared memory, and so every older-GPU path runs, natively, on the
-GPU at hand. The GPU tests run so (csrc/KERNELS.md session 27); users never set it.
+GPU at hand: for the GPU tests (csrc/KERNELS.md session 27); users never set it.
 """
 
 from __future__ import annotations
