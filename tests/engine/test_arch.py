@@ -1,6 +1,6 @@
 """VPTQ_CUDA_ARCH: the kernels built and launched as on an older GPU generation (engine/ops/arch.py,
-csrc/vptq_device.cuh compute_major), checked against a faked device on the CPU; the GPU tests run
-the real thing with it set."""
+csrc/vptq_device.cuh compute_major), checked against a faked device on the CPU. The GPU suite
+run with it set (csrc/KERNELS.md session 27) is what exercises the older generations' kernels."""
 
 from __future__ import annotations
 
