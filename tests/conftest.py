@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,6 +18,49 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def gpu_lock(folder, alone: bool):
+    """Shared hold of the GPU for a test, or the whole GPU for one marked gpu_alone (it takes
+    nearly all the GPU's memory, which would make a neighbour's load fail). pytest-xdist's
+    workers run tests side by side; they meet at flock()s on files in their common temp folder.
+    The turnstile lets a waiting gpu_alone test in before newer shared holds."""
+    with open(folder / "gpu.turnstile", "a") as gate, open(folder / "gpu.lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+LOCKS_ENV = "VPTQ_TEST_GPU_LOCKS"
+
+
+@pytest.fixture(scope="session")
+def gpu_lock_folder(tmp_path_factory) -> Path:
+    """Where the GPU tests of this run meet: xdist gives each worker a folder under the run's
+    own, the run's is their common one; a pytest run by a test (gpu_subprocess) is handed its
+    parent's through VPTQ_TEST_GPU_LOCKS."""
+    return Path(os.environ.get(LOCKS_ENV) or tmp_path_factory.getbasetemp().parent)
+
+
+@pytest.fixture(autouse=True)
+def _share_the_gpu(request):
+    if "gpu" not in request.keywords or not torch.cuda.is_available():
+        yield
+        return
+    if "gpu_subprocess" in request.keywords:  # its pytest's tests take the lock, one by one
+        yield
+        return
+    with gpu_lock(request.getfixturevalue("gpu_lock_folder"), "gpu_alone" in request.keywords):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from engine.loader import load_model
 from engine.model import rotate
+from engine.ops import arch
 from engine.ops import decode as fused
 
 from .hf_models import make_hf_model
@@ -469,6 +470,12 @@ SAMPLE_SIZES = [128256, 151936, 1001, 5, fused.SAMPLE_PICK_MAX_VOCAB]
 SAMPLE_SETTINGS = [(0.7, 0.95, 0.0), (1.0, 1.0, 0.0), (1.3, 0.5, 0.05), (0.7, 1e-9, 0.0)]
 
 
+def pick_kernel() -> bool:
+    """Whether the sampled pick is the one kernel (thread block clusters: compute capability 9.0
+    or later, also as VPTQ_CUDA_ARCH sees it) or fused.sample_pick's PyTorch code."""
+    return arch.capability()[0] >= 9
+
+
 def sample_args(v: int):
     token = torch.full((1, 1), 7, dtype=torch.long, device="cuda")
     pos = torch.tensor([41], device="cuda")
@@ -480,7 +487,7 @@ def sample_args(v: int):
 @pytest.mark.parametrize("case", ["flat", "peaked", "ties", "masked", "-inf"])
 @pytest.mark.parametrize("v", SAMPLE_SIZES)
 def test_sample_pick_draws_what_the_float64_oracle_allows(v, case, dtype):
-    assert fused.sample_pick_fused(torch.zeros(1, v, dtype=dtype, device="cuda"))
+    assert fused.sample_pick_fused(torch.zeros(1, v, dtype=dtype, device="cuda")) == pick_kernel()
     unique = 0
     for draw, (temperature, top_p, min_p) in enumerate(SAMPLE_SETTINGS * 2):
         logits = chat_logits(v, case, seed=draw).to("cuda", dtype)
@@ -489,7 +496,7 @@ def test_sample_pick_draws_what_the_float64_oracle_allows(v, case, dtype):
         token, seen, pos = sample_args(v)
         got = []
         for step in (1, 2):  # the same inputs, the same token
-            torch.ops.vptq.sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p)
+            fused.sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p)
             got.append(int(token))
             assert int(pos) == 41 + step
         allowed = allowed_tokens(logits, noise, temperature, top_p, min_p)
@@ -510,7 +517,7 @@ def test_sample_pick_draws_from_the_kept_distribution():
     got = torch.empty(n, dtype=torch.long, device="cuda")
     for i in range(n):
         noise.exponential_(1.0, generator=g)
-        torch.ops.vptq.sample_pick(logits, noise, token, seen, pos, 1.0, 0.8, 0.0)
+        fused.sample_pick(logits, noise, token, seen, pos, 1.0, 0.8, 0.0)
         got[i : i + 1].copy_(token.view(1))
     counts = torch.bincount(got.cpu(), minlength=5).double()
     kept = logits.double().cpu().exp()[0, :3]
@@ -526,7 +533,11 @@ def test_sample_pick_in_a_graph_opcheck_and_bad_input():
     noise = torch.empty(1, v, device="cuda").exponential_()
     token, seen, pos = sample_args(v)
     args = (logits, noise, token, seen, pos, 0.7, 0.95, 0.0)
-    torch.library.opcheck(torch.ops.vptq.sample_pick.default, args)
+    if pick_kernel():
+        torch.library.opcheck(torch.ops.vptq.sample_pick.default, args)
+    else:
+        with pytest.raises(RuntimeError, match=r"needs compute capability 9\.0 or later"):
+            torch.ops.vptq.sample_pick(*args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fused.sample_pick(*args)

