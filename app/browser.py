@@ -19,10 +19,10 @@ from PySide6.QtCore import (
     Signal,
 )
 
-from engine.memory import gptq_zero_bytes, sliced_model_bytes
+from engine.memory import gptq_zero_bytes, host_available, sliced_model_bytes
 
 from .downloads import ACTIVE, Download, DownloadManager
-from .fit import Fit, Shape, fit
+from .fit import CpuFit, Fit, Shape, cpu_fit, fit
 from .gpu import GpuInfo, Gpus
 from .hub import (
     INSTALLED,
@@ -237,6 +237,7 @@ class BrowserController(QObject):
         self.filtered.setSourceModel(self.catalogue)
         self.local = LocalModel()
         self.details: Details | None = None
+        self.host_available = host_available  # the memory the CPU path may take (None: unknown)
         self._refreshes = 0  # refresh() calls so far: only the last one's answer is shown
         manager.on_change = self._changed
         self.refresh_local()
@@ -301,6 +302,15 @@ class BrowserController(QObject):
         if s.gptq and s.gptq_bits and s.gptq_group is not None:  # zero points unpacked at load
             unpacked = gptq_zero_bytes(d.shape, s.gptq_bits, s.gptq_group)
         return fit(d.shape, d.files.weight_bytes, gpu.free, context, layout, unpacked)
+
+    def cpu_fit(self, context: int) -> CpuFit | None:
+        """Without a GPU: what the CPU path takes against the memory available now."""
+        d = self.details
+        if d is None or d.shape is None:
+            return None
+        s = d.scheme
+        quantized = bool(s.gptq or (s.v and s.k))
+        return cpu_fit(d.shape, d.files.weight_bytes, quantized, context, self.host_available())
 
     def make_room(self, gpu: GpuInfo, limit: int = 3) -> list[str]:
         """The biggest other users of the GPU: what to close to make room."""

@@ -1,15 +1,31 @@
 """Will it fit: weights (exact file sizes) + KV cache at a context + runtime overhead, against
 the free VRAM of one GPU, and whether the optional fast decode layout (engine/ops/sliced.py)
-fits beside them. The byte arithmetic is the engine's own (engine/memory.py)."""
+fits beside them; without a GPU, what the CPU path takes against the available memory. The
+byte arithmetic is the engine's own (engine/memory.py), which refuses a load that would not
+fit with the same numbers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.memory import SLICED_SLACK, Shape, embedding_on_host, gib
+from engine.memory import (
+    SLICED_SLACK,
+    CpuNeed,
+    Shape,
+    cpu_largest_context,
+    cpu_need,
+    embedding_on_host,
+    gib,
+)
 
-__all__ = ["Fit", "Shape", "fit", "gib"]
+__all__ = ["CpuFit", "Fit", "Shape", "cpu_fit", "fit", "gib"]
 TIGHT = 0.90  # above this share of free VRAM the verdict is "tight"
+
+
+def verdict(needed: int, free: int) -> str:
+    if needed <= TIGHT * free:
+        return "fits"
+    return "tight" if needed <= free else "does not fit"
 
 
 @dataclass(frozen=True)
@@ -30,9 +46,7 @@ class Fit:
 
     @property
     def verdict(self) -> str:
-        if self.needed <= TIGHT * self.free:
-            return "fits"
-        return "tight" if self.needed <= self.free else "does not fit"
+        return verdict(self.needed, self.free)
 
     def lines(self) -> list[str]:
         out = [
@@ -90,3 +104,36 @@ def fit(
     weights = weight_bytes - host
     largest = shape.largest_context(free - weights - overhead)
     return Fit(weights, kv, overhead, free, context, largest, fast_layout, host, unpacked)
+
+
+@dataclass(frozen=True)
+class CpuFit:
+    """Without an NVIDIA GPU: what the CPU path takes (every layer expanded to float32) against
+    the memory available now (None: unknown)."""
+
+    need: CpuNeed
+    available: int | None
+    max_context: int  # the largest context that fits (0: not even the weights)
+
+    @property
+    def verdict(self) -> str | None:
+        return None if self.available is None else verdict(self.need.total, self.available)
+
+    def lines(self) -> list[str]:
+        out = [f"On the CPU it takes about {self.need.describe()}"]
+        if self.available is None:
+            return out
+        out.append(f"Needed {gib(self.need.total)} of {gib(self.available)} available")
+        if self.max_context:
+            out.append(f"Largest context that fits: {self.max_context} tokens")
+        else:
+            out.append("The weights alone do not fit")
+        return out
+
+
+def cpu_fit(
+    shape: Shape, weight_bytes: int, quantized: bool, context: int, available: int | None
+) -> CpuFit:
+    need = cpu_need(shape, weight_bytes, quantized, context)
+    largest = 0 if available is None else cpu_largest_context(shape, need, available)
+    return CpuFit(need, available, max(0, largest))

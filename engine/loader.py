@@ -23,7 +23,17 @@ from .formats.checkpoint import REDOWNLOAD, Checkpoint
 from .formats.vptq import FormatError, VQLayerSpec, int_kind, layer_table, resolve_layer
 from .gptq_linear import GPTQLinear
 from .layers import VQLinear, build_sliced_layouts, sliced_summary
-from .memory import OutOfMemory, Shape, embedding_on_host, gib, sliced_budget
+from .memory import (
+    CONTEXT_STEP,
+    OutOfMemory,
+    Shape,
+    cpu_largest_context,
+    cpu_need,
+    embedding_on_host,
+    gib,
+    host_available,
+    sliced_budget,
+)
 from .model import Transformer, dense_linear
 
 Progress = Callable[[float, str], None]
@@ -112,6 +122,9 @@ def load_model(
     dev = torch.device(device)
     n_ctx = min(max_seq_len, args.max_position_embeddings)
     on_host: frozenset[str] = frozenset()
+    if dev.type == "cpu":
+        quantized = bool(specs) or gptq_cfg is not None
+        _check_host_fits(Shape.from_config(cfg), ckpt.nbytes, quantized, n_ctx, folder)
     if dev.type == "cuda":
         if _embedding_on_host(ckpt, shape, specs, dev, n_ctx):
             on_host = frozenset({EMBEDDING})
@@ -167,6 +180,25 @@ def _check_weights_fit(weights: int, folder: Path, dev: torch.device, workspace:
             f"{dev}, but only {gib(free)} is free. Close programs that use the GPU or choose a "
             "model with fewer bits."
         )
+
+
+def _check_host_fits(shape: Shape, weights: int, quantized: bool, n_ctx: int, folder) -> None:
+    """On the CPU, where a model larger than the memory would only be killed by the system
+    part-way through its load or first answer: an error with the numbers first."""
+    available = host_available()
+    need = cpu_need(shape, weights, quantized, n_ctx)
+    if available is None or need.total <= available:
+        return
+    largest = cpu_largest_context(shape, need, available)
+    hint = (
+        f"The largest context that fits is {largest} tokens."
+        if largest >= CONTEXT_STEP
+        else "Use an NVIDIA GPU, or a model with fewer parameters."
+    )
+    raise OutOfMemory(
+        f"{folder}: on the CPU this model takes about {need.describe()}, but {gib(available)} "
+        f"is available. {hint}"
+    )
 
 
 def _context_that_fits(shape: Shape, dev: torch.device, n_ctx: int) -> int:

@@ -11,7 +11,8 @@ beside the CUDA context and the prefill activations.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, replace
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -198,3 +199,71 @@ def gptq_zero_bytes(shape: Shape, bits: int, group: int) -> int:
         groups = 1 if group <= 0 else -(-k // group)
         total += groups * n * 4 - groups * n * bits // 8
     return shape.layers * total
+
+
+@dataclass(frozen=True)
+class CpuNeed:
+    """What the CPU path holds (engine/layers.py, engine/gptq_linear.py): float32 throughout,
+    each quantized layer dequantized once beside its packed tensors."""
+
+    dense: int  # every parameter as float32
+    packed: int  # the quantized layers' own tensors (indices, codebooks; GPTQ's qweight), at most
+    kv_cache: int  # float32, for the context
+    workspace: int
+    context: int
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.packed + self.kv_cache + self.workspace
+
+    def describe(self) -> str:
+        parts = f"the weights as float32 {gib(self.dense)}"
+        if self.packed:
+            parts += f", their packed form up to {gib(self.packed)}"
+        parts += f", a KV cache of {self.context} tokens {gib(self.kv_cache)}"
+        return f"{gib(self.total)} of memory ({parts}, workspace {gib(self.workspace)})"
+
+
+def cpu_need(shape: Shape, weight_bytes: int, quantized: bool, context: int) -> CpuNeed:
+    """``shape`` in the checkpoint's dtype; ``weight_bytes``: the checkpoint's tensors."""
+    f32 = replace(shape, dtype_bytes=4)
+    dense = 4 * shape.parameters(shape.tied)
+    # The files hold the quantized layers, the embedding table and the output head. The layers'
+    # floats (codebooks, scales) become float32 and their int32 indices stay: twice their file
+    # bytes at most (about 1.1x for the 2-bit community models, 2x for codebook-heavy ones).
+    plain = shape.embedding_bytes() * (1 if shape.tied else 2)
+    packed = 2 * max(0, weight_bytes - plain) if quantized else 0
+    return CpuNeed(dense, packed, f32.kv_bytes_per_token * context, f32.workspace(), context)
+
+
+def cpu_largest_context(shape: Shape, need: CpuNeed, available: int) -> int:
+    """The longest context whose float32 KV cache fits beside the rest of ``need``."""
+    room = available - (need.total - need.kv_cache)
+    return replace(shape, dtype_bytes=4).largest_context(room)
+
+
+def host_available() -> int | None:
+    """Memory the system can give a process now without swapping (Linux: MemAvailable;
+    Windows: the available physical memory); None where it cannot tell."""
+    if sys.platform == "win32":
+        import ctypes
+
+        class Status(ctypes.Structure):
+            _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong)] + [
+                (name, ctypes.c_ulonglong)
+                for name in ("phys", "avail", "file", "afile", "virt", "avirt", "aext")
+            ]
+
+        st = Status()
+        st.length = ctypes.sizeof(Status)
+        if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):
+            return int(st.avail)
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -188,6 +188,7 @@ class DetailPane(QWidget):
         self.size = QLabel(wordWrap=True)
         self.gpu = QComboBox()
         self.gpu.setAccessibleName("GPU for the fit check")
+        self.gpu.setPlaceholderText("none: the CPU")  # shown while no GPU is listed
         self.context = QSpinBox(minimum=256, maximum=1 << 20, singleStep=1024, value=4096)
         self.context.setAccessibleName("Context length for the fit check")
         self.verdict = QLabel(objectName="fitVerdict")
@@ -261,6 +262,7 @@ class DetailPane(QWidget):
         self.gpu.clear()
         for g in gpus:
             self.gpu.addItem(f"{g.index}: {g.name} ({gib(g.free)} free)", g)
+        self.gpu.setCurrentIndex(0 if gpus else -1)  # with a placeholder, adding selects none
         self.gpu.blockSignals(False)
         if d.shape is not None:
             self.context.setMaximum(d.shape.max_context)
@@ -273,8 +275,7 @@ class DetailPane(QWidget):
             return
         gpu = self.gpu.currentData()
         if gpu is None:
-            self.verdict.setText("No NVIDIA GPU: this model would run on the CPU (slow).")
-            self.breakdown.setText(self.ctrl.gpus.error or d.note)
+            self._show_cpu_fit(d)
             return
         f = self.ctrl.fit(self.context.value(), gpu)
         if f is None:
@@ -288,6 +289,21 @@ class DetailPane(QWidget):
             room = self.ctrl.make_room(gpu)
             if room:
                 lines.append("To make room, close: " + "; ".join(room))
+        self.breakdown.setText("<br>".join(lines))
+
+    def _show_cpu_fit(self, d) -> None:
+        head = "No NVIDIA GPU: this model would run on the CPU (slow)."
+        f = self.ctrl.cpu_fit(self.context.value())
+        if f is None or f.verdict is None:
+            self.verdict.setText(head)
+            lines = [] if f is None else f.lines()
+        else:
+            colour = VERDICT_COLOURS[f.verdict]
+            self.verdict.setText(
+                f"<b style='color:{colour}'>{f.verdict.capitalize()}</b> in memory. {head}"
+            )
+            lines = f.lines()
+        lines += [why for why in (self.ctrl.gpus.error, d.note) if why]
         self.breakdown.setText("<br>".join(lines))
 
     def _download(self) -> None:

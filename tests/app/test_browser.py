@@ -149,6 +149,68 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
     wait_until(qloop, lambda: app.settings.model == str(folder), what="the load")
 
 
+class NoGpus:
+    """A machine without an NVIDIA driver, as app/gpu.py reports it."""
+
+    error = (
+        "No NVIDIA GPU driver found (NVML Shared Library Not Found); the engine runs on the CPU."
+    )
+    available = False
+
+    def read(self, engine_pid=None):
+        return []
+
+    def processes(self, index):
+        return []
+
+
+def test_without_a_gpu_the_fit_is_the_cpu_paths_memory_against_what_is_available(
+    browser_app, qloop
+):
+    """The engine refuses such a load with the same numbers (test_loader.py); float32
+    Llama-3.1-8B: 29.92 GiB, with a 4096-token KV cache and the workspace 31.14 GiB (test_fit.py
+    by hand; this fake's 400 KB of weights hold no packed layers beyond the two tables)."""
+    app, _ = browser_app
+    app.browser.gpus = NoGpus()
+    app.browser.host_available = lambda: 16 * GiB
+    app.show_models()
+    w = app.models_window
+    w.resize(1100, 720)
+    browse = w.browse
+    wait_until(qloop, lambda: app.browser.catalogue.rowCount() == 3, what="the catalogue")
+    shown = app.browser.filtered
+    row = next(
+        r
+        for r in range(shown.rowCount())
+        if shown.index(r, 0).data().startswith("Meta-Llama-3.1-8B")
+    )
+    browse.table.setCurrentIndex(shown.index(row, 0))
+    detail = browse.detail
+    wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
+    assert detail.gpu.count() == 0 and detail.gpu.currentText() == ""
+    assert detail.gpu.placeholderText() == "none: the CPU"
+    assert detail.verdict.text().endswith(
+        "Does not fit</b> in memory. No NVIDIA GPU: this model would run on the CPU (slow)."
+    )
+    lines = detail.breakdown.text().split("<br>")
+    assert lines == [
+        "On the CPU it takes about 31.14 GiB of memory (the weights as float32 29.92 GiB, a KV "
+        "cache of 4096 tokens 1.00 GiB, workspace 0.22 GiB)",
+        "Needed 31.14 GiB of 16.00 GiB available",
+        "The weights alone do not fit",
+        NoGpus.error,
+    ]
+    app.browser.host_available = lambda: 64 * GiB
+    detail.context.setValue(8192)  # 2 GiB of float32 KV cache
+    assert "Fits</b> in memory" in detail.verdict.text()
+    text = detail.breakdown.text()
+    assert "Needed 32.14 GiB of 64.00 GiB available" in text
+    assert "Largest context that fits: 131072 tokens" in text  # the model's own limit
+    if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):
+        qloop.run_until_complete(asyncio.sleep(0.2))
+        w.grab().save(os.path.join(shots, "models-cpu.png"))
+
+
 GPTQ = "hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4"
 
 

@@ -129,3 +129,38 @@ def test_llama_70b_keeps_its_embedding_table_in_host_memory_where_the_gpu_is_sho
     assert f32.dtype_bytes == 4 and fit(f32, 19_500_000_000, 22 * GiB, 4096, layout).host == 0
     monkeypatch.setenv("VPTQ_EMBED_ON_HOST", "0")
     assert fit(shape, 19_500_000_000, 22 * GiB, 4096, layout).host == 0
+
+
+def test_llama_8b_two_bit_on_the_cpu_by_hand():
+    """Without a GPU every layer is expanded to float32 (engine/layers.py): Llama-3.1-8B has
+    8,030,261,248 parameters (32 x (4096 x (4096 + 2 x 1024) + 4096 x 4096 + 3 x 4096 x 14336
+    + 2 x 4096) + 4096 + 2 x 128256 x 4096), 32,121,044,992 bytes as float32. The packed layers
+    are at most twice the files' bytes beyond the two bf16 128256 x 4096 tables (2 x 1,050,673,152
+    bytes). KV cache: 2 x 32 x 8 x 128 x 4 bytes a token; workspace: 117,440,512 (the largest
+    layer) + 512 x (4 x 4096 + 3 x 14336) x 4 + 2 x 128256 x 4 = 240,101,376."""
+    from app.fit import cpu_fit
+
+    shape = Shape.from_config(LLAMA_31_8B)
+    files = 4_000_000_000
+    f = cpu_fit(shape, files, True, 4096, 38 * GiB)
+    assert f.need.dense == 32_121_044_992
+    assert f.need.packed == 2 * (files - 2 * 1_050_673_152) == 3_797_307_392
+    assert f.need.kv_cache == 262_144 * 4096 == GiB
+    assert f.need.workspace == 240_101_376
+    total = 32_121_044_992 + 3_797_307_392 + GiB + 240_101_376  # 34.68 GiB
+    assert f.need.total == total and f.verdict == "tight"  # above 90% of 38 GiB
+    # (38 GiB - (total - 1 GiB)) // 256 KiB = 17714 tokens -> 17664 in steps of 256
+    assert f.max_context == 17664
+    assert f.lines() == [
+        "On the CPU it takes about 34.68 GiB of memory (the weights as float32 29.92 GiB, their "
+        "packed form up to 3.54 GiB, a KV cache of 4096 tokens 1.00 GiB, workspace 0.22 GiB)",
+        "Needed 34.68 GiB of 38.00 GiB available",
+        "Largest context that fits: 17664 tokens",
+    ]
+    small = cpu_fit(shape, files, True, 4096, 16 * GiB)
+    assert small.verdict == "does not fit" and small.max_context == 0
+    assert small.lines()[-1] == "The weights alone do not fit"
+    unknown = cpu_fit(shape, files, True, 4096, None)
+    assert unknown.verdict is None and len(unknown.lines()) == 1
+    # a dense fp16 checkpoint holds no packed layers beside its float32 copy
+    assert cpu_fit(shape, 16_060_522_496, False, 4096, None).need.packed == 0

@@ -304,3 +304,72 @@ def test_a_gpu_that_is_not_there_is_named(tmp_path):
     expect = "sees no CUDA GPU" if count == 0 else f"sees {count} CUDA GPU(s), cuda:0..cuda:"
     with pytest.raises(ValueError, match=f"device 'cuda:99': PyTorch {re.escape(expect)}"):
         load_model(tmp_path, "cuda:99")  # before the folder is looked at
+
+
+def held_bytes(model) -> int:
+    """Bytes of every distinct storage a model's parameters and buffers hold."""
+    storages = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("kind", ["vptq", "dense"])
+def test_cpu_need_counts_what_a_cpu_load_holds_once_it_has_answered(tmp_path, kind):
+    """memory.cpu_need (the engine's check and the app's verdict) against the tensors a CPU
+    load holds after a forward pass has expanded each quantized layer: never less, at most a
+    tenth more (the RoPE tables aside, a few KiB)."""
+    from engine.memory import Shape, cpu_need
+
+    if kind == "vptq":
+        build_vptq_model(tmp_path)
+    else:
+        from .hf_models import make_hf_model
+
+        make_hf_model("llama", tmp_path)
+    lm = load_model(tmp_path, "cpu", max_seq_len=128)
+    with torch.no_grad():
+        lm.model(torch.tensor([[1, 2, 3]]))
+    held = held_bytes(lm.model) - lm.model.cos.nbytes - lm.model.sin.nbytes
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    files = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    need = cpu_need(Shape.from_config(cfg), files, kind == "vptq", 128)
+    counted = need.total - need.workspace
+    assert held <= counted <= 1.1 * held, (held, need)
+    assert (need.packed > 0) == (kind == "vptq")
+
+
+def test_a_model_larger_than_the_memory_is_refused_on_the_cpu_with_the_numbers(
+    tmp_path, monkeypatch
+):
+    from engine import loader
+    from engine.memory import OutOfMemory, Shape, cpu_need, gib
+
+    build_vptq_model(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["max_position_embeddings"] = 1 << 20
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    files = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    shape = Shape.from_config(cfg)
+    small = cpu_need(shape, files, True, 1024)
+    # the weights do not fit
+    monkeypatch.setattr(loader, "host_available", lambda: small.total - small.kv_cache - 1)
+    with pytest.raises(OutOfMemory) as e:
+        load_model(tmp_path, "cpu", max_seq_len=1024)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and f"about {gib(small.total)} of memory" in msg
+    assert "a KV cache of 1024 tokens" in msg and "Use an NVIDIA GPU" in msg
+    # the weights fit, a context of 1M tokens (384 MiB of float32 KV cache) does not
+    monkeypatch.setattr(loader, "host_available", lambda: small.total)
+    with pytest.raises(OutOfMemory) as e:
+        load_model(tmp_path, "cpu", max_seq_len=1 << 20)
+    found = re.search(
+        r"is available\. The largest context that fits is (\d+) tokens\.", str(e.value)
+    )
+    assert found, str(e.value)
+    largest = int(found[1])
+    assert 1024 <= largest < 1024 + 256  # its KV cache is what the 1024 tokens' was
+    assert load_model(tmp_path, "cpu", max_seq_len=largest).model.max_seq == largest
+    # where the memory cannot be read, nothing is refused
+    monkeypatch.setattr(loader, "host_available", lambda: None)
+    assert load_model(tmp_path, "cpu", max_seq_len=4096).model.max_seq == 4096

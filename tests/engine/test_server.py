@@ -200,3 +200,30 @@ def test_bad_models_give_error_events_then_the_engine_still_serves(tmp_path, dem
     finally:
         e.close()
     assert e.proc.returncode == 0  # exits cleanly when stdin closes
+
+
+def test_a_model_larger_than_the_memory_is_an_oom_error_then_the_engine_still_serves(
+    tmp_path, demo_path
+):
+    """On the CPU, where the system would kill the engine part-way through (every layer is
+    expanded to float32): refused first with the numbers. Here a context of 2^40 tokens."""
+    import json
+
+    build_vptq_model(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"max_position_embeddings": 1 << 40}))
+    e = EngineProcess()
+    try:
+        assert e.next().type == "hello"
+        e.send("load", "big", path=str(tmp_path), device="cpu", max_seq_len=1 << 40)
+        err = e.until("error", "big")[-1]
+        msg = err.get("message")
+        assert err.get("kind") == "oom" and str(tmp_path) in msg, err.payload
+        assert "a KV cache of 1099511627776 tokens" in msg and "is available" in msg
+        assert "The largest context that fits is" in msg
+        e.send("load", "ok", path=str(demo_path), device="cpu", max_seq_len=64)
+        assert e.until("loaded", "ok")[-1].get("n_ctx") == 64
+        e.send("generate", "g", prompt="Hi", sampling={"temperature": 0, "max_new_tokens": 3})
+        assert e.until("finished", "g")[-1].get("reason") in ("stop", "length")
+    finally:
+        e.close()
