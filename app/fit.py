@@ -108,12 +108,14 @@ def fit(
 
 @dataclass(frozen=True)
 class CpuFit:
-    """Without an NVIDIA GPU: what the CPU path takes (every layer expanded to float32) against
-    the memory available now (None: unknown)."""
+    """Without an NVIDIA GPU: what the CPU path takes (every layer expanded to float32; to
+    bfloat16 where float32 does not fit, as the engine does) against the memory available now
+    (None: unknown)."""
 
     need: CpuNeed
     available: int | None
     max_context: int  # the largest context that fits (0: not even the weights)
+    float32: CpuNeed | None = None  # where float32 does not fit (bfloat16 taken): its figures
 
     @property
     def verdict(self) -> str | None:
@@ -123,6 +125,11 @@ class CpuFit:
         out = [f"On the CPU it takes about {self.need.describe()}"]
         if self.available is None:
             return out
+        if self.float32 is not None:
+            out.append(
+                f"In bfloat16: in float32 it would take {gib(self.float32.total)} "
+                "(bfloat16 prompts are slower on CPUs without AVX-512 BF16)"
+            )
         out.append(f"Needed {gib(self.need.total)} of {gib(self.available)} available")
         if self.max_context:
             out.append(f"Largest context that fits: {self.max_context} tokens")
@@ -134,6 +141,11 @@ class CpuFit:
 def cpu_fit(
     shape: Shape, weight_bytes: int, quantized: bool, context: int, available: int | None
 ) -> CpuFit:
+    """As engine/loader.py chooses: float32, or bfloat16 where only that fits."""
     need = cpu_need(shape, weight_bytes, quantized, context)
-    largest = 0 if available is None else cpu_largest_context(shape, need, available)
-    return CpuFit(need, available, max(0, largest))
+    if available is None:
+        return CpuFit(need, None, 0)
+    if need.total > available:  # the engine takes bfloat16, and names its figures
+        half = cpu_need(shape, weight_bytes, quantized, context, 2)
+        return CpuFit(half, available, max(0, cpu_largest_context(shape, half, available)), need)
+    return CpuFit(need, available, cpu_largest_context(shape, need, available))

@@ -167,6 +167,8 @@ def _session(a: argparse.Namespace):
     PROGRESS.end()
     print(f"loaded {path} on {device}; kernels: {s.kernels} ({s.kernels_reason})", file=sys.stderr)
     lm = s.loaded
+    if lm.note:
+        print(f"note: {lm.note}", file=sys.stderr)
     if lm.device.type == "cuda":
         print(
             f"GPU memory: weights {lm.weight_bytes / 2**30:.2f} GiB, fast decode layout "

@@ -56,6 +56,7 @@ class LoadedModel:
     layout_bytes: int = 0  # the sliced decode layouts (engine/ops/sliced.py) beside the weights
     host_bytes: int = 0  # weights kept in pinned host memory (the input embedding table)
     sliced_layers: tuple[int, int] = (0, 0)  # (layers with the sliced layout, layers eligible)
+    note: str = ""  # a choice the load made that the user should hear of (the CPU's dtype)
 
     @property
     def device(self) -> torch.device:
@@ -97,9 +98,17 @@ def load_model(
     if not folder.is_dir():
         raise FormatError(f"{folder}: no such model folder")
     args, cfg = ModelArgs.from_folder(folder)
-    dtype = dtype or default_dtype(device, args)
+    asked, dtype = dtype, dtype or default_dtype(device, args)
     gptq_cfg = gptq.read_config(cfg, folder)
     specs = {} if gptq_cfg else _layer_specs(args, cfg, folder / "config.json")
+    ckpt = Checkpoint(folder)
+    dev = torch.device(device)
+    n_ctx = min(max_seq_len, args.max_position_embeddings)
+    note = ""
+    if dev.type == "cpu":
+        quantized = bool(specs) or gptq_cfg is not None
+        need = (Shape.from_config(cfg), ckpt.nbytes, quantized, n_ctx, folder)
+        dtype, note = _cpu_dtype(*need, dtype, flexible=asked is None)
 
     def make(name: str, k: int, n: int, bias: bool) -> nn.Module:
         if gptq_cfg is not None:
@@ -117,14 +126,8 @@ def load_model(
 
     with torch.device("meta"):
         model = Transformer(args, make)
-    ckpt = Checkpoint(folder)
     shape = replace(Shape.from_config(cfg), dtype_bytes=dtype.itemsize)
-    dev = torch.device(device)
-    n_ctx = min(max_seq_len, args.max_position_embeddings)
     on_host: frozenset[str] = frozenset()
-    if dev.type == "cpu":
-        quantized = bool(specs) or gptq_cfg is not None
-        _check_host_fits(Shape.from_config(cfg), ckpt.nbytes, quantized, n_ctx, folder)
     if dev.type == "cuda":
         if _embedding_on_host(ckpt, shape, specs, dev, n_ctx):
             on_host = frozenset({EMBEDDING})
@@ -147,6 +150,7 @@ def load_model(
     quant = "vptq" if specs else "gptq" if gptq_layers else "dense"
     loaded = LoadedModel(model, args, folder, quant, specs, nbytes, kv, shape.workspace(), largest)
     loaded.host_bytes = host_bytes
+    loaded.note = note
     if dev.type == "cuda":
         loaded.sliced_layers = sliced
         loaded.layout_bytes = sliced_summary(model)[1]
@@ -182,13 +186,30 @@ def _check_weights_fit(weights: int, folder: Path, dev: torch.device, workspace:
         )
 
 
-def _check_host_fits(shape: Shape, weights: int, quantized: bool, n_ctx: int, folder) -> None:
+def _cpu_dtype(
+    shape: Shape, weights: int, quantized: bool, n_ctx: int, folder, dtype, flexible: bool
+) -> tuple[torch.dtype, str]:
     """On the CPU, where a model larger than the memory would only be killed by the system
-    part-way through its load or first answer: an error with the numbers first."""
+    part-way through its load or first answer: ``dtype`` where it fits the available memory;
+    else (``flexible``: the caller asked for no dtype) bfloat16, half of float32's memory, with a
+    note saying so; else an error with the numbers."""
     available = host_available()
-    need = cpu_need(shape, weights, quantized, n_ctx)
-    if available is None or need.total <= available:
-        return
+    if available is None:
+        return dtype, ""
+    tries = [dtype] + ([torch.bfloat16] if flexible and dtype.itemsize > 2 else [])
+    for dt in tries:
+        need = cpu_need(shape, weights, quantized, n_ctx, dt.itemsize)
+        if need.total <= available:
+            if dt == dtype:
+                return dt, ""
+            first = cpu_need(shape, weights, quantized, n_ctx, dtype.itemsize)
+            note = (
+                f"running in bfloat16: in float32 the model would take {gib(first.total)} of "
+                f"memory, {gib(available)} is available (bfloat16 takes {gib(need.total)}; "
+                "prompts are slower on CPUs without AVX-512 BF16)"
+            )
+            log.info("%s: %s", folder, note)
+            return dt, note
     largest = cpu_largest_context(shape, need, available)
     hint = (
         f"The largest context that fits is {largest} tokens."

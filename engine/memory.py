@@ -206,40 +206,47 @@ class CpuNeed:
     """What the CPU path holds (engine/layers.py, engine/gptq_linear.py): float32 throughout,
     each quantized layer dequantized once beside its packed tensors."""
 
-    dense: int  # every parameter as float32
+    dense: int  # every parameter as float32 (or the 16-bit values taken where that does not fit)
     packed: int  # the quantized layers' own tensors (indices, codebooks; GPTQ's qweight), at most
-    kv_cache: int  # float32, for the context
+    kv_cache: int  # for the context, of the same values
     workspace: int
     context: int
+    elem: int = 4  # bytes a value: 4 (float32) or 2 (bfloat16)
 
     @property
     def total(self) -> int:
         return self.dense + self.packed + self.kv_cache + self.workspace
 
     def describe(self) -> str:
-        parts = f"the weights as float32 {gib(self.dense)}"
+        parts = f"the weights as {'float32' if self.elem == 4 else 'bfloat16'} {gib(self.dense)}"
         if self.packed:
             parts += f", their packed form up to {gib(self.packed)}"
         parts += f", a KV cache of {self.context} tokens {gib(self.kv_cache)}"
         return f"{gib(self.total)} of memory ({parts}, workspace {gib(self.workspace)})"
 
 
-def cpu_need(shape: Shape, weight_bytes: int, quantized: bool, context: int) -> CpuNeed:
-    """``shape`` in the checkpoint's dtype; ``weight_bytes``: the checkpoint's tensors."""
-    f32 = replace(shape, dtype_bytes=4)
-    dense = 4 * shape.parameters(shape.tied)
+def cpu_need(
+    shape: Shape, weight_bytes: int, quantized: bool, context: int, elem: int = 4
+) -> CpuNeed:
+    """``shape`` in the checkpoint's dtype; ``weight_bytes``: the checkpoint's tensors; ``elem``:
+    bytes a value on the CPU (4: float32, what the engine takes there; 2: bfloat16, where float32
+    does not fit)."""
+    values = replace(shape, dtype_bytes=elem)
+    dense = elem * shape.parameters(shape.tied)
     # The files hold the quantized layers, the embedding table and the output head. The layers'
     # floats (codebooks, scales) become float32 and their int32 indices stay: twice their file
-    # bytes at most (about 1.1x for the 2-bit community models, 2x for codebook-heavy ones).
+    # bytes at most (about 1.1x for the 2-bit community models, 2x for codebook-heavy ones;
+    # counted so for 16-bit values too).
     plain = shape.embedding_bytes() * (1 if shape.tied else 2)
     packed = 2 * max(0, weight_bytes - plain) if quantized else 0
-    return CpuNeed(dense, packed, f32.kv_bytes_per_token * context, f32.workspace(), context)
+    kv = values.kv_bytes_per_token * context
+    return CpuNeed(dense, packed, kv, values.workspace(), context, elem)
 
 
 def cpu_largest_context(shape: Shape, need: CpuNeed, available: int) -> int:
-    """The longest context whose float32 KV cache fits beside the rest of ``need``."""
+    """The longest context whose KV cache (of need's values) fits beside the rest of ``need``."""
     room = available - (need.total - need.kv_cache)
-    return replace(shape, dtype_bytes=4).largest_context(room)
+    return replace(shape, dtype_bytes=need.elem).largest_context(room)
 
 
 def host_available() -> int | None:

@@ -171,6 +171,8 @@ class Server:
             kernels=s.kernels,
             kernels_reason=s.kernels_reason,
             chat_template=s.tok.has_chat_template,
+            dtype=str(s.loaded.model.model.norm.weight.dtype).removeprefix("torch."),
+            note=s.loaded.note,
         )
 
     def unload(self) -> None:

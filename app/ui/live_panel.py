@@ -159,6 +159,8 @@ class LivePanel(QScrollArea):
                         else ""
                     )
                 )
+            if info.get("note"):  # a choice the load made, such as bfloat16 on the CPU
+                text += f". Note: {info['note']}"
             self.engine.setText(text)
             if info.get("kernels") == "cuda":
                 self.kernels.setText(f"Kernels: CUDA ({info.get('kernels_reason', '')})")

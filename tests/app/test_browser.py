@@ -167,12 +167,12 @@ class NoGpus:
 def test_without_a_gpu_the_fit_is_the_cpu_paths_memory_against_what_is_available(
     browser_app, qloop
 ):
-    """The engine refuses such a load with the same numbers (test_loader.py); float32
+    """The engine chooses and refuses with the same numbers (test_loader.py); float32
     Llama-3.1-8B: 29.92 GiB, with a 4096-token KV cache and the workspace 31.14 GiB (test_fit.py
     by hand; this fake's 400 KB of weights hold no packed layers beyond the two tables)."""
     app, _ = browser_app
     app.browser.gpus = NoGpus()
-    app.browser.host_available = lambda: 16 * GiB
+    app.browser.host_available = lambda: 12 * GiB
     app.show_models()
     w = app.models_window
     w.resize(1100, 720)
@@ -192,18 +192,27 @@ def test_without_a_gpu_the_fit_is_the_cpu_paths_memory_against_what_is_available
     assert detail.verdict.text().endswith(
         "Does not fit</b> in memory. No NVIDIA GPU: this model would run on the CPU (slow)."
     )
+    # not even in bfloat16 (half of float32's bytes a value): 14.96 GiB of weights, a 0.50 GiB
+    # KV cache and a workspace of 117,440,512 + 512 x (4 x 4096 + 3 x 14336) x 2 + 1,026,048
     lines = detail.breakdown.text().split("<br>")
     assert lines == [
-        "On the CPU it takes about 31.14 GiB of memory (the weights as float32 29.92 GiB, a KV "
-        "cache of 4096 tokens 1.00 GiB, workspace 0.22 GiB)",
-        "Needed 31.14 GiB of 16.00 GiB available",
+        "On the CPU it takes about 15.62 GiB of memory (the weights as bfloat16 14.96 GiB, a KV "
+        "cache of 4096 tokens 0.50 GiB, workspace 0.17 GiB)",
+        "In bfloat16: in float32 it would take 31.14 GiB (bfloat16 prompts are slower on CPUs "
+        "without AVX-512 BF16)",
+        "Needed 15.62 GiB of 12.00 GiB available",
         "The weights alone do not fit",
         NoGpus.error,
     ]
+    app.browser.host_available = lambda: 16 * GiB  # in bfloat16, tightly
+    detail.context.setValue(4097)
+    assert "Tight</b> in memory" in detail.verdict.text()
+    assert "Largest context that fits: 7168 tokens" in detail.breakdown.text()
     app.browser.host_available = lambda: 64 * GiB
     detail.context.setValue(8192)  # 2 GiB of float32 KV cache
     assert "Fits</b> in memory" in detail.verdict.text()
     text = detail.breakdown.text()
+    assert "as float32" in text and "In bfloat16" not in text
     assert "Needed 32.14 GiB of 64.00 GiB available" in text
     assert "Largest context that fits: 131072 tokens" in text  # the model's own limit
     if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):

@@ -518,3 +518,15 @@ def test_chat_settings_take_a_damaged_sampling_as_defaults(qapp):
     assert box.values()[1] == {**DEFAULT_SAMPLING, "temperature": 0.0, "seed": 42}
     box.load("", {"seed": 2**40, "max_new_tokens": 10**6, "top_k": -3})  # beyond the boxes
     assert box.values()[1] == {**DEFAULT_SAMPLING, "seed": 2**31 - 1, "max_new_tokens": 32768}
+
+
+def test_the_live_panel_says_what_the_load_chose(gui):
+    """The engine's note (engine/loader.py: bfloat16 on the CPU where float32 does not fit)."""
+    note = "running in bfloat16: in float32 the model would take 31.14 GiB of memory, ..."
+    info = {"model": "m", "quant": "vptq", "device": "cpu", "n_ctx": 4096, "note": note}
+    gui.window.panel.set_engine("loaded", info)
+    assert gui.window.panel.engine.text() == (
+        f"m (vptq) on cpu, 4096 tokens of context. Note: {note}"
+    )
+    gui.window.panel.set_engine("loaded", {**info, "note": ""})
+    assert gui.window.panel.engine.text() == "m (vptq) on cpu, 4096 tokens of context"

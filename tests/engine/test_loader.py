@@ -351,25 +351,42 @@ def test_a_model_larger_than_the_memory_is_refused_on_the_cpu_with_the_numbers(
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     files = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
     shape = Shape.from_config(cfg)
-    small = cpu_need(shape, files, True, 1024)
-    # the weights do not fit
-    monkeypatch.setattr(loader, "host_available", lambda: small.total - small.kv_cache - 1)
+    f32, bf16 = (cpu_need(shape, files, True, 1024, elem) for elem in (4, 2))
+    assert bf16.total < f32.total
+    # not even in bfloat16
+    monkeypatch.setattr(loader, "host_available", lambda: bf16.total - bf16.kv_cache - 1)
     with pytest.raises(OutOfMemory) as e:
         load_model(tmp_path, "cpu", max_seq_len=1024)
     msg = str(e.value)
-    assert str(tmp_path) in msg and f"about {gib(small.total)} of memory" in msg
-    assert "a KV cache of 1024 tokens" in msg and "Use an NVIDIA GPU" in msg
-    # the weights fit, a context of 1M tokens (384 MiB of float32 KV cache) does not
-    monkeypatch.setattr(loader, "host_available", lambda: small.total)
-    with pytest.raises(OutOfMemory) as e:
-        load_model(tmp_path, "cpu", max_seq_len=1 << 20)
-    found = re.search(
-        r"is available\. The largest context that fits is (\d+) tokens\.", str(e.value)
+    assert str(tmp_path) in msg and f"about {gib(bf16.total)} of memory" in msg
+    assert "as bfloat16" in msg and "a KV cache of 1024 tokens" in msg
+    assert "Use an NVIDIA GPU" in msg
+    # in bfloat16, not in float32: taken where no dtype was asked for, and said so
+    monkeypatch.setattr(loader, "host_available", lambda: f32.total - 1)
+    lm = load_model(tmp_path, "cpu", max_seq_len=1024)
+    assert lm.model.model.norm.weight.dtype == torch.bfloat16
+    assert lm.note.startswith(
+        f"running in bfloat16: in float32 the model would take {gib(f32.total)}"
     )
+    with pytest.raises(OutOfMemory, match="as float32"):
+        load_model(tmp_path, "cpu", torch.float32, max_seq_len=1024)
+    monkeypatch.setattr(loader, "host_available", lambda: None)
+    ref = load_model(tmp_path, "cpu", max_seq_len=1024)
+    tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got, want = lm.model(tokens).double(), ref.model(tokens).double()
+    assert ref.model.model.norm.weight.dtype == torch.float32
+    assert float((got - want).norm() / want.norm()) < 2e-2  # bfloat16's 8 bits
+    # the weights fit in float32, a context of 1M tokens (384 MiB of float32 KV cache) does not
+    monkeypatch.setattr(loader, "host_available", lambda: f32.total)
+    with pytest.raises(OutOfMemory) as e:
+        load_model(tmp_path, "cpu", torch.float32, max_seq_len=1 << 20)
+    found = re.search(r"available\. The largest context that fits is (\d+) tokens\.", str(e.value))
     assert found, str(e.value)
     largest = int(found[1])
     assert 1024 <= largest < 1024 + 256  # its KV cache is what the 1024 tokens' was
-    assert load_model(tmp_path, "cpu", max_seq_len=largest).model.max_seq == largest
+    lm = load_model(tmp_path, "cpu", torch.float32, max_seq_len=largest)
+    assert lm.model.max_seq == largest and lm.note == ""
     # where the memory cannot be read, nothing is refused
     monkeypatch.setattr(loader, "host_available", lambda: None)
     assert load_model(tmp_path, "cpu", max_seq_len=4096).model.max_seq == 4096

@@ -20,6 +20,7 @@ def engine(demo_path):
     loaded = events[-1]
     assert loaded.get("n_ctx") == 2048 and loaded.get("kernels") == "reference"
     assert "CPU" in loaded.get("kernels_reason")  # the reason is said, not implied
+    assert loaded.get("dtype") == "float32" and loaded.get("note") == ""
     yield e
     e.close()
 
