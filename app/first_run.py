@@ -10,10 +10,17 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.memory import gib, host_available
+
 from .gpu import Gpus
 
 GiB = 1 << 30
 MIN_FREE_DISK = 10 * GiB  # a 2-bit 8B model is ~4 GiB, a 70B one ~20 GiB
+# On the CPU a 2-bit model takes about this many bytes a parameter (engine/memory.py cpu_need:
+# its layers expanded to bfloat16, 2, beside their packed form, at most 0.5, and the KV cache).
+CPU_BYTES_PER_PARAM = 2.5
+SMALLEST_MODEL = 7e9  # the VPTQ-community models start at 7B (Qwen2.5-7B)
+_UNSET = object()
 
 
 @dataclass
@@ -24,7 +31,8 @@ class Check:
     fix: str = ""
 
 
-def run_checks(hello: dict, gpus: Gpus, models_dir: Path) -> list[Check]:
+def run_checks(hello: dict, gpus: Gpus, models_dir: Path, available=_UNSET) -> list[Check]:
+    """``available``: the memory the CPU path may take (default: the system's now)."""
     checks = []
     if gpus.available:
         checks.append(Check("NVIDIA driver", True, f"driver {gpus.driver}"))
@@ -71,6 +79,7 @@ def run_checks(hello: dict, gpus: Gpus, models_dir: Path) -> list[Check]:
     kernels = hello.get("kernels") == "cuda"
     if not cuda:
         checks.append(Check("CUDA kernels", None, "not needed on the CPU path"))
+        checks.append(cpu_memory(host_available() if available is _UNSET else available))
     else:
         fix = (
             ""
@@ -96,6 +105,30 @@ def run_checks(hello: dict, gpus: Gpus, models_dir: Path) -> list[Check]:
         )
     )
     return checks
+
+
+def cpu_memory(available: int | None) -> Check:
+    """How large a model the CPU path holds in the memory available now."""
+    name = "Memory for the CPU path"
+    if available is None:
+        return Check(name, None, "this system does not say how much memory is available")
+    params = available / CPU_BYTES_PER_PARAM
+    billions = params / 1e9
+    size = "under 1B" if billions < 1 else f"about {billions:.{1 if billions < 10 else 0}f}B"
+    detail = (
+        f"{gib(available)} available: models of up to {size} parameters fit (about "
+        f"{CPU_BYTES_PER_PARAM} bytes a parameter on the CPU)"
+    )
+    if params >= SMALLEST_MODEL:
+        return Check(name, True, detail)
+    need = gib(int(SMALLEST_MODEL * CPU_BYTES_PER_PARAM))
+    return Check(
+        name,
+        False,
+        detail,
+        f"The smallest VPTQ-community models (7B) need about {need} on the CPU: close other "
+        "programs, or use an NVIDIA GPU. The demo model runs in any case.",
+    )
 
 
 def verdict(checks: list[Check]) -> str:

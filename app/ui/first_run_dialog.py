@@ -32,6 +32,7 @@ class FirstRunDialog(QDialog):
         lay = QVBoxLayout(self)
         lay.addWidget(self.summary)
         lay.addLayout(self.items)
+        lay.addStretch(1)  # spare height below the lines, not between them
         lay.addLayout(buttons)
         self.labels: list[QLabel] = []
         self.refresh()

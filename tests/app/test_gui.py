@@ -530,3 +530,22 @@ def test_the_live_panel_says_what_the_load_chose(gui):
     )
     gui.window.panel.set_engine("loaded", {**info, "note": ""})
     assert gui.window.panel.engine.text() == "m (vptq) on cpu, 4096 tokens of context"
+
+
+def test_the_checks_window_keeps_its_lines_together_when_tall(qapp):
+    """Spare height goes below the lines (it went between the summary and them)."""
+    from app.first_run import Check
+    from app.ui.first_run_dialog import FirstRunDialog
+
+    checks = [
+        Check("NVIDIA driver", False, "not found", "Install it."),
+        Check("PyTorch with CUDA", False, "cannot use a GPU"),
+        Check("CUDA kernels", None, "not needed on the CPU path"),
+    ]
+    d = FirstRunDialog(None, lambda: checks)
+    d.resize(480, 700)
+    d.show()
+    qapp.processEvents()
+    for label in [d.summary, *d.labels]:  # no taller than its text: no space inside it
+        assert label.height() <= label.heightForWidth(label.width()) + 4, label.text()
+    d.close()

@@ -63,6 +63,9 @@ def test_windows_shortcut_script():
     assert Path(ico).exists() and Path(ico).read_bytes()[:4] == b"\x00\x00\x01\x00"
 
 
+GiB = 1 << 30
+
+
 def test_first_run_verdict_without_a_gpu(tmp_path):
     """On this machine (no NVIDIA driver, CPU PyTorch) the real engine's hello and NVML give
     the CPU-path verdicts, each problem with what to do."""
@@ -88,6 +91,21 @@ def test_first_run_verdict_without_a_gpu(tmp_path):
     unknown = {c.name: c for c in run_checks({**info, "torch": None}, gpus, tmp_path / "models")}
     assert unknown["PyTorch with CUDA"].detail == "PyTorch cannot use a GPU"  # not "PyTorch ?"
     assert checks["CUDA kernels"].ok is None  # not needed on the CPU path
+    memory = checks["Memory for the CPU path"]  # this machine's, read from the system
+    assert memory.ok is not None and " available: models of up to " in memory.detail
+    # 2.5 bytes a parameter: 64 GiB hold 27.5 B parameters, 16 GiB 6.9 B (not a 7B model)
+    for available, ok, size in [(64 * GiB, True, "about 27B"), (16 * GiB, False, "about 6.9B"),
+                                (2 * GiB, False, "under 1B")]:  # fmt: skip
+        c = {c.name: c for c in run_checks(info, gpus, tmp_path / "models", available)}
+        m = c["Memory for the CPU path"]
+        assert m.ok is ok and f"available: models of up to {size} parameters fit" in m.detail
+        assert m.fix.startswith("The smallest VPTQ-community models (7B) need about 16.30 GiB") == (
+            not ok
+        )
+    c = {c.name: c for c in run_checks(info, gpus, tmp_path / "models", None)}
+    assert c["Memory for the CPU path"].ok is None and "does not say" in (
+        c["Memory for the CPU path"].detail
+    )
     assert checks["Disk space for models"].ok is not None
     assert verdict(list(checks.values())).startswith("No usable GPU: VPTQ Chat runs on the CPU")
 
