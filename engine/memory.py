@@ -10,6 +10,7 @@ beside the CUDA context and the prefill activations.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -249,22 +250,23 @@ def cpu_largest_context(shape: Shape, need: CpuNeed, available: int) -> int:
     return replace(shape, dtype_bytes=need.elem).largest_context(room)
 
 
+class MemoryStatusEx(ctypes.Structure):
+    """Windows' MEMORYSTATUSEX (two DWORDs, then seven 64-bit sizes: 64 bytes)."""
+
+    _fields_ = [("length", ctypes.c_uint32), ("load", ctypes.c_uint32)] + [
+        (name, ctypes.c_uint64)
+        for name in ("total_phys", "avail_phys", "total_page", "avail_page", "total_virtual",
+                     "avail_virtual", "avail_extended")
+    ]  # fmt: skip
+
+
 def host_available() -> int | None:
     """Memory the system can give a process now without swapping (Linux: MemAvailable;
     Windows: the available physical memory); None where it cannot tell."""
     if sys.platform == "win32":
-        import ctypes
-
-        class Status(ctypes.Structure):
-            _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong)] + [
-                (name, ctypes.c_ulonglong)
-                for name in ("phys", "avail", "file", "afile", "virt", "avirt", "aext")
-            ]
-
-        st = Status()
-        st.length = ctypes.sizeof(Status)
+        st = MemoryStatusEx(length=ctypes.sizeof(MemoryStatusEx))
         if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):
-            return int(st.avail)
+            return int(st.avail_phys)
         return None
     try:
         with open("/proc/meminfo") as f:

@@ -390,3 +390,21 @@ def test_a_model_larger_than_the_memory_is_refused_on_the_cpu_with_the_numbers(
     # where the memory cannot be read, nothing is refused
     monkeypatch.setattr(loader, "host_available", lambda: None)
     assert load_model(tmp_path, "cpu", max_seq_len=4096).model.max_seq == 4096
+
+
+def test_host_available_is_between_the_free_and_the_total_memory():
+    import ctypes
+    import os
+    import sys
+
+    from engine.memory import MemoryStatusEx, host_available
+
+    # Windows' MEMORYSTATUSEX: dwLength, dwMemoryLoad, then ullTotalPhys, ullAvailPhys, ...
+    assert ctypes.sizeof(MemoryStatusEx) == 64 and MemoryStatusEx.avail_phys.offset == 16
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the comparison below reads Linux's sysconf")
+    page = os.sysconf("SC_PAGE_SIZE")
+    free, total = os.sysconf("SC_AVPHYS_PAGES") * page, os.sysconf("SC_PHYS_PAGES") * page
+    available = host_available()
+    assert available is not None
+    assert 0.9 * free <= available <= total  # MemAvailable: the free memory and what can be freed
