@@ -107,8 +107,9 @@ def load_model(
     note = ""
     if dev.type == "cpu":
         quantized = bool(specs) or gptq_cfg is not None
-        need = (Shape.from_config(cfg), ckpt.nbytes, quantized, n_ctx, folder)
-        dtype, note = _cpu_dtype(*need, dtype, flexible=asked is None)
+        dtype, note = _cpu_dtype(
+            Shape.from_config(cfg), ckpt.nbytes, quantized, n_ctx, folder, dtype, asked is None
+        )
 
     def make(name: str, k: int, n: int, bias: bool) -> nn.Module:
         if gptq_cfg is not None:
