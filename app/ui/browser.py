@@ -187,8 +187,7 @@ class DetailPane(QWidget):
         self.title.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.size = QLabel(wordWrap=True)
         self.gpu = QComboBox()
-        self.gpu.setAccessibleName("GPU for the fit check")
-        self.gpu.setPlaceholderText("none: the CPU")  # shown while no GPU is listed
+        self.gpu.setAccessibleName("GPU or CPU for the fit check")
         self.context = QSpinBox(minimum=256, maximum=1 << 20, singleStep=1024, value=4096)
         self.context.setAccessibleName("Context length for the fit check")
         self.verdict = QLabel(objectName="fitVerdict")
@@ -206,7 +205,7 @@ class DetailPane(QWidget):
         self.state = QLabel(wordWrap=True)
         self.state.setAccessibleName("Download state")
         form = QFormLayout()
-        form.addRow("GPU", self.gpu)
+        form.addRow("Run on", self.gpu)
         form.addRow("Context (tokens)", self.context)
         buttons = QHBoxLayout()
         for b in (self.download, self.pause, self.cancel, self.load):
@@ -261,8 +260,8 @@ class DetailPane(QWidget):
         self.gpu.blockSignals(True)
         self.gpu.clear()
         for g in gpus:
-            self.gpu.addItem(f"{g.index}: {g.name} ({gib(g.free)} free)", g)
-        self.gpu.setCurrentIndex(0 if gpus else -1)  # with a placeholder, adding selects none
+            self.gpu.addItem(f"GPU {g.index}: {g.name} ({gib(g.free)} free)", g)
+        self.gpu.addItem("CPU (slow)", None)  # last: a GPU, where there is one, first
         self.gpu.blockSignals(False)
         if d.shape is not None:
             self.context.setMaximum(d.shape.max_context)
@@ -292,7 +291,11 @@ class DetailPane(QWidget):
         self.breakdown.setText("<br>".join(lines))
 
     def _show_cpu_fit(self, d) -> None:
-        head = "No NVIDIA GPU: this model would run on the CPU (slow)."
+        head = (
+            "On the CPU it runs slowly."
+            if self.gpu.count() > 1
+            else "No NVIDIA GPU: this model would run on the CPU (slow)."
+        )
         f = self.ctrl.cpu_fit(self.context.value())
         if f is None or f.verdict is None:
             self.verdict.setText(head)

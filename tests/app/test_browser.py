@@ -76,6 +76,7 @@ def browser_app(tmp_path, qloop, monkeypatch):
 
 def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
     app, hub = browser_app
+    app.browser.host_available = lambda: 64 * GiB
     app.show_models()
     w = app.models_window
     w.resize(1100, 720)
@@ -118,6 +119,20 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
     assert "Does not fit" in detail.verdict.text()
     assert "Fast decode layout 3.46 GiB: no room at this context" in (detail.breakdown.text())
     assert "To make room, close: blender (pid 4242): 3.2 GB" in detail.breakdown.text()
+    # the CPU is a choice too, last
+    assert [detail.gpu.itemText(i) for i in range(detail.gpu.count())] == [
+        "GPU 0: Test GPU 24GB (16.00 GiB free)",
+        "CPU (slow)",
+    ]
+    detail.gpu.setCurrentIndex(1)
+    # float32: 29.92 GiB of weights, 32 GiB of KV cache, 0.22 of workspace: 62.14 of 64 GiB
+    assert detail.verdict.text().endswith("Tight</b> in memory. On the CPU it runs slowly.")
+    assert "a KV cache of 131072 tokens 32.00 GiB" in detail.breakdown.text()
+    detail.context.setValue(4096)
+    assert "Fits</b> in memory" in detail.verdict.text()
+    detail.gpu.setCurrentIndex(0)
+    detail.context.setValue(131072)
+    assert "Does not fit</b>" in detail.verdict.text()
     # in a small window the eight lines scroll instead of losing the last ones
     w.resize(780, 420)
     qloop.run_until_complete(asyncio.sleep(0.2))
@@ -187,8 +202,7 @@ def test_without_a_gpu_the_fit_is_the_cpu_paths_memory_against_what_is_available
     browse.table.setCurrentIndex(shown.index(row, 0))
     detail = browse.detail
     wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
-    assert detail.gpu.count() == 0 and detail.gpu.currentText() == ""
-    assert detail.gpu.placeholderText() == "none: the CPU"
+    assert [detail.gpu.itemText(i) for i in range(detail.gpu.count())] == ["CPU (slow)"]
     assert detail.verdict.text().endswith(
         "Does not fit</b> in memory. No NVIDIA GPU: this model would run on the CPU (slow)."
     )
