@@ -205,7 +205,7 @@ class DetailPane(QWidget):
         self.state = QLabel(wordWrap=True)
         self.state.setAccessibleName("Download state")
         form = QFormLayout()
-        form.addRow("Run on", self.gpu)
+        form.addRow("Fit on", self.gpu)
         form.addRow("Context (tokens)", self.context)
         buttons = QHBoxLayout()
         for b in (self.download, self.pause, self.cancel, self.load):
