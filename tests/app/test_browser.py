@@ -74,14 +74,19 @@ def browser_app(tmp_path, qloop, monkeypatch):
             app.window.close()
 
 
-def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
-    app, hub = browser_app
-    app.browser.host_available = lambda: 64 * GiB
+def open_models(app, qloop):
+    """The Models window at 1100 x 720 once the fake hub's three models are listed."""
     app.show_models()
     w = app.models_window
     w.resize(1100, 720)
-    browse = w.browse
     wait_until(qloop, lambda: app.browser.catalogue.rowCount() == 3, what="the catalogue")
+    return w, w.browse
+
+
+def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
+    app, hub = browser_app
+    app.browser.host_available = lambda: 64 * GiB
+    w, browse = open_models(app, qloop)
     assert "3 models from http://127.0.0.1" in browse.note.text()
     assert [browse.family.itemText(i) for i in range(browse.family.count())] == [
         "Any base model", "Llama 3.1", "Qwen 2.5"
@@ -188,18 +193,9 @@ def test_without_a_gpu_the_fit_is_the_cpu_paths_memory_against_what_is_available
     app, _ = browser_app
     app.browser.gpus = NoGpus()
     app.browser.host_available = lambda: 12 * GiB
-    app.show_models()
-    w = app.models_window
-    w.resize(1100, 720)
-    browse = w.browse
-    wait_until(qloop, lambda: app.browser.catalogue.rowCount() == 3, what="the catalogue")
-    shown = app.browser.filtered
-    row = next(
-        r
-        for r in range(shown.rowCount())
-        if shown.index(r, 0).data().startswith("Meta-Llama-3.1-8B")
-    )
-    browse.table.setCurrentIndex(shown.index(row, 0))
+    w, browse = open_models(app, qloop)
+    browse.table.setCurrentIndex(app.browser.filtered.index(0, 0))  # the 8B, most downloaded
+    assert app.browser.filtered.index(0, 0).data().startswith("Meta-Llama-3.1-8B")
     detail = browse.detail
     wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
     assert [detail.gpu.itemText(i) for i in range(detail.gpu.count())] == ["CPU (slow)"]
