@@ -13,7 +13,7 @@ from engine.memory import (
     CpuNeed,
     Shape,
     cpu_largest_context,
-    cpu_need,
+    cpu_plan,
     embedding_on_host,
     gib,
 )
@@ -141,11 +141,7 @@ class CpuFit:
 def cpu_fit(
     shape: Shape, weight_bytes: int, quantized: bool, context: int, available: int | None
 ) -> CpuFit:
-    """As engine/loader.py chooses: float32, or bfloat16 where only that fits."""
-    need = cpu_need(shape, weight_bytes, quantized, context)
-    if available is None:
-        return CpuFit(need, None, 0)
-    if need.total > available:  # the engine takes bfloat16, and names its figures
-        half = cpu_need(shape, weight_bytes, quantized, context, 2)
-        return CpuFit(half, available, max(0, cpu_largest_context(shape, half, available)), need)
-    return CpuFit(need, available, cpu_largest_context(shape, need, available))
+    """As engine/loader.py chooses (memory.cpu_plan): float32, or bfloat16 where only that fits."""
+    need, float32 = cpu_plan(shape, weight_bytes, quantized, context, available)
+    largest = 0 if available is None else cpu_largest_context(shape, need, available)
+    return CpuFit(need, available, largest, float32)

@@ -28,7 +28,7 @@ from .memory import (
     OutOfMemory,
     Shape,
     cpu_largest_context,
-    cpu_need,
+    cpu_plan,
     embedding_on_host,
     gib,
     host_available,
@@ -191,32 +191,28 @@ def _cpu_dtype(
     shape: Shape, weights: int, quantized: bool, n_ctx: int, folder, dtype, flexible: bool
 ) -> tuple[torch.dtype, str]:
     """On the CPU, where a model larger than the memory would only be killed by the system
-    part-way through its load or first answer: ``dtype`` where it fits the available memory;
-    else (``flexible``: the caller asked for no dtype) bfloat16, half of float32's memory, with a
-    note saying so; else an error with the numbers."""
+    part-way through its load or first answer: the dtype memory.cpu_plan takes (``flexible``: the
+    caller asked for none) and a note where that is bfloat16 instead of float32; or an error
+    with the numbers."""
     available = host_available()
-    if available is None:
-        return dtype, ""
-    tries = [dtype] + ([torch.bfloat16] if flexible and dtype.itemsize > 2 else [])
-    for dt in tries:
-        need = cpu_need(shape, weights, quantized, n_ctx, dt.itemsize)
-        if need.total <= available:
-            if dt == dtype:
-                return dt, ""
-            first = cpu_need(shape, weights, quantized, n_ctx, dtype.itemsize)
-            note = (
-                f"running in bfloat16: in float32 the model would take {gib(first.total)} of "
-                f"memory, {gib(available)} is available (bfloat16 takes {gib(need.total)}; "
-                "prompts are slower on CPUs without AVX-512 BF16)"
-            )
-            log.info("%s: %s", folder, note)
-            return dt, note
+    need, float32 = cpu_plan(shape, weights, quantized, n_ctx, available, dtype.itemsize, flexible)
+    if available is None or need.total <= available:
+        if float32 is None:
+            return dtype, ""
+        note = (
+            f"running in bfloat16: in float32 the model would take {gib(float32.total)} of "
+            f"memory, {gib(available)} is available (bfloat16 takes {gib(need.total)}; "
+            "prompts are slower on CPUs without AVX-512 BF16)"
+        )
+        log.info("%s: %s", folder, note)
+        return torch.bfloat16, note
     largest = cpu_largest_context(shape, need, available)
-    hint = (
-        f"The largest context that fits is {largest} tokens."
-        if largest >= CONTEXT_STEP
-        else "Use an NVIDIA GPU, or a model with fewer parameters."
-    )
+    if largest >= CONTEXT_STEP:
+        hint = f"The largest context that fits is {largest} tokens."
+    elif cpu_plan(shape, weights, quantized, n_ctx, available)[0].total <= available:
+        hint = "In bfloat16 it would fit: leave out --dtype (the load's dtype) and it is taken."
+    else:
+        hint = "Use an NVIDIA GPU, or a model with fewer parameters."
     raise OutOfMemory(
         f"{folder}: on the CPU this model takes about {need.describe()}, but {gib(available)} "
         f"is available. {hint}"

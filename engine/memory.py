@@ -244,6 +244,24 @@ def cpu_need(
     return CpuNeed(dense, packed, kv, values.workspace(), context, elem)
 
 
+def cpu_plan(
+    shape: Shape,
+    weight_bytes: int,
+    quantized: bool,
+    context: int,
+    available: int | None,
+    elem: int = 4,
+    flexible: bool = True,
+) -> tuple[CpuNeed, CpuNeed | None]:
+    """What a CPU load takes, as the engine chooses it: values of ``elem`` bytes where they fit
+    ``available`` (or where that is unknown); else, for float32 and unless a dtype was asked for
+    (not ``flexible``), bfloat16. Returns that need and, where bfloat16 was taken, float32's."""
+    need = cpu_need(shape, weight_bytes, quantized, context, elem)
+    if available is None or need.total <= available or not flexible or elem <= 2:
+        return need, None
+    return cpu_need(shape, weight_bytes, quantized, context, 2), need
+
+
 def cpu_largest_context(shape: Shape, need: CpuNeed, available: int) -> int:
     """The longest context whose KV cache (of need's values) fits beside the rest of ``need``."""
     room = available - (need.total - need.kv_cache)

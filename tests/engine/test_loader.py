@@ -370,6 +370,9 @@ def test_a_model_larger_than_the_memory_is_refused_on_the_cpu_with_the_numbers(
     )
     with pytest.raises(OutOfMemory, match="as float32"):
         load_model(tmp_path, "cpu", torch.float32, max_seq_len=1024)
+    monkeypatch.setattr(loader, "host_available", lambda: bf16.total)  # float32's weights: no
+    with pytest.raises(OutOfMemory, match="In bfloat16 it would fit: leave out --dtype"):
+        load_model(tmp_path, "cpu", torch.float32, max_seq_len=1024)
     monkeypatch.setattr(loader, "host_available", lambda: None)
     ref = load_model(tmp_path, "cpu", max_seq_len=1024)
     tokens = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(3))
