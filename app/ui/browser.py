@@ -190,7 +190,7 @@ class DetailPane(QWidget):
         self.gpu.setAccessibleName("GPU or CPU for the fit check")
         self.context = QSpinBox(minimum=256, maximum=1 << 20, singleStep=1024, value=4096)
         self.context.setAccessibleName("Context length for the fit check")
-        self.verdict = QLabel(objectName="fitVerdict")
+        self.verdict = QLabel(objectName="fitVerdict", wordWrap=True)  # the CPU's is a sentence
         self.verdict.setAccessibleName("Fit verdict")
         self.breakdown = QLabel(wordWrap=True)
         self.breakdown.setAccessibleName("Fit breakdown")

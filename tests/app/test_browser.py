@@ -225,9 +225,17 @@ def test_without_a_gpu_the_fit_is_the_cpu_paths_memory_against_what_is_available
     assert "as float32" in text and "In bfloat16" not in text
     assert "Needed 32.14 GiB of 64.00 GiB available" in text
     assert "Largest context that fits: 131072 tokens" in text  # the model's own limit
+    # in a small window the lines wrap: the details scroll down, never sideways
+    w.resize(780, 420)
+    qloop.run_until_complete(asyncio.sleep(0.2))
+    scroll = detail.parentWidget().parentWidget()  # the QScrollArea's viewport's parent
+    assert scroll.horizontalScrollBar().maximum() == 0
+    assert detail.verdict.height() >= detail.verdict.heightForWidth(detail.verdict.width()) > 0
     if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):
-        qloop.run_until_complete(asyncio.sleep(0.2))
-        w.grab().save(os.path.join(shots, "models-cpu.png"))
+        for name, size in (("models-cpu.png", (1100, 720)), ("models-cpu-small.png", (780, 420))):
+            w.resize(*size)
+            qloop.run_until_complete(asyncio.sleep(0.2))
+            w.grab().save(os.path.join(shots, name))
 
 
 GPTQ = "hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4"

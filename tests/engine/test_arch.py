@@ -1,6 +1,6 @@
 """VPTQ_CUDA_ARCH: the kernels built and launched as on an older GPU generation (engine/ops/arch.py,
-csrc/vptq_device.cuh compute_major), checked against a faked device on the CPU. The GPU suite
-run with it set (csrc/KERNELS.md session 27) is what exercises the older generations' kernels."""
+csrc/vptq_device.cuh compute_major), checked against a faked device on the CPU. On a GPU,
+tests/engine/test_older_gpus.py runs the GPU tests with it set (csrc/KERNELS.md session 28)."""
 
 from __future__ import annotations
 
