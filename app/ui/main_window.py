@@ -150,6 +150,8 @@ class MainWindow(QMainWindow):
         self.user_sized = False  # a dragged handle: the panes keep the user's widths
         split.splitterMoved.connect(lambda *_: setattr(self, "user_sized", True))
         self.setCentralWidget(split)
+        # The status bar from the start: made by the first message, it moved everything above it
+        self.statusBar()
         self.panel.setVisible(settings.show_panel)
         self._menus()
         self._wire()

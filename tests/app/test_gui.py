@@ -549,3 +549,33 @@ def test_the_checks_window_keeps_its_lines_together_when_tall(qapp):
     for label in [d.summary, *d.labels]:  # no taller than its text: no space inside it
         assert label.height() <= label.heightForWidth(label.width()) + 4, label.text()
     d.close()
+
+
+def test_the_first_status_message_does_not_move_the_window_contents(tmp_path, qloop, monkeypatch):
+    """The status bar is there from the start: created by the first message ("demo ready"),
+    it pushed the message box and the transcript up by its height as the engine came up."""
+    import sys
+
+    from app.__main__ import App
+
+    from .conftest import FAKE_ENGINE
+
+    monkeypatch.setenv("VPTQ_CHAT_ENGINE_CMD", f"{sys.executable} {FAKE_ENGINE}")
+    monkeypatch.setenv("VPTQ_CHAT_MODELS", str(tmp_path / "models"))
+    app = App(tmp_path, model="demo", theme="light", loop=qloop)
+    app.window.resize(1100, 760)
+    app.window.show()
+    box = app.window.chat.input
+
+    def top():
+        qloop.run_until_complete(asyncio.sleep(0.05))  # the layout settles
+        return box.mapTo(app.window, box.rect().topLeft()).y()
+
+    try:
+        before = top()
+        qloop.run_until_complete(app.ctrl.start_engine())
+        assert app.window.statusBar().currentMessage() == "demo ready: 2048 tokens of context"
+        assert top() == before
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
