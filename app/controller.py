@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ class ChatController(QObject):
     context_changed = Signal(int, int, int)  # prompt tokens, context, dropped messages
     answer_finished = Signal(dict)  # stats of the finished answer
     live_rate = Signal(float)  # tokens/s of the answer being streamed
+    leaving = Signal()  # the open chat is about to change: the window saves its draft now
 
     def __init__(self, store: Store, client: EngineClient, settings: Settings):
         super().__init__()
@@ -55,13 +57,35 @@ class ChatController(QObject):
 
     # -- conversations ---------------------------------------------------------------------------
     def open(self, cid: int) -> None:
+        self.leaving.emit()
         if self.busy:
             self.stop()
+        before = self.current
         self.current = cid
         self.next_chat = None  # what was set with no chat open is for a chat started from there
         self.messages.set_rows(self.store.messages(cid))
         self.conversation_opened.emit(cid)
         self._show_context()
+        if before is not None and before != cid:
+            self._drop_if_unused(before)
+
+    def _drop_if_unused(self, cid: int) -> None:
+        """A chat left as New chat made it (no message, draft, title or setting of the user's)
+        goes, so that New chat and a click elsewhere do not leave empty chats in the list."""
+        try:
+            conv = self.store.conversation(cid)
+        except KeyError:  # deleted already
+            return
+        unused = (
+            conv.title == "New chat"
+            and not conv.draft.strip()
+            and conv.system_prompt == self.settings.system_prompt
+            and _same_sampling(conv.sampling, self.settings.sampling)
+            and not self.store.messages(cid)
+        )
+        if unused:
+            self.store.delete_conversation(cid)
+            self.conversations.remove(cid)
 
     def _show_context(self) -> None:
         """The open chat's context line: what its last answer left in the model's context (the
@@ -145,6 +169,11 @@ class ChatController(QObject):
         if self.busy or not text.strip() or self.current is None:
             return
         m = self.messages.rows[row]
+        conv = self.store.conversation(self.current)
+        # A title the first message gave (not one the user chose) follows its edit: send()
+        # titles a "New chat" from the message it sends.
+        if row == 0 and conv.title == _title_from(m.content):
+            self.store.update_conversation(conv.id, title="New chat")
         self.store.delete_messages_from(self.current, m.id)
         self.messages.truncate(row)
         self.send(text)
@@ -289,6 +318,18 @@ class ChatController(QObject):
 
     def _progress(self, fraction: float, stage: str) -> None:
         self.status.emit(f"{stage}: {fraction:.0%}")
+
+
+def _same_sampling(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The same settings as the chat settings panel writes them back (a seed of None, the
+    random one, stands for no seed; the panel's floats round to its decimals)."""
+    keys = {k for k, v in a.items() if v is not None} | {k for k, v in b.items() if v is not None}
+    return all(
+        a.get(k) is not None
+        and b.get(k) is not None
+        and math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-9)
+        for k in keys
+    )
 
 
 def _title_from(text: str) -> str:

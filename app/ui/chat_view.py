@@ -248,7 +248,8 @@ class ChatView(QWidget):
         self._rebuild()
 
     def flush_draft(self) -> None:
-        """Save a draft whose debounce timer has not fired yet (before quitting)."""
+        """Save a draft whose debounce timer has not fired yet (before quitting or opening
+        another chat)."""
         if self.draft_timer.isActive():
             self.draft_timer.stop()
             self.draft_changed.emit(self.input.toPlainText())

@@ -247,6 +247,7 @@ class MainWindow(QMainWindow):
         self.chat_settings.on_change(lambda *_: c.update_settings(*self.chat_settings.values()))
         self.list.clicked.connect(lambda idx: c.open(idx.data(IdRole)))
         self.search.textChanged.connect(c.search)
+        c.leaving.connect(self.chat.flush_draft)  # the last keystrokes, before the chat changes
         c.conversation_opened.connect(self._opened)
         c.busy_changed.connect(self.chat.set_busy)
         c.error.connect(self.show_error)

@@ -39,7 +39,8 @@ def test_stream_an_answer(gui, qloop):
     assert gui.window.chat.context.text() == ""  # nothing asked yet
     gui.ctrl.open(first)
     assert gui.window.chat.context.text() == "Context: 16 / 2048 tokens"
-    assert gui.ctrl.conversations.index(1).data() == "hello world"  # titled from the message
+    # titled from the message; the empty new chat, left unused, went from the list
+    assert [c.title for c in gui.ctrl.conversations.rows] == ["hello world"]
     assert gui.window.panel.plot.values == [50.0]
     assert "Kernels: pure-PyTorch reference path (slow): fake engine" in (
         gui.window.panel.kernels.text()
@@ -205,6 +206,15 @@ def test_regenerate_and_edit_then_resend(gui, qloop):
         "edited",
         "You said: edited",
     ]
+    # the chat was titled from its first message, so the title follows the edit
+    assert gui.store.conversation(gui.ctrl.current).title == "edited"
+    assert gui.ctrl.conversations.index(0).data() == "edited"
+    # a title the user chose stays, whatever the first message becomes
+    gui.ctrl.rename(gui.ctrl.current, "My dragon story")
+    wait_until(qloop, lambda: answer_done(gui))
+    gui.window.chat.edit_requested.emit(0, "edited again")
+    wait_until(qloop, lambda: answer_done(gui) and gui.ctrl.messages.rows[0].content != "edited")
+    assert gui.store.conversation(gui.ctrl.current).title == "My dragon story"
 
 
 def test_history_sent_to_the_engine(tmp_path, qloop, monkeypatch):
@@ -579,3 +589,40 @@ def test_the_first_status_message_does_not_move_the_window_contents(tmp_path, ql
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()
+
+
+def test_an_unused_new_chat_goes_when_left_and_one_with_anything_of_the_users_stays(gui, qloop):
+    """New chat twice, or New chat then another chat, leaves no empty chats in the list; a
+    new chat with a draft (even one typed just before the click), its own settings or a title
+    of the user's stays."""
+    ctrl, chat = gui.ctrl, gui.window.chat
+    send(gui, "hello")
+    wait_until(qloop, lambda: answer_done(gui))
+    first = ctrl.current
+    titles = lambda: [c.title for c in ctrl.conversations.rows]  # noqa: E731
+    ctrl.new_conversation()
+    ctrl.new_conversation()
+    assert titles() == ["New chat", "hello"]
+    ctrl.open(first)
+    assert titles() == ["hello"] and len(gui.store.conversations()) == 1
+    # the settings panel writes its (unchanged) values back as it shows them: still unused
+    ctrl.new_conversation()
+    gui.window.chat_settings.system.editingFinished.emit()
+    assert gui.store.conversation(ctrl.current).sampling["seed"] is None  # written back
+    ctrl.open(first)
+    assert titles() == ["hello"]
+    # a draft typed a moment ago (its debounce not yet run) keeps the chat, and the draft
+    draft_chat = ctrl.new_conversation()
+    chat.input.setPlainText("half a thought")
+    ctrl.open(first)
+    assert gui.store.conversation(draft_chat).draft == "half a thought"
+    # its own system prompt, or a title the user gave it
+    own = ctrl.new_conversation()
+    ctrl.update_settings("Answer in French.", dict(gui.settings.sampling))
+    named = ctrl.new_conversation()
+    ctrl.rename(named, "For later")
+    ctrl.open(first)
+    kept = {c.id for c in gui.store.conversations()}
+    assert kept == {first, draft_chat, own, named}
+    ctrl.open(draft_chat)
+    assert chat.input.toPlainText() == "half a thought"
