@@ -186,13 +186,18 @@ def _session(a: argparse.Namespace):
     return s
 
 
+# How an answer ended, in the words the chat window uses (app/ui/chat_view.py).
+ENDINGS = {"stop": "done", "length": "cut at the token limit", "cancelled": "stopped"}
+
+
 def _stream(gen) -> None:
     for text in gen:
         sys.stdout.write(text)
         sys.stdout.flush()
     st = gen.stats
+    ending = ENDINGS.get(gen.reason, gen.reason)
     print(
-        f"\n[{gen.reason}] {st.completion_tokens} tokens, TTFT {st.ttft_s * 1000:.0f} ms, "
+        f"\n[{ending}] {st.completion_tokens} tokens, TTFT {st.ttft_s * 1000:.0f} ms, "
         f"prefill {st.prefill_tok_s:.1f} tok/s, decode {st.decode_tok_s:.1f} tok/s",
         file=sys.stderr,
     )

@@ -49,6 +49,8 @@ def test_generate_chat_answers_paris(demo_path):
     assert "Paris" in r.stdout
     assert "TTFT" in r.stderr and "tok/s" in r.stderr  # statistics on stderr only
     assert "kernels: reference" in r.stderr
+    # how the answer ended, in the chat window's words (it ends itself or at the 30 tokens)
+    assert "\n[done] " in r.stderr or "\n[cut at the token limit] 30 tokens" in r.stderr
 
 
 @pytest.mark.e2e

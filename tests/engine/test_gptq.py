@@ -284,7 +284,7 @@ def test_the_engine_chats_with_a_gptq_model(tmp_path, demo_path):
     r = run("generate", "--model", folder, "--prompt", "hi", "--max-new-tokens", 3,
             "--temperature", 0)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "[length] 3 tokens" in r.stderr
+    assert "[cut at the token limit] 3 tokens" in r.stderr
 
 
 def _edit(folder, fn, name="config.json"):

@@ -152,7 +152,7 @@ def test_quantized_checkpoint_loads_and_chats(tmp_path, demo_path):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    assert "[length] 4 tokens" in r.stderr or "[stop]" in r.stderr, r.stderr
+    assert "[cut at the token limit] 4 tokens" in r.stderr or "[done]" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize(
