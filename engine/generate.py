@@ -130,14 +130,19 @@ class Session:
         max_new_tokens: int = 512,
     ) -> tuple[list[int], int]:
         """Token ids for a chat (``messages``) or a raw ``prompt``, and messages dropped."""
-        budget = self.n_ctx - min(max_new_tokens, self.n_ctx // 2)
+        reserve = min(max_new_tokens, self.n_ctx // 2)  # room kept for the answer
+        budget = self.n_ctx - reserve
         if messages is not None:
             return self.tok.fit_messages(messages, budget)
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty: give some text to complete")
         ids = self.tok.encode(prompt)
         if len(ids) > budget:
-            raise ContextError(f"the prompt has {len(ids)} tokens; the context allows {budget}")
+            raise ContextError(
+                f"the prompt has {len(ids)} tokens, but {budget} of the {self.n_ctx}-token context "
+                f"are left for it ({reserve} are kept for the answer); shorten it, lower "
+                "--max-new-tokens or load the model with a longer --context"
+            )
         return ids, 0
 
     def generate(self, ids: list[int], params: SamplingParams, dropped: int = 0) -> Generation:

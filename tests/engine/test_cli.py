@@ -176,3 +176,19 @@ def test_terminal_chat_keeps_the_conversation(demo_path):
 )  # fmt: skip
 def test_bench_settings_are_checked_before_any_gpu_work(args, needles):
     assert_one_line_error(run("bench", *args, timeout=120), *needles)
+
+
+@pytest.mark.e2e
+def test_a_prompt_longer_than_the_context_says_what_to_change(demo_path):
+    """A raw prompt that leaves no room: the numbers (prompt, what is left of the context, what
+    is kept for the answer) and the options that make room."""
+    r = run(
+        "generate", "--model", "demo", "--context", "64", "--max-new-tokens", "5",
+        "--prompt", "word " * 200,
+    )  # fmt: skip
+    n = int(re.search(r"the prompt has (\d+) tokens", r.stderr).group(1))
+    assert n > 64
+    assert_one_line_error(
+        r, f"the prompt has {n} tokens, but 59 of the 64-token context are left for it (5 are "
+        "kept for the answer)", "--max-new-tokens", "--context",
+    )  # fmt: skip
