@@ -133,7 +133,10 @@ class MainWindow(QMainWindow):
         side = QWidget()
         sl = QVBoxLayout(side)
         sl.setContentsMargins(6, 6, 0, 6)
-        for w in (new, self.search, self.list):
+        # said when a search finds nothing, where an empty list looked like lost chats
+        self.no_match = QLabel(wordWrap=True, visible=False, objectName="emptyHint")
+        self.no_match.setAccessibleName("Search result")
+        for w in (new, self.search, self.no_match, self.list):
             sl.addWidget(w)
         middle = QWidget()
         ml = QVBoxLayout(middle)
@@ -246,7 +249,7 @@ class MainWindow(QMainWindow):
         self.chat.draft_changed.connect(c.save_draft)
         self.chat_settings.on_change(lambda *_: c.update_settings(*self.chat_settings.values()))
         self.list.clicked.connect(lambda idx: c.open(idx.data(IdRole)))
-        self.search.textChanged.connect(c.search)
+        self.search.textChanged.connect(self._search)
         c.leaving.connect(self.chat.flush_draft)  # the last keystrokes, before the chat changes
         c.conversation_opened.connect(self._opened)
         c.busy_changed.connect(self.chat.set_busy)
@@ -255,6 +258,12 @@ class MainWindow(QMainWindow):
         c.context_changed.connect(self.chat.set_context)
         c.live_rate.connect(self.panel.set_rate)
         c.answer_finished.connect(self.panel.add_answer)
+
+    def _search(self, query: str) -> None:
+        self.ctrl.search(query)
+        empty = bool(query.strip()) and self.ctrl.conversations.rowCount() == 0
+        self.no_match.setText(f"No chat contains “{query.strip()}”." if empty else "")
+        self.no_match.setVisible(empty)
 
     def _opened(self, cid: int) -> None:
         conv = self.ctrl.store.conversation(cid)

@@ -290,8 +290,14 @@ def test_search_new_chat_and_export(gui, qloop):
     assert gui.ctrl.conversations.rowCount() == 2
     gui.window.search.setText("banana")
     assert [c.title for c in gui.ctrl.conversations.rows] == ["bananas are yellow"]
+    assert not gui.window.no_match.isVisibleTo(gui.window)
+    gui.window.search.setText("cherries")  # nothing matches: said, not just an empty list
+    assert gui.ctrl.conversations.rowCount() == 0
+    assert gui.window.no_match.isVisibleTo(gui.window)
+    assert gui.window.no_match.text() == "No chat contains “cherries”."
     gui.window.search.setText("")
     assert gui.ctrl.conversations.rowCount() == 2
+    assert not gui.window.no_match.isVisibleTo(gui.window)
     data = json.loads(json.dumps(gui.store.export_json(first)))
     gui.ctrl.import_json(data, "x.json")
     assert gui.ctrl.conversations.rowCount() == 3
