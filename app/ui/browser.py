@@ -357,6 +357,7 @@ class LocalTab(QWidget):
         self.ctrl, self.spawn = ctrl, spawn
         self.table = _table(ctrl.local, "Downloads and installed models")
         self.total = QLabel(wordWrap=True)  # the empty line is long
+        self.total.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         buttons = QHBoxLayout()
         self.buttons = {}
         for text in ("Load in chat", "Pause", "Resume", "Cancel", "Delete…"):
@@ -364,8 +365,7 @@ class LocalTab(QWidget):
             b.setAccessibleName(text.rstrip("…"))
             self.buttons[text] = b
             buttons.addWidget(b)
-        buttons.addStretch(1)
-        buttons.addWidget(self.total)
+        buttons.addWidget(self.total, 1)  # the room beside the buttons (it wrapped in a corner)
         lay = QVBoxLayout(self)
         lay.addWidget(self.table, 1)
         lay.addLayout(buttons)

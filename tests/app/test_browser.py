@@ -157,6 +157,11 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
     assert enabled_buttons(local) == []  # nothing selected yet
     local.table.setCurrentIndex(app.browser.local.index(0, 0))
     assert enabled_buttons(local) == ["Load in chat", "Delete…"]
+    # the total takes the room beside the buttons: one line, not wrapped into a corner
+    qloop.run_until_complete(asyncio.sleep(0.1))
+    assert local.total.text() == "1 model, 400.2 KB on disk"
+    total = local.total
+    assert total.heightForWidth(total.width()) < 2 * total.fontMetrics().lineSpacing()
     shots = os.environ.get("VPTQ_CHAT_SCREENSHOTS")
     if shots:
         w.tabs.setCurrentIndex(0)
