@@ -170,6 +170,10 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
         w.tabs.setCurrentIndex(1)
         qloop.run_until_complete(__import__("asyncio").sleep(0.1))
         w.grab().save(os.path.join(shots, "models-installed.png"))
+        w.resize(780, 420)
+        qloop.run_until_complete(__import__("asyncio").sleep(0.1))
+        w.grab().save(os.path.join(shots, "models-installed-small.png"))
+        w.resize(1100, 720)
     detail.load.click()
     wait_until(qloop, lambda: app.settings.model == str(folder), what="the load")
 
