@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; GPU tests there run without xdist's workers
+    fcntl = None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,6 +30,9 @@ def gpu_lock(folder, alone: bool):
     nearly all the GPU's memory, which would make a neighbour's load fail). pytest-xdist's
     workers run tests side by side; they meet at flock()s on files in their common temp folder.
     The turnstile lets a waiting gpu_alone test in before newer shared holds."""
+    if fcntl is None:
+        yield
+        return
     with open(folder / "gpu.turnstile", "a") as gate, open(folder / "gpu.lock", "a") as lock:
         fcntl.flock(gate, fcntl.LOCK_EX)
         try:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.conftest import gpu_lock
+import pytest
+
+from tests.conftest import fcntl, gpu_lock
 
 
+@pytest.mark.skipif(fcntl is None, reason="no flock on this system")
 def test_a_gpu_alone_test_waits_for_running_tests_and_goes_before_newer_ones(tmp_path):
     events: list[str] = []
     release = {name: threading.Event() for name in "ABC"}
