@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from typing import Any
 
@@ -17,7 +16,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from .engine_client import PROCESS_ENDED, EngineClient, EngineError
 from .settings import Settings
-from .store import Store
+from .store import UNTITLED, Store
 from .ui.models import ConversationListModel, MessageListModel
 
 log = logging.getLogger("app.chat")
@@ -77,7 +76,7 @@ class ChatController(QObject):
         except KeyError:  # deleted already
             return
         unused = (
-            conv.title == "New chat"
+            conv.title == UNTITLED
             and not conv.draft.strip()
             and conv.system_prompt == self.settings.system_prompt
             and _same_sampling(conv.sampling, self.settings.sampling)
@@ -142,7 +141,7 @@ class ChatController(QObject):
         cid = self.current
         self.messages.append(self.store.add_message(cid, "user", text))
         conv = self.store.conversation(cid)
-        if conv.title == "New chat":
+        if conv.title == UNTITLED:
             self.store.update_conversation(cid, title=_title_from(text))
         self.store.update_conversation(cid, draft="")
         self.conversations.put_first(self.store.conversation(cid))
@@ -171,9 +170,9 @@ class ChatController(QObject):
         m = self.messages.rows[row]
         conv = self.store.conversation(self.current)
         # A title the first message gave (not one the user chose) follows its edit: send()
-        # titles a "New chat" from the message it sends.
+        # titles an untitled chat from the message it sends.
         if row == 0 and conv.title == _title_from(m.content):
-            self.store.update_conversation(conv.id, title="New chat")
+            self.store.update_conversation(conv.id, title=UNTITLED)
         self.store.delete_messages_from(self.current, m.id)
         self.messages.truncate(row)
         self.send(text)
@@ -321,15 +320,11 @@ class ChatController(QObject):
 
 
 def _same_sampling(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """The same settings as the chat settings panel writes them back (a seed of None, the
-    random one, stands for no seed; the panel's floats round to its decimals)."""
-    keys = {k for k, v in a.items() if v is not None} | {k for k, v in b.items() if v is not None}
-    return all(
-        a.get(k) is not None
-        and b.get(k) is not None
-        and math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-9)
-        for k in keys
-    )
+    """The same settings, as the chat settings panel writes them back: its seed of None (the
+    random one) stands for no seed."""
+    return {k: v for k, v in a.items() if v is not None} == {
+        k: v for k, v in b.items() if v is not None
+    }
 
 
 def _title_from(text: str) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 
 from .settings import valid_sampling
 
+UNTITLED = "New chat"  # a chat's title until its first message (or the user) names it
+
 SCHEMA_VERSION = 1
 EXPORT_FORMAT = "vptq-chat-conversation"
 
@@ -119,7 +121,7 @@ class Store:
 
     # -- conversations -----------------------------------------------------------------------
     def create_conversation(
-        self, title: str = "New chat", system_prompt: str = "", sampling: dict | None = None
+        self, title: str = UNTITLED, system_prompt: str = "", sampling: dict | None = None
     ) -> Conversation:
         now = time.time()
         cur = self.db.execute(
