@@ -210,7 +210,7 @@ def _cpu_dtype(
     if largest >= CONTEXT_STEP:
         hint = f"The largest context that fits is {largest} tokens."
     elif cpu_plan(shape, weights, quantized, n_ctx, available)[0].total <= available:
-        hint = "In bfloat16 it would fit: leave out --dtype (the load's dtype) and it is taken."
+        hint = "In bfloat16 it would fit: leave out --dtype and the engine takes bfloat16."
     else:
         hint = "Use an NVIDIA GPU, or a model with fewer parameters."
     raise OutOfMemory(
