@@ -96,7 +96,8 @@ def apply_theme(app, dark: bool) -> None:
         f"#assistantMessage {{ background: {bot}; border-radius: 8px; }}"
         "#userMessage QTextBrowser, #assistantMessage QTextBrowser { background: transparent; }"
         "#warning { color: #d98200; } #ok { color: #1e8e3e; }"
-        "#errorBanner { background: #fce8e6; color: #a50e0e; padding: 8px; border-radius: 6px; }"
+        "#errorBanner { background: #fce8e6; border-radius: 6px; }"
+        "#errorBanner QLabel, #errorBanner QToolButton { color: #a50e0e; }"
         "#messageStats, #emptyHint { color: gray; }"
     )
 

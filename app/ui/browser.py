@@ -32,6 +32,7 @@ from ..browser import BrowserController, Details, EntryRole, Filters, eta_text, 
 from ..downloads import ACTIVE, Download
 from ..fit import gib
 from ..hub import HubSettings
+from .banner import ErrorBanner
 from .screen import fit_to_screen
 
 VERDICT_COLOURS = {"fits": "#2e7d32", "tight": "#b26a00", "does not fit": "#c62828"}
@@ -508,7 +509,7 @@ class ModelsWindow(QDialog):
         self.tabs.addTab(self.browse, "Browse")
         self.tabs.addTab(self.local, "Downloads && installed")
         self.tabs.addTab(self.hub_settings, "Hub settings")
-        self.error = QLabel(wordWrap=True, visible=False, objectName="errorBanner")
+        self.error = ErrorBanner()
         lay = QVBoxLayout(self)
         lay.addWidget(self.error)
         lay.addWidget(self.tabs)
@@ -522,8 +523,7 @@ class ModelsWindow(QDialog):
             self.browse.refresh()
 
     def show_error(self, message: str) -> None:
-        self.error.setText(f"⚠ {message}")
-        self.error.setVisible(True)
+        self.error.show_message(f"⚠ {message}")
 
     def spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)

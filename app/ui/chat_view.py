@@ -41,7 +41,8 @@ def stats_line(stats: dict, status: str) -> str:
         parts.append("cut at the token limit")
     if status == "streaming":
         parts.append("writing…")
-    return " · ".join(parts)
+    # each part whole on a line: "369 tok/s" broke after "/" or before "tok" in a narrow window
+    return " · ".join(p.replace(" ", "\u00a0").replace("/", "/\u2060") for p in parts)
 
 
 class MessageWidget(QFrame):
@@ -158,7 +159,7 @@ class ChatView(QWidget):
         self.input = QPlainTextEdit()
         self.input.setPlaceholderText("Message the model (Ctrl+Enter sends, Esc stops)")
         self.input.setAccessibleName("Message")
-        self.input.setMaximumHeight(120)
+        self.input.textChanged.connect(self._fit_input)
         self.draft_timer = QTimer(self, singleShot=True, interval=300)
         self.draft_timer.timeout.connect(lambda: self.draft_changed.emit(self.input.toPlainText()))
         self.input.textChanged.connect(self.draft_timer.start)
@@ -173,6 +174,7 @@ class ChatView(QWidget):
         QShortcut(QKeySequence("Ctrl+Enter"), self.input, self._send)
         QShortcut(QKeySequence("Escape"), self, self.stop_requested.emit)
         buttons = QVBoxLayout()
+        buttons.addStretch(1)  # together at the bottom beside a tall composer
         buttons.addWidget(self.send_button)
         buttons.addWidget(self.stop_button)
         composer = QHBoxLayout()
@@ -186,6 +188,7 @@ class ChatView(QWidget):
         lay.addWidget(self.scroll, 1)
         lay.addLayout(footer)
         lay.addLayout(composer)
+        self._fit_input()
         model.modelReset.connect(self._rebuild)
         model.rowsInserted.connect(self._inserted)
         model.rowsRemoved.connect(self._removed)
@@ -237,6 +240,24 @@ class ChatView(QWidget):
             w.edit.setEnabled(not self.busy)
 
     # -- composer --------------------------------------------------------------------------------
+    def _fit_input(self) -> None:
+        """The composer as tall as its text: from the Send and Stop buttons' height up to 40% of
+        the view (then it scrolls). A fixed 120 px took half the transcript's room in a small
+        window, for a message of one line."""
+        lines = self.input.document().documentLayout().documentSize().height()  # visual lines
+        text = (
+            max(lines, 1) * self.input.fontMetrics().lineSpacing()
+            + 2 * (self.input.document().documentMargin() + self.input.frameWidth())
+            + 1
+        )
+        least = self.send_button.sizeHint().height() * 2 + 6  # the two buttons beside it
+        most = max(least, int(self.height() * 0.4))
+        self.input.setFixedHeight(int(min(max(text, least), most)))
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._fit_input()  # the limit follows the view; wrapped lines follow the width
+
     def _send(self) -> None:
         text = self.input.toPlainText()
         if text.strip() and not self.busy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
@@ -25,14 +26,25 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..browser import size_text
 from ..controller import RESTART_HINT, ChatController
 from ..gpu import Gpus
 from ..settings import Settings, clean_sampling
 from ..store import StoreError
+from .banner import ErrorBanner
 from .chat_view import ChatView
 from .live_panel import LivePanel
 from .models import IdRole
 from .screen import fit_to_screen
+
+MAX_IMPORT_BYTES = 256 << 20  # a chat export is text: a larger file is the wrong one
+
+
+def file_name(title: str) -> str:
+    """``title`` as a file name on any system: no path separators or characters Windows
+    refuses, no trailing dots or spaces, at most 100 characters."""
+    name = " ".join(re.sub(r'[\\/:*?"<>|\x00-\x1f]', " ", title).split()).rstrip(". ")
+    return name[:100].rstrip(". ") or "chat"
 
 
 class ChatSettings(QWidget):
@@ -109,15 +121,14 @@ class MainWindow(QMainWindow):
         super().__init__()
         self.ctrl, self.gpus, self.settings, self.log_dir = ctrl, gpus, settings, log_dir
         self.tasks: set[asyncio.Task] = set()  # keep running tasks referenced until done
+        self.file_dir = Path.home()  # where Export and Import open: the last folder used
         self.setWindowTitle("VPTQ Chat")
         self._place(settings.window)
         self.chat = ChatView(ctrl.messages, dark)
         self.panel = LivePanel()
         self.panel.show_history(ctrl.store.recent_answer_stats())
         self.chat_settings = ChatSettings()
-        self.banner = QLabel(wordWrap=True, visible=False, objectName="errorBanner")
-        self.banner.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.banner.setAccessibleName("Error")
+        self.banner = ErrorBanner()
         self.search = QLineEdit(placeholderText="Search chats (Ctrl+F)")
         self.search.setAccessibleName("Search chats")
         self.search.setClearButtonEnabled(True)
@@ -282,8 +293,7 @@ class MainWindow(QMainWindow):
             self.banner.setVisible(False)
 
     def show_error(self, message: str) -> None:
-        self.banner.setText(f"⚠ {message}\nLogs: {self.log_dir}")
-        self.banner.setVisible(True)
+        self.banner.show_message(f"⚠ {message}\nLogs: {self.log_dir}")
 
     def set_dark(self, dark: bool) -> None:
         """Re-render messages (code colours) for a new light/dark theme."""
@@ -342,25 +352,54 @@ class MainWindow(QMainWindow):
         if cid is None:
             return
         title = self.ctrl.store.conversation(cid).title
-        path, _ = QFileDialog.getSaveFileName(self, "Export chat", f"{title}.{kind}")
+        suggested = str(self.file_dir / f"{file_name(title)}.{kind}")
+        path, _ = QFileDialog.getSaveFileName(self, "Export chat", suggested)
         if not path:
             return
         if kind == "md":
             text = self.ctrl.store.export_markdown(cid)
         else:
             text = json.dumps(self.ctrl.store.export_json(cid), indent=2, ensure_ascii=False)
-        Path(path).write_text(text, encoding="utf-8")
+        try:
+            Path(path).write_text(text, encoding="utf-8")
+        except OSError as e:
+            self.show_error(
+                f"Could not export to {path}: {e.strerror or e}. Choose another folder."
+            )
+            return
+        self.file_dir = Path(path).parent
         self.statusBar().showMessage(f"Exported to {path}")
 
     def _import(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Import chat", "", "JSON (*.json)")
-        if not path:
-            return
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Import chat", str(self.file_dir), "JSON (*.json)"
+        )
+        if path:
+            self.import_file(Path(path))
+
+    def import_file(self, path: Path) -> None:
+        """Open a chat saved by Export chat as JSON; anything else is refused with the reason."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            self.ctrl.import_json(data, path)
-        except (OSError, json.JSONDecodeError, StoreError) as e:
-            self.show_error(f"Could not import {path}: {e}")
+            if path.stat().st_size > MAX_IMPORT_BYTES:
+                raise StoreError(f"at {size_text(path.stat().st_size)} it is too large for one")
+            self.ctrl.import_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+        except OSError as e:
+            reason = e.strerror or str(e)
+        except UnicodeDecodeError:
+            reason = "it is not a text file"
+        except json.JSONDecodeError as e:
+            reason = f"it is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        except RecursionError:
+            reason = "its JSON is nested too deeply"
+        except StoreError as e:  # the store names the file itself
+            reason = str(e).removeprefix(f"{path}: ")
+        else:
+            self.file_dir = path.parent
+            self.statusBar().showMessage(f"Imported {path}")
+            return
+        self.show_error(
+            f"Could not import {path}: {reason}. Choose a file saved by File > Export chat as JSON."
+        )
 
     def _load(self, path: str) -> None:
         self._spawn(self.ctrl.load_model(path))

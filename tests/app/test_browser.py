@@ -486,3 +486,20 @@ def test_downloaded_model_answers_in_the_real_engine(tmp_path, demo_path, monkey
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def test_a_hub_error_shows_in_the_models_window_until_dismissed(browser_app, qloop):
+    app, _ = browser_app
+    w, _ = open_models(app, qloop)
+    banner = w.error
+    assert not banner.isVisibleTo(w)
+    qloop.run_until_complete(app.browser.select("VPTQ-community/not-there"))
+    assert banner.isVisibleTo(w)
+    assert banner.text().startswith("⚠ ") and "VPTQ-community/not-there" in banner.text()
+    if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):
+        for size in ((1100, 720), (780, 420)):
+            w.resize(*size)
+            qloop.run_until_complete(asyncio.sleep(0.1))
+            w.grab().save(os.path.join(shots, f"models-error-{size[0]}.png"))
+    banner.close_button.click()
+    assert not banner.isVisibleTo(w)

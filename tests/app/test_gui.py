@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from pathlib import Path
 
 from PySide6.QtGui import QGuiApplication
 
@@ -11,6 +12,11 @@ from .conftest import make_app, wait_until
 def send(app, text):
     app.window.chat.input.setPlainText(text)
     app.window.chat._send()
+
+
+def plain(label_text):
+    """A message's stats line as words (it holds no-break spaces and word joiners)."""
+    return label_text.replace("\u00a0", " ").replace("\u2060", "")
 
 
 def answer_done(app):
@@ -25,7 +31,7 @@ def test_stream_an_answer(gui, qloop):
     widgets = gui.window.chat.widgets
     assert [w.role for w in widgets] == ["user", "assistant"]
     assert widgets[1].body.toPlainText().strip() == "You said: hello world"
-    assert "tok/s" in widgets[1].meta.text()
+    assert "tok/s" in plain(widgets[1].meta.text())
     stored = gui.store.messages(gui.ctrl.current)
     assert [(m.role, m.content, m.status) for m in stored] == [
         ("user", "hello world", "done"),
@@ -67,7 +73,7 @@ def test_stop_keeps_the_partial_answer(gui, qloop):
     wait_until(qloop, lambda: answer_done(gui), what="the stop")
     last = gui.store.messages(gui.ctrl.current)[-1]
     assert last.status == "stopped" and 5 <= last.content.count("word") < 400
-    assert "stopped" in gui.window.chat.widgets[-1].meta.text()
+    assert "stopped" in plain(gui.window.chat.widgets[-1].meta.text())
     assert gui.window.chat.send_button.isEnabled() and not gui.window.chat.stop_button.isEnabled()
 
 
@@ -76,7 +82,7 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     wait_until(qloop, lambda: answer_done(gui), what="the crash")
     last = gui.store.messages(gui.ctrl.current)[-1]
     assert last.status == "error" and last.content.startswith("You said:")  # partial kept
-    assert gui.window.chat.widgets[-1].meta.text() == "ended by an error"  # marked unfinished
+    assert plain(gui.window.chat.widgets[-1].meta.text()) == "ended by an error"  # unfinished
     banner = gui.window.banner.text()
     assert "stopped unexpectedly" in banner and str(gui.log_dir) in banner
     # the window's note on the restart stays: the answer's end does not repeat the crash over it
@@ -632,3 +638,133 @@ def test_an_unused_new_chat_goes_when_left_and_one_with_anything_of_the_users_st
     assert kept == {first, draft_chat, own, named}
     ctrl.open(draft_chat)
     assert chat.input.toPlainText() == "half a thought"
+
+
+def test_export_and_import_through_the_file_menu(gui, qloop, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    from app.ui import main_window
+
+    send(gui, "apples are red")
+    wait_until(qloop, lambda: answer_done(gui))
+    cid = gui.ctrl.current
+    gui.ctrl.rename(cid, 'Q/A: what? <x> "y".')  # characters no file name may hold
+    asked = []
+
+    def save_as(target):
+        def dialog(parent, caption, suggested, *rest):
+            asked.append(suggested)
+            return str(target), ""
+
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", dialog)
+
+    save_as(tmp_path / "out.md")
+    gui.window._export("md")
+    assert asked[-1] == str(Path.home() / "Q A what x y.md")
+    assert (tmp_path / "out.md").read_text(encoding="utf-8") == gui.store.export_markdown(cid)
+    assert gui.window.file_dir == tmp_path  # the next dialog opens where this one saved
+    save_as(tmp_path / "out.json")
+    gui.window._export("json")
+    assert asked[-1] == str(tmp_path / "Q A what x y.json")
+    # a folder that is not there: said, with what to do, and nothing else changes
+    save_as(tmp_path / "gone" / "out.md")
+    gui.window._export("md")
+    assert gui.window.banner.text().startswith(
+        f"⚠ Could not export to {tmp_path / 'gone' / 'out.md'}: No such file or directory. "
+        "Choose another folder."
+    )
+    gui.window.banner.close_button.click()  # the user closes it
+    assert not gui.window.banner.isVisibleTo(gui.window)
+
+    def import_(path):
+        monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a: (str(path), ""))
+        gui.window.banner.setVisible(False)
+        gui.window._import()
+
+    hint = "Choose a file saved by File > Export chat as JSON."
+    bad = {
+        "binary.json": (b"\xff\xd8\xff\xe0 a photo", "it is not a text file"),
+        "cut.json": (
+            (tmp_path / "out.json").read_bytes()[:40],
+            "it is not valid JSON (line 3, column 1: Expecting property name enclosed in "
+            "double quotes)",
+        ),
+        "list.json": (b"[1, 2]", "not a VPTQ Chat conversation export"),
+    }
+    for name, (data, reason) in bad.items():
+        (tmp_path / name).write_bytes(data)
+        import_(tmp_path / name)
+        assert gui.window.banner.isVisibleTo(gui.window)
+        assert gui.window.banner.text().startswith(
+            f"⚠ Could not import {tmp_path / name}: {reason}. {hint}"
+        ), gui.window.banner.text()
+    monkeypatch.setattr(main_window, "MAX_IMPORT_BYTES", 1000)  # a file far too large
+    (tmp_path / "big.json").write_bytes(b" " * 3000)
+    import_(tmp_path / "big.json")
+    assert f"{tmp_path / 'big.json'}: at 3.0 KB it is too large for one. {hint}" in (
+        gui.window.banner.text()
+    )
+    import_(tmp_path / "missing.json")
+    assert "No such file or directory" in gui.window.banner.text()
+    assert gui.ctrl.conversations.rowCount() == 1  # nothing was added by the refused files
+    import_(tmp_path / "out.json")
+    assert not gui.window.banner.isVisibleTo(gui.window)
+    assert gui.ctrl.conversations.rowCount() == 2 and gui.ctrl.current != cid
+    assert [m.content for m in gui.ctrl.messages.rows] == [
+        "apples are red",
+        "You said: apples are red",
+    ]
+
+
+def test_a_stats_line_breaks_only_between_its_parts(gui):
+    from PySide6.QtGui import QFontMetrics, QTextLayout
+
+    from app.ui.chat_view import stats_line
+
+    stats = {"completion_tokens": 28, "decode_tok_s": 24.7, "ttft_s": 0.089, "prefill_tok_s": 369}
+    line = stats_line(stats, "stopped")
+    assert plain(line) == "28 tokens · 24.7 tok/s · first token 89 ms · prompt 369 tok/s · stopped"
+    font = gui.window.chat.font()
+    widest = max(QFontMetrics(font).horizontalAdvance(p) for p in line.split(" · "))
+    for width in range(widest + 1, 420, 5):  # a line breaks only at a separator's space
+        layout = QTextLayout(line, font)
+        layout.beginLayout()
+        starts = []
+        while (ln := layout.createLine()).isValid():
+            ln.setLineWidth(width)
+            starts.append(ln.textStart())
+        layout.endLayout()
+        assert len(starts) > 1 or width > 300
+        assert all(line[s - 1] == " " for s in starts[1:]), (width, starts)
+
+
+def test_the_composer_grows_with_its_text_up_to_a_share_of_the_view(gui, qloop):
+    chat = gui.window.chat
+    gui.window.resize(900, 600)
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    empty = chat.input.height()
+    buttons = chat.send_button.height() + chat.stop_button.height()
+    assert buttons <= empty <= buttons + 20  # one line: as tall as Send and Stop, no more
+    line = chat.input.fontMetrics().lineSpacing()
+    heights = []
+    for n in (3, 6):
+        chat.input.setPlainText("\n".join(f"line {i}" for i in range(n)))
+        heights.append(chat.input.height())
+    assert heights[1] - heights[0] == 3 * line  # every line shows
+    assert chat.input.verticalScrollBar().maximum() == 0
+    chat.input.setPlainText("word " * 200)  # wrapped lines count too
+    wrapped = chat.input.height()
+    assert wrapped > heights[1]
+    chat.input.setPlainText("\n".join(f"line {i}" for i in range(100)))
+    assert chat.input.height() == int(chat.height() * 0.4)  # then it scrolls
+    assert chat.input.verticalScrollBar().maximum() > 0
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    assert chat.stop_button.y() - chat.send_button.y() < 2 * chat.send_button.height()
+    assert chat.stop_button.geometry().bottom() >= chat.input.geometry().bottom() - 2
+    gui.window.resize(900, 420)  # a smaller window lowers the limit
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    assert chat.input.height() == int(chat.height() * 0.4)
+    assert chat.scroll.height() > chat.input.height()
+    send(gui, "hello")
+    assert chat.input.height() == empty  # sent: back to one line
+    wait_until(qloop, lambda: answer_done(gui), what="the answer")
