@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 # Before torch starts CUDA: growable segments, so a model that fills the card to within a few
@@ -217,31 +220,67 @@ def cmd_generate(a: argparse.Namespace) -> None:
     _stream(s.generate(ids, params))
 
 
+CHAT_HELP = """Commands:
+  /system TEXT  use TEXT as the system prompt from the next message (/system alone: none)
+  /reset        start a new conversation (the system prompt stays)
+  /help         this list
+  /exit         quit (also /quit, /bye, exit, quit or Ctrl-D)
+Ctrl-C stops an answer and keeps what it wrote. A message that starts with / : type //."""
+QUIT = {"exit", "quit", "/exit", "/quit", "/bye"}
+
+
 def cmd_chat(a: argparse.Namespace) -> None:
     params = _params(a)
     s = _session(a)
-    history = [{"role": "system", "content": a.system}] if a.system else []
-    print("Type a message; 'exit' or Ctrl-D quits, '/reset' starts over.", file=sys.stderr)
+    system, history = a.system or "", []
+    print("Type a message; /help lists the commands, Ctrl-D quits.", file=sys.stderr)
     while True:
         try:
             line = input("You: ")
         except EOFError:
             break
-        if line.strip() in ("exit", "/exit", "quit"):
+        text = line.strip()
+        if text in QUIT:
             break
-        if line.strip() == "/reset":
-            history = history[:1] if a.system else []
+        if text.startswith("/") and not text.startswith("//"):
+            command, _, arg = text.partition(" ")
+            if command == "/reset":
+                history = []
+                print("[new conversation]", file=sys.stderr)
+            elif command == "/system":
+                system = arg.strip()
+                print(f"[system prompt: {system!r}]" if system else "[no system prompt]",
+                      file=sys.stderr)  # fmt: skip
+            elif command == "/help":
+                print(CHAT_HELP, file=sys.stderr)
+            else:
+                print(f"[unknown command {command}; /help lists them]", file=sys.stderr)
             continue
-        if not line.strip():
+        if not text:
             continue
-        history.append({"role": "user", "content": line})
-        ids, dropped = s.prompt_ids(messages=history, max_new_tokens=params.max_new_tokens)
+        history.append({"role": "user", "content": line[1:] if text.startswith("//") else line})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids, dropped = s.prompt_ids(messages=messages, max_new_tokens=params.max_new_tokens)
         if dropped:
             print(f"[dropped {dropped} old messages to fit the context]", file=sys.stderr)
         gen = s.generate(ids, params, dropped)
         sys.stdout.write("Assistant: ")
-        _stream(gen)
+        with _ctrl_c_cancels(gen):  # the answer stops at the next token; the chat goes on
+            _stream(gen)
         history.append({"role": "assistant", "content": gen.text})
+
+
+@contextlib.contextmanager
+def _ctrl_c_cancels(gen):
+    """While ``gen`` streams, Ctrl-C (SIGINT) asks it to stop instead of ending the program."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, lambda *_: gen.cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def cmd_perplexity(a: argparse.Namespace) -> None:

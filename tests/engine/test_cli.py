@@ -192,3 +192,43 @@ def test_a_prompt_longer_than_the_context_says_what_to_change(demo_path):
         r, f"the prompt has {n} tokens, but 59 of the 64-token context are left for it (5 are "
         "kept for the answer)", "--max-new-tokens", "--context",
     )  # fmt: skip
+
+
+def test_terminal_chat_commands_and_ctrl_c_stop_an_answer(demo_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    p = subprocess.Popen(
+        [sys.executable, "-m", "engine", "chat", "--model", "demo", "--temperature", "0",
+         "--max-new-tokens", "2000"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(p.stderr), daemon=True)
+    reader.start()
+    try:
+        p.stdin.write("/help\n/system Answer in French.\n/nope\n")
+        p.stdin.write("Write a very long story about a cat, with many chapters.\n")
+        p.stdin.flush()
+        out = ""
+        deadline = time.time() + 240
+        while out.count(" ") < 20 and time.time() < deadline:  # some of the answer is out
+            out += p.stdout.read(1)
+        p.send_signal(signal.SIGINT)  # stops the answer, not the chat
+        p.stdin.write("What is the capital of France?\n/reset\nexit\n")
+        p.stdin.flush()
+        rest, _ = p.communicate(timeout=240)
+    finally:
+        p.kill()
+    reader.join(5)
+    log = "".join(err)
+    assert p.returncode == 0, log
+    assert "/system TEXT" in log and "[system prompt: 'Answer in French.']" in log
+    assert "[unknown command /nope; /help lists them]" in log
+    assert "[new conversation]" in log and "Traceback" not in log
+    endings = re.findall(r"^\[(done|stopped|cut at the token limit)\] (\d+) tokens", log, re.M)
+    assert endings[0][0] == "stopped" and int(endings[0][1]) < 2000  # Ctrl-C ended it
+    assert endings[1][0] == "done" and "Paris" in rest.split("Assistant: ")[-1]
