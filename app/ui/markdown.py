@@ -11,6 +11,11 @@ from pygments.formatters import HtmlFormatter
 from pygments.lexers import TextLexer, get_lexer_by_name, guess_lexer
 from pygments.util import ClassNotFound
 
+TABLE = (
+    '<table border="1" cellspacing="0" cellpadding="5" '
+    'style="border-collapse: collapse; border-color: #8a8f96; margin-top: 6px; '
+    'margin-bottom: 6px;">'
+)
 FENCE = re.compile(r"```([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
 
@@ -34,14 +39,24 @@ def _code_html(lang: str, code: str, dark: bool) -> str:
     )
 
 
+def _markdown(text: str) -> str:
+    """Markdown without raw HTML: a model's "<div>" or "<b>" is shown as written (it vanished,
+    or turned the rest bold), and no tag of the model's reaches Qt's rich text."""
+    converter = md.Markdown(extensions=["tables", "sane_lists"])
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    # Qt draws a bare <table> without rules or cell padding: cells ran into each other
+    return converter.convert(text).replace("<table>", TABLE)
+
+
 def to_html(text: str, dark: bool = False) -> str:
     """HTML for one message; code blocks are cut out first so markdown never touches them."""
     parts, last = [], 0
     for m in FENCE.finditer(text):
-        parts.append(md.markdown(text[last : m.start()], extensions=["tables", "sane_lists"]))
+        parts.append(_markdown(text[last : m.start()]))
         parts.append(_code_html(m.group(1), m.group(2).rstrip("\n"), dark))
         last = m.end()
-    parts.append(md.markdown(text[last:], extensions=["tables", "sane_lists"]))
+    parts.append(_markdown(text[last:]))
     return "".join(parts)
 
 

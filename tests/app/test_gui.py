@@ -768,3 +768,27 @@ def test_the_composer_grows_with_its_text_up_to_a_share_of_the_view(gui, qloop):
     send(gui, "hello")
     assert chat.input.height() == empty  # sent: back to one line
     wait_until(qloop, lambda: answer_done(gui), what="the answer")
+
+
+def test_html_in_an_answer_is_shown_as_written(gui, qloop):
+    send(gui, 'Wrap it in <div> and <b>this</b>, not **that**; <img src="/x.png"> & 5 < 6')
+    wait_until(qloop, lambda: answer_done(gui))
+    body = gui.window.chat.widgets[-1].body
+    assert body.toPlainText().strip() == (
+        'You said: Wrap it in <div> and <b>this</b>, not that; <img src="/x.png"> & 5 < 6'
+    )  # the Markdown is rendered, the tags are text
+    assert "<img" not in body.toHtml().replace("&lt;img", "")
+
+
+def test_a_markdown_table_has_rules_and_cell_padding(qapp):
+    from PySide6.QtGui import QTextDocument, QTextTable
+
+    from app.ui.markdown import to_html
+
+    doc = QTextDocument()
+    doc.setHtml(to_html("Tags:\n\n| tag | use |\n|---|---|\n| `<div>` | block |"))
+    tables = [f for f in doc.rootFrame().childFrames() if isinstance(f, QTextTable)]
+    assert len(tables) == 1 and (tables[0].rows(), tables[0].columns()) == (2, 2)
+    fmt = tables[0].format()
+    assert fmt.border() == 1 and fmt.cellPadding() == 5 and fmt.cellSpacing() == 0
+    assert tables[0].cellAt(1, 0).firstCursorPosition().block().text() == "<div>"
