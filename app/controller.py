@@ -56,6 +56,8 @@ class ChatController(QObject):
 
     # -- conversations ---------------------------------------------------------------------------
     def open(self, cid: int) -> None:
+        if cid == self.current:  # a click on the open chat: nothing to do (it stopped its answer)
+            return
         self.leaving.emit()
         if self.busy:
             self.stop()

@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
+from PySide6.QtCore import QByteArray, QModelIndex, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
@@ -106,6 +106,21 @@ class ChatSettings(QWidget):
             box.valueChanged.connect(slot)
 
 
+class ChatList(QListView):
+    """The chat list; the arrow keys (and Home, End, Page Up/Down) open the chat they move to,
+    as a click does (before, the keyboard could not open a chat). Rows that move because the
+    list changed (a delete, a search) open nothing."""
+
+    picked = Signal(QModelIndex)
+
+    def keyPressEvent(self, event) -> None:
+        before = self.currentIndex()
+        super().keyPressEvent(event)
+        now = self.currentIndex()
+        if now.isValid() and now != before and self.state() != self.State.EditingState:
+            self.picked.emit(now)
+
+
 class MainWindow(QMainWindow):
     check_requested = Signal()  # Help > Check this computer
     models_requested = Signal()  # Model > Browse models
@@ -132,7 +147,7 @@ class MainWindow(QMainWindow):
         self.search = QLineEdit(placeholderText="Search chats (Ctrl+F)")
         self.search.setAccessibleName("Search chats")
         self.search.setClearButtonEnabled(True)
-        self.list = QListView()
+        self.list = ChatList()
         self.list.setModel(ctrl.conversations)
         self.list.setAccessibleName("Conversations")
         self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
@@ -260,6 +275,7 @@ class MainWindow(QMainWindow):
         self.chat.draft_changed.connect(c.save_draft)
         self.chat_settings.on_change(lambda *_: c.update_settings(*self.chat_settings.values()))
         self.list.clicked.connect(lambda idx: c.open(idx.data(IdRole)))
+        self.list.picked.connect(lambda idx: c.open(idx.data(IdRole)))
         self.search.textChanged.connect(self._search)
         c.leaving.connect(self.chat.flush_draft)  # the last keystrokes, before the chat changes
         c.conversation_opened.connect(self._opened)

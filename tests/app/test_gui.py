@@ -792,3 +792,33 @@ def test_a_markdown_table_has_rules_and_cell_padding(qapp):
     fmt = tables[0].format()
     assert fmt.border() == 1 and fmt.cellPadding() == 5 and fmt.cellSpacing() == 0
     assert tables[0].cellAt(1, 0).firstCursorPosition().block().text() == "<div>"
+
+
+def test_clicking_the_open_chat_while_it_answers_does_not_stop_the_answer(gui, qloop):
+    send(gui, "slow")
+    rows = gui.ctrl.messages.rows
+    wait_until(qloop, lambda: len(rows) == 2 and rows[1].content.count("word") >= 5)
+    gui.window.list.clicked.emit(gui.ctrl.conversations.index(0))  # the chat already open
+    assert gui.ctrl.busy
+    wait_until(qloop, lambda: answer_done(gui), timeout=60, what="the whole answer")
+    last = gui.store.messages(gui.ctrl.current)[-1]
+    assert last.status == "done" and last.content.count("word") == 400
+
+
+def test_the_arrow_keys_in_the_chat_list_open_chats(gui, qloop):
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+
+    for text in ("first chat", "second chat"):
+        gui.ctrl.new_conversation()
+        send(gui, text)
+        wait_until(qloop, lambda: answer_done(gui))
+    assert [c.title for c in gui.ctrl.conversations.rows] == ["second chat", "first chat"]
+    gui.window.list.setFocus()
+    QTest.keyClick(gui.window.list, Qt.Key.Key_Down)
+    assert gui.store.conversation(gui.ctrl.current).title == "first chat"
+    assert gui.ctrl.messages.rows[0].content == "first chat"
+    QTest.keyClick(gui.window.list, Qt.Key.Key_Up)
+    assert gui.ctrl.messages.rows[0].content == "second chat"
+    gui.window.search.setText("first")  # the list changes under the selection: nothing opens
+    assert gui.ctrl.messages.rows[0].content == "second chat"
