@@ -374,9 +374,15 @@ def save_token(value: str, endpoint: str | None = None) -> str:
         except Exception as e:
             raise HubError(f"The hub at {endpoint} rejected the token ({_short(e)}).") from None
     path = Path(constants.HF_TOKEN_PATH)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(value.strip())
-    path.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # created readable by the user alone: never, even for a moment, by everyone
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "w") as f:
+            f.write(value.strip())
+        path.chmod(stat.S_IRUSR | stat.S_IWUSR)  # a file that was there keeps its mode
+    except OSError as e:
+        raise HubError(f"Could not store the token in {path}: {e.strerror or e}.") from None
     return user
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
@@ -245,9 +246,19 @@ def test_token_is_checked_and_kept_in_huggingface_hubs_store(hub, tmp_path):
     assert save_token("hf_secret", hub.url) == "tester"
     assert token() == "hf_secret" and Path(constants.HF_TOKEN_PATH).read_text() == "hf_secret"
     assert oct(os.stat(constants.HF_TOKEN_PATH).st_mode & 0o777) == "0o600"
+    os.chmod(constants.HF_TOKEN_PATH, 0o644)  # a token file another tool left readable
+    save_token("hf_secret", hub.url)
+    assert oct(os.stat(constants.HF_TOKEN_PATH).st_mode & 0o777) == "0o600"
     assert make_hub(hub, tmp_path).files(REPO).total > 500_000
     d, _ = run_download(hub, tmp_path)
     assert d.state == "installed"
+    (tmp_path / "a-file").write_text("")
+    elsewhere = tmp_path / "a-file" / "token"  # a folder that cannot be made
+    with (
+        patch.object(constants, "HF_TOKEN_PATH", str(elsewhere)),
+        pytest.raises(HubError, match=f"Could not store the token in {elsewhere}: File exists"),
+    ):
+        save_token("hf_secret", hub.url)
 
 
 # -- downloads -------------------------------------------------------------------------------------
