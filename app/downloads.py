@@ -12,6 +12,7 @@ of times; then the download stops with the reason and keeps its data for a later
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -325,6 +326,14 @@ class DownloadManager:
                 self._report(d, "failed", f"{e} The downloaded part is kept.")
                 return False
             except Exception as e:
+                if isinstance(e, OSError) and e.errno in LOCAL_WRITE_ERRORS:  # retrying won't help
+                    self._report(
+                        d,
+                        "failed",
+                        f"Cannot write {d.folder / f.path}: {e.strerror}. Free some space (or "
+                        "fix the folder's permissions), then resume; the downloaded part is kept.",
+                    )
+                    return False
                 if _status(e) in (401, 403, 404):
                     msg = _http_message(e, f"{d.repo}/{f.path}")
                     self._report(d, "failed", f"{msg} The downloaded part is kept.")
@@ -436,6 +445,14 @@ def _verified(path: Path, f) -> bool:
         while chunk := fh.read(1 << 20):
             h.update(chunk)
     return h.hexdigest() == (f.sha256 or f.oid)
+
+
+# Errors of our own disk, not of the connection: a retry fails the same way.
+LOCAL_WRITE_ERRORS = {
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM")
+    if hasattr(errno, name)
+}
 
 
 def _describe(e: Exception) -> str:

@@ -507,3 +507,45 @@ def test_weights_the_engine_cannot_read_are_not_fetched_beside_safetensors(hub, 
         "config.json",
         "pytorch_model.bin",
     }
+
+
+def test_a_disk_that_fills_up_mid_download_fails_at_once_and_keeps_the_part(
+    hub, tmp_path, monkeypatch
+):
+    import errno
+
+    real_open = Path.open
+
+    class FillsUp:
+        """A .part file on a disk with 20 000 bytes left."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if self.f.tell() + len(data) > 20_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_(self, mode="r", *a, **k):
+        f = real_open(self, mode, *a, **k)
+        return FillsUp(f) if self.name.endswith(".part") and "a" in mode else f
+
+    monkeypatch.setattr(Path, "open", open_)
+    d, states = run_download(hub, tmp_path)
+    assert d.state == "failed" and d.retries == 0 and "retrying" not in states, states
+    part = next((tmp_path / "models" / REPO).rglob("*.part"))
+    assert d.message == (
+        f"Cannot write {part.with_suffix('')}: No space left on device. Free some space (or fix "
+        "the folder's permissions), then resume; the downloaded part is kept."
+    )
+    assert 0 < part.stat().st_size <= 20_000  # what was written stays for the resume
