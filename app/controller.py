@@ -56,7 +56,7 @@ class ChatController(QObject):
 
     # -- conversations ---------------------------------------------------------------------------
     def open(self, cid: int) -> None:
-        if cid == self.current:  # a click on the open chat: nothing to do (it stopped its answer)
+        if cid == self.current:  # a click on the open chat changes nothing (it stopped the answer)
             return
         self.leaving.emit()
         if self.busy:

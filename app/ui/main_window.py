@@ -397,7 +397,9 @@ class MainWindow(QMainWindow):
         """Open a chat saved by Export chat as JSON; anything else is refused with the reason."""
         try:
             if path.stat().st_size > MAX_IMPORT_BYTES:
-                raise StoreError(f"at {size_text(path.stat().st_size)} it is too large for one")
+                raise StoreError(
+                    f"at {size_text(path.stat().st_size)} it is too large for a chat export"
+                )
             self.ctrl.import_json(json.loads(path.read_text(encoding="utf-8")), str(path))
         except OSError as e:
             reason = e.strerror or str(e)

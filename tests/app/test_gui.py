@@ -701,7 +701,7 @@ def test_export_and_import_through_the_file_menu(gui, qloop, tmp_path, monkeypat
     monkeypatch.setattr(main_window, "MAX_IMPORT_BYTES", 1000)  # a file far too large
     (tmp_path / "big.json").write_bytes(b" " * 3000)
     import_(tmp_path / "big.json")
-    assert f"{tmp_path / 'big.json'}: at 3.0 KB it is too large for one. {hint}" in (
+    assert f"{tmp_path / 'big.json'}: at 3.0 KB it is too large for a chat export. {hint}" in (
         gui.window.banner.text()
     )
     import_(tmp_path / "missing.json")
