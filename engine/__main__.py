@@ -56,29 +56,68 @@ def tokens(text: str) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="model folder, downloaded repo id, or 'demo'")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"],
+        help="where the model runs (auto: the GPU where there is one)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"],
+        help="activations' type (default: the checkpoint's on a GPU; float32 on the CPU, or "
+        "bfloat16 where float32 would not fit the memory)",
+    )  # fmt: skip
     p.add_argument("--context", type=tokens, default=4096, help="context length (tokens)")
 
 
 def _sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer")
     p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--top-p", type=float, default=1.0,
+        help="sample from the most likely tokens that hold this much probability (1: all)",
+    )  # fmt: skip
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0: off)")
+    p.add_argument(
+        "--min-p", type=float, default=0.0,
+        help="drop tokens less likely than this times the most likely one (0: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0,
+        help="above 1, tokens already in the conversation get less likely (1: off)",
+    )  # fmt: skip
+    p.add_argument("--seed", type=int, help="the same seed gives the same answer")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+class Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows an option's default where it has one (not "default: None")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if (
+            action.default is None
+            or action.default is False
+            or action.default == []
+            or (action.default == argparse.SUPPRESS or not action.help)
+        ):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every command's --help with the defaults (sub-commands are made of the same class)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, formatter_class=Defaults, **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m engine", description="VPTQ Chat engine")
+    ap = Parser(prog="python -m engine", description="VPTQ Chat engine")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream the completion of a prompt to stdout")
     _common(g)
     _sampling(g)
-    g.add_argument("--prompt", required=True)
+    g.add_argument(
+        "--prompt", required=True, help="the text to complete (or, with --chat, to answer)"
+    )
     g.add_argument("--chat", action="store_true", help="send the prompt as one user chat turn")
     c = sub.add_parser("chat", help="multi-turn chat in the terminal")
     _common(c)
@@ -86,21 +125,37 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--system", help="system prompt")
     pp = sub.add_parser("perplexity", help="perplexity of a text file")
     _common(pp)
-    pp.add_argument("--file", required=True, type=Path)
-    pp.add_argument("--max-tokens", type=tokens, default=4096)
+    pp.add_argument("--file", required=True, type=Path, help="a UTF-8 text file")
+    pp.add_argument("--max-tokens", type=tokens, default=4096, help="score at most this many")
     sub.add_parser("serve", help="the JSON-lines protocol on stdin/stdout (used by the app)")
     q = sub.add_parser("quantize", help="quantize a dense model into a VPTQ checkpoint")
     q.add_argument("--model", required=True, help="dense model folder, .gguf file, or 'demo'")
-    q.add_argument("--out", required=True, type=Path)
-    q.add_argument("--vector-len", type=int, default=4)
-    q.add_argument("--centroids", type=int, default=256)
-    q.add_argument("--res-centroids", type=int, default=0)
-    q.add_argument("--method", choices=["rtn", "kmeans", "vptq"], default="vptq")
+    q.add_argument(
+        "--out", required=True, type=Path,
+        help="the checkpoint's folder (an interrupted run there resumes)",
+    )  # fmt: skip
+    q.add_argument("--vector-len", type=int, default=4, help="weights per codebook entry (v)")
+    q.add_argument(
+        "--centroids", type=int, default=256,
+        help="codebook entries, a power of two (bits per weight: log2(centroids) / v)",
+    )  # fmt: skip
+    q.add_argument(
+        "--res-centroids", type=int, default=0,
+        help="entries of a second, residual codebook (0: none)",
+    )  # fmt: skip
+    q.add_argument(
+        "--method", choices=["rtn", "kmeans", "vptq"], default="vptq",
+        help="vptq: Hessian-weighted, with error feedback; kmeans: plain k-means; rtn: "
+        "round to the nearest entry of a fixed grid",
+    )  # fmt: skip
     q.add_argument("--calibration", type=Path, help="a text file (default: shipped text)")
-    q.add_argument("--calib-sequences", type=int, default=32)
-    q.add_argument("--calib-len", type=int, default=256)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    q.add_argument(
+        "--calib-sequences", type=int, default=32,
+        help="calibration sequences, a multiple of 8 (half from the text, half sampled)",
+    )  # fmt: skip
+    q.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence")
+    q.add_argument("--seed", type=int, default=0, help="the same seed gives the same checkpoint")
+    q.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to quantize")
     bd = sub.add_parser("build-demo", help="build the embedded demo model now")
     bd.add_argument("--dense", action="store_true", help="only the dense demo (demo-dense)")
     sub.add_parser("build-kernels", help="build the CUDA kernels now (otherwise: on first use)")
@@ -115,7 +170,7 @@ def parser() -> argparse.ArgumentParser:
     bk.add_argument("--out", type=Path, help="also write every measurement as JSON here")
     bg = bsub.add_parser("gptq", help="the GPTQ kernel vs cuBLAS fp16 on Llama-3.1 layer shapes")
     bg.add_argument("--arch", action="append", help="llama-3.1-8b, llama-3.1-70b (default 8b)")
-    bg.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4)
+    bg.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=4, help="bits per weight")
     bg.add_argument("--group", type=int, default=128, help="group size, or -1 (one group)")
     bg.add_argument("--act-order", action="store_true", help="a shuffled g_idx")
     bg.add_argument("--tokens", type=int, action="append", help="token counts (default: 1 4 8 512)")
@@ -127,8 +182,8 @@ def parser() -> argparse.ArgumentParser:
         help="a VPTQ scheme (v8-k65536-0, ...) or a GPTQ one: gptq-4bit, gptq-4bit-act, "
         "gptq-3bit, gptq-2bit, gptq-8bit (group 128)",
     )
-    be.add_argument("--context", type=tokens, default=4096)
-    be.add_argument("--tokens", type=int, default=256)
+    be.add_argument("--context", type=tokens, default=4096, help="the KV cache's length")
+    be.add_argument("--tokens", type=int, default=256, help="tokens to decode")
     be.add_argument("--vram-limit", type=float, help="cap torch's memory at this many GiB")
     be.add_argument(
         "--breakdown",

@@ -235,3 +235,27 @@ def test_terminal_chat_commands_and_ctrl_c_stop_an_answer(demo_path):
     assert endings[0][0] == "stopped" and int(endings[0][1]) < 300  # Ctrl-C ended it
     assert "[no system prompt]" in log
     assert endings[1][0] == "done" and "Paris" in rest.split("Assistant: ")[-1]
+
+
+def test_every_option_of_every_command_is_explained_with_its_default():
+    import argparse
+
+    from engine.__main__ import parser
+
+    def commands(p, name):
+        yield name, p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, sp in action.choices.items():
+                    yield from commands(sp, f"{name} {sub}")
+
+    found = dict(commands(parser(), "engine"))
+    assert {"engine quantize", "engine bench e2e", "engine chat"} <= set(found)
+    for name, p in found.items():
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+    r = run("quantize", "--help")
+    assert "codebook entries, a power of two" in r.stdout and "(default: 256)" in r.stdout
+    assert "default: None" not in r.stdout
+    assert "(default: 4096)" in run("bench", "e2e", "--help").stdout
