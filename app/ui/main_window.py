@@ -12,7 +12,7 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
+    QGridLayout,
     QLabel,
     QLineEdit,
     QListView,
@@ -47,6 +47,9 @@ def file_name(title: str) -> str:
     return name[:100].rstrip(". ") or "chat"
 
 
+TWO_COLUMNS = 560  # px of the chat pane from which the chat settings take two columns
+
+
 class ChatSettings(QWidget):
     """Per-chat system prompt and sampling, folded away until asked for."""
 
@@ -57,11 +60,13 @@ class ChatSettings(QWidget):
         self.toggle.setAutoRaise(True)
         self.body = QWidget(visible=False)
         self.toggle.toggled.connect(self._show)
-        form = QFormLayout(self.body)
+        self.grid = QGridLayout(self.body)
+        self.grid.setContentsMargins(4, 2, 4, 2)
         self.system = QLineEdit(placeholderText="e.g. You are a concise assistant.")
         self.system.setAccessibleName("System prompt")
-        form.addRow("System prompt", self.system)
+        self.grid.addWidget(QLabel("System prompt", buddy=self.system), 0, 0)
         self.fields: dict[str, QDoubleSpinBox | QSpinBox] = {}
+        self.rows: list[tuple[QLabel, QWidget]] = []
         for key, label, lo, hi, step, dec in [
             ("temperature", "Temperature (0 = greedy)", 0, 2, 0.05, 2),
             ("top_p", "Top-p", 0.01, 1, 0.01, 2),
@@ -75,12 +80,33 @@ class ChatSettings(QWidget):
             box.setRange(lo, hi)
             box.setSingleStep(step)
             box.setAccessibleName(label)
+            box.setMaximumWidth(140)  # a number, not a line of text
             self.fields[key] = box
-            form.addRow(label, box)
+            self.rows.append((QLabel(label, buddy=box), box))
+        self.columns = 0
+        self._arrange(1)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.toggle, 0, Qt.AlignmentFlag.AlignLeft)
         lay.addWidget(self.body)
+
+    def _arrange(self, columns: int) -> None:
+        """The settings in one column, or in two where the pane is wide enough: half as tall,
+        so that a small window keeps some of the conversation in view with them open."""
+        if columns == self.columns:
+            return
+        self.columns = columns
+        self.grid.addWidget(self.system, 0, 1, 1, 2 * columns - 1)
+        for i, (label, box) in enumerate(self.rows):
+            row, col = 1 + i // columns, 2 * (i % columns)
+            self.grid.addWidget(label, row, col)
+            self.grid.addWidget(box, row, col + 1)
+        for col in range(4):
+            self.grid.setColumnStretch(col, 1 if col % 2 and col < 2 * columns else 0)
+
+    def resizeEvent(self, event) -> None:
+        super().resizeEvent(event)
+        self._arrange(2 if self.width() >= TWO_COLUMNS else 1)
 
     def _show(self, on: bool) -> None:
         self.body.setVisible(on)

@@ -822,3 +822,25 @@ def test_the_arrow_keys_in_the_chat_list_open_chats(gui, qloop):
     assert gui.ctrl.messages.rows[0].content == "second chat"
     gui.window.search.setText("first")  # the list changes under the selection: nothing opens
     assert gui.ctrl.messages.rows[0].content == "second chat"
+
+
+def test_the_chat_settings_take_two_columns_where_the_pane_is_wide(gui, qloop):
+    panel = gui.window.chat_settings
+    panel.toggle.click()
+    f = panel.fields
+
+    def settle(w, h):
+        gui.window.resize(w, h)
+        qloop.run_until_complete(asyncio.sleep(0.05))
+
+    settle(1200, 800)
+    assert panel.width() >= 560
+    assert f["top_p"].y() == f["temperature"].y() < f["top_k"].y()  # side by side
+    wide = panel.height()
+    settle(760, 500)
+    assert panel.width() < 560
+    assert f["temperature"].y() < f["top_p"].y() < f["top_k"].y()  # one above the other
+    assert panel.height() > wide + 2 * f["top_k"].height()
+    assert all(b.isVisibleTo(gui.window) and b.width() > 40 for b in f.values())
+    settle(1200, 800)
+    assert f["top_p"].y() == f["temperature"].y()
