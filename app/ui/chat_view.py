@@ -22,6 +22,8 @@ from PySide6.QtWidgets import (
 from .markdown import code_blocks, plain_html, to_html
 from .models import MessageListModel, RoleRole, StatsRole, StatusRole
 
+COPIED_MS = 1500  # how long a Copy button says "Copied ✓"
+
 
 def stats_line(stats: dict, status: str) -> str:
     parts = []
@@ -119,9 +121,18 @@ class MessageWidget(QFrame):
     def _copy(self) -> None:
         QGuiApplication.clipboard().setText(self.text)
         self.copy_requested.emit(self.text)
+        self._copied(self.copy, "Copy")
 
     def _copy_code(self) -> None:
         QGuiApplication.clipboard().setText("\n\n".join(code_blocks(self.text)))
+        self._copied(self.copy_code, "Copy code")
+
+    def _copied(self, button: QToolButton, text: str) -> None:
+        """The button says "Copied ✓" for a moment: a copy had shown nothing at all."""
+        button.setText("Copied ✓")
+        button.setMinimumWidth(button.sizeHint().width())  # and keeps it: the row does not jump
+        # with the button as context: a message deleted meanwhile (another chat opened) is fine
+        QTimer.singleShot(COPIED_MS, button, lambda: button.setText(text))
 
 
 class ChatView(QWidget):

@@ -284,6 +284,17 @@ def test_markdown_code_block_and_copy(gui, qloop):
     assert "color" in w.body.toHtml()  # Pygments colours reached the widget
     w.copy_code.click()
     assert QGuiApplication.clipboard().text() == "print('hi')"
+    assert w.copy_code.text() == "Copied ✓"  # said, for a moment
+    w.copy.click()
+    assert w.copy.text() == "Copied ✓" and QGuiApplication.clipboard().text() == w.text
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    x = w.copy.x()
+    qloop.run_until_complete(asyncio.sleep(1.7))
+    assert (w.copy_code.text(), w.copy.text()) == ("Copy code", "Copy")
+    assert w.copy.x() == x  # the buttons did not move back and forth
+    w.copy.click()
+    gui.ctrl.new_conversation()  # the message goes before its button's timer fires
+    qloop.run_until_complete(asyncio.sleep(1.7))
 
 
 def test_search_new_chat_and_export(gui, qloop):
