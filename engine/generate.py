@@ -128,12 +128,16 @@ class Session:
         messages: list[dict] | None = None,
         prompt: str | None = None,
         max_new_tokens: int = 512,
+        continue_final: bool = False,
     ) -> tuple[list[int], int]:
-        """Token ids for a chat (``messages``) or a raw ``prompt``, and messages dropped."""
+        """Token ids for a chat (``messages``; ``continue_final``: more of its last message,
+        an answer) or a raw ``prompt``, and messages dropped."""
         reserve = min(max_new_tokens, self.n_ctx // 2)  # room kept for the answer
         budget = self.n_ctx - reserve
         if messages is not None:
-            return self.tok.fit_messages(messages, budget)
+            return self.tok.fit_messages(messages, budget, continue_final)
+        if continue_final:
+            raise ValueError("'continue' goes with 'messages' (a raw prompt simply goes on)")
         if not prompt or not prompt.strip():
             raise ValueError("the prompt is empty: give some text to complete")
         ids = self.tok.encode(prompt)

@@ -218,6 +218,9 @@ class Server:
         if s is None:
             raise ValueError("no model is loaded: load one first")
         sampling, prompt = msg.get("sampling") or {}, msg.get("prompt")
+        continue_final = msg.get("continue", False)
+        if not isinstance(continue_final, bool):
+            raise ValueError(f"'continue' must be true or false, not {continue_final!r}")
         if not isinstance(sampling, dict):
             raise ValueError(f"'sampling' must be an object of settings, not {sampling!r}")
         if prompt is not None and not isinstance(prompt, str):
@@ -230,6 +233,7 @@ class Server:
             messages=msg.get("messages"),
             prompt=prompt,
             max_new_tokens=params.max_new_tokens,
+            continue_final=continue_final,
         )
         gen = s.generate(ids, params, dropped)
         with self.lock:

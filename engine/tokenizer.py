@@ -34,27 +34,39 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text, add_special_tokens=True)["input_ids"])
 
-    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def chat_ids(self, messages: list[dict[str, str]], continue_final: bool = False) -> list[int]:
+        """The chat template's tokens, ending with the prompt for a new answer, or with
+        ``continue_final`` inside the last (assistant) message, for more of it."""
         if not self.has_chat_template:
             raise ContextError("this model's tokenizer has no chat template; use a raw prompt")
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.hf.apply_chat_template(
+            messages,
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+            tokenize=False,
+        )
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
-    def fit_messages(self, messages: list[dict[str, str]], budget: int) -> tuple[list[int], int]:
+    def fit_messages(
+        self, messages: list[dict[str, str]], budget: int, continue_final: bool = False
+    ) -> tuple[list[int], int]:
         """Token ids of the conversation, dropping the oldest turns (never the system prompt)
-        until it fits in ``budget`` tokens; returns (ids, number of messages dropped)."""
+        until it fits in ``budget`` tokens; returns (ids, number of messages dropped).
+        ``continue_final``: the last message is an answer to write more of (chat_ids)."""
         check_messages(messages)
+        if continue_final and messages[-1]["role"] != "assistant":
+            raise ValueError("'continue' needs the last message to be the answer to go on with")
         system = messages[:1] if messages[0]["role"] == "system" else []
         rest = list(messages[len(system) :])
         dropped = 0
         while True:
-            ids = self.chat_ids(system + rest)
+            ids = self.chat_ids(system + rest, continue_final)
             if len(ids) <= budget:
                 return ids, dropped
-            if len(rest) <= 1:
+            if len(rest) <= (2 if continue_final else 1):  # an answer to go on with: its question too
                 raise ContextError(
                     f"the last message needs {len(ids)} tokens but only {budget} are available; "
                     "shorten it or load the model with a longer context"

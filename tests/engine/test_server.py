@@ -123,6 +123,36 @@ def test_max_tokens_and_stop_strings(engine):
     assert full.startswith(text)
 
 
+def test_continue_writes_on_from_where_an_answer_was_cut(engine):
+    """`continue`: the last message is an answer the model writes more of; greedy, an answer cut
+    at 12 tokens and continued for 12 is the 24-token answer, and the continuation reuses the
+    cut answer's KV entries."""
+    q = [{"role": "user", "content": "Tell me about the planet Mars in three sentences."}]
+    full, _ = engine.chat("c-full", q, max_new_tokens=24)
+    part, events = engine.chat("c-part", q, max_new_tokens=12)
+    assert events[-1].get("reason") == "length"
+    engine.send(
+        "generate",
+        "c-more",
+        messages=[*q, {"role": "assistant", "content": part}],
+        sampling={"temperature": 0, "max_new_tokens": 12},
+        **{"continue": True},
+    )
+    events = engine.until("finished", "c-more")
+    more = "".join(m.get("text") for m in events if m.type == "delta")
+    assert len(part) > 10 and more and part + more == full
+    stats = events[-1].get("stats")
+    assert stats["cached_tokens"] >= stats["prompt_tokens"] - 2  # only the last few are new
+    for fields, needle in [
+        (dict(messages=q, **{"continue": True}), "'continue' needs the last message to be"),
+        (dict(prompt="Hi", **{"continue": True}), "'continue' goes with 'messages'"),
+        (dict(messages=q, **{"continue": "yes"}), "'continue' must be true or false, not 'yes'"),
+    ]:
+        engine.send("generate", "c-bad", **fields)
+        err = engine.until("finished", "c-bad")[0]
+        assert err.type == "error" and err.get("message").startswith(needle), err.payload
+
+
 def test_seeded_sampling_is_reproducible(engine):
     msgs = [{"role": "user", "content": "Tell me a fun fact."}]
     a, _ = engine.chat("s1", msgs, temperature=1.0, top_p=0.95, seed=7)
