@@ -16,7 +16,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from .engine_client import PROCESS_ENDED, EngineClient, EngineError
 from .settings import Settings
-from .store import UNTITLED, Store
+from .store import UNTITLED, Message, Store
 from .ui.models import ConversationListModel, MessageListModel
 
 log = logging.getLogger("app.chat")
@@ -93,7 +93,9 @@ class ChatController(QObject):
         prompt and the answer), kept with that answer's stats; none before a first answer."""
         for m in reversed(self.messages.rows):
             if m.role == "assistant" and m.stats.get("n_ctx"):
-                used = m.stats.get("prompt_tokens", 0) + m.stats.get("completion_tokens", 0)
+                used = m.stats.get("context_tokens") or (  # (answers before it was kept)
+                    m.stats.get("prompt_tokens", 0) + m.stats.get("completion_tokens", 0)
+                )
                 self.context_changed.emit(used, m.stats["n_ctx"], 0)
                 return
 
@@ -189,17 +191,36 @@ class ChatController(QObject):
         ]
         return out
 
-    def _generate(self) -> None:
+    def continue_answer(self) -> None:
+        """Write more of the last answer, one that was stopped or cut at the token limit."""
+        if self.busy or not self.messages.rows:
+            return
+        last = self.messages.rows[-1]
+        if not can_continue(last.role, last.status, last.stats) or not last.content:
+            return
+        row = len(self.messages.rows) - 1
+        self.store.update_message(last.id, status="streaming")
+        self.messages.update(row, status="streaming")
+        self._generate(answer=last, row=row)
+
+    def _generate(self, answer: Message | None = None, row: int = -1) -> None:
+        """A new answer to the history, or with ``answer`` (the last message, at ``row``) more
+        of that one, its text and token count going on from where they are."""
         conv = self.store.conversation(self.current)
         history = self.history()
-        answer = self.store.add_message(conv.id, "assistant", "", status="streaming")
-        row = self.messages.append(answer)
-        id_, queue = self.client.generate(history, sampling=conv.sampling or self.settings.sampling)
+        more = answer is not None
+        if answer is None:
+            answer = self.store.add_message(conv.id, "assistant", "", status="streaming")
+            row = self.messages.append(answer)
+        id_, queue = self.client.generate(
+            history, sampling=conv.sampling or self.settings.sampling, continue_final=more
+        )
         self.active = {
             "id": id_,
             "row": row,
             "message": answer,
-            "text": "",
+            "text": answer.content,
+            "before": answer.stats.get("completion_tokens", 0) if more else 0,
             "tokens": 0,
             "t0": time.monotonic(),
             "saved": time.monotonic(),
@@ -250,10 +271,12 @@ class ChatController(QObject):
             stats = {**stats, "truncated": True}
         n_ctx, dropped = a.get("context", (0, 0))
         if n_ctx and "completion_tokens" in stats:  # the context line after the answer
-            stats = {**stats, "n_ctx": n_ctx}
+            used = stats.get("prompt_tokens", 0) + stats["completion_tokens"]
+            stats = {**stats, "n_ctx": n_ctx, "context_tokens": used}
             if a["message"].conversation_id == self.current:
-                used = stats.get("prompt_tokens", 0) + stats["completion_tokens"]
                 self.context_changed.emit(used, n_ctx, dropped)
+        if a["before"] and "completion_tokens" in stats:  # a continued answer: all its tokens
+            stats = {**stats, "completion_tokens": a["before"] + stats["completion_tokens"]}
         text = a["text"]
         if status == "error" and not text:
             text = "⚠ " + ("; ".join(m for _, m in errors) or "the engine could not answer")
@@ -319,6 +342,11 @@ class ChatController(QObject):
 
     def _progress(self, fraction: float, stage: str) -> None:
         self.status.emit(f"{stage}: {fraction:.0%}")
+
+
+def can_continue(role: str, status: str, stats: dict) -> bool:
+    """Whether an answer can be written on: stopped, or cut at the token limit."""
+    return role == "assistant" and (status == "stopped" or bool(stats.get("truncated")))
 
 
 def _same_sampling(a: dict[str, Any], b: dict[str, Any]) -> bool:

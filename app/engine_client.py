@@ -287,14 +287,18 @@ class EngineClient:
         messages: list[dict[str, str]] | None = None,
         prompt: str | None = None,
         sampling: dict[str, Any] | None = None,
+        continue_final: bool = False,
     ) -> tuple[str, asyncio.Queue]:
         """Start a request; returns (id, queue of its events, ending with ``finished``). Made
-        while the engine restarts after a crash, it is sent once the model is back."""
+        while the engine restarts after a crash, it is sent once the model is back.
+        ``continue_final``: the last of ``messages`` is an answer to write more of."""
         id_ = self._new_id("gen")
         queue: asyncio.Queue = asyncio.Queue()
         payload: dict[str, Any] = {"sampling": sampling or {}}
         if messages is not None:
             payload["messages"] = messages
+        if continue_final:
+            payload["continue"] = True
         if prompt is not None:
             payload["prompt"] = prompt
         if self._recovering:

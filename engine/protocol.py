@@ -12,7 +12,9 @@ from typing import Any
 
 PROTOCOL_VERSION = 1
 
-# App -> engine.
+# App -> engine. `generate` takes `messages` (a chat) or `prompt` (raw text), `sampling`
+# (SAMPLING_FIELDS), `stop`, and `continue`: true where the last message is an answer to write
+# more of (the app's Continue).
 REQUESTS = frozenset({"hello", "load", "unload", "generate", "cancel", "stats", "shutdown"})
 # Engine -> app.
 EVENTS = frozenset(

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from ..controller import can_continue
 from .markdown import code_blocks, plain_html, to_html
 from .models import MessageListModel, RoleRole, StatsRole, StatusRole
 
@@ -51,10 +52,12 @@ class MessageWidget(QFrame):
     copy_requested = Signal(str)
     edit_requested = Signal()
     regenerate_requested = Signal()
+    continue_requested = Signal()
 
     def __init__(self, role: str, dark: bool):
         super().__init__()
         self.role, self.dark, self.text = role, dark, ""
+        self.can_continue = False  # stopped, or cut at the token limit
         self.setObjectName("userMessage" if role == "user" else "assistantMessage")
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self.who = QLabel("You" if role == "user" else "Assistant")
@@ -77,12 +80,16 @@ class MessageWidget(QFrame):
             "Edit", "Edit this message and send it again", self.edit_requested.emit
         )
         self.regen = self._button("Regenerate", "Answer again", self.regenerate_requested.emit)
+        self.more = self._button(
+            "Continue", "Write more of this answer", self.continue_requested.emit
+        )
         self.edit.setVisible(role == "user")
         self.regen.setVisible(False)
+        self.more.setVisible(False)
         head = QHBoxLayout()
         head.addWidget(self.who)
         head.addStretch(1)
-        for b in (self.copy_code, self.copy, self.edit, self.regen):
+        for b in (self.copy_code, self.copy, self.edit, self.more, self.regen):
             head.addWidget(b)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(10, 6, 10, 6)
@@ -106,6 +113,7 @@ class MessageWidget(QFrame):
             html = plain_html(text) if self.role == "user" else to_html(text, self.dark)
             self.body.setHtml(html)
         self.copy_code.setVisible(bool(code_blocks(text)))
+        self.can_continue = bool(text) and can_continue(self.role, status, stats)
         line = stats_line(stats, status)
         self.meta.setText(line)
         self.meta.setVisible(bool(line))
@@ -139,6 +147,7 @@ class ChatView(QWidget):
     send_requested = Signal(str)
     stop_requested = Signal()
     regenerate_requested = Signal()
+    continue_requested = Signal()
     edit_requested = Signal(int, str)  # row, new text
     draft_changed = Signal(str)
 
@@ -212,6 +221,7 @@ class ChatView(QWidget):
         w = MessageWidget(idx.data(RoleRole), self.dark)
         w.edit_requested.connect(lambda w=w: self._edit(w))
         w.regenerate_requested.connect(self.regenerate_requested.emit)
+        w.continue_requested.connect(self.continue_requested.emit)
         w.set_content(idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {})
         return w
 
@@ -245,9 +255,9 @@ class ChatView(QWidget):
     def _refresh_buttons(self) -> None:
         self.empty.setVisible(not self.widgets)
         for i, w in enumerate(self.widgets):
-            w.regen.setVisible(
-                i == len(self.widgets) - 1 and w.role == "assistant" and not self.busy
-            )
+            last_answer = i == len(self.widgets) - 1 and w.role == "assistant" and not self.busy
+            w.regen.setVisible(last_answer)
+            w.more.setVisible(last_answer and w.can_continue)
             w.edit.setEnabled(not self.busy)
 
     # -- composer --------------------------------------------------------------------------------

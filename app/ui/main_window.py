@@ -297,6 +297,7 @@ class MainWindow(QMainWindow):
         self.chat.send_requested.connect(self._send)
         self.chat.stop_requested.connect(c.stop)
         self.chat.regenerate_requested.connect(c.regenerate)
+        self.chat.continue_requested.connect(c.continue_answer)
         self.chat.edit_requested.connect(c.edit_and_resend)
         self.chat.draft_changed.connect(c.save_draft)
         self.chat_settings.on_change(lambda *_: c.update_settings(*self.chat_settings.values()))

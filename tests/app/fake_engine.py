@@ -68,18 +68,23 @@ def generate(msg):
     if text == "hang":  # stuck: it neither answers nor takes a cancel or a shutdown
         time.sleep(600)
     words = ["word"] * 400 if text == "slow" else f"You said: {text}".split(" ")
+    if msg.get("continue"):  # more of the answer that is the last message
+        words = ["and", "more."]
+    limit = (msg.get("sampling") or {}).get("max_new_tokens") or len(words)
+    reason = "length" if len(words) > limit else "stop"
+    words = words[:limit]
     for i, w in enumerate(words):
         if msg.id in cancelled or ANSWERING in cancelled:
             send("finished", msg.id, reason="cancelled", stats={"completion_tokens": i})
             return
-        send("delta", msg.id, text=(" " if i else "") + w)
+        send("delta", msg.id, text=(" " if i or msg.get("continue") else "") + w)
         if text == "crash" and i == 2:
             os._exit(3)
         time.sleep(0.02 if text in ("slow", "crash") else 0.001)
     send(
         "finished",
         msg.id,
-        reason="stop",
+        reason=reason,
         stats={
             "prompt_tokens": 12,
             "completion_tokens": len(words),

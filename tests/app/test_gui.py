@@ -855,3 +855,57 @@ def test_the_chat_settings_take_two_columns_where_the_pane_is_wide(gui, qloop):
     assert all(b.isVisibleTo(gui.window) and b.width() > 40 for b in f.values())
     settle(1200, 800)
     assert f["top_p"].y() == f["temperature"].y()
+
+
+def test_continue_writes_more_of_a_cut_or_stopped_answer(tmp_path, qloop, monkeypatch):
+    from .conftest import make_app
+
+    requests = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(requests))
+    app = make_app(tmp_path / "data", qloop, monkeypatch)
+    try:
+        cid = app.ctrl.new_conversation()
+        app.ctrl.store.update_conversation(cid, sampling={"max_new_tokens": 3})
+        send(app, "one two three four")
+        wait_until(qloop, lambda: answer_done(app))
+        w = app.window.chat.widgets[-1]
+        assert w.body.toPlainText().strip() == "You said: one"  # cut at 3 tokens
+        assert "cut at the token limit" in plain(w.meta.text())
+        assert w.more.isVisibleTo(app.window) and w.regen.isVisibleTo(app.window)
+        w.more.click()
+        assert not w.more.isVisibleTo(app.window)  # while it writes
+        wait_until(qloop, lambda: answer_done(app), what="the continuation")
+        sent = json.loads(requests.read_text().splitlines()[-1])
+        assert sent["continue"] is True
+        assert sent["messages"][-1] == {"role": "assistant", "content": "You said: one"}
+        stored = app.store.messages(cid)
+        assert [(m.role, m.content, m.status) for m in stored] == [
+            ("user", "one two three four", "done"),
+            ("assistant", "You said: one and more.", "done"),  # the same message, written on
+        ]
+        assert stored[1].stats["completion_tokens"] == 5 and "truncated" not in stored[1].stats
+        w = app.window.chat.widgets[-1]
+        assert w.body.toPlainText().strip() == "You said: one and more."
+        assert plain(w.meta.text()).startswith("5 tokens") and not w.more.isVisibleTo(app.window)
+        # the context: the continuation's prompt (12 tokens in the fake engine's stats: the
+        # question and the cut answer) and its own 2 tokens, not all 5 of the answer on top;
+        # the same when the chat is opened again
+        assert app.window.chat.context.text() == "Context: 14 / 2048 tokens"
+        app.ctrl.new_conversation()
+        app.ctrl.open(cid)
+        assert app.window.chat.context.text() == "Context: 14 / 2048 tokens"
+        # a stopped answer can be continued too; a whole one not
+        app.ctrl.store.update_conversation(cid, sampling={})
+        send(app, "slow")
+        rows = app.ctrl.messages.rows
+        wait_until(qloop, lambda: rows[-1].content.count("word") >= 3)
+        app.window.chat.stop_button.click()
+        wait_until(qloop, lambda: answer_done(app))
+        assert app.window.chat.widgets[-1].more.isVisibleTo(app.window)
+        app.ctrl.continue_answer()
+        wait_until(qloop, lambda: answer_done(app))
+        assert rows[-1].content.endswith(" and more.") and rows[-1].status == "done"
+        assert len(app.store.messages(cid)) == 4
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
