@@ -277,6 +277,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 CHAT_HELP = """Commands:
   /system TEXT  use TEXT as the system prompt from the next message (/system alone: none)
+  /continue     write more of the last answer (one cut at the token limit or by Ctrl-C)
   /reset        start a new conversation (the system prompt stays)
   /help         this list
   /exit         quit (also /quit, /bye, exit, quit or Ctrl-D)
@@ -308,21 +309,46 @@ def cmd_chat(a: argparse.Namespace) -> None:
                       file=sys.stderr)  # fmt: skip
             elif command == "/help":
                 print(CHAT_HELP, file=sys.stderr)
-            else:
+            elif command != "/continue":
                 print(f"[unknown command {command}; /help lists them]", file=sys.stderr)
+            elif not history or not history[-1]["content"]:
+                print("[no answer to continue]", file=sys.stderr)
+            else:
+                with _said(ValueError):
+                    history[-1]["content"] += _answer(s, params, system, history, more=True)
             continue
         if not text:
             continue
         history.append({"role": "user", "content": line[1:] if text.startswith("//") else line})
-        messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids, dropped = s.prompt_ids(messages=messages, max_new_tokens=params.max_new_tokens)
-        if dropped:
-            print(f"[dropped {dropped} old messages to fit the context]", file=sys.stderr)
-        gen = s.generate(ids, params, dropped)
-        sys.stdout.write("Assistant: ")
-        with _ctrl_c_cancels(gen):  # the answer stops at the next token; the chat goes on
-            _stream(gen)
-        history.append({"role": "assistant", "content": gen.text})
+        with _said(ValueError):  # a message too long for the context: said; the chat goes on
+            history.append({"role": "assistant", "content": _answer(s, params, system, history)})
+        if history[-1]["role"] == "user":  # not answered: not part of the conversation
+            history.pop()
+
+
+@contextlib.contextmanager
+def _said(*errors: type[Exception]):
+    """``errors`` raised inside are printed as one line instead of ending the program."""
+    try:
+        yield
+    except errors as e:
+        print(f"[error: {e}]", file=sys.stderr)
+
+
+def _answer(s, params, system: str, history: list[dict], more: bool = False) -> str:
+    """Stream an answer to ``history`` (``more``: more of its last message, an answer);
+    returns its text."""
+    messages = ([{"role": "system", "content": system}] if system else []) + history
+    ids, dropped = s.prompt_ids(
+        messages=messages, max_new_tokens=params.max_new_tokens, continue_final=more
+    )
+    if dropped:
+        print(f"[dropped {dropped} old messages to fit the context]", file=sys.stderr)
+    gen = s.generate(ids, params, dropped)
+    sys.stdout.write("Assistant (continued): …" if more else "Assistant: ")
+    with _ctrl_c_cancels(gen):  # the answer stops at the next token; the chat goes on
+        _stream(gen)
+    return gen.text
 
 
 @contextlib.contextmanager

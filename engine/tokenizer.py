@@ -66,7 +66,9 @@ class Tokenizer:
             ids = self.chat_ids(system + rest, continue_final)
             if len(ids) <= budget:
                 return ids, dropped
-            if len(rest) <= (2 if continue_final else 1):  # an answer to go on with: its question too
+            if len(rest) <= (
+                2 if continue_final else 1
+            ):  # an answer to go on with: its question too
                 raise ContextError(
                     f"the last message needs {len(ids)} tokens but only {budget} are available; "
                     "shorten it or load the model with a longer context"

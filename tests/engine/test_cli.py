@@ -264,3 +264,23 @@ def test_every_option_of_every_command_is_explained_with_its_default():
     assert "codebook entries, a power of two" in r.stdout and "(default: 256)" in r.stdout
     assert "default: None" not in r.stdout
     assert "(default: 4096)" in run("bench", "e2e", "--help").stdout
+
+
+def test_terminal_chat_continue_and_a_message_too_long_for_the_context(demo_path):
+    q = "Tell me about the planet Mars in three sentences."
+    whole = run("generate", "--model", "demo", "--prompt", q, "--chat", "--temperature", "0",
+                "--max-new-tokens", "24")  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "engine", "chat", "--model", "demo", "--temperature", "0",
+         "--max-new-tokens", "12", "--context", "1024"],
+        input=f"/continue\n{'word ' * 3000}\n{q}\n/continue\nexit\n",
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "[no answer to continue]" in r.stderr
+    assert "[error: the last message needs 30" in r.stderr  # said; the chat went on
+    first, more = r.stdout.split("Assistant: ")[1].split("Assistant (continued): …")
+    first = first.removesuffix("\n").removesuffix("You: ")
+    # the answer cut at 12 tokens and continued for 12 is the 24-token answer
+    assert first.strip() and (first + more).strip().startswith(whole.stdout.strip())
