@@ -66,9 +66,8 @@ class Tokenizer:
             ids = self.chat_ids(system + rest, continue_final)
             if len(ids) <= budget:
                 return ids, dropped
-            if len(rest) <= (
-                2 if continue_final else 1
-            ):  # an answer to go on with: its question too
+            # an answer to go on with keeps its question
+            if len(rest) <= (2 if continue_final else 1):
                 raise ContextError(
                     f"the last message needs {len(ids)} tokens but only {budget} are available; "
                     "shorten it or load the model with a longer context"
