@@ -92,14 +92,9 @@ class Defaults(argparse.ArgumentDefaultsHelpFormatter):
     """Help that shows an option's default where it has one (not "default: None")."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if (
-            action.default is None
-            or action.default is False
-            or action.default == []
-            or (action.default == argparse.SUPPRESS or not action.help)
-        ):
-            return action.help or ""
-        return super()._get_help_string(action)
+        default = action.default
+        none = default is None or default is False or default in ([], argparse.SUPPRESS)
+        return action.help or "" if none or not action.help else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
