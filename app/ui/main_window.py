@@ -17,6 +17,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QListView,
     QMainWindow,
+    QMenu,
     QMessageBox,
     QPushButton,
     QSpinBox,
@@ -135,11 +136,29 @@ class ChatSettings(QWidget):
 class ChatList(QListView):
     """The chat list; the arrow keys (and Home, End, Page Up/Down) open the chat they move to,
     as a click does (before, the keyboard could not open a chat). Rows that move because the
-    list changed (a delete, a search) open nothing."""
+    list changed (a delete, a search) open nothing. Delete asks to delete the open chat; a
+    right click offers what the Chat menu does for the chat under the mouse."""
 
     picked = Signal(QModelIndex)
+    delete_requested = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.menu_actions: list[QAction] = []  # the window's Rename, Delete, Export...
+
+    def contextMenuEvent(self, event) -> None:
+        index = self.indexAt(event.pos())
+        if not index.isValid() or not self.menu_actions:
+            return
+        if index != self.currentIndex():
+            self.setCurrentIndex(index)
+            self.picked.emit(index)
+        QMenu.exec(self.menu_actions, event.globalPos(), None, self)
 
     def keyPressEvent(self, event) -> None:
+        if event.key() == Qt.Key.Key_Delete and self.state() != self.State.EditingState:
+            self.delete_requested.emit()
+            return
         before = self.currentIndex()
         super().keyPressEvent(event)
         now = self.currentIndex()
@@ -277,7 +296,14 @@ class MainWindow(QMainWindow):
         m = self.menuBar().addMenu("&Chat")
         act(m, "&Search", self.search.setFocus, "Ctrl+F")
         act(m, "&Rename", self._rename, "F2")
-        act(m, "&Delete", self._delete)
+        act(m, "&Delete…", self._delete)  # Delete in the chat list (not a window shortcut: typing)
+        # the chat list's right-click menu (without the shortcuts' text, as a context menu is)
+        self.list.menu_actions = [
+            QAction("Rename", self, triggered=self._rename),
+            QAction("Export as Markdown…", self, triggered=lambda: self._export("md")),
+            QAction("Export as JSON…", self, triggered=lambda: self._export("json")),
+            QAction("Delete…", self, triggered=self._delete),
+        ]
         m = self.menuBar().addMenu("&Model")
         act(m, "&Browse and download models…", self.models_requested.emit, "Ctrl+M")
         act(m, "Load &demo model", lambda: self._load("demo"))
@@ -303,6 +329,7 @@ class MainWindow(QMainWindow):
         self.chat_settings.on_change(lambda *_: c.update_settings(*self.chat_settings.values()))
         self.list.clicked.connect(lambda idx: c.open(idx.data(IdRole)))
         self.list.picked.connect(lambda idx: c.open(idx.data(IdRole)))
+        self.list.delete_requested.connect(self._delete)
         self.search.textChanged.connect(self._search)
         c.leaving.connect(self.chat.flush_draft)  # the last keystrokes, before the chat changes
         c.conversation_opened.connect(self._opened)

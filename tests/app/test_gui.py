@@ -909,3 +909,42 @@ def test_continue_writes_more_of_a_cut_or_stopped_answer(tmp_path, qloop, monkey
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()
+
+
+def test_the_chat_list_deletes_with_the_delete_key_and_has_a_context_menu(gui, qloop, monkeypatch):
+    from PySide6.QtCore import QPoint, Qt
+    from PySide6.QtGui import QContextMenuEvent
+    from PySide6.QtTest import QTest
+    from PySide6.QtWidgets import QMenu, QMessageBox
+
+    for text in ("first chat", "second chat"):
+        gui.ctrl.new_conversation()
+        send(gui, text)
+        wait_until(qloop, lambda: answer_done(gui))
+    asked = []
+    monkeypatch.setattr(
+        QMessageBox, "question", lambda *a: asked.append(a[2]) or QMessageBox.StandardButton.Yes
+    )
+    gui.window.chat.input.setPlainText("abc")
+    gui.window.chat.input.setFocus()
+    QTest.keyClick(gui.window.chat.input, Qt.Key.Key_Home)
+    QTest.keyClick(gui.window.chat.input, Qt.Key.Key_Delete)  # in the composer: edits the text
+    assert gui.window.chat.input.toPlainText() == "bc" and not asked
+    # a right click on the other chat opens it and offers Rename, Export, Delete
+    shown = []
+    monkeypatch.setattr(QMenu, "exec", lambda actions, *a: shown.append(actions) or None)
+    rect = gui.window.list.visualRect(gui.ctrl.conversations.index(1))
+    gui.window.list.contextMenuEvent(
+        QContextMenuEvent(QContextMenuEvent.Reason.Mouse, rect.center(), QPoint(0, 0))
+    )
+    assert gui.store.conversation(gui.ctrl.current).title == "first chat"
+    assert [a.text() for a in shown[0]] == [
+        "Rename", "Export as Markdown…", "Export as JSON…", "Delete…"
+    ]  # fmt: skip
+    shown[0][0].trigger()
+    assert gui.window.list.state() == gui.window.list.State.EditingState
+    QTest.keyClick(gui.window.list.focusWidget() or gui.window.list, Qt.Key.Key_Escape)
+    gui.window.list.setFocus()
+    QTest.keyClick(gui.window.list, Qt.Key.Key_Delete)  # in the list: asks, then deletes
+    assert asked == ["Delete “first chat”? This cannot be undone."]
+    assert [c.title for c in gui.ctrl.conversations.rows] == ["second chat"]
