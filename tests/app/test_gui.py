@@ -906,6 +906,17 @@ def test_continue_writes_more_of_a_cut_or_stopped_answer(tmp_path, qloop, monkey
         wait_until(qloop, lambda: answer_done(app))
         assert rows[-1].content.endswith(" and more.") and rows[-1].status == "done"
         assert len(app.store.messages(cid)) == 4
+        # an answer stopped by opening another chat is picked up when the user comes back
+        send(app, "slow")
+        wait_until(qloop, lambda: app.ctrl.messages.rows[-1].content.count("word") >= 3)
+        other = app.ctrl.new_conversation()
+        app.ctrl.store.update_conversation(other, title="kept")
+        wait_until(qloop, lambda: not app.ctrl.busy)
+        app.ctrl.open(cid)
+        assert app.store.messages(cid)[-1].status == "stopped"
+        app.window.chat.widgets[-1].more.click()
+        wait_until(qloop, lambda: answer_done(app))
+        assert app.ctrl.messages.rows[-1].content.endswith(" and more.")
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()
