@@ -10,9 +10,7 @@ from pathlib import Path
 from PySide6.QtCore import QByteArray, QModelIndex, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (
-    QDoubleSpinBox,
     QFileDialog,
-    QGridLayout,
     QLabel,
     QLineEdit,
     QListView,
@@ -20,9 +18,7 @@ from PySide6.QtWidgets import (
     QMenu,
     QMessageBox,
     QPushButton,
-    QSpinBox,
     QSplitter,
-    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -30,9 +26,10 @@ from PySide6.QtWidgets import (
 from ..browser import size_text
 from ..controller import RESTART_HINT, ChatController
 from ..gpu import Gpus
-from ..settings import Settings, clean_sampling
+from ..settings import Settings
 from ..store import StoreError
 from .banner import ErrorBanner
+from .chat_settings import ChatSettings
 from .chat_view import ChatView
 from .live_panel import LivePanel
 from .models import IdRole
@@ -46,91 +43,6 @@ def file_name(title: str) -> str:
     refuses, no trailing dots or spaces, at most 100 characters."""
     name = " ".join(re.sub(r'[\\/:*?"<>|\x00-\x1f]', " ", title).split()).rstrip(". ")
     return name[:100].rstrip(". ") or "chat"
-
-
-TWO_COLUMNS = 560  # px of the chat pane from which the chat settings take two columns
-
-
-class ChatSettings(QWidget):
-    """Per-chat system prompt and sampling, folded away until asked for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.toggle = QToolButton(text="Chat settings ▸", checkable=True)
-        self.toggle.setAccessibleName("Show chat settings")
-        self.toggle.setAutoRaise(True)
-        self.body = QWidget(visible=False)
-        self.toggle.toggled.connect(self._show)
-        self.grid = QGridLayout(self.body)
-        self.grid.setContentsMargins(4, 2, 4, 2)
-        self.system = QLineEdit(placeholderText="e.g. You are a concise assistant.")
-        self.system.setAccessibleName("System prompt")
-        self.grid.addWidget(QLabel("System prompt", buddy=self.system), 0, 0)
-        self.fields: dict[str, QDoubleSpinBox | QSpinBox] = {}
-        self.rows: list[tuple[QLabel, QWidget]] = []
-        for key, label, lo, hi, step, dec in [
-            ("temperature", "Temperature (0 = greedy)", 0, 2, 0.05, 2),
-            ("top_p", "Top-p", 0.01, 1, 0.01, 2),
-            ("top_k", "Top-k (0 = off)", 0, 1000, 1, 0),
-            ("min_p", "Min-p", 0, 0.99, 0.01, 2),
-            ("repetition_penalty", "Repetition penalty", 0.5, 2, 0.05, 2),
-            ("max_new_tokens", "Max new tokens", 1, 32768, 16, 0),
-            ("seed", "Seed (-1 = random)", -1, 2**31 - 1, 1, 0),
-        ]:
-            box = QSpinBox() if dec == 0 else QDoubleSpinBox(decimals=dec)
-            box.setRange(lo, hi)
-            box.setSingleStep(step)
-            box.setAccessibleName(label)
-            box.setMaximumWidth(140)  # a number, not a line of text
-            self.fields[key] = box
-            self.rows.append((QLabel(label, buddy=box), box))
-        self.columns = 0
-        self._arrange(1)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.toggle, 0, Qt.AlignmentFlag.AlignLeft)
-        lay.addWidget(self.body)
-
-    def _arrange(self, columns: int) -> None:
-        """The settings in one column, or in two where the pane is wide enough: half as tall,
-        so that a small window keeps some of the conversation in view with them open."""
-        if columns == self.columns:
-            return
-        self.columns = columns
-        self.grid.addWidget(self.system, 0, 1, 1, 2 * columns - 1)
-        for i, (label, box) in enumerate(self.rows):
-            row, col = 1 + i // columns, 2 * (i % columns)
-            self.grid.addWidget(label, row, col)
-            self.grid.addWidget(box, row, col + 1)
-        for col in range(4):
-            self.grid.setColumnStretch(col, 1 if col % 2 and col < 2 * columns else 0)
-
-    def resizeEvent(self, event) -> None:
-        super().resizeEvent(event)
-        self._arrange(2 if self.width() >= TWO_COLUMNS else 1)
-
-    def _show(self, on: bool) -> None:
-        self.body.setVisible(on)
-        self.toggle.setText("Chat settings ▾" if on else "Chat settings ▸")
-
-    def load(self, system: str, sampling: dict) -> None:
-        self.system.setText(system)
-        values = clean_sampling(sampling)  # a damaged file's values: the defaults
-        for key, box in self.fields.items():
-            value = values.get(key)
-            value = -1 if value is None else value  # seed None: random
-            box.setValue(min(max(value, box.minimum()), box.maximum()))  # Qt's int: 32 bits
-
-    def values(self) -> tuple[str, dict]:
-        sampling = {k: b.value() for k, b in self.fields.items()}
-        if sampling["seed"] < 0:
-            sampling["seed"] = None
-        return self.system.text(), sampling
-
-    def on_change(self, slot) -> None:
-        self.system.editingFinished.connect(slot)
-        for box in self.fields.values():
-            box.valueChanged.connect(slot)
 
 
 class ChatList(QListView):

@@ -539,7 +539,7 @@ def test_chat_settings_take_a_damaged_sampling_as_defaults(qapp):
     """Values of the wrong type (a hand-edited or damaged settings file or history) fall back
     to the defaults (setValue raised TypeError on a string, and the window did not open)."""
     from app.settings import DEFAULT_SAMPLING
-    from app.ui.main_window import ChatSettings
+    from app.ui.chat_settings import ChatSettings
 
     box = ChatSettings()
     box.load("Be brief.", {"temperature": "hot", "top_k": 2.7, "top_p": None, "seed": None,
