@@ -67,7 +67,7 @@ class ChatController(QObject):
         self.messages.set_rows(self.store.messages(cid))
         self.conversation_opened.emit(cid)
         self._show_context()
-        if before is not None and before != cid:
+        if before is not None:
             self._drop_if_unused(before)
 
     def _drop_if_unused(self, cid: int) -> None:
@@ -196,7 +196,7 @@ class ChatController(QObject):
         if self.busy or not self.messages.rows:
             return
         last = self.messages.rows[-1]
-        if not can_continue(last.role, last.status, last.stats) or not last.content:
+        if not can_continue(last.role, last.status, last.stats, last.content):
             return
         row = len(self.messages.rows) - 1
         self.store.update_message(last.id, status="streaming")
@@ -344,9 +344,11 @@ class ChatController(QObject):
         self.status.emit(f"{stage}: {fraction:.0%}")
 
 
-def can_continue(role: str, status: str, stats: dict) -> bool:
-    """Whether an answer can be written on: stopped, or cut at the token limit."""
-    return role == "assistant" and (status == "stopped" or bool(stats.get("truncated")))
+def can_continue(role: str, status: str, stats: dict, text: str) -> bool:
+    """Whether a message is an answer that can be written on: stopped, or cut at the token
+    limit, with some text to go on from."""
+    stopped = status == "stopped" or bool(stats.get("truncated"))
+    return role == "assistant" and stopped and bool(text)
 
 
 def _same_sampling(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -382,7 +382,10 @@ def save_token(value: str, endpoint: str | None = None) -> str:
             f.write(value.strip())
         path.chmod(stat.S_IRUSR | stat.S_IWUSR)  # a file that was there keeps its mode
     except OSError as e:
-        raise HubError(f"Could not store the token in {path}: {e.strerror or e}.") from None
+        raise HubError(
+            f"Could not store the token in {path}: {e.strerror or e}. Make sure "
+            f"{path.parent} is a folder you can write to (HF_HOME moves it)."
+        ) from None
     return user
 
 

@@ -66,8 +66,13 @@ class Tokenizer:
             ids = self.chat_ids(system + rest, continue_final)
             if len(ids) <= budget:
                 return ids, dropped
-            # an answer to go on with keeps its question
-            if len(rest) <= (2 if continue_final else 1):
+            if continue_final and len(rest) <= 2:  # an answer to go on with keeps its question
+                raise ContextError(
+                    f"the answer to continue and its question need {len(ids)} tokens but only "
+                    f"{budget} are available; load the model with a longer context, or ask again "
+                    "for a shorter answer"
+                )
+            if len(rest) <= 1:
                 raise ContextError(
                     f"the last message needs {len(ids)} tokens but only {budget} are available; "
                     "shorten it or load the model with a longer context"

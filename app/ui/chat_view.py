@@ -113,7 +113,7 @@ class MessageWidget(QFrame):
             html = plain_html(text) if self.role == "user" else to_html(text, self.dark)
             self.body.setHtml(html)
         self.copy_code.setVisible(bool(code_blocks(text)))
-        self.can_continue = bool(text) and can_continue(self.role, status, stats)
+        self.can_continue = can_continue(self.role, status, stats, text)
         line = stats_line(stats, status)
         self.meta.setText(line)
         self.meta.setVisible(bool(line))

@@ -362,11 +362,12 @@ class MainWindow(QMainWindow):
     def import_file(self, path: Path) -> None:
         """Open a chat saved by Export chat as JSON; anything else is refused with the reason."""
         try:
-            if path.stat().st_size > MAX_IMPORT_BYTES:
-                raise StoreError(
-                    f"at {size_text(path.stat().st_size)} it is too large for a chat export"
-                )
-            self.ctrl.import_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+            size = path.stat().st_size
+            if size > MAX_IMPORT_BYTES:
+                reason = f"at {size_text(size)} it is too large for a chat export"
+            else:
+                self.ctrl.import_json(json.loads(path.read_text(encoding="utf-8")), str(path))
+                reason = ""
         except OSError as e:
             reason = e.strerror or str(e)
         except UnicodeDecodeError:
@@ -377,7 +378,7 @@ class MainWindow(QMainWindow):
             reason = "its JSON is nested too deeply"
         except StoreError as e:  # the store names the file itself
             reason = str(e).removeprefix(f"{path}: ")
-        else:
+        if not reason:
             self.file_dir = path.parent
             self.statusBar().showMessage(f"Imported {path}")
             return

@@ -256,7 +256,9 @@ def test_token_is_checked_and_kept_in_huggingface_hubs_store(hub, tmp_path):
     elsewhere = tmp_path / "a-file" / "token"  # a folder that cannot be made
     with (
         patch.object(constants, "HF_TOKEN_PATH", str(elsewhere)),
-        pytest.raises(HubError, match=f"Could not store the token in {elsewhere}: File exists"),
+        pytest.raises(
+            HubError, match=f"Could not store the token in {elsewhere}: File exists. Make"
+        ),
     ):
         save_token("hf_secret", hub.url)
 

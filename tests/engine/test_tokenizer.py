@@ -68,6 +68,22 @@ def test_last_message_too_long_is_a_clear_error(demo_tokenizer):
         demo_tokenizer.fit_messages([{"role": "user", "content": "word " * 500}], 100)
 
 
+def test_an_answer_to_continue_keeps_its_question_and_says_what_to_do_when_too_long(
+    demo_tokenizer,
+):
+    tok = demo_tokenizer
+    msgs = [*conversation(3), {"role": "assistant", "content": "The answer begins"}]
+    ids, dropped = tok.fit_messages(msgs, 10_000, continue_final=True)
+    text = tok.decode(ids)
+    assert dropped == 0 and text.endswith("The answer begins")  # open: no end of turn after it
+    ids, dropped = tok.fit_messages(msgs, len(ids) - 1, continue_final=True)
+    assert dropped > 0 and tok.decode(ids).endswith("The answer begins")
+    long = [{"role": "user", "content": "Go on."}, {"role": "assistant", "content": "w " * 500}]
+    with pytest.raises(ContextError, match=r"the answer to continue and its question need .* "
+                       r"load the model with a longer context, or ask again"):  # fmt: skip
+        tok.fit_messages(long, 100, continue_final=True)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
