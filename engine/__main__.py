@@ -27,7 +27,9 @@ class ProgressLine:
         self.open = False
 
     def __call__(self, fraction: float, stage: str) -> None:
-        if self.tty:
+        if self.tty:  # a new stage on a line of its own; the same one redrawn in place
+            if self.open and stage != self.stage:
+                print(file=sys.stderr)
             print(f"\r{stage}: {fraction:4.0%}", end="", file=sys.stderr, flush=True)
             self.open = True
         elif stage != self.stage:
@@ -111,8 +113,10 @@ def parser() -> argparse.ArgumentParser:
     _common(g)
     _sampling(g)
     g.add_argument(
-        "--prompt", required=True, help="the text to complete (or, with --chat, to answer)"
-    )
+        "text", nargs="?", help="the text to complete (or, with --chat, to answer); '-' or "
+        "none with a pipe: read it from stdin",
+    )  # fmt: skip
+    g.add_argument("--prompt", help="the text, given as an option")
     g.add_argument("--chat", action="store_true", help="send the prompt as one user chat turn")
     c = sub.add_parser("chat", help="multi-turn chat in the terminal")
     _common(c)
@@ -256,17 +260,35 @@ def _stream(gen) -> None:
     )
 
 
+def _prompt(a: argparse.Namespace) -> str:
+    """The text to complete: the argument, --prompt, or stdin ('-', or a pipe and neither)."""
+    if a.text is not None and a.prompt is not None:
+        raise ValueError("the text is given twice (as an argument and as --prompt): give one")
+    text = a.prompt if a.prompt is not None else a.text
+    if text == "-" or (text is None and not sys.stdin.isatty()):
+        text = sys.stdin.read()
+        given = "the text on stdin"
+    elif text is None:
+        raise ValueError(
+            'no text to complete: python -m engine generate "your text" (or --prompt, or a pipe)'
+        )
+    else:
+        given = "--prompt" if a.prompt is not None else "the text to complete"
+    if not text.strip():
+        raise ValueError(f"{given} is empty: give some text to complete")
+    return text
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
     params = _params(a)
-    if not a.prompt.strip():
-        raise ValueError("--prompt is empty: give some text to complete")
+    prompt = _prompt(a)
     s = _session(a)
     if a.chat:
         ids, _ = s.prompt_ids(
-            messages=[{"role": "user", "content": a.prompt}], max_new_tokens=params.max_new_tokens
+            messages=[{"role": "user", "content": prompt}], max_new_tokens=params.max_new_tokens
         )
     else:
-        ids, _ = s.prompt_ids(prompt=a.prompt, max_new_tokens=params.max_new_tokens)
+        ids, _ = s.prompt_ids(prompt=prompt, max_new_tokens=params.max_new_tokens)
     _stream(s.generate(ids, params))
 
 

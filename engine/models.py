@@ -87,13 +87,14 @@ def build_vptq_demo(progress: Progress | None = None) -> Path:
     if (out / DONE).exists():
         return out
     dense = build_dense_demo(progress)
+    stage = "quantizing the demo model with VPTQ (one time, 3 to 8 minutes)"
     if progress:
-        progress(0.0, "quantizing the demo model with VPTQ (one time, 3 to 8 minutes)")
+        progress(0.0, stage)
 
     def log(message: str) -> None:
         if progress and message.startswith("layer "):
             done, total = message.split()[1].split("/")
-            progress(int(done) / int(total), "quantizing the demo model (one time)")
+            progress(int(done) / int(total), stage)
 
     quantize(dense, out, Recipe(**DEMO_SCHEME), log=log)
     (out / DONE).write_text(json.dumps({"source": "demo-dense", **DEMO_SCHEME}))

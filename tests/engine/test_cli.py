@@ -14,12 +14,13 @@ from .test_loader import CONFIG, build_vptq_model
 DATA = Path(__file__).parent.parent / "data"
 
 
-def run(*args, timeout=300):
+def run(*args, timeout=300, stdin=""):
     return subprocess.run(
         [sys.executable, "-m", "engine", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=stdin,  # a pipe, never the terminal pytest runs in
     )
 
 
@@ -37,8 +38,7 @@ def test_generate_chat_answers_paris(demo_path):
         "generate",
         "--model",
         "demo",
-        "--prompt",
-        "What is the capital of France?",
+        "What is the capital of France?",  # the text as the argument
         "--chat",
         "--temperature",
         "0",
@@ -112,6 +112,9 @@ def test_bad_input_gives_one_line_errors(tmp_path):
         r = run("generate", "--model", folder, "--prompt", "hi", "--max-new-tokens", "2")
         assert_one_line_error(r, *needles)
     assert_one_line_error(run("generate", "--model", m, "--prompt", "  "), "--prompt is empty")
+    assert_one_line_error(run("generate", "--model", m, "  "), "the text to complete is empty")
+    assert_one_line_error(run("generate", "--model", m), "the text on stdin is empty")
+    assert_one_line_error(run("generate", "--model", m, "a", "--prompt", "b"), "given twice")
     for bad in ("0", "-5", "lots"):  # refused by the parser, before any model is read
         r = run("generate", "--model", m, "--prompt", "x", "--context", bad)
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
@@ -134,6 +137,22 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     if not torch.cuda.is_available():  # was torch's AssertionError on a CPU build
         r = run("generate", "--model", m, "--prompt", "x", "--device", "cuda")
         assert_one_line_error(r, "device 'cuda': PyTorch sees no CUDA GPU")
+
+
+@pytest.mark.e2e
+def test_generate_takes_the_text_from_an_option_or_a_pipe(demo_path):
+    greedy = ("--model", "demo", "--temperature", "0", "--max-new-tokens", "6")
+    text = "The three primary colours are"
+    runs = {
+        "option": run("generate", *greedy, "--prompt", text),
+        "pipe": run("generate", *greedy, stdin=text),
+        "dash": run("generate", *greedy, "-", stdin=text),
+    }
+    for how, r in runs.items():
+        assert r.returncode == 0, (how, r.stderr)
+        assert "6 tokens" in r.stderr, (how, r.stderr)
+    answers = {how: r.stdout for how, r in runs.items()}
+    assert answers["option"].strip() and len(set(answers.values())) == 1, answers
 
 
 @pytest.mark.e2e
@@ -284,3 +303,23 @@ def test_terminal_chat_continue_and_a_message_too_long_for_the_context(demo_path
     first = first.removesuffix("\n").removesuffix("You: ")
     # the answer cut at 12 tokens and continued for 12 is the 24-token answer
     assert first.strip() and (first + more).strip().startswith(whole.stdout.strip())
+
+
+def test_progress_on_a_terminal_puts_each_stage_on_its_own_line(monkeypatch):
+    import io
+
+    from engine.__main__ import ProgressLine
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    line = ProgressLine()
+    line(0.0, "quantizing the demo model")
+    line(0.5, "quantizing the demo model")  # the same stage: redrawn in place
+    line(0.25, "loading")  # a shorter stage: not drawn over the longer one's tail
+    line.end()
+    shown = [row.split("\r")[-1] for row in err.getvalue().split("\n")]
+    assert shown == ["quantizing the demo model:  50%", "loading:  25%", ""]
