@@ -189,6 +189,8 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time the decode step without each of its parts (what each part costs it)",
     )
+    for group in (sub, bsub):  # "required: {kernels,gptq,e2e}", not "required: bench"
+        group.metavar = "{" + ",".join(group.choices) + "}"
     return ap
 
 

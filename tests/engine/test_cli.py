@@ -283,6 +283,10 @@ def test_every_option_of_every_command_is_explained_with_its_default():
     assert "codebook entries, a power of two" in r.stdout and "(default: 256)" in r.stdout
     assert "default: None" not in r.stdout
     assert "(default: 4096)" in run("bench", "e2e", "--help").stdout
+    # a missing command names the choices
+    assert run("bench").stderr.endswith("required: {kernels,gptq,e2e}\n")
+    assert run().stderr.endswith("required: {generate,chat,perplexity,serve,quantize,"
+                                 "build-demo,build-kernels,bench}\n")  # fmt: skip
 
 
 def test_terminal_chat_continue_and_a_message_too_long_for_the_context(demo_path):
