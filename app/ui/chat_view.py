@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import QModelIndex, Qt, QTimer, Signal
-from PySide6.QtGui import QGuiApplication, QKeySequence, QShortcut
+from PySide6.QtGui import QGuiApplication, QKeyEvent, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
@@ -24,6 +24,23 @@ from .markdown import code_blocks, plain_html, to_html
 from .models import MessageListModel, RoleRole, StatsRole, StatusRole
 
 COPIED_MS = 1500  # how long a Copy button says "Copied ✓"
+
+
+class Composer(QPlainTextEdit):
+    """The message box: Enter sends (as in other chat apps), Shift+Enter starts a new line;
+    Ctrl+Enter sends too."""
+
+    submitted = Signal()
+
+    def keyPressEvent(self, e: QKeyEvent) -> None:
+        if e.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter):
+            if e.modifiers() & Qt.KeyboardModifier.ShiftModifier:
+                self.insertPlainText("\n")  # a new paragraph (Qt's own is a line separator)
+            else:
+                self.submitted.emit()
+            e.accept()
+            return
+        super().keyPressEvent(e)
 
 
 def stats_line(stats: dict, status: str) -> str:
@@ -166,7 +183,7 @@ class ChatView(QWidget):
         self.scroll.setWidget(inner)
         self.scroll.setAccessibleName("Conversation")
         self.scroll.verticalScrollBar().rangeChanged.connect(self._follow)
-        self.empty = QLabel("Start a conversation: type below and press Ctrl+Enter.")
+        self.empty = QLabel("Start a conversation: type below and press Enter.")
         self.empty.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.empty.setWordWrap(True)  # a narrow window wraps the hint instead of cutting it
         self.empty.setObjectName("emptyHint")
@@ -176,8 +193,11 @@ class ChatView(QWidget):
         self.dropped = QLabel()
         self.dropped.setObjectName("warning")
         self.dropped.setVisible(False)
-        self.input = QPlainTextEdit()
-        self.input.setPlaceholderText("Message the model (Ctrl+Enter sends, Esc stops)")
+        self.input = Composer()
+        self.input.setPlaceholderText(
+            "Message the model (Enter sends, Shift+Enter: new line, Esc stops)"
+        )
+        self.input.submitted.connect(self._send)
         self.input.setAccessibleName("Message")
         self.input.textChanged.connect(self._fit_input)
         self.draft_timer = QTimer(self, singleShot=True, interval=300)
@@ -190,8 +210,6 @@ class ChatView(QWidget):
         self.stop_button.setAccessibleName("Stop the answer")
         self.stop_button.clicked.connect(self.stop_requested.emit)
         self.stop_button.setEnabled(False)
-        QShortcut(QKeySequence("Ctrl+Return"), self.input, self._send)
-        QShortcut(QKeySequence("Ctrl+Enter"), self.input, self._send)
         QShortcut(QKeySequence("Escape"), self, self.stop_requested.emit)
         buttons = QVBoxLayout()
         buttons.addStretch(1)  # together at the bottom beside a tall composer

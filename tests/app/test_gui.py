@@ -959,3 +959,29 @@ def test_the_chat_list_deletes_with_the_delete_key_and_has_a_context_menu(gui, q
     QTest.keyClick(gui.window.list, Qt.Key.Key_Delete)  # in the list: asks, then deletes
     assert asked == ["Delete “first chat”? This cannot be undone."]
     assert [c.title for c in gui.ctrl.conversations.rows] == ["second chat"]
+
+
+def test_enter_sends_and_shift_enter_starts_a_new_line(gui, qloop):
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+
+    sent = []
+    gui.window.chat.send_requested.connect(sent.append)
+    box = gui.window.chat.input
+    box.setFocus()
+    QTest.keyClicks(box, "first line")
+    QTest.keyClick(box, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
+    QTest.keyClicks(box, "second")
+    assert box.toPlainText() == "first line\nsecond" and not sent
+    QTest.keyClick(box, Qt.Key.Key_Return)
+    assert sent == ["first line\nsecond"]
+    wait_until(qloop, lambda: answer_done(gui))
+    assert box.toPlainText() == ""  # the controller took it
+    user = [r for r in gui.ctrl.messages.rows if r.role == "user"]
+    assert [r.content for r in user] == ["first line\nsecond"]
+    QTest.keyClicks(box, "again")
+    QTest.keyClick(box, Qt.Key.Key_Enter, Qt.KeyboardModifier.ControlModifier)  # keypad, Ctrl
+    assert sent[-1] == "again"
+    wait_until(qloop, lambda: answer_done(gui))
+    QTest.keyClick(box, Qt.Key.Key_Return)  # an empty box sends nothing
+    assert len(sent) == 2
