@@ -59,7 +59,7 @@ struct SlicedLayer {
   const uint16_t* res_codes = nullptr; // [E] residual codeword of each entry (small residual)
   const int32_t* offsets = nullptr;    // [n_slices * n_chunks * rows + 1]
   const void* table = nullptr;         // [n_cw, v] codebooks, concatenated
-  const void* res_table = nullptr;     // [res_cw, v] small residual codebooks, in every block
+  const void* res_table = nullptr;     // [res_cw * res_copies, v] small residual codebooks
   const void* scale = nullptr;         // [K] weight_scale (original columns)
   const void* wbias = nullptr;         // [K] weight_bias
   const void* bias = nullptr;          // [N]
@@ -70,6 +70,19 @@ struct SlicedLayer {
   // (part = chunk * n_slices + slice).
   __host__ __device__ int parts() const { return n_slices * n_chunks; }
 };
+
+// Copies of a small residual codebook in a block's shared memory, one for each lane a
+// shared-memory wavefront serves, where a codeword is one load (v = 2, 4, 8) and the copies fit
+// in kResCopyBytes: lane i reads codeword r at (r * copies + i % copies) * v, so the lanes of a
+// wavefront always read different banks. With one copy, the residual codewords of a
+// quarter-warp's eight random codes took 2.5 wavefronts where one would do (8B v8-k65536-256,
+// csrc/KERNELS.md session 31). engine/ops/sliced.py res_copies mirrors this.
+constexpr int kResCopyBytes = 32768;
+__host__ __device__ inline int res_copies(int v, int res_cw) {
+  const int unit = v % 8 == 0 ? 16 : v % 4 == 0 ? 8 : 4;  // bytes a load of a codeword takes
+  const int copies = 128 / unit;
+  return res_cw > 0 && v * 2 == unit && res_cw * copies * v * 2 <= kResCopyBytes ? copies : 1;
+}
 
 constexpr int kSlicedThreads = 512;
 // Entries the sliced GEMV may read past a segment's end (a batch, vptq_sliced.cuh): the

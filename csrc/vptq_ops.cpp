@@ -196,6 +196,10 @@ vptq::SlicedLayer sliced_layer(const at::Tensor& x, const at::Tensor& entries,
   TORCH_CHECK((L.res_cw > 0) == (res_codes.has_value() && res_table.has_value()),
               "res_codes and res_table go together with res_cw > 0");
   TORCH_CHECK(!res_codes.has_value() || res_codes->numel() == entries.numel(), "res_codes size");
+  TORCH_CHECK(!res_table.has_value() ||
+                  res_table->numel() ==
+                      static_cast<int64_t>(L.res_cw) * vptq::res_copies(L.v, L.res_cw) * L.v,
+              "res_table size: res_cw codewords, each res_copies times (vptq.h)");
   L.entries = reinterpret_cast<const uint32_t*>(entries.data_ptr<int32_t>());
   L.res_codes = res_codes.has_value()
                     ? reinterpret_cast<const uint16_t*>(res_codes->data_ptr<int16_t>())

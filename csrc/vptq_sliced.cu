@@ -4,7 +4,9 @@
 
 namespace vptq {
 
-size_t sliced_smem_bytes(const SlicedLayer& L, int nt) { return plan(L, nt).total; }
+size_t sliced_smem_bytes(const SlicedLayer& L, int nt) {
+  return plan(L, nt, res_copies(L.v, L.res_cw)).total;
+}
 
 bool sliced_supported(const SlicedLayer& L, int T, size_t smem_optin) {
   if (T < 1 || T > 8 || L.v < 2 || L.v > 16 || L.v % 2 != 0 || L.v == 14) return false;

@@ -58,11 +58,12 @@ struct SmemPlan {
   size_t cb, res, xs, acc, total;
 };
 
-__host__ __device__ SmemPlan plan(const SlicedLayer& L, int nt) {
+// copies: res_copies(L.v, L.res_cw) (the kernel passes a constant 1 where it has no residual).
+__host__ __device__ SmemPlan plan(const SlicedLayer& L, int nt, int copies) {
   SmemPlan p;
   p.cb = 0;
   p.res = align16(static_cast<size_t>(L.slice_cw) * L.v * 2);
-  p.xs = p.res + align16(static_cast<size_t>(L.res_cw) * L.v * 2);
+  p.xs = p.res + align16(static_cast<size_t>(L.res_cw) * copies * L.v * 2);
   p.acc = p.xs + align16(static_cast<size_t>(L.chunk_cols + 1) * nt * 4);  // + zero column
   p.total = p.acc + align16(static_cast<size_t>(L.row_block) * L.v * nt * 4);
   return p;
@@ -269,15 +270,16 @@ __device__ __forceinline__ void load_batch(const uint32_t* p, const uint16_t* rp
 }
 
 // One lookup: a[t * V + j] += xhat[t, column] * (C[codeword][j] (+ R[res][j])). S: the
-// codewords' stride in cb (V, or twice V where a lane takes half of each, kHalves).
+// codewords' stride in cb (V, or twice V where a lane takes half of each, kHalves); rs: the
+// residual codewords' stride in rb (V times res_copies; rb points at this lane's copy).
 template <typename T, int V, int NT, bool RES, int S = V>
 __device__ __forceinline__ void lookup(uint32_t ent, uint32_t res, const T* cb, const T* rb,
-                                       const float* xs, float (&a)[NT * V]) {
+                                       int rs, const float* xs, float (&a)[NT * V]) {
   float w[V];
   load_code<T, V>(cb + (ent & 0xFFFFu) * S, w);
   if (RES) {
     float rw[V];
-    load_code<T, V>(rb + res * V, rw);
+    load_code<T, V>(rb + res * rs, rw);
 #pragma unroll
     for (int j = 0; j < V; ++j) w[j] += rw[j];
   }
@@ -297,15 +299,15 @@ template <typename T, int V, int NT, bool RES, int S = V>
 __device__ __forceinline__ void lookup_batch(const uint32_t (&e)[kBatch],
                                              const uint32_t (&rc)[kBatch], int n, int nw,
                                              uint32_t zero, const T* cb, const T* rb,
-                                             const float* xs, float (&a)[NT * V]) {
+                                             int rs, const float* xs, float (&a)[NT * V]) {
   if (nw > kShort) {
 #pragma unroll
     for (int u = 0; u < kBatch; ++u)
-      lookup<T, V, NT, RES, S>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
+      lookup<T, V, NT, RES, S>(u < n ? e[u] : zero, rc[u], cb, rb, rs, xs, a);
   } else {
 #pragma unroll
     for (int u = 0; u < kShort; ++u)
-      lookup<T, V, NT, RES, S>(u < n ? e[u] : zero, rc[u], cb, rb, xs, a);
+      lookup<T, V, NT, RES, S>(u < n ? e[u] : zero, rc[u], cb, rb, rs, xs, a);
   }
 }
 
@@ -451,7 +453,8 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * kLaneV<V, RES> <= 8 && !R
   const int s = part % L.n_slices, c = part / L.n_slices;
   const int p0 = c * L.chunk_cols, pc = min(L.chunk_cols, L.K - p0);  // the chunk's columns
   extern __shared__ __align__(16) unsigned char smem[];
-  const SmemPlan sp = plan(L, NT);
+  const int rcopies = RES ? res_copies(V, L.res_cw) : 1;  // a power of two
+  const SmemPlan sp = plan(L, NT, rcopies);
   T* cb = reinterpret_cast<T*>(smem + sp.cb);
   T* rb = reinterpret_cast<T*>(smem + sp.res);
   float* xs = reinterpret_cast<float*>(smem + sp.xs);   // [chunk_cols + 1][NT]
@@ -484,14 +487,15 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * kLaneV<V, RES> <= 8 && !R
   // The codebook slice streams into shared memory while the first entries are fetched.
   __shared__ __align__(8) uint64_t slice_bar;
   const T* slice_src = static_cast<const T*>(L.table) + static_cast<size_t>(cw0) * V;
-  const bool bulk = bulk_copy_start(cb, slice_src, ncw * V * 2, rb, L.res_table,
-                                    RES ? L.res_cw * V * 2 : 0, &slice_bar, bulk_allowed, twin);
+  const int res_elems = RES ? L.res_cw * rcopies * V : 0;
+  const bool bulk = bulk_copy_start(cb, slice_src, ncw * V * 2, rb, L.res_table, res_elems * 2,
+                                    &slice_bar, bulk_allowed, twin);
   twin = twin && bulk;  // without the bulk copy (in both twins alike) each copies its own
   if (!bulk) {
     copy_async(reinterpret_cast<uint16_t*>(cb), reinterpret_cast<const uint16_t*>(slice_src),
                ncw * V);
     if (RES) copy_async(reinterpret_cast<uint16_t*>(rb),
-                        static_cast<const uint16_t*>(L.res_table), L.res_cw * V);
+                        static_cast<const uint16_t*>(L.res_table), res_elems);
     __pipeline_commit();
   }
   for (int i = threadIdx.x; i < (r1 - r0) * V * NT; i += blockDim.x) acc[i] = 0.f;
@@ -544,7 +548,10 @@ __global__ void __launch_bounds__(kSlicedThreads, NT * kLaneV<V, RES> <= 8 && !R
       const int ahead = more ? beg + kRowLanes * min(u0 + kBatch, n) : nxt.x;
       uint32_t ne[kBatch], nrc[kBatch];
       load_batch<RES>(entries + ahead, RES ? res_codes + ahead : nullptr, ne, nrc);
-      lookup_batch<T, VL, NT, RES, V>(e, rc, n - u0, nw - u0, zero, cbl, rb, xs, a);
+      // this lane's copy of the residual codebook, and their stride
+      const T* rbl = RES ? rb + (lane & (rcopies - 1)) * V : rb;
+      lookup_batch<T, VL, NT, RES, V>(e, rc, n - u0, nw - u0, zero, cbl, rbl, rcopies * V, xs,
+                                      a);
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         e[u] = ne[u];
@@ -645,7 +652,7 @@ cudaError_t launch_kernel(const SlicedGroup& G, const void* x, int T_, cudaStrea
   size_t smem = 0;
   unsigned blocks = 0;
   for (int i = 0; i < G.n; ++i) {
-    smem = std::max(smem, plan(G.L[i], NT).total);
+    smem = std::max(smem, plan(G.L[i], NT, res_copies(G.L[i].v, G.L[i].res_cw)).total);
     blocks += static_cast<unsigned>(G.L[i].row_blocks * G.L[i].parts());
   }
   auto kernel = sliced_gemv_kernel<T, V, NT, RES, GROUP>;

@@ -154,6 +154,20 @@ def small_residual(v: int, kr: int, groups: int = 1) -> bool:
     return 0 < groups * kr <= 65536 and groups * kr * v * 2 <= RES_SMEM_BYTES
 
 
+RES_COPY_BYTES = 32768  # csrc/vptq.h kResCopyBytes
+
+
+def res_copies(v: int, res_cw: int) -> int:
+    """Copies of a small residual codebook (res_cw codewords) in the sliced GEMV's shared
+    memory: one for each lane a shared-memory wavefront serves where a codeword is one load
+    (v = 2, 4, 8) and the copies fit RES_COPY_BYTES, else 1. Lane i reads copy i % copies, so
+    the lanes of a wavefront never share a bank. Mirrors res_copies in csrc/vptq.h."""
+    unit = 16 if v % 8 == 0 else 8 if v % 4 == 0 else 4  # bytes a load of a codeword takes
+    copies = 128 // unit
+    fits = res_cw * copies * v * 2 <= RES_COPY_BYTES
+    return copies if res_cw > 0 and v * 2 == unit and fits else 1
+
+
 def sliced_layer_bytes(
     k_in: int, n_out: int, v: int, k: int, kr: int = 0, groups: int = 1, elem: int = 2
 ) -> int:
@@ -170,6 +184,9 @@ def sliced_layer_bytes(
     n_cw = groups * (k + (kr if copied else 0))
     segments = -(-n_cw // slice_codewords(v)) * -(-k_in // CHUNK_COLS) * rows
     table = elem * v * n_cw if copied else 0
+    copies = res_copies(v, groups * kr) if small else 1
+    if copies > 1:  # the small residual codebooks, each codeword `copies` times
+        table += elem * v * groups * kr * copies
     entries = lookups + (PAD_TO - 1) * segments + SLICED_READ_AHEAD
     return entries * per + 4 * (segments + 1) + table
 

@@ -34,6 +34,7 @@ from ..memory import (
     MAX_CHUNK_COLS,
     PAD_TO,
     SLICED_READ_AHEAD,
+    res_copies,
     slice_codewords,
     sliced_layer_bytes,
     small_residual,
@@ -85,7 +86,7 @@ class SlicedLayout:
     res_codes: torch.Tensor | None  # int16 [E] (small residual), else None
     offsets: torch.Tensor  # int32 [n_slices * n_chunks * rows + 1]
     table: torch.Tensor  # [n_cw, v]
-    res_table: torch.Tensor | None  # [res_cw, v]
+    res_table: torch.Tensor | None  # [res_cw * res_copies, v]
     counters: torch.Tensor  # int32 [row_blocks], zero between calls
     meta: list[int]  # see csrc/vptq_ops.cpp sliced_layer
     max_tokens: int  # most tokens one call takes on this device (0: none)
@@ -97,6 +98,8 @@ class SlicedLayout:
         parts = [self.entries, self.res_codes, self.offsets, self.counters]
         if self.table_is_copy:
             parts.append(self.table)
+        if self.res_table is not None and res_copies(self.meta[2], self.meta[9]) > 1:
+            parts.append(self.res_table)  # the copies (csrc/vptq.h res_copies)
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
@@ -173,7 +176,7 @@ def smem_bytes(
 
     return (
         a16(slice_cw * v * 2)
-        + a16(res_cw * v * 2)
+        + a16(res_cw * res_copies(v, res_cw) * v * 2)
         + a16((chunk_cols + 1) * tokens_tile * 4)
         + a16(row_block * v * tokens_tile * 4)
     )
@@ -529,14 +532,19 @@ def build(
     elif i2 is not None:
         lookups.append((g * k + base * kr + i2).flatten())
         table = torch.cat([table, res.reshape(-1, v)])
-    res_table = res.reshape(-1, v).contiguous() if small else None
+    res_table = None
+    if small:  # each codeword res_copies times in a row (engine/memory.py res_copies)
+        res_table = res.reshape(-1, v).contiguous()
+        copies = res_copies(v, res_table.shape[0])
+        if copies > 1:
+            res_table = res_table.repeat_interleave(copies, 0)
     table_is_copy = i2 is not None and not small
     del i2
 
     slice_cw = slice_codewords(v)
     n_cw = table.shape[0]
     n_slices = -(-n_cw // slice_cw)
-    res_cw = res_table.shape[0] if small else 0
+    res_cw = kr * g if small else 0
     chunk_cols, row_block, row_blocks = planned_shape(
         K, rows, v, slice_cw, res_cw, n_slices, len(lookups), num_sms, smem_optin, ctas_per_sm
     )
@@ -620,7 +628,8 @@ def linear_reference(
     col = chunk * chunk_cols + (e >> 16)
     w = layout.table.double()[sl * slice_cw + (e & 0xFFFF)]  # [E, v]
     if layout.res_codes is not None and layout.res_table is not None:
-        w = w + layout.res_table.double()[layout.res_codes[:n].long()[real] & 0xFFFF]
+        copies = res_copies(v, layout.meta[9])
+        w = w + layout.res_table.double()[(layout.res_codes[:n].long()[real] & 0xFFFF) * copies]
     contrib = xhat[:, col, None] * w  # [T, E, v]
     y = xf.new_zeros(xf.shape[0], rows, v).index_add_(1, row, contrib)
     y = y.reshape(xf.shape[0], rows * v)[:, :N]

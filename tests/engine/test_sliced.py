@@ -24,6 +24,9 @@ SLICED = {  # every kind of layer the sliced GEMV takes
     "v12-k65536-r4096-pad": dict(k_in=40, n_out=28, v=12, k=65536, kr=4096),
     "v16-k65536": dict(k_in=33, n_out=20, v=16, k=65536),
     "v4-k16384-groups": dict(k_in=60, n_out=10, v=4, k=16384, g=3),
+    # small residual codebooks copied once per lane of a wavefront (16 and 32 copies)
+    "v4-k16384-r256": dict(k_in=60, n_out=12, v=4, k=16384, kr=256),
+    "v2-k65536-r256": dict(k_in=50, n_out=10, v=2, k=65536, kr=256),
     "v8-k4096-nonorm-noperm-bias": dict(
         k_in=70, n_out=9, v=8, k=4096, norm=False, perm=False, bias=True
     ),
@@ -650,3 +653,49 @@ def test_the_benchmark_sums_the_path_the_engine_takes():
     assert engine_path(dict(tokens=512, dequant_gemm_us=55.0), q, has_layout=True) == (
         "dequant_gemm"
     )
+
+
+@pytest.mark.parametrize(
+    "name, copies",
+    [("v8-k65536-r256", 8), ("v4-k16384-r256", 16), ("v2-k65536-r256", 32),
+     ("v12-k65536-r4096-pad", 1), ("v8-k65536", 1)],
+)  # fmt: skip
+def test_a_small_residual_codebook_is_copied_once_per_lane_of_a_wavefront(name, copies):
+    """res_copies (csrc/vptq.h): lane i reads copy i % copies of each residual codeword, so
+    the copies are each codeword `copies` times in a row, and the shared memory holds them."""
+    spec, _, args, layout = build(name)
+    assert sliced.res_copies(spec.vector_len, layout.meta[9]) == copies
+    if not spec.num_res_centroids:
+        assert layout.res_table is None
+        return
+    res = args[2].reshape(-1, spec.vector_len)  # the residual codebook as the checkpoint has it
+    if layout.meta[9] == 0:  # sliced beside the main codebook: no copies
+        return
+    assert torch.equal(layout.res_table, res.repeat_interleave(copies, 0))
+    # 128 bytes of copies a codeword: each lane of a wavefront its own bank(s)
+    assert copies == 1 or copies * spec.vector_len * 2 == 128
+    without = sliced.smem_bytes(spec.vector_len, layout.meta[4], 0, layout.meta[10], 1,
+                                layout.meta[6])  # fmt: skip
+    with_res = sliced.smem_bytes(*(layout.meta[i] for i in (2, 4, 9, 10)), 1, layout.meta[6])
+    assert with_res - without == -(-res.numel() * 2 * copies // 16) * 16
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_res_copies_mirrors_the_kernels_rule(tmp_path):
+    """engine/memory.py res_copies against csrc/vptq.h res_copies, compiled and run on the
+    host (no GPU needed)."""
+    repo = Path(__file__).parents[2]
+    grid = [(v, r) for v in (2, 4, 6, 8, 10, 12, 16) for r in (0, 1, 16, 255, 256, 257, 512, 4096)]
+    src = tmp_path / "copies.cu"
+    src.write_text(
+        '#include <cstdio>\n#include "vptq.h"\nint main() {\n'
+        + "".join(f'  std::printf("%d\\n", vptq::res_copies({v}, {r}));\n' for v, r in grid)
+        + "  return 0;\n}\n"
+    )
+    exe = tmp_path / "copies"
+    subprocess.run(["nvcc", "-std=c++17", f"-I{repo / 'csrc'}", str(src), "-o", str(exe)],
+                   check=True, capture_output=True)  # fmt: skip
+    got = [int(line) for line in subprocess.run([exe], capture_output=True, text=True,
+                                                check=True).stdout.split()]  # fmt: skip
+    assert got == [sliced.res_copies(v, r) for v, r in grid]
+    assert {8, 16, 32, 1} <= set(got)
