@@ -12,10 +12,11 @@
 // over the shared-memory banks of their codewords and padded to a multiple of 16 with entries
 // of a zero column; perm is folded into the columns.
 //
-// Per block: the codebook slice (and a small residual codebook, which every block holds whole) goes
-// to shared memory; xhat = x * weight_scale for the chunk's columns is staged in fp32; each warp
-// takes pairs of vector-rows, a half-warp a row, and walks the two rows' segments 16 entries at a
-// time, one per lane, in batches of kBatch (the next batch fetched while one is worked on; at v =
+// Per block: the codebook slice (and a small residual codebook, which every block holds whole,
+// once per lane of a wavefront where that fits: vptq.h res_copies) goes to shared memory; xhat =
+// x * weight_scale for the chunk's columns is staged in fp32; each warp takes pairs of
+// vector-rows, a half-warp a row, and walks the two rows' segments 16 entries at a time, one per
+// lane, in batches of kBatch (the next batch fetched while one is worked on; at v =
 // 16 without a small residual codebook a warp takes one row, a lane pair on each entry, kHalves);
 // lanes gather xhat and the codeword from shared memory and accumulate v x tokens sums in fp32;
 // each half-warp's sum goes to its row's accumulator in the block's shared memory (two rows a warp

@@ -11,7 +11,8 @@ and entries are sorted into segments (slice, column chunk, vector-row), within a
 round-robin over the shared-memory banks of their codewords (``spread_order``). A GPU block
 then holds one slice in shared memory and serves all of its rows' lookups in that slice from
 there. ``perm`` is folded into the columns. A residual codebook small enough to sit whole in
-every block (RES_SMEM_BYTES) rides along as a 16-bit code per entry; a large one is sliced like
+every block (RES_SMEM_BYTES) rides along as a 16-bit code per entry, its codewords held once for
+each lane of a shared-memory wavefront where they fit (``res_copies``); a large one is sliced like
 the main codebook, its lookups being entries of their own. Layers reading the same input can
 share one launch (``group``).
 
