@@ -327,8 +327,22 @@ def _copy_index(key: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _res_bank(res: torch.Tensor, sb: torch.Tensor, v: int) -> torch.Tensor:
+    """The bank group of each entry's small-residual codeword, rotated by one per codeword
+    bank."""
+    unit, nb = bank_groups(v)
+    rb = res * (v * 2 // unit)
+    rb -= sb % nb
+    return rb.remainder_(nb)
+
+
 def spread_order(
-    seg: torch.Tensor, packed: torch.Tensor, v: int, n_seg: int, chunk_cols: int
+    seg: torch.Tensor,
+    packed: torch.Tensor,
+    v: int,
+    n_seg: int,
+    chunk_cols: int,
+    res: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The order of the entries: by segment, and within a segment round-robin over the banks
     their codewords start in. Lane i of a half-warp takes entry i of a run of 16 (the other
@@ -347,24 +361,36 @@ def spread_order(
     8B gate layout, 277.6 / 278.0 -> 280.2 / 280.4 tok/s end to end. With two rows a warp the
     two runs read at once come from different rows: 3.15 a warp's run (8B q shape); rotating
     odd rows by half a step more gave 3.14 (session 16, not kept). The sorts are done one at
-    a time on int32 keys where they fit, so the peak is that of a single sort, as before."""
+    a time on int32 keys where they fit, so the peak is that of a single sort, as before.
+
+    res: each entry's small-residual codeword, where the kernel holds that codebook once
+    (res_copies 1: too large to copy per lane). Its loads then share banks as the codewords'
+    would in random order, so within a codeword bank the entries go by the bank of their
+    residual codeword instead, rotated by one per codeword bank (csrc/KERNELS.md session 31:
+    2.50 -> 2.14 residual wavefronts a quarter-warp on the 8B q shape, xhat 3.16 -> 3.37 a
+    warp)."""
     unit, nb = bank_groups(v)
     sb = seg * nb  # (segment, codeword bank)
     sb += (packed & 0xFFFF) * (v * 2 // unit) % nb
-    wide = n_seg * nb * X_BANKS >= 2**31
+    banks = X_BANKS if res is None else nb  # of what orders the entries of a codeword bank
+
+    def spread(sb: torch.Tensor) -> torch.Tensor:
+        return _xhat_bank(packed, sb, nb) if res is None else _res_bank(res, sb, v)
+
+    wide = n_seg * nb * banks >= 2**31
     key = sb.long() if wide else sb.clone()
-    key *= X_BANKS
-    key += _xhat_bank(packed, sb, nb)
+    key *= banks
+    key += spread(sb)
     ci = _copy_index(key)
     del key
     c = int(ci.max()) + 1 if ci.numel() else 1
-    key = sb.long() if n_seg * nb * c * X_BANKS >= 2**31 else sb.clone()
+    key = sb.long() if n_seg * nb * c * banks >= 2**31 else sb.clone()
     key *= c
     key += ci
     del ci
-    key *= X_BANKS
-    key += _xhat_bank(packed, sb, nb)  # again rather than kept: one tensor less at the peak
-    order = torch.argsort(key)  # keys are unique: (segment, codeword bank, copy, column bank)
+    key *= banks
+    key += spread(sb)  # again rather than kept: one tensor less at the peak
+    order = torch.argsort(key)  # unique: (segment, codeword bank, copy, column/residual bank)
     del key
     sb = sb[order]
     first = torch.zeros(n_seg * nb + 1, dtype=torch.int32, device=seg.device)
@@ -563,7 +589,9 @@ def build(
     packed = col << 16 | gid % slice_cw
     del gid
     del col
-    order = spread_order(seg, packed, v, n_seg, chunk_cols)
+    # the residual banks spread by the order where the kernel holds one copy (res_copies)
+    one_copy = res_code is not None and res_copies(v, res_cw) == 1
+    order = spread_order(seg, packed, v, n_seg, chunk_cols, res_code if one_copy else None)
     packed = packed[order]
     # Each segment padded to a multiple of PAD_TO entries (the kernel's half-warps take 16 at a
     # time) with entries of the zero column chunk_cols, codeword 0 (pad_entry).

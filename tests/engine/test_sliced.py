@@ -367,7 +367,7 @@ def test_spread_order_spreads_the_xhat_loads_over_the_banks(monkeypatch):
     args = dequant_args(layer)
     spread = xhat_wavefronts(sliced.build(args, spec, 132, OPTIN))
 
-    def by_column(seg, packed, v, n_seg, chunk_cols):  # the order before session 11
+    def by_column(seg, packed, v, n_seg, chunk_cols, res=None):  # the order before session 11
         unit, nb = sliced.bank_groups(v)
         sb = (seg * nb + (packed & 0xFFFF) * (v * 2 // unit) % nb).long()
         order = torch.argsort(sb * chunk_cols + (packed >> 16))
@@ -380,6 +380,32 @@ def test_spread_order_spreads_the_xhat_loads_over_the_banks(monkeypatch):
     plain = xhat_wavefronts(sliced.build(args, spec, 132, OPTIN))
     # warp-wide runs of two rows' 16 entries each (3.35 and 2.96 with runs of one row's 32)
     assert spread < 3.2 < plain < 3.5, (plain, spread)
+
+
+def residual_wavefronts(layout) -> float:
+    """Shared-memory wavefronts of the residual codewords' 16-byte loads (v = 8, one copy of
+    the codebook), per quarter-warp (eight lanes, eight bank groups), averaged over the layout:
+    the most distinct codewords in one bank group."""
+    codes = layout.res_codes[: int(layout.offsets[-1])].long() & 0xFFFF
+    runs = codes.view(-1, 8)  # segments are padded to 16: quarter-warps never straddle two
+    key, _ = (runs % 8 * (1 << 20) + runs).sort(dim=1)
+    new = torch.ones_like(key, dtype=torch.bool)
+    new[:, 1:] = key[:, 1:] != key[:, :-1]
+    per_bank = torch.zeros(key.shape[0], 8, dtype=torch.long)
+    per_bank.scatter_add_(1, key >> 20, new.long())
+    return per_bank.max(1).values.double().mean().item()
+
+
+def test_spread_order_spreads_the_residual_loads_where_the_codebook_has_one_copy(monkeypatch):
+    # v8-k65536-4096: a 64 KB residual codebook, too large to copy per lane (res_copies 1)
+    spec = make_spec(k_in=4096, n_out=1024, v=8, k=65536, kr=4096)
+    assert sliced.res_copies(8, 4096) == 1
+    args = dequant_args(random_layer(spec, seed=5, dtype=torch.float16))
+    spread = residual_wavefronts(sliced.build(args, spec, 132, OPTIN))
+    orig = sliced.spread_order
+    monkeypatch.setattr(sliced, "spread_order", lambda *a: orig(*a[:5]))  # the xhat order
+    plain = residual_wavefronts(sliced.build(args, spec, 132, OPTIN))
+    assert spread < 2.3 < 2.45 < plain < 2.65, (plain, spread)  # counted: 2.17 and 2.55
 
 
 def test_group_row_blocks_fill_one_wave_by_work():
