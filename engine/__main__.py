@@ -162,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True)
     bk = bsub.add_parser("kernels", help="VPTQ kernels vs cuBLAS fp16 on Llama-3.1 layer shapes")
     bk.add_argument("--arch", action="append", help="llama-3.1-8b, llama-3.1-70b (default both)")
-    bk.add_argument("--scheme", action="append", help="e.g. v8-k65536-0 (default: all five)")
+    bk.add_argument("--scheme", action="append", help="e.g. v8-k65536-0 (default: all six)")
     bk.add_argument(
         "--tokens", type=int, action="append", help="token counts (default: 1 4 8 16 512)"
     )
