@@ -163,6 +163,7 @@ class App:
         hub = Hub(HubSettings(s.hub_endpoint, s.hub_proxy, s.hub_offline), data / "hub-cache")
         self.downloads = DownloadManager(hub, hub_models(), loop=self.loop)
         self.browser = BrowserController(hub, self.downloads, self.window.gpus, hub_models())
+        self.browser.context = s.context  # the fit check starts at the context last loaded
         self.browser.load_requested.connect(self.window._load)
         self.models_window = None
         self.loop.call_soon(self._restore_downloads)

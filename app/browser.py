@@ -227,7 +227,7 @@ class BrowserController(QObject):
     details_ready = Signal(object)  # Details
     download_changed = Signal(object)  # Download
     error = Signal(str)
-    load_requested = Signal(str)  # a model folder
+    load_requested = Signal(str, int)  # a model folder, the context to load it with
 
     def __init__(self, hub: Hub, manager: DownloadManager, gpus: Gpus, models_dir: Path):
         super().__init__()
@@ -238,6 +238,7 @@ class BrowserController(QObject):
         self.local = LocalModel()
         self.details: Details | None = None
         self.host_available = host_available  # the memory the CPU path may take (None: unknown)
+        self.context = 4096  # tokens: the fit check's context, which "Load in chat" loads with
         self._refreshes = 0  # refresh() calls so far: only the last one's answer is shown
         manager.on_change = self._changed
         self.refresh_local()
@@ -337,7 +338,8 @@ class BrowserController(QObject):
         self.refresh_local()
 
     def load(self, repo: str) -> None:
-        self.load_requested.emit(str(folder_of(self.models_dir, repo)))
+        """Load the model in the chat with the context its fit was checked at."""
+        self.load_requested.emit(str(folder_of(self.models_dir, repo)), self.context)
 
     def _guard(self, fn) -> None:
         try:

@@ -322,7 +322,9 @@ class ChatController(QObject):
         await self.client.shutdown()
         await self.start_engine()
 
-    async def load_model(self, path: str) -> None:
+    async def load_model(self, path: str, context: int | None = None) -> None:
+        """Load a model with ``context`` tokens of context (None: the last used), which becomes
+        the one used from then on once the load succeeds."""
         if self.client.state in ("stopped", "failed"):  # a load starts a dead engine again
             try:
                 await self.client.start()
@@ -330,15 +332,17 @@ class ChatController(QObject):
                 return  # the "failed" state tells the window why
         device = None if self.settings.device == "auto" else self.settings.device
         self.status.emit(f"Loading {path}…")
+        n_ctx = context or self.settings.context
         try:
             await self.client.load(
-                path, device=device, max_seq_len=self.settings.context, on_progress=self._progress
+                path, device=device, max_seq_len=n_ctx, on_progress=self._progress
             )
         except EngineError as e:
             if e.kind not in PROCESS_ENDED:  # the window tells of the engine's end
                 self.error.emit(f"Could not load {path}: {e}")
             return
         self.settings.model = path  # the window shows it ready (the engine's "loaded" state)
+        self.settings.context = n_ctx
 
     def _progress(self, fraction: float, stage: str) -> None:
         self.status.emit(f"{stage}: {fraction:.0%}")

@@ -189,8 +189,9 @@ class DetailPane(QWidget):
         self.size = QLabel(wordWrap=True)
         self.gpu = QComboBox()
         self.gpu.setAccessibleName("GPU or CPU for the fit check")
-        self.context = QSpinBox(minimum=256, maximum=1 << 20, singleStep=1024, value=4096)
-        self.context.setAccessibleName("Context length for the fit check")
+        self.context = QSpinBox(minimum=256, maximum=1 << 20, singleStep=1024, value=ctrl.context)
+        self.context.setAccessibleName("Context length: for the fit check and Load in chat")
+        self.context.setToolTip("The fit is checked at this context; Load in chat loads with it")
         self.verdict = QLabel(objectName="fitVerdict", wordWrap=True)  # the CPU's is a sentence
         self.verdict.setAccessibleName("Fit verdict")
         self.breakdown = QLabel(wordWrap=True)
@@ -231,7 +232,7 @@ class DetailPane(QWidget):
         self.pause.clicked.connect(lambda: self.repo and ctrl.pause(self.repo))
         self.cancel.clicked.connect(lambda: self.repo and spawn(ctrl.cancel(self.repo)))
         self.load.clicked.connect(lambda: self.repo and ctrl.load(self.repo))
-        self.context.valueChanged.connect(lambda _: self.update_fit())
+        self.context.valueChanged.connect(self._context_changed)
         self.gpu.currentIndexChanged.connect(lambda _: self.update_fit())
         ctrl.details_ready.connect(self.show_details)
         ctrl.download_changed.connect(self.show_download)
@@ -268,6 +269,10 @@ class DetailPane(QWidget):
             self.context.setMaximum(d.shape.max_context)
         self.update_fit()
         self.show_download(self.ctrl.manager.downloads.get(d.repo))
+
+    def _context_changed(self, tokens: int) -> None:
+        self.ctrl.context = tokens
+        self.update_fit()
 
     def update_fit(self) -> None:
         d = self.ctrl.details

@@ -83,7 +83,7 @@ def open_models(app, qloop):
     return w, w.browse
 
 
-def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
+def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path, monkeypatch):
     app, hub = browser_app
     app.browser.host_available = lambda: 64 * GiB
     w, browse = open_models(app, qloop)
@@ -174,8 +174,23 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path):
         qloop.run_until_complete(__import__("asyncio").sleep(0.1))
         w.grab().save(os.path.join(shots, "models-installed-small.png"))
         w.resize(1100, 720)
+    # Load in chat loads with the context the fit was checked at, and keeps it
+    sent = []
+    real_load = app.ctrl.client.load
+
+    async def load(path, **kw):
+        sent.append((path, kw["max_seq_len"]))
+        return await real_load(path, **kw)
+
+    monkeypatch.setattr(app.ctrl.client, "load", load)
+    assert app.settings.context == 4096
+    detail.context.setValue(8192)
     detail.load.click()
     wait_until(qloop, lambda: app.settings.model == str(folder), what="the load")
+    assert sent == [(str(folder), 8192)] and app.settings.context == 8192
+    app.window._load(str(folder))  # a later load (Model menu, the next start) takes it too
+    wait_until(qloop, lambda: len(sent) == 2, what="the second load")
+    assert sent[1] == (str(folder), 8192)
 
 
 class NoGpus:
