@@ -348,16 +348,21 @@ def warp_runs(layout) -> torch.Tensor:
     return torch.cat(runs)
 
 
-def xhat_wavefronts(layout) -> float:
-    """Shared-memory wavefronts of one token's xhat loads, per warp-wide run (the most distinct
-    addresses in one of the 32 banks), averaged over the layout."""
-    col = warp_runs(layout)
-    key, _ = (col % 32 * (1 << 20) + col).sort(dim=1)
+def wavefronts(runs: torch.Tensor, banks: int) -> float:
+    """Shared-memory wavefronts of loads made at once, [loads, lanes] addresses in units of
+    a bank (group): the most distinct addresses in one of ``banks`` (a bank serves equal
+    addresses at once), averaged over the loads."""
+    key, _ = (runs % banks * (1 << 20) + runs).sort(dim=1)
     new = torch.ones_like(key, dtype=torch.bool)
-    new[:, 1:] = key[:, 1:] != key[:, :-1]  # a bank serves equal addresses at once
-    per_bank = torch.zeros(key.shape[0], 32, dtype=torch.long)
+    new[:, 1:] = key[:, 1:] != key[:, :-1]
+    per_bank = torch.zeros(key.shape[0], banks, dtype=torch.long)
     per_bank.scatter_add_(1, key >> 20, new.long())
     return per_bank.max(1).values.double().mean().item()
+
+
+def xhat_wavefronts(layout) -> float:
+    """Wavefronts of one token's xhat loads (4 bytes, 32 banks), per warp-wide run."""
+    return wavefronts(warp_runs(layout), 32)
 
 
 def test_spread_order_spreads_the_xhat_loads_over_the_banks(monkeypatch):
@@ -383,17 +388,10 @@ def test_spread_order_spreads_the_xhat_loads_over_the_banks(monkeypatch):
 
 
 def residual_wavefronts(layout) -> float:
-    """Shared-memory wavefronts of the residual codewords' 16-byte loads (v = 8, one copy of
-    the codebook), per quarter-warp (eight lanes, eight bank groups), averaged over the layout:
-    the most distinct codewords in one bank group."""
+    """Wavefronts of the residual codewords' 16-byte loads (v = 8, one copy of the codebook),
+    per quarter-warp: eight lanes, eight bank groups."""
     codes = layout.res_codes[: int(layout.offsets[-1])].long() & 0xFFFF
-    runs = codes.view(-1, 8)  # segments are padded to 16: quarter-warps never straddle two
-    key, _ = (runs % 8 * (1 << 20) + runs).sort(dim=1)
-    new = torch.ones_like(key, dtype=torch.bool)
-    new[:, 1:] = key[:, 1:] != key[:, :-1]
-    per_bank = torch.zeros(key.shape[0], 8, dtype=torch.long)
-    per_bank.scatter_add_(1, key >> 20, new.long())
-    return per_bank.max(1).values.double().mean().item()
+    return wavefronts(codes.view(-1, 8), 8)  # segments are padded to 16: no straddling
 
 
 def test_spread_order_spreads_the_residual_loads_where_the_codebook_has_one_copy(monkeypatch):
