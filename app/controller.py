@@ -3,11 +3,16 @@
 It holds no widgets. A streamed answer is accumulated in memory, shown through the message
 model at most ~10 times a second, and written to SQLite at least every half second, so a
 crash of the engine or of the app keeps everything but the last fraction of a second.
+
+The engine writes one answer at a time. Opening another chat does not stop it: it goes on
+being written into its own chat (saved as above, shown again when that chat is opened), and
+the other chats can be read and drafted in until it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -35,6 +40,8 @@ class ChatController(QObject):
     answer_finished = Signal(dict)  # stats of the finished answer
     live_rate = Signal(float)  # tokens/s of the answer being streamed
     leaving = Signal()  # the open chat is about to change: the window saves its draft now
+    # the title of the chat an answer is being written in while another one is open; "" if none
+    answering_elsewhere = Signal(str)
 
     def __init__(self, store: Store, client: EngineClient, settings: Settings):
         super().__init__()
@@ -59,14 +66,14 @@ class ChatController(QObject):
         if cid == self.current:  # a click on the open chat changes nothing (it stopped the answer)
             return
         self.leaving.emit()
-        if self.busy:
-            self.stop()
         before = self.current
         self.current = cid
         self.next_chat = None  # what was set with no chat open is for a chat started from there
         self.messages.set_rows(self.store.messages(cid))
+        self._show_answer()
         self.conversation_opened.emit(cid)
         self._show_context()
+        self._tell_answering()
         if before is not None:
             self._drop_if_unused(before)
 
@@ -88,9 +95,38 @@ class ChatController(QObject):
             self.store.delete_conversation(cid)
             self.conversations.remove(cid)
 
+    def _answering(self, cid: int | None) -> bool:
+        """Whether the answer being written is in chat ``cid``."""
+        return self.active is not None and self.active["message"].conversation_id == cid
+
+    def _show_answer(self) -> None:
+        """Back in the chat whose answer is being written: its row shows all the text so far
+        (the store's copy is up to half a second behind) and is the one the stream updates."""
+        a = self.active
+        if a is None or not self._answering(self.current):
+            return
+        mid = a["message"].id
+        a["row"] = next(i for i, m in enumerate(self.messages.rows) if m.id == mid)
+        self.messages.update(a["row"], content=a["text"], status="streaming")
+
+    def _tell_answering(self) -> None:
+        """The sidebar marks the chat being answered; the open chat says where, if elsewhere."""
+        a = self.active
+        cid = a["message"].conversation_id if a is not None else None
+        self.conversations.set_answering(cid)
+        title = ""
+        if cid is not None and cid != self.current:
+            with contextlib.suppress(KeyError):  # deleted: its answer is being stopped
+                title = self.store.conversation(cid).title
+        self.answering_elsewhere.emit(title)
+
     def _show_context(self) -> None:
         """The open chat's context line: what its last answer left in the model's context (the
-        prompt and the answer), kept with that answer's stats; none before a first answer."""
+        prompt and the answer), kept with that answer's stats; none before a first answer; while
+        its answer is written, what the engine said it started with."""
+        if self._answering(self.current) and "started" in self.active:
+            self.context_changed.emit(*self.active["started"])
+            return
         for m in reversed(self.messages.rows):
             if m.role == "assistant" and m.stats.get("n_ctx"):
                 used = m.stats.get("context_tokens") or (  # (answers before it was kept)
@@ -109,10 +145,13 @@ class ChatController(QObject):
 
     def rename(self, cid: int, title: str) -> None:
         self.store.update_conversation(cid, title=title)
+        if self._answering(cid):
+            self._tell_answering()
 
     def delete(self, cid: int) -> None:
-        if cid == self.current:
+        if self._answering(cid):
             self.stop()
+        if cid == self.current:
             self.current = None
             self.messages.set_rows([])
         self.store.delete_conversation(cid)
@@ -227,6 +266,7 @@ class ChatController(QObject):
             "dirty": False,
         }
         self.busy_changed.emit(True)
+        self._tell_answering()
         self.repaint.start()
         self.task = asyncio.ensure_future(self._consume(queue, self.active))
 
@@ -236,9 +276,9 @@ class ChatController(QObject):
             msg = await queue.get()
             if msg.type == "started":
                 a["context"] = (msg.get("n_ctx", 0), msg.get("dropped_messages", 0))
+                a["started"] = (msg.get("prompt_tokens", 0), *a["context"])
                 if a["message"].conversation_id == self.current:
-                    n_ctx, dropped = a["context"]
-                    self.context_changed.emit(msg.get("prompt_tokens", 0), n_ctx, dropped)
+                    self.context_changed.emit(*a["started"])
             elif msg.type == "delta":
                 a["text"] += msg.get("text", "")
                 a["tokens"] += 1
@@ -254,10 +294,11 @@ class ChatController(QObject):
 
     def _flush(self) -> None:
         a = self.active
-        if a is None or not a["dirty"] or a["message"].conversation_id != self.current:
+        if a is None or not a["dirty"]:
             return
         a["dirty"] = False
-        self.messages.update(a["row"], content=a["text"])
+        if a["message"].conversation_id == self.current:
+            self.messages.update(a["row"], content=a["text"])
         elapsed = time.monotonic() - a["t0"]
         if elapsed > 0:
             self.live_rate.emit(a["tokens"] / elapsed)
@@ -285,6 +326,7 @@ class ChatController(QObject):
             self.messages.update(a["row"], content=text, status=status, stats=stats)
         self.active = None
         self.busy_changed.emit(False)
+        self._tell_answering()
         # The window shows a crash from the engine's state, and a stop is the user's own restart:
         # an answer they end gets no second banner.
         news = [

@@ -43,6 +43,25 @@ class Composer(QPlainTextEdit):
         super().keyPressEvent(e)
 
 
+# Fewer new prompt tokens than this and their rate is mostly a step's fixed cost: a follow-up's
+# 37 new tokens (the rest of the chat reused from the KV cache) in 205 ms read as a slow
+# "180 tok/s" beside a first turn's 2000.
+PROMPT_RATE_MIN = 128
+
+
+def prompt_part(stats: dict) -> str:
+    """The prompt in an answer's stats: its reading speed where it had enough new tokens to
+    measure one, else how many tokens it read. "" where the engine gave no prompt figures."""
+    rate = stats.get("prefill_tok_s")
+    if not rate:
+        return ""
+    cached = stats.get("cached_tokens", 0)
+    new = stats.get("prompt_tokens", 0) - cached
+    if "prompt_tokens" not in stats or new >= PROMPT_RATE_MIN:
+        return f"prompt {rate:.0f} tok/s"
+    return f"prompt {new} new tokens" if cached else f"prompt {new} tokens"
+
+
 def stats_line(stats: dict, status: str) -> str:
     parts = []
     if stats.get("completion_tokens"):
@@ -51,8 +70,8 @@ def stats_line(stats: dict, status: str) -> str:
         parts.append(f"{stats['decode_tok_s']:.1f} tok/s")
     if stats.get("ttft_s"):
         parts.append(f"first token {stats['ttft_s'] * 1000:.0f} ms")
-    if stats.get("prefill_tok_s"):
-        parts.append(f"prompt {stats['prefill_tok_s']:.0f} tok/s")
+    if prompt := prompt_part(stats):
+        parts.append(prompt)
     if status == "stopped":
         parts.append("stopped")
     if status == "error":  # the text is what came before it (the banner says what happened)
@@ -193,6 +212,9 @@ class ChatView(QWidget):
         self.dropped = QLabel()
         self.dropped.setObjectName("warning")
         self.dropped.setVisible(False)
+        # while the engine writes an answer in another chat: where, and when Send is free
+        self.elsewhere = QLabel(wordWrap=True, visible=False, objectName="emptyHint")
+        self.elsewhere.setAccessibleName("Answer in another chat")
         self.input = Composer()
         self.input.setPlaceholderText(
             "Message the model (Enter sends, Shift+Enter: new line, Esc stops)"
@@ -225,6 +247,7 @@ class ChatView(QWidget):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.scroll, 1)
         lay.addLayout(footer)
+        lay.addWidget(self.elsewhere)
         lay.addLayout(composer)
         self._fit_input()
         model.modelReset.connect(self._rebuild)
@@ -323,6 +346,17 @@ class ChatView(QWidget):
         self.stop_button.setEnabled(busy)
         self.send_button.setEnabled(not busy)
         self._refresh_buttons()
+
+    def set_answering_elsewhere(self, title: str) -> None:
+        """The engine is writing an answer in chat ``title`` (not this one): Send waits for it,
+        Stop ends it. "" hides the line."""
+        self.elsewhere.setText(
+            f"The model is answering in “{title}”. Send is free again when it ends; "
+            "Stop ends it now."
+            if title
+            else ""
+        )
+        self.elsewhere.setVisible(bool(title))
 
     def _edit(self, w: MessageWidget) -> None:
         row = self.widgets.index(w)

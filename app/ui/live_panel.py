@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
 from engine.memory import gib as size
 
 from ..gpu import GpuInfo, same_device
+from .chat_view import prompt_part
 
 GiB = 1 << 30
 
@@ -215,9 +216,9 @@ class LivePanel(QScrollArea):
     def add_answer(self, stats: dict) -> None:
         if stats.get("decode_tok_s"):
             self.plot.add(float(stats["decode_tok_s"]))
-        ttft, prompt = stats.get("ttft_s", 0) * 1000, stats.get("prefill_tok_s", 0)
+        ttft, prompt = stats.get("ttft_s", 0) * 1000, prompt_part(stats)
         self.last.setText(
-            f"Last answer: first token {ttft:.0f} ms, prompt {prompt:.0f} tok/s, "
+            f"Last answer: first token {ttft:.0f} ms, {prompt + ', ' if prompt else ''}"
             f"writing {stats.get('decode_tok_s', 0):.1f} tok/s"
         )
         self.set_rate(None)

@@ -246,6 +246,7 @@ class MainWindow(QMainWindow):
         c.leaving.connect(self.chat.flush_draft)  # the last keystrokes, before the chat changes
         c.conversation_opened.connect(self._opened)
         c.busy_changed.connect(self.chat.set_busy)
+        c.answering_elsewhere.connect(self.chat.set_answering_elsewhere)
         c.error.connect(self.show_error)
         c.status.connect(lambda text: self.statusBar().showMessage(text))
         c.context_changed.connect(self.chat.set_context)

@@ -16,6 +16,7 @@ RoleRole = Qt.ItemDataRole.UserRole + 2
 StatusRole = Qt.ItemDataRole.UserRole + 3
 StatsRole = Qt.ItemDataRole.UserRole + 4
 SnippetRole = Qt.ItemDataRole.UserRole + 5
+ANSWERING_MARK = "● "  # before the title of the chat an answer is being written in
 
 
 class ConversationListModel(QAbstractListModel):
@@ -26,6 +27,7 @@ class ConversationListModel(QAbstractListModel):
         self.rows: list[Conversation] = []
         self.snippets: dict[int, str] = {}
         self.rename = rename
+        self.answering: int | None = None  # the chat an answer is being written in
 
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(self.rows)
@@ -34,10 +36,14 @@ class ConversationListModel(QAbstractListModel):
         if not index.isValid() or not 0 <= index.row() < len(self.rows):
             return None
         c = self.rows[index.row()]
-        if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
+        if role == Qt.ItemDataRole.DisplayRole:
+            return f"{ANSWERING_MARK}{c.title}" if c.id == self.answering else c.title
+        if role == Qt.ItemDataRole.EditRole:
             return c.title
         if role == Qt.ItemDataRole.ToolTipRole:
-            return self.snippets.get(c.id) or c.title
+            tip = self.snippets.get(c.id) or c.title
+            busy = c.id == self.answering
+            return f"{tip}\n(the model is answering in this chat)" if busy else tip
         if role == IdRole:
             return c.id
         if role == SnippetRole:
@@ -64,6 +70,14 @@ class ConversationListModel(QAbstractListModel):
         self.rows = list(rows)
         self.snippets = snippets or {}
         self.endResetModel()
+
+    def set_answering(self, cid: int | None) -> None:
+        """Mark the chat an answer is being written in (None: no answer)."""
+        before, self.answering = self.answering, cid
+        for changed in {before, cid} - {None}:
+            row = self.row_of(changed)
+            if row >= 0:
+                self.dataChanged.emit(self.index(row), self.index(row))
 
     def row_of(self, cid: int) -> int:
         return next((i for i, c in enumerate(self.rows) if c.id == cid), -1)
