@@ -164,6 +164,7 @@ class App:
         self.downloads = DownloadManager(hub, hub_models(), loop=self.loop)
         self.browser = BrowserController(hub, self.downloads, self.window.gpus, hub_models())
         self.browser.context = s.context  # the fit check starts at the context last loaded
+        self.browser.engine_pid = lambda: self.client.proc.pid if self.client.proc else None
         self.browser.load_requested.connect(self.window._load)
         self.models_window = None
         self.loop.call_soon(self._restore_downloads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,8 @@ class BrowserController(QObject):
         self.details: Details | None = None
         self.host_available = host_available  # the memory the CPU path may take (None: unknown)
         self.context = 4096  # tokens: the fit check's context, which "Load in chat" loads with
+        # the engine process (None: not running): what it holds on a GPU is room for a load
+        self.engine_pid: Callable[[], int | None] = lambda: None
         self._refreshes = 0  # refresh() calls so far: only the last one's answer is shown
         manager.on_change = self._changed
         self.refresh_local()
@@ -291,7 +294,8 @@ class BrowserController(QObject):
         self.details_ready.emit(self.details)
 
     def gpus_now(self) -> list[GpuInfo]:
-        return self.gpus.read()
+        """The GPUs now, each with what this app's engine holds on it (engine_bytes)."""
+        return self.gpus.read(self.engine_pid())
 
     def fit(self, context: int, gpu: GpuInfo | None) -> Fit | None:
         d = self.details
@@ -302,7 +306,8 @@ class BrowserController(QObject):
         unpacked = 0
         if s.gptq and s.gptq_bits and s.gptq_group is not None:  # zero points unpacked at load
             unpacked = gptq_zero_bytes(d.shape, s.gptq_bits, s.gptq_group)
-        return fit(d.shape, d.files.weight_bytes, gpu.free, context, layout, unpacked)
+        held = gpu.engine_bytes or 0  # the engine unloads its model before loading another
+        return fit(d.shape, d.files.weight_bytes, gpu.free, context, layout, unpacked, held)
 
     def cpu_fit(self, context: int) -> CpuFit | None:
         """Without a GPU: what the CPU path takes against the memory available now."""
@@ -314,8 +319,10 @@ class BrowserController(QObject):
         return cpu_fit(d.shape, d.files.weight_bytes, quantized, context, self.host_available())
 
     def make_room(self, gpu: GpuInfo, limit: int = 3) -> list[str]:
-        """The biggest other users of the GPU: what to close to make room."""
-        procs = self.gpus.processes(gpu.index)
+        """The biggest other users of the GPU: what to close to make room (not this app's
+        engine: the fit counts what it holds as free)."""
+        engine = self.engine_pid()
+        procs = [p for p in self.gpus.processes(gpu.index) if p[0] != engine]
         return [f"{name} (pid {pid}): {size_text(b)}" for pid, name, b in procs[:limit]]
 
     # -- downloads ---------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class Fit:
     fast_layout: int = 0  # the fast decode layout of a VPTQ model with large codebooks (bytes)
     host: int = 0  # the embedding table, kept in host memory (weights counts only the GPU part)
     unpacked: int = 0  # of weights: GPTQ zero points a load unpacks beyond the files
+    reclaimed: int = 0  # of free: what the model loaded now holds (the engine lets it go first)
 
     @property
     def needed(self) -> int:
@@ -63,7 +64,13 @@ class Fit:
             ),
             f"KV cache at {self.context} tokens {gib(self.kv_cache)}",
             f"Runtime overhead {gib(self.overhead)}",
-            f"Needed {gib(self.needed)} of {gib(self.free)} free",
+            f"Needed {gib(self.needed)} of {gib(self.free)} free"
+            + (
+                f" (with the {gib(self.reclaimed)} of the model loaded now, which is unloaded "
+                "first)"
+                if self.reclaimed
+                else ""
+            ),
         ]
         if self.max_context:
             out.append(f"Largest context that fits: {self.max_context} tokens")
@@ -91,10 +98,14 @@ def fit(
     context: int,
     fast_layout: int = 0,
     unpacked: int = 0,
+    reclaimed: int = 0,
 ) -> Fit:
     """weight_bytes: the files' weights; unpacked: what a load adds to them (GPTQ zero points,
-    engine/memory.py gptq_zero_bytes). The engine keeps the embedding table in host memory
-    where everything would not fit the GPU otherwise (engine/memory.py embedding_on_host)."""
+    engine/memory.py gptq_zero_bytes); reclaimed: what the engine holds on the GPU now, all of
+    which it gives back before a load (its CUDA context stays, and the overhead counts one).
+    The engine keeps the embedding table in host memory where everything would not fit the GPU
+    otherwise (engine/memory.py embedding_on_host)."""
+    free += reclaimed
     weight_bytes += unpacked
     overhead = shape.overhead()
     kv = shape.kv_bytes_per_token * context
@@ -103,7 +114,9 @@ def fit(
         host = min(shape.embedding_bytes(), weight_bytes)
     weights = weight_bytes - host
     largest = shape.largest_context(free - weights - overhead)
-    return Fit(weights, kv, overhead, free, context, largest, fast_layout, host, unpacked)
+    return Fit(
+        weights, kv, overhead, free, context, largest, fast_layout, host, unpacked, reclaimed
+    )
 
 
 @dataclass(frozen=True)

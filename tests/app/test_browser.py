@@ -74,6 +74,16 @@ def browser_app(tmp_path, qloop, monkeypatch):
             app.window.close()
 
 
+def save_shots(window, qloop, name):
+    """With VPTQ_CHAT_SCREENSHOTS=DIR, the window at 1100 x 720 and 780 x 420 as DIR/name-W.png,
+    for looking at."""
+    if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):
+        for size in ((1100, 720), (780, 420)):
+            window.resize(*size)
+            qloop.run_until_complete(asyncio.sleep(0.2))
+            window.grab().save(os.path.join(shots, f"{name}-{size[0]}.png"))
+
+
 def open_models(app, qloop):
     """The Models window at 1100 x 720 once the fake hub's three models are listed."""
     app.show_models()
@@ -193,6 +203,50 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path, monke
     assert sent[1] == (str(folder), 8192)
 
 
+class GpusWithTheEngine(FakeGpus):
+    """8 GiB free; the app's engine (pid 4343) holds 6 GiB of it with the model loaded now."""
+
+    def read(self, engine_pid=None):
+        held = 6 * GiB if engine_pid == 4343 else None
+        return [GpuInfo(0, "GPU-1234", "Test GPU 24GB", 24 * GiB, 16 * GiB, 8 * GiB, 3, 40, held)]
+
+    def processes(self, index):
+        return [(4343, "python3", 6 * GiB), (4242, "blender", 3 * GiB)]
+
+
+def test_the_fit_counts_the_loaded_model_as_room(browser_app, qloop):
+    """The engine unloads its model before it loads another, so what it holds is room for the
+    next one; it is not among what to close. (It took only NVML's free memory: a model that
+    would fit once the loaded one is gone read "does not fit".)"""
+    app, _ = browser_app
+    assert app.client.proc and app.browser.engine_pid() == app.client.proc.pid  # the app's wiring
+    app.browser.gpus = GpusWithTheEngine()
+    app.browser.engine_pid = lambda: 4343
+    w, browse = open_models(app, qloop)
+    browse.table.setCurrentIndex(app.browser.filtered.index(0, 0))  # the 8B
+    detail = browse.detail
+    wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
+    detail.context.setValue(65536)  # 8 GiB of KV cache: more than NVML's 8 GiB free alone
+    assert "Fits" in detail.verdict.text()
+    lines = detail.breakdown.text().split("<br>")
+    assert lines[3] == (
+        "Needed 8.67 GiB of 14.00 GiB free (with the 6.00 GiB of the model loaded now, which is "
+        "unloaded first)"
+    )  # 391 KiB of weights, 8 GiB of KV cache, 0.5 GiB of CUDA context, 179,283,968 bytes of
+    # workspace (as in the CPU test below): 8.667 GiB; the rest of 14 GiB over 128 KiB a
+    # token is 109,221 tokens, in steps of 256:
+    assert lines[4] == "Largest context that fits: 109056 tokens"
+    detail.context.setValue(131072)
+    assert "Does not fit" in detail.verdict.text()
+    assert "To make room, close: blender (pid 4242): 3.2 GB" in detail.breakdown.text()
+    assert "python3" not in detail.breakdown.text()  # not the app's own engine
+    detail.context.setValue(65536)
+    save_shots(w, qloop, "models-room")
+    alone = app.browser.fit(65536, GpusWithTheEngine().read(None)[0])  # no engine running
+    assert (alone.verdict, alone.free, alone.reclaimed) == ("does not fit", 8 * GiB, 0)
+    assert "Needed 8.67 GiB of 8.00 GiB free" in alone.lines()
+
+
 class NoGpus:
     """A machine without an NVIDIA driver, as app/gpu.py reports it."""
 
@@ -255,11 +309,7 @@ def test_without_a_gpu_the_fit_is_the_cpu_paths_memory_against_what_is_available
     scroll = detail.parentWidget().parentWidget()  # the QScrollArea's viewport's parent
     assert scroll.horizontalScrollBar().maximum() == 0
     assert detail.verdict.height() >= detail.verdict.heightForWidth(detail.verdict.width()) > 0
-    if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):
-        for name, size in (("models-cpu.png", (1100, 720)), ("models-cpu-small.png", (780, 420))):
-            w.resize(*size)
-            qloop.run_until_complete(asyncio.sleep(0.2))
-            w.grab().save(os.path.join(shots, name))
+    save_shots(w, qloop, "models-cpu")
 
 
 GPTQ = "hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4"
@@ -301,11 +351,7 @@ def test_owner_slash_words_finds_a_gptq_repo_that_downloads_without_unread_weigh
     zeros = 32 * 7 * (32 * (4096 + 1024 + 1024 + 4096 + 2 * 14336) + 112 * 4096) // 2
     want = f"Weights {gib(300_000 + zeros)} (with {gib(zeros)} of zero points unpacked at load)"
     assert want in detail.breakdown.text()
-    if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):
-        for name, size in (("models-gptq.png", (1100, 720)), ("models-gptq-small.png", (780, 420))):
-            app.models_window.resize(*size)
-            qloop.run_until_complete(asyncio.sleep(0.2))
-            app.models_window.grab().save(os.path.join(shots, name))
+    save_shots(app.models_window, qloop, "models-gptq")
     detail.download.click()
     wait_until(qloop, lambda: detail.load.isEnabled(), what=f"the download {detail.state.text()}")
     folder = tmp_path / "models" / GPTQ
@@ -511,10 +557,6 @@ def test_a_hub_error_shows_in_the_models_window_until_dismissed(browser_app, qlo
     qloop.run_until_complete(app.browser.select("VPTQ-community/not-there"))
     assert banner.isVisibleTo(w)
     assert banner.text().startswith("⚠ ") and "VPTQ-community/not-there" in banner.text()
-    if shots := os.environ.get("VPTQ_CHAT_SCREENSHOTS"):
-        for size in ((1100, 720), (780, 420)):
-            w.resize(*size)
-            qloop.run_until_complete(asyncio.sleep(0.1))
-            w.grab().save(os.path.join(shots, f"models-error-{size[0]}.png"))
+    save_shots(w, qloop, "models-error")
     banner.close_button.click()
     assert not banner.isVisibleTo(w)
