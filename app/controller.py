@@ -366,12 +366,16 @@ class ChatController(QObject):
 
     async def load_model(self, path: str, context: int | None = None) -> None:
         """Load a model with ``context`` tokens of context (None: the last used), which becomes
-        the one used from then on once the load succeeds."""
+        the one used from then on once the load succeeds. The engine lets the loaded model go
+        before it loads another; where the new one fails (not found, damaged, too large for the
+        memory), the one loaded before is loaded again, so a failed try does not leave the chat
+        without a model."""
         if self.client.state in ("stopped", "failed"):  # a load starts a dead engine again
             try:
                 await self.client.start()
             except EngineError:
                 return  # the "failed" state tells the window why
+        before = self.client.last_load if self.client.state == "loaded" else None
         device = None if self.settings.device == "auto" else self.settings.device
         self.status.emit(f"Loading {path}…")
         n_ctx = context or self.settings.context
@@ -380,8 +384,23 @@ class ChatController(QObject):
                 path, device=device, max_seq_len=n_ctx, on_progress=self._progress
             )
         except EngineError as e:
-            if e.kind not in PROCESS_ENDED:  # the window tells of the engine's end
-                self.error.emit(f"Could not load {path}: {e}")
+            if e.kind in PROCESS_ENDED:  # the window tells of the engine's end
+                return
+            why = f"Could not load {path}: {e}"
+            if before is None or (before["path"], before["max_seq_len"]) == (path, n_ctx):
+                self.error.emit(why)
+                return
+            self.status.emit(f"Loading {before['path']} again…")
+            try:
+                await self.client.load(**before)
+            except EngineError as again:
+                if again.kind not in PROCESS_ENDED:
+                    self.error.emit(f"{why}. Loading {before['path']} again failed too: {again}")
+                return
+            self.error.emit(
+                f"{why}. {before['path']} is loaded again, with "
+                f"{before['max_seq_len']} tokens of context."
+            )
             return
         self.settings.model = path  # the window shows it ready (the engine's "loaded" state)
         self.settings.context = n_ctx

@@ -361,6 +361,37 @@ def test_failed_load_leaves_a_usable_engine_and_shows_kernel_state(tmp_path, qlo
         app.window.close()
 
 
+def test_a_model_that_fails_to_load_leaves_the_one_loaded_before(tmp_path, qloop, monkeypatch):
+    """The engine lets its model go before it loads another: a failed load (not found, damaged,
+    too large) left the chat with no model at all. The app loads the previous one again."""
+    from .conftest import make_app
+
+    requests = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(requests))
+    app = make_app(tmp_path / "data", qloop, monkeypatch)
+    try:
+        assert app.client.state == "loaded"
+        qloop.run_until_complete(app.ctrl.load_model("/models/bad-one", 8192))
+        assert app.client.state == "loaded"
+        assert app.window.banner.text().startswith(
+            "⚠ Could not load /models/bad-one: /models/bad-one: no such model. demo is loaded "
+            "again, with 4096 tokens of context."
+        )
+        loads = [
+            (r["path"], r["max_seq_len"])
+            for r in map(json.loads, requests.read_text().splitlines())
+            if r["type"] == "load"
+        ]
+        assert loads == [("demo", 4096), ("/models/bad-one", 8192), ("demo", 4096)]
+        assert (app.settings.model, app.settings.context) == ("demo", 4096)
+        send(app, "still here")
+        wait_until(qloop, lambda: answer_done(app))
+        assert app.ctrl.messages.rows[-1].content == "You said: still here"
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+
 def test_throughput_line_stays_below_its_label(qapp):
     """The sparkline of answers' tokens/s: a steady rate draws at the top of the plot, under the
     scale's label, not through it; a slower answer draws lower."""
