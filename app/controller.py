@@ -398,8 +398,8 @@ class ChatController(QObject):
                     self.error.emit(f"{why}. Loading {before['path']} again failed too: {again}")
                 return
             self.error.emit(
-                f"{why}. {before['path']} is loaded again, with "
-                f"{before['max_seq_len']} tokens of context."
+                f"{why}. The model loaded before, {before['path']}, is loaded again "
+                f"({before['max_seq_len']} tokens of context)."
             )
             return
         self.settings.model = path  # the window shows it ready (the engine's "loaded" state)

@@ -374,8 +374,8 @@ def test_a_model_that_fails_to_load_leaves_the_one_loaded_before(tmp_path, qloop
         qloop.run_until_complete(app.ctrl.load_model("/models/bad-one", 8192))
         assert app.client.state == "loaded"
         assert app.window.banner.text().startswith(
-            "⚠ Could not load /models/bad-one: /models/bad-one: no such model. demo is loaded "
-            "again, with 4096 tokens of context."
+            "⚠ Could not load /models/bad-one: /models/bad-one: no such model. The model loaded "
+            "before, demo, is loaded again (4096 tokens of context)."
         )
         loads = [
             (r["path"], r["max_seq_len"])
