@@ -255,9 +255,13 @@ def _stream(gen) -> None:
         sys.stdout.flush()
     st = gen.stats
     ending = ENDINGS.get(gen.reason, gen.reason)
+    # a follow-up reads only its new tokens (the rest is reused from the KV cache): said, so
+    # that its rate, mostly a step's fixed cost for a few tokens, is not read as a slow prefill
+    reused = f" ({st.cached_tokens} reused)" if st.cached_tokens else ""
     print(
         f"\n[{ending}] {st.completion_tokens} tokens, TTFT {st.ttft_s * 1000:.0f} ms, "
-        f"prefill {st.prefill_tok_s:.1f} tok/s, decode {st.decode_tok_s:.1f} tok/s",
+        f"prefill {st.prompt_tokens - st.cached_tokens} tokens{reused} at "
+        f"{st.prefill_tok_s:.1f} tok/s, decode {st.decode_tok_s:.1f} tok/s",
         file=sys.stderr,
     )
 

@@ -180,6 +180,10 @@ def test_terminal_chat_keeps_the_conversation(demo_path):
     assert r.returncode == 0, r.stderr
     first, second = r.stdout.split("Assistant: ")[1:3]
     assert "Paris" in first and "Berlin" in second
+    # the second turn reads only its new tokens; the first turn and its answer are reused
+    firsts, seconds = re.findall(r"prefill (\d+) tokens( \((\d+) reused\))? at", r.stderr)
+    assert firsts[1] == "" and int(firsts[0]) > 10  # the system prompt and the question
+    assert int(seconds[2]) > int(firsts[0]) and 0 < int(seconds[0]) < int(firsts[0])
 
 
 @pytest.mark.parametrize(
