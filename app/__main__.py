@@ -82,6 +82,8 @@ def apply_theme(app, dark: bool) -> None:
             ("ToolTipText", "#e8eaed"),
             ("PlaceholderText", "#9aa0a6"),
             ("Mid", "#5f6368"),
+            ("Link", "#8ab4f8"),  # the default dark blue is unreadable on the dark window
+            ("LinkVisited", "#c58af9"),
         ]:
             p.setColor(getattr(QPalette.ColorRole, role), QColor(color))
         for role in ("WindowText", "Text", "ButtonText"):

@@ -177,6 +177,15 @@ class BrowseTab(QWidget):
             self.spawn(self.ctrl.select(entry.id))
 
 
+def offer_context(lines: list[str], verdict: str | None, largest: int) -> list[str]:
+    """Where the model does not fit at the chosen context but would at a smaller one, its
+    "Largest context that fits" line offers that context as a link (the spin box takes it)."""
+    if verdict != "does not fit" or largest <= 0:
+        return lines
+    head = f"Largest context that fits: {largest} tokens"
+    return [f"{ln} (<a href='{largest}'>use it</a>)" if ln == head else ln for ln in lines]
+
+
 class DetailPane(QWidget):
     """The selected model: exact size, on disk, fit breakdown and the download controls."""
 
@@ -196,6 +205,7 @@ class DetailPane(QWidget):
         self.verdict.setAccessibleName("Fit verdict")
         self.breakdown = QLabel(wordWrap=True)
         self.breakdown.setAccessibleName("Fit breakdown")
+        self.breakdown.linkActivated.connect(lambda tokens: self.context.setValue(int(tokens)))
         self.download = QPushButton("Download")
         self.pause = QPushButton("Pause")
         self.cancel = QPushButton("Cancel")
@@ -294,7 +304,7 @@ class DetailPane(QWidget):
             room = self.ctrl.make_room(gpu)
             if room:
                 lines.append("To make room, close: " + "; ".join(room))
-        self.breakdown.setText("<br>".join(lines))
+        self.breakdown.setText("<br>".join(offer_context(lines, f.verdict, f.max_context)))
 
     def _show_cpu_fit(self, d) -> None:
         head = (
@@ -313,7 +323,8 @@ class DetailPane(QWidget):
             )
             lines = f.lines()
         lines += [why for why in (self.ctrl.gpus.error, d.note) if why]
-        self.breakdown.setText("<br>".join(lines))
+        verdict, largest = (f.verdict, f.max_context) if f is not None else (None, 0)
+        self.breakdown.setText("<br>".join(offer_context(lines, verdict, largest)))
 
     def _download(self) -> None:
         if self.repo:

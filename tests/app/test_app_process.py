@@ -82,6 +82,15 @@ def test_real_engine_with_the_demo_model(tmp_path, qloop, monkeypatch, demo_path
         app.window.close()
 
 
+def luminance(c) -> float:
+    """WCAG relative luminance of a QColor."""
+
+    def lin(v: float) -> float:
+        return v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4
+
+    return 0.2126 * lin(c.redF()) + 0.7152 * lin(c.greenF()) + 0.0722 * lin(c.blueF())
+
+
 @pytest.mark.parametrize("theme", ["light", "dark"])
 def test_screenshot_in_both_themes(tmp_path, qloop, monkeypatch, theme):
     """The window with a streamed answer, as a PNG (kept in $VPTQ_CHAT_SCREENSHOTS if set)."""
@@ -98,6 +107,14 @@ def test_screenshot_in_both_themes(tmp_path, qloop, monkeypatch, theme):
         # the theme is real: the window background is light or dark
         bg = image.pixelColor(5, image.height() // 2).lightness()
         assert (bg > 160) if theme == "light" else (bg < 90)
+        # links stand out from the background (the default blue on the dark theme did not):
+        # WCAG's contrast ratio of at least 4.5
+        from PySide6.QtGui import QPalette
+
+        link = app.window.palette().color(QPalette.ColorRole.Link)
+        back = image.pixelColor(5, image.height() // 2)
+        bright = sorted((luminance(link), luminance(back)))
+        assert (bright[1] + 0.05) / (bright[0] + 0.05) >= 4.5
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()

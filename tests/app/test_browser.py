@@ -240,8 +240,14 @@ def test_the_fit_counts_the_loaded_model_as_room(browser_app, qloop):
     assert "Does not fit" in detail.verdict.text()
     assert "To make room, close: blender (pid 4242): 3.2 GB" in detail.breakdown.text()
     assert "python3" not in detail.breakdown.text()  # not the app's own engine
-    detail.context.setValue(65536)
+    # the largest context that fits is offered as a link, which sets the context
+    offer = "Largest context that fits: 109056 tokens (<a href='109056'>use it</a>)"
+    assert offer in detail.breakdown.text().split("<br>")
     save_shots(w, qloop, "models-room")
+    detail.breakdown.linkActivated.emit("109056")
+    assert detail.context.value() == 109056 and app.browser.context == 109056
+    assert "Tight" in detail.verdict.text()  # 13.98 of 14 GiB
+    assert "use it" not in detail.breakdown.text()
     alone = app.browser.fit(65536, GpusWithTheEngine().read(None)[0])  # no engine running
     assert (alone.verdict, alone.free, alone.reclaimed) == ("does not fit", 8 * GiB, 0)
     assert "Needed 8.67 GiB of 8.00 GiB free" in alone.lines()
@@ -289,7 +295,7 @@ def test_without_a_gpu_the_fit_is_the_cpu_paths_memory_against_what_is_available
         "In bfloat16: in float32 it would take 31.14 GiB (bfloat16 prompts are slower on CPUs "
         "without AVX-512 BF16)",
         "Needed 15.62 GiB of 12.00 GiB available",
-        "The weights alone do not fit",
+        "The weights alone do not fit",  # no smaller context to offer
         NoGpus.error,
     ]
     app.browser.host_available = lambda: 16 * GiB  # in bfloat16, tightly
