@@ -63,7 +63,7 @@ class ChatController(QObject):
 
     # -- conversations ---------------------------------------------------------------------------
     def open(self, cid: int) -> None:
-        if cid == self.current:  # a click on the open chat changes nothing (it stopped the answer)
+        if cid == self.current:  # a click on the open chat changes nothing
             return
         self.leaving.emit()
         before = self.current
