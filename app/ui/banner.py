@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
+import html
+from pathlib import Path
+
+from PySide6.QtCore import Qt, QUrl
+from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QToolButton
+
+LINK = "#a50e0e"  # the banner's own text colour (its background is light in both themes)
 
 
 class ErrorBanner(QFrame):
@@ -13,7 +19,12 @@ class ErrorBanner(QFrame):
     def __init__(self) -> None:
         super().__init__(objectName="errorBanner", visible=False)
         self.label = QLabel(wordWrap=True)
-        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.label.setTextInteractionFlags(
+            Qt.TextInteractionFlag.TextSelectableByMouse
+            | Qt.TextInteractionFlag.LinksAccessibleByMouse
+        )
+        self.label.linkActivated.connect(lambda url: QDesktopServices.openUrl(QUrl(url)))
+        self.plain = ""
         self.label.setAccessibleName("Error")
         self.close_button = QToolButton(text="✕", autoRaise=True)
         self.close_button.setToolTip("Dismiss this message")
@@ -24,9 +35,18 @@ class ErrorBanner(QFrame):
         lay.addWidget(self.label, 1)
         lay.addWidget(self.close_button, 0, Qt.AlignmentFlag.AlignTop)
 
-    def show_message(self, text: str) -> None:
-        self.label.setText(text)
+    def show_message(self, text: str, logs: Path | None = None) -> None:
+        """``text`` as written (no markup); ``logs``: a folder, shown after it as a link that
+        opens it in the file manager."""
+        self.plain = text + (f"\nLogs: {logs}" if logs else "")
+        shown = html.escape(text, quote=False).replace("\n", "<br>")
+        if logs:
+            url = QUrl.fromLocalFile(str(logs)).toString()
+            folder = html.escape(str(logs))
+            shown += f"<br>Logs: <a href='{html.escape(url)}' style='color: {LINK}'>{folder}</a>"
+        self.label.setText(shown)
         self.show()
 
     def text(self) -> str:
-        return self.label.text()
+        """The message as plain text (with its "Logs: folder" line)."""
+        return self.plain

@@ -7,8 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QModelIndex, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtCore import QByteArray, QModelIndex, Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import QAction, QDesktopServices, QKeySequence
 from PySide6.QtWidgets import (
     QFileDialog,
     QLabel,
@@ -276,7 +276,7 @@ class MainWindow(QMainWindow):
             self.banner.setVisible(False)
 
     def show_error(self, message: str) -> None:
-        self.banner.show_message(f"⚠ {message}\nLogs: {self.log_dir}")
+        self.banner.show_message(f"⚠ {message}", logs=self.log_dir)
 
     def set_dark(self, dark: bool) -> None:
         """Re-render messages (code colours) for a new light/dark theme."""
@@ -396,4 +396,14 @@ class MainWindow(QMainWindow):
             self._load(path)
 
     def _logs(self) -> None:
-        QMessageBox.information(self, "Logs", f"The app and engine logs are in:\n{self.log_dir}")
+        box = QMessageBox(
+            QMessageBox.Icon.Information,
+            "Logs",
+            f"The app and engine logs are in:\n{self.log_dir}",
+            QMessageBox.StandardButton.Close,
+            self,
+        )
+        show = box.addButton("Open the folder", QMessageBox.ButtonRole.ActionRole)
+        box.exec()
+        if box.clickedButton() is show:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.log_dir)))

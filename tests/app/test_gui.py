@@ -392,6 +392,31 @@ def test_a_model_that_fails_to_load_leaves_the_one_loaded_before(tmp_path, qloop
         app.window.close()
 
 
+def test_the_error_banner_and_the_logs_menu_open_the_log_folder(gui, monkeypatch):
+    import re
+
+    from PySide6.QtGui import QDesktopServices
+    from PySide6.QtWidgets import QMessageBox
+
+    opened = []
+    monkeypatch.setattr(QDesktopServices, "openUrl", lambda url: opened.append(url) or True)
+    gui.window.show_error("it broke <b>here</b> & there")
+    banner = gui.window.banner
+    assert banner.text() == f"⚠ it broke <b>here</b> & there\nLogs: {gui.log_dir}"
+    assert banner.label.text().startswith("⚠ it broke &lt;b&gt;here&lt;/b&gt; &amp; there<br>")
+    (href,) = re.findall(r"<a href='([^']+)'", banner.label.text())
+    banner.label.linkActivated.emit(href)
+    assert [u.toLocalFile() for u in opened] == [str(gui.log_dir)]
+
+    def click_open(box):
+        next(b for b in box.buttons() if b.text() == "Open the folder").click()
+        return 0
+
+    monkeypatch.setattr(QMessageBox, "exec", click_open)
+    menu_action(gui.window, "Where are the &logs?").trigger()
+    assert [u.toLocalFile() for u in opened] == [str(gui.log_dir)] * 2
+
+
 def test_throughput_line_stays_below_its_label(qapp):
     """The sparkline of answers' tokens/s: a steady rate draws at the top of the plot, under the
     scale's label, not through it; a slower answer draws lower."""
