@@ -5,8 +5,9 @@ model at most ~10 times a second, and written to SQLite at least every half seco
 crash of the engine or of the app keeps everything but the last fraction of a second.
 
 The engine writes one answer at a time. Opening another chat does not stop it: it goes on
-being written into its own chat (saved as above, shown again when that chat is opened), and
-the other chats can be read and drafted in until it ends.
+being written into its own chat (saved as above, shown again when that chat is opened). A
+message sent in another chat meanwhile waits its turn: its answer starts when the one before
+it ends, in the order they were sent.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ class ChatController(QObject):
     answer_finished = Signal(dict)  # stats of the finished answer
     live_rate = Signal(float)  # tokens/s of the answer being streamed
     leaving = Signal()  # the open chat is about to change: the window saves its draft now
-    # the title of the chat an answer is being written in while another one is open; "" if none
-    answering_elsewhere = Signal(str)
+    # what the open chat says about answers elsewhere: where one is written, or that its own
+    # message waits for it; "" if nothing
+    queue_note = Signal(str)
+    send_allowed = Signal(bool)  # whether the open chat takes a message now
 
     def __init__(self, store: Store, client: EngineClient, settings: Settings):
         super().__init__()
@@ -52,6 +55,7 @@ class ChatController(QObject):
         # chat settings edited with no chat open: what the next new chat starts with
         self.next_chat: tuple[str, dict[str, Any]] | None = None
         self.active: dict[str, Any] | None = None  # the request being streamed
+        self.waiting: list[int] = []  # chats whose last message waits for an answer, in turn
         self.task: asyncio.Task | None = None
         self.repaint = QTimer(self, interval=REPAINT_MS)
         self.repaint.timeout.connect(self._flush)
@@ -109,16 +113,36 @@ class ChatController(QObject):
         a["row"] = next(i for i, m in enumerate(self.messages.rows) if m.id == mid)
         self.messages.update(a["row"], content=a["text"], status="streaming")
 
+    def can_send(self) -> bool:
+        """Whether the open chat takes a message now: not while its own answer is written or
+        its message waits for one (a chat answers one message at a time)."""
+        return not self._answering(self.current) and self.current not in self.waiting
+
     def _tell_answering(self) -> None:
-        """The sidebar marks the chat being answered; the open chat says where, if elsewhere."""
+        """The sidebar marks the chat being answered and those waiting; the open chat says
+        where the model is answering, if elsewhere, and whether its own message waits."""
         a = self.active
         cid = a["message"].conversation_id if a is not None else None
-        self.conversations.set_answering(cid)
-        title = ""
+        self.conversations.set_marks(cid, self.waiting)
+        self.send_allowed.emit(self.can_send())
+        note = ""
         if cid is not None and cid != self.current:
-            with contextlib.suppress(KeyError):  # deleted: its answer is being stopped
-                title = self.store.conversation(cid).title
-        self.answering_elsewhere.emit(title)
+            title = "a deleted chat"  # its answer is being stopped
+            with contextlib.suppress(KeyError):
+                title = f"“{self.store.conversation(cid).title}”"
+            if self.current in self.waiting:
+                ahead = self.waiting.index(self.current)
+                more = f" and {ahead} more waiting before it" if ahead else ""
+                note = (
+                    f"Your message waits: the model answers it after the answer in {title}{more}"
+                    ". Stop ends that answer now."
+                )
+            else:
+                note = (
+                    f"The model is answering in {title}. A message you send here waits for it "
+                    "and is answered next; Stop ends that answer now."
+                )
+        self.queue_note.emit(note)
 
     def _show_context(self) -> None:
         """The open chat's context line: what its last answer left in the model's context (the
@@ -151,11 +175,14 @@ class ChatController(QObject):
     def delete(self, cid: int) -> None:
         if self._answering(cid):
             self.stop()
+        if cid in self.waiting:
+            self.waiting.remove(cid)
         if cid == self.current:
             self.current = None
             self.messages.set_rows([])
         self.store.delete_conversation(cid)
         self.conversations.remove(cid)
+        self._tell_answering()
 
     def search(self, query: str) -> None:
         if not query.strip():
@@ -176,8 +203,10 @@ class ChatController(QObject):
 
     # -- chat ----------------------------------------------------------------------------------
     def send(self, text: str) -> bool:
-        """Save the user's message and start the answer; False if nothing was sent."""
-        if self.busy or not text.strip():
+        """Save the user's message and start the answer, or, while the model answers in
+        another chat, queue it: it is answered when the answers before it end. False if nothing
+        was sent."""
+        if not text.strip() or not self.can_send():
             return False
         if self.current is None:
             self.new_conversation()
@@ -188,8 +217,22 @@ class ChatController(QObject):
             self.store.update_conversation(cid, title=_title_from(text))
         self.store.update_conversation(cid, draft="")
         self.conversations.put_first(self.store.conversation(cid))
-        self._generate()
+        if self.busy:
+            self.waiting.append(cid)
+            self._tell_answering()
+        else:
+            self._generate()
         return True
+
+    def _next_waiting(self) -> None:
+        """Start the answer of the first chat whose message waits (deleted or changed ones
+        are passed over)."""
+        while self.waiting and self.active is None:
+            cid = self.waiting.pop(0)
+            rows = self.store.messages(cid)
+            if rows and rows[-1].role == "user":
+                self._generate(cid=cid)
+        self._tell_answering()
 
     def stop(self) -> None:
         if self.active is not None:
@@ -220,12 +263,15 @@ class ChatController(QObject):
         self.messages.truncate(row)
         self.send(text)
 
-    def history(self) -> list[dict[str, str]]:
-        conv = self.store.conversation(self.current)
+    def history(self, cid: int | None = None) -> list[dict[str, str]]:
+        """The messages the model reads for chat ``cid`` (None: the open one)."""
+        cid = self.current if cid is None else cid
+        conv = self.store.conversation(cid)
+        rows = self.messages.rows if cid == self.current else self.store.messages(cid)
         out = [{"role": "system", "content": conv.system_prompt}] if conv.system_prompt else []
         out += [
             {"role": m.role, "content": m.content}
-            for m in self.messages.rows
+            for m in rows
             if m.content and m.status != "error"
         ]
         return out
@@ -242,15 +288,18 @@ class ChatController(QObject):
         self.messages.update(row, status="streaming")
         self._generate(answer=last, row=row)
 
-    def _generate(self, answer: Message | None = None, row: int = -1) -> None:
-        """A new answer to the history, or with ``answer`` (the last message, at ``row``) more
-        of that one, its text and token count going on from where they are."""
-        conv = self.store.conversation(self.current)
-        history = self.history()
+    def _generate(
+        self, answer: Message | None = None, row: int = -1, cid: int | None = None
+    ) -> None:
+        """A new answer to the history of chat ``cid`` (None: the open one), or with ``answer``
+        (the last message, at ``row``) more of that one, its text and token count going on
+        from where they are."""
+        conv = self.store.conversation(self.current if cid is None else cid)
+        history = self.history(conv.id)
         more = answer is not None
         if answer is None:
             answer = self.store.add_message(conv.id, "assistant", "", status="streaming")
-            row = self.messages.append(answer)
+            row = self.messages.append(answer) if conv.id == self.current else -1
         id_, queue = self.client.generate(
             history, sampling=conv.sampling or self.settings.sampling, continue_final=more
         )
@@ -338,6 +387,7 @@ class ChatController(QObject):
             self.error.emit("; ".join(news))
         if stats:
             self.answer_finished.emit(stats)
+        self._next_waiting()
 
     # -- import / export -------------------------------------------------------------------------
     def import_json(self, data: Any, source: str) -> int:

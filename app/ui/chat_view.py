@@ -212,9 +212,10 @@ class ChatView(QWidget):
         self.dropped = QLabel()
         self.dropped.setObjectName("warning")
         self.dropped.setVisible(False)
-        # while the engine writes an answer in another chat: where, and when Send is free
-        self.elsewhere = QLabel(wordWrap=True, visible=False, objectName="emptyHint")
-        self.elsewhere.setAccessibleName("Answer in another chat")
+        # while the engine writes an answer in another chat: where, and what a message sent
+        # here does (waits its turn)
+        self.queue_note = QLabel(wordWrap=True, visible=False, objectName="emptyHint")
+        self.queue_note.setAccessibleName("Answer in another chat")
         self.input = Composer()
         self.input.setPlaceholderText(
             "Message the model (Enter sends, Shift+Enter: new line, Esc stops)"
@@ -247,7 +248,7 @@ class ChatView(QWidget):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.scroll, 1)
         lay.addLayout(footer)
-        lay.addWidget(self.elsewhere)
+        lay.addWidget(self.queue_note)
         lay.addLayout(composer)
         self._fit_input()
         model.modelReset.connect(self._rebuild)
@@ -322,7 +323,7 @@ class ChatView(QWidget):
 
     def _send(self) -> None:
         text = self.input.toPlainText()
-        if text.strip() and not self.busy:
+        if text.strip() and self.send_button.isEnabled():
             self.send_requested.emit(text)
 
     def set_dark(self, dark: bool) -> None:
@@ -342,21 +343,19 @@ class ChatView(QWidget):
         self.input.clear()
 
     def set_busy(self, busy: bool) -> None:
+        """The engine is writing an answer (in this chat or another): Stop ends it, and the
+        messages' Edit, Regenerate and Continue wait."""
         self.busy = busy
         self.stop_button.setEnabled(busy)
-        self.send_button.setEnabled(not busy)
         self._refresh_buttons()
 
-    def set_answering_elsewhere(self, title: str) -> None:
-        """The engine is writing an answer in chat ``title`` (not this one): Send waits for it,
-        Stop ends it. "" hides the line."""
-        self.elsewhere.setText(
-            f"The model is answering in “{title}”. Send is free again when it ends; "
-            "Stop ends it now."
-            if title
-            else ""
-        )
-        self.elsewhere.setVisible(bool(title))
+    def set_send_allowed(self, allowed: bool) -> None:
+        self.send_button.setEnabled(allowed)
+
+    def set_queue_note(self, text: str) -> None:
+        """The line above the composer about answers in other chats ("" hides it)."""
+        self.queue_note.setText(text)
+        self.queue_note.setVisible(bool(text))
 
     def _edit(self, w: MessageWidget) -> None:
         row = self.widgets.index(w)

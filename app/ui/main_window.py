@@ -246,7 +246,8 @@ class MainWindow(QMainWindow):
         c.leaving.connect(self.chat.flush_draft)  # the last keystrokes, before the chat changes
         c.conversation_opened.connect(self._opened)
         c.busy_changed.connect(self.chat.set_busy)
-        c.answering_elsewhere.connect(self.chat.set_answering_elsewhere)
+        c.queue_note.connect(self.chat.set_queue_note)
+        c.send_allowed.connect(self.chat.set_send_allowed)
         c.error.connect(self.show_error)
         c.status.connect(lambda text: self.statusBar().showMessage(text))
         c.context_changed.connect(self.chat.set_context)

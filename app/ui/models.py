@@ -17,6 +17,7 @@ StatusRole = Qt.ItemDataRole.UserRole + 3
 StatsRole = Qt.ItemDataRole.UserRole + 4
 SnippetRole = Qt.ItemDataRole.UserRole + 5
 ANSWERING_MARK = "● "  # before the title of the chat an answer is being written in
+WAITING_MARK = "○ "  # before the titles of chats whose message waits for an answer
 
 
 class ConversationListModel(QAbstractListModel):
@@ -28,6 +29,7 @@ class ConversationListModel(QAbstractListModel):
         self.snippets: dict[int, str] = {}
         self.rename = rename
         self.answering: int | None = None  # the chat an answer is being written in
+        self.waiting: set[int] = set()  # chats whose message waits for an answer
 
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(self.rows)
@@ -37,13 +39,14 @@ class ConversationListModel(QAbstractListModel):
             return None
         c = self.rows[index.row()]
         if role == Qt.ItemDataRole.DisplayRole:
-            return f"{ANSWERING_MARK}{c.title}" if c.id == self.answering else c.title
+            return self._mark(c.id) + c.title
         if role == Qt.ItemDataRole.EditRole:
             return c.title
         if role == Qt.ItemDataRole.ToolTipRole:
             tip = self.snippets.get(c.id) or c.title
-            busy = c.id == self.answering
-            return f"{tip}\n(the model is answering in this chat)" if busy else tip
+            if c.id == self.answering:
+                return f"{tip}\n(the model is answering in this chat)"
+            return f"{tip}\n(a message here waits for an answer)" if c.id in self.waiting else tip
         if role == IdRole:
             return c.id
         if role == SnippetRole:
@@ -71,12 +74,18 @@ class ConversationListModel(QAbstractListModel):
         self.snippets = snippets or {}
         self.endResetModel()
 
-    def set_answering(self, cid: int | None) -> None:
-        """Mark the chat an answer is being written in (None: no answer)."""
-        before, self.answering = self.answering, cid
-        for changed in {before, cid} - {None}:
-            row = self.row_of(changed)
-            if row >= 0:
+    def _mark(self, cid: int) -> str:
+        if cid == self.answering:
+            return ANSWERING_MARK
+        return WAITING_MARK if cid in self.waiting else ""
+
+    def set_marks(self, answering: int | None, waiting: list[int]) -> None:
+        """Mark the chat an answer is being written in (None: no answer) and those whose
+        message waits for one."""
+        before = {c.id: self._mark(c.id) for c in self.rows}
+        self.answering, self.waiting = answering, set(waiting)
+        for row, c in enumerate(self.rows):
+            if self._mark(c.id) != before[c.id]:
                 self.dataChanged.emit(self.index(row), self.index(row))
 
     def row_of(self, cid: int) -> int:

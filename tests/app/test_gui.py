@@ -893,31 +893,80 @@ def test_an_answer_goes_on_in_its_chat_while_another_is_open(gui, qloop):
     titles = [ctrl.conversations.index(i).data() for i in range(2)]
     assert titles == ["New chat", "● slow"]  # the sidebar marks the chat being answered
     assert ctrl.conversations.index(1).data(Qt.ItemDataRole.EditRole) == "slow"
-    assert chat.elsewhere.isVisibleTo(gui.window)
-    assert chat.elsewhere.text().startswith("The model is answering in “slow”.")
-    assert not chat.send_button.isEnabled() and chat.stop_button.isEnabled()
+    assert chat.queue_note.isVisibleTo(gui.window)
+    assert chat.queue_note.text().startswith("The model is answering in “slow”. A message")
+    assert chat.send_button.isEnabled() and chat.stop_button.isEnabled()
     chat.input.setFocus()
-    QTest.keyClicks(chat.input, "next question")
-    QTest.keyClick(chat.input, Qt.Key.Key_Return)  # waits: the draft stays in the composer
-    assert chat.input.toPlainText() == "next question" and ctrl.messages.rows == []
+    QTest.keyClicks(chat.input, "next question")  # a draft: the chat stays in the list
     # back in the first chat mid-answer: all the text so far, and the stream goes on there
     ctrl.open(first)
-    assert not chat.elsewhere.isVisibleTo(gui.window)
+    assert not chat.queue_note.isVisibleTo(gui.window) and not chat.send_button.isEnabled()
     shown = ctrl.messages.rows[-1].content.count("word")
     assert shown >= 5 and ctrl.messages.rows[-1].status == "streaming"
     wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") > shown + 3)
+    # a message sent in the other chat waits its turn, and is answered when the first ends
     ctrl.open(second)
     assert chat.input.toPlainText() == "next question"  # the draft came back with its chat
-    wait_until(qloop, lambda: not ctrl.busy, timeout=60, what="the whole answer")
+    chat.input.setFocus()
+    QTest.keyClick(chat.input, Qt.Key.Key_Return)
+    assert chat.input.toPlainText() == ""
+    assert [(m.role, m.content) for m in ctrl.messages.rows] == [("user", "next question")]
+    assert [ctrl.conversations.index(i).data() for i in range(2)] == ["○ next question", "● slow"]
+    assert chat.queue_note.text().startswith(
+        "Your message waits: the model answers it after the answer in “slow”."
+    )
+    assert not chat.send_button.isEnabled()  # one message a chat at a time
+    wait_until(qloop, lambda: answer_done(gui), timeout=60, what="the queued answer")
     stored = gui.store.messages(first)[-1]
     assert stored.status == "done" and stored.content.count("word") == 400
-    assert not chat.elsewhere.isVisibleTo(gui.window) and chat.send_button.isEnabled()
-    assert [ctrl.conversations.index(i).data() for i in range(2)] == ["New chat", "slow"]
-    QTest.keyClick(chat.input, Qt.Key.Key_Return)  # now it sends
-    wait_until(qloop, lambda: answer_done(gui))
     assert ctrl.messages.rows[-1].content == "You said: next question"
+    assert not chat.queue_note.isVisibleTo(gui.window) and chat.send_button.isEnabled()
+    assert [ctrl.conversations.index(i).data() for i in range(2)] == ["next question", "slow"]
     ctrl.open(first)
     assert chat.widgets[-1].body.toPlainText().count("word") == 400
+
+
+def test_queued_messages_are_answered_in_the_order_sent(tmp_path, qloop, monkeypatch):
+    from .conftest import make_app
+
+    requests = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(requests))
+    app = make_app(tmp_path / "data", qloop, monkeypatch)
+    ctrl = app.ctrl
+    try:
+        send(app, "slow")
+        answering = ctrl.current
+        wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 2)
+        chats = {}
+        for text in ("one", "two", "three"):
+            chats[text] = ctrl.new_conversation()
+            send(app, text)
+        assert ctrl.waiting == [chats["one"], chats["two"], chats["three"]]
+        assert app.window.chat.queue_note.text().startswith(
+            "Your message waits: the model answers it after the answer in “slow” and 2 more "
+            "waiting before it."
+        )
+        ctrl.delete(chats["two"])  # a deleted chat leaves the queue
+        assert ctrl.waiting == [chats["one"], chats["three"]]
+        ctrl.open(answering)
+        app.window.chat.stop_button.click()  # Stop ends the answer being written, not the queue
+        wait_until(qloop, lambda: not ctrl.waiting and not ctrl.busy, what="the queue")
+        asked = [
+            r["messages"][-1]["content"]
+            for r in map(json.loads, requests.read_text().splitlines())
+            if r["type"] == "generate"
+        ]
+        assert asked == ["slow", "one", "three"]
+        assert gui_answers(app, chats["one"]) == ["You said: one"]
+        assert gui_answers(app, chats["three"]) == ["You said: three"]
+        assert app.store.messages(answering)[-1].status == "stopped"
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+
+def gui_answers(app, cid):
+    return [m.content for m in app.store.messages(cid) if m.role == "assistant"]
 
 
 def test_deleting_the_chat_being_answered_from_another_stops_its_answer(gui, qloop, monkeypatch):
@@ -937,7 +986,7 @@ def test_deleting_the_chat_being_answered_from_another_stops_its_answer(gui, qlo
     ctrl.delete(doomed)
     wait_until(qloop, lambda: not ctrl.busy, what="the stopped answer")
     assert [c.id for c in gui.store.conversations()] == [kept]
-    assert not gui.window.chat.elsewhere.isVisibleTo(gui.window)
+    assert not gui.window.chat.queue_note.isVisibleTo(gui.window)
     assert [m.content for m in ctrl.messages.rows] == ["first chat", "You said: first chat"]
     send(gui, "again")  # the engine is free for the next answer
     wait_until(qloop, lambda: answer_done(gui))
