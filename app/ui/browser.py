@@ -193,6 +193,10 @@ class DetailPane(QWidget):
         super().__init__()
         self.ctrl, self.spawn = ctrl, spawn
         self.repo: str | None = None
+        # Load in chat: the model is installed, and fits at the chosen context (one that does
+        # not is refused by the engine after it has let the loaded model go)
+        self.installed = False
+        self.fits = True
         self.title = QLabel(objectName="detailTitle", wordWrap=True)
         self.title.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.size = QLabel(wordWrap=True)
@@ -256,6 +260,7 @@ class DetailPane(QWidget):
         self.breakdown.setText("")
         for b in (self.download, self.pause, self.cancel, self.load):
             b.setEnabled(False)
+        self.installed, self.fits = False, True
         self.progress.setVisible(False)
         self.state.setText("")
 
@@ -288,6 +293,19 @@ class DetailPane(QWidget):
         d = self.ctrl.details
         if d is None or d.repo != self.repo:
             return
+        self.fits = True  # unless a verdict says otherwise
+        self._show_fit(d)
+        self._enable_load()
+
+    def _enable_load(self) -> None:
+        self.load.setEnabled(self.installed and self.fits)
+        self.load.setToolTip(
+            ""
+            if self.fits
+            else "It does not fit at this context: choose a smaller one (the fit says which)"
+        )
+
+    def _show_fit(self, d) -> None:
         gpu = self.gpu.currentData()
         if gpu is None:
             self._show_cpu_fit(d)
@@ -297,6 +315,7 @@ class DetailPane(QWidget):
             self.verdict.setText("")
             self.breakdown.setText(d.note)
             return
+        self.fits = f.verdict != "does not fit"
         colour = VERDICT_COLOURS[f.verdict]
         self.verdict.setText(f"<b style='color:{colour}'>{f.verdict.capitalize()}</b>")
         lines = f.lines()
@@ -324,6 +343,7 @@ class DetailPane(QWidget):
             lines = f.lines()
         lines += [why for why in (self.ctrl.gpus.error, d.note) if why]
         verdict, largest = (f.verdict, f.max_context) if f is not None else (None, 0)
+        self.fits = verdict != "does not fit"
         self.breakdown.setText("<br>".join(offer_context(lines, verdict, largest)))
 
     def _download(self) -> None:
@@ -346,7 +366,8 @@ class DetailPane(QWidget):
         self.download.setEnabled(not active and not installed)
         self.pause.setEnabled(active)
         self.cancel.setEnabled(d is not None and not installed and d.state != "cancelled")
-        self.load.setEnabled(installed)
+        self.installed = installed
+        self._enable_load()
         self.progress.setVisible(d is not None)
         if d is None:
             self.state.setText("Installed." if installed else "")

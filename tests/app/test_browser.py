@@ -156,8 +156,11 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path, monke
     w.resize(1100, 720)
 
     detail.download.click()
-    wait_until(qloop, lambda: detail.load.isEnabled(), what=f"the download {detail.state.text()}")
-    assert "Installed" in detail.state.text() and detail.progress.value() == 100
+    wait_until(qloop, lambda: "Installed" in detail.state.text(), what="the download")
+    assert detail.progress.value() == 100
+    # installed, but Load in chat waits for a context that fits (the engine would refuse
+    # 131072 tokens after letting the loaded model go)
+    assert not detail.load.isEnabled() and "does not fit" in detail.load.toolTip()
     folder = tmp_path / "models" / SMALL
     assert (folder / "model-00001-of-00001.safetensors").read_bytes() == payload(400_000, 7)
     rows = app.browser.local.rows
@@ -195,6 +198,7 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path, monke
     monkeypatch.setattr(app.ctrl.client, "load", load)
     assert app.settings.context == 4096
     detail.context.setValue(8192)
+    assert detail.load.isEnabled() and detail.load.toolTip() == ""
     detail.load.click()
     wait_until(qloop, lambda: app.settings.model == str(folder), what="the load")
     assert sent == [(str(folder), 8192)] and app.settings.context == 8192
