@@ -660,8 +660,8 @@ constexpr int kSampleMaxPer = 22 * 1024;  // values a block (with the histogram,
 template <typename T>
 __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
     const T* __restrict__ logits, const float* __restrict__ noise, int64_t V, int per,
-    float temperature, double top_p, float min_p, int64_t* __restrict__ token,
-    bool* __restrict__ seen, int64_t* __restrict__ pos) {
+    float temperature, double top_p, float min_p, const double* __restrict__ params,
+    int64_t* __restrict__ token, bool* __restrict__ seen, int64_t* __restrict__ pos) {
   pdl_trigger();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -692,6 +692,11 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
     if (threadIdx.x < kSampleCluster) *cluster.map_shared_rank(&slots[rank], threadIdx.x) = v;
   };
   pdl_wait();  // the noise comes from the previous kernel, the logits from an earlier one
+  if (params != nullptr) {  // the settings from the GPU: a CUDA graph replays with new ones
+    temperature = static_cast<float>(params[0]);
+    top_p = params[1];
+    min_p = static_cast<float>(params[2]);
+  }
 
   // 1. x and its maximum; the greedy pick too, for a row without positive p. Thread t takes
   // values t, t + kSampleThreads, ..., kSampleBatch loads at a time.
@@ -1074,8 +1079,9 @@ bool sample_pick_supported(int64_t V) {
 }
 
 cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V,
-                               float temperature, double top_p, float min_p, int64_t* token,
-                               bool* seen, int64_t* pos, DType dtype, cudaStream_t stream) {
+                               float temperature, double top_p, float min_p,
+                               const double* params, int64_t* token, bool* seen, int64_t* pos,
+                               DType dtype, cudaStream_t stream) {
   if (!hopper_or_later()) return cudaErrorNotSupported;
   if (!sample_pick_supported(V)) return cudaErrorInvalidValue;
   const int per = static_cast<int>((V + kSampleCluster - 1) / kSampleCluster);
@@ -1085,8 +1091,8 @@ cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
     return launch_pdl_in(kSampleCluster, kernel, dim3(kSampleCluster), dim3(kSampleThreads),
-                         smem, stream, typed, noise, V, per, temperature, top_p, min_p, token,
-                         seen, pos);
+                         smem, stream, typed, noise, V, per, temperature, top_p, min_p, params,
+                         token, seen, pos);
   };
   if (dtype == DType::kHalf)
     return go(sample_pick_kernel<__half>, static_cast<const __half*>(logits));

@@ -598,10 +598,12 @@ void greedy_pick_cuda(const at::Tensor& logits, const at::Tensor& token, const a
 
 // The sampled pick of a decode step (vptq_decode.cu sample_pick_kernel): of the tokens top-p
 // and min-p keep at this temperature, the one with the largest p / noise; seen[token] = true,
-// pos += 1; nothing read back to the host.
+// pos += 1; nothing read back to the host. params (optional): float64 [temperature, top_p,
+// min_p] on the GPU, read by the kernel in place of the three numbers (which are then only
+// checked), so that a captured graph replays with whatever settings it holds then.
 void sample_pick_cuda(const at::Tensor& logits, const at::Tensor& noise, const at::Tensor& token,
                       const at::Tensor& seen, const at::Tensor& pos, double temperature,
-                      double top_p, double min_p) {
+                      double top_p, double min_p, const OptTensor& params) {
   const c10::cuda::CUDAGuard guard(logits.device());
   check_act(logits, logits, "logits");
   check_beside(noise, logits, at::kFloat, "sample_pick", "noise");
@@ -620,10 +622,17 @@ void sample_pick_cuda(const at::Tensor& logits, const at::Tensor& noise, const a
   TORCH_CHECK(vptq::sample_pick_supported(V),
               msg("sample_pick: ", V, " logits is beyond what the kernel holds in shared "
                   "memory; use engine/sampling.py sample"));
+  if (params) {
+    check_beside(*params, logits, at::kDouble, "sample_pick", "params");
+    TORCH_CHECK(params->numel() == 3,
+                msg("sample_pick: params holds temperature, top_p and min_p; got ",
+                    params->numel(), " values"));
+  }
   const cudaError_t err = vptq::launch_sample_pick(
       logits.data_ptr(), noise.data_ptr<float>(), V, static_cast<float>(temperature), top_p,
-      static_cast<float>(min_p), token.data_ptr<int64_t>(), seen.data_ptr<bool>(),
-      pos.data_ptr<int64_t>(), dtype_of(logits), at::cuda::getCurrentCUDAStream());
+      static_cast<float>(min_p), params ? params->data_ptr<double>() : nullptr,
+      token.data_ptr<int64_t>(), seen.data_ptr<bool>(), pos.data_ptr<int64_t>(),
+      dtype_of(logits), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err != cudaErrorNotSupported,
               "sample_pick needs compute capability 9.0 or later (thread block clusters); use "
               "engine/sampling.py sample");
@@ -698,7 +707,7 @@ TORCH_LIBRARY(vptq, m) {
       "Tensor(d!) ticket) -> ()");
   m.def(
       "sample_pick(Tensor logits, Tensor noise, Tensor(a!) token, Tensor(b!) seen, "
-      "Tensor(c!) pos, float temperature, float top_p, float min_p) -> ()");
+      "Tensor(c!) pos, float temperature, float top_p, float min_p, Tensor? params=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vptq, CUDA, m) {

@@ -2,8 +2,10 @@
 position written back into the graph's own input buffers. The host never waits for a token
 before launching the next step: token ids come back through pinned memory, one step behind.
 
-One graph per sampling setting (temperature, top-k, ...: they are baked into the graph),
-a few kept, all sharing one memory pool.
+One graph per sampling setting, a few kept, all sharing one memory pool. Where the sampled
+pick is the fused kernel (fused.sample_pick_fused), it reads temperature, top-p and min-p from
+a tensor the graph holds, so one graph serves every value of them; elsewhere (top-k, a
+repetition penalty, the PyTorch pick of older GPUs) the settings are baked into the graph.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ MAX_GRAPHS = 4
 LAG = 2  # steps in flight before the host reads a token
 
 
-def _key(p: SamplingParams) -> tuple:
+def graph_key(p: SamplingParams, pick_in_place: bool) -> tuple:
+    """What tells one captured step from another: greedy steps are all alike; so are the fused
+    sampled picks (pick_in_place), which read their settings from the graph's tensor."""
+    if p.temperature == 0 and p.repetition_penalty == 1.0:
+        return ("greedy",)
+    if pick_in_place and p.top_k == 0 and p.repetition_penalty == 1.0:
+        return ("sampled",)
     return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty)
 
 
@@ -37,6 +45,10 @@ class GraphDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # in: its position; out: +1
         self.seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device=dev)
         self.ticket = torch.zeros(1, dtype=torch.int32, device=dev)  # for fused.greedy_pick
+        # temperature, top-p, min-p: what the fused sampled pick reads (run() sets them)
+        self.params = torch.zeros(3, dtype=torch.float64, device=dev)
+        logits = torch.empty(1, model.args.vocab_size, dtype=model.model.norm.weight.dtype)
+        self.pick_in_place = fused.sample_pick_fused(logits.to(dev))
         self.gen = torch.Generator(device=dev)
         self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle()
@@ -47,20 +59,29 @@ class GraphDecoder:
         if p.temperature == 0 and p.repetition_penalty == 1.0:  # greedy: one kernel ends it
             fused.greedy_pick(logits, self.token, self.seen, self.pos, self.ticket)
             return
-        if p.top_k == 0 and p.repetition_penalty == 1.0 and fused.sample_pick_fused(logits):
+        in_place = self.pick_in_place or fused.sample_pick_fused(logits)
+        if p.top_k == 0 and p.repetition_penalty == 1.0 and in_place:
             # the chat's sampling in one kernel, with the noise sample() would draw from the
             # same generator, so the same tokens
             noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
             noise.exponential_(1.0, generator=self.gen)
-            fused.sample_pick(
-                logits, noise, self.token, self.seen, self.pos, p.temperature, p.top_p, p.min_p
+            fused.sample_pick(  # the settings from self.params (graph_key)
+                logits,
+                noise,
+                self.token,
+                self.seen,
+                self.pos,
+                p.temperature,
+                p.top_p,
+                p.min_p,
+                self.params,
             )
             return
         nxt = sample(logits.float(), p, self.gen, self.seen)  # [1]
         fused.advance(nxt, self.token, self.seen, self.pos)
 
     def graph(self, p: SamplingParams) -> torch.cuda.CUDAGraph:
-        key = _key(p)
+        key = graph_key(p, self.pick_in_place)
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
@@ -95,6 +116,8 @@ class GraphDecoder:
         """Yield up to ``limit`` tokens: the one sampled from the prefill ``logits`` ([1, V],
         its position is ``pos``), then one per graph step. Stop iterating at any time: steps
         already launched only wrote KV entries beyond what the caller keeps."""
+        settings = [p.temperature, p.top_p, p.min_p]
+        self.params.copy_(torch.tensor(settings, dtype=torch.float64))  # before any step reads it
         g = self.graph(p)  # capturing draws random numbers: seed after it
         self.gen.manual_seed(seed)
         self.seen.copy_(seen)

@@ -185,7 +185,7 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("vptq::sample_pick")
-    def _(logits, noise, token, seen, pos, temperature, top_p, min_p):
+    def _(logits, noise, token, seen, pos, temperature, top_p, min_p, params=None):
         return None
 
     @torch.library.register_fake("vptq::gptq_gemv")

@@ -167,7 +167,7 @@ def sample_pick_fused(logits: torch.Tensor) -> bool:
     return sample_pick_fits(logits.shape[-1], major, arch.smem_optin(logits.device))
 
 
-def sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p) -> None:
+def sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p, params=None) -> None:
     """The end of a sampled decode step without top-k or a repetition penalty: of the tokens
     that min-p and top-p keep from p = exp(logits / temperature - max), token[...] = the one
     with the largest p / noise (noise [1, V] float32 ~ Exp(1): a draw from the kept tokens'
@@ -178,17 +178,24 @@ def sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p) -> N
     logit -inf or NaN), the pick is greedy. Fused (compute capability 9.0, sample_pick_fused):
     one kernel where PyTorch sorts the vocabulary in about fifteen, its sums in a fixed order,
     so a seeded chat draws the same tokens on every run; else these tensor operations, with no
-    host sync either."""
+    host sync either.
+
+    params: a float64 tensor [temperature, top_p, min_p] beside the logits, read in place of
+    the three numbers (a captured graph then takes new settings without a new capture)."""
     if sample_pick_fused(logits):
-        torch.ops.vptq.sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p)
+        torch.ops.vptq.sample_pick(
+            logits, noise, token, seen, pos, temperature, top_p, min_p, params
+        )
         return
+    if params is not None:  # device values: no host branch on top_p (its sort always runs)
+        temperature, top_p, min_p = params[0].float(), params[1], params[2].float()
     raw = logits.float().view(-1)
     x = raw / temperature
     p = torch.exp(x - torch.where(x.isnan(), -torch.inf, x).amax())
     p = torch.where(p >= min_p, p, 0.0)  # NaN too
     total = p.double().sum()
     keys = p.view(torch.int32)  # p >= 0: its bits order the tokens as p does
-    if top_p < 1:
+    if params is not None or top_p < 1:
         ordered, order = keys.sort(descending=True)
         mass = p[order].double()
         before = mass.cumsum(0) - mass  # for the first of equals: the mass strictly above

@@ -548,7 +548,25 @@ def test_sample_pick_in_a_graph_opcheck_and_bad_input():
         graph.replay()
         torch.cuda.synchronize()
         assert int(token) in allowed_tokens(logits, noise, 0.7, 0.95, 0.0) and int(pos) == 11
+    # the settings in a tensor the graph holds: replays with new ones draw under those
+    params = torch.tensor([0.7, 0.95, 0.0], dtype=torch.float64, device="cuda")
+    if pick_kernel():
+        torch.library.opcheck(torch.ops.vptq.sample_pick.default, (*args, params))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused.sample_pick(*args, params)
+    for temperature, top_p, min_p in SAMPLE_SETTINGS * 2:
+        params.copy_(torch.tensor([temperature, top_p, min_p], dtype=torch.float64))
+        logits.copy_(torch.randn(1, v, device="cuda") * 3)
+        noise.exponential_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(token) in allowed_tokens(logits, noise, temperature, top_p, min_p)
     vv = torch.ops.vptq
+    with pytest.raises(RuntimeError, match="params must be a contiguous Double tensor"):
+        vv.sample_pick(*args, params.float())
+    with pytest.raises(RuntimeError, match="params holds temperature, top_p and min_p; got 2"):
+        vv.sample_pick(*args, params[:2])
     big = fused.SAMPLE_PICK_MAX_VOCAB + 8
     with pytest.raises(RuntimeError, match="beyond what the kernel holds"):
         vv.sample_pick(*sample_big(big))

@@ -81,13 +81,16 @@ def test_greedy_pick_without_kernels_takes_the_first_largest_and_moves_on():
     assert token.tolist() == [[2]] and pos.tolist() == [13] and seen[2]
 
 
+@pytest.mark.parametrize("in_tensor", [False, True], ids=["numbers", "params"])
 @pytest.mark.parametrize("case", ["flat", "peaked", "ties", "masked", "-inf"])
 @pytest.mark.parametrize(
     "temperature,top_p,min_p", [(0.7, 0.95, 0.0), (1.0, 1.0, 0.0), (1.3, 0.5, 0.05), (0.7, 1e-9, 0)]
 )
 def test_sample_pick_without_kernels_draws_from_what_top_p_and_min_p_keep(
-    case, temperature, top_p, min_p
+    case, temperature, top_p, min_p, in_tensor
 ):
+    """in_tensor: the settings in the params tensor (the graph decoder's), the numbers given
+    beside them being others, which must not count."""
     v, unique = 5003, 0
     for draw in range(12):
         logits = chat_logits(v, case, seed=draw)
@@ -96,7 +99,11 @@ def test_sample_pick_without_kernels_draws_from_what_top_p_and_min_p_keep(
         token = torch.zeros(1, 1, dtype=torch.long)
         pos = torch.tensor([41])
         seen = torch.zeros(v, dtype=torch.bool)
-        fused.sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p)
+        if in_tensor:
+            params = torch.tensor([temperature, top_p, min_p], dtype=torch.float64)
+            fused.sample_pick(logits, noise, token, seen, pos, 5.0, 1.0, 0.0, params)
+        else:
+            fused.sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p)
         allowed = allowed_tokens(logits, noise, temperature, top_p, min_p)
         assert int(token) in allowed, (draw, int(token), sorted(allowed)[:5])
         assert int(pos) == 42 and bool(seen[int(token)]) and int(seen.sum()) == 1
@@ -133,3 +140,22 @@ def test_the_sampled_pick_limits_match_the_kernel_source():
     # still fits an H100's 227 KiB
     assert hist <= fused.SAMPLE_PICK_SMEM <= hist + 16 * 1024
     assert fused.SAMPLE_PICK_SMEM + 4 * per <= 227 * 1024
+
+
+def test_graph_keys_tell_apart_only_what_a_graph_bakes_in():
+    """Greedy steps share one graph whatever the (unused) top-p; the fused sampled pick reads
+    temperature, top-p and min-p from the graph's tensor, so they share one too; top-k, a
+    repetition penalty, or the PyTorch pick (pick_in_place False) bake their settings in."""
+    from engine.decode import graph_key
+    from engine.sampling import SamplingParams as P
+
+    assert graph_key(P(temperature=0), True) == graph_key(P(temperature=0, top_p=0.5), False)
+    chat, other = P(temperature=0.7, top_p=0.95), P(temperature=1.2, top_p=0.5, min_p=0.1)
+    assert graph_key(chat, True) == graph_key(other, True) != graph_key(P(temperature=0), True)
+    assert graph_key(chat, False) != graph_key(other, False)
+    assert graph_key(P(temperature=0.7, top_k=40), True) != graph_key(
+        P(temperature=0.9, top_k=40), True
+    )
+    penalty = P(temperature=0, repetition_penalty=1.3)
+    assert graph_key(penalty, True) != graph_key(P(temperature=0), True)
+    assert graph_key(penalty, True) != graph_key(P(temperature=0, repetition_penalty=1.2), True)

@@ -79,6 +79,37 @@ def test_graph_decode_gives_the_eager_tokens(small_model, p):
 
 
 @torch.no_grad()
+def test_one_graph_serves_every_temperature_top_p_and_min_p(small_model):
+    """The fused sampled pick reads its settings from the graph's tensor: new values take no
+    new capture (each one did), and draw the eager tokens of those values."""
+    dec = GraphDecoder(small_model)
+    settings = [
+        SamplingParams(temperature=0.7, top_p=0.95, seed=5),
+        SamplingParams(temperature=1.2, top_p=0.6, min_p=0.05, seed=5),
+        SamplingParams(temperature=0.3, seed=5),
+    ]
+    if not dec.usable(settings[0]):
+        pytest.skip("this torch cannot put a seeded generator into a CUDA graph")
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    prompt = torch.randint(0, 4096, (1, 9), device="cuda", generator=gen)
+    for p in settings:
+        want = eager_tokens(small_model, prompt, p, seed=5, n=24)
+        logits = small_model(prompt, 0, last_only=True)[0]
+        seen = torch.zeros(4096, dtype=torch.bool, device="cuda")
+        assert list(dec.run(logits, 9, seen, p, seed=5, limit=24)) == want, p
+    assert dec.pick_in_place == fused_pick(small_model)
+    assert len(dec.graphs) == (1 if dec.pick_in_place else len(settings))
+
+
+def fused_pick(model) -> bool:
+    from engine.ops import decode as fused
+
+    logits = model.decode(torch.zeros(1, 1, dtype=torch.long, device="cuda"),
+                          torch.tensor([0], device="cuda"), cast=False)  # fmt: skip
+    return fused.sample_pick_fused(logits)
+
+
+@torch.no_grad()
 def test_bench_e2e_times_greedy_and_the_chats_sampling(small_model, monkeypatch):
     """measure() on a clock that ticks 1 ms a reading: every rate is the tokens it decoded over
     the ticks between its readings, the sampled run uses the chat's settings, and its graph ends
