@@ -105,6 +105,15 @@ class GraphDecoder:
             self.graphs.popitem(last=False)
         return g
 
+    def capture(self, p: SamplingParams) -> None:
+        """The graph for ``p``, captured now (the warm-up) rather than at its first run."""
+        self._set_params(p)
+        self.graph(p)
+
+    def _set_params(self, p: SamplingParams) -> None:
+        """The settings the fused sampled pick reads, before any step reads them."""
+        self.params.copy_(torch.tensor([p.temperature, p.top_p, p.min_p], dtype=torch.float64))
+
     def usable(self, p: SamplingParams) -> bool:
         """Sampling with noise needs the generator registered with the graph (torch >= 2.5)."""
         return p.temperature == 0 or self.rng_in_graph
@@ -116,8 +125,7 @@ class GraphDecoder:
         """Yield up to ``limit`` tokens: the one sampled from the prefill ``logits`` ([1, V],
         its position is ``pos``), then one per graph step. Stop iterating at any time: steps
         already launched only wrote KV entries beyond what the caller keeps."""
-        settings = [p.temperature, p.top_p, p.min_p]
-        self.params.copy_(torch.tensor(settings, dtype=torch.float64))  # before any step reads it
+        self._set_params(p)
         g = self.graph(p)  # capturing draws random numbers: seed after it
         self.gen.manual_seed(seed)
         self.seen.copy_(seen)

@@ -79,9 +79,11 @@ class Session:
         kernels PyTorch and we use are loaded (0.1-1.5 s on an H200) and on the CPU every VPTQ
         layer's weights are expanded to the dense ones the reference path keeps (engine/layers.py;
         seconds for the demo model); on a GPU also the greedy decode graph's capture (about 0.1 s)
-        and the samplers' first calls (about 20 ms). Its KV entries are overwritten by the first
-        prompt's (self.cached stays empty). A failure here (out of memory, say) is logged and
-        costs only that speed: the first answer meets it again and reports it."""
+        and the samplers' first calls (about 20 ms), and where the sampled pick reads its settings
+        from the graph (engine/decode.py graph_key), the sampled graph, which then serves every
+        temperature, top-p and min-p (the app's chats sample). Its KV entries are overwritten by
+        the first prompt's (self.cached stays empty). A failure here (out of memory, say) is
+        logged and costs only that speed: the first answer meets it again and reports it."""
         cuda = self.loaded.device.type == "cuda"
         if progress:
             progress(1.0, "warming up")
@@ -98,7 +100,9 @@ class Session:
                     sample(logits, p, gen, seen)
                 decoder = self.graph_decoder(greedy)
                 if decoder is not None:
-                    decoder.graph(greedy)
+                    decoder.capture(greedy)
+                    if decoder.pick_in_place and decoder.usable(sampled):
+                        decoder.capture(sampled)
                 torch.cuda.synchronize(self.loaded.device)
         except RuntimeError as e:  # torch.OutOfMemoryError among them
             self.decoder = None

@@ -312,14 +312,17 @@ def tiny_folder(tmp_path_factory, demo_tokenizer_files):
 
 
 def test_a_warmed_up_session_answers_as_a_cold_one(tiny_folder, monkeypatch):
-    """Session.load warms up on the GPU (a prefill, the greedy graph, the samplers) and says so;
-    its dummy prompt leaves nothing behind: two turns give the tokens of a session loaded
-    without it (VPTQ_CHAT_WARM_UP=0), the second reusing the first turn's KV entries."""
+    """Session.load warms up on the GPU (a prefill, the greedy graph and, where the fused pick
+    reads its settings from the graph, the sampled one; the samplers) and says so; its dummy
+    prompt leaves nothing behind: two greedy turns and a seeded sampled one give the tokens of
+    a session loaded without it (VPTQ_CHAT_WARM_UP=0), the second reusing the first turn's KV
+    entries."""
     from engine.generate import Session
 
     turns = [[{"role": "user", "content": "Name three colours."}]]
     turns.append(turns[0] + [{"role": "assistant", "content": "Red."}, turns[0][0]])
     greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_new_tokens=12)
     runs = {}
     for warm in ("1", "0"):
         monkeypatch.setenv("VPTQ_CHAT_WARM_UP", warm)
@@ -329,12 +332,17 @@ def test_a_warmed_up_session_answers_as_a_cold_one(tiny_folder, monkeypatch):
         model = s.loaded.model
         model.lm_head.weight.data.mul_(40)  # random weights: clear-cut greedy choices
         graphs = len(s.decoder.graphs) if s.decoder else 0
-        assert ("warming up" in stages, graphs) == ((True, 1) if warm == "1" else (False, 0))
+        both = s.decoder is not None and s.decoder.pick_in_place and s.decoder.usable(sampled)
+        assert ("warming up" in stages, graphs) == (
+            (True, 2 if both else 1) if warm == "1" else (False, 0)
+        )
         out = []
-        for messages in turns:
-            gen = s.generate(s.prompt_ids(messages=messages, max_new_tokens=12)[0], greedy)
+        for messages, p in zip(turns + turns[:1], (greedy, greedy, sampled), strict=True):
+            gen = s.generate(s.prompt_ids(messages=messages, max_new_tokens=12)[0], p)
             "".join(gen)
             out.append((gen.tokens, gen.stats.cached_tokens, gen.stats.cuda_graph))
+        # the greedy and the sampled graph, captured early or on first use
+        assert len(s.decoder.graphs) == (2 if s.decoder.usable(sampled) else 1)
         runs[warm] = out
         del s, model
         torch.cuda.empty_cache()
