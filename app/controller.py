@@ -217,11 +217,7 @@ class ChatController(QObject):
             self.store.update_conversation(cid, title=_title_from(text))
         self.store.update_conversation(cid, draft="")
         self.conversations.put_first(self.store.conversation(cid))
-        if self.busy:
-            self.waiting.append(cid)
-            self._tell_answering()
-        else:
-            self._generate()
+        self._answer_or_wait()
         return True
 
     def _next_waiting(self) -> None:
@@ -239,19 +235,29 @@ class ChatController(QObject):
             self.client.cancel(self.active["id"])
 
     def regenerate(self) -> None:
-        """Answer the last user message again, replacing the last answer."""
-        if self.busy or not self.messages.rows:
+        """Answer the last user message again, replacing the last answer (in turn, while the
+        model answers in another chat)."""
+        if not self.can_send() or not self.messages.rows:
             return
         last = self.messages.rows[-1]
         if last.role == "assistant":
             self.store.delete_messages_from(last.conversation_id, last.id)
             self.messages.truncate(len(self.messages.rows) - 1)
         if self.messages.rows and self.messages.rows[-1].role == "user":
+            self._answer_or_wait()
+
+    def _answer_or_wait(self) -> None:
+        """Answer the open chat's last message now, or after the answer being written."""
+        if self.busy:
+            self.waiting.append(self.current)
+            self._tell_answering()
+        else:
             self._generate()
 
     def edit_and_resend(self, row: int, text: str) -> None:
-        """Replace user message ``row`` with ``text``, drop everything after it, resend."""
-        if self.busy or not text.strip() or self.current is None:
+        """Replace user message ``row`` with ``text``, drop everything after it, resend (in
+        turn, while the model answers in another chat)."""
+        if not self.can_send() or not text.strip() or self.current is None:
             return
         m = self.messages.rows[row]
         conv = self.store.conversation(self.current)

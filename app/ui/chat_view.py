@@ -295,12 +295,15 @@ class ChatView(QWidget):
         self._refresh_buttons()
 
     def _refresh_buttons(self) -> None:
+        """Edit and Regenerate while this chat takes a message (they wait their turn behind an
+        answer in another chat, as Send does); Continue only while the model is free."""
         self.empty.setVisible(not self.widgets)
+        free = self.send_button.isEnabled()
         for i, w in enumerate(self.widgets):
-            last_answer = i == len(self.widgets) - 1 and w.role == "assistant" and not self.busy
-            w.regen.setVisible(last_answer)
-            w.more.setVisible(last_answer and w.can_continue)
-            w.edit.setEnabled(not self.busy)
+            last_answer = i == len(self.widgets) - 1 and w.role == "assistant"
+            w.regen.setVisible(last_answer and free)
+            w.more.setVisible(last_answer and not self.busy and w.can_continue)
+            w.edit.setEnabled(free)
 
     # -- composer --------------------------------------------------------------------------------
     def _fit_input(self) -> None:
@@ -351,6 +354,7 @@ class ChatView(QWidget):
 
     def set_send_allowed(self, allowed: bool) -> None:
         self.send_button.setEnabled(allowed)
+        self._refresh_buttons()
 
     def set_queue_note(self, text: str) -> None:
         """The line above the composer about answers in other chats ("" hides it)."""

@@ -934,6 +934,10 @@ def test_queued_messages_are_answered_in_the_order_sent(tmp_path, qloop, monkeyp
     app = make_app(tmp_path / "data", qloop, monkeypatch)
     ctrl = app.ctrl
     try:
+        send(app, "done before")
+        wait_until(qloop, lambda: answer_done(app))
+        earlier = ctrl.current
+        ctrl.new_conversation()
         send(app, "slow")
         answering = ctrl.current
         wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 2)
@@ -948,6 +952,15 @@ def test_queued_messages_are_answered_in_the_order_sent(tmp_path, qloop, monkeyp
         )
         ctrl.delete(chats["two"])  # a deleted chat leaves the queue
         assert ctrl.waiting == [chats["one"], chats["three"]]
+        # Regenerate in a chat that waits for nothing queues too (Continue needs a free model)
+        ctrl.open(earlier)
+        qloop.run_until_complete(asyncio.sleep(0.05))  # the new message widgets are shown
+        w = app.window.chat.widgets[-1]
+        assert w.regen.isVisibleTo(app.window) and app.window.chat.widgets[0].edit.isEnabled()
+        w.regen.click()
+        assert ctrl.waiting == [chats["one"], chats["three"], earlier]
+        assert [m.role for m in ctrl.messages.rows] == ["user"]  # the old answer went
+        assert not app.window.chat.widgets[0].edit.isEnabled()  # one message at a time
         ctrl.open(answering)
         app.window.chat.stop_button.click()  # Stop ends the answer being written, not the queue
         wait_until(qloop, lambda: not ctrl.waiting and not ctrl.busy, what="the queue")
@@ -956,7 +969,8 @@ def test_queued_messages_are_answered_in_the_order_sent(tmp_path, qloop, monkeyp
             for r in map(json.loads, requests.read_text().splitlines())
             if r["type"] == "generate"
         ]
-        assert asked == ["slow", "one", "three"]
+        assert asked == ["done before", "slow", "one", "three", "done before"]
+        assert gui_answers(app, earlier) == ["You said: done before"]  # answered again
         assert gui_answers(app, chats["one"]) == ["You said: one"]
         assert gui_answers(app, chats["three"]) == ["You said: three"]
         assert app.store.messages(answering)[-1].status == "stopped"
