@@ -99,6 +99,22 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     assert len(gui.store.messages(gui.ctrl.current)) == 4  # nothing lost
 
 
+def test_a_queued_message_is_answered_after_the_engine_crashed_on_the_one_before(gui, qloop):
+    send(gui, "crash")
+    crashed = gui.ctrl.current
+    gui.ctrl.new_conversation()
+    send(gui, "queued behind it")  # in the same turn of the event loop: before the crash
+    queued = gui.ctrl.current
+    assert gui.ctrl.waiting == [queued]
+    wait_until(qloop, lambda: gui.store.messages(queued)[-1].role == "assistant", timeout=60,
+               what="the queued answer to start")  # fmt: skip
+    wait_until(qloop, lambda: answer_done(gui), timeout=60, what="the queued answer")
+    assert gui.store.messages(crashed)[-1].status == "error"  # its partial answer kept
+    rows = gui.store.messages(queued)
+    assert (rows[-1].content, rows[-1].status) == ("You said: queued behind it", "done")
+    assert not gui.ctrl.waiting and not gui.window.chat.queue_note.isVisibleTo(gui.window)
+
+
 def test_a_message_sent_while_the_engine_restarts_is_answered_after(gui, qloop):
     send(gui, "crash")
     wait_until(qloop, lambda: answer_done(gui), what="the crash")
