@@ -126,6 +126,8 @@ class ChatController(QObject):
         self.conversations.set_marks(cid, self.waiting)
         self.send_allowed.emit(self.can_send())
         note = ""
+        if cid is None and self.current in self.waiting:  # the engine stopped meanwhile
+            note = f"Your message waits for the engine, which is not running: {RESTART_HINT}."
         if cid is not None and cid != self.current:
             title = "a deleted chat"  # its answer is being stopped
             with contextlib.suppress(KeyError):
@@ -222,7 +224,11 @@ class ChatController(QObject):
 
     def _next_waiting(self) -> None:
         """Start the answer of the first chat whose message waits (deleted or changed ones
-        are passed over)."""
+        are passed over). Not while the engine is stopped or being stopped (quitting, Restart
+        engine): the messages keep waiting for the next start's load."""
+        if self.client.closing or self.client.state in ("stopped", "failed"):
+            self._tell_answering()
+            return
         while self.waiting and self.active is None:
             cid = self.waiting.pop(0)
             rows = self.store.messages(cid)
@@ -457,9 +463,11 @@ class ChatController(QObject):
                 f"{why}. The model loaded before, {before['path']}, is loaded again "
                 f"({before['max_seq_len']} tokens of context)."
             )
+            self._next_waiting()
             return
         self.settings.model = path  # the window shows it ready (the engine's "loaded" state)
         self.settings.context = n_ctx
+        self._next_waiting()  # messages that waited for a stopped engine
 
     def _progress(self, fraction: float, stage: str) -> None:
         self.status.emit(f"{stage}: {fraction:.0%}")

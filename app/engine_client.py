@@ -77,6 +77,11 @@ class EngineClient:
         self._unsent: dict[str, tuple[asyncio.Queue, asyncio.Task]] = {}
         self._shutdowns = 0  # a restart that sees this change stops short of its reload
 
+    @property
+    def closing(self) -> bool:
+        """Being stopped (shutdown, or a start that kills a process left behind)."""
+        return self._closing
+
     def _set_state(self, state: str, **info: Any) -> None:
         self.state = state
         self.on_state(state, info)

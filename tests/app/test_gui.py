@@ -171,6 +171,66 @@ def test_restart_engine_during_an_answer_keeps_it(gui, qloop):
                == "You said: after", what="an answer after the restart")  # fmt: skip
 
 
+def test_a_queued_message_waits_through_restart_engine_and_quitting(tmp_path, qloop, monkeypatch):
+    """Restart engine (and quitting) stop the engine: the answer being written stops, and a
+    message waiting behind it keeps waiting (it was sent to the engine going away, and got an
+    error for an answer) and is answered once the model is back; one still waiting at quit
+    stays unanswered."""
+    from .conftest import make_app
+
+    app = make_app(tmp_path, qloop, monkeypatch)
+    ctrl = app.ctrl
+    try:
+        send(app, "slow")
+        wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 3)
+        ctrl.new_conversation()
+        send(app, "behind it")
+        queued = ctrl.current
+        old = app.client.proc
+        menu_action(app.window, "&Restart engine").trigger()
+        wait_until(qloop, lambda: app.client.proc is not old and app.client.state == "loaded",
+                   timeout=60, what="the restart")  # fmt: skip
+        wait_until(qloop, lambda: answer_done(app), what="the queued answer after the restart")
+        assert [(m.role, m.content, m.status) for m in app.store.messages(queued)] == [
+            ("user", "behind it", "done"),
+            ("assistant", "You said: behind it", "done"),
+        ]
+        send(app, "slow")  # and a message waiting when the app quits
+        wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 2)
+        ctrl.new_conversation()
+        send(app, "at quit")
+        last = ctrl.current
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+    from app.store import Store
+
+    store = Store(tmp_path / "history.sqlite3")
+    assert [(m.role, m.content) for m in store.messages(last)] == [("user", "at quit")]
+    store.close()
+
+
+def test_a_message_waiting_for_a_stopped_engine_says_so_and_goes_after_a_load(gui, qloop):
+    ctrl = gui.ctrl
+    send(gui, "slow")
+    wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 2)
+    ctrl.new_conversation()
+    send(gui, "waiting")
+    gui.client.state = "failed"  # as after too many crashes: nothing can answer it now
+    gui.window.chat.stop_button.click()
+    wait_until(qloop, lambda: not ctrl.busy, what="the stop")
+    assert ctrl.waiting == [ctrl.current] and [m.role for m in ctrl.messages.rows] == ["user"]
+    assert gui.window.chat.queue_note.text() == (
+        "Your message waits for the engine, which is not running: Model > Restart engine starts "
+        "it again."
+    )
+    assert not gui.window.chat.send_button.isEnabled()
+    gui.client.state = "ready"  # a load (here of the running engine) brings the model back
+    qloop.run_until_complete(ctrl.load_model("demo"))
+    wait_until(qloop, lambda: answer_done(gui), what="the waiting answer")
+    assert ctrl.messages.rows[-1].content == "You said: waiting" and not ctrl.waiting
+
+
 def test_restart_engine_during_a_stuck_load(gui, qloop, monkeypatch):
     import functools
 
