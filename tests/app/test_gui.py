@@ -1010,13 +1010,7 @@ def test_queued_messages_are_answered_in_the_order_sent(tmp_path, qloop, monkeyp
     app = make_app(tmp_path / "data", qloop, monkeypatch)
     ctrl = app.ctrl
     try:
-        send(app, "done before")
-        wait_until(qloop, lambda: answer_done(app))
-        earlier = ctrl.current
-        ctrl.new_conversation()
-        send(app, "slow")
-        answering = ctrl.current
-        wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 2)
+        earlier, answering = answered_then_answering(app, qloop, "done before")
         chats = {}
         for text in ("one", "two", "three"):
             chats[text] = ctrl.new_conversation()
@@ -1055,6 +1049,18 @@ def test_queued_messages_are_answered_in_the_order_sent(tmp_path, qloop, monkeyp
         app.window.close()
 
 
+def answered_then_answering(app, qloop, text):
+    """A chat with ``text`` answered, then another whose long answer ("slow") is being
+    written, open: their ids."""
+    send(app, text)
+    wait_until(qloop, lambda: answer_done(app))
+    done = app.ctrl.current
+    app.ctrl.new_conversation()
+    send(app, "slow")
+    wait_until(qloop, lambda: app.ctrl.messages.rows[-1].content.count("word") >= 3)
+    return done, app.ctrl.current
+
+
 def gui_answers(app, cid):
     return [m.content for m in app.store.messages(cid) if m.role == "assistant"]
 
@@ -1063,13 +1069,7 @@ def test_deleting_the_chat_being_answered_from_another_stops_its_answer(gui, qlo
     from PySide6.QtWidgets import QMessageBox
 
     ctrl = gui.ctrl
-    send(gui, "first chat")
-    wait_until(qloop, lambda: answer_done(gui))
-    kept = ctrl.current
-    ctrl.new_conversation()
-    send(gui, "slow")
-    doomed = ctrl.current
-    wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 3)
+    kept, doomed = answered_then_answering(gui, qloop, "first chat")
     ctrl.open(kept)
     monkeypatch.setattr(QMessageBox, "question", lambda *a: QMessageBox.StandardButton.Yes)
     gui.window.list.setCurrentIndex(ctrl.conversations.index(ctrl.conversations.row_of(doomed)))
