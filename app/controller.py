@@ -160,6 +160,7 @@ class ChatController(QObject):
                 )
                 self.context_changed.emit(used, m.stats["n_ctx"], 0)
                 return
+        self.context_changed.emit(0, 0, 0)
 
     def new_conversation(self) -> int:
         system, sampling = self.next_chat or (self.settings.system_prompt, self.settings.sampling)
@@ -249,6 +250,7 @@ class ChatController(QObject):
         if last.role == "assistant":
             self.store.delete_messages_from(last.conversation_id, last.id)
             self.messages.truncate(len(self.messages.rows) - 1)
+            self._show_context()  # the answer that filled it went
         if self.messages.rows and self.messages.rows[-1].role == "user":
             self._answer_or_wait()
 

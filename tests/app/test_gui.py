@@ -1030,6 +1030,7 @@ def test_queued_messages_are_answered_in_the_order_sent(tmp_path, qloop, monkeyp
         w.regen.click()
         assert ctrl.waiting == [chats["one"], chats["three"], earlier]
         assert [m.role for m in ctrl.messages.rows] == ["user"]  # the old answer went
+        assert app.window.chat.context.text() == ""  # and the context it had filled
         assert not app.window.chat.widgets[0].edit.isEnabled()  # one message at a time
         ctrl.open(answering)
         app.window.chat.stop_button.click()  # Stop ends the answer being written, not the queue
