@@ -56,6 +56,7 @@ class ChatController(QObject):
         self.next_chat: tuple[str, dict[str, Any]] | None = None
         self.active: dict[str, Any] | None = None  # the request being streamed
         self.waiting: list[int] = []  # chats whose last message waits for an answer, in turn
+        self.continuing: set[int] = set()  # of those, the ones waiting to continue their answer
         self.task: asyncio.Task | None = None
         self.repaint = QTimer(self, interval=REPAINT_MS)
         self.repaint.timeout.connect(self._flush)
@@ -180,6 +181,7 @@ class ChatController(QObject):
             self.stop()
         if cid in self.waiting:
             self.waiting.remove(cid)
+        self.continuing.discard(cid)
         if cid == self.current:
             self.current = None
             self.messages.set_rows([])
@@ -233,7 +235,12 @@ class ChatController(QObject):
         while self.waiting and self.active is None:
             cid = self.waiting.pop(0)
             rows = self.store.messages(cid)
-            if rows and rows[-1].role == "user":
+            last = rows[-1] if rows else None
+            if cid in self.continuing:
+                self.continuing.discard(cid)
+                if last and can_continue(last.role, last.status, last.stats, last.content):
+                    self._continue(last)
+            elif last and last.role == "user":
                 self._generate(cid=cid)
         self._tell_answering()
 
@@ -291,16 +298,26 @@ class ChatController(QObject):
         return out
 
     def continue_answer(self) -> None:
-        """Write more of the last answer, one that was stopped or cut at the token limit."""
-        if self.busy or not self.messages.rows:
+        """Write more of the last answer, one that was stopped or cut at the token limit (in
+        turn, while the model answers in another chat)."""
+        if not self.can_send() or not self.messages.rows:
             return
         last = self.messages.rows[-1]
         if not can_continue(last.role, last.status, last.stats, last.content):
             return
-        row = len(self.messages.rows) - 1
+        if self.busy:
+            self.continuing.add(self.current)
+            self._answer_or_wait()
+            return
+        self._continue(last)
+
+    def _continue(self, last: Message) -> None:
+        """More of ``last``, its chat's last answer (in the open chat or another)."""
+        row = next((i for i, m in enumerate(self.messages.rows) if m.id == last.id), -1)
         self.store.update_message(last.id, status="streaming")
-        self.messages.update(row, status="streaming")
-        self._generate(answer=last, row=row)
+        if row >= 0:
+            self.messages.update(row, status="streaming")
+        self._generate(answer=last, row=row, cid=last.conversation_id)
 
     def _generate(
         self, answer: Message | None = None, row: int = -1, cid: int | None = None

@@ -295,14 +295,14 @@ class ChatView(QWidget):
         self._refresh_buttons()
 
     def _refresh_buttons(self) -> None:
-        """Edit and Regenerate while this chat takes a message (they wait their turn behind an
-        answer in another chat, as Send does); Continue only while the model is free."""
+        """Edit, Regenerate and Continue while this chat takes a message (they wait their turn
+        behind an answer in another chat, as Send does)."""
         self.empty.setVisible(not self.widgets)
         free = self.send_button.isEnabled()
         for i, w in enumerate(self.widgets):
-            last_answer = i == len(self.widgets) - 1 and w.role == "assistant"
-            w.regen.setVisible(last_answer and free)
-            w.more.setVisible(last_answer and not self.busy and w.can_continue)
+            last_answer = i == len(self.widgets) - 1 and w.role == "assistant" and free
+            w.regen.setVisible(last_answer)
+            w.more.setVisible(last_answer and w.can_continue)
             w.edit.setEnabled(free)
 
     # -- composer --------------------------------------------------------------------------------

@@ -1050,6 +1050,30 @@ def test_queued_messages_are_answered_in_the_order_sent(tmp_path, qloop, monkeyp
         app.window.close()
 
 
+def test_continue_in_another_chat_waits_its_turn(gui, qloop):
+    ctrl, chat = gui.ctrl, gui.window.chat
+    send(gui, "slow")
+    wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 2)
+    chat.stop_button.click()
+    wait_until(qloop, lambda: answer_done(gui), what="the stop")
+    stopped = ctrl.current
+    ctrl.new_conversation()
+    send(gui, "slow")
+    wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 2)
+    ctrl.open(stopped)
+    qloop.run_until_complete(asyncio.sleep(0.05))  # the new message widgets are shown
+    more = chat.widgets[-1].more
+    assert more.isVisibleTo(gui.window)
+    more.click()
+    assert ctrl.waiting == [stopped] and not chat.widgets[-1].more.isVisibleTo(gui.window)
+    assert chat.queue_note.text().startswith("Your message waits: the model answers it after")
+    chat.stop_button.click()  # ends the other chat's answer: this one goes on
+    wait_until(qloop, lambda: not ctrl.busy and not ctrl.waiting, what="the continuation")
+    last = gui.store.messages(stopped)[-1]
+    assert last.content.endswith(" and more.") and last.status == "done"
+    assert ctrl.messages.rows[-1].content == last.content  # shown in the open chat as well
+
+
 def answered_then_answering(app, qloop, text):
     """A chat with ``text`` answered, then another whose long answer ("slow") is being
     written, open: their ids."""
