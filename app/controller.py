@@ -128,7 +128,7 @@ class ChatController(QObject):
         self.send_allowed.emit(self.can_send())
         note = ""
         if cid is None and self.current in self.waiting:  # the engine stopped meanwhile
-            note = f"Your message waits for the engine, which is not running: {RESTART_HINT}."
+            note = f"This chat waits for the engine, which is not running: {RESTART_HINT}."
         if cid is not None and cid != self.current:
             title = "a deleted chat"  # its answer is being stopped
             with contextlib.suppress(KeyError):
@@ -137,8 +137,8 @@ class ChatController(QObject):
                 ahead = self.waiting.index(self.current)
                 more = f" and {ahead} more waiting before it" if ahead else ""
                 note = (
-                    f"Your message waits: the model answers it after the answer in {title}{more}"
-                    ". Stop ends that answer now."
+                    "This chat waits its turn: the model answers here after the answer in "
+                    f"{title}{more}. Stop ends that answer now."
                 )
             else:
                 note = (

@@ -221,8 +221,8 @@ def test_a_message_waiting_for_a_stopped_engine_says_so_and_goes_after_a_load(gu
     wait_until(qloop, lambda: not ctrl.busy, what="the stop")
     assert ctrl.waiting == [ctrl.current] and [m.role for m in ctrl.messages.rows] == ["user"]
     assert gui.window.chat.queue_note.text() == (
-        "Your message waits for the engine, which is not running: Model > Restart engine starts "
-        "it again."
+        "This chat waits for the engine, which is not running: Model > Restart engine starts it "
+        "again."
     )
     assert not gui.window.chat.send_button.isEnabled()
     gui.client.state = "ready"  # a load (here of the running engine) brings the model back
@@ -989,7 +989,7 @@ def test_an_answer_goes_on_in_its_chat_while_another_is_open(gui, qloop):
     assert [(m.role, m.content) for m in ctrl.messages.rows] == [("user", "next question")]
     assert [ctrl.conversations.index(i).data() for i in range(2)] == ["○ next question", "● slow"]
     assert chat.queue_note.text().startswith(
-        "Your message waits: the model answers it after the answer in “slow”."
+        "This chat waits its turn: the model answers here after the answer in “slow”."
     )
     assert not chat.send_button.isEnabled()  # one message a chat at a time
     wait_until(qloop, lambda: answer_done(gui), timeout=60, what="the queued answer")
@@ -1017,8 +1017,8 @@ def test_queued_messages_are_answered_in_the_order_sent(tmp_path, qloop, monkeyp
             send(app, text)
         assert ctrl.waiting == [chats["one"], chats["two"], chats["three"]]
         assert app.window.chat.queue_note.text().startswith(
-            "Your message waits: the model answers it after the answer in “slow” and 2 more "
-            "waiting before it."
+            "This chat waits its turn: the model answers here after the answer in “slow” and 2 "
+            "more waiting before it."
         )
         ctrl.delete(chats["two"])  # a deleted chat leaves the queue
         assert ctrl.waiting == [chats["one"], chats["three"]]
@@ -1066,7 +1066,7 @@ def test_continue_in_another_chat_waits_its_turn(gui, qloop):
     assert more.isVisibleTo(gui.window)
     more.click()
     assert ctrl.waiting == [stopped] and not chat.widgets[-1].more.isVisibleTo(gui.window)
-    assert chat.queue_note.text().startswith("Your message waits: the model answers it after")
+    assert chat.queue_note.text().startswith("This chat waits its turn: the model answers here")
     chat.stop_button.click()  # ends the other chat's answer: this one goes on
     wait_until(qloop, lambda: not ctrl.busy and not ctrl.waiting, what="the continuation")
     last = gui.store.messages(stopped)[-1]
