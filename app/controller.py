@@ -450,7 +450,8 @@ class ChatController(QObject):
         the one used from then on once the load succeeds. The engine lets the loaded model go
         before it loads another; where the new one fails (not found, damaged, too large for the
         memory), the one loaded before is loaded again, so a failed try does not leave the chat
-        without a model."""
+        without a model; one the engine refuses before letting its model go (no model there)
+        leaves that model loaded."""
         if self.client.state in ("stopped", "failed"):  # a load starts a dead engine again
             try:
                 await self.client.start()
@@ -468,6 +469,9 @@ class ChatController(QObject):
             if e.kind in PROCESS_ENDED:  # the window tells of the engine's end
                 return
             why = f"Could not load {path}: {e}"
+            if before is not None and self.client.state == "loaded":  # refused, nothing let go
+                self.error.emit(f"{why}. {before['path']} is still loaded.")
+                return
             if before is None or (before["path"], before["max_seq_len"]) == (path, n_ctx):
                 self.error.emit(why)
                 return

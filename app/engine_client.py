@@ -247,11 +247,12 @@ class EngineClient:
         """Load a model; returns the ``loaded`` payload or raises EngineError with the reason.
         Made while the engine restarts after a crash, it waits for the restart and takes the
         place of its reload."""
+        kept = self.last_load if self.state == "loaded" else None
         self.last_load = dict(
             path=path, device=device, dtype=dtype, max_seq_len=max_seq_len, on_progress=on_progress
         )
         await self._after_recovery()
-        return await self._load(**self.last_load)
+        return await self._load(**self.last_load, kept=kept)
 
     async def _load(
         self,
@@ -260,7 +261,10 @@ class EngineClient:
         dtype: str | None,
         max_seq_len: int,
         on_progress: Callable[[float, str], None] | None,
+        kept: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """kept: the load of the model loaded now, which the engine keeps where it refuses
+        this one before letting it go (model_kept)."""
         self._set_state("loading", path=path)
         id_ = self._new_id("load")
         waiter = asyncio.get_running_loop().create_future()
@@ -276,7 +280,10 @@ class EngineClient:
             self._progress.pop(id_, None)
         if msg.type == "error":
             kind = msg.get("kind", "")
-            if kind not in PROCESS_ENDED:  # else a restart may already be under way
+            if msg.get("model_kept"):  # refused before the engine let its model go
+                self.last_load = kept
+                self._set_state("loaded", **self.loaded)
+            elif kind not in PROCESS_ENDED:  # else a restart may already be under way
                 self.last_load = None
                 self._set_state(
                     "ready" if self.proc and self.proc.returncode is None else "failed",

@@ -21,6 +21,9 @@ EVENTS = frozenset(
     {"hello", "load_progress", "loaded", "started", "delta", "finished", "error", "stats"}
 )
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# An `error` answering a `load` carries `model_kept: true` where the load was refused before
+# the loaded model was let go (no such model, an unreadable config, no such GPU): that model
+# still answers. Without it, no model is loaded.
 
 # The sampling fields of a `generate` request and what each takes. The engine refuses other
 # names and values (engine/sampling.py); the app drops them from damaged files (app/settings.py).

@@ -103,7 +103,9 @@ class Server:
                 oom = _is_oom(e)
                 if oom:
                     self.unload()  # what a failed load left behind goes back to the GPU
-                self.send("error", msg.id, kind="oom" if oom else msg.type, message=_describe(e))
+                kept = {"model_kept": True} if getattr(e, "model_kept", False) else {}
+                kind = "oom" if oom else msg.type
+                self.send("error", msg.id, kind=kind, message=_describe(e), **kept)
 
     def handle(self, msg: Message) -> None:
         if msg.type == "hello":
@@ -124,6 +126,7 @@ class Server:
             self.generate(msg)
 
     def load(self, msg: Message) -> None:
+        from .config import ModelArgs
         from .generate import Session
         from .loader import DTYPES, check_device
         from .models import resolve_model
@@ -140,16 +143,24 @@ class Server:
             raise ValueError(f"load: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         if type(max_seq_len) is not int or max_seq_len < 1:
             raise ValueError(f"load: max_seq_len {max_seq_len!r} is not a whole number of tokens")
-        try:  # a GPU that is not there: refused before the loaded model is let go
-            check_device(device)
-        except ValueError as e:
-            raise ValueError(f"load: {e}") from None
-        self.unload()
 
         def progress(fraction: float, stage: str) -> None:
             self.send("load_progress", msg.id, fraction=round(fraction, 4), stage=stage)
 
-        path = resolve_model(str(name), progress)
+        # What can be checked before the loaded model is let go: a GPU that is not there, a
+        # name or folder that holds no model, a config the engine cannot read. Refused here,
+        # the loaded model stays (the error says so: model_kept).
+        try:
+            try:
+                check_device(device)
+            except ValueError as e:
+                raise ValueError(f"load: {e}") from None
+            path = resolve_model(str(name), progress)
+            ModelArgs.from_folder(path)
+        except Exception as e:
+            e.model_kept = self.session is not None
+            raise
+        self.unload()
         s = Session.load(path, device, DTYPES.get(dtype or ""), max_seq_len, progress)
         self.session, self.model_name = s, str(name)
         self.send(

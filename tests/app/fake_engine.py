@@ -128,8 +128,12 @@ def main():
                 time.sleep(600)
             if "crash" in msg.get("path", ""):  # a load that kills the engine
                 os._exit(3)
-            if "bad" in msg.get("path", ""):
+            if "bad" in msg.get("path", ""):  # refused after the loaded model was let go
                 send("error", msg.id, kind="load", message=f"{msg.get('path')}: no such model")
+                continue
+            if "missing" in msg.get("path", ""):  # refused before: the loaded model stays
+                send("error", msg.id, kind="load", message=f"{msg.get('path')}: not found",
+                     model_kept=True)  # fmt: skip
                 continue
             send("load_progress", msg.id, fraction=0.5, stage="loading weights")
             send(

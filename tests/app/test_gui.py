@@ -463,6 +463,20 @@ def test_a_model_that_fails_to_load_leaves_the_one_loaded_before(tmp_path, qloop
         send(app, "still here")
         wait_until(qloop, lambda: answer_done(app))
         assert app.ctrl.messages.rows[-1].content == "You said: still here"
+        # refused before the engine let its model go (no model there): nothing to reload
+        qloop.run_until_complete(app.ctrl.load_model("/models/missing-one"))
+        assert app.client.state == "loaded"
+        assert app.window.banner.text().startswith(
+            "⚠ Could not load /models/missing-one: /models/missing-one: not found. demo is "
+            "still loaded."
+        )
+        loads = [r["path"] for r in map(json.loads, requests.read_text().splitlines())
+                 if r["type"] == "load"]  # fmt: skip
+        assert loads[3:] == ["/models/missing-one"]
+        assert app.client.last_load["path"] == "demo"  # what a crash's restart reloads
+        send(app, "and still")
+        wait_until(qloop, lambda: answer_done(app))
+        assert app.ctrl.messages.rows[-1].content == "You said: and still"
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()

@@ -217,17 +217,26 @@ def test_bad_models_give_error_events_then_the_engine_still_serves(tmp_path, dem
             e.send("load", "L", path=str(name))
             err = e.until("error", "L")[-1]
             assert needle in err.get("message"), err.payload
+            assert "model_kept" not in err.payload  # there was none to keep
         e.send("generate", "g", prompt="Hello")
         assert e.until("finished", "g")[0].get("kind") == "not_loaded"
         e.send("load", "ok", path=str(demo_path), max_seq_len=256)
         e.until("loaded", "ok")
-        e.send(
-            "generate",
-            "g2",
-            prompt="The capital of France is",
-            sampling={"temperature": 0, "max_new_tokens": 4},
-        )
+        greedy = {"temperature": 0, "max_new_tokens": 4}
+        e.send("generate", "g2", prompt="The capital of France is", sampling=greedy)
         assert e.until("finished", "g2")[-1].get("reason") in ("stop", "length")
+        # refused before the loaded model is let go (no model there, a config the engine
+        # cannot read): that model stays and answers; a late failure (a truncated shard) has
+        # let it go
+        for name in ("nowhere", "arch", "field"):
+            e.send("load", "K", path=str(tmp_path / name))
+            assert e.until("error", "K")[-1].get("model_kept") is True, name
+            e.send("generate", "g3", prompt="The capital of France is", sampling=greedy)
+            assert e.until("finished", "g3")[-1].get("reason") in ("stop", "length"), name
+        e.send("load", "T", path=str(tmp_path / "trunc"))
+        assert "model_kept" not in e.until("error", "T")[-1].payload
+        e.send("generate", "g4", prompt="Hello")
+        assert e.until("finished", "g4")[0].get("kind") == "not_loaded"
     finally:
         e.close()
     assert e.proc.returncode == 0  # exits cleanly when stdin closes
