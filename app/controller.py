@@ -470,7 +470,7 @@ class ChatController(QObject):
                 return
             why = f"Could not load {path}: {e}"
             if before is not None and self.client.state == "loaded":  # refused, nothing let go
-                self.error.emit(f"{why}. {before['path']} is still loaded.")
+                self.error.emit(f"{why}. The model loaded now, {before['path']}, stays loaded.")
                 return
             if before is None or (before["path"], before["max_seq_len"]) == (path, n_ctx):
                 self.error.emit(why)

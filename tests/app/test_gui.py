@@ -467,8 +467,8 @@ def test_a_model_that_fails_to_load_leaves_the_one_loaded_before(tmp_path, qloop
         qloop.run_until_complete(app.ctrl.load_model("/models/missing-one"))
         assert app.client.state == "loaded"
         assert app.window.banner.text().startswith(
-            "⚠ Could not load /models/missing-one: /models/missing-one: not found. demo is "
-            "still loaded."
+            "⚠ Could not load /models/missing-one: /models/missing-one: not found. The model "
+            "loaded now, demo, stays loaded."
         )
         loads = [r["path"] for r in map(json.loads, requests.read_text().splitlines())
                  if r["type"] == "load"]  # fmt: skip
