@@ -18,8 +18,13 @@ from engine.memory import (
     gib,
 )
 
-__all__ = ["CpuFit", "Fit", "Shape", "cpu_fit", "fit", "gib"]
+__all__ = ["CpuFit", "Fit", "Shape", "cpu_fit", "fit", "gib", "largest_line"]
 TIGHT = 0.90  # above this share of free VRAM the verdict is "tight"
+
+
+def largest_line(tokens: int) -> str:
+    """The breakdown's line for the largest context that fits (the Models window links it)."""
+    return f"Largest context that fits: {tokens} tokens"
 
 
 def verdict(needed: int, free: int) -> str:
@@ -73,7 +78,7 @@ class Fit:
             ),
         ]
         if self.max_context:
-            out.append(f"Largest context that fits: {self.max_context} tokens")
+            out.append(largest_line(self.max_context))
         else:
             out.append("The weights alone do not fit")
         if self.fast_layout and self.layout_fits:
@@ -145,7 +150,7 @@ class CpuFit:
             )
         out.append(f"Needed {gib(self.need.total)} of {gib(self.available)} available")
         if self.max_context:
-            out.append(f"Largest context that fits: {self.max_context} tokens")
+            out.append(largest_line(self.max_context))
         else:
             out.append("The weights alone do not fit")
         return out

@@ -22,8 +22,8 @@ EVENTS = frozenset(
 )
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 # An `error` answering a `load` carries `model_kept: true` where the load was refused before
-# the loaded model was let go (no such model, an unreadable config, no such GPU): that model
-# still answers. Without it, no model is loaded.
+# the loaded model was let go (a bad field, no such GPU, no model there, an unreadable config):
+# that model still answers. Without it, no model is loaded.
 
 # The sampling fields of a `generate` request and what each takes. The engine refuses other
 # names and values (engine/sampling.py); the app drops them from damaged files (app/settings.py).

@@ -103,7 +103,8 @@ class Server:
                 oom = _is_oom(e)
                 if oom:
                     self.unload()  # what a failed load left behind goes back to the GPU
-                kept = {"model_kept": True} if getattr(e, "model_kept", False) else {}
+                # a load refused before it let the loaded model go (self.unload) leaves it
+                kept = {"model_kept": True} if msg.type == "load" and self.session else {}
                 kind = "oom" if oom else msg.type
                 self.send("error", msg.id, kind=kind, message=_describe(e), **kept)
 
@@ -151,15 +152,11 @@ class Server:
         # name or folder that holds no model, a config the engine cannot read. Refused here,
         # the loaded model stays (the error says so: model_kept).
         try:
-            try:
-                check_device(device)
-            except ValueError as e:
-                raise ValueError(f"load: {e}") from None
-            path = resolve_model(str(name), progress)
-            ModelArgs.from_folder(path)
-        except Exception as e:
-            e.model_kept = self.session is not None
-            raise
+            check_device(device)
+        except ValueError as e:
+            raise ValueError(f"load: {e}") from None
+        path = resolve_model(str(name), progress)
+        ModelArgs.from_folder(path)
         self.unload()
         s = Session.load(path, device, DTYPES.get(dtype or ""), max_seq_len, progress)
         self.session, self.model_name = s, str(name)

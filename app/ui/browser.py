@@ -30,7 +30,7 @@ from PySide6.QtWidgets import (
 
 from ..browser import BrowserController, Details, EntryRole, Filters, eta_text, size_text
 from ..downloads import ACTIVE, Download
-from ..fit import gib
+from ..fit import gib, largest_line
 from ..hub import HubSettings
 from .banner import ErrorBanner
 from .screen import fit_to_screen
@@ -182,7 +182,7 @@ def offer_context(lines: list[str], verdict: str | None, largest: int) -> list[s
     "Largest context that fits" line offers that context as a link (the spin box takes it)."""
     if verdict != "does not fit" or largest <= 0:
         return lines
-    head = f"Largest context that fits: {largest} tokens"
+    head = largest_line(largest)
     return [f"{ln} (<a href='{largest}'>use it</a>)" if ln == head else ln for ln in lines]
 
 
@@ -293,8 +293,7 @@ class DetailPane(QWidget):
         d = self.ctrl.details
         if d is None or d.repo != self.repo:
             return
-        self.fits = True  # unless a verdict says otherwise
-        self._show_fit(d)
+        self.fits = self._show_fit(d) != "does not fit"
         self._enable_load()
 
     def _enable_load(self) -> None:
@@ -305,17 +304,16 @@ class DetailPane(QWidget):
             else "It does not fit at this context: choose a smaller one (the fit says which)"
         )
 
-    def _show_fit(self, d) -> None:
+    def _show_fit(self, d) -> str | None:
+        """Shows the fit on the chosen GPU or the CPU; returns its verdict (None: none)."""
         gpu = self.gpu.currentData()
         if gpu is None:
-            self._show_cpu_fit(d)
-            return
+            return self._show_cpu_fit(d)
         f = self.ctrl.fit(self.context.value(), gpu)
         if f is None:
             self.verdict.setText("")
             self.breakdown.setText(d.note)
-            return
-        self.fits = f.verdict != "does not fit"
+            return None
         colour = VERDICT_COLOURS[f.verdict]
         self.verdict.setText(f"<b style='color:{colour}'>{f.verdict.capitalize()}</b>")
         lines = f.lines()
@@ -324,8 +322,9 @@ class DetailPane(QWidget):
             if room:
                 lines.append("To make room, close: " + "; ".join(room))
         self.breakdown.setText("<br>".join(offer_context(lines, f.verdict, f.max_context)))
+        return f.verdict
 
-    def _show_cpu_fit(self, d) -> None:
+    def _show_cpu_fit(self, d) -> str | None:
         head = (
             "On the CPU it runs slowly."
             if self.gpu.count() > 1
@@ -343,8 +342,8 @@ class DetailPane(QWidget):
             lines = f.lines()
         lines += [why for why in (self.ctrl.gpus.error, d.note) if why]
         verdict, largest = (f.verdict, f.max_context) if f is not None else (None, 0)
-        self.fits = verdict != "does not fit"
         self.breakdown.setText("<br>".join(offer_context(lines, verdict, largest)))
+        return verdict
 
     def _download(self) -> None:
         if self.repo:

@@ -346,11 +346,10 @@ class ChatView(QWidget):
         self.input.clear()
 
     def set_busy(self, busy: bool) -> None:
-        """The engine is writing an answer (in this chat or another): Stop ends it, and the
-        messages' Edit, Regenerate and Continue wait."""
+        """The engine is writing an answer (in this chat or another): Stop ends it. (What this
+        chat may send, edit or regenerate follows set_send_allowed.)"""
         self.busy = busy
         self.stop_button.setEnabled(busy)
-        self._refresh_buttons()
 
     def set_send_allowed(self, allowed: bool) -> None:
         self.send_button.setEnabled(allowed)

@@ -228,6 +228,8 @@ def test_bad_models_give_error_events_then_the_engine_still_serves(tmp_path, dem
         # refused before the loaded model is let go (no model there, a config the engine
         # cannot read): that model stays and answers; a late failure (a truncated shard) has
         # let it go
+        e.send("load", "D", path=str(demo_path), dtype="int3")  # a bad field: refused first
+        assert e.until("error", "D")[-1].get("model_kept") is True
         for name in ("nowhere", "arch", "field"):
             e.send("load", "K", path=str(tmp_path / name))
             assert e.until("error", "K")[-1].get("model_kept") is True, name
