@@ -167,6 +167,8 @@ class App:
         self.browser = BrowserController(hub, self.downloads, self.window.gpus, hub_models())
         self.browser.context = s.context  # the fit check starts at the context last loaded
         self.browser.engine_pid = lambda: self.client.proc.pid if self.client.proc else None
+        self.browser.engine_devices = lambda: self.client.hello.get("cuda_devices") or []
+        self.browser.device = lambda: self.settings.device
         self.browser.load_requested.connect(self.window._load)
         self.models_window = None
         self.loop.call_soon(self._restore_downloads)

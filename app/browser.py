@@ -4,6 +4,7 @@ models for the catalogue and the local models, and the async calls behind each b
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from engine.memory import gptq_zero_bytes, host_available, sliced_model_bytes
 
 from .downloads import ACTIVE, Download, DownloadManager
 from .fit import CpuFit, Fit, Shape, cpu_fit, fit
-from .gpu import GpuInfo, Gpus
+from .gpu import GpuInfo, Gpus, cuda_index, same_device
 from .hub import (
     INSTALLED,
     Entry,
@@ -228,7 +229,9 @@ class BrowserController(QObject):
     details_ready = Signal(object)  # Details
     download_changed = Signal(object)  # Download
     error = Signal(str)
-    load_requested = Signal(str, int)  # a model folder, the context to load it with
+    # a model folder, the context to load it with, the device ("": the one the settings name)
+    load_requested = Signal(str, int, str)
+    context_changed = Signal(int)  # the fit's context, set by a load with another
 
     def __init__(self, hub: Hub, manager: DownloadManager, gpus: Gpus, models_dir: Path):
         super().__init__()
@@ -242,6 +245,10 @@ class BrowserController(QObject):
         self.context = 4096  # tokens: the fit check's context, which "Load in chat" loads with
         # the engine process (None: not running): what it holds on a GPU is room for a load
         self.engine_pid: Callable[[], int | None] = lambda: None
+        # the engine's CUDA devices (its hello: index, name, uuid) and the device the next load
+        # goes to where none is chosen (the settings': auto, cpu, cuda or cuda:N)
+        self.engine_devices: Callable[[], list[dict]] = lambda: []
+        self.device: Callable[[], str] = lambda: "auto"
         self._refreshes = 0  # refresh() calls so far: only the last one's answer is shown
         manager.on_change = self._changed
         self.refresh_local()
@@ -301,22 +308,67 @@ class BrowserController(QObject):
         d = self.details
         if d is None or d.shape is None or gpu is None:
             return None
-        s = d.scheme
-        layout = sliced_model_bytes(d.shape, s.v, s.k, s.kr or 0) if s.v and s.k else 0
-        unpacked = 0
-        if s.gptq and s.gptq_bits and s.gptq_group is not None:  # zero points unpacked at load
-            unpacked = gptq_zero_bytes(d.shape, s.gptq_bits, s.gptq_group)
-        held = gpu.engine_bytes or 0  # the engine unloads its model before loading another
-        return fit(d.shape, d.files.weight_bytes, gpu.free, context, layout, unpacked, held)
+        return _gpu_fit(d.shape, d.scheme, d.files.weight_bytes, gpu, context)
 
     def cpu_fit(self, context: int) -> CpuFit | None:
         """Without a GPU: what the CPU path takes against the memory available now."""
         d = self.details
         if d is None or d.shape is None:
             return None
-        s = d.scheme
-        quantized = bool(s.gptq or (s.v and s.k))
-        return cpu_fit(d.shape, d.files.weight_bytes, quantized, context, self.host_available())
+        return _cpu_fit(d.shape, d.scheme, d.files.weight_bytes, context, self.host_available())
+
+    def load_device(self, gpu: GpuInfo | None) -> tuple[str, str]:
+        """The device a load on ``gpu`` (None: the CPU) asks the engine for, as the engine
+        numbers its GPUs (matched by UUID: NVML's order can differ from CUDA's), and why it
+        cannot where it cannot: ("cuda:1", "") or ("", "The engine does not see this GPU...").
+        Before the engine has said which GPUs it sees, the settings' device."""
+        if gpu is None:
+            return "cpu", ""
+        devices = self.engine_devices()
+        n = cuda_index(gpu.uuid, devices)
+        if n is not None:
+            return f"cuda:{n}", ""
+        if devices:
+            seen = ", ".join(f"{d['index']}: {d.get('name', '?')}" for d in devices)
+            return "", (
+                f"The engine does not see GPU {gpu.index} ({gpu.name}): it sees CUDA device "
+                f"{seen} (CUDA_VISIBLE_DEVICES chooses them). Choose another."
+            )
+        return "", ""  # the engine's hello has no GPUs: it says why when it loads
+
+    def engine_gpu(self) -> GpuInfo | None:
+        """The GPU a load without a chosen device goes to (the settings' device; auto and cuda
+        are the engine's device 0), from NVML by UUID; None: the CPU, or none NVML shows."""
+        device, devices = self.device(), self.engine_devices()
+        if device == "cpu" or not devices:
+            return None
+        n = int(device.partition(":")[2] or 0)
+        uuid = next((str(d.get("uuid", "")) for d in devices if d["index"] == n), None)
+        if uuid is None:
+            return None
+        return next((g for g in self.gpus_now() if same_device(g.uuid, uuid)), None)
+
+    def installed_fit(self, repo: str, context: int) -> tuple[GpuInfo | None, Fit | CpuFit | None]:
+        """The fit of an installed model (its config.json and the weights on disk) on the GPU a
+        load from the installed list goes to (engine_gpu; None: the CPU's fit). The fit is None
+        where the config does not say the shape: the engine then says what is wrong."""
+        folder = folder_of(self.models_dir, repo)
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+            shape = Shape.from_config(cfg)
+            scheme = scheme_from_config(repo, cfg)
+        except (OSError, ValueError, TypeError, AttributeError, ArithmeticError) as e:
+            log.info("%s: no fit check (%s)", repo, e)
+            return None, None
+        weights = sum(
+            p.stat().st_size
+            for p in folder.rglob("*")
+            if p.is_file() and p.name.endswith((".safetensors", ".bin"))
+        )
+        gpu = self.engine_gpu()
+        if gpu is None:
+            return None, _cpu_fit(shape, scheme, weights, context, self.host_available())
+        return gpu, _gpu_fit(shape, scheme, weights, gpu, context)
 
     def make_room(self, gpu: GpuInfo, limit: int = 3) -> list[str]:
         """The biggest other users of the GPU: what to close to make room (not this app's
@@ -344,9 +396,13 @@ class BrowserController(QObject):
         self.local.remove(repo)
         self.refresh_local()
 
-    def load(self, repo: str) -> None:
-        """Load the model in the chat with the context its fit was checked at."""
-        self.load_requested.emit(str(folder_of(self.models_dir, repo)), self.context)
+    def load(self, repo: str, device: str = "", context: int | None = None) -> None:
+        """Load the model in the chat with the context its fit was checked at (or ``context``,
+        which becomes the fit's from then on), on ``device`` ("": the settings')."""
+        if context is not None and context != self.context:
+            self.context = context
+            self.context_changed.emit(context)
+        self.load_requested.emit(str(folder_of(self.models_dir, repo)), self.context, device)
 
     def _guard(self, fn) -> None:
         try:
@@ -388,3 +444,18 @@ class BrowserController(QObject):
                     "disk": m.disk_bytes,
                 }
             )
+
+
+def _gpu_fit(shape: Shape, s: Scheme, weight_bytes: int, gpu: GpuInfo, context: int) -> Fit:
+    layout = sliced_model_bytes(shape, s.v, s.k, s.kr or 0) if s.v and s.k else 0
+    unpacked = 0
+    if s.gptq and s.gptq_bits and s.gptq_group is not None:  # zero points unpacked at load
+        unpacked = gptq_zero_bytes(shape, s.gptq_bits, s.gptq_group)
+    held = gpu.engine_bytes or 0  # the engine unloads its model before loading another
+    return fit(shape, weight_bytes, gpu.free, context, layout, unpacked, held)
+
+
+def _cpu_fit(
+    shape: Shape, s: Scheme, weight_bytes: int, context: int, available: int | None
+) -> CpuFit:
+    return cpu_fit(shape, weight_bytes, bool(s.gptq or (s.v and s.k)), context, available)

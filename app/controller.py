@@ -445,9 +445,12 @@ class ChatController(QObject):
         await self.client.shutdown()
         await self.start_engine()
 
-    async def load_model(self, path: str, context: int | None = None) -> None:
-        """Load a model with ``context`` tokens of context (None: the last used), which becomes
-        the one used from then on once the load succeeds. The engine lets the loaded model go
+    async def load_model(
+        self, path: str, context: int | None = None, device: str | None = None
+    ) -> None:
+        """Load a model with ``context`` tokens of context on ``device`` (None: the last used of
+        each), which become the ones used from then on once the load succeeds (the Models
+        window's fit chooses a GPU by choosing its device). The engine lets the loaded model go
         before it loads another; where the new one fails (not found, damaged, too large for the
         memory), the one loaded before is loaded again, so a failed try does not leave the chat
         without a model; one the engine refuses before letting its model go (no model there)
@@ -458,12 +461,15 @@ class ChatController(QObject):
             except EngineError:
                 return  # the "failed" state tells the window why
         before = self.client.last_load if self.client.state == "loaded" else None
-        device = None if self.settings.device == "auto" else self.settings.device
+        device = device or self._saved_device()
         self.status.emit(f"Loading {path}…")
         n_ctx = context or self.settings.context
         try:
             await self.client.load(
-                path, device=device, max_seq_len=n_ctx, on_progress=self._progress
+                path,
+                device=None if device == "auto" else device,
+                max_seq_len=n_ctx,
+                on_progress=self._progress,
             )
         except EngineError as e:
             if e.kind in PROCESS_ENDED:  # the window tells of the engine's end
@@ -490,7 +496,20 @@ class ChatController(QObject):
             return
         self.settings.model = path  # the window shows it ready (the engine's "loaded" state)
         self.settings.context = n_ctx
+        self.settings.device = device
         self._next_waiting()  # messages that waited for a stopped engine
+
+    def _saved_device(self) -> str:
+        """The settings' device, or auto where it names a GPU the engine no longer lists (one
+        taken out, or hidden by CUDA_VISIBLE_DEVICES): the model then loads on the engine's
+        first GPU instead of failing at every start."""
+        device, seen = self.settings.device, self.client.hello.get("cuda_devices")
+        if seen is None or not device.startswith("cuda:"):
+            return device
+        if all(f"cuda:{d.get('index')}" != device for d in seen):
+            log.warning("device %s is gone (the engine sees %d GPUs): auto", device, len(seen))
+            return "auto"
+        return device
 
     def _progress(self, fraction: float, stage: str) -> None:
         self.status.emit(f"{stage}: {fraction:.0%}")

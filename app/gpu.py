@@ -120,3 +120,12 @@ def _process_bytes(n, handle, pid: int | None) -> int | None:
 def same_device(nvml_uuid: str, cuda_uuid: str) -> bool:
     """NVML says 'GPU-<uuid>', torch says '<uuid>'."""
     return nvml_uuid.removeprefix("GPU-").lower() == cuda_uuid.removeprefix("GPU-").lower()
+
+
+def cuda_index(nvml_uuid: str, cuda_devices: list[dict]) -> int | None:
+    """The engine's CUDA number of an NVML device (the two orders can differ); None where the
+    engine does not see it (CUDA_VISIBLE_DEVICES, or no CUDA). cuda_devices: the engine's hello."""
+    return next(
+        (d["index"] for d in cuda_devices if same_device(nvml_uuid, str(d.get("uuid", "")))),
+        None,
+    )

@@ -48,7 +48,7 @@ def data_dir() -> Path:
 @dataclass
 class Settings:
     model: str = "demo"  # a model folder, a downloaded repo id, or "demo"
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (the engine's numbering): the last load's
     context: int = 4096
     system_prompt: str = ""
     sampling: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLING))

@@ -30,7 +30,8 @@ from PySide6.QtWidgets import (
 
 from ..browser import BrowserController, Details, EntryRole, Filters, eta_text, size_text
 from ..downloads import ACTIVE, Download
-from ..fit import gib, largest_line
+from ..fit import CpuFit, Fit, gib, largest_line
+from ..gpu import GpuInfo
 from ..hub import HubSettings
 from .banner import ErrorBanner
 from .screen import fit_to_screen
@@ -245,10 +246,11 @@ class DetailPane(QWidget):
         self.download.clicked.connect(self._download)
         self.pause.clicked.connect(lambda: self.repo and ctrl.pause(self.repo))
         self.cancel.clicked.connect(lambda: self.repo and spawn(ctrl.cancel(self.repo)))
-        self.load.clicked.connect(lambda: self.repo and ctrl.load(self.repo))
+        self.load.clicked.connect(self._load)
         self.context.valueChanged.connect(self._context_changed)
         self.gpu.currentIndexChanged.connect(lambda _: self.update_fit())
         ctrl.details_ready.connect(self.show_details)
+        ctrl.context_changed.connect(self.context.setValue)
         ctrl.download_changed.connect(self.show_download)
         self.show_loading(None)
 
@@ -297,12 +299,22 @@ class DetailPane(QWidget):
         self._enable_load()
 
     def _enable_load(self) -> None:
-        self.load.setEnabled(self.installed and self.fits)
+        """Load in chat loads on the device of the fit (Fit on), where the engine sees it."""
+        _, unseen = self.ctrl.load_device(self.gpu.currentData())
+        self.load.setEnabled(self.installed and self.fits and not unseen)
         self.load.setToolTip(
-            ""
-            if self.fits
-            else "It does not fit at this context: choose a smaller one (the fit says which)"
+            unseen
+            or (
+                "Loads on the device of the fit, at this context"
+                if self.fits
+                else "It does not fit at this context: choose a smaller one (the fit says which)"
+            )
         )
+
+    def _load(self) -> None:
+        device, _ = self.ctrl.load_device(self.gpu.currentData())
+        if self.repo:
+            self.ctrl.load(self.repo, device)
 
     def _show_fit(self, d) -> str | None:
         """Shows the fit on the chosen GPU or the CPU; returns its verdict (None: none)."""
@@ -403,8 +415,15 @@ class LocalTab(QWidget):
             self.buttons[text] = b
             buttons.addWidget(b)
         buttons.addWidget(self.total, 1)  # the room beside the buttons (it wrapped in a corner)
+        # the selected installed model's fit where Load in chat loads it
+        self.fit = QLabel(wordWrap=True, objectName="installedFit")
+        self.fit.setAccessibleName("Fit of the selected model")
+        self.fit.linkActivated.connect(
+            lambda tokens: self._on(lambda repo: ctrl.load(repo, context=int(tokens)))
+        )
         lay = QVBoxLayout(self)
         lay.addWidget(self.table, 1)
+        lay.addWidget(self.fit)
         lay.addLayout(buttons)
         b = self.buttons
         b["Load in chat"].clicked.connect(lambda: self._on(ctrl.load))
@@ -431,11 +450,28 @@ class LocalTab(QWidget):
         row = next((r for r in self.ctrl.local.rows if r["repo"] == repo), None)
         state = row["state"] if row else None
         b = self.buttons
-        b["Load in chat"].setEnabled(state == "installed")
+        verdict = self.show_fit(repo if state == "installed" else None)
+        b["Load in chat"].setEnabled(state == "installed" and verdict != "does not fit")
         b["Pause"].setEnabled(state in ACTIVE)  # what DownloadManager.pause stops
         b["Resume"].setEnabled(state in ("paused", "failed", "partial"))
         b["Cancel"].setEnabled(state in (*ACTIVE, "queued", "paused", "failed"))
         b["Delete…"].setEnabled(row is not None)
+
+    def show_fit(self, repo: str | None) -> str | None:
+        """The installed model's fit at the context of the fit check, on the device a load goes
+        to; returns its verdict (None: no verdict: none selected, an unknown shape, or the CPU
+        with its memory unknown)."""
+        self.fit.setVisible(repo is not None)
+        if repo is None:
+            return None
+        context = self.ctrl.context
+        gpu, f = self.ctrl.installed_fit(repo, context)
+        self.fit.setText(installed_fit_text(gpu, f, context))
+        return f.verdict if f is not None else None
+
+    def refresh_fit(self) -> None:
+        """The fit again (the free memory, the context or the device may have changed)."""
+        self._buttons_for_selection()
 
     def _on(self, fn) -> None:
         repo = self.selected()
@@ -457,6 +493,31 @@ class LocalTab(QWidget):
             self.total.setText("No models yet: pick one in Browse and press Download.")
             return
         self.total.setText(f"{n} model{'s' * (n != 1)}, {size_text(disk)} on disk")
+
+
+def installed_fit_text(gpu: GpuInfo | None, f: Fit | CpuFit | None, context: int) -> str:
+    """One sentence: the verdict, where and at what context, the memory; where it does not fit,
+    the largest context that does, as a link that loads with it."""
+    if f is None:
+        return "No fit check: its config.json does not say its shape (loading says why)."
+    where = f"on GPU {gpu.index} ({gpu.name})" if gpu is not None else "on the CPU (slow)"
+    if f.verdict is None:  # the CPU's memory unknown
+        return f"Loads {where}; it takes about {f.need.describe()}."
+    colour = VERDICT_COLOURS[f.verdict]
+    if isinstance(f, Fit):
+        need = f"{gib(f.needed)} of {gib(f.free)} free"
+    else:
+        need = f"{gib(f.need.total)} of {gib(f.available or 0)} available"
+    text = (
+        f"<b style='color:{colour}'>{f.verdict.capitalize()}</b> {where} at {context} tokens "
+        f"of context: needs {need}."
+    )
+    if f.verdict != "does not fit":
+        return text
+    if not f.max_context:
+        return f"{text} The weights alone do not fit."
+    tokens = f.max_context
+    return f"{text} {largest_line(tokens)} (<a href='{tokens}'>load with it</a>)."
 
 
 class HubSettingsTab(QWidget):
@@ -550,6 +611,9 @@ class ModelsWindow(QDialog):
         lay.addWidget(self.error)
         lay.addWidget(self.tabs)
         ctrl.error.connect(self.show_error)
+        self.tabs.currentChanged.connect(
+            lambda i: self.tabs.widget(i) is self.local and self.local.refresh_fit()
+        )
         self.loaded_once = False
 
     def showEvent(self, event) -> None:

@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (
 
 from engine.memory import gib as size
 
-from ..gpu import GpuInfo, same_device
+from ..gpu import GpuInfo, cuda_index
 from .chat_view import prompt_part
 
 GiB = 1 << 30
@@ -199,10 +199,7 @@ class LivePanel(QScrollArea):
 
     def cuda_index(self, nvml_uuid: str) -> int | None:
         """The engine's CUDA number of an NVML device (the two orders can differ)."""
-        return next(
-            (d["index"] for d in self.cuda_devices if same_device(nvml_uuid, d.get("uuid", ""))),
-            None,
-        )
+        return cuda_index(nvml_uuid, self.cuda_devices)
 
     def set_rate(self, tok_s: float | None) -> None:
         self.rate.setText("Now: idle" if tok_s is None else f"Now: {tok_s:.1f} tok/s")

@@ -388,8 +388,8 @@ class MainWindow(QMainWindow):
             f"Could not import {path}: {reason}. Choose a file saved by File > Export chat as JSON."
         )
 
-    def _load(self, path: str, context: int | None = None) -> None:
-        self._spawn(self.ctrl.load_model(path, context))
+    def _load(self, path: str, context: int | None = None, device: str = "") -> None:
+        self._spawn(self.ctrl.load_model(path, context, device or None))
 
     def _load_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Choose a model folder")

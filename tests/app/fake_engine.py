@@ -5,7 +5,8 @@ words slowly (so stop can be tested), "fail" answers with an error event, anythi
 echoed back word by word. Loading a path containing "bad" fails ("hang" never ends, "crash"
 kills the engine). Every request is logged to $FAKE_ENGINE_LOG (one JSON line each) so tests
 can check what the app sent, and its pid to $FAKE_ENGINE_PIDS. While the file
-$FAKE_ENGINE_HANG_START exists, the engine hangs before its hello.
+$FAKE_ENGINE_HANG_START exists, the engine hangs before its hello. $FAKE_ENGINE_CUDA (JSON)
+is the CUDA devices its hello lists (none by default).
 """
 
 import json
@@ -103,14 +104,15 @@ def main():
     hang = os.environ.get("FAKE_ENGINE_HANG_START")
     if hang and os.path.exists(hang):  # a start that never says hello
         time.sleep(600)
+    cuda = json.loads(os.environ.get("FAKE_ENGINE_CUDA") or "[]")
     send(
         "hello",
         version=1,
         engine="fake",
-        device="cpu",
+        device="cuda" if cuda else "cpu",
         torch="2.13.0+cpu",
-        gpus=[],
-        cuda_devices=[],
+        gpus=[d["name"] for d in cuda],
+        cuda_devices=cuda,
         kernels="reference",
         kernels_reason="the fake engine has no GPU",
         capabilities=[],
@@ -144,7 +146,7 @@ def main():
                 kernels="reference",
                 kernels_reason="fake engine",
                 quant="vptq",
-                device="cpu",
+                device=msg.get("device") or "cpu",
                 weight_bytes=1 << 20,
                 kv_cache_bytes=48 << 20,
                 workspace_bytes=20 << 20,

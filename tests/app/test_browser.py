@@ -198,7 +198,8 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path, monke
     monkeypatch.setattr(app.ctrl.client, "load", load)
     assert app.settings.context == 4096
     detail.context.setValue(8192)
-    assert detail.load.isEnabled() and detail.load.toolTip() == ""
+    assert detail.load.isEnabled()
+    assert detail.load.toolTip() == "Loads on the device of the fit, at this context"
     detail.load.click()
     wait_until(qloop, lambda: app.settings.model == str(folder), what="the load")
     assert sent == [(str(folder), 8192)] and app.settings.context == 8192
@@ -255,6 +256,109 @@ def test_the_fit_counts_the_loaded_model_as_room(browser_app, qloop):
     alone = app.browser.fit(65536, GpusWithTheEngine().read(None)[0])  # no engine running
     assert (alone.verdict, alone.free, alone.reclaimed) == ("does not fit", 8 * GiB, 0)
     assert "Needed 8.67 GiB of 8.00 GiB free" in alone.lines()
+
+
+class ThreeGpus(FakeGpus):
+    """NVML's order: a 24 GB card (the engine's CUDA device 1), an 8 GB one with 1 GiB free
+    (CUDA 0), and one the engine does not see (CUDA_VISIBLE_DEVICES)."""
+
+    def read(self, engine_pid=None):
+        return [
+            GpuInfo(0, "GPU-AAAA", "Big GPU 24GB", 24 * GiB, 8 * GiB, 16 * GiB, 3, 40),
+            GpuInfo(1, "GPU-BBBB", "Small GPU 8GB", 8 * GiB, 7 * GiB, 1 * GiB, 3, 40),
+            GpuInfo(2, "GPU-CCCC", "Hidden GPU", 8 * GiB, 0, 8 * GiB, 0, 30),
+        ]
+
+    def processes(self, index):
+        return []
+
+
+ENGINE_CUDA = [  # as the engine's hello lists them: torch's UUIDs have no "GPU-", lower case
+    {"index": 0, "name": "Small GPU 8GB", "uuid": "bbbb"},
+    {"index": 1, "name": "Big GPU 24GB", "uuid": "aaaa"},
+]
+
+
+def loads(requests) -> list[dict]:
+    """The load requests the fake engine received: (path, device, context) each."""
+    lines = [json.loads(x) for x in requests.read_text().splitlines()] if requests.exists() else []
+    return [(r["path"], r.get("device"), r["max_seq_len"]) for r in lines if r["type"] == "load"]
+
+
+def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
+    browser_app, qloop, tmp_path, monkeypatch
+):
+    """Load in chat loads on the GPU the fit was checked on, numbered as the engine numbers
+    it (matched by UUID: NVML's order differs from CUDA's); one the engine does not see cannot
+    be chosen. The installed list shows the fit where its loads go (the last load's GPU), and
+    where the model does not fit it loads only at a context that does."""
+    app, _ = browser_app
+    requests = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(requests))
+    monkeypatch.setenv("FAKE_ENGINE_CUDA", json.dumps(ENGINE_CUDA))
+    qloop.run_until_complete(app.ctrl.restart_engine())  # the engine with the two GPUs
+    assert app.client.hello["cuda_devices"] == ENGINE_CUDA
+    app.browser.gpus = ThreeGpus()
+    w, browse = open_models(app, qloop)
+    browse.table.setCurrentIndex(app.browser.filtered.index(0, 0))  # the 8B
+    detail = browse.detail
+    wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
+    assert detail.gpu.currentText() == "GPU 0: Big GPU 24GB (16.00 GiB free)"
+    detail.download.click()
+    wait_until(qloop, lambda: "Installed" in detail.state.text(), what="the download")
+    folder = str(tmp_path / "models" / SMALL)
+    assert detail.load.isEnabled()
+    detail.load.click()
+    wait_until(qloop, lambda: app.settings.model == folder, what="the load")
+    assert loads(requests)[-1] == (folder, "cuda:1", 4096)  # NVML's GPU 0 is CUDA's 1
+    assert app.settings.device == "cuda:1"
+    detail.gpu.setCurrentIndex(2)  # the GPU the engine does not see
+    assert not detail.load.isEnabled()
+    assert detail.load.toolTip().startswith(
+        "The engine does not see GPU 2 (Hidden GPU): it sees CUDA device 0: Small GPU 8GB, "
+        "1: Big GPU 24GB"
+    )
+    detail.gpu.setCurrentIndex(3)  # the CPU
+    assert detail.load.isEnabled()
+    detail.gpu.setCurrentIndex(0)
+
+    # the installed list: the fit on the last load's GPU (NVML's 0, the engine's cuda:1)
+    w.tabs.setCurrentIndex(1)
+    local = w.local
+    local.table.setCurrentIndex(app.browser.local.index(0, 0))
+    assert local.fit.isVisibleTo(w)
+    assert local.fit.text().endswith(
+        "Fits</b> on GPU 0 (Big GPU 24GB) at 4096 tokens of context: needs 1.17 GiB of "
+        "16.00 GiB free."
+    )  # 391 KiB of weights, 0.5 GiB of KV cache, 0.5 GiB + 179,283,968 bytes of overhead
+    assert enabled_buttons(local) == ["Load in chat", "Delete…"]
+    w.tabs.setCurrentIndex(0)
+    detail.context.setValue(131072)  # 16 GiB of KV cache alone
+    w.tabs.setCurrentIndex(1)  # the tab shows the fit again at the new context
+    text = local.fit.text()
+    assert "Does not fit</b> on GPU 0 (Big GPU 24GB) at 131072 tokens of context" in text
+    assert text.endswith(
+        "needs 16.67 GiB of 16.00 GiB free. Largest context that fits: 125440 tokens "
+        "(<a href='125440'>load with it</a>)."
+    )
+    assert enabled_buttons(local) == ["Delete…"]
+    save_shots(w, qloop, "models-installed-fit")
+    local.fit.linkActivated.emit("125440")  # loads with the context that fits
+    wait_until(qloop, lambda: app.settings.context == 125440, what="the load at 125440")
+    assert loads(requests)[-1] == (folder, "cuda:1", 125440)
+    assert detail.context.value() == 125440  # the Browse tab's fit follows
+    local.refresh_fit()
+    assert "Tight</b> on GPU 0" in local.fit.text()
+    assert enabled_buttons(local) == ["Load in chat", "Delete…"]
+
+    # a saved GPU the engine no longer lists: the model loads on the engine's first one
+    app.settings.device = "cuda:7"
+    n = len(loads(requests))
+    app.window._load(folder)
+    wait_until(qloop, lambda: len(loads(requests)) > n, what="the load without cuda:7")
+    assert loads(requests)[-1] == (folder, None, 125440)
+    wait_until(qloop, lambda: app.client.state == "loaded", what="the model")
+    assert app.settings.device == "auto"
 
 
 class NoGpus:
