@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -36,7 +37,16 @@ from ..hub import HubSettings
 from .banner import ErrorBanner
 from .screen import fit_to_screen
 
-VERDICT_COLOURS = {"fits": "#2e7d32", "tight": "#b26a00", "does not fit": "#c62828"}
+# readable on the light window and on the dark one (WCAG contrast 4.5 or more)
+VERDICT_COLOURS = {"fits": "#2a7230", "tight": "#985c00", "does not fit": "#c62828"}
+DARK_VERDICT_COLOURS = {"fits": "#81c995", "tight": "#fdd663", "does not fit": "#f28b82"}
+
+
+def verdict_html(verdict: str, widget: QWidget) -> str:
+    """The verdict, capitalised and bold, in its colour for the widget's light or dark theme."""
+    dark = widget.palette().color(QPalette.ColorRole.Window).lightness() < 128
+    colour = (DARK_VERDICT_COLOURS if dark else VERDICT_COLOURS)[verdict]
+    return f"<b style='color:{colour}'>{verdict.capitalize()}</b>"
 
 
 def _table(model, name: str) -> QTableView:
@@ -326,8 +336,7 @@ class DetailPane(QWidget):
             self.verdict.setText("")
             self.breakdown.setText(d.note)
             return None
-        colour = VERDICT_COLOURS[f.verdict]
-        self.verdict.setText(f"<b style='color:{colour}'>{f.verdict.capitalize()}</b>")
+        self.verdict.setText(verdict_html(f.verdict, self))
         lines = f.lines()
         if f.verdict != "fits":
             room = self.ctrl.make_room(gpu)
@@ -347,10 +356,7 @@ class DetailPane(QWidget):
             self.verdict.setText(head)
             lines = [] if f is None else f.lines()
         else:
-            colour = VERDICT_COLOURS[f.verdict]
-            self.verdict.setText(
-                f"<b style='color:{colour}'>{f.verdict.capitalize()}</b> in memory. {head}"
-            )
+            self.verdict.setText(f"{verdict_html(f.verdict, self)} in memory. {head}")
             lines = f.lines()
         lines += [why for why in (self.ctrl.gpus.error, d.note) if why]
         verdict, largest = (f.verdict, f.max_context) if f is not None else (None, 0)
@@ -466,7 +472,7 @@ class LocalTab(QWidget):
             return None
         context = self.ctrl.context
         gpu, f = self.ctrl.installed_fit(repo, context)
-        self.fit.setText(installed_fit_text(gpu, f, context))
+        self.fit.setText(installed_fit_text(gpu, f, context, self))
         return f.verdict if f is not None else None
 
     def refresh_fit(self) -> None:
@@ -495,22 +501,22 @@ class LocalTab(QWidget):
         self.total.setText(f"{n} model{'s' * (n != 1)}, {size_text(disk)} on disk")
 
 
-def installed_fit_text(gpu: GpuInfo | None, f: Fit | CpuFit | None, context: int) -> str:
+def installed_fit_text(
+    gpu: GpuInfo | None, f: Fit | CpuFit | None, context: int, widget: QWidget
+) -> str:
     """One sentence: the verdict, where and at what context, the memory; where it does not fit,
-    the largest context that does, as a link that loads with it."""
+    the largest context that does, as a link that loads with it. widget: whose theme."""
     if f is None:
         return "No fit check: its config.json does not say its shape (loading says why)."
     where = f"on GPU {gpu.index} ({gpu.name})" if gpu is not None else "on the CPU (slow)"
     if f.verdict is None:  # the CPU's memory unknown
         return f"Loads {where}; it takes about {f.need.describe()}."
-    colour = VERDICT_COLOURS[f.verdict]
     if isinstance(f, Fit):
         need = f"{gib(f.needed)} of {gib(f.free)} free"
     else:
         need = f"{gib(f.need.total)} of {gib(f.available or 0)} available"
     text = (
-        f"<b style='color:{colour}'>{f.verdict.capitalize()}</b> {where} at {context} tokens "
-        f"of context: needs {need}."
+        f"{verdict_html(f.verdict, widget)} {where} at {context} tokens of context: needs {need}."
     )
     if f.verdict != "does not fit":
         return text

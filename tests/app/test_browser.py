@@ -361,6 +361,31 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     assert app.settings.device == "auto"
 
 
+@pytest.mark.parametrize("dark", [False, True])
+def test_the_verdicts_are_readable_in_both_themes(qapp, dark):
+    """Each verdict's colour against the window of its theme: WCAG contrast of at least 4.5
+    (the light theme's red and green were hard to read on the dark window)."""
+    from PySide6.QtGui import QColor, QPalette
+    from PySide6.QtWidgets import QLabel
+
+    from app.__main__ import apply_theme
+    from app.ui.browser import verdict_html
+
+    from .test_app_process import luminance
+
+    apply_theme(qapp, dark)
+    try:
+        label = QLabel()
+        back = label.palette().color(QPalette.ColorRole.Window)
+        for verdict in ("fits", "tight", "does not fit"):
+            html = verdict_html(verdict, label)
+            colour = QColor(html.split("color:")[1].split("'")[0])
+            lo, hi = sorted((luminance(colour), luminance(back)))
+            assert (hi + 0.05) / (lo + 0.05) >= 4.5, (verdict, colour.name(), back.name())
+    finally:
+        apply_theme(qapp, False)
+
+
 class NoGpus:
     """A machine without an NVIDIA driver, as app/gpu.py reports it."""
 
