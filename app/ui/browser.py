@@ -424,6 +424,8 @@ class LocalTab(QWidget):
         # the selected installed model's fit where Load in chat loads it
         self.fit = QLabel(wordWrap=True, objectName="installedFit")
         self.fit.setAccessibleName("Fit of the selected model")
+        self._fit_key: tuple | None = None  # what the fit shown is for, and its verdict
+        self._verdict: str | None = None
         self.fit.linkActivated.connect(
             lambda tokens: self._on(lambda repo: ctrl.load(repo, context=int(tokens)))
         )
@@ -466,17 +468,21 @@ class LocalTab(QWidget):
     def show_fit(self, repo: str | None) -> str | None:
         """The installed model's fit at the context of the fit check, on the device a load goes
         to; returns its verdict (None: no verdict: none selected, an unknown shape, or the CPU
-        with its memory unknown)."""
+        with its memory unknown). Worked out again for another model, context or device, or
+        after refresh_fit; not for each progress step of a download in another row."""
         self.fit.setVisible(repo is not None)
         if repo is None:
             return None
-        context = self.ctrl.context
-        gpu, f = self.ctrl.installed_fit(repo, context)
-        self.fit.setText(installed_fit_text(gpu, f, context, self))
-        return f.verdict if f is not None else None
+        key = (repo, self.ctrl.context, self.ctrl.device())
+        if key != self._fit_key:
+            gpu, f = self.ctrl.installed_fit(repo, key[1])
+            self.fit.setText(installed_fit_text(gpu, f, key[1], self))
+            self._fit_key, self._verdict = key, f.verdict if f is not None else None
+        return self._verdict
 
     def refresh_fit(self) -> None:
-        """The fit again (the free memory, the context or the device may have changed)."""
+        """The fit again (the free memory may have changed)."""
+        self._fit_key = None
         self._buttons_for_selection()
 
     def _on(self, fn) -> None:
