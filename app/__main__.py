@@ -167,7 +167,9 @@ class App:
         self.browser = BrowserController(hub, self.downloads, self.window.gpus, hub_models())
         self.browser.context = s.context  # the fit check starts at the context last loaded
         self.browser.engine_pid = lambda: self.client.proc.pid if self.client.proc else None
-        self.browser.engine_devices = lambda: self.client.hello.get("cuda_devices") or []
+        self.browser.engine_devices = lambda: (
+            self.client.hello.get("cuda_devices") or [] if self.client.hello else None
+        )
         self.browser.device = lambda: self.settings.device
         self.browser.load_requested.connect(self.window._load)
         self.models_window = None

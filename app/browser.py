@@ -245,9 +245,9 @@ class BrowserController(QObject):
         self.context = 4096  # tokens: the fit check's context, which "Load in chat" loads with
         # the engine process (None: not running): what it holds on a GPU is room for a load
         self.engine_pid: Callable[[], int | None] = lambda: None
-        # the engine's CUDA devices (its hello: index, name, uuid) and the device the next load
-        # goes to where none is chosen (the settings': auto, cpu, cuda or cuda:N)
-        self.engine_devices: Callable[[], list[dict]] = lambda: []
+        # the engine's CUDA devices (its hello: index, name, uuid; None before its hello) and the
+        # device the next load goes to where none is chosen (the settings': auto, cpu, cuda:N)
+        self.engine_devices: Callable[[], list[dict] | None] = lambda: None
         self.device: Callable[[], str] = lambda: "auto"
         self._refreshes = 0  # refresh() calls so far: only the last one's answer is shown
         manager.on_change = self._changed
@@ -325,16 +325,21 @@ class BrowserController(QObject):
         if gpu is None:
             return "cpu", ""
         devices = self.engine_devices()
+        if devices is None:
+            return "", ""
         n = cuda_index(gpu.uuid, devices)
         if n is not None:
             return f"cuda:{n}", ""
-        if devices:
-            seen = ", ".join(f"{d['index']}: {d.get('name', '?')}" for d in devices)
+        if not devices:
             return "", (
-                f"The engine does not see GPU {gpu.index} ({gpu.name}): it sees CUDA device "
-                f"{seen} (CUDA_VISIBLE_DEVICES chooses them). Choose another."
+                "The engine's PyTorch sees no CUDA GPU (a CPU build of PyTorch, or a driver it "
+                "cannot use): choose CPU (slow); Help > Check this computer says why"
             )
-        return "", ""  # the engine's hello has no GPUs: it says why when it loads
+        seen = ", ".join(f"{d['index']}: {d.get('name', '?')}" for d in devices)
+        return "", (
+            f"The engine does not see GPU {gpu.index} ({gpu.name}): it sees CUDA device "
+            f"{seen} (CUDA_VISIBLE_DEVICES chooses them). Choose another."
+        )
 
     def engine_gpu(self) -> GpuInfo | None:
         """The GPU a load without a chosen device goes to (the settings' device; auto and cuda

@@ -63,6 +63,9 @@ def browser_app(tmp_path, qloop, monkeypatch):
     with catalogue_hub() as hub:
         hub.stall_seconds = 1.0
         Settings(hub_endpoint=hub.url).save(tmp_path / "settings.json")
+        # the engine sees FakeGpus' GPU (torch's UUIDs lack NVML's "GPU-")
+        cuda = [{"index": 0, "name": "Test GPU 24GB", "uuid": "1234"}]
+        monkeypatch.setenv("FAKE_ENGINE_CUDA", json.dumps(cuda))
         theme = os.environ.get("VPTQ_CHAT_SCREENSHOT_THEME", "light")  # for looking at both
         app = make_app(tmp_path, qloop, monkeypatch, theme=theme)
         app.browser.gpus = FakeGpus()
@@ -169,7 +172,9 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path, monke
     local = w.local
     assert enabled_buttons(local) == []  # nothing selected yet
     local.table.setCurrentIndex(app.browser.local.index(0, 0))
-    assert enabled_buttons(local) == ["Load in chat", "Delete…"]
+    # here too the load waits for a context that fits (on the GPU the engine loads on)
+    assert enabled_buttons(local) == ["Delete…"]
+    assert "Does not fit</b> on GPU 0 (Test GPU 24GB) at 131072 tokens" in local.fit.text()
     # the total takes the room beside the buttons: one line, not wrapped into a corner
     qloop.run_until_complete(asyncio.sleep(0.1))
     assert local.total.text() == "1 model, 400.2 KB on disk"
@@ -359,6 +364,21 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     assert loads(requests)[-1] == (folder, None, 125440)
     wait_until(qloop, lambda: app.client.state == "loaded", what="the model")
     assert app.settings.device == "auto"
+
+    # an engine whose PyTorch sees no CUDA GPU (a CPU build): a GPU cannot be chosen, and the
+    # installed list shows the CPU's fit, where its loads go
+    monkeypatch.setenv("FAKE_ENGINE_CUDA", "[]")
+    qloop.run_until_complete(app.ctrl.restart_engine())
+    assert app.client.hello["cuda_devices"] == []
+    w.tabs.setCurrentIndex(0)
+    detail.gpu.setCurrentIndex(0)
+    detail.context.setValue(4096)
+    assert "Fits" in detail.verdict.text() and not detail.load.isEnabled()
+    assert detail.load.toolTip().startswith("The engine's PyTorch sees no CUDA GPU")
+    detail.gpu.setCurrentIndex(3)
+    assert detail.load.isEnabled()
+    w.tabs.setCurrentIndex(1)
+    assert "on the CPU (slow) at 4096 tokens of context" in local.fit.text()
 
 
 @pytest.mark.parametrize("dark", [False, True])
