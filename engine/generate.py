@@ -60,7 +60,9 @@ class Session:
         progress: Progress | None = None,
     ) -> Session:
         """Load a model; on a GPU the CUDA kernels are built (once) and loaded first."""
-        check_device(device)  # before the kernels' build, which a missing GPU would skip
+        dev = check_device(device)  # before the kernels' build, which a missing GPU would skip
+        if dev.type == "cuda":  # graph captures, events and streams follow the current device:
+            torch.cuda.set_device(dev)  # on another than the first they ran on the first
         use = os.environ.get("VPTQ_CHAT_KERNELS", "cuda") != "reference"
         kernels = ops.prepare(device, progress, use_kernels=use)
         if kernels[0] != "cuda" and torch.device(device).type == "cuda":

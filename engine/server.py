@@ -87,7 +87,7 @@ class Server:
                 cached_tokens=len(s.cached),
                 weight_bytes=s.loaded.weight_bytes,
             )
-        info.update(memory_stats())
+        info.update(memory_stats(s.loaded.device if s is not None else None))
         return info
 
     # -- main thread ---------------------------------------------------------------------
@@ -175,7 +175,7 @@ class Server:
             layout_bytes=s.loaded.layout_bytes,
             host_weight_bytes=s.loaded.host_bytes,
             max_context=s.loaded.max_context,
-            vram_bytes=memory_stats()["vram_bytes"],
+            vram_bytes=memory_stats(s.loaded.device)["vram_bytes"],
             kernels=s.kernels,
             kernels_reason=s.kernels_reason,
             chat_template=s.tok.has_chat_template,
@@ -306,13 +306,16 @@ def device_info() -> dict[str, Any]:
     }
 
 
-def memory_stats() -> dict[str, Any]:
+def memory_stats(device: Any = None) -> dict[str, Any]:
+    """Host RSS, and what PyTorch holds on the model's GPU (``device``; None: the current one,
+    which the reader thread that answers `stats` does not share with the main thread)."""
     import torch
 
     info: dict[str, Any] = {"rss_bytes": _rss_bytes(), "vram_bytes": 0}
     if torch.cuda.is_available():
-        info["vram_bytes"] = torch.cuda.memory_allocated()
-        info["vram_reserved_bytes"] = torch.cuda.memory_reserved()
+        dev = device if device is not None and torch.device(device).type == "cuda" else None
+        info["vram_bytes"] = torch.cuda.memory_allocated(dev)
+        info["vram_reserved_bytes"] = torch.cuda.memory_reserved(dev)
     return info
 
 

@@ -385,6 +385,57 @@ print(json.dumps({"peak_rss": peak, "weights": lm.weight_bytes, "kv": lm.kv_byte
 """
 
 
+ANSWER_ON = """
+import json, sys, torch
+from engine.generate import Session
+from engine.sampling import SamplingParams
+s = Session.load(sys.argv[1], sys.argv[2], torch.float16, 256, lambda *_: None)
+s.loaded.model.lm_head.weight.data.mul_(40)  # random weights: clear-cut greedy choices
+out = []
+for p in (SamplingParams(temperature=0, max_new_tokens=24),
+          SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_new_tokens=24)):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    g = s.generate(s.prompt_ids(messages=messages, max_new_tokens=24)[0], p)
+    "".join(g)
+    out.append([g.tokens, g.stats.cuda_graph])
+devices = {str(t.device) for t in s.loaded.model.state_dict().values()}
+first = torch.cuda.memory_allocated(0) if sys.argv[2] != "cuda:0" else None
+print(json.dumps({"out": out, "devices": sorted(devices), "on_first": first}))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_the_second_gpu_answers_as_on_the_first(tiny_folder):
+    """The app loads on the GPU its fit was checked on (`cuda:1`): there the graph decode (its
+    capture, the events that hand tokens to the host) must run on that GPU, not the first.
+    Greedy and seeded sampled turns give the first GPU's tokens, from weights all on the second,
+    with nothing of the model on the first."""
+    runs = {d: json.loads(python_out(ANSWER_ON, str(tiny_folder), d)) for d in ("cuda:0", "cuda:1")}
+    assert runs["cuda:1"]["devices"] == ["cuda:1"] and runs["cuda:0"]["devices"] == ["cuda:0"]
+    assert runs["cuda:1"]["out"] == runs["cuda:0"]["out"]
+    assert all(graph for _, graph in runs["cuda:1"]["out"])
+    assert runs["cuda:1"]["on_first"] == 0
+    # the engine process: the model's memory in `loaded` and in `stats` (answered by its
+    # reader thread) is the second GPU's
+    from .engine_proc import EngineProcess
+
+    e = EngineProcess()
+    try:
+        assert e.next().type == "hello"
+        e.send("hello", version=1)
+        loaded = answer(e, "load", "a", path=str(tiny_folder), device="cuda:1")[-1]
+        assert loaded.type == "loaded" and loaded.get("device") == "cuda:1", loaded
+        held = loaded.get("weight_bytes") + loaded.get("kv_cache_bytes")
+        assert loaded.get("vram_bytes") >= held
+        e.send("stats", "s")
+        stats = e.next(timeout=60)
+        while stats.type != "stats":
+            stats = e.next(timeout=60)
+        assert stats.get("vram_bytes") >= held, stats
+    finally:
+        e.close()
+
+
 def test_after_a_stopped_answer_the_next_turn_answers_as_after_a_finished_one(tiny_folder):
     """Stop (the app's button, Ctrl-C in `engine chat`) ends a graph decode with steps still
     in flight, which wrote KV entries past the kept tokens. The next turn, reusing the first
