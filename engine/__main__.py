@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -56,11 +57,19 @@ def tokens(text: str) -> int:
     return n
 
 
+def device(text: str) -> str:
+    """auto, cpu, cuda or cuda:N (the N-th GPU as CUDA numbers them)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda, cuda:N")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="model folder, downloaded repo id, or 'demo'")
     p.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"],
-        help="where the model runs (auto: the GPU where there is one)",
+        "--device", default="auto", type=device,
+        help="where the model runs: auto (the first GPU where there is one), cpu, cuda or "
+        "cuda:N (the N-th GPU)",
     )  # fmt: skip
     p.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"],

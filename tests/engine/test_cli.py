@@ -137,6 +137,14 @@ def test_bad_input_gives_one_line_errors(tmp_path):
     if not torch.cuda.is_available():  # was torch's AssertionError on a CPU build
         r = run("generate", "--model", m, "--prompt", "x", "--device", "cuda")
         assert_one_line_error(r, "device 'cuda': PyTorch sees no CUDA GPU")
+        r = run("generate", "--model", m, "--prompt", "x", "--device", "cuda:1")
+        assert_one_line_error(r, "device 'cuda:1': PyTorch sees no CUDA GPU")
+    # a GPU's number is taken (cuda:N); anything else is named
+    r = run("generate", "--model", m, "--prompt", "x", "--device", "gpu1")
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        "python -m engine generate: error: argument --device: "
+        "'gpu1' is not one of auto, cpu, cuda, cuda:N"
+    )
 
 
 @pytest.mark.e2e
