@@ -59,6 +59,53 @@ def test_history_survives_a_killed_app(tmp_path):
     assert conv.draft == "an unsent draft"
 
 
+QUIT_WHILE_THE_HUB_WAITS = """
+import asyncio, sys
+from pathlib import Path
+from app.__main__ import App
+app = App(Path(sys.argv[1]), model="demo", theme="light")
+app.window.show()
+async def go():
+    await app.ctrl.start_engine()
+    app.show_models()  # the catalogue's request, to a hub that never answers
+    await asyncio.sleep(1.0)
+    await app.close()
+app.loop.run_until_complete(go())
+print("CLOSED", flush=True)
+"""
+
+
+def test_quitting_while_the_hub_has_not_answered_ends_the_app_cleanly(tmp_path):
+    """The Models window asks the hub for its catalogue in a thread; quitting before the hub
+    answers (an unreachable mirror takes its timeout) made Qt abort the app at exit (its
+    QThread destroyed while running), a crash at every such quit."""
+    import socket
+
+    from app.settings import Settings
+
+    silent = socket.socket()  # takes connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    Settings(hub_endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}").save(
+        tmp_path / "settings.json"
+    )
+    env = dict(
+        os.environ,
+        QT_QPA_PLATFORM="offscreen",
+        VPTQ_CHAT_ENGINE_CMD=f"{sys.executable} {FAKE_ENGINE}",
+        VPTQ_CHAT_MODELS=str(tmp_path / "models"),
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", QUIT_WHILE_THE_HUB_WAITS, str(tmp_path)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        silent.close()
+    assert done.stdout.strip() == "CLOSED"
+    assert done.returncode == 0 and "QThread" not in done.stderr, done.stderr[-2000:]
+
+
 @pytest.mark.e2e
 def test_real_engine_with_the_demo_model(tmp_path, qloop, monkeypatch, demo_path):
     app = make_app(tmp_path, qloop, monkeypatch, engine=None)
