@@ -21,7 +21,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from .hub import (
     bytes_on_disk,
     folder_of,
 )
+from .threads import DaemonThreads
 
 log = logging.getLogger("app.downloads")
 
@@ -112,7 +112,7 @@ class DownloadManager:
         self.stall_after, self.max_retries, self.backoff = stall_after, max_retries, backoff
         self.speed_window = speed_window
         self.downloads: dict[str, Download] = {}
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="download")
+        self.pool = DaemonThreads(max_workers=2, name="download")  # never holds the app's exit
         self.loop = loop  # None: the loop running when the first download starts
         self._ticker: asyncio.Task | None = None
 

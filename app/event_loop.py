@@ -14,34 +14,12 @@ own (DaemonThreads), not in qasync's QThreads.
 from __future__ import annotations
 
 import asyncio
-import threading
-from concurrent.futures import Executor, Future
 
 import qasync
 from PySide6.QtCore import QEventLoop
 from PySide6.QtWidgets import QApplication
 
-
-class DaemonThreads(Executor):
-    """The loop's default executor: each call in a daemon thread of its own. qasync's runs them
-    in QThreads, and a hub call still waiting on the network when the app quit (a hub that does
-    not answer takes its timeout) made Qt abort the process at exit ("QThread: Destroyed while
-    thread is still running"); Python's own pool would make quitting wait for it. What runs here
-    reads the hub and writes its caches by rename (app/hub.py), so it may be left unfinished."""
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future: Future = Future()
-
-        def run() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as e:  # the caller's await raises it
-                future.set_exception(e)
-
-        threading.Thread(target=run, name="app-call", daemon=True).start()
-        return future
+from .threads import DaemonThreads
 
 
 class QtAsyncLoop(qasync.QEventLoop):

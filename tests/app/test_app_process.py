@@ -106,6 +106,58 @@ def test_quitting_while_the_hub_has_not_answered_ends_the_app_cleanly(tmp_path):
     assert done.returncode == 0 and "QThread" not in done.stderr, done.stderr[-2000:]
 
 
+QUIT_WHILE_DOWNLOADING = """
+import asyncio, sys
+from pathlib import Path
+from app.__main__ import App
+app = App(Path(sys.argv[1]), model="demo", theme="light")
+app.window.show()
+async def go():
+    await app.ctrl.start_engine()
+    app.browser.start(sys.argv[2])
+    while app.downloads.downloads[sys.argv[2]].state != "downloading":
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.0)  # into the file's body, which stalls
+    await app.close()
+app.loop.run_until_complete(go())
+print("CLOSED", flush=True)
+"""
+
+
+def test_quitting_during_a_stalled_download_ends_the_app_and_keeps_the_part(tmp_path):
+    """A download waits on a silent connection until its read timeout (30 s) and then retries;
+    quitting meanwhile left the process running that long after its window closed (the exit
+    joined the download's thread). It ends at once; the part downloaded stays for the next
+    start."""
+    from .fake_hub import FakeHub, Repo
+    from .test_hub import payload
+
+    repo = "VPTQ-community/Meta-Llama-3.1-8B-Instruct-v8-k65536-0-woft"
+    with FakeHub() as hub:
+        hub.stall_seconds = 120
+        hub.add(Repo(repo, {"config.json": b"{}", "model.safetensors": payload(4_000_000, 3)}))
+        hub.fail(repo, "model.safetensors", "stall")
+        from app.settings import Settings
+
+        Settings(hub_endpoint=hub.url).save(tmp_path / "settings.json")
+        env = dict(
+            os.environ,
+            QT_QPA_PLATFORM="offscreen",
+            VPTQ_CHAT_ENGINE_CMD=f"{sys.executable} {FAKE_ENGINE}",
+            VPTQ_CHAT_MODELS=str(tmp_path / "models"),
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", QUIT_WHILE_DOWNLOADING, str(tmp_path), repo],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=25,
+        )  # fmt: skip (25 s: under the read timeout, so a wait for the thread fails here)
+    assert done.stdout.strip() == "CLOSED" and done.returncode == 0, done.stderr[-2000:]
+    parts = list((tmp_path / "models" / repo).rglob("*.part"))
+    assert [p.name for p in parts] == ["model.safetensors.part"] and parts[0].stat().st_size > 0
+
+
 @pytest.mark.e2e
 def test_real_engine_with_the_demo_model(tmp_path, qloop, monkeypatch, demo_path):
     app = make_app(tmp_path, qloop, monkeypatch, engine=None)

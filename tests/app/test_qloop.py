@@ -24,3 +24,49 @@ def test_a_task_resumed_as_the_loop_stops_keeps_reading_its_queue(qloop):
     qloop.run_until_complete(asyncio.sleep(0.05))
     assert got == [1, 2] and not task.done(), task.exception() if task.done() else got
     task.cancel()
+
+
+def test_daemon_threads_run_calls_in_order_at_most_n_at_once_and_never_hold_the_exit():
+    """app/threads.py: what the downloads and the hub's calls run on."""
+    import concurrent.futures
+    import threading
+    import time
+
+    from app.threads import DaemonThreads
+
+    pool = DaemonThreads(max_workers=2)
+    gates = [threading.Event() for _ in range(4)]
+    started, lock = [], threading.Lock()
+
+    def call(i):
+        with lock:
+            started.append((i, threading.current_thread().daemon))
+        gates[i].wait(10)
+        if i == 1:
+            raise ValueError("one")
+        return i
+
+    def until(n):
+        end = time.monotonic() + 5
+        while len(started) < n:
+            assert time.monotonic() < end, started
+            time.sleep(0.01)
+        time.sleep(0.2)  # and no more start
+
+    futures = [pool.submit(call, i) for i in range(4)]
+    until(2)
+    assert started == [(0, True), (1, True)]  # two at once, daemon threads
+    gates[1].set()
+    assert isinstance(futures[1].exception(5), ValueError)
+    until(3)
+    assert [i for i, _ in started] == [0, 1, 2]  # the next in the order submitted
+    pool.shutdown(wait=False, cancel_futures=True)  # never waits; call 3 never starts
+    gates[0].set()
+    gates[2].set()
+    assert futures[0].result(5) == 0 and futures[2].result(5) == 2
+    concurrent.futures.wait([futures[3]], timeout=5)
+    assert futures[3].cancelled()
+    assert [i for i, _ in started] == [0, 1, 2]
+    # without a bound: a thread a call
+    free = DaemonThreads()
+    assert free.submit(lambda: threading.current_thread().daemon).result(5) is True
