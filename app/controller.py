@@ -30,6 +30,10 @@ REPAINT_MS = 100
 SAVE_S = 0.5
 # What brings a dead engine back (said wherever the user meets one).
 RESTART_HINT = "Model > Restart engine starts it again"
+LOAD_HINT = (
+    "This chat waits for a model, and is answered once one is loaded: Model > Load demo "
+    "model, or Browse and download models."
+)
 
 
 class ChatController(QObject):
@@ -127,8 +131,12 @@ class ChatController(QObject):
         self.conversations.set_marks(cid, self.waiting)
         self.send_allowed.emit(self.can_send())
         note = ""
-        if cid is None and self.current in self.waiting:  # the engine stopped meanwhile
-            note = f"This chat waits for the engine, which is not running: {RESTART_HINT}."
+        if cid is None and self.current in self.waiting:  # no model to answer it now
+            note = (
+                f"This chat waits for the engine, which is not running: {RESTART_HINT}."
+                if self.client.state in ("stopped", "failed")
+                else LOAD_HINT
+            )
         if cid is not None and cid != self.current:
             title = "a deleted chat"  # its answer is being stopped
             with contextlib.suppress(KeyError):
@@ -262,8 +270,9 @@ class ChatController(QObject):
             self._answer_or_wait()
 
     def _answer_or_wait(self) -> None:
-        """Answer the open chat's last message now, or after the answer being written."""
-        if self.busy:
+        """Answer the open chat's last message now, or after the answer being written, or
+        where no model is loaded (none yet, a failed load, the engine stopped) once one is."""
+        if self.busy or self._no_model():
             self.waiting.append(self.current)
             self._tell_answering()
         else:
@@ -305,11 +314,19 @@ class ChatController(QObject):
         last = self.messages.rows[-1]
         if not can_continue(last.role, last.status, last.stats, last.content):
             return
-        if self.busy:
+        if self.busy or self._no_model():
             self.continuing.add(self.current)
             self._answer_or_wait()
             return
         self._continue(last)
+
+    def _no_model(self) -> bool:
+        """Whether no model is there to answer: the engine holds none (it started without one,
+        or a load failed after letting the last go), or it is not running. Not during a
+        restart after a crash, which reloads the model (requests made meanwhile are sent
+        then)."""
+        c = self.client
+        return c.state in ("ready", "stopped", "failed") and not c.recovering
 
     def _continue(self, last: Message) -> None:
         """More of ``last``, its chat's last answer (in the open chat or another)."""

@@ -215,14 +215,14 @@ class EngineClient:
             recovered.set_result(None)  # a crash during the reload has begun another
 
     @property
-    def _recovering(self) -> bool:
+    def recovering(self) -> bool:
         """Whether a restart after a crash is under way."""
         return self._recovered is not None and not self._recovered.done()
 
     async def _after_recovery(self) -> None:
         """Waits out a restart after a crash, where one is under way (and the next one, where
         the engine crashed again meanwhile)."""
-        while self._recovering:
+        while self.recovering:
             await asyncio.shield(self._recovered)
 
     # -- requests ------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ class EngineClient:
             payload["continue"] = True
         if prompt is not None:
             payload["prompt"] = prompt
-        if self._recovering:
+        if self.recovering:
             task = asyncio.ensure_future(self._send_later(id_, queue, payload))
             self._unsent[id_] = (queue, task)
         else:

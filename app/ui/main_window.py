@@ -291,6 +291,8 @@ class MainWindow(QMainWindow):
         elif state == "failed":
             self.show_error(f"{info.get('message')}. Your conversation is kept; {RESTART_HINT}.")
             self.statusBar().showMessage("The engine is not running")
+        elif state == "ready" and not self.ctrl.client.recovering:  # no model (a failed load)
+            self.statusBar().showMessage("No model loaded")
         elif state == "loaded":  # the user's load and the reload after a restart alike
             model, n_ctx = info.get("model"), info.get("n_ctx")
             self.statusBar().showMessage(f"{model} ready: {n_ctx} tokens of context")

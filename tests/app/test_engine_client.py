@@ -238,7 +238,7 @@ def test_shutdown_does_not_wait_for_a_restart_that_hangs(tmp_path):
         while len(pids.read_text().split()) < 2:  # the new engine is up, and hangs
             await asyncio.sleep(0.01)
         await asyncio.wait_for(c.shutdown(timeout=PATIENT), PATIENT / 2)
-        assert c.state == "stopped" and not c._recovering
+        assert c.state == "stopped" and not c.recovering
 
     try:
         run(go())

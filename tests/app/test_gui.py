@@ -142,12 +142,18 @@ def test_engine_that_crashes_too_often_comes_back_from_the_menu(gui, qloop):
     assert "Model > Restart engine starts it again" in banner
     assert gui.window.statusBar().currentMessage() == "The engine is not running"
     assert gui.store.messages(gui.ctrl.current)[-1].content.startswith("You said:")  # kept
-    send(gui, "anyone there?")  # a message to the dead engine says how to bring it back
-    wait_until(qloop, lambda: answer_done(gui), what="the refused message")
-    banner = gui.window.banner.text()
-    assert "the engine is not running; Model > Restart engine starts it again" in banner
+    # a message to the dead engine waits, says how to bring it back, and is answered then
+    send(gui, "anyone there?")
+    assert gui.ctrl.waiting == [gui.ctrl.current]
+    assert gui.window.chat.queue_note.text() == (
+        "This chat waits for the engine, which is not running: Model > Restart engine starts it "
+        "again."
+    )  # (it was answered with an error)
+    assert [m.role for m in gui.ctrl.messages.rows][-1] == "user"
     menu_action(gui.window, "&Restart engine").trigger()
     wait_until(qloop, lambda: gui.client.state == "loaded", timeout=60, what="the restart")
+    wait_until(qloop, lambda: answer_done(gui), what="the waiting message's answer")
+    assert gui.ctrl.messages.rows[-1].content == "You said: anyone there?"
     send(gui, "back")
     wait_until(qloop, lambda: answer_done(gui), what="an answer after the restart")
     assert gui.ctrl.messages.rows[-1].content == "You said: back"
@@ -229,6 +235,34 @@ def test_a_message_waiting_for_a_stopped_engine_says_so_and_goes_after_a_load(gu
     qloop.run_until_complete(ctrl.load_model("demo"))
     wait_until(qloop, lambda: answer_done(gui), what="the waiting answer")
     assert ctrl.messages.rows[-1].content == "You said: waiting" and not ctrl.waiting
+
+
+def test_a_message_without_a_model_waits_for_one(tmp_path, qloop, monkeypatch):
+    """The model of the last session is gone (deleted, or on a drive not mounted): the engine
+    runs without one. A message then waits and says what to do (it was answered with the
+    engine's "no model is loaded" error), and is answered once a model is loaded; the status
+    bar says no model is loaded (it kept "Loading ..." of the failed load)."""
+    from app.controller import LOAD_HINT
+
+    from .conftest import make_app
+
+    app = make_app(tmp_path, qloop, monkeypatch, model="/models/bad-gone")
+    try:
+        assert app.client.state == "ready"
+        assert "Could not load /models/bad-gone" in app.window.banner.text()
+        assert app.window.statusBar().currentMessage() == "No model loaded"
+        send(app, "hello")
+        assert app.ctrl.waiting == [app.ctrl.current]
+        assert [m.role for m in app.ctrl.messages.rows] == ["user"]
+        assert app.window.chat.queue_note.text() == LOAD_HINT
+        assert LOAD_HINT.startswith("This chat waits for a model, and is answered once one")
+        menu_action(app.window, "Load &demo model").trigger()
+        wait_until(qloop, lambda: answer_done(app), what="the waiting message's answer")
+        assert app.ctrl.messages.rows[-1].content == "You said: hello"
+        assert not app.ctrl.waiting and app.window.chat.queue_note.text() == ""
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
 
 
 def test_restart_engine_during_a_stuck_load(gui, qloop, monkeypatch):
