@@ -173,11 +173,13 @@ class LivePanel(QScrollArea):
                 )
                 self.kernels.setObjectName("warning")
             self.kernels.setStyleSheet(self.kernels.styleSheet())  # re-polish for the new name
-        elif state == "ready" and info.get("kernels"):
+        elif state == "ready":  # the engine's hello, or a failed load that let the model go
             self.engine.setText("Engine: ready, no model loaded")
-            label = "CUDA" if info["kernels"] == "cuda" else "pure-PyTorch reference path (slow)"
-            self.kernels.setText(f"Kernels: {label}: {info.get('kernels_reason', '')}")
-            self.cuda_devices = info.get("cuda_devices") or []
+            if info.get("kernels"):  # the hello
+                slow = "pure-PyTorch reference path (slow)"
+                label = "CUDA" if info["kernels"] == "cuda" else slow
+                self.kernels.setText(f"Kernels: {label}: {info.get('kernels_reason', '')}")
+                self.cuda_devices = info.get("cuda_devices") or []
         elif state in ("crashed", "failed"):
             self.engine.setText(f"Engine {state}: {info.get('message', '')}")
         else:

@@ -251,6 +251,7 @@ def test_a_message_without_a_model_waits_for_one(tmp_path, qloop, monkeypatch):
         assert app.client.state == "ready"
         assert "Could not load /models/bad-gone" in app.window.banner.text()
         assert app.window.statusBar().currentMessage() == "No model loaded"
+        assert app.window.panel.engine.text() == "Engine: ready, no model loaded"
         send(app, "hello")
         assert app.ctrl.waiting == [app.ctrl.current]
         assert [m.role for m in app.ctrl.messages.rows] == ["user"]
