@@ -61,8 +61,8 @@ class Session:
     ) -> Session:
         """Load a model; on a GPU the CUDA kernels are built (once) and loaded first."""
         dev = check_device(device)  # before the kernels' build, which a missing GPU would skip
-        if dev.type == "cuda" and dev.index is not None:  # "cuda": the current device
-            torch.cuda.set_device(dev)  # graph captures, events and streams follow it
+        if dev.type == "cuda":  # graph captures, events and streams follow the current device
+            torch.cuda.set_device(dev.index or 0)  # "cuda" is the first GPU, as auto is
         use = os.environ.get("VPTQ_CHAT_KERNELS", "cuda") != "reference"
         kernels = ops.prepare(device, progress, use_kernels=use)
         if kernels[0] != "cuda" and torch.device(device).type == "cuda":

@@ -436,6 +436,10 @@ def test_a_model_on_another_gpu_answers_as_on_the_first(tiny_folder):
         while stats.type != "stats":
             stats = e.next(timeout=60)
         assert stats.get("vram_bytes") >= held, stats
+        # a load without a device after it goes to the first GPU again, as auto says (the
+        # app reloads the model before after a failed load that way)
+        loaded = answer(e, "load", "b", path=str(tiny_folder))[-1]
+        assert loaded.type == "loaded" and loaded.get("device") == "cuda:0", loaded
     finally:
         e.close()
 
