@@ -342,7 +342,11 @@ class DetailPane(QWidget):
             room = self.ctrl.make_room(gpu)
             if room:
                 lines.append("To make room, close: " + "; ".join(room))
-        self.breakdown.setText("<br>".join(offer_context(lines, f.verdict, f.max_context)))
+        lines = offer_context(lines, f.verdict, f.max_context)
+        _, unseen = self.ctrl.load_device(gpu)
+        if unseen:  # why Load in chat cannot load it there (not only in its tooltip)
+            lines.append(f"<b>{unseen}</b>")
+        self.breakdown.setText("<br>".join(lines))
         return f.verdict
 
     def _show_cpu_fit(self, d) -> str | None:

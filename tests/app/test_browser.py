@@ -319,10 +319,13 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     assert app.settings.device == "cuda:1"
     detail.gpu.setCurrentIndex(2)  # the GPU the engine does not see
     assert not detail.load.isEnabled()
-    assert detail.load.toolTip().startswith(
+    unseen = (
         "The engine does not see GPU 2 (Hidden GPU): it sees CUDA device 0: Small GPU 8GB, "
-        "1: Big GPU 24GB"
+        "1: Big GPU 24GB (CUDA_VISIBLE_DEVICES chooses them). Choose another."
     )
+    assert detail.load.toolTip() == unseen
+    assert detail.breakdown.text().endswith(f"<br><b>{unseen}</b>")  # said, not only hovered
+    save_shots(w, qloop, "models-unseen-gpu")
     detail.gpu.setCurrentIndex(3)  # the CPU
     assert detail.load.isEnabled()
     detail.gpu.setCurrentIndex(0)
