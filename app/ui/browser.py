@@ -280,11 +280,7 @@ class DetailPane(QWidget):
         if d.repo != self.repo:
             return
         self.title.setText(f"<b>{d.repo}</b><br>{d.scheme.describe()}")
-        self.size.setText(
-            f"Download size {size_text(d.files.total)} in {len(d.files.files)} files "
-            f"(weights {size_text(d.files.weight_bytes)}); already on disk "
-            f"{size_text(d.on_disk)}."
-        )
+        self._show_size(d, d.on_disk)
         gpus = self.ctrl.gpus_now()
         self.gpu.blockSignals(True)
         self.gpu.clear()
@@ -296,6 +292,12 @@ class DetailPane(QWidget):
             self.context.setMaximum(d.shape.max_context)
         self.update_fit()
         self.show_download(self.ctrl.manager.downloads.get(d.repo))
+
+    def _show_size(self, d: Details, on_disk: int) -> None:
+        self.size.setText(
+            f"Download size {size_text(d.files.total)} in {len(d.files.files)} files "
+            f"(weights {size_text(d.files.weight_bytes)}); already on disk {size_text(on_disk)}."
+        )
 
     def _context_changed(self, tokens: int) -> None:
         self.ctrl.context = tokens
@@ -394,6 +396,8 @@ class DetailPane(QWidget):
             self.state.setText("Installed." if installed else "")
             return
         self.progress.setValue(int(100 * (1.0 if d.state == "installed" else d.fraction)))
+        if details is not None and d.files:  # what is on disk follows the download
+            self._show_size(details, d.done)
         parts = [d.state.capitalize()]
         if d.files:
             parts.append(f"{size_text(d.done)} of {size_text(d.total)}")

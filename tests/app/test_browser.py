@@ -161,6 +161,7 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path, monke
     detail.download.click()
     wait_until(qloop, lambda: "Installed" in detail.state.text(), what="the download")
     assert detail.progress.value() == 100
+    assert f"already on disk {total / 1000:.1f} KB." in detail.size.text()  # (it kept 0 B)
     # installed, but Load in chat waits for a context that fits (the engine would refuse
     # 131072 tokens after letting the loaded model go)
     assert not detail.load.isEnabled() and "does not fit" in detail.load.toolTip()
