@@ -171,6 +171,9 @@ class App:
             self.client.hello.get("cuda_devices") or [] if self.client.hello else None
         )
         self.browser.device = lambda: self.settings.device
+        self.browser.loaded_model = lambda: (
+            self.settings.model if self.client.state == "loaded" else None
+        )
         self.browser.load_requested.connect(self.window._load)
         self.models_window = None
         self.loop.call_soon(self._restore_downloads)

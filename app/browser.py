@@ -249,6 +249,7 @@ class BrowserController(QObject):
         # device the next load goes to where none is chosen (the settings': auto, cpu, cuda:N)
         self.engine_devices: Callable[[], list[dict] | None] = lambda: None
         self.device: Callable[[], str] = lambda: "auto"
+        self.loaded_model: Callable[[], str | None] = lambda: None  # its folder (None: none)
         self._refreshes = 0  # refresh() calls so far: only the last one's answer is shown
         manager.on_change = self._changed
         self.refresh_local()
@@ -400,6 +401,10 @@ class BrowserController(QObject):
         await self.manager.delete(repo)
         self.local.remove(repo)
         self.refresh_local()
+
+    def is_loaded(self, repo: str) -> bool:
+        """Whether the engine has this downloaded model loaded now."""
+        return self.loaded_model() == str(folder_of(self.models_dir, repo))
 
     def load(self, repo: str, device: str = "", context: int | None = None) -> None:
         """Load the model in the chat with the context its fit was checked at (or ``context``,

@@ -500,9 +500,13 @@ class LocalTab(QWidget):
 
     def _delete(self, repo: str) -> None:
         row = next(r for r in self.ctrl.local.rows if r["repo"] == repo)
-        answer = QMessageBox.question(
-            self, "Delete model", f"Delete {repo} ({size_text(row['disk'])} on disk)?"
-        )
+        text = f"Delete {repo} ({size_text(row['disk'])} on disk)?"
+        if self.ctrl.is_loaded(repo):
+            text += (
+                "\n\nIt is the model loaded now: it stays loaded until you load another or "
+                "quit, and the next start has no model to load until you choose one."
+            )
+        answer = QMessageBox.question(self, "Delete model", text)
         if answer == QMessageBox.StandardButton.Yes:
             self.spawn(self.ctrl.delete(repo))
 

@@ -341,6 +341,17 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
         "16.00 GiB free."
     )  # 391 KiB of weights, 0.5 GiB of KV cache, 0.5 GiB + 179,283,968 bytes of overhead
     assert enabled_buttons(local) == ["Load in chat", "Delete…"]
+    # deleting the model loaded now says what that means
+    from PySide6.QtWidgets import QMessageBox
+
+    asked = []
+    monkeypatch.setattr(
+        QMessageBox, "question", lambda *a: asked.append(a[2]) or QMessageBox.StandardButton.No
+    )
+    local.buttons["Delete…"].click()
+    assert asked[0].startswith(f"Delete {SMALL} (400.2 KB on disk)?")
+    assert "It is the model loaded now: it stays loaded until you load another" in asked[0]
+    assert (tmp_path / "models" / SMALL).is_dir()  # answered No
     w.tabs.setCurrentIndex(0)
     detail.context.setValue(131072)  # 16 GiB of KV cache alone
     w.tabs.setCurrentIndex(1)  # the tab shows the fit again at the new context
