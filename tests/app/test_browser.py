@@ -608,7 +608,8 @@ def test_the_models_window_fits_the_screen(browser_app):
 
     app, _ = browser_app
     free = QGuiApplication.primaryScreen().availableGeometry()
-    assert free.width() < 1000  # the offscreen screen is narrower than the window's 1000 x 680
+    if free.width() >= 1000:  # a screenshot run under a wider Xvfb screen
+        pytest.skip("needs a screen narrower than the window's 1000 px (offscreen: 800)")
     app.show_models()
     w = app.models_window
     assert free.contains(w.frameGeometry()), (free, w.frameGeometry())
