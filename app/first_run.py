@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine.memory import gib, host_available
 
-from .gpu import Gpus
+from .gpu import Gpus, cuda_index
 
 GiB = 1 << 30
 MIN_FREE_DISK = 10 * GiB  # a 2-bit 8B model is ~4 GiB, a 70B one ~20 GiB
@@ -37,14 +37,7 @@ def run_checks(hello: dict, gpus: Gpus, models_dir: Path, available=_UNSET) -> l
     if gpus.available:
         checks.append(Check("NVIDIA driver", True, f"driver {gpus.driver}"))
         found = gpus.read()
-        checks += [
-            Check(
-                f"GPU {g.index}",
-                True,
-                f"{g.name}: {g.free / GiB:.1f} GiB free of {g.total / GiB:.1f} GiB",
-            )
-            for g in found
-        ]
+        checks += [_gpu_check(g, hello.get("cuda_devices")) for g in found]
         if not found:
             checks.append(
                 Check(
@@ -105,6 +98,24 @@ def run_checks(hello: dict, gpus: Gpus, models_dir: Path, available=_UNSET) -> l
         )
     )
     return checks
+
+
+def _gpu_check(g, cuda_devices: list[dict] | None) -> Check:
+    """An NVML GPU, and whether the engine can use it: which CUDA device it is there (the
+    numbers can differ), or that the engine does not see it."""
+    detail = f"{g.name}: {g.free / GiB:.1f} GiB free of {g.total / GiB:.1f} GiB"
+    if not cuda_devices:  # no hello yet, or no CUDA at all (the PyTorch check says so)
+        return Check(f"GPU {g.index}", True, detail)
+    n = cuda_index(g.uuid, cuda_devices)
+    if n is not None:
+        return Check(f"GPU {g.index}", True, f"{detail}; the engine's cuda:{n}")
+    return Check(
+        f"GPU {g.index}",
+        False,
+        f"{detail}; the engine does not see it",
+        "CUDA_VISIBLE_DEVICES hides it from the engine: unset it (or list this GPU) before "
+        "starting VPTQ Chat to use it.",
+    )
 
 
 def cpu_memory(available: int | None) -> Check:

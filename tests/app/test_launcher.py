@@ -110,6 +110,38 @@ def test_first_run_verdict_without_a_gpu(tmp_path):
     assert verdict(list(checks.values())).startswith("No usable GPU: VPTQ Chat runs on the CPU")
 
 
+def test_first_run_says_which_gpus_the_engine_sees(tmp_path):
+    """Each GPU the driver reports, with the engine's number for it (matched by UUID: the
+    orders can differ), or that the engine does not see it and what to do."""
+    from app.gpu import GpuInfo
+
+    class TwoGpus:
+        available, driver, error = True, "580.1", None
+
+        def read(self, engine_pid=None):
+            return [
+                GpuInfo(0, "GPU-AAAA", "Big", 24 * GiB, 8 * GiB, 16 * GiB, 0, 40),
+                GpuInfo(1, "GPU-BBBB", "Hidden", 8 * GiB, 0, 8 * GiB, 0, 40),
+            ]
+
+    hello = {
+        "device": "cuda", "torch": "2.11.0", "kernels": "cuda", "kernels_reason": "built",
+        "cuda_devices": [{"index": 0, "name": "Big", "uuid": "aaaa"}],
+    }  # fmt: skip
+    checks = {c.name: c for c in run_checks(hello, TwoGpus(), tmp_path / "models", 0)}
+    assert (checks["GPU 0"].ok, checks["GPU 0"].detail) == (
+        True, "Big: 16.0 GiB free of 24.0 GiB; the engine's cuda:0"
+    )  # fmt: skip
+    hidden = checks["GPU 1"]
+    assert (hidden.ok, hidden.detail) == (False, "Hidden: 8.0 GiB free of 8.0 GiB; the engine "
+                                          "does not see it")  # fmt: skip
+    assert hidden.fix.startswith("CUDA_VISIBLE_DEVICES hides it from the engine")
+    assert verdict(list(checks.values())).startswith("Ready")  # the other GPU serves
+    # before the engine's hello (or without CUDA) the GPUs are listed as the driver has them
+    bare = {c.name: c for c in run_checks({}, TwoGpus(), tmp_path / "models", 0)}
+    assert bare["GPU 1"].ok is True and bare["GPU 1"].detail == "Hidden: 8.0 GiB free of 8.0 GiB"
+
+
 def _windows(display, title="VPTQ Chat"):
     out = subprocess.run(
         ["xdotool", "search", "--onlyvisible", "--name", f"^{title}$"],
