@@ -2,9 +2,10 @@
 
 The last user message picks the behaviour: "crash" dies mid-answer, "slow" streams 400
 words slowly (so stop can be tested), "fail" answers with an error event, anything else is
-echoed back word by word. Loading a path containing "bad" fails ("hang" never ends, "crash"
-kills the engine). Every request is logged to $FAKE_ENGINE_LOG (one JSON line each) so tests
-can check what the app sent, and its pid to $FAKE_ENGINE_PIDS. While the file
+echoed back word by word; without a model loaded it refuses, as the real engine does. Loading a
+path containing "bad" fails and lets the loaded model go ("missing" fails and keeps it, "hang"
+never ends, "crash" kills the engine). Every request is logged to $FAKE_ENGINE_LOG (one JSON
+line each) so tests can check what the app sent, and its pid to $FAKE_ENGINE_PIDS. While the file
 $FAKE_ENGINE_HANG_START exists, the engine hangs before its hello. $FAKE_ENGINE_CUDA (JSON)
 is the CUDA devices its hello lists (none by default).
 """
@@ -22,6 +23,7 @@ cancelled: set[str] = set()
 ANSWERING = "answering"  # cancels whichever answer is under way
 inbox: list = []
 cv = threading.Condition()
+model = None  # the path of the model loaded now
 
 
 def send(type_, id_=None, **payload):
@@ -54,6 +56,9 @@ def reader():
 
 
 def generate(msg):
+    if model is None:  # as engine/server.py: nothing loaded, or let go by a failed load
+        send("error", msg.id, kind="generate", message="no model is loaded: load one first")
+        return
     text = msg.get("messages")[-1]["content"]
     send(
         "started",
@@ -98,6 +103,7 @@ def generate(msg):
 
 
 def main():
+    global model
     if os.environ.get("FAKE_ENGINE_PIDS"):
         with open(os.environ["FAKE_ENGINE_PIDS"], "a") as f:
             f.write(f"{os.getpid()}\n")
@@ -131,6 +137,7 @@ def main():
             if "crash" in msg.get("path", ""):  # a load that kills the engine
                 os._exit(3)
             if "bad" in msg.get("path", ""):  # refused after the loaded model was let go
+                model = None
                 send("error", msg.id, kind="load", message=f"{msg.get('path')}: no such model")
                 continue
             if "missing" in msg.get("path", ""):  # refused before: the loaded model stays
@@ -138,6 +145,7 @@ def main():
                      model_kept=True)  # fmt: skip
                 continue
             send("load_progress", msg.id, fraction=0.5, stage="loading weights")
+            model = msg.get("path")
             send(
                 "loaded",
                 msg.id,
