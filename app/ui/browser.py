@@ -285,7 +285,9 @@ class DetailPane(QWidget):
         self.gpu.blockSignals(True)
         self.gpu.clear()
         for g in gpus:
-            self.gpu.addItem(f"GPU {g.index}: {g.name} ({gib(g.free)} free)", g)
+            unseen = self.ctrl.load_device(g)[1]  # Load in chat cannot load there
+            mark = ", not usable" if unseen else ""  # why: under the fit
+            self.gpu.addItem(f"GPU {g.index}: {g.name} ({gib(g.free)} free{mark})", g)
         self.gpu.addItem("CPU (slow)", None)  # last: a GPU, where there is one, first
         self.gpu.blockSignals(False)
         if d.shape is not None:

@@ -309,7 +309,12 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     browse.table.setCurrentIndex(app.browser.filtered.index(0, 0))  # the 8B
     detail = browse.detail
     wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
-    assert detail.gpu.currentText() == "GPU 0: Big GPU 24GB (16.00 GiB free)"
+    assert [detail.gpu.itemText(i) for i in range(detail.gpu.count())] == [
+        "GPU 0: Big GPU 24GB (16.00 GiB free)",
+        "GPU 1: Small GPU 8GB (1.00 GiB free)",
+        "GPU 2: Hidden GPU (8.00 GiB free, not usable)",
+        "CPU (slow)",
+    ]
     detail.download.click()
     wait_until(qloop, lambda: "Installed" in detail.state.text(), what="the download")
     folder = str(tmp_path / "models" / SMALL)
