@@ -282,18 +282,30 @@ class DetailPane(QWidget):
         self.title.setText(f"<b>{d.repo}</b><br>{d.scheme.describe()}")
         self._show_size(d, d.on_disk)
         gpus = self.ctrl.gpus_now()
+        usable = [not self.ctrl.load_device(g)[1] for g in gpus]  # Load in chat can load there
         self.gpu.blockSignals(True)
         self.gpu.clear()
-        for g in gpus:
-            unseen = self.ctrl.load_device(g)[1]  # Load in chat cannot load there
-            mark = ", not usable" if unseen else ""  # why: under the fit
+        for g, ok in zip(gpus, usable, strict=True):
+            mark = "" if ok else ", not usable"  # why: under the fit
             self.gpu.addItem(f"GPU {g.index}: {g.name} ({gib(g.free)} free{mark})", g)
         self.gpu.addItem("CPU (slow)", None)  # last: a GPU, where there is one, first
+        self.gpu.setCurrentIndex(self._where_loads_go(gpus, usable))
         self.gpu.blockSignals(False)
         if d.shape is not None:
             self.context.setMaximum(d.shape.max_context)
         self.update_fit()
         self.show_download(self.ctrl.manager.downloads.get(d.repo))
+
+    def _where_loads_go(self, gpus: list, usable: list[bool]) -> int:
+        """Fit on starts at the device loads go to now (the last load's GPU, or the CPU), else
+        the first GPU the engine can use, else the CPU (the last item)."""
+        if self.ctrl.device() == "cpu":
+            return len(gpus)
+        target = self.ctrl.engine_gpu()
+        for i, g in enumerate(gpus):
+            if target is not None and g.uuid == target.uuid:
+                return i
+        return next((i for i, ok in enumerate(usable) if ok), len(gpus))
 
     def _show_size(self, d: Details, on_disk: int) -> None:
         self.size.setText(

@@ -315,6 +315,9 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
         "GPU 2: Hidden GPU (8.00 GiB free, not usable)",
         "CPU (slow)",
     ]
+    # Fit on starts where loads go now: auto is the engine's cuda:0, NVML's GPU 1
+    assert detail.gpu.currentText() == "GPU 1: Small GPU 8GB (1.00 GiB free)"
+    detail.gpu.setCurrentIndex(0)  # the big one
     detail.download.click()
     wait_until(qloop, lambda: "Installed" in detail.state.text(), what="the download")
     folder = str(tmp_path / "models" / SMALL)
@@ -335,6 +338,16 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     detail.gpu.setCurrentIndex(3)  # the CPU
     assert detail.load.isEnabled()
     detail.gpu.setCurrentIndex(0)
+    # and after a load, at the last load's GPU (the engine's cuda:0 is NVML's GPU 1)
+    app.settings.device = "cuda:0"
+    detail.show_details(app.browser.details)
+    assert detail.gpu.currentText() == "GPU 1: Small GPU 8GB (1.00 GiB free)"
+    app.settings.device = "cpu"
+    detail.show_details(app.browser.details)
+    assert detail.gpu.currentText() == "CPU (slow)"
+    app.settings.device = "cuda:1"
+    detail.show_details(app.browser.details)
+    assert detail.gpu.currentIndex() == 0
 
     # the installed list: the fit on the last load's GPU (NVML's 0, the engine's cuda:1)
     w.tabs.setCurrentIndex(1)
@@ -391,6 +404,9 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     qloop.run_until_complete(app.ctrl.restart_engine())
     assert app.client.hello["cuda_devices"] == []
     w.tabs.setCurrentIndex(0)
+    detail.show_details(app.browser.details)  # no GPU usable: Fit on starts at the CPU
+    assert detail.gpu.currentText() == "CPU (slow)"
+    assert detail.gpu.itemText(0).endswith("free, not usable)")
     detail.gpu.setCurrentIndex(0)
     detail.context.setValue(4096)
     assert "Fits" in detail.verdict.text() and not detail.load.isEnabled()
