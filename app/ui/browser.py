@@ -358,12 +358,30 @@ class DetailPane(QWidget):
             room = self.ctrl.make_room(gpu)
             if room:
                 lines.append("To make room, close: " + "; ".join(room))
+        if f.verdict == "does not fit":
+            lines += self._fits_elsewhere(gpu)
         lines = offer_context(lines, f.verdict, f.max_context)
         _, unseen = self.ctrl.load_device(gpu)
         if unseen:  # why Load in chat cannot load it there (not only in its tooltip)
             lines.append(f"<b>{unseen}</b>")
         self.breakdown.setText("<br>".join(lines))
         return f.verdict
+
+    def _fits_elsewhere(self, gpu) -> list[str]:
+        """The other GPUs (of Fit on, that the engine can use) that hold the model at this
+        context: one that does not fit here may on the next card."""
+        out = []
+        for i in range(self.gpu.count() - 1):  # the CPU is last
+            other = self.gpu.itemData(i)
+            if other is gpu or self.ctrl.load_device(other)[1]:
+                continue
+            f = self.ctrl.fit(self.context.value(), other)
+            if f is not None and f.verdict != "does not fit":
+                out.append(
+                    f"It fits on GPU {other.index} ({other.name}) at this context: choose it "
+                    "under Fit on"
+                )
+        return out
 
     def _show_cpu_fit(self, d) -> str | None:
         head = (

@@ -317,6 +317,11 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     ]
     # Fit on starts where loads go now: auto is the engine's cuda:0, NVML's GPU 1
     assert detail.gpu.currentText() == "GPU 1: Small GPU 8GB (1.00 GiB free)"
+    lines = detail.breakdown.text().split("<br>")
+    assert "Does not fit" in detail.verdict.text()  # 1.17 GiB of 1 GiB; the big one holds it
+    assert "It fits on GPU 0 (Big GPU 24GB) at this context: choose it under Fit on" in lines
+    assert not any("Hidden GPU" in ln for ln in lines)  # not one the engine cannot use
+    save_shots(w, qloop, "models-fit-default")
     detail.gpu.setCurrentIndex(0)  # the big one
     detail.download.click()
     wait_until(qloop, lambda: "Installed" in detail.state.text(), what="the download")
