@@ -373,7 +373,7 @@ class DetailPane(QWidget):
         out = []
         for i in range(self.gpu.count() - 1):  # the CPU is last
             other = self.gpu.itemData(i)
-            if other is gpu or self.ctrl.load_device(other)[1]:
+            if other.uuid == gpu.uuid or self.ctrl.load_device(other)[1]:
                 continue
             f = self.ctrl.fit(self.context.value(), other)
             if f is not None and f.verdict != "does not fit":
