@@ -25,9 +25,10 @@ from engine.memory import gptq_zero_bytes, host_available, sliced_model_bytes
 
 from .downloads import ACTIVE, Download, DownloadManager
 from .fit import CpuFit, Fit, Shape, cpu_fit, fit
-from .gpu import GpuInfo, Gpus, cuda_index, same_device
+from .gpu import GpuInfo, Gpus, cuda_index, device_index, same_device
 from .hub import (
     INSTALLED,
+    WEIGHT_SUFFIXES,
     Entry,
     Hub,
     HubError,
@@ -345,10 +346,9 @@ class BrowserController(QObject):
     def engine_gpu(self) -> GpuInfo | None:
         """The GPU a load without a chosen device goes to (the settings' device; auto and cuda
         are the engine's device 0), from NVML by UUID; None: the CPU, or none NVML shows."""
-        device, devices = self.device(), self.engine_devices()
-        if device == "cpu" or not devices:
+        n, devices = device_index(self.device()), self.engine_devices()
+        if n is None or not devices:
             return None
-        n = int(device.partition(":")[2] or 0)
         uuid = next((str(d.get("uuid", "")) for d in devices if d["index"] == n), None)
         if uuid is None:
             return None
@@ -369,7 +369,7 @@ class BrowserController(QObject):
         weights = sum(
             p.stat().st_size
             for p in folder.rglob("*")
-            if p.is_file() and p.name.endswith((".safetensors", ".bin"))
+            if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
         )
         gpu = self.engine_gpu()
         if gpu is None:

@@ -21,6 +21,7 @@ from typing import Any
 from PySide6.QtCore import QObject, QTimer, Signal
 
 from .engine_client import PROCESS_ENDED, EngineClient, EngineError
+from .gpu import device_index
 from .settings import Settings
 from .store import UNTITLED, Message, Store
 from .ui.models import ConversationListModel, MessageListModel
@@ -235,9 +236,9 @@ class ChatController(QObject):
 
     def _next_waiting(self) -> None:
         """Start the answer of the first chat whose message waits (deleted or changed ones
-        are passed over). Not while the engine is stopped or being stopped (quitting, Restart
-        engine): the messages keep waiting for the next start's load."""
-        if self.client.closing or self.client.state in ("stopped", "failed"):
+        are passed over). Not while no model can answer (_no_model) or the engine is being
+        stopped (quitting, Restart engine): the messages keep waiting for the next load."""
+        if self.client.closing or self._no_model():
             self._tell_answering()
             return
         while self.waiting and self.active is None:
@@ -272,11 +273,18 @@ class ChatController(QObject):
     def _answer_or_wait(self) -> None:
         """Answer the open chat's last message now, or after the answer being written, or
         where no model is loaded (none yet, a failed load, the engine stopped) once one is."""
-        if self.busy or self._no_model():
-            self.waiting.append(self.current)
-            self._tell_answering()
+        if self._must_wait():
+            self._wait()
         else:
             self._generate()
+
+    def _must_wait(self) -> bool:
+        return self.busy or self._no_model()
+
+    def _wait(self) -> None:
+        """The open chat's request goes to the queue (_next_waiting starts it)."""
+        self.waiting.append(self.current)
+        self._tell_answering()
 
     def edit_and_resend(self, row: int, text: str) -> None:
         """Replace user message ``row`` with ``text``, drop everything after it, resend (in
@@ -314,9 +322,9 @@ class ChatController(QObject):
         last = self.messages.rows[-1]
         if not can_continue(last.role, last.status, last.stats, last.content):
             return
-        if self.busy or self._no_model():
+        if self._must_wait():
             self.continuing.add(self.current)
-            self._answer_or_wait()
+            self._wait()
             return
         self._continue(last)
 
@@ -523,7 +531,7 @@ class ChatController(QObject):
         device, seen = self.settings.device, self.client.hello.get("cuda_devices")
         if seen is None or not device.startswith("cuda:"):
             return device
-        if all(f"cuda:{d.get('index')}" != device for d in seen):
+        if all(d.get("index") != device_index(device) for d in seen):
             log.warning("device %s is gone (the engine sees %d GPUs): auto", device, len(seen))
             return "auto"
         return device

@@ -122,6 +122,14 @@ def same_device(nvml_uuid: str, cuda_uuid: str) -> bool:
     return nvml_uuid.removeprefix("GPU-").lower() == cuda_uuid.removeprefix("GPU-").lower()
 
 
+def device_index(device: str) -> int | None:
+    """The engine's CUDA number a load device names: auto and cuda are its first GPU, cuda:N
+    the N-th; None for the CPU."""
+    if device == "cpu":
+        return None
+    return int(device.partition(":")[2] or 0)
+
+
 def cuda_index(nvml_uuid: str, cuda_devices: list[dict]) -> int | None:
     """The engine's CUDA number of an NVML device (the two orders can differ); None where the
     engine does not see it (CUDA_VISIBLE_DEVICES, or no CUDA). cuda_devices: the engine's hello."""

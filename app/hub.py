@@ -23,6 +23,7 @@ log = logging.getLogger("app.hub")
 
 ORG = "VPTQ-community"
 INSTALLED = INSTALLED_MARKER  # written last: the model is complete and verified
+WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what counts as the weights of a repo or folder
 MANIFEST = ".vptq-download.json"  # the revision and file list being downloaded
 _SCHEME = re.compile(r"-v(\d+)-k(\d+)-(\d+)(?=-|$)")
 _PARAMS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)[Bb](?![a-zA-Z])")
@@ -171,7 +172,7 @@ class RepoFiles:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(f.size for f in self.files if f.path.endswith((".safetensors", ".bin")))
+        return sum(f.size for f in self.files if f.path.endswith(WEIGHT_SUFFIXES))
 
     def to_json(self) -> dict:
         return asdict(self)
