@@ -47,7 +47,9 @@ class GraphDecoder:
         self.ticket = torch.zeros(1, dtype=torch.int32, device=dev)  # for fused.greedy_pick
         # temperature, top-p, min-p: what the fused sampled pick reads (run() sets them)
         self.params = torch.zeros(3, dtype=torch.float64, device=dev)
-        logits = torch.empty(1, model.args.vocab_size, dtype=model.model.norm.weight.dtype)
+        # whether the sampled pick is the fused kernel, which reads them (graph_key): asked of
+        # an empty tensor of the logits' shape, type and device
+        logits = torch.empty(0, model.args.vocab_size, dtype=model.model.norm.weight.dtype)
         self.pick_in_place = fused.sample_pick_fused(logits.to(dev))
         self.gen = torch.Generator(device=dev)
         self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
@@ -59,8 +61,7 @@ class GraphDecoder:
         if p.temperature == 0 and p.repetition_penalty == 1.0:  # greedy: one kernel ends it
             fused.greedy_pick(logits, self.token, self.seen, self.pos, self.ticket)
             return
-        in_place = self.pick_in_place or fused.sample_pick_fused(logits)
-        if p.top_k == 0 and p.repetition_penalty == 1.0 and in_place:
+        if p.top_k == 0 and p.repetition_penalty == 1.0 and self.pick_in_place:
             # the chat's sampling in one kernel, with the noise sample() would draw from the
             # same generator, so the same tokens
             noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
