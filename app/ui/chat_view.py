@@ -49,6 +49,11 @@ class Composer(QPlainTextEdit):
 PROMPT_RATE_MIN = 128
 
 
+def count(n: int, noun: str) -> str:
+    """ "1 token", "2 tokens": ``noun`` in the singular."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def prompt_part(stats: dict) -> str:
     """The prompt in an answer's stats: its reading speed where it had enough new tokens to
     measure one, else how many tokens it read. "" where the engine gave no prompt figures."""
@@ -59,13 +64,13 @@ def prompt_part(stats: dict) -> str:
     new = stats.get("prompt_tokens", 0) - cached
     if "prompt_tokens" not in stats or new >= PROMPT_RATE_MIN:
         return f"prompt {rate:.0f} tok/s"
-    return f"prompt {new} new tokens" if cached else f"prompt {new} tokens"
+    return f"prompt {count(new, 'new token')}" if cached else f"prompt {count(new, 'token')}"
 
 
 def stats_line(stats: dict, status: str) -> str:
     parts = []
     if stats.get("completion_tokens"):
-        parts.append(f"{stats['completion_tokens']} tokens")
+        parts.append(count(stats["completion_tokens"], "token"))
     if stats.get("decode_tok_s"):
         parts.append(f"{stats['decode_tok_s']:.1f} tok/s")
     if stats.get("ttft_s"):
@@ -209,7 +214,8 @@ class ChatView(QWidget):
         self.column.insertWidget(0, self.empty)
         self.context = QLabel()
         self.context.setAccessibleName("Context use")
-        self.dropped = QLabel()
+        # wrapped: on one line it widened the window (780 px to 1019) when it appeared
+        self.dropped = QLabel(wordWrap=True)
         self.dropped.setObjectName("warning")
         self.dropped.setVisible(False)
         # while the engine writes an answer in another chat: where, and what a message sent
@@ -371,12 +377,18 @@ class ChatView(QWidget):
     def set_context(self, used: int, n_ctx: int, dropped: int) -> None:
         self.context.setText(f"Context: {used} / {n_ctx} tokens" if n_ctx else "")
         self.dropped.setVisible(dropped > 0)
-        self.dropped.setText(
-            f"⚠ The {dropped} oldest messages no longer fit the context and "
-            "were left out of this answer."
-            if dropped
-            else ""
-        )
+        if dropped == 1:
+            text = (
+                "⚠ The oldest message no longer fits the context and was left out of this answer."
+            )
+        elif dropped:
+            text = (
+                f"⚠ The {dropped} oldest messages no longer fit the context and "
+                "were left out of this answer."
+            )
+        else:
+            text = ""
+        self.dropped.setText(text)
 
     def _follow(self, _min: int, maximum: int) -> None:
         bar = self.scroll.verticalScrollBar()

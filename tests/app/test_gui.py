@@ -642,6 +642,27 @@ def test_small_window_gives_the_chat_most_of_the_width(gui, qloop):
     assert resized(1200)[0] == 300
 
 
+def test_the_dropped_messages_warning_wraps_instead_of_widening_the_window(gui, qloop):
+    """The warning under the chat when old turns no longer fit the context: on one line it
+    made the main window's minimum 1019 px, and a 780 px window grew to that when it appeared
+    (seen under Xvfb with the real engine at a 256-token context)."""
+    w, chat = gui.window, gui.window.chat
+    w.resize(780, 420)
+    wait_until(qloop, lambda: w.width() == 780)
+    chat.set_context(231, 256, 12)
+    qloop.run_until_complete(asyncio.sleep(0.2))  # layouts settle
+    assert chat.dropped.isVisible()
+    assert chat.dropped.text().startswith("⚠ The 12 oldest messages no longer fit the context")
+    assert w.minimumSizeHint().width() <= 780 and w.width() == 780
+    assert chat.dropped.height() >= chat.dropped.heightForWidth(chat.dropped.width())
+    chat.set_context(240, 256, 1)
+    assert chat.dropped.text() == (
+        "⚠ The oldest message no longer fits the context and was left out of this answer."
+    )
+    chat.set_context(20, 256, 0)
+    assert not chat.dropped.isVisible()
+
+
 def test_a_short_window_scrolls_the_live_panel_instead_of_cutting_its_lines(gui, qloop):
     """At 820 x 420 the panel's wrapped lines (the loaded model's long description) keep the
     height their text needs and the panel scrolls; a plain layout squeezed them, cutting off
@@ -922,6 +943,9 @@ def test_a_stats_line_breaks_only_between_its_parts(gui):
     assert plain(stats_line({**few, "cached_tokens": 0, "prompt_tokens": 40}, "done")).endswith(
         "· prompt 40 tokens"
     )
+    one = {**few, "cached_tokens": 1236, "completion_tokens": 1}  # in the singular
+    assert plain(stats_line(one, "done")).startswith("1 token · 24.7 tok/s")
+    assert plain(stats_line(one, "done")).endswith("· prompt 1 new token")
     many = {**few, "cached_tokens": 1109}  # 128 new: enough for a rate
     assert plain(stats_line(many, "done")).endswith("· prompt 180 tok/s")
     font = gui.window.chat.font()
