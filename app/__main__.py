@@ -65,6 +65,8 @@ def is_dark(app, theme: str) -> bool:
 def apply_theme(app, dark: bool) -> None:
     from PySide6.QtGui import QColor, QPalette
 
+    from .ui.colours import colours
+
     app.setStyle("Fusion")
     p = QPalette()
     if dark:
@@ -91,16 +93,15 @@ def apply_theme(app, dark: bool) -> None:
                 QPalette.ColorGroup.Disabled, getattr(QPalette.ColorRole, role), QColor("#6b6f75")
             )
     app.setPalette(p)
-    user = "#2b3a55" if dark else "#e8f0fe"
-    bot = "#26282b" if dark else "#ffffff"
+    c = colours(dark)
     app.setStyleSheet(
-        f"#userMessage {{ background: {user}; border-radius: 8px; }}"
-        f"#assistantMessage {{ background: {bot}; border-radius: 8px; }}"
+        f"#userMessage {{ background: {c['user']}; border-radius: 8px; }}"
+        f"#assistantMessage {{ background: {c['assistant']}; border-radius: 8px; }}"
         "#userMessage QTextBrowser, #assistantMessage QTextBrowser { background: transparent; }"
-        "#warning { color: #d98200; } #ok { color: #1e8e3e; }"
+        f"#warning {{ color: {c['warning']}; }} #ok {{ color: {c['ok']}; }}"
         "#errorBanner { background: #fce8e6; border-radius: 6px; }"
         "#errorBanner QLabel, #errorBanner QToolButton { color: #a50e0e; }"
-        "#messageStats, #emptyHint { color: gray; }"
+        f"#messageStats, #emptyHint {{ color: {c['muted']}; }}"
     )
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -35,18 +34,13 @@ from ..fit import CpuFit, Fit, gib, largest_line
 from ..gpu import GpuInfo
 from ..hub import HubSettings
 from .banner import ErrorBanner
+from .colours import colour
 from .screen import fit_to_screen
-
-# readable on the light window and on the dark one (WCAG contrast 4.5 or more)
-VERDICT_COLOURS = {"fits": "#2a7230", "tight": "#985c00", "does not fit": "#c62828"}
-DARK_VERDICT_COLOURS = {"fits": "#81c995", "tight": "#fdd663", "does not fit": "#f28b82"}
 
 
 def verdict_html(verdict: str, widget: QWidget) -> str:
     """The verdict, capitalised and bold, in its colour for the widget's light or dark theme."""
-    dark = widget.palette().color(QPalette.ColorRole.Window).lightness() < 128
-    colour = (DARK_VERDICT_COLOURS if dark else VERDICT_COLOURS)[verdict]
-    return f"<b style='color:{colour}'>{verdict.capitalize()}</b>"
+    return f"<b style='color:{colour(verdict, widget)}'>{verdict.capitalize()}</b>"
 
 
 def _table(model, name: str) -> QTableView:

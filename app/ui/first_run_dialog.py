@@ -8,6 +8,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 from ..first_run import Check, verdict
+from .colours import colour
 
 
 class FirstRunDialog(QDialog):
@@ -47,7 +48,7 @@ class FirstRunDialog(QDialog):
             mark = {True: "✔", False: "✖", None: "–"}[c.ok]
             text = f"{mark} <b>{c.name}</b>: {c.detail}"
             if c.fix:
-                text += f"<br><span style='color: gray;'>{c.fix}</span>"
+                text += f"<br><span style='color: {colour('muted', self)};'>{c.fix}</span>"
             label = QLabel(text, wordWrap=True, textFormat=Qt.TextFormat.RichText)
             state = {True: "ok", False: "problem", None: "not needed"}[c.ok]
             label.setAccessibleName(f"{c.name}: {state}")

@@ -172,7 +172,10 @@ class LivePanel(QScrollArea):
                     f"{info.get('kernels_reason', 'reason unknown')}"
                 )
                 self.kernels.setObjectName("warning")
-            self.kernels.setStyleSheet(self.kernels.styleSheet())  # re-polish for the new name
+            # the style sheet's colour follows the new name only once the label is polished
+            # again (setting the same style sheet again, as this did, changed nothing)
+            self.kernels.style().unpolish(self.kernels)
+            self.kernels.style().polish(self.kernels)
         elif state == "ready":  # the engine's hello, or a failed load that let the model go
             self.engine.setText("Engine: ready, no model loaded")
             if info.get("kernels"):  # the hello

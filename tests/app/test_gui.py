@@ -4,6 +4,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from PySide6.QtGui import QGuiApplication
 
 from .conftest import make_app, wait_until
@@ -56,6 +57,18 @@ def test_stream_an_answer(gui, qloop):
         "up to 30720 tokens would fit. The embedding table (3 MiB) stays in host memory to "
         "leave the GPU room."
     ) in gui.window.panel.engine.text()
+    # in the warning colour (it kept the text colour: the style sheet was not applied again)
+    from PySide6.QtGui import QPalette
+
+    from app.ui.colours import LIGHT
+
+    def kernels_colour():
+        return gui.window.panel.kernels.palette().color(QPalette.ColorRole.WindowText).name()
+
+    assert kernels_colour() == LIGHT["warning"]
+    gui.window.panel.set_engine("loaded", {"kernels": "cuda", "kernels_reason": "sm_90"})
+    assert gui.window.panel.kernels.text() == "Kernels: CUDA (sm_90)"
+    assert kernels_colour() == LIGHT["ok"]
 
 
 def test_stop_keeps_the_partial_answer(gui, qloop):
@@ -640,6 +653,46 @@ def test_small_window_gives_the_chat_most_of_the_width(gui, qloop):
     w.split.setSizes([300, 850, 250])
     w.split.splitterMoved.emit(300, 1)  # the user dragged a handle: their widths stay
     assert resized(1200)[0] == 300
+
+
+@pytest.mark.parametrize("dark", [False, True])
+def test_the_apps_own_text_colours_are_readable_in_both_themes(qapp, dark):
+    """Each style of text the app colours itself, on each background it is drawn on, as Qt
+    resolves the style sheet: WCAG contrast of at least 4.5. The context warning's orange was
+    2.6:1 on the light window, and the grey of answers' stats and hints 3.4-4.0:1."""
+    from PySide6.QtGui import QPalette
+    from PySide6.QtWidgets import QFrame, QLabel, QVBoxLayout
+
+    from app.__main__ import apply_theme
+
+    from .test_app_process import luminance
+
+    def ratio(a, b) -> float:
+        lo, hi = sorted((luminance(a), luminance(b)))
+        return (hi + 0.05) / (lo + 0.05)
+
+    apply_theme(qapp, dark)
+    try:
+        seen = []
+        for text_style, backgrounds in {
+            "warning": [None],  # the context warning, the live panel's kernel line
+            "ok": [None],
+            "emptyHint": [None],  # the empty chat's hint, the queue note, "no chat matches"
+            "messageStats": ["assistantMessage", "userMessage"],
+        }.items():
+            for back in backgrounds:
+                frame = QFrame(objectName=back or "")
+                label = QLabel("text", objectName=text_style)
+                QVBoxLayout(frame).addWidget(label)
+                frame.ensurePolished(), label.ensurePolished()
+                fg = label.palette().color(QPalette.ColorRole.WindowText)
+                bg = frame.palette().color(QPalette.ColorRole.Window)
+                seen.append((text_style, back, fg.name(), bg.name()))
+                assert ratio(fg, bg) >= 4.5, seen[-1]
+        default = qapp.palette().color(QPalette.ColorRole.WindowText).name()
+        assert default not in {s[2] for s in seen}  # the style sheet reached every one
+    finally:
+        apply_theme(qapp, False)
 
 
 def test_the_dropped_messages_warning_wraps_instead_of_widening_the_window(gui, qloop):
