@@ -158,8 +158,9 @@ class ChatController(QObject):
 
     def _show_context(self) -> None:
         """The open chat's context line: what its last answer left in the model's context (the
-        prompt and the answer), kept with that answer's stats; none before a first answer; while
-        its answer is written, what the engine said it started with."""
+        prompt and the answer) and how many old messages it left out, kept with that answer's
+        stats (the warning went when the chat was opened again); none before a first answer;
+        while its answer is written, what the engine said it started with."""
         if self._answering(self.current) and "started" in self.active:
             self.context_changed.emit(*self.active["started"])
             return
@@ -168,7 +169,9 @@ class ChatController(QObject):
                 used = m.stats.get("context_tokens") or (  # (answers before it was kept)
                     m.stats.get("prompt_tokens", 0) + m.stats.get("completion_tokens", 0)
                 )
-                self.context_changed.emit(used, m.stats["n_ctx"], 0)
+                self.context_changed.emit(
+                    used, m.stats["n_ctx"], m.stats.get("dropped_messages", 0)
+                )
                 return
         self.context_changed.emit(0, 0, 0)
 

@@ -60,11 +60,12 @@ def generate(msg):
         send("error", msg.id, kind="generate", message="no model is loaded: load one first")
         return
     text = msg.get("messages")[-1]["content"]
+    dropped = 3 if text.startswith("drop") else 0  # as if older turns no longer fit
     send(
         "started",
         msg.id,
         prompt_tokens=12 * len(msg.get("messages")),
-        dropped_messages=0,
+        dropped_messages=dropped,
         n_ctx=2048,
     )
     if text == "fail":
@@ -97,7 +98,7 @@ def generate(msg):
             "ttft_s": 0.05,
             "prefill_tok_s": 240.0,
             "decode_tok_s": 50.0,
-            "dropped_messages": 0,
+            "dropped_messages": dropped,
         },
     )
 

@@ -71,6 +71,28 @@ def test_stream_an_answer(gui, qloop):
     assert kernels_colour() == LIGHT["ok"]
 
 
+def test_the_dropped_messages_warning_stays_with_the_chat(gui, qloop):
+    """The warning that old messages no longer fit the context comes back with the chat: it
+    went when the chat was opened again, though the answer's stats kept the count."""
+    chat = gui.window.chat
+    send(gui, "drop the old turns")
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].status == "done")
+    first = gui.ctrl.current
+
+    def warning():
+        return chat.dropped.text() if chat.dropped.isVisibleTo(gui.window) else ""
+
+    assert warning().startswith("⚠ The 3 oldest messages no longer fit the context")
+    gui.ctrl.new_conversation()
+    assert warning() == ""  # a chat of its own
+    gui.ctrl.open(first)
+    assert warning().startswith("⚠ The 3 oldest messages no longer fit the context")
+    assert chat.context.text() == "Context: 18 / 2048 tokens"
+    send(gui, "and now all fits")
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].status == "done")
+    assert warning() == ""
+
+
 def test_stop_keeps_the_partial_answer(gui, qloop):
     send(gui, "slow")
     wait_until(
