@@ -3,7 +3,8 @@
 A reader thread parses stdin. ``cancel`` and ``stats`` are answered from that thread at once (a
 cancel sets a flag the decode loop checks every step); everything else is queued for the main
 thread, which loads models and generates one request at a time. The engine exits when stdin
-closes. fd 1 is pointed at stderr so a stray print from a library cannot corrupt the protocol.
+closes or on a ``shutdown`` request. fd 1 is pointed at stderr so a stray print from a library
+cannot corrupt the protocol.
 """
 
 from __future__ import annotations
@@ -342,3 +343,12 @@ def serve(stdin: IO[bytes] | None = None) -> None:
     reader = threading.Thread(target=server.read, args=(stdin or sys.stdin.buffer,), daemon=True)
     reader.start()
     server.run()
+    # After a shutdown request the reader thread is still in a read of stdin (or answering a
+    # stats request), and the interpreter's exit aborted on it: "Fatal Python error:
+    # _enter_buffered_busy: could not acquire lock for <stdin>", status -6, a core dump where
+    # they are kept. Nothing is left to finish, so the process ends here, its output flushed.
+    logging.shutdown()
+    with server.lock:
+        out.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -269,3 +269,25 @@ def test_a_model_larger_than_the_memory_is_an_oom_error_then_the_engine_still_se
         assert e.until("finished", "g")[-1].get("reason") in ("stop", "length")
     finally:
         e.close()
+
+
+@pytest.mark.parametrize("close_stdin", [False, True])
+def test_shutdown_ends_the_engine_cleanly(close_stdin):
+    """A shutdown request ends the process with status 0, stdin left open (as a client that
+    waits for the exit does) or closed right after it (as the app does). The reader thread
+    was still in a read of stdin when the interpreter exited, which then aborted: "Fatal Python
+    error: _enter_buffered_busy: could not acquire lock for <_io.BufferedReader name='<stdin>'>
+    at interpreter shutdown" (or "terminate called without an active exception"), status -6
+    and a core dump on systems that keep them, at every quit of the app."""
+    e = EngineProcess()
+    try:
+        assert e.next().type == "hello"
+        for i in range(5):  # answered by the reader thread, as the app's live panel asks
+            e.send("stats", f"s{i}")
+        e.send("shutdown", "bye")
+        if close_stdin:
+            e.proc.stdin.close()
+        assert e.proc.wait(60) == 0, b"".join(e.stderr).decode()[-600:]
+    finally:
+        e.close()
+    assert b"Fatal Python error" not in b"".join(e.stderr)
