@@ -45,8 +45,24 @@ def engine_command() -> list[str] | None:
     return shlex.split(cmd) if cmd else None
 
 
+LOG_LIMIT = 5 << 20  # bytes of a log before it is set aside at the next start
+
+
+def rotate_log(path: Path, limit: int = LOG_LIMIT) -> None:
+    """A log grown past ``limit`` becomes <name>.1 (replacing the one set aside before it), so
+    that years of use do not fill the disk with logs; the last sessions' lines are in one of
+    the two. Both logs only ever grew: the engine's is appended to at every start."""
+    try:
+        if path.stat().st_size > limit:
+            path.replace(path.with_name(path.name + ".1"))
+    except OSError:  # none yet, or not ours to move: the log goes on growing
+        pass
+
+
 def setup_logging(log_dir: Path) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("app.log", "engine.log"):
+        rotate_log(log_dir / name)
     logging.basicConfig(
         level=logging.INFO,
         filename=str(log_dir / "app.log"),

@@ -93,6 +93,27 @@ def test_the_dropped_messages_warning_stays_with_the_chat(gui, qloop):
     assert warning() == ""
 
 
+def test_a_large_log_is_set_aside_at_the_start(tmp_path, qloop, monkeypatch):
+    """The engine's log was appended to at every start and never shrank: past 5 MiB it becomes
+    engine.log.1 (replacing an older one) and a new log starts; a small one is kept as it is."""
+    from app.__main__ import LOG_LIMIT
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "engine.log").write_bytes(b"old line\n" * (LOG_LIMIT // 9 + 1))
+    (logs / "engine.log.1").write_bytes(b"older\n")
+    (logs / "app.log").write_text("a small app log\n")
+    app = make_app(tmp_path, qloop, monkeypatch)
+    try:
+        wait_until(qloop, lambda: app.client.state == "loaded")
+        assert (logs / "engine.log.1").stat().st_size > LOG_LIMIT  # the large one, set aside
+        assert (logs / "engine.log").stat().st_size < 1 << 20  # this start's engine (quiet)
+        assert (logs / "app.log").read_text().startswith("a small app log")
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+
 def test_stop_keeps_the_partial_answer(gui, qloop):
     send(gui, "slow")
     wait_until(
