@@ -20,7 +20,15 @@ from .formats.gptq import GPTQSpec
 from .gptq_linear import GPTQLinear
 from .layers import VQLinear, build_sliced_layouts, decode_paths, sliced_summary
 from .loader import EMBEDDING, _assign, free_bytes
-from .memory import GiB, Shape, embedding_on_host, sliced_budget
+from .memory import (
+    MAX_PREFILL_CHUNK,
+    PREFILL_CHUNK,
+    SLICED_SLACK,
+    GiB,
+    Shape,
+    embedding_on_host,
+    sliced_budget,
+)
 from .model import Transformer, dense_linear
 from .ops import decode as fused
 from .ops import sliced
@@ -62,8 +70,7 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
     shape = Shape.from_config(config(arch))
 
     def room() -> int:
-        free = free_bytes(torch.device("cuda"))
-        return free if cap is None else min(free, int(cap) - torch.cuda.memory_allocated())
+        return _room(cap)
 
     tensors = model.state_dict(keep_vars=True)
     weights = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -84,6 +91,18 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
     torch.cuda.empty_cache()
     model.setup_caches(1, context)
     return model.eval()
+
+
+def _room(cap: float | None) -> int:
+    """Free GPU bytes, within the process cap ``cap`` (bytes) where there is one."""
+    free = free_bytes(torch.device("cuda"))
+    return free if cap is None else min(free, int(cap) - torch.cuda.memory_allocated())
+
+
+def planned_chunk(arch: str, cap: float | None) -> int:
+    """The prefill piece the loader would plan now (engine/loader.py, memory.prefill_chunk)."""
+    shape = Shape.from_config(config(arch))
+    return shape.prefill_chunk(_room(cap) - shape.workspace() - SLICED_SLACK)
 
 
 def _random_like(name: str, t: torch.Tensor, gen: torch.Generator, host: bool = False):
@@ -161,9 +180,37 @@ def _decode(
     return t_first - t0, (n - 1) / (time.perf_counter() - t_first)
 
 
-def measure(model: Transformer, tokens: int) -> dict:
+def long_prefill(model: Transformer, chunk: int) -> dict:
+    """A prompt of MAX_PREFILL_CHUNK tokens (or the whole context, if shorter) prefilled as the
+    engine does, in pieces of PREFILL_CHUNK tokens and in pieces of ``chunk``: for each, the
+    median time in ms and the peak of GPU memory above what was allocated before, in GiB."""
+    n = min(MAX_PREFILL_CHUNK, model.max_seq)
+    ids = torch.randint(0, model.args.vocab_size, (1, n), device="cuda")
+    out = {"tokens": n}
+    for piece in sorted({PREFILL_CHUNK, min(chunk, n)}):
+
+        def run(piece: int = piece) -> None:
+            for i in range(0, n, piece):
+                model(ids[:, i : i + piece], i, last_only=True)
+            torch.cuda.synchronize()
+
+        run()  # the pieces' shapes' first calls
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(PREFILL_RUNS):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        peak = (torch.cuda.max_memory_allocated() - before) / GiB
+        out[piece] = (statistics.median(times) * 1000, peak)
+    return out
+
+
+def measure(model: Transformer, tokens: int, chunk: int = PREFILL_CHUNK) -> dict:
     """Prefill a 512-token prompt, then greedy graph decode of ``tokens`` tokens; then the same
-    decode with the chat's default sampling (softmax, top-p and a draw in each step's graph)."""
+    decode with the chat's default sampling (softmax, top-p and a draw in each step's graph);
+    then a long prompt's prefill in pieces of 512 and of ``chunk`` tokens (long_prefill)."""
     vocab = model.args.vocab_size
     prompt = torch.randint(0, vocab, (1, PROMPT), device="cuda")
     seen = torch.zeros(vocab, dtype=torch.bool, device="cuda")
@@ -200,12 +247,17 @@ def measure(model: Transformer, tokens: int) -> dict:
                 sampled = _decode(dec, logits, seen, chat, tokens)[1]
             except torch.cuda.OutOfMemoryError:  # the greedy figures stand
                 sampled = "out of GPU memory"
+        try:
+            long = long_prefill(model, chunk)
+        except torch.cuda.OutOfMemoryError as e:  # the figures above stand
+            long = {"error": str(e).splitlines()[0]}
     return {
         "prefill_tok_s": PROMPT / t_prefill,
         "ttft_ms": (t_prefill + first_s) * 1000,
         "turn_ttft_ms": turn_ms,
         "decode_tok_s": decode_tok_s,
         "sampled_tok_s": sampled,  # or why not
+        "long_prefill": long,
         "peak_torch_gib": peak / GiB,
         "device_used_gib": (total - free) / GiB,
         "weights_gib": weight_bytes(model) / GiB,
@@ -260,8 +312,9 @@ def run_e2e(
                                f"{free / GiB:.0f} GiB free"}  # fmt: skip
                 continue
         try:
-            model = build(arch, sch, context, vram_limit * GiB if vram_limit else None)
-            r = measure(model, tokens)
+            cap = vram_limit * GiB if vram_limit else None
+            model = build(arch, sch, context, cap)
+            r = measure(model, tokens, planned_chunk(arch, cap))
             r["roofline_tok_s"] = peak / (r["decode_bytes"] + kv_bytes_read(model, tokens))
             r["nvml_used_gib"] = nvml_used_gib()
             rows[label] = r
@@ -279,6 +332,19 @@ def run_e2e(
     _print(arch, context, tokens, rows, scheme)
     if steps is not None:
         bench_step.print_breakdown(*steps)
+
+
+def long_prefill_line(long: dict) -> str:
+    """long_prefill's result in words: the time and memory peak of each piece size, and the
+    ratio of the larger piece's speed to the 512-token one's."""
+    if "error" in long:
+        return f"long prompt: out of GPU memory ({long['error']})"
+    sizes = sorted(k for k in long if isinstance(k, int) and k != "tokens")
+    parts = [f"pieces of {n}: {long[n][0]:.1f} ms (peak +{long[n][1]:.2f} GiB)" for n in sizes]
+    line = f"prefill of a {long['tokens']}-token prompt, " + "; ".join(parts)
+    if len(sizes) > 1:
+        line += f"; {long[sizes[0]][0] / long[sizes[-1]][0]:.2f}x faster in pieces of {sizes[-1]}"
+    return line
 
 
 def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> None:
@@ -308,6 +374,9 @@ def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> Non
         if r.get("turn_ttft_ms") is not None:
             print(f"{label}: TTFT of a follow-up turn ({TURN} new tokens after the answer, "
                   f"lengths not seen before): {r['turn_ttft_ms']:.1f} ms")  # fmt: skip
+    for label, r in rows.items():
+        if "long_prefill" in r:
+            print(f"{label}: {long_prefill_line(r['long_prefill'])}")
     glue = "fused kernels" if fused.ENABLED else "PyTorch ops (VPTQ_DECODE_FUSED=0)"
     print(f"norms, RoPE, attention and SiLU in the decode step: {glue}")
     if "error" not in rows[scheme]:

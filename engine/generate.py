@@ -17,10 +17,10 @@ import torch
 
 from . import ops
 from .loader import LoadedModel, Progress, check_device, load_model
+from .memory import PREFILL_CHUNK
 from .sampling import SamplingParams, sample
 from .tokenizer import ContextError, Detokenizer, StopMatcher, Tokenizer
 
-PREFILL_CHUNK = 512
 # Tokens of the warm-up prompt: more than the decode GEMVs take (engine/ops/cuda.py
 # GEMV_MAX_TOKENS), so that it runs the prefill path: dequant + GEMM, attention.
 WARM_UP_TOKENS = 16
@@ -160,12 +160,15 @@ class Session:
 
     @torch.no_grad()
     def logits(self, ids: list[int], start: int, last_only: bool) -> torch.Tensor:
-        """Run ``ids`` at positions start.. through the model in chunks; returns [T or 1, V]."""
+        """Run ``ids`` at positions start.. through the model in pieces (the load's size where
+        only the last logits are kept, else PREFILL_CHUNK: [T, V] float32 logits of a larger
+        piece would not fit its plan); returns [T or 1, V]."""
         device = self.loaded.device
         del self.cached[start:]  # stale beyond start from here on, even if this call fails
+        n = self.loaded.prefill_chunk if last_only else PREFILL_CHUNK
         outs = []
-        for i in range(0, len(ids), PREFILL_CHUNK):
-            chunk = torch.tensor([ids[i : i + PREFILL_CHUNK]], device=device)
+        for i in range(0, len(ids), n):
+            chunk = torch.tensor([ids[i : i + n]], device=device)
             outs.append(self.loaded.model(chunk, start + i, last_only)[0])
         self.cached.extend(ids)
         return outs[-1] if last_only else torch.cat(outs)

@@ -25,6 +25,8 @@ from .gptq_linear import GPTQLinear
 from .layers import VQLinear, build_sliced_layouts, sliced_summary
 from .memory import (
     CONTEXT_STEP,
+    PREFILL_CHUNK,
+    SLICED_SLACK,
     OutOfMemory,
     Shape,
     cpu_largest_context,
@@ -57,6 +59,7 @@ class LoadedModel:
     host_bytes: int = 0  # weights kept in pinned host memory (the input embedding table)
     sliced_layers: tuple[int, int] = (0, 0)  # (layers with the sliced layout, layers eligible)
     note: str = ""  # a choice the load made that the user should hear of (the CPU's dtype)
+    prefill_chunk: int = PREFILL_CHUNK  # tokens a prefill piece takes (memory.prefill_chunk)
 
     @property
     def device(self) -> torch.device:
@@ -146,12 +149,16 @@ def load_model(
         largest = _context_that_fits(shape, dev, n_ctx)
     model.setup_caches(1, n_ctx)
     model.eval()
+    chunk = PREFILL_CHUNK
+    if dev.type == "cuda":  # the room left now, the KV cache and layouts in place
+        chunk = shape.prefill_chunk(free_bytes(dev) - shape.workspace() - SLICED_SLACK)
     kv = shape.kv_bytes_per_token * n_ctx
     gptq_layers = any(isinstance(m, GPTQLinear) for m in model.modules())
     quant = "vptq" if specs else "gptq" if gptq_layers else "dense"
     loaded = LoadedModel(model, args, folder, quant, specs, nbytes, kv, shape.workspace(), largest)
     loaded.host_bytes = host_bytes
     loaded.note = note
+    loaded.prefill_chunk = chunk
     if dev.type == "cuda":
         loaded.sliced_layers = sliced
         loaded.layout_bytes = sliced_summary(model)[1]

@@ -18,7 +18,11 @@ from dataclasses import dataclass, replace
 MiB = 1 << 20
 GiB = 1 << 30
 CUDA_CONTEXT = 512 * MiB  # CUDA context, cuBLAS workspace and allocator slack (measured ~450 MiB)
-PREFILL_CHUNK = 512  # tokens per prefill step
+PREFILL_CHUNK = 512  # tokens per prefill step that the memory plan always leaves room for
+# A longer prompt is prefilled in pieces, and each piece expands every layer's weights again
+# (vptq::dequant, ~10 ms a piece for Llama-3.1-8B at 2 bits, ~100 ms for 70B): where the GPU
+# has room beside everything else, pieces of up to this many tokens (prefill_chunk).
+MAX_PREFILL_CHUNK = 4096
 # Prefill dequantizes a layer in slices of at most this. 16 MiB slices made a 512-token prefill
 # of Llama-3.1-8B at 2 bits CPU-bound (H200: 80 ms, 88 ms of host time for 36 ms of kernels,
 # 27 dequant + GEMM + copy rounds per layer); at 128 MiB every 8B projection is one round.
@@ -93,6 +97,17 @@ class Shape:
         acts = PREFILL_CHUNK * (4 * self.hidden + 3 * self.intermediate) * self.dtype_bytes
         logits = 2 * self.vocab * 4  # last-token logits and sampling buffers, fp32
         return min(self.largest_linear * 2, DEQUANT_WORKSPACE) + acts + logits
+
+    def prefill_chunk(self, room: int) -> int:
+        """Tokens per prefill piece where ``room`` bytes are free beyond the workspace (which
+        holds a piece of PREFILL_CHUNK tokens): the most, in steps of PREFILL_CHUNK up to
+        MAX_PREFILL_CHUNK, whose activations fit. VPTQ_PREFILL_CHUNK sets it (comparisons)."""
+        if os.environ.get("VPTQ_PREFILL_CHUNK"):
+            return max(1, int(os.environ["VPTQ_PREFILL_CHUNK"]))
+        # twice the workspace's count a token: a piece's fp32 temporaries (RoPE, the norms)
+        per_token = 2 * (4 * self.hidden + 3 * self.intermediate) * self.dtype_bytes
+        steps = max(0, room) // (per_token * PREFILL_CHUNK)
+        return min(MAX_PREFILL_CHUNK, PREFILL_CHUNK * (1 + steps))
 
     def embedding_bytes(self) -> int:
         """The input embedding table (vocab x hidden)."""

@@ -411,3 +411,49 @@ def test_host_available_is_between_the_free_and_the_total_memory():
     available = host_available()
     assert available is not None
     assert 0.9 * free <= available <= total  # MemAvailable: the free memory and what can be freed
+
+
+def test_prefill_pieces_grow_with_the_room_beside_the_plan(monkeypatch):
+    """A prefill piece takes 512 tokens (what the workspace holds) plus 512 more for each
+    twice-the-workspace's-count of activations (2 x (4 hidden + 3 intermediate) x 2 bytes a
+    token, 32 MiB a step of 512 here) that the room holds, up to 4096;
+    VPTQ_PREFILL_CHUNK sets it."""
+    from engine.memory import MiB, Shape
+
+    monkeypatch.delenv("VPTQ_PREFILL_CHUNK", raising=False)
+    shape = Shape(layers=2, hidden=1024, intermediate=4096, heads=8, kv_heads=8, head_dim=128,
+                  vocab=1000, max_context=8192)  # fmt: skip
+    # a step: 2 x (4 x 1024 + 3 x 4096) x 2 bytes x 512 tokens = 32 MiB
+    assert shape.prefill_chunk(-1) == 512  # short of room: the planned piece
+    assert shape.prefill_chunk(32 * MiB - 1) == 512
+    assert shape.prefill_chunk(32 * MiB) == 1024
+    assert shape.prefill_chunk(3 * 32 * MiB + 5) == 2048
+    assert shape.prefill_chunk(1 << 40) == 4096
+    monkeypatch.setenv("VPTQ_PREFILL_CHUNK", "1536")
+    assert shape.prefill_chunk(0) == 1536
+
+
+def test_a_prompt_in_larger_pieces_gives_the_logits_of_512_token_pieces(demo_path):
+    """Session.logits takes the load's piece size where it keeps only the last logits (a GPU
+    with room plans up to 4096 tokens; on the CPU the load keeps 512): a 1300-token prompt in
+    one piece gives the last logits of three 512-token pieces; all logits (perplexity) still
+    come in pieces of 512."""
+    import torch
+
+    from engine.generate import Session
+
+    s = Session.load(str(demo_path), "cpu", torch.float32, 2048)
+    assert s.loaded.prefill_chunk == 512
+    ids = torch.randint(0, 40000, (1300,), generator=torch.Generator().manual_seed(1)).tolist()
+    calls = []
+    forward = s.loaded.model.forward
+    s.loaded.model.forward = lambda t, *a, **k: (calls.append(t.shape[1]), forward(t, *a, **k))[1]
+    small = s.logits(ids, 0, last_only=True)
+    assert calls == [512, 512, 276]
+    s.loaded.prefill_chunk = 2048
+    calls.clear()
+    large = s.logits(ids, 0, last_only=True)
+    assert calls == [1300]
+    assert torch.allclose(large, small, rtol=1e-4, atol=1e-4)
+    calls.clear()
+    assert s.logits(ids[:600], 0, last_only=False).shape[0] == 600 and calls == [512, 88]

@@ -350,6 +350,37 @@ def test_a_warmed_up_session_answers_as_a_cold_one(tiny_folder, monkeypatch):
     assert runs["1"][1][1] > 0 and runs["1"][0][2]  # the second turn reused the first's KV
 
 
+def test_a_long_prompt_in_the_planned_pieces_answers_as_in_512_token_pieces(tiny_folder):
+    """With room on the GPU the load plans prefill pieces of up to 4096 tokens (each piece
+    expands every layer's weights once): a 1800-token prompt goes in one piece, and its last
+    logits and greedy answer are those of 512-token pieces (VQ layers on dequant + cuBLAS,
+    attention over the cached pieces before)."""
+    from engine.generate import Session
+    from engine.memory import MAX_PREFILL_CHUNK
+
+    s = Session.load(tiny_folder, "cuda", torch.float16, 2048, lambda *_: None)
+    assert s.loaded.prefill_chunk == MAX_PREFILL_CHUNK  # a small model on a large GPU
+    s.loaded.model.lm_head.weight.data.mul_(40)  # random weights: clear-cut greedy choices
+    ids = torch.randint(0, 49152, (1800,), generator=torch.Generator().manual_seed(2)).tolist()
+    calls, forward = [], s.loaded.model.forward
+    s.loaded.model.forward = lambda t, *a, **k: (calls.append(t.shape[1]), forward(t, *a, **k))[1]
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    runs = {}
+    for chunk in (MAX_PREFILL_CHUNK, 512):
+        s.loaded.prefill_chunk = chunk
+        s.cached.clear()  # no reuse of the other run's KV entries
+        calls.clear()
+        last = s.logits(ids, 0, last_only=True).float()
+        pieces = list(calls)
+        gen = s.generate(ids, greedy)
+        "".join(gen)
+        runs[chunk] = last, gen.tokens, pieces
+    assert runs[MAX_PREFILL_CHUNK][2] == [1800] and runs[512][2] == [512, 512, 512, 264]
+    big, small = runs[MAX_PREFILL_CHUNK][0], runs[512][0]
+    assert (big - small).norm() / small.norm() < 1e-2
+    assert runs[MAX_PREFILL_CHUNK][1] == runs[512][1]
+
+
 @pytest.fixture(scope="module")
 def demo_tokenizer_files(tmp_path_factory):
     """The demo's tokenizer files: $VPTQ_TEST_TOKENIZER on a machine without the demo."""
