@@ -118,8 +118,8 @@ class CatalogueModel(_Table):
                 return "GPTQ" if index.column() == 3 else "–"
             if value is None:
                 return "?"
-            if index.column() == 1:
-                return f"{value:g}B"
+            if index.column() == 1:  # SmolLM2's 0.135 as 135M
+                return f"{value * 1000:g}M" if value < 0.5 else f"{value:g}B"
             if index.column() == 2:
                 return f"{value:.2f}"
             return str(value)

@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from engine.paths import INSTALLED_MARKER
@@ -26,7 +26,9 @@ INSTALLED = INSTALLED_MARKER  # written last: the model is complete and verified
 WEIGHT_SUFFIXES = (".safetensors", ".bin")  # what counts as the weights of a repo or folder
 MANIFEST = ".vptq-download.json"  # the revision and file list being downloaded
 _SCHEME = re.compile(r"-v(\d+)-k(\d+)-(\d+)(?=-|$)")
-_PARAMS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)[Bb](?![a-zA-Z])")
+_PARAMS = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)([BbMm])(?![a-zA-Z])")  # 8B, 0.5B, 135M
+# Published bases whose names give no size (vptq-format.md section 6.1), in billions
+NAMED_SIZES = {"Mistral-Large-Instruct-": 123.0}
 _GPTQ = re.compile(r"[-_.]?gptq", re.I)  # GPTQ checkpoints of any publisher ("...-GPTQ-Int4")
 _GPTQ_BITS = re.compile(r"(?:int|w)([2348])(?!\d)|(?<!\d)([2348])[-_]?bits?(?![a-z])", re.I)
 # Weight formats the engine does not read; a repo that also has safetensors is fetched without
@@ -86,22 +88,31 @@ def parse_name(repo_id: str) -> Scheme:
     if g:  # e.g. Meta-Llama-3.1-8B-Instruct-GPTQ-INT4: the width from the name where it says
         base = name[: g.start()]
         b = _GPTQ_BITS.search(name)
-        p = _PARAMS.search(base)
         bits = int(b.group(1) or b.group(2)) if b else None
-        return Scheme(base, float(p.group(1)) if p else None, None, None, None, True, bits)
+        return Scheme(base, _named_params(base), None, None, None, True, bits)
     m = _SCHEME.search(name)
     base = name[: m.start()] if m else name
-    p = _PARAMS.search(base)
-    params = float(p.group(1)) if p else None
+    params = _named_params(base)
     if not m:
         return Scheme(base, params, None, None, None)
     return Scheme(base, params, int(m.group(1)), int(m.group(2)), int(m.group(3)))
 
 
+def _named_params(base: str) -> float | None:
+    """Billions of parameters as the base model's name says ("8B", "135M"), or as known for
+    the published bases whose names do not say (NAMED_SIZES); None if neither."""
+    p = _PARAMS.search(base)
+    if p:
+        return float(p.group(1)) / (1000 if p.group(2) in "Mm" else 1)
+    return next((b for prefix, b in NAMED_SIZES.items() if base.startswith(prefix)), None)
+
+
 def scheme_from_config(repo_id: str, config: dict) -> Scheme:
     """The name's scheme, corrected by the config's quantization_config and with the exact
-    parameter count where the name lacks one."""
+    parameter count where the name lacks one (a size from NAMED_SIZES gives way to it)."""
     s = parse_name(repo_id)
+    if not _PARAMS.search(s.base):
+        s = replace(s, params_b=None)
     q = config.get("quantization_config") or {}
     if isinstance(q, dict) and (q.get("quant_method") or q.get("method")) == "gptq":
         bits = q.get("bits") if q.get("bits") in (2, 3, 4, 8) else None

@@ -126,8 +126,15 @@ def assert_not_installed(tmp_path, repo=REPO):
          16, 65536, 65536, 2.0),
         ("Qwen2.5-0.5B-Instruct-v8-k65536-0-woft", "Qwen2.5-0.5B-Instruct", 0.5, "Qwen 2.5",
          8, 65536, 0, 2.0),
+        # its name gives no size: the published one (it was "?", and no size filter held it)
         ("Mistral-Large-Instruct-2407-v8-k65536-65536-woft", "Mistral-Large-Instruct-2407",
-         None, "Mistral", 8, 65536, 65536, 4.0),
+         123, "Mistral", 8, 65536, 65536, 4.0),
+        # sizes in millions ("?" before) and a lower-case b (the tech report's reproductions)
+        ("SmolLM2-135M-Instruct-v2-k256-0-woft", "SmolLM2-135M-Instruct", 0.135, "SmolLM 2",
+         2, 256, 0, 4.0),
+        ("Llama-2-7b-hf-v6-k4096-0-woft", "Llama-2-7b-hf", 7, "Llama 2", 6, 4096, 0, 2.0),
+        ("Mistral-7B-Instruct-v0.3-v8-k65536-0-woft", "Mistral-7B-Instruct-v0.3", 7, "Mistral",
+         8, 65536, 0, 2.0),
     ],
 )  # fmt: skip
 def test_names_parse_into_schemes(name, base, params, family, v, k, kr, bits):
@@ -551,3 +558,25 @@ def test_a_disk_that_fills_up_mid_download_fails_at_once_and_keeps_the_part(
         "the folder's permissions), then resume; the downloaded part is kept."
     )
     assert 0 < part.stat().st_size <= 20_000  # what was written stays for the resume
+
+
+def test_the_catalogue_shows_and_filters_sizes_the_names_give_in_millions_or_not_at_all(qapp):
+    """SmolLM2-135M showed "?" and no size filter kept it; Mistral-Large-Instruct-2407 (no size
+    in its name) the same: both now have their sizes, in the list and for the filter."""
+    from app.browser import CatalogueFilter, CatalogueModel, Filters
+    from app.hub import Entry
+
+    model, proxy = CatalogueModel(), CatalogueFilter()
+    proxy.setSourceModel(model)
+    names = ["SmolLM2-135M-Instruct-v2-k256-0-woft", "Qwen2.5-0.5B-Instruct-v8-k65536-0-woft",
+             "Mistral-Large-Instruct-2407-v8-k65536-256-woft"]  # fmt: skip
+    model.set_entries([Entry(f"VPTQ-community/{n}") for n in names])
+    assert [model.index(r, 1).data() for r in range(3)] == ["135M", "0.5B", "123B"]
+
+    def shown(max_params: float) -> list[str]:
+        proxy.set_filters(Filters(max_params=max_params))
+        return [proxy.index(r, 0).data().split("-")[0] for r in range(proxy.rowCount())]
+
+    assert shown(8) == ["SmolLM2", "Qwen2.5"]
+    assert shown(72) == ["SmolLM2", "Qwen2.5"]
+    assert shown(0) == ["SmolLM2", "Qwen2.5", "Mistral"]
