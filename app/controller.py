@@ -22,6 +22,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 
 from .engine_client import PROCESS_ENDED, EngineClient, EngineError
 from .gpu import device_index
+from .hub import model_label
 from .settings import Settings
 from .store import UNTITLED, Message, Store
 from .ui.models import ConversationListModel, MessageListModel
@@ -490,7 +491,7 @@ class ChatController(QObject):
                 return  # the "failed" state tells the window why
         before = self.client.last_load if self.client.state == "loaded" else None
         device = device or self._saved_device()
-        self.status.emit(f"Loading {path}…")
+        self.status.emit(f"Loading {model_label(path)}…")
         n_ctx = context or self.settings.context
         try:
             await self.client.load(
@@ -509,7 +510,7 @@ class ChatController(QObject):
             if before is None or (before["path"], before["max_seq_len"]) == (path, n_ctx):
                 self.error.emit(why)
                 return
-            self.status.emit(f"Loading {before['path']} again…")
+            self.status.emit(f"Loading {model_label(before['path'])} again…")
             try:
                 await self.client.load(**before)
             except EngineError as again:

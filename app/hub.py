@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from engine.paths import INSTALLED_MARKER
+from engine.paths import INSTALLED_MARKER, hub_models
 
 log = logging.getLogger("app.hub")
 
@@ -137,6 +137,18 @@ def _params(named: float | None, config: dict) -> float | None:
         return round(Shape.from_config(config).parameters(tied) / 1e9, 1)
     except ValueError:
         return None
+
+
+def model_label(model: str | None) -> str:
+    """How the app names a model it loads: a downloaded one by its repo id (its folder's path
+    under the models folder filled the status bar), anything else as given (demo, a folder)."""
+    if not model:
+        return "the model"
+    try:
+        rel = Path(model).resolve().relative_to(hub_models().resolve())
+    except (ValueError, OSError):
+        return model
+    return rel.as_posix() if len(rel.parts) == 2 else model
 
 
 def catalogue_query(search: str) -> tuple[str, str | None]:

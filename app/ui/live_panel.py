@@ -18,6 +18,7 @@ from PySide6.QtWidgets import (
 from engine.memory import gib as size
 
 from ..gpu import GpuInfo, cuda_index
+from ..hub import model_label
 from .chat_view import prompt_part
 
 GiB = 1 << 30
@@ -138,7 +139,7 @@ class LivePanel(QScrollArea):
         if state == "loaded":
             quant = info.get("quant", "")
             text = (
-                f"{info.get('model')} ({quant}) on {info.get('device')}, "
+                f"{model_label(info.get('model'))} ({quant}) on {info.get('device')}, "
                 f"{info.get('n_ctx')} tokens of context"
             )
             if info.get("kv_cache_bytes"):  # GPU: where the memory went

@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 from ..browser import size_text
 from ..controller import RESTART_HINT, ChatController
 from ..gpu import Gpus
+from ..hub import model_label
 from ..settings import Settings
 from ..store import StoreError
 from .banner import ErrorBanner
@@ -294,7 +295,7 @@ class MainWindow(QMainWindow):
         elif state == "ready" and not self.ctrl.client.recovering:  # no model (a failed load)
             self.statusBar().showMessage("No model loaded")
         elif state == "loaded":  # the user's load and the reload after a restart alike
-            model, n_ctx = info.get("model"), info.get("n_ctx")
+            model, n_ctx = model_label(info.get("model")), info.get("n_ctx")
             self.statusBar().showMessage(f"{model} ready: {n_ctx} tokens of context")
 
     def _poll(self) -> None:

@@ -209,6 +209,9 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path, monke
     detail.load.click()
     wait_until(qloop, lambda: app.settings.model == str(folder), what="the load")
     assert sent == [(str(folder), 8192)] and app.settings.context == 8192
+    # named by its repo id, not its folder's path under the models folder
+    assert app.window.statusBar().currentMessage() == f"{SMALL} ready: 2048 tokens of context"
+    assert app.window.panel.engine.text().startswith(f"{SMALL} (vptq) on ")
     app.window._load(str(folder))  # a later load (Model menu, the next start) takes it too
     wait_until(qloop, lambda: len(sent) == 2, what="the second load")
     assert sent[1] == (str(folder), 8192)

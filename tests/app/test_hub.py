@@ -580,3 +580,17 @@ def test_the_catalogue_shows_and_filters_sizes_the_names_give_in_millions_or_not
     assert shown(8) == ["SmolLM2", "Qwen2.5"]
     assert shown(72) == ["SmolLM2", "Qwen2.5"]
     assert shown(0) == ["SmolLM2", "Qwen2.5", "Mistral"]
+
+
+def test_a_downloaded_model_is_named_by_its_repo_id(tmp_path, monkeypatch):
+    from app.hub import model_label
+
+    monkeypatch.setenv("VPTQ_CHAT_MODELS", str(tmp_path / "models"))
+    folder = tmp_path / "models" / "VPTQ-community" / "Qwen2.5-7B-Instruct-v8-k65536-0-woft"
+    assert model_label(str(folder)) == "VPTQ-community/Qwen2.5-7B-Instruct-v8-k65536-0-woft"
+    assert model_label("demo") == "demo"
+    assert model_label(str(tmp_path / "elsewhere" / "my-model")) == str(
+        tmp_path / "elsewhere" / "my-model"
+    )  # a folder of the user's own: as given
+    assert model_label(str(folder / "sub")) == str(folder / "sub")
+    assert model_label(None) == "the model"
