@@ -23,7 +23,6 @@ from .loader import EMBEDDING, _assign, free_bytes
 from .memory import (
     MAX_PREFILL_CHUNK,
     PREFILL_CHUNK,
-    SLICED_SLACK,
     GiB,
     Shape,
     embedding_on_host,
@@ -68,14 +67,10 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
     with torch.device("meta"):
         model = Transformer(args, make)
     shape = Shape.from_config(config(arch))
-
-    def room() -> int:
-        return _room(cap)
-
     tensors = model.state_dict(keep_vars=True)
     weights = sum(t.numel() * t.element_size() for t in tensors.values())
     layouts = sliced.model_bytes(m.spec for m in model.modules() if isinstance(m, VQLinear))
-    on_host = embedding_on_host(shape, weights, context, layouts, room())
+    on_host = embedding_on_host(shape, weights, context, layouts, _room(cap))
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, t in tensors.items():
         if name.endswith(".g_idx"):  # each row's group: in order, or an act-order shuffle
@@ -87,7 +82,7 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
     for m in model.modules():
         if isinstance(m, VQLinear | GPTQLinear):
             m.post_load()
-    build_sliced_layouts(model, sliced_budget(room(), shape, context))
+    build_sliced_layouts(model, sliced_budget(_room(cap), shape, context))
     torch.cuda.empty_cache()
     model.setup_caches(1, context)
     return model.eval()
@@ -101,8 +96,7 @@ def _room(cap: float | None) -> int:
 
 def planned_chunk(arch: str, cap: float | None) -> int:
     """The prefill piece the loader would plan now (engine/loader.py, memory.prefill_chunk)."""
-    shape = Shape.from_config(config(arch))
-    return shape.prefill_chunk(_room(cap) - shape.workspace() - SLICED_SLACK)
+    return Shape.from_config(config(arch)).prefill_chunk(_room(cap))
 
 
 def _random_like(name: str, t: torch.Tensor, gen: torch.Generator, host: bool = False):
@@ -339,7 +333,7 @@ def long_prefill_line(long: dict) -> str:
     ratio of the larger piece's speed to the 512-token one's."""
     if "error" in long:
         return f"long prompt: out of GPU memory ({long['error']})"
-    sizes = sorted(k for k in long if isinstance(k, int) and k != "tokens")
+    sizes = sorted(k for k in long if isinstance(k, int))
     parts = [f"pieces of {n}: {long[n][0]:.1f} ms (peak +{long[n][1]:.2f} GiB)" for n in sizes]
     line = f"prefill of a {long['tokens']}-token prompt, " + "; ".join(parts)
     if len(sizes) > 1:

@@ -26,7 +26,6 @@ from .layers import VQLinear, build_sliced_layouts, sliced_summary
 from .memory import (
     CONTEXT_STEP,
     PREFILL_CHUNK,
-    SLICED_SLACK,
     OutOfMemory,
     Shape,
     cpu_largest_context,
@@ -151,7 +150,7 @@ def load_model(
     model.eval()
     chunk = PREFILL_CHUNK
     if dev.type == "cuda":  # the room left now, the KV cache and layouts in place
-        chunk = shape.prefill_chunk(free_bytes(dev) - shape.workspace() - SLICED_SLACK)
+        chunk = shape.prefill_chunk(free_bytes(dev))
     kv = shape.kv_bytes_per_token * n_ctx
     gptq_layers = any(isinstance(m, GPTQLinear) for m in model.modules())
     quant = "vptq" if specs else "gptq" if gptq_layers else "dense"

@@ -98,12 +98,14 @@ class Shape:
         logits = 2 * self.vocab * 4  # last-token logits and sampling buffers, fp32
         return min(self.largest_linear * 2, DEQUANT_WORKSPACE) + acts + logits
 
-    def prefill_chunk(self, room: int) -> int:
-        """Tokens per prefill piece where ``room`` bytes are free beyond the workspace (which
-        holds a piece of PREFILL_CHUNK tokens): the most, in steps of PREFILL_CHUNK up to
+    def prefill_chunk(self, free: int) -> int:
+        """Tokens per prefill piece where ``free`` GPU bytes are left after the load (weights,
+        layouts, KV cache): the workspace holds a piece of PREFILL_CHUNK tokens, and the room
+        beyond it and SLICED_SLACK takes the most steps of PREFILL_CHUNK, up to
         MAX_PREFILL_CHUNK, whose activations fit. VPTQ_PREFILL_CHUNK sets it (comparisons)."""
         if os.environ.get("VPTQ_PREFILL_CHUNK"):
             return max(1, int(os.environ["VPTQ_PREFILL_CHUNK"]))
+        room = free - self.workspace() - SLICED_SLACK
         # twice the workspace's count a token: a piece's fp32 temporaries (RoPE, the norms)
         per_token = 2 * (4 * self.hidden + 3 * self.intermediate) * self.dtype_bytes
         steps = max(0, room) // (per_token * PREFILL_CHUNK)

@@ -416,18 +416,19 @@ def test_host_available_is_between_the_free_and_the_total_memory():
 def test_prefill_pieces_grow_with_the_room_beside_the_plan(monkeypatch):
     """A prefill piece takes 512 tokens (what the workspace holds) plus 512 more for each
     twice-the-workspace's-count of activations (2 x (4 hidden + 3 intermediate) x 2 bytes a
-    token, 32 MiB a step of 512 here) that the room holds, up to 4096;
-    VPTQ_PREFILL_CHUNK sets it."""
-    from engine.memory import MiB, Shape
+    token, 32 MiB a step of 512 here) that the GPU's free bytes hold beyond the workspace and
+    the slack, up to 4096; VPTQ_PREFILL_CHUNK sets it."""
+    from engine.memory import SLICED_SLACK, MiB, Shape
 
     monkeypatch.delenv("VPTQ_PREFILL_CHUNK", raising=False)
     shape = Shape(layers=2, hidden=1024, intermediate=4096, heads=8, kv_heads=8, head_dim=128,
                   vocab=1000, max_context=8192)  # fmt: skip
     # a step: 2 x (4 x 1024 + 3 x 4096) x 2 bytes x 512 tokens = 32 MiB
-    assert shape.prefill_chunk(-1) == 512  # short of room: the planned piece
-    assert shape.prefill_chunk(32 * MiB - 1) == 512
-    assert shape.prefill_chunk(32 * MiB) == 1024
-    assert shape.prefill_chunk(3 * 32 * MiB + 5) == 2048
+    planned = shape.workspace() + SLICED_SLACK
+    assert shape.prefill_chunk(0) == 512  # short of room: the planned piece
+    assert shape.prefill_chunk(planned + 32 * MiB - 1) == 512
+    assert shape.prefill_chunk(planned + 32 * MiB) == 1024
+    assert shape.prefill_chunk(planned + 3 * 32 * MiB + 5) == 2048
     assert shape.prefill_chunk(1 << 40) == 4096
     monkeypatch.setenv("VPTQ_PREFILL_CHUNK", "1536")
     assert shape.prefill_chunk(0) == 1536
