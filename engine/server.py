@@ -9,6 +9,7 @@ cannot corrupt the protocol.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -328,7 +329,25 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _end_with_parent() -> None:
+    """On Linux, have the kernel end this process when the one that started it (the app) ends:
+    the end of stdin reaches a busy engine only when it next reads, so an app killed during a
+    load left the engine holding the GPU until the load was over (a minute or more for 70B),
+    and the next start's load found no room."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    # (A parent that ended before this call is not caught: the engine then reads the end of
+    # its stdin at once, being idle.) The signal follows the thread that started the engine.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
 def serve(stdin: IO[bytes] | None = None) -> None:
+    _end_with_parent()
     proto_fd = os.dup(1)
     os.dup2(2, 1)  # anything printed to fd 1 now lands on stderr
     sys.stdout = sys.stderr

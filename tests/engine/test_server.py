@@ -1,5 +1,11 @@
 """`python -m engine serve` as a real subprocess with the demo model."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from .engine_proc import EngineProcess
@@ -291,3 +297,63 @@ def test_shutdown_ends_the_engine_cleanly(close_stdin):
     finally:
         e.close()
     assert b"Fatal Python error" not in b"".join(e.stderr)
+
+
+PARENT = """
+import json, subprocess, sys, time
+p = subprocess.Popen([sys.executable, "-m", "engine", "serve"], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE)
+p.stdout.readline()  # its hello
+load = {"v": 1, "type": "load", "id": "l", "path": sys.argv[1]}
+p.stdin.write((json.dumps(load) + "\\n").encode())
+p.stdin.flush()
+print(p.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.split()[:2] == ["State:", "Z"] for line in f)  # a zombie: ended
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_the_engine_ends_with_the_app_even_while_it_loads(tmp_path):
+    """An app killed while its engine loads a model: the engine reads the end of its stdin only
+    after the load, which for a 70B model held the GPU for a minute or more after the app was
+    gone (and a new start's load found no room). It now ends with its parent at once. The load
+    here never ends: its config.json is a FIFO this test holds open and never writes."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    fifo = folder / "config.json"
+    os.mkfifo(fifo)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(folder)], stdout=subprocess.PIPE, text=True
+    )
+    engine_pid, writer = None, None
+    try:
+        engine_pid = int(parent.stdout.readline())
+        end = time.monotonic() + 60
+        while writer is None:  # opens once the engine's load opens config.json to read it
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                assert time.monotonic() < end, "the engine never read config.json"
+                time.sleep(0.05)
+        time.sleep(0.5)
+        assert not _gone(engine_pid)  # in the load, waiting for config.json's bytes
+        parent.kill()
+        parent.wait()
+        end = time.monotonic() + 20
+        while not _gone(engine_pid) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert _gone(engine_pid), "the engine outlived the app"
+    finally:
+        parent.kill()
+        if writer is not None:
+            os.close(writer)
+        if engine_pid and not _gone(engine_pid):
+            os.kill(engine_pid, signal.SIGKILL)
