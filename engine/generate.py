@@ -162,15 +162,32 @@ class Session:
     def logits(self, ids: list[int], start: int, last_only: bool) -> torch.Tensor:
         """Run ``ids`` at positions start.. through the model in pieces (the load's size where
         only the last logits are kept, else PREFILL_CHUNK: [T, V] float32 logits of a larger
-        piece would not fit its plan); returns [T or 1, V]."""
-        device = self.loaded.device
+        piece would not fit its plan; PREFILL_CHUNK again where the larger ones run out of
+        memory); returns [T or 1, V]."""
         del self.cached[start:]  # stale beyond start from here on, even if this call fails
         n = self.loaded.prefill_chunk if last_only else PREFILL_CHUNK
+        try:
+            out = self._pieces(ids, start, last_only, n)
+        except torch.OutOfMemoryError:
+            if n <= PREFILL_CHUNK:
+                raise
+            # the room planned at load was taken since (another program on the GPU): the
+            # pieces the memory plan holds still fit
+            log.warning("prefill in pieces of %d tokens ran out of memory: pieces of %d", n,
+                        PREFILL_CHUNK)  # fmt: skip
+            if self.loaded.device.type == "cuda":
+                torch.cuda.empty_cache()
+            out = self._pieces(ids, start, last_only, PREFILL_CHUNK)
+        self.cached.extend(ids)
+        return out
+
+    def _pieces(self, ids: list[int], start: int, last_only: bool, n: int) -> torch.Tensor:
         outs = []
         for i in range(0, len(ids), n):
-            chunk = torch.tensor([ids[i : i + n]], device=device)
+            chunk = torch.tensor([ids[i : i + n]], device=self.loaded.device)
             outs.append(self.loaded.model(chunk, start + i, last_only)[0])
-        self.cached.extend(ids)
+            if last_only:
+                outs = outs[-1:]  # only the last piece's logits are kept
         return outs[-1] if last_only else torch.cat(outs)
 
 

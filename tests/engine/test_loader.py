@@ -438,7 +438,8 @@ def test_a_prompt_in_larger_pieces_gives_the_logits_of_512_token_pieces(demo_pat
     """Session.logits takes the load's piece size where it keeps only the last logits (a GPU
     with room plans up to 4096 tokens; on the CPU the load keeps 512): a 1300-token prompt in
     one piece gives the last logits of three 512-token pieces; all logits (perplexity) still
-    come in pieces of 512."""
+    come in pieces of 512; a larger piece that runs out of memory (its room taken since the
+    load) gives way to 512-token ones."""
     import torch
 
     from engine.generate import Session
@@ -458,3 +459,15 @@ def test_a_prompt_in_larger_pieces_gives_the_logits_of_512_token_pieces(demo_pat
     assert torch.allclose(large, small, rtol=1e-4, atol=1e-4)
     calls.clear()
     assert s.logits(ids[:600], 0, last_only=False).shape[0] == 600 and calls == [512, 88]
+
+    def short_of_memory(t, *a, **k):  # the room planned at load taken by another program
+        calls.append(t.shape[1])
+        if t.shape[1] > 512:
+            raise torch.OutOfMemoryError("CUDA out of memory (a test's)")
+        return forward(t, *a, **k)
+
+    s.loaded.model.forward = short_of_memory
+    calls.clear()
+    again = s.logits(ids, 0, last_only=True)  # pieces of 512 once the larger one fails
+    assert calls == [1300, 512, 512, 276] and torch.equal(again, small)
+    assert s.cached == ids
