@@ -528,6 +528,16 @@ class ChatController(QObject):
         self.settings.device = device
         self._next_waiting()  # messages that waited for a stopped engine
 
+    async def unload_model(self) -> None:
+        """Model > Unload model: the model's memory back to the GPU (or the CPU) without
+        quitting; an answer being written is stopped first and keeps what it has. Messages
+        sent meanwhile wait for the next load. The next start loads the model again."""
+        self.stop()
+        try:
+            await self.client.unload()
+        except (EngineError, asyncio.TimeoutError) as e:
+            self.error.emit(f"Could not unload the model: {e}")
+
     def _saved_device(self) -> str:
         """The settings' device, or auto where it names a GPU the engine no longer lists (one
         taken out, or hidden by CUDA_VISIBLE_DEVICES): the model then loads on the engine's

@@ -343,6 +343,17 @@ class EngineClient:
         with contextlib.suppress(EngineError):  # a dead engine has nothing left to cancel
             self._send("cancel", id_)
 
+    async def unload(self, timeout: float = 60.0) -> None:
+        """Let the loaded model go: the engine gives its memory back and stays running, ready
+        for a load (a crash meanwhile restarts it without the model). The state is "ready" from
+        the call on, so that nothing is sent to the model while it goes."""
+        if self.state != "loaded":
+            return
+        self.last_load = None
+        self.loaded = {}
+        self._set_state("ready")
+        await self._request("unload", timeout)
+
     async def stats(self, timeout: float = 5.0) -> dict[str, Any]:
         return (await self._request("stats", timeout)).payload
 

@@ -221,6 +221,9 @@ class MainWindow(QMainWindow):
         act(m, "&Browse and download models…", self.models_requested.emit, "Ctrl+M")
         act(m, "Load &demo model", lambda: self._load("demo"))
         act(m, "Load model &folder…", self._load_folder)
+        # frees the GPU (for a game, another program) without quitting the app
+        self.unload_action = act(m, "&Unload model", lambda: self._spawn(self.ctrl.unload_model()))
+        self.unload_action.setEnabled(False)
         m.addSeparator()
         act(m, "&Restart engine", lambda: self._spawn(self.ctrl.restart_engine()))
         m = self.menuBar().addMenu("&View")
@@ -286,6 +289,7 @@ class MainWindow(QMainWindow):
 
     def on_engine_state(self, state: str, info: dict) -> None:
         self.panel.set_engine(state, info)
+        self.unload_action.setEnabled(state == "loaded")
         if state == "crashed":
             self.show_error(f"{info.get('message')}. Restarting it; your conversation is kept.")
             self.statusBar().showMessage("The engine crashed; restarting it…")

@@ -164,6 +164,10 @@ def main():
                 max_context=30720,
                 vram_bytes=0,
             )
+        elif msg.type == "unload":  # as engine/server.py: the model goes, stats answer
+            model = None
+            send("stats", msg.id, model=None, generating=None, pid=os.getpid(), rss_bytes=0,
+                 vram_bytes=0)  # fmt: skip
         elif msg.type == "generate":
             generate(msg)
 

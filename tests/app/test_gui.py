@@ -189,6 +189,33 @@ def menu_action(window, text):
     return action
 
 
+def test_unload_model_frees_it_and_messages_wait_for_the_next_load(gui, qloop):
+    """Model > Unload model: the model goes (for the GPU's memory) and the engine stays. An
+    answer being written stops and keeps its text; a message sent meanwhile waits and is
+    answered after the next load. There was no way to let the model go but quitting."""
+    from app.controller import LOAD_HINT
+
+    unload = menu_action(gui.window, "&Unload model")
+    assert unload.isEnabled()
+    send(gui, "slow")
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].content.count("word") >= 3)
+    unload.trigger()
+    wait_until(qloop, lambda: gui.client.state == "ready" and not gui.ctrl.busy, what="unload")
+    partial = gui.ctrl.messages.rows[-1]
+    assert partial.status == "stopped" and partial.content.startswith("word word word")
+    assert not unload.isEnabled()
+    assert gui.window.statusBar().currentMessage() == "No model loaded"
+    assert gui.window.panel.engine.text() == "Engine: ready, no model loaded"
+    pid = gui.client.proc.pid
+    send(gui, "are you there")
+    qloop.run_until_complete(asyncio.sleep(0.3))
+    assert gui.ctrl.messages.rows[-1].role == "user"  # waiting, not answered with an error
+    assert gui.window.chat.queue_note.text() == LOAD_HINT
+    menu_action(gui.window, "Load &demo model").trigger()
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].content == "You said: are you there")
+    assert gui.client.proc.pid == pid and unload.isEnabled()  # the same engine process
+
+
 def test_engine_that_crashes_too_often_comes_back_from_the_menu(gui, qloop):
     gui.client.max_restarts = 0  # the first crash is one too many
     send(gui, "crash")

@@ -277,6 +277,26 @@ def test_a_model_larger_than_the_memory_is_an_oom_error_then_the_engine_still_se
         e.close()
 
 
+def test_unload_lets_the_model_go_and_the_engine_serves_on(demo_path):
+    """What Model > Unload model sends: the engine answers with its stats, holding no model;
+    a generate is then refused as with none loaded, and a load works again."""
+    e = EngineProcess()
+    try:
+        assert e.next().type == "hello"
+        e.send("load", "l1", path="demo", max_seq_len=512)
+        assert e.until("loaded", "l1")[-1].type == "loaded"
+        e.send("unload", "u")
+        stats = e.until("stats", "u")[-1]
+        assert stats.get("model") is None and stats.get("generating") is None
+        e.send("generate", "g", messages=[{"role": "user", "content": "hi"}])
+        events = e.until("finished", "g")
+        assert any(m.type == "error" and "no model is loaded" in m.get("message") for m in events)
+        e.send("load", "l2", path="demo", max_seq_len=512)
+        assert e.until("loaded", "l2")[-1].get("n_ctx") == 512
+    finally:
+        e.close()
+
+
 @pytest.mark.parametrize("close_stdin", [False, True])
 def test_shutdown_ends_the_engine_cleanly(close_stdin):
     """A shutdown request ends the process with status 0, stdin left open (as a client that
