@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 
 from PySide6.QtCore import Qt
@@ -45,10 +46,18 @@ class FirstRunDialog(QDialog):
         checks = self.run()
         self.summary.setText(verdict(checks))
         for c in checks:
-            mark = {True: "✔", False: "✖", None: "–"}[c.ok]
-            text = f"{mark} <b>{c.name}</b>: {c.detail}"
+            mark, tone = {True: ("✔", "ok"), False: ("✖", "does not fit"), None: ("–", "muted")}[
+                c.ok
+            ]
+            # escaped: a kernel build's reason quotes compiler lines ("#include <cuda.h>"),
+            # which rich text took for tags and dropped
+            text = (
+                f"<span style='color: {colour(tone, self)};'>{mark}</span> "
+                f"<b>{html.escape(c.name)}</b>: {html.escape(c.detail)}"
+            )
             if c.fix:
-                text += f"<br><span style='color: {colour('muted', self)};'>{c.fix}</span>"
+                muted = colour("muted", self)
+                text += f"<br><span style='color: {muted};'>{html.escape(c.fix)}</span>"
             label = QLabel(text, wordWrap=True, textFormat=Qt.TextFormat.RichText)
             state = {True: "ok", False: "problem", None: "not needed"}[c.ok]
             label.setAccessibleName(f"{c.name}: {state}")

@@ -909,6 +909,33 @@ def test_the_checks_window_keeps_its_lines_together_when_tall(qapp):
     d.close()
 
 
+def test_the_checks_show_a_build_failures_compiler_lines_and_colour_their_marks(qapp):
+    """A failed kernel build's reason quotes compiler output ("#include <cuda_runtime.h>"):
+    the dialog's rich text took it for a tag and dropped it. Marks take the theme's colours."""
+    from PySide6.QtGui import QTextDocument
+
+    from app.first_run import Check
+    from app.ui.colours import LIGHT
+    from app.ui.first_run_dialog import FirstRunDialog
+
+    why = "vptq_ops.cpp:3: fatal error: <cuda_runtime.h>: No such file or directory & more"
+    checks = [
+        Check("CUDA kernels", False, why, "Install the CUDA toolkit (nvcc) <12.4 or later>."),
+        Check("PyTorch with CUDA", True, "PyTorch 2.11.0+cu130 sees 1 GPU"),
+        Check("Memory", None, "not needed"),
+    ]
+    d = FirstRunDialog(None, lambda: checks)
+    shown = []
+    for label in d.labels:
+        doc = QTextDocument()
+        doc.setHtml(label.text())
+        shown.append(doc.toPlainText().replace("\u2028", "\n"))  # <br>: a line separator
+    assert shown[0] == f"✖ CUDA kernels: {why}\nInstall the CUDA toolkit (nvcc) <12.4 or later>."
+    assert f"color: {LIGHT['does not fit']};'>✖" in d.labels[0].text()
+    assert f"color: {LIGHT['ok']};'>✔" in d.labels[1].text()
+    d.close()
+
+
 def test_the_first_status_message_does_not_move_the_window_contents(tmp_path, qloop, monkeypatch):
     """The status bar is there from the start: created by the first message ("demo ready"),
     it pushed the message box and the transcript up by its height as the engine came up."""
