@@ -11,6 +11,9 @@ from PySide6.QtWidgets import QDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLa
 from ..first_run import Check, verdict
 from .colours import colour
 
+# each check's mark and its colour (app/ui/colours.py): passed, failed, not needed
+MARKS = {True: ("✔", "ok"), False: ("✖", "does not fit"), None: ("–", "muted")}
+
 
 class FirstRunDialog(QDialog):
     def __init__(self, parent: QWidget | None, run: Callable[[], list[Check]]):
@@ -46,9 +49,7 @@ class FirstRunDialog(QDialog):
         checks = self.run()
         self.summary.setText(verdict(checks))
         for c in checks:
-            mark, tone = {True: ("✔", "ok"), False: ("✖", "does not fit"), None: ("–", "muted")}[
-                c.ok
-            ]
+            mark, tone = MARKS[c.ok]
             # escaped: a kernel build's reason quotes compiler lines ("#include <cuda.h>"),
             # which rich text took for tags and dropped
             text = (
