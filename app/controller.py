@@ -535,8 +535,11 @@ class ChatController(QObject):
         self.stop()
         try:
             await self.client.unload()
-        except (EngineError, asyncio.TimeoutError) as e:
-            self.error.emit(f"Could not unload the model: {e}")
+        except (EngineError, asyncio.TimeoutError):  # a TimeoutError says nothing of itself
+            self.error.emit(
+                "The engine did not let the model go within a minute: quitting the app frees "
+                f"the GPU, and {RESTART_HINT} with the model"
+            )
 
     def _saved_device(self) -> str:
         """The settings' device, or auto where it names a GPU the engine no longer lists (one

@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from engine.paths import INSTALLED_MARKER, hub_models
@@ -98,12 +98,19 @@ def parse_name(repo_id: str) -> Scheme:
     return Scheme(base, params, int(m.group(1)), int(m.group(2)), int(m.group(3)))
 
 
-def _named_params(base: str) -> float | None:
-    """Billions of parameters as the base model's name says ("8B", "135M"), or as known for
-    the published bases whose names do not say (NAMED_SIZES); None if neither."""
+def _size_in_name(base: str) -> float | None:
+    """Billions of parameters as the base model's name says ("8B", "135M"); None if it does
+    not say."""
     p = _PARAMS.search(base)
-    if p:
-        return float(p.group(1)) / (1000 if p.group(2) in "Mm" else 1)
+    return float(p.group(1)) / (1000 if p.group(2) in "Mm" else 1) if p else None
+
+
+def _named_params(base: str) -> float | None:
+    """The size the name says, else the known size of a published base whose name does not
+    say (NAMED_SIZES); None if neither."""
+    size = _size_in_name(base)
+    if size is not None:
+        return size
     return next((b for prefix, b in NAMED_SIZES.items() if base.startswith(prefix)), None)
 
 
@@ -111,19 +118,18 @@ def scheme_from_config(repo_id: str, config: dict) -> Scheme:
     """The name's scheme, corrected by the config's quantization_config and with the exact
     parameter count where the name lacks one (a size from NAMED_SIZES gives way to it)."""
     s = parse_name(repo_id)
-    if not _PARAMS.search(s.base):
-        s = replace(s, params_b=None)
+    named = _size_in_name(s.base)
     q = config.get("quantization_config") or {}
     if isinstance(q, dict) and (q.get("quant_method") or q.get("method")) == "gptq":
         bits = q.get("bits") if q.get("bits") in (2, 3, 4, 8) else None
         group = q.get("group_size") if isinstance(q.get("group_size"), int) else None
-        return Scheme(s.base, _params(s.params_b, config), None, None, None, True, bits, group)
+        return Scheme(s.base, _params(named, config), None, None, None, True, bits, group)
     layers = q.get("config_for_layers") or {}
     first = next(iter(layers.values()), None) or q.get("shared_layer_config") or {}
     v = (first.get("vector_lens") or [None, s.v])[-1]
     k = (first.get("num_centroids") or [None, s.k])[-1]
     kr = (first.get("num_res_centroids") or [None, s.kr])[-1]
-    return Scheme(s.base, _params(s.params_b, config), v, k, max(kr, 0) if kr is not None else None)
+    return Scheme(s.base, _params(named, config), v, k, max(kr, 0) if kr is not None else None)
 
 
 def _params(named: float | None, config: dict) -> float | None:

@@ -216,6 +216,21 @@ def test_unload_model_frees_it_and_messages_wait_for_the_next_load(gui, qloop):
     assert gui.client.proc.pid == pid and unload.isEnabled()  # the same engine process
 
 
+def test_an_unload_the_engine_does_not_answer_says_what_frees_the_gpu(gui, qloop, monkeypatch):
+    """The unload's timeout made "Could not unload the model: " (a TimeoutError has no text)."""
+
+    async def no_answer(timeout=60.0):
+        raise TimeoutError
+
+    monkeypatch.setattr(gui.client, "unload", no_answer)
+    menu_action(gui.window, "&Unload model").trigger()
+    wait_until(qloop, lambda: gui.window.banner.isVisibleTo(gui.window), what="the banner")
+    assert gui.window.banner.text().startswith(
+        "⚠ The engine did not let the model go within a minute: quitting the app frees the GPU, "
+        "and Model > Restart engine starts it again with the model"
+    )
+
+
 def test_engine_that_crashes_too_often_comes_back_from_the_menu(gui, qloop):
     gui.client.max_restarts = 0  # the first crash is one too many
     send(gui, "crash")
