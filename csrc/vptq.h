@@ -125,17 +125,18 @@ cudaError_t launch_rms_norm(const void* x, Parts xp, const void* r, const void* 
                             cudaStream_t stream);
 
 struct RopeArgs {
-  const void* q = nullptr;      // [H, D] one token's query heads
-  const void* k = nullptr;      // [Hkv, D]
-  const void* v = nullptr;      // [Hkv, D]
-  Parts qp, kp, vp;             // q, k, v as partial sums, where given
-  const float* cos = nullptr;   // [S, D] fp32 RoPE tables
-  const float* sin = nullptr;   // [S, D]
-  const int64_t* pos = nullptr; // [1] the token's position, on the device
-  void* q_out = nullptr;        // [H, D] rotated query
-  void* k_cache = nullptr;      // [Hkv, S, D]: rotated key written at pos
-  void* v_cache = nullptr;      // [Hkv, S, D]: value written at pos
-  int H = 0, Hkv = 0, D = 0, S = 0;
+  const void* q = nullptr;      // [T, H, D] the tokens' query heads
+  const void* k = nullptr;      // [T, Hkv, D]
+  const void* v = nullptr;      // [T, Hkv, D]
+  Parts qp, kp, vp;             // q, k, v as partial sums, where given (one token)
+  const float* cos = nullptr;   // fp32 RoPE tables: row p - start for position p
+  const float* sin = nullptr;
+  const int64_t* pos = nullptr; // [1] one decode token's position, on the device; or null
+  int64_t start = 0;            // token t sits at position *pos + start + t (null pos: 0)
+  void* q_out = nullptr;        // [H, T, D] rotated query
+  void* k_cache = nullptr;      // [Hkv, S, D]: rotated keys written at their positions
+  void* v_cache = nullptr;      // [Hkv, S, D]: values written there
+  int H = 0, Hkv = 0, D = 0, S = 0, T = 1;
 };
 cudaError_t launch_rope_kv(const RopeArgs& a, DType dtype, cudaStream_t stream);
 

@@ -5,7 +5,8 @@
 // layer. These kernels do that work in six launches per layer (csrc/KERNELS.md):
 // - rms_norm / add_rms_norm: y = w * norm(x) with the residual sum x + r done on the way;
 // - rope_kv: RoPE on q and k at the position held on the device, k and v written into the
-//   static KV cache there;
+//   static KV cache there (also a prefill's T tokens from a position given by the host, where
+//   PyTorch takes some twenty small kernels a layer);
 // - decode_attention: one query token against the cache up to that position (GQA, sliding
 //   window), split over the keys (flash-decoding), then the splits combined;
 // - silu_mul: silu(gate) * up;
@@ -225,37 +226,44 @@ __global__ void __launch_bounds__(kPartThreads) add_rms_norm_parts_kernel(
 #endif
 }
 
-// Block b < H rotates query head b into q_out; block H + j rotates key head j and writes it and
-// value head j into the caches at position *pos. Half-split RoPE: the first D/2 lanes pair with
-// the second half, x * cos + rotate(x) * sin, each product rounded as PyTorch does.
+// Block (b, t): for b < H it rotates query head b of token t into q_out; for b = H + j it
+// rotates key head j and writes it and value head j into the caches at token t's position
+// p = *pos + start + t (pos null: start + t), cos and sin read at row p - start. One decode
+// token: the position held on the device, the whole tables (start 0); a prefill's T tokens:
+// start on the host, the tables' rows from start on. Half-split RoPE: the first D/2 lanes
+// pair with the second half, x * cos + rotate(x) * sin, each product rounded as PyTorch does.
 template <typename T>
 __global__ void rope_kv_kernel(const T* __restrict__ q, const T* __restrict__ k,
                                const T* __restrict__ v, Parts qp, Parts kp, Parts vp,
                                const float* __restrict__ cos,
                                const float* __restrict__ sin, const int64_t* __restrict__ pos,
                                T* __restrict__ q_out, T* __restrict__ k_cache,
-                               T* __restrict__ v_cache, int H, int D, int S) {
+                               T* __restrict__ v_cache, int H, int Hkv, int D, int S, int T_,
+                               int64_t start) {
   pdl_trigger();
   // pos changes only after the step's last layer (as in attn_split_kernel): it and this
   // thread's first cos and sin are read before the wait, off the path behind q, k and v
-  const int64_t p = *pos;
+  const int t = blockIdx.y;
+  const int64_t p = (pos != nullptr ? *pos : 0) + start + t;
+  const int64_t row = (p - start) * D;
   const int d0 = threadIdx.x;
-  const float c0 = d0 < D ? cos[p * D + d0] : 0.f, s0 = d0 < D ? sin[p * D + d0] : 0.f;
+  const float c0 = d0 < D ? cos[row + d0] : 0.f, s0 = d0 < D ? sin[row + d0] : 0.f;
   pdl_wait();  // q, k and v come from the previous kernel (vptq_device.cuh)
   const int head = blockIdx.x;
   const bool is_q = head < H;
   const int j = head - H;
   const T* src = is_q ? q : k;
   const Parts sp = is_q ? qp : kp;
-  const size_t at = static_cast<size_t>(is_q ? head : j) * D;  // the head's first value
+  const size_t kv_at = (static_cast<size_t>(t) * Hkv + (is_q ? 0 : j)) * D;
+  // the head's first value in token t's row of q or k
+  const size_t at = is_q ? (static_cast<size_t>(t) * H + head) * D : kv_at;
   const size_t slot = (static_cast<size_t>(j) * S + p) * D;  // cache [1, Hkv, S, D]
   const int half = D / 2;
   for (int d = d0; d < D; d += blockDim.x) {
     // this value, its rotation partner and (key heads) the value head's: loads all at once
     const T* ys[3] = {src, src, v};
     const Parts ps[3] = {sp, sp, vp};
-    const size_t at3[3] = {at + d, at + (d < half ? d + half : d - half),
-                           static_cast<size_t>(is_q ? 0 : j) * D + d};
+    const size_t at3[3] = {at + d, at + (d < half ? d + half : d - half), kv_at + d};
     float got[3];
     if (is_q)
       acts<T, 2>(ys, ps, at3, got);
@@ -263,10 +271,10 @@ __global__ void rope_kv_kernel(const T* __restrict__ q, const T* __restrict__ k,
       acts<T, 3>(ys, ps, at3, got);
     const float xv = got[0], other = got[1];
     const float rot = d < half ? -other : other;
-    const float c = d == d0 ? c0 : cos[p * D + d], s = d == d0 ? s0 : sin[p * D + d];
+    const float c = d == d0 ? c0 : cos[row + d], s = d == d0 ? s0 : sin[row + d];
     const T y = from_f<T>(__fadd_rn(__fmul_rn(xv, c), __fmul_rn(rot, s)));
     if (is_q) {
-      q_out[static_cast<size_t>(head) * D + d] = y;
+      q_out[(static_cast<size_t>(head) * T_ + t) * D + d] = y;  // [1, H, T, D]
     } else {
       k_cache[slot + d] = y;
       v_cache[slot + d] = from_f<T>(got[2]);
@@ -986,19 +994,19 @@ cudaError_t launch_rms_norm(const void* x, Parts xp, const void* r, const void* 
 
 cudaError_t launch_rope_kv(const RopeArgs& a, DType dtype, cudaStream_t stream) {
   const int threads = std::min(256, a.D);
-  const dim3 grid(a.H + a.Hkv), block(threads);
+  const dim3 grid(a.H + a.Hkv, a.T), block(threads);
   if (dtype == DType::kHalf)
     return launch_pdl(rope_kv_kernel<__half>, grid, block, 0, stream,
                       static_cast<const __half*>(a.q), static_cast<const __half*>(a.k),
                       static_cast<const __half*>(a.v), a.qp, a.kp, a.vp, a.cos, a.sin, a.pos,
                       static_cast<__half*>(a.q_out), static_cast<__half*>(a.k_cache),
-                      static_cast<__half*>(a.v_cache), a.H, a.D, a.S);
+                      static_cast<__half*>(a.v_cache), a.H, a.Hkv, a.D, a.S, a.T, a.start);
   return launch_pdl(rope_kv_kernel<__nv_bfloat16>, grid, block, 0, stream,
                     static_cast<const __nv_bfloat16*>(a.q), static_cast<const __nv_bfloat16*>(a.k),
                     static_cast<const __nv_bfloat16*>(a.v), a.qp, a.kp, a.vp, a.cos, a.sin,
                     a.pos, static_cast<__nv_bfloat16*>(a.q_out),
                     static_cast<__nv_bfloat16*>(a.k_cache),
-                    static_cast<__nv_bfloat16*>(a.v_cache), a.H, a.D, a.S);
+                    static_cast<__nv_bfloat16*>(a.v_cache), a.H, a.Hkv, a.D, a.S, a.T, a.start);
 }
 
 bool decode_attention_supported(int H, int Hkv, int D) {

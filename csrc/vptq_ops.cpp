@@ -414,6 +414,56 @@ at::Tensor rope_kv_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return q_out;
 }
 
+// A prefill's T tokens (q [1, T, H * D], k and v [1, T, Hkv * D], whole activations) at
+// positions start .. start + T - 1: the rotated q [1, H, T, D] back, the rotated keys and the
+// values into the caches; cos and sin hold the tokens' rows (the tables from row start on).
+at::Tensor rope_kv_prefill_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& cos, const at::Tensor& sin, int64_t start,
+                                const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const vptq::DType dt = dtype_of(k_cache);
+  check_cache(k_cache, k_cache, "k_cache");
+  check_cache(v_cache, k_cache, "v_cache");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
+  vptq::RopeArgs a;
+  a.Hkv = static_cast<int>(k_cache.size(1));
+  a.S = static_cast<int>(k_cache.size(2));
+  a.D = static_cast<int>(k_cache.size(3));
+  for (const auto* t : {&q, &k, &v}) {
+    check_act(*t, k_cache, "q, k and v");
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == 1,
+                msg("q, k and v must be [1, T, heads * D], not ", t->sizes()));
+  }
+  const int64_t T = q.size(1);
+  TORCH_CHECK(T >= 1 && T <= 65535 && k.size(1) == T && v.size(1) == T,
+              msg("q, k and v must hold the same 1 .. 65535 tokens, not ", q.size(1), ", ",
+                  k.size(1), ", ", v.size(1)));
+  TORCH_CHECK(a.D % 2 == 0 && q.size(2) % a.D == 0,
+              msg("q holds ", q.size(2), " values a token, not whole heads of ", a.D));
+  a.H = static_cast<int>(q.size(2) / a.D);
+  TORCH_CHECK(k.size(2) == static_cast<int64_t>(a.Hkv) * a.D && v.size(2) == k.size(2),
+              msg("k and v must hold ", a.Hkv * a.D, " values a token"));
+  TORCH_CHECK(start >= 0 && start + T <= a.S,
+              msg("tokens ", start, " .. ", start + T - 1, " lie beyond the cache of ", a.S));
+  for (const auto* t : {&cos, &sin})
+    TORCH_CHECK(t->is_cuda() && t->is_contiguous() && t->scalar_type() == at::kFloat &&
+                    t->dim() == 2 && t->size(0) >= T && t->size(1) == a.D,
+                msg("cos and sin must be float32 [T, ", a.D, "] rows"));
+  at::Tensor q_out = at::empty({1, a.H, T, a.D}, k_cache.options());
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.cos = cos.data_ptr<float>();
+  a.sin = sin.data_ptr<float>();
+  a.start = start;
+  a.T = static_cast<int>(T);
+  a.q_out = q_out.data_ptr();
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  check_launch(vptq::launch_rope_kv(a, dt, at::cuda::getCurrentCUDAStream()), "rope_kv_prefill");
+  return q_out;
+}
+
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& pos,
                                  int64_t window, double scale) {
@@ -692,6 +742,9 @@ TORCH_LIBRARY(vptq, m) {
       "rope_kv(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor pos, "
       "Tensor(a!) k_cache, Tensor(b!) v_cache) -> Tensor");
   m.def(
+      "rope_kv_prefill(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, int start, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache) -> Tensor");
+  m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window, "
       "float scale) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up, ScalarType? dtype=None) -> Tensor");
@@ -717,6 +770,7 @@ TORCH_LIBRARY_IMPL(vptq, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("add_rms_norm", &add_rms_norm_cuda);
   m.impl("rope_kv", &rope_kv_cuda);
+  m.impl("rope_kv_prefill", &rope_kv_prefill_cuda);
   m.impl("decode_attention", &decode_attention_cuda);
   m.impl("silu_mul", &silu_mul_cuda);
   m.impl("gptq_gemv", &gptq_gemv_cuda);

@@ -54,12 +54,36 @@ def attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     q = q.unflatten(1, (kv, h // kv)).flatten(0, 1)  # [B * H_kv, group, T, D]
     k = k.flatten(0, 1)[:, None].expand(-1, h // kv, -1, -1)
     v = v.flatten(0, 1)[:, None].expand(-1, h // kv, -1, -1)
+    if flash_takes(q, k, v):
+        # what SDPA ends in for these tensors, without its checks' host time at every layer
+        # (a lower-right causal bias takes a Python dispatch, 100 us a call); flash attention
+        # aligns a causal mask to the last key, as the lower right bias asks
+        y = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)[0]
+        return y.reshape(b, h, t, d)
     with sdpa_kernel(CAUSAL_BACKENDS):
         if t == s:  # without the causal_lower_right bias's dispatch in Python
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(t, s))
     return y.reshape(b, h, t, d)
+
+
+_FLASH: dict[tuple, bool] = {}
+
+
+def flash_takes(q, k, v) -> bool:
+    """Whether flash attention takes q, k, v as attention() lays them out: PyTorch's own check
+    (GPU, dtype, head dimension, strides), made once per device, dtype and head dimension."""
+    if not q.is_cuda:
+        return False
+    key = (q.device, q.dtype, q.shape[-1])
+    if key not in _FLASH:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        # not causal to PyTorch's check, which refuses flash for its own top-left causal mask
+        # where T < S (attention() asks flash for the lower-right one, its own)
+        _FLASH[key] = can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, False))
+    return _FLASH[key]
 
 
 def dense_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -132,6 +156,11 @@ class Attention(nn.Module):
             y = fused.attention(q, c.k, c.v, start, self.window, self.head_dim**-0.5)
             return apply(self.o_proj, y, defer=PARTIAL_SUMS)  # its sums left to the next norm
         q, k, v = project(x, self.fused, self.shared_input())
+        c = self.cache
+        if isinstance(start, int) and fused.rope_prefill_fused(q, k, v, c.k):
+            q = fused.rope_prefill(q, k, v, cos, sin, start, c.k, c.v)  # [1, H, T, D]
+            y = attention(q, c.k[:, :, : start + t], c.v[:, :, : start + t], mask)
+            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)

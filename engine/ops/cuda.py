@@ -170,6 +170,11 @@ def _register_fakes() -> None:
         values = q[0].numel() if q.dtype == torch.float32 else q.numel()  # terms of sums
         return k_cache.new_empty((1, values // d, 1, d))
 
+    @torch.library.register_fake("vptq::rope_kv_prefill")
+    def _(q, k, v, cos, sin, start, k_cache, v_cache):
+        d = k_cache.shape[3]
+        return k_cache.new_empty((1, q.shape[2] // d, q.shape[1], d))
+
     @torch.library.register_fake("vptq::decode_attention")
     def _(q, k_cache, v_cache, pos, window, scale):
         return q.new_empty((1, 1, q.numel()))

@@ -1,6 +1,7 @@
 """The rest of a decode step (RMSNorm, RoPE with the KV-cache write, attention, SiLU gate, the
 rows of an embedding table kept in host memory, the greedy and the sampled pick) as the fused
-kernels of csrc/vptq_decode.cu where they are loaded, else the plain PyTorch code they replace.
+kernels of csrc/vptq_decode.cu where they are loaded, else the plain PyTorch code they replace;
+a prefill takes the norms, SiLU gate and RoPE with the KV-cache write from them too.
 At batch 1 those small kernels, not the weights, took a third of a step's GPU time
 (csrc/KERNELS.md). ``VPTQ_DECODE_FUSED=0`` turns the fused kernels off (for comparisons), except
 embed_rows, which a table in host memory needs.
@@ -117,6 +118,25 @@ def rope_kv(q, k, v, cos, sin, pos, k_cache, v_cache) -> torch.Tensor:
     into the caches [1, H_kv, max_seq, D] at position pos ([1] int64 on the GPU); cos, sin: the
     whole [max_seq, D] float32 tables. q, k and v may be Partials."""
     return torch.ops.vptq.rope_kv(_arg(q), _arg(k), _arg(v), cos, sin, pos, k_cache, v_cache)
+
+
+def rope_prefill_fused(q, k, v, k_cache) -> bool:
+    """Whether rope_prefill takes a prefill's q, k and v [B, T, heads * D] (one sequence)."""
+    return (
+        _fused(q)
+        and q.shape[0] == 1
+        and k_cache.dtype == q.dtype
+        and all(t.is_contiguous() and t.dtype == q.dtype for t in (q, k, v))
+    )
+
+
+def rope_prefill(q, k, v, cos, sin, start: int, k_cache, v_cache) -> torch.Tensor:
+    """A prefill's T tokens at positions start .. start + T - 1: q, k, v [1, T, heads * D] ->
+    rotated q [1, H, T, D]; the rotated k and v go into the caches [1, H_kv, max_seq, D] there.
+    cos, sin: the tokens' rows of the float32 tables [T, D]. One kernel where PyTorch takes
+    some twenty small ones (engine/model.py rotate and KVCache.update, which it matches bit
+    for bit)."""
+    return torch.ops.vptq.rope_kv_prefill(q, k, v, cos, sin, start, k_cache, v_cache)
 
 
 def attention(q, k_cache, v_cache, pos, window: int | None, scale: float) -> torch.Tensor:

@@ -113,6 +113,93 @@ def test_rope_kv_rotates_and_writes_the_cache_at_pos(h, hkv, d, pos, dtype):
     assert rel(q_rot.view(h, d), qd * c.double() + rot * sn.double()) < ulps(dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,start", [(5, 0), (37, 17), (1, 63), (64, 0)])
+@pytest.mark.parametrize("h,hkv,d", [(32, 8, 128), (9, 3, 64), (6, 2, 96)])
+def test_rope_prefill_matches_rotate_and_the_cache_update(h, hkv, d, t, start, dtype):
+    """A prefill's tokens: the rotated q and the whole caches afterwards bit for bit as
+    engine/model.py's rotate and KVCache.update leave them (the code it replaces)."""
+    from engine.kv_cache import KVCache
+
+    s = 64
+    kc, vc = caches(hkv, s, d, dtype, seed=t)
+    want_cache = KVCache(kc.clone(), vc.clone())
+    cos, sin = rope_tables(s, d)
+    c, sn = cos[start : start + t], sin[start : start + t]
+    g = torch.Generator(device="cuda").manual_seed(start)
+    q = torch.randn(1, t, h * d, device="cuda", generator=g).to(dtype)
+    k = torch.randn(1, t, hkv * d, device="cuda", generator=g).to(dtype)
+    v = torch.randn(1, t, hkv * d, device="cuda", generator=g).to(dtype)
+    assert fused.rope_prefill_fused(q, k, v, kc)
+    q_rot = fused.rope_prefill(q, k, v, c, sn, start, kc, vc)
+    want_q = rotate(q.view(1, t, h, d).transpose(1, 2), c, sn)
+    want_k = rotate(k.view(1, t, hkv, d).transpose(1, 2), c, sn)
+    want_cache.update(start, want_k, v.view(1, t, hkv, d).transpose(1, 2))
+    assert q_rot.shape == (1, h, t, d) and q_rot.is_contiguous()
+    assert torch.equal(q_rot, want_q)
+    assert torch.equal(kc, want_cache.k) and torch.equal(vc, want_cache.v)
+    # float64 check of the rotation: token i at position start + i
+    qd = q.double().view(t, h, d)
+    rot = torch.cat((-qd[..., d // 2 :], qd[..., : d // 2]), -1)
+    angles = (qd * c.double()[:, None] + rot * sn.double()[:, None]).transpose(0, 1)
+    assert rel(q_rot[0], angles) < ulps(dtype)
+
+
+def test_rope_prefill_passes_opcheck_and_rejects_bad_input():
+    dtype = torch.float16
+    h, hkv, d, s, t = 8, 2, 64, 16, 5
+    kc, vc = caches(hkv, s, d, dtype, seed=2)
+    cos, sin = rope_tables(s, d)
+    q = torch.randn(1, t, h * d, device="cuda", dtype=dtype)
+    k = torch.randn(1, t, hkv * d, device="cuda", dtype=dtype)
+    op = torch.ops.vptq.rope_kv_prefill
+    torch.library.opcheck(op.default, (q, k, k.clone(), cos[3:8], sin[3:8], 3, kc, vc))
+    with pytest.raises(RuntimeError, match=r"tokens 12 \.\. 16 lie beyond the cache of 16"):
+        op(q, k, k, cos[:5], sin[:5], 12, kc, vc)
+    with pytest.raises(RuntimeError, match="k and v must hold 128 values a token"):
+        op(q, k[..., :64].contiguous(), k, cos, sin, 0, kc, vc)
+    with pytest.raises(RuntimeError, match=r"same 1 \.\. 65535 tokens, not 5, 4, 5"):
+        op(q, k[:, :4].contiguous(), k, cos, sin, 0, kc, vc)
+    with pytest.raises(RuntimeError, match=r"cos and sin must be float32 \[T, 64\] rows"):
+        op(q, k, k, cos[:4], sin, 0, kc, vc)
+    with pytest.raises(RuntimeError, match="but the activations are Half"):
+        op(q.float(), k, k, cos, sin, 0, kc, vc)
+    with pytest.raises(RuntimeError, match="k_cache and v_cache differ in shape"):
+        op(q, k, k, cos, sin, 0, kc, vc[:, :1])
+    # what the model falls back to the PyTorch code for: a batch of two, a strided q
+    assert not fused.rope_prefill_fused(q.expand(2, -1, -1), k, k, kc)
+    assert not fused.rope_prefill_fused(q[..., ::2], k, k, kc)
+
+
+def test_a_model_prefills_the_same_with_the_rope_kernel(tmp_path, monkeypatch):
+    """The whole model: a prompt and a follow-up prefilled with rope_prefill give the logits
+    and the KV cache that the PyTorch RoPE and cache update give, bit for bit."""
+    make_hf_model("llama3", tmp_path, hidden_size=256, head_dim=64)
+    gpu = load_model(tmp_path, "cuda", torch.float16, max_seq_len=64).model
+    tokens = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(5)).cuda()
+    calls = []
+    real = fused.rope_prefill
+
+    def counted(*args):
+        calls.append(args[0].shape[1])
+        return real(*args)
+
+    def run():
+        with torch.no_grad():
+            first = gpu(tokens[:, :19])
+            follow = gpu(tokens[:, 19:], 19)
+        cache = gpu.model.layers[1].self_attn.cache
+        return first, follow, cache.k[:, :, :30].clone(), cache.v[:, :, :30].clone()
+
+    monkeypatch.setattr(fused, "rope_prefill", counted)
+    got = run()
+    assert calls == [19] * 2 + [11] * 2  # two layers, two calls
+    monkeypatch.setattr(fused, "rope_prefill_fused", lambda *_: False)
+    want = run()
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 def attention_oracle(q, kc, vc, pos, window):
     """float64 softmax attention of one token over keys max(0, pos - window + 1) .. pos."""
     _, h, _, d = q.shape

@@ -170,3 +170,15 @@ def test_prefill_attention_on_the_gpu_copies_no_key_heads(t, s):
         torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=0)
         if given is None:
             assert taken <= got.numel() * got.element_size() + (1 << 20)
+            causal = got
+    # causal: flash attention called directly (engine/model.py flash_takes), as SDPA's
+    # dispatch would have called it, bit for bit
+    from engine import model
+
+    key = (q.device, q.dtype, 32)
+    assert model._FLASH[key] is True
+    model._FLASH[key] = False  # what SDPA picks itself
+    try:
+        assert torch.equal(attention(q, k, v, None), causal)
+    finally:
+        model._FLASH.pop(key)
