@@ -528,10 +528,11 @@ class ChatController(QObject):
         self.settings.device = device
         self._next_waiting()  # messages that waited for a stopped engine
 
-    async def unload_model(self) -> None:
+    async def unload_model(self) -> bool:
         """Model > Unload model: the model's memory back to the GPU (or the CPU) without
         quitting; an answer being written is stopped first and keeps what it has. Messages
-        sent meanwhile wait for the next load. The next start loads the model again."""
+        sent meanwhile wait for the next load. The next start loads the model again. True
+        where the engine says the model is gone."""
         self.stop()
         try:
             await self.client.unload()
@@ -540,6 +541,8 @@ class ChatController(QObject):
                 "The engine did not let the model go within a minute: quitting the app frees "
                 f"the GPU, and {RESTART_HINT} with the model"
             )
+            return False
+        return True
 
     def _saved_device(self) -> str:
         """The settings' device, or auto where it names a GPU the engine no longer lists (one

@@ -74,9 +74,14 @@ class GpuCard(QFrame):
     def __init__(self) -> None:
         super().__init__()
         self.setFrameShape(QFrame.Shape.StyledPanel)
+        # the panel never scrolls sideways: what cannot wrap must shrink, or a GPU's long name
+        # ("GPU 0 (cuda:1): NVIDIA GeForce RTX 4090") or the bar's text widened the panel's
+        # content past its width and cut every line at the window's edge
         self.title = QLabel()
         self.title.setStyleSheet("font-weight: bold;")
+        self.title.setWordWrap(True)
         self.bar = QProgressBar()
+        self.bar.setMinimumWidth(60)  # its text clipped, not the panel
         self.bar.setAccessibleName("GPU memory used")
         self.detail = QLabel()
         self.detail.setWordWrap(True)
@@ -89,8 +94,9 @@ class GpuCard(QFrame):
         self.title.setText(f"GPU {g.index}{cuda}: {g.name}")
         self.bar.setRange(0, max(g.total // (1 << 20), 1))
         self.bar.setValue(g.used // (1 << 20))
-        self.bar.setFormat(f"{gib(g.used)} of {gib(g.total)} used")
-        lines = [f"Free: {gib(g.free)}"]
+        # short enough for the panel at its narrowest; the words are in the lines below
+        self.bar.setFormat(f"{g.used / GiB:.1f} / {gib(g.total)}")
+        lines = [f"Used: {gib(g.used)} of {gib(g.total)}", f"Free: {gib(g.free)}"]
         if g.engine_bytes is not None:
             lines.append(f"This engine: {gib(g.engine_bytes)}")
         if g.util is not None:

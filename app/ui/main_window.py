@@ -32,7 +32,7 @@ from ..store import StoreError
 from .banner import ErrorBanner
 from .chat_settings import ChatSettings
 from .chat_view import ChatView
-from .live_panel import LivePanel
+from .live_panel import LivePanel, gib
 from .models import IdRole
 from .screen import fit_to_screen
 
@@ -222,7 +222,7 @@ class MainWindow(QMainWindow):
         act(m, "Load &demo model", lambda: self._load("demo"))
         act(m, "Load model &folder…", self._load_folder)
         # frees the GPU (for a game, another program) without quitting the app
-        self.unload_action = act(m, "&Unload model", lambda: self._spawn(self.ctrl.unload_model()))
+        self.unload_action = act(m, "&Unload model", lambda: self._spawn(self._unload()))
         self.unload_action.setEnabled(False)
         m.addSeparator()
         act(m, "&Restart engine", lambda: self._spawn(self.ctrl.restart_engine()))
@@ -321,6 +321,27 @@ class MainWindow(QMainWindow):
         self.panel.set_gpus(self.gpus.read(pid), self.gpus.error, rss)
 
     # -- menu actions ------------------------------------------------------------------------------
+    async def _unload(self) -> None:
+        """Model > Unload model. Where NVML reports the engine's share of the GPUs, the status
+        bar says what the unload gave back, as nvidia-smi sees it (the engine keeps its CUDA
+        context until it quits)."""
+        before = self._engine_gpu_bytes()
+        if not await self.ctrl.unload_model() or before is None:
+            return
+        after = self._engine_gpu_bytes()
+        if after is not None:
+            self.statusBar().showMessage(
+                f"Model unloaded: {gib(max(0, before - after))} of GPU memory given back "
+                f"(NVML); the engine keeps {gib(after)} for CUDA itself"
+            )
+
+    def _engine_gpu_bytes(self) -> int | None:
+        """The engine process's memory on all GPUs by NVML, or None where NVML does not say."""
+        proc = self.ctrl.client.proc
+        held = [g.engine_bytes for g in self.gpus.read(proc.pid if proc else None)]
+        known = [n for n in held if n is not None]
+        return sum(known) if known else None
+
     def _rename(self) -> None:
         row = self.ctrl.conversations.row_of(self.ctrl.current or -1)
         if row >= 0:

@@ -216,6 +216,31 @@ def test_unload_model_frees_it_and_messages_wait_for_the_next_load(gui, qloop):
     assert gui.client.proc.pid == pid and unload.isEnabled()  # the same engine process
 
 
+def test_an_unload_says_what_it_gave_back_as_nvml_sees_it(gui, qloop, monkeypatch):
+    """Users check an unload in nvidia-smi: the status bar says what NVML saw the engine give
+    back (its share on every GPU NVML reports it for, before and after), and what it keeps."""
+    from app.gpu import GpuInfo
+
+    gib = 1 << 30
+
+    def read(engine_pid=None):
+        assert engine_pid == gui.client.proc.pid
+        held = 6.5 * gib if gui.client.state == "loaded" else 0.5 * gib
+        return [
+            GpuInfo(0, "GPU-a", "H200", 141 * gib, 20 * gib, 121 * gib, 3, 40, int(held)),
+            GpuInfo(1, "GPU-b", "H200", 141 * gib, 1 * gib, 140 * gib, 0, 30, None),
+        ]
+
+    monkeypatch.setattr(gui.window.gpus, "read", read)
+    menu_action(gui.window, "&Unload model").trigger()
+    status = gui.window.statusBar()
+    wait_until(qloop, lambda: status.currentMessage().startswith("Model unloaded"), what="unload")
+    assert status.currentMessage() == (
+        "Model unloaded: 6.0 GiB of GPU memory given back (NVML); the engine keeps 0.5 GiB for "
+        "CUDA itself"
+    )
+
+
 def test_an_unload_the_engine_does_not_answer_says_what_frees_the_gpu(gui, qloop, monkeypatch):
     """The unload's timeout made "Could not unload the model: " (a TimeoutError has no text)."""
 
@@ -545,7 +570,7 @@ def test_gpu_cards_match_nvml_to_cuda_by_uuid(gui):
     panel.set_gpus(nvml, None, None)
     assert [c.title.text() for c in panel.cards] == ["GPU 0 (cuda:1): A", "GPU 1 (cuda:0): B"]
     assert "This engine: 3.0 GiB" in panel.cards[0].detail.text()
-    assert panel.cards[0].bar.format() == "10.0 GiB of 80.0 GiB used"
+    assert panel.cards[0].bar.format() == "10.0 / 80.0 GiB"
     panel.set_gpus([], "No NVIDIA GPU driver found (x).", 2 << 30)
     assert not panel.cards and "Engine memory (CPU): 2.0 GiB" in panel.gpu_note.text()
 
@@ -816,6 +841,30 @@ def test_a_short_window_scrolls_the_live_panel_instead_of_cutting_its_lines(gui,
     for label in labels:
         assert label.height() >= label.heightForWidth(label.width()), label.text()
     assert w.panel.verticalScrollBar().maximum() > 0  # the rest is a scroll away
+
+
+def test_a_gpu_with_a_long_name_does_not_widen_the_live_panel(gui, qloop):
+    """A GPU card's bold title and its bar's text do not wrap: with a GeForce's name they made
+    the panel's content wider than the panel at 1100 px, and every line of it was cut at the
+    window's edge (Xvfb, session 35). They wrap and shrink now, at the panel's narrowest."""
+    from app.gpu import GpuInfo
+
+    w, gib = gui.window, 1 << 30
+    w.resize(780, 420)
+    wait_until(qloop, lambda: w.width() == 780)
+    name = "NVIDIA GeForce RTX 4090 Laptop GPU"
+    info = GpuInfo(0, "GPU-a", name, 24 * gib, 20 * gib, 4 * gib, 99, 83, 19 * gib)
+    w.panel.cuda_devices = [{"index": 1, "uuid": "GPU-a"}]
+    w.panel.set_gpus([info], None, None)
+    qloop.run_until_complete(asyncio.sleep(0.2))  # layouts settle
+    title = w.panel.cards[0].title
+    assert title.text() == f"GPU 0 (cuda:1): {name}"
+    assert w.panel.width() <= 200  # the narrowest the window gives it
+    assert w.panel.widget().width() <= w.panel.viewport().width()
+    assert title.height() >= title.heightForWidth(title.width())  # wrapped, not cut
+    bar = w.panel.cards[0].bar
+    assert bar.format() == "20.0 / 24.0 GiB"
+    assert bar.fontMetrics().horizontalAdvance(bar.format()) < bar.width() - 8  # one line
 
 
 def test_the_window_fits_the_screen_and_reopens_where_it_was_left(tmp_path, qloop, monkeypatch):
