@@ -74,7 +74,7 @@ _FLASH: dict[tuple, bool] = {}
 def flash_takes(q, k, v) -> bool:
     """Whether flash attention takes q, k, v as attention() lays them out: PyTorch's own check
     (GPU, dtype, head dimension, strides), made once per device, dtype and head dimension."""
-    if not q.is_cuda:
+    if not q.is_cuda or q.shape[-1] % 8:  # SDPA pads other head dimensions for flash
         return False
     key = (q.device, q.dtype, q.shape[-1])
     if key not in _FLASH:

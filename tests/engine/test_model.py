@@ -151,6 +151,21 @@ def test_prefill_attention_against_float64(t, s, heads, kv):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [36, 20])
+def test_prefill_attention_of_head_dimensions_flash_takes_only_padded(d):
+    """Flash attention takes head dimensions of a multiple of 8 only (SDPA pads the others):
+    called directly with 36 it raised "head_size must be a multiple of 8"."""
+    from engine.model import attention
+
+    g = torch.Generator(device="cuda").manual_seed(d)
+    q = torch.randn(1, 4, 5, d, device="cuda", generator=g).half()
+    k, v = (torch.randn(1, 2, 9, d, device="cuda", generator=g).half() for _ in range(2))
+    mask = torch.arange(9, device="cuda")[None] <= torch.arange(4, 9, device="cuda")[:, None]
+    want = _attention_oracle(q, k, v, mask)
+    torch.testing.assert_close(attention(q, k, v, None).double(), want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("t,s", [(512, 512), (37, 37), (20, 65), (512, 4096), (1, 300)])
 def test_prefill_attention_on_the_gpu_copies_no_key_heads(t, s):
     """fp16 within fp16's error of float64; causal, no memory taken beyond the output and 1 MiB:
