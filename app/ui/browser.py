@@ -281,7 +281,9 @@ class DetailPane(QWidget):
         self.gpu.clear()
         for g, ok in zip(gpus, usable, strict=True):
             mark = "" if ok else ", not usable"  # why: under the fit
-            self.gpu.addItem(f"GPU {g.index}: {g.name} ({gib(g.free)} free{mark})", g)
+            # the free memory before the name: a narrow box cuts the end of a long name
+            # ("NVIDIA GeForce RTX 4090 Laptop GPU"), where it cut the free memory
+            self.gpu.addItem(f"GPU {g.index} ({gib(g.free)} free{mark}): {g.name}", g)
         self.gpu.addItem("CPU (slow)", None)  # last: a GPU, where there is one, first
         self.gpu.setCurrentIndex(self._where_loads_go(gpus, usable))
         self.gpu.blockSignals(False)

@@ -139,7 +139,7 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path, monke
     assert "To make room, close: blender (pid 4242): 3.2 GB" in detail.breakdown.text()
     # the CPU is a choice too, last
     assert [detail.gpu.itemText(i) for i in range(detail.gpu.count())] == [
-        "GPU 0: Test GPU 24GB (16.00 GiB free)",
+        "GPU 0 (16.00 GiB free): Test GPU 24GB",
         "CPU (slow)",
     ]
     detail.gpu.setCurrentIndex(1)
@@ -288,6 +288,31 @@ ENGINE_CUDA = [  # as the engine's hello lists them: torch's UUIDs have no "GPU-
 ]
 
 
+class LongNamedGpus(FakeGpus):
+    def read(self, engine_pid=None):
+        name = "NVIDIA GeForce RTX 4090 Laptop GPU"
+        return [GpuInfo(0, "GPU-1234", name, 16 * GiB, 8 * GiB, 8 * GiB, 3, 40)]
+
+
+def test_fit_on_shows_the_free_memory_of_a_gpu_with_a_long_name(browser_app, qloop):
+    """Fit on's box cut a long GPU name's end, and with it the free memory the choice is
+    about ("GPU 0: NVIDIA GeForce R", the Models window at 780 px): the free memory comes
+    first and stays in view."""
+    app, _ = browser_app
+    app.browser.gpus = LongNamedGpus()
+    w, browse = open_models(app, qloop)
+    w.resize(780, 420)
+    browse.table.setCurrentIndex(app.browser.filtered.index(0, 0))
+    box = browse.detail.gpu
+    wait_until(qloop, lambda: box.count() == 2, what="the details")
+    qloop.run_until_complete(asyncio.sleep(0.2))  # layouts settle
+    text = box.currentText()
+    assert text == "GPU 0 (8.00 GiB free): NVIDIA GeForce RTX 4090 Laptop GPU"
+    seen = text[: text.index("free") + len("free")]
+    arrow = 30  # the drop-down's arrow and margins
+    assert box.fontMetrics().horizontalAdvance(seen) <= box.width() - arrow, (box.width(), seen)
+
+
 def loads(requests) -> list[dict]:
     """The load requests the fake engine received: (path, device, context) each."""
     lines = [json.loads(x) for x in requests.read_text().splitlines()] if requests.exists() else []
@@ -313,13 +338,13 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     detail = browse.detail
     wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
     assert [detail.gpu.itemText(i) for i in range(detail.gpu.count())] == [
-        "GPU 0: Big GPU 24GB (16.00 GiB free)",
-        "GPU 1: Small GPU 8GB (1.00 GiB free)",
-        "GPU 2: Hidden GPU (8.00 GiB free, not usable)",
+        "GPU 0 (16.00 GiB free): Big GPU 24GB",
+        "GPU 1 (1.00 GiB free): Small GPU 8GB",
+        "GPU 2 (8.00 GiB free, not usable): Hidden GPU",
         "CPU (slow)",
     ]
     # Fit on starts where loads go now: auto is the engine's cuda:0, NVML's GPU 1
-    assert detail.gpu.currentText() == "GPU 1: Small GPU 8GB (1.00 GiB free)"
+    assert detail.gpu.currentText() == "GPU 1 (1.00 GiB free): Small GPU 8GB"
     lines = detail.breakdown.text().split("<br>")
     assert "Does not fit" in detail.verdict.text()  # 1.17 GiB of 1 GiB; the big one holds it
     assert "It fits on GPU 0 (Big GPU 24GB) at this context: choose it under Fit on" in lines
@@ -349,7 +374,7 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     # and after a load, at the last load's GPU (the engine's cuda:0 is NVML's GPU 1)
     app.settings.device = "cuda:0"
     detail.show_details(app.browser.details)
-    assert detail.gpu.currentText() == "GPU 1: Small GPU 8GB (1.00 GiB free)"
+    assert detail.gpu.currentText() == "GPU 1 (1.00 GiB free): Small GPU 8GB"
     app.settings.device = "cpu"
     detail.show_details(app.browser.details)
     assert detail.gpu.currentText() == "CPU (slow)"
@@ -414,7 +439,7 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     w.tabs.setCurrentIndex(0)
     detail.show_details(app.browser.details)  # no GPU usable: Fit on starts at the CPU
     assert detail.gpu.currentText() == "CPU (slow)"
-    assert detail.gpu.itemText(0).endswith("free, not usable)")
+    assert detail.gpu.itemText(0).startswith("GPU 0 (16.00 GiB free, not usable): ")
     detail.gpu.setCurrentIndex(0)
     detail.context.setValue(4096)
     assert "Fits" in detail.verdict.text() and not detail.load.isEnabled()
