@@ -343,16 +343,18 @@ class BrowserController(QObject):
             f"{seen} (CUDA_VISIBLE_DEVICES chooses them). Choose another."
         )
 
-    def engine_gpu(self) -> GpuInfo | None:
+    def engine_gpu(self, gpus: list[GpuInfo] | None = None) -> GpuInfo | None:
         """The GPU a load without a chosen device goes to (the settings' device; auto and cuda
-        are the engine's device 0), from NVML by UUID; None: the CPU, or none NVML shows."""
+        are the engine's device 0), from NVML by UUID (``gpus``: NVML's read the caller has
+        just made); None: the CPU, or none NVML shows."""
         n, devices = device_index(self.device()), self.engine_devices()
         if n is None or not devices:
             return None
         uuid = next((str(d.get("uuid", "")) for d in devices if d["index"] == n), None)
         if uuid is None:
             return None
-        return next((g for g in self.gpus_now() if same_device(g.uuid, uuid)), None)
+        gpus = self.gpus_now() if gpus is None else gpus
+        return next((g for g in gpus if same_device(g.uuid, uuid)), None)
 
     def installed_fit(self, repo: str, context: int) -> tuple[GpuInfo | None, Fit | CpuFit | None]:
         """The fit of an installed model (its config.json and the weights on disk) on the GPU a

@@ -297,7 +297,7 @@ class DetailPane(QWidget):
         the first GPU the engine can use, else the CPU (the last item)."""
         if self.ctrl.device() == "cpu":
             return len(gpus)
-        target = self.ctrl.engine_gpu()
+        target = self.ctrl.engine_gpu(gpus)
         for i, g in enumerate(gpus):
             if target is not None and g.uuid == target.uuid:
                 return i

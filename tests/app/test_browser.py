@@ -313,6 +313,27 @@ def test_fit_on_shows_the_free_memory_of_a_gpu_with_a_long_name(browser_app, qlo
     assert box.fontMetrics().horizontalAdvance(seen) <= box.width() - arrow, (box.width(), seen)
 
 
+def test_details_read_the_gpus_once(browser_app, qloop):
+    """A model's details read NVML once: Fit on's list and where loads go came from two reads
+    (each a call per GPU, and the two could disagree)."""
+    app, _ = browser_app
+    reads = []
+
+    class Counted(FakeGpus):
+        def read(self, engine_pid=None):
+            reads.append(engine_pid)
+            return super().read(engine_pid)
+
+    app.browser.gpus = Counted()
+    _, browse = open_models(app, qloop)
+    browse.table.setCurrentIndex(app.browser.filtered.index(0, 0))
+    wait_until(qloop, lambda: browse.detail.gpu.count() == 2, what="the details")
+    reads.clear()
+    browse.detail.show_details(app.browser.details)
+    assert len(reads) == 1
+    assert browse.detail.gpu.currentText() == "GPU 0 (16.00 GiB free): Test GPU 24GB"
+
+
 def loads(requests) -> list[dict]:
     """The load requests the fake engine received: (path, device, context) each."""
     lines = [json.loads(x) for x in requests.read_text().splitlines()] if requests.exists() else []
