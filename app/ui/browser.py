@@ -358,8 +358,8 @@ class DetailPane(QWidget):
             lines += self._fits_elsewhere(gpu)
         lines = offer_context(lines, f.verdict, f.max_context)
         _, unseen = self.ctrl.load_device(gpu)
-        if unseen:  # why Load in chat cannot load it there (not only in its tooltip)
-            lines.append(f"<b>{unseen}</b>")
+        if unseen:  # why Load in chat cannot load it there (not only in its tooltip), first:
+            lines.insert(0, f"<b>{unseen}</b>")  # below the breakdown, a small window hid it
         self.breakdown.setText("<br>".join(lines))
         return f.verdict
 
