@@ -183,7 +183,7 @@ class App:
         self.downloads = DownloadManager(hub, hub_models(), loop=self.loop)
         self.browser = BrowserController(hub, self.downloads, self.window.gpus, hub_models())
         self.browser.context = s.context  # the fit check starts at the context last loaded
-        self.browser.engine_pid = lambda: self.client.proc.pid if self.client.proc else None
+        self.browser.engine_pid = lambda: self.client.pid
         self.browser.engine_devices = lambda: (
             self.client.hello.get("cuda_devices") or [] if self.client.hello else None
         )

@@ -78,6 +78,12 @@ class EngineClient:
         self._shutdowns = 0  # a restart that sees this change stops short of its reload
 
     @property
+    def pid(self) -> int | None:
+        """The engine process's id (NVML's per-process memory is read by it), None before
+        the first start."""
+        return self.proc.pid if self.proc is not None else None
+
+    @property
     def closing(self) -> bool:
         """Being stopped (shutdown, or a start that kills a process left behind)."""
         return self._closing

@@ -303,8 +303,7 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage(f"{model} ready: {n_ctx} tokens of context")
 
     def _poll(self) -> None:
-        pid = self.ctrl.client.proc.pid if self.ctrl.client.proc else None
-        self._spawn(self._poll_async(pid))
+        self._spawn(self._poll_async(self.ctrl.client.pid))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -337,8 +336,7 @@ class MainWindow(QMainWindow):
 
     def _engine_gpu_bytes(self) -> int | None:
         """The engine process's memory on all GPUs by NVML, or None where NVML does not say."""
-        proc = self.ctrl.client.proc
-        held = [g.engine_bytes for g in self.gpus.read(proc.pid if proc else None)]
+        held = [g.engine_bytes for g in self.gpus.read(self.ctrl.client.pid)]
         known = [n for n in held if n is not None]
         return sum(known) if known else None
 
