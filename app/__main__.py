@@ -70,7 +70,10 @@ def setup_logging(log_dir: Path) -> None:
     )
 
 
-def is_dark(app, theme: str) -> bool:
+def wants_dark(app, theme: str) -> bool:
+    """Whether the theme setting ("light", "dark" or "system") asks for the dark palette: the
+    system's colour scheme decides "system". (app/ui/colours.py is_dark reads what a widget is
+    drawn in.)"""
     from PySide6.QtCore import Qt
 
     if theme in ("light", "dark"):
@@ -155,7 +158,7 @@ class App:
         self.settings = Settings.load(data / "settings.json")
         if model:
             self.settings.model = model
-        self.dark = is_dark(self.qapp, theme)
+        self.dark = wants_dark(self.qapp, theme)
         apply_theme(self.qapp, self.dark)
         self.store = Store(data / "history.sqlite3")  # StoreError: the caller says so
         self.loop = loop or QtAsyncLoop(self.qapp)

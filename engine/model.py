@@ -159,16 +159,16 @@ class Attention(nn.Module):
         c = self.cache
         if isinstance(start, int) and fused.rope_prefill_fused(q, k, v, c.k):
             q = fused.rope_prefill(q, k, v, cos, sin, start, c.k, c.v)  # [1, H, T, D]
-            y = attention(q, c.k[:, :, : start + t], c.v[:, :, : start + t], mask)
-            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [B, H, T, D]
-        if isinstance(start, torch.Tensor):
-            k, v = self.cache.write_at(start, k, v)  # [B, H_kv, max_seq, D]
+            k, v = c.k[:, :, : start + t], c.v[:, :, : start + t]
         else:
-            k, v = self.cache.update(start, k, v)  # [B, H_kv, start+T, D]
+            q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [B, H, T, D]
+            if isinstance(start, torch.Tensor):
+                k, v = c.write_at(start, k, v)  # [B, H_kv, max_seq, D]
+            else:
+                k, v = c.update(start, k, v)  # [B, H_kv, start+T, D]
         y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
