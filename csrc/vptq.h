@@ -151,7 +151,7 @@ struct AttnArgs {
   float scale = 1.f;
 };
 bool decode_attention_supported(int H, int Hkv, int D);
-int decode_attention_splits(int Hkv, int S, int num_sms);
+int decode_attention_splits(int H, int Hkv, int S, int num_sms);  // grid.y of a launch
 cudaError_t launch_decode_attention(const AttnArgs& a, DType dtype, cudaStream_t stream);
 
 // out[i] = table[ids[i]] for n ids, rows of `hidden` values; the table may lie in pinned host

@@ -283,14 +283,56 @@ __global__ void rope_kv_kernel(const T* __restrict__ q, const T* __restrict__ k,
 }
 
 constexpr int kAttnWarps = 4;
-constexpr int kAttnBatch = 4;       // keys a warp loads before it computes (their loads overlap)
+constexpr int kAttnBatch = 4;  // keys a warp works on at a time
 constexpr int kMaxSplits = 256;
+
+// Query heads a block of decode attention takes of the G that share a KV head: groups of four
+// where G is a larger multiple of four. A warp's lanes run over the head dimension, so each
+// query head's score costs a five-shuffle sum a key, and a block's pace falls with its heads:
+// for a 32768-token cache, blocks of all eight of Llama-3.1-70B's heads took 130 us, two blocks
+// of four a KV head 91 us (the second block's keys mostly come from L2); Llama-3.1-8B's four
+// heads 47 us, 65% of the H200's read rate (bench attention, csrc/KERNELS.md session 36).
+__host__ __device__ constexpr int attn_block_heads(int G) { return G > 4 && G % 4 == 0 ? 4 : G; }
+
+// E values of T (a lane's share of one key or value row) as loaded: raw halves in E / 2 words,
+// half the registers of floats, converted where they are used.
+template <int E>
+struct RawRow {
+  uint32_t w[E / 2];
+};
+
+template <typename T, int E>
+__device__ __forceinline__ RawRow<E> load_row(const T* p) {
+  static_assert(E == 2 || E == 4, "head dimensions 64 and 128");
+  RawRow<E> r;
+  if constexpr (E == 4) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    r.w[0] = u.x;
+    r.w[1] = u.y;
+  } else {
+    r.w[0] = *reinterpret_cast<const uint32_t*>(p);
+  }
+  return r;
+}
+
+template <typename T, int E>
+__device__ __forceinline__ void unpack_row(const RawRow<E>& r, float (&out)[E]) {
+  const T* h = reinterpret_cast<const T*>(r.w);
+#pragma unroll
+  for (int e = 0; e < E; ++e) out[e] = to_f(h[e]);
+}
 
 // Split s of KV head h: keys [lo + s * len, ...) of the visible range [lo, pos]. Each warp takes
 // kAttnBatch keys at a time, lanes over the head dimension (E = D / 32 values each); online
 // softmax per query head in base 2. The warps' states are merged in shared memory and written
 // to ws (o[D] and (m, l) per query head, vptq.h AttnArgs); attn_combine_kernel merges the splits.
-template <typename T, int D, int G, int W>
+// A warp's keys and values come in two buffers: the loads of its next batch are issued before
+// it works on the current one, so at a long context every warp has two batches in flight
+// (csrc/KERNELS.md, session 36: with one, the warps waited a DRAM round trip a batch).
+// h counts groups of G query heads: where more than G heads share a KV head (R groups of G
+// each, attn_block_heads), the blocks of its R groups read the same keys, the second read
+// mostly from L2.
+template <typename T, int D, int G, int W, int R>
 __global__ void __launch_bounds__(W * 32) attn_split_kernel(
     const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
     const int64_t* __restrict__ pos, float* __restrict__ ws, int S, int window, float scale,
@@ -308,22 +350,23 @@ __global__ void __launch_bounds__(W * 32) attn_split_kernel(
   const int n = p + 1 - lo;
   const int len = (n + splits - 1) / splits;
   const int k0 = lo + split * len, k1 = min(lo + n, k0 + len);
-  const T* kh = kc + static_cast<size_t>(h) * S * D + lane * E;
-  const T* vh = vc + static_cast<size_t>(h) * S * D + lane * E;
-  float kv[U][E], vv[U][E];
-  const auto load_keys = [&](int b0) {
+  const T* kh = kc + static_cast<size_t>(h / R) * S * D + lane * E;
+  const T* vh = vc + static_cast<size_t>(h / R) * S * D + lane * E;
+  RawRow<E> kb[2][U], vb[2][U];  // indexed by constants only: registers
+  const auto load_keys = [&](int b0, RawRow<E>(&kr)[U], RawRow<E>(&vr)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int key = min(b0 + u, k1 - 1);  // past the end: a repeat, masked below
-      load_code<T, E>(kh + static_cast<size_t>(key) * D, kv[u]);
-      load_code<T, E>(vh + static_cast<size_t>(key) * D, vv[u]);
+      kr[u] = load_row<T, E>(kh + static_cast<size_t>(key) * D);
+      vr[u] = load_row<T, E>(vh + static_cast<size_t>(key) * D);
     }
   };
+  constexpr int kStride = W * U;  // keys between a warp's batches
   const int first = k0 + warp * U;
   const bool early = preload && first < k1 && min(first + U - 1, k1 - 1) < p;
-  if (early) load_keys(first);
+  if (early) load_keys(first, kb[0], vb[0]);
   pdl_wait();  // q and the key at pos come from the previous kernel (vptq_device.cuh)
-  if (!early && first < k1) load_keys(first);
+  if (!early && first < k1) load_keys(first, kb[0], vb[0]);
 
   float qv[G][E], o[G][E], m[G], l[G];
   const float qs = scale * 1.4426950408889634f;  // softmax in base 2
@@ -339,8 +382,13 @@ __global__ void __launch_bounds__(W * 32) attn_split_kernel(
     m[g] = -FLT_MAX;
     l[g] = 0.f;
   }
-  for (int base = first; base < k1; base += W * U) {
-    if (base != first) load_keys(base);  // the first batch is loaded
+  const auto attend = [&](int base, const RawRow<E>(&kr)[U], const RawRow<E>(&vr)[U]) {
+    float kv[U][E], vv[U][E];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      unpack_row<T, E>(kr[u], kv[u]);
+      unpack_row<T, E>(vr[u], vv[u]);
+    }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       float sc[U];
@@ -378,6 +426,16 @@ __global__ void __launch_bounds__(W * 32) attn_split_kernel(
       }
       m[g] = mn;
     }
+  };
+  // two batches a turn, so that each buffer keeps its registers: the next batch's loads go out
+  // before the current one is worked on
+  for (int base = first; base < k1; base += 2 * kStride) {
+    const int next = base + kStride;
+    if (next < k1) load_keys(next, kb[1], vb[1]);
+    attend(base, kb[0], vb[0]);
+    if (next >= k1) break;
+    if (next + kStride < k1) load_keys(next + kStride, kb[0], vb[0]);
+    attend(next, kb[1], vb[1]);
   }
   // Merge the warps: each output value takes the others' states from shared memory.
   __shared__ float sm[W][G][2];
@@ -895,17 +953,18 @@ bool attn_preload() {
 
 // Eight warps a split where G * D <= 512 (Llama-3.1-8B's 4 x 128: at position 600 the 19 keys of
 // a split are all loaded before the wait, where four warps took a second round of key loads
-// after it; at 3000, 3 rounds instead of 6), else four (70B's 8 x 128 lost 0.4% with eight):
-// csrc/KERNELS.md, session 14.
-template <typename T, int D, int G>
+// after it; at 3000, 3 rounds instead of 6), else four: csrc/KERNELS.md, session 14. G: the
+// query heads of a block (attn_block_heads), R: blocks for each KV head.
+template <typename T, int D, int G, int R = 1>
 cudaError_t attn_typed(const AttnArgs& a, cudaStream_t stream) {
+  static_assert(attn_block_heads(G * R) == G, "blocks of attn_block_heads query heads");
   constexpr int W = G * D <= 512 ? 8 : kAttnWarps;
   cudaError_t err = launch_pdl(
-      attn_split_kernel<T, D, G, W>, dim3(a.Hkv, a.splits), dim3(W * 32), 0, stream,
+      attn_split_kernel<T, D, G, W, R>, dim3(a.Hkv * R, a.splits), dim3(W * 32), 0, stream,
       static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
       static_cast<const T*>(a.v_cache), a.pos, a.ws, a.S, a.window, a.scale, attn_preload());
   if (err != cudaSuccess) return err;
-  return launch_pdl(attn_combine_kernel<T, D>, dim3(a.Hkv * G), dim3(D / 2), 0, stream,
+  return launch_pdl(attn_combine_kernel<T, D>, dim3(a.H), dim3(D / 2), 0, stream,
                     static_cast<const float*>(a.ws), static_cast<T*>(a.out), a.splits);
 }
 
@@ -919,9 +978,9 @@ cudaError_t attn_by_gqa(const AttnArgs& a, cudaStream_t stream) {
     case 5: return attn_typed<T, D, 5>(a, stream);
     case 6: return attn_typed<T, D, 6>(a, stream);
     case 7: return attn_typed<T, D, 7>(a, stream);
-    case 8: return attn_typed<T, D, 8>(a, stream);
-    case 12: return attn_typed<T, D, 12>(a, stream);
-    case 16: return attn_typed<T, D, 16>(a, stream);
+    case 8: return attn_typed<T, D, 4, 2>(a, stream);
+    case 12: return attn_typed<T, D, 4, 3>(a, stream);
+    case 16: return attn_typed<T, D, 4, 4>(a, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -1015,9 +1074,11 @@ bool decode_attention_supported(int H, int Hkv, int D) {
   return g <= 8 || g == 12 || g == 16;
 }
 
-int decode_attention_splits(int Hkv, int S, int num_sms) {
-  // Two blocks per SM over the KV heads, but no split shorter than 32 keys of the whole cache.
-  const int want = std::max(1, 2 * num_sms / std::max(1, Hkv));
+int decode_attention_splits(int H, int Hkv, int S, int num_sms) {
+  // Two blocks per SM over the blocks of a split (a block per group of query heads), but no
+  // split shorter than 32 keys of the whole cache.
+  const int g = H / std::max(1, Hkv), groups = std::max(1, Hkv) * (g / attn_block_heads(g));
+  const int want = std::max(1, 2 * num_sms / groups);
   return std::max(1, std::min({want, (S + 31) / 32, kMaxSplits}));
 }
 

@@ -478,7 +478,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
               msg("decode attention does not take ", a.H, " query heads over ", a.Hkv,
                   " KV heads of dimension ", a.D, "; use scaled_dot_product_attention"));
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  a.splits = vptq::decode_attention_splits(a.Hkv, a.S, sms);
+  a.splits = vptq::decode_attention_splits(a.H, a.Hkv, a.S, sms);
   at::Tensor out = at::empty({1, 1, static_cast<int64_t>(a.H) * a.D}, q.options());
   at::Tensor ws = at::empty({static_cast<int64_t>(a.H) * a.splits * (a.D + 2)},
                             q.options().dtype(at::kFloat));

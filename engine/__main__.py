@@ -182,6 +182,14 @@ def parser() -> argparse.ArgumentParser:
     bg.add_argument("--group", type=int, default=128, help="group size, or -1 (one group)")
     bg.add_argument("--act-order", action="store_true", help="a shuffled g_idx")
     bg.add_argument("--tokens", type=int, action="append", help="token counts (default: 1 4 8 512)")
+    ba = bsub.add_parser(
+        "attention", help="the decode step's attention at long contexts vs PyTorch SDPA"
+    )
+    ba.add_argument("--arch", action="append", help="llama-3.1-8b, llama-3.1-70b (default both)")
+    ba.add_argument(
+        "--position", type=int, action="append",
+        help="cache positions the query reads up to (default: 1024 4096 16384 32768)",
+    )  # fmt: skip
     be = bsub.add_parser("e2e", help="a whole random model on the GPU: prefill, graph decode")
     be.add_argument("--arch", default="llama-3.1-8b", help="llama-3.1-8b|llama-3.1-70b|...")
     be.add_argument(
@@ -198,7 +206,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time the decode step without each of its parts (what each part costs it)",
     )
-    for group in (sub, bsub):  # "required: {kernels,gptq,e2e}", not "required: bench"
+    for group in (sub, bsub):  # "required: {kernels,gptq,attention,e2e}", not "required: bench"
         group.metavar = "{" + ",".join(group.choices) + "}"
     return ap
 
@@ -469,6 +477,19 @@ def cmd_bench(a: argparse.Namespace) -> None:
             if value not in known:
                 raise ValueError(f"unknown --{name} {value!r}; choose from {', '.join(known)}")
         bench_e2e.run_e2e(a.arch, a.scheme, a.context, a.tokens, a.vram_limit, a.breakdown)
+        return
+
+    if a.bench == "attention":
+        from . import bench_attention
+
+        archs = a.arch or list(bench_attention.ARCHS)
+        for value in archs:
+            if value not in bench.MODELS:
+                known = ", ".join(bench.MODELS)
+                raise ValueError(f"unknown --arch {value!r}; choose from {known}")
+        if any(not 0 <= p < 1 << 20 for p in a.position or ()):
+            raise ValueError("--position: give cache positions from 0 to 1048575")
+        bench_attention.run_attention(archs, list(a.position or bench_attention.POSITIONS))
         return
 
     if a.bench == "gptq":

@@ -203,6 +203,8 @@ def test_terminal_chat_keeps_the_conversation(demo_path):
         (("gptq", "--tokens", "0"), ("--tokens: give token counts from 1 to 65536",)),
         (("gptq", "--group", "0"), ("--group 0: give a positive group size or -1",)),
         (("gptq", "--arch", "qwen2.5-7b"), ("unknown --arch 'qwen2.5-7b'", "llama-3.1-70b")),
+        (("attention", "--arch", "gpt-2"), ("unknown --arch 'gpt-2'", "mistral-large")),
+        (("attention", "--position", "-1"), ("--position: give cache positions from 0",)),
     ],
 )  # fmt: skip
 def test_bench_settings_are_checked_before_any_gpu_work(args, needles):
@@ -296,7 +298,7 @@ def test_every_option_of_every_command_is_explained_with_its_default():
     assert "default: None" not in r.stdout
     assert "(default: 4096)" in run("bench", "e2e", "--help").stdout
     # a missing command names the choices
-    assert run("bench").stderr.endswith("required: {kernels,gptq,e2e}\n")
+    assert run("bench").stderr.endswith("required: {kernels,gptq,attention,e2e}\n")
     assert run().stderr.endswith("required: {generate,chat,perplexity,serve,quantize,"
                                  "build-demo,build-kernels,bench}\n")  # fmt: skip
 

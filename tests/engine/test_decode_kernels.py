@@ -219,7 +219,12 @@ ATTN = {  # query heads, KV heads, head dim, cache length
     "mha": (4, 4, 64, 33),
     "one-split": (4, 2, 64, 20),
     "many-splits": (8, 2, 128, 2400),  # 75 splits on 132 SMs: past the merge's first batch
-    "mistral-large": (96, 8, 128, 50),
+    "mistral-large": (96, 8, 128, 50),  # 12 query heads a KV head: blocks of 4 (3 a KV head)
+    "gqa-16": (32, 2, 64, 700),  # blocks of 4 of the 16, 4 blocks reading each KV head
+    # long contexts: each warp goes through many batches of keys, two at a time, an odd count
+    # for some warps and splits (session 36's double-buffered loads)
+    "long-8b": (32, 8, 128, 20000),
+    "long-70b": (64, 8, 128, 9001),
 }
 
 

@@ -1,0 +1,102 @@
+"""``python -m engine bench attention``: the decode step's attention at long contexts.
+
+One query token against the KV cache up to a position, for the head shapes of the benchmarked
+models: ``vptq::decode_attention`` (csrc/vptq_decode.cu) against PyTorch's scaled dot-product
+attention on the same cache, timed in the same run. At batch 1 the attention reads the filled
+part of the cache once a layer and does little arithmetic on it, so its bound is the device's
+read rate: each row prints the GB/s of cache read against that rate, measured in the same run.
+The calls cycle over enough caches (one per layer, as in a decode step) that they come from
+DRAM, not L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .bench import MODELS, ROTATE_BYTES, read_bandwidth, time_us
+from .ops import decode as fused
+
+POSITIONS = (1024, 4096, 16384, 32768)
+ARCHS = ("llama-3.1-8b", "llama-3.1-70b")
+MAX_CACHE_BYTES = 8 << 30  # the caches a row allocates at most
+
+
+def heads(arch: str) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dimension) of a benchmarked model."""
+    m = MODELS[arch]
+    h = m["num_attention_heads"]
+    return h, m.get("num_key_value_heads", h), m.get("head_dim", m["hidden_size"] // h)
+
+
+def cache_bytes(position: int, kv_heads: int, head_dim: int, elem: int = 2) -> int:
+    """Bytes of keys and values one query at ``position`` reads (keys 0 .. position)."""
+    return 2 * kv_heads * (position + 1) * head_dim * elem
+
+
+def bench_one(arch: str, position: int, peak: float) -> dict:
+    h, hkv, d = heads(arch)
+    length = position + 256  # the cache's length (the engine's context) decides the splits
+    per_layer = 2 * hkv * length * d * 2
+    copies = max(2, min(-(-ROTATE_BYTES // cache_bytes(position, hkv, d)), 64))
+    copies = max(1, min(copies, MAX_CACHE_BYTES // per_layer))
+    gen = torch.Generator(device="cuda").manual_seed(position)
+    caches = [
+        (torch.randn(1, hkv, length, d, device="cuda", generator=gen, dtype=torch.float16),
+         torch.randn(1, hkv, length, d, device="cuda", generator=gen, dtype=torch.float16))
+        for _ in range(copies)
+    ]  # fmt: skip
+    q = torch.randn(1, h, 1, d, device="cuda", generator=gen, dtype=torch.float16)
+    pos = torch.tensor([position], device="cuda")
+    scale = d**-0.5
+
+    def ours(k, v):
+        return fused.attention(q, k, v, pos, None, scale)
+
+    def sdpa(k, v):
+        k, v = k[:, :, : position + 1], v[:, :, : position + 1]
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    k, v = caches[0]
+    diff = (ours(k, v).float().view(-1) - sdpa(k, v).float().view(-1)).abs().max().item()
+    nbytes = cache_bytes(position, hkv, d)
+    row = dict(arch=arch, position=position, heads=f"{h}/{hkv}x{d}", copies=copies, diff=diff,
+               mb=nbytes / 1e6)  # fmt: skip
+    for name, fn in (("ours", ours), ("sdpa", sdpa)):
+        us = time_us([lambda k=k, v=v, fn=fn: fn(k, v) for k, v in caches])
+        row[name] = us
+        row[name + "_gbs"] = nbytes / (us * 1e-6) / 1e9
+    row["peak_gbs"] = peak / 1e9
+    del caches
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_attention(archs: list[str], positions: list[int]) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise ValueError("bench attention needs an NVIDIA GPU with CUDA")
+    from .ops import prepare
+
+    kind, why = prepare("cuda")
+    if kind != "cuda":
+        raise ValueError(f"bench attention needs the CUDA kernels: {why}")
+    peak = read_bandwidth()
+    name = torch.cuda.get_device_name()
+    print(f"device: {name}, read rate {peak / 1e9:.0f} GB/s (a sum over 1 GiB)")
+    print("decode attention, one fp16 query token against the KV cache up to the position;")
+    print("GB/s of keys and values read; % of the read rate; PyTorch SDPA on the same cache")
+    print(f"{'model':<15} {'heads':<10} {'position':>8} {'MB':>7} {'ours us':>9} {'GB/s':>6} "
+          f"{'%':>4} {'SDPA us':>9} {'GB/s':>6} {'SDPA/ours':>9}")  # fmt: skip
+    rows = []
+    for arch in archs:
+        for p in positions:
+            r = bench_one(arch, p, peak)
+            print(
+                f"{arch:<15} {r['heads']:<10} {p:>8} {r['mb']:>7.1f} {r['ours']:>9.1f} "
+                f"{r['ours_gbs']:>6.0f} {100 * r['ours_gbs'] / r['peak_gbs']:>4.0f} "
+                f"{r['sdpa']:>9.1f} {r['sdpa_gbs']:>6.0f} {r['sdpa'] / r['ours']:>8.2f}x"
+            )
+            if r["diff"] > 1e-2:
+                print(f"  warning: outputs differ by up to {r['diff']:.3g} from SDPA's")
+            rows.append(r)
+    return rows
