@@ -142,19 +142,27 @@ def decode_bytes(model: Transformer) -> int:
     return total
 
 
-def kv_bytes_read(model: Transformer, tokens: int) -> float:
+def kv_bytes_read(model: Transformer, tokens: int, start: int = PROMPT) -> float:
     """Bytes of K and V a graph step reads on average while ``measure`` decodes ``tokens``
-    tokens: the first comes from the prefill, then the step at position PROMPT + t (t = 0 ..
-    tokens - 2) reads the cache up to there (within a sliding window), not the whole context
-    the cache was sized for."""
+    tokens after ``start`` prompt tokens: the first comes from the prefill, then the step at
+    position start + t (t = 0 .. tokens - 2) reads the cache up to there (within a sliding
+    window), not the whole context the cache was sized for."""
     window = model.args.sliding_window
-    read = [PROMPT + 1 + t for t in range(max(1, tokens - 1))]  # positions a step reads
+    read = [start + 1 + t for t in range(max(1, tokens - 1))]  # positions a step reads
     mean = sum(min(n, window) if window else n for n in read) / len(read)
     total = 0
     for layer in model.model.layers:
         k = layer.self_attn.cache.k  # [1, kv heads, context, head dim]
         total += 2 * k.numel() // k.shape[2] * k.element_size()  # K and V of one position
     return total * mean
+
+
+def late_start(context: int, tokens: int) -> int | None:
+    """Where ``measure`` decodes ``tokens`` tokens a second time, with the cache filled to the
+    end of the context (each step's attention reads all of it): the position of the first, or
+    None where the context is too short for that to differ from the decode after the prompt."""
+    start = context - tokens
+    return start if start >= 4 * PROMPT else None
 
 
 # The chat's default sampling (app/settings.py DEFAULT_SAMPLING), timed beside greedy decoding.
@@ -223,6 +231,8 @@ def measure(model: Transformer, tokens: int, chunk: int = PREFILL_CHUNK) -> dict
             times.append(time.perf_counter() - t0)
         t_prefill = statistics.median(times)
         first_s, decode_tok_s = _decode(dec, logits, seen, p, tokens)
+        late = late_start(model.max_seq, tokens)  # the cache's content there: timing only
+        late_tok_s = _decode(dec, logits, seen, p, tokens, late)[1] if late else None
         turn_ms = None  # a chat's next turn: its new tokens after the cached ones, then a token
         if PROMPT + tokens + TURN <= model.max_seq:
             follow = torch.randint(0, vocab, (1, TURN), device="cuda")
@@ -250,6 +260,8 @@ def measure(model: Transformer, tokens: int, chunk: int = PREFILL_CHUNK) -> dict
         "ttft_ms": (t_prefill + first_s) * 1000,
         "turn_ttft_ms": turn_ms,
         "decode_tok_s": decode_tok_s,
+        "late_start": late,
+        "late_tok_s": late_tok_s,
         "sampled_tok_s": sampled,  # or why not
         "long_prefill": long,
         "peak_torch_gib": peak / GiB,
@@ -310,6 +322,9 @@ def run_e2e(
             model = build(arch, sch, context, cap)
             r = measure(model, tokens, planned_chunk(arch, cap))
             r["roofline_tok_s"] = peak / (r["decode_bytes"] + kv_bytes_read(model, tokens))
+            if r["late_start"] is not None:
+                kv = kv_bytes_read(model, tokens, r["late_start"])
+                r["late_roofline_tok_s"] = peak / (r["decode_bytes"] + kv)
             r["nvml_used_gib"] = nvml_used_gib()
             rows[label] = r
             if breakdown and sch is not None:
@@ -358,6 +373,15 @@ def _print(arch: str, context: int, tokens: int, rows: dict, scheme: str) -> Non
     if "fp16" in rows and "error" not in rows["fp16"] and "error" not in rows[scheme]:
         ratio = rows[scheme]["decode_tok_s"] / rows["fp16"]["decode_tok_s"]
         print(f"decode speed {scheme} / fp16: {ratio:.2f}x")
+    for label, r in rows.items():
+        if r.get("late_tok_s") is not None:
+            at, pct = r["late_start"], 100 * r["late_tok_s"] / r["late_roofline_tok_s"]
+            print(f"{label}: decode with the cache filled to the end of the context (steps at "
+                  f"positions {at}-{at + tokens - 2}): {r['late_tok_s']:.1f} tok/s, "
+                  f"{pct:.0f}% of its roofline")  # fmt: skip
+    if all(r.get("late_tok_s") for r in (rows[scheme], rows.get("fp16", {}))):
+        ratio = rows[scheme]["late_tok_s"] / rows["fp16"]["late_tok_s"]
+        print(f"decode speed at the end of the context {scheme} / fp16: {ratio:.2f}x")
     for label, r in rows.items():
         if "error" not in r:
             got = r["sampled_tok_s"]

@@ -26,3 +26,18 @@ def test_the_roofline_counts_the_cache_a_step_reads_not_the_whole_context(tmp_pa
     model.args = dataclasses.replace(a, sliding_window=514)  # a step reads at most 514 keys
     want = a.n_layers * per_position * (513 + 514 + 514 + 514) / 4
     assert bench_e2e.kv_bytes_read(model, 5) == pytest.approx(want)
+
+
+def test_the_decode_at_the_end_of_the_context_counts_the_whole_cache(tmp_path):
+    """bench e2e decodes a second time with the cache filled to the end of the context: its
+    steps start at context - tokens, and their roofline counts the cache up to each one."""
+    make_hf_model("llama3", tmp_path)
+    model = load_model(tmp_path, "cpu", torch.float32, max_seq_len=8192).model
+    a = model.args
+    per_position = 2 * a.n_kv_heads * a.head_dim * 4
+    assert bench_e2e.late_start(8192, 64) == 8128
+    assert bench_e2e.late_start(4096, 256) == 3840
+    assert bench_e2e.late_start(2048, 64) is None  # too close to the decode after the prompt
+    # 3 tokens from 8190: steps at 8190 and 8191 read 8191 and 8192 keys
+    want = a.n_layers * per_position * (8191 + 8192) / 2
+    assert bench_e2e.kv_bytes_read(model, 3, 8190) == pytest.approx(want)
