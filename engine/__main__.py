@@ -185,7 +185,10 @@ def parser() -> argparse.ArgumentParser:
     ba = bsub.add_parser(
         "attention", help="the decode step's attention at long contexts vs PyTorch SDPA"
     )
-    ba.add_argument("--arch", action="append", help="llama-3.1-8b, llama-3.1-70b (default both)")
+    ba.add_argument(
+        "--arch", action="append",
+        help="a model of bench e2e, for its heads (default: llama-3.1-8b and llama-3.1-70b)",
+    )  # fmt: skip
     ba.add_argument(
         "--position", type=int, action="append",
         help="cache positions the query reads up to (default: 1024 4096 16384 32768)",

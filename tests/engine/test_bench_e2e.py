@@ -1,12 +1,13 @@
 """`bench e2e`'s arithmetic on the CPU (its runs are in test_runtime.py, marker gpu): the decode
-roofline counts the part of the KV cache each step reads, not the whole context."""
+roofline counts the part of the KV cache each step reads, not the whole context; and `bench
+attention`'s head shapes and bytes."""
 
 import dataclasses
 
 import pytest
 import torch
 
-from engine import bench_e2e
+from engine import bench_attention, bench_e2e
 from engine.loader import load_model
 
 from .hf_models import make_hf_model
@@ -41,3 +42,12 @@ def test_the_decode_at_the_end_of_the_context_counts_the_whole_cache(tmp_path):
     # 3 tokens from 8190: steps at 8190 and 8191 read 8191 and 8192 keys
     want = a.n_layers * per_position * (8191 + 8192) / 2
     assert bench_e2e.kv_bytes_read(model, 3, 8190) == pytest.approx(want)
+
+
+def test_bench_attention_reads_each_models_heads_and_counts_keys_and_values():
+    assert bench_attention.heads("llama-3.1-8b") == (32, 8, 128)
+    assert bench_attention.heads("llama-3.1-70b") == (64, 8, 128)
+    assert bench_attention.heads("qwen2.5-7b") == (28, 4, 128)
+    assert bench_attention.heads("mistral-large") == (96, 8, 128)
+    # a query at position 1023 reads keys and values 0 .. 1023 of 8 heads of 128 fp16 values
+    assert bench_attention.cache_bytes(1023, 8, 128) == 2 * 8 * 1024 * 128 * 2
