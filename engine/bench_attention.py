@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bench import MODELS, ROTATE_BYTES, read_bandwidth, time_us
+from .bench import ROTATE_BYTES, model_config, read_bandwidth, time_us
+from .memory import Shape
 from .ops import decode as fused
 
 POSITIONS = (1024, 4096, 16384, 32768)
@@ -24,21 +25,22 @@ MAX_CACHE_BYTES = 8 << 30  # the caches a row allocates at most
 
 def heads(arch: str) -> tuple[int, int, int]:
     """(query heads, KV heads, head dimension) of a benchmarked model."""
-    m = MODELS[arch]
-    h = m["num_attention_heads"]
-    return h, m.get("num_key_value_heads", h), m.get("head_dim", m["hidden_size"] // h)
+    s = Shape.from_config(model_config(arch))
+    return s.heads, s.kv_heads, s.head_dim
 
 
-def cache_bytes(position: int, kv_heads: int, head_dim: int, elem: int = 2) -> int:
-    """Bytes of keys and values one query at ``position`` reads (keys 0 .. position)."""
-    return 2 * kv_heads * (position + 1) * head_dim * elem
+def cache_bytes(arch: str, position: int) -> int:
+    """Bytes of keys and values one layer's query at ``position`` reads (keys 0 .. position),
+    in the model's activation type."""
+    s = Shape.from_config(model_config(arch))
+    return s.kv_bytes_per_token // s.layers * (position + 1)
 
 
 def bench_one(arch: str, position: int, peak: float) -> dict:
     h, hkv, d = heads(arch)
     length = position + 256  # the cache's length (the engine's context) decides the splits
-    per_layer = 2 * hkv * length * d * 2
-    copies = max(2, min(-(-ROTATE_BYTES // cache_bytes(position, hkv, d)), 64))
+    nbytes, per_layer = cache_bytes(arch, position), cache_bytes(arch, length - 1)
+    copies = max(2, min(-(-ROTATE_BYTES // nbytes), 64))
     copies = max(1, min(copies, MAX_CACHE_BYTES // per_layer))
     gen = torch.Generator(device="cuda").manual_seed(position)
     caches = [
@@ -59,7 +61,6 @@ def bench_one(arch: str, position: int, peak: float) -> dict:
 
     k, v = caches[0]
     diff = (ours(k, v).float().view(-1) - sdpa(k, v).float().view(-1)).abs().max().item()
-    nbytes = cache_bytes(position, hkv, d)
     row = dict(arch=arch, position=position, heads=f"{h}/{hkv}x{d}", copies=copies, diff=diff,
                mb=nbytes / 1e6)  # fmt: skip
     for name, fn in (("ours", ours), ("sdpa", sdpa)):

@@ -50,4 +50,5 @@ def test_bench_attention_reads_each_models_heads_and_counts_keys_and_values():
     assert bench_attention.heads("qwen2.5-7b") == (28, 4, 128)
     assert bench_attention.heads("mistral-large") == (96, 8, 128)
     # a query at position 1023 reads keys and values 0 .. 1023 of 8 heads of 128 fp16 values
-    assert bench_attention.cache_bytes(1023, 8, 128) == 2 * 8 * 1024 * 128 * 2
+    assert bench_attention.cache_bytes("llama-3.1-70b", 1023) == 2 * 8 * 1024 * 128 * 2
+    assert bench_attention.cache_bytes("qwen2.5-7b", 0) == 2 * 4 * 128 * 2
