@@ -532,14 +532,30 @@ class ChatController(QObject):
         """Model > Unload model: the model's memory back to the GPU (or the CPU) without
         quitting; an answer being written is stopped first and keeps what it has. Messages
         sent meanwhile wait for the next load. The next start loads the model again. True
-        where the engine says the model is gone."""
+        where the engine says the model is gone.
+
+        An engine that does not answer within a minute (stuck in a step, a driver hang) is
+        stopped, killed where it must be, and started again without a model: its memory is
+        then back for certain, and the window does not show a model gone that still holds
+        the GPU."""
         self.stop()
         try:
             await self.client.unload()
-        except (EngineError, asyncio.TimeoutError):  # a TimeoutError says nothing of itself
+        except EngineError as e:  # the engine ended meanwhile (its restart has no model)
+            if e.kind not in PROCESS_ENDED:
+                self.error.emit(f"Could not unload the model: {e}")
+            return False
+        except asyncio.TimeoutError:
+            self.status.emit("The engine did not let the model go: restarting it…")
+            await self.client.shutdown()
+            try:
+                await self.client.start()
+            except EngineError:
+                return False  # the "failed" state tells the window why
             self.error.emit(
-                "The engine did not let the model go within a minute: quitting the app frees "
-                f"the GPU, and {RESTART_HINT} with the model"
+                "The engine did not let the model go within a minute, so it was stopped and "
+                "started again without a model: the model's memory is free. Model > Load demo "
+                "model, or Browse and download models, loads one."
             )
             return False
         return True

@@ -4,10 +4,11 @@ The last user message picks the behaviour: "crash" dies mid-answer, "slow" strea
 words slowly (so stop can be tested), "fail" answers with an error event, anything else is
 echoed back word by word; without a model loaded it refuses, as the real engine does. Loading a
 path containing "bad" fails and lets the loaded model go ("missing" fails and keeps it, "hang"
-never ends, "crash" kills the engine). Every request is logged to $FAKE_ENGINE_LOG (one JSON
-line each) so tests can check what the app sent, and its pid to $FAKE_ENGINE_PIDS. While the file
-$FAKE_ENGINE_HANG_START exists, the engine hangs before its hello. $FAKE_ENGINE_CUDA (JSON)
-is the CUDA devices its hello lists (none by default).
+never ends, "crash" kills the engine; with "stuck" loaded, the engine hangs when asked to unload
+it). Every request is logged to $FAKE_ENGINE_LOG (one JSON line each) so tests can check what
+the app sent, and its pid to $FAKE_ENGINE_PIDS. While the file $FAKE_ENGINE_HANG_START exists,
+the engine hangs before its hello. $FAKE_ENGINE_CUDA (JSON) is the CUDA devices its hello lists
+(none by default).
 """
 
 import json
@@ -165,6 +166,8 @@ def main():
                 vram_bytes=0,
             )
         elif msg.type == "unload":  # as engine/server.py: the model goes, stats answer
+            if model and "stuck" in model:  # an engine that never gets to it
+                time.sleep(600)
             model = None
             send("stats", msg.id, model=None, generating=None, pid=os.getpid(), rss_bytes=0,
                  vram_bytes=0)  # fmt: skip
