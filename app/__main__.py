@@ -145,6 +145,12 @@ class App:
         from .store import Store
         from .ui.main_window import MainWindow
 
+        if loop is not None and not isinstance(loop, QtAsyncLoop):
+            raise TypeError(
+                f"App runs on app.event_loop.QtAsyncLoop, not on {type(loop).__name__}: qasync's "
+                "own loop ends a task woken as run_until_complete stops, and the answer it "
+                "was reading then never finishes"
+            )
         self.data, self.log_dir = data, data / "logs"
         setup_logging(self.log_dir)
         self.qapp = QApplication.instance() or QApplication(sys.argv[:1])

@@ -70,3 +70,20 @@ def test_daemon_threads_run_calls_in_order_at_most_n_at_once_and_never_hold_the_
     # without a bound: a thread a call
     free = DaemonThreads()
     assert free.submit(lambda: threading.current_thread().daemon).result(5) is True
+
+
+def test_the_app_refuses_qasyncs_own_loop(qapp, tmp_path):
+    """A script that drove the app on qasync.QEventLoop in slices (as wait_until does) saw 2
+    answers in 4 stop for good: the chat's reader task died on its queue (the bug above)."""
+    import pytest
+    import qasync
+
+    from app.__main__ import App
+
+    loop = qasync.QEventLoop(qapp)
+    try:
+        with pytest.raises(TypeError, match=r"App runs on app\.event_loop\.QtAsyncLoop, not on"):
+            App(tmp_path, model="demo", loop=loop)
+    finally:
+        loop.close()
+    assert not (tmp_path / "history.sqlite3").exists()  # refused before it made anything
