@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from typing import Any
 
@@ -591,7 +592,12 @@ def _same_sampling(a: dict[str, Any], b: dict[str, Any]) -> bool:
     }
 
 
+FENCE_MARK = re.compile(r"```[\w+-]*")
+
+
 def _title_from(text: str) -> str:
-    words = text.split()
+    """A chat's title from its first message: its first words, without code fences' marks (a
+    message that opened with a code block was titled "```python def ...")."""
+    words = FENCE_MARK.sub(" ", text).split() or text.split()
     title = " ".join(words[:8])
     return title[:60] + ("…" if len(words) > 8 or len(title) > 60 else "")

@@ -35,8 +35,8 @@ def _code_html(lang: str, code: str, dark: bool) -> str:
     body = highlight(code, lexer, fmt)
     return (
         f'<table width="100%" cellpadding="8" style="background:{bg};"><tr><td>'
-        f'<pre style="margin:0;">{body}</pre></td></tr></table>'
-    )
+        f'<pre style="margin:0; white-space:pre-wrap;">{body}</pre></td></tr></table>'
+    )  # pre-wrap: a line wider than the message wraps (it was cut off at the message's edge)
 
 
 def _markdown(text: str) -> str:

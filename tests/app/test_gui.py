@@ -545,6 +545,22 @@ def test_markdown_code_block_and_copy(gui, qloop):
     qloop.run_until_complete(asyncio.sleep(1.7))
 
 
+def test_a_long_code_line_wraps_inside_the_message(gui, qloop):
+    """A code line wider than the message was cut off at its edge (no scroll bar in a
+    message): it wraps, and Copy code still gives the line as written."""
+    line = "total = " + " + ".join(f"value_{i}" for i in range(60))
+    send(gui, f"```python\n{line}\n```")
+    wait_until(qloop, lambda: answer_done(gui))
+    w = gui.window.chat.widgets[-1]
+    doc = w.body.document()
+    assert doc.textWidth() == w.body.viewport().width() < 1000
+    assert doc.size().width() <= doc.textWidth()  # 3000+ px before: the rest was hidden
+    assert doc.size().height() > 3 * w.body.fontMetrics().height()  # on several lines
+    w.copy_code.click()
+    assert QGuiApplication.clipboard().text() == line
+    assert gui.ctrl.conversations.rows[0].title.startswith("total = value_0 + value_1")
+
+
 def test_search_new_chat_and_export(gui, qloop):
     send(gui, "apples are red")
     wait_until(qloop, lambda: answer_done(gui))
@@ -1567,3 +1583,13 @@ def test_enter_sends_and_shift_enter_starts_a_new_line(gui, qloop):
     wait_until(qloop, lambda: answer_done(gui))
     QTest.keyClick(box, Qt.Key.Key_Return)  # an empty box sends nothing
     assert len(sent) == 2
+
+
+def test_titles_from_first_messages():
+    from app.controller import _title_from
+
+    assert _title_from("```python\ndef f(x):\n    return x\n```") == "def f(x): return x"
+    assert _title_from("Why does `x` fail?\n```\nboom\n```") == "Why does `x` fail? boom"
+    assert _title_from("```") == "```"  # nothing else to name it by
+    long = " ".join(f"w{i}" for i in range(12))
+    assert _title_from(long) == "w0 w1 w2 w3 w4 w5 w6 w7…"
