@@ -6,9 +6,11 @@ from __future__ import annotations
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
+    QFrame,
     QGridLayout,
     QLabel,
     QLineEdit,
+    QScrollArea,
     QSpinBox,
     QToolButton,
     QVBoxLayout,
@@ -18,6 +20,7 @@ from PySide6.QtWidgets import (
 from ..settings import clean_sampling
 
 TWO_COLUMNS = 560  # px of the chat pane from which the chat settings take two columns
+ROOM = 0.45  # the most of the chat pane's height the open settings take (then they scroll)
 
 
 class ChatSettings(QWidget):
@@ -28,7 +31,14 @@ class ChatSettings(QWidget):
         self.toggle = QToolButton(text="Chat settings ▸", checkable=True)
         self.toggle.setAccessibleName("Show chat settings")
         self.toggle.setAutoRaise(True)
-        self.body = QWidget(visible=False)
+        self.body = QWidget()
+        # In a short window the settings scroll within part of the pane: open, they had made
+        # the window taller than the screen's room for it, and hidden the conversation.
+        self.area = QScrollArea(visible=False, widgetResizable=True)
+        self.area.setFrameShape(QFrame.Shape.NoFrame)
+        self.area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.area.setWidget(self.body)
+        self.room = 1 << 20  # px the open settings may take (set_room)
         self.toggle.toggled.connect(self._show)
         self.grid = QGridLayout(self.body)
         self.grid.setContentsMargins(4, 2, 4, 2)
@@ -58,7 +68,7 @@ class ChatSettings(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.addWidget(self.toggle, 0, Qt.AlignmentFlag.AlignLeft)
-        lay.addWidget(self.body)
+        lay.addWidget(self.area)
 
     def _arrange(self, columns: int) -> None:
         """The settings in one column, or in two where the pane is wide enough: half as tall,
@@ -73,13 +83,22 @@ class ChatSettings(QWidget):
             self.grid.addWidget(box, row, col + 1)
         for col in range(4):
             self.grid.setColumnStretch(col, 1 if col % 2 and col < 2 * columns else 0)
+        self._fit_area()
+
+    def set_room(self, pane_height: int) -> None:
+        """The chat pane is ``pane_height`` px tall: the open settings take at most ROOM of it."""
+        self.room = max(60, int(pane_height * ROOM))
+        self._fit_area()
+
+    def _fit_area(self) -> None:
+        self.area.setFixedHeight(min(self.body.sizeHint().height(), self.room))
 
     def resizeEvent(self, event) -> None:
         super().resizeEvent(event)
         self._arrange(2 if self.width() >= TWO_COLUMNS else 1)
 
     def _show(self, on: bool) -> None:
-        self.body.setVisible(on)
+        self.area.setVisible(on)
         self.toggle.setText("Chat settings ▾" if on else "Chat settings ▸")
 
     def load(self, system: str, sampling: dict) -> None:

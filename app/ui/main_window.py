@@ -167,6 +167,7 @@ class MainWindow(QMainWindow):
     def resizeEvent(self, event) -> None:  # Qt calls it on every resize
         super().resizeEvent(event)
         self._fit_panes()
+        self.chat_settings.set_room(self.centralWidget().height())
 
     def _fit_panes(self) -> None:
         """The chat list and the live panel take a share of the width, between a floor and their

@@ -1464,6 +1464,29 @@ def test_the_chat_settings_take_two_columns_where_the_pane_is_wide(gui, qloop):
     assert all(b.isVisibleTo(gui.window) and b.width() > 40 for b in f.values())
     settle(1200, 800)
     assert f["top_p"].y() == f["temperature"].y()
+    bar = panel.area.verticalScrollBar()
+    assert bar.maximum() == 0  # all in view
+
+
+def test_open_chat_settings_in_a_short_window_scroll_and_leave_the_chat_room(gui, qloop):
+    """Open in a 780 x 420 window, the one-column settings made the window taller than asked
+    (433 px) and left the conversation 60 px: now they take at most 45% of the pane, scroll,
+    and the conversation keeps the rest."""
+    panel = gui.window.chat_settings
+    panel.toggle.click()
+    gui.window.resize(780, 420)
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    assert gui.window.height() == 420
+    central = gui.window.centralWidget().height()
+    assert panel.area.height() <= 0.45 * central + 1
+    assert gui.window.chat.height() >= 0.3 * central
+    bar = panel.area.verticalScrollBar()
+    assert bar.maximum() > 0  # the rest is a scroll away
+    panel.area.ensureWidgetVisible(panel.fields["seed"])
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    seed = panel.fields["seed"]
+    top = seed.mapTo(panel.area.viewport(), seed.rect().topLeft()).y()
+    assert top >= 0 and top + seed.height() <= panel.area.viewport().height()
 
 
 def test_continue_writes_more_of_a_cut_or_stopped_answer(tmp_path, qloop, monkeypatch):
