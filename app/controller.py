@@ -65,6 +65,11 @@ class ChatController(QObject):
         self.waiting: list[int] = []  # chats whose last message waits for an answer, in turn
         self.continuing: set[int] = set()  # of those, the ones waiting to continue their answer
         self.task: asyncio.Task | None = None
+        # clear while an unload is under way: a load waits for it (a stuck engine's unload ends
+        # in its restart, which a load sent meanwhile did not survive)
+        self.not_unloading = asyncio.Event()
+        self.not_unloading.set()
+        self.loads_waiting = 0  # loads waiting for an unload
         self.repaint = QTimer(self, interval=REPAINT_MS)
         self.repaint.timeout.connect(self._flush)
         self.conversations.set_rows(store.conversations())
@@ -484,7 +489,12 @@ class ChatController(QObject):
         before it loads another; where the new one fails (not found, damaged, too large for the
         memory), the one loaded before is loaded again, so a failed try does not leave the chat
         without a model; one the engine refuses before letting its model go (no model there)
-        leaves that model loaded."""
+        leaves that model loaded. A load asked for during an unload starts after it."""
+        self.loads_waiting += 1
+        try:
+            await self.not_unloading.wait()
+        finally:
+            self.loads_waiting -= 1
         if self.client.state in ("stopped", "failed"):  # a load starts a dead engine again
             try:
                 await self.client.start()
@@ -540,6 +550,13 @@ class ChatController(QObject):
         then back for certain, and the window does not show a model gone that still holds
         the GPU."""
         self.stop()
+        self.not_unloading.clear()
+        try:
+            return await self._unload()
+        finally:
+            self.not_unloading.set()
+
+    async def _unload(self) -> bool:
         try:
             await self.client.unload()
         except EngineError as e:  # the engine ended meanwhile (its restart has no model)
@@ -553,10 +570,14 @@ class ChatController(QObject):
                 await self.client.start()
             except EngineError:
                 return False  # the "failed" state tells the window why
+            then = (
+                "the model asked for meanwhile loads now"
+                if self.loads_waiting
+                else "Model > Load demo model, or Browse and download models, loads one"
+            )
             self.error.emit(
                 "The engine did not let the model go within a minute, so it was stopped and "
-                "started again without a model: the model's memory is free. Model > Load demo "
-                "model, or Browse and download models, loads one."
+                f"started again without a model: the model's memory is free; {then}."
             )
             return False
         return True

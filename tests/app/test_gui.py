@@ -259,7 +259,8 @@ def test_a_stuck_unload_restarts_the_engine_without_the_model(gui, qloop, monkey
     wait_until(qloop, lambda: gui.window.banner.isVisibleTo(gui.window), what="the banner")
     assert gui.window.banner.text().startswith(
         "⚠ The engine did not let the model go within a minute, so it was stopped and started "
-        "again without a model: the model's memory is free."
+        "again without a model: the model's memory is free; Model > Load demo model, or Browse "
+        "and download models, loads one."
     )
     assert gui.client.state == "ready" and gui.client.pid != stuck_pid
     with pytest.raises(ProcessLookupError):  # killed, not left holding the GPU
@@ -268,6 +269,33 @@ def test_a_stuck_unload_restarts_the_engine_without_the_model(gui, qloop, monkey
     send(gui, "are you there")
     qloop.run_until_complete(asyncio.sleep(0.3))
     assert gui.window.chat.queue_note.text() == LOAD_HINT  # waits for a load, no error
+
+
+def test_a_load_asked_for_during_a_stuck_unload_loads_after_the_restart(gui, qloop, monkeypatch):
+    """Sent during the unload's minute, the load went to the stuck engine and ended with it,
+    without a word: it now waits for the unload and loads on the engine started after it."""
+    import functools
+
+    qloop.run_until_complete(gui.ctrl.load_model("stuck-model"))
+    stuck_pid = gui.client.pid
+    monkeypatch.setattr(gui.client, "unload", functools.partial(gui.client.unload, timeout=0.5))
+    monkeypatch.setattr(gui.client, "shutdown", functools.partial(gui.client.shutdown, timeout=1))
+    menu_action(gui.window, "&Unload model").trigger()
+    qloop.run_until_complete(asyncio.sleep(0.1))  # the engine is stuck on the unload now
+    menu_action(gui.window, "Load &demo model").trigger()
+    wait_until(
+        qloop,
+        lambda: gui.client.state == "loaded" and gui.client.pid != stuck_pid,
+        what="the load on the restarted engine",
+    )
+    assert gui.client.loaded["model"] == "demo"
+    assert gui.window.banner.text().startswith(
+        "⚠ The engine did not let the model go within a minute, so it was stopped and started "
+        "again without a model: the model's memory is free; the model asked for meanwhile "
+        "loads now."
+    )
+    send(gui, "are you there")
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].content == "You said: are you there")
 
 
 def test_engine_that_crashes_too_often_comes_back_from_the_menu(gui, qloop):
