@@ -490,6 +490,8 @@ class ChatController(QObject):
         memory), the one loaded before is loaded again, so a failed try does not leave the chat
         without a model; one the engine refuses before letting its model go (no model there)
         leaves that model loaded. A load asked for during an unload starts after it."""
+        if not self.not_unloading.is_set():
+            self.status.emit(f"{model_label(path)} loads once the engine has let the model go…")
         self.loads_waiting += 1
         try:
             await self.not_unloading.wait()

@@ -283,6 +283,10 @@ def test_a_load_asked_for_during_a_stuck_unload_loads_after_the_restart(gui, qlo
     menu_action(gui.window, "&Unload model").trigger()
     qloop.run_until_complete(asyncio.sleep(0.1))  # the engine is stuck on the unload now
     menu_action(gui.window, "Load &demo model").trigger()
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    assert gui.window.statusBar().currentMessage() == (
+        "demo loads once the engine has let the model go…"
+    )
     wait_until(
         qloop,
         lambda: gui.client.state == "loaded" and gui.client.pid != stuck_pid,
