@@ -33,10 +33,9 @@ REPAINT_MS = 100
 SAVE_S = 0.5
 # What brings a dead engine back (said wherever the user meets one).
 RESTART_HINT = "Model > Restart engine starts it again"
-LOAD_HINT = (
-    "This chat waits for a model, and is answered once one is loaded: Model > Load demo "
-    "model, or Browse and download models."
-)
+# How a model gets loaded (said wherever the user meets none).
+LOAD_WAYS = "Model > Load demo model, or Browse and download models"
+LOAD_HINT = f"This chat waits for a model, and is answered once one is loaded: {LOAD_WAYS}."
 
 
 class ChatController(QObject):
@@ -575,7 +574,7 @@ class ChatController(QObject):
             then = (
                 "the model asked for meanwhile loads now"
                 if self.loads_waiting
-                else "Model > Load demo model, or Browse and download models, loads one"
+                else f"{LOAD_WAYS}, loads one"
             )
             self.error.emit(
                 "The engine did not let the model go within a minute, so it was stopped and "
