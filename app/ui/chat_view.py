@@ -212,6 +212,8 @@ class ChatView(QWidget):
         self.pinned = True
         self.scroll.verticalScrollBar().rangeChanged.connect(self._follow)
         self.scroll.verticalScrollBar().actionTriggered.connect(self._user_scrolled)
+        for asked in (self.regenerate_requested, self.continue_requested, self.edit_requested):
+            asked.connect(self.show_end)  # before the controller's slots: the answer is followed
         self.empty = QLabel("Start a conversation: type below and press Enter.")
         self.empty.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.empty.setWordWrap(True)  # a narrow window wraps the hint instead of cutting it
@@ -360,9 +362,12 @@ class ChatView(QWidget):
             self.draft_changed.emit(self.input.toPlainText())
 
     def sent(self) -> None:
-        """The controller took the message: clear the composer, and show the chat's end (the
-        message and its answer)."""
+        """The controller took the message: clear the composer, and follow its answer."""
         self.input.clear()
+        self.show_end()
+
+    def show_end(self, *_) -> None:
+        """Show the chat's end and keep to it (an answer asked for is written there)."""
         self.pinned = True
         bar = self.scroll.verticalScrollBar()
         bar.setValue(bar.maximum())

@@ -669,6 +669,12 @@ def test_a_chat_opens_at_its_end_and_follows_the_answer_until_scrolled_away(gui,
     assert bar.value() == bar.maximum()
     gui.ctrl.stop()
     wait_until(qloop, lambda: not gui.ctrl.busy, what="the stop")
+    bar.triggerAction(QAbstractSlider.SliderAction.SliderToMinimum)  # up; then Regenerate
+    gui.window.chat.widgets[-1].regen.click()
+    wait_until(qloop, lambda: gui.ctrl.busy and words() >= 60, what="the new answer")
+    assert bar.value() == bar.maximum() > 0  # the answer asked for is followed
+    gui.ctrl.stop()
+    wait_until(qloop, lambda: not gui.ctrl.busy, what="the stop")
 
 
 def test_search_new_chat_and_export(gui, qloop):
