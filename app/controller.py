@@ -24,7 +24,7 @@ from PySide6.QtCore import QObject, QTimer, Signal
 from .engine_client import PROCESS_ENDED, EngineClient, EngineError
 from .gpu import device_index
 from .hub import model_label
-from .settings import Settings
+from .settings import Settings, valid_sampling
 from .store import UNTITLED, Message, Store
 from .ui.models import ConversationListModel, MessageListModel
 
@@ -104,7 +104,7 @@ class ChatController(QObject):
             conv.title == UNTITLED
             and not conv.draft.strip()
             and conv.system_prompt == self.settings.system_prompt
-            and _same_sampling(conv.sampling, self.settings.sampling)
+            and _same_sampling(conv.sampling, self.chat_defaults())
             and not self.store.messages(cid)
         )
         if unused:
@@ -182,12 +182,22 @@ class ChatController(QObject):
         self.context_changed.emit(0, 0, 0)
 
     def new_conversation(self) -> int:
-        system, sampling = self.next_chat or (self.settings.system_prompt, self.settings.sampling)
+        system, sampling = self.next_chat or (self.settings.system_prompt, self.chat_defaults())
         self.next_chat = None
         c = self.store.create_conversation(system_prompt=system, sampling=dict(sampling))
         self.conversations.put_first(c)
         self.open(c.id)
         return c.id
+
+    def recommended(self) -> dict[str, Any]:
+        """The sampling the loaded model recommends (its generation_config.json, as the engine
+        read it), of the settings the chat settings show."""
+        return valid_sampling(self.client.loaded.get("sampling"))
+
+    def chat_defaults(self) -> dict[str, Any]:
+        """What a new chat's sampling starts from: the app's defaults, with what the loaded
+        model recommends over them (Qwen2.5's top-k 20, top-p 0.8, ...)."""
+        return {**self.settings.sampling, **self.recommended()}
 
     def rename(self, cid: int, title: str) -> None:
         self.store.update_conversation(cid, title=title)
@@ -366,7 +376,7 @@ class ChatController(QObject):
             answer = self.store.add_message(conv.id, "assistant", "", status="streaming")
             row = self.messages.append(answer) if conv.id == self.current else -1
         id_, queue = self.client.generate(
-            history, sampling=conv.sampling or self.settings.sampling, continue_final=more
+            history, sampling=conv.sampling or self.chat_defaults(), continue_final=more
         )
         self.active = {
             "id": id_,

@@ -79,22 +79,36 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=tokens, default=4096, help="context length (tokens)")
 
 
+# The sampling options: name, type, what it does, and its default where the model recommends
+# nothing (its generation_config.json sets none: engine/sampling.py recommended_sampling).
+SAMPLING_OPTIONS = [
+    ("temperature", float, "0 means greedy", 0.7),
+    (
+        "top_p",
+        float,
+        "sample from the most likely tokens that hold this much probability (1: all)",
+        1.0,
+    ),
+    ("top_k", int, "sample from the k most likely (0: off)", 0),
+    ("min_p", float, "drop tokens less likely than this times the most likely one (0: off)", 0.0),
+    (
+        "repetition_penalty",
+        float,
+        "above 1, tokens already in the conversation get less likely (1: off)",
+        1.0,
+    ),
+]
+SAMPLING_DEFAULTS = {name: default for name, _, _, default in SAMPLING_OPTIONS}
+
+
 def _sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="the longest answer")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
-    p.add_argument(
-        "--top-p", type=float, default=1.0,
-        help="sample from the most likely tokens that hold this much probability (1: all)",
-    )  # fmt: skip
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0: off)")
-    p.add_argument(
-        "--min-p", type=float, default=0.0,
-        help="drop tokens less likely than this times the most likely one (0: off)",
-    )  # fmt: skip
-    p.add_argument(
-        "--repetition-penalty", type=float, default=1.0,
-        help="above 1, tokens already in the conversation get less likely (1: off)",
-    )  # fmt: skip
+    for name, kind, what, default in SAMPLING_OPTIONS:
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            help=f"{what} (default: the model's generation_config.json, else {default})",
+        )
     p.add_argument("--seed", type=int, help="the same seed gives the same answer")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
@@ -214,18 +228,14 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _params(a: argparse.Namespace):
+def _params(a: argparse.Namespace, recommended: dict | None = None):
+    """The options given, else what the model recommends, else SAMPLING_DEFAULTS."""
     from .sampling import SamplingParams
 
+    chosen = {**SAMPLING_DEFAULTS, **(recommended or {})}
+    given = {k: getattr(a, k) for k in SAMPLING_DEFAULTS if getattr(a, k) is not None}
     p = SamplingParams(
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        min_p=a.min_p,
-        repetition_penalty=a.repetition_penalty,
-        max_new_tokens=a.max_new_tokens,
-        seed=a.seed,
-        stop=a.stop,
+        **(chosen | given), max_new_tokens=a.max_new_tokens, seed=a.seed, stop=a.stop
     )
     p.validate()
     return p
@@ -305,10 +315,20 @@ def _prompt(a: argparse.Namespace) -> str:
     return text
 
 
+def _model_params(a: argparse.Namespace, s):
+    """The sampling with the loaded model's recommendations; says which it took."""
+    taken = {k: v for k, v in s.recommended.items() if getattr(a, k) is None}
+    if taken:
+        said = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in taken.items())
+        print(f"sampling: {said} (the model's generation_config.json)", file=sys.stderr)
+    return _params(a, s.recommended)
+
+
 def cmd_generate(a: argparse.Namespace) -> None:
-    params = _params(a)
+    _params(a)  # a bad option is said before the model loads
     prompt = _prompt(a)
     s = _session(a)
+    params = _model_params(a, s)
     if a.chat:
         ids, _ = s.prompt_ids(
             messages=[{"role": "user", "content": prompt}], max_new_tokens=params.max_new_tokens
@@ -329,8 +349,9 @@ QUIT = {"exit", "quit", "/exit", "/quit", "/bye"}
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
-    params = _params(a)
+    _params(a)  # a bad option is said before the model loads
     s = _session(a)
+    params = _model_params(a, s)
     system, history = a.system or "", []
     print("Type a message; /help lists the commands, Ctrl-D quits.", file=sys.stderr)
     while True:

@@ -18,7 +18,7 @@ import torch
 from . import ops
 from .loader import LoadedModel, Progress, check_device, load_model
 from .memory import PREFILL_CHUNK
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, recommended_sampling, sample
 from .tokenizer import ContextError, Detokenizer, StopMatcher, Tokenizer
 
 # Tokens of the warm-up prompt: more than the decode GEMVs take (engine/ops/cuda.py
@@ -49,6 +49,7 @@ class Session:
         self.cached: list[int] = []  # tokens whose keys/values sit in the KV cache
         self.kernels, self.kernels_reason = kernels
         self.decoder = None  # engine.decode.GraphDecoder, made on the first GPU generation
+        self.recommended = recommended_sampling(loaded.folder)  # the model's generation_config
 
     @classmethod
     def load(

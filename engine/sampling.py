@@ -6,13 +6,18 @@ Everything stays on the logits' device with no host synchronisation: the draw is
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .protocol import sampling_type_error
+
+log = logging.getLogger("engine.sampling")
 
 
 @dataclass
@@ -62,6 +67,37 @@ class SamplingParams:
     def make_generator(self, device: torch.device) -> torch.Generator:
         seed = self.seed if self.seed is not None else int.from_bytes(os.urandom(6), "little")
         return torch.Generator(device=device).manual_seed(seed)
+
+
+# The settings a model's generation_config.json may recommend (Hugging Face's names, ours too)
+RECOMMENDABLE = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def recommended_sampling(folder: str | Path) -> dict[str, Any]:
+    """The sampling settings a model's authors recommend, from its generation_config.json (the
+    RECOMMENDABLE ones it sets; Qwen2.5's: temperature 0.7, top-p 0.8, top-k 20, repetition
+    penalty 1.05): what the app's new chats and the command line start from. Nothing where the
+    file says ``do_sample: false`` (greedy: a base model's default, which loops in a chat) or
+    where there is none; a value the engine would refuse is left out, with a warning."""
+    path = Path(folder) / "generation_config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        log.warning("%s: unreadable (%s); no recommended sampling", path, e)
+        return {}
+    if not isinstance(raw, dict) or raw.get("do_sample") is False:
+        return {}
+    kept = {}
+    for key in (k for k in RECOMMENDABLE if k in raw):
+        try:
+            SamplingParams(**{key: raw[key]}).validate()
+        except ValueError as e:
+            log.warning("%s: %s; not used", path, e)
+            continue
+        kept[key] = raw[key]
+    return kept
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -183,6 +183,7 @@ class Server:
             chat_template=s.tok.has_chat_template,
             dtype=str(s.loaded.model.model.norm.weight.dtype).removeprefix("torch."),
             note=s.loaded.note,
+            sampling=s.recommended,
         )
 
     def unload(self) -> None:

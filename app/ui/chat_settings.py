@@ -3,11 +3,12 @@ chat (with no chat open, of the next new one), folded away until asked for."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QDoubleSpinBox,
     QFrame,
     QGridLayout,
+    QHBoxLayout,
     QLabel,
     QLineEdit,
     QScrollArea,
@@ -19,12 +20,22 @@ from PySide6.QtWidgets import (
 
 from ..settings import clean_sampling
 
+NAMES = {  # a sampling setting in words
+    "temperature": "temperature",
+    "top_p": "top-p",
+    "top_k": "top-k",
+    "min_p": "min-p",
+    "repetition_penalty": "repetition penalty",
+}
 TWO_COLUMNS = 560  # px of the chat pane from which the chat settings take two columns
 ROOM = 0.45  # the most of the chat pane's height the open settings take (then they scroll)
 
 
 class ChatSettings(QWidget):
     """Per-chat system prompt and sampling, folded away until asked for."""
+
+    changed = Signal()  # the user changed a setting (not load())
+    reset_requested = Signal()  # "Defaults": the app's, with the model's recommended over them
 
     def __init__(self) -> None:
         super().__init__()
@@ -63,11 +74,32 @@ class ChatSettings(QWidget):
             box.setMaximumWidth(140)  # a number, not a line of text
             self.fields[key] = box
             self.rows.append((QLabel(label, buddy=box), box))
+        self.loading = False  # load() is setting the fields: no change of the user's
+        for box in self.fields.values():
+            box.valueChanged.connect(self._changed)
+        self.system.editingFinished.connect(self._changed)
+        self.recommended = QLabel(wordWrap=True, objectName="emptyHint")
+        self.recommended.setAccessibleName("The model's recommended settings")
+        self.defaults = QToolButton(text="Defaults")
+        self.defaults.setToolTip(
+            "Set the sampling to the app's defaults, with the loaded model's recommended "
+            "settings over them (what a new chat starts with)"
+        )
+        self.defaults.setAccessibleName("Reset the sampling to the defaults")
+        self.defaults.clicked.connect(self.reset_requested.emit)
         self.columns = 0
         self._arrange(1)
+        # beside the toggle, shown with the settings: no row of their own below them, which made
+        # the settings scroll in a 900 x 560 window
+        head = QHBoxLayout()
+        head.addWidget(self.toggle, 0, Qt.AlignmentFlag.AlignTop)
+        head.addWidget(self.recommended, 1)
+        head.addWidget(self.defaults, 0, Qt.AlignmentFlag.AlignTop)
+        self.recommended.setVisible(False)
+        self.defaults.setVisible(False)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(self.toggle, 0, Qt.AlignmentFlag.AlignLeft)
+        lay.addLayout(head)
         lay.addWidget(self.area)
 
     def _arrange(self, columns: int) -> None:
@@ -98,24 +130,40 @@ class ChatSettings(QWidget):
         self._arrange(2 if self.width() >= TWO_COLUMNS else 1)
 
     def _show(self, on: bool) -> None:
-        self.area.setVisible(on)
+        for w in (self.area, self.recommended, self.defaults):
+            w.setVisible(on)
         self.toggle.setText("Chat settings ▾" if on else "Chat settings ▸")
 
     def load(self, system: str, sampling: dict) -> None:
-        self.system.setText(system)
-        values = clean_sampling(sampling)  # a damaged file's values: the defaults
-        for key, box in self.fields.items():
-            value = values.get(key)
-            value = -1 if value is None else value  # seed None: random
-            box.setValue(min(max(value, box.minimum()), box.maximum()))  # Qt's int: 32 bits
+        """Show a chat's settings (``changed`` is not emitted: nothing was changed)."""
+        self.loading = True
+        try:
+            self.system.setText(system)
+            values = clean_sampling(sampling)  # a damaged file's values: the defaults
+            for key, box in self.fields.items():
+                value = values.get(key)
+                value = -1 if value is None else value  # seed None: random
+                box.setValue(min(max(value, box.minimum()), box.maximum()))  # Qt's int: 32 bits
+        finally:
+            self.loading = False
+
+    def _changed(self, *_) -> None:
+        if not self.loading:
+            self.changed.emit()
+
+    def set_recommended(self, recommended: dict | None) -> None:
+        """What the loaded model recommends, in words, beside Defaults (None: no model)."""
+        said = ", ".join(f"{NAMES[k]} {v:g}" for k, v in (recommended or {}).items() if k in NAMES)
+        if recommended is None:
+            said = ""
+        elif said:
+            said = f"The model recommends {said}."
+        else:
+            said = "The model recommends no settings."
+        self.recommended.setText(said)
 
     def values(self) -> tuple[str, dict]:
         sampling = {k: b.value() for k, b in self.fields.items()}
         if sampling["seed"] < 0:
             sampling["seed"] = None
         return self.system.text(), sampling
-
-    def on_change(self, slot) -> None:
-        self.system.editingFinished.connect(slot)
-        for box in self.fields.values():
-            box.valueChanged.connect(slot)

@@ -188,8 +188,15 @@ class MainWindow(QMainWindow):
 
     def _show_next_chat_settings(self) -> None:
         """With no chat open the panel holds what the next new chat starts with (the app's
-        defaults until edited), not the fields' minimums."""
-        self.chat_settings.load(self.settings.system_prompt, self.settings.sampling)
+        defaults with the model's recommended settings over them, until edited), not the
+        fields' minimums."""
+        self.chat_settings.load(self.settings.system_prompt, self.ctrl.chat_defaults())
+
+    def _default_sampling(self) -> None:
+        """Chat settings > Defaults: this chat's sampling (or the next chat's) as a new chat's."""
+        system, _ = self.chat_settings.values()
+        self.chat_settings.load(system, self.ctrl.chat_defaults())
+        self.ctrl.update_settings(*self.chat_settings.values())
 
     def _menus(self) -> None:
         def act(menu, text, slot, shortcut=None):
@@ -243,7 +250,8 @@ class MainWindow(QMainWindow):
         self.chat.continue_requested.connect(c.continue_answer)
         self.chat.edit_requested.connect(c.edit_and_resend)
         self.chat.draft_changed.connect(c.save_draft)
-        self.chat_settings.on_change(lambda *_: c.update_settings(*self.chat_settings.values()))
+        self.chat_settings.changed.connect(lambda: c.update_settings(*self.chat_settings.values()))
+        self.chat_settings.reset_requested.connect(self._default_sampling)
         self.list.clicked.connect(lambda idx: c.open(idx.data(IdRole)))
         self.list.picked.connect(lambda idx: c.open(idx.data(IdRole)))
         self.list.delete_requested.connect(self._delete)
@@ -290,6 +298,11 @@ class MainWindow(QMainWindow):
 
     def on_engine_state(self, state: str, info: dict) -> None:
         self.panel.set_engine(state, info)
+        loaded = state == "loaded"
+        self.chat_settings.set_recommended(self.ctrl.recommended() if loaded else None)
+        # a model came or went: the next chat starts from what it recommends
+        if state in ("loaded", "ready") and self.ctrl.current is None and not self.ctrl.next_chat:
+            self._show_next_chat_settings()
         self.unload_action.setEnabled(state == "loaded")
         if state == "crashed":
             self.show_error(f"{info.get('message')}. Restarting it; your conversation is kept.")

@@ -27,6 +27,18 @@ cv = threading.Condition()
 model = None  # the path of the model loaded now
 
 
+def recommended(path) -> dict:
+    """The sampling of the model folder's generation_config.json, as the real engine reads it
+    (engine/sampling.py; without its checks, and without importing torch)."""
+    try:
+        with open(os.path.join(path, "generation_config.json")) as f:
+            raw = json.load(f)
+    except (OSError, TypeError, ValueError):
+        return {}
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {k: v for k, v in raw.items() if k in keys}
+
+
 def send(type_, id_=None, **payload):
     out.write(encode(type_, id_, **payload))
     out.flush()
@@ -164,6 +176,7 @@ def main():
                 host_weight_bytes=3 << 20,
                 max_context=30720,
                 vram_bytes=0,
+                sampling=recommended(msg.get("path")),
             )
         elif msg.type == "unload":  # as engine/server.py: the model goes, stats answer
             if model and "stuck" in model:  # an engine that never gets to it

@@ -677,6 +677,49 @@ def test_a_chat_opens_at_its_end_and_follows_the_answer_until_scrolled_away(gui,
     wait_until(qloop, lambda: not gui.ctrl.busy, what="the stop")
 
 
+def test_new_chats_start_from_what_the_loaded_model_recommends(tmp_path, qloop, monkeypatch):
+    """A model's generation_config.json recommends its sampling (Qwen2.5: top-k 20, top-p 0.8,
+    ...): new chats start from it, over the app's defaults; a chat keeps its own; Defaults sets
+    the open chat's to them; the chat settings say what the model recommends."""
+    log = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(log))
+    app = make_app(tmp_path, qloop, monkeypatch)
+    try:
+        panel, ctrl = app.window.chat_settings, app.ctrl
+        wait_until(qloop, lambda: app.client.state == "loaded", what="the demo")
+        assert panel.recommended.text() == "The model recommends no settings."
+        assert panel.values()[1]["top_k"] == 0 and panel.values()[1]["temperature"] == 0.7
+        send(app, "first chat")
+        wait_until(qloop, lambda: answer_done(app))
+        first = ctrl.current
+        qwen = tmp_path / "qwen"
+        qwen.mkdir()
+        recommended = {"temperature": 0.6, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+        (qwen / "generation_config.json").write_text(json.dumps({"do_sample": True, **recommended}))
+        qloop.run_until_complete(ctrl.load_model(str(qwen)))
+        assert panel.recommended.text() == (
+            "The model recommends temperature 0.6, top-p 0.8, top-k 20, repetition penalty 1.05."
+        )
+        assert app.store.conversation(first).sampling["top_k"] == 0  # the chat keeps its own
+        assert panel.values()[1]["top_k"] == 0
+        ctrl.new_conversation()
+        assert panel.values()[1] == {**app.settings.sampling, **recommended, "seed": None}
+        send(app, "second chat")
+        wait_until(qloop, lambda: answer_done(app))
+        sent = [json.loads(line) for line in log.read_text().splitlines()]
+        asked = [r["sampling"] for r in sent if r["type"] == "generate"]
+        assert asked[0]["top_k"] == 0 and asked[-1] == {**app.settings.sampling, **recommended}
+        ctrl.open(first)
+        panel.defaults.click()  # the first chat's sampling as a new chat's
+        assert app.store.conversation(first).sampling == {**panel.values()[1]}
+        assert panel.values()[1]["top_k"] == 20 and panel.values()[1]["temperature"] == 0.6
+        qloop.run_until_complete(ctrl.unload_model())
+        assert panel.recommended.text() == ""  # no model: nothing recommended
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+
 def test_search_new_chat_and_export(gui, qloop):
     send(gui, "apples are red")
     wait_until(qloop, lambda: answer_done(gui))

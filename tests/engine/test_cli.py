@@ -54,6 +54,34 @@ def test_generate_chat_answers_paris(demo_path):
 
 
 @pytest.mark.e2e
+def test_generate_starts_from_the_models_recommended_sampling(demo_path, tmp_path):
+    """What the model's generation_config.json recommends is used where no option is given
+    (and said on stderr); an option given wins."""
+    m = tmp_path / "m"
+    m.mkdir()
+    for f in demo_path.iterdir():
+        if f.name != "generation_config.json":
+            (m / f.name).symlink_to(f)
+    (m / "generation_config.json").write_text(
+        json.dumps(
+            {"eos_token_id": 2, "do_sample": True, "temperature": 0, "repetition_penalty": 1.3}
+        )
+    )
+    prompt = ["Write a long story about a lighthouse keeper.", "--chat", "--max-new-tokens", "40"]
+    recommended = run("generate", "--model", m, *prompt)
+    assert recommended.returncode == 0, recommended.stderr
+    said = "sampling: temperature 0, repetition penalty 1.3 (the model's generation_config.json)"
+    assert said in recommended.stderr
+    given = run("generate", "--model", m, *prompt, "--temperature", "0",
+                "--repetition-penalty", "1.3")  # fmt: skip
+    assert given.stdout == recommended.stdout  # greedy with the same penalty
+    assert "sampling:" not in given.stderr  # nothing taken from the model
+    unpenalized = run("generate", "--model", m, *prompt, "--repetition-penalty", "1")
+    assert "sampling: temperature 0 (the model's" in unpenalized.stderr
+    assert unpenalized.stdout != recommended.stdout
+
+
+@pytest.mark.e2e
 def test_perplexity_prints_it_last(demo_path):
     r = run(
         "perplexity",
@@ -175,6 +203,8 @@ def test_terminal_chat_keeps_the_conversation(demo_path):
             "demo",
             "--temperature",
             "0",
+            "--repetition-penalty",  # not the demo's 1.1: greedy, it answers "Germany!"
+            "1",
             "--max-new-tokens",
             "30",
             "--system",

@@ -1,9 +1,18 @@
 """Sampling filters against hand-computed distributions, and seeded reproducibility."""
 
+import json
+
 import pytest
 import torch
 
-from engine.sampling import SamplingParams, argmax, filter_probs, penalize, sample
+from engine.sampling import (
+    SamplingParams,
+    argmax,
+    filter_probs,
+    penalize,
+    recommended_sampling,
+    sample,
+)
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]]))
 
@@ -131,3 +140,32 @@ def test_the_protocol_names_every_sampling_field_the_engine_takes():
 def test_unknown_field_refused():
     with pytest.raises(ValueError, match="unknown sampling field"):
         SamplingParams.from_dict({"temprature": 1})
+
+
+def test_a_models_recommended_sampling_is_read_from_its_generation_config(tmp_path, caplog):
+    path = tmp_path / "generation_config.json"
+    assert recommended_sampling(tmp_path) == {}  # no file: nothing recommended
+    qwen = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+            "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+            "max_length": 32768}  # fmt: skip
+    path.write_text(json.dumps(qwen))
+    assert recommended_sampling(tmp_path) == {
+        "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20
+    }  # fmt: skip
+    path.write_text(json.dumps({"temperature": 0.6, "top_p": 0.9}))  # do_sample unsaid
+    assert recommended_sampling(tmp_path) == {"temperature": 0.6, "top_p": 0.9}
+    path.write_text(json.dumps({"do_sample": False, "temperature": 0.6}))  # greedy: not for a chat
+    assert recommended_sampling(tmp_path) == {}
+    path.write_text(json.dumps({"temperature": "hot", "top_p": 1.5, "top_k": 2.5, "min_p": 0.1}))
+    with caplog.at_level("WARNING"):
+        assert recommended_sampling(tmp_path) == {"min_p": 0.1}  # what the engine takes
+    said = caplog.text
+    assert "'temperature' = 'hot'" in said and "'top_p' = 1.5" in said and "'top_k' = 2.5" in said
+    assert str(path) in said
+    caplog.clear()
+    path.write_text("{not json")
+    with caplog.at_level("WARNING"):
+        assert recommended_sampling(tmp_path) == {}
+    assert str(path) in caplog.text and "unreadable" in caplog.text
+    path.write_text("[1, 2]")
+    assert recommended_sampling(tmp_path) == {}

@@ -27,6 +27,8 @@ def engine(demo_path):
     assert loaded.get("n_ctx") == 2048 and loaded.get("kernels") == "reference"
     assert "CPU" in loaded.get("kernels_reason")  # the reason is said, not implied
     assert loaded.get("dtype") == "float32" and loaded.get("note") == ""
+    # what the demo's generation_config.json recommends (engine/models.py DEMO_SAMPLING)
+    assert loaded.get("sampling") == {"repetition_penalty": 1.1}
     yield e
     e.close()
 
