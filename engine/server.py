@@ -242,7 +242,8 @@ class Server:
         sampling = dict(sampling)
         if msg.get("stop"):  # a list of strings, checked with the rest of the sampling
             sampling["stop"] = msg.get("stop")
-        params = SamplingParams.from_dict(sampling)
+        # a setting the request leaves out: the model's recommended one, else the engine's
+        params = SamplingParams.from_dict({**s.recommended, **sampling})
         ids, dropped = s.prompt_ids(
             messages=msg.get("messages"),
             prompt=prompt,

@@ -58,7 +58,14 @@ class EngineProcess:
             "generate",
             id_,
             messages=messages,
-            sampling={"temperature": 0, "max_new_tokens": 40, **sampling},
+            # greedy, and not the demo's recommended repetition penalty (which the engine takes
+            # where a request leaves it out)
+            sampling={
+                "temperature": 0,
+                "repetition_penalty": 1.0,
+                "max_new_tokens": 40,
+                **sampling,
+            },
         )
         events = self.until("finished", id_)
         text = "".join(m.get("text") for m in events if m.type == "delta" and m.id == id_)

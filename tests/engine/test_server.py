@@ -119,6 +119,22 @@ def test_cancel_mid_answer_then_still_serves(engine):
     assert "Paris" in answer
 
 
+def test_settings_a_request_leaves_out_are_the_models_recommended(engine):
+    """The demo recommends a repetition penalty of 1.1 (engine/models.py DEMO_SAMPLING): a
+    request without one gets it; one that gives it wins."""
+    story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+
+    def answer(id_, sampling):
+        engine.send("generate", id_, messages=story, sampling=sampling)
+        events = engine.until("finished", id_)
+        return "".join(m.get("text") for m in events if m.type == "delta" and m.id == id_)
+
+    greedy = {"temperature": 0, "max_new_tokens": 60}
+    left_out = answer("rec-1", greedy)
+    assert left_out == answer("rec-2", {**greedy, "repetition_penalty": 1.1})
+    assert left_out != answer("rec-3", {**greedy, "repetition_penalty": 1.0})
+
+
 def test_max_tokens_and_stop_strings(engine):
     msgs = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
     text, events = engine.chat("len", msgs, max_new_tokens=5)
@@ -143,7 +159,7 @@ def test_continue_writes_on_from_where_an_answer_was_cut(engine):
         "generate",
         "c-more",
         messages=[*q, {"role": "assistant", "content": part}],
-        sampling={"temperature": 0, "max_new_tokens": 12},
+        sampling={"temperature": 0, "repetition_penalty": 1.0, "max_new_tokens": 12},
         **{"continue": True},
     )
     events = engine.until("finished", "c-more")
