@@ -70,6 +70,42 @@ def test_top_k_top_p_min_p_keep_exactly_the_right_tokens():
     assert set(draw(SamplingParams(temperature=1, top_k=2), n=500).tolist()) == {0, 1}
 
 
+def kept_reference(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> list:
+    """Which tokens the filters keep, by their definitions, in float64 one token at a time."""
+    out = []
+    for row in probs.double().tolist():
+        if min_p > 0:
+            floor = min_p * max(row)
+            row = [x if x >= floor else 0.0 for x in row]
+        total, before, keep = sum(row), 0.0, [False] * len(row)
+        for rank, i in enumerate(sorted(range(len(row)), key=lambda i: -row[i])):
+            if (top_k == 0 or rank < top_k) and before < top_p * total and row[i] > 0:
+                keep[i] = True
+            before += row[i]
+        out.append(keep)
+    return out
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.1])  # most mass on a few tokens; nearly flat
+def test_the_filters_keep_what_their_definitions_keep_on_a_large_vocabulary(spread):
+    """On the CPU top-p looks at the 1024 most likely tokens first (engine/sampling.py
+    _candidates), and top-k takes the k most likely without sorting them all: both must keep
+    exactly the tokens a plain reading of the definitions keeps."""
+    from engine.sampling import CPU_CANDIDATES, _candidates
+
+    gen = torch.Generator().manual_seed(int(spread))
+    probs = torch.softmax(torch.randn(3, 5000, generator=gen) * spread, -1)
+    for top_k in (0, 20, 3000):
+        for top_p in (1.0, 0.95, 0.5):
+            for min_p in (0.0, 0.01):
+                p = SamplingParams(top_k=top_k, top_p=top_p, min_p=min_p)
+                got = (filter_probs(probs, p) > 0).tolist()
+                assert got == kept_reference(probs, top_k, top_p, min_p), (top_k, top_p, min_p)
+    # which way top-p went: the 1024 most likely where they hold 95% of the mass, else all
+    looked_at = _candidates(probs, SamplingParams(top_p=0.95))[0].shape[-1]
+    assert looked_at == (CPU_CANDIDATES if spread > 1 else 5000)
+
+
 def test_temperature_sharpens():
     hot = (draw(SamplingParams(temperature=2.0)) == 0).double().mean()
     cold = (draw(SamplingParams(temperature=0.5)) == 0).double().mean()
