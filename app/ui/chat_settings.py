@@ -92,7 +92,7 @@ class ChatSettings(QWidget):
         # beside the toggle, shown with the settings: no row of their own below them, which made
         # the settings scroll in a 900 x 560 window
         head = QHBoxLayout()
-        head.addWidget(self.toggle, 0, Qt.AlignmentFlag.AlignTop)
+        head.addWidget(self.toggle, 0, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         head.addWidget(self.recommended, 1)
         head.addWidget(self.defaults, 0, Qt.AlignmentFlag.AlignTop)
         self.recommended.setVisible(False)

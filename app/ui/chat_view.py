@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import QModelIndex, Qt, QTimer, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtGui import QGuiApplication, QKeyEvent, QKeySequence, QShortcut
 from PySide6.QtWidgets import (
     QFrame,
@@ -24,6 +24,10 @@ from .markdown import code_blocks, plain_html, to_html
 from .models import MessageListModel, RoleRole, StatsRole, StatusRole
 
 COPIED_MS = 1500  # how long a Copy button says "Copied ✓"
+# The messages a chat opens with (its last ones); "Show earlier messages" adds as many again.
+# Each message is a widget: a chat of 1000 took 3 s to open and its memory with it.
+SHOWN = 100
+HEAD = 2  # the column's items before the messages: the Show earlier button, the empty hint
 
 
 class Composer(QPlainTextEdit):
@@ -219,6 +223,12 @@ class ChatView(QWidget):
         self.empty.setWordWrap(True)  # a narrow window wraps the hint instead of cutting it
         self.empty.setObjectName("emptyHint")
         self.column.insertWidget(0, self.empty)
+        self.first = 0  # the row of widgets[0]: the rows before it are not shown (yet)
+        self.anchor: tuple[MessageWidget, int] | None = None  # kept in place: widget, its y
+        self.earlier = QPushButton(visible=False)
+        self.earlier.setAccessibleName("Show earlier messages")
+        self.earlier.clicked.connect(self.show_earlier)
+        self.column.insertWidget(0, self.earlier, 0, Qt.AlignmentFlag.AlignHCenter)
         self.context = QLabel()
         self.context.setAccessibleName("Context use")
         # wrapped: on one line it widened the window (780 px to 1019) when it appeared
@@ -264,7 +274,7 @@ class ChatView(QWidget):
         lay.addWidget(self.queue_note)
         lay.addLayout(composer)
         self._fit_input()
-        model.modelReset.connect(self._rebuild)
+        model.modelReset.connect(lambda: self._rebuild())
         model.rowsInserted.connect(self._inserted)
         model.rowsRemoved.connect(self._removed)
         model.dataChanged.connect(self._changed)
@@ -280,36 +290,63 @@ class ChatView(QWidget):
         w.set_content(idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {})
         return w
 
-    def _rebuild(self) -> None:
-        """A chat opened (or the theme changed): its messages, shown from the end."""
+    def _rebuild(self, shown: int = SHOWN) -> None:
+        """A chat opened (or the theme changed): its last ``shown`` messages, from the end."""
         # Hidden while it fills, the column is laid out once: shown, it was laid out again for
         # every message added (a chat of 400 messages opened in 29 s, now 1 s).
         inner = self.scroll.widget()
         inner.hide()
         for w in self.widgets:
             w.deleteLater()
-        self.widgets = []
-        self._inserted(QModelIndex(), 0, self.model.rowCount() - 1)
+        self.widgets, self.anchor = [], None
+        self.first = max(0, self.model.rowCount() - shown)
+        self._add(self.first, self.model.rowCount() - 1)
         self.pinned = True  # it opened at the top, or where the last chat was scrolled to
         inner.show()
+        self._refresh_buttons()
 
-    def _inserted(self, parent, first: int, last: int) -> None:
+    def show_earlier(self) -> None:
+        """Show up to SHOWN more of the chat's earlier messages, keeping the view where it is."""
+        if not self.first:
+            return
+        top = self.widgets[0] if self.widgets else None
+        bar = self.scroll.verticalScrollBar()
+        inner = self.scroll.widget()
+        inner.hide()
+        before, self.first = self.first, max(0, self.first - SHOWN)
+        self._add(self.first, before - 1)
+        if top is not None:  # _follow keeps it where it was in the view
+            self.anchor = (top, top.y() - bar.value())
+            self.pinned = False
+        inner.show()
+        self._refresh_buttons()
+
+    def _add(self, first: int, last: int) -> None:
+        """Widgets for the model's rows first..last (all at or after self.first)."""
         for row in range(first, last + 1):
             w = self._make(row)
-            self.widgets.insert(row, w)
-            self.column.insertWidget(row + 1, w)  # after the empty-state hint
+            self.widgets.insert(row - self.first, w)
+            self.column.insertWidget(HEAD + row - self.first, w)
+
+    def _inserted(self, parent, first: int, last: int) -> None:
+        if first < self.first:  # before those shown (the app adds rows at the end)
+            self.first += last - first + 1
+        else:
+            self._add(first, last)
         self._refresh_buttons()
 
     def _removed(self, parent, first: int, last: int) -> None:
-        for w in self.widgets[first : last + 1]:
+        lo, hi = max(first, self.first) - self.first, last + 1 - self.first
+        for w in self.widgets[lo:hi]:
             w.deleteLater()
-        del self.widgets[first : last + 1]
+        del self.widgets[lo:hi]
+        self.first -= max(0, min(last + 1, self.first) - first)  # rows before it gone
         self._refresh_buttons()
 
     def _changed(self, top_left, bottom_right, roles=()) -> None:
-        for row in range(top_left.row(), bottom_right.row() + 1):
+        for row in range(max(top_left.row(), self.first), bottom_right.row() + 1):
             idx = self.model.index(row)
-            self.widgets[row].set_content(
+            self.widgets[row - self.first].set_content(
                 idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {}
             )
         self._refresh_buttons()
@@ -317,7 +354,13 @@ class ChatView(QWidget):
     def _refresh_buttons(self) -> None:
         """Edit, Regenerate and Continue while this chat takes a message (they wait their turn
         behind an answer in another chat, as Send does)."""
-        self.empty.setVisible(not self.widgets)
+        self.empty.setVisible(not self.model.rowCount())
+        self.earlier.setVisible(self.first > 0)
+        if self.first:
+            more = min(SHOWN, self.first)
+            self.earlier.setText(
+                f"Show {more} earlier message{'s' if more > 1 else ''} (of {self.first})"
+            )
         free = self.send_button.isEnabled()
         for i, w in enumerate(self.widgets):
             last_answer = i == len(self.widgets) - 1 and w.role == "assistant" and free
@@ -352,7 +395,7 @@ class ChatView(QWidget):
     def set_dark(self, dark: bool) -> None:
         """Re-render every message for a new theme (code colours differ)."""
         self.dark = dark
-        self._rebuild()
+        self._rebuild(max(SHOWN, len(self.widgets)))
 
     def flush_draft(self) -> None:
         """Save a draft whose debounce timer has not fired yet (before quitting or opening
@@ -368,7 +411,7 @@ class ChatView(QWidget):
 
     def show_end(self, *_) -> None:
         """Show the chat's end and keep to it (an answer asked for is written there)."""
-        self.pinned = True
+        self.pinned, self.anchor = True, None
         bar = self.scroll.verticalScrollBar()
         bar.setValue(bar.maximum())
 
@@ -387,7 +430,7 @@ class ChatView(QWidget):
         self.queue_note.setVisible(bool(text))
 
     def _edit(self, w: MessageWidget) -> None:
-        row = self.widgets.index(w)
+        row = self.first + self.widgets.index(w)
         text, ok = QInputDialog.getMultiLineText(
             self, "Edit message", "Edit and send again:", w.text
         )
@@ -413,8 +456,14 @@ class ChatView(QWidget):
     def _user_scrolled(self, _action: int) -> None:
         bar = self.scroll.verticalScrollBar()
         self.pinned = bar.sliderPosition() >= bar.maximum() - 40  # the position it moves to
+        self.anchor = None
 
     def _follow(self, _min: int, maximum: int) -> None:
-        """The chat grew (an answer streams, a message came) or the view changed size."""
+        """The chat grew (an answer streams, a message came, earlier ones were shown) or the
+        view changed size."""
+        bar = self.scroll.verticalScrollBar()
         if self.pinned:
-            self.scroll.verticalScrollBar().setValue(maximum)
+            bar.setValue(maximum)
+        elif self.anchor is not None and self.anchor[0] in self.widgets:
+            widget, y = self.anchor  # the message at the top before earlier ones came
+            bar.setValue(widget.y() - y)

@@ -633,6 +633,49 @@ def test_a_long_chat_opens_with_each_message_laid_out_a_few_times(gui, qloop):
     assert last.body.toPlainText().endswith("answer 39")
 
 
+def test_a_long_chat_shows_its_last_messages_and_earlier_ones_when_asked(gui, qloop, monkeypatch):
+    """Every message is a widget: a chat of 1000 took 3 s to open. It opens with its last 100;
+    "Show earlier messages" adds 100 more above without moving the view; an Edit there
+    replaces what follows it, as anywhere."""
+    from PySide6.QtCore import QPoint
+    from PySide6.QtWidgets import QInputDialog
+
+    c = gui.store.create_conversation("long")
+    for i in range(130):
+        gui.store.add_message(c.id, "user", f"question {i}")
+        gui.store.add_message(c.id, "assistant", f"answer {i}\n\nwith a second paragraph")
+    gui.window.resize(900, 600)
+    chat, bar = gui.window.chat, gui.window.chat.scroll.verticalScrollBar()
+    settle = lambda: qloop.run_until_complete(asyncio.sleep(0.2))  # noqa: E731
+    gui.ctrl.open(c.id)
+    settle()
+    assert len(chat.widgets) == 100 and chat.widgets[0].text == "question 80"
+    assert chat.earlier.isVisible() and chat.earlier.text() == "Show 100 earlier messages (of 160)"
+    assert bar.value() == bar.maximum() > 0
+    bar.triggerAction(QAbstractSlider.SliderAction.SliderToMinimum)
+    settle()
+    top = chat.widgets[0]
+    y = top.mapTo(chat.scroll.viewport(), QPoint(0, 0)).y()
+    chat.earlier.click()
+    settle()
+    assert len(chat.widgets) == 200 and chat.widgets[0].text == "question 30"
+    assert chat.earlier.text() == "Show 60 earlier messages (of 60)"
+    assert abs(top.mapTo(chat.scroll.viewport(), QPoint(0, 0)).y() - y) <= 2  # it stayed
+    monkeypatch.setattr(QInputDialog, "getMultiLineText", lambda *a: ("edited", True))
+    chat.widgets[0].edit.click()  # row 60: question 30
+    wait_until(qloop, lambda: answer_done(gui), what="the answer to the edit")
+    rows = gui.ctrl.messages.rows
+    assert len(rows) == 62 and rows[60].content == "edited"
+    assert [w.text for w in chat.widgets] == ["edited", "You said: edited"]
+    assert [m.content for m in gui.store.messages(c.id)][59:] == [
+        "answer 29\n\nwith a second paragraph", "edited", "You said: edited"
+    ]  # fmt: skip
+    chat.earlier.click()
+    settle()
+    assert len(chat.widgets) == 62 and chat.widgets[0].text == "question 0"
+    assert not chat.earlier.isVisible()
+
+
 def test_a_chat_opens_at_its_end_and_follows_the_answer_until_scrolled_away(gui, qloop):
     """A long chat opened at its top, or where the last chat had been scrolled to; and while
     an answer was written the view was pulled to its end on every word, even from a message
