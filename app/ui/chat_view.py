@@ -336,7 +336,7 @@ class ChatView(QWidget):
         self._refresh_buttons()
 
     def _removed(self, parent, first: int, last: int) -> None:
-        lo, hi = max(first, self.first) - self.first, last + 1 - self.first
+        lo, hi = max(first, self.first) - self.first, max(0, last + 1 - self.first)
         for w in self.widgets[lo:hi]:
             w.deleteLater()
         del self.widgets[lo:hi]

@@ -676,6 +676,38 @@ def test_a_long_chat_shows_its_last_messages_and_earlier_ones_when_asked(gui, ql
     assert not chat.earlier.isVisible()
 
 
+def test_rows_removed_before_or_across_the_first_shown_keep_the_widgets_on_their_rows(qapp):
+    """The column mirrors rows first.. of the model: a removal before them shifts ``first``, one
+    across it takes the widgets of the shown rows it covers (a slice that ran negative took
+    all but the last few)."""
+    from PySide6.QtCore import QModelIndex
+
+    from app.store import Message
+    from app.ui.chat_view import ChatView
+    from app.ui.models import MessageListModel
+
+    model = MessageListModel()
+    view = ChatView(model)
+    model.set_rows([Message(i, 1, "user", f"m{i}") for i in range(130)])
+
+    def remove(lo, hi):
+        model.beginRemoveRows(QModelIndex(), lo, hi)
+        del model.rows[lo : hi + 1]
+        model.endRemoveRows()
+
+    def shown():
+        assert [w.text for w in view.widgets] == [m.content for m in model.rows[view.first :]]
+        return view.first, len(view.widgets)
+
+    assert shown() == (30, 100)
+    remove(2, 5)  # before the first shown
+    assert shown() == (26, 100)
+    remove(20, 40)  # across it: rows 26-40 were shown
+    assert shown() == (20, 85) and view.widgets[0].text == "m45"
+    model.update(view.first, content="changed")
+    assert view.widgets[0].text == "changed"
+
+
 def test_a_chat_opens_at_its_end_and_follows_the_answer_until_scrolled_away(gui, qloop):
     """A long chat opened at its top, or where the last chat had been scrolled to; and while
     an answer was written the view was pulled to its end on every word, even from a message
