@@ -203,7 +203,7 @@ def test_terminal_chat_keeps_the_conversation(demo_path):
             "demo",
             "--temperature",
             "0",
-            "--repetition-penalty",  # not the demo's 1.1: greedy, it answers "Germany!"
+            "--repetition-penalty",  # not the demo's 1.05: greedy, no Berlin
             "1",
             "--max-new-tokens",
             "30",

@@ -28,7 +28,7 @@ def engine(demo_path):
     assert "CPU" in loaded.get("kernels_reason")  # the reason is said, not implied
     assert loaded.get("dtype") == "float32" and loaded.get("note") == ""
     # what the demo's generation_config.json recommends (engine/models.py DEMO_SAMPLING)
-    assert loaded.get("sampling") == {"repetition_penalty": 1.1}
+    assert loaded.get("sampling") == {"repetition_penalty": 1.05}
     yield e
     e.close()
 
@@ -120,7 +120,7 @@ def test_cancel_mid_answer_then_still_serves(engine):
 
 
 def test_settings_a_request_leaves_out_are_the_models_recommended(engine):
-    """The demo recommends a repetition penalty of 1.1 (engine/models.py DEMO_SAMPLING): a
+    """The demo recommends a repetition penalty of 1.05 (engine/models.py DEMO_SAMPLING): a
     request without one gets it; one that gives it wins."""
     story = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
 
@@ -131,7 +131,7 @@ def test_settings_a_request_leaves_out_are_the_models_recommended(engine):
 
     greedy = {"temperature": 0, "max_new_tokens": 60}
     left_out = answer("rec-1", greedy)
-    assert left_out == answer("rec-2", {**greedy, "repetition_penalty": 1.1})
+    assert left_out == answer("rec-2", {**greedy, "repetition_penalty": 1.05})
     assert left_out != answer("rec-3", {**greedy, "repetition_penalty": 1.0})
 
 
