@@ -132,7 +132,8 @@ def _candidates(probs: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, t
     rest cannot be kept then). A sampled pick of the demo (49152 tokens, top-p 0.95) took
     5.2 ms with the whole vocabulary sorted, 1.6 ms so; the demo decoded 15.9-16.2 tok/s
     sampled before, 16.6-17.2 after, 16.7-17.7 greedy (`python -m engine generate --chat
-    --model demo --max-new-tokens 100 --seed 1 --temperature 0.7 --top-p 0.95`)."""
+    --model demo --max-new-tokens 100 --seed 1 --temperature 0.7 --top-p 0.95
+    --repetition-penalty 1.1`)."""
     V = probs.shape[-1]
     if 0 < p.top_k < V:
         return probs.topk(p.top_k, -1)  # most likely first
