@@ -229,13 +229,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _params(a: argparse.Namespace, recommended: dict | None = None):
-    """The options given, else what the model recommends, else SAMPLING_DEFAULTS."""
+    """The options given, else what the model recommends, else SamplingParams' defaults (which
+    SAMPLING_OPTIONS' help repeats: tests/engine/test_cli.py checks they agree)."""
     from .sampling import SamplingParams
 
-    chosen = {**SAMPLING_DEFAULTS, **(recommended or {})}
     given = {k: getattr(a, k) for k in SAMPLING_DEFAULTS if getattr(a, k) is not None}
     p = SamplingParams(
-        **(chosen | given), max_new_tokens=a.max_new_tokens, seed=a.seed, stop=a.stop
+        **((recommended or {}) | given), max_new_tokens=a.max_new_tokens, seed=a.seed, stop=a.stop
     )
     p.validate()
     return p

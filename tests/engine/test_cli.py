@@ -323,6 +323,11 @@ def test_every_option_of_every_command_is_explained_with_its_default():
         for action in p._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings[0]} has no help"
+    # the sampling options' help says the engine's own defaults
+    from engine.__main__ import SAMPLING_DEFAULTS
+    from engine.sampling import SamplingParams
+
+    assert {k: getattr(SamplingParams(), k) for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS
     r = run("quantize", "--help")
     assert "codebook entries, a power of two" in r.stdout and "(default: 256)" in r.stdout
     assert "default: None" not in r.stdout
