@@ -167,17 +167,18 @@ cudaError_t launch_greedy_pick(const void* logits, int64_t V, float* wv, int64_t
                                int64_t* token, bool* seen, int64_t* pos, DType dtype,
                                cudaStream_t stream);
 
-// The sampled pick that ends a decode step (temperature > 0, 0 < top_p <= 1, 0 <= min_p < 1):
-// *token = the kept token with the largest p / noise[token] (noise: V float32 draws of Exp(1)),
-// seen[*token] = true, *pos += 1 (vptq_decode.cu sample_pick_kernel). Compute capability 9.0
-// (cudaErrorNotSupported before) and sample_pick_supported(V). params, where not null: three
-// doubles on the GPU (temperature, top_p, min_p) read in place of the three values, so that a
-// captured graph takes new settings.
+// The sampled pick that ends a decode step (temperature >= 0, 0 < top_p <= 1, 0 <= min_p < 1,
+// top_k >= 0, penalty > 0): *token = the kept token with the largest p / noise[token] (noise: V
+// float32 draws of Exp(1); not read at temperature 0, the greedy pick), seen[*token] = true,
+// *pos += 1 (vptq_decode.cu sample_pick_kernel). Compute capability 9.0
+// (cudaErrorNotSupported before) and sample_pick_supported(V). params, where not null: five
+// doubles on the GPU (temperature, top_p, min_p, top_k, penalty) read in place of the five
+// values, so that a captured graph takes new settings.
 bool sample_pick_supported(int64_t V);
 cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V,
-                               float temperature, double top_p, float min_p,
-                               const double* params, int64_t* token, bool* seen, int64_t* pos,
-                               DType dtype, cudaStream_t stream);
+                               float temperature, double top_p, float min_p, int64_t top_k,
+                               float penalty, const double* params, int64_t* token, bool* seen,
+                               int64_t* pos, DType dtype, cudaStream_t stream);
 
 // A GPTQ layer at a few tokens (vptq_gptq.cu): out[t, n] = sum_k x[t, k] * scales[g, n] *
 // (q[k, n] - zeros[g, n]) + bias[n], g = g_idx[k]; q packed in qweight [K * bits / 32, N]

@@ -675,25 +675,28 @@ __global__ void __launch_bounds__(kPickThreads) greedy_pick_kernel(
   }
 }
 
-// The sampled pick that ends a decode step with temperature, top-p and min-p: of the tokens
-// top-p and min-p keep, token = argmax(p / noise) (noise ~ Exp(1), drawn by PyTorch from the
-// chat's generator: a draw from the kept tokens' distribution), then seen[token] = true and
-// pos += 1. PyTorch took a sort of the whole vocabulary and about fifteen kernels for it.
+// The sampled pick that ends a decode step with a repetition penalty, temperature, top-k, top-p
+// and min-p (engine/sampling.py sample): of the tokens top-k, top-p and min-p keep, token =
+// argmax(p / noise) (noise ~ Exp(1), drawn by PyTorch from the chat's generator: a draw from
+// the kept tokens' distribution), then seen[token] = true and pos += 1. PyTorch took a sort
+// of the whole vocabulary and about fifteen kernels for it.
 //
 // One cluster of kSampleCluster blocks (compute capability 9.0); block b holds values
 // [b * per, (b + 1) * per) in shared memory, and the blocks exchange their partial results by
 // writing them into every block's shared memory, one cluster barrier an exchange:
-// 1. x = logits / temperature; the maximum M (NaN ignored).
+// 1. l = the logit, divided by the penalty where seen and positive, else multiplied by it;
+//    x = l / temperature; the maximum M (NaN ignored). Temperature 0: the greedy pick of l.
 // 2. p = exp(x - M) (1 for the largest; 0 where p < min_p or NaN) and the total S.
-// 3. top-p keeps a token when the mass of the tokens with a strictly larger p is below
-//    P = top_p * S (engine/sampling.py filter_probs, with ties kept or dropped together).
+// 3. top-k keeps a token when its p is at least the top_k-th largest (ties together); top-p
+//    when the mass of the tokens with a strictly larger p is below P = top_p * S (ties kept
+//    or dropped together; engine/sampling.py filter_probs reads both so).
 //    p >= 0, so p's bit pattern k orders the tokens as p does; the kept ones are those with
-//    k >= cut, where cut + 1 is the smallest c with H(c) = mass of {k >= c} below P. Six
-//    rounds find it (fewer once the range left holds a single key), each splitting the range
-//    left into 32 bins (5 bits of k) and summing the mass per bin across the cluster: each
-//    thread into its own column of a shared-memory histogram (no atomics; a flat row puts
-//    thousands of values into one bin, and 64-bit shared atomics, compare-and-swap loops,
-//    took 132 us a pick that way), then each warp one bin.
+//    k >= cut, where cut + 1 is the smallest c with H(c) = mass (or count) of {k >= c}
+//    below P (or top_k). Six rounds find each cut (fewer once the range left holds a single
+//    key), each splitting the range left into 32 bins (5 bits of k) and summing the mass per
+//    bin across the cluster: each thread into its own column of a shared-memory histogram (no
+//    atomics; a flat row puts thousands of values into one bin, and 64-bit shared atomics,
+//    compare-and-swap loops, took 132 us a pick that way), then each warp one bin.
 // 4. The kept token with the largest p / noise (the first of equals); block 0 writes it.
 // Every sum runs in a fixed order (doubles across threads), so a seeded chat draws the same
 // tokens on every run. Where no token has positive p (all logits -inf or NaN, or one +inf),
@@ -726,8 +729,9 @@ constexpr int kSampleMaxPer = 22 * 1024;  // values a block (with the histogram,
 template <typename T>
 __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
     const T* __restrict__ logits, const float* __restrict__ noise, int64_t V, int per,
-    float temperature, double top_p, float min_p, const double* __restrict__ params,
-    int64_t* __restrict__ token, bool* __restrict__ seen, int64_t* __restrict__ pos) {
+    float temperature, double top_p, float min_p, int64_t top_k, float penalty,
+    const double* __restrict__ params, int64_t* __restrict__ token, bool* __restrict__ seen,
+    int64_t* __restrict__ pos) {
   pdl_trigger();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
@@ -762,23 +766,41 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
     temperature = static_cast<float>(params[0]);
     top_p = params[1];
     min_p = static_cast<float>(params[2]);
+    top_k = static_cast<int64_t>(params[3]);
+    penalty = static_cast<float>(params[4]);
   }
+  const bool greedy_only = !(temperature > 0.f);
+  // Thread 0 of block 0 ends the step with the greedy pick (of the penalised logits).
+  const auto pick_greedy = [&]() {
+    if (rank == 0 && threadIdx.x == 0) {
+      Best b = all_greedy[0];
+      for (int r = 1; r < kSampleCluster; ++r)
+        if (beats(all_greedy[r], b)) b = all_greedy[r];
+      *token = b.i;
+      seen[b.i] = true;
+      *pos += 1;
+    }
+  };
 
   // 1. x and its maximum; the greedy pick too, for a row without positive p. Thread t takes
   // values t, t + kSampleThreads, ..., kSampleBatch loads at a time.
   float mx = -INFINITY;
   Best greedy{-INFINITY, INT64_MAX};
+  const bool penalised = penalty != 1.f;
   for (int i0 = threadIdx.x; i0 < n; i0 += kSampleBatch * kSampleThreads) {
     float raw[kSampleBatch];
+    bool was[kSampleBatch];
 #pragma unroll
     for (int u = 0; u < kSampleBatch; ++u) {
       const int i = i0 + u * kSampleThreads;
       raw[u] = i < n ? to_f(logits[base + i]) : -INFINITY;
+      was[u] = penalised && i < n && seen[base + i];
     }
 #pragma unroll
     for (int u = 0; u < kSampleBatch; ++u) {
       const int i = i0 + u * kSampleThreads;
       if (i < n) {
+        if (was[u]) raw[u] = raw[u] > 0.f ? raw[u] / penalty : raw[u] * penalty;
         const Best c{raw[u], base + i};
         if (beats(c, greedy)) greedy = c;
         const float x = raw[u] / temperature;
@@ -793,6 +815,10 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
   send(all_max, mx);
   send(all_greedy, greedy);
   cluster.sync();
+  if (greedy_only) {  // temperature 0 (every block takes this branch)
+    pick_greedy();
+    return;
+  }
   float M = -INFINITY;
   for (int b = 0; b < kSampleCluster; ++b) M = fmaxf(M, all_max[b]);
 
@@ -816,27 +842,22 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
   double S = 0.0;
   for (int b = 0; b < kSampleCluster; ++b) S += all_sum[b];
   if (!(S > 0.0)) {  // nothing to sample from: the greedy pick (every block takes this branch)
-    if (rank == 0 && threadIdx.x == 0) {
-      Best b = all_greedy[0];
-      for (int r = 1; r < kSampleCluster; ++r)
-        if (beats(all_greedy[r], b)) b = all_greedy[r];
-      *token = b.i;
-      seen[b.i] = true;
-      *pos += 1;
-    }
+    pick_greedy();
     return;
   }
 
-  // 3. The cut: rounds of 32 bins over [lo, lo + 32 << shift), knowing H(lo) >= P and
-  // H(lo + (32 << shift)) = above < P. Keys of p <= 1 lie below 2^30.
-  uint32_t cut = 1;  // top_p = 1: every token with p > 0
-  if (top_p < 1.0) {
-    const double P = top_p * S;
+  // 3. The cuts. A search finds the largest key c with F(c) >= need, where F(c) sums w over the
+  // tokens with p > 0 and key >= c (F falls as c rises): rounds of 32 bins over
+  // [lo, lo + 32 << shift), knowing F(lo) >= need and F(lo + (32 << shift)) = above < need.
+  // Keys of p <= 1 lie below 2^30. Top-p: w = p, need = P (mass); top-k: w = 1, need = top_k
+  // (a count, exact in floats and doubles). Where F(0) < need every round keeps lo at 0.
+  int round = 0;  // across both searches: rounds alternate their exchange slots
+  const auto search = [&](bool counting, double need) -> uint32_t {
     uint32_t lo = 0;
     double above = 0.0;
     float* col = hist + threadIdx.x;
 #pragma unroll 1
-    for (int round = 0, shift = 25; shift >= 0; ++round, shift -= 5) {
+    for (int shift = 25; shift >= 0; ++round, shift -= 5) {
       const uint32_t span = static_cast<uint32_t>(kSampleBins) << shift;
 #pragma unroll
       for (int b = 0; b < kSampleBins; ++b) col[b * kSampleThreads] = 0.f;
@@ -845,7 +866,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
         const float p = pv[i];
         const uint32_t key = __float_as_uint(p), k = key - lo;  // below lo: wraps past span
         if (k < span && p > 0.f) {
-          col[(k >> shift) * kSampleThreads] += p;
+          col[(k >> shift) * kSampleThreads] += counting ? 1.f : p;
           kmin = min(kmin, key);
           kmax = max(kmax, key);
         }
@@ -876,9 +897,9 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
         }
       }
       cluster.sync();  // also: every column was read before the next round clears its own
-      // All the range's tokens share one key k0: the mass above them is `above` < P, so they
-      // are kept, and everything below lo is not: cut = k0, whatever the bins say (a row leaves
-      // one token in the range after two or three rounds, and each round is ~3.7 us).
+      // All the range's tokens share one key k0: F(k0) = F(lo) >= need and F(k0 + 1) = above
+      // < need, so the answer is k0, whatever the bins say (a row leaves one key in the range
+      // after two or three rounds, and each round is ~3.7 us).
       kmin = 0xFFFFFFFFu;
       kmax = 0;
       for (int r = 0; r < kSampleCluster; ++r) {
@@ -886,11 +907,11 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
         kmax = max(kmax, keys[1][r]);
       }
       if (kmin == kmax) {
-        lo = kmin;
-        break;
+        ++round;
+        return kmin;
       }
-      // Every warp finds the same answer: lane j holds H(lo + (j << shift)) - above as the
-      // suffix sum of the bins; the first j >= 1 with H < P ends the new range.
+      // Every warp finds the same answer: lane j holds F(lo + (j << shift)) - above as the
+      // suffix sum of the bins; the first j >= 1 with F < need ends the new range.
       double bin = 0.0;
       for (int r = 0; r < kSampleCluster; ++r) bin += slots[r][lane];
       double suffix = bin;
@@ -899,14 +920,20 @@ __global__ void __launch_bounds__(kSampleThreads) sample_pick_kernel(
         const double o = __shfl_down_sync(0xffffffffu, suffix, d);
         if (lane + d < 32) suffix += o;
       }
-      const unsigned below = __ballot_sync(0xffffffffu, lane >= 1 && above + suffix < P);
+      const unsigned below = __ballot_sync(0xffffffffu, lane >= 1 && above + suffix < need);
       const int j = below ? __ffs(below) - 1 : 32;
       const double at_j = __shfl_sync(0xffffffffu, suffix, j & 31);
       if (j < 32) above += at_j;
       lo += static_cast<uint32_t>(j - 1) << shift;
     }
-    cut = lo;  // after shift 0: lo + 1 is the smallest c with H(c) < P
-  }
+    return lo;  // after shift 0: lo + 1 is the smallest c with F(c) < need
+  };
+  // Top-k keeps the tokens whose p is at least the top_k-th largest (ties together, as
+  // Hugging Face's top-k); top-p those with less than P of mass strictly above them. A token
+  // is kept where both keep it: its key is at least both cuts.
+  uint32_t cut = 1;  // every token with p > 0
+  if (top_k > 0 && top_k < V) cut = search(true, static_cast<double>(top_k));
+  if (top_p < 1.0) cut = max(cut, search(false, top_p * S));
 
   // 4. The draw among the kept tokens.
   Best best{-INFINITY, INT64_MAX};
@@ -1148,9 +1175,9 @@ bool sample_pick_supported(int64_t V) {
 }
 
 cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V,
-                               float temperature, double top_p, float min_p,
-                               const double* params, int64_t* token, bool* seen, int64_t* pos,
-                               DType dtype, cudaStream_t stream) {
+                               float temperature, double top_p, float min_p, int64_t top_k,
+                               float penalty, const double* params, int64_t* token, bool* seen,
+                               int64_t* pos, DType dtype, cudaStream_t stream) {
   if (!hopper_or_later()) return cudaErrorNotSupported;
   if (!sample_pick_supported(V)) return cudaErrorInvalidValue;
   const int per = static_cast<int>((V + kSampleCluster - 1) / kSampleCluster);
@@ -1160,8 +1187,8 @@ cudaError_t launch_sample_pick(const void* logits, const float* noise, int64_t V
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
     return launch_pdl_in(kSampleCluster, kernel, dim3(kSampleCluster), dim3(kSampleThreads),
-                         smem, stream, typed, noise, V, per, temperature, top_p, min_p, params,
-                         token, seen, pos);
+                         smem, stream, typed, noise, V, per, temperature, top_p, min_p, top_k,
+                         penalty, params, token, seen, pos);
   };
   if (dtype == DType::kHalf)
     return go(sample_pick_kernel<__half>, static_cast<const __half*>(logits));

@@ -646,14 +646,16 @@ void greedy_pick_cuda(const at::Tensor& logits, const at::Tensor& token, const a
                "greedy_pick");
 }
 
-// The sampled pick of a decode step (vptq_decode.cu sample_pick_kernel): of the tokens top-p
-// and min-p keep at this temperature, the one with the largest p / noise; seen[token] = true,
-// pos += 1; nothing read back to the host. params (optional): float64 [temperature, top_p,
-// min_p] on the GPU, read by the kernel in place of the three numbers (which are then only
-// checked), so that a captured graph replays with whatever settings it holds then.
+// The sampled pick of a decode step (vptq_decode.cu sample_pick_kernel): of the tokens top-k,
+// top-p and min-p keep at this temperature after the repetition penalty, the one with the
+// largest p / noise (temperature 0: the greedy pick); seen[token] = true, pos += 1; nothing
+// read back to the host. params (optional): float64 [temperature, top_p, min_p, top_k,
+// repetition_penalty] on the GPU, read by the kernel in place of the five numbers (which are
+// then only checked), so that a captured graph replays with whatever settings it holds then.
 void sample_pick_cuda(const at::Tensor& logits, const at::Tensor& noise, const at::Tensor& token,
                       const at::Tensor& seen, const at::Tensor& pos, double temperature,
-                      double top_p, double min_p, const OptTensor& params) {
+                      double top_p, double min_p, const OptTensor& params, int64_t top_k,
+                      double repetition_penalty) {
   const c10::cuda::CUDAGuard guard(logits.device());
   check_act(logits, logits, "logits");
   check_beside(noise, logits, at::kFloat, "sample_pick", "noise");
@@ -666,21 +668,25 @@ void sample_pick_cuda(const at::Tensor& logits, const at::Tensor& noise, const a
               msg("sample_pick: one row of logits, noise and a seen mask of the logits' length, "
                   "one token and pos; got ", logits.numel(), " logits, ", noise.numel(),
                   " noise, ", seen.numel(), " seen"));
-  TORCH_CHECK(temperature > 0 && top_p > 0 && top_p <= 1 && min_p >= 0 && min_p < 1,
-              msg("sample_pick: temperature ", temperature, " must be > 0, top_p ", top_p,
-                  " in (0, 1], min_p ", min_p, " in [0, 1)"));
+  TORCH_CHECK(temperature >= 0 && top_p > 0 && top_p <= 1 && min_p >= 0 && min_p < 1 &&
+                  top_k >= 0 && repetition_penalty > 0,
+              msg("sample_pick: temperature ", temperature, " must be >= 0, top_p ", top_p,
+                  " in (0, 1], min_p ", min_p, " in [0, 1), top_k ", top_k,
+                  " >= 0 and repetition_penalty ", repetition_penalty, " > 0"));
   TORCH_CHECK(vptq::sample_pick_supported(V),
               msg("sample_pick: ", V, " logits is beyond what the kernel holds in shared "
                   "memory; use engine/sampling.py sample"));
   if (params) {
     check_beside(*params, logits, at::kDouble, "sample_pick", "params");
-    TORCH_CHECK(params->numel() == 3,
-                msg("sample_pick: params holds temperature, top_p and min_p; got ",
+    TORCH_CHECK(params->numel() == 5,
+                msg("sample_pick: params holds temperature, top_p, min_p, top_k and "
+                    "repetition_penalty; got ",
                     params->numel(), " values"));
   }
   const cudaError_t err = vptq::launch_sample_pick(
       logits.data_ptr(), noise.data_ptr<float>(), V, static_cast<float>(temperature), top_p,
-      static_cast<float>(min_p), params ? params->data_ptr<double>() : nullptr,
+      static_cast<float>(min_p), top_k, static_cast<float>(repetition_penalty),
+      params ? params->data_ptr<double>() : nullptr,
       token.data_ptr<int64_t>(), seen.data_ptr<bool>(), pos.data_ptr<int64_t>(),
       dtype_of(logits), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err != cudaErrorNotSupported,
@@ -760,7 +766,8 @@ TORCH_LIBRARY(vptq, m) {
       "Tensor(d!) ticket) -> ()");
   m.def(
       "sample_pick(Tensor logits, Tensor noise, Tensor(a!) token, Tensor(b!) seen, "
-      "Tensor(c!) pos, float temperature, float top_p, float min_p, Tensor? params=None) -> ()");
+      "Tensor(c!) pos, float temperature, float top_p, float min_p, Tensor? params=None, "
+      "int top_k=0, float repetition_penalty=1.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vptq, CUDA, m) {

@@ -207,6 +207,13 @@ def parser() -> argparse.ArgumentParser:
         "--position", type=int, action="append",
         help="cache positions the query reads up to (default: 1024 4096 16384 32768)",
     )  # fmt: skip
+    bs = bsub.add_parser(
+        "sampling", help="the pick that ends a decode step: one kernel vs PyTorch's ops"
+    )
+    bs.add_argument(
+        "--vocab", type=int, action="append",
+        help="vocabulary sizes (default: 128256 of Llama 3 and 152064 of Qwen2.5)",
+    )  # fmt: skip
     be = bsub.add_parser("e2e", help="a whole random model on the GPU: prefill, graph decode")
     be.add_argument("--arch", default="llama-3.1-8b", help="llama-3.1-8b|llama-3.1-70b|...")
     be.add_argument(
@@ -223,7 +230,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also time the decode step without each of its parts (what each part costs it)",
     )
-    for group in (sub, bsub):  # "required: {kernels,gptq,attention,e2e}", not "required: bench"
+    for group in (sub, bsub):  # "required: {kernels,gptq,...}", not "required: bench"
         group.metavar = "{" + ",".join(group.choices) + "}"
     return ap
 
@@ -514,6 +521,14 @@ def cmd_bench(a: argparse.Namespace) -> None:
         if any(not 0 <= p < 1 << 20 for p in a.position or ()):
             raise ValueError("--position: give cache positions from 0 to 1048575")
         bench_attention.run_attention(archs, list(a.position or bench_attention.POSITIONS))
+        return
+
+    if a.bench == "sampling":
+        from . import bench_sampling
+
+        if any(not 2 <= v <= 1 << 20 for v in a.vocab or ()):
+            raise ValueError("--vocab: give vocabulary sizes from 2 to 1048576")
+        bench_sampling.run_sampling([("", v) for v in a.vocab] if a.vocab else None)
         return
 
     if a.bench == "gptq":

@@ -144,6 +144,23 @@ def time_us(fns: list[Callable[[], object]], reps: int = 7, calls: int = 20) -> 
     return statistics.median(samples)
 
 
+def start_gpu_bench(what: str) -> float:
+    """The device's read rate (read_bandwidth) once the CUDA kernels are ready, after a line
+    naming the device; a message that says what is missing where there is no GPU or no
+    kernels."""
+    if not torch.cuda.is_available():
+        raise ValueError(f"bench {what} needs an NVIDIA GPU with CUDA")
+    from .ops import prepare
+
+    kind, why = prepare("cuda")
+    if kind != "cuda":
+        raise ValueError(f"bench {what} needs the CUDA kernels: {why}")
+    peak = read_bandwidth()
+    name = torch.cuda.get_device_name()
+    print(f"device: {name}, read rate {peak / 1e9:.0f} GB/s (a sum over 1 GiB)")
+    return peak
+
+
 def read_bandwidth() -> float:
     """Device read rate in bytes/s: a sum over 1 GiB. A decode step mostly reads (the weights
     once, the KV cache), and a copy, which also writes, runs slower: the H200 measured 2.7 TB/s

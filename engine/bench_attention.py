@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .bench import ROTATE_BYTES, model_config, read_bandwidth, time_us
+from .bench import ROTATE_BYTES, model_config, start_gpu_bench, time_us
 from .memory import Shape
 from .ops import decode as fused
 
@@ -74,16 +74,7 @@ def bench_one(arch: str, position: int, peak: float) -> dict:
 
 
 def run_attention(archs: list[str], positions: list[int]) -> list[dict]:
-    if not torch.cuda.is_available():
-        raise ValueError("bench attention needs an NVIDIA GPU with CUDA")
-    from .ops import prepare
-
-    kind, why = prepare("cuda")
-    if kind != "cuda":
-        raise ValueError(f"bench attention needs the CUDA kernels: {why}")
-    peak = read_bandwidth()
-    name = torch.cuda.get_device_name()
-    print(f"device: {name}, read rate {peak / 1e9:.0f} GB/s (a sum over 1 GiB)")
+    peak = start_gpu_bench("attention")
     print("decode attention, one fp16 query token against the KV cache up to the position;")
     print("GB/s of keys and values read; % of the read rate; PyTorch SDPA on the same cache")
     print(f"{'model':<15} {'heads':<10} {'position':>8} {'MB':>7} {'ours us':>9} {'GB/s':>6} "

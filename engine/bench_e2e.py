@@ -165,9 +165,9 @@ def late_start(context: int, tokens: int) -> int | None:
     return start if start >= 4 * PROMPT else None
 
 
-# Sampling timed beside greedy decoding: the chat's default (app/settings.py DEFAULT_SAMPLING),
-# which one fused kernel picks with, and a model's recommended settings with top-k and a
-# repetition penalty (Qwen2.5's generation_config.json), which take PyTorch's ops in the graph.
+# Sampling timed beside greedy decoding: the chat's default (app/settings.py DEFAULT_SAMPLING)
+# and a model's recommended settings with top-k and a repetition penalty (Qwen2.5's
+# generation_config.json), which cost the fused pick two searches where top-p takes one.
 SAMPLINGS = {
     "the chat's default sampling": dict(temperature=0.7, top_p=0.95),
     "Qwen2.5's recommended sampling": dict(

@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from .bench import ROTATE_BYTES, projections, read_bandwidth, time_us
+from .bench import ROTATE_BYTES, projections, start_gpu_bench, time_us
 from .formats.gptq import GPTQSpec
 from .gptq_linear import GEMV_MAX_TOKENS, GPTQLinear
 
@@ -44,11 +43,7 @@ def time_pair(layers: list[GPTQLinear], dense: list[torch.Tensor], t: int) -> tu
 
 
 def run_gptq(archs: list[str], bits: int, group: int, act_order: bool, tokens: tuple) -> None:
-    kind, why = ops.prepare("cuda")
-    if kind != "cuda":
-        raise ValueError(f"kernels unavailable: {why}")
-    peak = read_bandwidth()
-    print(f"device read bandwidth (sum over 1 GiB): {peak / 1e9:.0f} GB/s")
+    peak = start_gpu_bench("gptq")
     print(f"GPTQ {bits}-bit, group {group}, act-order {'on' if act_order else 'off'}; "
           f"the GEMV up to {GEMV_MAX_TOKENS} tokens, dequant + cuBLAS above")  # fmt: skip
     for arch in archs:

@@ -3,9 +3,9 @@ position written back into the graph's own input buffers. The host never waits f
 before launching the next step: token ids come back through pinned memory, one step behind.
 
 One graph per sampling setting, a few kept, all sharing one memory pool. Where the sampled
-pick is the fused kernel (fused.sample_pick_fused), it reads temperature, top-p and min-p from
-a tensor the graph holds, so one graph serves every value of them; elsewhere (top-k, a
-repetition penalty, the PyTorch pick of older GPUs) the settings are baked into the graph.
+pick is the fused kernel (fused.sample_pick_fused), it reads every setting from a tensor the
+graph holds, so one graph serves them all; elsewhere (the PyTorch pick of older GPUs) the
+settings are baked into the graph.
 """
 
 from __future__ import annotations
@@ -27,45 +27,50 @@ LAG = 2  # steps in flight before the host reads a token
 
 def graph_key(p: SamplingParams, pick_in_place: bool) -> tuple:
     """What tells one captured step from another: greedy steps are all alike; so are the fused
-    sampled picks (pick_in_place), which read their settings from the graph's tensor."""
+    picks (pick_in_place), which read their settings from the graph's tensor, sampled or
+    greedy with a repetition penalty (which draws no noise)."""
     if p.temperature == 0 and p.repetition_penalty == 1.0:
         return ("greedy",)
-    if pick_in_place and p.top_k == 0 and p.repetition_penalty == 1.0:
-        return ("sampled",)
+    if pick_in_place:
+        return ("sampled",) if p.temperature > 0 else ("greedy", "penalised")
     return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty)
 
 
-class GraphDecoder:
-    """Captured decode steps for one model on one GPU."""
+class Picker:
+    """The end of a decode step on the GPU: the next token picked from the logits, and the
+    state one step hands the next (its token, position and seen mask), all on the device."""
 
-    def __init__(self, model: Transformer):
-        self.model = model
-        dev = model.cos.device
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)  # in: token; out: next
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # in: its position; out: +1
-        self.seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device=dev)
-        self.ticket = torch.zeros(1, dtype=torch.int32, device=dev)  # for fused.greedy_pick
-        # temperature, top-p, min-p: what the fused sampled pick reads (run() sets them)
-        self.params = torch.zeros(3, dtype=torch.float64, device=dev)
+    def __init__(self, vocab: int, dtype: torch.dtype, device: torch.device | str):
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)  # in: token; out: next
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # in: its position; out: +1
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.ticket = torch.zeros(1, dtype=torch.int32, device=device)  # for fused.greedy_pick
+        # temperature, top-p, min-p, top-k, repetition penalty: what the fused sampled pick
+        # reads (set_params)
+        self.params = torch.zeros(5, dtype=torch.float64, device=device)
         # whether the sampled pick is the fused kernel, which reads them (graph_key): asked of
         # an empty tensor of the logits' shape, type and device
-        logits = torch.empty(0, model.args.vocab_size, dtype=model.model.norm.weight.dtype)
-        self.pick_in_place = fused.sample_pick_fused(logits.to(dev))
-        self.gen = torch.Generator(device=dev)
-        self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
-        self.pool = torch.cuda.graph_pool_handle()
-        self.rng_in_graph = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+        self.pick_in_place = fused.sample_pick_fused(
+            torch.empty(0, vocab, dtype=dtype, device=device)
+        )
+        self.gen = torch.Generator(device=device)
 
-    def _step(self, p: SamplingParams) -> None:
-        logits = self.model.decode(self.token, self.pos, cast=False)  # [1, V]
+    def set_params(self, p: SamplingParams) -> None:
+        """The settings the fused sampled pick reads, before any step reads them."""
+        settings = [p.temperature, p.top_p, p.min_p, p.top_k, p.repetition_penalty]
+        self.params.copy_(torch.tensor(settings, dtype=torch.float64))
+
+    def pick(self, logits: torch.Tensor, p: SamplingParams) -> None:
+        """token = the pick from ``logits`` ([1, V]) under ``p``; seen[token] = True; pos += 1."""
         if p.temperature == 0 and p.repetition_penalty == 1.0:  # greedy: one kernel ends it
             fused.greedy_pick(logits, self.token, self.seen, self.pos, self.ticket)
             return
-        if p.top_k == 0 and p.repetition_penalty == 1.0 and self.pick_in_place:
-            # the chat's sampling in one kernel, with the noise sample() would draw from the
-            # same generator, so the same tokens
+        if self.pick_in_place:
+            # any sampling in one kernel, with the noise sample() would draw from the same
+            # generator, so the same tokens (none for a greedy pick, as sample())
             noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-            noise.exponential_(1.0, generator=self.gen)
+            if p.temperature > 0:
+                noise.exponential_(1.0, generator=self.gen)
             fused.sample_pick(  # the settings from self.params (graph_key)
                 logits,
                 noise,
@@ -76,10 +81,27 @@ class GraphDecoder:
                 p.top_p,
                 p.min_p,
                 self.params,
+                p.top_k,
+                p.repetition_penalty,
             )
             return
         nxt = sample(logits.float(), p, self.gen, self.seen)  # [1]
         fused.advance(nxt, self.token, self.seen, self.pos)
+
+
+class GraphDecoder(Picker):
+    """Captured decode steps for one model on one GPU."""
+
+    def __init__(self, model: Transformer):
+        dtype = model.model.norm.weight.dtype
+        super().__init__(model.args.vocab_size, dtype, model.cos.device)
+        self.model = model
+        self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
+        self.pool = torch.cuda.graph_pool_handle()
+        self.rng_in_graph = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+
+    def _step(self, p: SamplingParams) -> None:
+        self.pick(self.model.decode(self.token, self.pos, cast=False), p)
 
     def graph(self, p: SamplingParams) -> torch.cuda.CUDAGraph:
         key = graph_key(p, self.pick_in_place)
@@ -108,12 +130,8 @@ class GraphDecoder:
 
     def capture(self, p: SamplingParams) -> None:
         """The graph for ``p``, captured now (the warm-up) rather than at its first run."""
-        self._set_params(p)
+        self.set_params(p)
         self.graph(p)
-
-    def _set_params(self, p: SamplingParams) -> None:
-        """The settings the fused sampled pick reads, before any step reads them."""
-        self.params.copy_(torch.tensor([p.temperature, p.top_p, p.min_p], dtype=torch.float64))
 
     def usable(self, p: SamplingParams) -> bool:
         """Sampling with noise needs the generator registered with the graph (torch >= 2.5)."""
@@ -126,7 +144,7 @@ class GraphDecoder:
         """Yield up to ``limit`` tokens: the one sampled from the prefill ``logits`` ([1, V],
         its position is ``pos``), then one per graph step. Stop iterating at any time: steps
         already launched only wrote KV entries beyond what the caller keeps."""
-        self._set_params(p)
+        self.set_params(p)
         g = self.graph(p)  # capturing draws random numbers: seed after it
         self.gen.manual_seed(seed)
         self.seen.copy_(seen)

@@ -109,39 +109,61 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
 
 
 def filter_probs(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Zero out what top-k, top-p and min-p exclude; probs: [..., V] (not renormalised)."""
+    """Zero out what min-p, top-k and top-p exclude; probs: [..., V] (not renormalised).
+
+    Min-p drops the tokens below min_p times the largest p. Of what it keeps, top-k keeps the
+    tokens at least as likely as the k-th most likely, and top-p those with less than top_p of
+    the mass strictly above them: tokens of equal p are kept or dropped together (as Hugging
+    Face's top-k, and as the fused pick, engine/ops/decode.py sample_pick), so both come down
+    to a floor under which everything goes."""
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.amax(-1, keepdim=True), 0.0)
-    if p.top_k > 0 or p.top_p < 1:
-        best, order = _candidates(probs, p)
-        keep = torch.ones_like(best, dtype=torch.bool)
-        if p.top_p < 1:
-            before = best.cumsum(-1) - best  # mass of the better tokens
-            keep &= before < p.top_p * probs.sum(-1, keepdim=True)
-        probs = torch.zeros_like(probs).scatter(-1, order, best * keep)
-    return probs
+    V = probs.shape[-1]
+    top_k = p.top_k if 0 < p.top_k < V else 0
+    if not top_k and p.top_p >= 1:
+        return probs
+    if top_k:
+        best = probs.topk(top_k, -1).values  # most likely first
+        floor = best[..., -1:]
+    else:
+        best = _shortlist(probs, p.top_p)
+        floor = torch.zeros_like(probs[..., :1])
+    if p.top_p < 1:
+        total = probs.sum(-1, keepdim=True)
+        cut, n = _top_p_cut(best, total, p.top_p)
+        if not top_k and best.shape[-1] < V and bool((n == best.shape[-1]).any()):
+            # the shortlist kept whole: the cut may lie beyond it (a host read, on the CPU)
+            cut, _ = _top_p_cut(probs.sort(-1, descending=True).values, total, p.top_p)
+        floor = torch.maximum(floor, cut)
+    return probs.masked_fill(probs < floor, 0.0)
 
 
 CPU_CANDIDATES = 1024  # the tokens a CPU top-p looks at first
 
 
-def _candidates(probs: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens top-k and top-p may keep, most likely first (values, indices): the top-k
-    ones; else all, sorted. On the CPU, where reading a value back costs nothing, top-p takes
-    the CPU_CANDIDATES most likely where they hold its share of the mass (nearly always: the
-    rest cannot be kept then). A sampled pick of the demo (49152 tokens, top-p 0.95) took
-    5.2 ms with the whole vocabulary sorted, 1.6 ms so; the demo decoded 15.9-16.2 tok/s
-    sampled before, 16.6-17.2 after, 16.7-17.7 greedy (`python -m engine generate --chat
-    --model demo --max-new-tokens 100 --seed 1 --temperature 0.7 --top-p 0.95
-    --repetition-penalty 1.1`)."""
-    V = probs.shape[-1]
-    if 0 < p.top_k < V:
-        return probs.topk(p.top_k, -1)  # most likely first
-    if probs.device.type == "cpu" and p.top_p < 1 and V > CPU_CANDIDATES:
-        top = probs.topk(CPU_CANDIDATES, -1)
-        if bool((top.values.sum(-1) >= p.top_p * probs.sum(-1)).all()):
-            return top
-    return probs.sort(-1, descending=True)
+def _shortlist(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The values top-p looks at first, most likely first: all, sorted; on the CPU, where
+    reading a value back costs nothing, the CPU_CANDIDATES most likely (filter_probs sorts
+    everything only where top-p keeps all of those: rarely). A sampled pick of the demo
+    (49152 tokens, top-p 0.95) took 5.2 ms with the whole vocabulary sorted, 1.6 ms so; the
+    demo decoded 15.9-16.2 tok/s sampled before, 16.6-17.2 after, 16.7-17.7 greedy (`python
+    -m engine generate --chat --model demo --max-new-tokens 100 --seed 1 --temperature 0.7
+    --top-p 0.95 --repetition-penalty 1.1`)."""
+    if probs.device.type == "cpu" and top_p < 1 and probs.shape[-1] > CPU_CANDIDATES:
+        return probs.topk(CPU_CANDIDATES, -1).values
+    return probs.sort(-1, descending=True).values
+
+
+def _top_p_cut(
+    best: torch.Tensor, total: torch.Tensor, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The smallest p top-p keeps among ``best`` (the most likely values, in order), and how
+    many of them it keeps (both [..., 1])."""
+    before = best.cumsum(-1) - best
+    first = torch.searchsorted(-best, -best)  # the first of each run of equal values
+    kept = before.gather(-1, first) < top_p * total  # the mass strictly above: a prefix kept
+    n = kept.sum(-1, keepdim=True).clamp(min=1)
+    return best.gather(-1, n - 1), n
 
 
 ARGMAX_ROW = 128  # values per row of argmax's first stage

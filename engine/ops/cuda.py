@@ -190,7 +190,10 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake("vptq::sample_pick")
-    def _(logits, noise, token, seen, pos, temperature, top_p, min_p, params=None):
+    def _(
+        logits, noise, token, seen, pos, temperature, top_p, min_p, params=None, top_k=0,
+        repetition_penalty=1.0,
+    ):  # fmt: skip
         return None
 
     @torch.library.register_fake("vptq::gptq_gemv")

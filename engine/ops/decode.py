@@ -187,41 +187,67 @@ def sample_pick_fused(logits: torch.Tensor) -> bool:
     return sample_pick_fits(logits.shape[-1], major, arch.smem_optin(logits.device))
 
 
-def sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p, params=None) -> None:
-    """The end of a sampled decode step without top-k or a repetition penalty: of the tokens
-    that min-p and top-p keep from p = exp(logits / temperature - max), token[...] = the one
-    with the largest p / noise (noise [1, V] float32 ~ Exp(1): a draw from the kept tokens'
-    distribution, as engine/sampling.py sample), seen[token] = True, pos += 1.
+def sample_pick(
+    logits, noise, token, seen, pos, temperature, top_p, min_p, params=None, top_k=0,
+    repetition_penalty=1.0,
+) -> None:  # fmt: skip
+    """The end of a sampled decode step, as engine/sampling.py sample: the logits of the
+    tokens marked in seen divided by the repetition penalty (multiplied where negative); of
+    the tokens that min-p, top-k and top-p keep from p = exp(logits / temperature - max),
+    token[...] = the one with the largest p / noise (noise [1, V] float32 ~ Exp(1): a draw
+    from the kept tokens' distribution), seen[token] = True, pos += 1. Temperature 0: the
+    greedy pick (noise unread).
 
-    Top-p keeps a token when the mass of the tokens with a strictly larger p is below
-    top_p times the total (ties kept or dropped together). Where no token has p > 0 (every
-    logit -inf or NaN), the pick is greedy. Fused (compute capability 9.0, sample_pick_fused):
-    one kernel where PyTorch sorts the vocabulary in about fifteen, its sums in a fixed order,
-    so a seeded chat draws the same tokens on every run; else these tensor operations, with no
-    host sync either.
+    Top-k keeps the tokens whose p is at least the k-th largest, top-p those with less than
+    top_p times the total mass strictly above them (ties kept or dropped together, both).
+    Where no token has p > 0 (every logit -inf or NaN), the pick is greedy. Fused (compute
+    capability 9.0, sample_pick_fused): one kernel where PyTorch sorts the vocabulary in
+    about fifteen, its sums in a fixed order, so a seeded chat draws the same tokens on every
+    run; else these tensor operations, with no host sync either.
 
-    params: a float64 tensor [temperature, top_p, min_p] beside the logits, read in place of
-    the three numbers (a captured graph then takes new settings without a new capture)."""
+    params: a float64 tensor [temperature, top_p, min_p, top_k, repetition_penalty] beside
+    the logits, read in place of the five numbers (a captured graph then takes new settings
+    without a new capture)."""
     if sample_pick_fused(logits):
         torch.ops.vptq.sample_pick(
-            logits, noise, token, seen, pos, temperature, top_p, min_p, params
-        )
+            logits, noise, token, seen, pos, temperature, top_p, min_p, params, top_k,
+            repetition_penalty,
+        )  # fmt: skip
         return
-    if params is not None:  # device values: no host branch on top_p (its sort always runs)
-        temperature, top_p, min_p = params[0].float(), params[1], params[2].float()
     raw = logits.float().view(-1)
+    V = raw.shape[0]
+    if params is not None:  # device values: no host branch on them (the sort always runs)
+        temperature, top_p, min_p = params[0].float(), params[1], params[2].float()
+        top_k, penalty = params[3].long(), params[4].float()
+        raw = torch.where(seen, torch.where(raw > 0, raw / penalty, raw * penalty), raw)
+    else:
+        if repetition_penalty != 1.0:
+            raw = torch.where(
+                seen, torch.where(raw > 0, raw / repetition_penalty, raw * repetition_penalty),
+                raw,
+            )  # fmt: skip
+        if temperature == 0:
+            advance(argmax(raw).view(1), token, seen, pos)
+            return
     x = raw / temperature
     p = torch.exp(x - torch.where(x.isnan(), -torch.inf, x).amax())
     p = torch.where(p >= min_p, p, 0.0)  # NaN too
     total = p.double().sum()
     keys = p.view(torch.int32)  # p >= 0: its bits order the tokens as p does
-    if params is not None or top_p < 1:
+    cut = torch.ones(1, dtype=torch.int32, device=p.device)  # every token with p > 0
+    if params is not None or top_p < 1 or 0 < top_k < V:
         ordered, order = keys.sort(descending=True)
+        if params is not None or 0 < top_k < V:  # the top_k-th largest (k = 0: all)
+            k = torch.as_tensor(top_k, device=p.device).clamp(0, V)
+            kth = ordered[(k - 1).clamp(min=0).view(1)]
+            cut = torch.where((k > 0) & (k < V), kth, cut)
         mass = p[order].double()
         before = mass.cumsum(0) - mass  # for the first of equals: the mass strictly above
-        cut = ordered[((before < top_p * total).sum() - 1).view(1)]  # the smallest key kept
-    else:
-        cut = torch.ones(1, dtype=torch.int32, device=p.device)
+        top_p_cut = ordered[((before < top_p * total).sum() - 1).clamp(min=0).view(1)]
+        cut = torch.maximum(cut, top_p_cut)  # top_p = 1 keeps them all: no cut
     kept = (keys >= cut) & (p > 0)
     ratio = torch.where(kept, p / noise.view(-1), -1.0)
-    advance(torch.where(total > 0, argmax(ratio), argmax(raw)).view(1), token, seen, pos)
+    sampled = total > 0
+    if params is not None:
+        sampled &= params[0] > 0
+    advance(torch.where(sampled, argmax(ratio), argmax(raw)).view(1), token, seen, pos)

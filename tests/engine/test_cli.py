@@ -235,6 +235,7 @@ def test_terminal_chat_keeps_the_conversation(demo_path):
         (("gptq", "--arch", "qwen2.5-7b"), ("unknown --arch 'qwen2.5-7b'", "llama-3.1-70b")),
         (("attention", "--arch", "gpt-2"), ("unknown --arch 'gpt-2'", "mistral-large")),
         (("attention", "--position", "-1"), ("--position: give cache positions from 0",)),
+        (("sampling", "--vocab", "1"), ("--vocab: give vocabulary sizes from 2 to 1048576",)),
     ],
 )  # fmt: skip
 def test_bench_settings_are_checked_before_any_gpu_work(args, needles):
@@ -333,7 +334,7 @@ def test_every_option_of_every_command_is_explained_with_its_default():
     assert "default: None" not in r.stdout
     assert "(default: 4096)" in run("bench", "e2e", "--help").stdout
     # a missing command names the choices
-    assert run("bench").stderr.endswith("required: {kernels,gptq,attention,e2e}\n")
+    assert run("bench").stderr.endswith("required: {kernels,gptq,attention,sampling,e2e}\n")
     assert run().stderr.endswith("required: {generate,chat,perplexity,serve,quantize,"
                                  "build-demo,build-kernels,bench}\n")  # fmt: skip
 

@@ -13,7 +13,7 @@ from engine.ops import arch
 from engine.ops import decode as fused
 
 from .hf_models import make_hf_model
-from .sampling_oracle import allowed_tokens, chat_logits
+from .sampling_oracle import PICK_SETTINGS, allowed_tokens, chat_logits, seen_tokens
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_kernels")]
 DTYPES = [torch.float16, torch.bfloat16]
@@ -559,7 +559,6 @@ def test_a_model_with_its_embedding_table_in_host_memory_decodes_the_same(tmp_pa
 
 
 SAMPLE_SIZES = [128256, 151936, 1001, 5, fused.SAMPLE_PICK_MAX_VOCAB]
-SAMPLE_SETTINGS = [(0.7, 0.95, 0.0), (1.0, 1.0, 0.0), (1.3, 0.5, 0.05), (0.7, 1e-9, 0.0)]
 
 
 def pick_kernel() -> bool:
@@ -579,44 +578,66 @@ def sample_args(v: int):
 @pytest.mark.parametrize("case", ["flat", "peaked", "ties", "masked", "-inf"])
 @pytest.mark.parametrize("v", SAMPLE_SIZES)
 def test_sample_pick_draws_what_the_float64_oracle_allows(v, case, dtype):
+    """Every setting of PICK_SETTINGS twice (top-k, a repetition penalty over a tenth of the
+    vocabulary, temperature 0 among them), each pick twice on the same inputs."""
     assert fused.sample_pick_fused(torch.zeros(1, v, dtype=dtype, device="cuda")) == pick_kernel()
     unique = 0
-    for draw, (temperature, top_p, min_p) in enumerate(SAMPLE_SETTINGS * 2):
+    for draw, settings in enumerate(PICK_SETTINGS * 2):
+        temperature, top_p, min_p, top_k, penalty = settings
         logits = chat_logits(v, case, seed=draw).to("cuda", dtype)
         g = torch.Generator(device="cuda").manual_seed(draw)
         noise = torch.empty(1, v, device="cuda").exponential_(1.0, generator=g)
-        token, seen, pos = sample_args(v)
+        token, _, pos = sample_args(v)
+        before = seen_tokens(v, draw)
         got = []
         for step in (1, 2):  # the same inputs, the same token
-            fused.sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p)
+            seen = before.to("cuda")
+            fused.sample_pick(
+                logits, noise, token, seen, pos, temperature, top_p, min_p, top_k=top_k,
+                repetition_penalty=penalty,
+            )  # fmt: skip
             got.append(int(token))
             assert int(pos) == 41 + step
-        allowed = allowed_tokens(logits, noise, temperature, top_p, min_p)
+        allowed = allowed_tokens(logits, noise, *settings, seen=before)
         assert got[0] == got[1] and got[0] in allowed, (draw, got, sorted(allowed)[:5])
-        assert bool(seen[got[0]]) and int(seen.sum()) == 1
+        assert bool(seen[got[0]]) and int((seen.cpu() != before).sum()) == (not before[got[0]])
         unique += len(allowed) == 1
-    assert unique >= 6
+    assert unique >= 12
 
 
-def test_sample_pick_draws_from_the_kept_distribution():
-    # top-p 0.8 keeps the first three (the mass above the fourth is 0.9); min-p none
+@pytest.mark.parametrize(
+    "top_p,top_k,penalty,want",
+    [
+        # top-p 0.8 keeps the first three (the mass above the fourth is 0.9)
+        (0.8, 0, 1.0, [0.5, 0.25, 0.15, 0, 0]),
+        # token 0 seen: its logit log 0.5 (negative) times 2 is log 0.25; top-k 3 keeps 0-2
+        (1.0, 3, 2.0, [0.25, 0.25, 0.15, 0, 0]),
+    ],
+    ids=["top-p", "penalty-top-k"],
+)
+def test_sample_pick_draws_from_the_kept_distribution(top_p, top_k, penalty, want):
     probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03], dtype=torch.float64)
     logits = probs.log().view(1, 5).to("cuda", torch.float16)
     g = torch.Generator(device="cuda").manual_seed(0)
     noise = torch.empty(1, 5, device="cuda")
     token, seen, pos = sample_args(5)
+    first_seen = torch.tensor([True, False, False, False, False], device="cuda")
     n = 4000
     got = torch.empty(n, dtype=torch.long, device="cuda")
     for i in range(n):
         noise.exponential_(1.0, generator=g)
-        fused.sample_pick(logits, noise, token, seen, pos, 1.0, 0.8, 0.0)
+        seen.copy_(first_seen)
+        fused.sample_pick(
+            logits, noise, token, seen, pos, 1.0, top_p, 0.0, top_k=top_k,
+            repetition_penalty=penalty,
+        )  # fmt: skip
         got[i : i + 1].copy_(token.view(1))
     counts = torch.bincount(got.cpu(), minlength=5).double()
-    kept = logits.double().cpu().exp()[0, :3]
-    want = kept / kept.sum() * n
+    want = torch.tensor(want, dtype=torch.float64)
+    want = want / want.sum() * n
     assert counts[3:].sum() == 0
-    sigma = (want * (1 - want / n)).sqrt()
-    assert bool(((counts[:3] - want).abs() < 4 * sigma).all()), (counts, want)
+    sigma = (want[:3] * (1 - want[:3] / n)).sqrt()
+    assert bool(((counts[:3] - want[:3]).abs() < 4 * sigma).all()), (counts, want)
 
 
 def test_sample_pick_in_a_graph_opcheck_and_bad_input():
@@ -641,32 +662,50 @@ def test_sample_pick_in_a_graph_opcheck_and_bad_input():
         torch.cuda.synchronize()
         assert int(token) in allowed_tokens(logits, noise, 0.7, 0.95, 0.0) and int(pos) == 11
     # the settings in a tensor the graph holds: replays with new ones draw under those
-    params = torch.tensor([0.7, 0.95, 0.0], dtype=torch.float64, device="cuda")
+    params = torch.tensor([0.7, 0.95, 0.0, 0, 1.0], dtype=torch.float64, device="cuda")
     if pick_kernel():
-        torch.library.opcheck(torch.ops.vptq.sample_pick.default, (*args, params))
+        torch.library.opcheck(torch.ops.vptq.sample_pick.default, (*args, params, 20, 1.05))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fused.sample_pick(*args, params)
-    for temperature, top_p, min_p in SAMPLE_SETTINGS * 2:
-        params.copy_(torch.tensor([temperature, top_p, min_p], dtype=torch.float64))
+    for draw, settings in enumerate(PICK_SETTINGS * 2):
+        params.copy_(torch.tensor(settings, dtype=torch.float64))
         logits.copy_(torch.randn(1, v, device="cuda") * 3)
         noise.exponential_()
+        before = seen_tokens(v, draw)
+        seen.copy_(before)
         graph.replay()
         torch.cuda.synchronize()
-        assert int(token) in allowed_tokens(logits, noise, temperature, top_p, min_p)
+        assert int(token) in allowed_tokens(logits, noise, *settings, seen=before), settings
     vv = torch.ops.vptq
     with pytest.raises(RuntimeError, match="params must be a contiguous Double tensor"):
         vv.sample_pick(*args, params.float())
-    with pytest.raises(RuntimeError, match="params holds temperature, top_p and min_p; got 2"):
+    with pytest.raises(RuntimeError, match="params holds temperature, top_p, min_p, top_k and "
+                       "repetition_penalty; got 2"):  # fmt: skip
         vv.sample_pick(*args, params[:2])
     big = fused.SAMPLE_PICK_MAX_VOCAB + 8
     with pytest.raises(RuntimeError, match="beyond what the kernel holds"):
         vv.sample_pick(*sample_big(big))
-    with pytest.raises(RuntimeError, match="temperature 0 must be > 0"):
-        vv.sample_pick(logits, noise, token, seen, pos, 0.0, 0.95, 0.0)
+    with pytest.raises(RuntimeError, match="temperature -1 must be >= 0"):
+        vv.sample_pick(logits, noise, token, seen, pos, -1.0, 0.95, 0.0)
+    with pytest.raises(RuntimeError, match="top_k -3 >= 0 and repetition_penalty 0 > 0"):
+        vv.sample_pick(logits, noise, token, seen, pos, 0.7, 0.95, 0.0, None, -3, 0.0)
     with pytest.raises(RuntimeError, match="noise"):
         vv.sample_pick(logits, noise[:, :5], token, seen, pos, 0.7, 0.95, 0.0)
     assert not fused.sample_pick_fused(torch.zeros(1, big, dtype=dtype, device="cuda"))
+
+
+def test_bench_sampling_times_every_setting_both_ways(capsys):
+    """bench sampling's rows: each setting once a vocabulary, both picks timed, and the
+    engine's pick the decoder's (one kernel after the noise on a GPU that runs it)."""
+    from engine import bench_sampling
+
+    rows = bench_sampling.run_sampling([("tiny", 5003)])
+    assert [r["setting"] for r in rows] == list(bench_sampling.SETTINGS)
+    assert all(r["engine"] > 0 and r["pytorch"] > 0 and r["vocab"] == 5003 for r in rows)
+    out = capsys.readouterr().out
+    assert "tiny 5003" in out and "qwen2.5 recommended" in out
+    assert ("PyTorch ops" in out) != pick_kernel()
 
 
 def sample_big(v: int):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from engine.ops import decode as fused
 
-from .sampling_oracle import allowed_tokens, chat_logits
+from .sampling_oracle import PICK_SETTINGS, allowed_tokens, chat_logits, seen_tokens
 
 
 def terms(n: int, shape, seed: int) -> torch.Tensor:
@@ -83,14 +83,13 @@ def test_greedy_pick_without_kernels_takes_the_first_largest_and_moves_on():
 
 @pytest.mark.parametrize("in_tensor", [False, True], ids=["numbers", "params"])
 @pytest.mark.parametrize("case", ["flat", "peaked", "ties", "masked", "-inf"])
-@pytest.mark.parametrize(
-    "temperature,top_p,min_p", [(0.7, 0.95, 0.0), (1.0, 1.0, 0.0), (1.3, 0.5, 0.05), (0.7, 1e-9, 0)]
-)
-def test_sample_pick_without_kernels_draws_from_what_top_p_and_min_p_keep(
-    case, temperature, top_p, min_p, in_tensor
+@pytest.mark.parametrize("settings", PICK_SETTINGS, ids=str)
+def test_sample_pick_without_kernels_draws_what_the_float64_oracle_allows(
+    case, settings, in_tensor
 ):
     """in_tensor: the settings in the params tensor (the graph decoder's), the numbers given
     beside them being others, which must not count."""
+    temperature, top_p, min_p, top_k, penalty = settings
     v, unique = 5003, 0
     for draw in range(12):
         logits = chat_logits(v, case, seed=draw)
@@ -98,15 +97,20 @@ def test_sample_pick_without_kernels_draws_from_what_top_p_and_min_p_keep(
         noise = torch.empty(1, v).exponential_(1.0, generator=g)
         token = torch.zeros(1, 1, dtype=torch.long)
         pos = torch.tensor([41])
-        seen = torch.zeros(v, dtype=torch.bool)
+        seen = seen_tokens(v, draw)
+        before = seen.clone()
         if in_tensor:
-            params = torch.tensor([temperature, top_p, min_p], dtype=torch.float64)
-            fused.sample_pick(logits, noise, token, seen, pos, 5.0, 1.0, 0.0, params)
+            params = torch.tensor(settings, dtype=torch.float64)
+            fused.sample_pick(logits, noise, token, seen, pos, 5.0, 1.0, 0.0, params, 7, 2.0)
         else:
-            fused.sample_pick(logits, noise, token, seen, pos, temperature, top_p, min_p)
-        allowed = allowed_tokens(logits, noise, temperature, top_p, min_p)
+            fused.sample_pick(
+                logits, noise, token, seen, pos, temperature, top_p, min_p, top_k=top_k,
+                repetition_penalty=penalty,
+            )  # fmt: skip
+        allowed = allowed_tokens(logits, noise, *settings, seen=before)
         assert int(token) in allowed, (draw, int(token), sorted(allowed)[:5])
-        assert int(pos) == 42 and bool(seen[int(token)]) and int(seen.sum()) == 1
+        assert int(pos) == 42 and bool(seen[int(token)])
+        assert int((seen != before).sum()) == (0 if before[int(token)] else 1)
         unique += len(allowed) == 1
     assert unique >= 10  # the oracle pins the token nearly always
 
@@ -143,19 +147,26 @@ def test_the_sampled_pick_limits_match_the_kernel_source():
 
 
 def test_graph_keys_tell_apart_only_what_a_graph_bakes_in():
-    """Greedy steps share one graph whatever the (unused) top-p; the fused sampled pick reads
-    temperature, top-p and min-p from the graph's tensor, so they share one too; top-k, a
-    repetition penalty, or the PyTorch pick (pick_in_place False) bake their settings in."""
+    """Greedy steps share one graph whatever the (unused) top-p; the fused pick reads every
+    setting from the graph's tensor, so its sampled steps share one too, and its greedy steps
+    with a repetition penalty another (no noise drawn); the PyTorch pick (pick_in_place
+    False) bakes its settings in."""
     from engine.decode import graph_key
     from engine.sampling import SamplingParams as P
 
     assert graph_key(P(temperature=0), True) == graph_key(P(temperature=0, top_p=0.5), False)
     chat, other = P(temperature=0.7, top_p=0.95), P(temperature=1.2, top_p=0.5, min_p=0.1)
-    assert graph_key(chat, True) == graph_key(other, True) != graph_key(P(temperature=0), True)
-    assert graph_key(chat, False) != graph_key(other, False)
-    assert graph_key(P(temperature=0.7, top_k=40), True) != graph_key(
-        P(temperature=0.9, top_k=40), True
+    qwen = P(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    assert graph_key(chat, True) == graph_key(other, True) == graph_key(qwen, True)
+    assert graph_key(chat, True) != graph_key(P(temperature=0), True)
+    assert graph_key(chat, False) != graph_key(other, False) != graph_key(qwen, False)
+    assert graph_key(P(temperature=0.7, top_k=40), False) != graph_key(
+        P(temperature=0.9, top_k=40), False
     )
     penalty = P(temperature=0, repetition_penalty=1.3)
-    assert graph_key(penalty, True) != graph_key(P(temperature=0), True)
-    assert graph_key(penalty, True) != graph_key(P(temperature=0, repetition_penalty=1.2), True)
+    assert graph_key(penalty, True) == graph_key(P(temperature=0, repetition_penalty=1.2), True)
+    assert graph_key(penalty, True) not in (
+        graph_key(P(temperature=0), True),
+        graph_key(chat, True),
+    )
+    assert graph_key(penalty, False) != graph_key(P(temperature=0, repetition_penalty=1.2), False)

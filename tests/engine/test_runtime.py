@@ -58,8 +58,9 @@ def eager_tokens(model, prompt, p: SamplingParams, seed: int, n: int) -> list[in
         SamplingParams(temperature=0, repetition_penalty=1.3),
         SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=5),
         SamplingParams(temperature=0.7, top_p=0.95, seed=5),  # the chat's: fused.sample_pick
+        SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=5),
     ],
-    ids=["greedy", "greedy-penalty", "sampled", "chat-default"],
+    ids=["greedy", "greedy-penalty", "sampled", "chat-default", "qwen2.5-recommended"],
 )
 @torch.no_grad()
 def test_graph_decode_gives_the_eager_tokens(small_model, p):
@@ -79,7 +80,7 @@ def test_graph_decode_gives_the_eager_tokens(small_model, p):
 
 
 @torch.no_grad()
-def test_one_graph_serves_every_temperature_top_p_and_min_p(small_model):
+def test_one_graph_serves_every_sampling_setting(small_model):
     """The fused sampled pick reads its settings from the graph's tensor: new values take no
     new capture (each one did), and draw the eager tokens of those values."""
     dec = GraphDecoder(small_model)
@@ -87,6 +88,8 @@ def test_one_graph_serves_every_temperature_top_p_and_min_p(small_model):
         SamplingParams(temperature=0.7, top_p=0.95, seed=5),
         SamplingParams(temperature=1.2, top_p=0.6, min_p=0.05, seed=5),
         SamplingParams(temperature=0.3, seed=5),
+        SamplingParams(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, seed=5),
+        SamplingParams(temperature=1.0, top_k=3, repetition_penalty=0.9, seed=5),
     ]
     if not dec.usable(settings[0]):
         pytest.skip("this torch cannot put a seeded generator into a CUDA graph")
@@ -112,15 +115,16 @@ def fused_pick(model) -> bool:
 @torch.no_grad()
 def test_bench_e2e_times_greedy_and_the_chats_sampling(small_model, monkeypatch):
     """measure() on a clock that ticks 1 ms a reading: every rate is the tokens it decoded over
-    the ticks between its readings, the sampled run uses the chat's settings, and its graph ends
-    with the fused sampled pick where that runs."""
+    the ticks between its readings, the sampled runs use the chat's settings and Qwen2.5's, and
+    their graphs end with the fused sampled pick where that runs."""
     from types import SimpleNamespace
 
     from engine import bench_e2e
     from engine.ops import decode as fused
 
     model = build("tiny", "v8-k65536-256", context=1024)  # "tiny": small_model's shapes
-    chat = SamplingParams(**bench_e2e.CHAT_SAMPLING)
+    chat, qwen = (SamplingParams(**s) for s in bench_e2e.SAMPLINGS.values())
+    assert (qwen.top_k, qwen.repetition_penalty) == (20, 1.05)
     if not GraphDecoder(model).usable(chat):
         pytest.skip("this torch cannot put a seeded generator into a CUDA graph")
     ticks = iter(range(10**6))
@@ -133,18 +137,18 @@ def test_bench_e2e_times_greedy_and_the_chats_sampling(small_model, monkeypatch)
         for token in run(self, logits, pos, seen, p, seed, limit):
             n += 1
             yield token
-        runs.append((p.temperature, p.top_p, n))
+        runs.append((p.temperature, p.top_p, p.top_k, n))
 
     monkeypatch.setattr(GraphDecoder, "run", counting_run)
     pick = fused.sample_pick
     monkeypatch.setattr(fused, "sample_pick", lambda *a: (picks.append(1), pick(*a))[1])
     r = bench_e2e.measure(model, 16)
-    assert runs == [(0, 1.0, 16), (0, 1.0, 1), (chat.temperature, chat.top_p, 16)]
+    assert runs == [(0, 1.0, 0, 16), (0, 1.0, 0, 1), (0.7, 0.95, 0, 16), (0.7, 0.8, 20, 16)]
     assert r["prefill_tok_s"] == pytest.approx(bench_e2e.PROMPT / 1e-3)
     assert r["ttft_ms"] == pytest.approx(2.0)  # the prefill's tick and the first token's
     assert r["turn_ttft_ms"] == pytest.approx(2.0)  # the same for the follow-up turn
     assert r["decode_tok_s"] == pytest.approx(15 / 1e-3)  # 15 tokens after the first, 1 tick
-    assert r["sampled_tok_s"] == pytest.approx(15 / 1e-3)
+    assert r["sampled_tok_s"] == pytest.approx({k: 15 / 1e-3 for k in bench_e2e.SAMPLINGS})
     logits = torch.zeros(1, 4096, dtype=torch.float16, device="cuda")
     assert bool(picks) == fused.sample_pick_fused(logits)  # captured: called while capturing
 

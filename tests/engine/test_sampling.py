@@ -1,6 +1,7 @@
 """Sampling filters against hand-computed distributions, and seeded reproducibility."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -71,39 +72,72 @@ def test_top_k_top_p_min_p_keep_exactly_the_right_tokens():
 
 
 def kept_reference(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> list:
-    """Which tokens the filters keep, by their definitions, in float64 one token at a time."""
+    """Which tokens the filters keep, by their definitions, in float64 token by token: top-k
+    keeps a token unless k others are strictly more likely, top-p (below 1) where the tokens
+    strictly more likely hold less than top_p of the mass."""
     out = []
     for row in probs.double().tolist():
         if min_p > 0:
             floor = min_p * max(row)
             row = [x if x >= floor else 0.0 for x in row]
-        total, before, keep = sum(row), 0.0, [False] * len(row)
-        for rank, i in enumerate(sorted(range(len(row)), key=lambda i: -row[i])):
-            if (top_k == 0 or rank < top_k) and before < top_p * total and row[i] > 0:
-                keep[i] = True
-            before += row[i]
-        out.append(keep)
+        total, counts = sum(row), Counter(row)
+        better_n, better_mass, n, mass = {}, {}, 0, 0.0  # per value: what is strictly above
+        for x in sorted(set(row), reverse=True):
+            better_n[x], better_mass[x] = n, mass
+            same = counts[x]
+            n, mass = n + same, mass + x * same
+        out.append([
+            x > 0
+            and (top_k == 0 or better_n[x] < top_k)
+            and (top_p >= 1 or better_mass[x] < top_p * total)
+            for x in row
+        ])  # fmt: skip
     return out
 
 
-@pytest.mark.parametrize("spread", [8.0, 0.1])  # most mass on a few tokens; nearly flat
-def test_the_filters_keep_what_their_definitions_keep_on_a_large_vocabulary(spread):
+def test_tied_tokens_are_kept_or_dropped_together():
+    """Hand-checked: 0.2 three times after 0.3. Top-k 2 and top-p 0.4 keep all four (as Hugging
+    Face's top-k, and as the fused pick); top-p 0.3 only the first (0.3 of mass is above each
+    0.2, not less than 0.3)."""
+    probs = torch.tensor([[0.3, 0.2, 0.2, 0.2, 0.1]])
+    kept = lambda **kw: (filter_probs(probs, SamplingParams(**kw)) > 0).flatten().tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, True, True, False]
+    assert kept(top_k=1) == [True, False, False, False, False]
+    assert kept(top_p=0.4) == [True, True, True, True, False]
+    assert kept(top_p=0.3) == [True, False, False, False, False]
+    assert kept(top_k=3, top_p=0.95) == [True, True, True, True, False]
+    assert kept(top_k=4, top_p=0.95) == [True, True, True, True, False]  # 0.1 is fifth
+    assert kept(top_p=0.95) == [True, True, True, True, True]  # 0.9 above 0.1
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.1, 0.0])  # a few likely tokens; nearly flat; ties
+def test_the_filters_keep_what_their_definitions_keep_on_a_large_vocabulary(spread, monkeypatch):
     """On the CPU top-p looks at the 1024 most likely tokens first (engine/sampling.py
-    _candidates), and top-k takes the k most likely without sorting them all: both must keep
+    _shortlist), and top-k takes the k most likely without sorting them all: both must keep
     exactly the tokens a plain reading of the definitions keeps."""
-    from engine.sampling import CPU_CANDIDATES, _candidates
+    from engine import sampling
 
     gen = torch.Generator().manual_seed(int(spread))
-    probs = torch.softmax(torch.randn(3, 5000, generator=gen) * spread, -1)
+    if spread:
+        probs = torch.softmax(torch.randn(3, 5000, generator=gen) * spread, -1)
+    else:  # six values, each shared by hundreds of tokens, across the shortlist's end
+        probs = torch.softmax(torch.randint(0, 6, (3, 5000), generator=gen).float(), -1)
+    sorts = []
+    sort = torch.Tensor.sort
+    monkeypatch.setattr(
+        torch.Tensor, "sort", lambda t, *a, **k: (sorts.append(1), sort(t, *a, **k))[1]
+    )
     for top_k in (0, 20, 3000):
         for top_p in (1.0, 0.95, 0.5):
             for min_p in (0.0, 0.01):
                 p = SamplingParams(top_k=top_k, top_p=top_p, min_p=min_p)
                 got = (filter_probs(probs, p) > 0).tolist()
                 assert got == kept_reference(probs, top_k, top_p, min_p), (top_k, top_p, min_p)
-    # which way top-p went: the 1024 most likely where they hold 95% of the mass, else all
-    looked_at = _candidates(probs, SamplingParams(top_p=0.95))[0].shape[-1]
-    assert looked_at == (CPU_CANDIDATES if spread > 1 else 5000)
+    # which way top-p went: the 1024 most likely where it drops one of them, else all sorted
+    sorts.clear()
+    filter_probs(probs, SamplingParams(top_p=0.95))
+    assert len(sorts) == (0 if spread > 1 else 1)
+    assert sampling.CPU_CANDIDATES == 1024
 
 
 def test_temperature_sharpens():
