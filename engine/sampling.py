@@ -100,9 +100,12 @@ def recommended_sampling(folder: str | Path) -> dict[str, Any]:
     return kept
 
 
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style repetition penalty on tokens marked in ``seen`` (bool [V])."""
-    if penalty == 1.0:
+def penalize(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor
+) -> torch.Tensor:  # fmt: skip
+    """CTRL-style repetition penalty on tokens marked in ``seen`` (bool [V]); ``penalty`` may be
+    a tensor on the logits' device (no host read of it)."""
+    if not isinstance(penalty, torch.Tensor) and penalty == 1.0:
         return logits
     scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, scaled, logits)

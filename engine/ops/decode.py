@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..sampling import argmax
+from ..sampling import argmax, penalize
 from . import arch, kernels_ready
 
 ENABLED = os.environ.get("VPTQ_DECODE_FUSED", "1") != "0"
@@ -218,17 +218,11 @@ def sample_pick(
     V = raw.shape[0]
     if params is not None:  # device values: no host branch on them (the sort always runs)
         temperature, top_p, min_p = params[0].float(), params[1], params[2].float()
-        top_k, penalty = params[3].long(), params[4].float()
-        raw = torch.where(seen, torch.where(raw > 0, raw / penalty, raw * penalty), raw)
-    else:
-        if repetition_penalty != 1.0:
-            raw = torch.where(
-                seen, torch.where(raw > 0, raw / repetition_penalty, raw * repetition_penalty),
-                raw,
-            )  # fmt: skip
-        if temperature == 0:
-            advance(argmax(raw).view(1), token, seen, pos)
-            return
+        top_k, repetition_penalty = params[3].long(), params[4].float()
+    raw = penalize(raw, seen, repetition_penalty)
+    if params is None and temperature == 0:
+        advance(argmax(raw).view(1), token, seen, pos)
+        return
     x = raw / temperature
     p = torch.exp(x - torch.where(x.isnan(), -torch.inf, x).amax())
     p = torch.where(p >= min_p, p, 0.0)  # NaN too
