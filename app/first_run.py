@@ -17,7 +17,7 @@ from .gpu import Gpus, cuda_index
 GiB = 1 << 30
 MIN_FREE_DISK = 10 * GiB  # a 2-bit 8B model is ~4 GiB, a 70B one ~20 GiB
 # On the CPU a 2-bit model takes about this many bytes a parameter (engine/memory.py cpu_need:
-# its layers expanded to bfloat16, 2, beside their packed form, at most 0.5, and the KV cache).
+# its layers expanded to float16, 2, beside their packed form, at most 0.5, and the KV cache).
 CPU_BYTES_PER_PARAM = 2.5
 SMALLEST_MODEL = 7e9  # the VPTQ-community models start at 7B (Qwen2.5-7B)
 _UNSET = object()

@@ -83,8 +83,8 @@ def without(model: Transformer, parts: tuple[str, ...]) -> Iterator[None]:
                     patch(m, "forward", _empty(m.out_features))
             if "down" in parts:
                 patch(mlp.down_proj, "forward", _empty(mlp.down_proj.out_features))
-        if "lm_head" in parts and model.lm_head is not None:
-            patch(model.lm_head, "forward", _empty(model.args.vocab_size))
+        if "lm_head" in parts:  # the output layer, lm_head or the tied embedding table
+            patch(model, "output", _empty(model.args.vocab_size))
         yield
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from . import ops
 from .formats import gptq
 from .formats.gptq import GPTQSpec
+from .layers import cpu_linear, cpu_weight_dtype
 from .memory import DEQUANT_WORKSPACE
 
 # The GPTQ GEMV kernel up to this many tokens (one launch's token tile); above, column slices of
@@ -105,10 +106,12 @@ class GPTQLinear(nn.Module):
                 )  # fmt: skip
                 return y.view(*x.shape[:-1], self.out_features)
             return self.linear_in_slices(x, bias, self.columns_per_slice(self.kernel_ok(x)))
-        # The CPU dequantizes once, as VQLinear does: the dense weight's memory, not per token.
-        if self.dense_cache is None or self.dense_cache.dtype != x.dtype:
-            self.dense_cache = self.weight_t(x.dtype)
-        return F.linear(x, self.dense_cache, bias)
+        # The CPU dequantizes once, as VQLinear does: the dense weight's memory, not per token
+        # (float16 under float32 activations by default, engine/layers.py cpu_linear).
+        want = cpu_weight_dtype(x.dtype)
+        if self.dense_cache is None or self.dense_cache.dtype != want:
+            self.dense_cache = self.weight_t(want)
+        return cpu_linear(x, self.dense_cache, bias)
 
     def kernel_ok(self, x: torch.Tensor) -> bool:
         return self.scales.dtype == x.dtype and self.kernel_layer_ok()

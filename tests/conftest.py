@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# The CPU float32 path is the oracle of many tests (dense weights against float64 to 1e-5, GPU
+# logits against the CPU's): it keeps its expanded weights in float32 here, and in the engines
+# the tests start. The float16 weights the engine keeps by default (engine/memory.py
+# cpu_half_weights) have tests of their own, which set VPTQ_CPU_WEIGHTS=float16.
+os.environ.setdefault("VPTQ_CPU_WEIGHTS", "float32")
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; GPU tests there run without xdist's workers

@@ -33,7 +33,9 @@ def assert_one_line_error(r, *needles):
 
 
 @pytest.mark.e2e
-def test_generate_chat_answers_paris(demo_path):
+@pytest.mark.parametrize("weights", ["float32", "float16"])  # float16: the engine's default
+def test_generate_chat_answers_paris(demo_path, weights, monkeypatch):
+    monkeypatch.setenv("VPTQ_CPU_WEIGHTS", weights)
     r = run(
         "generate",
         "--model",
