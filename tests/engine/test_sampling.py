@@ -58,9 +58,14 @@ def test_unfiltered_sampling_follows_softmax():
     assert torch.allclose(counts, want, atol=0.03)
 
 
+def kept_by(probs: list[float]):
+    """Which of one row's tokens filter_probs keeps under the settings given."""
+    row = torch.tensor([probs])
+    return lambda **kw: (filter_probs(row, SamplingParams(**kw)) > 0).flatten().tolist()
+
+
 def test_top_k_top_p_min_p_keep_exactly_the_right_tokens():
-    probs = torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]])
-    kept = lambda **kw: (filter_probs(probs, SamplingParams(**kw)) > 0).flatten().tolist()  # noqa: E731
+    kept = kept_by([0.5, 0.25, 0.15, 0.07, 0.03])
     assert kept(top_k=2) == [True, True, False, False, False]
     # top-p keeps the smallest prefix whose mass reaches p: 0.5 + 0.25 >= 0.7
     assert kept(top_p=0.7) == [True, True, False, False, False]
@@ -99,8 +104,7 @@ def test_tied_tokens_are_kept_or_dropped_together():
     """Hand-checked: 0.2 three times after 0.3. Top-k 2 and top-p 0.4 keep all four (as Hugging
     Face's top-k, and as the fused pick); top-p 0.3 only the first (0.3 of mass is above each
     0.2, not less than 0.3)."""
-    probs = torch.tensor([[0.3, 0.2, 0.2, 0.2, 0.1]])
-    kept = lambda **kw: (filter_probs(probs, SamplingParams(**kw)) > 0).flatten().tolist()  # noqa: E731
+    kept = kept_by([0.3, 0.2, 0.2, 0.2, 0.1])
     assert kept(top_k=2) == [True, True, True, True, False]
     assert kept(top_k=1) == [True, False, False, False, False]
     assert kept(top_p=0.4) == [True, True, True, True, False]
