@@ -21,7 +21,6 @@ from .formats.vptq import VQLayerSpec
 from .memory import Shape
 from .memory import projections as memory_projections
 from .ops import cuda, sliced
-from .ops.arch import smem_optin
 
 MODELS = {  # the shape fields of each benchmarked model's config.json
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -111,9 +110,9 @@ def random_layer(k_in: int, n_out: int, scheme: str, dtype=torch.float16) -> Lay
     wbias = torch.rand(k_in, dtype=dtype, device=dev) - 0.5
     tensors = (words, books, res, None, None, perm.int(), torch.argsort(perm).int(), scale, wbias)
     layer = Layer(spec, tensors)
-    if sliced.eligible(spec):
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        layer.sliced = sliced.build(tensors, spec, sms, smem_optin(dev))
+    gpu = sliced.gpu_of(dev)
+    if sliced.eligible(spec, gpu):
+        layer.sliced = sliced.build(tensors, spec, gpu.num_sms, gpu.smem_optin)
     return layer
 
 
@@ -237,14 +236,14 @@ def bench_shared(arch: str, scheme: str, tokens=TOKENS) -> list[dict]:
     """The sliced GEMV with q, k, v and gate, up each in one launch (engine/layers.py
     SharedInputGroup), as the engine decodes; rows like bench_projection's."""
     shapes = {name: (k_in, n_out) for name, k_in, n_out in projections(arch)}
-    props = torch.cuda.get_device_properties(0)
+    gpu = sliced.gpu_of(0)
     rows = []
     for names in SHARED_INPUT:
         proto = [random_layer(*shapes[n], scheme) for n in names]
         if any(layer.sliced is None for layer in proto):
             return []
         layouts = [layer.sliced for layer in proto]
-        sms, optin = props.multi_processor_count, smem_optin(0)
+        sms, optin = gpu.num_sms, gpu.smem_optin
         if not sliced.worth_sharing(layouts, sms, optin):
             continue  # the engine launches these one by one (sliced.MAX_SHARED_TAIL)
         per_copy = sum(layer.nbytes + layer.gemv_bytes for layer in proto)

@@ -69,7 +69,8 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
     shape = Shape.from_config(config(arch))
     tensors = model.state_dict(keep_vars=True)
     weights = sum(t.numel() * t.element_size() for t in tensors.values())
-    layouts = sliced.model_bytes(m.spec for m in model.modules() if isinstance(m, VQLinear))
+    specs = [m.spec for m in model.modules() if isinstance(m, VQLinear)]
+    layouts = sliced.model_bytes(specs, sliced.gpu_of("cuda"))
     on_host = embedding_on_host(shape, weights, context, layouts, _room(cap))
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, t in tensors.items():

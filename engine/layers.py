@@ -14,7 +14,6 @@ from . import ops
 from .formats.packing import pack_indices
 from .formats.vptq import FormatError, VQLayerSpec
 from .memory import cpu_half_weights
-from .ops import arch
 from .ops.reference import as_uint16
 
 log = logging.getLogger(__name__)
@@ -148,9 +147,9 @@ def build_sliced_layouts(model: nn.Module, budget: int) -> tuple[int, int]:
     layers = [m for m in model.modules() if isinstance(m, VQLinear) and sliced.eligible(m.spec)]
     if not layers or not ops.kernels_ready() or not layers[0].indices.is_cuda:
         return 0, len(layers)
-    dev = layers[0].indices.device
-    props = torch.cuda.get_device_properties(dev)
-    arrange(model, layers, budget, props.multi_processor_count, arch.smem_optin(dev))
+    gpu = sliced.gpu_of(layers[0].indices.device)
+    layers = [m for m in layers if sliced.eligible(m.spec, gpu)]  # plans that fit this GPU
+    arrange(model, layers, budget, gpu.num_sms, gpu.smem_optin)
     tune_or_keep(model)  # may give layouts back
     return sum(1 for m in layers if m.sliced is not None), len(layers)
 
@@ -256,7 +255,7 @@ def arrange(model: nn.Module, layers: list, budget: int, num_sms: int, smem_opti
     from .ops import sliced
 
     built = 0
-    for i in sliced.choose([m.spec for m in layers], budget):
+    for i in sliced.choose([m.spec for m in layers], budget, sliced.GPU(num_sms, smem_optin)):
         m = layers[i]
         try:
             m.sliced = sliced.build(m.tensors(), m.spec, num_sms, smem_optin)

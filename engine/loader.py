@@ -178,7 +178,7 @@ def _embedding_on_host(ckpt, shape: Shape, specs, dev, n_ctx: int) -> bool:
 
     if not ops.kernels_ready():
         return False
-    layouts = sliced.model_bytes(specs.values())
+    layouts = sliced.model_bytes(specs.values(), sliced.gpu_of(dev))
     return embedding_on_host(shape, ckpt.nbytes, n_ctx, layouts, free_bytes(dev))
 
 

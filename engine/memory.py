@@ -190,20 +190,29 @@ def res_copies(v: int, res_cw: int) -> int:
 
 
 def sliced_layer_bytes(
-    k_in: int, n_out: int, v: int, k: int, kr: int = 0, groups: int = 1, elem: int = 2
+    k_in: int,
+    n_out: int,
+    v: int,
+    k: int,
+    kr: int = 0,
+    groups: int = 1,
+    elem: int = 2,
+    slice_cw: int | None = None,
+    small: bool | None = None,
 ) -> int:
     """GPU bytes of one layer's sliced decode layout, an upper bound (every segment padded by
     PAD_TO - 1 entries); 0 where the layer does not take it (small codebook, odd vector length).
-    ``elem``: bytes per codebook element."""
+    ``elem``: bytes per codebook element. ``slice_cw`` and ``small``: the device's plan
+    (engine/ops/sliced.py layer_plan) where it differs from the full slice and small_residual."""
     if v not in SLICED_VECTOR_LENS or groups * k * v * 2 <= MIN_BOOK_BYTES:
         return 0
     rows = -(-n_out // v)
-    small = small_residual(v, kr, groups)
+    small = small_residual(v, kr, groups) if small is None else small and kr > 0
     copied = kr > 0 and not small  # a large residual is sliced beside the main codebook
     lookups = rows * k_in * (2 if copied else 1)
     per = 4 + (2 if small else 0)  # 32-bit entry (+ 16-bit residual code)
     n_cw = groups * (k + (kr if copied else 0))
-    segments = -(-n_cw // slice_codewords(v)) * -(-k_in // CHUNK_COLS) * rows
+    segments = -(-n_cw // (slice_cw or slice_codewords(v))) * -(-k_in // CHUNK_COLS) * rows
     table = elem * v * n_cw if copied else 0
     copies = res_copies(v, groups * kr) if small else 1
     if copies > 1:  # the small residual codebooks, each codeword `copies` times

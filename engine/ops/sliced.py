@@ -24,8 +24,9 @@ weights, so the layout adds 2x their size; the loader builds it only where it fi
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -110,39 +111,135 @@ def pad_entry(chunk_cols: int) -> int:
     return chunk_cols << 16
 
 
-def eligible(spec: VQLayerSpec) -> bool:
+@dataclass(frozen=True)
+class GPU:
+    """What a device gives the sliced GEMV: its SMs, and the shared memory one block may opt in
+    to (engine/ops/arch.py smem_optin: 227 KiB on an H100 or H200, 163 on an A100, 99 on an RTX
+    3090 or 4090)."""
+
+    num_sms: int
+    smem_optin: int
+
+
+def gpu_of(device) -> GPU:
+    from . import arch
+
+    props = torch.cuda.get_device_properties(device)
+    return GPU(props.multi_processor_count, arch.smem_optin(device))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How a layer's layout is cut: codewords a slice (a block's share of the codebook in shared
+    memory), and whether a residual codebook sits whole beside each slice (small) or is sliced
+    with the main one (two lookups a weight)."""
+
+    slice_cw: int
+    small: bool
+
+
+MIN_SLICE_CODEWORDS = 256
+
+
+def layer_plan(
+    spec: VQLayerSpec, gpu: GPU | None = None, ctas_per_sm: int | None = None
+) -> LayerPlan | None:
+    """The layout's plan on ``gpu`` (None: the full slice, as every Hopper GPU takes it).
+    Where the full slice (and a small residual codebook with its copies) leaves a block too
+    little shared memory for one token, as the 99 KiB of an RTX 3090 or 4090 do for
+    v8-k65536-256, the slices are halved, or the residual codebook sliced, whichever leaves the
+    fewest entries to read (padding and all, estimated); None where nothing fits. That the full
+    slice fits is checked on the layer's planned launch."""
+    v, g, kr = spec.vector_len, spec.group_num, spec.num_res_centroids
+    base = LayerPlan(slice_codewords(v), small_residual(v, kr, g))
+    if gpu is None:
+        return base
+    return _fitting_plan(spec, base, gpu, ctas_per_sm)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fitting_plan(
+    spec: VQLayerSpec, base: LayerPlan, gpu: GPU, ctas_per_sm: int | None
+) -> LayerPlan | None:
+    best = None
+    for small in (True, False) if base.small else (False,):
+        slice_cw = base.slice_cw
+        while slice_cw >= MIN_SLICE_CODEWORDS:
+            plan = LayerPlan(slice_cw, small)
+            meta = layer_meta(spec, plan, gpu, ctas_per_sm)
+            if meta_tokens(meta, gpu.smem_optin) >= 1:
+                if plan == base:
+                    return base
+                segments = meta[5] * meta[7] * meta[8]
+                lookups = meta[8] * meta[1] * (2 if spec.num_res_centroids and not small else 1)
+                per_segment = lookups / segments  # each segment padded to PAD_TO entries
+                entries = segments * max(per_segment + (PAD_TO - 1) / 2, PAD_TO)
+                best = min(best or (entries, plan), (entries, plan), key=lambda e: e[0])
+            slice_cw = slice_cw // 2 // 8 * 8
+    return None if best is None else best[1]
+
+
+def layer_meta(
+    spec: VQLayerSpec, plan: LayerPlan, gpu: GPU, ctas_per_sm: int | None = None
+) -> list[int]:
+    """The layout's meta (csrc/vptq_ops.cpp sliced_layer) for ``plan`` on ``gpu``: [N, K, v,
+    n_cw, slice_cw, n_slices, chunk_cols, n_chunks, rows, res_cw, row_block, row_blocks]."""
+    v, g, k, kr = spec.vector_len, spec.group_num, spec.num_centroids, spec.num_res_centroids
+    K, rows = spec.in_features, spec.num_indices
+    res_cw = g * kr if plan.small and kr else 0
+    cell = 2 if kr and not plan.small else 1  # a sliced residual: two lookups a weight
+    n_cw = g * (k + (kr if cell == 2 else 0))
+    n_slices = -(-n_cw // plan.slice_cw)
+    chunk_cols, row_block, row_blocks = planned_shape(
+        K, rows, v, plan.slice_cw, res_cw, n_slices, cell, gpu.num_sms, gpu.smem_optin,
+        ctas_per_sm,
+    )  # fmt: skip
+    return [spec.out_features, K, v, n_cw, plan.slice_cw, n_slices, chunk_cols,
+            -(-K // chunk_cols), rows, res_cw, row_block, row_blocks]  # fmt: skip
+
+
+def meta_tokens(meta: list[int], smem_optin: int) -> int:
+    """max_tokens of a layout's meta (its own launch's, or a shared launch's row block)."""
+    return max_tokens(meta[2], meta[4], meta[9], meta[10], meta[6], smem_optin)
+
+
+def eligible(spec: VQLayerSpec, gpu: GPU | None = None) -> bool:
     """Layers the sliced GEMV is for: packed, no outliers, and a codebook the layout takes
-    (engine/memory.py: larger than the plain GEMV's shared memory, a supported v)."""
+    (engine/memory.py: larger than the plain GEMV's shared memory, a supported v), with a plan
+    that fits ``gpu`` (layer_plan)."""
     return (
         spec.packed
         and not spec.has_outliers
         and spec.in_features <= 1 << 20
-        and extra_bytes(spec) > 0
+        and extra_bytes(spec, gpu=gpu) > 0
     )
 
 
-def extra_bytes(spec: VQLayerSpec, elem: int = 2) -> int:
-    """What build() adds on the GPU for this layer, an upper bound (engine/memory.py);
-    ``elem``: bytes per codebook element."""
+def extra_bytes(spec: VQLayerSpec, elem: int = 2, gpu: GPU | None = None) -> int:
+    """What build() adds on ``gpu`` for this layer, an upper bound (engine/memory.py);
+    ``elem``: bytes per codebook element; 0 where no plan fits ``gpu``."""
+    plan = layer_plan(spec, gpu)
+    if plan is None:
+        return 0
     return sliced_layer_bytes(
         spec.in_features, spec.out_features, spec.vector_len, spec.num_centroids,
-        spec.num_res_centroids, spec.group_num, elem,
+        spec.num_res_centroids, spec.group_num, elem, plan.slice_cw, plan.small,
     )  # fmt: skip
 
 
-def model_bytes(specs) -> int:
+def model_bytes(specs, gpu: GPU | None = None) -> int:
     """extra_bytes of every eligible layer among ``specs``: the whole model's layouts."""
-    return sum(extra_bytes(s) for s in specs if eligible(s))
+    return sum(extra_bytes(s, gpu=gpu) for s in specs if eligible(s, gpu))
 
 
-def choose(specs: list[VQLayerSpec], budget: int) -> list[int]:
+def choose(specs: list[VQLayerSpec], budget: int, gpu: GPU | None = None) -> list[int]:
     """Which layers get the layout within ``budget`` bytes: largest first, each needing its
     scratch on top while it is built; a layer too large for what is left is skipped and smaller
     ones still fit."""
     chosen = []
-    for i in sorted(range(len(specs)), key=lambda i: -extra_bytes(specs[i])):
-        need = extra_bytes(specs[i])
-        if need + scratch_bytes(specs[i]) <= budget:
+    for i in sorted(range(len(specs)), key=lambda i: -extra_bytes(specs[i], gpu=gpu)):
+        need = extra_bytes(specs[i], gpu=gpu)
+        if need > 0 and need + scratch_bytes(specs[i]) <= budget:  # 0: no plan fits
             chosen.append(i)
             budget -= need
     return chosen
@@ -503,6 +600,8 @@ def worth_sharing(
         )
         if alone and not shared:
             return False
+        if meta_tokens([*a.meta[:10], -(-r // share)], smem_optin) < 1:
+            return False  # the shared row block's accumulators leave no room for a token
     return True
 
 
@@ -519,8 +618,7 @@ def group(
         row_blocks = -(-r // row_block)
         metas.append([*a.meta[:10], row_block, row_blocks])
         counters.append(torch.zeros(row_blocks, dtype=torch.int32, device=a.entries.device))
-        v, slice_cw, res_cw = a.meta[2], a.meta[4], a.meta[9]
-        most.append(max_tokens(v, slice_cw, res_cw, row_block, a.meta[6], smem_optin))
+        most.append(meta_tokens(metas[-1], smem_optin))
     return SlicedGroup(
         layouts=list(layouts), metas=metas, counters=counters,
         max_tokens=min([GROUP_TOKENS, *most]),
@@ -536,18 +634,21 @@ def build(
 ) -> SlicedLayout:
     """The sliced layout of one layer, on the device of its tensors."""
     indices, centroids, res, _, _, perm, _, _, _ = tensors
-    if not eligible(spec):
-        raise ValueError(f"the sliced GEMV does not take this layer ({spec})")
-    v, g, k, kr = spec.vector_len, spec.group_num, spec.num_centroids, spec.num_res_centroids
-    K, rows, S = spec.in_features, spec.num_indices, spec.group_size
+    gpu = GPU(num_sms, smem_optin)
+    if not eligible(spec, gpu):
+        raise ValueError(f"the sliced GEMV does not take this layer ({spec}) on {gpu}")
+    plan = layer_plan(spec, gpu, ctas_per_sm) or layer_plan(spec, gpu)  # a test's ctas_per_sm
+    i1, i2 = _indices32(indices, spec)  # int32 [G, R, S]
+    if res is None:  # no residual codebook given: its indices are not read
+        spec, i2 = replace(spec, num_res_centroids=0), None
+    meta = layer_meta(spec, plan, gpu, ctas_per_sm)
+    _, K, v, n_cw, slice_cw, n_slices, chunk_cols, n_chunks, rows, res_cw, _, row_blocks = meta
+    g, k, kr, S = spec.group_num, spec.num_centroids, spec.num_res_centroids, spec.group_size
     dev = indices.device
     i32 = torch.int32  # int32 throughout: build() runs beside the loaded model on the GPU
-    i1, i2 = _indices32(indices, spec)  # int32 [G, R, S]
-    if kr == 0 or res is None:
+    if kr == 0:
         i2 = None
-    small = i2 is not None and small_residual(
-        spec.vector_len, spec.num_res_centroids, spec.group_num
-    )
+    small = i2 is not None and plan.small
 
     base = torch.arange(g, device=dev, dtype=i32).view(g, 1, 1)
     lookups = [(base * k + i1).flatten()]
@@ -567,15 +668,8 @@ def build(
             res_table = res_table.repeat_interleave(copies, 0)
     table_is_copy = i2 is not None and not small
     del i2
+    assert table.shape[0] == n_cw, (table.shape, meta)
 
-    slice_cw = slice_codewords(v)
-    n_cw = table.shape[0]
-    n_slices = -(-n_cw // slice_cw)
-    res_cw = kr * g if small else 0
-    chunk_cols, row_block, row_blocks = planned_shape(
-        K, rows, v, slice_cw, res_cw, n_slices, len(lookups), num_sms, smem_optin, ctas_per_sm
-    )
-    n_chunks = -(-K // chunk_cols)
     n_seg = n_slices * n_chunks * rows
     column = perm.to(i32) if perm is not None else torch.arange(K, device=dev, dtype=i32)
     n = len(lookups)
@@ -619,8 +713,6 @@ def build(
         res_codes = torch.where(rc >= 32768, rc - 65536, rc).to(torch.int16)
     del order, pos
 
-    meta = [spec.out_features, K, v, n_cw, slice_cw, n_slices, chunk_cols, n_chunks, rows,
-            res_cw, row_block, row_blocks]  # fmt: skip
     return SlicedLayout(
         entries=entries,
         res_codes=res_codes,
@@ -629,7 +721,7 @@ def build(
         res_table=res_table,
         counters=torch.zeros(row_blocks, dtype=torch.int32, device=dev),
         meta=meta,
-        max_tokens=max_tokens(v, slice_cw, res_cw, row_block, chunk_cols, smem_optin),
+        max_tokens=meta_tokens(meta, smem_optin),
         table_is_copy=table_is_copy,
     )
 

@@ -35,6 +35,10 @@ SLICED = {  # every kind of layer the sliced GEMV takes
 
 
 OPTIN = 227 << 10  # shared memory one block may opt in to on an H100 or H200
+HOPPER = sliced.GPU(num_sms=132, smem_optin=OPTIN)
+A100 = sliced.GPU(num_sms=108, smem_optin=163 << 10)
+CONSUMER = sliced.GPU(num_sms=128, smem_optin=99 << 10)  # an RTX 4090 (a 3090: 82 SMs)
+GPUS = {"a100": A100, "consumer": CONSUMER}
 
 
 def build(name, num_sms=7, ctas_per_sm=2):
@@ -722,3 +726,164 @@ def test_res_copies_mirrors_the_kernels_rule(tmp_path):
                                                 check=True).stdout.split()]  # fmt: skip
     assert got == [sliced.res_copies(v, r) for v, r in grid]
     assert {8, 16, 32, 1} <= set(got)
+
+
+def test_a_consumer_gpu_takes_half_slices_where_the_full_one_and_the_residual_copies_overflow():
+    """Llama-3.1-8B's q in v8-k65536-256 on an RTX 4090 (99 KiB a block, 1 KiB of it static):
+    the full plan takes 64 KiB of slice (4096 codewords x 16 bytes), 32 KiB of residual copies
+    (256 codewords x 8 copies x 16 bytes), 16400 bytes of xhat (4097 floats) and 2 KiB of
+    accumulators (row blocks of 64 rows x 8 x 4 bytes): 116752 bytes, over 100352. Half
+    slices, with twice the parts and so row blocks of 128 rows, take 86032."""
+    spec = make_spec(k_in=4096, n_out=4096, v=8, k=65536, kr=256)
+    full = sliced.LayerPlan(slice_cw=4096, small=True)
+    assert sliced.layer_plan(spec) == sliced.layer_plan(spec, HOPPER) == full
+    assert sliced.layer_plan(spec, A100) == full
+    meta = sliced.layer_meta(spec, full, CONSUMER)
+    assert meta[4:6] == [4096, 16] and meta[9:11] == [256, 64]
+    assert sliced.smem_bytes(8, 4096, 256, 64, 1, 4096) == 116752 > (99 << 10) - 1024
+    assert sliced.meta_tokens(meta, CONSUMER.smem_optin) == 0
+    half = sliced.layer_plan(spec, CONSUMER)
+    assert half == sliced.LayerPlan(slice_cw=2048, small=True)
+    meta = sliced.layer_meta(spec, half, CONSUMER)
+    assert meta[4:6] == [2048, 32] and meta[9:11] == [256, 128]
+    assert sliced.smem_bytes(8, 2048, 256, 128, 1, 4096) == 86032
+    assert sliced.meta_tokens(meta, CONSUMER.smem_optin) == 1
+    # the size bound counts the 16 more segments of each of the 512 rows: 15 entries of
+    # padding at most (6 bytes each with the residual code) and an offset each
+    assert sliced.extra_bytes(spec, gpu=CONSUMER) - sliced.extra_bytes(spec) == 8192 * (15 * 6 + 4)
+    # gate in v8-k65536-4096: its 64 KiB residual codebook leaves no room for a slice and its
+    # accumulators, so it is sliced with the main codebook (69632 codewords in 17 slices)
+    gate = make_spec(k_in=4096, n_out=14336, v=8, k=65536, kr=4096)
+    assert sliced.layer_plan(gate, A100) == full
+    assert sliced.layer_plan(gate, CONSUMER) == sliced.LayerPlan(slice_cw=4096, small=False)
+    meta = sliced.layer_meta(gate, sliced.layer_plan(gate, CONSUMER), CONSUMER)
+    assert meta[3:6] == [69632, 4096, 17] and meta[9] == 0
+
+
+# The test layers whose plan on an older GPU is not the full one (the rest keep it)
+REPLANNED = {
+    ("v8-k65536-r256", "consumer"): sliced.LayerPlan(4096, small=False),
+    ("v4-k16384-r256", "consumer"): sliced.LayerPlan(4096, small=True),
+    ("v2-k65536-r256", "consumer"): sliced.LayerPlan(8192, small=True),
+    ("v12-k65536-r4096-pad", "consumer"): sliced.LayerPlan(2728, small=False),
+    ("v12-k65536-r4096-pad", "a100"): sliced.LayerPlan(2728, small=False),
+}
+
+
+@pytest.mark.parametrize("gpu", sorted(GPUS))
+@pytest.mark.parametrize("name", sorted(SLICED))
+def test_layouts_planned_for_an_older_gpu_reproduce_the_oracle_and_fit_it(name, gpu):
+    """On the shared memory of an A100 or an RTX 4090 a layout is cut finer or its residual
+    sliced (layer_plan) where the full plan leaves no room for a token; the layout still gives
+    x W^T exactly, takes at least one token there, and stays within its size bound."""
+    g = GPUS[gpu]
+    spec = make_spec(**SLICED[name])
+    plan = sliced.layer_plan(spec, g)
+    assert plan == REPLANNED.get((name, gpu), sliced.layer_plan(spec))
+    layer = random_layer(spec, seed=len(name), dtype=torch.float64)
+    args = dequant_args(layer)
+    layout = sliced.build(args, spec, g.num_sms, g.smem_optin)
+    assert layout.meta[4] == plan.slice_cw and (layout.meta[9] > 0) == (
+        plan.small and spec.num_res_centroids > 0
+    )
+    assert layout.table_is_copy == (spec.num_res_centroids > 0 and not plan.small)
+    assert layout.max_tokens >= 1
+    v, slice_cw, res_cw, row_block, chunk_cols = (layout.meta[i] for i in (2, 4, 9, 10, 6))
+    smem = sliced.smem_bytes(v, slice_cw, res_cw, row_block, layout.max_tokens, chunk_cols)
+    assert smem + sliced.STATIC_SMEM <= g.smem_optin
+    x = torch.randn(2, spec.in_features, dtype=torch.float64)
+    bias = None if layer.bias is None else torch.tensor(layer.bias)
+    got = sliced.linear_reference(x, layout, args[7], args[8], bias).numpy()
+    want = x.numpy() @ oracle_dense(layer).T + (0 if layer.bias is None else layer.bias)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    estimate = sliced.extra_bytes(spec, elem=8, gpu=g)
+    assert layout.nbytes - layout.counters.numel() * 4 <= estimate <= 1.1 * layout.nbytes + 4096
+
+
+def test_a_layer_no_plan_fits_gets_no_layout():
+    """16 KiB a block holds not even a chunk's xhat (16 KiB): no plan, so the layer is not
+    eligible there, counts no bytes, is never chosen, and build refuses it."""
+    tiny = sliced.GPU(num_sms=7, smem_optin=16 << 10)
+    spec, _, args, _ = build("v8-k65536")
+    assert sliced.eligible(spec) and sliced.eligible(spec, CONSUMER)
+    assert sliced.layer_plan(spec, tiny) is None and not sliced.eligible(spec, tiny)
+    assert sliced.extra_bytes(spec, gpu=tiny) == 0 == sliced.model_bytes([spec, spec], tiny)
+    assert sliced.model_bytes([spec, spec], CONSUMER) == 2 * sliced.extra_bytes(spec, gpu=CONSUMER)
+    assert sliced.choose([spec], 1 << 40, tiny) == [] and sliced.choose([spec], 1 << 40) == [0]
+    with pytest.raises(ValueError, match="does not take this layer"):
+        sliced.build(args, spec, tiny.num_sms, tiny.smem_optin)
+
+
+def _planned(spec, gpu):
+    """A layout with its meta and no entries, for the launch planners."""
+    plan = sliced.layer_plan(spec, gpu)
+    meta = sliced.layer_meta(spec, plan, gpu)
+    empty = torch.zeros(0, dtype=torch.int32)
+    return sliced.SlicedLayout(
+        entries=empty, res_codes=None, offsets=empty, table=empty, res_table=None,
+        counters=torch.zeros(meta[11], dtype=torch.int32), meta=meta,
+        max_tokens=sliced.meta_tokens(meta, gpu.smem_optin),
+        table_is_copy=spec.num_res_centroids > 0 and not plan.small,
+    )  # fmt: skip
+
+
+def test_layers_do_not_share_a_launch_whose_row_blocks_leave_no_room_for_a_token():
+    """Llama-3.1-8B's gate and up in v8-k65536-4096 on an A100 each take a token alone, but a
+    shared launch's row blocks of twice the rows would need more shared memory than a block
+    has; q, k and v share one."""
+    gate = make_spec(k_in=4096, n_out=14336, v=8, k=65536, kr=4096)
+    pair = [_planned(gate, A100), _planned(gate, A100)]
+    assert [a.max_tokens for a in pair] == [1, 1]
+    assert sliced.groupable(pair) and sliced.group(pair, 108, A100.smem_optin).max_tokens == 0
+    assert not sliced.worth_sharing(pair, 108, A100.smem_optin)
+    q, kv = (make_spec(k_in=4096, n_out=n, v=8, k=65536, kr=4096) for n in (4096, 1024))
+    three = [_planned(q, A100), _planned(kv, A100), _planned(kv, A100)]
+    assert sliced.worth_sharing(three, 108, A100.smem_optin)
+    assert sliced.group(three, 108, A100.smem_optin).max_tokens == 1
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_the_kernel_takes_the_tokens_the_planner_gives_on_each_gpu(tmp_path):
+    """meta_tokens against csrc/vptq_sliced.cu sliced_supported (the check before a launch),
+    compiled and run on the host, for the plans of Llama-3.1-8B's projections in each scheme
+    with a residual codebook on an H100, an A100 and an RTX 4090 (full slices, half slices,
+    sliced residuals): the kernel takes T tokens exactly where the planner's tile of T fits."""
+    repo = Path(__file__).parents[2]
+    cases = []
+    for kr in (0, 256, 4096):
+        for k_in, n_out in ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)):
+            spec = make_spec(k_in=k_in, n_out=n_out, v=8, k=65536, kr=kr)
+            for gpu in (HOPPER, A100, CONSUMER):
+                plan = sliced.layer_plan(spec, gpu)
+                cases.append((sliced.layer_meta(spec, plan, gpu), gpu.smem_optin))
+    kinds = {(m[4], m[9] > 0, m[3]) for m, _ in cases}  # slice, small residual, codewords
+    assert {(4096, True, 65536), (2048, True, 65536), (4096, False, 69632)} <= kinds
+    stub = "cudaError_t launch_sliced_tile{0}(const SlicedGroup&, const void*, int, DType, " \
+        "cudaStream_t) {{ return cudaErrorNotSupported; }}\n"  # fmt: skip
+    fields = "N K v n_cw slice_cw n_slices chunk_cols n_chunks rows res_cw row_block row_blocks"
+    body = ""
+    for meta, optin in cases:
+        body += "  { vptq::SlicedLayer L; "
+        body += "".join(f"L.{f} = {m}; " for f, m in zip(fields.split(), meta, strict=True))
+        body += f'for (int t = 1; t <= 8; ++t) std::printf("%d ", vptq::sliced_supported(L, t, {optin})); }}\n'  # noqa: E501
+    src = tmp_path / "supported.cu"
+    src.write_text(
+        '#include <cstdio>\n#include "vptq.h"\nnamespace vptq {\n'
+        + "".join(stub.format(nt) for nt in (1, 2, 4, 8))
+        + "}\nint main() {\n"
+        + body
+        + "  return 0;\n}\n"
+    )
+    exe = tmp_path / "supported"
+    subprocess.run(["nvcc", "-std=c++17", f"-I{repo / 'csrc'}", "-gencode",
+                    "arch=compute_90a,code=sm_90a", str(src), str(repo / "csrc" / "vptq_sliced.cu"),
+                    "-o", str(exe)], check=True, capture_output=True)  # fmt: skip
+    out = subprocess.run([exe], capture_output=True, text=True, check=True).stdout.split()
+    got = np.array([int(b) for b in out]).reshape(len(cases), 8)
+
+    def tile(t):
+        return next(nt for nt in sliced.TOKEN_TILES if nt >= t)
+
+    want = [[int(tile(t) <= sliced.meta_tokens(m, o)) for t in range(1, 9)] for m, o in cases]
+    assert got.tolist() == want
+    assert got[:, 0].all()  # every plan takes one token
