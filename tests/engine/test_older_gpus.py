@@ -34,7 +34,10 @@ def test_the_gpu_tests_pass_as_an_older_gpu(gen, monkeypatch, gpu_lock_folder):
         pytest.skip(f"this run already takes {arch.ENV}={os.environ[arch.ENV]}")
     if torch.cuda.get_device_capability() <= (int(gen[0]), int(gen[1])):
         pytest.skip(f"this GPU is no newer than compute capability {gen[0]}.{gen[1]}")
-    workers = ["-n", "4"] if importlib.util.find_spec("xdist") else []
+    # as many workers as the GPU tests run with (8 on a 16-core machine): one generation's run
+    # takes about 300 s on an H100 that way, so each fits a call of its own (-k 86, -k 80)
+    n = max(2, min(8, (os.cpu_count() or 4) // 2))
+    workers = ["-n", str(n)] if importlib.util.find_spec("xdist") else []
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
            "-m", "gpu and not gpu_alone", "-k", "not demo and not 8b",
            *(str(ROOT / "tests" / "engine" / f) for f in FILES)]  # fmt: skip
