@@ -21,7 +21,8 @@ from PySide6.QtCore import (
     Signal,
 )
 
-from engine.memory import gptq_zero_bytes, host_available, sliced_model_bytes
+from engine.memory import gptq_zero_bytes, host_available
+from engine.sliced_plan import model_layout_bytes
 
 from .downloads import ACTIVE, Download, DownloadManager
 from .fit import CpuFit, Fit, Shape, cpu_fit, fit
@@ -459,7 +460,7 @@ class BrowserController(QObject):
 
 
 def _gpu_fit(shape: Shape, s: Scheme, weight_bytes: int, gpu: GpuInfo, context: int) -> Fit:
-    layout = sliced_model_bytes(shape, s.v, s.k, s.kr or 0) if s.v and s.k else 0
+    layout = model_layout_bytes(shape, s.v, s.k, s.kr or 0, gpu.plan_gpu) if s.v and s.k else 0
     unpacked = 0
     if s.gptq and s.gptq_bits and s.gptq_group is not None:  # zero points unpacked at load
         unpacked = gptq_zero_bytes(shape, s.gptq_bits, s.gptq_group)

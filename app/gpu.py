@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.sliced_plan import GPU, gpu_for
+
 
 @dataclass
 class GpuInfo:
@@ -20,6 +22,14 @@ class GpuInfo:
     util: int | None  # percent
     temp: int | None  # degrees C
     engine_bytes: int | None = None  # memory used by the engine process
+    capability: tuple[int, int] | None = None  # CUDA compute capability (major, minor)
+    cuda_cores: int | None = None
+
+    @property
+    def plan_gpu(self) -> GPU | None:
+        """The GPU the engine will plan its fast decode layout for (engine/sliced_plan.py);
+        None where NVML told too little (the fit check then plans as for an H100)."""
+        return gpu_for(self.capability, self.cuda_cores)
 
 
 class Gpus:
@@ -60,6 +70,8 @@ class Gpus:
                         _try(lambda h=h: n.nvmlDeviceGetUtilizationRates(h).gpu),
                         _try(lambda h=h: n.nvmlDeviceGetTemperature(h, n.NVML_TEMPERATURE_GPU)),
                         _process_bytes(n, h, engine_pid),
+                        _capability(n, h),
+                        _try(lambda h=h: n.nvmlDeviceGetNumGpuCores(h)),
                     )
                 )
         except Exception as e:
@@ -96,6 +108,14 @@ def _process_name(pid: int) -> str:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _capability(n, handle) -> tuple[int, int] | None:
+    try:
+        major, minor = n.nvmlDeviceGetCudaComputeCapability(handle)
+        return int(major), int(minor)
+    except Exception:  # an older driver or library
+        return None
 
 
 def _try(fn):

@@ -33,7 +33,7 @@ CONTEXT_STEP = 256  # the largest context is reported in these steps
 # so that the app's fit check can size it without torch.
 SLICE_BYTES = 64 * 1024  # codebook bytes per GPU block (shared memory)
 CHUNK_COLS = 4096  # input columns per chunk, at least (sizes below assume this many chunks)
-MAX_CHUNK_COLS = 8192  # at most (engine/ops/sliced.py chunk_width)
+MAX_CHUNK_COLS = 8192  # at most (engine/sliced_plan.py chunk_width)
 PAD_TO = 16  # segment lengths are multiples of this (csrc/vptq_sliced.cuh kRowLanes)
 SLICED_READ_AHEAD = 288  # padding entries after the last segment (csrc/vptq.h kSlicedReadAhead)
 RES_SMEM_BYTES = 96 * 1024  # residual codebooks up to this size sit whole in every block
@@ -203,7 +203,7 @@ def sliced_layer_bytes(
     """GPU bytes of one layer's sliced decode layout, an upper bound (every segment padded by
     PAD_TO - 1 entries); 0 where the layer does not take it (small codebook, odd vector length).
     ``elem``: bytes per codebook element. ``slice_cw`` and ``small``: the device's plan
-    (engine/ops/sliced.py layer_plan) where it differs from the full slice and small_residual."""
+    (engine/sliced_plan.py layer_plan) where it differs from the full slice and small_residual."""
     if v not in SLICED_VECTOR_LENS or groups * k * v * 2 <= MIN_BOOK_BYTES:
         return 0
     rows = -(-n_out // v)
@@ -232,11 +232,6 @@ def projections(shape: Shape) -> list[tuple[int, int]]:
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     h, i = shape.hidden, shape.intermediate
     return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
-
-
-def sliced_model_bytes(shape: Shape, v: int, k: int, kr: int = 0) -> int:
-    """The sliced decode layouts of every decoder projection of a VPTQ model of this shape."""
-    return shape.layers * sum(sliced_layer_bytes(a, b, v, k, kr) for a, b in projections(shape))
 
 
 def gptq_zero_bytes(shape: Shape, bits: int, group: int) -> int:

@@ -17,10 +17,12 @@ import re
 
 import torch
 
+from .. import sliced_plan
+
 ENV = "VPTQ_CUDA_ARCH"
 # Opt-in shared memory a block on the generations the kernels are compiled for besides Hopper
 # (CUDA C++ Programming Guide, "Technical Specifications per Compute Capability").
-SMEM_OPTIN = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 7): 163 * 1024, (8, 9): 99 * 1024}
+SMEM_OPTIN = {cap: b for cap, b in sliced_plan.SMEM_OPTIN.items() if cap < (9, 0)}
 
 
 def emulated() -> tuple[int, int] | None:

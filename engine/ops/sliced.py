@@ -24,62 +24,42 @@ weights, so the layout adds 2x their size; the loader builds it only where it fi
 
 from __future__ import annotations
 
-import functools
-import os
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..formats.vptq import VQLayerSpec
-from ..memory import (
-    CHUNK_COLS,
-    MAX_CHUNK_COLS,
-    PAD_TO,
-    SLICED_READ_AHEAD,
-    res_copies,
-    slice_codewords,
-    sliced_layer_bytes,
-    small_residual,
+from ..memory import PAD_TO, SLICED_READ_AHEAD, res_copies
+from ..sliced_plan import (  # noqa: F401 (the planners, torch-free; tests reach them here too)
+    GPU,
+    STATIC_SMEM,
+    TOKEN_TILES,
+    LayerPlan,
+    blocks_per_sm,
+    chunk_width,
+    launch_shape,
+    layer_meta,
+    layer_plan,
+    layer_shape,
+    layout_bytes,
+    max_tokens,
+    meta_tokens,
+    plan_cost,
+    planned_shape,
+    plans,
+    smem_bytes,
+    two_per_sm,
 )
 from .reference import layer_indices
 
-CTAS_OVERRIDE = os.environ.get("VPTQ_SLICED_CTAS_PER_SM")  # blocks per SM, for tuning runs
 
+def gpu_of(device) -> GPU:
+    """The GPU to plan for: ``device``'s SMs and opt-in shared memory (or the emulated
+    generation's, engine/ops/arch.py)."""
+    from . import arch
 
-def blocks_per_sm(v: int, res_cw: int) -> int:
-    """The one-token sliced kernel's blocks an SM runs at once: two where 64 registers hold its
-    loop (without a small residual codebook, v <= 8, or v = 16 whose lanes take half a codeword
-    each; csrc/vptq_sliced.cuh's __launch_bounds__), else one, its 72-113 registers a thread
-    leaving room for one block of 512 threads."""
-    return 2 if (v <= 8 or v == 16) and res_cw == 0 else 1
-
-
-# Launches are planned for two blocks an SM (one wave where the SM holds two). A kernel that
-# holds one runs such a plan in two waves, and each wave pays the blocks' fixed costs (the
-# slice and residual codebook copies, xhat, the end) again: Llama-3.1-8B v8-k65536-256 took 149
-# us a block that way against 128 planned for one wave (H200, csrc/KERNELS.md session 22). But
-# one wave of 50-100 blocks a row block leaves SMs idle (v12-k65536-4096 down: 65 us in one wave
-# of 100 blocks, 52 in two of 250). So for such a kernel both plans are costed, in lookups of
-# the fullest block plus WAVE_LOOKUPS a wave, and the cheaper taken (the one wave on a tie):
-# that picks the faster plan of every launch measured there but v16 gate (one wave, 4% slower).
-WAVE_LOOKUPS = 8192
-
-
-def plan_cost(blocks: int, lookups_per_block: float, num_sms: int, per_sm: int) -> float:
-    """A launch of ``blocks`` on SMs that each run ``per_sm`` at once, in waves."""
-    waves = -(-blocks // (num_sms * per_sm))
-    return waves * (WAVE_LOOKUPS + lookups_per_block)
-
-
-def plans(v: int, res_cw: int, ctas_per_sm: int | None) -> list[int]:
-    """The blocks an SM to plan a launch for, to be costed by plan_cost: ``ctas_per_sm`` where
-    given (tests), else VPTQ_SLICED_CTAS_PER_SM where set, else what the kernel holds and two."""
-    given = ctas_per_sm or (int(CTAS_OVERRIDE) if CTAS_OVERRIDE else 0)
-    return [given] if given else sorted({blocks_per_sm(v, res_cw), 2})
-
-
-TOKEN_TILES = (1, 2, 4, 8)
-STATIC_SMEM = 1024  # room for the kernel's static shared arrays (csrc/vptq.h kSlicedStaticSmem)
+    props = torch.cuda.get_device_properties(device)
+    return GPU(props.multi_processor_count, arch.smem_optin(device))
 
 
 @dataclass
@@ -111,98 +91,6 @@ def pad_entry(chunk_cols: int) -> int:
     return chunk_cols << 16
 
 
-@dataclass(frozen=True)
-class GPU:
-    """What a device gives the sliced GEMV: its SMs, and the shared memory one block may opt in
-    to (engine/ops/arch.py smem_optin: 227 KiB on an H100 or H200, 163 on an A100, 99 on an RTX
-    3090 or 4090)."""
-
-    num_sms: int
-    smem_optin: int
-
-
-def gpu_of(device) -> GPU:
-    from . import arch
-
-    props = torch.cuda.get_device_properties(device)
-    return GPU(props.multi_processor_count, arch.smem_optin(device))
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """How a layer's layout is cut: codewords a slice (a block's share of the codebook in shared
-    memory), and whether a residual codebook sits whole beside each slice (small) or is sliced
-    with the main one (two lookups a weight)."""
-
-    slice_cw: int
-    small: bool
-
-
-MIN_SLICE_CODEWORDS = 256
-
-
-def layer_plan(
-    spec: VQLayerSpec, gpu: GPU | None = None, ctas_per_sm: int | None = None
-) -> LayerPlan | None:
-    """The layout's plan on ``gpu`` (None: the full slice, as every Hopper GPU takes it).
-    Where the full slice (and a small residual codebook with its copies) leaves a block too
-    little shared memory for one token, as the 99 KiB of an RTX 3090 or 4090 do for
-    v8-k65536-256, the slices are halved, or the residual codebook sliced, whichever leaves the
-    fewest entries to read (padding and all, estimated); None where nothing fits. That the full
-    slice fits is checked on the layer's planned launch."""
-    v, g, kr = spec.vector_len, spec.group_num, spec.num_res_centroids
-    base = LayerPlan(slice_codewords(v), small_residual(v, kr, g))
-    if gpu is None:
-        return base
-    return _fitting_plan(spec, base, gpu, ctas_per_sm)
-
-
-@functools.lru_cache(maxsize=4096)
-def _fitting_plan(
-    spec: VQLayerSpec, base: LayerPlan, gpu: GPU, ctas_per_sm: int | None
-) -> LayerPlan | None:
-    best = None
-    for small in (True, False) if base.small else (False,):
-        slice_cw = base.slice_cw
-        while slice_cw >= MIN_SLICE_CODEWORDS:
-            plan = LayerPlan(slice_cw, small)
-            meta = layer_meta(spec, plan, gpu, ctas_per_sm)
-            if meta_tokens(meta, gpu.smem_optin) >= 1:
-                if plan == base:
-                    return base
-                segments = meta[5] * meta[7] * meta[8]
-                lookups = meta[8] * meta[1] * (2 if spec.num_res_centroids and not small else 1)
-                per_segment = lookups / segments  # each segment padded to PAD_TO entries
-                entries = segments * max(per_segment + (PAD_TO - 1) / 2, PAD_TO)
-                best = min(best or (entries, plan), (entries, plan), key=lambda e: e[0])
-            slice_cw = slice_cw // 2 // 8 * 8
-    return None if best is None else best[1]
-
-
-def layer_meta(
-    spec: VQLayerSpec, plan: LayerPlan, gpu: GPU, ctas_per_sm: int | None = None
-) -> list[int]:
-    """The layout's meta (csrc/vptq_ops.cpp sliced_layer) for ``plan`` on ``gpu``: [N, K, v,
-    n_cw, slice_cw, n_slices, chunk_cols, n_chunks, rows, res_cw, row_block, row_blocks]."""
-    v, g, k, kr = spec.vector_len, spec.group_num, spec.num_centroids, spec.num_res_centroids
-    K, rows = spec.in_features, spec.num_indices
-    res_cw = g * kr if plan.small and kr else 0
-    cell = 2 if kr and not plan.small else 1  # a sliced residual: two lookups a weight
-    n_cw = g * (k + (kr if cell == 2 else 0))
-    n_slices = -(-n_cw // plan.slice_cw)
-    chunk_cols, row_block, row_blocks = planned_shape(
-        K, rows, v, plan.slice_cw, res_cw, n_slices, cell, gpu.num_sms, gpu.smem_optin,
-        ctas_per_sm,
-    )  # fmt: skip
-    return [spec.out_features, K, v, n_cw, plan.slice_cw, n_slices, chunk_cols,
-            -(-K // chunk_cols), rows, res_cw, row_block, row_blocks]  # fmt: skip
-
-
-def meta_tokens(meta: list[int], smem_optin: int) -> int:
-    """max_tokens of a layout's meta (its own launch's, or a shared launch's row block)."""
-    return max_tokens(meta[2], meta[4], meta[9], meta[10], meta[6], smem_optin)
-
-
 def eligible(spec: VQLayerSpec, gpu: GPU | None = None) -> bool:
     """Layers the sliced GEMV is for: packed, no outliers, and a codebook the layout takes
     (engine/memory.py: larger than the plain GEMV's shared memory, a supported v), with a plan
@@ -216,15 +104,9 @@ def eligible(spec: VQLayerSpec, gpu: GPU | None = None) -> bool:
 
 
 def extra_bytes(spec: VQLayerSpec, elem: int = 2, gpu: GPU | None = None) -> int:
-    """What build() adds on ``gpu`` for this layer, an upper bound (engine/memory.py);
-    ``elem``: bytes per codebook element; 0 where no plan fits ``gpu``."""
-    plan = layer_plan(spec, gpu)
-    if plan is None:
-        return 0
-    return sliced_layer_bytes(
-        spec.in_features, spec.out_features, spec.vector_len, spec.num_centroids,
-        spec.num_res_centroids, spec.group_num, elem, plan.slice_cw, plan.small,
-    )  # fmt: skip
+    """What build() adds on ``gpu`` for this layer, an upper bound (engine/sliced_plan.py
+    layout_bytes); ``elem``: bytes per codebook element; 0 where no plan fits ``gpu``."""
+    return layout_bytes(spec, gpu, elem)
 
 
 def model_bytes(specs, gpu: GPU | None = None) -> int:
@@ -264,134 +146,10 @@ def _indices32(indices: torch.Tensor, spec: VQLayerSpec, rows_per_step: int = 25
     return torch.cat(main, 1), (torch.cat(res, 1) if res else None)
 
 
-def smem_bytes(
-    v: int, slice_cw: int, res_cw: int, row_block: int, tokens_tile: int, chunk_cols: int
-) -> int:
-    """Mirrors plan() in csrc/vptq_sliced.cuh."""
-
-    def a16(n: int) -> int:
-        return (n + 15) & ~15
-
-    return (
-        a16(slice_cw * v * 2)
-        + a16(res_cw * res_copies(v, res_cw) * v * 2)
-        + a16((chunk_cols + 1) * tokens_tile * 4)
-        + a16(row_block * v * tokens_tile * 4)
-    )
-
-
-def max_tokens(
-    v: int, slice_cw: int, res_cw: int, row_block: int, chunk_cols: int, smem_optin: int
-) -> int:
-    """Most tokens one call takes (0: none): v x tokens accumulators <= 32 per lane, and the
-    shared memory fits beside STATIC_SMEM (sliced_supported() in csrc/vptq_sliced.cu)."""
-    room = smem_optin - STATIC_SMEM
-    fits = [
-        nt
-        for nt in TOKEN_TILES
-        if v * nt <= 32 and smem_bytes(v, slice_cw, res_cw, row_block, nt, chunk_cols) <= room
-    ]
-    return max(fits, default=0)
-
-
-def two_per_sm(
-    v: int, slice_cw: int, res_cw: int, row_block: int, chunk_cols: int, smem_optin: int
-) -> bool:
-    """Whether two one-token blocks fit an SM's shared memory: an SM has 1 KiB more than one
-    block may opt in to, and each block takes its static arrays and 1 KiB the system reserves."""
-    block = smem_bytes(v, slice_cw, res_cw, row_block, 1, chunk_cols) + STATIC_SMEM + 1024
-    return 2 * block <= smem_optin + 1024
-
-
-def chunk_width(K: int, v: int, slice_cw: int, res_cw: int, row_block: int, smem_optin: int) -> int:
-    """Input columns per chunk: what a block's shared memory holds of xhat. Each chunk has its
-    own blocks (one per slice and row block) and its own terms of the sums, which the kernel
-    reading the output adds, so a chunk costs blocks of the wave and terms, not a barrier.
-    (Until session 16 a block walked all chunks, and each chunk end was a block-wide barrier
-    behind the slowest warp plus a round of loads: Llama-3.1-8B's down projection in 4 chunks
-    of 4096 took 29.0 us where gate, with as many lookups in 1 chunk, took 22.7, in 2 chunks of
-    7168 26.0; H200, csrc/KERNELS.md session 10.) Chunks are as wide as MAX_CHUNK_COLS, K split
-    evenly (a multiple of 8), where that keeps the layer's token tiles and its two blocks per
-    SM; else CHUNK_COLS."""
-    base = (
-        max_tokens(v, slice_cw, res_cw, row_block, CHUNK_COLS, smem_optin),
-        two_per_sm(v, slice_cw, res_cw, row_block, CHUNK_COLS, smem_optin),
-    )
-    n = -(-K // MAX_CHUNK_COLS)
-    while n * CHUNK_COLS < K:
-        width = (-(-K // n) + 7) // 8 * 8
-        now = (
-            max_tokens(v, slice_cw, res_cw, row_block, width, smem_optin),
-            two_per_sm(v, slice_cw, res_cw, row_block, width, smem_optin),
-        )
-        if now == base:
-            return width
-        n += 1
-    return CHUNK_COLS
-
-
 def parts(meta: list[int]) -> int:
     """Blocks a row block of the layout takes, one for each slice of each column chunk, and
     terms of its partial sums (csrc/vptq.h SlicedLayer::parts)."""
     return meta[5] * meta[7]
-
-
-def launch_shape(rows: int, n_parts: int, num_sms: int, ctas_per_sm: int) -> tuple[int, int]:
-    """(row_block, row_blocks): about ctas_per_sm blocks per SM in one wave, never more; a row
-    block takes n_parts blocks."""
-    row_blocks = max(1, min(rows, (num_sms * ctas_per_sm) // n_parts))
-    row_block = -(-rows // row_blocks)
-    return row_block, -(-rows // row_block)
-
-
-def layer_shape(
-    K: int,
-    rows: int,
-    v: int,
-    slice_cw: int,
-    res_cw: int,
-    n_slices: int,
-    num_sms: int,
-    ctas_per_sm: int,
-    smem_optin: int,
-) -> tuple[int, int, int]:
-    """(chunk_cols, row_block, row_blocks) of a layer's own launch. A block serves one slice of
-    one column chunk, so the chunks share the wave with the slices; wider row blocks take more
-    accumulators, which may narrow the chunks: the two are settled together."""
-    n_chunks = 1
-    for _ in range(4):
-        row_block, row_blocks = launch_shape(rows, n_slices * n_chunks, num_sms, ctas_per_sm)
-        chunk_cols = chunk_width(K, v, slice_cw, res_cw, row_block, smem_optin)
-        if -(-K // chunk_cols) == n_chunks:
-            break
-        n_chunks = -(-K // chunk_cols)
-    return chunk_cols, row_block, row_blocks
-
-
-def planned_shape(
-    K: int,
-    rows: int,
-    v: int,
-    slice_cw: int,
-    res_cw: int,
-    n_slices: int,
-    cell_lookups: int,
-    num_sms: int,
-    smem_optin: int,
-    ctas_per_sm: int | None = None,
-) -> tuple[int, int, int]:
-    """layer_shape for the cheaper plan (``plans``, ``plan_cost``). ``cell_lookups``: lookups a
-    (vector-row, column) has in the layout's table, 2 where the residual codebook is sliced."""
-
-    def cost(c: int) -> float:
-        chunk_cols, row_block, row_blocks = shape = layer_shape(
-            K, rows, v, slice_cw, res_cw, n_slices, num_sms, c, smem_optin
-        )
-        blocks = row_blocks * n_slices * -(-K // chunk_cols)
-        lookups = row_block * chunk_cols * cell_lookups / n_slices
-        return plan_cost(blocks, lookups, num_sms, blocks_per_sm(v, res_cw)), c, shape
-
-    return min(cost(c) for c in plans(v, res_cw, ctas_per_sm))[2]
 
 
 def bank_groups(v: int) -> tuple[int, int]:

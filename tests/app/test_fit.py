@@ -9,7 +9,7 @@ Overhead = 512 MiB (CUDA context) + min(largest linear N*K*2 bytes, 128 MiB) (de
 import pytest
 
 from app.fit import Shape, fit
-from engine.memory import sliced_model_bytes
+from engine.sliced_plan import model_layout_bytes
 
 GiB = 1 << 30
 
@@ -95,9 +95,9 @@ def test_fast_decode_layout_of_llama_8b_by_hand():
     down: 512 rows x 14336, 4 chunks -> (7340032 + 15 x 32768 + 288) x 4 + 4 x 32769 = 31458436
     per layer 116137884, x 32 layers."""
     shape = Shape.from_config(LLAMA_31_8B)
-    layout = sliced_model_bytes(shape, 8, 65536, 0)
+    layout = model_layout_bytes(shape, 8, 65536, 0)
     assert layout == 32 * 116_137_884 == 3_716_412_288
-    assert sliced_model_bytes(shape, 8, 256, 0) == 0  # 4 KB codebooks: the plain GEMV's
+    assert model_layout_bytes(shape, 8, 256, 0) == 0  # 4 KB codebooks: the plain GEMV's
     roomy = fit(shape, 4_000_000_000, 16 * GiB, 8192, layout)
     assert roomy.layout_fits and roomy.verdict == "fits"
     assert "Fast decode layout 3.46 GiB: fits too" in roomy.lines()
@@ -109,12 +109,12 @@ def test_fast_decode_layout_of_llama_8b_by_hand():
 
 
 def test_llama_70b_keeps_its_embedding_table_in_host_memory_where_the_gpu_is_short(monkeypatch):
-    """With the fast decode layout (17 GB by sliced_model_bytes) 70B at 2 bits exceeds 22 GiB:
+    """With the fast decode layout (17 GB by model_layout_bytes) 70B at 2 bits exceeds 22 GiB:
     the engine then keeps the 128256 x 8192 x 2 byte table on the host, and the fit check
     counts it there; a tied table (also the output head) stays on the GPU."""
     monkeypatch.delenv("VPTQ_EMBED_ON_HOST", raising=False)
     shape = Shape.from_config(LLAMA_31_70B)
-    layout = sliced_model_bytes(shape, 8, 65536)
+    layout = model_layout_bytes(shape, 8, 65536)
     f = fit(shape, 19_500_000_000, 22 * GiB, 4096, layout)
     assert f.host == 128256 * 8192 * 2 == 2_101_346_304
     assert f.weights == 19_500_000_000 - 2_101_346_304
@@ -164,3 +164,90 @@ def test_llama_8b_two_bit_on_the_cpu_by_hand():
     assert unknown.verdict is None and len(unknown.lines()) == 1
     # a dense fp16 checkpoint holds no packed layers beside its float32 copy
     assert cpu_fit(shape, 16_060_522_496, False, 4096, None).need.packed == 0
+
+
+def test_the_fast_decode_layout_is_planned_for_the_gpu_nvml_names():
+    """An RTX 4090 (compute capability 8.9, 16384 CUDA cores: 128 SMs of 99 KiB a block) cuts
+    Llama-3.1-8B's v8-k65536-256 layouts in half slices (engine/sliced_plan.py layer_plan):
+    each projection has twice its 16 slices x column chunks x rows segments, each at most 15
+    entries of padding (6 bytes with the residual code) and an offset (4 bytes) more:
+    q, o: 16 x 1 x 512 = 8192; k, v: 2048; gate, up: 16 x 1792 = 28672; down: 16 x 4 x 512 =
+    32768 -> 2 x 8192 + 2 x 2048 + 2 x 28672 + 32768 = 110592 segments x 94 bytes = 10395648
+    a layer, x 32 layers."""
+    from app.gpu import GpuInfo
+    from engine.sliced_plan import GPU
+
+    def card(capability, cores):
+        return GpuInfo(0, "GPU-1", "card", 24 * GiB, 0, 24 * GiB, 0, 40, None, capability, cores)
+
+    rtx4090 = card((8, 9), 16384).plan_gpu
+    assert rtx4090 == GPU(num_sms=128, smem_optin=99 << 10)
+    assert card((8, 6), 10496).plan_gpu == GPU(82, 99 << 10)  # RTX 3090
+    assert card((8, 0), 6912).plan_gpu == GPU(108, 163 << 10)  # A100
+    assert card((9, 0), 16896).plan_gpu == GPU(132, 227 << 10)  # H100 SXM
+    assert card((12, 0), 21760).plan_gpu is None and card(None, None).plan_gpu is None
+    shape = Shape.from_config(LLAMA_31_8B)
+    hopper = model_layout_bytes(shape, 8, 65536, 256)
+    assert model_layout_bytes(shape, 8, 65536, 256, rtx4090) - hopper == 32 * 10_395_648
+    assert model_layout_bytes(shape, 8, 65536, 256, card((9, 0), 16896).plan_gpu) == hopper
+    # v8-k65536-4096: on the RTX 4090 most layers' 64 KiB residual codebook is sliced with the
+    # main one (two lookups a weight), a third more than the Hopper estimate
+    big = model_layout_bytes(shape, 8, 65536, 4096, rtx4090)
+    assert 1.3 < big / model_layout_bytes(shape, 8, 65536, 4096) < 1.36
+    f = fit(shape, 4_000_000_000, 20 * GiB, 8192, big)
+    assert f.layout_fits and f"Fast decode layout {big / GiB:.2f} GiB: fits too" in f.lines()
+
+
+def test_gpus_read_the_compute_capability_and_cores_from_nvml():
+    """app/gpu.py Gpus.read against a fake NVML: the capability and CUDA cores give the plan's
+    GPU; a driver that answers neither leaves the plan to the Hopper default."""
+    from types import SimpleNamespace
+
+    from app.gpu import Gpus
+    from engine.sliced_plan import GPU
+
+    class Nvml:
+        NVML_TEMPERATURE_GPU = 0
+
+        def __init__(self, old=False):
+            self.old = old
+
+        def nvmlDeviceGetCount(self):
+            return 1
+
+        def nvmlDeviceGetHandleByIndex(self, i):
+            return i
+
+        def nvmlDeviceGetMemoryInfo(self, h):
+            return SimpleNamespace(total=24 * GiB, used=GiB, free=23 * GiB)
+
+        def nvmlDeviceGetUUID(self, h):
+            return b"GPU-42"
+
+        def nvmlDeviceGetName(self, h):
+            return "NVIDIA GeForce RTX 4090"
+
+        def nvmlDeviceGetUtilizationRates(self, h):
+            return SimpleNamespace(gpu=7)
+
+        def nvmlDeviceGetTemperature(self, h, sensor):
+            return 41
+
+        def nvmlDeviceGetCudaComputeCapability(self, h):
+            if self.old:
+                raise RuntimeError("NVML_ERROR_FUNCTION_NOT_FOUND")
+            return 8, 9
+
+        def nvmlDeviceGetNumGpuCores(self, h):
+            if self.old:
+                raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+            return 16384
+
+    for old, want in ((False, GPU(128, 99 << 10)), (True, None)):
+        gpus = Gpus.__new__(Gpus)
+        gpus.nvml, gpus.error, gpus.driver = Nvml(old), None, "570.00"
+        (info,) = gpus.read()
+        assert gpus.error is None and info.uuid == "GPU-42" and info.free == 23 * GiB
+        assert info.capability == (None if old else (8, 9))
+        assert info.cuda_cores == (None if old else 16384)
+        assert info.plan_gpu == want

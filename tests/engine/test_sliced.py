@@ -887,3 +887,21 @@ def test_the_kernel_takes_the_tokens_the_planner_gives_on_each_gpu(tmp_path):
     want = [[int(tile(t) <= sliced.meta_tokens(m, o)) for t in range(1, 9)] for m, o in cases]
     assert got.tolist() == want
     assert got[:, 0].all()  # every plan takes one token
+
+
+@pytest.mark.parametrize("gpu", [None, "a100", "consumer"])
+def test_the_apps_estimate_is_what_the_engine_counts(gpu):
+    """The app's fit check (engine/sliced_plan.py model_layout_bytes, torch-free, from the
+    config and the name's scheme) against the engine's own count of a loaded model's layouts
+    (sliced.extra_bytes of each layer's VQLayerSpec), Llama-3.1-8B in every benchmarked scheme."""
+    from engine import bench_e2e
+    from engine.bench import SCHEMES
+    from engine.memory import Shape, projections
+    from engine.sliced_plan import model_layout_bytes
+
+    g = GPUS.get(gpu)
+    shape = Shape.from_config(bench_e2e.config("llama-3.1-8b"))
+    for scheme, (v, k, kr) in SCHEMES.items():
+        specs = [bench_e2e.scheme_spec(scheme, a, b) for a, b in projections(shape)]
+        engine = shape.layers * sum(sliced.extra_bytes(s, gpu=g) for s in specs)
+        assert model_layout_bytes(shape, v, k, kr, g) == engine > 0, scheme
