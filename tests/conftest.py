@@ -72,8 +72,11 @@ def _share_the_gpu(request):
     if "gpu_subprocess" in request.keywords:  # its pytest's tests take the lock, one by one
         yield
         return
-    with gpu_lock(request.getfixturevalue("gpu_lock_folder"), "gpu_alone" in request.keywords):
+    alone = "gpu_alone" in request.keywords
+    with gpu_lock(request.getfixturevalue("gpu_lock_folder"), alone):
         yield
+        if not alone:  # this worker's cached blocks back before a gpu_alone test measures
+            torch.cuda.empty_cache()  # what is free (on an 80 GB card they crowded one out)
 
 
 @pytest.fixture(scope="module")
