@@ -19,7 +19,9 @@ share one launch (``group``).
 The price is memory: 4 bytes per lookup (plus 2 for a small residual) on top of the packed
 indices, which prefill's dequant still uses. A 2-bit v8 layer's indices take 2 bytes per 8
 weights, so the layout adds 2x their size; the loader builds it only where it fits
-(engine/loader.py). ``linear_reference`` is the pure-PyTorch twin of the kernel.
+(engine/loader.py). ``linear_reference`` is the pure-PyTorch twin of the kernel. How a layer is
+cut for a GPU (slices, column chunks, row blocks) is planned in engine/sliced_plan.py, which
+the app's fit check reads too.
 """
 
 from __future__ import annotations
