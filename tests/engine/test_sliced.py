@@ -905,3 +905,20 @@ def test_the_apps_estimate_is_what_the_engine_counts(gpu):
         specs = [bench_e2e.scheme_spec(scheme, a, b) for a, b in projections(shape)]
         engine = shape.layers * sum(sliced.extra_bytes(s, gpu=g) for s in specs)
         assert model_layout_bytes(shape, v, k, kr, g) == engine > 0, scheme
+
+
+def test_hopper_keeps_the_full_plan_of_every_benchmarked_layer():
+    """On an H100 or H200 (132 SMs, 227 KiB a block) every projection of Llama-3.1-8B and 70B
+    in every benchmarked scheme keeps the full slice and its residual kind: the plans measured
+    in csrc/KERNELS.md are the ones layer_plan gives there."""
+    from engine import bench_e2e
+    from engine.bench import SCHEMES
+    from engine.memory import Shape, projections
+
+    for arch in ("llama-3.1-8b", "llama-3.1-70b"):
+        shape = Shape.from_config(bench_e2e.config(arch))
+        for scheme in SCHEMES:
+            for a, b in projections(shape):
+                spec = bench_e2e.scheme_spec(scheme, a, b)
+                assert sliced.layer_plan(spec, HOPPER) == sliced.layer_plan(spec), (arch, scheme)
+                assert sliced.layer_plan(spec, sliced.GPU(114, OPTIN)) == sliced.layer_plan(spec)
