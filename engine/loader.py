@@ -22,7 +22,7 @@ from .formats import gptq
 from .formats.checkpoint import REDOWNLOAD, Checkpoint
 from .formats.vptq import FormatError, VQLayerSpec, int_kind, layer_table, resolve_layer
 from .gptq_linear import GPTQLinear
-from .layers import VQLinear, build_sliced_layouts, sliced_summary
+from .layers import VQLinear, build_sliced_layouts, cpu_weight_dtype, sliced_summary
 from .memory import (
     CONTEXT_STEP,
     PREFILL_CHUNK,
@@ -94,7 +94,11 @@ def load_model(
     dtype: torch.dtype | None = None,
     max_seq_len: int = 4096,
     progress: Progress | None = None,
+    half_weights: bool = True,
 ) -> LoadedModel:
+    """``half_weights``: a float32 model's plain layers on the CPU may hold float16 weights
+    (engine/memory.py cpu_half_weights); False keeps the checkpoint's values exactly in float32
+    (engine/quantize.py reads them)."""
     folder = Path(folder)
     check_device(device)
     if not folder.is_dir():
@@ -110,16 +114,24 @@ def load_model(
     if dev.type == "cpu":
         quantized = bool(specs) or gptq_cfg is not None
         dtype, note = _cpu_dtype(
-            Shape.from_config(cfg), ckpt.nbytes, quantized, n_ctx, folder, dtype, asked is None
-        )
+            Shape.from_config(cfg), ckpt.nbytes, quantized, n_ctx, folder, dtype, asked is None,
+            half_weights,
+        )  # fmt: skip
+
+    # A float32 model's plain decoder layers keep float16 weights on the CPU, as its expanded
+    # quantized ones do (engine/layers.py cpu_weight_dtype); the output layer has its own copy.
+    half = half_weights and dev.type == "cpu" and cpu_weight_dtype(dtype) != dtype
+
+    def plain(name: str, k: int, n: int, bias: bool) -> nn.Module:
+        return dense_linear(name, k, n, bias, torch.float16 if half and name != "lm_head" else None)
 
     def make(name: str, k: int, n: int, bias: bool) -> nn.Module:
         if gptq_cfg is not None:
             g = gptq_cfg.spec(name, k, n, bias)
-            return dense_linear(name, k, n, bias) if g is None else GPTQLinear(g, dtype, name)
+            return plain(name, k, n, bias) if g is None else GPTQLinear(g, dtype, name)
         spec = specs.get(name)
         if spec is None:
-            return dense_linear(name, k, n, bias)
+            return plain(name, k, n, bias)
         if (spec.in_features, spec.out_features) != (k, n):
             raise FormatError(
                 f"{folder / 'config.json'}: layer {name} is {spec.in_features}->"
@@ -129,6 +141,7 @@ def load_model(
 
     with torch.device("meta"):
         model = Transformer(args, make)
+    model.half_weights = half_weights
     shape = replace(Shape.from_config(cfg), dtype_bytes=dtype.itemsize)
     on_host: frozenset[str] = frozenset()
     if dev.type == "cuda":
@@ -194,14 +207,23 @@ def _check_weights_fit(weights: int, folder: Path, dev: torch.device, workspace:
 
 
 def _cpu_dtype(
-    shape: Shape, weights: int, quantized: bool, n_ctx: int, folder, dtype, flexible: bool
+    shape: Shape,
+    weights: int,
+    quantized: bool,
+    n_ctx: int,
+    folder,
+    dtype,
+    flexible: bool,
+    half_weights: bool = True,
 ) -> tuple[torch.dtype, str]:
     """On the CPU, where a model larger than the memory would only be killed by the system
     part-way through its load or first answer: the dtype memory.cpu_plan takes (``flexible``: the
     caller asked for none) and a note where that is bfloat16 instead of float32; or an error
     with the numbers."""
     available = host_available()
-    need, float32 = cpu_plan(shape, weights, quantized, n_ctx, available, dtype.itemsize, flexible)
+    need, float32 = cpu_plan(
+        shape, weights, quantized, n_ctx, available, dtype.itemsize, flexible, half_weights
+    )
     if available is None or need.total <= available:
         if float32 is None:
             return dtype, ""
@@ -215,7 +237,10 @@ def _cpu_dtype(
     largest = cpu_largest_context(shape, need, available)
     if largest >= CONTEXT_STEP:
         hint = f"The largest context that fits is {largest} tokens."
-    elif cpu_plan(shape, weights, quantized, n_ctx, available)[0].total <= available:
+    elif (
+        cpu_plan(shape, weights, quantized, n_ctx, available, 4, True, half_weights)[0].total
+        <= available
+    ):
         hint = "In bfloat16 it would fit: leave out --dtype and the engine takes bfloat16."
     else:
         hint = "Use an NVIDIA GPU, or a model with fewer parameters."
@@ -330,7 +355,9 @@ def _convert(
     if want == "float":
         if not t.is_floating_point():
             raise FormatError(f"{where}: tensor '{name}' is {t.dtype}, expected floats")
-        return t.to(dtype)
+        # the model's dtype, or float16 where the module asked for it (a plain layer's weight
+        # on the CPU, load_model plain; elsewhere a float16 target is the model's dtype too)
+        return t.to(torch.float16 if target.dtype == torch.float16 else dtype)
     if t.element_size() == 2 and want == "int16":  # int16, uint16 or an fp16 bit pattern
         return t.view(torch.int16)
     if want == "int64" and not t.is_floating_point():

@@ -245,20 +245,20 @@ def gptq_zero_bytes(shape: Shape, bits: int, group: int) -> int:
 
 
 def cpu_half_weights() -> bool:
-    """Whether a float32 model on the CPU keeps its expanded VPTQ weights, and a copy of its
-    output layer, in float16 (engine/layers.py cpu_linear; VPTQ_CPU_WEIGHTS=float32 keeps them
-    in float32): half the memory and the bytes a token reads, and PyTorch's float16
-    matrix-vector product sums in float32. The demo decodes 2.5x faster so (23 against 57 ms a
-    step on two cores), its perplexity 23.4973 against 23.4964; activations and the KV cache
-    stay float32."""
+    """Whether a float32 model on the CPU keeps its decoder layers' weights (expanded where they
+    are quantized), and a copy of its output layer, in float16 (engine/layers.py cpu_linear;
+    VPTQ_CPU_WEIGHTS=float32 keeps them in float32): half the memory and the bytes a token
+    reads, and PyTorch's float16 matrix-vector product sums in float32. The demo decodes 2.5x
+    faster so (23 against 57 ms a step on two cores), its perplexity 23.4973 against 23.4964;
+    activations and the KV cache stay float32."""
     return os.environ.get("VPTQ_CPU_WEIGHTS", "float16") != "float32"
 
 
 @dataclass(frozen=True)
 class CpuNeed:
     """What the CPU path holds (engine/layers.py, engine/gptq_linear.py): float32 throughout,
-    each quantized layer dequantized once beside its packed tensors (in float16 by default,
-    with a float16 copy of the output layer: cpu_half_weights)."""
+    each quantized layer dequantized once beside its packed tensors; the decoder's layers in
+    float16 by default, with a float16 copy of the output layer (cpu_half_weights)."""
 
     dense: int  # every parameter as float32 (or the 16-bit values taken where that does not fit)
     packed: int  # the quantized layers' own tensors (indices, codebooks; GPTQ's qweight), at most
@@ -266,7 +266,7 @@ class CpuNeed:
     workspace: int
     context: int
     elem: int = 4  # bytes a value: 4 (float32) or 2 (bfloat16)
-    half: bool = False  # float32 with float16 expanded layers and output copy (cpu_half_weights)
+    half: bool = False  # float32 with float16 decoder layers and output copy (cpu_half_weights)
 
     @property
     def total(self) -> int:
@@ -282,17 +282,22 @@ class CpuNeed:
 
 
 def cpu_need(
-    shape: Shape, weight_bytes: int, quantized: bool, context: int, elem: int = 4
+    shape: Shape,
+    weight_bytes: int,
+    quantized: bool,
+    context: int,
+    elem: int = 4,
+    half_weights: bool = True,
 ) -> CpuNeed:
     """``shape`` in the checkpoint's dtype; ``weight_bytes``: the checkpoint's tensors; ``elem``:
     bytes a value on the CPU (4: float32, what the engine takes there; 2: bfloat16, where float32
-    does not fit)."""
+    does not fit); ``half_weights`` False: float32 weights throughout (engine/loader.py
+    load_model, for engine/quantize.py)."""
     values = replace(shape, dtype_bytes=elem)
     dense = elem * shape.parameters(shape.tied)
-    half = elem == 4 and cpu_half_weights()
-    if half:
-        if quantized:  # the expanded layers in float16
-            dense -= 2 * shape.linear_parameters()
+    half = elem == 4 and half_weights and cpu_half_weights()
+    if half:  # the decoder's layers in float16 (expanded where quantized)
+        dense -= 2 * shape.linear_parameters()
         dense += 2 * shape.vocab * shape.hidden  # the output layer's float16 copy
     # The files hold the quantized layers, the embedding table and the output head. The layers'
     # floats (codebooks, scales) become float32 and their int32 indices stay: twice their file
@@ -312,14 +317,15 @@ def cpu_plan(
     available: int | None,
     elem: int = 4,
     flexible: bool = True,
+    half_weights: bool = True,
 ) -> tuple[CpuNeed, CpuNeed | None]:
     """What a CPU load takes, as the engine chooses it: values of ``elem`` bytes where they fit
     ``available`` (or where that is unknown); else, for float32 and unless a dtype was asked for
     (not ``flexible``), bfloat16. Returns that need and, where bfloat16 was taken, float32's."""
-    need = cpu_need(shape, weight_bytes, quantized, context, elem)
+    need = cpu_need(shape, weight_bytes, quantized, context, elem, half_weights)
     if available is None or need.total <= available or not flexible or elem <= 2:
         return need, None
-    return cpu_need(shape, weight_bytes, quantized, context, 2), need
+    return cpu_need(shape, weight_bytes, quantized, context, 2, half_weights), need
 
 
 def cpu_largest_context(shape: Shape, need: CpuNeed, available: int) -> int:

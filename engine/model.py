@@ -87,8 +87,22 @@ def flash_takes(q, k, v) -> bool:
     return _FLASH[key]
 
 
-def dense_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
-    return nn.Linear(in_features, out_features, bias=bias)
+class DenseLinear(nn.Linear):
+    """A plain (not quantized) linear layer. On the CPU a float32 model's may hold its weight in
+    float16 (engine/loader.py plants it so), read as the expanded VPTQ layers are
+    (engine/layers.py cpu_linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda or self.weight.dtype == x.dtype:
+            return super().forward(x)
+        return cpu_linear(x, self.weight, self.bias)
+
+
+def dense_linear(
+    name: str, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """``dtype``: the weight's, where it is not the model's (a float16 weight on the CPU)."""
+    return DenseLinear(in_features, out_features, bias=bias, dtype=dtype)
 
 
 class RMSNorm(nn.Module):
@@ -235,6 +249,7 @@ class Transformer(nn.Module):
         self.register_buffer("cos", None, persistent=False)
         self.register_buffer("sin", None, persistent=False)
         self.register_buffer("cpu_output", None, persistent=False)  # output(): float16 copy
+        self.half_weights = True  # False: no float16 copy (engine/loader.py load_model)
         self.max_seq = 0
 
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
@@ -314,7 +329,7 @@ class Transformer(nn.Module):
         if head is not None and not isinstance(head, nn.Linear):
             return head(x)  # a VPTQ or GPTQ layer: its own CPU path
         w = self.model.embed_tokens.weight if head is None else head.weight
-        if x.is_cuda or cpu_weight_dtype(x.dtype) == x.dtype:
+        if x.is_cuda or not self.half_weights or cpu_weight_dtype(x.dtype) == x.dtype:
             return F.linear(x, w)
         if self.cpu_output is None:
             self.cpu_output = w.to(cpu_weight_dtype(x.dtype))

@@ -260,7 +260,7 @@ def quantize(
         log(f"{work}: left by a run with other settings; starting over")
         shutil.rmtree(work)
         state = None
-    lm = load_model(source, device, torch.float32, max_seq_len=recipe.calib_len)
+    lm = load_model(source, device, torch.float32, max_seq_len=recipe.calib_len, half_weights=False)
     model, tok = lm.model, Tokenizer(source)
     if lm.quant != "dense":
         raise FormatError(f"{source}: already quantized; give a dense (fp16/bf16) model")

@@ -10,6 +10,7 @@ from engine.formats.vptq import FormatError
 from engine.formats.vptq_writer import spec_to_dict, write_checkpoint
 from engine.layers import VQLinear
 from engine.loader import load_model
+from engine.model import DenseLinear
 
 from .vq_factory import make_spec, oracle_dense, random_layer
 
@@ -229,6 +230,7 @@ def test_no_config_or_weights(tmp_path):
 PEAK_SCRIPT = """
 import os, sys, threading, time, torch
 from engine.loader import load_model
+from engine.model import DenseLinear
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as f:
@@ -359,6 +361,31 @@ def test_cpu_need_counts_what_a_cpu_load_holds_once_it_has_answered(
     assert (copy is None) if weights == "float32" else (copy.dtype == torch.float16)
 
 
+def test_a_load_for_quantize_keeps_float32_weights_and_counts_them(tmp_path, monkeypatch):
+    """load_model(half_weights=False), as engine/quantize.py loads: with float16 CPU weights
+    the default, a plain model's layers stay float32 and its output layer gets no copy, and
+    cpu_need(half_weights=False) counts what it holds (the default count would be short by
+    2 bytes a decoder weight)."""
+    from engine.memory import Shape, cpu_need
+
+    from .hf_models import make_hf_model
+
+    monkeypatch.setenv("VPTQ_CPU_WEIGHTS", "float16")
+    make_hf_model("llama", tmp_path)
+    lm = load_model(tmp_path, "cpu", torch.float32, max_seq_len=128, half_weights=False)
+    with torch.no_grad():
+        lm.model(torch.tensor([[1, 2, 3]]))
+    assert {p.dtype for p in lm.model.parameters()} == {torch.float32}
+    assert lm.model.cpu_output is None
+    held = held_bytes(lm.model) - lm.model.cos.nbytes - lm.model.sin.nbytes
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    files = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    shape = Shape.from_config(cfg)
+    need = cpu_need(shape, files, False, 128, half_weights=False)
+    assert held <= need.total - need.workspace <= 1.1 * held and not need.half
+    assert cpu_need(shape, files, False, 128).dense < need.dense
+
+
 def test_cpu_linear_takes_float16_weights_one_token_in_float16_several_in_float32(monkeypatch):
     """engine/layers.py cpu_linear: one token multiplies in float16 (x and y rounded to it, as
     on a GPU; PyTorch sums in float32), several with the weight widened to float32 (in pieces of
@@ -390,20 +417,32 @@ def test_cpu_linear_takes_float16_weights_one_token_in_float16_several_in_float3
     assert torch.equal(cpu_linear(x, w.float(), None), torch.nn.functional.linear(x, w.float()))
 
 
+@pytest.mark.parametrize("kind", ["vptq", "dense"])
 def test_float16_weights_on_the_cpu_answer_as_float32_ones_within_their_rounding(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, kind
 ):
     """What the engine keeps on the CPU by default (engine/memory.py cpu_half_weights): the
-    expanded VPTQ layers and a copy of the output layer in float16. A prompt and then one
-    token give the logits of float32 weights within float16's rounding, not equal to them."""
-    build_vptq_model(tmp_path)
-    tokens = torch.randint(
-        0, CONFIG["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(2)
-    )
+    decoder's layers (expanded VPTQ ones, or a plain model's own weights, loaded so) and a copy
+    of the output layer in float16. A prompt and then one token give the logits of float32
+    weights within float16's rounding, not equal to them."""
+    if kind == "vptq":
+        build_vptq_model(tmp_path)
+    else:
+        from .hf_models import make_hf_model
+
+        make_hf_model("llama", tmp_path)
+    vocab = json.loads((tmp_path / "config.json").read_text())["vocab_size"]
+    tokens = torch.randint(0, vocab, (1, 9), generator=torch.Generator().manual_seed(2))
     got = {}
     for weights in ("float32", "float16"):
         monkeypatch.setenv("VPTQ_CPU_WEIGHTS", weights)
         model = load_model(tmp_path, "cpu", max_seq_len=64).model
+        plain = [m for n, m in model.named_modules() if isinstance(m, DenseLinear)]
+        if kind == "dense":  # the decoder's own weights as loaded; the output layer float32
+            assert {m.weight.dtype for m in plain if m is not model.lm_head} == {
+                getattr(torch, weights)
+            }
+            assert model.lm_head.weight.dtype == torch.float32
         with torch.no_grad():
             prompt = model(tokens[:, :-1])  # several tokens: the weights widened
             step = model(tokens[:, -1:], start=8)  # one token: in float16

@@ -203,6 +203,21 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, demo_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_what_quantize_writes_does_not_depend_on_the_cpu_weights_setting(
+    tmp_path, demo_path, monkeypatch
+):
+    """quantize reads the dense model in float32 exactly (load_model half_weights=False), also
+    where the engine keeps a CPU model's layers in float16 (VPTQ_CPU_WEIGHTS=float16, the
+    default outside the tests): its calibration answers and its layers come out the same."""
+    src = tiny_model(tmp_path / "dense", demo_path)
+    out = {}
+    for weights in ("float32", "float16"):
+        monkeypatch.setenv("VPTQ_CPU_WEIGHTS", weights)
+        out[weights] = quantize(src, tmp_path / weights, TINY, log=lambda m: None)
+    a, b = (load_file(str(next(o.glob("*.safetensors")))) for o in out.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def perplexity(model: str) -> float:
     r = run("perplexity", "--model", model, "--file", DATA / "pride_and_prejudice_ch1.txt",
             "--context", 512, timeout=600)  # fmt: skip
