@@ -118,12 +118,12 @@ def load_model(
             half_weights,
         )  # fmt: skip
 
-    # A float32 model's plain decoder layers keep float16 weights on the CPU, as its expanded
-    # quantized ones do (engine/layers.py cpu_weight_dtype); the output layer has its own copy.
+    # A float32 model's plain layers (lm_head among them) keep float16 weights on the CPU, as its
+    # expanded quantized ones do (engine/layers.py cpu_weight_dtype).
     half = half_weights and dev.type == "cpu" and cpu_weight_dtype(dtype) != dtype
 
     def plain(name: str, k: int, n: int, bias: bool) -> nn.Module:
-        return dense_linear(name, k, n, bias, torch.float16 if half and name != "lm_head" else None)
+        return dense_linear(name, k, n, bias, torch.float16 if half else None)
 
     def make(name: str, k: int, n: int, bias: bool) -> nn.Module:
         if gptq_cfg is not None:

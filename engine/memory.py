@@ -246,7 +246,7 @@ def gptq_zero_bytes(shape: Shape, bits: int, group: int) -> int:
 
 def cpu_half_weights() -> bool:
     """Whether a float32 model on the CPU keeps its decoder layers' weights (expanded where they
-    are quantized), and a copy of its output layer, in float16 (engine/layers.py cpu_linear;
+    are quantized) and its output layer in float16 (engine/layers.py cpu_linear;
     VPTQ_CPU_WEIGHTS=float32 keeps them in float32): half the memory and the bytes a token
     reads, and PyTorch's float16 matrix-vector product sums in float32. The demo decodes 2.5x
     faster so (23 against 57 ms a step on two cores), its perplexity 23.4973 against 23.4964;
@@ -257,8 +257,8 @@ def cpu_half_weights() -> bool:
 @dataclass(frozen=True)
 class CpuNeed:
     """What the CPU path holds (engine/layers.py, engine/gptq_linear.py): float32 throughout,
-    each quantized layer dequantized once beside its packed tensors; the decoder's layers in
-    float16 by default, with a float16 copy of the output layer (cpu_half_weights)."""
+    each quantized layer dequantized once beside its packed tensors; the decoder's layers and
+    the output layer in float16 by default (cpu_half_weights)."""
 
     dense: int  # every parameter as float32 (or the 16-bit values taken where that does not fit)
     packed: int  # the quantized layers' own tensors (indices, codebooks; GPTQ's qweight), at most
@@ -266,7 +266,7 @@ class CpuNeed:
     workspace: int
     context: int
     elem: int = 4  # bytes a value: 4 (float32) or 2 (bfloat16)
-    half: bool = False  # float32 with float16 decoder layers and output copy (cpu_half_weights)
+    half: bool = False  # float32 with float16 decoder and output layers (cpu_half_weights)
 
     @property
     def total(self) -> int:
@@ -296,9 +296,10 @@ def cpu_need(
     values = replace(shape, dtype_bytes=elem)
     dense = elem * shape.parameters(shape.tied)
     half = elem == 4 and half_weights and cpu_half_weights()
-    if half:  # the decoder's layers in float16 (expanded where quantized)
-        dense -= 2 * shape.linear_parameters()
-        dense += 2 * shape.vocab * shape.hidden  # the output layer's float16 copy
+    if half:  # the decoder's layers in float16 (expanded where quantized), and the output
+        dense -= 2 * shape.linear_parameters()  # layer: lm_head loaded so, or a tied table's
+        out = 2 * shape.vocab * shape.hidden  # float16 copy beside it (engine/model.py output)
+        dense += out if shape.tied else -out
     # The files hold the quantized layers, the embedding table and the output head. The layers'
     # floats (codebooks, scales) become float32 and their int32 indices stay: twice their file
     # bytes at most (about 1.1x for the 2-bit community models, 2x for codebook-heavy ones;

@@ -93,9 +93,7 @@ class DenseLinear(nn.Linear):
     (engine/layers.py cpu_linear)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or self.weight.dtype == x.dtype:
-            return super().forward(x)
-        return cpu_linear(x, self.weight, self.bias)
+        return super().forward(x) if x.is_cuda else cpu_linear(x, self.weight, self.bias)
 
 
 def dense_linear(
@@ -249,7 +247,7 @@ class Transformer(nn.Module):
         self.register_buffer("cos", None, persistent=False)
         self.register_buffer("sin", None, persistent=False)
         self.register_buffer("cpu_output", None, persistent=False)  # output(): float16 copy
-        self.half_weights = True  # False: no float16 copy (engine/loader.py load_model)
+        self.half_weights = True  # False: no float16 copy of a tied table (loader.load_model)
         self.max_seq = 0
 
     def setup_caches(self, max_batch: int, max_seq: int) -> None:
@@ -322,13 +320,14 @@ class Transformer(nn.Module):
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """The output layer (lm_head, or the tied embedding table): logits in x's dtype. On the
-        CPU a float32 model's plain output weight is read from a float16 copy, as its VPTQ
-        layers' (engine/layers.py cpu_linear): Llama 3's 128256 x 4096 table is 2.1 GB in
-        float32 and the demo's took 9.9 ms of a 33 ms step that way, 2.0 ms from float16."""
-        head = self.lm_head
-        if head is not None and not isinstance(head, nn.Linear):
-            return head(x)  # a VPTQ or GPTQ layer: its own CPU path
-        w = self.model.embed_tokens.weight if head is None else head.weight
+        CPU a float32 model reads its output weight in float16, as its other layers
+        (engine/layers.py cpu_linear): lm_head is loaded so (engine/loader.py), a tied table,
+        which the embedding lookups read in float32, gets a float16 copy. Llama 3's 128256 x
+        4096 table is 2.1 GB in float32, and the demo's took 9.9 ms of a 33 ms step that way,
+        2.0 ms from float16."""
+        if self.lm_head is not None:
+            return self.lm_head(x)
+        w = self.model.embed_tokens.weight
         if x.is_cuda or not self.half_weights or cpu_weight_dtype(x.dtype) == x.dtype:
             return F.linear(x, w)
         if self.cpu_output is None:

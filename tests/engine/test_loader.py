@@ -317,14 +317,14 @@ def held_bytes(model) -> int:
 
 
 @pytest.mark.parametrize("weights", ["float32", "float16"])  # VPTQ_CPU_WEIGHTS
-@pytest.mark.parametrize("kind", ["vptq", "gptq", "dense"])
+@pytest.mark.parametrize("kind", ["vptq", "gptq", "dense", "dense-tied"])
 def test_cpu_need_counts_what_a_cpu_load_holds_once_it_has_answered(
     tmp_path, kind, weights, monkeypatch
 ):
     """memory.cpu_need (the engine's check and the app's verdict) against the tensors a CPU
     load holds after a forward pass has expanded each quantized layer (in float16 by default)
-    and, with float16 weights, copied the output layer: never less, at most a tenth more (the
-    RoPE tables aside, a few KiB)."""
+    and, with float16 weights, loaded lm_head in float16 or copied a tied table: never less, at
+    most a tenth more (the RoPE tables aside, a few KiB)."""
     from engine.memory import Shape, cpu_need
 
     monkeypatch.setenv("VPTQ_CPU_WEIGHTS", weights)
@@ -339,26 +339,31 @@ def test_cpu_need_counts_what_a_cpu_load_holds_once_it_has_answered(
     else:
         from .hf_models import make_hf_model
 
-        make_hf_model("llama", tmp_path)
+        make_hf_model("llama", tmp_path, tie_word_embeddings=kind == "dense-tied")
+    quantized = kind in ("vptq", "gptq")
     lm = load_model(tmp_path, "cpu", max_seq_len=128)
     with torch.no_grad():
         lm.model(torch.tensor([[1, 2, 3]]))
     held = held_bytes(lm.model) - lm.model.cos.nbytes - lm.model.sin.nbytes
     cfg = json.loads((tmp_path / "config.json").read_text())
     files = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
-    need = cpu_need(Shape.from_config(cfg), files, kind != "dense", 128)
+    need = cpu_need(Shape.from_config(cfg), files, quantized, 128)
     counted = need.total - need.workspace
     # GPTQ's packed tensors are counted at up to twice the files' bytes (cpu_need), which in
     # this tiny model holds more than a tenth of what it holds
     assert held <= counted <= (1.25 if kind == "gptq" else 1.1) * held, (held, need)
-    assert (need.packed > 0) == (kind != "dense")
+    assert (need.packed > 0) == quantized
     half = [
         m.dense_cache for m in lm.model.modules() if getattr(m, "dense_cache", None) is not None
     ]
-    assert len(half) == (7 * lm.model.args.n_layers if kind != "dense" else 0)
+    assert len(half) == (7 * lm.model.args.n_layers if quantized else 0)
     assert {t.dtype for t in half} <= {getattr(torch, weights)}
-    copy = lm.model.cpu_output
-    assert (copy is None) if weights == "float32" else (copy.dtype == torch.float16)
+    head, copy = lm.model.lm_head, lm.model.cpu_output
+    assert (head is None) == (kind == "dense-tied")
+    if head is not None:  # loaded in the weights' dtype, no copy
+        assert head.weight.dtype == getattr(torch, weights) and copy is None
+    else:  # the tied table stays float32 for the lookups: a float16 copy beside it
+        assert (copy is None) if weights == "float32" else (copy.dtype == torch.float16)
 
 
 def test_a_load_for_quantize_keeps_float32_weights_and_counts_them(tmp_path, monkeypatch):
@@ -422,8 +427,8 @@ def test_float16_weights_on_the_cpu_answer_as_float32_ones_within_their_rounding
     tmp_path, monkeypatch, kind
 ):
     """What the engine keeps on the CPU by default (engine/memory.py cpu_half_weights): the
-    decoder's layers (expanded VPTQ ones, or a plain model's own weights, loaded so) and a copy
-    of the output layer in float16. A prompt and then one token give the logits of float32
+    decoder's layers (expanded VPTQ ones, or a plain model's own weights, loaded so) and the
+    output layer in float16. A prompt and then one token give the logits of float32
     weights within float16's rounding, not equal to them."""
     if kind == "vptq":
         build_vptq_model(tmp_path)
@@ -438,11 +443,9 @@ def test_float16_weights_on_the_cpu_answer_as_float32_ones_within_their_rounding
         monkeypatch.setenv("VPTQ_CPU_WEIGHTS", weights)
         model = load_model(tmp_path, "cpu", max_seq_len=64).model
         plain = [m for n, m in model.named_modules() if isinstance(m, DenseLinear)]
-        if kind == "dense":  # the decoder's own weights as loaded; the output layer float32
-            assert {m.weight.dtype for m in plain if m is not model.lm_head} == {
-                getattr(torch, weights)
-            }
-            assert model.lm_head.weight.dtype == torch.float32
+        # a plain model's layers as loaded, and any model's lm_head (plain in both)
+        assert {m.weight.dtype for m in plain} == {getattr(torch, weights)}
+        assert (model.lm_head in plain) and len(plain) == (1 + 7 * 2 if kind == "dense" else 1)
         with torch.no_grad():
             prompt = model(tokens[:, :-1])  # several tokens: the weights widened
             step = model(tokens[:, -1:], start=8)  # one token: in float16
