@@ -287,10 +287,10 @@ def planned_shape(
     return min(cost(c) for c in plans(v, res_cw, ctas_per_sm))[2]
 
 
-def layout_bytes(spec: LayerDims, gpu: GPU | None = None, elem: int = 2) -> int:
-    """What a layer's layout takes on ``gpu``, an upper bound (engine/memory.py
-    sliced_layer_bytes); 0 where it takes none or no plan fits ``gpu``. ``elem``: bytes per
-    codebook element."""
+def layout_bytes(spec: LayerDims, elem: int = 2, gpu: GPU | None = None) -> int:
+    """What a layer's layout takes (engine/ops/sliced.py build adds it) on ``gpu``, an upper
+    bound (engine/memory.py sliced_layer_bytes); 0 where it takes none or no plan fits ``gpu``.
+    ``elem``: bytes per codebook element."""
     plan = layer_plan(spec, gpu)
     if plan is None:
         return 0
@@ -303,7 +303,7 @@ def layout_bytes(spec: LayerDims, gpu: GPU | None = None, elem: int = 2) -> int:
 def model_layout_bytes(shape: Shape, v: int, k: int, kr: int = 0, gpu: GPU | None = None) -> int:
     """The layouts of every decoder projection of a VPTQ model of this shape on ``gpu`` (None:
     as an H100 or H200 plans them)."""
-    per_layer = sum(layout_bytes(LayerDims(a, b, v, k, kr), gpu) for a, b in projections(shape))
+    per_layer = sum(layout_bytes(LayerDims(a, b, v, k, kr), gpu=gpu) for a, b in projections(shape))
     return shape.layers * per_layer
 
 

@@ -101,19 +101,13 @@ def eligible(spec: VQLayerSpec, gpu: GPU | None = None) -> bool:
         spec.packed
         and not spec.has_outliers
         and spec.in_features <= 1 << 20
-        and extra_bytes(spec, gpu=gpu) > 0
+        and layout_bytes(spec, gpu=gpu) > 0
     )
 
 
-def extra_bytes(spec: VQLayerSpec, elem: int = 2, gpu: GPU | None = None) -> int:
-    """What build() adds on ``gpu`` for this layer, an upper bound (engine/sliced_plan.py
-    layout_bytes); ``elem``: bytes per codebook element; 0 where no plan fits ``gpu``."""
-    return layout_bytes(spec, gpu, elem)
-
-
 def model_bytes(specs, gpu: GPU | None = None) -> int:
-    """extra_bytes of every eligible layer among ``specs``: the whole model's layouts."""
-    return sum(extra_bytes(s, gpu=gpu) for s in specs if eligible(s, gpu))
+    """layout_bytes of every eligible layer among ``specs``: the whole model's layouts."""
+    return sum(layout_bytes(s, gpu=gpu) for s in specs if eligible(s, gpu))
 
 
 def choose(specs: list[VQLayerSpec], budget: int, gpu: GPU | None = None) -> list[int]:
@@ -121,8 +115,8 @@ def choose(specs: list[VQLayerSpec], budget: int, gpu: GPU | None = None) -> lis
     scratch on top while it is built; a layer too large for what is left is skipped and smaller
     ones still fit."""
     chosen = []
-    for i in sorted(range(len(specs)), key=lambda i: -extra_bytes(specs[i], gpu=gpu)):
-        need = extra_bytes(specs[i], gpu=gpu)
+    for i in sorted(range(len(specs)), key=lambda i: -layout_bytes(specs[i], gpu=gpu)):
+        need = layout_bytes(specs[i], gpu=gpu)
         if need > 0 and need + scratch_bytes(specs[i]) <= budget:  # 0: no plan fits
             chosen.append(i)
             budget -= need

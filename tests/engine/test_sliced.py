@@ -111,10 +111,10 @@ def test_layout_invariants(name):
         assert not layout.res_codes[:end][pad].any()
 
 
-def test_extra_bytes_is_what_build_adds():
+def test_layout_bytes_is_what_build_adds():
     for name in SLICED:
         spec, _, _, layout = build(name)
-        estimate = sliced.extra_bytes(spec, elem=8)  # these tables are float64
+        estimate = sliced.layout_bytes(spec, elem=8)  # these tables are float64
         assert estimate >= layout.nbytes - layout.counters.numel() * 4
         assert estimate <= 1.1 * layout.nbytes + 4096
 
@@ -290,7 +290,7 @@ def test_max_tokens_follows_shared_memory():
 def test_choose_fills_the_budget_largest_first():
     big, small = make_spec(k_in=4096, n_out=4096, k=65536), make_spec(k_in=1024, n_out=512, k=65536)
     specs = [small, big, small]
-    need_big, need_small = sliced.extra_bytes(big), sliced.extra_bytes(small)
+    need_big, need_small = sliced.layout_bytes(big), sliced.layout_bytes(small)
     scratch_big, scratch_small = sliced.scratch_bytes(big), sliced.scratch_bytes(small)
     everything = need_big + scratch_big + 2 * need_small + scratch_small
     assert sliced.choose(specs, everything) == [1, 0, 2]
@@ -750,7 +750,8 @@ def test_a_consumer_gpu_takes_half_slices_where_the_full_one_and_the_residual_co
     assert sliced.meta_tokens(meta, CONSUMER.smem_optin) == 1
     # the size bound counts the 16 more segments of each of the 512 rows: 15 entries of
     # padding at most (6 bytes each with the residual code) and an offset each
-    assert sliced.extra_bytes(spec, gpu=CONSUMER) - sliced.extra_bytes(spec) == 8192 * (15 * 6 + 4)
+    extra = sliced.layout_bytes(spec, gpu=CONSUMER) - sliced.layout_bytes(spec)
+    assert extra == 8192 * (15 * 6 + 4)
     # gate in v8-k65536-4096: its 64 KiB residual codebook leaves no room for a slice and its
     # accumulators, so it is sliced with the main codebook (69632 codewords in 17 slices)
     gate = make_spec(k_in=4096, n_out=14336, v=8, k=65536, kr=4096)
@@ -796,7 +797,7 @@ def test_layouts_planned_for_an_older_gpu_reproduce_the_oracle_and_fit_it(name, 
     got = sliced.linear_reference(x, layout, args[7], args[8], bias).numpy()
     want = x.numpy() @ oracle_dense(layer).T + (0 if layer.bias is None else layer.bias)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    estimate = sliced.extra_bytes(spec, elem=8, gpu=g)
+    estimate = sliced.layout_bytes(spec, elem=8, gpu=g)
     assert layout.nbytes - layout.counters.numel() * 4 <= estimate <= 1.1 * layout.nbytes + 4096
 
 
@@ -807,8 +808,8 @@ def test_a_layer_no_plan_fits_gets_no_layout():
     spec, _, args, _ = build("v8-k65536")
     assert sliced.eligible(spec) and sliced.eligible(spec, CONSUMER)
     assert sliced.layer_plan(spec, tiny) is None and not sliced.eligible(spec, tiny)
-    assert sliced.extra_bytes(spec, gpu=tiny) == 0 == sliced.model_bytes([spec, spec], tiny)
-    assert sliced.model_bytes([spec, spec], CONSUMER) == 2 * sliced.extra_bytes(spec, gpu=CONSUMER)
+    assert sliced.layout_bytes(spec, gpu=tiny) == 0 == sliced.model_bytes([spec, spec], tiny)
+    assert sliced.model_bytes([spec, spec], CONSUMER) == 2 * sliced.layout_bytes(spec, gpu=CONSUMER)
     assert sliced.choose([spec], 1 << 40, tiny) == [] and sliced.choose([spec], 1 << 40) == [0]
     with pytest.raises(ValueError, match="does not take this layer"):
         sliced.build(args, spec, tiny.num_sms, tiny.smem_optin)
@@ -893,7 +894,7 @@ def test_the_kernel_takes_the_tokens_the_planner_gives_on_each_gpu(tmp_path):
 def test_the_apps_estimate_is_what_the_engine_counts(gpu):
     """The app's fit check (engine/sliced_plan.py model_layout_bytes, torch-free, from the
     config and the name's scheme) against the engine's own count of a loaded model's layouts
-    (sliced.extra_bytes of each layer's VQLayerSpec), Llama-3.1-8B in every benchmarked scheme."""
+    (sliced.layout_bytes of each layer's VQLayerSpec), Llama-3.1-8B in every benchmarked scheme."""
     from engine import bench_e2e
     from engine.bench import SCHEMES
     from engine.memory import Shape, projections
@@ -903,7 +904,7 @@ def test_the_apps_estimate_is_what_the_engine_counts(gpu):
     shape = Shape.from_config(bench_e2e.config("llama-3.1-8b"))
     for scheme, (v, k, kr) in SCHEMES.items():
         specs = [bench_e2e.scheme_spec(scheme, a, b) for a, b in projections(shape)]
-        engine = shape.layers * sum(sliced.extra_bytes(s, gpu=g) for s in specs)
+        engine = shape.layers * sum(sliced.layout_bytes(s, gpu=g) for s in specs)
         assert model_layout_bytes(shape, v, k, kr, g) == engine > 0, scheme
 
 
