@@ -309,11 +309,14 @@ def model_layout_bytes(shape: Shape, v: int, k: int, kr: int = 0, gpu: GPU | Non
 
 # Shared memory a block may opt in to, by compute capability (the CUDA C++ Programming Guide's
 # table of technical specifications), and CUDA cores an SM: what the app reads from NVML, made
-# a GPU to plan for (app/gpu.py). The older ones are those the engine can be built as
-# (engine/ops/arch.py).
+# a GPU to plan for (app/gpu.py). The ones before Hopper are those the engine can be built as
+# (engine/ops/arch.py); Blackwell's data-centre parts (10.x) have Hopper's 227 KiB, its
+# GeForce and workstation parts (12.x: RTX 5090, RTX PRO 6000, DGX Spark) an RTX 4090's 99.
 SMEM_OPTIN = {(8, 0): 163 << 10, (8, 6): 99 << 10, (8, 7): 163 << 10, (8, 9): 99 << 10,
-              (9, 0): 227 << 10}  # fmt: skip
-CORES_PER_SM = {(8, 0): 64, (8, 6): 128, (8, 7): 128, (8, 9): 128, (9, 0): 128}
+              (9, 0): 227 << 10, (10, 0): 227 << 10, (10, 3): 227 << 10,
+              (12, 0): 99 << 10, (12, 1): 99 << 10}  # fmt: skip
+CORES_PER_SM = {(8, 0): 64, (8, 6): 128, (8, 7): 128, (8, 9): 128, (9, 0): 128, (10, 0): 128,
+                (10, 3): 128, (12, 0): 128, (12, 1): 128}  # fmt: skip
 
 
 def gpu_for(capability: tuple[int, int] | None, cuda_cores: int | None) -> GPU | None:

@@ -185,7 +185,11 @@ def test_the_fast_decode_layout_is_planned_for_the_gpu_nvml_names():
     assert card((8, 6), 10496).plan_gpu == GPU(82, 99 << 10)  # RTX 3090
     assert card((8, 0), 6912).plan_gpu == GPU(108, 163 << 10)  # A100
     assert card((9, 0), 16896).plan_gpu == GPU(132, 227 << 10)  # H100 SXM
-    assert card((12, 0), 21760).plan_gpu is None and card(None, None).plan_gpu is None
+    # Blackwell: an RTX 5090 (170 SMs) plans as a GeForce card, a B200 (148 SMs) as Hopper;
+    # a generation the table does not know plans as an H100 (None)
+    assert card((12, 0), 21760).plan_gpu == GPU(170, 99 << 10)
+    assert card((10, 0), 18944).plan_gpu == GPU(148, 227 << 10)
+    assert card((13, 0), 20000).plan_gpu is None and card(None, None).plan_gpu is None
     shape = Shape.from_config(LLAMA_31_8B)
     hopper = model_layout_bytes(shape, 8, 65536, 256)
     assert model_layout_bytes(shape, 8, 65536, 256, rtx4090) - hopper == 32 * 10_395_648
