@@ -46,6 +46,7 @@ class ChatController(QObject):
     context_changed = Signal(int, int, int)  # prompt tokens, context, dropped messages
     answer_finished = Signal(dict)  # stats of the finished answer
     live_rate = Signal(float)  # tokens/s of the answer being streamed
+    load_progress = Signal(float, str)  # a load's stage and how far it is (0..1)
     leaving = Signal()  # the open chat is about to change: the window saves its draft now
     # what the open chat says about answers elsewhere: where one is written, or that its own
     # message waits for it; "" if nothing
@@ -607,6 +608,7 @@ class ChatController(QObject):
 
     def _progress(self, fraction: float, stage: str) -> None:
         self.status.emit(f"{stage}: {fraction:.0%}")
+        self.load_progress.emit(fraction, stage)
 
 
 def can_continue(role: str, status: str, stats: dict, text: str) -> bool:

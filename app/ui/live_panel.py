@@ -118,6 +118,17 @@ class LivePanel(QScrollArea):
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.engine = QLabel("Engine: starting…")
         self.engine.setWordWrap(True)
+        # a load's stage and bar (reading the weights, building the kernels once, ...): a 70B
+        # model takes minutes, which the status bar's one line told too quietly
+        self.stage = QLabel()
+        self.stage.setWordWrap(True)
+        self.stage.setAccessibleName("Loading stage")
+        self.load_bar = QProgressBar()
+        self.load_bar.setAccessibleName("Loading progress")
+        self.load_bar.setFormat("%p%")
+        for w in (self.stage, self.load_bar):
+            w.setVisible(False)
+        self.loading = False  # the engine's state is "loading"
         self.kernels = QLabel()
         self.kernels.setWordWrap(True)
         self.gpu_note = QLabel()
@@ -132,7 +143,8 @@ class LivePanel(QScrollArea):
         self.plot = Sparkline()
         content = QWidget()
         lay = QVBoxLayout(content)
-        for w in (_heading("Model"), self.engine, self.kernels, _heading("GPUs"), self.gpu_note):
+        for w in (_heading("Model"), self.engine, self.stage, self.load_bar, self.kernels,
+                  _heading("GPUs"), self.gpu_note):  # fmt: skip
             lay.addWidget(w)
         lay.addLayout(self.cards_box)
         for w in (_heading("Throughput"), self.rate, self.plot, self.last):
@@ -141,7 +153,25 @@ class LivePanel(QScrollArea):
         self.setWidget(content)
         self.setMinimumWidth(180)
 
+    def set_progress(self, fraction: float, stage: str) -> None:
+        """A step of the load under way (none shows once the engine has left the state)."""
+        if not self.loading:
+            return
+        self.stage.setText(stage[:1].upper() + stage[1:])
+        self.stage.setVisible(bool(stage))
+        # a step that tells no fraction (the kernels' build, minutes): a busy bar, not 0%
+        self.load_bar.setRange(0, 1000 if fraction > 0 else 0)
+        self.load_bar.setValue(round(1000 * min(max(fraction, 0.0), 1.0)))
+        self.load_bar.setVisible(True)
+
     def set_engine(self, state: str, info: dict) -> None:
+        self.loading = state == "loading"
+        for w in (self.stage, self.load_bar):
+            w.setVisible(False)
+        if self.loading:  # the bar at 0 until the engine's first step
+            self.set_progress(0.0, "")
+            self.engine.setText(f"Loading {model_label(info.get('path'))}…")
+            return
         if state == "loaded":
             quant = info.get("quant", "")
             text = (

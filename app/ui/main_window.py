@@ -265,6 +265,7 @@ class MainWindow(QMainWindow):
         c.status.connect(lambda text: self.statusBar().showMessage(text))
         c.context_changed.connect(self.chat.set_context)
         c.live_rate.connect(self.panel.set_rate)
+        c.load_progress.connect(self.panel.set_progress)
         c.answer_finished.connect(self.panel.add_answer)
 
     def _search(self, query: str) -> None:

@@ -158,6 +158,9 @@ def main():
                 send("error", msg.id, kind="load", message=f"{msg.get('path')}: not found",
                      model_kept=True)  # fmt: skip
                 continue
+            if "slowload" in msg.get("path", ""):  # a step, then a pause the test looks into
+                send("load_progress", msg.id, fraction=0.25, stage="reading weights")
+                time.sleep(1.5)
             send("load_progress", msg.id, fraction=0.5, stage="loading weights")
             model = msg.get("path")
             send(

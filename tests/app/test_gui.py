@@ -218,6 +218,32 @@ def test_unload_model_frees_it_and_messages_wait_for_the_next_load(gui, qloop):
     assert gui.client.proc.pid == pid and unload.isEnabled()  # the same engine process
 
 
+def test_a_load_shows_its_stage_and_bar_in_the_panel_until_it_ends(gui, qloop):
+    """A load (minutes for a 70B model, more when the kernels build) shows the model's name,
+    the engine's stage and a bar in the Model panel; they go once it has loaded, or failed."""
+    panel = gui.window.panel
+    assert not panel.load_bar.isVisibleTo(panel) and not panel.stage.isVisibleTo(panel)
+    task = asyncio.ensure_future(gui.ctrl.load_model("/models/slowload"))
+    wait_until(qloop, lambda: panel.load_bar.isVisibleTo(panel), what="the load's start")
+    assert panel.load_bar.maximum() == 0  # busy until the engine tells a fraction
+    wait_until(qloop, lambda: panel.stage.text() == "Reading weights", what="the first step")
+    assert panel.engine.text() == "Loading /models/slowload…"
+    assert panel.load_bar.isVisibleTo(panel) and panel.stage.isVisibleTo(panel)
+    assert panel.load_bar.value() == 250 and panel.load_bar.text() == "25%"
+    panel.set_progress(0.0, "building CUDA kernels, one time")
+    assert panel.load_bar.maximum() == 0 and panel.stage.text().startswith("Building")
+    panel.set_progress(0.25, "reading weights")
+    qloop.run_until_complete(task)
+    assert gui.client.state == "loaded" and panel.engine.text().startswith("/models/slowload")
+    assert not panel.load_bar.isVisibleTo(panel) and not panel.stage.isVisibleTo(panel)
+    panel.set_progress(0.9, "a late step")  # after the load: shown nowhere
+    assert not panel.load_bar.isVisibleTo(panel) and panel.stage.text() != "A late step"
+    # refused after the model was let go: the bar goes too (the app loads the last one again)
+    qloop.run_until_complete(gui.ctrl.load_model("/models/bad"))
+    assert "/models/bad: no such model" in gui.window.banner.text()
+    assert gui.client.state == "loaded" and not panel.load_bar.isVisibleTo(panel)
+
+
 def test_an_unload_says_what_it_gave_back_as_nvml_sees_it(gui, qloop, monkeypatch):
     """Users check an unload in nvidia-smi: the status bar says what NVML saw the engine give
     back (its share on every GPU NVML reports it for, before and after), and what it keeps."""
