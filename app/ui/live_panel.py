@@ -160,8 +160,8 @@ class LivePanel(QScrollArea):
         self.stage.setText(stage[:1].upper() + stage[1:])
         self.stage.setVisible(bool(stage))
         # a step that tells no fraction (the kernels' build, minutes): a busy bar, not 0%
-        self.load_bar.setRange(0, 1000 if fraction > 0 else 0)
-        self.load_bar.setValue(round(1000 * min(max(fraction, 0.0), 1.0)))
+        self.load_bar.setRange(0, 100 if fraction > 0 else 0)
+        self.load_bar.setValue(round(100 * min(max(fraction, 0.0), 1.0)))  # as the status bar
         self.load_bar.setVisible(True)
 
     def set_engine(self, state: str, info: dict) -> None:

@@ -229,7 +229,7 @@ def test_a_load_shows_its_stage_and_bar_in_the_panel_until_it_ends(gui, qloop):
     wait_until(qloop, lambda: panel.stage.text() == "Reading weights", what="the first step")
     assert panel.engine.text() == "Loading /models/slowload…"
     assert panel.load_bar.isVisibleTo(panel) and panel.stage.isVisibleTo(panel)
-    assert panel.load_bar.value() == 250 and panel.load_bar.text() == "25%"
+    assert panel.load_bar.value() == 25 and panel.load_bar.text() == "25%"
     panel.set_progress(0.0, "building CUDA kernels, one time")
     assert panel.load_bar.maximum() == 0 and panel.stage.text().startswith("Building")
     panel.set_progress(0.25, "reading weights")
