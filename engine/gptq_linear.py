@@ -106,12 +106,18 @@ class GPTQLinear(nn.Module):
                 )  # fmt: skip
                 return y.view(*x.shape[:-1], self.out_features)
             return self.linear_in_slices(x, bias, self.columns_per_slice(self.kernel_ok(x)))
-        # The CPU dequantizes once, as VQLinear does: the dense weight's memory, not per token
-        # (float16 under float32 activations by default, engine/layers.py cpu_linear).
-        want = cpu_weight_dtype(x.dtype)
+        return cpu_linear(x, self.cpu_weight(x.dtype), bias)
+
+    def cpu_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The CPU dequantizes once, as VQLinear does: the dense weight's memory, not per token
+        (float16 under float32 activations by default, engine/layers.py cpu_linear)."""
+        want = cpu_weight_dtype(dtype)
         if self.dense_cache is None or self.dense_cache.dtype != want:
             self.dense_cache = self.weight_t(want)
-        return cpu_linear(x, self.dense_cache, bias)
+        return self.dense_cache
+
+    def share_cpu_weight(self, view: torch.Tensor) -> None:
+        self.dense_cache = view
 
     def kernel_ok(self, x: torch.Tensor) -> bool:
         return self.scales.dtype == x.dtype and self.kernel_layer_ok()

@@ -122,12 +122,19 @@ class VQLinear(nn.Module):
             return ops.vptq_linear(
                 x, bias, self.tensors(), self.spec, self.sliced, self.decode_path, defer
             )
-        # The CPU runs the reference path: dequantize once, not per token. It costs the dense
-        # weight's memory, which is what a CPU-sized model can afford.
-        want = cpu_weight_dtype(x.dtype)
+        return cpu_linear(x, self.cpu_weight(x.dtype), bias)
+
+    def cpu_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the CPU multiplies with for activations of ``dtype``: the reference path
+        dequantizes once, not per token. It costs the dense weight's memory, which is what a
+        CPU-sized model can afford (a view of its group's, engine/model.py CpuGroup)."""
+        want = cpu_weight_dtype(dtype)
         if self.dense_cache is None or self.dense_cache.dtype != want:
             self.dense_cache = ops.vptq_dequant(self.tensors(), self.spec, want)
-        return cpu_linear(x, self.dense_cache, bias)
+        return self.dense_cache
+
+    def share_cpu_weight(self, view: torch.Tensor) -> None:
+        self.dense_cache = view
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -99,6 +99,12 @@ class DenseLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) if x.is_cuda else cpu_linear(x, self.weight, self.bias)
 
+    def cpu_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight
+
+    def share_cpu_weight(self, view: torch.Tensor) -> None:
+        self.weight.data = view
+
 
 def dense_linear(
     name: str, in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None = None
@@ -135,12 +141,63 @@ def apply(m: nn.Module, x: torch.Tensor, defer: bool = False):
     return m(x)
 
 
-def project(x: torch.Tensor, shared, linears: tuple, defer: bool = False) -> list:
-    """The outputs of linear layers that read the same x: one launch where the loader gave them
-    a shared sliced GEMV (``shared``, engine/layers.py SharedInputGroup), else one call each."""
+def project(x: torch.Tensor, block, defer: bool = False) -> list:
+    """The outputs of a block's linear layers that read the same x: one launch where the loader
+    gave them a shared sliced GEMV (``block.fused``, engine/layers.py SharedInputGroup), one
+    product on the CPU (``block.cpu_group``), else one call each."""
+    shared = block.fused
     if shared is not None and shared.takes(x):
         return shared(x, defer=True) if defer else shared(x)
-    return [apply(m, x, defer) for m in linears]
+    if not x.is_cuda:
+        ys = block.cpu_group(x, block.shared_input())
+        if ys is not None:
+            return ys
+    return [apply(m, x, defer) for m in block.shared_input()]
+
+
+class CpuGroup:
+    """Linear layers that read the same input (q, k, v; gate, up) as one product on the CPU:
+    their weights (engine/layers.py cpu_linear: float16 under float32 activations) made one
+    tensor on the first call for a dtype of activations, each layer's weight a view of it, so
+    nothing is held twice and in-place changes (quantize's) reach it. A decode step of the demo
+    model took 20 against 22 ms in three and two products a layer (the seven products' dispatch
+    and conversions, not their bytes)."""
+
+    def __init__(self) -> None:
+        self.dtype: torch.dtype | None = None  # of the activations it was made for
+        self.weight: torch.Tensor | None = None  # [sum of N, K]; None: the layers one by one
+        self.bias: torch.Tensor | None = None
+        self.sizes: list[int] = []
+
+    def __call__(self, x: torch.Tensor, linears: tuple) -> list | None:
+        """The outputs of ``linears``, or None where they are not one product: a layer whose
+        calls are watched (quantize's hooks) or replaced (bench_step's stand-ins), without a
+        CPU weight, or of another dtype."""
+        if any(m._forward_pre_hooks or m._forward_hooks or "forward" in vars(m) for m in linears):
+            return None
+        if self.dtype != x.dtype:
+            self._join(linears, x.dtype)
+        if self.weight is None:
+            return None
+        return list(cpu_linear(x, self.weight, self.bias).split(self.sizes, -1))
+
+    def _join(self, linears: tuple, dtype: torch.dtype) -> None:
+        self.dtype, self.weight, self.bias = dtype, None, None
+        if not all(hasattr(m, "cpu_weight") for m in linears):
+            return
+        weights = [m.cpu_weight(dtype) for m in linears]
+        if any(w.dtype != weights[0].dtype for w in weights):
+            return
+        self.weight = torch.cat(weights)
+        self.sizes = [w.shape[0] for w in weights]
+        row = 0
+        for m, n in zip(linears, self.sizes, strict=True):
+            m.share_cpu_weight(self.weight[row : row + n])
+            row += n
+        biases = [getattr(m, "bias", None) for m in linears]
+        if any(b is not None for b in biases):
+            pairs = zip(biases, self.sizes, strict=True)
+            self.bias = torch.cat([torch.zeros(n) if b is None else b.float() for b, n in pairs])
 
 
 class Attention(nn.Module):
@@ -155,6 +212,7 @@ class Attention(nn.Module):
         self.window = args.sliding_window
         self.cache: KVCache | None = None
         self.fused = None  # q, k, v in one launch (engine/layers.py build_sliced_layouts)
+        self.cpu_group = CpuGroup()
 
     def shared_input(self) -> tuple:
         return self.q_proj, self.k_proj, self.v_proj
@@ -167,12 +225,12 @@ class Attention(nn.Module):
         if self.cache is None:
             raise RuntimeError("setup_caches() must run before the forward pass")
         if fused_decode(start, mask):
-            q, k, v = project(x, self.fused, self.shared_input(), defer=PARTIAL_SUMS)
+            q, k, v = project(x, self, defer=PARTIAL_SUMS)
             c = self.cache
             q = fused.rope_kv(q, k, v, cos, sin, start, c.k, c.v)
             y = fused.attention(q, c.k, c.v, start, self.window, self.head_dim**-0.5)
             return apply(self.o_proj, y, defer=PARTIAL_SUMS)  # its sums left to the next norm
-        q, k, v = project(x, self.fused, self.shared_input())
+        q, k, v = project(x, self)
         c = self.cache
         if isinstance(start, int) and fused.rope_prefill_fused(q, k, v, c.k):
             q = fused.rope_prefill(q, k, v, cos, sin, start, c.k, c.v)  # [1, H, T, D]
@@ -198,13 +256,14 @@ class MLP(nn.Module):
         self.up_proj = make(f"{prefix}.up_proj", h, i, bias)
         self.down_proj = make(f"{prefix}.down_proj", i, h, bias)
         self.fused = None  # gate and up in one launch (engine/layers.py build_sliced_layouts)
+        self.cpu_group = CpuGroup()
 
     def shared_input(self) -> tuple:
         return self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor, defer: bool = False):
         """``defer``: the fused decode step, where projections may return Partials."""
-        gate, up = project(x, self.fused, self.shared_input(), defer)
+        gate, up = project(x, self, defer)
         return apply(self.down_proj, fused.silu_mul(gate, up), defer)
 
 

@@ -197,3 +197,59 @@ def test_prefill_attention_on_the_gpu_copies_no_key_heads(t, s):
         assert torch.equal(attention(q, k, v, None), causal)
     finally:
         model._FLASH.pop(key)
+
+
+@pytest.mark.parametrize("kind", ["vptq", "gptq", "qwen2"])
+def test_cpu_layers_reading_one_input_are_one_product_holding_nothing_twice(
+    tmp_path, kind, monkeypatch
+):
+    """On the CPU q, k, v and gate, up are one product each (engine/model.py CpuGroup; float16
+    weights): the same logits as the layers one by one, which a forward hook on a layer asks
+    for (quantize's calibration sees every call), each layer's weight (expanded where it is
+    quantized) a view of its group's one tensor, which in-place changes reach. Qwen2's q, k, v
+    have biases, o none."""
+    from collections import Counter
+
+    monkeypatch.setenv("VPTQ_CPU_WEIGHTS", "float16")
+    if kind == "vptq":
+        from .test_loader import build_vptq_model
+
+        build_vptq_model(tmp_path)
+    elif kind == "gptq":
+        from .test_gptq import gptq_model
+
+        tmp_path, _ = gptq_model(tmp_path, bits=4, group=32, desc_act=True, sym=True, fmt="gptq")
+    else:
+        make_hf_model("qwen2", tmp_path)
+    m = load_model(tmp_path, "cpu", torch.float32, max_seq_len=64).model
+    tokens = torch.randint(0, 64, (1, 13), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        grouped = [m(tokens[:, :12]), m(tokens[:, 12:], start=12)]  # a prompt, then a step
+    blocks = [(b, b.shared_input()) for layer in m.model.layers
+              for b in (layer.self_attn, layer.mlp)]  # fmt: skip
+    for block, linears in blocks:
+        group = block.cpu_group.weight
+        assert group is not None and group.dtype == torch.float16
+        views = [lin.cpu_weight(torch.float32) for lin in linears]
+        storage = group.untyped_storage()
+        assert all(v.untyped_storage().data_ptr() == storage.data_ptr() for v in views)
+        assert storage.nbytes() == sum(v.numel() * 2 for v in views)  # nothing more
+    calls = Counter()
+    hooks = [lin.register_forward_pre_hook(lambda mod, args: calls.update([mod]))
+             for _, linears in blocks for lin in linears]  # fmt: skip
+    with torch.no_grad():
+        one_by_one = [m(tokens[:, :12]), m(tokens[:, 12:], start=12)]
+    assert len(calls) == 5 * len(m.model.layers) and set(calls.values()) == {2}
+    for want, got in zip(one_by_one, grouped, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for h in hooks:
+        h.remove()
+    attn = m.model.layers[0].self_attn
+    attn.q_proj.cpu_weight(torch.float32).zero_()  # in place: the group's rows
+    x = torch.randn(1, 1, m.args.hidden_size)
+    q = attn.cpu_group(x, attn.shared_input())[0]
+    bias = getattr(attn.q_proj, "bias", None)
+    assert (bias is not None) == (kind == "qwen2")
+    torch.testing.assert_close(
+        q, torch.zeros_like(q) if bias is None else bias.float().expand_as(q)
+    )
