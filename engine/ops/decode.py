@@ -79,7 +79,7 @@ def rms_norm(x, weight: torch.Tensor, eps: float, residual=None):
     x = whole(x)
     if residual is not None:
         x = x + residual
-    if x.dtype == weight.dtype == torch.float32:  # the CPU models: one op, not five
+    if x.dtype == weight.dtype == torch.float32:  # the CPU's models: one op, not five
         out = F.rms_norm(x, weight.shape, weight, eps)
         return out if residual is None else (out, x)
     h = x.float()
