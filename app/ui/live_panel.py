@@ -128,7 +128,7 @@ class LivePanel(QScrollArea):
         self.load_bar.setFormat("%p%")
         for w in (self.stage, self.load_bar):
             w.setVisible(False)
-        self.loading = False  # the engine's state is "loading"
+        self.loading = False  # whether the engine is loading a model (set_engine)
         self.kernels = QLabel()
         self.kernels.setWordWrap(True)
         self.gpu_note = QLabel()
