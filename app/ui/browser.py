@@ -275,6 +275,22 @@ class DetailPane(QWidget):
             return
         self.title.setText(f"<b>{d.repo}</b><br>{d.scheme.describe()}")
         self._show_size(d, d.on_disk)
+        self.fill_devices()
+        if d.shape is not None:
+            self.context.setMaximum(d.shape.max_context)
+        self.update_fit()
+        self.show_download(self.ctrl.manager.downloads.get(d.repo))
+
+    def showEvent(self, event) -> None:  # Qt's name
+        """Fit on lists the devices as the window opens, before a model is chosen (it stood
+        empty until then)."""
+        super().showEvent(event)
+        if self.repo is None:
+            self.fill_devices()
+
+    def fill_devices(self) -> None:
+        """Fit on's list: the GPUs now (one NVML read), then the CPU; the choice starts where
+        loads go."""
         gpus = self.ctrl.gpus_now()
         usable = [not self.ctrl.load_device(g)[1] for g in gpus]  # Load in chat can load there
         self.gpu.blockSignals(True)
@@ -287,10 +303,6 @@ class DetailPane(QWidget):
         self.gpu.addItem("CPU (slow)", None)  # last: a GPU, where there is one, first
         self.gpu.setCurrentIndex(self._where_loads_go(gpus, usable))
         self.gpu.blockSignals(False)
-        if d.shape is not None:
-            self.context.setMaximum(d.shape.max_context)
-        self.update_fit()
-        self.show_download(self.ctrl.manager.downloads.get(d.repo))
 
     def _where_loads_go(self, gpus: list, usable: list[bool]) -> int:
         """Fit on starts at the device loads go to now (the last load's GPU, or the CPU), else

@@ -304,13 +304,31 @@ def test_fit_on_shows_the_free_memory_of_a_gpu_with_a_long_name(browser_app, qlo
     w.resize(780, 420)
     browse.table.setCurrentIndex(app.browser.filtered.index(0, 0))
     box = browse.detail.gpu
-    wait_until(qloop, lambda: box.count() == 2, what="the details")
+    wait_until(qloop, lambda: "Download size" in browse.detail.size.text(), what="the details")
     qloop.run_until_complete(asyncio.sleep(0.2))  # layouts settle
     text = box.currentText()
     assert text == "GPU 0 (8.00 GiB free): NVIDIA GeForce RTX 4090 Laptop GPU"
     seen = text[: text.index("free") + len("free")]
     arrow = 30  # the drop-down's arrow and margins
     assert box.fontMetrics().horizontalAdvance(seen) <= box.width() - arrow, (box.width(), seen)
+
+
+def test_fit_on_lists_the_devices_before_a_model_is_chosen(browser_app, qloop):
+    """Fit on stood empty until a model was selected: it lists the GPUs and the CPU as the
+    window opens, starting where loads go, and the CPU alone where NVML shows no GPU."""
+    app, _ = browser_app
+    _, browse = open_models(app, qloop)
+    box = browse.detail.gpu
+    assert browse.detail.repo is None
+    assert [box.itemText(i) for i in range(box.count())] == [
+        "GPU 0 (16.00 GiB free): Test GPU 24GB",
+        "CPU (slow)",
+    ]
+    assert box.currentIndex() == 0
+    app.models_window.hide()
+    app.browser.gpus = NoGpus()
+    app.show_models()
+    assert [box.itemText(i) for i in range(box.count())] == ["CPU (slow)"]
 
 
 def test_details_read_the_gpus_once(browser_app, qloop):
@@ -327,7 +345,7 @@ def test_details_read_the_gpus_once(browser_app, qloop):
     app.browser.gpus = Counted()
     _, browse = open_models(app, qloop)
     browse.table.setCurrentIndex(app.browser.filtered.index(0, 0))
-    wait_until(qloop, lambda: browse.detail.gpu.count() == 2, what="the details")
+    wait_until(qloop, lambda: "Download size" in browse.detail.size.text(), what="the details")
     reads.clear()
     browse.detail.show_details(app.browser.details)
     assert len(reads) == 1
