@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QGuiApplication, QKeyEvent, QKeySequence, QShortcut
+from PySide6.QtGui import QFont, QGuiApplication, QKeyEvent, QKeySequence, QShortcut, QTextDocument
 from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
@@ -51,6 +51,23 @@ class Composer(QPlainTextEdit):
 # 37 new tokens (the rest of the chat reused from the KV cache) in 205 ms read as a slow
 # "180 tok/s" beside a first turn's 2000.
 PROMPT_RATE_MIN = 128
+
+
+_SPACE_PX: dict[str, float] = {}
+
+
+def code_space_px(font: QFont) -> float:
+    """A space's width in a code block (the fixed-pitch font Qt's rich text gives <pre>) of a
+    message in ``font``: measured once a font, from a laid-out line."""
+    key = font.key()
+    if key not in _SPACE_PX:
+        doc = QTextDocument()
+        doc.setDefaultFont(font)
+        doc.setHtml("<pre>" + " " * 10 + "x</pre>")
+        doc.size()  # lays it out: a line not laid out has no place
+        line = doc.begin().layout().lineAt(0)
+        _SPACE_PX[key] = line.cursorToX(10)[0] / 10 if line.isValid() else 0.0
+    return _SPACE_PX[key]
 
 
 def count(n: int, noun: str) -> str:
@@ -155,7 +172,11 @@ class MessageWidget(QFrame):
     def set_content(self, text: str, status: str, stats: dict) -> None:
         if text != self.text or not self.body.toPlainText():
             self.text = text
-            html = plain_html(text) if self.role == "user" else to_html(text, self.dark)
+            html = (
+                plain_html(text)
+                if self.role == "user"
+                else to_html(text, self.dark, code_space_px(self.body.font()))
+            )
             self.body.setHtml(html)
         self.copy_code.setVisible(bool(code_blocks(text)))
         self.can_continue = can_continue(self.role, status, stats, text)

@@ -25,17 +25,38 @@ def code_blocks(text: str) -> list[str]:
     return [m.group(2).rstrip("\n") for m in FENCE.finditer(text)]
 
 
-def _code_html(lang: str, code: str, dark: bool) -> str:
+TAG = re.compile(r"<[^>]*>")
+HANG = 2  # a wrapped code line goes on this many columns right of the line's own indent
+MOST_HANG = 24  # columns: a deeply indented line still leaves room for what wraps
+
+
+def _code_html(lang: str, code: str, dark: bool, space_px: float) -> str:
     try:
         lexer = get_lexer_by_name(lang) if lang else guess_lexer(code)
     except ClassNotFound:
         lexer = TextLexer()
     bg = "#272822" if dark else "#f4f4f4"
     body = highlight(code, lexer, _formatter(dark))
+    lines = body.rstrip("\n").split("\n")  # Pygments closes its spans at each line's end
     return (
         f'<table width="100%" cellpadding="8" style="background:{bg};"><tr><td>'
-        f'<pre style="margin:0; white-space:pre-wrap;">{body}</pre></td></tr></table>'
-    )  # pre-wrap: a line wider than the message wraps (it was cut off at the message's edge)
+        + "".join(_code_line(line, space_px) for line in lines)
+        + "</td></tr></table>"
+    )
+
+
+def _code_line(line: str, space_px: float) -> str:
+    """One code line as a block of its own, which wraps where it is wider than the message (it
+    was cut off at the message's edge) and goes on under its own indent plus HANG columns (it
+    went on at column 0, under the code around it). ``space_px``: a space's width in the code's
+    font (0: no hanging indent)."""
+    text = html.unescape(TAG.sub("", line)).expandtabs(4)
+    indent = len(text) - len(text.lstrip(" "))
+    hang = min(indent + HANG, MOST_HANG) * space_px
+    return (
+        f'<pre style="margin:0; margin-left:{hang:.1f}px; text-indent:-{hang:.1f}px; '
+        f'white-space:pre-wrap;">{line or " "}</pre>'  # an empty block would vanish
+    )
 
 
 # Built once: building a formatter or a converter took more time than using it (a chat of 200
@@ -61,12 +82,14 @@ def _markdown(text: str) -> str:
     return converter.convert(text).replace("<table>", TABLE)
 
 
-def to_html(text: str, dark: bool = False) -> str:
-    """HTML for one message; code blocks are cut out first so markdown never touches them."""
+def to_html(text: str, dark: bool = False, space_px: float = 0.0) -> str:
+    """HTML for one message; code blocks are cut out first so markdown never touches them.
+    ``space_px``: a space's width in code blocks (chat_view.code_space_px), for the hanging
+    indent of their wrapped lines."""
     parts, last = [], 0
     for m in FENCE.finditer(text):
         parts.append(_markdown(text[last : m.start()]))
-        parts.append(_code_html(m.group(1), m.group(2).rstrip("\n"), dark))
+        parts.append(_code_html(m.group(1), m.group(2).rstrip("\n"), dark, space_px))
         last = m.end()
     parts.append(_markdown(text[last:]))
     return "".join(parts)

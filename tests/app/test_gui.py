@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QEvent, QObject
-from PySide6.QtGui import QGuiApplication
+from PySide6.QtGui import QGuiApplication, QTextCursor
 from PySide6.QtWidgets import QAbstractSlider
+
+from app.ui.chat_view import code_space_px
 
 from .conftest import make_app, wait_until
 
@@ -619,6 +621,42 @@ def test_a_long_code_line_wraps_inside_the_message(gui, qloop):
     w.copy_code.click()
     assert QGuiApplication.clipboard().text() == line
     assert gui.ctrl.conversations.rows[0].title.startswith("total = value_0 + value_1")
+
+
+def wrap_offsets(body, text: str) -> list[float]:
+    """How far right of the line's start (px) each wrapped piece of the code line that starts
+    with ``text`` begins in a message's text."""
+    doc = body.document()
+    block = doc.find(text).block()
+    layout = block.layout()
+    assert block.isValid() and layout.lineCount() > 1, f"{text!r} did not wrap"
+
+    def x(pos: int) -> float:
+        cursor = QTextCursor(doc)
+        cursor.setPosition(block.position() + pos)
+        return body.cursorRect(cursor).x()
+
+    return [x(layout.lineAt(i).textStart()) - x(0) for i in range(1, layout.lineCount())]
+
+
+def test_a_wrapped_code_line_goes_on_under_its_own_indent(gui, qloop):
+    """A wrapped code line went on at column 0, under the code around it: it goes on two
+    columns right of its own indent, and blank lines stay."""
+    call = "    result = compute(" + ", ".join(f"argument_{i}" for i in range(40)) + ")"
+    top = "names = " + " + ".join(f"value_{i}" for i in range(40))
+    code = f"def f():\n{call}\n\n    return result\n{top}"
+    send(gui, f"```python\n{code}\n```")
+    wait_until(qloop, lambda: answer_done(gui))
+    w = gui.window.chat.widgets[-1]
+    space = code_space_px(w.body.font())
+    assert 3 < space < 20
+    for offset in wrap_offsets(w.body, "    result = compute("):
+        assert abs(offset - 6 * space) < 1.5, (offset, space)  # 4 columns of indent, then 2
+    for offset in wrap_offsets(w.body, "names = "):
+        assert abs(offset - 2 * space) < 1.5, (offset, space)
+    assert "\n\n    return result" in w.body.toPlainText().replace("\n \n", "\n\n")
+    w.copy_code.click()
+    assert QGuiApplication.clipboard().text() == code
 
 
 def test_a_long_chat_opens_with_each_message_laid_out_a_few_times(gui, qloop):
