@@ -32,7 +32,7 @@ lint: $(STAMP)
 
 # Compile-only check of every CUDA file for the supported GPU generations (no GPU needed).
 # 90a: Hopper with its own features (the sliced GEMV's multicast slice copy), as the engine builds.
-CUDA_ARCHS := 80 86 89 90a
+CUDA_ARCHS := 75 80 86 89 90a
 # Every .cu file for every architecture, one nvcc per core; fails if any file does not compile.
 kernels-compile:
 	@if command -v nvcc >/dev/null 2>&1; then \

@@ -92,10 +92,13 @@ class GPU:
 class LayerPlan:
     """How a layer's layout is cut: codewords a slice (a block's share of the codebook in shared
     memory), and whether a residual codebook sits whole beside each slice (small) or is sliced
-    with the main one (two lookups a weight)."""
+    with the main one (two lookups a weight). ``waves``: the launch takes more row blocks than
+    one wave of blocks, each as large as its shared memory holds (largest_row_block), where no
+    one-wave plan fits."""
 
     slice_cw: int
     small: bool
+    waves: bool = False
 
 
 MIN_SLICE_CODEWORDS = 256
@@ -108,8 +111,10 @@ def layer_plan(
     Where the full slice (and a small residual codebook with its copies) leaves a block too
     little shared memory for one token, as the 99 KiB of an RTX 3090 or 4090 do for
     v8-k65536-256, the slices are halved, or the residual codebook sliced, whichever leaves the
-    fewest entries to read (padding and all, estimated); None where nothing fits. That the full
-    slice fits is checked on the layer's planned launch."""
+    fewest entries to read (padding and all, estimated); failing all of those, the same with
+    row blocks beyond one wave (LayerPlan.waves: a GPU of few SMs and 64 KiB, a Tesla T4 or an
+    RTX 2080); None where nothing fits. That the full slice fits is checked on the layer's
+    planned launch."""
     v, g, kr = spec.vector_len, spec.group_num, spec.num_res_centroids
     base = LayerPlan(slice_codewords(v), small_residual(v, kr, g))
     if gpu is None:
@@ -122,21 +127,24 @@ def _fitting_plan(
     spec: LayerDims, base: LayerPlan, gpu: GPU, ctas_per_sm: int | None
 ) -> LayerPlan | None:
     best = None
-    for small in (True, False) if base.small else (False,):
-        slice_cw = base.slice_cw
-        while slice_cw >= MIN_SLICE_CODEWORDS:
-            plan = LayerPlan(slice_cw, small)
-            meta = layer_meta(spec, plan, gpu, ctas_per_sm)
-            if meta_tokens(meta, gpu.smem_optin) >= 1:
-                if plan == base:
-                    return base
-                segments = meta[5] * meta[7] * meta[8]
-                lookups = meta[8] * meta[1] * (2 if spec.num_res_centroids and not small else 1)
-                per_segment = lookups / segments  # each segment padded to PAD_TO entries
-                entries = segments * max(per_segment + (PAD_TO - 1) / 2, PAD_TO)
-                best = min(best or (entries, plan), (entries, plan), key=lambda e: e[0])
-            slice_cw = slice_cw // 2 // 8 * 8
-    return None if best is None else best[1]
+    for waves in (False, True):
+        for small in (True, False) if base.small else (False,):
+            slice_cw = base.slice_cw
+            while slice_cw >= MIN_SLICE_CODEWORDS:
+                plan = LayerPlan(slice_cw, small, waves)
+                meta = layer_meta(spec, plan, gpu, ctas_per_sm)
+                if meta_tokens(meta, gpu.smem_optin) >= 1:
+                    if plan == base:
+                        return base
+                    segments = meta[5] * meta[7] * meta[8]
+                    cell = 2 if spec.num_res_centroids and not small else 1
+                    per_segment = meta[8] * meta[1] * cell / segments  # padded to PAD_TO each
+                    entries = segments * max(per_segment + (PAD_TO - 1) / 2, PAD_TO)
+                    best = min(best or (entries, plan), (entries, plan), key=lambda e: e[0])
+                slice_cw = slice_cw // 2 // 8 * 8
+        if best is not None:
+            return best[1]
+    return None
 
 
 def layer_meta(
@@ -152,7 +160,7 @@ def layer_meta(
     n_slices = -(-n_cw // plan.slice_cw)
     chunk_cols, row_block, row_blocks = planned_shape(
         K, rows, v, plan.slice_cw, res_cw, n_slices, cell, gpu.num_sms, gpu.smem_optin,
-        ctas_per_sm,
+        ctas_per_sm, plan.waves,
     )  # fmt: skip
     return [spec.out_features, K, v, n_cw, plan.slice_cw, n_slices, chunk_cols,
             -(-K // chunk_cols), rows, res_cw, row_block, row_blocks]  # fmt: skip
@@ -229,6 +237,18 @@ def chunk_width(K: int, v: int, slice_cw: int, res_cw: int, row_block: int, smem
     return CHUNK_COLS
 
 
+def largest_row_block(v: int, slice_cw: int, res_cw: int, smem_optin: int) -> int:
+    """The most vector-rows a block's accumulators hold for one token beside its slice and a
+    CHUNK_COLS chunk of xhat (0: none). One wave's row blocks (launch_shape) outgrow it on a GPU
+    of few SMs and little shared memory: Llama-3.1-8B's gate on a Tesla T4 (40 SMs, 64 KiB) took
+    1792 vector-rows a block, 56 KiB of accumulators, and had no plan at all."""
+    room = smem_optin - STATIC_SMEM
+    most = max(0, (room - smem_bytes(v, slice_cw, res_cw, 0, 1, CHUNK_COLS)) // (v * 4))
+    while most and smem_bytes(v, slice_cw, res_cw, most, 1, CHUNK_COLS) > room:
+        most -= 1  # the accumulators' 16-byte alignment
+    return most
+
+
 def launch_shape(rows: int, n_parts: int, num_sms: int, ctas_per_sm: int) -> tuple[int, int]:
     """(row_block, row_blocks): about ctas_per_sm blocks per SM in one wave, never more; a row
     block takes n_parts blocks."""
@@ -247,13 +267,18 @@ def layer_shape(
     num_sms: int,
     ctas_per_sm: int,
     smem_optin: int,
+    waves: bool = False,
 ) -> tuple[int, int, int]:
     """(chunk_cols, row_block, row_blocks) of a layer's own launch. A block serves one slice of
     one column chunk, so the chunks share the wave with the slices; wider row blocks take more
-    accumulators, which may narrow the chunks: the two are settled together."""
+    accumulators, which may narrow the chunks: the two are settled together. ``waves``: row
+    blocks no larger than largest_row_block, in as many waves as that takes."""
     n_chunks = 1
+    most = largest_row_block(v, slice_cw, res_cw, smem_optin) if waves else 0
     for _ in range(4):
         row_block, row_blocks = launch_shape(rows, n_slices * n_chunks, num_sms, ctas_per_sm)
+        if 0 < most < row_block:
+            row_block, row_blocks = most, -(-rows // most)
         chunk_cols = chunk_width(K, v, slice_cw, res_cw, row_block, smem_optin)
         if -(-K // chunk_cols) == n_chunks:
             break
@@ -272,13 +297,14 @@ def planned_shape(
     num_sms: int,
     smem_optin: int,
     ctas_per_sm: int | None = None,
+    waves: bool = False,
 ) -> tuple[int, int, int]:
     """layer_shape for the cheaper plan (``plans``, ``plan_cost``). ``cell_lookups``: lookups a
     (vector-row, column) has in the layout's table, 2 where the residual codebook is sliced."""
 
     def cost(c: int) -> float:
         chunk_cols, row_block, row_blocks = shape = layer_shape(
-            K, rows, v, slice_cw, res_cw, n_slices, num_sms, c, smem_optin
+            K, rows, v, slice_cw, res_cw, n_slices, num_sms, c, smem_optin, waves
         )
         blocks = row_blocks * n_slices * -(-K // chunk_cols)
         lookups = row_block * chunk_cols * cell_lookups / n_slices
@@ -310,13 +336,14 @@ def model_layout_bytes(shape: Shape, v: int, k: int, kr: int = 0, gpu: GPU | Non
 # Shared memory a block may opt in to, by compute capability (the CUDA C++ Programming Guide's
 # table of technical specifications), and CUDA cores an SM: what the app reads from NVML, made
 # a GPU to plan for (app/gpu.py). The ones before Hopper are those the engine can be built as
-# (engine/ops/arch.py); Blackwell's data-centre parts (10.x) have Hopper's 227 KiB, its
+# (engine/ops/arch.py): Turing (7.5: Tesla T4, RTX 20 series; the oldest CUDA 13 compiles
+# for), Ampere and Ada. Blackwell's data-centre parts (10.x) have Hopper's 227 KiB, its
 # GeForce and workstation parts (12.x: RTX 5090, RTX PRO 6000, DGX Spark) an RTX 4090's 99.
-SMEM_OPTIN = {(8, 0): 163 << 10, (8, 6): 99 << 10, (8, 7): 163 << 10, (8, 9): 99 << 10,
-              (9, 0): 227 << 10, (10, 0): 227 << 10, (10, 3): 227 << 10,
+SMEM_OPTIN = {(7, 5): 64 << 10, (8, 0): 163 << 10, (8, 6): 99 << 10, (8, 7): 163 << 10,
+              (8, 9): 99 << 10, (9, 0): 227 << 10, (10, 0): 227 << 10, (10, 3): 227 << 10,
               (12, 0): 99 << 10, (12, 1): 99 << 10}  # fmt: skip
-CORES_PER_SM = {(8, 0): 64, (8, 6): 128, (8, 7): 128, (8, 9): 128, (9, 0): 128, (10, 0): 128,
-                (10, 3): 128, (12, 0): 128, (12, 1): 128}  # fmt: skip
+CORES_PER_SM = {(7, 5): 64, (8, 0): 64, (8, 6): 128, (8, 7): 128, (8, 9): 128, (9, 0): 128,
+                (10, 0): 128, (10, 3): 128, (12, 0): 128, (12, 1): 128}  # fmt: skip
 
 
 def gpu_for(capability: tuple[int, int] | None, cuda_cores: int | None) -> GPU | None:

@@ -184,6 +184,7 @@ def test_the_fast_decode_layout_is_planned_for_the_gpu_nvml_names():
     assert rtx4090 == GPU(num_sms=128, smem_optin=99 << 10)
     assert card((8, 6), 10496).plan_gpu == GPU(82, 99 << 10)  # RTX 3090
     assert card((8, 0), 6912).plan_gpu == GPU(108, 163 << 10)  # A100
+    assert card((7, 5), 2560).plan_gpu == GPU(40, 64 << 10)  # Tesla T4
     assert card((9, 0), 16896).plan_gpu == GPU(132, 227 << 10)  # H100 SXM
     # Blackwell: an RTX 5090 (170 SMs) plans as a GeForce card, a B200 (148 SMs) as Hopper;
     # a generation the table does not know plans as an H100 (None)

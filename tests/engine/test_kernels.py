@@ -300,6 +300,34 @@ def test_sliced_gemv_real_shapes(name, tokens, ctas_per_sm):
     assert rel_err(out.double().cpu(), want.cpu()) < 4e-3
 
 
+WAVES = {  # layers whose row blocks take several waves on the GPU named (sliced_plan.py)
+    "narrow-on-4-sms": (dict(k_in=256, n_out=12288, v=8, k=65536), sliced.GPU(4, 64 << 10)),
+    "8b-gate-on-a-t4": (dict(k_in=4096, n_out=14336, v=8, k=65536), sliced.GPU(40, 64 << 10)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WAVES))
+def test_sliced_gemv_in_several_waves_of_row_blocks(name):
+    """Where one wave's row blocks do not fit a GPU of few SMs and 64 KiB a block (a Tesla T4,
+    an RTX 2080), the plan takes row blocks in several waves (LayerPlan.waves): that launch,
+    run here, gives the float64 reference's sums, and leaves its tickets reset."""
+    spec_args, gpu = WAVES[name]
+    spec = make_spec(**spec_args)
+    assert sliced.layer_plan(spec, gpu).waves
+    layer = random_layer(spec, seed=11, dtype=torch.float16)
+    args = gpu_args(layer, torch.float16)
+    layout = sliced.build(args, spec, gpu.num_sms, gpu.smem_optin)
+    assert layout.meta[11] * sliced.parts(layout.meta) > 2 * gpu.num_sms
+    assert layout.max_tokens >= 1
+    x = torch.randn(layout.max_tokens, spec.in_features, device="cuda")
+    out = cuda.gemv_sliced(x.half(), None, layout, args)
+    args64 = tuple(None if a is None or not a.is_floating_point() else a.double() for a in args)
+    args64 = tuple(a if a64 is None else a64 for a, a64 in zip(args, args64, strict=True))
+    want = reference.vptq_linear(x.double(), None, *args64, spec=spec)
+    assert rel_err(out.double().cpu(), want.cpu()) < 4e-3
+    assert not layout.counters.any()
+
+
 # Run in a fresh process, where no launch has yet raised the kernel's shared-memory limit:
 # threads, each on its own stream with its own copy of a layer (its own tickets), all launch
 # at once, half with a layer that needs more shared memory than the other half's. Each prints

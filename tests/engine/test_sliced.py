@@ -39,6 +39,7 @@ HOPPER = sliced.GPU(num_sms=132, smem_optin=OPTIN)
 A100 = sliced.GPU(num_sms=108, smem_optin=163 << 10)
 CONSUMER = sliced.GPU(num_sms=128, smem_optin=99 << 10)  # an RTX 4090 (a 3090: 82 SMs)
 GPUS = {"a100": A100, "consumer": CONSUMER}
+T4 = sliced.GPU(num_sms=40, smem_optin=64 << 10)  # a Tesla T4 (an RTX 2080 Ti: 68 SMs)
 
 
 def build(name, num_sms=7, ctas_per_sm=2):
@@ -801,6 +802,43 @@ def test_layouts_planned_for_an_older_gpu_reproduce_the_oracle_and_fit_it(name, 
     assert layout.nbytes - layout.counters.numel() * 4 <= estimate <= 1.1 * layout.nbytes + 4096
 
 
+def test_where_one_wave_of_row_blocks_does_not_fit_they_take_several():
+    """Llama-3.1-8B's gate on a Tesla T4 (40 SMs, 64 KiB a block): one wave's row blocks of
+    1792 vector-rows take 56 KiB of accumulators, beside a slice of any size and a chunk of
+    xhat (16 KiB), so no one-wave plan fits; row blocks as large as the rest of the shared
+    memory holds, in several waves, do. Where a one-wave plan fits, it is kept."""
+    gate = make_spec(k_in=4096, n_out=14336, v=8, k=65536)
+    for slice_cw in (4096, 2048, 1024, 512, 256):
+        one_wave = sliced.layer_meta(gate, sliced.LayerPlan(slice_cw, False), T4)
+        assert sliced.meta_tokens(one_wave, T4.smem_optin) == 0
+    plan = sliced.layer_plan(gate, T4)
+    assert plan == sliced.LayerPlan(slice_cw=2048, small=False, waves=True)
+    meta = sliced.layer_meta(gate, plan, T4)
+    n_slices, rows, row_block, row_blocks = meta[5], meta[8], meta[10], meta[11]
+    # the accumulators (32 bytes a vector-row) take what a 32 KiB slice, 4097 floats of xhat
+    # (16400 bytes, aligned) and the static 1 KiB leave
+    room = (64 << 10) - (32 << 10) - 16400 - 1024
+    assert row_block == sliced.largest_row_block(8, 2048, 0, T4.smem_optin) == room // 32 == 479
+    assert row_blocks == -(-rows // row_block) == 4
+    assert row_blocks * n_slices > 2 * T4.num_sms  # more blocks than a wave
+    assert sliced.meta_tokens(meta, T4.smem_optin) == 1
+    assert sliced.smem_bytes(8, 2048, 0, row_block, 1, meta[6]) + 1024 <= 64 << 10
+    for gpu in (HOPPER, A100, CONSUMER):  # one wave fits there: those plans are as they were
+        assert not sliced.layer_plan(gate, gpu).waves
+    # a layout in waves gives x W^T exactly (a narrow layer on a 4-SM GPU of 64 KiB)
+    small = sliced.GPU(num_sms=4, smem_optin=64 << 10)
+    spec = make_spec(k_in=256, n_out=12288, v=8, k=65536)  # 1536 vector-rows
+    assert sliced.layer_plan(spec, small).waves
+    layer = random_layer(spec, seed=5, dtype=torch.float64)
+    args = dequant_args(layer)
+    layout = sliced.build(args, spec, small.num_sms, small.smem_optin)
+    assert layout.meta[11] > 1 and layout.counters.numel() == layout.meta[11]
+    assert layout.max_tokens >= 1
+    x = torch.randn(2, spec.in_features, dtype=torch.float64)
+    got = sliced.linear_reference(x, layout, args[7], args[8], None).numpy()
+    np.testing.assert_allclose(got, x.numpy() @ oracle_dense(layer).T, rtol=1e-12, atol=1e-12)
+
+
 def test_a_layer_no_plan_fits_gets_no_layout():
     """16 KiB a block holds not even a chunk's xhat (16 KiB): no plan, so the layer is not
     eligible there, counts no bytes, is never chosen, and build refuses it."""
@@ -847,16 +885,19 @@ def test_layers_do_not_share_a_launch_whose_row_blocks_leave_no_room_for_a_token
 def test_the_kernel_takes_the_tokens_the_planner_gives_on_each_gpu(tmp_path):
     """meta_tokens against csrc/vptq_sliced.cu sliced_supported (the check before a launch),
     compiled and run on the host, for the plans of Llama-3.1-8B's projections in each scheme
-    with a residual codebook on an H100, an A100 and an RTX 4090 (full slices, half slices,
-    sliced residuals): the kernel takes T tokens exactly where the planner's tile of T fits."""
+    with a residual codebook on an H100, an A100, an RTX 4090 and a Tesla T4 (full slices, half
+    slices, sliced residuals, row blocks in waves): the kernel takes T tokens exactly where the
+    planner's tile of T fits."""
     repo = Path(__file__).parents[2]
-    cases = []
+    cases, waves = [], 0
     for kr in (0, 256, 4096):
         for k_in, n_out in ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)):
             spec = make_spec(k_in=k_in, n_out=n_out, v=8, k=65536, kr=kr)
-            for gpu in (HOPPER, A100, CONSUMER):
+            for gpu in (HOPPER, A100, CONSUMER, T4):
                 plan = sliced.layer_plan(spec, gpu)
                 cases.append((sliced.layer_meta(spec, plan, gpu), gpu.smem_optin))
+                waves += plan.waves
+    assert waves >= 3  # on the T4: gate, up and more, in row blocks of several waves
     kinds = {(m[4], m[9] > 0, m[3]) for m, _ in cases}  # slice, small residual, codewords
     assert {(4096, True, 65536), (2048, True, 65536), (4096, False, 69632)} <= kinds
     stub = "cudaError_t launch_sliced_tile{0}(const SlicedGroup&, const void*, int, DType, " \
