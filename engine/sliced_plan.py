@@ -277,8 +277,9 @@ def layer_shape(
     most = largest_row_block(v, slice_cw, res_cw, smem_optin) if waves else 0
     for _ in range(4):
         row_block, row_blocks = launch_shape(rows, n_slices * n_chunks, num_sms, ctas_per_sm)
-        if 0 < most < row_block:
-            row_block, row_blocks = most, -(-rows // most)
+        if 0 < most < row_block:  # as few waves as that takes, their row blocks even
+            row_blocks = -(-rows // most)
+            row_block = -(-rows // row_blocks)
         chunk_cols = chunk_width(K, v, slice_cw, res_cw, row_block, smem_optin)
         if -(-K // chunk_cols) == n_chunks:
             break

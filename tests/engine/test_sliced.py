@@ -818,8 +818,8 @@ def test_where_one_wave_of_row_blocks_does_not_fit_they_take_several():
     # the accumulators (32 bytes a vector-row) take what a 32 KiB slice, 4097 floats of xhat
     # (16400 bytes, aligned) and the static 1 KiB leave
     room = (64 << 10) - (32 << 10) - 16400 - 1024
-    assert row_block == sliced.largest_row_block(8, 2048, 0, T4.smem_optin) == room // 32 == 479
-    assert row_blocks == -(-rows // row_block) == 4
+    assert sliced.largest_row_block(8, 2048, 0, T4.smem_optin) == room // 32 == 479
+    assert (row_block, row_blocks) == (448, 4) and rows == 1792  # 4 even row blocks of <= 479
     assert row_blocks * n_slices > 2 * T4.num_sms  # more blocks than a wave
     assert sliced.meta_tokens(meta, T4.smem_optin) == 1
     assert sliced.smem_bytes(8, 2048, 0, row_block, 1, meta[6]) + 1024 <= 64 << 10
