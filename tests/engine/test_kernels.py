@@ -287,7 +287,11 @@ def test_sliced_gemv_real_shapes(name, tokens, ctas_per_sm):
     layer = random_layer(spec, seed=3, dtype=torch.float16)
     args = gpu_args(layer, torch.float16)
     layout = device_layout(spec, args, ctas_per_sm)
-    assert layout.meta[5] > 1 and (layout.meta[11] > 1 or layout.meta[8] == 1)
+    # many slices, and many row blocks where a wave has room for more than one a part (the
+    # halved slices of a 64 KiB GPU, VPTQ_CUDA_ARCH=75, fill a wave alone: launch_shape)
+    wave = torch.cuda.get_device_properties(0).multi_processor_count * ctas_per_sm
+    several = wave // sliced.parts(layout.meta) > 1 and layout.meta[8] > 1
+    assert layout.meta[5] > 1 and (layout.meta[11] > 1 or not several)
     if tokens > layout.max_tokens:
         pytest.skip("too many tokens for this layer's shared memory")
     bias = None if layer.bias is None else torch.tensor(layer.bias).half().cuda()
