@@ -3,7 +3,8 @@ Tesla T4 or RTX 2080, 7.5), run on the newer GPU at hand: the GPU tests again in
 with VPTQ_CUDA_ARCH set (engine/ops/arch.py), which compiles the kernels from that generation's
 virtual architecture and has the host code and the planners take its capability and shared
 memory: no bulk copies, no clusters, no early launches, the PyTorch sampled pick, 99, 163 or
-64 KiB of shared memory a block (Turing's copies into shared memory are synchronous)."""
+64 KiB of shared memory a block (on Turing the copies into shared memory have no hardware
+acceleration)."""
 
 from __future__ import annotations
 
