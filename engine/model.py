@@ -198,7 +198,9 @@ class CpuGroup:
         biases = [getattr(m, "bias", None) for m in linears]
         if any(b is not None for b in biases):
             pairs = zip(biases, self.sizes, strict=True)
-            self.bias = torch.cat([torch.zeros(n) if b is None else b.float() for b, n in pairs])
+            self.bias = torch.cat(  # in the activations' dtype: cpu_linear converts no more
+                [torch.zeros(n, dtype=dtype) if b is None else b.to(dtype) for b, n in pairs]
+            )
 
 
 class Attention(nn.Module):

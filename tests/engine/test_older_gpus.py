@@ -37,7 +37,7 @@ def test_the_gpu_tests_pass_as_an_older_gpu(gen, monkeypatch, gpu_lock_folder):
     if torch.cuda.get_device_capability() <= (int(gen[0]), int(gen[1])):
         pytest.skip(f"this GPU is no newer than compute capability {gen[0]}.{gen[1]}")
     # as many workers as the GPU tests run with (8 on a 16-core machine): one generation's run
-    # takes about 300 s on an H100 that way, so each fits a call of its own (-k 86, -k 80)
+    # takes about 300 s on an H100 that way, so each fits a call of its own (-k 86, -k 80, -k 75)
     n = max(2, min(8, (os.cpu_count() or 4) // 2))
     workers = ["-n", str(n)] if importlib.util.find_spec("xdist") else []
     # without pytest-benchmark (the GPU machine has it): it warns once a worker under xdist on
