@@ -459,11 +459,17 @@ class BrowserController(QObject):
             )
 
 
+def _gptq_packing(s: Scheme) -> tuple[int, int] | None:
+    """A GPTQ model's (bits, group size) where the listing knows both, else None."""
+    if s.gptq and s.gptq_bits and s.gptq_group is not None:
+        return s.gptq_bits, s.gptq_group
+    return None
+
+
 def _gpu_fit(shape: Shape, s: Scheme, weight_bytes: int, gpu: GpuInfo, context: int) -> Fit:
     layout = model_layout_bytes(shape, s.v, s.k, s.kr or 0, gpu.plan_gpu) if s.v and s.k else 0
-    unpacked = 0
-    if s.gptq and s.gptq_bits and s.gptq_group is not None:  # zero points unpacked at load
-        unpacked = gptq_zero_bytes(shape, s.gptq_bits, s.gptq_group)
+    gptq = _gptq_packing(s)
+    unpacked = gptq_zero_bytes(shape, *gptq) if gptq else 0  # zero points unpacked at load
     held = gpu.engine_bytes or 0  # the engine unloads its model before loading another
     return fit(shape, weight_bytes, gpu.free, context, layout, unpacked, held)
 
@@ -471,4 +477,5 @@ def _gpu_fit(shape: Shape, s: Scheme, weight_bytes: int, gpu: GpuInfo, context: 
 def _cpu_fit(
     shape: Shape, s: Scheme, weight_bytes: int, context: int, available: int | None
 ) -> CpuFit:
-    return cpu_fit(shape, weight_bytes, bool(s.gptq or (s.v and s.k)), context, available)
+    quantized = bool(s.gptq or (s.v and s.k))
+    return cpu_fit(shape, weight_bytes, quantized, context, available, _gptq_packing(s))

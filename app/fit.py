@@ -157,9 +157,15 @@ class CpuFit:
 
 
 def cpu_fit(
-    shape: Shape, weight_bytes: int, quantized: bool, context: int, available: int | None
+    shape: Shape,
+    weight_bytes: int,
+    quantized: bool,
+    context: int,
+    available: int | None,
+    gptq: tuple[int, int] | None = None,
 ) -> CpuFit:
-    """As engine/loader.py chooses (memory.cpu_plan): float32, or bfloat16 where only that fits."""
-    need, float32 = cpu_plan(shape, weight_bytes, quantized, context, available)
+    """As engine/loader.py chooses (memory.cpu_plan): float32, or bfloat16 where only that fits.
+    ``gptq``: a GPTQ model's (bits, group size), where the listing knows them."""
+    need, float32 = cpu_plan(shape, weight_bytes, quantized, context, available, gptq=gptq)
     largest = 0 if available is None else cpu_largest_context(shape, need, available)
     return CpuFit(need, available, largest, float32)

@@ -115,7 +115,7 @@ def load_model(
         quantized = bool(specs) or gptq_cfg is not None
         dtype, note = _cpu_dtype(
             Shape.from_config(cfg), ckpt.nbytes, quantized, n_ctx, folder, dtype, asked is None,
-            half_weights,
+            half_weights, gptq_cfg and (gptq_cfg.bits, gptq_cfg.group_size),
         )  # fmt: skip
 
     # A float32 model's plain layers (lm_head among them) keep float16 weights on the CPU, as its
@@ -215,6 +215,7 @@ def _cpu_dtype(
     dtype,
     flexible: bool,
     half_weights: bool = True,
+    gptq: tuple[int, int] | None = None,
 ) -> tuple[torch.dtype, str]:
     """On the CPU, where a model larger than the memory would only be killed by the system
     part-way through its load or first answer: the dtype memory.cpu_plan takes (``flexible``: the
@@ -222,8 +223,9 @@ def _cpu_dtype(
     with the numbers."""
     available = host_available()
     need, float32 = cpu_plan(
-        shape, weights, quantized, n_ctx, available, dtype.itemsize, flexible, half_weights
-    )
+        shape, weights, quantized, n_ctx, available, dtype.itemsize, flexible, half_weights,
+        gptq=gptq,
+    )  # fmt: skip
     if available is None or need.total <= available:
         if float32 is None:
             return dtype, ""
@@ -235,12 +237,10 @@ def _cpu_dtype(
         log.info("%s: %s", folder, note)
         return torch.bfloat16, note
     largest = cpu_largest_context(shape, need, available)
+    chosen = cpu_plan(shape, weights, quantized, n_ctx, available, 4, True, half_weights, gptq=gptq)
     if largest >= CONTEXT_STEP:
         hint = f"The largest context that fits is {largest} tokens."
-    elif (
-        cpu_plan(shape, weights, quantized, n_ctx, available, 4, True, half_weights)[0].total
-        <= available
-    ):
+    elif chosen[0].total <= available:
         hint = "In bfloat16 it would fit: leave out --dtype and the engine takes bfloat16."
     else:
         hint = "Use an NVIDIA GPU, or a model with fewer parameters."

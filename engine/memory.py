@@ -281,6 +281,15 @@ class CpuNeed:
         return f"{gib(self.total)} of memory ({parts}, workspace {gib(self.workspace)})"
 
 
+def gptq_scale_growth(shape: Shape, group: int, elem: int) -> int:
+    """What a GPTQ load adds to the files' scales by holding them as ``elem``-byte values (the
+    files' are of the checkpoint's dtype): float32 scales on the CPU take twice fp16's."""
+    total = 0
+    for k, n in projections(shape):
+        total += (1 if group <= 0 else -(-k // group)) * n
+    return shape.layers * total * max(0, elem - shape.dtype_bytes)
+
+
 def cpu_need(
     shape: Shape,
     weight_bytes: int,
@@ -288,11 +297,14 @@ def cpu_need(
     context: int,
     elem: int = 4,
     half_weights: bool = True,
+    *,
+    gptq: tuple[int, int] | None = None,
 ) -> CpuNeed:
     """``shape`` in the checkpoint's dtype; ``weight_bytes``: the checkpoint's tensors; ``elem``:
     bytes a value on the CPU (4: float32, what the engine takes there; 2: bfloat16, where float32
     does not fit); ``half_weights`` False: float32 weights throughout (engine/loader.py
-    load_model, for engine/quantize.py)."""
+    load_model, for engine/quantize.py); ``gptq``: a GPTQ checkpoint's (bits, group size), where
+    known: its packed tensors are then counted as a load holds them."""
     values = replace(shape, dtype_bytes=elem)
     dense = elem * shape.parameters(shape.tied)
     half = elem == 4 and half_weights and cpu_half_weights()
@@ -303,9 +315,14 @@ def cpu_need(
     # The files hold the quantized layers, the embedding table and the output head. The layers'
     # floats (codebooks, scales) become float32 and their int32 indices stay: twice their file
     # bytes at most (about 1.1x for the 2-bit community models, 2x for codebook-heavy ones;
-    # counted so for 16-bit values too).
+    # counted so for 16-bit values too). A GPTQ layer's int32 codes stay as they are, its zero
+    # points are unpacked to int32 and its scales take elem bytes (engine/gptq_linear.py).
     plain = shape.embedding_bytes() * (1 if shape.tied else 2)
     packed = 2 * max(0, weight_bytes - plain) if quantized else 0
+    if quantized and gptq is not None:
+        bits, group = gptq
+        packed = max(0, weight_bytes - plain) + gptq_zero_bytes(shape, bits, group)
+        packed += gptq_scale_growth(shape, group, elem)
     kv = values.kv_bytes_per_token * context
     return CpuNeed(dense, packed, kv, values.workspace(), context, elem, half)
 
@@ -319,14 +336,16 @@ def cpu_plan(
     elem: int = 4,
     flexible: bool = True,
     half_weights: bool = True,
+    *,
+    gptq: tuple[int, int] | None = None,
 ) -> tuple[CpuNeed, CpuNeed | None]:
     """What a CPU load takes, as the engine chooses it: values of ``elem`` bytes where they fit
     ``available`` (or where that is unknown); else, for float32 and unless a dtype was asked for
     (not ``flexible``), bfloat16. Returns that need and, where bfloat16 was taken, float32's."""
-    need = cpu_need(shape, weight_bytes, quantized, context, elem, half_weights)
+    need = cpu_need(shape, weight_bytes, quantized, context, elem, half_weights, gptq=gptq)
     if available is None or need.total <= available or not flexible or elem <= 2:
         return need, None
-    return cpu_need(shape, weight_bytes, quantized, context, 2, half_weights), need
+    return cpu_need(shape, weight_bytes, quantized, context, 2, half_weights, gptq=gptq), need
 
 
 def cpu_largest_context(shape: Shape, need: CpuNeed, available: int) -> int:

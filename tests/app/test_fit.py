@@ -166,6 +166,26 @@ def test_llama_8b_two_bit_on_the_cpu_by_hand():
     assert cpu_fit(shape, 16_060_522_496, False, 4096, None).need.packed == 0
 
 
+def test_a_gptq_model_on_the_cpu_counts_its_packed_tensors_as_a_load_holds_them():
+    """Llama-3.1-8B in 4-bit GPTQ, groups of 128, listed with its config: the int32 codes stay
+    as the files hold them; per layer sum(groups x N) = 32 x (4096 + 1024 + 1024 + 4096 + 14336 +
+    14336) + 112 x 4096 = 1,703,936 zero points and scales, 54,525,952 for 32 layers; the zero
+    points grow from 4 bits to int32 (+3.5 bytes each: 190,840,832), the bf16 scales to float32
+    (+2 bytes each: 109,051,904). Counted at twice the files' bytes, as where the listing does
+    not say the width, it would be 3.6 GB more than a load holds."""
+    from app.browser import _cpu_fit
+    from app.hub import Scheme
+
+    shape = Shape.from_config(LLAMA_31_8B)
+    files = 5_700_000_000
+    tables = 2 * 1_050_673_152  # the embedding and the output layer, bf16
+    known = Scheme("Meta-Llama-3.1-8B-Instruct", 8.0, None, None, None, True, 4, 128)
+    f = _cpu_fit(shape, known, files, 4096, None)
+    assert f.need.packed == files - tables + 190_840_832 + 109_051_904 == 3_898_546_432
+    unknown = Scheme("Meta-Llama-3.1-8B-Instruct", 8.0, None, None, None, True, None, None)
+    assert _cpu_fit(shape, unknown, files, 4096, None).need.packed == 2 * (files - tables)
+
+
 def test_the_fast_decode_layout_is_planned_for_the_gpu_nvml_names():
     """An RTX 4090 (compute capability 8.9, 16384 CUDA cores: 128 SMs of 99 KiB a block) cuts
     Llama-3.1-8B's v8-k65536-256 layouts in half slices (engine/sliced_plan.py layer_plan):
