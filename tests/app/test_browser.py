@@ -620,6 +620,17 @@ def test_owner_slash_words_finds_a_gptq_repo_that_downloads_without_unread_weigh
     want = f"Weights {gib(300_000 + zeros)} (with {gib(zeros)} of zero points unpacked at load)"
     assert want in detail.breakdown.text()
     save_shots(app.models_window, qloop, "models-gptq")
+    # on the CPU its packed tensors are what a load holds: the files (here smaller than the
+    # two fp16 tables they would hold, so none of them counted), the zero points as above and
+    # the fp16 scales as float32, 2 bytes more each of the same 54,525,952
+    app.browser.host_available = lambda: 64 * GiB  # room for float32
+    detail.gpu.setCurrentIndex(detail.gpu.count() - 1)  # CPU (slow), the last item
+    packed = zeros + 2 * 32 * (32 * (4096 + 1024 + 1024 + 4096 + 2 * 14336) + 112 * 4096)
+    wait_until(qloop, lambda: "On the CPU it runs slowly" in detail.verdict.text(),
+               what="the CPU fit")  # fmt: skip
+    assert f"their packed form up to {gib(packed)}" in detail.breakdown.text()
+    save_shots(app.models_window, qloop, "models-gptq-cpu")
+    detail.gpu.setCurrentIndex(0)
     detail.download.click()
     wait_until(qloop, lambda: detail.load.isEnabled(), what=f"the download {detail.state.text()}")
     folder = tmp_path / "models" / GPTQ
