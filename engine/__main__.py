@@ -286,8 +286,20 @@ def _session(a: argparse.Namespace):
 ENDINGS = {"stop": "done", "length": "cut at the token limit", "cancelled": "stopped"}
 
 
-def _stream(gen) -> None:
+# What `generate` without --chat says where the model ended its text at once: an instruct
+# model given a bare question, the README's first try, ends it there and printed nothing.
+ENDED_AT_ONCE = (
+    "the model ended the text at once (nothing to add to it): to have an instruct model answer "
+    "a question or an instruction, add --chat"
+)
+
+
+def _stream(gen, ended_at_once: str = "") -> None:
+    """Prints the answer as it comes, then how it ended; ``ended_at_once``: what to say where the
+    model ended before writing anything."""
+    wrote = False
     for text in gen:
+        wrote = wrote or bool(text)
         sys.stdout.write(text)
         sys.stdout.flush()
     st = gen.stats
@@ -301,6 +313,8 @@ def _stream(gen) -> None:
         f"{st.prefill_tok_s:.1f} tok/s, decode {st.decode_tok_s:.1f} tok/s",
         file=sys.stderr,
     )
+    if ended_at_once and not wrote and gen.reason == "stop":
+        print(f"note: {ended_at_once}", file=sys.stderr)
 
 
 def _prompt(a: argparse.Namespace) -> str:
@@ -342,7 +356,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
         )
     else:
         ids, _ = s.prompt_ids(prompt=prompt, max_new_tokens=params.max_new_tokens)
-    _stream(s.generate(ids, params))
+    hint = ENDED_AT_ONCE if not a.chat and s.tok.has_chat_template else ""
+    _stream(s.generate(ids, params), hint)
 
 
 CHAT_HELP = """Commands:

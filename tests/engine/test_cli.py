@@ -191,6 +191,59 @@ def test_generate_takes_the_text_from_an_option_or_a_pipe(demo_path):
         assert "6 tokens" in r.stderr, (how, r.stderr)
     answers = {how: r.stdout for how, r in runs.items()}
     assert answers["option"].strip() and len(set(answers.values())) == 1, answers
+    assert all("ended the text at once" not in r.stderr for r in runs.values())
+
+
+class FakeGeneration:
+    """What _stream reads of a Generation: its pieces of text, then how it ended."""
+
+    def __init__(self, pieces, reason):
+        from engine.generate import Stats
+
+        self.pieces, self.reason = pieces, reason
+        self.stats = Stats(prompt_tokens=7, completion_tokens=max(1, len(pieces)))
+
+    def __iter__(self):
+        return iter(self.pieces)
+
+
+@pytest.mark.parametrize(
+    "pieces, reason, noted",
+    [
+        ([], "stop", True),  # an end-of-text token first: nothing written
+        (["", ""], "stop", True),  # pieces that held no text yet (a multi-byte character)
+        (["Paris"], "stop", False),
+        ([], "length", False),  # --max-new-tokens 0 is refused; a stop string ends as "stop"
+        ([], "cancelled", False),
+    ],
+)
+def test_generate_says_why_a_bare_question_printed_nothing(pieces, reason, noted, capsys):
+    """An instruct model given a bare question ends the text at once (the demo does with "What
+    is the capital of France?"), and `generate` printed nothing but its statistics: it now says
+    that such a model answers with --chat."""
+    from engine.__main__ import ENDED_AT_ONCE, _stream
+
+    _stream(FakeGeneration(pieces, reason), ENDED_AT_ONCE)
+    out, err = capsys.readouterr()
+    assert out == "".join(pieces)
+    assert (f"note: {ENDED_AT_ONCE}" in err) == noted, err
+    assert "add --chat" in ENDED_AT_ONCE
+    _stream(FakeGeneration(pieces, reason))  # without the hint (--chat, no chat template)
+    assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_a_bare_question_to_the_demo_is_noted_where_it_prints_nothing(demo_path):
+    """The same through the command line: the demo (an instruct model with a chat template)
+    given the README's question without --chat ends it at once here; whatever it does, the
+    note stands exactly where nothing was printed."""
+    r = run("generate", "--model", "demo", "--temperature", "0", "--max-new-tokens", "12",
+            "What is the capital of France?")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (r.stdout.strip() == "") == ("note: the model ended the text at once" in r.stderr), (
+        r.stdout,
+        r.stderr,
+    )
 
 
 @pytest.mark.e2e
