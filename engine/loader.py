@@ -237,10 +237,13 @@ def _cpu_dtype(
         log.info("%s: %s", folder, note)
         return torch.bfloat16, note
     largest = cpu_largest_context(shape, need, available)
-    chosen = cpu_plan(shape, weights, quantized, n_ctx, available, 4, True, half_weights, gptq=gptq)
+    # what a load without --dtype would take: bfloat16 where float32 does not fit
+    unasked, _ = cpu_plan(
+        shape, weights, quantized, n_ctx, available, 4, True, half_weights, gptq=gptq
+    )
     if largest >= CONTEXT_STEP:
         hint = f"The largest context that fits is {largest} tokens."
-    elif chosen[0].total <= available:
+    elif unasked.total <= available:
         hint = "In bfloat16 it would fit: leave out --dtype and the engine takes bfloat16."
     else:
         hint = "Use an NVIDIA GPU, or a model with fewer parameters."
