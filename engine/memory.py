@@ -17,7 +17,11 @@ from dataclasses import dataclass, replace
 
 MiB = 1 << 20
 GiB = 1 << 30
-CUDA_CONTEXT = 512 * MiB  # CUDA context, cuBLAS workspace and allocator slack (measured ~450 MiB)
+# What an engine process holds on the GPU beyond PyTorch's own memory: the CUDA context, and
+# the kernels of cuBLAS, flash attention and ours, loaded as they are first used. H100, torch
+# 2.11 + CUDA 13 (csrc/KERNELS.md session 43): 619 MiB for the context, 693 MiB once all of
+# them ran (NVML's used memory minus torch's reserved); the rest is the allocator's slack.
+CUDA_CONTEXT = 768 * MiB
 PREFILL_CHUNK = 512  # tokens per prefill step that the memory plan always leaves room for
 # A longer prompt is prefilled in pieces, and each piece expands every layer's weights again
 # (vptq::dequant, ~10 ms a piece for Llama-3.1-8B at 2 bits, ~100 ms for 70B): where the GPU

@@ -131,7 +131,7 @@ def test_browse_filter_fit_download_and_load(browser_app, qloop, tmp_path, monke
     assert "Fits" in detail.verdict.text()
     text = detail.breakdown.text()
     assert "Weights 391 KiB" in text and "KV cache at 4096 tokens 0.50 GiB" in text
-    assert "Largest context that fits: 125440 tokens" in text  # (16 GiB - overhead) / 128 KiB
+    assert "Largest context that fits: 123392 tokens" in text  # (16 GiB - overhead) / 128 KiB
     assert "Fast decode layout 3.46 GiB: fits too" in text  # v8-k65536-0 (test_fit.py by hand)
     detail.context.setValue(131072)  # 16 GiB of KV cache alone
     assert "Does not fit" in detail.verdict.text()
@@ -244,27 +244,27 @@ def test_the_fit_counts_the_loaded_model_as_room(browser_app, qloop):
     assert "Fits" in detail.verdict.text()
     lines = detail.breakdown.text().split("<br>")
     assert lines[3] == (
-        "Needed 8.67 GiB of 14.00 GiB free (with the 6.00 GiB of the model loaded now, which is "
+        "Needed 8.92 GiB of 14.00 GiB free (with the 6.00 GiB of the model loaded now, which is "
         "unloaded first)"
-    )  # 391 KiB of weights, 8 GiB of KV cache, 0.5 GiB of CUDA context, 179,283,968 bytes of
-    # workspace (as in the CPU test below): 8.667 GiB; the rest of 14 GiB over 128 KiB a
-    # token is 109,221 tokens, in steps of 256:
-    assert lines[4] == "Largest context that fits: 109056 tokens"
+    )  # 391 KiB of weights, 8 GiB of KV cache, 0.75 GiB of CUDA context, 179,283,968 bytes
+    # of workspace (as in the CPU test below): 8.917 GiB; the rest of 14 GiB over 128 KiB a
+    # token is 107,173 tokens, in steps of 256:
+    assert lines[4] == "Largest context that fits: 107008 tokens"
     detail.context.setValue(131072)
     assert "Does not fit" in detail.verdict.text()
     assert "To make room, close: blender (pid 4242): 3.2 GB" in detail.breakdown.text()
     assert "python3" not in detail.breakdown.text()  # not the app's own engine
     # the largest context that fits is offered as a link, which sets the context
-    offer = "Largest context that fits: 109056 tokens (<a href='109056'>use it</a>)"
+    offer = "Largest context that fits: 107008 tokens (<a href='107008'>use it</a>)"
     assert offer in detail.breakdown.text().split("<br>")
     save_shots(w, qloop, "models-room")
-    detail.breakdown.linkActivated.emit("109056")
-    assert detail.context.value() == 109056 and app.browser.context == 109056
+    detail.breakdown.linkActivated.emit("107008")
+    assert detail.context.value() == 107008 and app.browser.context == 107008
     assert "Tight" in detail.verdict.text()  # 13.98 of 14 GiB
     assert "use it" not in detail.breakdown.text()
     alone = app.browser.fit(65536, GpusWithTheEngine().read(None)[0])  # no engine running
     assert (alone.verdict, alone.free, alone.reclaimed) == ("does not fit", 8 * GiB, 0)
-    assert "Needed 8.67 GiB of 8.00 GiB free" in alone.lines()
+    assert "Needed 8.92 GiB of 8.00 GiB free" in alone.lines()
 
 
 class ThreeGpus(FakeGpus):
@@ -385,7 +385,7 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     # Fit on starts where loads go now: auto is the engine's cuda:0, NVML's GPU 1
     assert detail.gpu.currentText() == "GPU 1 (1.00 GiB free): Small GPU 8GB"
     lines = detail.breakdown.text().split("<br>")
-    assert "Does not fit" in detail.verdict.text()  # 1.17 GiB of 1 GiB; the big one holds it
+    assert "Does not fit" in detail.verdict.text()  # 1.42 GiB of 1 GiB; the big one holds it
     assert "It fits on GPU 0 (Big GPU 24GB) at this context: choose it under Fit on" in lines
     assert not any("Hidden GPU" in ln for ln in lines)  # not one the engine cannot use
     save_shots(w, qloop, "models-fit-default")
@@ -428,9 +428,9 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     local.table.setCurrentIndex(app.browser.local.index(0, 0))
     assert local.fit.isVisibleTo(w)
     assert local.fit.text().endswith(
-        "Fits</b> on GPU 0 (Big GPU 24GB) at 4096 tokens of context: needs 1.17 GiB of "
+        "Fits</b> on GPU 0 (Big GPU 24GB) at 4096 tokens of context: needs 1.42 GiB of "
         "16.00 GiB free."
-    )  # 391 KiB of weights, 0.5 GiB of KV cache, 0.5 GiB + 179,283,968 bytes of overhead
+    )  # 391 KiB of weights, 0.5 GiB of KV cache, 0.75 GiB + 179,283,968 bytes of overhead
     assert enabled_buttons(local) == ["Load in chat", "Delete…"]
     # deleting the model loaded now says what that means
     from PySide6.QtWidgets import QMessageBox
@@ -449,15 +449,15 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     text = local.fit.text()
     assert "Does not fit</b> on GPU 0 (Big GPU 24GB) at 131072 tokens of context" in text
     assert text.endswith(
-        "needs 16.67 GiB of 16.00 GiB free. Largest context that fits: 125440 tokens "
-        "(<a href='125440'>load with it</a>)."
+        "needs 16.92 GiB of 16.00 GiB free. Largest context that fits: 123392 tokens "
+        "(<a href='123392'>load with it</a>)."
     )
     assert enabled_buttons(local) == ["Delete…"]
     save_shots(w, qloop, "models-installed-fit")
-    local.fit.linkActivated.emit("125440")  # loads with the context that fits
-    wait_until(qloop, lambda: app.settings.context == 125440, what="the load at 125440")
-    assert loads(requests)[-1] == (folder, "cuda:1", 125440)
-    assert detail.context.value() == 125440  # the Browse tab's fit follows
+    local.fit.linkActivated.emit("123392")  # loads with the context that fits
+    wait_until(qloop, lambda: app.settings.context == 123392, what="the load at 123392")
+    assert loads(requests)[-1] == (folder, "cuda:1", 123392)
+    assert detail.context.value() == 123392  # the Browse tab's fit follows
     local.refresh_fit()
     assert "Tight</b> on GPU 0" in local.fit.text()
     assert enabled_buttons(local) == ["Load in chat", "Delete…"]
@@ -467,7 +467,7 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     n = len(loads(requests))
     app.window._load(folder)
     wait_until(qloop, lambda: len(loads(requests)) > n, what="the load without cuda:7")
-    assert loads(requests)[-1] == (folder, None, 125440)
+    assert loads(requests)[-1] == (folder, None, 123392)
     wait_until(qloop, lambda: app.client.state == "loaded", what="the model")
     assert app.settings.device == "auto"
 
