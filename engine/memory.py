@@ -238,14 +238,17 @@ def projections(shape: Shape) -> list[tuple[int, int]]:
     return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
 
+def gptq_group_columns(shape: Shape, group: int) -> int:
+    """(group, output column) pairs of a GPTQ model's decoder layers: each has a zero point and
+    a scale (group -1: one group a layer)."""
+    per_layer = sum((1 if group <= 0 else -(-k // group)) * n for k, n in projections(shape))
+    return shape.layers * per_layer
+
+
 def gptq_zero_bytes(shape: Shape, bits: int, group: int) -> int:
     """What a loaded GPTQ model holds beyond its files: each group's zero points unpacked to
     int32 (engine/gptq_linear.py), in place of the packed qzeros (group -1: one group)."""
-    total = 0
-    for k, n in projections(shape):
-        groups = 1 if group <= 0 else -(-k // group)
-        total += groups * n * 4 - groups * n * bits // 8
-    return shape.layers * total
+    return gptq_group_columns(shape, group) * (32 - bits) // 8
 
 
 def cpu_half_weights() -> bool:
@@ -285,15 +288,6 @@ class CpuNeed:
         return f"{gib(self.total)} of memory ({parts}, workspace {gib(self.workspace)})"
 
 
-def gptq_scale_growth(shape: Shape, group: int, elem: int) -> int:
-    """What a GPTQ load adds to the files' scales by holding them as ``elem``-byte values (the
-    files' are of the checkpoint's dtype): float32 scales on the CPU take twice fp16's."""
-    total = 0
-    for k, n in projections(shape):
-        total += (1 if group <= 0 else -(-k // group)) * n
-    return shape.layers * total * max(0, elem - shape.dtype_bytes)
-
-
 def cpu_need(
     shape: Shape,
     weight_bytes: int,
@@ -322,11 +316,12 @@ def cpu_need(
     # counted so for 16-bit values too). A GPTQ layer's int32 codes stay as they are, its zero
     # points are unpacked to int32 and its scales take elem bytes (engine/gptq_linear.py).
     plain = shape.embedding_bytes() * (1 if shape.tied else 2)
-    packed = 2 * max(0, weight_bytes - plain) if quantized else 0
-    if quantized and gptq is not None:
+    files = max(0, weight_bytes - plain) if quantized else 0
+    packed = 2 * files
+    if quantized and gptq is not None:  # scales grow from the checkpoint's dtype to elem bytes
         bits, group = gptq
-        packed = max(0, weight_bytes - plain) + gptq_zero_bytes(shape, bits, group)
-        packed += gptq_scale_growth(shape, group, elem)
+        growth = gptq_group_columns(shape, group) * max(0, elem - shape.dtype_bytes)
+        packed = files + gptq_zero_bytes(shape, bits, group) + growth
     kv = values.kv_bytes_per_token * context
     return CpuNeed(dense, packed, kv, values.workspace(), context, elem, half)
 
