@@ -6,7 +6,7 @@ import html
 import re
 from functools import cache
 
-import markdown as md
+from markdown_it import MarkdownIt
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import TextLexer, get_lexer_by_name, guess_lexer
@@ -67,19 +67,20 @@ def _formatter(dark: bool) -> HtmlFormatter:
 
 
 @cache
-def _converter() -> md.Markdown:
-    """Markdown without raw HTML: a model's "<div>" or "<b>" is shown as written (it vanished,
-    or turned the rest bold), and no tag of the model's reaches Qt's rich text."""
-    converter = md.Markdown(extensions=["tables", "sane_lists"])
-    converter.preprocessors.deregister("html_block")
-    converter.inlinePatterns.deregister("html")
-    return converter
+def _converter() -> MarkdownIt:
+    """CommonMark (markdown-it-py) with tables and strikethrough, as chat apps show answers: a
+    single newline is a line break (Markdown's soft breaks ran a poem's lines, an address or
+    code written without a fence into one line), and a list may follow its introducing line
+    without a blank line between ("Steps:\n1. ..."). No raw HTML: a model's "<div>" or "<b>" is
+    shown as written, and no tag of the model's reaches Qt's rich text."""
+    options = {"breaks": True, "html": False}
+    return MarkdownIt("commonmark", options).enable(["table", "strikethrough"])
 
 
 def _markdown(text: str) -> str:
-    converter = _converter().reset()  # nothing of the last text (reference links) carries over
-    # Qt draws a bare <table> without rules or cell padding: cells ran into each other
-    return converter.convert(text).replace("<table>", TABLE)
+    # Each call starts from an empty environment: one answer's reference links never carry into
+    # the next. Qt draws a bare <table> without rules or cell padding: cells ran into each other.
+    return _converter().render(text).rstrip("\n").replace("<table>", TABLE)
 
 
 def to_html(text: str, dark: bool = False, space_px: float = 0.0) -> str:

@@ -1560,6 +1560,26 @@ def test_a_markdown_table_has_rules_and_cell_padding(qapp):
     assert tables[0].cellAt(1, 0).firstCursorPosition().block().text() == "<div>"
 
 
+def test_an_answer_keeps_its_line_breaks(qapp):
+    """A single newline in an answer is a line break (Markdown would join the lines); a blank
+    line still starts a paragraph, and lists and tables are unchanged."""
+    from PySide6.QtGui import QTextDocument
+
+    from app.ui.markdown import to_html
+
+    def lines(text: str) -> list[str]:
+        doc = QTextDocument()
+        doc.setHtml(to_html(text))
+        return doc.toPlainText().replace("\u2028", "\n").split("\n")
+
+    assert lines("Roses are red,\nviolets are blue.") == ["Roses are red,", "violets are blue."]
+    assert lines("def add(a, b):\n    return a + b") == ["def add(a, b):", "return a + b"]
+    html = to_html("One.\n\nTwo.\n- a\n- b")  # the list right under its line
+    assert html.count("<p>") == 2 and html.count("<li>") == 2 and "<br" not in html
+    assert "<ol>" in to_html("Steps:\n1. Boil water.\n2. Add tea.")
+    assert lines("Steps:\n1. Boil water.\n2. Add tea.") == ["Steps:", "Boil water.", "Add tea."]
+
+
 def test_one_message_s_markdown_does_not_carry_into_the_next():
     """The converter is built once and kept: a reference link defined in one answer must not
     turn the same words in a later answer into a link."""
