@@ -70,11 +70,15 @@ def _formatter(dark: bool) -> HtmlFormatter:
 def _converter() -> MarkdownIt:
     """CommonMark (markdown-it-py) with tables and strikethrough, as chat apps show answers: a
     single newline is a line break (Markdown's soft breaks ran a poem's lines, an address or
-    code written without a fence into one line), and a list may follow its introducing line
-    without a blank line between ("Steps:\n1. ..."). No raw HTML: a model's "<div>" or "<b>" is
-    shown as written, and no tag of the model's reaches Qt's rich text."""
-    options = {"breaks": True, "html": False}
-    return MarkdownIt("commonmark", options).enable(["table", "strikethrough"])
+    code written without a fence into one line), a list may follow its introducing line
+    without a blank line between ("Steps:\n1. ..."), and a bare http(s) address is a link
+    (not a word that merely looks like a domain: "main.py", "example.com"). No raw HTML: a
+    model's "<div>" or "<b>" is shown as written, and no tag of the model's reaches Qt's rich
+    text."""
+    options = {"breaks": True, "html": False, "linkify": True}
+    converter = MarkdownIt("commonmark", options).enable(["table", "strikethrough", "linkify"])
+    converter.linkify.set({"fuzzy_link": False, "fuzzy_email": False})
+    return converter
 
 
 def _markdown(text: str) -> str:

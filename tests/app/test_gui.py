@@ -1580,6 +1580,15 @@ def test_an_answer_keeps_its_line_breaks(qapp):
     assert lines("Steps:\n1. Boil water.\n2. Add tea.") == ["Steps:", "Boil water.", "Add tea."]
 
 
+def test_a_bare_web_address_in_an_answer_is_a_link():
+    from app.ui.markdown import to_html
+
+    html = to_html("Models: https://huggingface.co/VPTQ-community, see main.py or example.com")
+    assert html.count("<a ") == 1  # file names and bare domains stay words
+    assert '<a href="https://huggingface.co/VPTQ-community">' in html
+    assert "<a " not in to_html("`https://example.com/x` in code")
+
+
 def test_one_message_s_markdown_does_not_carry_into_the_next():
     """The converter is built once and kept: a reference link defined in one answer must not
     turn the same words in a later answer into a link."""
