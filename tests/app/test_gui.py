@@ -1562,7 +1562,8 @@ def test_a_markdown_table_has_rules_and_cell_padding(qapp):
 
 def test_an_answer_keeps_its_line_breaks(qapp):
     """A single newline in an answer is a line break (Markdown would join the lines); a blank
-    line still starts a paragraph, and lists and tables are unchanged."""
+    line still starts a paragraph, and a list may follow its introducing line directly (tables:
+    test_a_markdown_table_has_rules_and_cell_padding)."""
     from PySide6.QtGui import QTextDocument
 
     from app.ui.markdown import to_html
