@@ -152,9 +152,23 @@ def test_temperature_sharpens():
 
 
 def test_repetition_penalty_formula():
-    logits = torch.tensor([2.0, -2.0, 1.0])
-    seen = torch.tensor([True, True, False])
-    assert penalize(logits, seen, 2.0).tolist() == [1.0, -4.0, 1.0]
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5, 0.0])
+    seen = torch.tensor([True, True, False, True, True])
+    # a positive logit is divided (also below 1), a negative one multiplied, zero stays zero
+    assert penalize(logits, seen, 2.0).tolist() == [1.0, -4.0, 1.0, 0.25, 0.0]
+
+
+def test_sample_applies_the_repetition_penalty_to_the_tokens_seen():
+    """Token 0 leads by a little; seen and penalised 1.5 it falls behind token 1 (2.0 / 1.5 <
+    1.8), greedy and sampled alike; with penalty 1 (off) it stays first."""
+    logits = torch.tensor([[2.0, 1.8, -1.0]])
+    seen = torch.tensor([True, False, False])
+    for temperature in (0.0, 0.05):
+        off = SamplingParams(temperature=temperature, repetition_penalty=1.0)
+        on = SamplingParams(temperature=temperature, repetition_penalty=1.5)
+        gen = torch.Generator().manual_seed(0)
+        assert int(sample(logits, off, gen, seen)) == 0
+        assert int(sample(logits, on, gen, seen)) == 1
 
 
 def test_same_seed_same_tokens():
@@ -191,6 +205,16 @@ def test_same_seed_same_tokens():
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"'{field}'"):
         SamplingParams.from_dict({field: value})
+
+
+def test_the_limits_of_each_field_are_taken():
+    """The edges each rule allows: greedy (temperature 0), one new token, top-p 1, min-p 0, a
+    penalty just above 0; and the ones it refuses just past them."""
+    SamplingParams.from_dict({"temperature": 0, "max_new_tokens": 1, "top_p": 1, "min_p": 0,
+                              "top_k": 0, "repetition_penalty": 1e-3})  # fmt: skip
+    for field, value in (("repetition_penalty", 0), ("repetition_penalty", -1.0)):
+        with pytest.raises(ValueError, match=f"'{field}'"):
+            SamplingParams.from_dict({field: value})
 
 
 def test_whole_numbers_and_floats_are_taken_where_they_belong():
