@@ -276,3 +276,17 @@ def test_gpus_read_the_compute_capability_and_cores_from_nvml():
         assert info.capability == (None if old else (8, 9))
         assert info.cuda_cores == (None if old else 16384)
         assert info.plan_gpu == want
+
+
+def test_the_verdicts_edges_to_the_byte():
+    """Exactly 90% of the free memory still fits, a byte more is tight; exactly all of it is
+    tight, a byte more does not fit; the fast layout fits with exactly its slack left."""
+    from app.fit import Fit, verdict
+    from engine.memory import SLICED_SLACK
+
+    assert verdict(900, 1000) == "fits" and verdict(901, 1000) == "tight"
+    assert verdict(1000, 1000) == "tight" and verdict(1001, 1000) == "does not fit"
+    parts = dict(weights=4 * GiB, kv_cache=GiB, overhead=GiB // 2, context=8192, max_context=8192)
+    room = 5 * GiB + GiB // 2 + 3 * GiB + SLICED_SLACK  # needed + layout + slack
+    assert Fit(**parts, free=room, fast_layout=3 * GiB).layout_fits
+    assert not Fit(**parts, free=room - 1, fast_layout=3 * GiB).layout_fits
