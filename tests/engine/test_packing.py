@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from engine.formats.packing import pack_indices, unpack_indices, words_per_row
+from engine.formats.packing import (
+    pack_indices,
+    split_main_residual,
+    unpack_indices,
+    words_per_row,
+)
 
 
 def u32(words):
@@ -99,3 +104,22 @@ def test_rows_are_padded_independently():
 def test_out_of_range_index_refused():
     with pytest.raises(ValueError, match="out of range"):
         pack_indices(torch.tensor([16]), 4)
+
+
+def test_elements_split_into_main_and_residual_indices():
+    """An element is main | residual << b1: the hand-checked first example's elements (b1 3,
+    b2 2) split back into its two lists, odd residuals among them; no residual: None."""
+    main, res = [1, 2, 3, 4, 5, 6, 7, 0], [3, 2, 1, 0, 3, 2, 1, 0]
+    values = torch.tensor(main) | (torch.tensor(res) << 3)
+    got_main, got_res = split_main_residual(values, 3, 2)
+    assert got_main.tolist() == main and got_res.tolist() == res
+    only, none = split_main_residual(values, 5, 0)
+    assert only.tolist() == values.tolist() and none is None
+
+
+@pytest.mark.parametrize("bits", [0, 33])
+def test_bit_widths_outside_1_to_32_are_refused(bits):
+    with pytest.raises(ValueError, match=f"bit width {bits} outside 1..32"):
+        pack_indices(torch.tensor([0]), bits)
+    with pytest.raises(ValueError, match=f"bit width {bits} outside 1..32"):
+        unpack_indices(torch.tensor([0], dtype=torch.int32), bits, 1)
