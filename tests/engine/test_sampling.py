@@ -209,7 +209,8 @@ def test_bad_values_name_the_field(field, value):
 
 def test_the_limits_of_each_field_are_taken():
     """The edges each rule allows: greedy (temperature 0), one new token, top-p 1, min-p 0, a
-    penalty just above 0; and the ones it refuses just past them."""
+    penalty just above 0; a penalty of 0 or below is refused (the other fields' refusals:
+    test_bad_values_name_the_field)."""
     SamplingParams.from_dict({"temperature": 0, "max_new_tokens": 1, "top_p": 1, "min_p": 0,
                               "top_k": 0, "repetition_penalty": 1e-3})  # fmt: skip
     for field, value in (("repetition_penalty", 0), ("repetition_penalty", -1.0)):
