@@ -101,6 +101,11 @@ def test_zero_points_v1_v2_and_symmetric(caplog):
     assert "model.layers.0.q: symmetric, but its stored zero points do not match the gptq" in (
         caplog.text
     )
+    caplog.clear()
+    v1_pattern = gptq.pack_cols(torch.full((2, 32), 7), 4)  # v1 stores 2**(b-1) - 1
+    with caplog.at_level(logging.WARNING):
+        assert gptq.zero_points(v1_pattern, spec(sym=True, v2=False), "x").unique().tolist() == [8]
+        assert not caplog.records
 
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -276,6 +281,22 @@ def test_old_checkpoints_without_g_idx_and_per_module_settings(tmp_path):
     assert (layers[0].mlp.gate_proj.spec.bits, layers[1].mlp.gate_proj.spec.bits) == (4, 8)
 
 
+def test_modules_in_block_to_quantize_leaves_the_others_dense(tmp_path):
+    """modules_in_block_to_quantize (lists of a block's module names, as GPTQModel writes it)
+    without down_proj: down_proj stays dense in every layer, the rest is read as GPTQ."""
+    listed = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+              ["mlp.gate_proj", "mlp.up_proj"]]  # fmt: skip
+    folder, hf = gptq_model(
+        tmp_path, bits=4, group=32, desc_act=False, sym=False, fmt="gptq", dense=("down_proj",),
+        extra={"modules_in_block_to_quantize": listed},
+    )  # fmt: skip
+    layers = assert_same_logits(folder, hf).model.model.layers
+    for layer in layers:
+        assert type(layer.mlp.down_proj).__name__ == "DenseLinear"
+        assert type(layer.mlp.up_proj).__name__ != "DenseLinear"
+        assert type(layer.self_attn.q_proj).__name__ != "DenseLinear"
+
+
 def test_the_engine_chats_with_a_gptq_model(tmp_path, demo_path):
     folder, _ = gptq_model(tmp_path, bits=2, group=32, desc_act=True, sym=False, fmt="gptq_v2",
                            vocab_size=49152)  # the demo's tokenizer  # fmt: skip
@@ -313,6 +334,17 @@ def _edit(folder, fn, name="config.json"):
          "quant_method 'awq' is not supported (VPTQ and GPTQ are)"),
         (lambda c: c["quantization_config"].update(dynamic={"+:(": {"bits": 8}}),
          "dynamic pattern '+:(' is not a regex"),
+        (lambda c: c["quantization_config"].update(bits=True),
+         "'bits' is missing or not a whole number"),
+        (lambda c: c["quantization_config"].update(dynamic={r"+:.*q_proj": 8}),
+         "'dynamic' must map module patterns to settings"),
+        (lambda c: c["quantization_config"].update(dynamic=[r"+:.*q_proj"]),
+         "'dynamic' must map module patterns to settings"),
+        (lambda c: c["quantization_config"].update(group_size=0),
+         "model.layers.0.self_attn.q_proj: group_size 0 must be -1 or a positive number"),
+        (lambda c: c["quantization_config"].update(
+            dynamic={r"+:.*\.q_proj": {"group_size": "32"}}),
+         "model.layers.0.self_attn.q_proj: group_size '32' must be -1 or a positive number"),
     ],
 )  # fmt: skip
 def test_bad_configs_name_the_field(tmp_path, edit, message):
@@ -329,11 +361,13 @@ def test_disagreeing_config_files_and_a_bad_g_idx_are_named(tmp_path):
         load_model(folder, "cpu", torch.float32, max_seq_len=16)
     (folder / "quantize_config.json").unlink()
     state = load_file(str(folder / "model.safetensors"))
-    state["model.layers.1.mlp.up_proj.g_idx"][5] = 9  # K = 64, group 32: groups 0 and 1
-    save_file(state, str(folder / "model.safetensors"))
-    with pytest.raises(FormatError, match=r"model.layers.1.mlp.up_proj.g_idx: group numbers 0..9 "
-                       r"outside 0..1"):  # fmt: skip
-        load_model(folder, "cpu", torch.float32, max_seq_len=16)
+    g_idx = state["model.layers.1.mlp.up_proj.g_idx"]
+    for bad, seen in ((9, "0..9"), (2, "0..2"), (-1, "-1..1")):  # K = 64, group 32: groups 0, 1
+        g_idx[5] = bad
+        save_file(state, str(folder / "model.safetensors"))
+        with pytest.raises(FormatError, match=rf"model.layers.1.mlp.up_proj.g_idx: group numbers "
+                           rf"{seen} outside 0..1"):  # fmt: skip
+            load_model(folder, "cpu", torch.float32, max_seq_len=16)
 
 
 @pytest.mark.gpu
