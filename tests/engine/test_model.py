@@ -253,3 +253,34 @@ def test_cpu_layers_reading_one_input_are_one_product_holding_nothing_twice(
     torch.testing.assert_close(
         q, torch.zeros_like(q) if bias is None else bias.float().expand_as(q)
     )
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 8192},  # Llama-3.1's: all three bands of 64
+        {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+         "original_max_position_embeddings": 4096},  # factors other than 1 in every formula
+        {"rope_type": "linear", "factor": 4.0},
+    ],
+)  # fmt: skip
+def test_rope_frequencies_match_transformers(scaling):
+    """RoPE's inverse frequencies for Llama-3.1-8B's head (128, theta 500000) against
+    transformers' own rope initialisation (float32 there, float64 here). The tiny models of
+    test_logits_match_transformers are too small for their logits to tell a wrong scaling."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from engine.config import ModelArgs, rope_inv_freq
+
+    cfg = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=131072,
+    )  # fmt: skip
+    want, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, "cpu")
+    got = rope_inv_freq(
+        ModelArgs.from_hf_config({**cfg.to_dict(), "architectures": ["LlamaForCausalLM"]})
+    )
+    assert got.dtype == torch.float64 and got.shape == (64,)
+    torch.testing.assert_close(got, want.double(), rtol=1e-6, atol=0)
