@@ -149,9 +149,12 @@ struct AttnArgs {
   float* ws = nullptr;            // fp32: o [H, splits, D], then (m, l) [H, splits, 2]
   int H = 0, Hkv = 0, D = 0, S = 0, splits = 1, window = 0;  // window 0: none
   float scale = 1.f;
+  bool tensor_cores = false;  // the MMA kernel (compute capability 8.0 and later)
 };
 bool decode_attention_supported(int H, int Hkv, int D);
-int decode_attention_splits(int H, int Hkv, int S, int num_sms);  // grid.y of a launch
+bool decode_attention_tensor_cores_supported();  // on the current device
+// grid.y of a launch
+int decode_attention_splits(int H, int Hkv, int S, int num_sms, bool tensor_cores);
 cudaError_t launch_decode_attention(const AttnArgs& a, DType dtype, cudaStream_t stream);
 
 // out[i] = table[ids[i]] for n ids, rows of `hidden` values; the table may lie in pinned host

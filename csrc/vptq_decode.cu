@@ -23,6 +23,7 @@
 #include <cstring>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include <cooperative_groups.h>
 
@@ -469,6 +470,224 @@ __global__ void __launch_bounds__(W * 32) attn_split_kernel(
   }
 }
 
+// ---- Decode attention on the tensor cores (compute capability 8.0 and later) ----
+// Where several blocks of four query heads read the same keys (Llama-3.1-70B's eight heads a KV
+// head), the CUDA-core kernel's pace a block, not the read rate, bounds it at long contexts
+// (csrc/KERNELS.md, session 36). This kernel takes all G query heads of a KV head in one block
+// (kMmaWarps warps, each taking 16 keys of the split at a time): the G heads are the rows of an
+// m16n8k16 A fragment (padded with zero rows), S = Q K^T in fp32, the online softmax on S's
+// rows, then O += P V with P as the A fragment straight from S's accumulators. The head
+// dimension is permuted within each product (the same map for both operands, so the sums are
+// unchanged) so that every lane loads whole 16-byte pieces of key and value rows from global
+// memory, no shared memory in the loop: for S a lane (gid, tig) takes dims tig D/4 .. + D/4 of
+// key gid (k-step kk, slot s: dim tig D/4 + 4 kk + s), for P V dims gid D/8 .. + D/8 of four
+// keys (output column n of d-tile t: dim n D/8 + t). The warps' states meet in shared memory
+// and go to ws as attn_split_kernel's do; attn_combine_kernel merges the splits.
+// Everything after the wait is loaded through L2 (ld.global.cg): q and the key at pos are
+// written by the previous kernel while this one may already run (PDL), which the read-only
+// path (.nc) does not allow for.
+constexpr int kMmaWarps = 4;
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (sizeof(T) == 2 && std::is_same<T, __half>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#else
+  __trap();  // the host launches this kernel from compute capability 8.0 only
+#endif
+}
+
+// Two floats rounded to T, packed as the halves of one word (lo first).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  const T l = from_f<T>(lo), h = from_f<T>(hi);
+  return static_cast<uint32_t>(reinterpret_cast<const uint16_t&>(l)) |
+         (static_cast<uint32_t>(reinterpret_cast<const uint16_t&>(h)) << 16);
+}
+
+// N 16-byte pieces from p into w (4 N words), through L2.
+template <int N>
+__device__ __forceinline__ void load_words_cg(const void* p, uint32_t* w) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const uint4 u = __ldcg(reinterpret_cast<const uint4*>(p) + i);
+    w[4 * i] = u.x;
+    w[4 * i + 1] = u.y;
+    w[4 * i + 2] = u.z;
+    w[4 * i + 3] = u.w;
+  }
+}
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kMmaWarps * 32) attn_mma_kernel(
+    const T* __restrict__ q, const T* __restrict__ kc, const T* __restrict__ vc,
+    const int64_t* __restrict__ pos, float* __restrict__ ws, int S, int window, float scale) {
+  static_assert(G <= 16 && (D == 64 || D == 128), "16 query heads, head dims 64 and 128");
+  pdl_trigger();
+  constexpr int KK = D / 16;  // k-steps of S = Q K^T
+  constexpr int KW = D / 8;   // words of its key row a lane holds (D / 4 values)
+  constexpr int NT = D / 8;   // d-tiles of P V
+  constexpr int VW = D / 16;  // words of each of its four keys' value rows a lane holds
+  const int h = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gid = lane >> 2, tig = lane & 3;
+  const int p = static_cast<int>(*pos);  // changes only after the step's last layer
+  const int lo = window > 0 ? max(0, p - window + 1) : 0;
+  const int n = p + 1 - lo;
+  const int len = (n + splits - 1) / splits;
+  const int k0 = lo + split * len, k1 = min(lo + n, k0 + len);
+  const T* kh = kc + static_cast<size_t>(h) * S * D;
+  const T* vh = vc + static_cast<size_t>(h) * S * D;
+  pdl_wait();  // q and the key at pos come from the previous kernel (rope_kv)
+
+  // Q as A fragments: rows gid and gid + 8 (query heads h G + row, zero past G)
+  uint32_t qa[KK][4];
+  {
+    uint32_t w0[KW], w1[KW];
+#pragma unroll
+    for (int i = 0; i < KW; ++i) w0[i] = w1[i] = 0u;
+    if (gid < G)
+      load_words_cg<KW / 4>(q + static_cast<size_t>(h * G + gid) * D + tig * (D / 4), w0);
+    if (gid + 8 < G)
+      load_words_cg<KW / 4>(q + static_cast<size_t>(h * G + gid + 8) * D + tig * (D / 4), w1);
+#pragma unroll
+    for (int kk = 0; kk < KK; ++kk) {
+      qa[kk][0] = w0[2 * kk];
+      qa[kk][1] = w1[2 * kk];
+      qa[kk][2] = w0[2 * kk + 1];
+      qa[kk][3] = w1[2 * kk + 1];
+    }
+  }
+  const float qs = scale * 1.4426950408889634f;  // softmax in base 2, applied to S in fp32
+  float o[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+  float m0 = -FLT_MAX, m1 = -FLT_MAX, l0 = 0.f, l1 = 0.f;  // rows gid and gid + 8; l: this lane's
+
+  for (int c0 = k0 + warp * 16; c0 < k1; c0 += kMmaWarps * 16) {
+    uint32_t kw[2][KW], vw[4][VW];
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {  // S's two n-tiles: keys c0 + 8 t + gid
+      const int key = min(c0 + 8 * t + gid, k1 - 1);  // past the end: a repeat, masked below
+      load_words_cg<KW / 4>(kh + static_cast<size_t>(key) * D + tig * (D / 4), kw[t]);
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {  // keys c0 + 2 tig + {0, 1, 8, 9}
+      const int key = min(c0 + 2 * tig + (r & 1) + 8 * (r >> 1), k1 - 1);
+      load_words_cg<VW / 4>(vh + static_cast<size_t>(key) * D + gid * (D / 8), vw[r]);
+    }
+    float sc[2][4];
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      sc[t][0] = sc[t][1] = sc[t][2] = sc[t][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KK; ++kk) mma16816<T>(sc[t], qa[kk], kw[t][2 * kk], kw[t][2 * kk + 1]);
+    }
+    // scale, mask keys past the split's end, the rows' maxima over the 16 keys
+    float b0 = -INFINITY, b1 = -INFINITY;
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const bool in = c0 + 8 * t + 2 * tig + j < k1;
+        sc[t][j] = in ? sc[t][j] * qs : -INFINITY;
+        sc[t][2 + j] = in ? sc[t][2 + j] * qs : -INFINITY;
+        b0 = fmaxf(b0, sc[t][j]);
+        b1 = fmaxf(b1, sc[t][2 + j]);
+      }
+#pragma unroll
+    for (int d = 1; d < 4; d <<= 1) {
+      b0 = fmaxf(b0, __shfl_xor_sync(0xffffffffu, b0, d));
+      b1 = fmaxf(b1, __shfl_xor_sync(0xffffffffu, b1, d));
+    }
+    const float n0 = fmaxf(m0, b0), n1 = fmaxf(m1, b1);
+    const float corr0 = exp2f(m0 - n0), corr1 = exp2f(m1 - n1);
+    m0 = n0;
+    m1 = n1;
+    float pr[2][4];
+    float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        pr[t][j] = exp2f(sc[t][j] - n0);
+        pr[t][2 + j] = exp2f(sc[t][2 + j] - n1);
+        s0 += pr[t][j];
+        s1 += pr[t][2 + j];
+      }
+    l0 = l0 * corr0 + s0;
+    l1 = l1 * corr1 + s1;
+    // P as the A fragment of P V (k = the 16 keys): S's accumulators, rounded to T
+    const uint32_t pa[4] = {pack2<T>(pr[0][0], pr[0][1]), pack2<T>(pr[0][2], pr[0][3]),
+                            pack2<T>(pr[1][0], pr[1][1]), pack2<T>(pr[1][2], pr[1][3])};
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      o[t][0] *= corr0;
+      o[t][1] *= corr0;
+      o[t][2] *= corr1;
+      o[t][3] *= corr1;
+      // B: value dim gid D/8 + t of keys 2 tig + {0, 1} (b0) and 2 tig + 8 + {0, 1} (b1)
+      const int w = t / 2;
+      const uint32_t sel = (t & 1) ? 0x7632u : 0x5410u;
+      const uint32_t vb0 = __byte_perm(vw[0][w], vw[1][w], sel);
+      const uint32_t vb1 = __byte_perm(vw[2][w], vw[3][w], sel);
+      mma16816<T>(o[t], pa, vb0, vb1);
+    }
+  }
+  // each row's sum over the lanes of its group, then the warps' states merged in shared memory
+#pragma unroll
+  for (int d = 1; d < 4; d <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, d);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, d);
+  }
+  __shared__ float sm[kMmaWarps][G][2];
+  __shared__ float so[kMmaWarps][G][D];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int g = gid + 8 * half;
+    if (g < G) {
+      if (tig == 0) {
+        sm[warp][g][0] = half ? m1 : m0;
+        sm[warp][g][1] = half ? l1 : l0;
+      }
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) so[warp][g][(2 * tig + j) * (D / 8) + t] = o[t][2 * half + j];
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * (D + 2); i += blockDim.x) {
+    const int g = i / (D + 2), c = i % (D + 2);
+    float mm = -FLT_MAX;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) mm = fmaxf(mm, sm[w][g][0]);
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) {
+      const float f = sm[w][g][1] > 0.f ? exp2f(sm[w][g][0] - mm) : 0.f;
+      acc += f * (c == 0 ? 0.f : c == 1 ? sm[w][g][1] : so[w][g][c - 2]);
+    }
+    const size_t at = static_cast<size_t>(h * G + g) * splits + split;  // ws: see AttnArgs
+    if (c < 2)
+      ws[static_cast<size_t>(gridDim.x) * G * splits * D + at * 2 + c] = c == 0 ? mm : acc;
+    else
+      ws[at * D + c - 2] = acc;
+  }
+}
+
 // Query head h: the splits' states merged, o / l written in the activation dtype. D / 2
 // threads, a pair of neighbouring lanes for each four values: one sums the even splits, the
 // other the odd ones, each with the loads of up to kCombineBatch splits issued together, before
@@ -502,8 +721,8 @@ __global__ void __launch_bounds__(D / 2) attn_combine_kernel(const float* __rest
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int sp = lane + 32 * i;
-      ms[i] = sp < splits ? ml[2 * sp] : -FLT_MAX;
-      ls[i] = sp < splits ? ml[2 * sp + 1] : 0.f;
+      ms[i] = sp < splits ? __ldcg(ml + 2 * sp) : -FLT_MAX;  // through L2, as o: written by
+      ls[i] = sp < splits ? __ldcg(ml + 2 * sp + 1) : 0.f;  // the kernel before, on other SMs
     }
     float mm = -FLT_MAX;
 #pragma unroll
@@ -982,11 +1201,35 @@ bool attn_preload() {
 // a split are all loaded before the wait, where four warps took a second round of key loads
 // after it; at 3000, 3 rounds instead of 6), else four: csrc/KERNELS.md, session 14. G: the
 // query heads of a block (attn_block_heads), R: blocks for each KV head.
+// VPTQ_ATTN_TC_PDL=0: the tensor-core kernel launched without PDL (for comparisons).
+bool attn_tc_pdl() {
+  static const bool on = !switched_off("VPTQ_ATTN_TC_PDL");
+  return on;
+}
+
 template <typename T, int D, int G, int R = 1>
 cudaError_t attn_typed(const AttnArgs& a, cudaStream_t stream) {
   static_assert(attn_block_heads(G * R) == G, "blocks of attn_block_heads query heads");
   constexpr int W = G * D <= 512 ? 8 : kAttnWarps;
-  cudaError_t err = launch_pdl(
+  cudaError_t err = cudaSuccess;
+  if (a.tensor_cores) {  // all G R query heads of a KV head in one block
+    const auto kernel = attn_mma_kernel<T, D, G * R>;
+    const dim3 grid(a.Hkv, a.splits), block(kMmaWarps * 32);
+    const auto* q = static_cast<const T*>(a.q);
+    const auto* kc = static_cast<const T*>(a.k_cache);
+    const auto* vc = static_cast<const T*>(a.v_cache);
+    if (attn_tc_pdl()) {
+      err = launch_pdl(kernel, grid, block, 0, stream, q, kc, vc, a.pos, a.ws, a.S, a.window,
+                       a.scale);
+    } else {
+      kernel<<<grid, block, 0, stream>>>(q, kc, vc, a.pos, a.ws, a.S, a.window, a.scale);
+      err = cudaGetLastError();
+    }
+    if (err != cudaSuccess) return err;
+    return launch_pdl(attn_combine_kernel<T, D>, dim3(a.H), dim3(D / 2), 0, stream,
+                      static_cast<const float*>(a.ws), static_cast<T*>(a.out), a.splits);
+  }
+  err = launch_pdl(
       attn_split_kernel<T, D, G, W, R>, dim3(a.Hkv * R, a.splits), dim3(W * 32), 0, stream,
       static_cast<const T*>(a.q), static_cast<const T*>(a.k_cache),
       static_cast<const T*>(a.v_cache), a.pos, a.ws, a.S, a.window, a.scale, attn_preload());
@@ -1101,16 +1344,20 @@ bool decode_attention_supported(int H, int Hkv, int D) {
   return g <= 8 || g == 12 || g == 16;
 }
 
-int decode_attention_splits(int H, int Hkv, int S, int num_sms) {
-  // Two blocks per SM over the blocks of a split (a block per group of query heads), but no
-  // split shorter than 32 keys of the whole cache.
-  const int g = H / std::max(1, Hkv), groups = std::max(1, Hkv) * (g / attn_block_heads(g));
+bool decode_attention_tensor_cores_supported() { return compute_major() >= 8; }
+
+int decode_attention_splits(int H, int Hkv, int S, int num_sms, bool tensor_cores) {
+  // Two blocks per SM over the blocks of a split (a block per group of query heads, or per KV
+  // head on the tensor cores), but no split shorter than 32 keys of the whole cache.
+  const int g = H / std::max(1, Hkv);
+  const int groups = std::max(1, Hkv) * (tensor_cores ? 1 : g / attn_block_heads(g));
   const int want = std::max(1, 2 * num_sms / groups);
   return std::max(1, std::min({want, (S + 31) / 32, kMaxSplits}));
 }
 
 cudaError_t launch_decode_attention(const AttnArgs& a, DType dtype, cudaStream_t stream) {
   if (!decode_attention_supported(a.H, a.Hkv, a.D) || a.splits < 1) return cudaErrorInvalidValue;
+  if (a.tensor_cores && !decode_attention_tensor_cores_supported()) return cudaErrorNotSupported;
   if (dtype == DType::kHalf) return attn_by_dim<__half>(a, stream);
   return attn_by_dim<__nv_bfloat16>(a, stream);
 }

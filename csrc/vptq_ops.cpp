@@ -466,7 +466,7 @@ at::Tensor rope_kv_prefill_cuda(const at::Tensor& q, const at::Tensor& k, const 
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& pos,
-                                 int64_t window, double scale) {
+                                 int64_t window, double scale, bool tensor_cores) {
   const c10::cuda::CUDAGuard guard(q.device());
   const vptq::DType dt = dtype_of(q);
   check_act(q, q, "q");
@@ -477,8 +477,11 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(vptq::decode_attention_supported(a.H, a.Hkv, a.D),
               msg("decode attention does not take ", a.H, " query heads over ", a.Hkv,
                   " KV heads of dimension ", a.D, "; use scaled_dot_product_attention"));
+  TORCH_CHECK(!tensor_cores || vptq::decode_attention_tensor_cores_supported(),
+              msg("decode attention on the tensor cores needs compute capability 8.0 or later"));
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  a.splits = vptq::decode_attention_splits(a.H, a.Hkv, a.S, sms);
+  a.splits = vptq::decode_attention_splits(a.H, a.Hkv, a.S, sms, tensor_cores);
+  a.tensor_cores = tensor_cores;
   at::Tensor out = at::empty({1, 1, static_cast<int64_t>(a.H) * a.D}, q.options());
   at::Tensor ws = at::empty({static_cast<int64_t>(a.H) * a.splits * (a.D + 2)},
                             q.options().dtype(at::kFloat));
@@ -752,7 +755,7 @@ TORCH_LIBRARY(vptq, m) {
       "Tensor(a!) k_cache, Tensor(b!) v_cache) -> Tensor");
   m.def(
       "decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pos, int window, "
-      "float scale) -> Tensor");
+      "float scale, bool tensor_cores=False) -> Tensor");
   m.def("silu_mul(Tensor gate, Tensor up, ScalarType? dtype=None) -> Tensor");
   m.def(
       "gptq_gemv(Tensor x, Tensor qweight, Tensor zeros, Tensor scales, Tensor g_idx, "

@@ -207,6 +207,10 @@ def parser() -> argparse.ArgumentParser:
         "--position", type=int, action="append",
         help="cache positions the query reads up to (default: 1024 4096 16384 32768)",
     )  # fmt: skip
+    ba.add_argument(
+        "--heads", action="append",
+        help="also these heads: query heads/KV heads/head dim, e.g. 14/2/64 (Qwen2.5-0.5B)",
+    )  # fmt: skip
     bs = bsub.add_parser(
         "sampling", help="the pick that ends a decode step: one kernel vs PyTorch's ops"
     )
@@ -528,14 +532,16 @@ def cmd_bench(a: argparse.Namespace) -> None:
     if a.bench == "attention":
         from . import bench_attention
 
-        archs = a.arch or list(bench_attention.ARCHS)
+        shapes = [bench_attention.parse_heads(v) for v in a.heads or ()]
+        archs = a.arch or ([] if shapes else list(bench_attention.ARCHS))
         for value in archs:
             if value not in bench.MODELS:
                 known = ", ".join(bench.MODELS)
                 raise ValueError(f"unknown --arch {value!r}; choose from {known}")
         if any(not 0 <= p < 1 << 20 for p in a.position or ()):
             raise ValueError("--position: give cache positions from 0 to 1048575")
-        bench_attention.run_attention(archs, list(a.position or bench_attention.POSITIONS))
+        positions = list(a.position or bench_attention.POSITIONS)
+        bench_attention.run_attention(archs, positions, shapes)
         return
 
     if a.bench == "sampling":

@@ -5,7 +5,9 @@ before launching the next step: token ids come back through pinned memory, one s
 One graph per sampling setting, a few kept, all sharing one memory pool. Where the sampled
 pick is the fused kernel (fused.sample_pick_fused), it reads every setting from a tensor the
 graph holds, so one graph serves them all; elsewhere (the PyTorch pick of older GPUs) the
-settings are baked into the graph.
+settings are baked into the graph. For heads whose attention is faster on the tensor cores from
+some position on (fused.tensor_core_attention_from: 70B's from 4096), a run that gets there
+takes a second graph with that attention from that position.
 """
 
 from __future__ import annotations
@@ -99,12 +101,18 @@ class GraphDecoder(Picker):
         self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
         self.pool = torch.cuda.graph_pool_handle()
         self.rng_in_graph = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+        a = model.args
+        self.tensor_cores_from = fused.tensor_core_attention_from(
+            a.n_heads, a.n_kv_heads, a.head_dim, dtype, model.cos.device
+        )
 
-    def _step(self, p: SamplingParams) -> None:
-        self.pick(self.model.decode(self.token, self.pos, cast=False), p)
+    def _step(self, p: SamplingParams, tensor_cores: bool) -> None:
+        logits = self.model.decode(self.token, self.pos, cast=False, tensor_cores=tensor_cores)
+        self.pick(logits, p)
 
-    def graph(self, p: SamplingParams) -> torch.cuda.CUDAGraph:
-        key = graph_key(p, self.pick_in_place)
+    def graph(self, p: SamplingParams, tensor_cores: bool = False) -> torch.cuda.CUDAGraph:
+        """The captured step for ``p``; ``tensor_cores``: its attention on the tensor cores."""
+        key = graph_key(p, self.pick_in_place) + (("tensor cores",) if tensor_cores else ())
         if key in self.graphs:
             self.graphs.move_to_end(key)
             return self.graphs[key]
@@ -116,13 +124,13 @@ class GraphDecoder(Picker):
         with torch.cuda.stream(stream):  # warm up: kernels choose their configurations
             for _ in range(2):
                 self.pos.fill_(self.model.max_seq - 1)
-                self._step(p)
+                self._step(p, tensor_cores)
         torch.cuda.current_stream().wait_stream(stream)
         g = torch.cuda.CUDAGraph()
         if self.rng_in_graph:
             g.register_generator_state(self.gen)
         with torch.cuda.graph(g, pool=self.pool):
-            self._step(p)
+            self._step(p, tensor_cores)
         self.graphs[key] = g
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
@@ -143,9 +151,15 @@ class GraphDecoder(Picker):
     ) -> Iterator[int]:  # fmt: skip
         """Yield up to ``limit`` tokens: the one sampled from the prefill ``logits`` ([1, V],
         its position is ``pos``), then one per graph step. Stop iterating at any time: steps
-        already launched only wrote KV entries beyond what the caller keeps."""
+        already launched only wrote KV entries beyond what the caller keeps. Steps at positions
+        from ``tensor_cores_from`` on replay the graph whose attention runs on the tensor
+        cores, captured here (before anything is set) where this run gets there."""
         self.set_params(p)
         g = self.graph(p)  # capturing draws random numbers: seed after it
+        switch = self.tensor_cores_from
+        g_tc = None
+        if switch is not None and pos + limit - 2 >= switch:  # the last step's position
+            g_tc = self.graph(p, tensor_cores=True)
         self.gen.manual_seed(seed)
         self.seen.copy_(seen)
         self.token.copy_(sample(logits, p, self.gen, self.seen).view(1, 1))
@@ -156,8 +170,8 @@ class GraphDecoder(Picker):
         launched = -1  # -1: the first token, sampled above
         while True:
             while launched < limit - 1 and len(pending) < LAG:
-                if launched >= 0:
-                    g.replay()
+                if launched >= 0:  # a step on the token at position pos + launched
+                    (g if g_tc is None or pos + launched < switch else g_tc).replay()
                 slot = launched % (LAG + 1)
                 host[slot : slot + 1].copy_(self.token.view(1), non_blocking=True)
                 ev = torch.cuda.Event()

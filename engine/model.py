@@ -216,6 +216,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
         self.fused = None  # q, k, v in one launch (engine/layers.py build_sliced_layouts)
         self.cpu_group = CpuGroup()
+        self.tensor_cores = False  # the fused decode attention's kernel (Transformer.decode)
 
     def shared_input(self) -> tuple:
         return self.q_proj, self.k_proj, self.v_proj
@@ -231,7 +232,8 @@ class Attention(nn.Module):
             q, k, v = project(x, self, defer=PARTIAL_SUMS)
             c = self.cache
             q = fused.rope_kv(q, k, v, cos, sin, start, c.k, c.v)
-            y = fused.attention(q, c.k, c.v, start, self.window, self.head_dim**-0.5)
+            scale = self.head_dim**-0.5
+            y = fused.attention(q, c.k, c.v, start, self.window, scale, self.tensor_cores)
             return apply(self.o_proj, y, defer=PARTIAL_SUMS)  # its sums left to the next norm
         q, k, v = project(x, self)
         c = self.cache
@@ -347,12 +349,17 @@ class Transformer(nn.Module):
             mask &= k > q - window
         return mask
 
-    def decode(self, token: torch.Tensor, pos: torch.Tensor, cast: bool = True) -> torch.Tensor:
+    def decode(
+        self, token: torch.Tensor, pos: torch.Tensor, cast: bool = True, tensor_cores: bool = False
+    ) -> torch.Tensor:
         """One token (token: [1, 1]) at the position held by the device tensor pos ([1]) ->
         float32 logits [1, V] (cast=False: in the lm_head's dtype). No host values, so it can be
-        captured in a CUDA graph."""
+        captured in a CUDA graph. ``tensor_cores``: the fused attention on the tensor cores
+        (engine/ops/decode.py tensor_core_attention_from says from where that is the faster)."""
         x = fused.embed(self.model.embed_tokens.weight, token)  # [1, 1, H]
         a = self.args
+        for layer in self.model.layers:
+            layer.self_attn.tensor_cores = tensor_cores
         if fused.attention_fused(x, a.n_heads, a.n_kv_heads, a.head_dim):
             cos, sin, mask = self.cos, self.sin, None  # the kernels read position pos
         else:

@@ -176,7 +176,7 @@ def _register_fakes() -> None:
         return k_cache.new_empty((1, q.shape[2] // d, q.shape[1], d))
 
     @torch.library.register_fake("vptq::decode_attention")
-    def _(q, k_cache, v_cache, pos, window, scale):
+    def _(q, k_cache, v_cache, pos, window, scale, tensor_cores=False):
         return q.new_empty((1, 1, q.numel()))
 
     @torch.library.register_fake("vptq::silu_mul")

@@ -22,6 +22,22 @@ ENABLED = os.environ.get("VPTQ_DECODE_FUSED", "1") != "0"
 # What decode_attention takes (decode_attention_supported() in csrc/vptq_decode.cu).
 ATTN_HEAD_DIMS = (64, 128)
 ATTN_GQA = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)  # query heads per KV head
+# The first cache position from which a decode step's attention is faster on the tensor cores
+# (attn_mma_kernel: all query heads of a KV head in one block) than on the CUDA cores (blocks of
+# up to four heads), by (query heads, KV heads, head dimension): `python -m engine bench
+# attention` on an H100 (csrc/KERNELS.md, session 44). Heads not listed stay on the CUDA cores.
+# The decode graph switches there only with VPTQ_ATTN_TENSOR_CORES=1 until the switched graph
+# has passed the GPU tests (csrc/KERNELS.md, session 46).
+TENSOR_CORES_SWITCH = os.environ.get("VPTQ_ATTN_TENSOR_CORES", "0") == "1"
+TENSOR_CORE_FROM = {
+    (64, 8, 128): 4096,  # Llama-3.1-70B, Qwen2.5-72B
+    (96, 8, 128): 4096,  # Mistral-Large
+    (40, 8, 128): 4096,  # Qwen2.5-14B and 32B
+    (28, 4, 128): 12288,  # Qwen2.5-7B
+    (12, 2, 128): 8192,  # Qwen2.5-1.5B
+    (16, 2, 128): 32768,  # Qwen2.5-3B
+    (14, 2, 64): 1024,  # Qwen2.5-0.5B
+}
 
 
 @dataclass(frozen=True)
@@ -142,10 +158,28 @@ def rope_prefill(q, k, v, cos, sin, start: int, k_cache, v_cache) -> torch.Tenso
     return torch.ops.vptq.rope_kv_prefill(q, k, v, cos, sin, start, k_cache, v_cache)
 
 
-def attention(q, k_cache, v_cache, pos, window: int | None, scale: float) -> torch.Tensor:
+def attention(
+    q, k_cache, v_cache, pos, window: int | None, scale: float, tensor_cores: bool = False
+) -> torch.Tensor:
     """One query token (q [1, H, 1, D]) against cache positions pos - window + 1 .. pos (all up
-    to pos without a window) -> [1, 1, H * D]."""
-    return torch.ops.vptq.decode_attention(q, k_cache, v_cache, pos, window or 0, scale)
+    to pos without a window) -> [1, 1, H * D]. ``tensor_cores``: the MMA kernel (compute
+    capability 8.0 and later; tensor_core_attention_from says where it is the faster)."""
+    op = torch.ops.vptq.decode_attention
+    return op(q, k_cache, v_cache, pos, window or 0, scale, tensor_cores)
+
+
+def tensor_core_attention_from(
+    n_heads: int, n_kv: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> int | None:
+    """The first position whose decode-step attention runs on the tensor cores (the decode
+    graph switches there, engine/decode.py), or None: these heads always on the CUDA cores, or
+    no fused attention at all on this device."""
+    x = torch.empty(0, dtype=dtype, device=device)
+    if not TENSOR_CORES_SWITCH or not attention_fused(x, n_heads, n_kv, head_dim):
+        return None
+    if arch.capability(device) < (8, 0):
+        return None
+    return TENSOR_CORE_FROM.get((n_heads, n_kv, head_dim))
 
 
 def advance(nxt, token, seen, pos) -> None:

@@ -50,5 +50,10 @@ def test_bench_attention_reads_each_models_heads_and_counts_keys_and_values():
     assert bench_attention.heads("qwen2.5-7b") == (28, 4, 128)
     assert bench_attention.heads("mistral-large") == (96, 8, 128)
     # a query at position 1023 reads keys and values 0 .. 1023 of 8 heads of 128 fp16 values
-    assert bench_attention.cache_bytes("llama-3.1-70b", 1023) == 2 * 8 * 1024 * 128 * 2
-    assert bench_attention.cache_bytes("qwen2.5-7b", 0) == 2 * 4 * 128 * 2
+    assert bench_attention.kv_bytes(8, 128, 1023) == 2 * 8 * 1024 * 128 * 2
+    assert bench_attention.kv_bytes(4, 128, 0) == 2 * 4 * 128 * 2
+    # --heads: query heads / KV heads / head dimension, only what decode attention takes
+    assert bench_attention.parse_heads("14/2/64") == (14, 2, 64)
+    for bad in ("14/2", "14/3/64", "64/8/96", "32/1/128", "a/b/c"):
+        with pytest.raises(ValueError, match="--heads"):
+            bench_attention.parse_heads(bad)

@@ -228,20 +228,49 @@ ATTN = {  # query heads, KV heads, head dim, cache length
 }
 
 
+def tensor_cores_refused(cores: str) -> bool:
+    """Whether this run's GPU (or the older one it runs as) has no tensor-core attention: then
+    asking for it must be an error that says so."""
+    return cores == "tensor" and arch.capability() < (8, 0)
+
+
+@pytest.mark.parametrize("cores", ["cuda", "tensor"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [None, 16])
 @pytest.mark.parametrize("name", sorted(ATTN))
-def test_decode_attention_matches_float64(name, window, dtype):
+def test_decode_attention_matches_float64(name, window, dtype, cores):
     h, hkv, d, s = ATTN[name]
     kc, vc = caches(hkv, s, d, dtype, seed=s)
     g = torch.Generator(device="cuda").manual_seed(h)
     q = torch.randn(1, h, 1, d, device="cuda", generator=g).to(dtype)
+    tc = cores == "tensor"
+    if tensor_cores_refused(cores):
+        with pytest.raises(RuntimeError, match=r"tensor cores needs compute capability 8\.0"):
+            fused.attention(q, kc, vc, torch.tensor([0], device="cuda"), window, 0.1, tc)
+        return
     for pos in sorted({0, 1, s // 3, s - 1}):
         p = torch.tensor([pos], device="cuda")
-        got = fused.attention(q, kc, vc, p, window, d**-0.5)
+        got = fused.attention(q, kc, vc, p, window, d**-0.5, tc)
         want = attention_oracle(q, kc, vc, pos, window)
         assert got.shape == (1, 1, h * d) and got.dtype == dtype
         assert rel(got, want) < 2 * ulps(dtype), (pos, rel(got, want))
+
+
+@pytest.mark.parametrize("switch", [False, True])
+def test_tensor_core_attention_positions_name_heads_the_kernels_take(switch, monkeypatch):
+    """Every entry of the switch table is a head shape decode_attention takes, from a position
+    a context can hold; unlisted heads (Llama-3.1-8B's) stay on the CUDA cores, and so does
+    everything without the switch (VPTQ_ATTN_TENSOR_CORES)."""
+    monkeypatch.setattr(fused, "TENSOR_CORES_SWITCH", switch)
+    for (h, hkv, d), start in fused.TENSOR_CORE_FROM.items():
+        assert d in fused.ATTN_HEAD_DIMS and h % hkv == 0 and h // hkv in fused.ATTN_GQA
+        assert 0 < start <= 131072
+    on = switch and arch.capability() >= (8, 0)
+    want = fused.TENSOR_CORE_FROM[(64, 8, 128)] if on else None
+    cuda = torch.device("cuda")
+    assert fused.tensor_core_attention_from(64, 8, 128, torch.float16, cuda) == want
+    assert fused.tensor_core_attention_from(32, 8, 128, torch.float16, cuda) is None
+    assert fused.tensor_core_attention_from(64, 8, 128, torch.float32, cuda) is None
 
 
 # ---- inputs as the sliced GEMV's partial sums (engine/ops/decode.py Partial) ----
@@ -403,17 +432,24 @@ def test_decode_ops_pass_opcheck_and_replay_in_a_graph():
     torch.library.opcheck(vv.rope_kv.default, (q, k, k.clone(), cos, sin, p, kc, vc))
     q4 = q.view(1, h, 1, d)
     torch.library.opcheck(vv.decode_attention.default, (q4, kc, vc, p, 0, d**-0.5))
-    # one captured step serves every position: pos is read on the device
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        q_rot = fused.rope_kv(q, k, k, cos, sin, p, kc, vc)
-        out = fused.attention(q_rot, kc, vc, p, None, d**-0.5)
-    for pos in (3, 39):
-        p.fill_(pos)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, fused.attention(q_rot, kc, vc, p, None, d**-0.5))
-        assert rel(out, attention_oracle(q_rot, kc, vc, pos, None)) < 2 * ulps(dtype)
+    if not tensor_cores_refused("tensor"):
+        torch.library.opcheck(vv.decode_attention.default, (q4, kc, vc, p, 0, d**-0.5, True))
+    # one captured step serves every position: pos is read on the device; both kernels, the
+    # tensor cores' reading q and the key at pos as rope_kv writes them (early launch)
+    for tc in (False, True):
+        if tc and tensor_cores_refused("tensor"):
+            continue
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            q_rot = fused.rope_kv(q, k, k, cos, sin, p, kc, vc)
+            out = fused.attention(q_rot, kc, vc, p, None, d**-0.5, tc)
+        for pos in (3, 39):
+            p.fill_(pos)
+            k.normal_()  # a new key at pos each replay
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, fused.attention(q_rot, kc, vc, p, None, d**-0.5, tc))
+            assert rel(out, attention_oracle(q_rot, kc, vc, pos, None)) < 2 * ulps(dtype)
 
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen2", "mistral-window"])

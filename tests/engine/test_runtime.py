@@ -34,9 +34,12 @@ def small_model():
     return model
 
 
-def eager_tokens(model, prompt, p: SamplingParams, seed: int, n: int) -> list[int]:
+def eager_tokens(
+    model, prompt, p: SamplingParams, seed: int, n: int, tensor_cores_from: int | None = None
+) -> list[int]:
     """The decode step the graph captures, run eagerly (Transformer.decode, position on the
-    device: the fused decode kernels where they apply)."""
+    device: the fused decode kernels where they apply; their attention on the tensor cores from
+    position ``tensor_cores_from``)."""
     gen = p.make_generator(torch.device("cuda"))
     gen.manual_seed(seed)
     seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device="cuda")
@@ -46,7 +49,8 @@ def eager_tokens(model, prompt, p: SamplingParams, seed: int, n: int) -> list[in
         t = sample(logits, p, gen, seen)
         out.append(int(t))
         seen[t] = True
-        logits = model.decode(t.view(1, 1), torch.tensor([pos], device="cuda"))
+        tc = tensor_cores_from is not None and pos >= tensor_cores_from
+        logits = model.decode(t.view(1, 1), torch.tensor([pos], device="cuda"), tensor_cores=tc)
         pos += 1
     return out
 
@@ -77,6 +81,44 @@ def test_graph_decode_gives_the_eager_tokens(small_model, p):
     # stopping early leaves the decoder reusable: the same again, and a shorter run
     logits = small_model(prompt, 0, last_only=True)[0]
     assert list(dec.run(logits, 9, seen, p, seed=5, limit=7)) == want[:7]
+
+
+@pytest.mark.parametrize(
+    "p",
+    [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.95, seed=5)],
+    ids=["greedy", "chat-default"],
+)
+@torch.no_grad()
+def test_graph_decode_switches_to_tensor_core_attention_on_the_way(small_model, p, monkeypatch):
+    """A run that passes the position where the heads' attention is faster on the tensor cores
+    replays, from there, the graph whose attention runs there: the eager steps' tokens, with
+    the eager steps switched at the same position (the two kernels round differently)."""
+    from engine.ops import arch
+
+    dec = GraphDecoder(small_model)
+    if not dec.usable(p) or arch.capability() < (8, 0):
+        pytest.skip("no seeded generator in a CUDA graph, or no tensor-core attention here")
+    assert dec.tensor_cores_from is None  # the tiny model's 8 / 2 x 64 heads are not listed
+    dec.tensor_cores_from = 20
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    prompt = torch.randint(0, 4096, (1, 9), device="cuda", generator=gen)
+    want = eager_tokens(small_model, prompt, p, seed=5, n=40, tensor_cores_from=20)
+    plain = eager_tokens(small_model, prompt, p, seed=5, n=40)
+    seen = torch.zeros(4096, dtype=torch.bool, device="cuda")
+    logits = small_model(prompt, 0, last_only=True)[0]
+    replayed = []
+    real = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: real(replayed.append(g) or g))
+    assert list(dec.run(logits, 9, seen, p, seed=5, limit=40)) == want
+    keys = {id(g): key for key, g in dec.graphs.items()}
+    # 39 steps at positions 9 .. 47: 11 before the switch, 28 on the tensor cores
+    assert ["tensor cores" in keys[id(g)] for g in replayed] == [False] * 11 + [True] * 28
+    assert want[:12] == plain[:12]  # positions 9 .. 20: the same kernel
+    # a run that ends before the switch captures nothing more
+    dec.graphs.clear()
+    logits = small_model(prompt, 0, last_only=True)[0]
+    assert list(dec.run(logits, 9, seen, p, seed=5, limit=12)) == want[:12]
+    assert not any("tensor cores" in key for key in dec.graphs)
 
 
 @torch.no_grad()
