@@ -163,6 +163,42 @@ def test_config_gives_the_scheme_and_the_exact_parameter_count():
     assert s.params_b == 122.6
 
 
+LLAMA_8B_SHAPE = {
+    "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "layer,want",
+    [
+        # the config's own scheme over the name's; -1 residual centroids: no residual
+        ({"vector_lens": [-1, 12], "num_centroids": [-1, 4096], "num_res_centroids": [-1, -1]},
+         (12, 4096, 0)),
+        # fields the layer's entry lacks keep the name's
+        ({"num_res_centroids": [-1, 65536]}, (8, 65536, 65536)),
+        ({"vector_lens": [-1, 16]}, (16, 65536, 256)),
+    ],
+)  # fmt: skip
+def test_a_vptq_config_corrects_the_name_field_by_field(layer, want):
+    name = "VPTQ-community/Meta-Llama-3.1-8B-Instruct-v8-k65536-256-woft"
+    for q in (
+        {"quant_method": "vptq", "config_for_layers": {"model.layers.0.mlp.up_proj": layer}},
+        {"quant_method": "vptq", "shared_layer_config": layer},  # one entry for every layer
+    ):
+        s = scheme_from_config(name, LLAMA_8B_SHAPE | {"quantization_config": q})
+        assert (s.v, s.k, s.kr, s.params_b) == (*want, 8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 5, 16, "4"])
+def test_a_gptq_configs_width_counts_only_where_the_engine_runs_it(bits):
+    q = {"quant_method": "gptq", "bits": bits, "group_size": 128}
+    s = scheme_from_config("TheBloke/Llama-GPTQ", LLAMA_8B_SHAPE | {"quantization_config": q})
+    runs = bits in (2, 3, 4, 8)
+    assert (s.gptq, s.bits, s.gptq_group) == (True, bits if runs else None, 128)
+    assert s.describe() == (f"GPTQ, {bits} bits/weight" if runs else "GPTQ")
+
+
 # -- catalogue -------------------------------------------------------------------------------------
 def test_catalogue_lists_sorts_searches_pages_and_caches(hub, tmp_path):
     hub.add(Repo("VPTQ-community/Qwen2.5-7B-Instruct-v8-k65536-0-woft", {}, 500, "2026-03-01"))
