@@ -50,7 +50,8 @@ SortRole = Qt.ItemDataRole.UserRole + 11
 
 def size_text(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+        # as it will print: 999,999 bytes are "1.0 MB", not "1000.0 KB"
+        if round(abs(n), 0 if unit == "B" else 1) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return ""

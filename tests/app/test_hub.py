@@ -618,6 +618,56 @@ def test_the_catalogue_shows_and_filters_sizes_the_names_give_in_millions_or_not
     assert shown(0) == ["SmolLM2", "Qwen2.5", "Mistral"]
 
 
+@pytest.mark.parametrize(
+    "filters,want",
+    [
+        (dict(), ["Llama-8B-v8", "Llama-8B-v12", "Qwen-72B-v16", "GPTQ"]),
+        (dict(family="Qwen 2.5"), ["Qwen-72B-v16"]),
+        (dict(max_params=8), ["Llama-8B-v8", "Llama-8B-v12", "GPTQ"]),
+        (dict(max_params=7.9), []),  # the sizes to the billion: 8 is not within 7.9
+        (dict(max_bits=2), ["Qwen-72B-v16"]),  # 28 / 12 = 2.33 bits is out...
+        (dict(max_bits=28 / 12), ["Llama-8B-v12", "Qwen-72B-v16"]),  # ... and in at its own
+        (dict(max_bits=3), ["Llama-8B-v8", "Llama-8B-v12", "Qwen-72B-v16", "GPTQ"]),
+        (dict(v=12), ["Llama-8B-v12"]),
+        (dict(k=65536), ["Llama-8B-v8", "Llama-8B-v12", "Qwen-72B-v16"]),
+        (dict(kr=0), ["Qwen-72B-v16"]),
+        (dict(kr=256), ["Llama-8B-v8"]),
+        (dict(family="Llama 3.1", v=8, k=65536, kr=256, max_bits=3, max_params=8),
+         ["Llama-8B-v8"]),
+    ],
+)  # fmt: skip
+def test_every_scheme_filter_keeps_exactly_the_rows_that_match(qapp, filters, want):
+    from app.browser import CatalogueFilter, CatalogueModel, Filters
+    from app.hub import Entry
+
+    named = {
+        "Llama-8B-v8": "VPTQ-community/Meta-Llama-3.1-8B-Instruct-v8-k65536-256-woft",  # 3 bits
+        "Llama-8B-v12": "VPTQ-community/Meta-Llama-3.1-8B-Instruct-v12-k65536-4096-woft",
+        "Qwen-72B-v16": "VPTQ-community/Qwen2.5-72B-Instruct-v16-k65536-0-woft",  # 1 bit
+        "GPTQ": "TheBloke/Llama-3.1-8B-Instruct-GPTQ-INT3",  # 3 bits, no v, k or residual
+    }
+    model, proxy = CatalogueModel(), CatalogueFilter()
+    proxy.setSourceModel(model)
+    model.set_entries([Entry(repo) for repo in named.values()])
+    proxy.set_filters(Filters(**filters))
+    by_repo = {repo.rsplit("/")[-1]: label for label, repo in named.items()}
+    shown = [by_repo[proxy.index(r, 0).data()] for r in range(proxy.rowCount())]
+    assert shown == want
+
+
+def test_sizes_and_times_left_read_in_the_unit_a_person_expects():
+    from app.browser import eta_text, size_text
+
+    sizes = (0, 999, 999.6, 1000, 1550, 999_949, 999_960, 999_999, 2.5e9, 7e12, 3e15)
+    assert [size_text(n) for n in sizes] == [
+        "0 B", "999 B", "1.0 KB", "1.0 KB", "1.6 KB", "999.9 KB", "1.0 MB", "1.0 MB", "2.5 GB",
+        "7.0 TB", "3000.0 TB",
+    ]  # fmt: skip
+    assert [eta_text(t) for t in (None, 0, 89, 90, 5399, 5400, 6300)] == [
+        "–", "0 s", "89 s", "2 min", "90 min", "1.5 h", "1.8 h"
+    ]  # fmt: skip
+
+
 def test_a_downloaded_model_is_named_by_its_repo_id(tmp_path, monkeypatch):
     from app.hub import model_label
 
