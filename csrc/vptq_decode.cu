@@ -721,8 +721,8 @@ __global__ void __launch_bounds__(D / 2) attn_combine_kernel(const float* __rest
 #pragma unroll
     for (int i = 0; i < R; ++i) {
       const int sp = lane + 32 * i;
-      ms[i] = sp < splits ? __ldcg(ml + 2 * sp) : -FLT_MAX;  // through L2, as o: written by
-      ls[i] = sp < splits ? __ldcg(ml + 2 * sp + 1) : 0.f;  // the kernel before, on other SMs
+      ms[i] = sp < splits ? ml[2 * sp] : -FLT_MAX;
+      ls[i] = sp < splits ? ml[2 * sp + 1] : 0.f;
     }
     float mm = -FLT_MAX;
 #pragma unroll
