@@ -25,7 +25,9 @@ ATTN_GQA = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)  # query heads per KV head
 # The first cache position from which a decode step's attention is faster on the tensor cores
 # (attn_mma_kernel: all query heads of a KV head in one block) than on the CUDA cores (blocks of
 # up to four heads), by (query heads, KV heads, head dimension): `python -m engine bench
-# attention` on an H100 (csrc/KERNELS.md, session 44). Heads not listed stay on the CUDA cores.
+# attention` on an H100 (csrc/KERNELS.md, session 44, whose kernel loaded its first keys before
+# the PDL wait: without that, 70B's crossover moved from 4096 towards 8192). Heads not listed
+# stay on the CUDA cores.
 # The decode graph switches there only with VPTQ_ATTN_TENSOR_CORES=1 until the switched graph
 # has passed the GPU tests (csrc/KERNELS.md, session 46).
 TENSOR_CORES_SWITCH = os.environ.get("VPTQ_ATTN_TENSOR_CORES", "0") == "1"
