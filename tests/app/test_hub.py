@@ -668,6 +668,37 @@ def test_sizes_and_times_left_read_in_the_unit_a_person_expects():
     ]  # fmt: skip
 
 
+def test_a_downloads_fraction_and_time_left_follow_its_bytes_and_speed(tmp_path):
+    from app.downloads import Download
+    from app.hub import RemoteFile, RepoFiles
+
+    d = Download("o/m", tmp_path)
+    assert (d.total, d.fraction, d.eta) == (0, 0.0, None)  # its files not listed yet
+    d.files = RepoFiles("o/m", "main", [RemoteFile("a", 300), RemoteFile("b.safetensors", 700)])
+    d.done, d.speed = 250, 50.0
+    assert (d.total, d.fraction, d.eta) == (1000, 0.25, 15.0)
+    d.speed = 0.5  # slow is not stalled
+    assert d.eta == 1500.0
+    d.speed = 0.0  # a stall: no time left to tell
+    assert d.eta is None
+
+
+def test_a_file_is_checked_by_sha256_by_git_blob_id_or_by_size(tmp_path):
+    from app.downloads import _verified
+    from app.hub import RemoteFile
+
+    path = tmp_path / "f"
+    path.write_bytes(b"hello\n")
+    sha256 = "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+    blob = "ce013625030ba8dba906f756967f9e9ca394464a"  # git hash-object of the same bytes
+    assert _verified(path, RemoteFile("f", 6, sha256=sha256))
+    assert not _verified(path, RemoteFile("f", 6, sha256=sha256.replace("5", "6", 1)))
+    assert _verified(path, RemoteFile("f", 6, oid=blob))
+    assert not _verified(path, RemoteFile("f", 6, oid=blob[::-1]))
+    assert _verified(path, RemoteFile("f", 6))  # neither: the size alone
+    assert not _verified(path, RemoteFile("f", 7))
+
+
 def test_a_downloaded_model_is_named_by_its_repo_id(tmp_path, monkeypatch):
     from app.hub import model_label
 
