@@ -103,7 +103,6 @@ def test_graph_decode_switches_to_tensor_core_attention_on_the_way(small_model, 
     gen = torch.Generator(device="cuda").manual_seed(9)
     prompt = torch.randint(0, 4096, (1, 9), device="cuda", generator=gen)
     want = eager_tokens(small_model, prompt, p, seed=5, n=40, tensor_cores_from=20)
-    plain = eager_tokens(small_model, prompt, p, seed=5, n=40)
     seen = torch.zeros(4096, dtype=torch.bool, device="cuda")
     logits = small_model(prompt, 0, last_only=True)[0]
     replayed = []
@@ -113,7 +112,6 @@ def test_graph_decode_switches_to_tensor_core_attention_on_the_way(small_model, 
     keys = {id(g): key for key, g in dec.graphs.items()}
     # 39 steps at positions 9 .. 47: 11 before the switch, 28 on the tensor cores
     assert ["tensor cores" in keys[id(g)] for g in replayed] == [False] * 11 + [True] * 28
-    assert want[:12] == plain[:12]  # positions 9 .. 20: the same kernel
     # a run that ends before the switch captures nothing more
     dec.graphs.clear()
     logits = small_model(prompt, 0, last_only=True)[0]
