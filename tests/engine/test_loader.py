@@ -308,6 +308,96 @@ def test_a_gpu_that_is_not_there_is_named(tmp_path):
         load_model(tmp_path, "cuda:99")  # before the folder is looked at
 
 
+def test_gpu_index_and_missing_cuda_named_against_what_pytorch_sees(monkeypatch):
+    """check_device with PyTorch's view of the GPUs replaced: two GPUs take cuda, cuda:0 and
+    cuda:1 and name the range for cuda:2; none names why (a CPU build, or no driver)."""
+    from engine.loader import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name in ("cuda", "cuda:0", "cuda:1"):
+        assert check_device(name) == torch.device(name)
+    with pytest.raises(
+        ValueError, match=re.escape("'cuda:2': PyTorch sees 2 CUDA GPU(s), cuda:0..cuda:1")
+    ):
+        check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda") == torch.device("cuda")
+    with pytest.raises(ValueError, match=re.escape("sees 1 CUDA GPU(s), cuda:0..cuda:0")):
+        check_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(
+        ValueError, match=r"'cuda': PyTorch sees no CUDA GPU \(this PyTorch is a CPU"
+    ):
+        check_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(ValueError, match=r"no CUDA GPU \(no NVIDIA driver or GPU is visible\)"):
+        check_device("cuda:0")
+
+
+def test_default_dtype_is_float32_on_the_cpu_and_the_checkpoints_on_a_gpu():
+    from types import SimpleNamespace
+
+    from engine.loader import default_dtype
+
+    for stored, gpu in [("bfloat16", torch.bfloat16), ("float16", torch.float16),
+                        ("float32", torch.float16)]:  # fmt: skip
+        args = SimpleNamespace(torch_dtype=stored)
+        assert default_dtype("cpu", args) == torch.float32
+        assert default_dtype("cuda:0", args) == gpu
+
+
+def test_weights_and_context_checked_against_the_free_bytes_to_the_byte(monkeypatch):
+    """The GPU load's two checks with a fixed free figure: weights plus workspace fit up to the
+    last byte, and the largest context is the most whole steps of 256 tokens whose KV cache fits
+    beside the workspace (hand arithmetic: 2 layers x 2 KV heads x 64 x 2 K/V x 2 bytes = 1 KiB a
+    token); a context above it is refused with the numbers."""
+    from engine import loader
+    from engine.memory import OutOfMemory, Shape
+
+    free = {"bytes": 1000}
+    monkeypatch.setattr(loader, "free_bytes", lambda dev: free["bytes"])
+    gpu = torch.device("cuda:0")
+    loader._check_weights_fit(600, "m", gpu, 400)  # exactly the free bytes
+    with pytest.raises(OutOfMemory, match=r"m: the weights need .* plus .* of workspace on cuda:0"):
+        loader._check_weights_fit(601, "m", gpu, 400)
+    with pytest.raises(OutOfMemory, match="only"):
+        loader._check_weights_fit(600, "m", gpu, 401)
+
+    shape = Shape(layers=2, hidden=256, intermediate=512, heads=4, kv_heads=2, head_dim=64,
+                  vocab=1000, max_context=8192)  # fmt: skip
+    assert shape.kv_bytes_per_token == 1024
+    work = shape.workspace()
+    free["bytes"] = work + 1024 * 768 + 1023  # 768 tokens and a byte short of one more
+    assert loader._context_that_fits(shape, gpu, 768) == 768
+    free["bytes"] = work + 1024 * 768 - 1  # a byte short: one step less
+    assert loader._context_that_fits(shape, gpu, 512) == 512
+    with pytest.raises(
+        OutOfMemory, match=r"a context of 768 tokens .* The largest context that fits is 512 tokens"
+    ):
+        loader._context_that_fits(shape, gpu, 768)
+    with pytest.raises(OutOfMemory, match="a context of 600 tokens needs 600 KiB of KV cache"):
+        loader._context_that_fits(shape, gpu, 600)
+    free["bytes"] = work + 1024 * 100_000  # more than the model's own limit
+    assert loader._context_that_fits(shape, gpu, 4096) == 8192
+
+
+def test_weight_bytes_are_the_bytes_of_every_tensor_the_checkpoint_filled(tmp_path):
+    """The ``loaded`` event's weight figure on a CPU load: each state-dict tensor's bytes as
+    loaded (float32 norms, int16 indices, ...), once; nothing kept on the host. Progress comes
+    after the first tensor, every 16th after it and the last, once: (i + 1) / n, ending at 1."""
+    build_vptq_model(tmp_path)
+    seen = []
+    lm = load_model(tmp_path, "cpu", max_seq_len=64, progress=lambda f, s: seen.append((f, s)))
+    tensors = list(lm.model.state_dict().values())
+    assert lm.weight_bytes == sum(t.numel() * t.element_size() for t in tensors) > 6 << 20
+    assert lm.host_bytes == 0
+    n = len(tensors)
+    assert n == 81  # tensors 0, 16, ..., 80: the last is a 16th one, reported once
+    assert seen == [((i + 1) / 81, "loading weights") for i in (0, 16, 32, 48, 64, 80)]
+
+
 def held_bytes(model) -> int:
     """Bytes of every distinct storage a model's parameters and buffers hold."""
     storages = {}
@@ -505,6 +595,18 @@ def test_a_model_larger_than_the_memory_is_refused_on_the_cpu_with_the_numbers(
     assert 1024 <= largest < 1024 + 256  # its KV cache is what the 1024 tokens' was
     lm = load_model(tmp_path, "cpu", torch.float32, max_seq_len=largest)
     assert lm.model.max_seq == largest and lm.note == ""
+    # room for exactly 256 tokens (the reported step) names them; a byte less names none
+    per_token = f32.kv_cache // 1024
+    monkeypatch.setattr(
+        loader, "host_available", lambda: f32.total - f32.kv_cache + 256 * per_token
+    )
+    with pytest.raises(OutOfMemory, match="The largest context that fits is 256 tokens"):
+        load_model(tmp_path, "cpu", torch.float32, max_seq_len=1 << 20)
+    monkeypatch.setattr(
+        loader, "host_available", lambda: f32.total - f32.kv_cache + 256 * per_token - 1
+    )
+    with pytest.raises(OutOfMemory, match="Use an NVIDIA GPU, or a model with fewer parameters"):
+        load_model(tmp_path, "cpu", torch.float32, max_seq_len=1 << 20)
     # where the memory cannot be read, nothing is refused
     monkeypatch.setattr(loader, "host_available", lambda: None)
     assert load_model(tmp_path, "cpu", max_seq_len=4096).model.max_seq == 4096
