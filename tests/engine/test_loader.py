@@ -216,6 +216,47 @@ def test_missing_tensor(tmp_path):
         load_model(tmp_path / "b", "cpu", max_seq_len=8)
 
 
+@pytest.mark.parametrize(
+    "name, stored, message",
+    [
+        ("model.norm.weight", torch.int32, "'model.norm.weight' is torch.int32, expected floats"),
+        ("model.layers.0.mlp.down_proj.perm", torch.int32,
+         "'model.layers.0.mlp.down_proj.perm' is torch.int32, expected torch.int16; re-download"),
+        ("model.layers.1.self_attn.q_proj.indices", torch.int16,
+         "'model.layers.1.self_attn.q_proj.indices' is torch.int16, expected torch.int32; "
+         "re-download"),
+        ("model.layers.1.self_attn.q_proj.indices", torch.float32, "is torch.float32, expected "
+         "torch.int32"),
+    ],
+)  # fmt: skip
+def test_a_tensor_of_the_wrong_type_is_named_with_the_type_it_should_have(
+    tmp_path, name, stored, message
+):
+    _, tensors = build_vptq_model(tmp_path / "a")
+    tensors[name] = tensors[name].to(stored)
+    write_checkpoint(
+        tmp_path / "b", json.loads((tmp_path / "a" / "config.json").read_text()), tensors
+    )
+    with pytest.raises(FormatError, match=re.escape(message)) as e:
+        load_model(tmp_path / "b", "cpu", max_seq_len=8)
+    assert str(tmp_path / "b") in str(e.value)
+
+
+def test_unsigned_16_bit_permutations_load_as_their_int16_bit_patterns(tmp_path):
+    """A perm saved as uint16 (its values below 2^15) is the same table as int16."""
+    _, tensors = build_vptq_model(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    perms = [n for n in tensors if n.endswith(".perm")]
+    assert perms
+    for n in perms:
+        tensors[n] = tensors[n].to(torch.uint16)
+    write_checkpoint(tmp_path / "b", config, tensors)
+    want = load_model(tmp_path / "a", "cpu", max_seq_len=8).model.state_dict()
+    got = load_model(tmp_path / "b", "cpu", max_seq_len=8).model.state_dict()
+    for n in perms:
+        assert got[n].dtype == torch.int16 and torch.equal(got[n], want[n])
+
+
 def test_no_config_or_weights(tmp_path):
     with pytest.raises(FormatError, match=r"config\.json: missing"):
         load_model(tmp_path, "cpu")
