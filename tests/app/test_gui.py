@@ -1954,3 +1954,29 @@ def test_titles_from_first_messages():
     assert _title_from("```") == "```"  # nothing else to name it by
     long = " ".join(f"w{i}" for i in range(12))
     assert _title_from(long) == "w0 w1 w2 w3 w4 w5 w6 w7…"
+    eight = " ".join(f"w{i}" for i in range(8))
+    assert _title_from(eight) == eight  # eight words: whole, no ellipsis
+    assert _title_from("x" * 60) == "x" * 60  # 60 characters: whole
+    assert _title_from("x" * 61) == "x" * 60 + "…"
+    assert _title_from("```c++ int x;```  \n ok") == "int x; ok"
+
+
+def test_which_answers_can_be_continued():
+    """An assistant's answer with text, stopped by the user or cut at the token limit."""
+    from app.controller import can_continue
+
+    assert can_continue("assistant", "stopped", {}, "Once upon")
+    assert can_continue("assistant", "done", {"truncated": True}, "Once upon")
+    assert not can_continue("assistant", "done", {}, "Once upon")  # finished by itself
+    assert not can_continue("assistant", "done", {"truncated": False}, "Once upon")
+    assert not can_continue("assistant", "stopped", {}, "")  # nothing to go on from
+    assert not can_continue("user", "stopped", {"truncated": True}, "hello")
+
+
+def test_sampling_settings_compare_with_a_seed_of_none_as_no_seed():
+    from app.controller import _same_sampling
+
+    assert _same_sampling({"temperature": 0.7, "seed": None}, {"temperature": 0.7})
+    assert _same_sampling({"temperature": 0.7}, {"seed": None, "temperature": 0.7})
+    assert not _same_sampling({"temperature": 0.7, "seed": 1}, {"temperature": 0.7})
+    assert not _same_sampling({"temperature": 0.7}, {"temperature": 0.8})
