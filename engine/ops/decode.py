@@ -24,21 +24,18 @@ ATTN_HEAD_DIMS = (64, 128)
 ATTN_GQA = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)  # query heads per KV head
 # The first cache position from which a decode step's attention is faster on the tensor cores
 # (attn_mma_kernel: all query heads of a KV head in one block) than on the CUDA cores (blocks of
-# up to four heads), by (query heads, KV heads, head dimension): `python -m engine bench
-# attention` on an H100 (csrc/KERNELS.md, session 44, whose kernel loaded its first keys before
-# the PDL wait: without that, 70B's crossover moved from 4096 towards 8192). Heads not listed
-# stay on the CUDA cores.
-# The decode graph switches there only with VPTQ_ATTN_TENSOR_CORES=1 until the switched graph
-# has passed the GPU tests (csrc/KERNELS.md, session 46).
-TENSOR_CORES_SWITCH = os.environ.get("VPTQ_ATTN_TENSOR_CORES", "0") == "1"
+# up to four heads), by (query heads, KV heads, head dimension): the first measured position
+# (1024, 2048, 4096, 8192, 16384, 32768) from which `python -m engine bench attention` on an
+# H100 had the tensor cores faster at every longer one (csrc/KERNELS.md, session 47). Heads not
+# listed (Llama-3.1-8B's 32/8, Qwen2.5-7B's 28/4, Qwen2.5-3B's 16/2) stay on the CUDA cores.
+# VPTQ_ATTN_TENSOR_CORES=0 keeps every position on the CUDA cores (comparisons, debugging).
+TENSOR_CORES_SWITCH = os.environ.get("VPTQ_ATTN_TENSOR_CORES", "1") != "0"
 TENSOR_CORE_FROM = {
-    (64, 8, 128): 4096,  # Llama-3.1-70B, Qwen2.5-72B
-    (96, 8, 128): 4096,  # Mistral-Large
-    (40, 8, 128): 4096,  # Qwen2.5-14B and 32B
-    (28, 4, 128): 12288,  # Qwen2.5-7B
-    (12, 2, 128): 8192,  # Qwen2.5-1.5B
-    (16, 2, 128): 32768,  # Qwen2.5-3B
-    (14, 2, 64): 1024,  # Qwen2.5-0.5B
+    (64, 8, 128): 8192,  # Llama-3.1-70B, Qwen2.5-72B (4096: 16.0 us against 19.5)
+    (96, 8, 128): 8192,  # Mistral-Large
+    (40, 8, 128): 8192,  # Qwen2.5-14B and 32B
+    (12, 2, 128): 32768,  # Qwen2.5-1.5B
+    (14, 2, 64): 4096,  # Qwen2.5-0.5B
 }
 
 

@@ -57,3 +57,19 @@ def test_bench_attention_reads_each_models_heads_and_counts_keys_and_values():
     for bad in ("14/2", "14/3/64", "64/8/96", "32/1/128", "a/b/c"):
         with pytest.raises(ValueError, match="--heads"):
             bench_attention.parse_heads(bad)
+
+
+def test_the_tensor_core_switch_is_on_unless_turned_off():
+    """VPTQ_ATTN_TENSOR_CORES, read when engine.ops.decode is imported: on when unset or 1,
+    off with 0 (a fresh Python each, as the engine process reads it)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from engine.ops import decode; print(decode.TENSOR_CORES_SWITCH)"
+    env = {k: v for k, v in os.environ.items() if k != "VPTQ_ATTN_TENSOR_CORES"}
+    for value, want in ((None, "True"), ("1", "True"), ("0", "False")):
+        extra = {} if value is None else {"VPTQ_ATTN_TENSOR_CORES": value}
+        out = subprocess.run([sys.executable, "-c", code], env=env | extra, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        assert out.stdout.strip() == want, (value, out.stderr[-2000:])

@@ -260,7 +260,7 @@ def test_decode_attention_matches_float64(name, window, dtype, cores):
 def test_tensor_core_attention_positions_name_heads_the_kernels_take(switch, monkeypatch):
     """Every entry of the switch table is a head shape decode_attention takes, from a position
     a context can hold; unlisted heads (Llama-3.1-8B's) stay on the CUDA cores, and so does
-    everything without the switch (VPTQ_ATTN_TENSOR_CORES)."""
+    everything with the switch off (VPTQ_ATTN_TENSOR_CORES=0)."""
     monkeypatch.setattr(fused, "TENSOR_CORES_SWITCH", switch)
     for (h, hkv, d), start in fused.TENSOR_CORE_FROM.items():
         assert d in fused.ATTN_HEAD_DIMS and h % hkv == 0 and h // hkv in fused.ATTN_GQA
