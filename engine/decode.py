@@ -6,7 +6,7 @@ One graph per sampling setting, a few kept, all sharing one memory pool. Where t
 pick is the fused kernel (fused.sample_pick_fused), it reads every setting from a tensor the
 graph holds, so one graph serves them all; elsewhere (the PyTorch pick of older GPUs) the
 settings are baked into the graph. For heads whose attention is faster on the tensor cores from
-some position on (fused.tensor_core_attention_from: 70B's from 4096), a run that gets there
+some position on (fused.tensor_core_attention_from: 70B's from 8192), a run that gets there
 takes a second graph with that attention from that position.
 """
 
