@@ -94,6 +94,7 @@ def test_graph_decode_switches_to_tensor_core_attention_on_the_way(small_model, 
     replays, from there, the graph whose attention runs there: the eager steps' tokens, with
     the eager steps switched at the same position (the two kernels round differently)."""
     from engine.ops import arch
+    from engine.ops import decode as fused
 
     dec = GraphDecoder(small_model)
     if not dec.usable(p) or arch.capability() < (8, 0):
@@ -105,18 +106,27 @@ def test_graph_decode_switches_to_tensor_core_attention_on_the_way(small_model, 
     want = eager_tokens(small_model, prompt, p, seed=5, n=40, tensor_cores_from=20)
     seen = torch.zeros(4096, dtype=torch.bool, device="cuda")
     logits = small_model(prompt, 0, last_only=True)[0]
-    replayed = []
+    replayed, kernels = [], []
     real = torch.cuda.CUDAGraph.replay
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda g: real(replayed.append(g) or g))
+    attention = fused.attention  # which kernel each layer's captured attention asked for
+    monkeypatch.setattr(fused, "attention", lambda *a: kernels.append(a[-1]) or attention(*a))
     assert list(dec.run(logits, 9, seen, p, seed=5, limit=40)) == want
     keys = {id(g): key for key, g in dec.graphs.items()}
     # 39 steps at positions 9 .. 47: 11 before the switch, 28 on the tensor cores
     assert ["tensor cores" in keys[id(g)] for g in replayed] == [False] * 11 + [True] * 28
+    # the plain graph captured first, every layer's attention on the CUDA cores, then the
+    # switched one's on the tensor cores (what the replays run, not what Python calls)
+    layers = len(small_model.model.layers)
+    assert False in kernels and True in kernels and len(kernels) % layers == 0
+    assert kernels == sorted(kernels)
+    kernels.clear()
     # a run that ends before the switch captures nothing more
     dec.graphs.clear()
     logits = small_model(prompt, 0, last_only=True)[0]
     assert list(dec.run(logits, 9, seen, p, seed=5, limit=12)) == want[:12]
     assert not any("tensor cores" in key for key in dec.graphs)
+    assert kernels and not any(kernels)
 
 
 @torch.no_grad()
