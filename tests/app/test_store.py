@@ -22,6 +22,8 @@ def test_conversations_and_messages_persist(tmp_path):
     a = s.add_message(c.id, "assistant", "Hi", status="streaming")
     s.update_message(a.id, content="Hi there", status="done", stats={"decode_tok_s": 12.5})
     s.update_conversation(c.id, title="Renamed", draft="unsent words")
+    other = s.create_conversation("Second")
+    elsewhere = s.add_message(other.id, "user", "Another chat")
     s.close()
     s = Store(tmp_path / "h.db")
     c2 = s.conversation(c.id)
@@ -37,6 +39,12 @@ def test_conversations_and_messages_persist(tmp_path):
         ("assistant", "Hi there", "done"),
     ]
     assert msgs[1].stats == {"decode_tok_s": 12.5}
+    assert [m.conversation_id for m in msgs] == [c.id, c.id] and other.id != c.id
+    assert s.message(a.id) == msgs[1]
+    assert s.message(elsewhere.id).conversation_id == other.id
+    assert [m.content for m in s.messages(other.id)] == ["Another chat"]
+    with pytest.raises(KeyError):
+        s.message(elsewhere.id + 1)
     db = sqlite3.connect(tmp_path / "h.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
