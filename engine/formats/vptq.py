@@ -163,8 +163,7 @@ def spec_from_dict(d: dict[str, Any], where: str) -> VQLayerSpec:
         packed=bool(d.get("is_indice_packed", True)),
         indices_as_float=bool(d.get("indices_as_float", False)),
     )
-    if spec.index_bits > 32:
-        raise FormatError(f"{where}: {spec.index_bits} index bits per element exceed 32")
+    # both codebooks are at most 65536 entries (_power_of_two): at most 32 index bits an entry
     if not spec.packed and kr:
         raise FormatError(f"{where}: unpacked indices with a residual codebook are not supported")
     return spec
