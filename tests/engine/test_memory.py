@@ -16,11 +16,8 @@ from engine.memory import (
     sliced_budget,
 )
 
-LLAMA_31_8B = {
-    "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-    "num_hidden_layers": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-    "max_position_embeddings": 131072, "torch_dtype": "bfloat16",
-}  # fmt: skip
+from ..configs import LLAMA_31_8B
+
 SHAPE = Shape.from_config(LLAMA_31_8B)
 WORKSPACE = 179_283_968
 STEP = 2 * 59392 * 2 * 512  # 512 more tokens' activations, twice the workspace's a token
