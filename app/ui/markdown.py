@@ -17,12 +17,26 @@ TABLE = (
     'style="border-collapse: collapse; border-color: #8a8f96; margin-top: 6px; '
     'margin-bottom: 6px;">'
 )
-FENCE = re.compile(r"```([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+# A fenced code block as CommonMark has it: three or more backticks at the start of a line (any
+# indent: a list item's block is indented), a language and no backtick after them on that line,
+# and the block closed by a line of at least as many backticks alone. Backticks inside a line
+# ("type ``` to start a block", a string in the code) neither open nor close one: such a line
+# turned the rest of an answer into code.
+FENCE = re.compile(r"^([ \t]*)(`{3,})([\w+-]*)[^\n`]*\n(.*?)(?:^[ \t]*\2`*[ \t]*$|\Z)", re.S | re.M)
+
+
+def _block(m: re.Match) -> tuple[str, str]:
+    """(language, code) of a FENCE match; the fence's own indent taken off each code line (a
+    block in a list item is copied as the code, not as the list's indent)."""
+    indent, code = m.group(1), m.group(4).rstrip("\n")
+    if indent:
+        code = "\n".join(line.removeprefix(indent) for line in code.split("\n"))
+    return m.group(3), code
 
 
 def code_blocks(text: str) -> list[str]:
     """The fenced code blocks of a message (an unclosed last block counts, while streaming)."""
-    return [m.group(2).rstrip("\n") for m in FENCE.finditer(text)]
+    return [_block(m)[1] for m in FENCE.finditer(text)]
 
 
 TAG = re.compile(r"<[^>]*>")
@@ -94,7 +108,7 @@ def to_html(text: str, dark: bool = False, space_px: float = 0.0) -> str:
     parts, last = [], 0
     for m in FENCE.finditer(text):
         parts.append(_markdown(text[last : m.start()]))
-        parts.append(_code_html(m.group(1), m.group(2).rstrip("\n"), dark, space_px))
+        parts.append(_code_html(*_block(m), dark, space_px))
         last = m.end()
     parts.append(_markdown(text[last:]))
     return "".join(parts)

@@ -2,13 +2,14 @@
 
 The last user message picks the behaviour: "crash" dies mid-answer, "slow" streams 400
 words slowly (so stop can be tested), "fail" answers with an error event, anything else is
-echoed back word by word; without a model loaded it refuses, as the real engine does. Loading a
-path containing "bad" fails and lets the loaded model go ("missing" fails and keeps it, "hang"
-never ends, "crash" kills the engine; with "stuck" loaded, the engine hangs when asked to unload
-it). Every request is logged to $FAKE_ENGINE_LOG (one JSON line each) so tests can check what
-the app sent, and its pid to $FAKE_ENGINE_PIDS. While the file $FAKE_ENGINE_HANG_START exists,
-the engine hangs before its hello. $FAKE_ENGINE_CUDA (JSON) is the CUDA devices its hello lists
-(none by default).
+echoed back word by word after "You said:" (a message opening with a code fence, on the next
+line, as a model writes a block); without a model loaded it refuses, as the real engine does.
+Loading a path containing "bad" fails and lets the loaded model go ("missing" fails and keeps
+it, "hang" never ends, "crash" kills the engine; with "stuck" loaded, the engine hangs when
+asked to unload it). Every request is logged to $FAKE_ENGINE_LOG (one JSON line each) so tests
+can check what the app sent, and its pid to $FAKE_ENGINE_PIDS. While the file
+$FAKE_ENGINE_HANG_START exists, the engine hangs before its hello. $FAKE_ENGINE_CUDA (JSON) is
+the CUDA devices its hello lists (none by default).
 """
 
 import json
@@ -87,7 +88,8 @@ def generate(msg):
         return
     if text == "hang":  # stuck: it neither answers nor takes a cancel or a shutdown
         time.sleep(600)
-    words = ["word"] * 400 if text == "slow" else f"You said: {text}".split(" ")
+    said = "You said:\n" if text.startswith("```") else "You said: "  # a fence opens a line
+    words = ["word"] * 400 if text == "slow" else f"{said}{text}".split(" ")
     if msg.get("continue"):  # more of the answer that is the last message
         words = ["and", "more."]
     limit = (msg.get("sampling") or {}).get("max_new_tokens") or len(words)

@@ -195,7 +195,10 @@ def test_screenshot_in_both_themes(tmp_path, qloop, monkeypatch, theme):
     """The window with a streamed answer, as a PNG (kept in $VPTQ_CHAT_SCREENSHOTS if set)."""
     app = make_app(tmp_path, qloop, monkeypatch, theme=theme)
     try:
-        app.window.chat.input.setPlainText("Show me **bold** text and ```python\nx = 1\n```")
+        app.window.chat.input.setPlainText(
+            "Show me **bold** text; type ``` to open a block:\n```python\nx = 1\n```\n"
+            "1. In a list:\n   ```bash\n   ls -l\n   ```\n2. Done."
+        )
         app.window.chat._send()
         wait_until(qloop, lambda: app.ctrl.messages.rows[-1].status == "done")
         qloop.run_until_complete(asyncio.sleep(0.2))  # the last repaint lands

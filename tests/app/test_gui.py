@@ -1590,6 +1590,32 @@ def test_a_bare_web_address_in_an_answer_is_a_link():
     assert "<a " not in to_html("`https://example.com/x` in code")
 
 
+def test_code_blocks_open_and_close_only_on_fence_lines():
+    """Backticks inside a line are not a fence (an answer that wrote "type ``` to start a block"
+    became code to its end, and a string holding ``` in the code closed its block there); a
+    fence of four backticks holds one of three; a block in a list item is copied without the
+    list's indent; a block still streaming counts."""
+    from PySide6.QtGui import QTextDocument
+
+    from app.ui.markdown import code_blocks, to_html
+
+    prose = "Type ``` to start a block.\nThen more prose."
+    assert code_blocks(prose) == [] and "<table" not in to_html(prose)
+    assert to_html(prose) == "<p>Type ``` to start a block.<br />\nThen more prose.</p>"
+    answer = 'Code:\n```python\ns = "```"\nprint(s)\n```\nAfter.'
+    assert code_blocks(answer) == ['s = "```"\nprint(s)']
+    assert to_html(answer).endswith("<p>After.</p>")  # prose again after the block
+    assert code_blocks("````md\n```python\nx = 1\n```\n````\nend") == ["```python\nx = 1\n```"]
+    assert code_blocks("```sh```\nnot code") == []  # a backtick after the language: no fence
+    listed = "1. Run:\n   ```bash\n   ls -l\n     cd ..\n   ```\n2. Done."
+    assert code_blocks(listed) == ["ls -l\n  cd .."]
+    doc = QTextDocument()
+    doc.setHtml(to_html(listed))
+    assert doc.toPlainText().replace("\u2028", "\n").split("\n")[-1] == "Done."
+    assert code_blocks("```python\nprint('streaming") == ["print('streaming"]
+    assert code_blocks("a\n```\n\n```\nb") == [""]
+
+
 def test_one_message_s_markdown_does_not_carry_into_the_next():
     """The converter is built once and kept: a reference link defined in one answer must not
     turn the same words in a later answer into a link."""
