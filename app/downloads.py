@@ -253,11 +253,7 @@ class DownloadManager:
             for d in list(self.downloads.values()):
                 if d.state not in ("downloading", "stalled"):
                     continue
-                recent = [(t, b) for t, b in d.samples if t >= now - self.speed_window]
-                if len(recent) >= 2 and now - d.last_bytes < self.speed_window:
-                    d.speed = (recent[-1][1] - recent[0][1]) / max(now - recent[0][0], 1e-3)
-                else:
-                    d.speed = 0.0
+                d.speed = speed(d.samples, d.last_bytes, now, self.speed_window)
                 idle = now - d.last_bytes
                 if d.state == "downloading" and idle > self.stall_after:
                     d.state = "stalled"
@@ -423,6 +419,17 @@ class DownloadManager:
                 manager._post(manager._bytes, d, int(n))
 
         return Bar
+
+
+def speed(samples, last_bytes: float, now: float, window: float) -> float:
+    """Bytes a second over the last ``window`` seconds, from (time, bytes done) samples: the
+    bytes the samples in the window add, over the time from the first of them to now (a pause
+    in the flow lowers it at once); 0 where no byte came within the window or only one sample
+    is in it."""
+    recent = [(t, b) for t, b in samples if t >= now - window]
+    if len(recent) < 2 or now - last_bytes >= window:
+        return 0.0
+    return (recent[-1][1] - recent[0][1]) / max(now - recent[0][0], 1e-3)
 
 
 class SizeMismatch(Exception):

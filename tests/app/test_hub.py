@@ -104,7 +104,7 @@ def run_download(fake, tmp_path, repo=REPO, before=None, **kw):
 
 def assert_installed(fake, tmp_path, repo=REPO):
     folder = tmp_path / "models" / repo
-    assert (folder / INSTALLED).exists()
+    assert (folder / INSTALLED).exists() and not (folder / MANIFEST).exists()
     for path, data in fake.repos[repo].files.items():
         assert (folder / path).read_bytes() == data, path
     assert not list(folder.rglob("*.part"))
@@ -331,6 +331,9 @@ def test_transient_faults_end_in_a_verified_install(hub, tmp_path, fault):
     if fault in ("stall", "drop"):  # the second request resumes where the first stopped
         start = int(gets[1][2].removeprefix("bytes=").removesuffix("-"))
         assert 150_000 - CHUNK < start <= 150_000  # at most one chunk in flight was lost
+    for waited in ("stalled", "retrying"):  # bytes again: shown as downloading again
+        if waited in states:
+            assert states[states.index(waited) + 1] == "downloading", states
     if fault == "stall":
         assert "stalled" in states
         assert STALL_SPEEDS and STALL_SPEEDS[-1] == 0.0  # an honest speed: nothing arrives
@@ -394,6 +397,43 @@ def test_pause_keeps_the_part_and_resume_continues_with_range(hub, tmp_path):
     assert d.state == "installed", d.message
     assert_installed(hub, tmp_path)
     assert hub.gets(SHARD)[-1][2] == f"bytes={kept}-"
+
+
+def test_start_and_pause_leave_running_and_finished_downloads_as_they_are(hub, tmp_path):
+    """Start on a running download returns it (no second worker), and on an installed one
+    fetches nothing again; pause touches only a running one; a manifest left beside an installed
+    model (an exit between the two writes) does not bring it back as a download."""
+    hub.fail(REPO, SHARD, "trickle")
+
+    async def twice(m, d):
+        while d.state != "downloading":
+            await asyncio.sleep(0.01)
+        task = d.task
+        assert m.start(REPO) is d and d.task is task and d.state == "downloading"
+        m.pause("Nobody/unknown")  # not a download: nothing happens
+
+    d, states = run_download(hub, tmp_path, before=twice)
+    assert d.state == "installed" and states.count("checking") == 1
+    folder = tmp_path / "models" / REPO
+    files = json.loads((folder / INSTALLED).read_text())
+    (folder / MANIFEST).write_text(json.dumps({"files": files, "state": "downloading"}))
+    gets = len(hub.gets(SHARD))
+
+    async def later():
+        m = manager(hub, tmp_path)
+        assert m.restore() == []
+        again = m.start(REPO)
+        assert again.state == "checking"  # not known to this manager: checked, then installed
+        await m.wait(REPO)
+        assert again.state == "installed"
+        assert m.start(REPO) is again and again.task.done()  # nothing launched
+        m.pause(REPO)
+        assert again.state == "installed"
+        m.close()
+
+    asyncio.run(later())
+    assert len(hub.gets(SHARD)) == gets  # the installed files were not fetched again
+    assert_installed(hub, tmp_path)
 
 
 def test_a_server_that_ignores_range_restarts_the_file(hub, tmp_path):
@@ -681,6 +721,21 @@ def test_a_downloads_fraction_and_time_left_follow_its_bytes_and_speed(tmp_path)
     assert d.eta == 1500.0
     d.speed = 0.0  # a stall: no time left to tell
     assert d.eta is None
+
+
+def test_download_speed_is_the_bytes_of_the_window_over_its_time_to_now():
+    """Hand arithmetic: samples at 1, 2, 3 s of 100, 400, 600 bytes done, now 3.5 s, a 2.5 s
+    window: all three are in it (the one at its edge too), 500 bytes over 2.5 s."""
+    from app.downloads import speed
+
+    samples = [(0.0, 0), (1.0, 100), (2.0, 400), (3.0, 600)]
+    assert speed(samples, 3.0, 3.5, 2.5) == 200.0
+    assert speed(samples, 3.0, 4.0, 2.5) == 100.0  # 1.0 out: (600 - 400) / (4 - 2)
+    assert speed(samples, 3.0, 4.5, 2.5) == 80.0  # (600 - 400) / (4.5 - 2)
+    assert speed(samples, 3.0, 5.1, 2.5) == 0.0  # one sample left in the window, bytes 2.1 s ago
+    assert speed(samples, 1.0, 3.5, 2.5) == 0.0  # no byte for the whole window: a stall
+    assert speed(samples, 1.01, 3.5, 2.5) == 200.0
+    assert speed([(5.0, 0), (5.0, 10)], 5.0, 5.0, 1.0) == 10_000.0  # no time yet: 1 ms
 
 
 def test_a_file_is_checked_by_sha256_by_git_blob_id_or_by_size(tmp_path):
