@@ -363,6 +363,9 @@ def test_persistent_faults_stop_with_a_message_and_nothing_installed(hub, tmp_pa
     assert (folder / "config.json").exists()  # files before the failing one are kept
     assert not (folder / SHARD).exists()
     assert [m.installed for m in local_models(tmp_path / "models")] == [False]
+    # the first try and max_retries (3) more where a retry could help; one try where not
+    gets = hub.gets(f"/resolve/{hub.repos[REPO].sha}/{SHARD}")
+    assert len(gets) == (4 if fault in ("wrong_size", "corrupt") else 1), gets
 
 
 async def _pause_mid_file(m, d):
