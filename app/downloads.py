@@ -369,7 +369,7 @@ class DownloadManager:
         self._post(self._file_started, d, min(have, f.size), f.size)
         if have > f.size:  # cannot be ours: start the file again
             part.unlink()
-            self._post(self._bytes, d, -have)
+            self._post(self._bytes, d, -f.size)  # what bytes_on_disk counted of it
             have = 0
         url = hf_hub_url(d.repo, f.path, revision=d.files.revision, endpoint=self.hub.settings.url)
         headers = build_hf_headers(token=token() or False)

@@ -439,6 +439,29 @@ def test_start_and_pause_leave_running_and_finished_downloads_as_they_are(hub, t
     assert_installed(hub, tmp_path)
 
 
+def test_a_complete_part_is_verified_without_a_request_and_an_oversized_one_fetched_again(
+    hub, tmp_path
+):
+    """Parts left by an earlier run: one that holds the whole file (the app stopped between its
+    last byte and its check) is checked and moved into place with no request; one longer than
+    the file cannot be ours and is fetched again from its first byte, the progress not counting
+    its extra bytes."""
+    files = hub.repos[REPO].files
+    other = "model-00002-of-00002.safetensors"
+    folder = tmp_path / "models" / REPO
+    folder.mkdir(parents=True)
+    (folder / (SHARD + ".part")).write_bytes(files[SHARD])
+    (folder / (other + ".part")).write_bytes(files[other] + b"extra bytes")
+    d, _ = run_download(hub, tmp_path)
+    assert d.state == "installed", d.message
+    assert_installed(hub, tmp_path)
+    sha = hub.repos[REPO].sha
+    assert hub.gets(f"/resolve/{sha}/{SHARD}") == []
+    [get] = hub.gets(f"/resolve/{sha}/{other}")
+    assert get[2] is None  # no Range: from the first byte
+    assert d.done == d.total == sum(len(b) for b in files.values())
+
+
 def test_a_server_that_ignores_range_restarts_the_file(hub, tmp_path):
     hub.fail(REPO, SHARD, "trickle", "ignore_range")
     run_download(hub, tmp_path, before=_pause_mid_file)
