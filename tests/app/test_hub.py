@@ -398,6 +398,7 @@ def test_pause_keeps_the_part_and_resume_continues_with_range(hub, tmp_path):
 
     d = asyncio.run(resume())
     assert d.state == "installed", d.message
+    assert d.done == d.total  # the kept part counted once, from where it was
     assert_installed(hub, tmp_path)
     assert hub.gets(SHARD)[-1][2] == f"bytes={kept}-"
 
