@@ -627,11 +627,16 @@ def _same_sampling(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 FENCE_MARK = re.compile(r"```[\w+-]*")
+# **strong** around words (not 2**10 or a ** b: a word character outside the marks or a space
+# inside them leaves them as typed). __x__ stays: in a question it is mostly Python's __init__.
+STRONG = re.compile(r"(?<!\w)\*\*(?=\S)(.+?)(?<=\S)\*\*(?!\w)")
 
 
 def _title_from(text: str) -> str:
     """A chat's title from its first message: its first words, without code fences' marks (a
-    message that opened with a code block was titled "```python def ...")."""
+    message that opened with a code block was titled "```python def ...") or bold marks (the
+    list showed "Show me **bold** text" as typed)."""
+    text = STRONG.sub(r"\1", text)
     words = FENCE_MARK.sub(" ", text).split() or text.split()
     title = " ".join(words[:8])
     return title[:60] + ("…" if len(words) > 8 or len(title) > 60 else "")

@@ -1985,6 +1985,12 @@ def test_titles_from_first_messages():
     assert _title_from("x" * 60) == "x" * 60  # 60 characters: whole
     assert _title_from("x" * 61) == "x" * 60 + "…"
     assert _title_from("```c++ int x;```  \n ok") == "int x; ok"
+    # bold marks go; powers, spaced stars, Python's dunders and an unclosed mark stay
+    assert _title_from("Show me **bold** text") == "Show me bold text"
+    assert _title_from("Is 2**10 more than 3**6?") == "Is 2**10 more than 3**6?"
+    assert _title_from("a ** b ** c") == "a ** b ** c"
+    assert _title_from("Why is **my __init__** slow?") == "Why is my __init__ slow?"
+    assert _title_from("**unclosed bold") == "**unclosed bold"
 
 
 def test_which_answers_can_be_continued():
