@@ -366,10 +366,11 @@ class DownloadManager:
         part = path.with_name(path.name + ".part")
         part.parent.mkdir(parents=True, exist_ok=True)
         have = part.stat().st_size if part.exists() else 0
-        self._post(self._file_started, d, min(have, f.size), f.size)
+        counted = min(have, f.size)  # what bytes_on_disk counted of it
+        self._post(self._file_started, d, counted, f.size)
         if have > f.size:  # cannot be ours: start the file again
             part.unlink()
-            self._post(self._bytes, d, -f.size)  # what bytes_on_disk counted of it
+            self._post(self._bytes, d, -counted)
             have = 0
         url = hf_hub_url(d.repo, f.path, revision=d.files.revision, endpoint=self.hub.settings.url)
         headers = build_hf_headers(token=token() or False)

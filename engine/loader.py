@@ -357,7 +357,9 @@ def _convert(
     want = int_kind(target.dtype)
     if want == "float":
         if not t.is_floating_point():
-            raise FormatError(f"{where}: tensor '{name}' is {t.dtype}, expected floats")
+            raise FormatError(
+                f"{where}: tensor '{name}' is {t.dtype}, expected floats; " + REDOWNLOAD
+            )
         # the model's dtype, or float16 where the module asked for it (a plain layer's weight
         # on the CPU, load_model plain; elsewhere a float16 target is the model's dtype too)
         return t.to(torch.float16 if target.dtype == torch.float16 else dtype)

@@ -219,7 +219,8 @@ def test_missing_tensor(tmp_path):
 @pytest.mark.parametrize(
     "name, stored, message",
     [
-        ("model.norm.weight", torch.int32, "'model.norm.weight' is torch.int32, expected floats"),
+        ("model.norm.weight", torch.int32,
+         "'model.norm.weight' is torch.int32, expected floats; re-download"),
         ("model.layers.0.mlp.down_proj.perm", torch.int32,
          "'model.layers.0.mlp.down_proj.perm' is torch.int32, expected torch.int16; re-download"),
         ("model.layers.1.self_attn.q_proj.indices", torch.int16,
