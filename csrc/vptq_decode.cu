@@ -484,8 +484,8 @@ __global__ void __launch_bounds__(W * 32) attn_split_kernel(
 // keys (output column n of d-tile t: dim n D/8 + t). The warps' states meet in shared memory
 // and go to ws as attn_split_kernel's do; attn_combine_kernel merges the splits.
 // Everything after the wait is loaded through L2 (ld.global.cg): q and the key at pos are
-// written by the previous kernel while this one may already run (PDL), which the read-only
-// path (.nc) does not allow for.
+// written by the previous kernel while this one may already run (under VPTQ_ATTN_TC_PDL=1),
+// which the read-only path (.nc) does not allow for.
 constexpr int kMmaWarps = 4;
 
 template <typename T>
@@ -1201,9 +1201,18 @@ bool attn_preload() {
 // a split are all loaded before the wait, where four warps took a second round of key loads
 // after it; at 3000, 3 rounds instead of 6), else four: csrc/KERNELS.md, session 14. G: the
 // query heads of a block (attn_block_heads), R: blocks for each KV head.
-// VPTQ_ATTN_TC_PDL=0: the tensor-core kernel launched without PDL (for comparisons).
+// The tensor-core kernel is launched without PDL, so its blocks are placed on an idle GPU, two
+// an SM as decode_attention_splits plans. Launched early (PDL), its blocks went to the SMs as the
+// previous kernels freed them, and since three fit an SM (166 registers a thread), the first SMs
+// freed took three and others fewer: in a 70B decode graph at position 32704 it then cost the
+// step 87.6 us a layer, the CUDA cores' kernel 89.8, and without PDL 57.8 (H100, csrc/KERNELS.md
+// session 48). The CUDA-core kernel fills its SM's registers with its two blocks, so it keeps PDL.
+// VPTQ_ATTN_TC_PDL=1: launched with PDL (for comparisons).
 bool attn_tc_pdl() {
-  static const bool on = !switched_off("VPTQ_ATTN_TC_PDL");
+  static const bool on = [] {
+    const char* v = std::getenv("VPTQ_ATTN_TC_PDL");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
   return on;
 }
 

@@ -26,16 +26,18 @@ ATTN_GQA = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16)  # query heads per KV head
 # (attn_mma_kernel: all query heads of a KV head in one block) than on the CUDA cores (blocks of
 # up to four heads), by (query heads, KV heads, head dimension): the first measured position
 # (1024, 2048, 4096, 8192, 16384, 32768) from which `python -m engine bench attention` on an
-# H100 had the tensor cores faster at every longer one (csrc/KERNELS.md, session 47). Heads not
-# listed (Llama-3.1-8B's 32/8, Qwen2.5-7B's 28/4, Qwen2.5-3B's 16/2) stay on the CUDA cores.
+# H100 had the tensor cores faster at every longer one (csrc/KERNELS.md, session 48, with the
+# tensor-core kernel launched without PDL). Llama-3.1-8B's 32/8 stays on the CUDA cores.
 # VPTQ_ATTN_TENSOR_CORES=0 keeps every position on the CUDA cores (comparisons, debugging).
 TENSOR_CORES_SWITCH = os.environ.get("VPTQ_ATTN_TENSOR_CORES", "1") != "0"
 TENSOR_CORE_FROM = {
-    (64, 8, 128): 8192,  # Llama-3.1-70B, Qwen2.5-72B (4096: 16.0 us against 19.5)
-    (96, 8, 128): 8192,  # Mistral-Large
+    (64, 8, 128): 8192,  # Llama-3.1-70B, Qwen2.5-72B (4096: 16.2 us against 17.1)
+    (96, 8, 128): 4096,  # Mistral-Large (2048: 12.3 against 17.1)
     (40, 8, 128): 8192,  # Qwen2.5-14B and 32B
+    (28, 4, 128): 32768,  # Qwen2.5-7B (16384: 24.9 against 25.0)
+    (16, 2, 128): 32768,  # Qwen2.5-3B
     (12, 2, 128): 32768,  # Qwen2.5-1.5B
-    (14, 2, 64): 4096,  # Qwen2.5-0.5B
+    (14, 2, 64): 4096,  # Qwen2.5-0.5B (2048: 7.4 against 7.6)
 }
 
 
