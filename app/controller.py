@@ -571,9 +571,13 @@ class ChatController(QObject):
     async def _unload(self) -> bool:
         try:
             await self.client.unload()
-        except EngineError as e:  # the engine ended meanwhile (its restart has no model)
-            if e.kind not in PROCESS_ENDED:
-                self.error.emit(f"Could not unload the model: {e}")
+        except EngineError as e:  # it failed after the model went, or the engine ended (its
+            # restart has no model)
+            if e.kind not in PROCESS_ENDED:  # the model went, its memory may not have
+                self.error.emit(
+                    f"Could not unload the model: {e}. Model > Restart engine gives its memory "
+                    "back for certain."
+                )
             return False
         except asyncio.TimeoutError:
             self.status.emit("The engine did not let the model go: restarting it…")

@@ -236,11 +236,18 @@ class EngineClient:
         return f"{prefix}-{next(self._ids)}"
 
     async def _request(self, type_: str, timeout: float | None = None, **payload: Any) -> Message:
+        """The engine's answer to a request; EngineError where it answers with an error, or
+        ends before it answers (kind "crashed" or "stopped")."""
         id_ = self._new_id(type_)
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[id_] = waiter
         self._send(type_, id_, **payload)
-        return await asyncio.wait_for(waiter, timeout)
+        msg = await asyncio.wait_for(waiter, timeout)
+        if msg.type == "error":
+            raise EngineError(
+                msg.get("message", f"the engine could not do {type_}"), msg.get("kind", "")
+            )
+        return msg
 
     async def load(
         self,

@@ -5,9 +5,11 @@ words slowly (so stop can be tested), "fail" answers with an error event, anythi
 echoed back word by word after "You said:" (a message opening with a code fence, on the next
 line, as a model writes a block); without a model loaded it refuses, as the real engine does.
 Loading a path containing "bad" fails and lets the loaded model go ("missing" fails and keeps
-it, "hang" never ends, "crash" kills the engine; with "stuck" loaded, the engine hangs when
-asked to unload it). Every request is logged to $FAKE_ENGINE_LOG (one JSON line each) so tests
-can check what the app sent, and its pid to $FAKE_ENGINE_PIDS. While the file
+it, "hang" never ends, "crash" kills the engine, "once" loads the first time only, as a folder
+deleted while loaded; with "stuck" loaded, the engine hangs when asked to unload it, with
+"sticky" loaded the unload fails with a CUDA error after the model went). Every request is
+logged to $FAKE_ENGINE_LOG (one JSON line each) so tests can check what the app sent, and its
+pid to $FAKE_ENGINE_PIDS. While the file
 $FAKE_ENGINE_HANG_START exists, the engine hangs before its hello. $FAKE_ENGINE_CUDA (JSON) is
 the CUDA devices its hello lists (none by default).
 """
@@ -26,6 +28,7 @@ ANSWERING = "answering"  # cancels whichever answer is under way
 inbox: list = []
 cv = threading.Condition()
 model = None  # the path of the model loaded now
+loaded_once: set[str] = set()  # paths with "once" loaded before
 
 
 def recommended(path) -> dict:
@@ -156,6 +159,12 @@ def main():
                 model = None
                 send("error", msg.id, kind="load", message=f"{msg.get('path')}: no such model")
                 continue
+            if msg.get("path") in loaded_once:  # its folder was deleted after the first load
+                model = None
+                send("error", msg.id, kind="load", message=f"{msg.get('path')}: no such folder")
+                continue
+            if "once" in msg.get("path", ""):
+                loaded_once.add(msg.get("path"))
             if "missing" in msg.get("path", ""):  # refused before: the loaded model stays
                 send("error", msg.id, kind="load", message=f"{msg.get('path')}: not found",
                      model_kept=True)  # fmt: skip
@@ -186,7 +195,12 @@ def main():
         elif msg.type == "unload":  # as engine/server.py: the model goes, stats answer
             if model and "stuck" in model:  # an engine that never gets to it
                 time.sleep(600)
-            model = None
+            sticky, model = model and "sticky" in model, None
+            if sticky:  # as engine/server.py where emptying PyTorch's cache raises
+                send(
+                    "error", msg.id, kind="unload", message="CUDA error: unspecified launch failure"
+                )
+                continue
             send("stats", msg.id, model=None, generating=None, pid=os.getpid(), rss_bytes=0,
                  vram_bytes=0)  # fmt: skip
         elif msg.type == "generate":

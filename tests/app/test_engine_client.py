@@ -348,3 +348,23 @@ def test_crash_during_a_load_restarts_without_failing_first(tmp_path):
         assert "twice in 5 minutes, so it was not restarted" in infos[-1]["message"]
 
     run(go())
+
+
+def test_an_unload_answered_with_an_error_raises_it(tmp_path):
+    """The engine answers an unload with an error event (a CUDA error emptying PyTorch's cache):
+    the client raised nothing and returned it as if the model had gone cleanly."""
+
+    async def go():
+        c = make_client(tmp_path)
+        await c.start()
+        await c.load("/models/sticky-one")
+        with pytest.raises(EngineError) as e:
+            await c.unload()
+        assert (e.value.kind, str(e.value)) == ("unload", "CUDA error: unspecified launch failure")
+        assert c.state == "ready"
+        assert (await c.stats())["pid"] == c.pid  # the engine serves on
+        await c.load("demo")
+        await c.unload()  # a clean unload raises nothing
+        await c.shutdown()
+
+    run(go())

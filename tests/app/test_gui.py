@@ -968,6 +968,83 @@ def test_a_model_that_fails_to_load_leaves_the_one_loaded_before(tmp_path, qloop
         app.window.close()
 
 
+def test_a_failed_load_whose_previous_model_is_gone_too_says_both(tmp_path, qloop, monkeypatch):
+    """A failed load, then the model loaded before cannot be loaded again (its folder deleted
+    while it was loaded): the banner says both, the engine stays up without a model, and a
+    message waits for the next load."""
+    from app.controller import LOAD_HINT
+
+    from .conftest import make_app
+
+    app = make_app(tmp_path, qloop, monkeypatch, model="/models/once-only")
+    try:
+        assert app.client.state == "loaded"
+        qloop.run_until_complete(app.ctrl.load_model("/models/bad-one", 8192))
+        assert app.client.state == "ready"
+        assert app.window.banner.text().startswith(
+            "⚠ Could not load /models/bad-one: /models/bad-one: no such model. Loading "
+            "/models/once-only again failed too: /models/once-only: no such folder\n"
+        )
+        assert app.window.panel.engine.text() == "Engine: ready, no model loaded"
+        send(app, "hello")
+        assert app.ctrl.waiting == [app.ctrl.current]
+        assert app.window.chat.queue_note.text() == LOAD_HINT
+        menu_action(app.window, "Load &demo model").trigger()
+        wait_until(qloop, lambda: answer_done(app), what="the waiting message's answer")
+        assert app.ctrl.messages.rows[-1].content == "You said: hello"
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+
+def test_an_unload_that_fails_says_how_to_free_the_memory(gui, qloop):
+    """The engine let the model go but emptying PyTorch's cache failed (a CUDA error): the
+    banner says so and what frees the memory for certain, and the restart it names works."""
+    qloop.run_until_complete(gui.ctrl.load_model("/models/sticky-one"))
+    assert gui.client.state == "loaded"
+    pid = gui.client.pid
+    menu_action(gui.window, "&Unload model").trigger()
+    wait_until(qloop, lambda: gui.window.banner.isVisibleTo(gui.window), what="the banner")
+    assert gui.window.banner.text().startswith(
+        "⚠ Could not unload the model: CUDA error: unspecified launch failure. Model > Restart "
+        "engine gives its memory back for certain.\n"
+    )
+    assert gui.client.state == "ready"
+    assert not gui.window.statusBar().currentMessage().startswith("Model unloaded")
+    menu_action(gui.window, "&Restart engine").trigger()
+    wait_until(qloop, lambda: gui.client.state == "loaded" and gui.client.pid != pid,
+               what="the restarted engine")  # fmt: skip
+
+
+def test_a_saved_cpu_or_listed_gpu_is_where_the_model_loads(tmp_path, qloop, monkeypatch):
+    """The last load's device is where the next load goes while the engine lists it: the CPU
+    whatever GPUs there are, a GPU the engine still sees by its number (a GPU it no longer
+    lists goes to auto: test_browser)."""
+    from .conftest import make_app
+
+    requests = tmp_path / "requests.jsonl"
+    monkeypatch.setenv("FAKE_ENGINE_LOG", str(requests))
+    gpus = [
+        {"index": 0, "name": "GPU A", "uuid": "aaaa"},
+        {"index": 1, "name": "GPU B", "uuid": "bbbb"},
+    ]
+    monkeypatch.setenv("FAKE_ENGINE_CUDA", json.dumps(gpus))
+    app = make_app(tmp_path / "data", qloop, monkeypatch)
+    try:
+        for device in ("cpu", "cuda:1", "auto"):
+            app.settings.device = device
+            qloop.run_until_complete(app.ctrl.load_model("demo"))
+            assert app.client.state == "loaded" and app.settings.device == device
+            last = json.loads(requests.read_text().splitlines()[-1])
+            assert (last["type"], last.get("device")) == (
+                "load",
+                None if device == "auto" else device,
+            )
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+
 def test_the_error_banner_and_the_logs_menu_open_the_log_folder(gui, monkeypatch):
     import re
 
