@@ -1202,11 +1202,11 @@ bool attn_preload() {
 // after it; at 3000, 3 rounds instead of 6), else four: csrc/KERNELS.md, session 14. G: the
 // query heads of a block (attn_block_heads), R: blocks for each KV head.
 // The tensor-core kernel is launched without PDL, so its blocks are placed on an idle GPU, two
-// an SM as decode_attention_splits plans. Launched early (PDL), its blocks went to the SMs as the
-// previous kernels freed them, and since three fit an SM (166 registers a thread), the first SMs
-// freed took three and others fewer: in a 70B decode graph at position 32704 it then cost the
-// step 87.6 us a layer, the CUDA cores' kernel 89.8, and without PDL 57.8 (H100, csrc/KERNELS.md
-// session 48). The CUDA-core kernel fills its SM's registers with its two blocks, so it keeps PDL.
+// an SM as decode_attention_splits plans. With PDL, in a 70B decode graph at position 32704 it
+// cost the step 87.6 us a layer (the CUDA cores' kernel 89.8), without 57.8 (H100,
+// csrc/KERNELS.md session 48): launched early, its blocks go to the SMs as the previous kernel
+// frees them, and three fit an SM (166 registers a thread), so the SMs freed first can take three
+// and others fewer. The CUDA-core kernel's two blocks fill an SM's registers: it keeps PDL.
 // VPTQ_ATTN_TC_PDL=1: launched with PDL (for comparisons).
 bool attn_tc_pdl() {
   static const bool on = [] {
