@@ -39,12 +39,27 @@ class Tokenizer:
         ``continue_final`` inside the last (assistant) message, for more of it."""
         if not self.has_chat_template:
             raise ContextError("this model's tokenizer has no chat template; use a raw prompt")
-        text = self.hf.apply_chat_template(
-            messages,
-            add_generation_prompt=not continue_final,
-            continue_final_message=continue_final,
-            tokenize=False,
-        )
+        from jinja2.exceptions import TemplateError
+
+        def render(msgs: list[dict[str, str]]) -> str:
+            return self.hf.apply_chat_template(
+                msgs,
+                add_generation_prompt=not continue_final,
+                continue_final_message=continue_final,
+                tokenize=False,
+            )
+
+        try:
+            text = render(messages)
+        except TemplateError:
+            # Templates such as Mistral's refuse two turns of one role in a row, which a chat
+            # holds after an answer that failed (the app leaves it out of the history): the
+            # turns are then joined, as the model would read them one after the other.
+            try:
+                text = render(alternating(messages))
+            except TemplateError as e:
+                msg = f"the model's chat template refuses this conversation: {e}"
+                raise ValueError(msg) from e
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
@@ -82,6 +97,18 @@ class Tokenizer:
             while len(rest) > 1 and rest[0]["role"] != "user":  # start on a user turn
                 rest.pop(0)
                 dropped += 1
+
+
+def alternating(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """``messages`` with each run of turns of one role joined into one turn (their texts
+    separated by a blank line): user and assistant turns then alternate."""
+    out: list[dict[str, str]] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 def check_messages(messages: Any) -> None:

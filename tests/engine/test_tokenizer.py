@@ -1,5 +1,7 @@
 """Streaming detokenizer, stop strings and context fitting with the demo model's tokenizer."""
 
+import shutil
+
 import pytest
 
 from engine.tokenizer import ContextError, Detokenizer, StopMatcher
@@ -96,3 +98,67 @@ def test_an_answer_to_continue_keeps_its_question_and_says_what_to_do_when_too_l
 def test_bad_messages(demo_tokenizer, bad):
     with pytest.raises(ValueError):
         demo_tokenizer.fit_messages(bad, 100)
+
+
+# A chat template as strict as Mistral's: after an optional system message, user and assistant
+# turns must alternate, starting with the user.
+STRICT = (
+    "{%- set offset = 1 if messages[0]['role'] == 'system' else 0 -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}[SYS]{{ m['content'] }}[/SYS]"
+    "{%- else -%}"
+    "{%- if (m['role'] == 'user') != ((loop.index0 - offset) % 2 == 0) -%}"
+    "{{ raise_exception('conversation roles must alternate user/assistant/user/assistant') }}"
+    "{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}[INST] {{ m['content'] }}[/INST]"
+    "{%- else -%} {{ m['content'] }}</s>{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+@pytest.fixture
+def strict_tokenizer(demo_path, tmp_path):
+    from engine.tokenizer import Tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(demo_path / name, tmp_path / name)
+    (tmp_path / "chat_template.jinja").write_text(STRICT)
+    return Tokenizer(tmp_path)
+
+
+def test_turns_of_one_role_in_a_row_are_joined_for_a_template_that_refuses_them(
+    strict_tokenizer,
+):
+    """A chat holds two user turns in a row after an answer that failed (the app leaves it out
+    of the history). Mistral's template refuses that, so every message in such a chat failed
+    with the template's exception; the turns are joined instead."""
+    tok = strict_tokenizer
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first try"},
+        {"role": "user", "content": "second try"},
+    ]
+    ids, dropped = tok.fit_messages(msgs, 10_000)
+    assert dropped == 0
+    assert tok.decode(ids) == "[SYS]Be brief.[/SYS][INST] first try\n\nsecond try[/INST]"
+    # an answer to go on with after two assistant turns in a row (one stopped, one failed)
+    more = [*msgs[:2], {"role": "assistant", "content": "Part one."},
+            {"role": "assistant", "content": "Part two"}]  # fmt: skip
+    ids, _ = tok.fit_messages(more, 10_000, continue_final=True)
+    assert tok.decode(ids) == "[SYS]Be brief.[/SYS][INST] first try[/INST]Part one.\n\nPart two"
+    # alternating turns are rendered as they are; the oldest dropped, the first kept a user's
+    turns = conversation(4)
+    ids, dropped = tok.fit_messages(turns, 10_000)
+    assert tok.decode(ids).count("[INST]") == 5 and dropped == 0
+    ids, dropped = tok.fit_messages(turns, len(ids) // 2)
+    assert dropped > 0 and tok.decode(ids).startswith("[SYS]Be brief.[/SYS][INST] question")
+
+
+def test_a_template_that_refuses_a_conversation_for_another_reason_says_so(strict_tokenizer):
+    """A refusal that joining turns does not mend (here: a first turn of the assistant) is a
+    ValueError that quotes the template, not jinja's exception from deep in transformers."""
+    with pytest.raises(ValueError, match="the model's chat template refuses this conversation: "
+                       "conversation roles must alternate"):  # fmt: skip
+        strict_tokenizer.chat_ids([{"role": "assistant", "content": "hi"},
+                                   {"role": "user", "content": "hello"}])  # fmt: skip
