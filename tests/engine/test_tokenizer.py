@@ -162,3 +162,86 @@ def test_a_template_that_refuses_a_conversation_for_another_reason_says_so(stric
                        "conversation roles must alternate"):  # fmt: skip
         strict_tokenizer.chat_ids([{"role": "assistant", "content": "hi"},
                                    {"role": "user", "content": "hello"}])  # fmt: skip
+
+
+def test_fit_at_the_budget_to_the_token_and_counts_what_it_drops(demo_tokenizer):
+    """A conversation exactly as long as the budget is kept whole; one token less drops turns,
+    and the count returned is the number of messages missing from the text."""
+    tok = demo_tokenizer
+    msgs = conversation(6)
+    full, dropped = tok.fit_messages(msgs, 10_000)
+    assert tok.fit_messages(msgs, len(full)) == (full, 0)
+    for budget in (len(full) - 1, len(full) // 2, len(full) // 3):
+        ids, dropped = tok.fit_messages(msgs, budget)
+        text = tok.decode(ids)
+        missing = [m for m in msgs if m["content"] not in text]
+        assert len(ids) <= budget and dropped == len(missing) > 0
+        assert missing == msgs[1 : 1 + dropped]  # the oldest, never the system prompt
+
+
+def test_fit_drops_the_first_of_two_user_turns_in_a_row(demo_tokenizer):
+    """After a failed answer a chat ends with two user turns: the older goes where the context
+    is short, and the newer is sent; an answer to continue after them keeps its question."""
+    tok = demo_tokenizer
+    old = {"role": "user", "content": "an old question " + "word " * 60}
+    new = {"role": "user", "content": "the new question"}
+    alone, _ = tok.fit_messages([new], 10_000)
+    ids, dropped = tok.fit_messages([old, new], len(alone))
+    assert (ids, dropped) == (alone, 1)
+    answer = {"role": "assistant", "content": "It begins"}
+    pair, _ = tok.fit_messages([new, answer], 10_000, continue_final=True)
+    ids, dropped = tok.fit_messages([old, new, answer], len(pair), continue_final=True)
+    assert (ids, dropped) == (pair, 1)
+
+
+def test_an_answer_to_continue_is_never_sent_without_its_question(demo_tokenizer):
+    """A long question and a short answer to go on with, in a budget the answer alone would
+    fit: the error that says what to do, not the answer continued without its question."""
+    tok = demo_tokenizer
+    question = {"role": "user", "content": "word " * 200}
+    answer = {"role": "assistant", "content": "Short"}
+    alone, _ = tok.fit_messages([{"role": "user", "content": "q"}, answer], 10_000, True)
+    with pytest.raises(ContextError, match="the answer to continue and its question need"):
+        tok.fit_messages([question, answer], len(alone) + 5, continue_final=True)
+
+
+@pytest.mark.parametrize(
+    "config, want",
+    [
+        (None, {2}),  # no generation_config.json: the tokenizer's own end token
+        ({"eos_token_id": None}, {2}),
+        ({"eos_token_id": 7}, {2, 7}),
+        ({"eos_token_id": [7, 9]}, {2, 7, 9}),  # Llama 3.1 lists three
+        ({"bos_token_id": 1}, {2}),
+    ],
+)
+def test_the_end_tokens_are_the_tokenizers_and_generation_configs(
+    demo_path, tmp_path, config, want
+):
+    import json
+
+    from engine.tokenizer import Tokenizer
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(demo_path / name, tmp_path / name)
+    if config is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    tok = Tokenizer(tmp_path)
+    assert tok.hf.eos_token_id == 2  # the demo's <|im_end|>
+    assert tok.eos_ids == sorted(want)
+    assert Tokenizer(tmp_path, config_eos=[5]).eos_ids == sorted(want | {5})
+
+
+def test_a_shortened_conversation_starts_on_a_user_turn(demo_tokenizer):
+    """Dropping the oldest question leaves its answer first: that goes too, even where the
+    budget would hold it (a template may require the user to speak first)."""
+    tok = demo_tokenizer
+    msgs = [
+        {"role": "user", "content": "an old question " + "word " * 60},
+        {"role": "assistant", "content": "yes"},
+        {"role": "user", "content": "the new question"},
+    ]
+    alone, _ = tok.fit_messages(msgs[2:], 10_000)
+    with_answer, _ = tok.fit_messages(msgs[1:], 10_000)
+    assert len(with_answer) > len(alone)
+    assert tok.fit_messages(msgs, len(with_answer)) == (alone, 2)
