@@ -926,6 +926,8 @@ def test_failed_load_leaves_a_usable_engine_and_shows_kernel_state(tmp_path, qlo
 def test_a_model_that_fails_to_load_leaves_the_one_loaded_before(tmp_path, qloop, monkeypatch):
     """The engine lets its model go before it loads another: a failed load (not found, damaged,
     too large) left the chat with no model at all. The app loads the previous one again."""
+    from app.controller import LOAD_HINT
+
     from .conftest import make_app
 
     requests = tmp_path / "requests.jsonl"
@@ -963,26 +965,13 @@ def test_a_model_that_fails_to_load_leaves_the_one_loaded_before(tmp_path, qloop
         send(app, "and still")
         wait_until(qloop, lambda: answer_done(app))
         assert app.ctrl.messages.rows[-1].content == "You said: and still"
-    finally:
-        qloop.run_until_complete(app.close())
-        app.window.close()
-
-
-def test_a_failed_load_whose_previous_model_is_gone_too_says_both(tmp_path, qloop, monkeypatch):
-    """A failed load, then the model loaded before cannot be loaded again (its folder deleted
-    while it was loaded): the banner says both, the engine stays up without a model, and a
-    message waits for the next load."""
-    from app.controller import LOAD_HINT
-
-    from .conftest import make_app
-
-    app = make_app(tmp_path, qloop, monkeypatch, model="/models/once-only")
-    try:
-        assert app.client.state == "loaded"
-        qloop.run_until_complete(app.ctrl.load_model("/models/bad-one", 8192))
+        # the model loaded before cannot be loaded again either (its folder deleted while it
+        # was loaded): the banner says both, and a message waits for the next load
+        qloop.run_until_complete(app.ctrl.load_model("/models/once-only"))
+        qloop.run_until_complete(app.ctrl.load_model("/models/bad-two"))
         assert app.client.state == "ready"
         assert app.window.banner.text().startswith(
-            "⚠ Could not load /models/bad-one: /models/bad-one: no such model. Loading "
+            "⚠ Could not load /models/bad-two: /models/bad-two: no such model. Loading "
             "/models/once-only again failed too: /models/once-only: no such folder\n"
         )
         assert app.window.panel.engine.text() == "Engine: ready, no model loaded"
