@@ -9,9 +9,8 @@ it, "hang" never ends, "crash" kills the engine, "once" loads the first time onl
 deleted while loaded; with "stuck" loaded, the engine hangs when asked to unload it, with
 "sticky" loaded the unload fails with a CUDA error after the model went). Every request is
 logged to $FAKE_ENGINE_LOG (one JSON line each) so tests can check what the app sent, and its
-pid to $FAKE_ENGINE_PIDS. While the file
-$FAKE_ENGINE_HANG_START exists, the engine hangs before its hello. $FAKE_ENGINE_CUDA (JSON) is
-the CUDA devices its hello lists (none by default).
+pid to $FAKE_ENGINE_PIDS. While the file $FAKE_ENGINE_HANG_START exists, the engine hangs before
+its hello. $FAKE_ENGINE_CUDA (JSON) is the CUDA devices its hello lists (none by default).
 """
 
 import json
