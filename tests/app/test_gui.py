@@ -510,6 +510,8 @@ def test_engine_error_shown_in_words(gui, qloop):
 
 
 def test_regenerate_and_edit_then_resend(gui, qloop):
+    gui.ctrl.regenerate()  # a chat with nothing in it: nothing to answer again
+    assert gui.ctrl.messages.rows == [] and not gui.ctrl.busy
     send(gui, "first")
     wait_until(qloop, lambda: answer_done(gui))
     assert gui.window.chat.widgets[-1].regen.isVisibleTo(gui.window)
@@ -522,6 +524,12 @@ def test_regenerate_and_edit_then_resend(gui, qloop):
         "edited",
         "You said: edited",
     ]
+    gui.window.chat.edit_requested.emit(0, " \n ")  # a blank edit loses nothing
+    assert [m.content for m in gui.store.messages(gui.ctrl.current)] == [
+        "edited",
+        "You said: edited",
+    ]
+    assert len(gui.ctrl.messages.rows) == 2 and not gui.ctrl.busy
     # the chat was titled from its first message, so the title follows the edit
     assert gui.store.conversation(gui.ctrl.current).title == "edited"
     assert gui.ctrl.conversations.index(0).data() == "edited"
@@ -531,6 +539,15 @@ def test_regenerate_and_edit_then_resend(gui, qloop):
     gui.window.chat.edit_requested.emit(0, "edited again")
     wait_until(qloop, lambda: answer_done(gui) and gui.ctrl.messages.rows[0].content != "edited")
     assert gui.store.conversation(gui.ctrl.current).title == "My dragon story"
+    # while its answer is written, the chat takes no regenerate: the answer goes on
+    send(gui, "slow")
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].content.count("word") >= 3)
+    answer = gui.ctrl.messages.rows[-1]
+    gui.ctrl.regenerate()
+    assert gui.ctrl.messages.rows[-1].id == answer.id and gui.ctrl.busy
+    gui.ctrl.stop()
+    wait_until(qloop, lambda: answer_done(gui))
+    assert gui.store.messages(gui.ctrl.current)[-1].id == answer.id
 
 
 def test_history_sent_to_the_engine(tmp_path, qloop, monkeypatch):
@@ -570,6 +587,20 @@ def test_history_sent_to_the_engine(tmp_path, qloop, monkeypatch):
         wait_until(qloop, lambda: answer_done(app) and len(app.ctrl.messages.rows) == 6)
         last = json.loads(requests.read_text().splitlines()[-1])
         assert last["type"] == "generate" and last["sampling"] == {"top_k": 5}
+        # an answer that failed ("⚠ ..." in the chat) and one stopped before its first word
+        # are not sent as the model's turns
+        send(app, "fail")
+        wait_until(qloop, lambda: answer_done(app) and len(app.ctrl.messages.rows) == 8)
+        assert app.ctrl.messages.rows[-1].status == "error"
+        assert app.ctrl.messages.rows[-1].content.startswith("⚠ ")
+        app.store.update_message(app.ctrl.messages.rows[5].id, content="")  # "three"'s answer
+        app.ctrl.messages.update(5, content="")
+        send(app, "four")
+        wait_until(qloop, lambda: answer_done(app) and len(app.ctrl.messages.rows) == 10)
+        last = json.loads(requests.read_text().splitlines()[-1])
+        assert [m["content"] for m in last["messages"]] == [
+            "Be brief.", "one", "You said: one", "two", "You said: two", "three", "fail", "four"
+        ]  # fmt: skip
     finally:
         qloop.run_until_complete(app.close())
         app.window.close()
@@ -1927,6 +1958,8 @@ def test_continue_writes_more_of_a_cut_or_stopped_answer(tmp_path, qloop, monkey
     app = make_app(tmp_path / "data", qloop, monkeypatch)
     try:
         cid = app.ctrl.new_conversation()
+        app.ctrl.continue_answer()  # an empty chat: nothing to go on with
+        assert app.ctrl.messages.rows == [] and not app.ctrl.busy
         app.ctrl.store.update_conversation(cid, sampling={"max_new_tokens": 3})
         send(app, "one two three four")
         wait_until(qloop, lambda: answer_done(app))
@@ -1936,7 +1969,10 @@ def test_continue_writes_more_of_a_cut_or_stopped_answer(tmp_path, qloop, monkey
         assert w.more.isVisibleTo(app.window) and w.regen.isVisibleTo(app.window)
         w.more.click()
         assert not w.more.isVisibleTo(app.window)  # while it writes
+        app.ctrl.continue_answer()  # and takes no second continue
         wait_until(qloop, lambda: answer_done(app), what="the continuation")
+        kinds = [json.loads(line)["type"] for line in requests.read_text().splitlines()]
+        assert kinds.count("generate") == 2
         sent = json.loads(requests.read_text().splitlines()[-1])
         assert sent["continue"] is True
         assert sent["messages"][-1] == {"role": "assistant", "content": "You said: one"}
@@ -2036,6 +2072,9 @@ def test_enter_sends_and_shift_enter_starts_a_new_line(gui, qloop):
     wait_until(qloop, lambda: answer_done(gui))
     QTest.keyClick(box, Qt.Key.Key_Return)  # an empty box sends nothing
     assert len(sent) == 2
+    rows = len(gui.ctrl.messages.rows)
+    assert gui.ctrl.send(" \n\t") is False  # nor does blank text (the controller's check)
+    assert len(gui.ctrl.messages.rows) == rows and not gui.ctrl.busy
 
 
 def test_titles_from_first_messages():
