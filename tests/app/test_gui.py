@@ -1017,9 +1017,17 @@ def test_a_model_that_fails_to_load_leaves_the_one_loaded_before(tmp_path, qloop
         app.window.close()
 
 
-def test_an_unload_that_fails_says_how_to_free_the_memory(gui, qloop):
+def test_an_unload_that_fails_says_how_to_free_the_memory(gui, qloop, monkeypatch):
     """The engine let the model go but emptying PyTorch's cache failed (a CUDA error): the
-    banner says so and what frees the memory for certain, and the restart it names works."""
+    banner says so and what frees the memory for certain, the status bar does not say what
+    the unload gave back (NVML reports the engine's share here), and the restart it names
+    works."""
+    from app.gpu import GpuInfo
+
+    gib = 1 << 30
+    monkeypatch.setattr(gui.window.gpus, "read", lambda engine_pid=None: [
+        GpuInfo(0, "GPU-a", "H200", 141 * gib, 20 * gib, 121 * gib, 3, 40, 6 * gib)
+    ])  # fmt: skip
     qloop.run_until_complete(gui.ctrl.load_model("/models/sticky-one"))
     assert gui.client.state == "loaded"
     pid = gui.client.pid
@@ -1030,6 +1038,7 @@ def test_an_unload_that_fails_says_how_to_free_the_memory(gui, qloop):
         "engine gives its memory back for certain.\n"
     )
     assert gui.client.state == "ready"
+    wait_until(qloop, gui.ctrl.not_unloading.is_set, what="the unload's end")
     assert not gui.window.statusBar().currentMessage().startswith("Model unloaded")
     menu_action(gui.window, "&Restart engine").trigger()
     wait_until(qloop, lambda: gui.client.state == "loaded" and gui.client.pid != pid,
