@@ -19,8 +19,6 @@
 // GEMV would have written them.
 #include <algorithm>
 #include <cfloat>
-#include <cstdlib>
-#include <cstring>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -323,6 +321,32 @@ __device__ __forceinline__ void unpack_row(const RawRow<E>& r, float (&out)[E]) 
   for (int e = 0; e < E; ++e) out[e] = to_f(h[e]);
 }
 
+// The end of both decode-attention kernels: the W warps' online-softmax states of the block's G
+// query heads (sm: m and l, so: o), read from shared memory after a __syncthreads, merged, and
+// written to ws as split `split` of query heads h G .. h G + G - 1 (vptq.h AttnArgs; the grid's
+// x dimension times G is every query head). A warp that saw no key has l = 0 and counts nothing.
+template <int W, int G, int D>
+__device__ __forceinline__ void merge_warps(const float (&sm)[W][G][2], const float (&so)[W][G][D],
+                                            float* __restrict__ ws, int h, int split, int splits) {
+  for (int i = threadIdx.x; i < G * (D + 2); i += blockDim.x) {
+    const int g = i / (D + 2), c = i % (D + 2);
+    float mm = -FLT_MAX;
+#pragma unroll
+    for (int w = 0; w < W; ++w) mm = fmaxf(mm, sm[w][g][0]);
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+      const float f = sm[w][g][1] > 0.f ? exp2f(sm[w][g][0] - mm) : 0.f;
+      acc += f * (c == 0 ? 0.f : c == 1 ? sm[w][g][1] : so[w][g][c - 2]);
+    }
+    const size_t at = static_cast<size_t>(h * G + g) * splits + split;  // ws: see AttnArgs
+    if (c < 2)
+      ws[static_cast<size_t>(gridDim.x) * G * splits * D + at * 2 + c] = c == 0 ? mm : acc;
+    else
+      ws[at * D + c - 2] = acc;
+  }
+}
+
 // Split s of KV head h: keys [lo + s * len, ...) of the visible range [lo, pos]. Each warp takes
 // kAttnBatch keys at a time, lanes over the head dimension (E = D / 32 values each); online
 // softmax per query head in base 2. The warps' states are merged in shared memory and written
@@ -451,23 +475,7 @@ __global__ void __launch_bounds__(W * 32) attn_split_kernel(
     for (int e = 0; e < E; ++e) so[warp][g][lane * E + e] = o[g][e];
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * (D + 2); i += blockDim.x) {
-    const int g = i / (D + 2), c = i % (D + 2);
-    float mm = -FLT_MAX;
-#pragma unroll
-    for (int w = 0; w < W; ++w) mm = fmaxf(mm, sm[w][g][0]);
-    float acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < W; ++w) {
-      const float f = sm[w][g][1] > 0.f ? exp2f(sm[w][g][0] - mm) : 0.f;
-      acc += f * (c == 0 ? 0.f : c == 1 ? sm[w][g][1] : so[w][g][c - 2]);
-    }
-    const size_t at = static_cast<size_t>(h * G + g) * splits + split;  // ws: see AttnArgs
-    if (c < 2)
-      ws[static_cast<size_t>(gridDim.x) * G * splits * D + at * 2 + c] = c == 0 ? mm : acc;
-    else
-      ws[at * D + c - 2] = acc;
-  }
+  merge_warps<W, G, D>(sm, so, ws, h, split, splits);
 }
 
 // ---- Decode attention on the tensor cores (compute capability 8.0 and later) ----
@@ -669,23 +677,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32) attn_mma_kernel(
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < G * (D + 2); i += blockDim.x) {
-    const int g = i / (D + 2), c = i % (D + 2);
-    float mm = -FLT_MAX;
-#pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) mm = fmaxf(mm, sm[w][g][0]);
-    float acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) {
-      const float f = sm[w][g][1] > 0.f ? exp2f(sm[w][g][0] - mm) : 0.f;
-      acc += f * (c == 0 ? 0.f : c == 1 ? sm[w][g][1] : so[w][g][c - 2]);
-    }
-    const size_t at = static_cast<size_t>(h * G + g) * splits + split;  // ws: see AttnArgs
-    if (c < 2)
-      ws[static_cast<size_t>(gridDim.x) * G * splits * D + at * 2 + c] = c == 0 ? mm : acc;
-    else
-      ws[at * D + c - 2] = acc;
-  }
+  merge_warps<kMmaWarps, G, D>(sm, so, ws, h, split, splits);
 }
 
 // Query head h: the splits' states merged, o / l written in the activation dtype. D / 2
@@ -1209,10 +1201,7 @@ bool attn_preload() {
 // and others fewer. The CUDA-core kernel's two blocks fill an SM's registers: it keeps PDL.
 // VPTQ_ATTN_TC_PDL=1: launched with PDL (for comparisons).
 bool attn_tc_pdl() {
-  static const bool on = [] {
-    const char* v = std::getenv("VPTQ_ATTN_TC_PDL");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
+  static const bool on = switched_on("VPTQ_ATTN_TC_PDL");
   return on;
 }
 

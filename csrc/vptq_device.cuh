@@ -148,12 +148,14 @@ inline int compute_major() {
 // Whether the current device has compute capability 9.0 or later (PDL, thread block clusters).
 inline bool hopper_or_later() { return compute_major() >= 9; }
 
-// Whether the environment variable `name` is "0": the switches for comparisons (VPTQ_PDL=0 and
-// the like, README), each read once by its caller into a static.
-inline bool switched_off(const char* name) {
+// Whether the environment variable `name` is `value`: the switches for comparisons (VPTQ_PDL=0
+// and the like, README), each read once by its caller into a static.
+inline bool switched_to(const char* name, const char* value) {
   const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, "0") == 0;
+  return v != nullptr && std::strcmp(v, value) == 0;
 }
+inline bool switched_off(const char* name) { return switched_to(name, "0"); }
+inline bool switched_on(const char* name) { return switched_to(name, "1"); }
 
 // Whether kernels on the current device are launched with PDL.
 inline bool dependent_launch() {
