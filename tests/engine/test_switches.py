@@ -25,8 +25,8 @@ KERNELS = "test_kernels.py"
 # switch, value: the test files and -k selection that take the code it changes
 SWITCHES = {
     # no early launch of any kernel: every kernel's wait and trigger, both attention kernels,
-    # the sliced GEMV and the graphs of whole decode steps
-    ("VPTQ_PDL", "0"): ([DECODE, KERNELS, "test_runtime.py"], "not demo and not 8b"),
+    # the sliced GEMV, whole models' decode steps against the CPU
+    ("VPTQ_PDL", "0"): ([DECODE, KERNELS], "not demo and not 8b"),
     # the CUDA-core attention loads its first keys after the wait
     ("VPTQ_ATTN_PRELOAD", "0"): ([DECODE], "attention or graph"),
     # the tensor-core attention launched early, reading q and the key at pos as rope_kv
