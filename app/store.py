@@ -20,6 +20,7 @@ UNTITLED = "New chat"  # a chat's title until its first message (or the user) na
 
 SCHEMA_VERSION = 1
 EXPORT_FORMAT = "vptq-chat-conversation"
+EXPORT_VERSION = 1  # an export's layout; import reads this one and refuses later ones
 
 _SCHEMA = """
 CREATE TABLE conversations (
@@ -240,7 +241,7 @@ class Store:
         c = self.conversation(cid)
         return {
             "format": EXPORT_FORMAT,
-            "version": 1,
+            "version": EXPORT_VERSION,
             "title": c.title,
             "system_prompt": c.system_prompt,
             "sampling": c.sampling,
@@ -261,6 +262,14 @@ class Store:
     def import_json(self, data: Any, source: str = "file") -> Conversation:
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
             raise StoreError(f"{source}: not a VPTQ Chat conversation export")
+        version = data.get("version", EXPORT_VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise StoreError(f"{source}: 'version' must be a whole number from 1, not {version!r}")
+        if version > EXPORT_VERSION:
+            raise StoreError(
+                f"{source}: exported by a newer VPTQ Chat (format version {version}; this one "
+                f"reads version {EXPORT_VERSION}). Update VPTQ Chat to import it."
+            )
         msgs = data.get("messages")
         if not isinstance(msgs, list) or not all(
             isinstance(m, dict)

@@ -161,6 +161,44 @@ def test_import_refuses_other_files(store, bad):
         store.import_json(bad, "chat.json")
 
 
+def test_an_export_holds_its_format_and_version_and_a_newer_one_is_refused(store):
+    c = store.create_conversation("V", sampling={"top_k": 5})
+    store.add_message(c.id, "user", "q")
+    data = store.export_json(c.id)
+    assert data == {
+        "format": "vptq-chat-conversation",
+        "version": 1,
+        "title": "V",
+        "system_prompt": "",
+        "sampling": {"top_k": 5},
+        "messages": [{"role": "user", "content": "q", "stats": {}}],
+    }
+    before = len(store.conversations())
+    for version, why in [
+        (2, r"old\.json: exported by a newer VPTQ Chat \(format version 2; this one reads "
+            r"version 1\)\. Update VPTQ Chat"),
+        ("1", r"old\.json: 'version' must be a whole number from 1, not '1'"),
+        (0, r"not 0"),
+        (True, r"not True"),
+    ]:  # fmt: skip
+        with pytest.raises(StoreError, match=why):
+            store.import_json({**data, "version": version}, "old.json")
+    assert len(store.conversations()) == before  # nothing half-imported
+    del data["version"]  # written before the field was: read as version 1
+    assert [m.content for m in store.messages(store.import_json(data).id)] == ["q"]
+
+
+def test_only_a_conversations_own_fields_can_be_updated(store):
+    c = store.create_conversation("Keep")
+    with pytest.raises(ValueError, match=r"unknown conversation fields: \{'colour'\}"):
+        store.update_conversation(c.id, title="Lost", colour="red")
+    assert store.conversation(c.id).title == "Keep"
+    every = dict(title="T", system_prompt="S", sampling={"seed": 1}, draft="D")
+    store.update_conversation(c.id, **every)
+    got = store.conversation(c.id)
+    assert (got.title, got.system_prompt, got.sampling, got.draft) == ("T", "S", {"seed": 1}, "D")
+
+
 def test_corrupt_or_newer_database(tmp_path):
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"this is not a database" * 100)
