@@ -165,8 +165,8 @@ def main():
             if "once" in msg.get("path", ""):
                 loaded_once.add(msg.get("path"))
             if "missing" in msg.get("path", ""):  # refused before: the loaded model stays
-                send("error", msg.id, kind="load", message=f"{msg.get('path')}: not found",
-                     model_kept=True)  # fmt: skip
+                kept = {"model_kept": True} if model else {}  # as engine/server.py: if any
+                send("error", msg.id, kind="load", message=f"{msg.get('path')}: not found", **kept)
                 continue
             if "slowload" in msg.get("path", ""):  # a step, then a pause the test looks into
                 send("load_progress", msg.id, fraction=0.25, stage="reading weights")

@@ -156,6 +156,12 @@ def test_requests_made_while_the_engine_restarts_wait_for_it(tmp_path):
         c = await logged_client_after_a_crash(tmp_path, log)
         loaded = await c.load("/models/second")
         assert loaded["model"] == "/models/second" and c.state == "loaded"
+        sent = [json.loads(line) for line in log.read_text().splitlines()]
+        # the first model, loaded before the crash, is not reloaded by the restart
+        assert [m["path"] for m in sent if m["type"] == "load"] == [
+            "/models/first",
+            "/models/second",
+        ]
         log.write_text("")
         await crash(c)  # a second restart
         id_, stopped = c.generate([{"role": "user", "content": "never sent"}])
@@ -368,3 +374,78 @@ def test_an_unload_answered_with_an_error_raises_it(tmp_path):
         await c.shutdown()
 
     run(go())
+
+
+def test_a_load_refused_with_the_model_kept_leaves_that_model_to_reload_after_a_crash(tmp_path):
+    """A load the engine refuses before letting its model go (model_kept) leaves the loaded
+    model the one a crash's restart reloads; refused with nothing loaded, nothing is."""
+    log = tmp_path / "requests.jsonl"
+
+    async def go():
+        c = make_client(tmp_path)
+        c.env["FAKE_ENGINE_LOG"] = str(log)
+        await c.start()
+        with pytest.raises(EngineError, match="not found"):
+            await c.load("/models/missing")  # nothing loaded yet: nothing to keep
+        assert c.state == "ready" and c.last_load is None
+        await c.load("/models/first")
+        with pytest.raises(EngineError, match="not found"):
+            await c.load("/models/missing-too")
+        assert c.state == "loaded" and c.last_load["path"] == "/models/first"
+        await crash(c)
+        await wait_for_state(c, "loaded")
+        assert c.loaded["model"] == "/models/first"
+        await c.shutdown()
+
+    run(go())
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [m["path"] for m in sent if m["type"] == "load"] == [
+        "/models/missing", "/models/first", "/models/missing-too", "/models/first"
+    ]  # fmt: skip
+
+
+def test_crashes_older_than_five_minutes_no_longer_count_against_restarts(tmp_path):
+    """The engine is restarted after a crash unless it crashed more than max_restarts times in
+    the last 5 minutes; earlier crashes are forgotten."""
+    import time
+
+    async def go():
+        c = make_client(tmp_path)
+        c.max_restarts = 2
+        await c.start()
+        await c.load("demo")
+        now = time.monotonic()
+        c._restarts = [now - 300.5, now - 250]  # one older than 5 minutes, one within them
+        await crash(c)
+        await wait_for_state(c, "loaded")  # the third crash in all, the second in 5 minutes
+        assert len(c._restarts) == 2
+        _, queue = c.generate([{"role": "user", "content": "crash"}])  # the third in 5 minutes
+        await drain(queue)
+        await wait_for_state(c, "failed")  # given up
+        assert c.state == "failed" and len(c._restarts) == 3
+        await c.shutdown()
+
+    run(go())
+
+
+def test_a_generate_request_carries_its_prompt_and_sampling(tmp_path):
+    log = tmp_path / "requests.jsonl"
+
+    async def go():
+        c = make_client(tmp_path)
+        c.env["FAKE_ENGINE_LOG"] = str(log)
+        await c.start()
+        await c.load("demo")
+        _, queue = c.generate(prompt="raw text", sampling={"temperature": 0.5})
+        await drain(queue)
+        _, queue = c.generate([{"role": "user", "content": "hi"}])
+        await drain(queue)
+        await c.shutdown()
+
+    run(go())
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    gens = [m for m in sent if m["type"] == "generate"]
+    assert [(m.get("prompt"), m.get("messages"), m["sampling"]) for m in gens] == [
+        ("raw text", None, {"temperature": 0.5}),
+        (None, [{"role": "user", "content": "hi"}], {}),
+    ]
