@@ -268,7 +268,7 @@ class Store:
         if version > EXPORT_VERSION:
             raise StoreError(
                 f"{source}: exported by a newer VPTQ Chat (format version {version}; this one "
-                f"reads version {EXPORT_VERSION}). Update VPTQ Chat to import it."
+                f"reads version {EXPORT_VERSION}): update VPTQ Chat to import it"
             )
         msgs = data.get("messages")
         if not isinstance(msgs, list) or not all(

@@ -1551,6 +1551,11 @@ def test_export_and_import_through_the_file_menu(gui, qloop, tmp_path, monkeypat
             "double quotes)",
         ),
         "list.json": (b"[1, 2]", "not a VPTQ Chat conversation export"),
+        "newer.json": (
+            json.dumps({**json.loads((tmp_path / "out.json").read_text()), "version": 2}).encode(),
+            "exported by a newer VPTQ Chat (format version 2; this one reads version 1): update "
+            "VPTQ Chat to import it",
+        ),
     }
     for name, (data, reason) in bad.items():
         (tmp_path / name).write_bytes(data)

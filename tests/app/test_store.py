@@ -176,7 +176,7 @@ def test_an_export_holds_its_format_and_version_and_a_newer_one_is_refused(store
     before = len(store.conversations())
     for version, why in [
         (2, r"old\.json: exported by a newer VPTQ Chat \(format version 2; this one reads "
-            r"version 1\)\. Update VPTQ Chat"),
+            r"version 1\): update VPTQ Chat to import it$"),
         ("1", r"old\.json: 'version' must be a whole number from 1, not '1'"),
         (0, r"not 0"),
         (True, r"not True"),
