@@ -197,6 +197,7 @@ def test_malformed_lines_and_bad_requests_answered_with_errors(engine):
         (dict(prompt="Hi", sampling={"top_p": 7}), "sampling field 'top_p' = 7 must be"),
         (dict(prompt="Hi", sampling="hot"), "'sampling' must be an object of settings"),
         (dict(prompt=5), "'prompt' must be a string, not 5"),  # was an AttributeError
+        (dict(prompt="Hi", **{"continue": "yes"}), "'continue' must be true or false, not 'yes'"),
     ]:
         engine.send("generate", "badrequest", **fields)
         events = engine.until("finished", "badrequest")
@@ -209,6 +210,8 @@ def test_malformed_lines_and_bad_requests_answered_with_errors(engine):
         (dict(device="tpu"), "load: device 'tpu' is not one of cpu, cuda, cuda:N"),
         (dict(device="cuda:99"), "load: device 'cuda:99': PyTorch sees"),  # was a torch error
         (dict(path=5), "load: model 5 is not a folder"),
+        (dict(dtype="int4"), "load: dtype 'int4' is not one of float32, float16, bfloat16"),
+        (dict(max_seq_len=True), "load: max_seq_len True is not a whole number of tokens"),
     ]:
         engine.send("load", "bad", **{"path": "demo", **fields})
         err = engine.until("error", "bad")[-1]
