@@ -142,6 +142,54 @@ def test_first_run_says_which_gpus_the_engine_sees(tmp_path):
     assert bare["GPU 1"].ok is True and bare["GPU 1"].detail == "Hidden: 8.0 GiB free of 8.0 GiB"
 
 
+def test_first_run_disk_space_missing_gpus_and_the_cpu_memory_edges(tmp_path, monkeypatch):
+    """The checks' edges by hand: 10 GiB free holds models and a byte less does not; a driver
+    that lists no GPU, or none at all, says so; the CPU path fits 7B models from 7e9 x 2.5
+    bytes, and sizes read "under 1B", "about 9.9B", "about 10B"."""
+    from collections import namedtuple
+
+    from app import first_run
+    from app.first_run import MIN_FREE_DISK, cpu_memory
+
+    usage = namedtuple("usage", "total used free")
+
+    class NoGpu:
+        available, driver, error = True, "580.1", None
+
+        def read(self, engine_pid=None):
+            return []
+
+    class NoDriver:
+        available, driver, error = False, None, None
+
+        def read(self, engine_pid=None):
+            return []
+
+    hello = {"device": "cpu", "torch": "2.13.0"}
+    for free, ok in [(MIN_FREE_DISK, True), (MIN_FREE_DISK - 1, False)]:
+        monkeypatch.setattr(first_run.shutil, "disk_usage", lambda p, f=free: usage(0, 0, f))
+        checks = {c.name: c for c in run_checks(hello, NoGpu(), tmp_path / "models", 0)}
+        disk = checks["Disk space for models"]
+        # a byte short still reads 10.0 GiB
+        assert (disk.ok, disk.detail) == (ok, f"10.0 GiB free in {tmp_path / 'models'}")
+        assert disk.fix.startswith("Models need 2-40 GiB each: free some space") == (not ok)
+    monkeypatch.setattr(first_run.shutil, "disk_usage", lambda p: usage(0, 0, 3 * GiB // 2))
+    checks = {c.name: c for c in run_checks(hello, NoGpu(), tmp_path / "models", 0)}
+    assert checks["Disk space for models"].detail.startswith("1.5 GiB free in ")
+    assert checks["NVIDIA driver"].ok is True and checks["NVIDIA driver"].detail == "driver 580.1"
+    gpu = checks["GPU"]
+    assert (gpu.ok, gpu.detail) == (False, "the driver reports no GPU")
+    assert gpu.fix.startswith("Check that the GPU is seated")
+    driver = {c.name: c for c in run_checks(hello, NoDriver(), tmp_path / "models", 0)}
+    assert (driver["NVIDIA driver"].ok, driver["NVIDIA driver"].detail) == (False, "not found")
+    assert "GPU" not in driver
+    fits = int(7e9 * 2.5)
+    assert cpu_memory(fits).ok is True and cpu_memory(fits - 1).ok is False
+    for params, size in [(0.99e9, "under 1B"), (1e9, "about 1.0B"), (9.9e9, "about 9.9B"),
+                         (10e9, "about 10B")]:  # fmt: skip
+        assert f"models of up to {size} parameters fit" in cpu_memory(int(params * 2.5)).detail
+
+
 def _windows(display, title="VPTQ Chat"):
     out = subprocess.run(
         ["xdotool", "search", "--onlyvisible", "--name", f"^{title}$"],
