@@ -6,6 +6,8 @@ Overhead = 768 MiB (CUDA context) + min(largest linear N*K*2 bytes, 128 MiB) (de
          + 2 x vocab x 4 bytes (logits).
 """
 
+import os
+
 import pytest
 
 from app.fit import Shape, fit
@@ -262,6 +264,66 @@ def test_gpus_read_the_compute_capability_and_cores_from_nvml():
         assert info.capability == (None if old else (8, 9))
         assert info.cuda_cores == (None if old else 16384)
         assert info.plan_gpu == want
+
+
+def test_gpus_list_processes_and_the_engines_share_from_nvml(monkeypatch):
+    """app/gpu.py against a fake NVML: a GPU's processes, compute and graphics merged by pid at
+    their larger figure, biggest first (what the Models window offers to close); the engine's
+    own bytes by its pid, 0 where it holds none there, unknown without a pid or where NVML
+    fails; load devices to CUDA numbers."""
+    from types import SimpleNamespace as P
+
+    from app import gpu as G
+
+    class Nvml:
+        NVML_TEMPERATURE_GPU = 0
+        fail = False
+
+        def nvmlDeviceGetCount(self):
+            return 1
+
+        def nvmlDeviceGetHandleByIndex(self, i):
+            return i
+
+        def nvmlDeviceGetMemoryInfo(self, h):
+            return P(total=24 * GiB, used=5 * GiB, free=19 * GiB)
+
+        def nvmlDeviceGetUUID(self, h):
+            return "GPU-1"
+
+        def nvmlDeviceGetName(self, h):
+            return "Card"
+
+        def nvmlDeviceGetComputeRunningProcesses(self, h):
+            if self.fail:
+                raise RuntimeError("NVML_ERROR_UNKNOWN")
+            return [P(pid=10, usedGpuMemory=GiB), P(pid=20, usedGpuMemory=3 * GiB),
+                    P(pid=30, usedGpuMemory=None)]  # fmt: skip
+
+        def nvmlDeviceGetGraphicsRunningProcesses(self, h):
+            return [P(pid=10, usedGpuMemory=2 * GiB), P(pid=40, usedGpuMemory=GiB // 2)]
+
+    nvml = Nvml()
+    gpus = G.Gpus.__new__(G.Gpus)
+    gpus.nvml, gpus.error, gpus.driver = nvml, None, "570.00"
+    assert gpus.available
+    names = {10: "game", 20: "trainer", 30: "idle", 40: "desktop"}
+    real_name = G._process_name
+    monkeypatch.setattr(G, "_process_name", lambda pid: names[pid])
+    assert gpus.processes(0) == [
+        (20, "trainer", 3 * GiB), (10, "game", 2 * GiB), (40, "desktop", GiB // 2),
+        (30, "idle", 0),
+    ]  # fmt: skip
+    assert [g.engine_bytes for g in gpus.read(engine_pid=20)] == [3 * GiB]
+    assert [g.engine_bytes for g in gpus.read(engine_pid=30)] == [0]  # NVML gives no figure
+    assert [g.engine_bytes for g in gpus.read(engine_pid=99)] == [0]  # not on this GPU
+    assert [g.engine_bytes for g in gpus.read()] == [None]  # no engine yet
+    nvml.fail = True
+    assert gpus.processes(0) == [] and [g.engine_bytes for g in gpus.read(20)] == [None]
+    gpus.nvml = None  # no driver
+    assert not gpus.available and gpus.processes(0) == [] and gpus.read(20) == []
+    assert real_name(os.getpid()) and real_name(2**22 + 7) == "process"  # /proc/PID/comm
+    assert [G.device_index(d) for d in ("cpu", "cuda", "cuda:0", "cuda:2")] == [None, 0, 0, 2]
 
 
 def test_the_verdicts_edges_to_the_byte():
