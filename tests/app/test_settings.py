@@ -38,3 +38,37 @@ def test_a_damaged_settings_file_keeps_what_is_whole(tmp_path, caplog):
         assert Settings.load(path) == Settings()
     path.write_bytes(b"\xff\xfe{")  # not UTF-8
     assert Settings.load(path) == Settings()
+
+
+def test_the_data_folder_follows_the_environment(tmp_path, monkeypatch):
+    """$VPTQ_CHAT_DATA, else $XDG_DATA_HOME/vptq-chat, else ~/.local/share/vptq-chat (README)."""
+    from app.settings import data_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VPTQ_CHAT_DATA", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert data_dir() == tmp_path / "mine"
+    monkeypatch.setenv("VPTQ_CHAT_DATA", "")  # empty: not set
+    assert data_dir() == tmp_path / "xdg" / "vptq-chat"
+    monkeypatch.delenv("VPTQ_CHAT_DATA")
+    monkeypatch.setenv("XDG_DATA_HOME", "")
+    assert data_dir() == tmp_path / "home" / ".local" / "share" / "vptq-chat"
+
+
+def test_the_model_and_kernel_folders_follow_the_environment(tmp_path, monkeypatch):
+    """engine/paths.py (README): $VPTQ_CHAT_HOME, else $XDG_CACHE_HOME/vptq-chat, else
+    ~/.cache/vptq-chat; downloaded models in its hub folder unless $VPTQ_CHAT_MODELS."""
+    from engine import paths
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("VPTQ_CHAT_MODELS", raising=False)
+    monkeypatch.setenv("VPTQ_CHAT_HOME", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert (paths.home(), paths.hub_models()) == (tmp_path / "mine", tmp_path / "mine" / "hub")
+    monkeypatch.setenv("VPTQ_CHAT_HOME", "")
+    assert paths.home() == tmp_path / "xdg" / "vptq-chat"
+    monkeypatch.delenv("VPTQ_CHAT_HOME")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert paths.home() == tmp_path / "home" / ".cache" / "vptq-chat"
+    monkeypatch.setenv("VPTQ_CHAT_MODELS", str(tmp_path / "models"))
+    assert paths.hub_models() == tmp_path / "models"
