@@ -55,6 +55,46 @@ def test_desktop_entry_validates(xdg):
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout
 
 
+def test_the_launcher_folders_and_the_tools_it_runs(tmp_path, monkeypatch):
+    """Without XDG_DATA_HOME the entry goes under ~/.local/share; after installing, the menu
+    and icon caches are refreshed with the tools that exist (and nothing where none does); on
+    Windows the shortcut script runs in PowerShell, whose failure is an error with its
+    stderr, and the shortcut lands in the user's Start menu."""
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    apps = tmp_path / "home" / ".local" / "share" / "applications"
+    assert launcher.desktop_file() == apps / "vptq-chat.desktop"
+    ran = []
+
+    def run(cmd, **kwargs):
+        ran.append(cmd)
+        return subprocess.CompletedProcess(cmd, ran_status, "", "Access is denied.")
+
+    ran_status = 0
+    monkeypatch.setattr(launcher.subprocess, "run", run)
+    tools = ("update-desktop-database", "gtk-update-icon-cache")
+    monkeypatch.setattr(launcher.shutil, "which", lambda n: f"/usr/bin/{n}" if n in tools else None)
+    launcher.install()
+    icons = tmp_path / "home" / ".local" / "share" / "icons" / "hicolor"
+    assert ran == [["update-desktop-database", str(apps)],
+                   ["gtk-update-icon-cache", "-q", "-t", str(icons)]]  # fmt: skip
+    ran.clear()
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: None)
+    launcher.uninstall()
+    assert ran == [] and not (apps / "vptq-chat.desktop").exists()
+    monkeypatch.setattr(launcher.sys, "platform", "win32")
+    monkeypatch.setattr(launcher, "executable", lambda: Path("C:/env/Scripts/vptq-chat.exe"))
+    monkeypatch.setenv("APPDATA", "C:/Users/me/AppData/Roaming")
+    (link,) = launcher.install()
+    assert link == Path("C:/Users/me/AppData/Roaming/Microsoft/Windows/Start Menu/Programs/"
+                        "VPTQ Chat.lnk")  # fmt: skip
+    assert ran[-1][:4] == ["powershell", "-NoProfile", "-ExecutionPolicy", "Bypass"]
+    assert "$link.TargetPath = 'C:/env/Scripts/vptq-chat.exe'" in ran[-1][-1]
+    ran_status = 1
+    with pytest.raises(launcher.LauncherError, match="shortcut failed: Access is denied"):
+        launcher.install()
+
+
 def test_windows_shortcut_script():
     script = launcher.windows_script("create_shortcut.ps1.in", Path("C:/env/Scripts/vptq-chat.exe"))
     assert "$link.TargetPath = 'C:/env/Scripts/vptq-chat.exe'" in script
