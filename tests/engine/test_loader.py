@@ -730,3 +730,38 @@ def test_a_prompt_in_larger_pieces_gives_the_logits_of_512_token_pieces(demo_pat
     again = s.logits(ids, 0, last_only=True)  # pieces of 512 once the larger one fails
     assert calls == [1300, 512, 512, 276] and torch.equal(again, small)
     assert s.cached == ids
+
+
+def test_a_model_name_resolves_to_a_folder_the_app_or_the_hub_cache_holds(tmp_path, monkeypatch):
+    """engine/models.py resolve_model: a local folder as given; a repo id to the app's download
+    (VPTQ_CHAT_MODELS/owner/name) once its install marker says it is complete, else to the
+    Hugging Face cache's snapshot (never the network); anything else is refused saying what
+    would do."""
+    import huggingface_hub.constants
+
+    from engine.models import resolve_model
+    from engine.paths import INSTALLED_MARKER
+
+    monkeypatch.setenv("VPTQ_CHAT_MODELS", str(tmp_path / "models"))
+    cache = tmp_path / "hf"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    local = tmp_path / "mine"
+    local.mkdir()
+    assert resolve_model(str(local)) == local
+    ours = tmp_path / "models" / "VPTQ-community" / "m"
+    ours.mkdir(parents=True)
+    (ours / "config.json").write_text("{}")  # a download under way: not the model yet
+    not_found = r"model 'VPTQ-community/m' not found: give a local model folder, 'demo', or a"
+    with pytest.raises(FormatError, match=not_found):
+        resolve_model("VPTQ-community/m")
+    rev = "0123456789" * 4  # the hub cache's layout: refs/main names the snapshot
+    snapshot = cache / "models--VPTQ-community--m" / "snapshots" / rev
+    snapshot.mkdir(parents=True)
+    (cache / "models--VPTQ-community--m" / "refs").mkdir()
+    (cache / "models--VPTQ-community--m" / "refs" / "main").write_text(rev)
+    assert resolve_model("VPTQ-community/m") == snapshot
+    (ours / INSTALLED_MARKER).write_text("{}")  # the app's download finished and verified
+    assert resolve_model("VPTQ-community/m") == ours
+    for name in ("VPTQ-community/other", "./VPTQ-community/m", "a/b/c", "nothing"):
+        with pytest.raises(FormatError, match=f"model '{re.escape(name)}' not found"):
+            resolve_model(name)
