@@ -793,3 +793,30 @@ def test_a_downloaded_model_is_named_by_its_repo_id(tmp_path, monkeypatch):
     )  # a folder of the user's own: as given
     assert model_label(str(folder / "sub")) == str(folder / "sub")
     assert model_label(None) == "the model"
+
+
+@pytest.mark.parametrize(
+    "repo", ["plain", "owner/", "/name", "a/b/c", "../name", "./name", "owner/..", "owner/."]
+)
+def test_a_repo_id_maps_to_one_folder_under_the_models_folder_or_is_refused(tmp_path, repo):
+    """owner/name is models/owner/name; anything else (no name, a deeper path, a parent or
+    current folder on either side) is refused naming it, so no download writes elsewhere."""
+    from app.hub import folder_of
+
+    assert folder_of(tmp_path, "VPTQ-community/m") == tmp_path / "VPTQ-community" / "m"
+    with pytest.raises(HubError, match=f"'{repo}' is not a repo id of the form owner/name"):
+        folder_of(tmp_path, repo)
+
+
+def test_a_model_folder_with_both_markers_is_listed_once_as_installed(tmp_path):
+    """A download that finished but left its manifest (or an old one beside a new install) is
+    one model, installed; a folder with only the manifest is a partial download."""
+    done = tmp_path / "o" / "done"
+    part = tmp_path / "o" / "part"
+    for folder in (done, part):
+        folder.mkdir(parents=True)
+        (folder / MANIFEST).write_text("{}")
+    (done / INSTALLED).write_text("{}")
+    (done / "w.safetensors").write_bytes(b"x" * 100)
+    got = [(m.repo, m.installed) for m in local_models(tmp_path)]
+    assert got == [("o/done", True), ("o/part", False)]
