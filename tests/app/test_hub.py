@@ -820,3 +820,13 @@ def test_a_model_folder_with_both_markers_is_listed_once_as_installed(tmp_path):
     (done / "w.safetensors").write_bytes(b"x" * 100)
     got = [(m.repo, m.installed) for m in local_models(tmp_path)]
     assert got == [("o/done", True), ("o/part", False)]
+
+
+def test_bits_per_weight_need_a_vector_length_and_a_codebook():
+    from app.hub import Scheme
+
+    assert Scheme("M", None, 8, 65536, None).bits == 2.0  # no residual field: none
+    assert Scheme("M", None, 8, 65536, 256).bits == 3.0
+    assert Scheme("M", None, 8, 65536, 1).bits == 2.0  # one residual centroid: no bits
+    assert Scheme("M", None, 8, 0, 0).bits is None and Scheme("M", None, 0, 256, 0).bits is None
+    assert Scheme("M", None, None, 256, 0).describe() == "scheme unknown"
