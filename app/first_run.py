@@ -6,6 +6,7 @@ imports torch), NVML says what the driver and GPUs report, and the disk says wha
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +87,18 @@ def run_checks(hello: dict, gpus: Gpus, models_dir: Path, available=_UNSET) -> l
         checks.append(Check("CUDA kernels", kernels, hello.get("kernels_reason", "unknown"), fix))
     models_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(models_dir).free
+    enough = free >= MIN_FREE_DISK
+    # rounded down, so a byte short of the need never reads as the need itself
+    detail = f"{math.floor(free / GiB * 10) / 10:.1f} GiB free in {models_dir}"
+    if not enough:
+        detail += f" (under the {MIN_FREE_DISK // GiB} GiB the models need)"
     checks.append(
         Check(
             "Disk space for models",
-            free >= MIN_FREE_DISK,
-            f"{free / GiB:.1f} GiB free in {models_dir}",
+            enough,
+            detail,
             ""
-            if free >= MIN_FREE_DISK
+            if enough
             else "Models need 2-40 GiB each: free some space or move the data folder "
             "(VPTQ_CHAT_HOME).",
         )

@@ -206,16 +206,20 @@ def test_first_run_disk_space_missing_gpus_and_the_cpu_memory_edges(tmp_path, mo
             return []
 
     hello = {"device": "cpu", "torch": "2.13.0"}
-    for free, ok in [(MIN_FREE_DISK, True), (MIN_FREE_DISK - 1, False)]:
+    short = " (under the 10 GiB the models need)"
+    where = tmp_path / "models"
+    for free, ok, detail in [
+        (MIN_FREE_DISK, True, f"10.0 GiB free in {where}"),
+        (MIN_FREE_DISK - 1, False, f"9.9 GiB free in {where}{short}"),  # rounded down
+        (3 * GiB // 2, False, f"1.5 GiB free in {where}{short}"),
+        (3 * GiB // 2 - 1, False, f"1.4 GiB free in {where}{short}"),
+        (20 * GiB - 1, True, f"19.9 GiB free in {where}"),
+    ]:
         monkeypatch.setattr(first_run.shutil, "disk_usage", lambda p, f=free: usage(0, 0, f))
-        checks = {c.name: c for c in run_checks(hello, NoGpu(), tmp_path / "models", 0)}
+        checks = {c.name: c for c in run_checks(hello, NoGpu(), where, 0)}
         disk = checks["Disk space for models"]
-        # a byte short still reads 10.0 GiB
-        assert (disk.ok, disk.detail) == (ok, f"10.0 GiB free in {tmp_path / 'models'}")
+        assert (disk.ok, disk.detail) == (ok, detail)
         assert disk.fix.startswith("Models need 2-40 GiB each: free some space") == (not ok)
-    monkeypatch.setattr(first_run.shutil, "disk_usage", lambda p: usage(0, 0, 3 * GiB // 2))
-    checks = {c.name: c for c in run_checks(hello, NoGpu(), tmp_path / "models", 0)}
-    assert checks["Disk space for models"].detail.startswith("1.5 GiB free in ")
     assert checks["NVIDIA driver"].ok is True and checks["NVIDIA driver"].detail == "driver 580.1"
     gpu = checks["GPU"]
     assert (gpu.ok, gpu.detail) == (False, "the driver reports no GPU")
