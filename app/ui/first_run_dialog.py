@@ -43,7 +43,9 @@ class FirstRunDialog(QDialog):
         self.refresh()
 
     def refresh(self) -> None:
-        for label in self.labels:
+        for label in self.labels:  # out of the layout now: deleteLater waits for the loop
+            self.items.removeWidget(label)
+            label.hide()
             label.deleteLater()
         self.labels = []
         checks = self.run()

@@ -1407,6 +1407,32 @@ def test_the_checks_window_keeps_its_lines_together_when_tall(qapp):
     d.close()
 
 
+def test_checking_again_replaces_the_lines(qapp):
+    """ "Check again" shows the new checks in place of the old ones at once (the old lines
+    stayed in the layout, shown, until the event loop came round to deleting them)."""
+    from PySide6.QtWidgets import QLabel
+
+    from app.first_run import Check
+    from app.ui.first_run_dialog import FirstRunDialog
+
+    cpu = [Check("PyTorch with CUDA", False, "no GPU"), Check("CUDA kernels", None, "-")]
+    runs = iter([[*cpu, Check("Disk space for models", False, "1.0 GiB free")],
+                 [*cpu, Check("Disk space for models", True, "12.0 GiB free")]])  # fmt: skip
+    d = FirstRunDialog(None, lambda: next(runs))
+    d.show()
+    d.refresh()
+    qapp.processEvents()
+    shown = [w.accessibleName() for w in d.findChildren(QLabel) if w.isVisibleTo(d)]
+    assert shown == [  # the summary, then the lines
+        "",
+        "PyTorch with CUDA: problem",
+        "CUDA kernels: not needed",
+        "Disk space for models: ok",
+    ]
+    assert d.items.count() == 3
+    d.close()
+
+
 def test_the_checks_show_a_build_failures_compiler_lines_and_colour_their_marks(qapp):
     """A failed kernel build's reason quotes compiler output ("#include <cuda_runtime.h>"):
     the dialog's rich text took it for a tag and dropped it. Marks take the theme's colours."""
