@@ -32,9 +32,13 @@ def packaging() -> Path:
     return folder
 
 
+def on_windows() -> bool:
+    return sys.platform == "win32"
+
+
 def executable() -> Path:
     """This environment's ``vptq-chat`` (next to its Python), not whatever PATH finds first."""
-    names = ("vptq-chat.exe", "vptq-chat-script.pyw") if sys.platform == "win32" else ("vptq-chat",)
+    names = ("vptq-chat.exe", "vptq-chat-script.pyw") if on_windows() else ("vptq-chat",)
     folder = Path(sys.executable).parent
     for name in names:
         if (folder / name).exists():
@@ -70,7 +74,7 @@ def render_desktop_entry(exe: Path) -> str:
 def install() -> list[Path]:
     """Install the launcher for the current user; returns the files written."""
     exe = executable()
-    if sys.platform == "win32":
+    if on_windows():
         return [_windows("create_shortcut.ps1.in", exe)]
     written = []
     src = assets()
@@ -87,7 +91,7 @@ def install() -> list[Path]:
 
 
 def uninstall() -> list[Path]:
-    if sys.platform == "win32":
+    if on_windows():
         _windows("remove_shortcut.ps1", None)
         return []
     removed = [f for f in [desktop_file(), *(d for _, d in icon_files())] if f.exists()]

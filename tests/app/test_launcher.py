@@ -82,7 +82,7 @@ def test_the_launcher_folders_and_the_tools_it_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(launcher.shutil, "which", lambda name: None)
     launcher.uninstall()
     assert ran == [] and not (apps / "vptq-chat.desktop").exists()
-    monkeypatch.setattr(launcher.sys, "platform", "win32")
+    monkeypatch.setattr(launcher, "on_windows", lambda: True)  # not sys.platform itself
     monkeypatch.setattr(launcher, "executable", lambda: Path("C:/env/Scripts/vptq-chat.exe"))
     monkeypatch.setenv("APPDATA", "C:/Users/me/AppData/Roaming")
     (link,) = launcher.install()
