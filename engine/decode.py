@@ -136,10 +136,11 @@ class GraphDecoder(Picker):
             self.graphs.popitem(last=False)
         return g
 
-    def capture(self, p: SamplingParams) -> None:
-        """The graph for ``p``, captured now (the warm-up) rather than at its first run."""
+    def capture(self, p: SamplingParams, tensor_cores: bool = False) -> None:
+        """The graph for ``p`` (``tensor_cores``: the one with that attention), captured now (the
+        warm-up) rather than at its first run."""
         self.set_params(p)
-        self.graph(p)
+        self.graph(p, tensor_cores)
 
     def usable(self, p: SamplingParams) -> bool:
         """Sampling with noise needs the generator registered with the graph (torch >= 2.5)."""

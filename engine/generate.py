@@ -84,9 +84,12 @@ class Session:
         seconds for the demo model); on a GPU also the greedy decode graph's capture (about 0.1 s)
         and the samplers' first calls (about 20 ms), and where the sampled pick reads its settings
         from the graph (engine/decode.py graph_key), the sampled graph, which then serves every
-        temperature, top-p and min-p (the app's chats sample). Its KV entries are overwritten by
-        the first prompt's (self.cached stays empty). A failure here (out of memory, say) is
-        logged and costs only that speed: the first answer meets it again and reports it."""
+        temperature, top-p and min-p (the app's chats sample); where the context reaches the
+        position from which the model's attention runs on the tensor cores (70B's 8192), that
+        graph's twin with it (else the turn that gets there would wait for its capture). Its KV
+        entries are overwritten by the first prompt's (self.cached stays empty). A failure here
+        (out of memory, say) is logged and costs only that speed: the first answer meets it
+        again and reports it."""
         cuda = self.loaded.device.type == "cuda"
         if progress:
             progress(1.0, "warming up")
@@ -104,8 +107,12 @@ class Session:
                 decoder = self.graph_decoder(greedy)
                 if decoder is not None:
                     decoder.capture(greedy)
-                    if decoder.pick_in_place and decoder.usable(sampled):
+                    chat = decoder.pick_in_place and decoder.usable(sampled)
+                    if chat:
                         decoder.capture(sampled)
+                    switch = decoder.tensor_cores_from
+                    if switch is not None and switch < self.n_ctx:  # a chat can get there
+                        decoder.capture(sampled if chat else greedy, tensor_cores=True)
                 torch.cuda.synchronize(self.loaded.device)
         except RuntimeError as e:  # torch.OutOfMemoryError among them
             self.decoder = None

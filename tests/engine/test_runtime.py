@@ -432,6 +432,60 @@ def test_a_warmed_up_session_answers_as_a_cold_one(tiny_folder, monkeypatch):
     assert runs["1"][1][1] > 0 and runs["1"][0][2]  # the second turn reused the first's KV
 
 
+def test_warm_up_captures_the_tensor_core_graph_where_the_context_reaches_its_switch(
+    tiny_folder, monkeypatch
+):
+    """Where the heads' attention moves to the tensor cores inside the context (70B's from
+    8192), the warm-up captures that graph for the chats' setting too, so the turn that gets
+    there replays it at once; a context that ends before the switch captures none. The tokens
+    are a cold session's, whose runs capture the same graphs as they get there."""
+    from engine.generate import Session
+    from engine.ops import arch
+    from engine.ops import decode as fused
+
+    if arch.capability() < (8, 0):
+        pytest.skip("no tensor-core attention on this GPU")
+    same_paths_in_every_load(monkeypatch)
+    switch = 48
+    monkeypatch.setattr(fused, "TENSOR_CORE_FROM", {(8, 2, 64): switch})  # the tiny model's
+    messages = [{"role": "user", "content": "Name three colours."}]
+    greedy = SamplingParams(temperature=0, max_new_tokens=40)
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_new_tokens=40)
+    # the chats' setting where the graphs take noise (engine/decode.py usable); chosen once: a
+    # cold session has no decoder to ask before its first turn
+    noisy = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+    chat = sampled if noisy else greedy
+    runs = {}
+    for warm, context in (("1", 256), ("0", 256), ("1", switch)):
+        monkeypatch.setenv("VPTQ_CHAT_WARM_UP", warm)
+        s = Session.load(tiny_folder, "cuda", torch.float16, context, lambda *_: None)
+        s.loaded.model.lm_head.weight.data.mul_(40)  # random weights: clear-cut greedy choices
+        if context == switch:  # no position reaches it: nothing more captured
+            assert s.decoder.tensor_cores_from == switch
+            assert not any("tensor cores" in key for key in s.decoder.graphs)
+            break
+        if warm == "1":
+            setting = "sampled" if s.decoder.pick_in_place and chat is sampled else "greedy"
+            key = (setting, "tensor cores")
+            assert [k for k in s.decoder.graphs if "tensor cores" in k] == [key]
+            captured = s.decoder.graphs[key]
+        out = []
+        for p in (chat, greedy):
+            ids = s.prompt_ids(messages=messages, max_new_tokens=40)[0]
+            assert len(ids) < switch < len(ids) + 39  # the answer passes the switch
+            gen = s.generate(ids, p)
+            "".join(gen)
+            out.append((gen.tokens, gen.stats.cuda_graph))
+            if warm == "1" and p is chat:  # the warm-up's graph replayed, no new capture
+                assert s.decoder.graphs[key] is captured
+        runs[warm] = out
+        del s
+        torch.cuda.empty_cache()
+    assert runs["1"] == runs["0"] and all(graph for _, graph in runs["1"])
+    if noisy:  # the sampled turn is not the greedy one (the two compared turns differ)
+        assert runs["1"][0][0] != runs["1"][1][0]
+
+
 def test_a_long_prompt_in_the_planned_pieces_answers_as_in_512_token_pieces(tiny_folder):
     """With room on the GPU the load plans prefill pieces of up to 4096 tokens (each piece
     expands every layer's weights once): a 1800-token prompt goes in one piece, and its last
