@@ -60,6 +60,9 @@ class EngineClient:
         self.state = "stopped"
         self.hello: dict[str, Any] = {}
         self.loaded: dict[str, Any] = {}
+        # the load request of the model loaded now ({} while none is): what a refused load
+        # leaves to reload after a crash where the engine kept that model
+        self.loaded_from: dict[str, Any] = {}
         self.last_load: dict[str, Any] | None = None
         self.proc: asyncio.subprocess.Process | None = None
         self._ids = itertools.count(1)
@@ -260,12 +263,11 @@ class EngineClient:
         """Load a model; returns the ``loaded`` payload or raises EngineError with the reason.
         Made while the engine restarts after a crash, it waits for the restart and takes the
         place of its reload."""
-        kept = self.last_load if self.state == "loaded" else None
         self.last_load = dict(
             path=path, device=device, dtype=dtype, max_seq_len=max_seq_len, on_progress=on_progress
         )
         await self._after_recovery()
-        return await self._load(**self.last_load, kept=kept)
+        return await self._load(**self.last_load)
 
     async def _load(
         self,
@@ -274,10 +276,7 @@ class EngineClient:
         dtype: str | None,
         max_seq_len: int,
         on_progress: Callable[[float, str], None] | None,
-        kept: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """kept: the load of the model loaded now, which the engine keeps where it refuses
-        this one before letting it go (model_kept)."""
         self._set_state("loading", path=path)
         id_ = self._new_id("load")
         waiter = asyncio.get_running_loop().create_future()
@@ -293,17 +292,24 @@ class EngineClient:
             self._progress.pop(id_, None)
         if msg.type == "error":
             kind = msg.get("kind", "")
-            if msg.get("model_kept"):  # refused before the engine let its model go
-                self.last_load = kept
+            # refused before the engine let its model go: that model stays (the engine sends
+            # model_kept only with one loaded, which this client has heard of by now: a load
+            # made while another was loading is answered after it)
+            if msg.get("model_kept") and self.loaded:
+                self.last_load = self.loaded_from
                 self._set_state("loaded", **self.loaded)
             elif kind not in PROCESS_ENDED:  # else a restart may already be under way
                 self.last_load = None
+                self.loaded, self.loaded_from = {}, {}  # the engine let its model go
                 self._set_state(
                     "ready" if self.proc and self.proc.returncode is None else "failed",
                     message=msg.get("message"),
                 )
             raise EngineError(msg.get("message", "the model could not be loaded"), kind)
         self.loaded = msg.payload
+        self.loaded_from = dict(
+            path=path, device=device, dtype=dtype, max_seq_len=max_seq_len, on_progress=on_progress
+        )
         self._set_state("loaded", **msg.payload)
         return msg.payload
 
@@ -363,7 +369,7 @@ class EngineClient:
         if self.state != "loaded":
             return
         self.last_load = None
-        self.loaded = {}
+        self.loaded, self.loaded_from = {}, {}
         self._set_state("ready")
         await self._request("unload", timeout)
 

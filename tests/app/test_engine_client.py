@@ -404,6 +404,41 @@ def test_a_load_refused_with_the_model_kept_leaves_that_model_to_reload_after_a_
     ]  # fmt: skip
 
 
+def test_a_load_refused_while_another_loads_keeps_the_one_that_finished(tmp_path):
+    """A load made while another is loading is answered after it: refused with the model kept,
+    the model kept is the one that just finished loading, which a crash's restart reloads. A
+    load refused after the engine let its model go leaves no model to reload or report."""
+    log = tmp_path / "requests.jsonl"
+
+    async def go():
+        c = make_client(tmp_path)
+        c.env["FAKE_ENGINE_LOG"] = str(log)
+        await c.start()
+        first = asyncio.ensure_future(c.load("/models/slowload"))
+        await wait_for_state(c, "loading")
+        with pytest.raises(EngineError, match="not found"):
+            await c.load("/models/missing")  # sent while the first one loads
+        assert (await first)["model"] == "/models/slowload"
+        assert c.state == "loaded" and c.last_load["path"] == "/models/slowload"
+        await crash(c)
+        await wait_for_state(c, "loaded")
+        assert c.loaded["model"] == "/models/slowload"
+        with pytest.raises(EngineError, match="no such model"):
+            await c.load("/models/bad")  # refused after the engine let its model go
+        assert (c.state, c.loaded, c.last_load) == ("ready", {}, None)
+        with pytest.raises(EngineError, match="not found"):
+            await c.load("/models/missing")  # nothing kept now
+        assert (c.state, c.loaded) == ("ready", {})
+        await c.shutdown()
+
+    run(go())
+    sent = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [m["path"] for m in sent if m["type"] == "load"] == [
+        "/models/slowload", "/models/missing", "/models/slowload", "/models/bad",
+        "/models/missing",
+    ]  # fmt: skip
+
+
 def test_crashes_older_than_five_minutes_no_longer_count_against_restarts(tmp_path):
     """The engine is restarted after a crash unless it crashed more than max_restarts times in
     the last 5 minutes; earlier crashes are forgotten."""
