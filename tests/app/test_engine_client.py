@@ -134,6 +134,11 @@ async def crash(c):
     await wait_for_state(c, "crashed", "starting")
 
 
+def requests_of(log: Path, type_: str) -> list[dict]:
+    """The requests of one type the fake engine got, in order (FAKE_ENGINE_LOG)."""
+    return [m for m in map(json.loads, log.read_text().splitlines()) if m["type"] == type_]
+
+
 async def logged_client_after_a_crash(tmp_path, log):
     """A client whose engine logs its requests to ``log``, with /models/first loaded, returned
     while the engine restarts after a crash."""
@@ -156,9 +161,8 @@ def test_requests_made_while_the_engine_restarts_wait_for_it(tmp_path):
         c = await logged_client_after_a_crash(tmp_path, log)
         loaded = await c.load("/models/second")
         assert loaded["model"] == "/models/second" and c.state == "loaded"
-        sent = [json.loads(line) for line in log.read_text().splitlines()]
         # the first model, loaded before the crash, is not reloaded by the restart
-        assert [m["path"] for m in sent if m["type"] == "load"] == [
+        assert [m["path"] for m in requests_of(log, "load")] == [
             "/models/first",
             "/models/second",
         ]
@@ -173,9 +177,8 @@ def test_requests_made_while_the_engine_restarts_wait_for_it(tmp_path):
         await c.shutdown()
 
     run(go())
-    sent = [json.loads(line) for line in log.read_text().splitlines()]
-    loads = [m["path"] for m in sent if m["type"] == "load"]
-    prompts = [m["messages"][-1]["content"] for m in sent if m["type"] == "generate"]
+    loads = [m["path"] for m in requests_of(log, "load")]
+    prompts = [m["messages"][-1]["content"] for m in requests_of(log, "generate")]
     assert loads == ["/models/second"]  # the second restart reloads the user's model, once
     assert prompts == ["crash", "after the restart"]
 
@@ -398,8 +401,7 @@ def test_a_load_refused_with_the_model_kept_leaves_that_model_to_reload_after_a_
         await c.shutdown()
 
     run(go())
-    sent = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [m["path"] for m in sent if m["type"] == "load"] == [
+    assert [m["path"] for m in requests_of(log, "load")] == [
         "/models/missing", "/models/first", "/models/missing-too", "/models/first"
     ]  # fmt: skip
 
@@ -432,8 +434,7 @@ def test_a_load_refused_while_another_loads_keeps_the_one_that_finished(tmp_path
         await c.shutdown()
 
     run(go())
-    sent = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [m["path"] for m in sent if m["type"] == "load"] == [
+    assert [m["path"] for m in requests_of(log, "load")] == [
         "/models/slowload", "/models/missing", "/models/slowload", "/models/bad",
         "/models/missing",
     ]  # fmt: skip
@@ -478,8 +479,7 @@ def test_a_generate_request_carries_its_prompt_and_sampling(tmp_path):
         await c.shutdown()
 
     run(go())
-    sent = [json.loads(line) for line in log.read_text().splitlines()]
-    gens = [m for m in sent if m["type"] == "generate"]
+    gens = requests_of(log, "generate")
     assert [(m.get("prompt"), m.get("messages"), m["sampling"]) for m in gens] == [
         ("raw text", None, {"temperature": 0.5}),
         (None, [{"role": "user", "content": "hi"}], {}),
