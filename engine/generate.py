@@ -24,6 +24,13 @@ from .tokenizer import ContextError, Detokenizer, StopMatcher, Tokenizer
 # Tokens of the warm-up prompt: more than the decode GEMVs take (engine/ops/cuda.py
 # GEMV_MAX_TOKENS), so that it runs the prefill path: dequant + GEMM, attention.
 WARM_UP_TOKENS = 16
+# On a GPU a follow-up of this many tokens after it: a chat's next turn (new tokens after cached
+# ones) runs kernels the first prompt does not, which CUDA loads at their first use. The random
+# 8B 2-bit model (engine/bench_e2e.py build) on an H100, each variant in a fresh process after
+# the 16-token prompt: the first 37-token turn after 600 took 80.2 ms and the next 29.8; with
+# this follow-up in the warm-up 24.4 and 19.6, and a first 150-token prompt 32.3 against 49.0
+# (CUDA_MODULE_LOADING=EAGER without it: 28.9 and 19.7, so it is mostly the loading).
+WARM_UP_FOLLOW_UP = 40
 log = logging.getLogger("engine")
 
 
@@ -79,7 +86,8 @@ class Session:
     @torch.no_grad()
     def warm_up(self, progress: Progress | None = None) -> None:
         """What the first answer would otherwise wait for: the first prefill, where on a GPU the
-        kernels PyTorch and we use are loaded (0.1-1.5 s on an H200) and on the CPU every VPTQ
+        kernels PyTorch and we use are loaded (0.1-1.5 s on an H200; then a follow-up's prefill,
+        whose kernels a chat's next turn would load) and on the CPU every VPTQ
         layer's weights are expanded to the dense ones the reference path keeps (engine/layers.py;
         seconds for the demo model); on a GPU also the greedy decode graph's capture (about 0.1 s)
         and the samplers' first calls (about 20 ms), and where the sampled pick reads its settings
@@ -98,6 +106,9 @@ class Session:
         ids = torch.arange(min(WARM_UP_TOKENS, self.n_ctx), device=self.loaded.device)
         try:
             logits = model(ids[None] % model.args.vocab_size, 0, last_only=True)[0]
+            if cuda and self.n_ctx >= WARM_UP_TOKENS + WARM_UP_FOLLOW_UP:
+                more = torch.arange(WARM_UP_FOLLOW_UP, device=self.loaded.device)
+                model(more[None] % model.args.vocab_size, WARM_UP_TOKENS, last_only=True)
             if cuda:
                 seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
                 greedy, sampled = SamplingParams(temperature=0), SamplingParams(top_p=0.95)
