@@ -795,6 +795,49 @@ def test_a_downloaded_model_is_named_by_its_repo_id(tmp_path, monkeypatch):
     assert model_label(None) == "the model"
 
 
+def test_retries_wait_twice_as_long_each_time_and_say_how_long(hub, tmp_path):
+    """A file failing on a transient error is retried max_retries times, after backoff, 2x
+    backoff, 4x backoff seconds, each wait shown ("retry 2 of 3 in 4 s"); then it gives up,
+    keeping the part. A stop during a wait ends the retries there."""
+    import threading
+    from types import SimpleNamespace
+
+    from app.downloads import Download
+
+    m = manager(hub, tmp_path, backoff=2.0, max_retries=3)
+    m._post = lambda fn, *args: fn(*args)  # state changes on this thread, in order
+    shown = []
+    m.on_change = lambda d: shown.append((d.state, d.message))
+    waits = []
+
+    class Waits(threading.Event):  # no real waiting: the delays are recorded
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            return len(waits) == stop_at
+
+    def fails(d, f):
+        raise ConnectionResetError("Connection reset by peer")
+
+    m._file = fails
+    f = SimpleNamespace(path="model.safetensors")
+    stop_at = 0
+    d = Download("o/m", tmp_path / "o" / "m", stop=Waits())
+    assert m._file_with_retries(d, f) is False
+    assert waits == [2.0, 4.0, 8.0]
+    why = "ConnectionResetError: Connection reset by peer"
+    assert shown == [
+        ("retrying", f"retry 1 of 3 in 2 s: {why}"),
+        ("retrying", f"retry 2 of 3 in 4 s: {why}"),
+        ("retrying", f"retry 3 of 3 in 8 s: {why}"),
+        ("failed", f"model.safetensors: {why}. Gave up after 3 retries; the downloaded part is "
+                   "kept: resume to continue."),
+    ]  # fmt: skip
+    waits.clear()
+    stop_at = 2  # paused during the second wait
+    d = Download("o/m", tmp_path / "o" / "m", stop=Waits())
+    assert m._file_with_retries(d, f) is False and waits == [2.0, 4.0] and d.retries == 2
+
+
 def test_a_repo_id_maps_to_its_folder_under_the_models_folder(tmp_path):
     from app.hub import folder_of
 
