@@ -290,15 +290,17 @@ def _session(a: argparse.Namespace):
 ENDINGS = {"stop": "done", "length": "cut at the token limit", "cancelled": "stopped"}
 
 
-# What `generate` without --chat says where the model ended its text at once: an instruct
-# model given a bare question, the README's first try, ends it there and printed nothing.
+# What `generate` says where the model ended its text at once, so that an empty output is not
+# taken for a failure: without --chat, for a model with a chat template, how to have it answer
+# (an instruct model given a bare question, the README's first try, ends it there).
+ENDED = "the model ended the text at once (its first token was its end of text)"
 ENDED_AT_ONCE = (
     "the model ended the text at once (nothing to add to it): to have an instruct model answer "
     "a question or an instruction, add --chat"
 )
 
 
-def _stream(gen, ended_at_once: str = "") -> None:
+def _stream(gen, ended_at_once: str = ENDED) -> None:
     """Prints the answer as it comes, then how it ended; ``ended_at_once``: what to say where the
     model ended before writing anything."""
     wrote = False
@@ -360,7 +362,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         )
     else:
         ids, _ = s.prompt_ids(prompt=prompt, max_new_tokens=params.max_new_tokens)
-    hint = ENDED_AT_ONCE if not a.chat and s.tok.has_chat_template else ""
+    hint = ENDED_AT_ONCE if not a.chat and s.tok.has_chat_template else ENDED
     _stream(s.generate(ids, params), hint)
 
 

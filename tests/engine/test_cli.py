@@ -220,7 +220,7 @@ class FakeGeneration:
 def test_generate_says_why_a_bare_question_printed_nothing(pieces, reason, noted, capsys):
     """An instruct model given a bare question ends the text at once (the demo does with "What
     is the capital of France?"), and `generate` printed nothing but its statistics: it now says
-    that such a model answers with --chat."""
+    that such a model answers with --chat. Any other model ending at once is said to have."""
     from engine.__main__ import ENDED_AT_ONCE, _stream
 
     _stream(FakeGeneration(pieces, reason), ENDED_AT_ONCE)
@@ -228,8 +228,11 @@ def test_generate_says_why_a_bare_question_printed_nothing(pieces, reason, noted
     assert out == "".join(pieces)
     assert (f"note: {ENDED_AT_ONCE}" in err) == noted, err
     assert "add --chat" in ENDED_AT_ONCE
-    _stream(FakeGeneration(pieces, reason))  # without the hint (--chat, no chat template)
-    assert "note:" not in capsys.readouterr().err
+    # with --chat, or for a model without a chat template: said without the hint
+    _stream(FakeGeneration(pieces, reason))
+    err = capsys.readouterr().err
+    plain = "note: the model ended the text at once (its first token was its end of text)\n"
+    assert (plain in err) == noted and "--chat" not in err, err
 
 
 @pytest.mark.e2e
