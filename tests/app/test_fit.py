@@ -37,6 +37,7 @@ def test_kv_cache_and_overhead_by_hand(cfg, kv_per_token, overhead):
 
 def test_llama_8b_two_bit_fits_an_8_gib_card():
     f = fit(Shape.from_config(LLAMA_31_8B), 4_000_000_000, 8 * GiB, 8192)
+    assert (f.free, f.reclaimed, f.host) == (8 * GiB, 0, 0)  # nothing reclaimed or on the host
     assert f.kv_cache == GiB  # 8192 x 128 KiB
     assert f.needed == 4_000_000_000 + GiB + 984_590_336
     assert f.verdict == "fits"  # 6.06 GB of 8.59 GB
@@ -149,7 +150,7 @@ def test_llama_8b_two_bit_on_the_cpu_by_hand():
     assert small.verdict == "does not fit" and small.max_context == 0
     assert small.lines()[-1] == "The weights alone do not fit"
     unknown = cpu_fit(shape, files, True, 4096, None)
-    assert unknown.verdict is None and len(unknown.lines()) == 1
+    assert unknown.verdict is None and len(unknown.lines()) == 1 and unknown.max_context == 0
     # a dense fp16 checkpoint holds no packed layers beside its float32 copy
     assert cpu_fit(shape, 16_060_522_496, False, 4096, None).need.packed == 0
 
