@@ -5,6 +5,8 @@ projection dequantized, 4096 x 14336 x 2 = 117440512 (under the 128 MiB cap), + 
 tokens x (4 x 4096 + 3 x 14336) x 2 = 60817408, + logits 2 x 128256 x 4 = 1026048: 179283968.
 """
 
+import sys
+
 import pytest
 
 from engine.memory import (
@@ -110,3 +112,36 @@ def test_the_cpu_count_of_the_packed_tensors():
     assert cpu_need(SHAPE, files, True, 128, 2, gptq=(4, 128)).packed == rest + zeros
     grown = rest + zeros + gptq_group_columns(SHAPE, 128) * 2  # fp16 scales as float32
     assert cpu_need(SHAPE, files, True, 128, 4, gptq=(4, 128)).packed == grown
+
+
+def test_a_config_without_a_context_limit_and_a_wide_attention_layer():
+    """No max_position_embeddings: 4096 tokens at most. The largest layer (what prefill expands)
+    is q's where hidden x heads x head_dim outgrows hidden x intermediate."""
+    bare = {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 8,
+            "head_dim": 32, "intermediate_size": 128, "vocab_size": 100}  # fmt: skip
+    shape = Shape.from_config(bare)
+    assert shape.max_context == 4096 and shape.largest_context(1 << 40) == 4096
+    assert shape.largest_linear == 64 * 8 * 32  # q: 64 x 256, above the MLP's 64 x 128
+    assert Shape.from_config(LLAMA_31_8B).largest_linear == 4096 * 14336  # the MLP's
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows asks GlobalMemoryStatusEx")
+def test_the_memory_available_is_read_in_bytes_from_proc_meminfo(monkeypatch):
+    """Linux: MemAvailable, in kB, as bytes; a file without it or unreadable: None."""
+    import io
+
+    from engine import memory
+
+    text = "MemTotal:       16303840 kB\nMemFree:         1234 kB\nMemAvailable:   7654321 kB\n"
+    monkeypatch.setattr(memory, "open", lambda path: io.StringIO(text), raising=False)
+    assert memory.host_available() == 7654321 * 1024
+    monkeypatch.setattr(memory, "open", lambda path: io.StringIO("MemTotal: 1 kB\n"))
+    assert memory.host_available() is None
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(memory, "open", unreadable)
+    assert memory.host_available() is None
+    monkeypatch.setattr(memory, "open", lambda path: io.StringIO("MemAvailable: lots kB\n"))
+    assert memory.host_available() is None
