@@ -6,7 +6,16 @@ import html
 from collections.abc import Callable
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QDialog,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ..first_run import Check, verdict
 from .colours import colour
@@ -34,10 +43,18 @@ class FirstRunDialog(QDialog):
         buttons.addStretch(1)
         buttons.addWidget(again)
         buttons.addWidget(close)
+        # the lines scroll where the window is shorter than they are (they overlapped, clipped)
+        lines = QWidget()
+        inner = QVBoxLayout(lines)
+        inner.setContentsMargins(0, 0, 0, 0)
+        inner.addLayout(self.items)
+        inner.addStretch(1)  # spare height below the lines, not between them
+        scroll = QScrollArea(widgetResizable=True, frameShape=QFrame.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(lines)
         lay = QVBoxLayout(self)
         lay.addWidget(self.summary)
-        lay.addLayout(self.items)
-        lay.addStretch(1)  # spare height below the lines, not between them
+        lay.addWidget(scroll, 1)
         lay.addLayout(buttons)
         self.labels: list[QLabel] = []
         self.refresh()

@@ -1407,6 +1407,29 @@ def test_the_checks_window_keeps_its_lines_together_when_tall(qapp):
     d.close()
 
 
+def test_the_checks_scroll_where_the_window_is_shorter_than_they_are(qapp):
+    """Squeezed, the lines keep the height their wrapped text takes and scroll (they were
+    squashed into each other, their text clipped)."""
+    from PySide6.QtWidgets import QScrollArea
+
+    from app.first_run import Check
+    from app.ui.first_run_dialog import FirstRunDialog
+
+    long = "a reason long enough to wrap over several lines at this width " * 3
+    checks = [Check(f"Check {i}", False, long, "What to do about it, also long. " * 3)
+              for i in range(6)]  # fmt: skip
+    checks += [Check("PyTorch with CUDA", False, "no"), Check("CUDA kernels", None, "-")]
+    d = FirstRunDialog(None, lambda: checks)
+    d.resize(480, 10)  # as small as it goes
+    d.show()
+    qapp.processEvents()
+    for label in d.labels:
+        assert label.height() >= label.heightForWidth(label.width()), label.text()
+    (scroll,) = d.findChildren(QScrollArea)
+    assert scroll.verticalScrollBar().maximum() > 0  # the rest is a scroll away
+    d.close()
+
+
 def test_checking_again_replaces_the_lines(qapp):
     """ "Check again" shows the new checks in place of the old ones at once (the old lines
     stayed in the layout, shown, until the event loop came round to deleting them)."""
