@@ -216,7 +216,7 @@ class EngineClient:
             if self._shutdowns != shutdowns:  # the app closes, or Restart engine
                 return
             if reload is not None and self.last_load is reload:  # else the user loads another
-                await self._load(**reload)
+                await self._load(reload)
         except EngineError as e:
             if e.kind != "stopped":  # else shutdown() ended it
                 log.error("restart failed: %s", e)
@@ -267,24 +267,18 @@ class EngineClient:
             path=path, device=device, dtype=dtype, max_seq_len=max_seq_len, on_progress=on_progress
         )
         await self._after_recovery()
-        return await self._load(**self.last_load)
+        return await self._load(self.last_load)
 
-    async def _load(
-        self,
-        path: str,
-        device: str | None,
-        dtype: str | None,
-        max_seq_len: int,
-        on_progress: Callable[[float, str], None] | None,
-    ) -> dict[str, Any]:
-        self._set_state("loading", path=path)
+    async def _load(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``request``: load()'s arguments (last_load)."""
+        self._set_state("loading", path=request["path"])
         id_ = self._new_id("load")
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[id_] = waiter
-        if on_progress:
-            self._progress[id_] = on_progress
-        payload = {"path": path, "max_seq_len": max_seq_len}
-        payload.update({k: v for k, v in (("device", device), ("dtype", dtype)) if v})
+        if request["on_progress"]:
+            self._progress[id_] = request["on_progress"]
+        payload = {k: request[k] for k in ("path", "max_seq_len")}
+        payload.update({k: request[k] for k in ("device", "dtype") if request[k]})
         try:
             self._send("load", id_, **payload)
             msg = await waiter
@@ -306,10 +300,7 @@ class EngineClient:
                     message=msg.get("message"),
                 )
             raise EngineError(msg.get("message", "the model could not be loaded"), kind)
-        self.loaded = msg.payload
-        self.loaded_from = dict(
-            path=path, device=device, dtype=dtype, max_seq_len=max_seq_len, on_progress=on_progress
-        )
+        self.loaded, self.loaded_from = msg.payload, request
         self._set_state("loaded", **msg.payload)
         return msg.payload
 
