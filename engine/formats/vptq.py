@@ -137,7 +137,12 @@ def spec_from_dict(d: dict[str, Any], where: str) -> VQLayerSpec:
     if kr:
         _power_of_two(kr, "num_res_centroids", where)
     outliers = v0 > 1 and k0 > 0
-    p = int(d.get("outlier_size", 0)) if outliers else 0
+    if outliers and "outlier_size" not in d:
+        raise FormatError(
+            f"{where}: outliers are on (vector_lens[0] = {v0}, num_centroids[0] = {k0}) "
+            "but 'outlier_size', their number of columns, is missing"
+        )
+    p = int(d["outlier_size"]) if outliers else 0
     g = int(d.get("group_num", d.get("num_codebooks", 1)))
     s = int(d.get("group_size", (kin - p) // max(g, 1)))
     if g < 1 or p + g * s != kin:

@@ -73,6 +73,13 @@ def test_outliers_only_with_an_outlier_vector_length_above_1_and_a_codebook():
     one = spec_from_dict(no_groups, WHERE)
     assert (one.group_num, one.group_size) == (1, 64)
     refused(layer(group_num=2, group_size=24), r"outlier_size 0 \+ group_num 2 x group_size 24")
+    # on, their codebook's size is checked as the main one's, and their columns must be given
+    refused(layer(vector_lens=[4, 8], num_centroids=[1, 256], outlier_size=16, group_size=48),
+            r"'num_centroids\[0\] \(outliers\)' = 1 is not a power of two")  # fmt: skip
+    unsized = layer(vector_lens=[4, 8], num_centroids=[16, 256])
+    del unsized["outlier_size"]
+    refused(unsized, r"outliers are on \(vector_lens\[0\] = 4, num_centroids\[0\] = 16\) but "
+                     "'outlier_size', their number of columns, is missing")  # fmt: skip
 
 
 def test_pairs_and_bare_values():
