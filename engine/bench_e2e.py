@@ -17,6 +17,7 @@ from .bench import model_config as config
 from .config import ModelArgs
 from .decode import GraphDecoder
 from .formats.gptq import GPTQSpec
+from .generate import warm_up_prefills
 from .gptq_linear import GPTQLinear
 from .layers import VQLinear, build_sliced_layouts, decode_paths, sliced_summary
 from .loader import EMBEDDING, _assign, free_bytes
@@ -228,6 +229,7 @@ def measure(model: Transformer, tokens: int, chunk: int = PREFILL_CHUNK) -> dict
     p = SamplingParams(temperature=0, max_new_tokens=tokens)
     with torch.no_grad():
         model(prompt, 0, last_only=True)  # warm up: cuBLAS plans, kernel first calls
+        warm_up_prefills(model, model.max_seq)  # and what the app's load runs (a follow-up's)
         dec.graph(p)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -34,6 +34,19 @@ WARM_UP_FOLLOW_UP = 40
 log = logging.getLogger("engine")
 
 
+def warm_up_prefills(model, n_ctx: int) -> torch.Tensor:
+    """The warm-up's prompt (WARM_UP_TOKENS at position 0) and, on a GPU where the context holds
+    both, its follow-up (WARM_UP_FOLLOW_UP after it); returns the prompt's last logits [1, V].
+    Also what `bench e2e` runs before it times a follow-up turn, as the app does at load."""
+    device = model.model.norm.weight.device
+    ids = torch.arange(min(WARM_UP_TOKENS, n_ctx), device=device) % model.args.vocab_size
+    logits = model(ids[None], 0, last_only=True)[0]
+    if device.type == "cuda" and n_ctx >= WARM_UP_TOKENS + WARM_UP_FOLLOW_UP:
+        more = torch.arange(WARM_UP_FOLLOW_UP, device=device) % model.args.vocab_size
+        model(more[None], WARM_UP_TOKENS, last_only=True)
+    return logits
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0
@@ -103,12 +116,8 @@ class Session:
             progress(1.0, "warming up")
         t0 = time.perf_counter()
         model = self.loaded.model
-        ids = torch.arange(min(WARM_UP_TOKENS, self.n_ctx), device=self.loaded.device)
         try:
-            logits = model(ids[None] % model.args.vocab_size, 0, last_only=True)[0]
-            if cuda and self.n_ctx >= WARM_UP_TOKENS + WARM_UP_FOLLOW_UP:
-                more = torch.arange(WARM_UP_FOLLOW_UP, device=self.loaded.device)
-                model(more[None] % model.args.vocab_size, WARM_UP_TOKENS, last_only=True)
+            logits = warm_up_prefills(model, self.n_ctx)
             if cuda:
                 seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
                 greedy, sampled = SamplingParams(temperature=0), SamplingParams(top_p=0.95)

@@ -102,8 +102,16 @@ def test_rows_are_padded_independently():
 
 
 def test_out_of_range_index_refused():
-    with pytest.raises(ValueError, match="out of range"):
-        pack_indices(torch.tensor([16]), 4)
+    for value in (16, -1):
+        with pytest.raises(ValueError, match="index out of range for 4 bits"):
+            pack_indices(torch.tensor([value]), 4)
+
+
+def test_rows_too_short_for_their_elements_refused():
+    """Ten 7-bit elements need 70 bits, three words a row: two are refused, naming both."""
+    with pytest.raises(ValueError, match="2 words per row hold fewer than 10x7 bits"):
+        unpack_indices(torch.zeros(4, 2, dtype=torch.int32), 7, 10)
+    assert unpack_indices(torch.zeros(4, 3, dtype=torch.int32), 7, 10).shape == (4, 10)
 
 
 def test_elements_split_into_main_and_residual_indices():
