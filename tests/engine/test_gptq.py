@@ -82,6 +82,23 @@ def test_permuting_rows_moves_whole_codes(bits):
         assert torch.equal(gptq.unpack_rows(got, bits), codes[order].to(torch.int32))
 
 
+def test_group_sizes_from_1_and_minus_1_for_the_whole_input():
+    """group_size -1 is one group of all K inputs, as is K itself in the layer's description;
+    1 (a group an input row) is the smallest; the writer's version is read to the patch."""
+    config = gptq.GPTQConfig(4, 1, False, True, False, {}, None, "config.json")
+    q = "model.layers.0.self_attn.q_proj"
+    assert config.spec(q, 64, 32, False).groups == 64
+    whole = replace(config, group_size=-1).spec(q, 64, 32, False)
+    assert (whole.group_size, whole.groups) == (64, 1)
+    assert gptq.describe(whole) == "4-bit, group -1, asym, gptq_v2"
+    assert gptq.describe(replace(whole, group_size=32, sym=True, v2=False)) == (
+        "4-bit, group 32, sym, gptq"
+    )
+    assert gptq.gptqmodel_version({"meta": {"quantizer": ["optimum:1.2", "gptqmodel:4.1"]}}) == (
+        4, 1, 0,
+    )  # fmt: skip
+
+
 def spec(bits=4, sym=False, v2=True, K=64, N=32, group=32):
     return GPTQSpec(K, N, bits, group, sym, v2)
 
