@@ -25,6 +25,39 @@ def test_deltas_concatenate_to_the_full_decode(demo_tokenizer, text):
     assert not any("\ufffd" in d for d in deltas)  # never half a UTF-8 character
 
 
+def test_deltas_come_as_the_tokens_do(demo_tokenizer):
+    """Plain ASCII holds nothing back: each token's text is out when it is pushed (a streamed
+    answer does not wait for its end), and the flush has nothing left."""
+    tok = demo_tokenizer
+    ids = tok.encode(TEXTS[0])
+    detok = Detokenizer(tok, tok.encode("Earlier:"))
+    assert [detok.push(t) for t in ids] == [tok.decode([t]) for t in ids]
+    assert detok.flush() == ""
+
+
+def test_the_context_keeps_the_first_deltas_space_under_a_sentencepiece_decoder(tmp_path):
+    """SentencePiece-style tokenizers (Mistral's, Llama 2's) drop the space of a text's first
+    word piece when it is decoded alone, so the first delta of an answer would lose the space
+    after the prompt's last word: the detokenizer decodes from the context's last tokens."""
+    from tokenizers import Tokenizer as Fast
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from engine.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "</s>": 1, "▁Hello": 2, "▁world": 3, "▁again": 4}
+    fast = Fast(models.WordLevel(vocab, unk_token="<unk>"))
+    fast.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    fast.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    hf = PreTrainedTokenizerFast(tokenizer_object=fast, unk_token="<unk>", eos_token="</s>")
+    hf.save_pretrained(str(tmp_path))
+    tok = Tokenizer(tmp_path)
+    assert tok.decode([3]) == "world" and tok.decode([2, 3]) == "Hello world"
+    detok = Detokenizer(tok, [1, 1, 1, 1, 2])  # only the last 4 are read: ends with "Hello"
+    assert [detok.push(3), detok.push(4), detok.flush()] == [" world", " again", ""]
+    assert Detokenizer(tok).push(3) == "world"  # an answer's first word, no context
+
+
 def test_multibyte_characters_are_split_over_tokens(demo_tokenizer):
     """The case the detokenizer exists for: at least one emoji spans several byte tokens."""
     ids = demo_tokenizer.encode("🎉")
@@ -41,6 +74,11 @@ def test_stop_matcher_holds_back_a_possible_stop():
     assert m.feed("ST") == ("", False)
     assert m.feed("ay") == ("STay", False)
     assert m.feed("fine STOP later") == ("fine ", True)
+    m = StopMatcher(["STOP"])  # a stop's first letter and its first three are held back
+    assert [m.feed("abcS"), m.feed("TO"), m.feed("x")] == [("abc", False), ("", False),
+                                                           ("STOx", False)]  # fmt: skip
+    m = StopMatcher(["", ""])  # no stop strings (empty ones are none): nothing held back
+    assert (m.stops, m.feed("abc S"), m.flush()) == ([], ("abc S", False), "")
 
 
 def conversation(n):
