@@ -419,6 +419,7 @@ def test_a_warmed_up_session_answers_as_a_cold_one(tiny_folder, monkeypatch):
         monkeypatch.setenv("VPTQ_CHAT_WARM_UP", warm)
         stages = []
         progress = lambda f, st, to=stages: to.append(st)  # noqa: E731
+        prefills.clear()  # the warm session's turns are not the cold one's warm-up
         s = Session.load(tiny_folder, "cuda", torch.float16, 256, progress)
         model = s.loaded.model
         model.lm_head.weight.data.mul_(40)  # random weights: clear-cut greedy choices
