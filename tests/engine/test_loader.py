@@ -177,6 +177,13 @@ def _edit_config(folder, fn):
             ].update(vector_lens=[-1, 4]),
             "tensor 'model.layers.0.mlp.up_proj.indices' has shape",
         ),
+        (
+            lambda c: c["quantization_config"]["config_for_layers"][
+                "model.layers.1.mlp.down_proj"
+            ].update(in_features=40, group_size=10),
+            "layer model.layers.1.mlp.down_proj is 40->48 in quantization_config but 80->48 in "
+            "the model shape",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, edit, message):
@@ -438,6 +445,14 @@ def test_weight_bytes_are_the_bytes_of_every_tensor_the_checkpoint_filled(tmp_pa
     n = len(tensors)
     assert n == 81  # tensors 0, 16, ..., 80: the last is a 16th one, reported once
     assert seen == [((i + 1) / 81, "loading weights") for i in (0, 16, 32, 48, 64, 80)]
+    # the KV cache's figure: keys and values of 2 layers, 2 heads of 12, 64 positions, float32
+    caches = [layer.self_attn.cache for layer in lm.model.model.layers]
+    assert lm.kv_bytes == 2 * 2 * 2 * 12 * 64 * 4 == sum(c.k.nbytes + c.v.nbytes for c in caches)
+    # tied embeddings: no lm_head, 80 tensors, so the last (the 80th) is reported on its own
+    _edit_config(tmp_path, lambda c: c.update(tie_word_embeddings=True))
+    seen.clear()
+    load_model(tmp_path, "cpu", max_seq_len=64, progress=lambda f, s: seen.append((f, s)))
+    assert seen == [((i + 1) / 80, "loading weights") for i in (0, 16, 32, 48, 64, 79)]
 
 
 def held_bytes(model) -> int:
