@@ -18,6 +18,7 @@ import torch
 from . import ops
 from .loader import LoadedModel, Progress, check_device, load_model
 from .memory import PREFILL_CHUNK
+from .model import Transformer
 from .sampling import SamplingParams, recommended_sampling, sample
 from .tokenizer import ContextError, Detokenizer, StopMatcher, Tokenizer
 
@@ -34,7 +35,7 @@ WARM_UP_FOLLOW_UP = 40
 log = logging.getLogger("engine")
 
 
-def warm_up_prefills(model, n_ctx: int) -> torch.Tensor:
+def warm_up_prefills(model: Transformer, n_ctx: int) -> torch.Tensor:
     """The warm-up's prompt (WARM_UP_TOKENS at position 0) and, on a GPU where the context holds
     both, its follow-up (WARM_UP_FOLLOW_UP after it); returns the prompt's last logits [1, V].
     Also what `bench e2e` runs before it times a follow-up turn, as the app does at load."""
