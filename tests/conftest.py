@@ -103,3 +103,19 @@ def demo_tokenizer(demo_path):
     from engine.tokenizer import Tokenizer
 
     return Tokenizer(demo_path)
+
+
+@pytest.fixture
+def prefill_log(monkeypatch) -> list[tuple[int, int]]:
+    """(tokens, start) of each forward pass (prefill) of any engine Transformer from here on."""
+    from engine.model import Transformer
+
+    log: list[tuple[int, int]] = []
+    forward = Transformer.forward
+
+    def watched(self, tokens, start=0, last_only=False):
+        log.append((tokens.shape[1], start))
+        return forward(self, tokens, start, last_only)
+
+    monkeypatch.setattr(Transformer, "forward", watched)
+    return log

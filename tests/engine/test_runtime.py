@@ -392,24 +392,15 @@ def same_paths_in_every_load(monkeypatch) -> None:
     monkeypatch.setenv("VPTQ_TUNE_DECODE", "0")
 
 
-def test_a_warmed_up_session_answers_as_a_cold_one(tiny_folder, monkeypatch):
+def test_a_warmed_up_session_answers_as_a_cold_one(tiny_folder, monkeypatch, prefill_log):
     """Session.load warms up on the GPU (a prefill and a follow-up's, the greedy graph and,
     where the fused pick reads its settings from the graph, the sampled one; the samplers) and
     says so; its dummy prompts leave nothing behind: two greedy turns and a seeded sampled one
     give the tokens of a session loaded without it (VPTQ_CHAT_WARM_UP=0), the second reusing the
     first turn's KV entries."""
     from engine.generate import WARM_UP_FOLLOW_UP, WARM_UP_TOKENS, Session
-    from engine.model import Transformer
 
     same_paths_in_every_load(monkeypatch)
-    prefills = []  # (tokens, start) of each forward pass
-    forward = Transformer.forward
-
-    def watched(self, tokens, start=0, last_only=False):
-        prefills.append((tokens.shape[1], start))
-        return forward(self, tokens, start, last_only)
-
-    monkeypatch.setattr(Transformer, "forward", watched)
     turns = [[{"role": "user", "content": "Name three colours."}]]
     turns.append(turns[0] + [{"role": "assistant", "content": "Red."}, turns[0][0]])
     greedy = SamplingParams(temperature=0, max_new_tokens=12)
@@ -419,7 +410,7 @@ def test_a_warmed_up_session_answers_as_a_cold_one(tiny_folder, monkeypatch):
         monkeypatch.setenv("VPTQ_CHAT_WARM_UP", warm)
         stages = []
         progress = lambda f, st, to=stages: to.append(st)  # noqa: E731
-        prefills.clear()  # the warm session's turns are not the cold one's warm-up
+        prefill_log.clear()  # the warm session's turns are not the cold one's warm-up
         s = Session.load(tiny_folder, "cuda", torch.float16, 256, progress)
         model = s.loaded.model
         model.lm_head.weight.data.mul_(40)  # random weights: clear-cut greedy choices
@@ -430,8 +421,8 @@ def test_a_warmed_up_session_answers_as_a_cold_one(tiny_folder, monkeypatch):
         )
         # the warm-up's prompt and a follow-up to it (the kernels of a chat's next turn)
         warm_up = [(WARM_UP_TOKENS, 0), (WARM_UP_FOLLOW_UP, WARM_UP_TOKENS)]
-        assert prefills == (warm_up if warm == "1" else [])
-        prefills.clear()
+        assert prefill_log == (warm_up if warm == "1" else [])
+        prefill_log.clear()
         out = []
         for messages, p in zip(turns + turns[:1], (greedy, greedy, sampled), strict=True):
             gen = s.generate(s.prompt_ids(messages=messages, max_new_tokens=12)[0], p)

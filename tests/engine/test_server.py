@@ -71,7 +71,7 @@ def fresh_answer(messages, max_new_tokens=40):
     return "".join(session.generate(ids, params))
 
 
-def test_loading_on_the_cpu_expands_the_weights_before_the_first_answer(monkeypatch):
+def test_loading_on_the_cpu_expands_the_weights_before_the_first_answer(monkeypatch, prefill_log):
     """Session.load warms up on the CPU too: the reference path's dense weights, which the first
     answer would otherwise wait seconds for, are there before any prompt, the stage is
     reported, and the dummy prompt leaves nothing behind (the answers of a session loaded
@@ -79,27 +79,18 @@ def test_loading_on_the_cpu_expands_the_weights_before_the_first_answer(monkeypa
     warm-up adds for the kernels CUDA loads at their first use, would cost the CPU time."""
     from engine.generate import WARM_UP_TOKENS, Session
     from engine.layers import VQLinear
-    from engine.model import Transformer
     from engine.models import resolve_model
     from engine.sampling import SamplingParams
 
-    prefills = []  # (tokens, start) of each forward pass
-    forward = Transformer.forward
-
-    def watched(self, tokens, start=0, last_only=False):
-        prefills.append((tokens.shape[1], start))
-        return forward(self, tokens, start, last_only)
-
-    monkeypatch.setattr(Transformer, "forward", watched)
     messages = [{"role": "user", "content": "Name a colour."}]
     answers = {}
     for warm in ("1", "0"):
         monkeypatch.setenv("VPTQ_CHAT_WARM_UP", warm)
         stages = []
         progress = lambda f, st, to=stages: to.append(st)  # noqa: E731
-        prefills.clear()
+        prefill_log.clear()
         s = Session.load(resolve_model("demo"), "cpu", None, 512, progress)
-        assert prefills == ([(WARM_UP_TOKENS, 0)] if warm == "1" else [])
+        assert prefill_log == ([(WARM_UP_TOKENS, 0)] if warm == "1" else [])
         layers = [m for m in s.loaded.model.modules() if isinstance(m, VQLinear)]
         assert len(layers) == 7 * s.loaded.args.n_layers
         assert {m.dense_cache is not None for m in layers} == {warm == "1"}
