@@ -150,6 +150,17 @@ def test_launch_shape_never_needs_a_second_wave():
             assert rbs * n_slices <= max(264, n_slices)
 
 
+def test_a_plan_costs_its_fullest_block_and_a_wave_overhead_for_each_wave():
+    """plan_cost by hand: 132 SMs running two blocks each take 264 blocks in one wave, 265 in
+    two; one block an SM, 132 a wave."""
+    from engine.sliced_plan import WAVE_LOOKUPS as wave
+
+    assert sliced.plan_cost(264, 1000, 132, 2) == wave + 1000
+    assert sliced.plan_cost(265, 1000, 132, 2) == 2 * (wave + 1000)
+    assert sliced.plan_cost(133, 500, 132, 1) == 2 * (wave + 500)
+    assert sliced.plan_cost(396, 500, 132, 1) == 3 * (wave + 500)
+
+
 def test_layers_are_planned_for_the_blocks_an_sm_runs_at_once():
     """A residual layer's kernel, and one of v = 12, holds one block an SM (csrc/vptq_sliced.cuh):
     a launch planned as one wave is at most num_sms blocks, where a 2-bit v8 or v16 layer's is
