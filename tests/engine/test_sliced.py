@@ -297,6 +297,13 @@ def test_max_tokens_follows_shared_memory():
     # a consumer GPU's 99 KB: 64 KB of codebook + 2 x 16 KB of xhat
     assert sliced.build(args, spec, 132, 99 << 10).max_tokens == 2
     assert sliced.build(args, spec, 132, 90 << 10).max_tokens == 1
+    # to the byte, as sliced_supported() in csrc/vptq_sliced.cu: the tile whose shared memory
+    # and the static arrays are exactly the opt-in fits, a byte less takes the next one down
+    from engine.sliced_plan import STATIC_SMEM
+
+    need = sliced.smem_bytes(8, 4096, 0, 32, 4, 128) + STATIC_SMEM
+    assert sliced.max_tokens(8, 4096, 0, 32, 128, need) == 4
+    assert sliced.max_tokens(8, 4096, 0, 32, 128, need - 1) == 2
 
 
 def test_choose_fills_the_budget_largest_first():
