@@ -31,6 +31,7 @@ class Repo:
     def __init__(self, repo_id: str, files: dict[str, bytes], downloads=0, modified="2026-01-01"):
         self.id, self.files, self.downloads, self.modified = repo_id, files, downloads, modified
         self.sha = hashlib.sha1(repo_id.encode()).hexdigest()
+        self.gated = False  # True: its info answers 403 (terms not accepted)
 
     def is_lfs(self, path: str) -> bool:
         return path.endswith(LFS_SUFFIXES)
@@ -171,6 +172,8 @@ class FakeHub:
                 repo = hub.repos.get("/".join(parts[:2]))
                 if repo is None:
                     return self._json({"error": "Repository not found"}, 404)
+                if repo.gated:
+                    return self._json({"error": "Access to this model is restricted"}, 403)
                 if len(parts) >= 4 and parts[2] == "tree":
                     tree = []
                     for p in repo.files:

@@ -202,7 +202,8 @@ def test_a_gptq_configs_width_counts_only_where_the_engine_runs_it(bits):
 # -- catalogue -------------------------------------------------------------------------------------
 def test_catalogue_lists_sorts_searches_pages_and_caches(hub, tmp_path):
     hub.add(Repo("VPTQ-community/Qwen2.5-7B-Instruct-v8-k65536-0-woft", {}, 500, "2026-03-01"))
-    hub.add(Repo("VPTQ-community/Meta-Llama-3.1-8B-Instruct-v8-k65536-256-woft", {}, 900))
+    hub.add(Repo("VPTQ-community/Meta-Llama-3.1-8B-Instruct-v8-k65536-256-woft", {}, 900,
+                 "2026-02-01"))  # fmt: skip
     hub.add(Repo("someone-else/Llama-v8-k256-0", {}, 10_000))
     hub.page_size = 2  # the client must follow the Link header
     h = make_hub(hub, tmp_path)
@@ -232,6 +233,10 @@ def test_catalogue_lists_sorts_searches_pages_and_caches(hub, tmp_path):
                 json.dumps({**raw, "time": "noon"}).encode()):  # fmt: skip
         (tmp_path / "hub-cache" / "catalogue.json").write_bytes(bad)
         assert down.cached_catalogue() is None, bad
+    (tmp_path / "hub-cache" / "catalogue.json").write_bytes(good)  # searched and sorted here too
+    assert [e.downloads for e in down.cached_catalogue(sort="downloads")[0]] == [900, 500, 0]
+    newest = down.cached_catalogue(search="VPTQ", sort="recent")[0]
+    assert [e.id.split("/")[1][:4] for e in newest] == ["Qwen", "Meta", "Tiny"]
 
 
 def test_config_is_cached_per_revision_and_a_damaged_cache_is_fetched_again(hub, tmp_path):
@@ -278,6 +283,19 @@ def test_file_sizes_checksums_and_bytes_on_disk(hub, tmp_path):
     assert make_hub(hub, tmp_path, offline=True).files(REPO).total == files.total
 
 
+def test_a_gated_or_missing_repo_is_named_with_its_fix_not_answered_from_the_cache(hub, tmp_path):
+    """A repo whose terms are not accepted (403) or that is gone (404) says so, even where its
+    file list is cached from before: the download would fail, so the cache is no answer."""
+    h = make_hub(hub, tmp_path)
+    h.files(REPO)  # cached now
+    hub.repos[REPO].gated = True
+    with pytest.raises(HubError, match=r"access denied \(403\)\. The model may be gated"):
+        h.files(REPO)
+    del hub.repos[REPO]
+    with pytest.raises(HubError, match=r"not found on the hub \(404\)\. It may have been renamed"):
+        h.files(REPO)
+
+
 def test_token_is_checked_and_kept_in_huggingface_hubs_store(hub, tmp_path):
     from huggingface_hub import constants
 
@@ -293,6 +311,7 @@ def test_token_is_checked_and_kept_in_huggingface_hubs_store(hub, tmp_path):
     save_token("hf_secret", hub.url)
     assert oct(os.stat(constants.HF_TOKEN_PATH).st_mode & 0o777) == "0o600"
     assert make_hub(hub, tmp_path).files(REPO).total > 500_000
+    assert make_hub(hub, tmp_path).config(REPO, hub.repos[REPO].sha) == {"hidden_size": 64}
     d, _ = run_download(hub, tmp_path)
     assert d.state == "installed"
     (tmp_path / "a-file").write_text("")
