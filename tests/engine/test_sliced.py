@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import memory
+from engine import memory, sliced_plan
 from engine.ops import sliced
 
 from .vq_factory import dequant_args, make_spec, oracle_dense, random_layer
@@ -153,8 +153,7 @@ def test_launch_shape_never_needs_a_second_wave():
 def test_a_plan_costs_its_fullest_block_and_a_wave_overhead_for_each_wave():
     """plan_cost by hand: 132 SMs running two blocks each take 264 blocks in one wave, 265 in
     two; one block an SM, 132 a wave."""
-    from engine.sliced_plan import WAVE_LOOKUPS as wave
-
+    wave = sliced_plan.WAVE_LOOKUPS
     assert sliced.plan_cost(264, 1000, 132, 2) == wave + 1000
     assert sliced.plan_cost(265, 1000, 132, 2) == 2 * (wave + 1000)
     assert sliced.plan_cost(133, 500, 132, 1) == 2 * (wave + 500)
@@ -299,9 +298,7 @@ def test_max_tokens_follows_shared_memory():
     assert sliced.build(args, spec, 132, 90 << 10).max_tokens == 1
     # to the byte, as sliced_supported() in csrc/vptq_sliced.cu: the tile whose shared memory
     # and the static arrays are exactly the opt-in fits, a byte less takes the next one down
-    from engine.sliced_plan import STATIC_SMEM
-
-    need = sliced.smem_bytes(8, 4096, 0, 32, 4, 128) + STATIC_SMEM
+    need = sliced.smem_bytes(8, 4096, 0, 32, 4, 128) + sliced_plan.STATIC_SMEM
     assert sliced.max_tokens(8, 4096, 0, 32, 128, need) == 4
     assert sliced.max_tokens(8, 4096, 0, 32, 128, need - 1) == 2
 
@@ -525,6 +522,12 @@ def test_worth_sharing_keeps_two_blocks_per_sm():
     # is more than half of an SM's 228 KiB: one block per SM instead of two.
     wide = [fake_layout(4800, 8192, 8, 600, 300, 8192) for _ in range(2)]
     assert sliced.two_per_sm(8, 4096, 0, 300, 8192, OPTIN)
+    # to the byte: an SM holds 1 KiB more than a block's opt-in, a block its dynamic shared
+    # memory, the static arrays and 1 KiB the system reserves
+    block = sliced.smem_bytes(8, 4096, 0, 300, 1, 8192) + sliced_plan.STATIC_SMEM + 1024
+    assert [sliced.two_per_sm(8, 4096, 0, 300, 8192, 2 * block - 1024 - d) for d in (0, 1)] == [
+        True, False,
+    ]  # fmt: skip
     assert not sliced.two_per_sm(8, 4096, 0, 600, 8192, OPTIN)
     assert not sliced.worth_sharing(wide, 16, OPTIN)
     # 4096-column chunks keep two blocks per SM. Two chunks make 32 parts (blocks) a row block:
@@ -837,6 +840,8 @@ def test_where_one_wave_of_row_blocks_does_not_fit_they_take_several():
     # (16400 bytes, aligned) and the static 1 KiB leave
     room = (64 << 10) - (32 << 10) - 16400 - 1024
     assert sliced.largest_row_block(8, 2048, 0, T4.smem_optin) == room // 32 == 479
+    exact = sliced.smem_bytes(8, 2048, 0, 479, 1, sliced_plan.CHUNK_COLS) + 1024  # to the byte
+    assert [sliced.largest_row_block(8, 2048, 0, exact - d) for d in (0, 1)] == [479, 478]
     assert (row_block, row_blocks) == (448, 4) and rows == 1792  # 4 even row blocks of <= 479
     assert row_blocks * n_slices > 2 * T4.num_sms  # more blocks than a wave
     assert sliced.meta_tokens(meta, T4.smem_optin) == 1
