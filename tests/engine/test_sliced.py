@@ -840,7 +840,7 @@ def test_where_one_wave_of_row_blocks_does_not_fit_they_take_several():
     # (16400 bytes, aligned) and the static 1 KiB leave
     room = (64 << 10) - (32 << 10) - 16400 - 1024
     assert sliced.largest_row_block(8, 2048, 0, T4.smem_optin) == room // 32 == 479
-    exact = sliced.smem_bytes(8, 2048, 0, 479, 1, sliced_plan.CHUNK_COLS) + 1024  # to the byte
+    exact = sliced.smem_bytes(8, 2048, 0, 479, 1, memory.CHUNK_COLS) + 1024  # to the byte
     assert [sliced.largest_row_block(8, 2048, 0, exact - d) for d in (0, 1)] == [479, 478]
     assert (row_block, row_blocks) == (448, 4) and rows == 1792  # 4 even row blocks of <= 479
     assert row_blocks * n_slices > 2 * T4.num_sms  # more blocks than a wave
