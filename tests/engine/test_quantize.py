@@ -47,6 +47,28 @@ def test_second_order_beats_kmeans_at_the_same_bits(v, k, kr):
     assert errors["vptq"] < 0.7 * errors["kmeans"], errors
 
 
+def test_kmeans_ends_on_each_clusters_weighted_mean():
+    """Four clusters far apart, uneven weights: the fit's centroids are the clusters' weighted
+    means (float64 oracle), whichever points seeded them; fewer points than centroids are the
+    codebook themselves, zeros after them."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[-10.0, -10.0], [-10.0, 10.0], [10.0, -10.0], [10.0, 10.0]])
+    points = centers.repeat_interleave(300, 0) + 0.5 * torch.randn(1200, 2, generator=g)
+    weights = torch.rand(1200, generator=g) * 3 + 0.1
+    for w in (weights, None):
+        book = kmeans(points, w, 4, gen=torch.Generator().manual_seed(2)).double()
+        ww = torch.ones(1200, dtype=torch.float64) if w is None else w.double()
+        for c in range(4):
+            member = slice(300 * c, 300 * (c + 1))
+            mean = (points[member].double() * ww[member, None]).sum(0) / ww[member].sum()
+            got = book[nearest(mean[None].float(), book.float())[0]]
+            assert torch.allclose(got, mean, atol=1e-4), (c, got, mean)
+    few = kmeans(points[:3], None, 4)
+    assert torch.equal(few, torch.cat([points[:3], torch.zeros(1, 2)]))
+    spread = points[::300]  # one point of each cluster, as many as centroids: in their order
+    assert torch.equal(kmeans(spread, None, 4, gen=torch.Generator().manual_seed(2)), spread)
+
+
 def test_a_few_heavy_points_do_not_take_the_codebook():
     """20 points hold 99.96% of the weight (a massive-activation channel, as in SmolLM2's layer-11
     down_proj). The fit sample must still see the other 40000: they get about as good a codebook
