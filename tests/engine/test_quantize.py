@@ -17,6 +17,7 @@ from engine.ops import reference
 from engine.quantize import Recipe, quantize, tensors_of
 from engine.vq import (
     FIT_POINTS,
+    fit_sample,
     grid_codebook,
     grid_nearest,
     kmeans,
@@ -85,6 +86,10 @@ def test_a_few_heavy_points_do_not_take_the_codebook():
     book = kmeans(points, weights, 256, gen=torch.Generator().manual_seed(1))
     assert float(((heavy - book[nearest(heavy, book)]) ** 2).sum()) < 1e-8  # each has its own
     best = light_error(kmeans(light, None, 236, gen=torch.Generator().manual_seed(1)))
+    # without weights the sample is drawn from every point: 32768 draws of 40000 hit ~22000
+    drawn, none = fit_sample(light, None, FIT_POINTS, torch.Generator().manual_seed(3))
+    assert none is None and drawn.shape == (FIT_POINTS, 2)
+    assert 20000 < torch.unique(drawn, dim=0).shape[0] < 24000
     assert light_error(book) < 1.5 * best, (light_error(book), best)
 
 
