@@ -140,7 +140,8 @@ def spec_from_dict(d: dict[str, Any], where: str) -> VQLayerSpec:
     if outliers and "outlier_size" not in d:
         raise FormatError(
             f"{where}: outliers are on (vector_lens[0] = {v0}, num_centroids[0] = {k0}) "
-            "but 'outlier_size', their number of columns, is missing"
+            "but 'outlier_size', their number of columns, is missing: the checkpoint's config "
+            "is incomplete; download it again or ask its publisher"
         )
     p = int(d["outlier_size"]) if outliers else 0
     g = int(d.get("group_num", d.get("num_codebooks", 1)))

@@ -79,7 +79,8 @@ def test_outliers_only_with_an_outlier_vector_length_above_1_and_a_codebook():
     unsized = layer(vector_lens=[4, 8], num_centroids=[16, 256])
     del unsized["outlier_size"]
     refused(unsized, r"outliers are on \(vector_lens\[0\] = 4, num_centroids\[0\] = 16\) but "
-                     "'outlier_size', their number of columns, is missing")  # fmt: skip
+                     "'outlier_size', their number of columns, is missing: the checkpoint's "
+                     "config is incomplete; download it again or ask its publisher")  # fmt: skip
 
 
 def test_pairs_and_bare_values():
