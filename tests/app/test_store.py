@@ -88,12 +88,18 @@ def test_a_damaged_field_costs_its_numbers_not_the_chat(tmp_path):
     c = s.create_conversation("kept", sampling={"temperature": 0.2})
     s.add_message(c.id, "user", "question")
     a = s.add_message(c.id, "assistant", "answer")
+    b = s.add_message(c.id, "assistant", "another")
     s.db.execute("UPDATE conversations SET sampling='{\"temperature\": 0.' WHERE id=?", (c.id,))
-    s.db.execute("UPDATE messages SET stats='[1, 2]' WHERE id=?", (a.id,))
+    s.db.execute("UPDATE messages SET stats='[1, 2]' WHERE id=?", (a.id,))  # JSON, not an object
+    s.db.execute("UPDATE messages SET stats='{\"decode' WHERE id=?", (b.id,))  # not JSON
     s.close()
     s = Store(tmp_path / "h.db")
     assert [(x.title, x.sampling) for x in s.conversations()] == [("kept", {})]
-    assert [(m.content, m.stats) for m in s.messages(c.id)] == [("question", {}), ("answer", {})]
+    assert [(m.content, m.stats) for m in s.messages(c.id)] == [
+        ("question", {}),
+        ("answer", {}),
+        ("another", {}),
+    ]
     s.close()
 
 
@@ -148,8 +154,12 @@ def test_export_import_round_trip(store):
         ("user", "q", {}),
         ("assistant", "```python\nprint(1)\n```", {"decode_tok_s": 3.0}),
     ]
-    md = store.export_markdown(c.id)
-    assert md.startswith("# Trip") and "## You\n\nq" in md and "## Assistant" in md
+    assert store.export_markdown(c.id) == (
+        "# Trip\n\n*System:* sys\n\n## You\n\nq\n\n## Assistant\n\n```python\nprint(1)\n```\n"
+    )
+    plain = store.create_conversation("No system prompt")
+    store.add_message(plain.id, "user", "hi")
+    assert store.export_markdown(plain.id) == "# No system prompt\n\n## You\n\nhi\n"
 
 
 @pytest.mark.parametrize(
@@ -208,3 +218,22 @@ def test_corrupt_or_newer_database(tmp_path):
     sqlite3.connect(newer).execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer VPTQ Chat"):
         Store(newer)
+
+
+def test_a_history_in_a_folder_not_made_yet_makes_it(tmp_path):
+    """The app's data folder may not exist on a first start (a fresh XDG_DATA_HOME)."""
+    path = tmp_path / "new" / "deeper" / "history.sqlite3"
+    s = Store(path)
+    s.create_conversation("first")
+    s.close()
+    assert path.is_file() and [c.title for c in Store(path).conversations()] == ["first"]
+
+
+def test_a_missing_conversation_is_a_key_error_and_an_empty_update_changes_nothing(store):
+    c = store.create_conversation("here")
+    with pytest.raises(KeyError):
+        store.conversation(c.id + 1)
+    m = store.add_message(c.id, "assistant", "kept", status="done")
+    store.update_message(m.id)  # no field given: nothing to set, no SQL error
+    got = store.messages(c.id)[0]
+    assert (got.content, got.status, got.stats) == ("kept", "done", {})
