@@ -5,14 +5,20 @@ import json
 from app.settings import DEFAULT_SAMPLING, Settings
 
 
-def test_settings_round_trip(tmp_path):
-    path = tmp_path / "settings.json"
+def test_settings_round_trip(tmp_path, caplog):
+    """Saved into a folder not made yet (a first start's data folder) and read back without a
+    warning; no file at all (the first start) reads as the defaults."""
+    path = tmp_path / "data" / "vptq-chat" / "settings.json"
+    assert Settings.load(path) == Settings()
     s = Settings(model="VPTQ-community/x", context=8192, sampling={"temperature": 0.1})
     s.hub_offline = True
     s.save(path)
     back = Settings.load(path)
     assert (back.model, back.context, back.hub_offline) == ("VPTQ-community/x", 8192, True)
     assert back.sampling == {**DEFAULT_SAMPLING, "temperature": 0.1}
+    back.context = 2048
+    back.save(path)  # over the first, its folder there now
+    assert Settings.load(path).context == 2048 and caplog.text == ""
 
 
 def test_a_damaged_settings_file_keeps_what_is_whole(tmp_path, caplog):
@@ -22,10 +28,12 @@ def test_a_damaged_settings_file_keeps_what_is_whole(tmp_path, caplog):
     path.write_text(json.dumps({
         "model": "mine", "context": "8192", "show_panel": 1, "sampling": 5,
         "first_run_done": True, "hub_proxy": None, "unknown_later_field": 3,
+        "hub_endpoint": {"url": "https://mirror.example"},
     }))  # fmt: skip
     s = Settings.load(path)
     assert (s.model, s.first_run_done) == ("mine", True)
     assert (s.context, s.show_panel, s.sampling, s.hub_proxy) == (4096, True, DEFAULT_SAMPLING, "")
+    assert s.hub_endpoint == ""  # an object only where the field is one (sampling)
     assert f"{path}: context = '8192' is not of type int; using 4096" in caplog.text
     assert "sampling = 5 is not of type dict" in caplog.text
     # sampling: names the engine does not know and values of the wrong type are dropped
@@ -36,6 +44,8 @@ def test_a_damaged_settings_file_keeps_what_is_whole(tmp_path, caplog):
     for text in ("[1, 2]", '{"model": ', "\x00\x01"):
         path.write_text(text)
         assert Settings.load(path) == Settings()
+    assert f"{path}: not a settings object; using defaults" in caplog.text
+    assert f"{path}: unreadable (" in caplog.text
     path.write_bytes(b"\xff\xfe{")  # not UTF-8
     assert Settings.load(path) == Settings()
 
