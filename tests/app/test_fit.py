@@ -212,6 +212,30 @@ def test_the_fast_decode_layout_is_planned_for_the_gpu_nvml_names():
     assert f.layout_fits and f"Fast decode layout {big / GiB:.2f} GiB: fits too" in f.lines()
 
 
+def test_the_models_page_fit_takes_the_residual_layout_and_gptq_zero_points():
+    """What the Models page's fit adds to the weights, per scheme: a VPTQ model's fast decode
+    layout with its residual codebook (the RTX 4090's v8-k65536-256 layout above, 32 x
+    10,395,648 bytes more than the Hopper plan) and no GPTQ zero points; a 4-bit GPTQ model's
+    zero points unpacked at load (the CPU test above: 190,840,832 bytes) and no layout. The
+    engine's own model counts as room."""
+    from app.browser import _gpu_fit
+    from app.gpu import GpuInfo
+    from app.hub import Scheme
+
+    shape = Shape.from_config(LLAMA_31_8B)
+    gpu = GpuInfo(
+        0, "GPU-1", "RTX 4090", 24 * GiB, 4 * GiB, 20 * GiB, 0, 40, 3 * GiB, (8, 9), 16384
+    )
+    vptq = Scheme("Meta-Llama-3.1-8B-Instruct", 8.0, 8, 65536, 256)
+    f = _gpu_fit(shape, vptq, 3_000_000_000, gpu, 8192)
+    hopper = model_layout_bytes(shape, 8, 65536, 256)
+    assert f.fast_layout - hopper == 32 * 10_395_648 and f.unpacked == 0
+    assert (f.free, f.reclaimed) == (23 * GiB, 3 * GiB)
+    gptq = Scheme("Meta-Llama-3.1-8B-Instruct", 8.0, None, None, None, True, 4, 128)
+    g = _gpu_fit(shape, gptq, 5_700_000_000, gpu, 8192)
+    assert (g.fast_layout, g.unpacked) == (0, 190_840_832)
+
+
 def test_gpus_read_the_compute_capability_and_cores_from_nvml():
     """app/gpu.py Gpus.read against a fake NVML: the capability and CUDA cores give the plan's
     GPU; a driver that answers neither leaves the plan to the Hopper default."""
