@@ -378,6 +378,8 @@ class Hub:
             r.raise_for_status()
             cfg = r.json()
         except Exception as e:
+            if _status(e) == 404:  # a repo of other files (GGUF, adapters): no model config
+                raise HubError(f"{repo}: it has no config.json on the hub") from None
             raise HubError(f"{repo}: could not read config.json ({_short(e)})") from None
         if not isinstance(cfg, dict):
             raise HubError(f"{repo}: its config.json is not a JSON object; ask its publisher")

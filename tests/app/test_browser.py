@@ -14,6 +14,7 @@ from app.browser import EntryRole
 from app.fit import gib
 from app.gpu import GpuInfo
 from app.settings import Settings
+from engine.paths import INSTALLED_MARKER
 
 from .conftest import make_app, wait_until
 from .fake_hub import FakeHub, Repo
@@ -840,3 +841,36 @@ def test_a_hub_error_shows_in_the_models_window_until_dismissed(browser_app, qlo
     save_shots(w, qloop, "models-error")
     banner.close_button.click()
     assert not banner.isVisibleTo(w)
+
+
+def test_a_model_whose_config_gives_no_shape_says_why_and_still_loads(browser_app, qloop, tmp_path):
+    """No config.json on the Hub (the fake hub's 70B), or an installed one without a field of
+    the model's shape: no fit check, the reason said for the GPU and for the CPU, and Load in
+    chat still possible once installed (the engine then says what is wrong)."""
+    app, _ = browser_app
+    w, browse = open_models(app, qloop)
+    big = "VPTQ-community/Meta-Llama-3.1-70B-Instruct-v8-k65536-256-woft"
+    shown = app.browser.filtered
+    row = next(r for r in range(3) if shown.index(r, 0).data().startswith("Meta-Llama-3.1-70B"))
+    browse.table.setCurrentIndex(shown.index(row, 0))
+    detail = browse.detail
+    wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
+    why = f"No fit check: {big}: it has no config.json on the hub"
+    assert (detail.verdict.text(), detail.breakdown.text()) == ("", why)
+    detail.gpu.setCurrentIndex(detail.gpu.count() - 1)  # CPU (slow)
+    assert (detail.verdict.text(), detail.breakdown.text()) == ("On the CPU it runs slowly.", why)
+    save_shots(w, qloop, "models-no-config")
+    # installed, with a config.json that lacks the number of layers
+    folder = tmp_path / "models" / big
+    folder.mkdir(parents=True)
+    cfg = {k: v for k, v in LLAMA_8B.items() if k != "num_hidden_layers"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / INSTALLED_MARKER).write_text("{}")
+    app.browser.refresh_local()
+    w.tabs.setCurrentIndex(1)
+    local = w.local
+    local.table.setCurrentIndex(app.browser.local.index(0, 0))
+    assert local.fit.text() == (
+        "No fit check: its config.json does not say its shape (loading says why)."
+    )
+    assert enabled_buttons(local) == ["Load in chat", "Delete…"]

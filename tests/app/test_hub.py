@@ -254,6 +254,12 @@ def test_config_is_cached_per_revision_and_a_damaged_cache_is_fetched_again(hub,
     hub.repos["VPTQ-community/odd"].files["config.json"] = b"[1, 2]"
     with pytest.raises(HubError, match=r"odd: its config\.json is not a JSON object"):
         h.config("VPTQ-community/odd", hub.repos["VPTQ-community/odd"].sha)
+    del hub.repos["VPTQ-community/odd"].files["config.json"]  # a repo of other files
+    with pytest.raises(HubError, match=r"^VPTQ-community/odd: it has no config\.json on the hub$"):
+        h.config("VPTQ-community/odd", "0" * 40)
+    down = Hub(HubSettings(endpoint="http://127.0.0.1:9"), tmp_path / "empty-cache")
+    with pytest.raises(HubError, match=r"^VPTQ-community/odd: could not read config\.json \(.+\)$"):
+        down.config("VPTQ-community/odd", "0" * 40)
 
 
 def test_no_catalogue_offline_without_cache(hub, tmp_path):
