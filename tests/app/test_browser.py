@@ -874,3 +874,19 @@ def test_a_model_whose_config_gives_no_shape_says_why_and_still_loads(browser_ap
         "No fit check: its config.json does not say its shape (loading says why)."
     )
     assert enabled_buttons(local) == ["Load in chat", "Delete…"]
+
+
+def test_before_the_engine_says_which_gpus_it_sees_no_gpu_is_refused(browser_app):
+    """Until the engine's hello (while it starts or restarts) its GPUs are unknown: a load on a
+    GPU goes to the settings' device (no device named), not refused as one it cannot see."""
+    app, _ = browser_app
+    gpu = FakeGpus().read()[0]
+    assert app.browser.load_device(gpu) == ("cuda:0", "")  # the engine's hello: UUID 1234
+    saved, app.client.hello = app.client.hello, {}
+    try:
+        assert app.browser.engine_devices() is None
+        assert app.browser.load_device(gpu) == ("", "")
+        assert app.browser.load_device(None) == ("cpu", "")
+        assert app.browser.engine_gpu([gpu]) is None
+    finally:
+        app.client.hello = saved
