@@ -709,6 +709,26 @@ def test_pause_and_resume_from_the_window(browser_app, qloop):
     assert (hub.gets("model-00001")[-1][2] or "").startswith("bytes="), hub.requests
 
 
+def test_cancel_from_the_list_takes_the_download_off_it(browser_app, qloop, tmp_path):
+    """Cancel deletes the partial files, and its row leaves the Downloads & installed list."""
+    app, hub = browser_app
+    hub.fail(SMALL, "model-00001-of-00001.safetensors", "trickle")
+    app.browser.start(SMALL)
+    app.show_models()
+    local = app.models_window.local
+    wait_until(
+        qloop,
+        lambda: (d := app.downloads.downloads.get(SMALL)) is not None and d.done > 20_000,
+        what="some bytes",
+    )
+    assert [r["repo"] for r in app.browser.local.rows] == [SMALL]
+    local.table.setCurrentIndex(app.browser.local.index(0, 0))
+    local.buttons["Cancel"].click()
+    wait_until(qloop, lambda: app.downloads.downloads[SMALL].state == "cancelled", what="cancel")
+    assert app.browser.local.rows == [] and not (tmp_path / "models" / SMALL).exists()
+    assert local.total.text() == "No models yet: pick one in Browse and press Download."
+
+
 def test_the_models_window_fits_the_screen(browser_app):
     from PySide6.QtGui import QGuiApplication
 
