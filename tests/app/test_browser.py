@@ -910,3 +910,19 @@ def test_before_the_engine_says_which_gpus_it_sees_no_gpu_is_refused(browser_app
         assert app.browser.engine_gpu([gpu]) is None
     finally:
         app.client.hello = saved
+
+
+def test_an_installed_models_fit_counts_only_its_weight_files(browser_app, tmp_path):
+    """The installed list's fit: the weights are the safetensors on disk, not the tokenizer or
+    the other files beside them."""
+    app, _ = browser_app
+    folder = tmp_path / "models" / SMALL
+    (folder / "shards").mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(LLAMA_8B))
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"w" * 1000)
+    (folder / "shards" / "model-00002-of-00002.safetensors").write_bytes(b"w" * 24)
+    (folder / "tokenizer.json").write_bytes(b"t" * 5000)
+    (folder / INSTALLED_MARKER).write_text("{}")
+    gpu, f = app.browser.installed_fit(SMALL, 4096)
+    assert gpu is not None and gpu.uuid == "GPU-1234"  # the engine's cuda:0
+    assert f.weights + f.host == 1024
