@@ -721,7 +721,11 @@ def test_cancel_from_the_list_takes_the_download_off_it(browser_app, qloop, tmp_
         lambda: (d := app.downloads.downloads.get(SMALL)) is not None and d.done > 20_000,
         what="some bytes",
     )
-    assert [r["repo"] for r in app.browser.local.rows] == [SMALL]
+    app.browser.refresh_local()  # as opening the window does: the download's own state
+    [row] = app.browser.local.rows
+    d = app.downloads.downloads[SMALL]
+    assert (row["repo"], row["state"], row["fraction"]) == (SMALL, d.state, d.fraction)
+    assert d.state == "downloading" and 0 < d.fraction < 1  # not a "partial" folder's 0
     local.table.setCurrentIndex(app.browser.local.index(0, 0))
     local.buttons["Cancel"].click()
     wait_until(qloop, lambda: app.downloads.downloads[SMALL].state == "cancelled", what="cancel")
