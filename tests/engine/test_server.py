@@ -122,6 +122,33 @@ def test_cancel_mid_answer_then_still_serves(engine):
     assert "Paris" in answer
 
 
+def test_the_end_of_stdin_stops_an_answer_being_written(demo_path):
+    """An app that closes the engine's stdin (it quits, or it died) while an answer is written:
+    the answer stops within a step or two, ends with its finished event, and the engine exits
+    (it went on to the token limit first, the GPU busy for nothing)."""
+    e = EngineProcess()
+    try:
+        assert e.next().type == "hello"
+        e.send("load", "l", path="demo", max_seq_len=2048)
+        e.until("loaded", "l")
+        e.send(
+            "generate",
+            "long",
+            messages=[{"role": "user", "content": "Write a long story."}],
+            sampling={"temperature": 0, "max_new_tokens": 1000},
+        )
+        deltas = 0
+        while deltas < 3:
+            deltas += e.next().type == "delta"
+        e.proc.stdin.close()
+        finished = e.until("finished", "long")[-1]
+        assert finished.get("reason") == "cancelled"
+        assert finished.get("stats")["completion_tokens"] < 12
+        assert e.proc.wait(60) == 0
+    finally:
+        e.close()
+
+
 def test_settings_a_request_leaves_out_are_the_models_recommended(engine):
     """The demo recommends a repetition penalty of 1.05 (engine/models.py DEMO_SAMPLING): a
     request without one gets it; one that gives it wins."""
