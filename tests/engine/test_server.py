@@ -215,6 +215,10 @@ def test_seeded_sampling_is_reproducible(engine):
 
 
 def test_malformed_lines_and_bad_requests_answered_with_errors(engine):
+    engine.write("   ")  # blank lines are skipped, not answered
+    engine.send("stats", "after-blank")
+    msg = engine.next()
+    assert (msg.type, msg.id) == ("stats", "after-blank")
     engine.write("this is not json")
     assert engine.next().get("kind") == "protocol"
     engine.write('{"v": 1, "type": "nonsense"}')
