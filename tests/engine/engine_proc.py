@@ -71,6 +71,18 @@ class EngineProcess:
         text = "".join(m.get("text") for m in events if m.type == "delta" and m.id == id_)
         return text, events
 
+    def long_answer_under_way(self, id_, max_new_tokens):
+        """Ask for a long greedy story and return once three of its deltas have come."""
+        self.send(
+            "generate",
+            id_,
+            messages=[{"role": "user", "content": "Write a long story."}],
+            sampling={"temperature": 0, "max_new_tokens": max_new_tokens},
+        )
+        deltas = 0
+        while deltas < 3:
+            deltas += self.next().type == "delta"
+
     def close(self):
         if self.proc.poll() is None:
             self.proc.stdin.close()

@@ -102,16 +102,7 @@ def test_loading_on_the_cpu_expands_the_weights_before_the_first_answer(monkeypa
 
 
 def test_cancel_mid_answer_then_still_serves(engine):
-    engine.send(
-        "generate",
-        "long",
-        messages=[{"role": "user", "content": "Write a long story."}],
-        sampling={"temperature": 0, "max_new_tokens": 400},
-    )
-    deltas = 0
-    while deltas < 3:
-        if engine.next().type == "delta":
-            deltas += 1
+    engine.long_answer_under_way("long", 400)
     engine.send("cancel", "long")
     finished = engine.until("finished", "long")[-1]
     assert finished.get("reason") == "cancelled"
@@ -131,15 +122,7 @@ def test_the_end_of_stdin_stops_an_answer_being_written(demo_path):
         assert e.next().type == "hello"
         e.send("load", "l", path="demo", max_seq_len=2048)
         e.until("loaded", "l")
-        e.send(
-            "generate",
-            "long",
-            messages=[{"role": "user", "content": "Write a long story."}],
-            sampling={"temperature": 0, "max_new_tokens": 1000},
-        )
-        deltas = 0
-        while deltas < 3:
-            deltas += e.next().type == "delta"
+        e.long_answer_under_way("long", 1000)
         e.proc.stdin.close()
         finished = e.until("finished", "long")[-1]
         assert finished.get("reason") == "cancelled"
