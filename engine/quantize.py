@@ -87,8 +87,8 @@ def calibration(model: Transformer, tok, recipe: Recipe, text: Path | None) -> t
     """[S, T] token ids: windows of the text, plus sequences the model writes itself."""
     ids = tok.encode((text or CALIBRATION).read_text(encoding="utf-8"))
     t = recipe.calib_len
-    n_text = min(recipe.calib_sequences // 2, max(len(ids) // t, 1))
-    windows = [ids[i * t : (i + 1) * t] for i in range(n_text) if len(ids) >= (i + 1) * t]
+    n_text = min(recipe.calib_sequences // 2, len(ids) // t)  # whole windows only
+    windows = [ids[i * t : (i + 1) * t] for i in range(n_text)]
     sampled = sample_sequences(model, tok, recipe.calib_sequences - len(windows), t, recipe.seed)
     text_part = torch.tensor(windows, dtype=torch.long).reshape(-1, t)
     return torch.cat([text_part, sampled.cpu()])

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from engine.layers import VQLinear
 from engine.loader import load_model
 from engine.ops import reference
-from engine.quantize import Recipe, quantize, tensors_of
+from engine.quantize import Recipe, calibration, quantize, sample_sequences, tensors_of
+from engine.tokenizer import Tokenizer
 from engine.vq import (
     FIT_POINTS,
     fit_sample,
@@ -180,6 +181,24 @@ def test_quantized_checkpoint_loads_and_chats(tmp_path, demo_path):
     )
     assert r.returncode == 0, r.stderr
     assert "[cut at the token limit] 4 tokens" in r.stderr or "[done]" in r.stderr, r.stderr
+
+
+def test_calibration_is_the_texts_windows_then_the_models_own_answers(tmp_path, demo_path):
+    """Half the sequences (at most) are whole windows of the text in order, the rest answers
+    the model samples itself; a text shorter than a window gives only sampled ones."""
+    src = tiny_model(tmp_path / "dense", demo_path)
+    model = load_model(src, "cpu", torch.float32, max_seq_len=16, half_weights=False).model
+    tok, text = Tokenizer(src), tmp_path / "text.txt"
+    recipe = replace(TINY, calib_sequences=8, calib_len=16)
+    for words, windows in ((200, 4), (14, 2), (5, 0)):
+        text.write_text(" ".join(f"word{i}" for i in range(words)))
+        ids = tok.encode(text.read_text())
+        assert len(ids) // 16 >= windows and (windows == 4 or len(ids) // 16 == windows)
+        got = calibration(model, tok, recipe, text)
+        assert got.shape == (8, 16) and got.dtype == torch.long
+        assert got[:windows].tolist() == [ids[i * 16 : (i + 1) * 16] for i in range(windows)]
+        sampled = sample_sequences(model, tok, 8 - windows, 16, recipe.seed)
+        assert torch.equal(got[windows:], sampled)
 
 
 @pytest.mark.parametrize(
