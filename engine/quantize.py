@@ -116,9 +116,8 @@ TOPICS = [
 
 @torch.no_grad()
 def sample_sequences(model: Transformer, tok, count: int, length: int, seed: int) -> torch.Tensor:
-    """``count`` chat answers of exactly ``length`` tokens, sampled at temperature 1."""
-    if count <= 0:
-        return torch.empty(0, length, dtype=torch.long)
+    """``count`` (at least 1: calibration asks for half its sequences or more) chat answers of
+    exactly ``length`` tokens, sampled at temperature 1."""
     device = model.model.norm.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
     prompts = [

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from engine.layers import VQLinear
 from engine.loader import load_model
 from engine.ops import reference
-from engine.quantize import Recipe, calibration, quantize, sample_sequences, tensors_of
+from engine.quantize import TOPICS, Recipe, calibration, quantize, sample_sequences, tensors_of
 from engine.tokenizer import Tokenizer
 from engine.vq import (
     FIT_POINTS,
@@ -126,7 +126,9 @@ def test_layer_round_trips_through_the_loaders_module(kr):
     assert torch.equal(dense, q.dense)  # what the quantizer propagated is what loads
 
 
-def tiny_model(folder: Path, demo_path: Path) -> Path:
+def tiny_model(folder: Path, demo_path: Path, init_std: float = 0.02) -> Path:
+    """A 2-layer Llama with the demo's tokenizer; ``init_std`` large makes its next-token
+    probabilities depend on the context (at transformers' 0.02 they are near uniform)."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -141,6 +143,7 @@ def tiny_model(folder: Path, demo_path: Path) -> Path:
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
+        initializer_range=init_std,
     )
     tf.LlamaForCausalLM(cfg).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -199,6 +202,32 @@ def test_calibration_is_the_texts_windows_then_the_models_own_answers(tmp_path, 
         assert got[:windows].tolist() == [ids[i * 16 : (i + 1) * 16] for i in range(windows)]
         sampled = sample_sequences(model, tok, 8 - windows, 16, recipe.seed)
         assert torch.equal(got[windows:], sampled)
+
+
+def test_self_sampled_answers_are_drawn_from_the_models_own_next_token_probabilities(
+    tmp_path, demo_path
+):
+    """Against transformers' own model of the same checkpoint, run over the whole sequence each
+    step: the prompts are the topics' chat prompts cut to the shortest one's length from the
+    left, and each token is drawn at temperature 1 with the seeded generator."""
+    import transformers as tf
+
+    src = tiny_model(tmp_path / "dense", demo_path, init_std=0.3)
+    model = load_model(src, "cpu", torch.float32, max_seq_len=16, half_weights=False).model
+    tok = Tokenizer(src)
+    got = sample_sequences(model, tok, 3, 6, seed=5)
+    hf = tf.LlamaForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    prompts = [
+        tok.chat_ids([{"role": "user", "content": f"Tell me about {topic}."}])
+        for topic in TOPICS[:3]
+    ]
+    width = min(map(len, prompts))
+    seqs, gen = torch.tensor([p[-width:] for p in prompts]), torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _ in range(6):
+            probs = torch.softmax(hf(seqs).logits[:, -1].double(), -1).float()
+            seqs = torch.cat([seqs, torch.multinomial(probs, 1, generator=gen)], 1)
+    assert got.shape == (3, 6) and torch.equal(got, seqs[:, width:])
 
 
 @pytest.mark.parametrize(
