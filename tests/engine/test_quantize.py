@@ -230,6 +230,50 @@ def test_self_sampled_answers_are_drawn_from_the_models_own_next_token_probabili
     assert got.shape == (3, 6) and torch.equal(got, seqs[:, width:])
 
 
+def test_each_stage_is_calibrated_on_the_quantized_layers_before_it(
+    tmp_path, demo_path, monkeypatch
+):
+    """What each Hessian accumulates (the inputs of q, o, gate and down in every layer) is what
+    transformers' model of the same checkpoint with the quantized weights put in feeds those
+    projections on the calibration tokens: each stage sees the layers and the stages before it
+    quantized, never their dense weights."""
+    import transformers as tf
+
+    import engine.quantize as qz
+
+    src = tiny_model(tmp_path / "dense", demo_path, init_std=0.3)
+    seen, tokens, real_calibration = [], [], qz.calibration
+
+    class Recording(qz.HessianHook):
+        def __call__(self, module, inputs) -> None:
+            seen.append(inputs[0].reshape(-1, module.in_features).clone())
+            super().__call__(module, inputs)
+
+    monkeypatch.setattr(qz, "HessianHook", Recording)
+    monkeypatch.setattr(
+        qz, "calibration", lambda *a: tokens.append(real_calibration(*a)) or tokens[0]
+    )
+    lm = load_model(quantize(src, tmp_path / "q", TINY, log=lambda m: None), "cpu", torch.float32)
+    hf = tf.LlamaForCausalLM.from_pretrained(src, torch_dtype=torch.float32).eval()
+    for name, spec in lm.specs.items():
+        dense = reference.vptq_dequant(
+            *lm.model.get_submodule(name).tensors(), spec=spec, dtype=torch.float32
+        )
+        assert not torch.equal(dense, hf.get_submodule(name).weight)  # quantized, not dense
+        hf.get_submodule(name).weight.data = dense
+    want = []
+    for i in range(2):
+        for probe, _ in qz.STAGES:
+            hf.get_submodule(f"model.layers.{i}.{probe}").register_forward_pre_hook(
+                lambda m, inputs: want.append(inputs[0].reshape(-1, m.in_features))
+            )
+    with torch.no_grad():
+        hf(tokens[0])
+    assert len(seen) == len(want) == 8
+    for got, expected in zip(seen, want, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "flag"),
     [
