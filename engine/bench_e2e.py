@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -63,7 +64,7 @@ def build(arch: str, scheme: str | None, context: int, cap: float | None = None)
             bits, group = gptq[:2]
             spec = GPTQSpec(k, n, bits, group, sym=False, v2=True, bias=bias)
             return GPTQLinear(spec, torch.float16, name)
-        return VQLinear(scheme_spec(scheme, k, n), torch.float16, name)
+        return VQLinear(replace(scheme_spec(scheme, k, n), bias=bias), torch.float16, name)
 
     with torch.device("meta"):
         model = Transformer(args, make)

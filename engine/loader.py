@@ -137,7 +137,10 @@ def load_model(
                 f"{folder / 'config.json'}: layer {name} is {spec.in_features}->"
                 f"{spec.out_features} in quantization_config but {k}->{n} in the model shape"
             )
-        return VQLinear(spec, dtype, name)
+        # The bias is the architecture's (Qwen2's q/k/v), as transformers takes it from the
+        # module it replaces, whatever the layer's "bias" field says: a checkpoint whose field
+        # says false still holds and needs the bias tensor.
+        return VQLinear(replace(spec, bias=bias), dtype, name)
 
     with torch.device("meta"):
         model = Transformer(args, make)

@@ -218,7 +218,7 @@ def quantize_layer(
                 recipe.method,
                 seed=recipe.seed + i,
             )
-            q = stored(q, dtype)
+            q = stored(replace(q, spec=replace(q.spec, bias=lin.bias is not None)), dtype)
             lin.weight.data.copy_(q.dense.to(lin.weight.dtype))  # later stages see it quantized
             results[f"model.layers.{i}.{part}"] = q
     return results

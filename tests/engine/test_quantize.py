@@ -1,6 +1,7 @@
 """The VPTQ quantizer: the second-order method against its baselines, the written checkpoint,
 resuming, and the demo model's quality."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -320,6 +321,61 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, demo_path):
     a = load_file(str(next(whole.glob("*.safetensors"))))
     b = load_file(str(next(resumed.glob("*.safetensors"))))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_left_with_other_settings_is_started_over(tmp_path, demo_path):
+    src = tiny_model(tmp_path / "dense", demo_path)
+    other = replace(TINY, centroids=8)
+    fresh = quantize(src, tmp_path / "fresh", other, log=lambda m: None)
+
+    def stop_after_first_layer(message):
+        if message.startswith("layer 1/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize(src, tmp_path / "again", TINY, log=stop_after_first_layer)
+    seen = []
+    again = quantize(src, tmp_path / "again", other, log=seen.append)
+    assert (
+        seen[0] == f"{tmp_path / 'again.partial'}: left by a run with other settings; starting over"
+    )
+    assert sum(m.startswith("layer ") for m in seen) == 2  # both layers quantized anew
+    a = load_file(str(next(fresh.glob("*.safetensors"))))
+    b = load_file(str(next(again.glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_models_projection_biases_are_kept(tmp_path, demo_path):
+    """Qwen2's q, k and v have biases: the checkpoint keeps them (in its float16) with "bias"
+    true in their layers' settings, and the loaded model adds them; also where those settings
+    say false (the architecture decides, as in transformers), with the same logits."""
+    from .hf_models import make_hf_model
+
+    hf = make_hf_model("qwen2", tmp_path / "dense", vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(demo_path / name, tmp_path / "dense" / name)
+    out = quantize(tmp_path / "dense", tmp_path / "q", TINY, log=lambda m: None)
+    written = load_file(str(next(out.glob("*.safetensors"))))
+    cfg = json.loads((out / "config.json").read_text())
+    layers = cfg["quantization_config"]["config_for_layers"]
+    qkv = [
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj")
+    ]
+    assert sorted(n for n, d in layers.items() if d["bias"]) == sorted(qkv)
+    lm = load_model(out, "cpu", torch.float32, max_seq_len=16)
+    for name in qkv:
+        want = hf.get_submodule(name).bias.detach().half()
+        assert torch.equal(written[f"{name}.bias"], want)
+        assert torch.equal(lm.model.get_submodule(name).bias, want.float())
+    for d in layers.values():
+        d["bias"] = False
+    (out / "config.json").write_text(json.dumps(cfg))
+    again = load_model(out, "cpu", torch.float32, max_seq_len=16)
+    ids = torch.tensor([[5, 900, 31, 4000]])
+    assert torch.equal(again.model(ids, 0), lm.model(ids, 0))
+    assert all(
+        torch.equal(again.model.get_submodule(n).bias, lm.model.get_submodule(n).bias) for n in qkv
+    )
 
 
 def test_what_quantize_writes_does_not_depend_on_the_cpu_weights_setting(
