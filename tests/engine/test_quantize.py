@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.formats.vptq import FormatError
 from engine.layers import VQLinear
 from engine.loader import load_model
 from engine.ops import reference
@@ -302,6 +303,15 @@ def test_a_vector_length_that_does_not_fit_a_layer_is_refused_before_any_work(tm
     assert not (tmp_path / "q.partial").exists()  # nothing left behind
     r = run("quantize", "--model", "demo", "--out", tmp_path / "d", "--vector-len", 0)
     assert r.returncode != 0 and r.stderr.strip() == "error: --vector-len 0 is outside 1..64"
+
+
+def test_a_quantized_model_is_refused_as_the_source(tmp_path, demo_path):
+    src = tiny_model(tmp_path / "dense", demo_path)
+    once = quantize(src, tmp_path / "once", replace(TINY, method="rtn"), log=lambda m: None)
+    with pytest.raises(FormatError) as e:
+        quantize(once, tmp_path / "twice", TINY, log=lambda m: None)
+    assert str(e.value) == f"{once}: already quantized; give a dense (fp16/bf16) model"
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "twice.partial").exists()
 
 
 def test_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, demo_path):
