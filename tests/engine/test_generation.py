@@ -130,6 +130,9 @@ def test_a_stop_string_ends_the_answer_before_it(session, checkpoint):
     deltas, g = answer(session, ids, max_new_tokens=8, stop=[stop])
     assert g.reason == "stop" and "".join(deltas) == g.text == full[: full.index(stop)]
     assert g.tokens == want[: len(g.tokens)] and len(g.tokens) <= 6
+    # text held back as the start of a stop string comes out when the answer ends otherwise
+    deltas, g = answer(session, ids, max_new_tokens=8, stop=[full[-3:] + "QQQ"])
+    assert g.reason == "length" and "".join(deltas) == g.text == full
 
 
 def test_a_cancel_ends_the_answer_after_the_token_under_way(session):
