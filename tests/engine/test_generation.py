@@ -61,13 +61,26 @@ def test_a_greedy_answer_is_transformers_greedy_continuation(session, checkpoint
     deltas, g = answer(session, ids, max_new_tokens=8)
     want = hf_answer(checkpoint[1], ids, 8)
     assert g.tokens == want and g.reason == "length"
-    assert "".join(deltas) == g.text == session.tok.hf.decode(want)
+    assert "".join(deltas) == g.text == session.tok.hf.decode(want) and all(deltas)
     st = g.stats
     assert (st.prompt_tokens, st.completion_tokens, st.cached_tokens, st.cuda_graph) == (
         20, 8, 0, False,
     )  # fmt: skip
     assert st.ttft_s > 0 and st.prefill_tok_s > 0 and st.decode_tok_s > 0
     assert session.cached == ids + want[:-1]  # the last token's keys are not computed yet
+
+
+def test_the_time_to_the_first_token_ends_at_the_first_token(session, monkeypatch):
+    """On a clock that ticks once a reading: the start, the first token, the end."""
+    import types
+
+    import engine.generate
+
+    ticks = iter(range(100))
+    clock = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)))
+    monkeypatch.setattr(engine.generate, "time", clock)
+    _, g = answer(session, prompt(session, 20), max_new_tokens=5)
+    assert (g.stats.ttft_s, g.stats.prefill_tok_s, g.stats.decode_tok_s) == (1.0, 20.0, 4.0)
 
 
 def test_the_repetition_penalty_covers_the_prompt_and_the_answer(session, checkpoint):
@@ -132,7 +145,7 @@ def test_a_stop_string_ends_the_answer_before_it(session, checkpoint):
     assert g.tokens == want[: len(g.tokens)] and len(g.tokens) <= 6
     # text held back as the start of a stop string comes out when the answer ends otherwise
     deltas, g = answer(session, ids, max_new_tokens=8, stop=[full[-3:] + "QQQ"])
-    assert g.reason == "length" and "".join(deltas) == g.text == full
+    assert g.reason == "length" and "".join(deltas) == g.text == full and all(deltas)
 
 
 def test_a_cancel_ends_the_answer_after_the_token_under_way(session):
