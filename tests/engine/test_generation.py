@@ -123,6 +123,11 @@ def test_an_answer_ends_where_the_context_does(session, checkpoint):
     assert len(g.tokens) == 9 and g.reason == "length"  # 8 more keys fit, and the last token
     assert g.tokens == hf_answer(checkpoint[1], ids, 9)
     assert len(session.cached) == CONTEXT
+    full = prompt(session, CONTEXT)  # no key fits: the one token its logits give
+    _, g = answer(session, full, max_new_tokens=100)
+    assert g.tokens == hf_answer(checkpoint[1], full, 1) and g.reason == "length"
+    _, g = answer(session, ids, max_new_tokens=1)
+    assert len(g.tokens) == 1 and g.reason == "length"
 
 
 def test_an_end_of_text_token_ends_the_answer_unshown(session, checkpoint):
