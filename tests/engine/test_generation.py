@@ -71,16 +71,24 @@ def test_a_greedy_answer_is_transformers_greedy_continuation(session, checkpoint
 
 
 def test_the_time_to_the_first_token_ends_at_the_first_token(session, monkeypatch):
-    """On a clock that ticks once a reading: the start, the first token, the end."""
+    """On a clock that moves 2 s a reading (the start, the first token, the end): the speeds
+    count the prompt's new tokens and the tokens after the first."""
     import types
 
     import engine.generate
 
-    ticks = iter(range(100))
-    clock = types.SimpleNamespace(perf_counter=lambda: float(next(ticks)))
-    monkeypatch.setattr(engine.generate, "time", clock)
-    _, g = answer(session, prompt(session, 20), max_new_tokens=5)
-    assert (g.stats.ttft_s, g.stats.prefill_tok_s, g.stats.decode_tok_s) == (1.0, 20.0, 4.0)
+    first = prompt(session, 20)
+    _, g = answer(session, first, max_new_tokens=3)
+    ticks = iter(range(0, 100, 2))
+    monkeypatch.setattr(
+        engine.generate, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks)))
+    )
+    _, g = answer(session, first + g.tokens + prompt(session, 4), max_new_tokens=5)
+    st = g.stats
+    # 5 new prompt tokens in 2 s, 4 tokens after the first in 2 s
+    assert (st.cached_tokens, st.ttft_s, st.prefill_tok_s, st.decode_tok_s) == (22, 2.0, 2.5, 2.0)
+    _, g = answer(session, prompt(session, 10), max_new_tokens=2)  # its first 9 are cached
+    assert (g.stats.ttft_s, g.stats.prefill_tok_s, g.stats.decode_tok_s) == (2.0, 0.5, 0.5)
 
 
 def test_the_repetition_penalty_covers_the_prompt_and_the_answer(session, checkpoint):
