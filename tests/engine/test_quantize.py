@@ -306,8 +306,11 @@ def test_a_vector_length_that_does_not_fit_a_layer_is_refused_before_any_work(tm
 
 
 def test_a_quantized_model_is_refused_as_the_source(tmp_path, demo_path):
+    """(The first run writes into folders it makes.)"""
     src = tiny_model(tmp_path / "dense", demo_path)
-    once = quantize(src, tmp_path / "once", replace(TINY, method="rtn"), log=lambda m: None)
+    once = tmp_path / "folders" / "not made yet" / "once"
+    assert quantize(src, once, replace(TINY, method="rtn"), log=lambda m: None) == once
+    assert not once.with_name("once.partial").exists()
     with pytest.raises(FormatError) as e:
         quantize(once, tmp_path / "twice", TINY, log=lambda m: None)
     assert str(e.value) == f"{once}: already quantized; give a dense (fp16/bf16) model"
