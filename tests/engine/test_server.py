@@ -415,3 +415,55 @@ def test_the_engine_ends_with_the_app_even_while_it_loads(tmp_path):
             os.close(writer)
         if engine_pid and not _gone(engine_pid):
             os.kill(engine_pid, signal.SIGKILL)
+
+
+def test_a_request_that_fails_unexpectedly_is_an_error_event_and_the_engine_serves_on(monkeypatch):
+    """In-process: a request whose handling raises is answered with an error event of its kind
+    (an OOM's kind is "oom", after what the load left behind went back), its message naming the
+    exception, and the next request is still handled; a load refused with a model loaded says
+    the model was kept. The error texts: a bad input's own message, torch's OOM line with its
+    sizes, anything else with its type."""
+    import io
+
+    import torch
+
+    from engine.protocol import Message, decode
+    from engine.server import EOF, Server
+
+    out = io.StringIO()
+    server = Server(out)
+    failures = {
+        "a": RuntimeError("boom"),
+        "b": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\n(details)"),
+        "c": ValueError("load: device 'cuda:7' is not there"),
+        "d": MemoryError("cannot allocate 3 GiB"),
+    }
+    handled, unloads = [], []
+
+    def handle(msg):
+        handled.append(msg.id)
+        if msg.id in failures:
+            raise failures[msg.id]
+
+    def unload():
+        unloads.append(handled[-1])
+        server.session = None
+
+    monkeypatch.setattr(server, "handle", handle)
+    monkeypatch.setattr(server, "unload", unload)
+    server.session = object()  # a model is loaded
+    order = [("a", "generate"), ("c", "load"), ("b", "load"), ("d", "generate"), ("e", "load")]
+    for id_, type_ in order:
+        server.inbox.put(Message(type_, id_))
+    server.inbox.put(EOF)
+    server.run()
+    events = [decode(line) for line in out.getvalue().splitlines()]
+    assert handled == ["a", "c", "b", "d", "e"] and unloads == ["b", "d"]
+    got = [(m.id, m.get("kind"), m.get("message"), m.get("model_kept")) for m in events]
+    assert got == [
+        ("a", "generate", "RuntimeError: boom", None),
+        ("c", "load", "load: device 'cuda:7' is not there", True),
+        ("b", "oom", "out of GPU memory: CUDA out of memory. Tried to allocate 2.00 GiB", None),
+        ("d", "oom", "cannot allocate 3 GiB", None),
+    ]
+    assert all(m.type == "error" for m in events)
