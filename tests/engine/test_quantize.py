@@ -128,7 +128,7 @@ def test_layer_round_trips_through_the_loaders_module(kr):
     assert torch.equal(dense, q.dense)  # what the quantizer propagated is what loads
 
 
-def tiny_model(folder: Path, demo_path: Path, init_std: float = 0.02) -> Path:
+def tiny_model(folder: Path, demo_path: Path, init_std: float = 0.02, layers: int = 2) -> Path:
     """A 2-layer Llama with the demo's tokenizer; ``init_std`` large makes its next-token
     probabilities depend on the context (at transformers' 0.02 they are near uniform)."""
     import transformers as tf
@@ -138,7 +138,7 @@ def tiny_model(folder: Path, demo_path: Path, init_std: float = 0.02) -> Path:
         vocab_size=49152,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -315,6 +315,26 @@ def test_a_quantized_model_is_refused_as_the_source(tmp_path, demo_path):
         quantize(once, tmp_path / "twice", TINY, log=lambda m: None)
     assert str(e.value) == f"{once}: already quantized; give a dense (fp16/bf16) model"
     assert not (tmp_path / "twice").exists() and not (tmp_path / "twice.partial").exists()
+
+
+def test_progress_estimates_the_time_left_from_the_layers_done(tmp_path, demo_path, monkeypatch):
+    """On a clock that moves a minute a reading: each layer took a minute, so the estimate is
+    a minute a layer left."""
+    import itertools
+    import types
+
+    import engine.quantize as qz
+
+    src = tiny_model(tmp_path / "dense", demo_path, layers=3)
+    clock = itertools.count(600, 60)
+    monkeypatch.setattr(qz, "time", types.SimpleNamespace(monotonic=lambda: float(next(clock))))
+    seen = []
+    quantize(src, tmp_path / "q", replace(TINY, method="rtn"), log=seen.append)
+    assert seen == [
+        "layer 1/3 quantized; about 2.0 min left",
+        "layer 2/3 quantized; about 1.0 min left",
+        "layer 3/3 quantized; about 0.0 min left",
+    ]
 
 
 def test_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, demo_path):
