@@ -337,13 +337,21 @@ def test_progress_estimates_the_time_left_from_the_layers_done(tmp_path, demo_pa
     ]
 
 
+def stop_after_first_layer(message: str) -> None:
+    """A quantize log that interrupts the run once its first layer is saved."""
+    if message.startswith("layer 1/"):
+        raise KeyboardInterrupt
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Two single-file checkpoints hold the same tensors, bit for bit."""
+    x, y = (load_file(str(next(f.glob("*.safetensors")))) for f in (a, b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, demo_path):
     src = tiny_model(tmp_path / "dense", demo_path)
     whole = quantize(src, tmp_path / "whole", TINY, log=lambda m: None)
-
-    def stop_after_first_layer(message):
-        if message.startswith("layer 1/"):
-            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         quantize(src, tmp_path / "again", TINY, log=stop_after_first_layer)
@@ -351,19 +359,13 @@ def test_interrupted_run_resumes_to_the_same_checkpoint(tmp_path, demo_path):
     seen = []
     resumed = quantize(src, tmp_path / "again", TINY, log=seen.append)
     assert not any(m.startswith("layer 1/") for m in seen)  # layer 0 was not redone
-    a = load_file(str(next(whole.glob("*.safetensors"))))
-    b = load_file(str(next(resumed.glob("*.safetensors"))))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_tensors(whole, resumed)
 
 
 def test_a_run_left_with_other_settings_is_started_over(tmp_path, demo_path):
     src = tiny_model(tmp_path / "dense", demo_path)
     other = replace(TINY, centroids=8, seed=1)  # other calibration answers too
     fresh = quantize(src, tmp_path / "fresh", other, log=lambda m: None)
-
-    def stop_after_first_layer(message):
-        if message.startswith("layer 1/"):
-            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         quantize(src, tmp_path / "again", TINY, log=stop_after_first_layer)
@@ -373,9 +375,7 @@ def test_a_run_left_with_other_settings_is_started_over(tmp_path, demo_path):
         seen[0] == f"{tmp_path / 'again.partial'}: left by a run with other settings; starting over"
     )
     assert sum(m.startswith("layer ") for m in seen) == 2  # both layers quantized anew
-    a = load_file(str(next(fresh.glob("*.safetensors"))))
-    b = load_file(str(next(again.glob("*.safetensors"))))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_tensors(fresh, again)
 
 
 def test_a_models_projection_biases_are_kept(tmp_path, demo_path):
@@ -422,8 +422,7 @@ def test_what_quantize_writes_does_not_depend_on_the_cpu_weights_setting(
     for weights in ("float32", "float16"):
         monkeypatch.setenv("VPTQ_CPU_WEIGHTS", weights)
         out[weights] = quantize(src, tmp_path / weights, TINY, log=lambda m: None)
-    a, b = (load_file(str(next(o.glob("*.safetensors")))) for o in out.values())
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_tensors(*out.values())
 
 
 def perplexity(model: str) -> float:
