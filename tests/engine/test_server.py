@@ -236,6 +236,9 @@ def test_malformed_lines_and_bad_requests_answered_with_errors(engine):
     engine.send("stats", "st")
     stats = engine.until("stats", "st")[-1]
     assert stats.get("model") == "demo" and stats.get("rss_bytes") > 0
+    loaded = {k: stats.get(k) for k in ("n_ctx", "device", "kernels")}
+    assert loaded == {"n_ctx": 2048, "device": "cpu", "kernels": "reference"}
+    assert stats.get("weight_bytes") > 0 and stats.get("cached_tokens") >= 0
 
 
 def test_bad_models_give_error_events_then_the_engine_still_serves(tmp_path, demo_path):
