@@ -164,6 +164,9 @@ def test_quantized_checkpoint_loads_and_chats(tmp_path, demo_path):
     spec = lm.specs["model.layers.1.mlp.down_proj"]
     assert (spec.vector_len, spec.num_centroids, spec.num_res_centroids) == (2, 16, 4)
     assert (out / "tokenizer.json").exists() and not (tmp_path / "q.partial").exists()
+    # the checkpoint holds what the quantized model reads, no dense weight of a quantized layer
+    written = load_file(str(next(out.glob("*.safetensors"))))
+    assert written.keys() == lm.model.state_dict().keys()
     r = subprocess.run(
         [
             sys.executable,
