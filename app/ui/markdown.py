@@ -7,6 +7,7 @@ import re
 from functools import cache
 
 from markdown_it import MarkdownIt
+from markdown_it.common.utils import unescapeAll
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import TextLexer, get_lexer_by_name, guess_lexer
@@ -17,26 +18,14 @@ TABLE = (
     'style="border-collapse: collapse; border-color: #8a8f96; margin-top: 6px; '
     'margin-bottom: 6px;">'
 )
-# A fenced code block as CommonMark has it: three or more backticks at the start of a line (any
-# indent: a list item's block is indented), a language and no backtick after them on that line,
-# and the block closed by a line of at least as many backticks alone. Backticks inside a line
-# ("type ``` to start a block", a string in the code) neither open nor close one: such a line
-# turned the rest of an answer into code.
-FENCE = re.compile(r"^([ \t]*)(`{3,})([\w+-]*)[^\n`]*\n(.*?)(?:^[ \t]*\2`*[ \t]*$|\Z)", re.S | re.M)
-
-
-def _block(m: re.Match) -> tuple[str, str]:
-    """(language, code) of a FENCE match; the fence's own indent taken off each code line (a
-    block in a list item is copied as the code, not as the list's indent)."""
-    indent, code = m.group(1), m.group(4).rstrip("\n")
-    if indent:
-        code = "\n".join(line.removeprefix(indent) for line in code.split("\n"))
-    return m.group(3), code
 
 
 def code_blocks(text: str) -> list[str]:
-    """The fenced code blocks of a message (an unclosed last block counts, while streaming)."""
-    return [_block(m)[1] for m in FENCE.finditer(text)]
+    """The fenced code blocks of a message, as CommonMark finds them: only a line that starts
+    with three or more backticks opens one (backticks inside a line, "type ``` to start a block",
+    do not), a block in a list item without the item's indent, and a block still streaming (not
+    closed yet) counts."""
+    return [t.content.rstrip("\n") for t in _converter().parse(text) if t.type == "fence"]
 
 
 TAG = re.compile(r"<[^>]*>")
@@ -92,26 +81,28 @@ def _converter() -> MarkdownIt:
     options = {"breaks": True, "html": False, "linkify": True}
     converter = MarkdownIt("commonmark", options).enable(["table", "strikethrough", "linkify"])
     converter.linkify.set({"fuzzy_link": False, "fuzzy_email": False})
+    converter.add_render_rule("fence", _fence)
     return converter
 
 
-def _markdown(text: str) -> str:
-    # Each call starts from an empty environment: one answer's reference links never carry into
-    # the next. Qt draws a bare <table> without rules or cell padding: cells ran into each other.
-    return _converter().render(text).rstrip("\n").replace("<table>", TABLE)
+def _fence(renderer, tokens, idx, options, env) -> str:
+    """A fenced code block drawn where Markdown puts it: in a list item it sits under the item's
+    text (code blocks were cut out before Markdown and drawn at the message's left edge, which
+    also split the list in two)."""
+    token = tokens[idx]
+    lang = unescapeAll(token.info).strip().split(maxsplit=1)
+    code = token.content.rstrip("\n")
+    return _code_html(lang[0] if lang else "", code, env["dark"], env["space_px"])
 
 
 def to_html(text: str, dark: bool = False, space_px: float = 0.0) -> str:
-    """HTML for one message; code blocks are cut out first so markdown never touches them.
-    ``space_px``: a space's width in code blocks (chat_view.code_space_px), for the hanging
-    indent of their wrapped lines."""
-    parts, last = [], 0
-    for m in FENCE.finditer(text):
-        parts.append(_markdown(text[last : m.start()]))
-        parts.append(_code_html(*_block(m), dark, space_px))
-        last = m.end()
-    parts.append(_markdown(text[last:]))
-    return "".join(parts)
+    """HTML for one message, its code blocks highlighted by Pygments. ``space_px``: a space's
+    width in code blocks (chat_view.code_space_px), for the hanging indent of their wrapped
+    lines. Each call starts from an empty environment: one answer's reference links never carry
+    into the next. Qt draws a bare <table> without rules or cell padding: cells ran into each
+    other."""
+    env = {"dark": dark, "space_px": space_px}
+    return _converter().render(text, env).rstrip("\n").replace("<table>", TABLE)
 
 
 def plain_html(text: str) -> str:

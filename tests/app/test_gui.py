@@ -1776,6 +1776,34 @@ def test_code_blocks_open_and_close_only_on_fence_lines():
     assert code_blocks("a\n```\n\n```\nb") == [""]
 
 
+def test_a_code_block_in_a_list_item_is_drawn_in_the_item(qapp):
+    """A fenced block inside a list item sits under the item's text, and the list goes on after
+    it as one list (the blocks were cut out before Markdown: drawn at the message's left edge,
+    the list split in two around them); a block at the top level stays at the left edge."""
+    from PySide6.QtGui import QTextDocument, QTextTable
+
+    from app.ui.markdown import to_html
+
+    doc = QTextDocument()
+    doc.setTextWidth(500)
+    doc.setHtml(to_html("1. Run:\n   ```bash\n   ls -l\n   ```\n2. Done.\n\n```\ntop\n```\nEnd."))
+    layout = doc.documentLayout()
+    tables = [f for f in doc.rootFrame().childFrames() if isinstance(f, QTextTable)]
+    assert [t.cellAt(0, 0).firstCursorPosition().block().text() for t in tables] == ["ls -l", "top"]
+    run, done, end = doc.findBlock(0), doc.find("Done.").block(), doc.find("End.").block()
+    assert (run.text(), done.text()) == ("Run:", "Done.")
+    assert run.textList() is not None and done.textList() == run.textList()
+    assert done.textList().itemNumber(done) == 1  # the second item of the same list
+
+    def text_left(block) -> float:
+        return layout.blockBoundingRect(block).left() + block.layout().lineAt(0).x()
+
+    indent = text_left(run) - text_left(end)
+    assert indent > 20  # the list's
+    lefts = [layout.frameBoundingRect(t).left() for t in tables]
+    assert abs(lefts[0] - lefts[1] - indent) < 1  # the item's block that much right of the other
+
+
 def test_one_message_s_markdown_does_not_carry_into_the_next():
     """The converter is built once and kept: a reference link defined in one answer must not
     turn the same words in a later answer into a link."""
