@@ -106,7 +106,13 @@ def build_vptq_demo(progress: Progress | None = None) -> Path:
         progress(0.0, stage)
 
     def log(message: str) -> None:
-        if progress and message.startswith("layer "):
+        """quantize's lines as progress: its calibration data (a minute or two, which showed
+        as the quantizing stage standing at 0%) as a stage of its own, then each layer."""
+        if not progress:
+            return
+        if message.startswith("preparing calibration data"):
+            progress(0.0, f"{stage}: preparing calibration data")
+        elif message.startswith("layer "):
             done, total = message.split()[1].split("/")
             progress(int(done) / int(total), stage)
 

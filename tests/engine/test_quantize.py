@@ -452,3 +452,36 @@ def test_the_demo_is_vptq_and_keeps_the_dense_models_quality(demo_path):
     assert scheme["num_centroids"][-1] == DEMO_SCHEME["centroids"]
     dense, quantized = perplexity("demo-dense"), perplexity("demo")
     assert quantized <= 1.25 * dense, (quantized, dense)
+
+
+def test_building_the_demo_reports_its_calibration_then_each_layer(tmp_path, monkeypatch):
+    """The demo's build shows the calibration data (minutes on a CPU) as its own stage, then
+    the layers' share done; the log's other lines are not progress. quantize itself stands in
+    here, saying what it says while it runs."""
+    import engine.models as models
+    import engine.quantize
+
+    monkeypatch.setenv("VPTQ_CHAT_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "build_dense_demo", lambda progress=None: tmp_path / "dense")
+
+    def quantize(source, out, recipe, log):
+        for line in [
+            f"{out}.partial: left by a run with other settings; starting over",
+            "preparing calibration data (text and self-sampled answers)",
+            "layer 1/4 quantized; about 3.0 min left",
+            "layer 2/4 quantized; about 2.0 min left",
+            "layer 4/4 quantized; about 0.0 min left",
+        ]:
+            log(line)
+        out.mkdir(parents=True)
+
+    monkeypatch.setattr(engine.quantize, "quantize", quantize)
+    seen = []
+    out = models.build_vptq_demo(lambda fraction, stage: seen.append((fraction, stage)))
+    stage = "quantizing the demo model with VPTQ (one time, 3 to 8 minutes)"
+    assert seen == [
+        (0.0, stage), (0.0, f"{stage}: preparing calibration data"), (0.25, stage),
+        (0.5, stage), (1.0, stage),
+    ]  # fmt: skip
+    assert out == tmp_path / "models" / models.demo_name() and (out / models.DONE).exists()
+    assert models.build_vptq_demo(lambda *a: seen.append(a)) == out and len(seen) == 5  # built

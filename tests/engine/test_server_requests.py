@@ -295,10 +295,11 @@ def test_the_reader_answers_stats_and_cancels_at_once_and_queues_the_rest():
     e = Engine()
 
     class Running:
-        cancels = 0
+        def __init__(self):
+            self.cancels: list[int] = []  # how many requests were queued at each
 
         def cancel(self):
-            self.cancels += 1
+            self.cancels.append(e.server.inbox.qsize())
 
     running = e.server.gen = Running()
     e.server.gen_id = "cur"
@@ -308,8 +309,8 @@ def test_the_reader_answers_stats_and_cancels_at_once_and_queues_the_rest():
         encode("stats", "s"),
         encode("cancel", "x"),
         encode("cancel", None, target="y"),
-        encode("cancel", "cur"),
         encode("generate", "g", prompt="Hi"),
+        encode("cancel", "cur"),
         encode("shutdown"),
     ]
     e.server.read(io.BytesIO("".join(lines).encode()))
@@ -318,7 +319,8 @@ def test_the_reader_answers_stats_and_cancels_at_once_and_queues_the_rest():
         ("error", None, "protocol"), ("stats", "s", None),
     ]  # fmt: skip
     assert events[1].get("model") is None and events[1].get("generating") == "cur"
-    assert e.server.cancelled == {"x", "y"} and running.cancels == 3  # cancel, shutdown, end
+    assert e.server.cancelled == {"x", "y"}
+    assert running.cancels == [1, 1, 2]  # its cancel; the shutdown's, before it is queued; the end
     queued = []
     while not e.server.inbox.empty():
         queued.append(e.server.inbox.get())
