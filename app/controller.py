@@ -376,6 +376,8 @@ class ChatController(QObject):
         if answer is None:
             answer = self.store.add_message(conv.id, "assistant", "", status="streaming")
             row = self.messages.append(answer) if conv.id == self.current else -1
+        if row >= 0 and self.client.state != "loaded":  # the engine answers after its load
+            self.messages.update(row, stats={**answer.stats, "waiting": "load"})
         id_, queue = self.client.generate(
             history, sampling=conv.sampling or self.chat_defaults(), continue_final=more
         )
@@ -404,6 +406,7 @@ class ChatController(QObject):
                 a["started"] = (msg.get("prompt_tokens", 0), *a["context"])
                 if a["message"].conversation_id == self.current:
                     self.context_changed.emit(*a["started"])
+                    self._started(a)
             elif msg.type == "delta":
                 a["text"] += msg.get("text", "")
                 a["tokens"] += 1
@@ -416,6 +419,16 @@ class ChatController(QObject):
             elif msg.type == "finished":
                 self._finish(a, msg.get("reason", "error"), msg.get("stats") or {}, errors)
                 return
+
+    def _started(self, a: dict[str, Any]) -> None:
+        """The engine began the answer: its row no longer says it waits for a load."""
+        rows = self.messages.rows
+        if a["row"] < len(rows) and rows[a["row"]].id == a["message"].id:
+            stats = rows[a["row"]].stats
+            if "waiting" in stats:
+                self.messages.update(
+                    a["row"], stats={k: v for k, v in stats.items() if k != "waiting"}
+                )
 
     def _flush(self) -> None:
         a = self.active

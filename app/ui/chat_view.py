@@ -104,8 +104,8 @@ def stats_line(stats: dict, status: str) -> str:
         parts.append("ended by an error")
     if stats.get("truncated"):
         parts.append("cut at the token limit")
-    if status == "streaming":
-        parts.append("writing…")
+    if status == "streaming":  # sent during a load: the answer starts once the model is there
+        parts.append("waiting for the model to load…" if stats.get("waiting") else "writing…")
     # each part whole on a line: "369 tok/s" broke after "/" or before "tok" in a narrow window
     return " · ".join(p.replace(" ", "\u00a0").replace("/", "/\u2060") for p in parts)
 

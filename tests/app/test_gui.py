@@ -246,6 +246,25 @@ def test_a_load_shows_its_stage_and_bar_in_the_panel_until_it_ends(gui, qloop):
     assert gui.client.state == "loaded" and not panel.load_bar.isVisibleTo(panel)
 
 
+def test_a_message_sent_during_a_load_says_its_answer_waits_for_it(gui, qloop):
+    """Sent while a model loads (minutes for a large one), the answer's line says it waits for
+    the load, not that the model is writing; once the engine starts it, it says so."""
+    task = asyncio.ensure_future(gui.ctrl.load_model("/models/slowload"))
+    wait_until(qloop, lambda: gui.client.state == "loading", what="the load's start")
+    send(gui, "hello")
+    meta = gui.window.chat.widgets[-1].meta
+    wait_until(qloop, lambda: plain(meta.text()) == "waiting for the model to load…")
+    qloop.run_until_complete(task)
+    wait_until(qloop, lambda: answer_done(gui), what="the answer")
+    assert "waiting" not in meta.text() and plain(meta.text()).startswith("3 tokens")
+    assert "waiting" not in json.dumps(gui.store.messages(gui.ctrl.current)[-1].stats)
+    send(gui, "slow")  # with the model loaded: writing, from the start
+    meta = gui.window.chat.widgets[-1].meta
+    wait_until(qloop, lambda: "writing…" in meta.text(), what="the second answer")
+    gui.ctrl.stop()
+    wait_until(qloop, lambda: answer_done(gui), what="the stop")
+
+
 def test_an_unload_says_what_it_gave_back_as_nvml_sees_it(gui, qloop, monkeypatch):
     """Users check an unload in nvidia-smi: the status bar says what NVML saw the engine give
     back (its share on every GPU NVML reports it for, before and after), and what it keeps."""
