@@ -29,7 +29,9 @@ def folder(tmp_path_factory, demo_path):
     """A random 2-layer Llama (transformers' own checkpoint), the demo's tokenizer and a
     generation_config.json that recommends some sampling settings."""
     folder = tmp_path_factory.mktemp("server") / "tiny"
-    make_hf_model("llama", folder, vocab_size=49152, initializer_range=0.3)
+    make_hf_model(
+        "llama", folder, vocab_size=49152, initializer_range=0.3, max_position_embeddings=8192
+    )
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(demo_path / name, folder / name)
     (folder / "generation_config.json").write_text(json.dumps({"do_sample": True, **RECOMMENDED}))
@@ -111,10 +113,10 @@ def test_a_load_reports_its_progress_then_what_it_loaded(folder):
     }  # fmt: skip
     assert loaded.get("weight_bytes") > 0 and loaded.get("kv_cache_bytes") > 0
     assert "CPU" in loaded.get("kernels_reason")
-    # a dtype asked for, and a load that names no context: the engine's 4096, which this
-    # model's 256 positions cut
+    # a dtype asked for, and a load that names no context: the engine's 4096 (of the model's
+    # 8192 positions)
     events = e.ask("load", "B", path=str(folder), dtype="bfloat16")
-    assert events[-1].get("dtype") == "bfloat16" and events[-1].get("n_ctx") == 256
+    assert events[-1].get("dtype") == "bfloat16" and events[-1].get("n_ctx") == 4096
     assert e.server.session.loaded.model.model.norm.weight.dtype == torch.bfloat16
 
 
