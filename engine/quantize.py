@@ -370,7 +370,9 @@ def main(args) -> None:
         calib_sequences=args.calib_sequences,
         calib_len=args.calib_len,
     )
-    source = resolve_model("demo-dense" if args.model.startswith("demo") else args.model)
+    # `demo` is the quantized demo elsewhere; its source is the dense one. Any other name is
+    # the model it names (a folder "demo-llama" was taken for the demo).
+    source = resolve_model("demo-dense" if args.model == "demo" else args.model)
     if source.suffix == ".gguf":
         from .models import gguf_to_safetensors
 

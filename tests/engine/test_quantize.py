@@ -485,3 +485,29 @@ def test_building_the_demo_reports_its_calibration_then_each_layer(tmp_path, mon
     ]  # fmt: skip
     assert out == tmp_path / "models" / models.demo_name() and (out / models.DONE).exists()
     assert models.build_vptq_demo(lambda *a: seen.append(a)) == out and len(seen) == 5  # built
+
+
+def test_the_command_quantizes_the_model_it_names(tmp_path, demo_path, monkeypatch):
+    """`--model demo` (the quantized demo elsewhere) is the dense demo here; any other name is
+    the model it names, a folder whose name starts with "demo" too (it was taken for the
+    demo); a .gguf file is converted first, next to the output."""
+    import engine.quantize
+    from engine.__main__ import parser
+    from engine.models import GGUF_NAME
+
+    src = tiny_model(tmp_path / "demo-tiny", demo_path)
+    sources = []
+    monkeypatch.setattr(
+        engine.quantize, "quantize", lambda source, *a, **k: sources.append(source)
+    )  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    for name in ("demo-tiny", "demo", str(src), "demo-dense"):
+        engine.quantize.main(parser().parse_args(["quantize", "--model", name, "--out", "q"]))
+    assert sources == [Path("demo-tiny"), demo_path, src, demo_path]
+    converted = []
+    monkeypatch.setattr(
+        "engine.models.gguf_to_safetensors", lambda g, out: converted.append((g, out)) or out
+    )  # fmt: skip
+    (tmp_path / GGUF_NAME).write_bytes(b"GGUF")
+    engine.quantize.main(parser().parse_args(["quantize", "--model", GGUF_NAME, "--out", "q"]))
+    assert converted == [(Path(GGUF_NAME), Path("q.dense"))] and sources[-1] == Path("q.dense")
