@@ -125,6 +125,10 @@ class ChatController(QObject):
         mid = a["message"].id
         a["row"] = next(i for i, m in enumerate(self.messages.rows) if m.id == mid)
         self.messages.update(a["row"], content=a["text"], status="streaming")
+        if "started" not in a and self.client.state != "loaded":  # still after the load
+            self.messages.update(
+                a["row"], stats={**self.messages.rows[a["row"]].stats, "waiting": "load"}
+            )
 
     def can_send(self) -> bool:
         """Whether the open chat takes a message now: not while its own answer is written or

@@ -248,12 +248,19 @@ def test_a_load_shows_its_stage_and_bar_in_the_panel_until_it_ends(gui, qloop):
 
 def test_a_message_sent_during_a_load_says_its_answer_waits_for_it(gui, qloop):
     """Sent while a model loads (minutes for a large one), the answer's line says it waits for
-    the load, not that the model is writing; once the engine starts it, it says so."""
+    the load, not that the model is writing (also when its chat is opened again meanwhile);
+    once the engine starts it, it says so."""
     task = asyncio.ensure_future(gui.ctrl.load_model("/models/slowload"))
     wait_until(qloop, lambda: gui.client.state == "loading", what="the load's start")
     send(gui, "hello")
     meta = gui.window.chat.widgets[-1].meta
     wait_until(qloop, lambda: plain(meta.text()) == "waiting for the model to load…")
+    first = gui.ctrl.current
+    gui.ctrl.open(gui.ctrl.new_conversation())  # another chat, then this one again: still so
+    gui.ctrl.open(first)
+    meta = gui.window.chat.widgets[-1].meta
+    wait_until(qloop, lambda: plain(meta.text()) == "waiting for the model to load…")
+    assert gui.client.state == "loading"
     qloop.run_until_complete(task)
     wait_until(qloop, lambda: answer_done(gui), what="the answer")
     assert "waiting" not in meta.text() and plain(meta.text()).startswith("3 tokens")
