@@ -987,3 +987,13 @@ def test_hopper_keeps_the_full_plan_of_every_benchmarked_layer():
                 spec = bench_e2e.scheme_spec(scheme, a, b)
                 assert sliced.layer_plan(spec, HOPPER) == sliced.layer_plan(spec), (arch, scheme)
                 assert sliced.layer_plan(spec, sliced.GPU(114, OPTIN)) == sliced.layer_plan(spec)
+
+
+def test_the_shared_memory_of_a_call_counted_by_hand():
+    """smem_bytes as csrc/vptq_sliced.cuh plan() lays it out: the codebook slice, the residual
+    copies, the activations of a chunk plus a zero column, the accumulators; each part rounded
+    up to 16 bytes."""
+    # 4096 x 8 fp16 codewords; (128 + 1) x 4 tokens fp32; 32 rows x 8 x 4 tokens fp32
+    assert sliced.smem_bytes(8, 4096, 0, 32, 4, 128) == 65536 + 2064 + 4096
+    # 999 x 6 x 2 = 11988 -> 12000; 35 x 2 x 4 = 280 -> 288; 7 x 6 x 2 x 4 = 336
+    assert sliced.smem_bytes(6, 999, 0, 7, 2, 34) == 12000 + 288 + 336
