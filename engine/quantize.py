@@ -252,6 +252,7 @@ def quantize(
     from .tokenizer import Tokenizer
 
     recipe.check()
+    check_out(out)
     work = out.with_name(out.name + ".partial")
     state_file = work / "state.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else None
@@ -330,6 +331,30 @@ def _restore(model: Transformer, i: int, saved: dict) -> None:
         if key.endswith(".dense"):
             weight = model.get_submodule(key.removesuffix(".dense")).weight
             weight.data.copy_(value.to(weight.device, torch.float32))
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before any work, an output the finished checkpoint must not replace: it replaces
+    the folder whole, so a folder of other files given as --out (a folder of models, the
+    source model itself) would have been deleted. A new or empty folder is fine, and so is an
+    earlier VPTQ checkpoint (quantized again with other settings)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out}: a file, not a folder; give a new folder for the checkpoint")
+    if any(out.iterdir()) and not _is_vptq_checkpoint(out):
+        raise ValueError(
+            f"--out {out}: holds other files, which the checkpoint would replace; give a new "
+            f"folder (such as {out / 'vptq'}) or an earlier VPTQ checkpoint to replace"
+        )
+
+
+def _is_vptq_checkpoint(folder: Path) -> bool:
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        return cfg["quantization_config"]["quant_method"] == "vptq"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _write(source: Path, out: Path, lm, state: dict, work: Path, dtype) -> None:

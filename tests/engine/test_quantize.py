@@ -511,3 +511,38 @@ def test_the_command_quantizes_the_model_it_names(tmp_path, demo_path, monkeypat
     (tmp_path / GGUF_NAME).write_bytes(b"GGUF")
     engine.quantize.main(parser().parse_args(["quantize", "--model", GGUF_NAME, "--out", "q"]))
     assert converted == [(Path(GGUF_NAME), Path("q.dense"))] and sources[-1] == Path("q.dense")
+
+
+def test_an_output_folder_of_other_files_is_refused_and_kept(tmp_path, demo_path):
+    """The checkpoint replaces its output folder whole: a folder of other files (the source
+    model itself, a folder of models) is refused before any work and keeps every file; an
+    empty folder is used, and an earlier checkpoint is replaced, left-overs of a crashed write
+    beside it going too."""
+    src = tiny_model(tmp_path / "dense", demo_path)
+    rtn = replace(TINY, method="rtn")
+    models = tmp_path / "models"
+    (models / "llama").mkdir(parents=True)
+    (models / "llama" / "model.safetensors").write_bytes(b"weights")
+    before = {p: p.read_bytes() for p in [*models.rglob("*"), *src.rglob("*")] if p.is_file()}
+    for out, why in [(models, "holds other files"), (src, "holds other files")]:
+        with pytest.raises(ValueError) as e:
+            quantize(src, out, rtn, log=lambda m: None)
+        assert str(e.value).startswith(f"--out {out}: {why}, which the checkpoint would replace")
+        assert not out.with_name(out.name + ".partial").exists()  # no work begun
+    (tmp_path / "a file").write_text("notes")
+    with pytest.raises(ValueError, match="a file, not a folder"):
+        quantize(src, tmp_path / "a file", rtn, log=lambda m: None)
+    assert {p: p.read_bytes() for p in before} == before
+    assert (tmp_path / "a file").read_text() == "notes"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert quantize(src, empty, rtn, log=lambda m: None) == empty
+    first = (empty / "config.json").read_text()
+    (empty / "extra.txt").write_text("from the earlier run")
+    (tmp_path / "empty.writing").mkdir()  # a write that crashed
+    (tmp_path / "empty.writing" / "half.safetensors").write_bytes(b"half")
+    quantize(src, empty, replace(rtn, vector_len=4), log=lambda m: None)  # over the checkpoint
+    assert (empty / "config.json").read_text() != first and not (empty / "extra.txt").exists()
+    assert not (tmp_path / "empty.writing").exists()
+    r = run("quantize", "--model", src, "--out", models, "--method", "rtn")
+    assert r.returncode == 2 and r.stderr.strip().startswith(f"error: --out {models}: holds")
