@@ -503,6 +503,8 @@ def test_worth_sharing_needs_groupable_layouts_and_a_short_tail(monkeypatch):
         # more than half an SM's 228 KiB: one block per SM instead of two
         (8192, 16, 2048, 0, 300, 4096),
         (8192, 16, 2048, 0, 200, 8192),
+        # three chunks of 8192 keep one block per SM; four of 6144 give two back
+        (24576, 16, 2048, 0, 300, 6144),
     ],
 )
 def test_chunk_width_by_hand(K, v, slice_cw, res_cw, row_block, want):
