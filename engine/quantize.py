@@ -399,9 +399,15 @@ def main(args) -> None:
     # the model it names (a folder "demo-llama" was taken for the demo).
     source = resolve_model("demo-dense" if args.model == "demo" else args.model)
     if source.suffix == ".gguf":
-        from .models import gguf_to_safetensors
+        from .models import DONE, gguf_to_safetensors
 
-        source = gguf_to_safetensors(source, args.out.with_name(args.out.name + ".dense"))
+        dense = args.out.with_name(args.out.name + ".dense")  # the conversion, kept to resume
+        if dense.exists() and not (dense / DONE).exists():  # not an earlier conversion
+            raise ValueError(
+                f"{dense}: the .gguf file's conversion goes there, but it holds other files; "
+                "move them or give another --out"
+            )
+        source = gguf_to_safetensors(source, dense)
     t0 = time.monotonic()
     quantize(
         source,

@@ -490,7 +490,8 @@ def test_building_the_demo_reports_its_calibration_then_each_layer(tmp_path, mon
 def test_the_command_quantizes_the_model_it_names(tmp_path, demo_path, monkeypatch):
     """`--model demo` (the quantized demo elsewhere) is the dense demo here; any other name is
     the model it names, a folder whose name starts with "demo" too (it was taken for the
-    demo); a .gguf file is converted first, next to the output."""
+    demo); a .gguf file is converted first, next to the output, into a folder that is not one
+    of the user's."""
     import engine.quantize
     from engine.__main__ import parser
     from engine.models import GGUF_NAME
@@ -511,6 +512,12 @@ def test_the_command_quantizes_the_model_it_names(tmp_path, demo_path, monkeypat
     (tmp_path / GGUF_NAME).write_bytes(b"GGUF")
     engine.quantize.main(parser().parse_args(["quantize", "--model", GGUF_NAME, "--out", "q"]))
     assert converted == [(Path(GGUF_NAME), Path("q.dense"))] and sources[-1] == Path("q.dense")
+    # a folder of that name that is not an earlier conversion is not replaced by one
+    (tmp_path / "r.dense").mkdir()
+    (tmp_path / "r.dense" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"^r.dense: the .gguf file's conversion goes there"):
+        engine.quantize.main(parser().parse_args(["quantize", "--model", GGUF_NAME, "--out", "r"]))
+    assert len(converted) == 1 and (tmp_path / "r.dense" / "notes.txt").read_text() == "mine"
 
 
 def test_an_output_folder_of_other_files_is_refused_and_kept(tmp_path, demo_path):
