@@ -111,7 +111,9 @@ def test_a_load_reports_its_progress_then_what_it_loaded(folder):
         "kernels_reason": s.kernels_reason, "chat_template": True, "dtype": "float32",
         "note": s.loaded.note, "sampling": RECOMMENDED,
     }  # fmt: skip
-    assert loaded.get("weight_bytes") > 0 and loaded.get("kv_cache_bytes") > 0
+    assert loaded.get("weight_bytes") > 0
+    # keys and values of 2 layers x 96 positions x 2 KV heads x 16 dimensions, float32
+    assert loaded.get("kv_cache_bytes") == 2 * 2 * CONTEXT * 2 * 16 * 4
     assert "CPU" in loaded.get("kernels_reason")
     # a dtype asked for, and a load that names no context: the engine's 4096 (of the model's
     # 8192 positions)
