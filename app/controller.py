@@ -125,10 +125,7 @@ class ChatController(QObject):
         mid = a["message"].id
         a["row"] = next(i for i, m in enumerate(self.messages.rows) if m.id == mid)
         self.messages.update(a["row"], content=a["text"], status="streaming")
-        if "started" not in a and self.client.state != "loaded":  # still after the load
-            self.messages.update(
-                a["row"], stats={**self.messages.rows[a["row"]].stats, "waiting": "load"}
-            )
+        self._show_waiting(a)
 
     def can_send(self) -> bool:
         """Whether the open chat takes a message now: not while its own answer is written or
@@ -380,8 +377,6 @@ class ChatController(QObject):
         if answer is None:
             answer = self.store.add_message(conv.id, "assistant", "", status="streaming")
             row = self.messages.append(answer) if conv.id == self.current else -1
-        if row >= 0 and self.client.state != "loaded":  # the engine answers after its load
-            self.messages.update(row, stats={**answer.stats, "waiting": "load"})
         id_, queue = self.client.generate(
             history, sampling=conv.sampling or self.chat_defaults(), continue_final=more
         )
@@ -396,6 +391,7 @@ class ChatController(QObject):
             "saved": time.monotonic(),
             "dirty": False,
         }
+        self._show_waiting(self.active)
         self.busy_changed.emit(True)
         self._tell_answering()
         self.repaint.start()
@@ -423,6 +419,13 @@ class ChatController(QObject):
             elif msg.type == "finished":
                 self._finish(a, msg.get("reason", "error"), msg.get("stats") or {}, errors)
                 return
+
+    def _show_waiting(self, a: dict[str, Any]) -> None:
+        """Until the engine begins answer ``a`` (it loads a model first, minutes for a large
+        one), its row in the open chat says it waits for the load, not that it is written."""
+        if a["row"] >= 0 and "started" not in a and self.client.state != "loaded":
+            stats = self.messages.rows[a["row"]].stats
+            self.messages.update(a["row"], stats={**stats, "waiting": "load"})
 
     def _started(self, a: dict[str, Any]) -> None:
         """The engine began the answer: its row no longer says it waits for a load."""
