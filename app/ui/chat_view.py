@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtGui import QFont, QGuiApplication, QKeyEvent, QKeySequence, QShortcut, QTextDocument
+from PySide6.QtCore import QEvent, Qt, QTimer, Signal
+from PySide6.QtGui import (
+    QFont,
+    QGuiApplication,
+    QKeyEvent,
+    QKeySequence,
+    QShortcut,
+    QTextCursor,
+    QTextDocument,
+)
 from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
-    QInputDialog,
     QLabel,
     QPlainTextEdit,
     QPushButton,
@@ -42,6 +49,26 @@ class Composer(QPlainTextEdit):
                 self.insertPlainText("\n")  # a new paragraph (Qt's own is a line separator)
             else:
                 self.submitted.emit()
+            e.accept()
+            return
+        super().keyPressEvent(e)
+
+
+class MessageEditor(Composer):
+    """A sent message edited in place: Enter sends it again, Shift+Enter starts a new line, Esc
+    gives up the edit (not the answer being written, as Esc does elsewhere in the chat)."""
+
+    cancelled = Signal()
+
+    def event(self, e) -> bool:
+        if e.type() == QEvent.Type.ShortcutOverride and e.key() == Qt.Key.Key_Escape:
+            e.accept()  # the key comes here, before the chat's Esc shortcut (stop)
+            return True
+        return super().event(e)
+
+    def keyPressEvent(self, e: QKeyEvent) -> None:
+        if e.key() == Qt.Key.Key_Escape:
+            self.cancelled.emit()
             e.accept()
             return
         super().keyPressEvent(e)
@@ -112,7 +139,7 @@ def stats_line(stats: dict, status: str) -> str:
 
 class MessageWidget(QFrame):
     copy_requested = Signal(str)
-    edit_requested = Signal()
+    edit_submitted = Signal(str)  # the message as edited in place, to send again
     regenerate_requested = Signal()
     continue_requested = Signal()
 
@@ -138,9 +165,7 @@ class MessageWidget(QFrame):
         self.body.document().documentLayout().documentSizeChanged.connect(self._fit)
         self.copy = self._button("Copy", "Copy this message", self._copy)
         self.copy_code = self._button("Copy code", "Copy the code blocks", self._copy_code)
-        self.edit = self._button(
-            "Edit", "Edit this message and send it again", self.edit_requested.emit
-        )
+        self.edit = self._button("Edit", "Edit this message and send it again", self.start_edit)
         self.regen = self._button("Regenerate", "Answer again", self.regenerate_requested.emit)
         self.more = self._button(
             "Continue", "Write more of this answer", self.continue_requested.emit
@@ -159,6 +184,7 @@ class MessageWidget(QFrame):
         lay.addLayout(head)
         lay.addWidget(self.meta)
         lay.addWidget(self.body)
+        self.editor: MessageEditor | None = None  # made on the first Edit
 
     def _button(self, text: str, tip: str, slot) -> QToolButton:
         b = QToolButton()
@@ -178,7 +204,7 @@ class MessageWidget(QFrame):
                 else to_html(text, self.dark, code_space_px(self.body.font()))
             )
             self.body.setHtml(html)
-        self.copy_code.setVisible(bool(code_blocks(text)))
+        self.copy_code.setVisible(bool(code_blocks(text)) and not self.editing())
         self.can_continue = can_continue(self.role, status, stats, text)
         line = stats_line(stats, status)
         self.meta.setText(line)
@@ -193,6 +219,74 @@ class MessageWidget(QFrame):
         if width != self.body.document().textWidth():
             self.body.document().setTextWidth(width)
             self._fit()
+
+    # -- editing in place -------------------------------------------------------------------------
+    def start_edit(self) -> None:
+        """The message becomes a text box holding it, with Send and Cancel under it (a small
+        dialog without word wrap showed a line of it at a time)."""
+        if self.editor is None:
+            self.editor = MessageEditor()
+            self.editor.setAccessibleName("Edited message")
+            self.editor.submitted.connect(self._submit_edit)
+            self.editor.cancelled.connect(self.end_edit)
+            self.editor.textChanged.connect(self._fit_editor)
+            self.edit_send = QPushButton("Send")
+            self.edit_send.setAccessibleName("Send the edited message")
+            self.edit_send.clicked.connect(self._submit_edit)
+            self.edit_cancel = QPushButton("Cancel")
+            self.edit_cancel.setAccessibleName("Cancel the edit")
+            self.edit_cancel.clicked.connect(self.end_edit)
+            row = QHBoxLayout()
+            note = QLabel("Send replaces the messages after it.", wordWrap=True)
+            note.setObjectName("messageStats")
+            row.addWidget(note, 1)
+            row.addWidget(self.edit_cancel)
+            row.addWidget(self.edit_send)
+            self.edit_box = QWidget()
+            box = QVBoxLayout(self.edit_box)
+            box.setContentsMargins(0, 4, 0, 0)
+            box.addWidget(self.editor)
+            box.addLayout(row)
+            self.layout().addWidget(self.edit_box)
+        self.editor.setPlainText(self.text)
+        self.editor.moveCursor(QTextCursor.MoveOperation.End)
+        self.edit_send.setEnabled(self.edit.isEnabled())
+        for w in (self.body, self.edit, self.copy, self.copy_code):
+            w.hide()
+        self.edit_box.show()
+        self._fit_editor()
+        self.editor.setFocus()
+
+    def editing(self) -> bool:
+        return self.editor is not None and self.edit_box.isVisibleTo(self)
+
+    def end_edit(self) -> None:
+        """Back to the message as sent."""
+        if not self.editing():
+            return
+        self.edit_box.hide()
+        for w in (self.body, self.edit, self.copy):
+            w.show()
+        self.copy_code.setVisible(bool(code_blocks(self.text)))
+
+    def set_edit_allowed(self, allowed: bool) -> None:
+        """Edit and the editor's Send follow whether the chat takes a message now."""
+        self.edit.setEnabled(allowed)
+        if self.editor is not None:
+            self.edit_send.setEnabled(allowed)
+
+    def _submit_edit(self) -> None:
+        text = self.editor.toPlainText()
+        if text.strip() and self.edit_send.isEnabled():
+            self.edit_submitted.emit(text)
+
+    def _fit_editor(self) -> None:
+        """As tall as its text, from three lines to twelve (then it scrolls)."""
+        e = self.editor
+        lines = e.document().documentLayout().documentSize().height()
+        spacing = e.fontMetrics().lineSpacing()
+        margins = 2 * (e.document().documentMargin() + e.frameWidth()) + 1
+        e.setFixedHeight(int(min(max(lines, 3), 12) * spacing + margins))
 
     def _copy(self) -> None:
         QGuiApplication.clipboard().setText(self.text)
@@ -305,7 +399,7 @@ class ChatView(QWidget):
     def _make(self, row: int) -> MessageWidget:
         idx = self.model.index(row)
         w = MessageWidget(idx.data(RoleRole), self.dark)
-        w.edit_requested.connect(lambda w=w: self._edit(w))
+        w.edit_submitted.connect(lambda text, w=w: self._edit(w, text))
         w.regenerate_requested.connect(self.regenerate_requested.emit)
         w.continue_requested.connect(self.continue_requested.emit)
         w.set_content(idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {})
@@ -387,7 +481,7 @@ class ChatView(QWidget):
             last_answer = i == len(self.widgets) - 1 and w.role == "assistant" and free
             w.regen.setVisible(last_answer)
             w.more.setVisible(last_answer and w.can_continue)
-            w.edit.setEnabled(free)
+            w.set_edit_allowed(free)
 
     # -- composer --------------------------------------------------------------------------------
     def _fit_input(self) -> None:
@@ -450,13 +544,8 @@ class ChatView(QWidget):
         self.queue_note.setText(text)
         self.queue_note.setVisible(bool(text))
 
-    def _edit(self, w: MessageWidget) -> None:
-        row = self.first + self.widgets.index(w)
-        text, ok = QInputDialog.getMultiLineText(
-            self, "Edit message", "Edit and send again:", w.text
-        )
-        if ok and text.strip():
-            self.edit_requested.emit(row, text)
+    def _edit(self, w: MessageWidget, text: str) -> None:
+        self.edit_requested.emit(self.first + self.widgets.index(w), text)
 
     def set_context(self, used: int, n_ctx: int, dropped: int) -> None:
         self.context.setText(f"Context: {used} / {n_ctx} tokens" if n_ctx else "")

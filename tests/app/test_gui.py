@@ -754,12 +754,73 @@ def test_a_long_chat_opens_with_each_message_laid_out_a_few_times(gui, qloop):
     assert last.body.toPlainText().endswith("answer 39")
 
 
+def test_a_message_is_edited_in_place_and_sent_again(gui, qloop):
+    """Edit turns the message into a text box holding it (a small dialog without word wrap
+    showed one line of it): Shift+Enter adds a line, Esc gives the edit up without stopping the
+    answer being written, Enter sends it again in place of the messages after it, and Send
+    waits while the chat is busy."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+
+    gui.window.resize(900, 600)
+    text = "first line of a question " * 8 + "\nsecond line"
+    send(gui, text)
+    wait_until(qloop, lambda: answer_done(gui))
+    chat = gui.window.chat
+    user = chat.widgets[0]
+    user.edit.click()
+    assert user.editing() and user.focusWidget() is user.editor  # typed into at once
+    assert user.editor.toPlainText() == text and not user.body.isVisibleTo(gui.window)
+    assert not user.edit.isVisibleTo(gui.window) and not user.copy.isVisibleTo(gui.window)
+    assert user.editor.lineWrapMode() == user.editor.LineWrapMode.WidgetWidth
+    assert user.editor.height() >= 3 * user.editor.fontMetrics().lineSpacing()
+    QTest.keyClick(user.editor, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
+    QTest.keyClicks(user.editor, "third")
+    assert user.editor.toPlainText() == text + "\nthird"
+    stops = []
+    chat.stop_requested.connect(lambda: stops.append(1))
+    gui.window.activateWindow()  # window shortcuts (Esc: stop) work in the active window
+    assert QTest.qWaitForWindowActive(gui.window)
+    QTest.keyClick(chat.input, Qt.Key.Key_Escape)
+    assert stops == [1]  # Esc in the composer stops, as ever
+    QTest.keyClick(user.editor, Qt.Key.Key_Escape)
+    assert not user.editing() and user.body.isVisibleTo(gui.window) and stops == [1]
+    assert [m.content for m in gui.store.messages(gui.ctrl.current)] == [text, "You said: " + text]
+    # while an answer is written the editor holds the text but does not send it
+    user.edit.click()
+    user.editor.setPlainText("shorter question")
+    chat.set_send_allowed(False)  # what the controller does while the chat's answer is written
+    assert not user.edit_send.isEnabled()
+    QTest.keyClick(user.editor, Qt.Key.Key_Return)
+    assert len(gui.ctrl.messages.rows) == 2 and user.editing()
+    chat.set_send_allowed(True)
+    assert user.edit_send.isEnabled()
+    QTest.keyClick(user.editor, Qt.Key.Key_Return)
+    wait_until(qloop, lambda: answer_done(gui) and gui.ctrl.messages.rows[0].content != text)
+    assert [m.content for m in gui.store.messages(gui.ctrl.current)] == [
+        "shorter question",
+        "You said: shorter question",
+    ]
+    assert [w.text for w in chat.widgets] == ["shorter question", "You said: shorter question"]
+    assert not chat.widgets[0].editing()
+    # a blank edit sends nothing; the Send button sends like Enter
+    chat.widgets[0].edit.click()
+    chat.widgets[0].editor.setPlainText("  \n ")
+    chat.widgets[0].edit_send.click()
+    assert chat.widgets[0].editing() and len(gui.ctrl.messages.rows) == 2
+    chat.widgets[0].editor.setPlainText("by the button")
+    chat.widgets[0].edit_send.click()
+    wait_until(
+        qloop, lambda: answer_done(gui) and gui.ctrl.messages.rows[0].content != "shorter question"
+    )
+    assert [w.text for w in chat.widgets] == ["by the button", "You said: by the button"]
+
+
 def test_a_long_chat_shows_its_last_messages_and_earlier_ones_when_asked(gui, qloop, monkeypatch):
     """Every message is a widget: a chat of 1000 took 3 s to open. It opens with its last 100;
     "Show earlier messages" adds 100 more above without moving the view; an Edit there
     replaces what follows it, as anywhere."""
     from PySide6.QtCore import QPoint
-    from PySide6.QtWidgets import QInputDialog
 
     c = gui.store.create_conversation("long")
     for i in range(130):
@@ -782,8 +843,9 @@ def test_a_long_chat_shows_its_last_messages_and_earlier_ones_when_asked(gui, ql
     assert len(chat.widgets) == 200 and chat.widgets[0].text == "question 30"
     assert chat.earlier.text() == "Show 60 earlier messages (of 60)"
     assert abs(top.mapTo(chat.scroll.viewport(), QPoint(0, 0)).y() - y) <= 2  # it stayed
-    monkeypatch.setattr(QInputDialog, "getMultiLineText", lambda *a: ("edited", True))
     chat.widgets[0].edit.click()  # row 60: question 30
+    chat.widgets[0].editor.setPlainText("edited")
+    chat.widgets[0].edit_send.click()
     wait_until(qloop, lambda: answer_done(gui), what="the answer to the edit")
     rows = gui.ctrl.messages.rows
     assert len(rows) == 62 and rows[60].content == "edited"
