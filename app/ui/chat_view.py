@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import QEvent, Qt, QTimer, Signal
+from PySide6.QtCore import QEvent, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import (
+    QDesktopServices,
     QFont,
     QGuiApplication,
     QKeyEvent,
@@ -27,7 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..controller import can_continue
-from .markdown import code_blocks, plain_html, to_html
+from .markdown import COPY_SCHEME, code_blocks, plain_html, to_html
 from .models import MessageListModel, RoleRole, StatsRole, StatusRole
 
 COPIED_MS = 1500  # how long a Copy button says "Copied ✓"
@@ -146,6 +147,7 @@ class MessageWidget(QFrame):
     def __init__(self, role: str, dark: bool):
         super().__init__()
         self.role, self.dark, self.text = role, dark, ""
+        self.copied: int | None = None  # the code block whose Copy link says "Copied ✓" now
         self.can_continue = False  # stopped, or cut at the token limit
         self.setObjectName("userMessage" if role == "user" else "assistantMessage")
         self.setFrameShape(QFrame.Shape.StyledPanel)
@@ -156,7 +158,8 @@ class MessageWidget(QFrame):
         self.meta.setWordWrap(True)
         self.meta.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.body = QTextBrowser()
-        self.body.setOpenExternalLinks(True)
+        self.body.setOpenLinks(False)  # _link: a code block's Copy, or a web page
+        self.body.anchorClicked.connect(self._link)
         self.body.setFrameShape(QFrame.Shape.NoFrame)
         self.body.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.body.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
@@ -198,17 +201,39 @@ class MessageWidget(QFrame):
     def set_content(self, text: str, status: str, stats: dict) -> None:
         if text != self.text or not self.body.toPlainText():
             self.text = text
-            html = (
-                plain_html(text)
-                if self.role == "user"
-                else to_html(text, self.dark, code_space_px(self.body.font()))
-            )
-            self.body.setHtml(html)
+            self._render()
         self.copy_code.setVisible(bool(code_blocks(text)) and not self.editing())
         self.can_continue = can_continue(self.role, status, stats, text)
         line = stats_line(stats, status)
         self.meta.setText(line)
         self.meta.setVisible(bool(line))
+
+    def _render(self) -> None:
+        if self.role == "user":
+            self.body.setHtml(plain_html(self.text))
+        else:
+            space = code_space_px(self.body.font())
+            self.body.setHtml(to_html(self.text, self.dark, space, self.copied))
+
+    def _link(self, url: QUrl) -> None:
+        """A code block's Copy link copies that block; a web address opens in the browser."""
+        if url.scheme() != COPY_SCHEME:
+            QDesktopServices.openUrl(url)
+            return
+        n = int(url.path())
+        blocks = code_blocks(self.text)
+        if n >= len(blocks):
+            return
+        QGuiApplication.clipboard().setText(blocks[n])
+        self.copied = n
+        self._render()
+
+        def done() -> None:
+            if self.copied == n:
+                self.copied = None
+                self._render()
+
+        QTimer.singleShot(COPIED_MS, self, done)
 
     def _fit(self) -> None:
         self.body.setFixedHeight(int(self.body.document().size().height()) + 4)

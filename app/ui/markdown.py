@@ -33,17 +33,28 @@ HANG = 2  # a wrapped code line goes on this many columns right of the line's ow
 MOST_HANG = 24  # columns: a deeply indented line still leaves room for what wraps
 
 
-def _code_html(lang: str, code: str, dark: bool, space_px: float) -> str:
+COPY_SCHEME = "copy-code"  # a code block's Copy link: copy-code:N, N its index in the message
+
+
+def _code_html(lang: str, code: str, env: dict) -> str:
+    """A code block: a head row with its language and a Copy link for this block alone (the
+    message's Copy code gave every block at once), then the highlighted lines."""
     try:
         lexer = get_lexer_by_name(lang) if lang else guess_lexer(code)
     except ClassNotFound:
         lexer = TextLexer()
-    bg = "#272822" if dark else "#f4f4f4"
+    dark, n = env["dark"], env["blocks"]
+    env["blocks"] += 1
+    bg, muted = ("#272822", "#a6a29a") if dark else ("#f4f4f4", "#6a6f76")
     body = highlight(code, lexer, _formatter(dark))
     lines = body.rstrip("\n").split("\n")  # Pygments closes its spans at each line's end
+    copy = "Copied ✓" if env.get("copied") == n else f'<a href="{COPY_SCHEME}:{n}">Copy</a>'
     return (
-        f'<table width="100%" cellpadding="8" style="background:{bg};"><tr><td>'
-        + "".join(_code_line(line, space_px) for line in lines)
+        f'<table width="100%" cellpadding="8" cellspacing="0" style="background:{bg};">'
+        f'<tr><td style="color:{muted}; padding-bottom:0;">{html.escape(lang)}</td>'
+        f'<td align="right" style="padding-bottom:0;">{copy}</td></tr>'
+        '<tr><td colspan="2">'
+        + "".join(_code_line(line, env["space_px"]) for line in lines)
         + "</td></tr></table>"
     )
 
@@ -92,16 +103,16 @@ def _fence(renderer, tokens, idx, options, env) -> str:
     token = tokens[idx]
     lang = unescapeAll(token.info).strip().split(maxsplit=1)
     code = token.content.rstrip("\n")
-    return _code_html(lang[0] if lang else "", code, env["dark"], env["space_px"])
+    return _code_html(lang[0] if lang else "", code, env)
 
 
-def to_html(text: str, dark: bool = False, space_px: float = 0.0) -> str:
+def to_html(text: str, dark: bool = False, space_px: float = 0.0, copied: int | None = None) -> str:
     """HTML for one message, its code blocks highlighted by Pygments. ``space_px``: a space's
     width in code blocks (chat_view.code_space_px), for the hanging indent of their wrapped
-    lines. Each call starts from an empty environment: one answer's reference links never carry
-    into the next. Qt draws a bare <table> without rules or cell padding: cells ran into each
-    other."""
-    env = {"dark": dark, "space_px": space_px}
+    lines; ``copied``: the block whose Copy link says "Copied ✓" for now. Each call starts from
+    an empty environment: one answer's reference links never carry into the next. Qt draws a
+    bare <table> without rules or cell padding: cells ran into each other."""
+    env = {"dark": dark, "space_px": space_px, "blocks": 0, "copied": copied}
     return _converter().render(text, env).rstrip("\n").replace("<table>", TABLE)
 
 

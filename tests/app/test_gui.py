@@ -664,6 +664,56 @@ def test_markdown_code_block_and_copy(gui, qloop):
     qloop.run_until_complete(asyncio.sleep(1.7))
 
 
+def click_link(body, href):
+    """Click the link ``href`` in a message's text where it is drawn."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+
+    doc = body.document()
+    block = doc.begin()
+    while block.isValid():
+        it = block.begin()
+        while not it.atEnd():
+            frag = it.fragment()
+            if frag.charFormat().anchorHref() == href:
+                cursor = QTextCursor(doc)
+                cursor.setPosition(frag.position() + 1)
+                rect = body.cursorRect(cursor)
+                QTest.mouseClick(body.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+                return
+            it += 1
+        block = block.next()
+    raise AssertionError(f"no link {href!r} in {body.toHtml()[:300]}")
+
+
+def test_each_code_block_has_its_own_copy_link(gui, qloop, monkeypatch):
+    """An answer with several code blocks: each block's Copy link copies that block alone (the
+    message's Copy code gives them all), says "Copied ✓" for a moment; a web address still
+    opens in the browser."""
+    from PySide6.QtGui import QDesktopServices
+
+    opened = []
+    monkeypatch.setattr(QDesktopServices, "openUrl", lambda url: opened.append(url.toString()))
+    send(gui, "See https://example.com/docs\n```python\nx = 1\n```\nthen\n```sh\nls -l\n```")
+    wait_until(qloop, lambda: answer_done(gui))
+    w = gui.window.chat.widgets[-1]
+    text = w.body.toPlainText()
+    assert text.count("Copy") == 2 and "python" in text  # each block: its language, Copy
+    click_link(w.body, "copy-code:1")
+    assert QGuiApplication.clipboard().text() == "ls -l"
+    assert w.body.toPlainText().count("Copied ✓") == 1  # the second block's link
+    assert "copy-code:1" not in w.body.toHtml() and "copy-code:0" in w.body.toHtml()
+    click_link(w.body, "copy-code:0")
+    assert QGuiApplication.clipboard().text() == "x = 1"
+    qloop.run_until_complete(asyncio.sleep(1.7))
+    assert "Copied" not in w.body.toPlainText() and w.body.toPlainText().count("Copy") == 2
+    w.copy_code.click()
+    assert QGuiApplication.clipboard().text() == "x = 1\n\nls -l"
+    click_link(w.body, "https://example.com/docs")
+    assert opened == ["https://example.com/docs"]
+    assert w.body.toPlainText() == text  # the message stayed (no navigation away from it)
+
+
 def test_a_long_code_line_wraps_inside_the_message(gui, qloop):
     """A code line wider than the message was cut off at its edge (no scroll bar in a
     message): it wraps, and Copy code still gives the line as written."""
@@ -1877,7 +1927,7 @@ def test_a_code_block_in_a_list_item_is_drawn_in_the_item(qapp):
     doc.setHtml(to_html("1. Run:\n   ```bash\n   ls -l\n   ```\n2. Done.\n\n```\ntop\n```\nEnd."))
     layout = doc.documentLayout()
     tables = [f for f in doc.rootFrame().childFrames() if isinstance(f, QTextTable)]
-    assert [t.cellAt(0, 0).firstCursorPosition().block().text() for t in tables] == ["ls -l", "top"]
+    assert [t.cellAt(1, 0).firstCursorPosition().block().text() for t in tables] == ["ls -l", "top"]
     run, done, end = doc.findBlock(0), doc.find("Done.").block(), doc.find("End.").block()
     assert (run.text(), done.text()) == ("Run:", "Done.")
     assert run.textList() is not None and done.textList() == run.textList()
