@@ -238,11 +238,13 @@ class App:
             self.show_checks()
 
     def run_checks(self) -> list:
-        from engine.paths import home
+        """The disk check is of the folder downloads go to (it checked the demo's folder, on
+        another disk where VPTQ_CHAT_MODELS moves the downloads)."""
+        from engine.paths import hub_models
 
         from .first_run import run_checks
 
-        return run_checks(self.client.hello, self.window.gpus, home() / "models")
+        return run_checks(self.client.hello, self.window.gpus, hub_models())
 
     def show_checks(self) -> None:
         """The first-run check (also Help > Check this computer), never modal."""

@@ -99,8 +99,8 @@ def run_checks(hello: dict, gpus: Gpus, models_dir: Path, available=_UNSET) -> l
             detail,
             ""
             if enough
-            else "Models need 2-40 GiB each: free some space or move the data folder "
-            "(VPTQ_CHAT_HOME).",
+            else "Models need 2-40 GiB each: free some space on that disk, or start VPTQ Chat "
+            "with VPTQ_CHAT_MODELS set to a folder on a disk with room (downloads go there).",
         )
     )
     return checks

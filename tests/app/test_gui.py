@@ -1568,6 +1568,29 @@ def test_the_checks_scroll_where_the_window_is_shorter_than_they_are(qapp):
     d.close()
 
 
+def test_the_disk_check_is_of_the_folder_downloads_go_to(gui, tmp_path, monkeypatch):
+    """The first-run check measured the demo's folder under VPTQ_CHAT_HOME, not the models
+    folder (VPTQ_CHAT_MODELS, here tmp_path/models: make_app sets it) that downloads fill,
+    and its fix named the variable that does not move them."""
+    from collections import namedtuple
+
+    from app import first_run
+
+    asked = []
+    usage = namedtuple("usage", "total used free")
+
+    def disk_usage(path):
+        asked.append(path)
+        return usage(0, 0, first_run.MIN_FREE_DISK - 1)
+
+    monkeypatch.setenv("VPTQ_CHAT_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.setattr(first_run.shutil, "disk_usage", disk_usage)
+    (disk,) = [c for c in gui.run_checks() if c.name == "Disk space for models"]
+    assert asked == [tmp_path / "models"] and disk.ok is False
+    assert disk.detail.startswith(f"9.9 GiB free in {tmp_path / 'models'} ")
+    assert "VPTQ_CHAT_MODELS set to a folder on a disk with room" in disk.fix
+
+
 def test_checking_again_replaces_the_lines(qapp):
     """ "Check again" shows the new checks in place of the old ones at once (the old lines
     stayed in the layout, shown, until the event loop came round to deleting them)."""
