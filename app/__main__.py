@@ -173,6 +173,7 @@ class App:
         self.ctrl = ChatController(self.store, self.client, self.settings)
         self.window = MainWindow(self.ctrl, Gpus(), self.settings, self.log_dir, self.dark)
         self.client.on_state = self._engine_state
+        self.ctrl.settings_changed.connect(self.save_settings)
         self.window.check_requested.connect(self.show_checks)
         self.window.models_requested.connect(self.show_models)
         self.checks_dialog = None
@@ -212,7 +213,7 @@ class App:
         hs = self.browser.hub.settings
         s = self.settings
         s.hub_endpoint, s.hub_proxy, s.hub_offline = hs.endpoint, hs.proxy, hs.offline
-        s.save(self.data / "settings.json")
+        self.save_settings()
 
     def show_models(self) -> None:
         """Model > Browse and download models: one window, raised when already open."""
@@ -234,7 +235,7 @@ class App:
         self.window.on_engine_state(state, info)
         if state == "ready" and not self.settings.first_run_done:
             self.settings.first_run_done = True
-            self.settings.save(self.data / "settings.json")
+            self.save_settings()
             self.show_checks()
 
     def run_checks(self) -> list:
@@ -267,9 +268,14 @@ class App:
         self.window.gpu_timer.stop()
         self.downloads.close()  # partial files stay; the next start resumes them
         await self.client.shutdown(timeout=5)
+        self.save_settings()
+        self.store.close()
+
+    def save_settings(self) -> None:
+        """settings.json now, with the window's size and place (a write of a few hundred bytes,
+        at a load, a panel shown or hidden, the first-run check, quitting)."""
         self.settings.window = self.window.saved_geometry()
         self.settings.save(self.data / "settings.json")
-        self.store.close()
 
 
 def launcher_command(command: str) -> int:
@@ -291,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return launcher_command(args.command)
     from PySide6.QtWidgets import QApplication, QMessageBox
 
+    from .event_loop import close_on_signals
     from .settings import data_dir
     from .single_instance import InstanceServer, ask_running_instance, server_name
     from .store import StoreError
@@ -308,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     instance = InstanceServer(name, app.activate)
     app.window.show()
+    close_on_signals(app.window.close, app.window)
     closed = asyncio.Event()
     app.qapp.aboutToQuit.connect(closed.set)
     with app.loop:

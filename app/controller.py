@@ -48,6 +48,9 @@ class ChatController(QObject):
     live_rate = Signal(float)  # tokens/s of the answer being streamed
     load_progress = Signal(float, str)  # a load's stage and how far it is (0..1)
     leaving = Signal()  # the open chat is about to change: the window saves its draft now
+    # settings changed (a model loaded): saved at once, not only at quit (a killed or crashed
+    # app started again with the model before the last one)
+    settings_changed = Signal()
     # what the open chat says about answers elsewhere: where one is written, or that its own
     # message waits for it; "" if nothing
     queue_note = Signal(str)
@@ -569,6 +572,7 @@ class ChatController(QObject):
         self.settings.model = path  # the window shows it ready (the engine's "loaded" state)
         self.settings.context = n_ctx
         self.settings.device = device
+        self.settings_changed.emit()
         self._next_waiting()  # messages that waited for a stopped engine
 
     async def unload_model(self) -> bool:

@@ -14,9 +14,12 @@ own (DaemonThreads), not in qasync's QThreads.
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+from collections.abc import Callable
 
 import qasync
-from PySide6.QtCore import QEventLoop
+from PySide6.QtCore import QEventLoop, QObject, QSocketNotifier
 from PySide6.QtWidgets import QApplication
 
 from .threads import DaemonThreads
@@ -47,3 +50,23 @@ class QtAsyncLoop(qasync.QEventLoop):
         if not future.done():
             raise RuntimeError("the event loop stopped before the future completed")
         return future.result()
+
+
+def close_on_signals(close: Callable[[], None], parent: QObject) -> None:
+    """SIGTERM (a logout, `kill`), SIGINT (Ctrl+C in the terminal that started the app) and
+    SIGHUP (that terminal closed) call ``close``, as Quit does: the app ended at once without
+    its shutdown (settings unsaved, the model of the session before loaded at the next start).
+
+    Python runs a signal's handler only when the interpreter runs, and Qt's loop sits in C++
+    while nothing happens: the signal's byte on a wakeup socket wakes the loop (a notifier
+    that lives as long as ``parent``), and the handler runs as its slot returns."""
+    read, write = socket.socketpair()
+    for sock in (read, write):
+        sock.setblocking(False)
+    signal.set_wakeup_fd(write.fileno(), warn_on_full_buffer=False)
+    notifier = QSocketNotifier(read.fileno(), QSocketNotifier.Type.Read, parent)
+    notifier.activated.connect(lambda *_: read.recv(64))
+    notifier.sockets = (read, write)  # open as long as the notifier
+    for name in ("SIGTERM", "SIGINT", "SIGHUP"):  # Windows has no SIGHUP
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), lambda *_: close())

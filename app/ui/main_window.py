@@ -183,7 +183,8 @@ class MainWindow(QMainWindow):
 
     def _show_panel(self, on: bool) -> None:
         self.panel.setVisible(on)
-        self.settings.show_panel = on  # saved when the app closes
+        self.settings.show_panel = on
+        self.ctrl.settings_changed.emit()
         self._fit_panes()
 
     def _show_next_chat_settings(self) -> None:

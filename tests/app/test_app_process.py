@@ -158,6 +158,54 @@ def test_quitting_during_a_stalled_download_ends_the_app_and_keeps_the_part(tmp_
     assert [p.name for p in parts] == ["model.safetensors.part"] and parts[0].stat().st_size > 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_closes_the_app_as_quit_does_and_a_load_is_saved_at_once(tmp_path, sig):
+    """`python -m app` as a user starts it. The model a load chose was saved only at quit, and
+    a SIGTERM (logout, `kill`), Ctrl+C or a closed terminal ended the app at once: the next
+    start loaded the model before. Now the load is saved when it is done, and the signal closes
+    the window as Quit does: the engine is stopped, the window's place saved, exit status 0."""
+    import json
+    import time
+
+    data, model = tmp_path / "data", str(tmp_path / "chosen-model")
+    env = dict(
+        os.environ,
+        QT_QPA_PLATFORM="offscreen",
+        VPTQ_CHAT_DATA=str(data),
+        VPTQ_CHAT_ENGINE_CMD=f"{sys.executable} {FAKE_ENGINE}",
+        VPTQ_CHAT_MODELS=str(tmp_path / "models"),
+        FAKE_ENGINE_PIDS=str(tmp_path / "engine.pids"),
+    )
+    from app.settings import Settings
+
+    settings = data / "settings.json"
+    Settings(first_run_done=True).save(settings)  # no save at the first run's check
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--model", model], env=env, text=True)
+
+    def saved() -> dict:
+        try:
+            return json.loads(settings.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    try:
+        deadline = time.monotonic() + 60
+        while saved().get("model") != model:  # saved once the engine loaded it
+            assert proc.poll() is None and time.monotonic() < deadline, saved()
+            time.sleep(0.1)
+        settings.unlink()  # written again by the shutdown, not by the load
+        (engine,) = map(int, (tmp_path / "engine.pids").read_text().split())
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0  # killed by the signal: -15, -2 or -1
+    finally:
+        proc.kill()
+    assert saved()["model"] == model and saved()["window"]  # the window's place, at the close
+    with pytest.raises(ProcessLookupError):  # the engine was stopped, not left running
+        for _ in range(50):
+            os.kill(engine, 0)
+            time.sleep(0.1)
+
+
 @pytest.mark.e2e
 def test_real_engine_with_the_demo_model(tmp_path, qloop, monkeypatch, demo_path):
     app = make_app(tmp_path, qloop, monkeypatch, engine=None)

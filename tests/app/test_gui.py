@@ -9,6 +9,7 @@ from PySide6.QtCore import QEvent, QObject
 from PySide6.QtGui import QGuiApplication, QTextCursor
 from PySide6.QtWidgets import QAbstractSlider
 
+from app.settings import Settings
 from app.ui.chat_view import code_space_px
 
 from .conftest import make_app, wait_until
@@ -1330,6 +1331,7 @@ def test_small_window_gives_the_chat_most_of_the_width(gui, qloop):
     live = menu_action(w, "&Live panel")
     live.trigger()  # off
     assert not gui.settings.show_panel and w.split.sizes()[2] == 0
+    assert Settings.load(gui.data / "settings.json").show_panel is False  # saved at once
     live.trigger()  # on again, at its width (a hidden pane's 0 is not kept)
     assert gui.settings.show_panel and w.split.sizes()[2] == 250
     w.split.setSizes([300, 850, 250])
