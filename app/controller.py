@@ -25,7 +25,7 @@ from .engine_client import PROCESS_ENDED, EngineClient, EngineError
 from .gpu import device_index
 from .hub import model_label
 from .settings import Settings, valid_sampling
-from .store import UNTITLED, Message, Store
+from .store import UNTITLED, Message, Store, search_words
 from .ui.models import ConversationListModel, MessageListModel
 
 log = logging.getLogger("app.chat")
@@ -51,6 +51,7 @@ class ChatController(QObject):
     # settings changed (a model loaded): saved at once, not only at quit (a killed or crashed
     # app started again with the model before the last one)
     settings_changed = Signal()
+    reveal = Signal(int, list)  # a message row a search found, and the words to mark in it
     # what the open chat says about answers elsewhere: where one is written, or that its own
     # message waits for it; "" if nothing
     queue_note = Signal(str)
@@ -73,6 +74,8 @@ class ChatController(QObject):
         self.not_unloading = asyncio.Event()
         self.not_unloading.set()
         self.loads_waiting = 0  # loads waiting for an unload
+        self.found: dict[int, int] = {}  # the search's chats: chat id -> its best message id
+        self.found_words: list[str] = []
         self.repaint = QTimer(self, interval=REPAINT_MS)
         self.repaint.timeout.connect(self._flush)
         self.conversations.set_rows(store.conversations())
@@ -92,10 +95,18 @@ class ChatController(QObject):
         self.messages.set_rows(self.store.messages(cid))
         self._show_answer()
         self.conversation_opened.emit(cid)
+        self._reveal_found(cid)
         self._show_context()
         self._tell_answering()
         if before is not None:
             self._drop_if_unused(before)
+
+    def _reveal_found(self, cid: int) -> None:
+        """A chat opened from a search: its best-matching message, with the words marked."""
+        mid = self.found.get(cid)
+        rows = [i for i, m in enumerate(self.messages.rows) if m.id == mid]
+        if rows:
+            self.reveal.emit(rows[0], self.found_words)
 
     def _drop_if_unused(self, cid: int) -> None:
         """A chat left as New chat made it (no message, draft, title or setting of the user's)
@@ -223,11 +234,18 @@ class ChatController(QObject):
         self._tell_answering()
 
     def search(self, query: str) -> None:
+        """The list shows the chats holding ``query``, each with a snippet of its best match; a
+        chat opened from it shows that message with the words marked ("" ends the search)."""
+        hits = self.store.search(query) if query.strip() else []
+        self.found = {h.conversation_id: h.message_id for h in hits}
+        self.found_words = search_words(query)
         if not query.strip():
             self.conversations.set_rows(self.store.conversations())
             return
-        hits = self.store.search(query)
-        self.conversations.set_rows([self.store.conversation(cid) for cid, _ in hits], dict(hits))
+        self.conversations.set_rows(
+            [self.store.conversation(h.conversation_id) for h in hits],
+            {h.conversation_id: h.snippet for h in hits},
+        )
 
     def save_draft(self, text: str) -> None:
         if self.current is not None:

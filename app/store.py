@@ -66,6 +66,23 @@ def _json_object(text: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+MATCH_OPEN, MATCH_CLOSE = "\x02", "\x03"  # around a matched word in a search's snippet
+
+
+def search_words(query: str) -> list[str]:
+    """The words a search looks for (double quotes dropped: FTS5 syntax, not the user's)."""
+    return [w.replace('"', "") for w in query.split() if w.strip('"')]
+
+
+@dataclass
+class Hit:
+    """A chat a search found: its best-matching message and a snippet of it."""
+
+    conversation_id: int
+    message_id: int
+    snippet: str
+
+
 class StoreError(Exception):
     """A history file that cannot be used; the message names it and what to do."""
 
@@ -220,22 +237,25 @@ class Store:
         self.db.execute("DELETE FROM messages WHERE conversation_id=? AND id>=?", (cid, mid))
 
     # -- search, export, import ------------------------------------------------------------------
-    def search(self, query: str, limit: int = 50) -> list[tuple[int, str]]:
-        """(conversation id, snippet) for messages matching ``query`` (words, prefix match)."""
-        words = [w.replace('"', "") for w in query.split() if w.strip('"')]
+    def search(self, query: str, limit: int = 50) -> list[Hit]:
+        """The chats with messages matching ``query`` (its words, each a prefix), best first:
+        each with its best message and a snippet of it, the matched words between MATCH_OPEN
+        and MATCH_CLOSE (characters no typed text holds; brackets could be the message's own)."""
+        words = search_words(query)
         if not words:
             return []
         match = " ".join(f'"{w}"*' for w in words)
         rows = self.db.execute(
-            "SELECT m.conversation_id, snippet(messages_fts, 0, '[', ']', '…', 8) "
+            "SELECT m.conversation_id, m.id, "
+            f"snippet(messages_fts, 0, '{MATCH_OPEN}', '{MATCH_CLOSE}', '…', 8) "
             "FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
             "WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
             (match, limit),
         ).fetchall()
-        seen: dict[int, str] = {}
-        for cid, snip in rows:
-            seen.setdefault(cid, snip)
-        return list(seen.items())
+        seen: dict[int, Hit] = {}
+        for cid, mid, snip in rows:
+            seen.setdefault(cid, Hit(cid, mid, snip))
+        return list(seen.values())
 
     def export_json(self, cid: int) -> dict[str, Any]:
         c = self.conversation(cid)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import QEvent, Qt, QTimer, QUrl, Signal
+from PySide6.QtCore import QEvent, QRegularExpression, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import (
+    QColor,
     QDesktopServices,
     QFont,
     QGuiApplication,
@@ -22,6 +23,7 @@ from PySide6.QtWidgets import (
     QScrollArea,
     QSizePolicy,
     QTextBrowser,
+    QTextEdit,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -31,10 +33,13 @@ from ..controller import can_continue
 from .markdown import COPY_SCHEME, code_blocks, plain_html, to_html
 from .models import MessageListModel, RoleRole, StatsRole, StatusRole
 
+# A search's words in the message it found: text and background, readable in each theme
+MATCH_LIGHT, MATCH_DARK = ("#000000", "#ffe27a"), ("#ffffff", "#7a5d00")
 COPIED_MS = 1500  # how long a Copy button says "Copied ✓"
 # The messages a chat opens with (its last ones); "Show earlier messages" adds as many again.
 # Each message is a widget: a chat of 1000 took 3 s to open and its memory with it.
 SHOWN = 100
+REVEAL_MARGIN = 12  # px above a message a search found, at the top of the view
 HEAD = 2  # the column's items before the messages: the Show earlier button, the empty hint
 
 
@@ -234,6 +239,27 @@ class MessageWidget(QFrame):
                 self._render()
 
         QTimer.singleShot(COPIED_MS, self, done)
+
+    def mark(self, words: list[str]) -> None:
+        """Mark the words the search matched in the message: each word that starts with one of
+        ``words``, in any case, as the search's prefix match found them."""
+        doc, found = self.body.document(), []
+        fg, bg = MATCH_DARK if self.dark else MATCH_LIGHT
+        for word in words:
+            pattern = QRegularExpression(
+                r"\b" + QRegularExpression.escape(word) + r"\w*",
+                QRegularExpression.PatternOption.CaseInsensitiveOption
+                | QRegularExpression.PatternOption.UseUnicodePropertiesOption,  # é is a letter
+            )
+            cursor = doc.find(pattern)
+            while not cursor.isNull():
+                sel = QTextEdit.ExtraSelection()
+                sel.cursor = cursor
+                sel.format.setBackground(QColor(bg))
+                sel.format.setForeground(QColor(fg))
+                found.append(sel)
+                cursor = doc.find(pattern, cursor)
+        self.body.setExtraSelections(found)
 
     def _fit(self) -> None:
         self.body.setFixedHeight(int(self.body.document().size().height()) + 4)
@@ -571,6 +597,16 @@ class ChatView(QWidget):
 
     def _edit(self, w: MessageWidget, text: str) -> None:
         self.edit_requested.emit(self.first + self.widgets.index(w), text)
+
+    def reveal(self, row: int, words: list[str]) -> None:
+        """Message ``row`` near the top of the view (the earlier messages before it shown as
+        needed), with ``words`` marked: a chat opened from a search."""
+        while row < self.first:
+            self.show_earlier()
+        w = self.widgets[row - self.first]
+        w.mark(words)
+        self.pinned, self.anchor = False, (w, REVEAL_MARGIN)  # _follow keeps it there
+        self.scroll.verticalScrollBar().setValue(w.y() - REVEAL_MARGIN)
 
     def set_context(self, used: int, n_ctx: int, dropped: int) -> None:
         self.context.setText(f"Context: {used} / {n_ctx} tokens" if n_ctx else "")

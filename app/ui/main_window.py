@@ -7,9 +7,18 @@ import json
 import re
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QModelIndex, Qt, QTimer, QUrl, Signal
-from PySide6.QtGui import QAction, QDesktopServices, QKeySequence
+from PySide6.QtCore import QByteArray, QModelIndex, QSize, Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import (
+    QAction,
+    QColor,
+    QDesktopServices,
+    QFont,
+    QFontMetrics,
+    QKeySequence,
+    QPalette,
+)
 from PySide6.QtWidgets import (
+    QApplication,
     QFileDialog,
     QLabel,
     QLineEdit,
@@ -19,6 +28,9 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QPushButton,
     QSplitter,
+    QStyle,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
     QVBoxLayout,
     QWidget,
 )
@@ -28,12 +40,13 @@ from ..controller import RESTART_HINT, ChatController
 from ..gpu import Gpus
 from ..hub import model_label
 from ..settings import Settings
-from ..store import StoreError
+from ..store import MATCH_CLOSE, MATCH_OPEN, StoreError
 from .banner import ErrorBanner
 from .chat_settings import ChatSettings
 from .chat_view import ChatView
+from .colours import colour
 from .live_panel import LivePanel, gib
-from .models import IdRole
+from .models import IdRole, SnippetRole
 from .screen import fit_to_screen
 
 MAX_IMPORT_BYTES = 256 << 20  # a chat export is text: a larger file is the wrong one
@@ -79,6 +92,67 @@ class ChatList(QListView):
             self.picked.emit(now)
 
 
+def snippet_parts(snippet: str) -> list[tuple[str, bool]]:
+    """A search snippet (app/store.py) as (text, matched) pieces, on one line."""
+    text = " ".join(snippet.split())
+    parts = []
+    for i, piece in enumerate(re.split(f"[{MATCH_OPEN}{MATCH_CLOSE}]", text)):
+        if piece:
+            parts.append((piece, i % 2 == 1))  # every other piece sits between the marks
+    return parts
+
+
+class ChatListItem(QStyledItemDelegate):
+    """A chat in the list; during a search, with a line of its best match under the title, the
+    matched words in bold (the list showed titles alone: why a chat matched was not shown)."""
+
+    def sizeHint(self, option, index) -> QSize:
+        size = super().sizeHint(option, index)
+        if index.data(SnippetRole):
+            size.setHeight(size.height() + option.fontMetrics.lineSpacing() + 6)  # apart
+        return size
+
+    def paint(self, painter, option, index) -> None:
+        snippet = index.data(SnippetRole)
+        if not snippet:
+            super().paint(painter, option, index)
+            return
+        opt = QStyleOptionViewItem(option)
+        self.initStyleOption(opt, index)
+        title, opt.text = opt.text, ""
+        style = opt.widget.style() if opt.widget else QApplication.style()
+        style.drawControl(QStyle.ControlElement.CE_ItemViewItem, opt, painter, opt.widget)
+        selected = bool(opt.state & QStyle.StateFlag.State_Selected)
+        role = QPalette.ColorRole.HighlightedText if selected else QPalette.ColorRole.Text
+        text = opt.palette.color(role)
+        rect = style.subElementRect(QStyle.SubElement.SE_ItemViewItemText, opt, opt.widget)
+        rect = rect.adjusted(3, 0, -3, 0)
+        line = opt.fontMetrics.lineSpacing()
+        painter.save()
+        painter.setPen(text)
+        fm = opt.fontMetrics
+        elided = fm.elidedText(title, Qt.TextElideMode.ElideRight, rect.width())
+        painter.drawText(rect.x(), rect.y() + (rect.height() - 2 * line) // 2 + fm.ascent(), elided)
+        muted = text if selected else QColor(colour("muted", opt.widget))
+        x, y, right = (
+            rect.x(),
+            rect.y() + (rect.height() - 2 * line) // 2 + line + fm.ascent(),
+            rect.right(),
+        )
+        for piece, matched in snippet_parts(snippet):
+            font = QFont(opt.font)
+            font.setBold(matched)
+            painter.setFont(font)
+            painter.setPen(text if matched else muted)
+            pm = QFontMetrics(font)
+            shown = pm.elidedText(piece, Qt.TextElideMode.ElideRight, right - x)
+            painter.drawText(x, y, shown)
+            x += pm.horizontalAdvance(shown)
+            if shown != piece or x >= right:
+                break
+        painter.restore()
+
+
 class MainWindow(QMainWindow):
     check_requested = Signal()  # Help > Check this computer
     models_requested = Signal()  # Model > Browse models
@@ -111,6 +185,7 @@ class MainWindow(QMainWindow):
         self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.list.setUniformItemSizes(True)
+        self.list.setItemDelegate(ChatListItem(self.list))
         new = QPushButton("New chat")
         new.setAccessibleName("New chat")
         new.clicked.connect(ctrl.new_conversation)
@@ -268,6 +343,7 @@ class MainWindow(QMainWindow):
         c.live_rate.connect(self.panel.set_rate)
         c.load_progress.connect(self.panel.set_progress)
         c.answer_finished.connect(self.panel.add_answer)
+        c.reveal.connect(self.chat.reveal)
 
     def _search(self, query: str) -> None:
         self.ctrl.search(query)

@@ -8,7 +8,7 @@ from typing import Any
 
 from PySide6.QtCore import QAbstractListModel, QModelIndex, QPersistentModelIndex, Qt
 
-from ..store import Conversation, Message
+from ..store import MATCH_CLOSE, MATCH_OPEN, Conversation, Message
 
 Index = QModelIndex | QPersistentModelIndex
 IdRole = Qt.ItemDataRole.UserRole + 1
@@ -43,7 +43,9 @@ class ConversationListModel(QAbstractListModel):
         if role == Qt.ItemDataRole.EditRole:
             return c.title
         if role == Qt.ItemDataRole.ToolTipRole:
-            tip = self.snippets.get(c.id) or c.title
+            tip = c.title  # and during a search the snippet the list shows, whole
+            if snippet := self.snippets.get(c.id):
+                tip += "\n" + snippet.replace(MATCH_OPEN, "").replace(MATCH_CLOSE, "")
             if c.id == self.answering:
                 return f"{tip}\n(the model is answering in this chat)"
             return f"{tip}\n(a message here waits for an answer)" if c.id in self.waiting else tip

@@ -1056,6 +1056,71 @@ def test_search_new_chat_and_export(gui, qloop):
     ]
 
 
+def test_a_search_shows_why_each_chat_matched_and_opens_it_at_the_match(gui, qloop):
+    """The list showed the matching chats' titles alone, and opening one showed its end: in a
+    long chat the match was a hunt. Each found chat now has a line of its best match under the
+    title (the words in bold), and opening it shows that message near the top of the view,
+    earlier messages shown as needed, the words marked."""
+    from PySide6.QtCore import QPoint, Qt
+
+    from app.ui.chat_view import MATCH_LIGHT
+    from app.ui.main_window import snippet_parts
+    from app.ui.models import SnippetRole
+
+    long = gui.store.create_conversation("a long chat")
+    for i in range(150):
+        text = "the Zanzibar ferry leaves at noon" if i == 20 else f"filler message {i}"
+        text = "un café crème, zanzibarien" if i == 21 else text  # not a match: no "ferr"
+        gui.store.add_message(long.id, "user" if i % 2 == 0 else "assistant", text)
+    other = gui.store.create_conversation("other")
+    gui.store.add_message(other.id, "user", "nothing to see")
+    gui.ctrl.conversations.set_rows(gui.store.conversations())
+    gui.ctrl.open(other.id)
+    gui.window.resize(900, 600)
+    gui.window.search.setText("zanz ferr")  # prefixes, any case
+    rows = gui.ctrl.conversations.rows
+    assert [c.title for c in rows] == ["a long chat"]
+    index = gui.ctrl.conversations.index(0)
+    snippet = index.data(SnippetRole)
+    assert snippet_parts(snippet) == [
+        ("the ", False), ("Zanzibar", True), (" ", False), ("ferry", True),
+        (" leaves at noon", False),
+    ]  # fmt: skip
+    tip = index.data(Qt.ItemDataRole.ToolTipRole)
+    assert tip == "a long chat\nthe Zanzibar ferry leaves at noon"
+    view = gui.window.list
+    one_line = view.fontMetrics().lineSpacing()
+    assert view.visualRect(index).height() >= 2 * one_line  # the title and the snippet
+    view.viewport().grab()  # painted without an error
+    view.picked.emit(index)
+    qloop.run_until_complete(asyncio.sleep(0.3))
+    chat = gui.window.chat
+    assert gui.ctrl.current == long.id
+    assert chat.first <= 20 and chat.widgets[20 - chat.first].text.startswith("the Zanzibar")
+    found = chat.widgets[20 - chat.first]
+    top = found.mapTo(chat.scroll.viewport(), QPoint(0, 0)).y()
+    assert 0 <= top <= 40, top  # near the top of the view, not at the chat's end
+    marks = found.body.extraSelections()
+    assert [m.cursor.selectedText() for m in marks] == ["Zanzibar", "ferry"]
+    assert {m.format.background().color().name() for m in marks} == {MATCH_LIGHT[1]}
+    # letters beyond ASCII are part of the word marked; the marks follow a new search
+    gui.window.search.setText("caf zanz")
+    gui.ctrl.open(other.id)
+    gui.ctrl.open(long.id)
+    qloop.run_until_complete(asyncio.sleep(0.3))
+    marks = chat.widgets[21 - chat.first].body.extraSelections()
+    assert [m.cursor.selectedText() for m in marks] == ["café", "zanzibarien"]
+    # an ended search lists every chat again, and opening a chat shows its end, unmarked
+    gui.window.search.setText("")
+    assert gui.ctrl.conversations.rowCount() == 2 and not index.data(SnippetRole)
+    gui.ctrl.open(other.id)
+    gui.ctrl.open(long.id)
+    qloop.run_until_complete(asyncio.sleep(0.3))
+    bar = chat.scroll.verticalScrollBar()
+    assert bar.value() == bar.maximum() and chat.first == 50
+    assert all(not w.body.extraSelections() for w in chat.widgets)
+
+
 def test_gpu_cards_match_nvml_to_cuda_by_uuid(gui):
     from app.gpu import GpuInfo
 

@@ -118,11 +118,16 @@ def test_full_text_search(store):
     store.add_message(a.id, "user", "How do I make a béchamel sauce?")
     b = store.create_conversation("space")
     m = store.add_message(b.id, "assistant", "Jupiter is the largest planet")
-    assert [cid for cid, _ in store.search("sauce")] == [a.id]
-    assert [cid for cid, _ in store.search("plan")] == [b.id]  # prefix match
-    assert "[Jupiter]" in store.search("jupiter")[0][1]
+    assert [h.conversation_id for h in store.search("sauce")] == [a.id]
+    assert [h.conversation_id for h in store.search("plan")] == [b.id]  # prefix match
+    (hit,) = store.search("jupiter")
+    assert (hit.message_id, hit.snippet) == (m.id, "\x02Jupiter\x03 is the largest planet")
+    store.add_message(b.id, "user", "[Jupiter] in brackets, and jupiter again")
+    best = store.add_message(b.id, "assistant", "jupiter jupiter jupiter jupiter: the moons")
+    (hit,) = store.search("jupiter")  # one hit a chat: its best-ranked message
+    assert hit.message_id == best.id and hit.snippet.count("\x02jupiter\x03") == 4
     store.update_message(m.id, content="Saturn has rings")
-    assert store.search("jupiter") == [] and store.search("saturn")[0][0] == b.id
+    assert store.search("saturn")[0].conversation_id == b.id
     assert store.search('"; DROP TABLE messages') == []
     assert store.search("   ") == []
 
