@@ -357,8 +357,8 @@ class ChatController(QObject):
         return out
 
     def continue_answer(self) -> None:
-        """Write more of the last answer, one that was stopped or cut at the token limit (in
-        turn, while the model answers in another chat)."""
+        """Write more of the last answer, one that was stopped, cut at the token limit or ended
+        by an error (in turn, while the model answers in another chat)."""
         if not self.can_send() or not self.messages.rows:
             return
         last = self.messages.rows[-1]
@@ -658,9 +658,9 @@ class ChatController(QObject):
 
 
 def can_continue(role: str, status: str, stats: dict, text: str) -> bool:
-    """Whether a message is an answer that can be written on: stopped, or cut at the token
-    limit, with some text to go on from."""
-    stopped = status == "stopped" or bool(stats.get("truncated"))
+    """Whether a message is an answer that can be written on: stopped, cut at the token limit
+    or ended by an error (the engine crashed mid-answer), with some text to go on from."""
+    stopped = status in ("stopped", "error") or bool(stats.get("truncated"))
     return role == "assistant" and stopped and bool(text)
 
 

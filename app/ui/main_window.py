@@ -168,6 +168,7 @@ class MainWindow(QMainWindow):
         super().__init__()
         self.ctrl, self.gpus, self.settings, self.log_dir = ctrl, gpus, settings, log_dir
         self.tasks: set[asyncio.Task] = set()  # keep running tasks referenced until done
+        self.crash: str | None = None  # what the engine's crash said, until its restart ends
         self.file_dir = Path.home()  # where Export and Import open: the last folder used
         self.setWindowTitle("VPTQ Chat")
         self._place(settings.window)
@@ -383,7 +384,8 @@ class MainWindow(QMainWindow):
             self._show_next_chat_settings()
         self.unload_action.setEnabled(state == "loaded")
         if state == "crashed":
-            self.show_error(f"{info.get('message')}. Restarting it; your conversation is kept.")
+            self.crash = info.get("message") or "the engine stopped unexpectedly"
+            self.show_error(f"{self.crash}. Restarting it; your conversation is kept.")
             self.statusBar().showMessage("The engine crashed; restarting it…")
         elif state == "failed":
             self.show_error(f"{info.get('message')}. Your conversation is kept; {RESTART_HINT}.")
@@ -393,6 +395,21 @@ class MainWindow(QMainWindow):
         elif state == "loaded":  # the user's load and the reload after a restart alike
             model, n_ctx = model_label(info.get("model")), info.get("n_ctx")
             self.statusBar().showMessage(f"{model} ready: {n_ctx} tokens of context")
+        recovered = state == "loaded" or (state == "ready" and not self.ctrl.client.recovering)
+        if self.crash and (recovered or state == "failed"):
+            self._restarted(state, info)
+
+    def _restarted(self, state: str, info: dict) -> None:
+        """The restart after a crash ended: its note (still shown) says how, where it said
+        "Restarting it" for good."""
+        crash, self.crash = self.crash, None
+        if state == "failed" or not self.banner.isVisible():
+            return  # a failed restart says so itself; a note closed stays closed
+        if state == "loaded":
+            again = f"it was restarted and {model_label(info.get('model'))} loaded again"
+        else:
+            again = "it was restarted (without a model: load one from the Model menu)"
+        self.show_error(f"{crash}. {again[0].upper()}{again[1:]}; your conversation is kept.")
 
     def _poll(self) -> None:
         self._spawn(self._poll_async(self.ctrl.client.pid))

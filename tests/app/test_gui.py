@@ -151,6 +151,18 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     # a new engine process and a model load: allow for a busy CI machine (it once took > 20 s)
     wait_until(qloop, lambda: gui.client.state == "loaded", timeout=60, what="the restart")
     assert gui.window.statusBar().currentMessage() == "demo ready: 2048 tokens of context"
+    # the note says how the restart ended (it said "Restarting it" for good)
+    banner = gui.window.banner.text()
+    assert "stopped unexpectedly" in banner and "Restarting it" not in banner
+    assert "It was restarted and demo loaded again; your conversation is kept." in banner
+    # the answer the crash cut off can be written on, as a stopped one
+    w = gui.window.chat.widgets[-1]
+    assert w.more.isVisibleTo(gui.window)
+    w.more.click()
+    wait_until(qloop, lambda: answer_done(gui), what="the answer continued")
+    last = gui.store.messages(gui.ctrl.current)[-1]
+    assert last.status == "done" and last.content == "You said: crash and more."
+    assert "ended by an error" not in plain(gui.window.chat.widgets[-1].meta.text())
     send(gui, "again")
     wait_until(
         qloop,
@@ -2418,10 +2430,13 @@ def test_titles_from_first_messages():
 
 
 def test_which_answers_can_be_continued():
-    """An assistant's answer with text, stopped by the user or cut at the token limit."""
+    """An assistant's answer with text, stopped by the user, cut at the token limit or ended
+    by an error (a crash mid-answer)."""
     from app.controller import can_continue
 
     assert can_continue("assistant", "stopped", {}, "Once upon")
+    assert can_continue("assistant", "error", {}, "Once upon")
+    assert not can_continue("assistant", "error", {}, "")  # failed before a word
     assert can_continue("assistant", "done", {"truncated": True}, "Once upon")
     assert not can_continue("assistant", "done", {}, "Once upon")  # finished by itself
     assert not can_continue("assistant", "done", {"truncated": False}, "Once upon")
