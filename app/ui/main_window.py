@@ -336,6 +336,8 @@ class MainWindow(QMainWindow):
         c.leaving.connect(self.chat.flush_draft)  # the last keystrokes, before the chat changes
         c.conversation_opened.connect(self._opened)
         c.busy_changed.connect(self.chat.set_busy)
+        # idle once the answer ends, also one ended by a crash (no stats, no answer_finished)
+        c.busy_changed.connect(lambda busy: busy or self.panel.set_rate(None))
         c.queue_note.connect(self.chat.set_queue_note)
         c.send_allowed.connect(self.chat.set_send_allowed)
         c.error.connect(self.show_error)

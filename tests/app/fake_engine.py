@@ -1,6 +1,7 @@
 """A scripted engine that speaks the real protocol (engine/protocol.py), for GUI tests.
 
-The last user message picks the behaviour: "crash" dies mid-answer, "slow" streams 400
+The last user message picks the behaviour: "crash" dies mid-answer ("crash late" after 20
+words, 0.4 s), "slow" streams 400
 words slowly (so stop can be tested), "fail" answers with an error event, anything else is
 echoed back word by word after "You said:" (a message opening with a code fence, on the next
 line, as a model writes a block); without a model loaded it refuses, as the real engine does.
@@ -91,7 +92,7 @@ def generate(msg):
     if text == "hang":  # stuck: it neither answers nor takes a cancel or a shutdown
         time.sleep(600)
     said = "You said:\n" if text.startswith("```") else "You said: "  # a fence opens a line
-    words = ["word"] * 400 if text == "slow" else f"{said}{text}".split(" ")
+    words = ["word"] * 400 if text in ("slow", "crash late") else f"{said}{text}".split(" ")
     if msg.get("continue"):  # more of the answer that is the last message
         words = ["and", "more."]
     limit = (msg.get("sampling") or {}).get("max_new_tokens") or len(words)
@@ -102,9 +103,9 @@ def generate(msg):
             send("finished", msg.id, reason="cancelled", stats={"completion_tokens": i})
             return
         send("delta", msg.id, text=(" " if i or msg.get("continue") else "") + w)
-        if text == "crash" and i == 2:
+        if (text, i) in (("crash", 2), ("crash late", 20)):
             os._exit(3)
-        time.sleep(0.02 if text in ("slow", "crash") else 0.001)
+        time.sleep(0.02 if text in ("slow", "crash", "crash late") else 0.001)
     send(
         "finished",
         msg.id,

@@ -172,6 +172,16 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     assert len(gui.store.messages(gui.ctrl.current)) == 4  # nothing lost
 
 
+def test_the_live_rate_goes_idle_when_a_crash_ends_the_answer(gui, qloop):
+    """The panel's "Now" went on showing the rate of an answer a crash had ended (an answer
+    without stats never reached the panel)."""
+    send(gui, "crash late")
+    wait_until(qloop, lambda: gui.window.panel.rate.text().endswith("tok/s"), what="the rate")
+    wait_until(qloop, lambda: answer_done(gui), what="the crash")
+    assert gui.store.messages(gui.ctrl.current)[-1].status == "error"
+    assert gui.window.panel.rate.text() == "Now: idle"
+
+
 def test_a_queued_message_is_answered_after_the_engine_crashed_on_the_one_before(gui, qloop):
     send(gui, "crash")
     crashed = gui.ctrl.current
