@@ -153,7 +153,7 @@ class MessageWidget(QFrame):
         super().__init__()
         self.role, self.dark, self.text = role, dark, ""
         self.copied: int | None = None  # the code block whose Copy link says "Copied ✓" now
-        self.can_continue = False  # stopped, or cut at the token limit
+        self.can_continue = False  # stopped, cut at the token limit or by an error
         self.setObjectName("userMessage" if role == "user" else "assistantMessage")
         self.setFrameShape(QFrame.Shape.StyledPanel)
         self.who = QLabel("You" if role == "user" else "Assistant")

@@ -127,28 +127,26 @@ class ChatListItem(QStyledItemDelegate):
         text = opt.palette.color(role)
         rect = style.subElementRect(QStyle.SubElement.SE_ItemViewItemText, opt, opt.widget)
         rect = rect.adjusted(3, 0, -3, 0)
-        line = opt.fontMetrics.lineSpacing()
-        painter.save()
-        painter.setPen(text)
         fm = opt.fontMetrics
-        elided = fm.elidedText(title, Qt.TextElideMode.ElideRight, rect.width())
-        painter.drawText(rect.x(), rect.y() + (rect.height() - 2 * line) // 2 + fm.ascent(), elided)
-        muted = text if selected else QColor(colour("muted", opt.widget))
-        x, y, right = (
-            rect.x(),
-            rect.y() + (rect.height() - 2 * line) // 2 + line + fm.ascent(),
-            rect.right(),
+        top = rect.y() + (rect.height() - 2 * fm.lineSpacing()) // 2 + fm.ascent()  # 1st line
+        painter.save()
+        painter.setFont(opt.font)
+        painter.setPen(text)
+        painter.drawText(
+            rect.x(), top, fm.elidedText(title, Qt.TextElideMode.ElideRight, rect.width())
         )
-        for piece, matched in snippet_parts(snippet):
+        muted = text if selected else QColor(colour("muted", opt.widget))
+        x, y = rect.x(), top + fm.lineSpacing()
+        for piece, matched in snippet_parts(snippet):  # the words in bold, the rest muted
             font = QFont(opt.font)
             font.setBold(matched)
             painter.setFont(font)
             painter.setPen(text if matched else muted)
-            pm = QFontMetrics(font)
-            shown = pm.elidedText(piece, Qt.TextElideMode.ElideRight, right - x)
+            metrics = QFontMetrics(font)
+            shown = metrics.elidedText(piece, Qt.TextElideMode.ElideRight, rect.right() - x)
             painter.drawText(x, y, shown)
-            x += pm.horizontalAdvance(shown)
-            if shown != piece or x >= right:
+            x += metrics.horizontalAdvance(shown)
+            if shown != piece or x >= rect.right():
                 break
         painter.restore()
 
