@@ -382,6 +382,17 @@ class ChatView(QWidget):
         self.pinned = True
         self.scroll.verticalScrollBar().rangeChanged.connect(self._follow)
         self.scroll.verticalScrollBar().actionTriggered.connect(self._user_scrolled)
+        # over the view's bottom right corner while it is scrolled away from the chat's end
+        self.to_end = QToolButton(self.scroll.viewport(), text="↓ Latest", visible=False)
+        self.to_end.setToolTip("Go to the end of the chat (and follow the answer there)")
+        self.to_end.setAccessibleName("Go to the end of the chat")
+        self.to_end.clicked.connect(self.show_end)
+        self.scroll.viewport().installEventFilter(self)
+        for changed in (
+            self.scroll.verticalScrollBar().valueChanged,
+            self.scroll.verticalScrollBar().rangeChanged,
+        ):
+            changed.connect(self._place_to_end)
         for asked in (self.regenerate_requested, self.continue_requested, self.edit_requested):
             asked.connect(self.show_end)  # before the controller's slots: the answer is followed
         self.empty = QLabel("Start a conversation: type below and press Enter.")
@@ -623,6 +634,19 @@ class ChatView(QWidget):
         else:
             text = ""
         self.dropped.setText(text)
+
+    def eventFilter(self, watched, event) -> bool:
+        if watched is self.scroll.viewport() and event.type() == QEvent.Type.Resize:
+            self._place_to_end()
+        return super().eventFilter(watched, event)
+
+    def _place_to_end(self, *_) -> None:
+        """ "↓ Latest" shows where the chat goes on below the view (scrolled up to read)."""
+        bar, view, b = self.scroll.verticalScrollBar(), self.scroll.viewport(), self.to_end
+        b.setVisible(bar.value() < bar.maximum() - 40)
+        b.adjustSize()
+        b.move(view.width() - b.width() - 12, view.height() - b.height() - 10)
+        b.raise_()
 
     def _user_scrolled(self, _action: int) -> None:
         bar = self.scroll.verticalScrollBar()

@@ -932,6 +932,39 @@ def test_a_long_chat_shows_its_last_messages_and_earlier_ones_when_asked(gui, ql
     assert not chat.earlier.isVisible()
 
 
+def test_latest_shows_while_the_view_is_away_from_the_chat_s_end(gui, qloop):
+    """Scrolled up to read, nothing said the chat went on below, nor took one back to its end
+    but the scroll bar: "↓ Latest" shows in the view's corner, and brings the view back to the
+    end, where it follows the answer being written again."""
+    c = gui.store.create_conversation("long")
+    for i in range(40):
+        gui.store.add_message(c.id, "user" if i % 2 == 0 else "assistant", f"message {i}")
+    gui.window.resize(900, 600)
+    chat, bar = gui.window.chat, gui.window.chat.scroll.verticalScrollBar()
+    settle = lambda: qloop.run_until_complete(asyncio.sleep(0.2))  # noqa: E731
+    gui.ctrl.open(c.id)
+    settle()
+    assert bar.value() == bar.maximum() > 0 and not chat.to_end.isVisible()
+    bar.triggerAction(QAbstractSlider.SliderAction.SliderToMinimum)
+    settle()
+    view = chat.scroll.viewport()
+    assert chat.to_end.isVisible() and chat.to_end.text() == "↓ Latest"
+    corner = chat.to_end.geometry()
+    assert view.rect().contains(corner)
+    assert view.width() - corner.right() < 40 and view.height() - corner.bottom() < 40
+    send(gui, "slow")  # sending goes to the end; scrolled up again, the answer goes on below
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].content.count("word") >= 3)
+    assert not chat.to_end.isVisible()
+    bar.triggerAction(QAbstractSlider.SliderAction.SliderToMinimum)
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].content.count("word") >= 10)
+    assert bar.value() == 0 and chat.to_end.isVisible()
+    chat.to_end.click()
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].content.count("word") >= 20)
+    settle()
+    assert bar.value() == bar.maximum() and not chat.to_end.isVisible()  # following it
+    gui.ctrl.stop()
+
+
 def test_rows_removed_before_or_across_the_first_shown_keep_the_widgets_on_their_rows(qapp):
     """The column mirrors rows first.. of the model: a removal before them shifts ``first``, one
     across it takes the widgets of the shown rows it covers (a slice that ran negative took
