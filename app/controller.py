@@ -52,6 +52,9 @@ class ChatController(QObject):
     # app started again with the model before the last one)
     settings_changed = Signal()
     reveal = Signal(int, list)  # a message row a search found, and the words to mark in it
+    # the open chat's last answer: which of the answers to its question it is, of how many
+    # (1, 1: the only one; Regenerate keeps the one it replaces)
+    answer_versions = Signal(int, int)
     # what the open chat says about answers elsewhere: where one is written, or that its own
     # message waits for it; "" if nothing
     queue_note = Signal(str)
@@ -95,6 +98,7 @@ class ChatController(QObject):
         self.messages.set_rows(self.store.messages(cid))
         self._show_answer()
         self.conversation_opened.emit(cid)
+        self._show_versions()
         self._reveal_found(cid)
         self._show_context()
         self._tell_answering()
@@ -306,11 +310,49 @@ class ChatController(QObject):
             return
         last = self.messages.rows[-1]
         if last.role == "assistant":
+            question = self._question_of_last()
+            if question is not None and _worth_keeping(last):  # the answer stays a version
+                self.store.keep_answer(last, question.id)
             self.store.delete_messages_from(last.conversation_id, last.id)
             self.messages.truncate(len(self.messages.rows) - 1)
             self._show_context()  # the answer that filled it went
         if self.messages.rows and self.messages.rows[-1].role == "user":
             self._answer_or_wait()
+
+    def _question_of_last(self) -> Message | None:
+        """The user message the open chat's last answer answers (None: no such pair)."""
+        rows = self.messages.rows
+        if len(rows) < 2 or rows[-1].role != "assistant" or rows[-2].role != "user":
+            return None
+        return rows[-2]
+
+    def _versions(self) -> list:
+        question = self._question_of_last()
+        if question is None:
+            return []
+        return self.store.answer_versions(question.id, self.messages.rows[-1].id)
+
+    def _show_versions(self) -> None:
+        versions = self._versions()
+        at = next((i for i, v in enumerate(versions) if v.current), 0)
+        self.answer_versions.emit(at + 1, max(len(versions), 1))
+
+    def show_answer_version(self, step: int) -> None:
+        """The last answer's earlier (step -1) or later (+1) version in its place, in the chat
+        and in what the model reads next (not while the chat's answer is written)."""
+        if not self.can_send() or self._answering(self.current):
+            return
+        versions = self._versions()
+        at = next((i for i, v in enumerate(versions) if v.current), None)
+        if at is None or not 0 <= at + step < len(versions):
+            return
+        answer = self.messages.rows[-1]
+        self.store.show_answer_version(answer.id, versions[at + step].id)
+        shown = self.store.message(answer.id)
+        row = len(self.messages.rows) - 1
+        self.messages.update(row, content=shown.content, status=shown.status, stats=shown.stats)
+        self._show_context()
+        self._show_versions()
 
     def _answer_or_wait(self) -> None:
         """Answer the open chat's last message now, or after the answer being written, or
@@ -490,6 +532,7 @@ class ChatController(QObject):
         self.store.update_message(a["message"].id, content=text, status=status, stats=stats)
         if a["message"].conversation_id == self.current and a["row"] < len(self.messages.rows):
             self.messages.update(a["row"], content=text, status=status, stats=stats)
+            self._show_versions()
         self.active = None
         self.busy_changed.emit(False)
         self._tell_answering()
@@ -655,6 +698,13 @@ class ChatController(QObject):
     def _progress(self, fraction: float, stage: str) -> None:
         self.status.emit(f"{stage}: {fraction:.0%}")
         self.load_progress.emit(fraction, stage)
+
+
+def _worth_keeping(answer: Message) -> bool:
+    """An answer Regenerate keeps as a version: one with text of the model's (not the note of
+    an engine that could not answer)."""
+    failed = answer.status == "error" and answer.content.startswith("⚠ ")
+    return bool(answer.content.strip()) and not failed
 
 
 def can_continue(role: str, status: str, stats: dict, text: str) -> bool:

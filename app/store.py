@@ -18,7 +18,7 @@ from .settings import valid_sampling
 
 UNTITLED = "New chat"  # a chat's title until its first message (or the user) names it
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: answer_versions
 EXPORT_FORMAT = "vptq-chat-conversation"
 EXPORT_VERSION = 1  # an export's layout; import reads this one and refuses later ones
 
@@ -54,6 +54,19 @@ CREATE TRIGGER messages_au AFTER UPDATE OF content ON messages BEGIN
     INSERT INTO messages_fts(rowid, content) VALUES (new.id, new.content);
 END;
 """
+# Version 2: the earlier answers to a message, kept when Regenerate writes another (they were
+# deleted); the answer shown is the message row, its versions go with the question.
+_SCHEMA_2 = """
+CREATE TABLE answer_versions (
+    id INTEGER PRIMARY KEY,
+    question_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    content TEXT NOT NULL,
+    status TEXT NOT NULL,
+    stats TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL
+);
+CREATE INDEX answer_versions_by_question ON answer_versions(question_id, created);
+"""
 
 
 def _json_object(text: str) -> dict:
@@ -81,6 +94,19 @@ class Hit:
     conversation_id: int
     message_id: int
     snippet: str
+
+
+@dataclass
+class AnswerVersion:
+    """An answer to a message, the one shown (``current``: the message row itself) or one kept
+    when Regenerate wrote another."""
+
+    id: int
+    content: str
+    status: str
+    stats: dict[str, Any]
+    created: float
+    current: bool = False
 
 
 class StoreError(Exception):
@@ -131,8 +157,11 @@ class Store:
             raise StoreError(
                 f"{self.path}: written by a newer VPTQ Chat (schema {version}); update the app"
             )
-        if version == 0:
-            self.db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        steps = {0: _SCHEMA + _SCHEMA_2, 1: _SCHEMA_2}  # from each version to this one
+        if version in steps:
+            self.db.executescript(
+                f"BEGIN; {steps[version]} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            )
 
     def close(self) -> None:
         self.db.close()
@@ -235,6 +264,58 @@ class Store:
     def delete_messages_from(self, cid: int, mid: int) -> None:
         """Delete message ``mid`` and everything after it (regenerate, edit and resend)."""
         self.db.execute("DELETE FROM messages WHERE conversation_id=? AND id>=?", (cid, mid))
+
+    # -- answer versions -------------------------------------------------------------------------
+    def keep_answer(self, answer: Message, question_id: int) -> None:
+        """Keep ``answer`` (about to be written again) as a version of the answer to message
+        ``question_id``."""
+        (created,) = self.db.execute(
+            "SELECT created FROM messages WHERE id=?", (answer.id,)
+        ).fetchone()
+        self.db.execute(
+            "INSERT INTO answer_versions(question_id, content, status, stats, created) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (question_id, answer.content, answer.status, json.dumps(answer.stats), created),
+        )
+
+    def answer_versions(self, question_id: int, answer_id: int) -> list[AnswerVersion]:
+        """The answers to message ``question_id`` in the order they were written: the kept ones
+        and the one shown, ``answer_id`` (``current``; its id that of the message)."""
+        rows = self.db.execute(
+            "SELECT id, content, status, stats, created, 0 FROM answer_versions "
+            "WHERE question_id=? UNION ALL "
+            "SELECT id, content, status, stats, created, 1 FROM messages WHERE id=? "
+            "ORDER BY 5, 1",
+            (question_id, answer_id),
+        ).fetchall()
+        return [AnswerVersion(r[0], r[1], r[2], _json_object(r[3]), r[4], bool(r[5])) for r in rows]
+
+    def show_answer_version(self, answer_id: int, version_id: int) -> None:
+        """Message ``answer_id`` becomes kept version ``version_id`` of it, and that version the
+        answer it was (each keeps its text, status, stats and time of writing)."""
+        a = self.db.execute(
+            "SELECT content, status, stats, created FROM messages WHERE id=?", (answer_id,)
+        ).fetchone()
+        v = self.db.execute(
+            "SELECT content, status, stats, created FROM answer_versions WHERE id=?",
+            (version_id,),
+        ).fetchone()
+        if a is None or v is None:
+            raise KeyError(answer_id if a is None else version_id)
+        self.db.execute("BEGIN")
+        try:
+            self.db.execute(
+                "UPDATE messages SET content=?, status=?, stats=?, created=? WHERE id=?",
+                (*v, answer_id),
+            )
+            self.db.execute(
+                "UPDATE answer_versions SET content=?, status=?, stats=?, created=? WHERE id=?",
+                (*a, version_id),
+            )
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     # -- search, export, import ------------------------------------------------------------------
     def search(self, query: str, limit: int = 50) -> list[Hit]:

@@ -148,6 +148,7 @@ class MessageWidget(QFrame):
     edit_submitted = Signal(str)  # the message as edited in place, to send again
     regenerate_requested = Signal()
     continue_requested = Signal()
+    version_requested = Signal(int)  # -1: the answer before this one, +1: the one after
 
     def __init__(self, role: str, dark: bool):
         super().__init__()
@@ -178,11 +179,23 @@ class MessageWidget(QFrame):
         self.more = self._button(
             "Continue", "Write more of this answer", self.continue_requested.emit
         )
+        # the last answer's versions (Regenerate keeps the answers it replaces): ‹ 2/3 ›
+        self.older = self._button(
+            "‹", "Show the answer before this one", lambda: self.version_requested.emit(-1)
+        )
+        self.newer = self._button(
+            "›", "Show the answer after this one", lambda: self.version_requested.emit(1)
+        )
+        self.which = QLabel(objectName="messageStats")
+        self.which.setAccessibleName("Answer version")
         self.edit.setVisible(role == "user")
         self.regen.setVisible(False)
         self.more.setVisible(False)
+        self.set_versions(1, 1)
         head = QHBoxLayout()
         head.addWidget(self.who)
+        for w in (self.older, self.which, self.newer):
+            head.addWidget(w)
         head.addStretch(1)
         for b in (self.copy_code, self.copy, self.edit, self.more, self.regen):
             head.addWidget(b)
@@ -212,6 +225,15 @@ class MessageWidget(QFrame):
         line = stats_line(stats, status)
         self.meta.setText(line)
         self.meta.setVisible(bool(line))
+
+    def set_versions(self, at: int, count: int) -> None:
+        """Which of ``count`` answers to its question this is (1-based); none shown for one."""
+        for w in (self.older, self.which, self.newer):
+            w.setVisible(count > 1)
+        self.which.setText(f"{at}/{count}")
+        self.which.setAccessibleDescription(f"answer {at} of {count}")
+        self.older.setEnabled(at > 1)
+        self.newer.setEnabled(at < count)
 
     def _render(self) -> None:
         if self.role == "user":
@@ -362,12 +384,14 @@ class ChatView(QWidget):
     regenerate_requested = Signal()
     continue_requested = Signal()
     edit_requested = Signal(int, str)  # row, new text
+    version_requested = Signal(int)  # the last answer's version before (-1) or after (+1)
     draft_changed = Signal(str)
 
     def __init__(self, model: MessageListModel, dark: bool = False):
         super().__init__()
         self.model, self.dark = model, dark
         self.widgets: list[MessageWidget] = []
+        self.versions = (1, 1)  # the last answer's: which, of how many (set_versions)
         self.column = QVBoxLayout()
         self.column.addStretch(1)
         inner = QWidget()
@@ -464,6 +488,7 @@ class ChatView(QWidget):
         w.edit_submitted.connect(lambda text, w=w: self._edit(w, text))
         w.regenerate_requested.connect(self.regenerate_requested.emit)
         w.continue_requested.connect(self.continue_requested.emit)
+        w.version_requested.connect(self.version_requested.emit)
         w.set_content(idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {})
         return w
 
@@ -543,6 +568,7 @@ class ChatView(QWidget):
             last_answer = i == len(self.widgets) - 1 and w.role == "assistant" and free
             w.regen.setVisible(last_answer)
             w.more.setVisible(last_answer and w.can_continue)
+            w.set_versions(*(self.versions if last_answer else (1, 1)))
             w.set_edit_allowed(free)
 
     # -- composer --------------------------------------------------------------------------------
@@ -605,6 +631,11 @@ class ChatView(QWidget):
         """The line above the composer about answers in other chats ("" hides it)."""
         self.queue_note.setText(text)
         self.queue_note.setVisible(bool(text))
+
+    def set_versions(self, at: int, count: int) -> None:
+        """The last answer is answer ``at`` of ``count`` to its question."""
+        self.versions = (at, count)
+        self._refresh_buttons()
 
     def _edit(self, w: MessageWidget, text: str) -> None:
         self.edit_requested.emit(self.first + self.widgets.index(w), text)

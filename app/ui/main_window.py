@@ -345,6 +345,8 @@ class MainWindow(QMainWindow):
         c.load_progress.connect(self.panel.set_progress)
         c.answer_finished.connect(self.panel.add_answer)
         c.reveal.connect(self.chat.reveal)
+        c.answer_versions.connect(self.chat.set_versions)
+        self.chat.version_requested.connect(c.show_answer_version)
 
     def _search(self, query: str) -> None:
         self.ctrl.search(query)

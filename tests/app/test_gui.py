@@ -827,6 +827,58 @@ def test_a_long_chat_opens_with_each_message_laid_out_a_few_times(gui, qloop):
     assert last.body.toPlainText().endswith("answer 39")
 
 
+def test_regenerate_keeps_the_answers_it_replaces(gui, qloop):
+    """Regenerate deleted the answer it replaced: a better first answer was gone. Each one is
+    kept: ‹ 1/2 › beside the last answer shows the others in its place (in the chat, in the
+    history the model reads next and in the store); an edit of the question ends them."""
+    send(gui, "hello")
+    wait_until(qloop, lambda: answer_done(gui))
+    chat, ctrl = gui.window.chat, gui.ctrl
+    w = chat.widgets[-1]
+    assert not w.which.isVisibleTo(gui.window)  # one answer: nothing to choose
+    first = ctrl.messages.rows[-1]
+    gui.store.update_message(first.id, content="the first answer")  # as another answer would be
+    ctrl.messages.update(1, content="the first answer")
+    w.regen.click()
+    wait_until(qloop, lambda: answer_done(gui) and len(ctrl.messages.rows) == 2)
+    w = chat.widgets[-1]
+    assert w.text == "You said: hello" and w.which.text() == "2/2"
+    assert w.older.isEnabled() and not w.newer.isEnabled() and w.which.isVisibleTo(gui.window)
+    w.older.click()
+    assert chat.widgets[-1].text == "the first answer" and chat.widgets[-1].which.text() == "1/2"
+    assert [m.content for m in gui.store.messages(ctrl.current)] == ["hello", "the first answer"]
+    assert ctrl.history()[-1] == {"role": "assistant", "content": "the first answer"}
+    assert "tok/s" in plain(chat.widgets[-1].meta.text())  # its own stats came back with it
+    assert not chat.widgets[-1].older.isEnabled() and chat.widgets[-1].newer.isEnabled()
+    chat.widgets[-1].older.click()  # nothing before the first: nothing changes
+    assert chat.widgets[-1].which.text() == "1/2"
+    chat.widgets[-1].newer.click()
+    assert chat.widgets[-1].text == "You said: hello" and chat.widgets[-1].which.text() == "2/2"
+    chat.widgets[-1].regen.click()  # a third, kept after the two
+    wait_until(qloop, lambda: answer_done(gui) and len(ctrl.messages.rows) == 2)
+    assert chat.widgets[-1].which.text() == "3/3"
+    # the versions come back with the chat; only the last answer has them
+    other = ctrl.new_conversation()
+    ctrl.open(first.conversation_id)
+    assert chat.widgets[-1].which.text() == "3/3" and not chat.widgets[0].which.isVisibleTo(
+        gui.window
+    )
+    assert other != ctrl.current
+    # while the chat's answer is written the choice is not offered (nor taken)
+    send(gui, "slow")
+    wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 3)
+    assert not any(x.which.isVisibleTo(gui.window) for x in chat.widgets)
+    ctrl.stop()
+    wait_until(qloop, lambda: answer_done(gui))
+    # an edit of the question replaces its answers, versions and all
+    chat.widgets[0].edit.click()
+    chat.widgets[0].editor.setPlainText("edited")
+    chat.widgets[0].edit_send.click()
+    wait_until(qloop, lambda: answer_done(gui) and ctrl.messages.rows[0].content == "edited")
+    assert gui.store.db.execute("SELECT COUNT(*) FROM answer_versions").fetchone()[0] == 0
+    assert not chat.widgets[-1].which.isVisibleTo(gui.window)
+
+
 def test_a_message_is_edited_in_place_and_sent_again(gui, qloop):
     """Edit turns the message into a text box holding it (a small dialog without word wrap
     showed one line of it): Shift+Enter adds a line, Esc gives the edit up without stopping the

@@ -142,6 +142,68 @@ def test_delete_from_message(store):
     assert [m.content for m in store.messages(c.id)] == ["q1", "a1"]
 
 
+def test_earlier_answers_are_kept_as_versions_and_shown_again(store):
+    """Regenerate keeps the answer it replaces as a version of the answer to its question;
+    showing a version swaps it with the answer shown, each keeping its text, status, stats and
+    time; deleting the question (an edit) takes its versions with it."""
+    c = store.create_conversation()
+    q = store.add_message(c.id, "user", "q")
+    first = store.add_message(c.id, "assistant", "first answer")
+    store.update_message(first.id, stats={"decode_tok_s": 1.0})
+    store.keep_answer(store.message(first.id), q.id)
+    store.delete_messages_from(c.id, first.id)  # as Regenerate does
+    second = store.add_message(c.id, "assistant", "second, stopped", status="stopped")
+    versions = store.answer_versions(q.id, second.id)
+    assert [(v.content, v.status, v.stats, v.current) for v in versions] == [
+        ("first answer", "done", {"decode_tok_s": 1.0}, False),
+        ("second, stopped", "stopped", {}, True),
+    ]
+    assert versions[0].created < versions[1].created and versions[1].id == second.id
+    store.show_answer_version(second.id, versions[0].id)
+    shown = store.message(second.id)
+    assert (shown.content, shown.status, shown.stats) == (
+        "first answer",
+        "done",
+        {"decode_tok_s": 1.0},
+    )
+    assert [m.content for m in store.messages(c.id)] == ["q", "first answer"]
+    again = store.answer_versions(q.id, second.id)
+    assert [(v.content, v.current) for v in again] == [
+        ("first answer", True),
+        ("second, stopped", False),
+    ]
+    assert [v.created for v in again] == [v.created for v in versions]  # each kept its time
+    assert [h.message_id for h in store.search("first")] == [second.id]  # the shown one's text
+    with pytest.raises(KeyError):
+        store.show_answer_version(second.id, versions[0].id + 100)
+    assert store.message(second.id).content == "first answer"  # nothing half-done
+    other = store.create_conversation()
+    store.add_message(other.id, "user", "unrelated")
+    store.delete_messages_from(c.id, q.id)  # the question edited: its answers go
+    assert store.db.execute("SELECT COUNT(*) FROM answer_versions").fetchone()[0] == 0
+
+
+def test_a_version_1_history_gains_the_versions_table_and_keeps_its_chats(tmp_path):
+    from app.store import _SCHEMA
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(_SCHEMA + "PRAGMA user_version=1;")
+    db.execute("INSERT INTO conversations(title, created, updated) VALUES ('kept', 1, 1)")
+    db.execute(
+        "INSERT INTO messages(conversation_id, role, content, created) VALUES (1, 'user', 'hi', 1)"
+    )
+    db.commit()
+    db.close()
+    s = Store(path)
+    assert [c.title for c in s.conversations()] == ["kept"]
+    assert [m.content for m in s.messages(1)] == ["hi"]
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    answer = s.add_message(1, "assistant", "a")
+    s.keep_answer(answer, 1)
+    assert [v.content for v in s.answer_versions(1, answer.id)] == ["a", "a"]
+
+
 def test_export_import_round_trip(store):
     c = store.create_conversation("Trip", system_prompt="sys", sampling={"top_p": 0.9})
     store.add_message(c.id, "user", "q")
