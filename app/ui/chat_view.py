@@ -385,6 +385,8 @@ class ChatView(QWidget):
     continue_requested = Signal()
     edit_requested = Signal(int, str)  # row, new text
     version_requested = Signal(int)  # the last answer's version before (-1) or after (+1)
+    # what the last answer offers now: Regenerate, Continue, the versions before and after it
+    answer_actions = Signal(bool, bool, bool, bool)
     draft_changed = Signal(str)
 
     def __init__(self, model: MessageListModel, dark: bool = False):
@@ -505,7 +507,7 @@ class ChatView(QWidget):
         self._add(self.first, self.model.rowCount() - 1)
         self.pinned = True  # it opened at the top, or where the last chat was scrolled to
         inner.show()
-        self._refresh_buttons()
+        self.refresh_buttons()
 
     def show_earlier(self) -> None:
         """Show up to SHOWN more of the chat's earlier messages, keeping the view where it is."""
@@ -521,7 +523,7 @@ class ChatView(QWidget):
             self.anchor = (top, top.y() - bar.value())
             self.pinned = False
         inner.show()
-        self._refresh_buttons()
+        self.refresh_buttons()
 
     def _add(self, first: int, last: int) -> None:
         """Widgets for the model's rows first..last (all at or after self.first)."""
@@ -535,7 +537,7 @@ class ChatView(QWidget):
             self.first += last - first + 1
         else:
             self._add(first, last)
-        self._refresh_buttons()
+        self.refresh_buttons()
 
     def _removed(self, parent, first: int, last: int) -> None:
         lo, hi = max(first, self.first) - self.first, max(0, last + 1 - self.first)
@@ -543,7 +545,7 @@ class ChatView(QWidget):
             w.deleteLater()
         del self.widgets[lo:hi]
         self.first -= max(0, min(last + 1, self.first) - first)  # rows before it gone
-        self._refresh_buttons()
+        self.refresh_buttons()
 
     def _changed(self, top_left, bottom_right, roles=()) -> None:
         for row in range(max(top_left.row(), self.first), bottom_right.row() + 1):
@@ -551,9 +553,9 @@ class ChatView(QWidget):
             self.widgets[row - self.first].set_content(
                 idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {}
             )
-        self._refresh_buttons()
+        self.refresh_buttons()
 
-    def _refresh_buttons(self) -> None:
+    def refresh_buttons(self) -> None:
         """Edit, Regenerate and Continue while this chat takes a message (they wait their turn
         behind an answer in another chat, as Send does)."""
         self.empty.setVisible(not self.model.rowCount())
@@ -570,6 +572,12 @@ class ChatView(QWidget):
             w.more.setVisible(last_answer and w.can_continue)
             w.set_versions(*(self.versions if last_answer else (1, 1)))
             w.set_edit_allowed(free)
+        last = self.widgets[-1] if self.widgets else None
+        offers = last is not None and last.role == "assistant" and free
+        at, count = self.versions
+        self.answer_actions.emit(
+            offers, offers and last.can_continue, offers and at > 1, offers and at < count
+        )
 
     # -- composer --------------------------------------------------------------------------------
     def _fit_input(self) -> None:
@@ -625,17 +633,22 @@ class ChatView(QWidget):
 
     def set_send_allowed(self, allowed: bool) -> None:
         self.send_button.setEnabled(allowed)
-        self._refresh_buttons()
+        self.refresh_buttons()
 
     def set_queue_note(self, text: str) -> None:
         """The line above the composer about answers in other chats ("" hides it)."""
         self.queue_note.setText(text)
         self.queue_note.setVisible(bool(text))
 
+    def last_answer_text(self) -> str:
+        """The chat's last answer as written ("" where it has none yet)."""
+        answers = [w for w in self.widgets if w.role == "assistant"]
+        return answers[-1].text if answers else ""
+
     def set_versions(self, at: int, count: int) -> None:
         """The last answer is answer ``at`` of ``count`` to its question."""
         self.versions = (at, count)
-        self._refresh_buttons()
+        self.refresh_buttons()
 
     def _edit(self, w: MessageWidget, text: str) -> None:
         self.edit_requested.emit(self.first + self.widgets.index(w), text)

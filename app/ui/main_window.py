@@ -14,6 +14,7 @@ from PySide6.QtGui import (
     QDesktopServices,
     QFont,
     QFontMetrics,
+    QGuiApplication,
     QKeySequence,
     QPalette,
 )
@@ -293,6 +294,20 @@ class MainWindow(QMainWindow):
         act(m, "&Search", self.search.setFocus, "Ctrl+F")
         act(m, "&Rename", self._rename, "F2")
         act(m, "&Delete…", self._delete)  # Delete in the chat list (not a window shortcut: typing)
+        m.addSeparator()
+        # the last answer's buttons, from the keyboard (each does nothing where it does not apply)
+        chat = self.chat
+        answer = [
+            act(m, "Re&generate answer", chat.regenerate_requested.emit, "Ctrl+R"),
+            act(m, "C&ontinue answer", chat.continue_requested.emit),
+            act(m, "&Earlier answer", lambda: chat.version_requested.emit(-1), "Alt+Left"),
+            act(m, "&Later answer", lambda: chat.version_requested.emit(1), "Alt+Right"),
+        ]
+        chat.answer_actions.connect(
+            lambda *on: [a.setEnabled(enabled) for a, enabled in zip(answer, on, strict=True)]
+        )
+        chat.refresh_buttons()  # the actions' first state (no chat open: none applies)
+        act(m, "&Copy last answer", self._copy_last_answer, "Ctrl+Shift+C")
         # the chat list's right-click menu (without the shortcuts' text, as a context menu is)
         self.list.menu_actions = [
             QAction("Rename", self, triggered=self._rename),
@@ -412,6 +427,12 @@ class MainWindow(QMainWindow):
         else:
             again = "it was restarted (without a model: load one from the Model menu)"
         self.show_error(f"{crash}. {again[0].upper()}{again[1:]}; your conversation is kept.")
+
+    def _copy_last_answer(self) -> None:
+        text = self.chat.last_answer_text()
+        if text:
+            QGuiApplication.clipboard().setText(text)
+            self.statusBar().showMessage("Copied the last answer", 3000)
 
     def _poll(self) -> None:
         self._spawn(self._poll_async(self.ctrl.client.pid))

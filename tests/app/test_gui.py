@@ -879,6 +879,41 @@ def test_regenerate_keeps_the_answers_it_replaces(gui, qloop):
     assert not chat.widgets[-1].which.isVisibleTo(gui.window)
 
 
+def test_the_chat_menu_does_what_the_last_answer_s_buttons_do(gui, qloop):
+    """Regenerate, Continue, the earlier and later answers and a copy of the last answer from
+    the Chat menu (and its shortcuts), each enabled only where it applies."""
+    names = ["Re&generate answer", "C&ontinue answer", "&Earlier answer", "&Later answer"]
+    actions = [menu_action(gui.window, n) for n in names]
+    assert [a.shortcut().toString() for a in actions] == ["Ctrl+R", "", "Alt+Left", "Alt+Right"]
+    assert not any(a.isEnabled() for a in actions)  # an empty chat: nothing to do
+    send(gui, "hello")
+    wait_until(qloop, lambda: answer_done(gui))
+    assert [a.isEnabled() for a in actions] == [True, False, False, False]
+    actions[0].trigger()
+    wait_until(qloop, lambda: answer_done(gui) and len(gui.ctrl.messages.rows) == 2)
+    assert [a.isEnabled() for a in actions] == [True, False, True, False]
+    assert gui.window.chat.widgets[-1].which.text() == "2/2"
+    actions[2].trigger()
+    assert gui.window.chat.widgets[-1].which.text() == "1/2"
+    assert [a.isEnabled() for a in actions] == [True, False, False, True]
+    actions[3].trigger()
+    assert gui.window.chat.widgets[-1].which.text() == "2/2"
+    copy = menu_action(gui.window, "&Copy last answer")
+    assert copy.shortcut().toString() == "Ctrl+Shift+C"
+    copy.trigger()
+    assert QGuiApplication.clipboard().text() == "You said: hello"
+    send(gui, "slow")
+    wait_until(qloop, lambda: gui.ctrl.messages.rows[-1].content.count("word") >= 3)
+    assert not any(a.isEnabled() for a in actions)  # while the answer is written
+    gui.ctrl.stop()
+    wait_until(qloop, lambda: answer_done(gui))
+    assert [a.isEnabled() for a in actions] == [True, True, False, False]  # stopped: Continue
+    actions[1].trigger()
+    wait_until(
+        qloop, lambda: answer_done(gui) and gui.ctrl.messages.rows[-1].content.endswith("more.")
+    )
+
+
 def test_a_message_is_edited_in_place_and_sent_again(gui, qloop):
     """Edit turns the message into a text box holding it (a small dialog without word wrap
     showed one line of it): Shift+Enter adds a line, Esc gives the edit up without stopping the
