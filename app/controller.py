@@ -524,6 +524,8 @@ class ChatController(QObject):
             stats = {**stats, "n_ctx": n_ctx, "context_tokens": used}
             if a["message"].conversation_id == self.current:
                 self.context_changed.emit(used, n_ctx, dropped)
+        if stats:  # the model that wrote it (the one loaded: a load waits for the answer)
+            stats = {**stats, "model": model_label(self.client.loaded.get("model"))}
         if a["before"] and "completion_tokens" in stats:  # a continued answer: all its tokens
             stats = {**stats, "completion_tokens": a["before"] + stats["completion_tokens"]}
         text = a["text"]

@@ -121,6 +121,16 @@ def prompt_part(stats: dict) -> str:
     return f"prompt {count(new, 'new token')}" if cached else f"prompt {count(new, 'token')}"
 
 
+MODEL_NAME_MOST = 40  # characters of the model's name an answer's line shows
+
+
+def model_name(model: str) -> str:
+    """The answering model as an answer's line names it: a repo's or a folder's own name (not
+    its owner or path), at most MODEL_NAME_MOST characters."""
+    name = model.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1] or model
+    return name if len(name) <= MODEL_NAME_MOST else name[: MODEL_NAME_MOST - 1] + "…"
+
+
 def stats_line(stats: dict, status: str) -> str:
     parts = []
     if stats.get("completion_tokens"):
@@ -131,6 +141,8 @@ def stats_line(stats: dict, status: str) -> str:
         parts.append(f"first token {stats['ttft_s'] * 1000:.0f} ms")
     if prompt := prompt_part(stats):
         parts.append(prompt)
+    if stats.get("model"):  # which model wrote it (the chat may have had others)
+        parts.append(model_name(stats["model"]))
     if status == "stopped":
         parts.append("stopped")
     if status == "error":  # the text is what came before it (the banner says what happened)

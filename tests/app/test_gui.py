@@ -44,6 +44,8 @@ def test_stream_an_answer(gui, qloop):
         ("assistant", "You said: hello world", "done"),
     ]
     assert stored[1].stats["decode_tok_s"] == 50.0
+    assert stored[1].stats["model"] == "demo"  # which model wrote it, kept and shown with it
+    assert plain(widgets[1].meta.text()).endswith("· prompt 12 tokens · demo")
     # the context line: the 12-token prompt and the 4-token answer, kept with the chat
     assert gui.window.chat.context.text() == "Context: 16 / 2048 tokens"
     first = gui.ctrl.current
@@ -1999,6 +2001,17 @@ def test_export_and_import_through_the_file_menu(gui, qloop, tmp_path, monkeypat
         "apples are red",
         "You said: apples are red",
     ]
+
+
+def test_an_answer_names_the_model_that_wrote_it_by_its_own_name():
+    from app.ui.chat_view import model_name
+
+    long = "VPTQ-community/Meta-Llama-3.1-70B-Instruct-v8-k65536-0-woft"
+    assert model_name(long) == "Meta-Llama-3.1-70B-Instruct-v8-k65536-0…"
+    assert len(model_name(long)) == 40 and model_name(long[:55]) == long[15:55]
+    assert model_name("/home/me/models/my-model/") == "my-model"
+    assert model_name("C:\\models\\mine") == "mine"
+    assert model_name("demo") == "demo"
 
 
 def test_a_stats_line_breaks_only_between_its_parts(gui):
