@@ -174,9 +174,24 @@ def test_earlier_answers_are_kept_as_versions_and_shown_again(store):
     ]
     assert [v.created for v in again] == [v.created for v in versions]  # each kept its time
     assert [h.message_id for h in store.search("first")] == [second.id]  # the shown one's text
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError) as missing:
         store.show_answer_version(second.id, versions[0].id + 100)
+    assert missing.value.args == (versions[0].id + 100,)  # the version that is not there
     assert store.message(second.id).content == "first answer"  # nothing half-done
+    # written for good: another connection (the next start) reads the swap
+    assert Store(store.path).message(second.id).content == "first answer"
+    # a swap that fails halfway is undone whole, and the history goes on working
+    store.db.execute(
+        "CREATE TEMP TRIGGER refuse BEFORE UPDATE ON answer_versions "
+        "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    )
+    with pytest.raises(sqlite3.DatabaseError, match="disk full"):
+        store.show_answer_version(second.id, versions[0].id)
+    store.db.execute("DROP TRIGGER refuse")
+    assert store.message(second.id).content == "first answer"  # the message's update undone
+    store.show_answer_version(second.id, versions[0].id)  # no transaction left open
+    assert store.message(second.id).content == "second, stopped"
+    store.show_answer_version(second.id, versions[0].id)
     other = store.create_conversation()
     store.add_message(other.id, "user", "unrelated")
     store.delete_messages_from(c.id, q.id)  # the question edited: its answers go
