@@ -340,7 +340,7 @@ class ChatController(QObject):
     def show_answer_version(self, step: int) -> None:
         """The last answer's earlier (step -1) or later (+1) version in its place, in the chat
         and in what the model reads next (not while the chat's answer is written)."""
-        if not self.can_send() or self._answering(self.current):
+        if not self.can_send():
             return
         versions = self._versions()
         at = next((i for i, v in enumerate(versions) if v.current), None)

@@ -852,10 +852,14 @@ def test_regenerate_keeps_the_answers_it_replaces(gui, qloop):
     assert ctrl.history()[-1] == {"role": "assistant", "content": "the first answer"}
     assert "tok/s" in plain(chat.widgets[-1].meta.text())  # its own stats came back with it
     assert not chat.widgets[-1].older.isEnabled() and chat.widgets[-1].newer.isEnabled()
-    chat.widgets[-1].older.click()  # nothing before the first: nothing changes
+    chat.widgets[-1].older.click()  # disabled: nothing before the first
+    ctrl.show_answer_version(-1)  # nor from anywhere else
     assert chat.widgets[-1].which.text() == "1/2"
+    assert gui.store.messages(ctrl.current)[-1].content == "the first answer"
     chat.widgets[-1].newer.click()
     assert chat.widgets[-1].text == "You said: hello" and chat.widgets[-1].which.text() == "2/2"
+    ctrl.show_answer_version(1)  # nothing after the last
+    assert chat.widgets[-1].which.text() == "2/2"
     chat.widgets[-1].regen.click()  # a third, kept after the two
     wait_until(qloop, lambda: answer_done(gui) and len(ctrl.messages.rows) == 2)
     assert chat.widgets[-1].which.text() == "3/3"
@@ -867,11 +871,26 @@ def test_regenerate_keeps_the_answers_it_replaces(gui, qloop):
     )
     assert other != ctrl.current
     # while the chat's answer is written the choice is not offered (nor taken)
+    chat.widgets[-1].regen.click()  # a fourth, written now
+    wait_until(qloop, lambda: ctrl.messages.rows[-1].status == "streaming")
+    assert not any(x.which.isVisibleTo(gui.window) for x in chat.widgets)
+    ctrl.show_answer_version(-1)  # not taken either: the answer being written stays
+    assert ctrl.messages.rows[-1].status == "streaming"
+    wait_until(qloop, lambda: answer_done(gui))
+    assert chat.widgets[-1].which.text() == "4/4"
     send(gui, "slow")
     wait_until(qloop, lambda: ctrl.messages.rows[-1].content.count("word") >= 3)
     assert not any(x.which.isVisibleTo(gui.window) for x in chat.widgets)
     ctrl.stop()
     wait_until(qloop, lambda: answer_done(gui))
+    # an answer the engine could not write at all is not kept
+    send(gui, "fail")
+    wait_until(qloop, lambda: answer_done(gui) and ctrl.messages.rows[-1].content.startswith("⚠"))
+    kept = gui.store.db.execute("SELECT COUNT(*) FROM answer_versions").fetchone()[0]
+    ctrl.regenerate()
+    wait_until(qloop, lambda: answer_done(gui) and len(ctrl.messages.rows) == 6)
+    assert gui.store.db.execute("SELECT COUNT(*) FROM answer_versions").fetchone()[0] == kept
+    assert not chat.widgets[-1].which.isVisibleTo(gui.window)
     # an edit of the question replaces its answers, versions and all
     chat.widgets[0].edit.click()
     chat.widgets[0].editor.setPlainText("edited")
@@ -2570,6 +2589,20 @@ def test_titles_from_first_messages():
     assert _title_from("a ** b ** c") == "a ** b ** c"
     assert _title_from("Why is **my __init__** slow?") == "Why is my __init__ slow?"
     assert _title_from("**unclosed bold") == "**unclosed bold"
+
+
+def test_regenerate_keeps_answers_with_the_model_s_text_only():
+    """Not the note left where the engine could not answer at all."""
+    from app.controller import _worth_keeping
+    from app.store import Message
+
+    def answer(content, status="done"):
+        return Message(1, 1, "assistant", content, status)
+
+    assert _worth_keeping(answer("Paris.")) and _worth_keeping(answer("half an ans", "error"))
+    assert _worth_keeping(answer("⚠ Mind the step: it is wet."))  # a model's own sign
+    assert not _worth_keeping(answer("⚠ the engine could not answer", "error"))
+    assert not _worth_keeping(answer(" \n", "stopped"))
 
 
 def test_which_answers_can_be_continued():
