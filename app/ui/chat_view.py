@@ -259,11 +259,8 @@ class MessageWidget(QFrame):
         if url.scheme() != COPY_SCHEME:
             QDesktopServices.openUrl(url)
             return
-        n = int(url.path())
-        blocks = code_blocks(self.text)
-        if n >= len(blocks):
-            return
-        QGuiApplication.clipboard().setText(blocks[n])
+        n = int(url.path())  # the links and the blocks come from the same text: it is there
+        QGuiApplication.clipboard().setText(code_blocks(self.text)[n])
         self.copied = n
         self._render()
 

@@ -845,6 +845,7 @@ def test_regenerate_keeps_the_answers_it_replaces(gui, qloop):
     wait_until(qloop, lambda: answer_done(gui) and len(ctrl.messages.rows) == 2)
     w = chat.widgets[-1]
     assert w.text == "You said: hello" and w.which.text() == "2/2"
+    assert w.which.accessibleDescription() == "answer 2 of 2"  # read out by a screen reader
     assert w.older.isEnabled() and not w.newer.isEnabled() and w.which.isVisibleTo(gui.window)
     w.older.click()
     assert chat.widgets[-1].text == "the first answer" and chat.widgets[-1].which.text() == "1/2"
