@@ -311,7 +311,8 @@ class MessageWidget(QFrame):
             self.editor.setAccessibleName("Edited message")
             self.editor.submitted.connect(self._submit_edit)
             self.editor.cancelled.connect(self.end_edit)
-            self.editor.textChanged.connect(self._fit_editor)
+            # its height follows the text's lines, as typing or a new width wraps them
+            self.editor.document().documentLayout().documentSizeChanged.connect(self._fit_editor)
             self.edit_send = QPushButton("Send")
             self.edit_send.setAccessibleName("Send the edited message")
             self.edit_send.clicked.connect(self._submit_edit)
@@ -332,11 +333,9 @@ class MessageWidget(QFrame):
             self.layout().addWidget(self.edit_box)
         self.editor.setPlainText(self.text)
         self.editor.moveCursor(QTextCursor.MoveOperation.End)
-        self.edit_send.setEnabled(self.edit.isEnabled())
         for w in (self.body, self.edit, self.copy, self.copy_code):
             w.hide()
         self.edit_box.show()
-        self._fit_editor()
         self.editor.setFocus()
 
     def editing(self) -> bool:
@@ -362,7 +361,7 @@ class MessageWidget(QFrame):
         if text.strip() and self.edit_send.isEnabled():
             self.edit_submitted.emit(text)
 
-    def _fit_editor(self) -> None:
+    def _fit_editor(self, *_) -> None:
         """As tall as its text, from three lines to twelve (then it scrolls)."""
         e = self.editor
         lines = e.document().documentLayout().documentSize().height()

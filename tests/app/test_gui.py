@@ -728,9 +728,12 @@ def test_each_code_block_has_its_own_copy_link(gui, qloop, monkeypatch):
     assert QGuiApplication.clipboard().text() == "ls -l"
     assert w.body.toPlainText().count("Copied ✓") == 1  # the second block's link
     assert "copy-code:1" not in w.body.toHtml() and "copy-code:0" in w.body.toHtml()
+    qloop.run_until_complete(asyncio.sleep(0.8))
     click_link(w.body, "copy-code:0")
     assert QGuiApplication.clipboard().text() == "x = 1"
-    qloop.run_until_complete(asyncio.sleep(1.7))
+    qloop.run_until_complete(asyncio.sleep(0.9))  # past the first click's moment, not this one's
+    assert w.body.toPlainText().count("Copied ✓") == 1 and "copy-code:1" in w.body.toHtml()
+    qloop.run_until_complete(asyncio.sleep(0.8))
     assert "Copied" not in w.body.toPlainText() and w.body.toPlainText().count("Copy") == 2
     w.copy_code.click()
     assert QGuiApplication.clipboard().text() == "x = 1\n\nls -l"
@@ -956,6 +959,17 @@ def test_a_message_is_edited_in_place_and_sent_again(gui, qloop):
     assert not user.edit.isVisibleTo(gui.window) and not user.copy.isVisibleTo(gui.window)
     assert user.editor.lineWrapMode() == user.editor.LineWrapMode.WidgetWidth
     assert user.editor.height() >= 3 * user.editor.fontMetrics().lineSpacing()
+    assert user.editor.accessibleName() == "Edited message"
+    short = user.editor.height()
+    user.editor.setPlainText(text + "\nmore" * 6)  # taller with its lines, up to twelve
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    spacing = user.editor.fontMetrics().lineSpacing()
+    assert user.editor.height() >= short + 3 * spacing
+    user.editor.setPlainText(text + "\nmore" * 40)
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    assert 12 * spacing <= user.editor.height() < 13 * spacing + 20  # then it scrolls
+    user.editor.setPlainText(text)
+    user.editor.moveCursor(QTextCursor.MoveOperation.End)
     QTest.keyClick(user.editor, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
     QTest.keyClicks(user.editor, "third")
     assert user.editor.toPlainText() == text + "\nthird"
@@ -967,6 +981,11 @@ def test_a_message_is_edited_in_place_and_sent_again(gui, qloop):
     assert stops == [1]  # Esc in the composer stops, as ever
     QTest.keyClick(user.editor, Qt.Key.Key_Escape)
     assert not user.editing() and user.body.isVisibleTo(gui.window) and stops == [1]
+    editor = user.editor
+    user.edit.click()  # the same box again, holding the message as sent
+    assert user.editor is editor and user.editor.toPlainText() == text
+    assert len(user.findChildren(type(editor))) == 1
+    QTest.keyClick(user.editor, Qt.Key.Key_Escape)
     assert [m.content for m in gui.store.messages(gui.ctrl.current)] == [text, "You said: " + text]
     # while an answer is written the editor holds the text but does not send it
     user.edit.click()
@@ -1267,6 +1286,7 @@ def test_a_search_shows_why_each_chat_matched_and_opens_it_at_the_match(gui, qlo
     marks = found.body.extraSelections()
     assert [m.cursor.selectedText() for m in marks] == ["Zanzibar", "ferry"]
     assert {m.format.background().color().name() for m in marks} == {MATCH_LIGHT[1]}
+    assert {m.format.foreground().color().name() for m in marks} == {MATCH_LIGHT[0]}
     # letters beyond ASCII are part of the word marked; the marks follow a new search
     gui.window.search.setText("caf zanz")
     gui.ctrl.open(other.id)
