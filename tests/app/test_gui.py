@@ -948,12 +948,19 @@ def test_a_message_is_edited_in_place_and_sent_again(gui, qloop):
     from PySide6.QtTest import QTest
 
     gui.window.resize(900, 600)
-    text = "first line of a question " * 8 + "\nsecond line"
+    text = "first line of a question " * 8 + "\nsecond line\n```\nls\n```"
     send(gui, text)
     wait_until(qloop, lambda: answer_done(gui))
     chat = gui.window.chat
     user = chat.widgets[0]
+    assert user.copy_code.isVisibleTo(gui.window)  # the message holds a code block
     user.edit.click()
+    assert not user.copy_code.isVisibleTo(gui.window)
+    for button, name in [(user.edit_send, "Send"), (user.edit_cancel, "Cancel")]:
+        assert button.isVisibleTo(gui.window) and button.text() == name
+        assert user.rect().contains(button.geometry().translated(button.parentWidget().pos()))
+    assert user.edit_send.accessibleName() == "Send the edited message"
+    assert user.edit_cancel.accessibleName() == "Cancel the edit"
     assert user.editing() and user.focusWidget() is user.editor  # typed into at once
     assert user.editor.toPlainText() == text and not user.body.isVisibleTo(gui.window)
     assert not user.edit.isVisibleTo(gui.window) and not user.copy.isVisibleTo(gui.window)
@@ -981,6 +988,7 @@ def test_a_message_is_edited_in_place_and_sent_again(gui, qloop):
     assert stops == [1]  # Esc in the composer stops, as ever
     QTest.keyClick(user.editor, Qt.Key.Key_Escape)
     assert not user.editing() and user.body.isVisibleTo(gui.window) and stops == [1]
+    assert user.copy_code.isVisibleTo(gui.window)  # back with the message
     editor = user.editor
     user.edit.click()  # the same box again, holding the message as sent
     assert user.editor is editor and user.editor.toPlainText() == text
@@ -991,7 +999,7 @@ def test_a_message_is_edited_in_place_and_sent_again(gui, qloop):
     user.edit.click()
     user.editor.setPlainText("shorter question")
     chat.set_send_allowed(False)  # what the controller does while the chat's answer is written
-    assert not user.edit_send.isEnabled()
+    assert not user.edit_send.isEnabled() and not user.edit.isEnabled()
     QTest.keyClick(user.editor, Qt.Key.Key_Return)
     assert len(gui.ctrl.messages.rows) == 2 and user.editing()
     chat.set_send_allowed(True)
