@@ -174,6 +174,33 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     assert len(gui.store.messages(gui.ctrl.current)) == 4  # nothing lost
 
 
+def test_the_crash_note_says_how_the_restart_ended(gui, monkeypatch):
+    """Each way a restart after a crash ends, as the window hears it from the engine's states:
+    the model loaded again, no model (its reload failed), the engine not started again (its own
+    note), and a note the user closed meanwhile stays closed."""
+    w, crash = gui.window, {"message": "the engine stopped unexpectedly (exit code 3)"}
+    recovering = [True]
+    monkeypatch.setattr(type(gui.client), "recovering", property(lambda c: recovering[0]))
+    w.on_engine_state("crashed", crash)
+    w.on_engine_state("ready", {})  # the new engine's hello, the reload still to come
+    assert "Restarting it; your conversation is kept." in w.banner.text()
+    recovering[0] = False
+    w.on_engine_state("ready", {})  # the reload failed: no model
+    assert w.banner.text().startswith(
+        "⚠ the engine stopped unexpectedly (exit code 3). It was restarted (without a model: "
+        "load one from the Model menu); your conversation is kept.\n"
+    )
+    w.on_engine_state("loaded", {"model": "demo", "n_ctx": 2048})  # a later load: no news
+    assert "It was restarted (without a model" in w.banner.text()
+    w.on_engine_state("crashed", crash)
+    w.on_engine_state("failed", {"message": "it crashed twice"})
+    assert w.banner.text().startswith("⚠ it crashed twice. Your conversation is kept;")
+    w.on_engine_state("crashed", crash)
+    w.banner.setVisible(False)  # closed by the user
+    w.on_engine_state("loaded", {"model": "demo", "n_ctx": 2048})
+    assert not w.banner.isVisibleTo(w)
+
+
 def test_the_live_rate_goes_idle_when_a_crash_ends_the_answer(gui, qloop):
     """The panel's "Now" went on showing the rate of an answer a crash had ended (an answer
     without stats never reached the panel)."""
