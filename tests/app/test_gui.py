@@ -1332,6 +1332,11 @@ def test_a_search_shows_why_each_chat_matched_and_opens_it_at_the_match(gui, qlo
     # an ended search lists every chat again, and opening a chat shows its end, unmarked
     gui.window.search.setText("")
     assert gui.ctrl.conversations.rowCount() == 2 and not index.data(SnippetRole)
+    first = gui.ctrl.conversations.index(0)
+    assert view.visualRect(first).height() < 2 * one_line  # a title alone: one line again
+    assert snippet_parts("\x02Jupiter\x03 is \x02big\x03") == [
+        ("Jupiter", True), (" is ", False), ("big", True),
+    ]  # fmt: skip
     gui.ctrl.open(other.id)
     gui.ctrl.open(long.id)
     qloop.run_until_complete(asyncio.sleep(0.3))
