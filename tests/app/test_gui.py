@@ -1309,7 +1309,20 @@ def test_a_search_shows_why_each_chat_matched_and_opens_it_at_the_match(gui, qlo
     view = gui.window.list
     one_line = view.fontMetrics().lineSpacing()
     assert view.visualRect(index).height() >= 2 * one_line  # the title and the snippet
-    view.viewport().grab()  # painted without an error
+    # drawn: the title in the row's upper half, the snippet in its lower half
+    rect = view.visualRect(index)
+    image = view.viewport().grab(rect).toImage()
+    background = image.pixelColor(1, 1)
+
+    def ink(top: int, bottom: int) -> int:
+        return sum(
+            image.pixelColor(x, y) != background
+            for x in range(8, image.width() - 8)
+            for y in range(top, bottom)
+        )
+
+    half = image.height() // 2
+    assert ink(2, half) > 30 and ink(half, image.height() - 2) > 30
     view.picked.emit(index)
     qloop.run_until_complete(asyncio.sleep(0.3))
     chat = gui.window.chat
