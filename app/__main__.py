@@ -201,6 +201,9 @@ class App:
         self.browser.loaded_model = lambda: (
             self.settings.model if self.client.state == "loaded" else None
         )
+        self.browser.loading_model = lambda: (
+            (self.client.last_load or {}).get("path") if self.client.state == "loading" else None
+        )
         self.browser.load_requested.connect(self.window._load)
         self.models_window = None
         self.loop.call_soon(self._restore_downloads)

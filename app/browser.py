@@ -253,6 +253,7 @@ class BrowserController(QObject):
         self.engine_devices: Callable[[], list[dict] | None] = lambda: None
         self.device: Callable[[], str] = lambda: "auto"
         self.loaded_model: Callable[[], str | None] = lambda: None  # its folder (None: none)
+        self.loading_model: Callable[[], str | None] = lambda: None  # the one being loaded
         self._refreshes = 0  # refresh() calls so far: only the last one's answer is shown
         manager.on_change = self._changed
         self.refresh_local()
@@ -409,6 +410,10 @@ class BrowserController(QObject):
     def is_loaded(self, repo: str) -> bool:
         """Whether the engine has this downloaded model loaded now."""
         return self.loaded_model() == str(folder_of(self.models_dir, repo))
+
+    def is_loading(self, repo: str) -> bool:
+        """Whether the engine is loading this downloaded model now."""
+        return self.loading_model() == str(folder_of(self.models_dir, repo))
 
     def load(self, repo: str, device: str = "", context: int | None = None) -> None:
         """Load the model in the chat with the context its fit was checked at (or ``context``,

@@ -546,6 +546,11 @@ class LocalTab(QWidget):
                 "\n\nIt is the model loaded now: it stays loaded until you load another or "
                 "quit, and the next start has no model to load until you choose one."
             )
+        elif self.ctrl.is_loading(repo):  # its files are being read: the load may fail
+            text += (
+                "\n\nIt is being loaded now: its load may fail for want of its files, and the "
+                "next start has no model to load until you choose one."
+            )
         answer = QMessageBox.question(self, "Delete model", text)
         if answer == QMessageBox.StandardButton.Yes:
             self.spawn(self.ctrl.delete(repo))

@@ -444,6 +444,13 @@ def test_load_goes_to_the_gpu_of_the_fit_and_the_installed_list_checks_the_fit(
     assert asked[0].startswith(f"Delete {SMALL} (400.2 KB on disk)?")
     assert "It is the model loaded now: it stays loaded until you load another" in asked[0]
     assert (tmp_path / "models" / SMALL).is_dir()  # answered No
+    # one being loaded now (deleting it took its files from under the load, unsaid)
+    state, last = app.client.state, app.client.last_load
+    app.client.state, app.client.last_load = "loading", {"path": folder}
+    local.buttons["Delete…"].click()
+    assert "It is being loaded now: its load may fail for want of its files" in asked[1]
+    assert "It is the model loaded now" not in asked[1]
+    app.client.state, app.client.last_load = state, last
     w.tabs.setCurrentIndex(0)
     detail.context.setValue(131072)  # 16 GiB of KV cache alone
     w.tabs.setCurrentIndex(1)  # the tab shows the fit again at the new context
