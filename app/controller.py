@@ -326,15 +326,17 @@ class ChatController(QObject):
             return None
         return rows[-2]
 
-    def _versions(self) -> list:
+    def _versions(self) -> tuple[list, int]:
+        """The answers to the open chat's last question, and which of them is shown (([], 0)
+        where its last message is not an answer to one)."""
         question = self._question_of_last()
         if question is None:
-            return []
-        return self.store.answer_versions(question.id, self.messages.rows[-1].id)
+            return [], 0
+        versions = self.store.answer_versions(question.id, self.messages.rows[-1].id)
+        return versions, next(i for i, v in enumerate(versions) if v.current)
 
     def _show_versions(self) -> None:
-        versions = self._versions()
-        at = next((i for i, v in enumerate(versions) if v.current), 0)
+        versions, at = self._versions()
         self.answer_versions.emit(at + 1, max(len(versions), 1))
 
     def show_answer_version(self, step: int) -> None:
@@ -342,9 +344,8 @@ class ChatController(QObject):
         and in what the model reads next (not while the chat's answer is written)."""
         if not self.can_send():
             return
-        versions = self._versions()
-        at = next((i for i, v in enumerate(versions) if v.current), None)
-        if at is None or not 0 <= at + step < len(versions):
+        versions, at = self._versions()
+        if not 0 <= at + step < len(versions):
             return
         answer = self.messages.rows[-1]
         self.store.show_answer_version(answer.id, versions[at + step].id)

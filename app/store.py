@@ -303,7 +303,7 @@ class Store:
         if a is None or v is None:
             raise KeyError(answer_id if a is None else version_id)
         self.db.execute("BEGIN")
-        try:
+        with self.db:  # both or neither: committed, or rolled back where one fails
             self.db.execute(
                 "UPDATE messages SET content=?, status=?, stats=?, created=? WHERE id=?",
                 (*v, answer_id),
@@ -312,10 +312,6 @@ class Store:
                 "UPDATE answer_versions SET content=?, status=?, stats=?, created=? WHERE id=?",
                 (*a, version_id),
             )
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
 
     # -- search, export, import ------------------------------------------------------------------
     def search(self, query: str, limit: int = 50) -> list[Hit]:

@@ -423,10 +423,10 @@ class MainWindow(QMainWindow):
         if state == "failed" or not self.banner.isVisible():
             return  # a failed restart says so itself; a note closed stays closed
         if state == "loaded":
-            again = f"it was restarted and {model_label(info.get('model'))} loaded again"
+            again = f"It was restarted and {model_label(info.get('model'))} loaded again"
         else:
-            again = "it was restarted (without a model: load one from the Model menu)"
-        self.show_error(f"{crash}. {again[0].upper()}{again[1:]}; your conversation is kept.")
+            again = "It was restarted (without a model: load one from the Model menu)"
+        self.show_error(f"{crash}. {again}; your conversation is kept.")
 
     def _copy_last_answer(self) -> None:
         text = self.chat.last_answer_text()
