@@ -53,6 +53,7 @@ class Settings:
     system_prompt: str = ""
     sampling: dict = field(default_factory=lambda: dict(DEFAULT_SAMPLING))
     show_panel: bool = True
+    text_size: int = 100  # percent of the system font's size (View > Larger text)
     window: str = ""  # the main window's size and place when the app closed (saveGeometry)
     first_run_done: bool = False
     hub_endpoint: str = ""  # a mirror (HF_ENDPOINT); empty: huggingface.co

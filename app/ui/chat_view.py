@@ -15,6 +15,7 @@ from PySide6.QtGui import (
     QTextDocument,
 )
 from PySide6.QtWidgets import (
+    QBoxLayout,
     QFrame,
     QHBoxLayout,
     QLabel,
@@ -31,7 +32,7 @@ from PySide6.QtWidgets import (
 
 from ..controller import can_continue
 from .markdown import COPY_SCHEME, code_blocks, plain_html, to_html
-from .models import MessageListModel, RoleRole, StatsRole, StatusRole
+from .models import IdRole, MessageListModel, RoleRole, StatsRole, StatusRole
 
 # A search's words in the message it found: text and background, readable in each theme
 MATCH_LIGHT, MATCH_DARK = ("#000000", "#ffe27a"), ("#ffffff", "#7a5d00")
@@ -165,6 +166,7 @@ class MessageWidget(QFrame):
     def __init__(self, role: str, dark: bool):
         super().__init__()
         self.role, self.dark, self.text = role, dark, ""
+        self.id: int | None = None  # the message's in the history (ChatView._make)
         self.copied: int | None = None  # the code block whose Copy link says "Copied ✓" now
         self.can_continue = False  # stopped, cut at the token limit or by an error
         self.setObjectName("userMessage" if role == "user" else "assistantMessage")
@@ -204,17 +206,24 @@ class MessageWidget(QFrame):
         self.regen.setVisible(False)
         self.more.setVisible(False)
         self.set_versions(1, 1)
-        head = QHBoxLayout()
-        head.addWidget(self.who)
-        for w in (self.older, self.which, self.newer):
-            head.addWidget(w)
-        head.addStretch(1)
+        # who wrote it (and which version) on the left, the buttons on the right; where the
+        # message is narrower than both (large text, a small window) the buttons go on a row
+        # of their own: they had widened the message past the chat's edge, which cut it off
+        self.name_row, self.button_row = QHBoxLayout(), QHBoxLayout()
+        for w in (self.who, self.older, self.which, self.newer):
+            self.name_row.addWidget(w)
+        self.name_row.addStretch(1)
+        self.button_row.addStretch(1)
         for b in (self.copy_code, self.copy, self.edit, self.more, self.regen):
-            head.addWidget(b)
+            self.button_row.addWidget(b)
+        self.head = QBoxLayout(QBoxLayout.Direction.LeftToRight)
+        self.head.addLayout(self.name_row, 1)
+        self.head.addLayout(self.button_row)
+        self.setMinimumWidth(1)  # the head's width does not hold the message wider: fit_head
         lay = QVBoxLayout(self)
         lay.setContentsMargins(10, 6, 10, 6)
         lay.setSpacing(2)
-        lay.addLayout(head)
+        lay.addLayout(self.head)
         lay.addWidget(self.meta)
         lay.addWidget(self.body)
         self.editor: MessageEditor | None = None  # made on the first Edit
@@ -225,7 +234,7 @@ class MessageWidget(QFrame):
         b.setToolTip(tip)
         b.setAccessibleName(tip)
         b.setAutoRaise(True)
-        b.clicked.connect(slot)
+        b.clicked.connect(lambda: slot())  # without clicked's bool (start_edit takes a text)
         return b
 
     def set_content(self, text: str, status: str, stats: dict) -> None:
@@ -247,11 +256,22 @@ class MessageWidget(QFrame):
         self.older.setEnabled(at > 1)
         self.newer.setEnabled(at < count)
 
+    def set_dark(self, dark: bool) -> None:
+        """Drawn again in the new theme's code colours, in place (an edit in progress stays)."""
+        self.dark = dark
+        self._render()
+
+    def changeEvent(self, e) -> None:
+        super().changeEvent(e)
+        if e.type() == QEvent.Type.FontChange:  # a new text size: code lines hang by its spaces
+            self._render()
+
     def _render(self) -> None:
         if self.role == "user":
             self.body.setHtml(plain_html(self.text))
         else:
-            space = code_space_px(self.body.font())
+            # the message's font: on a new text size its body may not have taken it yet
+            space = code_space_px(self.font())
             self.body.setHtml(to_html(self.text, self.dark, space, self.copied))
 
     def _link(self, url: QUrl) -> None:
@@ -295,17 +315,36 @@ class MessageWidget(QFrame):
     def _fit(self) -> None:
         self.body.setFixedHeight(int(self.body.document().size().height()) + 4)
 
+    def fit_head(self) -> None:
+        """The buttons beside the name where the message is wide enough for both, else under
+        it (called on a resize and when buttons are shown or hidden)."""
+        margins = self.layout().contentsMargins()
+        room = self.width() - margins.left() - margins.right()
+        for row in (self.name_row, self.button_row):
+            row.invalidate()  # a button just shown or hidden: its size is not cached yet
+        need = (
+            self.name_row.minimumSize().width()
+            + self.head.spacing()
+            + self.button_row.sizeHint().width()
+        )
+        wide = QBoxLayout.Direction.LeftToRight
+        direction = wide if room >= need else QBoxLayout.Direction.TopToBottom
+        if self.head.direction() != direction:
+            self.head.setDirection(direction)
+
     def resizeEvent(self, event) -> None:
         super().resizeEvent(event)
+        self.fit_head()
         width = self.body.viewport().width()
         if width != self.body.document().textWidth():
             self.body.document().setTextWidth(width)
             self._fit()
 
     # -- editing in place -------------------------------------------------------------------------
-    def start_edit(self) -> None:
-        """The message becomes a text box holding it, with Send and Cancel under it (a small
-        dialog without word wrap showed a line of it at a time)."""
+    def start_edit(self, text: str | None = None) -> None:
+        """The message becomes a text box holding it (or ``text``: an edit begun before), with
+        Send and Cancel under it (a small dialog without word wrap showed a line of it at a
+        time)."""
         if self.editor is None:
             self.editor = MessageEditor()
             self.editor.setAccessibleName("Edited message")
@@ -331,12 +370,12 @@ class MessageWidget(QFrame):
             box.addWidget(self.editor)
             box.addLayout(row)
             self.layout().addWidget(self.edit_box)
-        self.editor.setPlainText(self.text)
+        self.editor.setPlainText(self.text if text is None else text)
         self.editor.moveCursor(QTextCursor.MoveOperation.End)
         for w in (self.body, self.edit, self.copy, self.copy_code):
             w.hide()
         self.edit_box.show()
-        self.editor.setFocus()
+        self.editor.setFocus()  # typed into at once (not where the chat is rebuilt, hidden)
 
     def editing(self) -> bool:
         return self.editor is not None and self.edit_box.isVisibleTo(self)
@@ -401,6 +440,7 @@ class ChatView(QWidget):
         super().__init__()
         self.model, self.dark = model, dark
         self.widgets: list[MessageWidget] = []
+        self.edits: dict[int, str] = {}  # messages being edited in chats not shown: id -> text
         self.versions = (1, 1)  # the last answer's: which, of how many (set_versions)
         self.column = QVBoxLayout()
         self.column.addStretch(1)
@@ -495,20 +535,25 @@ class ChatView(QWidget):
     def _make(self, row: int) -> MessageWidget:
         idx = self.model.index(row)
         w = MessageWidget(idx.data(RoleRole), self.dark)
+        w.id = idx.data(IdRole)
         w.edit_submitted.connect(lambda text, w=w: self._edit(w, text))
         w.regenerate_requested.connect(self.regenerate_requested.emit)
         w.continue_requested.connect(self.continue_requested.emit)
         w.version_requested.connect(self.version_requested.emit)
         w.set_content(idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {})
+        if (edited := self.edits.pop(w.id, None)) is not None:
+            w.start_edit(edited)  # as it was left when its chat was closed
         return w
 
     def _rebuild(self, shown: int = SHOWN) -> None:
-        """A chat opened (or the theme changed): its last ``shown`` messages, from the end."""
+        """A chat opened: its last ``shown`` messages, from the end."""
         # Hidden while it fills, the column is laid out once: shown, it was laid out again for
         # every message added (a chat of 400 messages opened in 29 s, now 1 s).
         inner = self.scroll.widget()
         inner.hide()
         for w in self.widgets:
+            if w.editing():  # kept for when its chat is opened again (it was lost)
+                self.edits[w.id] = w.editor.toPlainText()
             w.deleteLater()
         self.widgets, self.anchor = [], None
         self.first = max(0, self.model.rowCount() - shown)
@@ -580,6 +625,7 @@ class ChatView(QWidget):
             w.more.setVisible(last_answer and w.can_continue)
             w.set_versions(*(self.versions if last_answer else (1, 1)))
             w.set_edit_allowed(free)
+            w.fit_head()  # with the buttons it shows now
         last = self.widgets[-1] if self.widgets else None
         offers = last is not None and last.role == "assistant" and free
         at, count = self.versions
@@ -612,9 +658,11 @@ class ChatView(QWidget):
             self.send_requested.emit(text)
 
     def set_dark(self, dark: bool) -> None:
-        """Re-render every message for a new theme (code colours differ)."""
+        """Every message drawn again for a new theme (code colours differ), where it is: the
+        chat was built again, which lost an edit in progress and the place read to."""
         self.dark = dark
-        self._rebuild(max(SHOWN, len(self.widgets)))
+        for w in self.widgets:
+            w.set_dark(dark)
 
     def flush_draft(self) -> None:
         """Save a draft whose debounce timer has not fired yet (before quitting or opening

@@ -46,6 +46,7 @@ from .banner import ErrorBanner
 from .chat_settings import ChatSettings
 from .chat_view import ChatView
 from .colours import colour
+from .fonts import STEPS, clamp, next_size, set_text_size
 from .live_panel import LivePanel, gib
 from .models import IdRole, SnippetRole
 from .screen import fit_to_screen
@@ -169,6 +170,9 @@ class MainWindow(QMainWindow):
         self.tasks: set[asyncio.Task] = set()  # keep running tasks referenced until done
         self.crash: str | None = None  # what the engine's crash said, until its restart ends
         self.file_dir = Path.home()  # where Export and Import open: the last folder used
+        # the text size the app closed with, before any widget is laid out in another
+        settings.text_size = clamp(settings.text_size)  # a hand-edited 500: the largest
+        set_text_size(settings.text_size)
         self.setWindowTitle("VPTQ Chat")
         self._place(settings.window)
         self.chat = ChatView(ctrl.messages, dark)
@@ -244,16 +248,24 @@ class MainWindow(QMainWindow):
         self._fit_panes()
         self.chat_settings.set_room(self.centralWidget().height())
 
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        # a window shown at its saved size had no resize once its panes were laid out: they
+        # kept their floors (160 and 190 px in a 1200 px window)
+        self._fit_panes()
+
     def _fit_panes(self) -> None:
         """The chat list and the live panel take a share of the width, between a floor and their
-        full widths (230 and 250 px), so that in a small window the chat keeps most of it;
+        full widths (230 and 250 px at the normal text size, wider for larger text: the panel's
+        lines were cut at its edge), so that in a small window the chat keeps most of it;
         widths the user dragged stay."""
         if self.user_sized:
             return
         sizes = self.split.sizes()
-        total = sum(sizes)
-        side = max(160, min(230, round(total * 0.22)))
-        panel = 0 if self.panel.isHidden() else max(190, min(250, round(total * 0.25)))
+        total, scale = sum(sizes), max(1.0, self.settings.text_size / 100)
+        side = max(160, min(round(230 * scale), round(total * 0.22)))
+        panel = round(max(190, min(250 * scale, total * 0.25)))
+        panel = 0 if self.panel.isHidden() else panel
         self.split.setSizes([side, total - side - panel, panel])
 
     def _show_panel(self, on: bool) -> None:
@@ -261,6 +273,24 @@ class MainWindow(QMainWindow):
         self.settings.show_panel = on
         self.ctrl.settings_changed.emit()
         self._fit_panes()
+
+    def _text_size(self, way: int) -> None:
+        """View > Larger text (``way`` 1), Smaller text (-1), Normal text size (0): every
+        window's text, kept for the next start."""
+        size = next_size(self.settings.text_size, way) if way else 100
+        set_text_size(size)
+        self.settings.text_size = size
+        self.ctrl.settings_changed.emit()
+        self._text_size_limits()
+        self._fit_panes()
+        self.statusBar().showMessage(f"Text size {size}%", 3000)
+
+    def _text_size_limits(self) -> None:
+        """Larger and Smaller text do nothing past the sizes' ends: disabled there."""
+        larger, smaller, normal = self.text_size_actions
+        larger.setEnabled(self.settings.text_size < STEPS[-1])
+        smaller.setEnabled(self.settings.text_size > STEPS[0])
+        normal.setEnabled(self.settings.text_size != 100)
 
     def _show_next_chat_settings(self) -> None:
         """With no chat open the panel holds what the next new chat starts with (the app's
@@ -328,6 +358,18 @@ class MainWindow(QMainWindow):
         a = act(m, "&Live panel", self._show_panel)
         a.setCheckable(True)
         a.setChecked(self.settings.show_panel)
+        m.addSeparator()
+        sizes = [
+            ("&Larger text", 1, [QKeySequence.StandardKey.ZoomIn, "Ctrl+="]),  # = : + unshifted
+            ("&Smaller text", -1, [QKeySequence.StandardKey.ZoomOut]),
+            ("&Normal text size", 0, ["Ctrl+0"]),
+        ]
+        self.text_size_actions = []
+        for text, way, keys in sizes:
+            a = act(m, text, lambda _=False, way=way: self._text_size(way))
+            a.setShortcuts([QKeySequence(k) for k in keys])
+            self.text_size_actions.append(a)
+        self._text_size_limits()
         m = self.menuBar().addMenu("&Help")
         act(m, "&Check this computer…", self.check_requested.emit)
         act(m, "Where are the &logs?", self._logs)

@@ -2701,3 +2701,181 @@ def test_sampling_settings_compare_with_a_seed_of_none_as_no_seed():
     assert _same_sampling({"temperature": 0.7}, {"seed": None, "temperature": 0.7})
     assert not _same_sampling({"temperature": 0.7, "seed": 1}, {"temperature": 0.7})
     assert not _same_sampling({"temperature": 0.7}, {"temperature": 0.8})
+
+
+def base_points() -> float:
+    from PySide6.QtGui import QFontDatabase
+
+    return QFontDatabase.systemFont(QFontDatabase.SystemFont.GeneralFont).pointSizeF()
+
+
+def test_larger_text_grows_every_window_s_text_and_is_kept(gui, qloop):
+    """View > Larger text (Ctrl++, Ctrl+=), Smaller text (Ctrl+-), Normal text size (Ctrl+0):
+    all of the app's text in steps of the system's size, also what the style sheet styles (Qt
+    left those widgets at their size) and bold labels; a wrapped code line still hangs by its
+    indent in the new font's spaces; the composer fits the new lines; kept for the next
+    start; the steps end at 70% and 200%."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtGui import QFont
+    from PySide6.QtTest import QTest
+    from PySide6.QtWidgets import QApplication, QBoxLayout, QLabel
+
+    base = base_points()
+    w = gui.window
+    call = "    result = compute(" + ", ".join(f"argument_{i}" for i in range(40)) + ")"
+    send(gui, f"```python\ndef f():\n{call}\n```")
+    wait_until(qloop, lambda: answer_done(gui))
+    answer = w.chat.widgets[-1]
+    composer, before = w.chat.input.height(), code_space_px(answer.body.font())
+    heading = next(x for x in w.panel.findChildren(QLabel) if x.text() == "Throughput")
+    ctrl = Qt.KeyboardModifier.ControlModifier
+    w.activateWindow()
+    wait_until(qloop, lambda: QApplication.activeWindow() is w)
+    QTest.keyClick(w.chat.input, Qt.Key.Key_Equal, ctrl)
+    QTest.keyClick(w.chat.input, Qt.Key.Key_Plus, ctrl)
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    assert gui.settings.text_size == 125
+    assert Settings.load(gui.data / "settings.json").text_size == 125  # saved at once
+    assert w.statusBar().currentMessage() == "Text size 125%"
+    for widget in (QApplication.instance(), w.chat.input, answer.body, answer.meta, w.search):
+        assert widget.font().pointSizeF() == pytest.approx(1.25 * base), widget
+    for label in (answer.who, heading):  # bold, at the size of the text around it
+        assert label.font().pointSizeF() == pytest.approx(1.25 * base)
+        assert label.font().weight() == QFont.Weight.Bold
+    assert answer.body.document().defaultFont().pointSizeF() == pytest.approx(1.25 * base)
+    space = code_space_px(answer.body.font())
+    assert space > 1.15 * before  # the hang follows the new spaces' width
+    for offset in wrap_offsets(answer.body, "    result = compute("):
+        assert abs(offset - 6 * space) < 1.5, (offset, space)  # 4 columns of indent, then 2
+    assert w.chat.input.height() > composer
+    QTest.keyClick(w.chat.input, Qt.Key.Key_Minus, ctrl)
+    assert gui.settings.text_size == 110
+    assert answer.body.font().pointSizeF() == pytest.approx(1.1 * base)
+    QTest.keyClick(w.chat.input, Qt.Key.Key_0, ctrl)
+    assert gui.settings.text_size == 100 and answer.who.font().pointSizeF() == base
+    larger, smaller, normal = (
+        menu_action(w, t) for t in ("&Larger text", "&Smaller text", "&Normal text size")
+    )
+    assert not normal.isEnabled() and larger.isEnabled() and smaller.isEnabled()
+    wide = QBoxLayout.Direction.LeftToRight
+    assert answer.head.direction() == wide  # the buttons beside "Assistant"
+    for size in (110, 125, 150, 175, 200, 200):
+        larger.trigger()
+        assert gui.settings.text_size == size
+    assert not larger.isEnabled() and normal.isEnabled()
+    # in a small window the buttons go under the name: they had widened the message past the
+    # chat's edge, which cut off its right side
+    w.resize(780, 560)
+    wait_until(qloop, lambda: w.width() == 780)
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    view = w.chat.scroll.viewport()
+    assert answer.head.direction() == QBoxLayout.Direction.TopToBottom
+    assert answer.width() < view.width()
+    for button in (answer.copy, answer.copy_code, answer.regen):
+        right = button.mapTo(view, button.rect().topRight()).x()
+        assert button.isVisibleTo(w) and right < view.width(), button.text()
+    # the buttons' row follows the buttons shown, not only a resize: a message wide enough for
+    # its buttons without Regenerate takes them beside its name once Regenerate goes
+    w.user_sized = True  # the panes keep their widths: the message takes what the window gains
+    rows = answer.layout().contentsMargins()
+    room = answer.width() - rows.left() - rows.right()
+    need = (
+        answer.name_row.minimumSize().width()
+        + answer.head.spacing()
+        + answer.button_row.sizeHint().width()
+    )
+    w.resize(w.width() + need - 4 - room, 560)
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    assert answer.head.direction() == QBoxLayout.Direction.TopToBottom
+    w.chat.set_send_allowed(False)  # as while another chat's answer is written
+    assert not answer.regen.isVisibleTo(w) and answer.head.direction() == wide
+    w.chat.set_send_allowed(True)
+    assert answer.head.direction() == QBoxLayout.Direction.TopToBottom
+    for size in (175, 150, 125, 110, 100, 90, 80, 70, 70):
+        smaller.trigger()
+        assert gui.settings.text_size == size
+    assert not smaller.isEnabled() and larger.isEnabled()
+    assert QApplication.instance().font().pointSizeF() == pytest.approx(0.7 * base)
+    assert answer.head.direction() == wide  # room again beside the name
+    assert Settings.load(gui.data / "settings.json").text_size == 70
+
+
+@pytest.mark.parametrize("saved, size", [(150, 150), (500, 200), (100, 100)])
+def test_the_app_starts_at_the_text_size_it_closed_with(tmp_path, qloop, monkeypatch, saved, size):
+    """The text size from settings.json (a hand-edited one beyond the steps: the largest), and
+    the side panes' widths from it: a window shown at its size left them at their floors (160
+    and 190 px in a 1100 px window), and at a larger size they take more of the width (the
+    panel's lines were cut at its edge)."""
+    from PySide6.QtWidgets import QApplication
+
+    Settings(text_size=saved).save(tmp_path / "settings.json")
+    app = make_app(tmp_path, qloop, monkeypatch)
+    try:
+        w = app.window
+        assert app.settings.text_size == size
+        assert QApplication.instance().font().pointSizeF() == pytest.approx(
+            size / 100 * base_points()
+        )
+        assert w.chat.input.font().pointSizeF() == pytest.approx(size / 100 * base_points())
+        wait_until(qloop, lambda: sum(w.split.sizes()) > 0)
+        side, _, panel = w.split.sizes()
+        total = sum(w.split.sizes())
+        scale = size / 100
+        assert side == max(160, min(round(230 * scale), round(total * 0.22)))
+        assert panel == round(max(190, min(250 * scale, total * 0.25)))
+        assert side > 160 and panel > 190
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+
+def test_a_theme_change_redraws_the_chat_where_it_is(gui, qloop):
+    """A switch between light and dark draws the messages again in the new code colours, in
+    place: the chat was built again, which lost an edit in progress."""
+    from PySide6.QtCore import Qt
+
+    send(gui, "```python\nx = 1\n```")
+    wait_until(qloop, lambda: answer_done(gui))
+    chat = gui.window.chat
+    widgets = list(chat.widgets)
+    user, answer = widgets
+    assert "#f4f4f4" in answer.body.toHtml()  # the light code background
+    user.edit.click()
+    user.editor.setPlainText("half written")
+    gui._scheme_changed(Qt.ColorScheme.Dark)
+    assert chat.widgets == widgets and user.editing()
+    assert user.editor.toPlainText() == "half written"
+    assert "#272822" in answer.body.toHtml() and "#f4f4f4" not in answer.body.toHtml()
+    gui._scheme_changed(Qt.ColorScheme.Light)
+    assert "#f4f4f4" in answer.body.toHtml() and user.editing()
+
+
+def test_an_edit_in_progress_waits_while_another_chat_is_open(gui, qloop):
+    """A message being edited when another chat is opened is still being edited, with what was
+    typed, when its chat is opened again (it was lost), and sends from there."""
+    from PySide6.QtWidgets import QApplication
+
+    send(gui, "first question")
+    wait_until(qloop, lambda: answer_done(gui))
+    first = gui.ctrl.current
+    chat = gui.window.chat
+    chat.widgets[0].edit.click()
+    chat.widgets[0].editor.setPlainText("the question, better put")
+    gui.ctrl.new_conversation()
+    send(gui, "elsewhere")
+    wait_until(qloop, lambda: answer_done(gui))
+    assert not any(w.editing() for w in chat.widgets)  # the other chat's messages: none
+    gui.window.activateWindow()
+    wait_until(qloop, lambda: QApplication.activeWindow() is gui.window)
+    chat.input.setFocus()
+    gui.ctrl.open(first)
+    user = chat.widgets[0]
+    assert user.editing() and user.editor.toPlainText() == "the question, better put"
+    assert chat.input.hasFocus()  # not taken from the composer
+    user.edit_send.click()
+    wait_until(qloop, lambda: answer_done(gui) and len(gui.ctrl.messages.rows) == 2)
+    assert gui.ctrl.messages.rows[0].content == "the question, better put"
+    assert not chat.widgets[0].editing()
+    gui.ctrl.new_conversation()
+    gui.ctrl.open(first)
+    assert not chat.widgets[0].editing()  # sent: nothing kept to edit

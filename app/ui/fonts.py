@@ -1,0 +1,42 @@
+"""The app's text size (View > Larger text, Smaller text, Actual size), as a percentage of the
+system's font in steps like a web browser's zoom."""
+
+from __future__ import annotations
+
+from PySide6.QtGui import QFont, QFontDatabase
+from PySide6.QtWidgets import QApplication
+
+STEPS = (70, 80, 90, 100, 110, 125, 150, 175, 200)  # percent of the system's font size
+
+
+def next_size(percent: int, direction: int) -> int:
+    """The step after ``percent`` towards larger (``direction`` > 0) or smaller text, at most
+    the last step; a size between steps (from a hand-edited file) goes to the next step."""
+    if direction > 0:
+        return next((s for s in STEPS if s > percent), STEPS[-1])
+    return next((s for s in reversed(STEPS) if s < percent), STEPS[0])
+
+
+def clamp(percent: int) -> int:
+    return min(max(percent, STEPS[0]), STEPS[-1])
+
+
+def scaled_font(percent: int) -> QFont:
+    """The system's font at ``percent`` of its size: the application's font, which every widget
+    without a font of its own follows."""
+    font = QFontDatabase.systemFont(QFontDatabase.SystemFont.GeneralFont)
+    if font.pointSizeF() > 0:
+        font.setPointSizeF(font.pointSizeF() * percent / 100)
+    else:  # a platform that gives its font in pixels
+        font.setPixelSize(max(1, round(font.pixelSize() * percent / 100)))
+    return font
+
+
+def set_text_size(percent: int) -> None:
+    """Every window's text at ``percent`` of the system's size. Qt passes a new application font
+    on only to widgets that no style sheet styles: with the app's style sheet set (apply_theme)
+    the rest kept their size until it was set again, which polishes every widget anew."""
+    app = QApplication.instance()
+    app.setFont(scaled_font(percent))
+    if app.styleSheet():
+        app.setStyleSheet(app.styleSheet())
