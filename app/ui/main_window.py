@@ -104,6 +104,22 @@ def snippet_parts(snippet: str) -> list[tuple[str, bool]]:
     return parts
 
 
+def fit_snippet(parts: list[tuple[str, bool]], width: int, font: QFont) -> list[tuple[str, bool]]:
+    """``parts`` as a row ``width`` px wide shows them: where the line is longer than the row and
+    text comes before the first match, that text loses its start ("…and then the") so that the
+    match begins within the row's first third (a match late in the snippet was cut off at the
+    row's end, and with it the reason the chat was found)."""
+    if len(parts) < 2 or parts[0][1]:
+        return parts
+    bold_font = QFont(font)
+    bold_font.setBold(True)
+    plain, bold = QFontMetrics(font), QFontMetrics(bold_font)
+    if sum((bold if m else plain).horizontalAdvance(p) for p, m in parts) <= width:
+        return parts
+    lead = plain.elidedText(parts[0][0], Qt.TextElideMode.ElideLeft, width // 3)
+    return [(lead, False), *parts[1:]]
+
+
 class ChatListItem(QStyledItemDelegate):
     """A chat in the list; during a search, with a line of its best match under the title, the
     matched words in bold (the list showed titles alone: why a chat matched was not shown)."""
@@ -139,7 +155,8 @@ class ChatListItem(QStyledItemDelegate):
         )
         muted = text if selected else QColor(colour("muted", opt.widget))
         x, y = rect.x(), top + fm.lineSpacing()
-        for piece, matched in snippet_parts(snippet):  # the words in bold, the rest muted
+        parts = fit_snippet(snippet_parts(snippet), rect.width(), opt.font)
+        for piece, matched in parts:  # the words in bold, the rest muted
             font = QFont(opt.font)
             font.setBold(matched)
             painter.setFont(font)

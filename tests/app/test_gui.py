@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from PySide6.QtCore import QEvent, QObject
-from PySide6.QtGui import QGuiApplication, QTextCursor
+from PySide6.QtGui import QFontMetrics, QGuiApplication, QTextCursor
 from PySide6.QtWidgets import QAbstractSlider
 
 from app.settings import Settings
@@ -2879,3 +2879,46 @@ def test_an_edit_in_progress_waits_while_another_chat_is_open(gui, qloop):
     gui.ctrl.new_conversation()
     gui.ctrl.open(first)
     assert not chat.widgets[0].editing()  # sent: nothing kept to edit
+
+
+def test_a_match_late_in_the_snippet_shows_in_a_narrow_chat_list(gui, qloop):
+    """Where a snippet is wider than the chat list and its match comes late, the text before
+    the match loses its start ("…") and the match (the reason the chat was found) is drawn:
+    it was cut off at the row's end. Drawn in the text's own colour, the match is the only ink
+    in the snippet's line darker than the muted colour of the rest."""
+    from PySide6.QtGui import QColor
+
+    from app.ui.colours import colour
+    from app.ui.main_window import fit_snippet, snippet_parts
+    from app.ui.models import SnippetRole
+
+    chat = gui.store.create_conversation("negotiations")
+    lead = "extraordinarily complicated international negotiations concerning "
+    gui.store.add_message(chat.id, "user", lead + "Zanzibar")
+    gui.ctrl.conversations.set_rows(gui.store.conversations())
+    gui.window.resize(780, 500)
+    gui.window.search.setText("zanzibar")
+    qloop.run_until_complete(asyncio.sleep(0.1))
+    view = gui.window.list
+    index = gui.ctrl.conversations.index(0)
+    parts = snippet_parts(index.data(SnippetRole))
+    assert parts == [(lead, False), ("Zanzibar", True)]
+    font, width = view.font(), view.visualRect(index).width() - 12
+    assert QFontMetrics(font).horizontalAdvance(lead) > width  # the match is past the edge
+    fitted = fit_snippet(parts, width, font)
+    assert fitted[0][0].startswith("…") and lead.endswith(fitted[0][0][1:])
+    assert QFontMetrics(font).horizontalAdvance(fitted[0][0]) <= width // 3
+    assert fitted[1:] == [("Zanzibar", True)]
+    wide = 4 * QFontMetrics(font).horizontalAdvance(lead)
+    assert fit_snippet(parts, wide, font) == parts  # room for it all: all of it
+    assert fit_snippet(parts[1:], 10, font) == parts[1:]  # nothing before the match
+    rect = view.visualRect(index)
+    image = view.viewport().grab(rect).toImage()
+    muted = QColor(colour("muted", view)).lightness()
+    half = image.height() // 2
+    ink = sum(
+        image.pixelColor(x, y).lightness() < muted - 40
+        for x in range(4, image.width() - 4)
+        for y in range(half, image.height() - 2)
+    )
+    assert ink > 20, ink  # the match's letters
