@@ -133,6 +133,36 @@ class Message:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def _status(item: dict) -> str:
+    """An imported message's or version's status: "stopped" or "error" where the file says so,
+    "stopped" for an answer exported while it was being written (it holds what it had then),
+    else "done"."""
+    status = item.get("status")
+    return (
+        "stopped" if status == "streaming" else status if status in ("stopped", "error") else "done"
+    )
+
+
+def _check_versions(m: dict, n: int, source: str, after_question: bool) -> None:
+    """Message ``n`` of an import: its answer's versions, where it has them, as export_json
+    writes them (StoreError naming the message and field otherwise)."""
+    if "versions" not in m:
+        return
+    versions, shown = m["versions"], m.get("shown")
+    where = f"{source}: message {n}"
+    if m["role"] != "assistant" or not after_question:
+        raise StoreError(f"{where}: only an answer to a message can have 'versions'")
+    if not isinstance(versions, list) or not all(
+        isinstance(v, dict) and isinstance(v.get("content"), str) for v in versions
+    ):
+        raise StoreError(f"{where}: 'versions' must be a list of {{content, status, stats}}")
+    if not (isinstance(shown, int) and not isinstance(shown, bool) and 0 <= shown < len(versions)):
+        raise StoreError(
+            f"{where}: 'shown' must be the place of the answer shown in 'versions' (0 to "
+            f"{len(versions) - 1}), not {shown!r}"
+        )
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -335,16 +365,31 @@ class Store:
         return list(seen.values())
 
     def export_json(self, cid: int) -> dict[str, Any]:
+        """The chat as a file holds it: each message with its stats, and where not "done" its
+        status; an answer Regenerate wrote again with all its versions in the order they were
+        written ("versions", each its text, status and stats) and which one is shown ("shown",
+        from 0): they were left out."""
         c = self.conversation(cid)
+        messages, question = [], None
+        for m in self.messages(cid):
+            out = {"role": m.role, "content": m.content, "stats": m.stats}
+            if m.status != "done":
+                out["status"] = m.status
+            versions = self.answer_versions(question, m.id) if question else []
+            if len(versions) > 1:
+                out["versions"] = [
+                    {"content": v.content, "status": v.status, "stats": v.stats} for v in versions
+                ]
+                out["shown"] = next(i for i, v in enumerate(versions) if v.current)
+            messages.append(out)
+            question = m.id if m.role == "user" else None
         return {
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
             "title": c.title,
             "system_prompt": c.system_prompt,
             "sampling": c.sampling,
-            "messages": [
-                {"role": m.role, "content": m.content, "stats": m.stats} for m in self.messages(cid)
-            ],
+            "messages": messages,
         }
 
     def export_markdown(self, cid: int) -> str:
@@ -375,13 +420,29 @@ class Store:
             for m in msgs
         ):
             raise StoreError(f"{source}: 'messages' must be a list of {{role, content}}")
+        for n, m in enumerate(msgs, 1):  # all checked before anything is imported
+            _check_versions(m, n, source, after_question=n > 1 and msgs[n - 2]["role"] == "user")
         c = self.create_conversation(
             str(data.get("title") or "Imported chat"),
             str(data.get("system_prompt") or ""),
             data.get("sampling") if isinstance(data.get("sampling"), dict) else {},
         )
+        question = None
         for m in msgs:
-            msg = self.add_message(c.id, m["role"], m["content"])
+            msg = self.add_message(c.id, m["role"], m["content"], _status(m))
             if isinstance(m.get("stats"), dict):
                 self.update_message(msg.id, stats=m["stats"])
+            (created,) = self.db.execute(
+                "SELECT created FROM messages WHERE id=?", (msg.id,)
+            ).fetchone()
+            for i, v in enumerate(m.get("versions", [])):
+                if i != m["shown"]:  # the others around it, in their order
+                    stats = v.get("stats") if isinstance(v.get("stats"), dict) else {}
+                    self.db.execute(
+                        "INSERT INTO answer_versions(question_id, content, status, stats, "
+                        "created) VALUES (?, ?, ?, ?, ?)",
+                        (question, v["content"], _status(v), json.dumps(stats),
+                         created + (i - m["shown"]) * 1e-3),
+                    )  # fmt: skip
+            question = msg.id if msg.role == "user" else None
         return self.conversation(c.id)

@@ -2,6 +2,7 @@
 
 import json
 import sqlite3
+import time
 
 import pytest
 
@@ -319,3 +320,84 @@ def test_a_missing_conversation_is_a_key_error_and_an_empty_update_changes_nothi
     store.update_message(m.id)  # no field given: nothing to set, no SQL error
     got = store.messages(c.id)[0]
     assert (got.content, got.status, got.stats) == ("kept", "done", {})
+
+
+def test_an_export_keeps_an_answer_s_versions_and_statuses(store):
+    """Regenerate's kept answers and a stopped or failed answer's status go into the JSON
+    export and come back on import, in their order, the same one shown (they were left out,
+    and every answer came back "done")."""
+    c = store.create_conversation("Versions")
+    q = store.add_message(c.id, "user", "q")
+    answer = None
+    for text, status, stats in [
+        ("first", "stopped", {"decode_tok_s": 1.0}),
+        ("second", "done", {"decode_tok_s": 2.0}),
+        ("third", "error", {}),
+    ]:  # as Regenerate writes them: the answer kept, then written again
+        if answer is not None:
+            store.keep_answer(store.message(answer.id), q.id)
+            store.delete_messages_from(c.id, answer.id)
+            time.sleep(0.002)
+        answer = store.add_message(c.id, "assistant", text, status=status)
+        store.update_message(answer.id, stats=stats)
+    (kept,) = [v.id for v in store.answer_versions(q.id, answer.id) if v.content == "second"]
+    store.show_answer_version(answer.id, kept)  # "second" shown, "third" kept after it
+    q2 = store.add_message(c.id, "user", "q2")
+    store.add_message(c.id, "assistant", "only", status="streaming")
+    data = json.loads(json.dumps(store.export_json(c.id)))
+    answer = data["messages"][1]
+    assert answer == {
+        "role": "assistant",
+        "content": "second",
+        "stats": {"decode_tok_s": 2.0},
+        "versions": [
+            {"content": "first", "status": "stopped", "stats": {"decode_tok_s": 1.0}},
+            {"content": "second", "status": "done", "stats": {"decode_tok_s": 2.0}},
+            {"content": "third", "status": "error", "stats": {}},
+        ],
+        "shown": 1,
+    }
+    assert data["messages"][3] == {
+        "role": "assistant", "content": "only", "stats": {}, "status": "streaming",
+    }  # fmt: skip
+    assert "versions" not in data["messages"][0] and q2.id
+    d = store.import_json(data)
+    rows = store.messages(d.id)
+    assert [(m.content, m.status) for m in rows] == [
+        ("q", "done"), ("second", "done"), ("q2", "done"), ("only", "stopped"),
+    ]  # fmt: skip
+    versions = store.answer_versions(rows[0].id, rows[1].id)
+    assert [(v.content, v.status, v.stats, v.current) for v in versions] == [
+        ("first", "stopped", {"decode_tok_s": 1.0}, False),
+        ("second", "done", {"decode_tok_s": 2.0}, True),
+        ("third", "error", {}, False),
+    ]
+    assert store.export_json(d.id)["messages"] == [
+        *data["messages"][:3], {**data["messages"][3], "status": "stopped"},
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"versions": "x"}, r"message 2: 'versions' must be a list of \{content, status, stats\}"),
+        ({"versions": [{"content": 1}]}, r"message 2: 'versions' must be a list"),
+        ({"shown": 3}, r"message 2: 'shown' must be the place of the answer shown in 'versions' "
+                       r"\(0 to 1\), not 3"),
+        ({"shown": True}, r"message 2: 'shown' must .*, not True"),
+        ({"shown": None}, r"message 2: 'shown' must .*, not None"),
+    ],
+)  # fmt: skip
+def test_an_import_with_damaged_versions_names_the_message_and_imports_nothing(store, change, why):
+    answer = {"role": "assistant", "content": "b", "versions": [{"content": "a"}, {"content": "b"}]}
+    data = {
+        "format": "vptq-chat-conversation",
+        "messages": [{"role": "user", "content": "q"}, {**answer, "shown": 1, **change}],
+    }
+    before = len(store.conversations())
+    with pytest.raises(StoreError, match=r"^chat\.json: " + why):
+        store.import_json(data, "chat.json")
+    orphan = {"format": "vptq-chat-conversation", "messages": [{**answer, "shown": 0}]}
+    with pytest.raises(StoreError, match=r"message 1: only an answer to a message can have"):
+        store.import_json(orphan, "chat.json")
+    assert len(store.conversations()) == before  # nothing half-imported
