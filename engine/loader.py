@@ -154,6 +154,16 @@ def load_model(
         host = shape.embedding_bytes() if on_host else 0
         _check_weights_fit(ckpt.nbytes - host, folder, dev, shape.workspace())
     nbytes, host_bytes = _fill(model, ckpt, dtype, dev, progress, on_host)
+    read = set(model.state_dict()) | ({"lm_head.weight"} if args.tie_word_embeddings else set())
+    if unused := unused_tensors(ckpt, read):
+        shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
+        said = (
+            f"{len(unused)} tensor{'s' if len(unused) > 1 else ''} of the checkpoint "
+            f"{'are' if len(unused) > 1 else 'is'} not used by the model as built from "
+            f"config.json ({shown}): if it answers wrongly, that may be why"
+        )
+        log.warning("%s: %s", folder, said)
+        note = f"{note}; {said}" if note else said
     for m in model.modules():
         if isinstance(m, VQLinear | GPTQLinear):
             m.post_load()
@@ -335,6 +345,22 @@ def _fill(
             progress((i + 1) / len(entries), "loading weights")
     ckpt.close()
     return total, host
+
+
+DERIVED = ("rotary_emb.inv_freq",)  # tensors some exporters save that the model computes
+
+
+def unused_tensors(ckpt: Checkpoint, read: set[str]) -> list[str]:
+    """The checkpoint's tensors not in ``read`` (what the model read, and lm_head's copy of a
+    tied table, which transformers ignores too): a part of the architecture the config did
+    not describe (they were ignored without a word). Not those the model derives (RoPE's
+    frequencies), nor all-zero ones (GPTQ exporters' biases of layers without one)."""
+    unused = []
+    for name in sorted(set(ckpt.where) - read):
+        if not name.endswith(DERIVED) and torch.count_nonzero(ckpt.get(name)):
+            unused.append(name)
+    ckpt.close()
+    return unused
 
 
 def _read(model: nn.Module, name: str, ckpt: Checkpoint) -> torch.Tensor:

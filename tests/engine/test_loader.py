@@ -780,3 +780,56 @@ def test_a_model_name_resolves_to_a_folder_the_app_or_the_hub_cache_holds(tmp_pa
     for name in ("VPTQ-community/other", "./VPTQ-community/m", "a/b/c", "nothing"):
         with pytest.raises(FormatError, match=f"model '{re.escape(name)}' not found"):
             resolve_model(name)
+
+
+def test_tensors_the_model_does_not_use_are_named_in_the_load_s_note(tmp_path, caplog, monkeypatch):
+    """A checkpoint with tensors the model built from config.json never reads (a part of an
+    architecture it does not describe) loads with a note naming them (they were ignored
+    without a word); RoPE's saved frequencies, all-zero tensors (GPTQ exporters' biases) and
+    lm_head's copy of a tied table are not named."""
+    _, tensors = build_vptq_model(tmp_path / "q")
+    clean = load_model(tmp_path / "q", "cpu", torch.float32, max_seq_len=32)
+    assert clean.note == ""
+    extra = {
+        "model.layers.0.mlp.extra_norm.weight": torch.ones(48, dtype=torch.float16),
+        "model.layers.1.self_attn.q_norm.weight": torch.full((12,), 0.5, dtype=torch.float16),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(6),
+        "model.layers.0.mlp.gate_proj.bias": torch.zeros(80, dtype=torch.float16),
+    }
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    write_checkpoint(tmp_path / "x", cfg, {**tensors, **extra})
+    with caplog.at_level("WARNING", logger="engine.loader"):
+        lm = load_model(tmp_path / "x", "cpu", torch.float32, max_seq_len=32)
+    said = (
+        "2 tensors of the checkpoint are not used by the model as built from config.json "
+        "(model.layers.0.mlp.extra_norm.weight, model.layers.1.self_attn.q_norm.weight): if "
+        "it answers wrongly, that may be why"
+    )
+    assert lm.note == said
+    assert f"{tmp_path / 'x'}: {said}" in caplog.text
+    # many: the first three named
+    many = {f"model.layers.0.extra_{i}": torch.ones(2) for i in range(5)}
+    write_checkpoint(tmp_path / "m", cfg, {**tensors, **many})
+    lm = load_model(tmp_path / "m", "cpu", torch.float32, max_seq_len=32)
+    assert lm.note == (
+        "5 tensors of the checkpoint are not used by the model as built from config.json "
+        "(model.layers.0.extra_0, model.layers.0.extra_1, model.layers.0.extra_2 and 2 more): "
+        "if it answers wrongly, that may be why"
+    )
+    one = {"model.layers.0.extra": torch.ones(2)}
+    write_checkpoint(tmp_path / "one", cfg, {**tensors, **one})
+    lm = load_model(tmp_path / "one", "cpu", torch.float32, max_seq_len=32)
+    assert lm.note.startswith("1 tensor of the checkpoint is not used by the model")
+    # after another note: the CPU's bfloat16 where float32 would not fit
+    from engine import loader
+    from engine.memory import Shape, cpu_need
+
+    files = sum(f.stat().st_size for f in (tmp_path / "one").glob("*.safetensors"))
+    f32 = cpu_need(Shape.from_config(cfg), files, True, 32, 4)
+    monkeypatch.setattr(loader, "host_available", lambda: f32.total - 1)
+    both = load_model(tmp_path / "one", "cpu", max_seq_len=32).note
+    assert both.startswith("running in bfloat16: ") and both.endswith(f"; {lm.note}")
+    # a tied table: lm_head's own copy is not read, as transformers does not read it
+    write_checkpoint(tmp_path / "t", {**cfg, "tie_word_embeddings": True}, tensors)
+    assert load_model(tmp_path / "t", "cpu", torch.float32, max_seq_len=32).note == ""
+    assert "lm_head.weight" in tensors
