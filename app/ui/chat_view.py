@@ -637,8 +637,16 @@ class ChatView(QWidget):
     def _fit_input(self) -> None:
         """The composer as tall as its text: from the Send and Stop buttons' height up to 40% of
         the view (then it scrolls). A fixed 120 px took half the transcript's room in a small
-        window, for a message of one line."""
+        window, for a message of one line. Empty, as tall as its hint's wrapped lines (in a
+        narrow chat or at a large text size they were cut off)."""
         lines = self.input.document().documentLayout().documentSize().height()  # visual lines
+        if not self.input.toPlainText():
+            width = self.input.viewport().width() - 2 * self.input.document().documentMargin()
+            hint = self.input.fontMetrics().boundingRect(
+                0, 0, max(1, int(width)), 10**6, Qt.TextFlag.TextWordWrap,
+                self.input.placeholderText(),
+            )  # fmt: skip
+            lines = hint.height() / self.input.fontMetrics().lineSpacing()
         text = (
             max(lines, 1) * self.input.fontMetrics().lineSpacing()
             + 2 * (self.input.document().documentMargin() + self.input.frameWidth())

@@ -2774,6 +2774,14 @@ def test_larger_text_grows_every_window_s_text_and_is_kept(gui, qloop):
     for button in (answer.copy, answer.copy_code, answer.regen):
         right = button.mapTo(view, button.rect().topRight()).x()
         assert button.isVisibleTo(w) and right < view.width(), button.text()
+    # the empty composer shows its hint's wrapped lines whole (they were cut off)
+    box = w.chat.input
+    metrics, flags = box.fontMetrics(), Qt.TextFlag.TextWordWrap
+    hint = metrics.boundingRect(
+        0, 0, box.viewport().width() - 8, 10**6, flags, box.placeholderText()
+    )
+    assert box.toPlainText() == "" and hint.height() >= 3 * metrics.lineSpacing()  # it wraps
+    assert box.viewport().height() >= hint.height()
     # the buttons' row follows the buttons shown, not only a resize: a message wide enough for
     # its buttons without Regenerate takes them beside its name once Regenerate goes
     w.user_sized = True  # the panes keep their widths: the message takes what the window gains
