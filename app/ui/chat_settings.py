@@ -27,7 +27,6 @@ NAMES = {  # a sampling setting in words
     "min_p": "min-p",
     "repetition_penalty": "repetition penalty",
 }
-TWO_COLUMNS = 560  # px of the chat pane from which the chat settings take two columns
 ROOM = 0.45  # the most of the chat pane's height the open settings take (then they scroll)
 
 
@@ -125,9 +124,23 @@ class ChatSettings(QWidget):
     def _fit_area(self) -> None:
         self.area.setFixedHeight(min(self.body.sizeHint().height(), self.room))
 
+    def two_columns_width(self) -> int:
+        """The pane's width from which the settings take two columns: each column's widest
+        label and its fields side by side (a fixed 560 px cut the right column's fields off at
+        a larger text size)."""
+        labels = [label.sizeHint().width() for label, _ in self.rows]
+        field = max(box.sizeHint().width() for _, box in self.rows)
+        margins = self.grid.contentsMargins()
+        spacing = max(self.grid.horizontalSpacing(), 6)
+        scroll = self.area.verticalScrollBar().sizeHint().width()  # when they scroll
+        return (
+            max(labels[0::2]) + max(labels[1::2]) + 2 * field + 3 * spacing
+            + margins.left() + margins.right() + scroll
+        )  # fmt: skip
+
     def resizeEvent(self, event) -> None:
         super().resizeEvent(event)
-        self._arrange(2 if self.width() >= TWO_COLUMNS else 1)
+        self._arrange(2 if self.width() >= self.two_columns_width() else 1)
 
     def _show(self, on: bool) -> None:
         for w in (self.area, self.recommended, self.defaults):

@@ -2482,11 +2482,11 @@ def test_the_chat_settings_take_two_columns_where_the_pane_is_wide(gui, qloop):
         qloop.run_until_complete(asyncio.sleep(0.05))
 
     settle(1200, 800)
-    assert panel.width() >= 560
+    assert panel.width() >= panel.two_columns_width() > 400
     assert f["top_p"].y() == f["temperature"].y() < f["top_k"].y()  # side by side
     wide = panel.height()
     settle(760, 500)
-    assert panel.width() < 560
+    assert panel.width() < panel.two_columns_width()
     assert f["temperature"].y() < f["top_p"].y() < f["top_k"].y()  # one above the other
     assert panel.height() > wide + 2 * f["top_k"].height()
     assert all(b.isVisibleTo(gui.window) and b.width() > 40 for b in f.values())
@@ -2494,6 +2494,19 @@ def test_the_chat_settings_take_two_columns_where_the_pane_is_wide(gui, qloop):
     assert f["top_p"].y() == f["temperature"].y()
     bar = panel.area.verticalScrollBar()
     assert bar.maximum() == 0  # all in view
+    # at a larger text size two columns need more room: one, every field whole in the pane
+    # (a fixed 560 px kept two and cut the right column's fields off)
+    view = panel.area.viewport()
+    gui.window.user_sized = True  # dragged panes keep their widths
+    for size in (125, 150, 200):
+        while gui.settings.text_size < size:
+            menu_action(gui.window, "&Larger text").trigger()
+        qloop.run_until_complete(asyncio.sleep(0.05))
+        two = panel.width() >= panel.two_columns_width()
+        assert (f["top_p"].y() == f["temperature"].y()) == two, size
+        for box in f.values():
+            assert box.mapTo(view, box.rect().topRight()).x() < view.width(), (size, box)
+    assert not two  # at 200% in this window: one column
 
 
 def test_open_chat_settings_in_a_short_window_scroll_and_leave_the_chat_room(gui, qloop):
