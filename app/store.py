@@ -138,9 +138,9 @@ def _status(item: dict) -> str:
     "stopped" for an answer exported while it was being written (it holds what it had then),
     else "done"."""
     status = item.get("status")
-    return (
-        "stopped" if status == "streaming" else status if status in ("stopped", "error") else "done"
-    )
+    if status == "streaming":
+        return "stopped"
+    return status if status in ("stopped", "error") else "done"
 
 
 def _check_versions(m: dict, n: int, source: str, after_question: bool) -> None:

@@ -1,5 +1,5 @@
-"""The app's text size (View > Larger text, Smaller text, Actual size), as a percentage of the
-system's font in steps like a web browser's zoom."""
+"""The app's text size (View > Larger text, Smaller text, Normal text size), as a percentage of
+the system's font in steps like a web browser's zoom."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from PySide6.QtGui import QFont, QFontDatabase
 from PySide6.QtWidgets import QApplication
 
 STEPS = (70, 80, 90, 100, 110, 125, 150, 175, 200)  # percent of the system's font size
+NORMAL = 100  # the system's own size
 
 
 def next_size(percent: int, direction: int) -> int:

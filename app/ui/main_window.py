@@ -46,7 +46,7 @@ from .banner import ErrorBanner
 from .chat_settings import ChatSettings
 from .chat_view import ChatView
 from .colours import colour
-from .fonts import STEPS, clamp, next_size, set_text_size
+from .fonts import NORMAL, STEPS, clamp, next_size, set_text_size
 from .live_panel import LivePanel, gib
 from .models import IdRole, SnippetRole
 from .screen import fit_to_screen
@@ -279,7 +279,7 @@ class MainWindow(QMainWindow):
         if self.user_sized:
             return
         sizes = self.split.sizes()
-        total, scale = sum(sizes), max(1.0, self.settings.text_size / 100)
+        total, scale = sum(sizes), max(1.0, self.settings.text_size / NORMAL)
         side = max(160, min(round(230 * scale), round(total * 0.22)))
         panel = round(max(190, min(250 * scale, total * 0.25)))
         panel = 0 if self.panel.isHidden() else panel
@@ -294,7 +294,7 @@ class MainWindow(QMainWindow):
     def _text_size(self, way: int) -> None:
         """View > Larger text (``way`` 1), Smaller text (-1), Normal text size (0): every
         window's text, kept for the next start."""
-        size = next_size(self.settings.text_size, way) if way else 100
+        size = next_size(self.settings.text_size, way) if way else NORMAL
         set_text_size(size)
         self.settings.text_size = size
         self.ctrl.settings_changed.emit()
@@ -307,7 +307,7 @@ class MainWindow(QMainWindow):
         larger, smaller, normal = self.text_size_actions
         larger.setEnabled(self.settings.text_size < STEPS[-1])
         smaller.setEnabled(self.settings.text_size > STEPS[0])
-        normal.setEnabled(self.settings.text_size != 100)
+        normal.setEnabled(self.settings.text_size != NORMAL)
 
     def _show_next_chat_settings(self) -> None:
         """With no chat open the panel holds what the next new chat starts with (the app's
