@@ -421,6 +421,7 @@ class MainWindow(QMainWindow):
         c.reveal.connect(self.chat.reveal)
         c.answer_versions.connect(self.chat.set_versions)
         self.chat.version_requested.connect(c.show_answer_version)
+        self.chat.text_size_requested.connect(self._text_size)  # Ctrl+wheel over the chat
 
     def _search(self, query: str) -> None:
         self.ctrl.search(query)

@@ -2943,3 +2943,41 @@ def test_a_match_late_in_the_snippet_shows_in_a_narrow_chat_list(gui, qloop):
         for y in range(half, image.height() - 2)
     )
     assert ink > 20, ink  # the match's letters
+
+
+def test_ctrl_wheel_over_the_chat_changes_the_text_size(gui, qloop):
+    """Ctrl+wheel over a message or the chat around it steps the app's text size, a notch a
+    step and a touchpad's small turns adding up to one: over a message it had zoomed that
+    message's text alone. A wheel without Ctrl scrolls as before."""
+    from PySide6.QtCore import QPoint, QPointF, Qt
+    from PySide6.QtGui import QWheelEvent
+    from PySide6.QtWidgets import QApplication
+
+    send(gui, "hello there")
+    wait_until(qloop, lambda: answer_done(gui))
+    chat = gui.window.chat
+    body = chat.widgets[-1].body
+
+    def wheel(target, dy, ctrl=True):
+        mods = Qt.KeyboardModifier.ControlModifier if ctrl else Qt.KeyboardModifier.NoModifier
+        pos = QPointF(5, 5)
+        event = QWheelEvent(
+            pos, QPointF(target.mapToGlobal(pos.toPoint())), QPoint(0, 0), QPoint(0, dy),
+            Qt.MouseButton.NoButton, mods, Qt.ScrollPhase.NoScrollPhase, False,
+        )  # fmt: skip
+        QApplication.sendEvent(target, event)
+
+    wheel(body.viewport(), 120)
+    assert gui.settings.text_size == 110
+    assert body.font().pointSizeF() == QApplication.instance().font().pointSizeF()  # no zoom
+    assert body.document().defaultFont().pointSizeF() == body.font().pointSizeF()
+    for _ in range(3):
+        wheel(chat.scroll.viewport(), 30)  # a touchpad: three small turns, not yet a notch
+    assert gui.settings.text_size == 110
+    wheel(chat.scroll.viewport(), 30)
+    assert gui.settings.text_size == 125
+    wheel(body.viewport(), -120)
+    wheel(body.viewport(), -120)
+    assert gui.settings.text_size == 100
+    wheel(body.viewport(), -120, ctrl=False)
+    assert gui.settings.text_size == 100
