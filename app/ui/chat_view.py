@@ -720,6 +720,16 @@ class ChatView(QWidget):
     def _edit(self, w: MessageWidget, text: str) -> None:
         self.edit_requested.emit(self.first + self.widgets.index(w), text)
 
+    def keep_place(self) -> None:
+        """The message at the top of a view scrolled up to read stays there through the
+        relayout that comes next (a new text size): the view kept its offset in pixels, and
+        with the text's new height showed another part of the chat. (A view at the chat's end
+        keeps to it: _follow looks at that first.)"""
+        value = self.scroll.verticalScrollBar().value()
+        top = next((w for w in self.widgets if w.y() + w.height() > value), None)
+        if top is not None:
+            self.anchor = (top, top.y() - value)  # _follow keeps it there
+
     def reveal(self, row: int, words: list[str]) -> None:
         """Message ``row`` near the top of the view (the earlier messages before it shown as
         needed), with ``words`` marked: a chat opened from a search."""

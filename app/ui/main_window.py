@@ -295,6 +295,7 @@ class MainWindow(QMainWindow):
         """View > Larger text (``way`` 1), Smaller text (-1), Normal text size (0): every
         window's text, kept for the next start."""
         size = next_size(self.settings.text_size, way) if way else NORMAL
+        self.chat.keep_place()
         set_text_size(size)
         self.settings.text_size = size
         self.ctrl.settings_changed.emit()

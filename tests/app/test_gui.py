@@ -2981,3 +2981,31 @@ def test_ctrl_wheel_over_the_chat_changes_the_text_size(gui, qloop):
     assert gui.settings.text_size == 100
     wheel(body.viewport(), -120, ctrl=False)
     assert gui.settings.text_size == 100
+
+
+def test_a_new_text_size_keeps_the_message_read_at_the_top(gui, qloop):
+    """Scrolled up to read, a new text size keeps the message at the top of the view there
+    (the view kept its offset in pixels and showed another part of the chat); at the chat's
+    end it stays at the end."""
+    chat_id = gui.store.create_conversation("long").id
+    for i in range(30):
+        gui.store.add_message(chat_id, "user", f"question {i} " + "word " * 30)
+        gui.store.add_message(chat_id, "assistant", f"answer {i} " + "text " * 60)
+    gui.ctrl.conversations.set_rows(gui.store.conversations())
+    gui.ctrl.open(chat_id)
+    qloop.run_until_complete(asyncio.sleep(0.2))
+    chat = gui.window.chat
+    bar = chat.scroll.verticalScrollBar()
+    target = chat.widgets[20]
+    bar.setValue(target.y() - 5)
+    bar.actionTriggered.emit(bar.SliderAction.SliderMove)  # as the user's scrolling does
+    assert not chat.pinned
+    larger = menu_action(gui.window, "&Larger text")
+    for _ in range(2):
+        larger.trigger()
+        qloop.run_until_complete(asyncio.sleep(0.1))
+        assert abs(target.y() - bar.value() - 5) <= 2, (target.y(), bar.value())
+    gui.window.chat.show_end()
+    larger.trigger()
+    qloop.run_until_complete(asyncio.sleep(0.1))
+    assert bar.value() == bar.maximum()
