@@ -48,7 +48,7 @@ from .chat_view import ChatView
 from .colours import colour
 from .fonts import NORMAL, STEPS, clamp, next_size, set_text_size
 from .live_panel import LivePanel, gib
-from .models import IdRole, SnippetRole
+from .models import GroupRole, IdRole, SnippetRole
 from .screen import fit_to_screen
 
 MAX_IMPORT_BYTES = 256 << 20  # a chat export is text: a larger file is the wrong one
@@ -121,16 +121,47 @@ def fit_snippet(parts: list[tuple[str, bool]], width: int, font: QFont) -> list[
 
 
 class ChatListItem(QStyledItemDelegate):
-    """A chat in the list; during a search, with a line of its best match under the title, the
-    matched words in bold (the list showed titles alone: why a chat matched was not shown)."""
+    """A chat in the list, under a heading where its time group starts (Today, Yesterday, ...:
+    a long list was one run of titles); during a search, with a line of its best match under
+    the title, the matched words in bold (the list showed titles alone: why a chat matched was
+    not shown)."""
+
+    @staticmethod
+    def heading_height(option) -> int:
+        return option.fontMetrics.lineSpacing() + 10  # apart from the chat above
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.row_height: tuple[str, int] = ("", 0)  # a title row's height, for a font (key)
 
     def sizeHint(self, option, index) -> QSize:
-        size = super().sizeHint(option, index)
+        # each row is asked for at each layout (a chat sent to the top): a title row's height
+        # is measured once a font (3000 chats took 145 ms a layout, measured each)
+        if self.row_height[0] != option.font.key():
+            self.row_height = (option.font.key(), super().sizeHint(option, index).height())
+        size = QSize(option.rect.width(), self.row_height[1])
         if index.data(SnippetRole):
             size.setHeight(size.height() + option.fontMetrics.lineSpacing() + 6)  # apart
+        if index.data(GroupRole):
+            size.setHeight(size.height() + self.heading_height(option))
         return size
 
     def paint(self, painter, option, index) -> None:
+        if group := index.data(GroupRole):  # the heading, then the chat below it
+            head = self.heading_height(option)
+            font = QFont(option.font)
+            font.setBold(True)
+            painter.save()
+            painter.setFont(font)
+            painter.setPen(QColor(colour("muted", option.widget)))
+            box = option.rect.adjusted(4, 0, -3, 0)
+            box.setHeight(head - 2)
+            align = Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignBottom
+            shown = QFontMetrics(font).elidedText(group, Qt.TextElideMode.ElideRight, box.width())
+            painter.drawText(box, align, shown)
+            painter.restore()
+            option = QStyleOptionViewItem(option)
+            option.rect = option.rect.adjusted(0, head, 0, 0)
         snippet = index.data(SnippetRole)
         if not snippet:
             super().paint(painter, option, index)
@@ -205,7 +236,7 @@ class MainWindow(QMainWindow):
         self.list.setAccessibleName("Conversations")
         self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        self.list.setUniformItemSizes(True)
+        # not uniform: a chat that starts a time group has its heading above it
         self.list.setItemDelegate(ChatListItem(self.list))
         new = QPushButton("New chat")
         new.setAccessibleName("New chat")
@@ -496,6 +527,9 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("Copied the last answer", 3000)
 
     def _poll(self) -> None:
+        """Each second: the GPUs and the engine's memory, and the chat list's headings past
+        midnight."""
+        self.ctrl.conversations.new_day()
         self._spawn(self._poll_async(self.ctrl.client.pid))
 
     def _spawn(self, coro) -> None:

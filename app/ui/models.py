@@ -3,7 +3,10 @@ exact rows that change (a streamed answer touches one row, never the whole list)
 
 from __future__ import annotations
 
+import calendar
+import time
 from collections.abc import Callable
+from datetime import date
 from typing import Any
 
 from PySide6.QtCore import QAbstractListModel, QModelIndex, QPersistentModelIndex, Qt
@@ -16,8 +19,26 @@ RoleRole = Qt.ItemDataRole.UserRole + 2
 StatusRole = Qt.ItemDataRole.UserRole + 3
 StatsRole = Qt.ItemDataRole.UserRole + 4
 SnippetRole = Qt.ItemDataRole.UserRole + 5
+GroupRole = Qt.ItemDataRole.UserRole + 6  # the heading above a chat that starts a time group
 ANSWERING_MARK = "● "  # before the title of the chat an answer is being written in
 WAITING_MARK = "○ "  # before the titles of chats whose message waits for an answer
+
+
+def day_group(updated: float, now: float) -> str:
+    """The part of the chat list a chat last active at ``updated`` falls in, as chat apps group
+    them: Today, Yesterday, Previous 7 days, Previous 30 days, then its month ("October 2026").
+    Days are the computer's local calendar days."""
+    when = date.fromtimestamp(updated)
+    days = (date.fromtimestamp(now) - when).days
+    if days <= 0:  # (a clock set back: today)
+        return "Today"
+    if days == 1:
+        return "Yesterday"
+    if days < 7:
+        return "Previous 7 days"
+    if days < 30:
+        return "Previous 30 days"
+    return f"{calendar.month_name[when.month]} {when.year}"
 
 
 class ConversationListModel(QAbstractListModel):
@@ -30,6 +51,9 @@ class ConversationListModel(QAbstractListModel):
         self.rename = rename
         self.answering: int | None = None  # the chat an answer is being written in
         self.waiting: set[int] = set()  # chats whose message waits for an answer
+        self.clock: Callable[[], float] = time.time  # "now" for the time groups (tests set it)
+        self.headings: list[str] | None = None  # _headings, until the rows change
+        self.day = date.today()  # the day the headings were worked out on
 
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
         return 0 if parent.isValid() else len(self.rows)
@@ -53,7 +77,32 @@ class ConversationListModel(QAbstractListModel):
             return c.id
         if role == SnippetRole:
             return self.snippets.get(c.id, "")
+        if role == GroupRole:
+            return self._headings()[index.row()]
         return None
+
+    def _headings(self) -> list[str]:
+        """Each row's time-group heading, "" within a group (newest first: a heading where the
+        group changes); none for a search's results, in the order of their match. Worked out
+        once for the rows as they are (the list asks for every row's at each layout)."""
+        if self.headings is None:
+            self.headings = [""] * len(self.rows)
+            self.day = date.fromtimestamp(self.clock())
+            if not self.snippets:
+                now, before = self.clock(), ""
+                for i, c in enumerate(self.rows):
+                    group = day_group(c.updated, now)
+                    self.headings[i] = group if group != before else ""
+                    before = group
+        return self.headings
+
+    def new_day(self) -> None:
+        """Past midnight since the headings were worked out (an app left open): today's chats
+        are yesterday's now, and the list lays out its headings again."""
+        if self.headings is not None and date.fromtimestamp(self.clock()) != self.day:
+            self.layoutAboutToBeChanged.emit()
+            self.headings = None
+            self.layoutChanged.emit()
 
     def flags(self, index: Index) -> Qt.ItemFlag:
         base = super().flags(index)
@@ -74,6 +123,7 @@ class ConversationListModel(QAbstractListModel):
         self.beginResetModel()
         self.rows = list(rows)
         self.snippets = snippets or {}
+        self.headings = None
         self.endResetModel()
 
     def _mark(self, cid: int) -> str:
@@ -97,18 +147,22 @@ class ConversationListModel(QAbstractListModel):
         """Insert or move a conversation to the top (it has the newest activity)."""
         row = self.row_of(conv.id)
         if row == 0:
-            self.rows[0] = conv
-            self.dataChanged.emit(self.index(0), self.index(0))
+            # its group may change (Yesterday -> Today), and with it the heading above the
+            # next row: the list lays out its rows' heights again
+            self.layoutAboutToBeChanged.emit()
+            self.rows[0], self.headings = conv, None
+            self.layoutChanged.emit()
             return
         if row > 0:
             self.beginMoveRows(QModelIndex(), row, row, QModelIndex(), 0)
             self.rows.insert(0, self.rows.pop(row))
+            self.rows[0], self.headings = conv, None
             self.endMoveRows()
-            self.rows[0] = conv
             self.dataChanged.emit(self.index(0), self.index(0))
             return
         self.beginInsertRows(QModelIndex(), 0, 0)
         self.rows.insert(0, conv)
+        self.headings = None
         self.endInsertRows()
 
     def remove(self, cid: int) -> None:
@@ -116,6 +170,7 @@ class ConversationListModel(QAbstractListModel):
         if row >= 0:
             self.beginRemoveRows(QModelIndex(), row, row)
             del self.rows[row]
+            self.headings = None
             self.endRemoveRows()
 
 

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -1345,8 +1346,8 @@ def test_a_search_shows_why_each_chat_matched_and_opens_it_at_the_match(gui, qlo
     # an ended search lists every chat again, and opening a chat shows its end, unmarked
     gui.window.search.setText("")
     assert gui.ctrl.conversations.rowCount() == 2 and not index.data(SnippetRole)
-    first = gui.ctrl.conversations.index(0)
-    assert view.visualRect(first).height() < 2 * one_line  # a title alone: one line again
+    second = gui.ctrl.conversations.index(1)  # (the first has its time group's heading)
+    assert view.visualRect(second).height() < 2 * one_line  # a title alone: one line again
     assert snippet_parts("\x02Jupiter\x03 is \x02big\x03") == [
         ("Jupiter", True), (" is ", False), ("big", True),
     ]  # fmt: skip
@@ -3009,3 +3010,55 @@ def test_a_new_text_size_keeps_the_message_read_at_the_top(gui, qloop):
     larger.trigger()
     qloop.run_until_complete(asyncio.sleep(0.1))
     assert bar.value() == bar.maximum()
+
+
+def test_the_chat_list_has_a_heading_where_each_time_group_starts(gui, qloop):
+    """Today, Yesterday, ... above the first chat of each (a long list was one run of titles):
+    that row is taller by the heading, which is drawn above the title in the muted colour and
+    outside the selection; the rest keep a title's height. Past midnight the headings move on
+    at the window's next second."""
+    from PySide6.QtGui import QColor
+
+    from app.ui.colours import colour
+    from app.ui.models import GroupRole
+
+    now, day = time.time(), 86400
+    for title, age in [("older", 3 * day), ("yesterday's", day), ("today's", 0)]:
+        c = gui.store.create_conversation(title)
+        gui.store.db.execute("UPDATE conversations SET updated=? WHERE id=?", (now - age, c.id))
+    gui.ctrl.conversations.set_rows(gui.store.conversations())
+    m, view = gui.ctrl.conversations, gui.window.list
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    titles = [m.index(i).data() for i in range(m.rowCount())]
+    assert titles == ["today's", "yesterday's", "older"]
+    assert [m.index(i).data(GroupRole) for i in range(3)] == [
+        "Today", "Yesterday", "Previous 7 days",
+    ]  # fmt: skip
+    line = view.fontMetrics().lineSpacing()
+    heights = [view.visualRect(m.index(i)).height() for i in range(3)]
+    assert all(h >= 2 * line for h in heights)  # a heading and a title each
+    gui.store.db.execute("UPDATE conversations SET updated=?", (now,))
+    gui.ctrl.conversations.set_rows(gui.store.conversations())  # all today: one heading
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    first, second = (view.visualRect(m.index(i)) for i in range(2))
+    assert second.height() < 2 * line and first.height() == heights[0]
+    view.setCurrentIndex(m.index(0))
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    image = view.viewport().grab(first).toImage()
+    head = first.height() - second.height()  # the heading's part of the row
+    muted = QColor(colour("muted", view))
+    highlight = view.palette().color(view.palette().ColorRole.Highlight)
+
+    def count(colour_, top, bottom):
+        return sum(
+            image.pixelColor(x, y).rgb() == colour_.rgb()
+            for x in range(image.width())
+            for y in range(top, bottom)
+        )
+
+    assert count(muted, 0, head) > 10  # the heading's letters (bold, in the muted colour)
+    assert count(highlight, 0, head) == 0  # the selection is the title's
+    assert count(highlight, head, first.height()) > 100
+    m.clock = lambda: now + day  # the app left open past midnight
+    gui.window._poll()
+    assert m.index(0).data(GroupRole) == "Yesterday"

@@ -33,3 +33,70 @@ def test_message_model_updates_only_the_changed_row(qtmodeltester):
     m.truncate(1)
     assert m.rowCount() == 1
     qtmodeltester.check(m)
+
+
+def test_time_groups_of_chats():
+    """Local calendar days, not 24-hour spans: a chat from 23:00 is Yesterday at 01:00."""
+    from datetime import datetime
+
+    from app.ui.models import day_group
+
+    now = datetime(2026, 12, 7, 1, 0).timestamp()
+    cases = [
+        (datetime(2026, 12, 7, 0, 30), "Today"),
+        (datetime(2026, 12, 8, 9, 0), "Today"),  # a clock set back: not a future group
+        (datetime(2026, 12, 6, 23, 0), "Yesterday"),  # two hours ago
+        (datetime(2026, 12, 5, 23, 59), "Previous 7 days"),
+        (datetime(2026, 12, 1, 0, 0), "Previous 7 days"),  # 6 days
+        (datetime(2026, 11, 30, 12, 0), "Previous 30 days"),  # 7 days
+        (datetime(2026, 11, 8, 12, 0), "Previous 30 days"),  # 29 days
+        (datetime(2026, 11, 7, 12, 0), "November 2026"),  # 30 days
+        (datetime(2025, 3, 1, 12, 0), "March 2025"),
+    ]
+    assert [day_group(when.timestamp(), now) for when, _ in cases] == [g for _, g in cases]
+
+
+def test_conversation_model_headings_follow_the_rows_and_the_day(qtmodeltester):
+    from datetime import datetime
+
+    from app.ui.models import GroupRole
+
+    now = [datetime(2026, 12, 7, 12, 0).timestamp()]
+    day = 86400
+    m = ConversationListModel()
+    m.clock = lambda: now[0]
+    qtmodeltester.check(m)
+    rows = [
+        Conversation(1, "a", updated=now[0] - 60),
+        Conversation(2, "b", updated=now[0] - 120),
+        Conversation(3, "c", updated=now[0] - day),
+        Conversation(4, "d", updated=now[0] - 40 * day),
+    ]
+    m.set_rows(rows)
+
+    def headings():
+        return [m.index(i).data(GroupRole) for i in range(m.rowCount())]
+
+    assert headings() == ["Today", "", "Yesterday", "October 2026"]
+    m.put_first(Conversation(3, "c", updated=now[0]))  # yesterday's chat written in today
+    assert [c.id for c in m.rows] == [3, 1, 2, 4]
+    assert headings() == ["Today", "", "", "October 2026"]
+    m.put_first(Conversation(5, "e", updated=now[0]))  # a new one
+    assert headings() == ["Today", "", "", "", "October 2026"]
+    m.remove(5)
+    m.remove(3)
+    m.remove(1)
+    assert headings() == ["Today", "October 2026"]
+    laid_out = []
+    m.layoutChanged.connect(lambda *_: laid_out.append(1))
+    m.new_day()
+    assert not laid_out  # the same day: nothing to do
+    now[0] += day  # past midnight, the app left open
+    m.new_day()
+    assert laid_out and headings() == ["Yesterday", "October 2026"]
+    m.set_rows(rows, {1: "a \x02match\x03"})  # a search: in the order of the match, no headings
+    assert headings() == ["", "", "", ""]
+    m.set_rows(rows[:1])
+    m.put_first(Conversation(1, "a", updated=now[0]))  # already first: its group moves on
+    assert headings() == ["Today"]
+    qtmodeltester.check(m)
