@@ -86,10 +86,9 @@ class ConversationListModel(QAbstractListModel):
         group changes); none for a search's results, in the order of their match. Worked out
         once for the rows as they are (the list asks for every row's at each layout)."""
         if self.headings is None:
-            self.headings = [""] * len(self.rows)
-            self.day = date.fromtimestamp(self.clock())
+            now, before = self.clock(), ""
+            self.headings, self.day = [""] * len(self.rows), date.fromtimestamp(now)
             if not self.snippets:
-                now, before = self.clock(), ""
                 for i, c in enumerate(self.rows):
                     group = day_group(c.updated, now)
                     self.headings[i] = group if group != before else ""
