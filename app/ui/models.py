@@ -53,6 +53,7 @@ class ConversationListModel(QAbstractListModel):
         self.waiting: set[int] = set()  # chats whose message waits for an answer
         self.clock: Callable[[], float] = time.time  # "now" for the time groups (tests set it)
         self.headings: list[str] | None = None  # _headings, until the rows change
+        self.groups: list[str] = []  # each row's time group (_headings)
         self.day = date.today()  # the day the headings were worked out on
 
     def rowCount(self, parent: Index = QModelIndex()) -> int:  # noqa: B008
@@ -79,20 +80,24 @@ class ConversationListModel(QAbstractListModel):
             return self.snippets.get(c.id, "")
         if role == GroupRole:
             return self._headings()[index.row()]
+        if role == Qt.ItemDataRole.AccessibleDescriptionRole:  # a screen reader's heading
+            self._headings()  # (it works the groups out too)
+            return self.groups[index.row()] or None  # none during a search
         return None
 
     def _headings(self) -> list[str]:
         """Each row's time-group heading, "" within a group (newest first: a heading where the
         group changes); none for a search's results, in the order of their match. Worked out
-        once for the rows as they are (the list asks for every row's at each layout)."""
+        once for the rows as they are (the list asks for every row's at each layout), with each
+        row's group (``groups``)."""
         if self.headings is None:
             now, before = self.clock(), ""
-            self.headings, self.day = [""] * len(self.rows), date.fromtimestamp(now)
-            if not self.snippets:
-                for i, c in enumerate(self.rows):
-                    group = day_group(c.updated, now)
-                    self.headings[i] = group if group != before else ""
-                    before = group
+            self.day = date.fromtimestamp(now)
+            self.groups = ["" if self.snippets else day_group(c.updated, now) for c in self.rows]
+            self.headings = []
+            for group in self.groups:
+                self.headings.append(group if group != before else "")
+                before = group
         return self.headings
 
     def new_day(self) -> None:

@@ -59,6 +59,8 @@ def test_time_groups_of_chats():
 def test_conversation_model_headings_follow_the_rows_and_the_day(qtmodeltester):
     from datetime import datetime
 
+    from PySide6.QtCore import Qt
+
     from app.ui.models import GroupRole
 
     now = [datetime(2026, 12, 7, 12, 0).timestamp()]
@@ -78,6 +80,10 @@ def test_conversation_model_headings_follow_the_rows_and_the_day(qtmodeltester):
         return [m.index(i).data(GroupRole) for i in range(m.rowCount())]
 
     assert headings() == ["Today", "", "Yesterday", "October 2026"]
+    described = Qt.ItemDataRole.AccessibleDescriptionRole  # each row's group, for screen readers
+    assert [m.index(i).data(described) for i in range(4)] == [
+        "Today", "Today", "Yesterday", "October 2026",
+    ]  # fmt: skip
     m.put_first(Conversation(3, "c", updated=now[0]))  # yesterday's chat written in today
     assert [c.id for c in m.rows] == [3, 1, 2, 4]
     assert headings() == ["Today", "", "", "October 2026"]
@@ -96,6 +102,7 @@ def test_conversation_model_headings_follow_the_rows_and_the_day(qtmodeltester):
     assert laid_out and headings() == ["Yesterday", "October 2026"]
     m.set_rows(rows, {1: "a \x02match\x03"})  # a search: in the order of the match, no headings
     assert headings() == ["", "", "", ""]
+    assert m.index(0).data(described) is None
     m.set_rows(rows[:1])
     m.put_first(Conversation(1, "a", updated=now[0]))  # already first: its group moves on
     assert headings() == ["Today"]
