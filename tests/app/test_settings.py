@@ -82,3 +82,22 @@ def test_the_model_and_kernel_folders_follow_the_environment(tmp_path, monkeypat
     assert paths.home() == tmp_path / "home" / ".cache" / "vptq-chat"
     monkeypatch.setenv("VPTQ_CHAT_MODELS", str(tmp_path / "models"))
     assert paths.hub_models() == tmp_path / "models"
+
+
+def test_text_size_steps_and_a_font_given_in_pixels(qapp, monkeypatch):
+    """The steps from any size (a hand-edited 105 goes to the next step each way) and their
+    ends; a platform whose font is given in pixels is scaled in pixels."""
+    from PySide6.QtGui import QFont
+
+    from app.ui import fonts
+
+    assert fonts.next_size(100, 1) == 110 and fonts.next_size(100, -1) == 90
+    assert fonts.next_size(105, 1) == 110 and fonts.next_size(105, -1) == 100
+    assert fonts.next_size(200, 1) == 200 and fonts.next_size(70, -1) == 70
+    assert fonts.next_size(500, -1) == 200 and fonts.next_size(10, 1) == 70
+    assert (fonts.clamp(10), fonts.clamp(125), fonts.clamp(500)) == (70, 125, 200)
+    pixels = QFont("Sans")
+    pixels.setPixelSize(12)
+    monkeypatch.setattr(fonts.QFontDatabase, "systemFont", lambda _kind: QFont(pixels))
+    assert fonts.scaled_font(150).pixelSize() == 18
+    assert fonts.scaled_font(70).pixelSize() == 8
