@@ -2820,6 +2820,9 @@ def test_larger_text_grows_every_window_s_text_and_is_kept(gui, qloop):
     assert QApplication.instance().font().pointSizeF() == pytest.approx(0.7 * base)
     assert answer.head.direction() == wide  # room again beside the name
     assert Settings.load(gui.data / "settings.json").text_size == 70
+    gui.ctrl.new_conversation()  # an empty chat: no message to keep in place
+    larger.trigger()
+    assert gui.settings.text_size == 80
 
 
 @pytest.mark.parametrize("saved, size", [(150, 150), (500, 200), (100, 100)])
