@@ -2932,6 +2932,7 @@ def test_a_match_late_in_the_snippet_shows_in_a_narrow_chat_list(gui, qloop):
     assert QFontMetrics(font).horizontalAdvance(lead) > width  # the match is past the edge
     fitted = fit_snippet(parts, width, font)
     assert fitted[0][0].startswith("…") and lead.endswith(fitted[0][0][1:])
+    assert fitted[0][1] is False  # still the muted text before the match
     assert QFontMetrics(font).horizontalAdvance(fitted[0][0]) <= width // 3
     assert fitted[1:] == [("Zanzibar", True)]
     wide = 4 * QFontMetrics(font).horizontalAdvance(lead)
