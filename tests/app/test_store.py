@@ -375,6 +375,15 @@ def test_an_export_keeps_an_answer_s_versions_and_statuses(store):
     assert store.export_json(d.id)["messages"] == [
         *data["messages"][:3], {**data["messages"][3], "status": "stopped"},
     ]  # fmt: skip
+    # two versions, the first shown
+    two = {**answer, "versions": answer["versions"][:2], "shown": 0, "content": "first"}
+    two["stats"] = {"decode_tok_s": 1.0}
+    e = store.import_json({**data, "messages": [data["messages"][0], two]})
+    rows = store.messages(e.id)
+    assert [v.content for v in store.answer_versions(rows[0].id, rows[1].id)] == [
+        "first", "second",
+    ]  # fmt: skip
+    assert store.export_json(e.id)["messages"][1]["shown"] == 0
 
 
 @pytest.mark.parametrize(
@@ -397,7 +406,13 @@ def test_an_import_with_damaged_versions_names_the_message_and_imports_nothing(s
     before = len(store.conversations())
     with pytest.raises(StoreError, match=r"^chat\.json: " + why):
         store.import_json(data, "chat.json")
-    orphan = {"format": "vptq-chat-conversation", "messages": [{**answer, "shown": 0}]}
-    with pytest.raises(StoreError, match=r"message 1: only an answer to a message can have"):
-        store.import_json(orphan, "chat.json")
+    question = {"role": "user", "content": "q"}
+    for n, msgs in [
+        (1, [{**answer, "shown": 0}]),
+        (1, [{**answer, "shown": 0}, question]),  # the message after it is no question of it
+        (3, [question, {"role": "assistant", "content": "a"}, {**answer, "shown": 0}]),
+    ]:
+        orphan = {"format": "vptq-chat-conversation", "messages": msgs}
+        with pytest.raises(StoreError, match=rf"message {n}: only an answer to a message can"):
+            store.import_json(orphan, "chat.json")
     assert len(store.conversations()) == before  # nothing half-imported
