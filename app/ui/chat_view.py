@@ -263,8 +263,8 @@ class MessageWidget(QFrame):
 
     def changeEvent(self, e) -> None:
         super().changeEvent(e)
-        if e.type() == QEvent.Type.FontChange:  # a new text size: code lines hang by its spaces
-            self._render()
+        if e.type() == QEvent.Type.FontChange and self.role != "user":  # a new text size: code
+            self._render()  # lines hang by its spaces (a user's text is plain)
 
     def _render(self) -> None:
         if self.role == "user":
@@ -628,7 +628,8 @@ class ChatView(QWidget):
             w.more.setVisible(last_answer and w.can_continue)
             w.set_versions(*(self.versions if last_answer else (1, 1)))
             w.set_edit_allowed(free)
-            w.fit_head()  # with the buttons it shows now
+        for w in self.widgets[-2:]:  # the buttons shown change on the last answer alone (and
+            w.fit_head()  # on the one before it when a message comes): not each repaint's 100
         last = self.widgets[-1] if self.widgets else None
         offers = last is not None and last.role == "assistant" and free
         at, count = self.versions
