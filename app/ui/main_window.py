@@ -46,7 +46,7 @@ from .banner import ErrorBanner
 from .chat_settings import ChatSettings
 from .chat_view import ChatView
 from .colours import colour
-from .fonts import NORMAL, STEPS, clamp, next_size, set_text_size
+from .fonts import NORMAL, STEPS, clamp, next_size, scaled_font, set_text_size
 from .live_panel import LivePanel, gib
 from .models import GroupRole, IdRole, SnippetRole
 from .screen import fit_to_screen
@@ -104,6 +104,13 @@ def snippet_parts(snippet: str) -> list[tuple[str, bool]]:
     return parts
 
 
+def bold_of(font: QFont) -> QFont:
+    """``font`` in bold (the search's matched words, the chat list's headings)."""
+    bold = QFont(font)
+    bold.setBold(True)
+    return bold
+
+
 def fit_snippet(parts: list[tuple[str, bool]], width: int, font: QFont) -> list[tuple[str, bool]]:
     """``parts`` as a row ``width`` px wide shows them: where the line is longer than the row and
     text comes before the first match, that text loses its start ("…and then the") so that the
@@ -111,9 +118,7 @@ def fit_snippet(parts: list[tuple[str, bool]], width: int, font: QFont) -> list[
     row's end, and with it the reason the chat was found)."""
     if len(parts) < 2 or parts[0][1]:
         return parts
-    bold_font = QFont(font)
-    bold_font.setBold(True)
-    plain, bold = QFontMetrics(font), QFontMetrics(bold_font)
+    plain, bold = QFontMetrics(font), QFontMetrics(bold_of(font))
     if sum((bold if m else plain).horizontalAdvance(p) for p, m in parts) <= width:
         return parts
     lead = plain.elidedText(parts[0][0], Qt.TextElideMode.ElideLeft, width // 3)
@@ -149,8 +154,7 @@ class ChatListItem(QStyledItemDelegate):
     def paint(self, painter, option, index) -> None:
         if group := index.data(GroupRole):  # the heading, then the chat below it
             head = self.heading_height(option)
-            font = QFont(option.font)
-            font.setBold(True)
+            font = bold_of(option.font)
             painter.save()
             painter.setFont(font)
             painter.setPen(QColor(colour("muted", option.widget)))
@@ -188,8 +192,7 @@ class ChatListItem(QStyledItemDelegate):
         x, y = rect.x(), top + fm.lineSpacing()
         parts = fit_snippet(snippet_parts(snippet), rect.width(), opt.font)
         for piece, matched in parts:  # the words in bold, the rest muted
-            font = QFont(opt.font)
-            font.setBold(matched)
+            font = bold_of(opt.font) if matched else opt.font
             painter.setFont(font)
             painter.setPen(text if matched else muted)
             metrics = QFontMetrics(font)
@@ -220,7 +223,9 @@ class MainWindow(QMainWindow):
         self.file_dir = Path.home()  # where Export and Import open: the last folder used
         # the text size the app closed with, before any widget is laid out in another
         settings.text_size = clamp(settings.text_size)  # a hand-edited 500: the largest
-        set_text_size(settings.text_size)
+        # no widget of it is polished yet: the font alone (set_text_size sets the style sheet
+        # again, which apply_theme has just set)
+        QApplication.instance().setFont(scaled_font(settings.text_size))
         self.setWindowTitle("VPTQ Chat")
         self._place(settings.window)
         self.chat = ChatView(ctrl.messages, dark)
