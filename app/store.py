@@ -302,10 +302,15 @@ class Store:
         (created,) = self.db.execute(
             "SELECT created FROM messages WHERE id=?", (answer.id,)
         ).fetchone()
+        self._add_version(question_id, answer.content, answer.status, answer.stats, created)
+
+    def _add_version(
+        self, question_id: int, content: str, status: str, stats: dict, created: float
+    ) -> None:
         self.db.execute(
             "INSERT INTO answer_versions(question_id, content, status, stats, created) "
             "VALUES (?, ?, ?, ?, ?)",
-            (question_id, answer.content, answer.status, json.dumps(answer.stats), created),
+            (question_id, content, status, json.dumps(stats), created),
         )
 
     def answer_versions(self, question_id: int, answer_id: int) -> list[AnswerVersion]:
@@ -438,11 +443,7 @@ class Store:
             for i, v in enumerate(m.get("versions", [])):
                 if i != m["shown"]:  # the others around it, in their order
                     stats = v.get("stats") if isinstance(v.get("stats"), dict) else {}
-                    self.db.execute(
-                        "INSERT INTO answer_versions(question_id, content, status, stats, "
-                        "created) VALUES (?, ?, ?, ?, ?)",
-                        (question, v["content"], _status(v), json.dumps(stats),
-                         created + (i - m["shown"]) * 1e-3),
-                    )  # fmt: skip
+                    when = created + (i - m["shown"]) * 1e-3
+                    self._add_version(question, v["content"], _status(v), stats, when)
             question = msg.id if msg.role == "user" else None
         return self.conversation(c.id)
