@@ -160,7 +160,8 @@ def load_model(
         said = (
             f"{len(unused)} tensor{'s' if len(unused) > 1 else ''} of the checkpoint "
             f"{'are' if len(unused) > 1 else 'is'} not used by the model as built from "
-            f"config.json ({shown}): if it answers wrongly, that may be why"
+            f"config.json ({shown}): if its answers look wrong, it has parts VPTQ "
+            "Chat does not run: choose another model"
         )
         log.warning("%s: %s", folder, said)
         note = f"{note}; {said}" if note else said

@@ -803,7 +803,7 @@ def test_tensors_the_model_does_not_use_are_named_in_the_load_s_note(tmp_path, c
     said = (
         "2 tensors of the checkpoint are not used by the model as built from config.json "
         "(model.layers.0.mlp.extra_norm.weight, model.layers.1.self_attn.q_norm.weight): if "
-        "it answers wrongly, that may be why"
+        "its answers look wrong, it has parts VPTQ Chat does not run: choose another model"
     )
     assert lm.note == said
     assert f"{tmp_path / 'x'}: {said}" in caplog.text
@@ -814,7 +814,7 @@ def test_tensors_the_model_does_not_use_are_named_in_the_load_s_note(tmp_path, c
     assert lm.note == (
         "5 tensors of the checkpoint are not used by the model as built from config.json "
         "(model.layers.0.extra_0, model.layers.0.extra_1, model.layers.0.extra_2 and 2 more): "
-        "if it answers wrongly, that may be why"
+        "if its answers look wrong, it has parts VPTQ Chat does not run: choose another model"
     )
     one = {"model.layers.0.extra": torch.ones(2)}
     write_checkpoint(tmp_path / "one", cfg, {**tensors, **one})
