@@ -255,6 +255,14 @@ class ChatController(QObject):
         if self.current is not None:
             self.store.update_conversation(self.current, draft=text)
 
+    def save_edit(self, mid: int, text: str | None) -> None:
+        """Message ``mid``'s edit in progress (None: ended), kept in the history so that it
+        waits for its chat to open again, also after a quit."""
+        self.store.set_edit(mid, text)
+        for m in self.messages.rows:
+            if m.id == mid:
+                m.edit = text  # (the chat's widgets show it already)
+
     def update_settings(self, system_prompt: str, sampling: dict[str, Any]) -> None:
         if self.current is None:  # kept for the chat the next message (or New chat) starts
             self.next_chat = (system_prompt, dict(sampling))

@@ -18,7 +18,7 @@ from .settings import valid_sampling
 
 UNTITLED = "New chat"  # a chat's title until its first message (or the user) names it
 
-SCHEMA_VERSION = 2  # 2: answer_versions
+SCHEMA_VERSION = 3  # 2: answer_versions; 3: messages.edit
 EXPORT_FORMAT = "vptq-chat-conversation"
 EXPORT_VERSION = 1  # an export's layout; import reads this one and refuses later ones
 
@@ -67,6 +67,9 @@ CREATE TABLE answer_versions (
 );
 CREATE INDEX answer_versions_by_question ON answer_versions(question_id, created);
 """
+# Version 3: a message's edit in progress (NULL: none), kept as the composer's draft is (it was
+# held in memory and lost at quit).
+_SCHEMA_3 = "ALTER TABLE messages ADD COLUMN edit TEXT;"
 
 
 def _json_object(text: str) -> dict:
@@ -131,6 +134,7 @@ class Message:
     content: str
     status: str = "done"
     stats: dict[str, Any] = field(default_factory=dict)
+    edit: str | None = None  # the text of an edit in progress (not sent), None where none
 
 
 def _status(item: dict) -> str:
@@ -187,7 +191,11 @@ class Store:
             raise StoreError(
                 f"{self.path}: written by a newer VPTQ Chat (schema {version}); update the app"
             )
-        steps = {0: _SCHEMA + _SCHEMA_2, 1: _SCHEMA_2}  # from each version to this one
+        steps = {  # from each version to this one
+            0: _SCHEMA + _SCHEMA_2 + _SCHEMA_3,
+            1: _SCHEMA_2 + _SCHEMA_3,
+            2: _SCHEMA_3,
+        }
         if version in steps:
             self.db.executescript(
                 f"BEGIN; {steps[version]} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
@@ -250,12 +258,13 @@ class Store:
 
     def message(self, mid: int) -> Message:
         row = self.db.execute(
-            "SELECT id, conversation_id, role, content, status, stats FROM messages WHERE id=?",
+            "SELECT id, conversation_id, role, content, status, stats, edit FROM messages "
+            "WHERE id=?",
             (mid,),
         ).fetchone()
         if row is None:
             raise KeyError(mid)
-        return Message(row[0], row[1], row[2], row[3], row[4], _json_object(row[5]))
+        return Message(row[0], row[1], row[2], row[3], row[4], _json_object(row[5]), row[6])
 
     def messages(self, cid: int) -> list[Message]:
         rows = self.db.execute(
@@ -279,6 +288,11 @@ class Store:
         if fields:
             sets = ", ".join(f"{k}=?" for k in fields)
             self.db.execute(f"UPDATE messages SET {sets} WHERE id=?", [*fields.values(), mid])
+
+    def set_edit(self, mid: int, text: str | None) -> None:
+        """Message ``mid``'s edit in progress: its text so far, None where it ended (sent or
+        cancelled). A message deleted meanwhile is passed over."""
+        self.db.execute("UPDATE messages SET edit=? WHERE id=?", (text, mid))
 
     def recent_answer_stats(self, limit: int = 30) -> list[dict]:
         """The stats of the last ``limit`` answers that have a writing speed, in any chat,

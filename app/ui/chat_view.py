@@ -32,7 +32,7 @@ from PySide6.QtWidgets import (
 
 from ..controller import can_continue
 from .markdown import COPY_SCHEME, code_blocks, plain_html, to_html
-from .models import IdRole, MessageListModel, RoleRole, StatsRole, StatusRole
+from .models import EditingRole, IdRole, MessageListModel, RoleRole, StatsRole, StatusRole
 
 # A search's words in the message it found: text and background, readable in each theme
 MATCH_LIGHT, MATCH_DARK = ("#000000", "#ffe27a"), ("#ffffff", "#7a5d00")
@@ -159,6 +159,7 @@ def stats_line(stats: dict, status: str) -> str:
 class MessageWidget(QFrame):
     copy_requested = Signal(str)
     edit_submitted = Signal(str)  # the message as edited in place, to send again
+    edit_changed = Signal(object)  # the edit in progress's text; None: it ended (not sent)
     regenerate_requested = Signal()
     continue_requested = Signal()
     version_requested = Signal(int)  # -1: the answer before this one, +1: the one after
@@ -350,6 +351,9 @@ class MessageWidget(QFrame):
             self.editor.setAccessibleName("Edited message")
             self.editor.submitted.connect(self._submit_edit)
             self.editor.cancelled.connect(self.end_edit)
+            self.editor.textChanged.connect(
+                lambda: self.edit_changed.emit(self.editor.toPlainText())
+            )
             # its height follows the text's lines, as typing or a new width wraps them
             self.editor.document().documentLayout().documentSizeChanged.connect(self._fit_editor)
             self.edit_send = QPushButton("Send")
@@ -388,6 +392,7 @@ class MessageWidget(QFrame):
         for w in (self.body, self.edit, self.copy):
             w.show()
         self.copy_code.setVisible(bool(code_blocks(self.text)))
+        self.edit_changed.emit(None)
 
     def set_edit_allowed(self, allowed: bool) -> None:
         """Edit and the editor's Send follow whether the chat takes a message now."""
@@ -436,12 +441,12 @@ class ChatView(QWidget):
     answer_actions = Signal(bool, bool, bool, bool)
     text_size_requested = Signal(int)  # Ctrl+wheel: a step larger (1) or smaller (-1)
     draft_changed = Signal(str)
+    edit_changed = Signal(int, object)  # a message's edit in progress: id, text (None: ended)
 
     def __init__(self, model: MessageListModel, dark: bool = False):
         super().__init__()
         self.model, self.dark = model, dark
         self.widgets: list[MessageWidget] = []
-        self.edits: dict[int, str] = {}  # messages being edited in chats not shown: id -> text
         self.versions = (1, 1)  # the last answer's: which, of how many (set_versions)
         self.column = QVBoxLayout()
         self.column.addStretch(1)
@@ -502,6 +507,10 @@ class ChatView(QWidget):
         self.draft_timer = QTimer(self, singleShot=True, interval=300)
         self.draft_timer.timeout.connect(lambda: self.draft_changed.emit(self.input.toPlainText()))
         self.input.textChanged.connect(self.draft_timer.start)
+        # edits in progress of messages, saved as the draft is: id -> text (None: ended)
+        self.edits: dict[int, str | None] = {}
+        self.edit_timer = QTimer(self, singleShot=True, interval=300)
+        self.edit_timer.timeout.connect(self._save_edits)
         self.send_button = QPushButton("Send")
         self.send_button.setAccessibleName("Send message")
         self.send_button.clicked.connect(self._send)
@@ -544,9 +553,20 @@ class ChatView(QWidget):
         w.version_requested.connect(self.version_requested.emit)
         w.body.viewport().installEventFilter(self)  # Ctrl+wheel over it: the text size
         w.set_content(idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {})
-        if (edited := self.edits.pop(w.id, None)) is not None:
-            w.start_edit(edited)  # as it was left when its chat was closed
+        if (edited := idx.data(EditingRole)) is not None:
+            w.start_edit(edited)  # as it was left when its chat was closed (or the app quit)
+        w.edit_changed.connect(lambda text, mid=w.id: self._edit_changed(mid, text))
         return w
+
+    def _edit_changed(self, mid: int, text: str | None) -> None:
+        self.edits[mid] = text
+        self.edit_timer.start()
+
+    def _save_edits(self) -> None:
+        self.edit_timer.stop()
+        edits, self.edits = self.edits, {}
+        for mid, text in edits.items():
+            self.edit_changed.emit(mid, text)
 
     def _rebuild(self, shown: int = SHOWN) -> None:
         """A chat opened: its last ``shown`` messages, from the end."""
@@ -554,9 +574,8 @@ class ChatView(QWidget):
         # every message added (a chat of 400 messages opened in 29 s, now 1 s).
         inner = self.scroll.widget()
         inner.hide()
+        self._save_edits()  # the chat's (saved already where `leaving` came first)
         for w in self.widgets:
-            if w.editing():  # kept for when its chat is opened again (it was lost)
-                self.edits[w.id] = w.editor.toPlainText()
             w.deleteLater()
         self.widgets, self.anchor = [], None
         self.first = max(0, self.model.rowCount() - shown)
@@ -677,11 +696,12 @@ class ChatView(QWidget):
             w.set_dark(dark)
 
     def flush_draft(self) -> None:
-        """Save a draft whose debounce timer has not fired yet (before quitting or opening
-        another chat)."""
+        """Save a draft and edits whose debounce timer has not fired yet (before quitting or
+        opening another chat, whose rows are read from the history then)."""
         if self.draft_timer.isActive():
             self.draft_timer.stop()
             self.draft_changed.emit(self.input.toPlainText())
+        self._save_edits()
 
     def sent(self) -> None:
         """The controller took the message: clear the composer, and follow its answer."""

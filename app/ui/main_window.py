@@ -436,6 +436,7 @@ class MainWindow(QMainWindow):
         self.chat.continue_requested.connect(c.continue_answer)
         self.chat.edit_requested.connect(c.edit_and_resend)
         self.chat.draft_changed.connect(c.save_draft)
+        self.chat.edit_changed.connect(c.save_edit)
         self.chat_settings.changed.connect(lambda: c.update_settings(*self.chat_settings.values()))
         self.chat_settings.reset_requested.connect(self._default_sampling)
         self.list.clicked.connect(lambda idx: c.open(idx.data(IdRole)))

@@ -20,6 +20,7 @@ StatusRole = Qt.ItemDataRole.UserRole + 3
 StatsRole = Qt.ItemDataRole.UserRole + 4
 SnippetRole = Qt.ItemDataRole.UserRole + 5
 GroupRole = Qt.ItemDataRole.UserRole + 6  # the heading above a chat that starts a time group
+EditingRole = Qt.ItemDataRole.UserRole + 7  # a message's edit in progress (None: none)
 ANSWERING_MARK = "● "  # before the title of the chat an answer is being written in
 WAITING_MARK = "○ "  # before the titles of chats whose message waits for an answer
 
@@ -198,6 +199,7 @@ class MessageListModel(QAbstractListModel):
             RoleRole: m.role,
             StatusRole: m.status,
             StatsRole: m.stats,
+            EditingRole: m.edit,
         }.get(role)
 
     def set_rows(self, rows: list[Message]) -> None:

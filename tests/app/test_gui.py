@@ -2906,6 +2906,39 @@ def test_an_edit_in_progress_waits_while_another_chat_is_open(gui, qloop):
     assert not chat.widgets[0].editing()  # sent: nothing kept to edit
 
 
+def test_an_edit_in_progress_is_still_there_after_a_quit(tmp_path, qloop, monkeypatch):
+    """An edit typed just before the app quits (its save timer not fired yet) is in the history
+    and the message is being edited, with it, when its chat opens in the next run (it was kept
+    in memory and lost at quit); Cancel ends it there too."""
+    app = make_app(tmp_path, qloop, monkeypatch)
+    try:
+        send(app, "first question")
+        wait_until(qloop, lambda: answer_done(app))
+        cid, chat = app.ctrl.current, app.window.chat
+        question = chat.widgets[0]
+        question.edit.click()
+        question.editor.setPlainText("the question, better put")
+        assert chat.edit_timer.isActive()  # typed within the last 300 ms: not saved yet
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+    app = make_app(tmp_path, qloop, monkeypatch)
+    try:
+        app.ctrl.new_conversation()
+        app.ctrl.open(cid)
+        chat = app.window.chat
+        question, answer = chat.widgets
+        assert question.editing() and question.editor.toPlainText() == "the question, better put"
+        assert not answer.editing()
+        question.edit_cancel.click()
+        assert not question.editing() and question.body.toPlainText() == "first question"
+        mid = question.id
+        wait_until(qloop, lambda: app.store.message(mid).edit is None, what="the edit's end")
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+
 def test_a_match_late_in_the_snippet_shows_in_a_narrow_chat_list(gui, qloop):
     """Where a snippet is wider than the chat list and its match comes late, the text before
     the match loses its start ("…") and the match (the reason the chat was found) is drawn:

@@ -199,12 +199,15 @@ def test_earlier_answers_are_kept_as_versions_and_shown_again(store):
     assert store.db.execute("SELECT COUNT(*) FROM answer_versions").fetchone()[0] == 0
 
 
-def test_a_version_1_history_gains_the_versions_table_and_keeps_its_chats(tmp_path):
-    from app.store import _SCHEMA
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_history_gains_the_later_tables_and_keeps_its_chats(tmp_path, version):
+    from app.store import _SCHEMA, _SCHEMA_2
 
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
-    db.executescript(_SCHEMA + "PRAGMA user_version=1;")
+    db.executescript(
+        _SCHEMA + (_SCHEMA_2 if version == 2 else "") + f"PRAGMA user_version={version};"
+    )
     db.execute("INSERT INTO conversations(title, created, updated) VALUES ('kept', 1, 1)")
     db.execute(
         "INSERT INTO messages(conversation_id, role, content, created) VALUES (1, 'user', 'hi', 1)"
@@ -213,11 +216,38 @@ def test_a_version_1_history_gains_the_versions_table_and_keeps_its_chats(tmp_pa
     db.close()
     s = Store(path)
     assert [c.title for c in s.conversations()] == ["kept"]
-    assert [m.content for m in s.messages(1)] == ["hi"]
-    assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert [(m.content, m.edit) for m in s.messages(1)] == [("hi", None)]
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     answer = s.add_message(1, "assistant", "a")
     s.keep_answer(answer, 1)
     assert [v.content for v in s.answer_versions(1, answer.id)] == ["a", "a"]
+    s.set_edit(1, "hi again")
+    s.close()
+    assert Store(path).message(1).edit == "hi again"
+
+
+def test_an_edit_in_progress_is_kept_until_it_ends(tmp_path):
+    path = tmp_path / "h.db"
+    s = Store(path)
+    c = s.create_conversation()
+    q = s.add_message(c.id, "user", "first")
+    a = s.add_message(c.id, "assistant", "answer")
+    s.set_edit(q.id, "first, with more")
+    s.close()
+    s = Store(path)  # as after a quit
+    assert [(m.content, m.edit) for m in s.messages(c.id)] == [
+        ("first", "first, with more"),
+        ("answer", None),
+    ]
+    assert s.search("more") == []  # not sent: not the chat's text
+    assert s.export_json(c.id)["messages"][0] == {"role": "user", "content": "first", "stats": {}}
+    s.set_edit(q.id, "")  # emptied, still being edited
+    assert s.message(q.id).edit == ""
+    s.set_edit(q.id, None)  # cancelled
+    assert s.message(q.id).edit is None
+    s.delete_messages_from(c.id, q.id)
+    s.set_edit(a.id, "gone")  # a message deleted meanwhile: nothing to keep it in
+    assert s.messages(c.id) == []
 
 
 def test_export_import_round_trip(store):
