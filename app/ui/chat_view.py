@@ -439,7 +439,6 @@ class ChatView(QWidget):
     version_requested = Signal(int)  # the last answer's version before (-1) or after (+1)
     # what the last answer offers now: Regenerate, Continue, the versions before and after it
     answer_actions = Signal(bool, bool, bool, bool)
-    text_size_requested = Signal(int)  # Ctrl+wheel: a step larger (1) or smaller (-1)
     draft_changed = Signal(str)
     edit_changed = Signal(int, object)  # a message's edit in progress: id, text (None: ended)
 
@@ -468,7 +467,6 @@ class ChatView(QWidget):
         self.to_end.setAccessibleName("Go to the end of the chat")
         self.to_end.clicked.connect(self.show_end)
         self.scroll.viewport().installEventFilter(self)
-        self.wheel = 0  # Ctrl+wheel turned towards the next text size step (120: a notch)
         for changed in (
             self.scroll.verticalScrollBar().valueChanged,
             self.scroll.verticalScrollBar().rangeChanged,
@@ -551,7 +549,6 @@ class ChatView(QWidget):
         w.regenerate_requested.connect(self.regenerate_requested.emit)
         w.continue_requested.connect(self.continue_requested.emit)
         w.version_requested.connect(self.version_requested.emit)
-        w.body.viewport().installEventFilter(self)  # Ctrl+wheel over it: the text size
         w.set_content(idx.data(), idx.data(StatusRole), idx.data(StatsRole) or {})
         if (edited := idx.data(EditingRole)) is not None:
             w.start_edit(edited)  # as it was left when its chat was closed (or the app quit)
@@ -780,17 +777,6 @@ class ChatView(QWidget):
     def eventFilter(self, watched, event) -> bool:
         if watched is self.scroll.viewport() and event.type() == QEvent.Type.Resize:
             self._place_to_end()
-        if (
-            event.type() == QEvent.Type.Wheel
-            and event.modifiers() & Qt.KeyboardModifier.ControlModifier
-        ):  # over the chat or a message: the app's text size, a step a notch (a touchpad's
-            # small turns add up to one), as in a web browser; over a message it had zoomed
-            # that message's text alone (Qt's own for read-only text)
-            self.wheel += event.angleDelta().y()
-            if abs(self.wheel) >= 120:
-                self.text_size_requested.emit(1 if self.wheel > 0 else -1)
-                self.wheel = 0
-            return True
         return super().eventFilter(watched, event)
 
     def _place_to_end(self, *_) -> None:

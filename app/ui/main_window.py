@@ -46,7 +46,7 @@ from .banner import ErrorBanner
 from .chat_settings import ChatSettings
 from .chat_view import ChatView
 from .colours import colour
-from .fonts import NORMAL, STEPS, clamp, next_size, scaled_font, set_text_size
+from .fonts import NORMAL, STEPS, CtrlWheel, clamp, next_size, scaled_font, set_text_size
 from .live_panel import LivePanel, gib
 from .models import GroupRole, IdRole, SnippetRole
 from .screen import fit_to_screen
@@ -301,6 +301,10 @@ class MainWindow(QMainWindow):
         self._fit_panes()
         self.chat_settings.set_room(self.centralWidget().height())
 
+    def closeEvent(self, event) -> None:
+        QApplication.instance().removeEventFilter(self.ctrl_wheel)  # (a filter of every event)
+        super().closeEvent(event)
+
     def showEvent(self, event) -> None:
         super().showEvent(event)
         # a window shown at its saved size had no resize once its panes were laid out: they
@@ -459,7 +463,9 @@ class MainWindow(QMainWindow):
         c.reveal.connect(self.chat.reveal)
         c.answer_versions.connect(self.chat.set_versions)
         self.chat.version_requested.connect(c.show_answer_version)
-        self.chat.text_size_requested.connect(self._text_size)  # Ctrl+wheel over the chat
+        self.ctrl_wheel = CtrlWheel(self)  # Ctrl+wheel over any window: the text size
+        self.ctrl_wheel.step.connect(self._text_size)
+        QApplication.instance().installEventFilter(self.ctrl_wheel)
 
     def _search(self, query: str) -> None:
         self.ctrl.search(query)

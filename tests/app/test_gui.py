@@ -2983,10 +2983,12 @@ def test_a_match_late_in_the_snippet_shows_in_a_narrow_chat_list(gui, qloop):
     assert ink > 20, ink  # the match's letters
 
 
-def test_ctrl_wheel_over_the_chat_changes_the_text_size(gui, qloop):
-    """Ctrl+wheel over a message or the chat around it steps the app's text size, a notch a
-    step and a touchpad's small turns adding up to one: over a message it had zoomed that
-    message's text alone. A wheel without Ctrl scrolls as before."""
+def test_ctrl_wheel_over_any_window_changes_the_text_size(gui, qloop):
+    """Ctrl+wheel over a message, the chat around it, the composer, the chat list, the panel or
+    the Models window steps the app's text size, a notch a step and a touchpad's small turns
+    adding up to one: over a message or the composer it had zoomed that one's text alone, and
+    elsewhere it scrolled. A wheel without Ctrl scrolls as before; a closed window's app takes
+    Ctrl+wheel no more."""
     from PySide6.QtCore import QPoint, QPointF, Qt
     from PySide6.QtGui import QWheelEvent
     from PySide6.QtWidgets import QApplication
@@ -3019,6 +3021,23 @@ def test_ctrl_wheel_over_the_chat_changes_the_text_size(gui, qloop):
     assert gui.settings.text_size == 100
     wheel(body.viewport(), -120, ctrl=False)
     assert gui.settings.text_size == 100
+    from app.ui.browser import ModelsWindow
+
+    models = ModelsWindow(gui.window, gui.browser, lambda: None)  # (not shown: no catalogue)
+    sizes = []
+    for target in (
+        chat.input.viewport(),
+        gui.window.list.viewport(),
+        gui.window.panel,
+        models.browse.table.viewport(),
+    ):
+        wheel(target, 120)
+        sizes.append(gui.settings.text_size)
+    assert sizes == [110, 125, 150, 175]
+    assert chat.input.font().pointSizeF() == QApplication.instance().font().pointSizeF()
+    gui.window.close()
+    wheel(models.browse.table.viewport(), 120)
+    assert gui.settings.text_size == 175
 
 
 def test_a_new_text_size_keeps_the_message_read_at_the_top(gui, qloop):
