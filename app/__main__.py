@@ -198,15 +198,18 @@ class App:
             self.client.hello.get("cuda_devices") or [] if self.client.hello else None
         )
         self.browser.device = lambda: self.settings.device
-        self.browser.loaded_model = lambda: (
-            self.settings.model if self.client.state == "loaded" else None
-        )
-        self.browser.loading_model = lambda: (
-            (self.client.last_load or {}).get("path") if self.client.state == "loading" else None
-        )
+        self.browser.engine_model = self._engine_model
         self.browser.load_requested.connect(self.window._load)
         self.models_window = None
         self.loop.call_soon(self._restore_downloads)
+
+    def _engine_model(self) -> tuple[str, str] | None:
+        """The engine's model for the Models window: ("loaded" or "loading", its folder)."""
+        if self.client.state == "loaded":
+            return "loaded", self.settings.model
+        if self.client.state == "loading":
+            return "loading", (self.client.last_load or {}).get("path", "")
+        return None
 
     def _restore_downloads(self) -> None:
         self.downloads.restore()

@@ -252,8 +252,8 @@ class BrowserController(QObject):
         # device the next load goes to where none is chosen (the settings': auto, cpu, cuda:N)
         self.engine_devices: Callable[[], list[dict] | None] = lambda: None
         self.device: Callable[[], str] = lambda: "auto"
-        self.loaded_model: Callable[[], str | None] = lambda: None  # its folder (None: none)
-        self.loading_model: Callable[[], str | None] = lambda: None  # the one being loaded
+        # the engine's model: ("loaded" or "loading", its folder); None where it has none
+        self.engine_model: Callable[[], tuple[str, str] | None] = lambda: None
         self._refreshes = 0  # refresh() calls so far: only the last one's answer is shown
         manager.on_change = self._changed
         self.refresh_local()
@@ -407,13 +407,11 @@ class BrowserController(QObject):
         self.local.remove(repo)
         self.refresh_local()
 
-    def is_loaded(self, repo: str) -> bool:
-        """Whether the engine has this downloaded model loaded now."""
-        return self.loaded_model() == str(folder_of(self.models_dir, repo))
-
-    def is_loading(self, repo: str) -> bool:
-        """Whether the engine is loading this downloaded model now."""
-        return self.loading_model() == str(folder_of(self.models_dir, repo))
+    def model_state(self, repo: str) -> str | None:
+        """ "loaded" or "loading" where the engine has this downloaded model loaded or is loading
+        it now, else None."""
+        now = self.engine_model()
+        return now[0] if now and now[1] == str(folder_of(self.models_dir, repo)) else None
 
     def load(self, repo: str, device: str = "", context: int | None = None) -> None:
         """Load the model in the chat with the context its fit was checked at (or ``context``,

@@ -541,12 +541,13 @@ class LocalTab(QWidget):
     def _delete(self, repo: str) -> None:
         row = next(r for r in self.ctrl.local.rows if r["repo"] == repo)
         text = f"Delete {repo} ({size_text(row['disk'])} on disk)?"
-        if self.ctrl.is_loaded(repo):
+        state = self.ctrl.model_state(repo)
+        if state == "loaded":
             text += (
                 "\n\nIt is the model loaded now: it stays loaded until you load another or "
                 "quit, and the next start has no model to load until you choose one."
             )
-        elif self.ctrl.is_loading(repo):  # its files are being read: the load may fail
+        elif state == "loading":  # its files are being read: the load may fail
             text += (
                 "\n\nIt is being loaded now: its load may fail for want of its files, and the "
                 "next start has no model to load until you choose one."
