@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QModelIndex, QSize, Qt, QTimer, QUrl, Signal
@@ -125,6 +126,19 @@ def fit_snippet(parts: list[tuple[str, bool]], width: int, font: QFont) -> list[
     return [(lead, False), *parts[1:]]
 
 
+def right_to_left(text: str) -> bool:
+    """Whether ``text`` reads right to left (Arabic, Hebrew, ...): its first letter with a
+    direction of its own says, as Unicode's rule for a paragraph has it (and the chat's messages
+    follow it)."""
+    for ch in text:
+        kind = unicodedata.bidirectional(ch)
+        if kind == "L":
+            return False
+        if kind in ("R", "AL"):
+            return True
+    return False
+
+
 class ChatListItem(QStyledItemDelegate):
     """A chat in the list, under a heading where its time group starts (Today, Yesterday, ...:
     a long list was one run of titles); during a search, with a line of its best match under
@@ -138,6 +152,13 @@ class ChatListItem(QStyledItemDelegate):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         self.row_height: tuple[str, int] = ("", 0)  # a title row's height, for a font (key)
+
+    def initStyleOption(self, option, index) -> None:
+        """A title that reads right to left is laid out so, against the row's right edge: it
+        was laid out left to right, its ellipsis at its start and its last mark at its right."""
+        super().initStyleOption(option, index)
+        if right_to_left(option.text):
+            option.direction = Qt.LayoutDirection.RightToLeft
 
     def sizeHint(self, option, index) -> QSize:
         # each row is asked for at each layout (a chat sent to the top): a title row's height
@@ -183,23 +204,36 @@ class ChatListItem(QStyledItemDelegate):
         fm = opt.fontMetrics
         top = rect.y() + (rect.height() - 2 * fm.lineSpacing()) // 2 + fm.ascent()  # 1st line
         painter.save()
+        rtl = Qt.LayoutDirection.RightToLeft
+        painter.setLayoutDirection(opt.direction)
         painter.setFont(opt.font)
         painter.setPen(text)
-        painter.drawText(
-            rect.x(), top, fm.elidedText(title, Qt.TextElideMode.ElideRight, rect.width())
+        shown = fm.elidedText(title, Qt.TextElideMode.ElideRight, rect.width())
+        x = (
+            rect.x() + rect.width() - fm.horizontalAdvance(shown)
+            if opt.direction == rtl
+            else rect.x()
         )
+        painter.drawText(x, top, shown)
         muted = text if selected else QColor(colour("muted", opt.widget))
-        x, y = rect.x(), top + fm.lineSpacing()
-        parts = fit_snippet(snippet_parts(snippet), rect.width(), opt.font)
-        for piece, matched in parts:  # the words in bold, the rest muted
-            font = bold_of(opt.font) if matched else opt.font
+        parts = snippet_parts(snippet)
+        # a snippet that reads right to left goes from the row's right edge leftwards
+        back = right_to_left("".join(p for p, _ in parts))
+        painter.setLayoutDirection(rtl if back else Qt.LayoutDirection.LeftToRight)
+        left, right, y = rect.x(), rect.x() + rect.width(), top + fm.lineSpacing()
+        for piece, matched in fit_snippet(parts, rect.width(), opt.font):  # the words in bold,
+            font = bold_of(opt.font) if matched else opt.font  # the rest muted
             painter.setFont(font)
             painter.setPen(text if matched else muted)
             metrics = QFontMetrics(font)
-            shown = metrics.elidedText(piece, Qt.TextElideMode.ElideRight, rect.right() - x)
-            painter.drawText(x, y, shown)
-            x += metrics.horizontalAdvance(shown)
-            if shown != piece or x >= rect.right():
+            shown = metrics.elidedText(piece, Qt.TextElideMode.ElideRight, right - left)
+            width = metrics.horizontalAdvance(shown)
+            painter.drawText(right - width if back else left, y, shown)
+            if back:
+                right -= width
+            else:
+                left += width
+            if shown != piece or left >= right:
                 break
         painter.restore()
 

@@ -3118,3 +3118,60 @@ def test_the_chat_list_has_a_heading_where_each_time_group_starts(gui, qloop):
     m.clock = lambda: now + day  # the app left open past midnight
     gui.window._poll()
     assert m.index(0).data(GroupRole) == "Yesterday"
+
+
+def test_titles_and_snippets_that_read_right_to_left_are_laid_out_so(gui, qloop):
+    """A chat title in Arabic or Hebrew sits against the row's right edge, and a long one loses
+    its end, the ellipsis at its left (both were laid out left to right: the ellipsis beside
+    the title's first word); so does a search's snippet line. Left-to-right titles stay left."""
+    from PySide6.QtCore import QModelIndex
+
+    from app.ui.main_window import right_to_left
+
+    assert right_to_left("שלום") and right_to_left("مرحبا") and right_to_left("12 ● שלום abc")
+    assert not right_to_left("hello שלום") and not right_to_left("● 12 …")
+    long_title = "مرحبا، كيف حالك اليوم؟ أريد أن أتعلم البرمجة بلغة بايثون من البداية"
+    for title in (long_title, "שלום", "hello", "the row with the heading"):
+        c = gui.store.create_conversation(title)
+        gui.store.add_message(c.id, "user", title + " עולם" * (title == "שלום"))
+    m, view = gui.ctrl.conversations, gui.window.list
+    m.set_rows(gui.store.conversations())
+    view.setCurrentIndex(QModelIndex())
+    qloop.run_until_complete(asyncio.sleep(0.05))
+    assert [m.index(i).data() for i in range(1, 4)] == ["hello", "שלום", long_title]
+
+    def ink(row, top=0, bottom=None):
+        """The row's image and the columns with ink between lines top and bottom."""
+        rect = view.visualRect(m.index(row))
+        image = view.viewport().grab(rect).toImage()
+        paper = image.pixelColor(image.width() - 1, 0).rgb()
+        cols = [
+            x
+            for x in range(image.width() - 1)
+            if any(
+                image.pixelColor(x, y).rgb() != paper for y in range(top, bottom or rect.height())
+            )
+        ]
+        return image, cols
+
+    image, cols = ink(1)  # hello
+    assert cols and max(cols) < image.width() // 2
+    image, cols = ink(2)  # שלום
+    assert cols and min(cols) > image.width() // 2 and max(cols) > image.width() - 15
+    image, cols = ink(3)  # cut short: its start at the right, the ellipsis at the left
+    assert min(cols) < 15 and max(cols) > image.width() - 15
+    dots = view.fontMetrics().horizontalAdvance("…")
+    tall = max(
+        sum(image.pixelColor(x, y).rgb() != image.pixelColor(image.width() - 1, 0).rgb()
+            for y in range(image.height()))
+        for x in range(min(cols), min(cols) + dots - 1)
+    )  # fmt: skip
+    assert tall <= 3  # dots on the baseline, not a letter
+    gui.window.search.setText("עולם")
+    qloop.run_until_complete(asyncio.sleep(0.1))
+    assert m.rowCount() == 1
+    half = view.visualRect(m.index(0)).height() // 2
+    image, title_cols = ink(0, 0, half)
+    image, snippet_cols = ink(0, half)
+    assert min(title_cols) > image.width() // 2 and min(snippet_cols) > image.width() // 2
+    assert max(snippet_cols) > image.width() - 15
