@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from PySide6.QtCore import QEvent, QRegularExpression, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import (
     QColor,
@@ -46,9 +48,14 @@ HEAD = 2  # the column's items before the messages: the Show earlier button, the
 
 class Composer(QPlainTextEdit):
     """The message box: Enter sends (as in other chat apps), Shift+Enter starts a new line;
-    Ctrl+Enter sends too."""
+    Ctrl+Enter sends too. Tab goes on to the next control, as from a web page's text box (it
+    typed a tab: the keyboard could not leave the box but by Ctrl+Tab)."""
 
     submitted = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setTabChangesFocus(True)
 
     def keyPressEvent(self, e: QKeyEvent) -> None:
         if e.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter):
@@ -217,6 +224,10 @@ class MessageWidget(QFrame):
         self.button_row.addStretch(1)
         for b in (self.copy_code, self.copy, self.edit, self.more, self.regen):
             self.button_row.addWidget(b)
+        # what Tab goes through here (it passes over hidden ones): the version arrows, the
+        # buttons as they stand, the text (or the edit box: start_edit)
+        self.tab_order = [self.older, self.newer, self.copy_code, self.copy, self.edit, self.more,
+                          self.regen, self.body]  # fmt: skip
         self.head = QBoxLayout(QBoxLayout.Direction.LeftToRight)
         self.head.addLayout(self.name_row, 1)
         self.head.addLayout(self.button_row)
@@ -374,6 +385,11 @@ class MessageWidget(QFrame):
             box.addWidget(self.editor)
             box.addLayout(row)
             self.layout().addWidget(self.edit_box)
+            # Tab: from the editor to Cancel and Send, then on to the next message (they came
+            # last in the window's chain, as new widgets do)
+            self.tab_order += [self.editor, self.edit_cancel, self.edit_send]
+            for before, after in itertools.pairwise(self.tab_order[-4:]):
+                QWidget.setTabOrder(before, after)
         self.editor.setPlainText(self.text if text is None else text)
         self.editor.moveCursor(QTextCursor.MoveOperation.End)
         for w in (self.body, self.edit, self.copy, self.copy_code):
@@ -603,6 +619,18 @@ class ChatView(QWidget):
             w = self._make(row)
             self.widgets.insert(row - self.first, w)
             self.column.insertWidget(HEAD + row - self.first, w)
+        self._order_focus()
+
+    def _order_focus(self) -> None:
+        """Tab goes through the messages' buttons and texts in their order, between the chat's
+        view and the composer (a new message's went to the end of the window's chain, after the
+        live panel). Qt orders only widgets that take focus, each message's one by one."""
+        before = self.earlier
+        for w in self.widgets:
+            for control in w.tab_order:
+                QWidget.setTabOrder(before, control)
+                before = control
+        QWidget.setTabOrder(before, self.input)
 
     def _inserted(self, parent, first: int, last: int) -> None:
         if first < self.first:  # before those shown (the app adds rows at the end)

@@ -3175,3 +3175,48 @@ def test_titles_and_snippets_that_read_right_to_left_are_laid_out_so(gui, qloop)
     image, snippet_cols = ink(0, half)
     assert min(title_cols) > image.width() // 2 and min(snippet_cols) > image.width() // 2
     assert max(snippet_cols) > image.width() - 15
+
+
+def test_tab_goes_through_the_chat_in_reading_order(gui, qloop):
+    """Tab from the chat's view goes through each message's buttons and text in order, then the
+    composer and Send (the messages came last, after the live panel, as new widgets do), and on
+    from the composer (it typed a tab there: only Ctrl+Tab left it). An edit box's Cancel and
+    Send come after its text, before the next message."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+    from PySide6.QtWidgets import QApplication
+
+    send(gui, "hello there")
+    wait_until(qloop, lambda: answer_done(gui))
+    gui.window.activateWindow()
+    wait_until(qloop, lambda: QApplication.activeWindow() is gui.window)
+    chat = gui.window.chat
+
+    def tabs(start, n):
+        start.setFocus()
+        assert QApplication.focusWidget() is start, QApplication.focusWidget()
+        names = []
+        for _ in range(n):
+            QTest.keyClick(QApplication.focusWidget(), Qt.Key.Key_Tab)
+            names.append(QApplication.focusWidget().accessibleName())
+        return names
+
+    assert tabs(chat.scroll, 8) == [
+        "Copy this message", "Edit this message and send it again", "You message",
+        "Copy this message", "Answer again", "Assistant message", "Message", "Send message",
+    ]  # fmt: skip
+    assert chat.input.toPlainText() == ""  # Tab went on from the composer
+    chat.widgets[0].edit.click()
+    assert tabs(chat.widgets[0].editor, 3) == [
+        "Cancel the edit", "Send the edited message", "Copy this message",
+    ]  # fmt: skip
+    assert QApplication.focusWidget() is chat.widgets[1].copy
+    send(gui, "and again")  # a new message's controls come before the composer as well
+    wait_until(qloop, lambda: answer_done(gui))
+    gui.window.activateWindow()  # (Qt's offscreen platform lets it go at times)
+    wait_until(qloop, lambda: QApplication.activeWindow() is gui.window)
+    assert tabs(chat.widgets[2].body, 3) == [
+        "Copy this message",
+        "Answer again",
+        "Assistant message",
+    ]
