@@ -50,6 +50,9 @@ def _table(model, name: str) -> QTableView:
     t.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
     t.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
     t.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    # the arrow keys choose a row; Tab goes on to the next control (it went from cell to
+    # cell: the keyboard could not leave the table)
+    t.setTabKeyNavigation(False)
     t.verticalHeader().setVisible(False)
     # one line a model; a name too long for the column keeps its end (the scheme: v8-k65536-0)
     t.setWordWrap(False)
@@ -122,6 +125,7 @@ class BrowseTab(QWidget):
         # The details scroll rather than lose their last lines in a small window (a no-fit
         # breakdown runs to eight lines).
         detail_scroll = QScrollArea(widgetResizable=True)
+        detail_scroll.setAccessibleName("Model details")
         detail_scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         detail_scroll.setWidget(self.detail)
         split = QSplitter(Qt.Orientation.Vertical)

@@ -45,6 +45,7 @@ class ChatSettings(QWidget):
         # In a short window the settings scroll within part of the pane: open, they had made
         # the window taller than the screen's room for it, and hidden the conversation.
         self.area = QScrollArea(visible=False, widgetResizable=True)
+        self.area.setAccessibleName("Chat settings")
         self.area.setFrameShape(QFrame.Shape.NoFrame)
         self.area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.area.setWidget(self.body)

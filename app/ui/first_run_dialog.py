@@ -50,6 +50,7 @@ class FirstRunDialog(QDialog):
         inner.addLayout(self.items)
         inner.addStretch(1)  # spare height below the lines, not between them
         scroll = QScrollArea(widgetResizable=True, frameShape=QFrame.Shape.NoFrame)
+        scroll.setAccessibleName("Check results")
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         scroll.setWidget(lines)
         lay = QVBoxLayout(self)

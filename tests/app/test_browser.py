@@ -937,3 +937,42 @@ def test_an_installed_models_fit_counts_only_its_weight_files(browser_app, tmp_p
     gpu, f = app.browser.installed_fit(SMALL, 4096)
     assert gpu is not None and gpu.uuid == "GPU-1234"  # the engine's cuda:0
     assert f.weights + f.host == 1024
+
+
+def test_every_control_tab_reaches_has_a_name(browser_app, qloop):
+    """Each control the keyboard reaches with Tab, in the chat window (with a chat, its settings
+    open), the computer's check and the Models window's three tabs, has a name a screen reader says: its
+    accessible name or its own text (a tab bar's tabs are named). Scroll areas had none."""
+    from PySide6.QtWidgets import QAbstractButton, QAbstractSpinBox, QTabBar, QWidget
+
+    from .test_gui import answer_done, send
+
+    app, _ = browser_app
+    send(app, "hello")
+    wait_until(qloop, lambda: answer_done(app))
+    app.window.chat_settings.toggle.click()
+    w, _ = open_models(app, qloop)
+    w.browse.table.selectRow(0)
+
+    def unnamed(window: QWidget) -> list[str]:
+        out, widget = [], window.nextInFocusChain()
+        while widget is not window:
+            takes_tab = widget.focusPolicy() & Qt.FocusPolicy.TabFocus
+            parent = widget.parentWidget()
+            inner = isinstance(parent, QAbstractSpinBox)  # its text box: the spin box's name
+            # Tab passes a tab widget on to its tab bar, whose tabs are named
+            passed_on = widget.focusProxy() is not None or isinstance(widget, QTabBar)
+            if takes_tab and widget.isVisibleTo(window) and not passed_on:
+                text = widget.text() if isinstance(widget, QAbstractButton) else ""
+                named = parent.accessibleName() if inner else widget.accessibleName() or text
+                if not named.strip():
+                    out.append(f"{type(widget).__name__} {widget.objectName()}")
+            widget = widget.nextInFocusChain()
+        return out
+
+    assert unnamed(app.window) == [], unnamed(app.window)
+    app.show_checks()  # Help > Check this computer
+    assert unnamed(app.checks_dialog) == [], unnamed(app.checks_dialog)
+    for i in range(w.tabs.count()):
+        w.tabs.setCurrentIndex(i)
+        assert unnamed(w) == [], (w.tabs.tabText(i), unnamed(w))
