@@ -941,9 +941,11 @@ def test_an_installed_models_fit_counts_only_its_weight_files(browser_app, tmp_p
 
 def test_every_control_tab_reaches_has_a_name(browser_app, qloop):
     """Each control the keyboard reaches with Tab, in the chat window (with a chat, its settings
-    open), the computer's check and the Models window's three tabs, has a name a screen reader says: its
-    accessible name or its own text (a tab bar's tabs are named). Scroll areas had none."""
-    from PySide6.QtWidgets import QAbstractButton, QAbstractSpinBox, QTabBar, QWidget
+    open), the computer's check and the Models window's three tabs, has a name a screen reader
+    says: its accessible name or its own text (a tab bar's tabs are named). Scroll areas had
+    none. Tab leaves the catalogue (it went from cell to cell)."""
+    from PySide6.QtTest import QTest
+    from PySide6.QtWidgets import QAbstractButton, QAbstractSpinBox, QApplication, QTabBar, QWidget
 
     from .test_gui import answer_done, send
 
@@ -976,3 +978,10 @@ def test_every_control_tab_reaches_has_a_name(browser_app, qloop):
     for i in range(w.tabs.count()):
         w.tabs.setCurrentIndex(i)
         assert unnamed(w) == [], (w.tabs.tabText(i), unnamed(w))
+    w.tabs.setCurrentIndex(0)
+    w.activateWindow()
+    wait_until(qloop, lambda: QApplication.activeWindow() is w)
+    w.browse.table.setFocus()
+    QTest.keyClick(w.browse.table, Qt.Key.Key_Tab)  # on from the catalogue, not to its next cell
+    focused = QApplication.focusWidget().accessibleName()
+    assert focused == "Model details"
