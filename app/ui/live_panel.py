@@ -153,6 +153,11 @@ class LivePanel(QScrollArea):
         self.setWidget(content)
         self.setMinimumWidth(180)
 
+    def least_width(self) -> int:
+        """The narrowest the panel shows its lines whole at: its widest word or heading, and the
+        scroll bar beside them (narrower, the lines went on past its edge, cut off)."""
+        return self.widget().minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
+
     def set_progress(self, fraction: float, stage: str) -> None:
         """A step of the load under way (none shows once the engine has left the state)."""
         if not self.loading:

@@ -349,13 +349,14 @@ class MainWindow(QMainWindow):
         """The chat list and the live panel take a share of the width, between a floor and their
         full widths (230 and 250 px at the normal text size, wider for larger text: the panel's
         lines were cut at its edge), so that in a small window the chat keeps most of it;
-        widths the user dragged stay."""
+        widths the user dragged stay. The panel's floor holds its widest word (at 200% its
+        heading "Throughput" was wider than the floor, and every line ran past the edge)."""
         if self.user_sized:
             return
         sizes = self.split.sizes()
         total, scale = sum(sizes), max(1.0, self.settings.text_size / NORMAL)
         side = max(160, min(round(230 * scale), round(total * 0.22)))
-        panel = round(max(190, min(250 * scale, total * 0.25)))
+        panel = round(max(190, self.panel.least_width(), min(250 * scale, total * 0.25)))
         panel = 0 if self.panel.isHidden() else panel
         self.split.setSizes([side, total - side - panel, panel])
 

@@ -3220,3 +3220,17 @@ def test_tab_goes_through_the_chat_in_reading_order(gui, qloop):
         "Answer again",
         "Assistant message",
     ]
+
+
+def test_the_live_panel_holds_its_widest_word_at_a_large_text_size(gui, qloop):
+    """At 200% in a small window the panel is as wide as its widest word (the heading
+    "Throughput" was wider than its floor and every line of it ran past its edge, cut off)."""
+    gui.window.resize(700, 500)
+    for _ in range(5):
+        menu_action(gui.window, "&Larger text").trigger()
+    qloop.run_until_complete(asyncio.sleep(0.1))
+    assert gui.settings.text_size == 200
+    panel = gui.window.panel
+    content = panel.widget()
+    assert content.minimumSizeHint().width() > 190  # wider than the floor
+    assert content.width() <= panel.viewport().width()  # nothing past the edge
