@@ -33,6 +33,7 @@ from PySide6.QtWidgets import (
 )
 
 from ..controller import can_continue
+from .flow import FlowRow
 from .markdown import COPY_SCHEME, code_blocks, plain_html, to_html
 from .models import EditingRole, IdRole, MessageListModel, RoleRole, StatsRole, StatusRole
 
@@ -216,12 +217,12 @@ class MessageWidget(QFrame):
         self.set_versions(1, 1)
         # who wrote it (and which version) on the left, the buttons on the right; where the
         # message is narrower than both (large text, a small window) the buttons go on a row
-        # of their own: they had widened the message past the chat's edge, which cut it off
-        self.name_row, self.button_row = QHBoxLayout(), QHBoxLayout()
+        # of their own (they had widened the message past the chat's edge, which cut it off),
+        # and on more rows where one does not hold them
+        self.name_row, self.button_row = QHBoxLayout(), FlowRow()
         for w in (self.who, self.older, self.which, self.newer):
             self.name_row.addWidget(w)
         self.name_row.addStretch(1)
-        self.button_row.addStretch(1)
         for b in (self.copy_code, self.copy, self.edit, self.more, self.regen):
             self.button_row.addWidget(b)
         # what Tab goes through here (it passes over hidden ones): the version arrows, the

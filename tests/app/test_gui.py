@@ -2788,6 +2788,9 @@ def test_larger_text_grows_every_window_s_text_and_is_kept(gui, qloop):
     for button in (answer.copy, answer.copy_code, answer.regen):
         right = button.mapTo(view, button.rect().topRight()).x()
         assert button.isVisibleTo(w) and right < view.width(), button.text()
+        # whole, on as many rows as they need (squeezed into one, a label was cut, "Co…de")
+        assert button.width() >= button.sizeHint().width(), button.text()
+    assert len({b.y() for b in (answer.copy, answer.copy_code, answer.regen)}) > 1
     # the empty composer shows its hint's wrapped lines whole (they were cut off)
     box = w.chat.input
     metrics, flags = box.fontMetrics(), Qt.TextFlag.TextWordWrap
@@ -3234,3 +3237,36 @@ def test_the_live_panel_holds_its_widest_word_at_a_large_text_size(gui, qloop):
     content = panel.widget()
     assert content.minimumSizeHint().width() > 190  # wider than the floor
     assert content.width() <= panel.viewport().width()  # nothing past the edge
+
+
+def test_a_flow_row_wraps_its_widgets_against_the_right_edge(qapp):
+    """Side by side where the width holds them, else on more rows, each row set against the
+    right edge; hidden widgets take no room."""
+    from PySide6.QtCore import QRect, QSize
+    from PySide6.QtWidgets import QWidget
+
+    from app.ui.flow import FlowRow
+
+    class Box(QWidget):
+        def __init__(self, parent, width):
+            super().__init__(parent)
+            self.width_ = width
+
+        def sizeHint(self):
+            return QSize(self.width_, 10)
+
+    host = QWidget()
+    row = FlowRow(spacing=4)
+    host.setLayout(row)
+    boxes = [Box(host, width) for width in (50, 30, 40)]
+    for box in boxes:
+        row.addWidget(box)
+    assert (row.sizeHint().width(), row.minimumSize().width()) == (50 + 30 + 40 + 8, 50)
+    assert row.heightForWidth(200) == 10 and row.heightForWidth(100) == 24  # 10, 4, 10
+    row.setGeometry(QRect(0, 0, 100, 24))
+    assert [b.geometry().getRect() for b in boxes] == [
+        (100 - 84, 0, 50, 10), (100 - 30, 0, 30, 10), (100 - 40, 14, 40, 10),
+    ]  # fmt: skip
+    boxes[1].hide()
+    assert row.heightForWidth(100) == 10  # 50 + 4 + 40 in one row
+    assert row.heightForWidth(60) == 24 and row.heightForWidth(20) == 24  # one a row
