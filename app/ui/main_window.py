@@ -166,9 +166,10 @@ class ChatListItem(QStyledItemDelegate):
         if self.row_height[0] != option.font.key():
             self.row_height = (option.font.key(), super().sizeHint(option, index).height())
         size = QSize(option.rect.width(), self.row_height[1])
-        if index.data(SnippetRole):
+        heading, snippet = index.model().extra_lines(index.row())
+        if snippet:
             size.setHeight(size.height() + option.fontMetrics.lineSpacing() + 6)  # apart
-        if index.data(GroupRole):
+        if heading:
             size.setHeight(size.height() + self.heading_height(option))
         return size
 
