@@ -9,13 +9,13 @@ from PySide6.QtWidgets import QLayout, QLayoutItem
 class FlowRow(QLayout):
     """Widgets side by side against the right edge, in as many rows as the width needs (a
     message's buttons at a large text size in a narrow chat: squeezed into one row, they cut
-    their labels short, "Co…de"). Hidden widgets take no room."""
+    their labels short, "Co…de"). Hidden widgets take no room. Made to sit inside another
+    layout: it has no margins of its own."""
 
     def __init__(self, spacing: int = 6) -> None:
         super().__init__()
         self.items: list[QLayoutItem] = []
         self.setSpacing(spacing)
-        self.setContentsMargins(0, 0, 0, 0)
 
     # -- QLayout's interface --------------------------------------------------------------------
     def addItem(self, item: QLayoutItem) -> None:

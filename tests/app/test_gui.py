@@ -2788,8 +2788,10 @@ def test_larger_text_grows_every_window_s_text_and_is_kept(gui, qloop):
     for button in (answer.copy, answer.copy_code, answer.regen):
         right = button.mapTo(view, button.rect().topRight()).x()
         assert button.isVisibleTo(w) and right < view.width(), button.text()
-        # whole, on as many rows as they need (squeezed into one, a label was cut, "Co…de")
+        # whole, on as many rows as they need (squeezed into one, a label was cut, "Co…de"),
+        # all above the message's text
         assert button.width() >= button.sizeHint().width(), button.text()
+        assert button.geometry().bottom() < answer.meta.geometry().top(), button.text()
     assert len({b.y() for b in (answer.copy, answer.copy_code, answer.regen)}) > 1
     # the empty composer shows its hint's wrapped lines whole (they were cut off)
     box = w.chat.input
@@ -3240,8 +3242,8 @@ def test_the_live_panel_holds_its_widest_word_at_a_large_text_size(gui, qloop):
 
 
 def test_a_flow_row_wraps_its_widgets_against_the_right_edge(qapp):
-    """Side by side where the width holds them, else on more rows, each row set against the
-    right edge; hidden widgets take no room."""
+    """Side by side where the width holds them (exactly, too), else on more rows, each row set
+    against the right edge; hidden widgets take no room; asking a height moves nothing."""
     from PySide6.QtCore import QRect, QSize
     from PySide6.QtWidgets import QWidget
 
@@ -3258,15 +3260,31 @@ def test_a_flow_row_wraps_its_widgets_against_the_right_edge(qapp):
     host = QWidget()
     row = FlowRow(spacing=4)
     host.setLayout(row)
+    assert (row.sizeHint(), row.minimumSize(), row.heightForWidth(100)) == (QSize(0, 0),) * 2 + (0,)
     boxes = [Box(host, width) for width in (50, 30, 40)]
     for box in boxes:
         row.addWidget(box)
     assert (row.sizeHint().width(), row.minimumSize().width()) == (50 + 30 + 40 + 8, 50)
+    assert row.sizeHint().height() == row.minimumSize().height() == 10
     assert row.heightForWidth(200) == 10 and row.heightForWidth(100) == 24  # 10, 4, 10
-    row.setGeometry(QRect(0, 0, 100, 24))
+    row.setGeometry(QRect(0, 0, 84, 24))  # 50 + 4 + 30: the first row, to the pixel
+    assert row.geometry() == QRect(0, 0, 84, 24)
+    placed = [b.geometry().getRect() for b in boxes]
+    assert placed == [(0, 0, 50, 10), (54, 0, 30, 10), (44, 14, 40, 10)]
+    assert row.heightForWidth(30) == 38  # one a row
+    assert row.heightForWidth(74) == 24  # 50, then 30 + 4 + 40: the second row to the pixel
+    assert [b.geometry().getRect() for b in boxes] == placed  # (a height asked: none moved)
+    row.setGeometry(QRect(0, 0, 80, 24))  # a pixel short of 50 + 4 + 30: 30 goes down
+    assert [b.geometry().y() for b in boxes] == [0, 14, 14]
+    row.setGeometry(QRect(5, 3, 100, 24))
     assert [b.geometry().getRect() for b in boxes] == [
-        (100 - 84, 0, 50, 10), (100 - 30, 0, 30, 10), (100 - 40, 14, 40, 10),
+        (5 + 100 - 84, 3, 50, 10), (5 + 100 - 30, 3, 30, 10), (5 + 100 - 40, 17, 40, 10),
     ]  # fmt: skip
     boxes[1].hide()
-    assert row.heightForWidth(100) == 10  # 50 + 4 + 40 in one row
+    assert row.heightForWidth(94) == 10  # 50 + 4 + 40 in one row
     assert row.heightForWidth(60) == 24 and row.heightForWidth(20) == 24  # one a row
+    boxes[2].hide()
+    assert row.sizeHint() == QSize(50, 10)  # one: no spacing
+    taken = row.takeAt(1)
+    assert taken.widget() is boxes[1] and row.count() == 2 and row.takeAt(5) is None
+    assert row.takeAt(0).widget() is boxes[0] and row.count() == 1
