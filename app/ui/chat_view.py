@@ -577,8 +577,7 @@ class ChatView(QWidget):
         self.edit_timer.start()
 
     def _save_edits(self) -> None:
-        self.edit_timer.stop()
-        edits, self.edits = self.edits, {}
+        edits, self.edits = self.edits, {}  # (the timer, if it runs still, finds none)
         for mid, text in edits.items():
             self.edit_changed.emit(mid, text)
 
@@ -626,12 +625,11 @@ class ChatView(QWidget):
         """Tab goes through the messages' buttons and texts in their order, between the chat's
         view and the composer (a new message's went to the end of the window's chain, after the
         live panel). Qt orders only widgets that take focus, each message's one by one."""
-        before = self.earlier
+        before = self.earlier  # (the composer comes after it in the chain, and so after these)
         for w in self.widgets:
             for control in w.tab_order:
                 QWidget.setTabOrder(before, control)
                 before = control
-        QWidget.setTabOrder(before, self.input)
 
     def _inserted(self, parent, first: int, last: int) -> None:
         if first < self.first:  # before those shown (the app adds rows at the end)
