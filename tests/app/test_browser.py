@@ -941,9 +941,9 @@ def test_an_installed_models_fit_counts_only_its_weight_files(browser_app, tmp_p
 
 def test_every_control_tab_reaches_has_a_name(browser_app, qloop):
     """Each control the keyboard reaches with Tab, in the chat window (with a chat, its settings
-    open), the computer's check and the Models window's three tabs, has a name a screen reader
-    says: its accessible name or its own text (a tab bar's tabs are named). Scroll areas had
-    none. Tab leaves the catalogue (it went from cell to cell)."""
+    open) and the Models window's three tabs, has a name a screen reader says: its accessible
+    name or its own text (a tab bar's tabs are named). Scroll areas had none. Tab leaves the
+    catalogue (it went from cell to cell)."""
     from PySide6.QtTest import QTest
     from PySide6.QtWidgets import QAbstractButton, QAbstractSpinBox, QApplication, QTabBar, QWidget
 
@@ -973,8 +973,6 @@ def test_every_control_tab_reaches_has_a_name(browser_app, qloop):
         return out
 
     assert unnamed(app.window) == [], unnamed(app.window)
-    app.show_checks()  # Help > Check this computer
-    assert unnamed(app.checks_dialog) == [], unnamed(app.checks_dialog)
     for i in range(w.tabs.count()):
         w.tabs.setCurrentIndex(i)
         assert unnamed(w) == [], (w.tabs.tabText(i), unnamed(w))
