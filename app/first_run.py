@@ -48,6 +48,19 @@ def run_checks(hello: dict, gpus: Gpus, models_dir: Path, available=_UNSET) -> l
                     "Check that the GPU is seated and enabled, then restart.",
                 )
             )
+    elif hello.get("cuda_devices"):  # the driver works (CUDA does); its NVML library is missing
+        names = ", ".join(str(d.get("name", "a GPU")) for d in hello["cuda_devices"])
+        checks.append(Check("NVIDIA driver", True, f"CUDA works: {names}"))
+        checks.append(
+            Check(
+                "GPU monitoring (NVML)",
+                False,
+                gpus.reason or "not found",
+                "NVML (libnvidia-ml) comes with the NVIDIA driver: without it the live panel "
+                "shows no GPU memory and the fit check cannot tell what fits. In a container, "
+                "start it with the driver's libraries (the NVIDIA Container Toolkit's --gpus).",
+            )
+        )
     else:
         checks.append(
             Check(

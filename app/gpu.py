@@ -35,6 +35,7 @@ class GpuInfo:
 class Gpus:
     def __init__(self) -> None:
         self.error: str | None = None
+        self.reason: str | None = None  # why NVML cannot be read, in its own words
         try:
             import pynvml
 
@@ -44,6 +45,7 @@ class Gpus:
         except Exception as e:  # no library, no driver, no permission
             self.nvml = None
             self.driver = ""
+            self.reason = str(e)
             self.error = f"No NVIDIA GPU driver found ({e}); the engine runs on the CPU."
 
     @property

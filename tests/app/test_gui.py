@@ -1372,6 +1372,12 @@ def test_gpu_cards_match_nvml_to_cuda_by_uuid(gui):
     assert [c.title.text() for c in panel.cards] == ["GPU 0 (cuda:1): A", "GPU 1 (cuda:0): B"]
     assert "This engine: 3.0 GiB" in panel.cards[0].detail.text()
     assert panel.cards[0].bar.format() == "10.0 / 80.0 GiB"
+    panel.set_gpus([], "No NVIDIA GPU driver found (x).", 2 << 30)  # CUDA, but no NVML
+    assert not panel.cards and panel.gpu_note.text() == (
+        "The engine uses a GPU, a GPU (CUDA); its memory cannot be read here (NVML is not "
+        "available)."
+    )
+    panel.cuda_devices = []  # no GPU at all: the CPU
     panel.set_gpus([], "No NVIDIA GPU driver found (x).", 2 << 30)
     assert not panel.cards and "Engine memory (CPU): 2.0 GiB" in panel.gpu_note.text()
 
@@ -1870,6 +1876,7 @@ def test_the_checks_scroll_where_the_window_is_shorter_than_they_are(qapp):
         assert label.height() >= label.heightForWidth(label.width()), label.text()
     (scroll,) = d.findChildren(QScrollArea)
     assert scroll.verticalScrollBar().maximum() > 0  # the rest is a scroll away
+    assert scroll.accessibleName() == "Check results"  # (Tab reaches it: it had no name)
     d.close()
 
 

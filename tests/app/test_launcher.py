@@ -342,3 +342,32 @@ def test_the_wheel_ships_every_file_the_kernel_build_reads():
     assert not missing  # vptq_device.cuh was left out of the wheel until session 6
     on_disk = {f"csrc/{f.name}" for f in (REPO / "csrc").iterdir() if f.suffix != ".md"}
     assert on_disk == set(needed)  # nothing in csrc/ that the build does not list
+
+
+def test_first_run_where_cuda_works_without_nvml(tmp_path):
+    """A GPU the engine uses while NVML cannot be read (a container without the driver's
+    libraries): the driver is not called missing, with advice to install it and run on the
+    CPU; what is missing is the GPU monitoring, said with what it costs and what to do."""
+
+    class NoNvml:
+        available, driver, reason = False, None, "NVML Shared Library Not Found"
+        error = f"No NVIDIA GPU driver found ({reason}); the engine runs on the CPU."
+
+        def read(self, engine_pid=None):
+            return []
+
+    hello = {
+        "device": "cuda", "torch": "2.11.0", "kernels": "cuda", "kernels_reason": "built",
+        "cuda_devices": [{"index": 0, "name": "NVIDIA H100", "uuid": "aaaa"}],
+    }  # fmt: skip
+    checks = {c.name: c for c in run_checks(hello, NoNvml(), tmp_path / "models", 0)}
+    assert (checks["NVIDIA driver"].ok, checks["NVIDIA driver"].detail) == (
+        True, "CUDA works: NVIDIA H100"
+    )  # fmt: skip
+    nvml = checks["GPU monitoring (NVML)"]
+    assert nvml.ok is False and nvml.detail == "NVML Shared Library Not Found"
+    assert "live panel" in nvml.fix and "fit check" in nvml.fix
+    assert verdict(list(checks.values())).startswith("Ready")
+    checks = {c.name: c for c in run_checks({**hello, "cuda_devices": []}, NoNvml(),
+                                            tmp_path / "models", 0)}  # fmt: skip
+    assert checks["NVIDIA driver"].ok is False and "GPU monitoring (NVML)" not in checks
