@@ -254,9 +254,16 @@ class App:
         return run_checks(self.client.hello, self.window.gpus, hub_models())
 
     def show_checks(self) -> None:
-        """The first-run check (also Help > Check this computer), never modal."""
+        """The first-run check (also Help > Check this computer), never modal: one window,
+        checked again and brought to the front where it is open (a window more each time)."""
         from .ui.first_run_dialog import FirstRunDialog
 
+        open_one = self.checks_dialog
+        if open_one is not None and open_one.isVisible():
+            open_one.refresh()
+            open_one.raise_()
+            open_one.activateWindow()
+            return
         self.checks_dialog = FirstRunDialog(self.window, self.run_checks)
         self.checks_dialog.show()
 

@@ -1903,6 +1903,33 @@ def test_the_disk_check_is_of_the_folder_downloads_go_to(gui, tmp_path, monkeypa
     assert "VPTQ_CHAT_MODELS set to a folder on a disk with room" in disk.fix
 
 
+def test_help_check_this_computer_reuses_the_open_window(gui, qloop, monkeypatch):
+    """Help > Check this computer opened a new checks window each time, the old ones left open
+    behind it: where one is open it is checked again and raised; once closed, a new one."""
+    from app.first_run import Check
+
+    wait_until(qloop, lambda: gui.checks_dialog is not None and gui.checks_dialog.isVisible())
+    first = gui.checks_dialog
+    runs = iter(["1.0 GiB free", "12.0 GiB free", "13.0 GiB free"])
+    real = gui.run_checks
+
+    def run():
+        return [*real(), Check("Marker", True, next(runs))]
+
+    monkeypatch.setattr(gui, "run_checks", run)
+    first.run = run  # the open window's own
+    menu_action(gui.window, "&Check this computer…").trigger()
+    assert gui.checks_dialog is first and first.isVisible()
+    assert "1.0 GiB free" in first.labels[-1].text()
+    menu_action(gui.window, "&Check this computer…").trigger()
+    assert gui.checks_dialog is first and "12.0 GiB free" in first.labels[-1].text()
+    first.accept()
+    menu_action(gui.window, "&Check this computer…").trigger()
+    assert gui.checks_dialog is not first and gui.checks_dialog.isVisible()
+    assert "13.0 GiB free" in gui.checks_dialog.labels[-1].text()
+    gui.checks_dialog.close()
+
+
 def test_checking_again_replaces_the_lines(qapp):
     """ "Check again" shows the new checks in place of the old ones at once (the old lines
     stayed in the layout, shown, until the event loop came round to deleting them)."""
