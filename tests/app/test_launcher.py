@@ -106,6 +106,19 @@ def test_windows_shortcut_script():
 GiB = 1 << 30
 
 
+def cuda_hello(gpu: str) -> dict:
+    """An engine's hello on one CUDA GPU named ``gpu`` with the kernels built."""
+    return {
+        "device": "cuda", "torch": "2.11.0", "kernels": "cuda", "kernels_reason": "built",
+        "cuda_devices": [{"index": 0, "name": gpu, "uuid": "aaaa"}],
+    }  # fmt: skip
+
+
+def checks_by_name(hello: dict, gpus, tmp_path) -> dict:
+    """run_checks' checks by name, with no CPU memory figure (0)."""
+    return {c.name: c for c in run_checks(hello, gpus, tmp_path / "models", 0)}
+
+
 def test_first_run_verdict_without_a_gpu(tmp_path):
     """On this machine (no NVIDIA driver, CPU PyTorch) the real engine's hello and NVML give
     the CPU-path verdicts, each problem with what to do."""
@@ -164,11 +177,8 @@ def test_first_run_says_which_gpus_the_engine_sees(tmp_path):
                 GpuInfo(1, "GPU-BBBB", "Hidden", 8 * GiB, 0, 8 * GiB, 0, 40),
             ]
 
-    hello = {
-        "device": "cuda", "torch": "2.11.0", "kernels": "cuda", "kernels_reason": "built",
-        "cuda_devices": [{"index": 0, "name": "Big", "uuid": "aaaa"}],
-    }  # fmt: skip
-    checks = {c.name: c for c in run_checks(hello, TwoGpus(), tmp_path / "models", 0)}
+    hello = cuda_hello("Big")
+    checks = checks_by_name(hello, TwoGpus(), tmp_path)
     assert (checks["GPU 0"].ok, checks["GPU 0"].detail) == (
         True, "Big: 16.0 GiB free of 24.0 GiB; the engine's cuda:0"
     )  # fmt: skip
@@ -178,7 +188,7 @@ def test_first_run_says_which_gpus_the_engine_sees(tmp_path):
     assert hidden.fix.startswith("CUDA_VISIBLE_DEVICES hides it from the engine")
     assert verdict(list(checks.values())).startswith("Ready")  # the other GPU serves
     # before the engine's hello (or without CUDA) the GPUs are listed as the driver has them
-    bare = {c.name: c for c in run_checks({}, TwoGpus(), tmp_path / "models", 0)}
+    bare = checks_by_name({}, TwoGpus(), tmp_path)
     assert bare["GPU 1"].ok is True and bare["GPU 1"].detail == "Hidden: 8.0 GiB free of 8.0 GiB"
 
 
@@ -224,7 +234,7 @@ def test_first_run_disk_space_missing_gpus_and_the_cpu_memory_edges(tmp_path, mo
     gpu = checks["GPU"]
     assert (gpu.ok, gpu.detail) == (False, "the driver reports no GPU")
     assert gpu.fix.startswith("Check that the GPU is seated")
-    driver = {c.name: c for c in run_checks(hello, NoDriver(), tmp_path / "models", 0)}
+    driver = checks_by_name(hello, NoDriver(), tmp_path)
     assert (driver["NVIDIA driver"].ok, driver["NVIDIA driver"].detail) == (False, "not found")
     assert "GPU" not in driver
     fits = int(7e9 * 2.5)
@@ -356,11 +366,8 @@ def test_first_run_where_cuda_works_without_nvml(tmp_path):
         def read(self, engine_pid=None):
             return []
 
-    hello = {
-        "device": "cuda", "torch": "2.11.0", "kernels": "cuda", "kernels_reason": "built",
-        "cuda_devices": [{"index": 0, "name": "NVIDIA H100", "uuid": "aaaa"}],
-    }  # fmt: skip
-    checks = {c.name: c for c in run_checks(hello, NoNvml(), tmp_path / "models", 0)}
+    hello = cuda_hello("NVIDIA H100")
+    checks = checks_by_name(hello, NoNvml(), tmp_path)
     assert (checks["NVIDIA driver"].ok, checks["NVIDIA driver"].detail) == (
         True, "CUDA works: NVIDIA H100"
     )  # fmt: skip
@@ -368,6 +375,5 @@ def test_first_run_where_cuda_works_without_nvml(tmp_path):
     assert nvml.ok is False and nvml.detail == "NVML Shared Library Not Found"
     assert "live panel" in nvml.fix and "fit check" in nvml.fix
     assert verdict(list(checks.values())).startswith("Ready")
-    checks = {c.name: c for c in run_checks({**hello, "cuda_devices": []}, NoNvml(),
-                                            tmp_path / "models", 0)}  # fmt: skip
+    checks = checks_by_name({**hello, "cuda_devices": []}, NoNvml(), tmp_path)
     assert checks["NVIDIA driver"].ok is False and "GPU monitoring (NVML)" not in checks
