@@ -53,6 +53,7 @@ from .models import GroupRole, IdRole, SnippetRole
 from .screen import fit_to_screen
 
 MAX_IMPORT_BYTES = 256 << 20  # a chat export is text: a larger file is the wrong one
+CHAT_FLOOR = 300  # px: below it the live panel folds away (_fit_panes)
 
 
 def file_name(title: str) -> str:
@@ -346,26 +347,30 @@ class MainWindow(QMainWindow):
         # kept their floors (160 and 190 px in a 1200 px window)
         self._fit_panes()
 
-    def _fit_panes(self) -> None:
+    def _fit_panes(self, keep_panel: bool = False) -> None:
         """The chat list and the live panel take a share of the width, between a floor and their
         full widths (230 and 250 px at the normal text size, wider for larger text: the panel's
         lines were cut at its edge), so that in a small window the chat keeps most of it;
         widths the user dragged stay. The panel's floor holds its widest word (at 200% its
-        heading "Throughput" was wider than the floor, and every line ran past the edge)."""
+        heading "Throughput" was wider than the floor, and every line ran past the edge).
+        Where the panes' floors would leave the chat less than CHAT_FLOOR, the panel folds
+        away until the window is wider again (in a 560 px window the chat had 200 px), unless
+        ``keep_panel``: View > Live panel asked for it just now."""
         if self.user_sized:
             return
         sizes = self.split.sizes()
         total, scale = sum(sizes), max(1.0, self.settings.text_size / NORMAL)
         side = max(160, min(round(230 * scale), round(total * 0.22)))
         panel = round(max(190, self.panel.least_width(), min(250 * scale, total * 0.25)))
-        panel = 0 if self.panel.isHidden() else panel
+        narrow = total - side - panel < CHAT_FLOOR and not keep_panel
+        panel = 0 if self.panel.isHidden() or narrow else panel
         self.split.setSizes([side, total - side - panel, panel])
 
     def _show_panel(self, on: bool) -> None:
         self.panel.setVisible(on)
         self.settings.show_panel = on
         self.ctrl.settings_changed.emit()
-        self._fit_panes()
+        self._fit_panes(keep_panel=on)
 
     def _text_size(self, way: int) -> None:
         """View > Larger text (``way`` 1), Smaller text (-1), Normal text size (0): every

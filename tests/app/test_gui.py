@@ -1628,6 +1628,7 @@ def test_settings_before_the_first_chat_start_it(tmp_path, qloop, monkeypatch):
 
 def test_small_window_gives_the_chat_most_of_the_width(gui, qloop):
     w = gui.window
+    live = menu_action(w, "&Live panel")
 
     def resized(width):
         w.resize(width, 560)
@@ -1637,12 +1638,21 @@ def test_small_window_gives_the_chat_most_of_the_width(gui, qloop):
     side, chat, panel = resized(820)
     assert chat >= 420 and side >= 150 and panel >= 180  # the chat was 332 px here
     assert resized(1400)[0::2] == [230, 250]  # full widths where there is room
-    live = menu_action(w, "&Live panel")
     live.trigger()  # off
     assert not gui.settings.show_panel and w.split.sizes()[2] == 0
     assert Settings.load(gui.data / "settings.json").show_panel is False  # saved at once
     live.trigger()  # on again, at its width (a hidden pane's 0 is not kept)
     assert gui.settings.show_panel and w.split.sizes()[2] == 250
+    # where the panes' floors would leave the chat under 300 px (200 in a 560 px window) the
+    # panel folds away, and comes back as the window widens
+    side, chat, panel = resized(560)
+    assert (side, panel) == (160, 0) and chat >= 380 and gui.settings.show_panel
+    live.trigger()
+    live.trigger()  # asked for: shown, narrow or not
+    assert w.split.sizes()[2] >= 190
+    assert resized(540)[2] == 0
+    side, chat, panel = resized(820)
+    assert panel >= 180 and chat >= 420
     w.split.setSizes([300, 850, 250])
     w.split.splitterMoved.emit(300, 1)  # the user dragged a handle: their widths stay
     assert resized(1200)[0] == 300
