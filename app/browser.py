@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from engine.sliced_plan import model_layout_bytes
 
 from .downloads import ACTIVE, Download, DownloadManager
 from .fit import CpuFit, Fit, Shape, cpu_fit, fit
-from .gpu import GpuInfo, Gpus, cuda_index, device_index, same_device
+from .gpu import GpuInfo, Gpus, cuda_index, device_index, from_engine, same_device
 from .hub import (
     INSTALLED,
     WEIGHT_SUFFIXES,
@@ -306,8 +306,14 @@ class BrowserController(QObject):
         self.details_ready.emit(self.details)
 
     def gpus_now(self) -> list[GpuInfo]:
-        """The GPUs now, each with what this app's engine holds on it (engine_bytes)."""
-        return self.gpus.read(self.engine_pid())
+        """The GPUs now, each with what this app's engine holds on it (engine_bytes). Where
+        NVML cannot be read but the engine's CUDA works, the engine's GPUs (gpu.from_engine:
+        the fit checked against their total), so that the fit and Load in chat are for the
+        GPU the engine uses (they were for the CPU, and Load in chat loaded there)."""
+        gpus = self.gpus.read(self.engine_pid())
+        if gpus or self.gpus.available:
+            return gpus
+        return from_engine(self.engine_devices() or [])
 
     def fit(self, context: int, gpu: GpuInfo | None) -> Fit | None:
         d = self.details
@@ -475,7 +481,8 @@ def _gpu_fit(shape: Shape, s: Scheme, weight_bytes: int, gpu: GpuInfo, context: 
     gptq = _gptq_packing(s)
     unpacked = gptq_zero_bytes(shape, *gptq) if gptq else 0  # zero points unpacked at load
     held = gpu.engine_bytes or 0  # the engine unloads its model before loading another
-    return fit(shape, weight_bytes, gpu.free, context, layout, unpacked, held)
+    f = fit(shape, weight_bytes, gpu.free, context, layout, unpacked, held)
+    return f if gpu.free_known else replace(f, free_known=False)
 
 
 def _cpu_fit(

@@ -45,6 +45,7 @@ class Fit:
     host: int = 0  # the embedding table, kept in host memory (weights counts only the GPU part)
     unpacked: int = 0  # of weights: GPTQ zero points a load unpacks beyond the files
     reclaimed: int = 0  # of free: what the model loaded now holds (the engine lets it go first)
+    free_known: bool = True  # False: free is the GPU's total (NVML cannot be read, app/gpu.py)
 
     @property
     def needed(self) -> int:
@@ -69,7 +70,8 @@ class Fit:
             ),
             f"KV cache at {self.context} tokens {gib(self.kv_cache)}",
             f"Runtime overhead {gib(self.overhead)}",
-            f"Needed {gib(self.needed)} of {gib(self.free)} free"
+            f"Needed {gib(self.needed)} of {gib(self.free)} "
+            + ("free" if self.free_known else "(the GPU's total)")
             + (
                 f" (with the {gib(self.reclaimed)} of the model loaded now, which is unloaded "
                 "first)"

@@ -24,6 +24,7 @@ class GpuInfo:
     engine_bytes: int | None = None  # memory used by the engine process
     capability: tuple[int, int] | None = None  # CUDA compute capability (major, minor)
     cuda_cores: int | None = None
+    free_known: bool = True  # False: NVML cannot be read, and free is the total (from_engine)
 
     @property
     def plan_gpu(self) -> GPU | None:
@@ -98,6 +99,21 @@ class Gpus:
             seen[p.pid] = max(seen.get(p.pid, 0), int(p.usedGpuMemory or 0))
         out = [(pid, _process_name(pid), b) for pid, b in seen.items()]
         return sorted(out, key=lambda t: -t[2])
+
+
+def from_engine(cuda_devices: list[dict]) -> list[GpuInfo]:
+    """The engine's GPUs as its hello lists them, for where NVML cannot be read but CUDA works
+    (a container without the driver's NVML library): their free memory unknown, taken as their
+    total (``free_known`` False, which the fit check says), numbered as the engine numbers
+    them. Devices without a size are left out."""
+    out = []
+    for d in cuda_devices:
+        total = int(d.get("total_bytes") or 0)
+        if total > 0:
+            name, uuid = str(d.get("name") or "a GPU"), str(d.get("uuid", ""))
+            out.append(GpuInfo(int(d["index"]), uuid, name, total, 0, total, None, None,
+                               free_known=False))  # fmt: skip
+    return out
 
 
 def _process_name(pid: int) -> str:

@@ -37,6 +37,12 @@ from .banner import ErrorBanner
 from .colours import colour
 from .screen import fit_to_screen
 
+# under the fit on a GPU whose free memory cannot be read (app/gpu.py from_engine)
+UNKNOWN_FREE = (
+    "NVML cannot be read here, so the GPU's free memory is unknown: this fit is against its "
+    "total, and other programs' use of it is not counted"
+)
+
 
 def verdict_html(verdict: str, widget: QWidget) -> str:
     """The verdict, capitalised and bold, in its colour for the widget's light or dark theme."""
@@ -303,7 +309,8 @@ class DetailPane(QWidget):
             mark = "" if ok else ", not usable"  # why: under the fit
             # the free memory before the name: a narrow box cuts the end of a long name
             # ("NVIDIA GeForce RTX 4090 Laptop GPU"), where it cut the free memory
-            self.gpu.addItem(f"GPU {g.index} ({gib(g.free)} free{mark}): {g.name}", g)
+            free = f"{gib(g.free)} free" if g.free_known else f"{gib(g.total)} total"
+            self.gpu.addItem(f"GPU {g.index} ({free}{mark}): {g.name}", g)
         self.gpu.addItem("CPU (slow)", None)  # last: a GPU, where there is one, first
         self.gpu.setCurrentIndex(self._where_loads_go(gpus, usable))
         self.gpu.blockSignals(False)
@@ -372,6 +379,8 @@ class DetailPane(QWidget):
                 lines.append("To make room, close: " + "; ".join(room))
         if f.verdict == "does not fit":
             lines += self._fits_elsewhere(gpu)
+        if not gpu.free_known:
+            lines.append(UNKNOWN_FREE)
         lines = offer_context(lines, f.verdict, f.max_context)
         _, unseen = self.ctrl.load_device(gpu)
         if unseen:  # why Load in chat cannot load it there (not only in its tooltip), first:
@@ -579,7 +588,9 @@ def installed_fit_text(
     where = f"on GPU {gpu.index} ({gpu.name})" if gpu is not None else "on the CPU (slow)"
     if f.verdict is None:  # the CPU's memory unknown
         return f"Loads {where}; it takes about {f.need.describe()}."
-    if isinstance(f, Fit):
+    if isinstance(f, Fit) and gpu is not None and not gpu.free_known:
+        need = f"{gib(f.needed)} of its {gib(f.free)} (its free memory is unknown)"
+    elif isinstance(f, Fit):
         need = f"{gib(f.needed)} of {gib(f.free)} free"
     else:
         need = f"{gib(f.need.total)} of {gib(f.available or 0)} available"

@@ -588,6 +588,39 @@ def test_without_a_gpu_the_fit_is_the_cpu_paths_memory_against_what_is_available
     save_shots(w, qloop, "models-cpu")
 
 
+def test_where_nvml_cannot_be_read_the_fit_and_load_are_for_the_engines_gpu(browser_app, qloop):
+    """A container without NVML whose CUDA works: Fit on listed only the CPU, the fit was the
+    CPU's, and Load in chat loaded on the CPU. Now the GPUs are the engine's (its hello), the
+    fit against the card's total, said so; a device the hello gives no size is left out."""
+    from app.ui.browser import UNKNOWN_FREE, installed_fit_text
+
+    app, _ = browser_app
+    app.browser.gpus = NoGpus()
+    app.client.hello["cuda_devices"] = [
+        {"index": 0, "name": "NVIDIA H100", "uuid": "abcd", "total_bytes": 80 * GiB},
+        {"index": 1, "name": "No size", "uuid": "ef01"},
+    ]
+    _, browse = open_models(app, qloop)
+    browse.table.setCurrentIndex(app.browser.filtered.index(0, 0))  # the 8B
+    detail = browse.detail
+    wait_until(qloop, lambda: "Download size" in detail.size.text(), what="the details")
+    items = [detail.gpu.itemText(i) for i in range(detail.gpu.count())]
+    assert items == ["GPU 0 (80.00 GiB total): NVIDIA H100", "CPU (slow)"]
+    assert detail.gpu.currentIndex() == 0  # where loads go
+    assert "Fits" in detail.verdict.text()
+    lines = detail.breakdown.text().split("<br>")
+    assert "Needed 1.42 GiB of 80.00 GiB (the GPU's total)" in lines and lines[-1] == UNKNOWN_FREE
+    gpu = detail.gpu.currentData()
+    assert app.browser.load_device(gpu) == ("cuda:0", "")
+    assert app.browser.engine_gpu() == gpu
+    f = app.browser.fit(4096, gpu)
+    assert f.free == 80 * GiB
+    assert "needs" in (text := installed_fit_text(gpu, f, 4096, detail))
+    assert "of its 80.00 GiB (its free memory is unknown)" in text
+    app.browser.gpus = FakeGpus()  # NVML's list wins where it has one
+    assert [g.name for g in app.browser.gpus_now()] == ["Test GPU 24GB"]
+
+
 GPTQ = "hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4"
 
 

@@ -373,7 +373,7 @@ def test_first_run_where_cuda_works_without_nvml(tmp_path):
     )  # fmt: skip
     nvml = checks["GPU monitoring (NVML)"]
     assert nvml.ok is False and nvml.detail == "NVML Shared Library Not Found"
-    assert "live panel" in nvml.fix and "fit check" in nvml.fix
+    assert "live panel" in nvml.fix and "the whole card" in nvml.fix
     assert verdict(list(checks.values())).startswith("Ready")
     checks = checks_by_name({**hello, "cuda_devices": []}, NoNvml(), tmp_path)
     assert checks["NVIDIA driver"].ok is False and "GPU monitoring (NVML)" not in checks
