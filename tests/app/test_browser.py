@@ -620,6 +620,13 @@ def test_where_nvml_cannot_be_read_the_fit_and_load_are_for_the_engines_gpu(brow
     app.browser.gpus = FakeGpus()  # NVML's list wins where it has one
     assert [g.name for g in app.browser.gpus_now()] == ["Test GPU 24GB"]
 
+    class NoneListed(FakeGpus):  # NVML works and lists none: as it says (the check says why)
+        def read(self, engine_pid=None):
+            return []
+
+    app.browser.gpus = NoneListed()
+    assert app.browser.gpus_now() == []
+
 
 GPTQ = "hugging-quants/Meta-Llama-3.1-8B-Instruct-GPTQ-INT4"
 
