@@ -591,13 +591,14 @@ class MainWindow(QMainWindow):
         task.add_done_callback(self.tasks.discard)
 
     async def _poll_async(self, pid: int | None) -> None:
-        rss = None
+        stats = {}
         if self.ctrl.client.state in ("ready", "loaded"):
             try:
-                rss = (await self.ctrl.client.stats(timeout=2)).get("rss_bytes")
+                stats = await self.ctrl.client.stats(timeout=2)
             except Exception:  # a busy or restarting engine: try again next second
-                rss = None
-        self.panel.set_gpus(self.gpus.read(pid), self.gpus.error, rss)
+                stats = {}
+        rss, vram = stats.get("rss_bytes"), stats.get("vram_reserved_bytes")
+        self.panel.set_gpus(self.gpus.read(pid), self.gpus.error, rss, vram)
 
     # -- menu actions ------------------------------------------------------------------------------
     async def _unload(self) -> None:

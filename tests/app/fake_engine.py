@@ -60,10 +60,10 @@ def reader():
             elif msg.type == "shutdown":  # as engine/server.py: the answer under way is cancelled
                 cancelled.add(ANSWERING)
                 inbox.append(msg)
-            elif msg.type == "stats":
-                send(
-                    "stats", msg.id, model="fake", pid=os.getpid(), rss_bytes=1 << 20, vram_bytes=0
-                )
+            elif msg.type == "stats":  # on CUDA PyTorch's share too, as engine/server.py
+                gpu = {"vram_reserved_bytes": 3 << 30} if os.environ.get("FAKE_ENGINE_CUDA") else {}
+                send("stats", msg.id, model="fake", pid=os.getpid(), rss_bytes=1 << 20,
+                     vram_bytes=0, **gpu)  # fmt: skip
             else:
                 inbox.append(msg)
             cv.notify()

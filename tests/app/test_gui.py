@@ -1382,6 +1382,32 @@ def test_gpu_cards_match_nvml_to_cuda_by_uuid(gui):
     assert not panel.cards and "Engine memory (CPU): 2.0 GiB" in panel.gpu_note.text()
 
 
+def test_without_nvml_the_panel_says_what_the_engine_holds_on_the_gpu(tmp_path, qloop, monkeypatch):
+    """Where NVML cannot be read but the engine runs on CUDA, the panel said only that the
+    memory cannot be read: now what PyTorch holds in the engine, from its stats."""
+    cuda = [{"index": 0, "name": "NVIDIA H100", "uuid": "abcd", "total_bytes": 80 << 30}]
+    monkeypatch.setenv("FAKE_ENGINE_CUDA", json.dumps(cuda))
+    app = make_app(tmp_path, qloop, monkeypatch)
+    try:
+        w = app.window
+
+        class NoNvml:
+            available, error, reason = False, "No NVIDIA GPU driver found (x).", "x"
+
+            def read(self, engine_pid=None):
+                return []
+
+        w.gpus = NoNvml()
+        qloop.run_until_complete(w._poll_async(app.client.pid))
+        assert w.panel.gpu_note.text() == (
+            "The engine uses NVIDIA H100 (CUDA) and holds 3.0 GiB there for PyTorch; the rest "
+            "of the GPU's memory cannot be read here (NVML is not available)."
+        )
+    finally:
+        qloop.run_until_complete(app.close())
+        app.window.close()
+
+
 def test_failed_load_leaves_a_usable_engine_and_shows_kernel_state(tmp_path, qloop, monkeypatch):
     from .conftest import make_app
 
