@@ -263,6 +263,7 @@ class DetailPane(QWidget):
         self.load.clicked.connect(self._load)
         self.context.valueChanged.connect(self._context_changed)
         self.gpu.currentIndexChanged.connect(lambda _: self.update_fit())
+        self.gpu.currentTextChanged.connect(self.gpu.setToolTip)  # the whole name, where cut
         ctrl.details_ready.connect(self.show_details)
         ctrl.context_changed.connect(self.context.setValue)
         ctrl.download_changed.connect(self.show_download)
@@ -314,6 +315,7 @@ class DetailPane(QWidget):
         self.gpu.addItem("CPU (slow)", None)  # last: a GPU, where there is one, first
         self.gpu.setCurrentIndex(self._where_loads_go(gpus, usable))
         self.gpu.blockSignals(False)
+        self.gpu.setToolTip(self.gpu.currentText())
 
     def _where_loads_go(self, gpus: list, usable: list[bool]) -> int:
         """Fit on starts at the device loads go to now (the last load's GPU, or the CPU), else

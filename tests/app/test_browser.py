@@ -607,6 +607,10 @@ def test_where_nvml_cannot_be_read_the_fit_and_load_are_for_the_engines_gpu(brow
     items = [detail.gpu.itemText(i) for i in range(detail.gpu.count())]
     assert items == ["GPU 0 (80.00 GiB total): NVIDIA H100", "CPU (slow)"]
     assert detail.gpu.currentIndex() == 0  # where loads go
+    assert detail.gpu.toolTip() == items[0]  # a narrow box cuts the name: the whole in the tip
+    detail.gpu.setCurrentIndex(1)
+    assert detail.gpu.toolTip() == "CPU (slow)"
+    detail.gpu.setCurrentIndex(0)
     assert "Fits" in detail.verdict.text()
     lines = detail.breakdown.text().split("<br>")
     assert "Needed 1.42 GiB of 80.00 GiB (the GPU's total)" in lines and lines[-1] == UNKNOWN_FREE
