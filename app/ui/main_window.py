@@ -53,7 +53,7 @@ from .models import GroupRole, IdRole, SnippetRole
 from .screen import fit_to_screen
 
 MAX_IMPORT_BYTES = 256 << 20  # a chat export is text: a larger file is the wrong one
-CHAT_FLOOR = 300  # px: below it the live panel folds away (_fit_panes)
+CHAT_FLOOR = 300  # px at the normal text size: below it the live panel folds away (_fit_panes)
 
 
 def file_name(title: str) -> str:
@@ -353,8 +353,9 @@ class MainWindow(QMainWindow):
         lines were cut at its edge), so that in a small window the chat keeps most of it;
         widths the user dragged stay. The panel's floor holds its widest word (at 200% its
         heading "Throughput" was wider than the floor, and every line ran past the edge).
-        Where the panes' floors would leave the chat less than CHAT_FLOOR, the panel folds
-        away until the window is wider again (in a 560 px window the chat had 200 px), unless
+        Where the panes' floors would leave the chat less than CHAT_FLOOR (more for larger
+        text: 424 px at 200%, where 320 px held 15 characters a line), the panel folds away
+        until the window is wider again (in a 560 px window the chat had 200 px), unless
         ``keep_panel``: View > Live panel asked for it just now."""
         if self.user_sized:
             return
@@ -362,7 +363,7 @@ class MainWindow(QMainWindow):
         total, scale = sum(sizes), max(1.0, self.settings.text_size / NORMAL)
         side = max(160, min(round(230 * scale), round(total * 0.22)))
         panel = round(max(190, self.panel.least_width(), min(250 * scale, total * 0.25)))
-        narrow = total - side - panel < CHAT_FLOOR and not keep_panel
+        narrow = total - side - panel < CHAT_FLOOR * scale**0.5 and not keep_panel
         panel = 0 if self.panel.isHidden() or narrow else panel
         self.split.setSizes([side, total - side - panel, panel])
 

@@ -2851,6 +2851,10 @@ def test_larger_text_grows_every_window_s_text_and_is_kept(gui, qloop):
     # chat's edge, which cut off its right side
     w.resize(780, 560)
     wait_until(qloop, lambda: w.width() == 780)
+    assert w.split.sizes()[2] == 0  # the panel folded away for the chat (424 px at 200%)
+    live = menu_action(w, "&Live panel")
+    live.trigger()
+    live.trigger()  # asked for: shown, the chat narrow
     qloop.run_until_complete(asyncio.sleep(0.05))
     view = w.chat.scroll.viewport()
     assert answer.head.direction() == QBoxLayout.Direction.TopToBottom
@@ -3299,12 +3303,19 @@ def test_tab_goes_through_the_chat_in_reading_order(gui, qloop):
 
 def test_the_live_panel_holds_its_widest_word_at_a_large_text_size(gui, qloop):
     """At 200% in a small window the panel is as wide as its widest word (the heading
-    "Throughput" was wider than its floor and every line of it ran past its edge, cut off)."""
-    gui.window.resize(700, 500)
+    "Throughput" was wider than its floor and every line of it ran past its edge, cut off).
+    In a 700 px window the panel now folds away at 200% (the chat would have 320 px): 900."""
+    gui.window.resize(900, 500)
     for _ in range(5):
         menu_action(gui.window, "&Larger text").trigger()
     qloop.run_until_complete(asyncio.sleep(0.1))
     assert gui.settings.text_size == 200
+    assert gui.window.split.sizes()[2] > 190  # shown, above its floor
+    gui.window.resize(700, 500)
+    qloop.run_until_complete(asyncio.sleep(0.1))
+    assert gui.window.split.sizes()[2] == 0  # folded away: the chat gets the room
+    gui.window.resize(900, 500)
+    qloop.run_until_complete(asyncio.sleep(0.1))
     panel = gui.window.panel
     content = panel.widget()
     assert content.minimumSizeHint().width() > 190  # wider than the floor
