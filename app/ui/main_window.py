@@ -366,6 +366,8 @@ class MainWindow(QMainWindow):
         narrow = total - side - panel < CHAT_FLOOR * scale**0.5 and not keep_panel
         panel = 0 if self.panel.isHidden() or narrow else panel
         self.split.setSizes([side, total - side - panel, panel])
+        if action := getattr(self, "panel_action", None):  # (made after the first resize)
+            action.setChecked(panel > 0)  # folded: one click on View > Live panel shows it
 
     def _show_panel(self, on: bool) -> None:
         self.panel.setVisible(on)
@@ -455,7 +457,7 @@ class MainWindow(QMainWindow):
         m.addSeparator()
         act(m, "&Restart engine", lambda: self._spawn(self.ctrl.restart_engine()))
         m = self.menuBar().addMenu("&View")
-        a = act(m, "&Live panel", self._show_panel)
+        a = self.panel_action = act(m, "&Live panel", self._show_panel)
         a.setCheckable(True)
         a.setChecked(self.settings.show_panel)
         m.addSeparator()

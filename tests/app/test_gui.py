@@ -1673,12 +1673,12 @@ def test_small_window_gives_the_chat_most_of_the_width(gui, qloop):
     # panel folds away, and comes back as the window widens
     side, chat, panel = resized(560)
     assert (side, panel) == (160, 0) and chat >= 380 and gui.settings.show_panel
-    live.trigger()
+    assert not live.isChecked()  # folded: unchecked, so one click shows it
     live.trigger()  # asked for: shown, narrow or not
-    assert w.split.sizes()[2] >= 190
-    assert resized(540)[2] == 0
+    assert w.split.sizes()[2] >= 190 and live.isChecked() and gui.settings.show_panel
+    assert resized(540)[2] == 0 and not live.isChecked()
     side, chat, panel = resized(820)
-    assert panel >= 180 and chat >= 420
+    assert panel >= 180 and chat >= 420 and live.isChecked()
     w.split.setSizes([300, 850, 250])
     w.split.splitterMoved.emit(300, 1)  # the user dragged a handle: their widths stay
     assert resized(1200)[0] == 300
@@ -2852,9 +2852,7 @@ def test_larger_text_grows_every_window_s_text_and_is_kept(gui, qloop):
     w.resize(780, 560)
     wait_until(qloop, lambda: w.width() == 780)
     assert w.split.sizes()[2] == 0  # the panel folded away for the chat (424 px at 200%)
-    live = menu_action(w, "&Live panel")
-    live.trigger()
-    live.trigger()  # asked for: shown, the chat narrow
+    menu_action(w, "&Live panel").trigger()  # asked for: shown, the chat narrow
     qloop.run_until_complete(asyncio.sleep(0.05))
     view = w.chat.scroll.viewport()
     assert answer.head.direction() == QBoxLayout.Direction.TopToBottom
