@@ -1,6 +1,7 @@
 """GUI fixtures: offscreen Qt, one qasync loop, the real App wired to the fake engine."""
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -33,6 +34,14 @@ def wait_until(loop, predicate, timeout=20.0, what="condition"):
             await asyncio.sleep(0.02)
 
     loop.run_until_complete(poll())
+
+
+def last_request(log, type_: str) -> dict:
+    """The last request of ``type_`` the fake engine logged ($FAKE_ENGINE_LOG): the live panel
+    asks for stats every second, so the log's last line can be one of those (a loaded CI run
+    read a stats request where it expected the continuation's generate)."""
+    requests = [json.loads(line) for line in Path(log).read_text().splitlines()]
+    return [r for r in requests if r["type"] == type_][-1]
 
 
 def make_app(tmp_path, loop, monkeypatch, engine=FAKE_ENGINE, theme="light", model="demo"):

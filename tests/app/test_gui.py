@@ -13,7 +13,7 @@ from PySide6.QtWidgets import QAbstractSlider
 from app.settings import Settings
 from app.ui.chat_view import code_space_px
 
-from .conftest import make_app, wait_until
+from .conftest import last_request, make_app, wait_until
 
 
 def send(app, text):
@@ -664,8 +664,8 @@ def test_history_sent_to_the_engine(tmp_path, qloop, monkeypatch):
         )
         send(app, "three")
         wait_until(qloop, lambda: answer_done(app) and len(app.ctrl.messages.rows) == 6)
-        last = json.loads(requests.read_text().splitlines()[-1])
-        assert last["type"] == "generate" and last["sampling"] == {"top_k": 5}
+        last = last_request(requests, "generate")
+        assert last["sampling"] == {"top_k": 5}
         # an answer that failed ("⚠ ..." in the chat) and one stopped before its first word
         # are not sent as the model's turns
         send(app, "fail")
@@ -676,7 +676,7 @@ def test_history_sent_to_the_engine(tmp_path, qloop, monkeypatch):
         app.ctrl.messages.update(5, content="")
         send(app, "four")
         wait_until(qloop, lambda: answer_done(app) and len(app.ctrl.messages.rows) == 10)
-        last = json.loads(requests.read_text().splitlines()[-1])
+        last = last_request(requests, "generate")
         assert [m["content"] for m in last["messages"]] == [
             "Be brief.", "one", "You said: one", "two", "You said: two", "three", "fail", "four"
         ]  # fmt: skip
@@ -1538,7 +1538,7 @@ def test_a_saved_cpu_or_listed_gpu_is_where_the_model_loads(tmp_path, qloop, mon
             app.settings.device = device
             qloop.run_until_complete(app.ctrl.load_model("demo"))
             assert app.client.state == "loaded" and app.settings.device == device
-            last = json.loads(requests.read_text().splitlines()[-1])
+            last = last_request(requests, "load")
             assert (last["type"], last.get("device")) == (
                 "load",
                 None if device == "auto" else device,
@@ -1631,7 +1631,7 @@ def test_settings_before_the_first_chat_start_it(tmp_path, qloop, monkeypatch):
         conv = app.ctrl.store.conversation(app.ctrl.current)
         assert conv.system_prompt == "Answer in French."
         assert conv.sampling["max_new_tokens"] == 64
-        generate = [json.loads(x) for x in requests.read_text().splitlines()][-1]
+        generate = last_request(requests, "generate")
         assert generate["messages"][0] == {"role": "system", "content": "Answer in French."}
         assert generate["sampling"]["max_new_tokens"] == 64
         app.window.chat_settings.toggle.click()  # the next chat starts from the defaults again
@@ -2624,7 +2624,7 @@ def test_continue_writes_more_of_a_cut_or_stopped_answer(tmp_path, qloop, monkey
         wait_until(qloop, lambda: answer_done(app), what="the continuation")
         kinds = [json.loads(line)["type"] for line in requests.read_text().splitlines()]
         assert kinds.count("generate") == 2
-        sent = json.loads(requests.read_text().splitlines()[-1])
+        sent = last_request(requests, "generate")
         assert sent["continue"] is True
         assert sent["messages"][-1] == {"role": "assistant", "content": "You said: one"}
         stored = app.store.messages(cid)
