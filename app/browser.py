@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -481,8 +481,7 @@ def _gpu_fit(shape: Shape, s: Scheme, weight_bytes: int, gpu: GpuInfo, context: 
     gptq = _gptq_packing(s)
     unpacked = gptq_zero_bytes(shape, *gptq) if gptq else 0  # zero points unpacked at load
     held = gpu.engine_bytes or 0  # the engine unloads its model before loading another
-    f = fit(shape, weight_bytes, gpu.free, context, layout, unpacked, held)
-    return f if gpu.free_known else replace(f, free_known=False)
+    return fit(shape, weight_bytes, gpu.free, context, layout, unpacked, held, gpu.free_known)
 
 
 def _cpu_fit(

@@ -59,8 +59,8 @@ def run_checks(hello: dict, gpus: Gpus, models_dir: Path, available=_UNSET) -> l
                 "NVML (libnvidia-ml) comes with the NVIDIA driver: without it the live panel "
                 "shows only what the engine holds on the GPU, and the fit check cannot see "
                 "what other programs use of it (it measures against the whole card). In a "
-                "container, "
-                "start it with the driver's libraries (the NVIDIA Container Toolkit adds them).",
+                "container, start it with the driver's libraries (the NVIDIA Container Toolkit "
+                "adds them).",
             )
         )
     else:

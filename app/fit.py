@@ -106,10 +106,12 @@ def fit(
     fast_layout: int = 0,
     unpacked: int = 0,
     reclaimed: int = 0,
+    free_known: bool = True,
 ) -> Fit:
     """weight_bytes: the files' weights; unpacked: what a load adds to them (GPTQ zero points,
     engine/memory.py gptq_zero_bytes); reclaimed: what the engine holds on the GPU now, all of
-    which it gives back before a load (its CUDA context stays, and the overhead counts one).
+    which it gives back before a load (its CUDA context stays, and the overhead counts one);
+    free_known False: ``free`` is the GPU's total (NVML cannot be read, app/gpu.py).
     The engine keeps the embedding table in host memory where everything would not fit the GPU
     otherwise (engine/memory.py embedding_on_host)."""
     free += reclaimed
@@ -121,9 +123,8 @@ def fit(
         host = min(shape.embedding_bytes(), weight_bytes)
     weights = weight_bytes - host
     largest = shape.largest_context(free - weights - overhead)
-    return Fit(
-        weights, kv, overhead, free, context, largest, fast_layout, host, unpacked, reclaimed
-    )
+    return Fit(weights, kv, overhead, free, context, largest, fast_layout, host, unpacked,
+               reclaimed, free_known)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -381,7 +381,7 @@ class DetailPane(QWidget):
                 lines.append("To make room, close: " + "; ".join(room))
         if f.verdict == "does not fit":
             lines += self._fits_elsewhere(gpu)
-        if not gpu.free_known:
+        if not f.free_known:
             lines.append(UNKNOWN_FREE)
         lines = offer_context(lines, f.verdict, f.max_context)
         _, unseen = self.ctrl.load_device(gpu)
@@ -590,7 +590,7 @@ def installed_fit_text(
     where = f"on GPU {gpu.index} ({gpu.name})" if gpu is not None else "on the CPU (slow)"
     if f.verdict is None:  # the CPU's memory unknown
         return f"Loads {where}; it takes about {f.need.describe()}."
-    if isinstance(f, Fit) and gpu is not None and not gpu.free_known:
+    if isinstance(f, Fit) and not f.free_known:
         need = f"{gib(f.needed)} of its {gib(f.free)} (its free memory is unknown)"
     elif isinstance(f, Fit):
         need = f"{gib(f.needed)} of {gib(f.free)} free"

@@ -241,17 +241,12 @@ class LivePanel(QScrollArea):
         cannot be read."""
         if not gpus and self.cuda_devices:  # CUDA works where NVML does not (a container
             names = ", ".join(str(d.get("name", "a GPU")) for d in self.cuda_devices)  # without
-            if engine_vram:  # the driver's libraries): not "no driver, the CPU"
-                self.gpu_note.setText(
-                    f"The engine uses {names} (CUDA) and holds {gib(engine_vram)} there for "
-                    "PyTorch; the rest of the GPU's memory cannot be read here (NVML is not "
-                    "available)."
-                )
-            else:
-                self.gpu_note.setText(
-                    f"The engine uses {names} (CUDA); its memory cannot be read here (NVML is "
-                    "not available)."
-                )
+            held = f" and holds {gib(engine_vram)} there for PyTorch" if engine_vram else ""
+            rest = "the rest of the GPU's memory" if engine_vram else "its memory"
+            self.gpu_note.setText(  # the driver's libraries): not "no driver, the CPU"
+                f"The engine uses {names} (CUDA){held}; {rest} cannot be read here (NVML is not "
+                "available)."
+            )
         elif not gpus:
             cpu = f" Engine memory (CPU): {gib(engine_rss)}." if engine_rss else ""
             self.gpu_note.setText((note or "No GPU found.") + cpu)
