@@ -61,17 +61,46 @@ def blocks_per_sm(v: int, res_cw: int) -> int:
 WAVE_LOOKUPS = 8192
 
 
-def plan_cost(blocks: int, lookups_per_block: float, num_sms: int, per_sm: int) -> float:
-    """A launch of ``blocks`` on SMs that each run ``per_sm`` at once, in waves."""
+# A kernel whose registers leave an SM room for two blocks gets one where a launch's shared
+# memory holds one (two_per_sm: the accumulators of large row blocks), and an SM then runs its
+# lookups at about 0.62 of the rate it gets with two. Llama-3.1-70B gate at v16-k65536-65536
+# (H100, csrc/KERNELS.md session 59), planned for two blocks an SM: 896-row blocks whose
+# accumulators left room for one took 158.6 us (256 blocks, two waves of one an SM); 224-row
+# blocks keeping two, 98.9 us (512 blocks, two waves of two); one wave of 64 blocks, 212.8 us.
+ONE_BLOCK_RATE = 0.62
+
+
+def plan_cost(
+    blocks: int, lookups_per_block: float, num_sms: int, per_sm: int, rate: float = 1.0
+) -> float:
+    """A launch of ``blocks`` on SMs that each run ``per_sm`` at once, in waves; ``rate``: how
+    fast a block's lookups go against those of a launch the kernel was built for (held_per_sm)."""
     waves = -(-blocks // (num_sms * per_sm))
-    return waves * (WAVE_LOOKUPS + lookups_per_block)
+    return waves * (WAVE_LOOKUPS + lookups_per_block / rate)
+
+
+def held_per_sm(
+    v: int, slice_cw: int, res_cw: int, row_block: int, chunk_cols: int, smem_optin: int
+) -> tuple[int, float]:
+    """(blocks an SM holds of a one-token launch of this shape, plan_cost's rate for them): what
+    the kernel's registers allow (blocks_per_sm) unless the shape's shared memory leaves room for
+    fewer. A lone block of a kernel built for two runs at ONE_BLOCK_RATE of the SM's rate with
+    two, so its lookups go at 2 x ONE_BLOCK_RATE of a block's among two."""
+    per_sm = blocks_per_sm(v, res_cw)
+    if per_sm == 2 and not two_per_sm(v, slice_cw, res_cw, row_block, chunk_cols, smem_optin):
+        return 1, 2 * ONE_BLOCK_RATE
+    return per_sm, 1.0
 
 
 def plans(v: int, res_cw: int, ctas_per_sm: int | None) -> list[int]:
     """The blocks an SM to plan a launch for, to be costed by plan_cost: ``ctas_per_sm`` where
-    given (tests), else VPTQ_SLICED_CTAS_PER_SM where set, else what the kernel holds and two."""
+    given (tests), else VPTQ_SLICED_CTAS_PER_SM where set, else what the kernel holds and two,
+    and for a kernel that holds two, four: row blocks half as large in two waves, for where one
+    wave's row blocks leave an SM's shared memory room for one block (held_per_sm) and those of
+    half the size leave room for two."""
     given = ctas_per_sm or (int(CTAS_OVERRIDE) if CTAS_OVERRIDE else 0)
-    return [given] if given else sorted({blocks_per_sm(v, res_cw), 2})
+    held = blocks_per_sm(v, res_cw)
+    return [given] if given else [1, 2] if held == 1 else [2, 4]
 
 
 TOKEN_TILES = (1, 2, 4, 8)
@@ -309,7 +338,10 @@ def planned_shape(
         )
         blocks = row_blocks * n_slices * -(-K // chunk_cols)
         lookups = row_block * chunk_cols * cell_lookups / n_slices
-        return plan_cost(blocks, lookups, num_sms, blocks_per_sm(v, res_cw)), c, shape
+        per_sm, rate = held_per_sm(v, slice_cw, res_cw, row_block, chunk_cols, smem_optin)
+        if c > 2 and per_sm < 2 and not ctas_per_sm:
+            return float("inf"), c, shape  # four an SM only where that keeps two (plans)
+        return plan_cost(blocks, lookups, num_sms, per_sm, rate), c, shape
 
     return min(cost(c) for c in plans(v, res_cw, ctas_per_sm))[2]
 

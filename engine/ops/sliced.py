@@ -39,6 +39,7 @@ from ..sliced_plan import (  # noqa: F401 (the planners, torch-free; tests reach
     LayerPlan,
     blocks_per_sm,
     chunk_width,
+    held_per_sm,
     largest_row_block,
     launch_shape,
     layer_meta,

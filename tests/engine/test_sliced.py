@@ -160,6 +160,45 @@ def test_a_plan_costs_its_fullest_block_and_a_wave_overhead_for_each_wave():
     assert sliced.plan_cost(396, 500, 132, 1) == 3 * (wave + 500)
 
 
+def test_a_lone_block_of_a_kernel_built_for_two_costs_its_measured_rate():
+    """held_per_sm by hand: v16 without a small residual holds two blocks an SM by its
+    registers, unless the shape's shared memory leaves room for one (a 64 KiB slice, 4096
+    columns of xhat and 896 rows of 16 accumulators: 137 KiB); v8 with a small residual holds
+    one either way. plan_cost then counts a lone block's lookups at 2 x ONE_BLOCK_RATE."""
+    rate = 2 * sliced_plan.ONE_BLOCK_RATE
+    assert sliced.held_per_sm(16, 2048, 0, 896, 4096, OPTIN) == (1, rate)
+    assert sliced.held_per_sm(16, 2048, 0, 224, 8192, OPTIN) == (2, 1.0)
+    assert sliced.held_per_sm(8, 4096, 256, 64, 4096, OPTIN) == (1, 1.0)
+    wave = sliced_plan.WAVE_LOOKUPS
+    assert sliced.plan_cost(256, 1240, 132, 1, rate) == pytest.approx(2 * (wave + 1000))
+
+
+def test_row_blocks_whose_accumulators_leave_room_for_one_block_are_halved():
+    """Llama-3.1-70B gate at v16-k65536-65536 on an H100: one wave's row blocks (896 rows, two
+    chunks of 4096) leave shared memory for one block an SM, which took 158.6 us; the plan takes
+    224-row blocks in two waves of two blocks an SM instead (98.9 us; csrc/KERNELS.md session
+    59). The 8B gate, whose one-wave row blocks keep two, keeps its plan; so do the kernels that
+    hold one block an SM anyway, and GPUs where half-size row blocks would not keep two."""
+    gate = make_spec(k_in=8192, n_out=28672, v=16, k=65536, kr=65536)
+    plan = sliced.layer_plan(gate, HOPPER)
+    one_wave = sliced.layer_meta(gate, plan, HOPPER, ctas_per_sm=2)
+    meta = sliced.layer_meta(gate, plan, HOPPER)
+    assert one_wave[6:] == [4096, 2, 1792, 0, 896, 2]
+    assert not sliced.two_per_sm(16, 2048, 0, 896, 4096, OPTIN)
+    assert meta[6:] == [8192, 1, 1792, 0, 224, 8]  # 512 blocks: two waves of 264
+    assert sliced.two_per_sm(16, 2048, 0, 224, 8192, OPTIN)
+    assert sliced.layer_meta(gate, plan, HOPPER, ctas_per_sm=4) == meta
+    small_gate = make_spec(k_in=4096, n_out=14336, v=16, k=65536, kr=65536)
+    small_plan = sliced.layer_plan(small_gate, HOPPER)
+    assert sliced.layer_meta(small_gate, small_plan, HOPPER) == sliced.layer_meta(
+        small_gate, small_plan, HOPPER, ctas_per_sm=2
+    )
+    assert sliced.plans(8, 256, None) == [1, 2] and sliced.plans(16, 0, None) == [2, 4]
+    for gpu in (A100, CONSUMER):  # half-size row blocks hold one block an SM there too
+        p = sliced.layer_plan(gate, gpu)
+        assert sliced.layer_meta(gate, p, gpu) == sliced.layer_meta(gate, p, gpu, ctas_per_sm=2)
+
+
 def test_layers_are_planned_for_the_blocks_an_sm_runs_at_once():
     """A residual layer's kernel, and one of v = 12, holds one block an SM (csrc/vptq_sliced.cuh):
     a launch planned as one wave is at most num_sms blocks, where a 2-bit v8 or v16 layer's is
