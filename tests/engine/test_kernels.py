@@ -281,7 +281,7 @@ def test_sliced_gemv_matches_oracle(name, tokens, dtype):
     assert not layout.counters.any()  # no tickets taken
 
 
-@pytest.mark.parametrize("ctas_per_sm", [1, 2])
+@pytest.mark.parametrize("ctas_per_sm", [1, 2, 4])  # 4: half-size row blocks in two waves
 @pytest.mark.parametrize("tokens", [1, 4])
 @pytest.mark.parametrize("name", sorted(SLICED_LARGE))
 def test_sliced_gemv_real_shapes(name, tokens, ctas_per_sm):
