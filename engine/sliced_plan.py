@@ -92,15 +92,16 @@ def held_per_sm(
     return per_sm, 1.0
 
 
+def _given(ctas_per_sm: int | None) -> int:
+    return ctas_per_sm or (int(CTAS_OVERRIDE) if CTAS_OVERRIDE else 0)
+
+
 def plans(v: int, res_cw: int, ctas_per_sm: int | None) -> list[int]:
     """The blocks an SM to plan a launch for, to be costed by plan_cost: ``ctas_per_sm`` where
-    given (tests), else VPTQ_SLICED_CTAS_PER_SM where set, else what the kernel holds and two,
-    and for a kernel that holds two, four: row blocks half as large in two waves, for where one
-    wave's row blocks leave an SM's shared memory room for one block (held_per_sm) and those of
-    half the size leave room for two."""
-    given = ctas_per_sm or (int(CTAS_OVERRIDE) if CTAS_OVERRIDE else 0)
-    held = blocks_per_sm(v, res_cw)
-    return [given] if given else [1, 2] if held == 1 else [2, 4]
+    given (tests), else VPTQ_SLICED_CTAS_PER_SM where set, else what the kernel holds and two
+    (and four where planned_shape finds that two leave room for one)."""
+    given = _given(ctas_per_sm)
+    return [given] if given else sorted({blocks_per_sm(v, res_cw), 2})
 
 
 TOKEN_TILES = (1, 2, 4, 8)
@@ -330,20 +331,26 @@ def planned_shape(
     waves: bool = False,
 ) -> tuple[int, int, int]:
     """layer_shape for the cheaper plan (``plans``, ``plan_cost``). ``cell_lookups``: lookups a
-    (vector-row, column) has in the layout's table, 2 where the residual codebook is sliced."""
+    (vector-row, column) has in the layout's table, 2 where the residual codebook is sliced.
+    Where the kernel holds two blocks an SM but one wave's row blocks leave its shared memory
+    room for one (their accumulators), row blocks half as large in two waves (planned for four
+    an SM) are weighed too, if those keep two."""
 
-    def cost(c: int) -> float:
+    def cost(c: int) -> tuple[float, int, tuple[int, int, int], int]:
         chunk_cols, row_block, row_blocks = shape = layer_shape(
             K, rows, v, slice_cw, res_cw, n_slices, num_sms, c, smem_optin, waves
         )
         blocks = row_blocks * n_slices * -(-K // chunk_cols)
         lookups = row_block * chunk_cols * cell_lookups / n_slices
         per_sm, rate = held_per_sm(v, slice_cw, res_cw, row_block, chunk_cols, smem_optin)
-        if c > 2 and per_sm < 2 and not ctas_per_sm:
-            return float("inf"), c, shape  # four an SM only where that keeps two (plans)
-        return plan_cost(blocks, lookups, num_sms, per_sm, rate), c, shape
+        return plan_cost(blocks, lookups, num_sms, per_sm, rate), c, shape, per_sm
 
-    return min(cost(c) for c in plans(v, res_cw, ctas_per_sm))[2]
+    options = [cost(c) for c in plans(v, res_cw, ctas_per_sm)]
+    if not _given(ctas_per_sm) and blocks_per_sm(v, res_cw) == 2 and options[0][3] == 1:
+        four = cost(4)
+        if four[3] == 2:
+            options.append(four)
+    return min(options)[2]
 
 
 def layout_bytes(spec: LayerDims, elem: int = 2, gpu: GPU | None = None) -> int:
