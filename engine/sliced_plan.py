@@ -64,9 +64,10 @@ WAVE_LOOKUPS = 8192
 # A kernel whose registers leave an SM room for two blocks gets one where a launch's shared
 # memory holds one (two_per_sm: the accumulators of large row blocks), and an SM then runs its
 # lookups at about 0.62 of the rate it gets with two. Llama-3.1-70B gate at v16-k65536-65536
-# (H100, csrc/KERNELS.md session 59), planned for two blocks an SM: 896-row blocks whose
-# accumulators left room for one took 158.6 us (256 blocks, two waves of one an SM); 224-row
-# blocks keeping two, 98.9 us (512 blocks, two waves of two); one wave of 64 blocks, 212.8 us.
+# (H100, csrc/KERNELS.md session 59): planned for two blocks an SM, 896-row blocks whose
+# accumulators left room for one took 158.6 us (256 blocks, two waves of one an SM); planned for
+# four, 224-row blocks keeping two, 98.9 us (512 blocks, two waves of two); planned for one, one
+# wave of 64 blocks, 212.8 us.
 ONE_BLOCK_RATE = 0.62
 
 
