@@ -533,6 +533,11 @@ class ChatController(QObject):
             stats = {**stats, "n_ctx": n_ctx, "context_tokens": used}
             if a["message"].conversation_id == self.current:
                 self.context_changed.emit(used, n_ctx, dropped)
+        timed = bool(stats)  # an engine that died mid-answer sent none
+        if status == "error" and "completion_tokens" not in stats and a["tokens"]:
+            # its tokens are the pieces that came, so that Continue counts on from them (it
+            # counted only its own)
+            stats = {**stats, "completion_tokens": a["tokens"]}
         if stats:  # the model that wrote it (the one loaded: a load waits for the answer)
             stats = {**stats, "model": model_label(self.client.loaded.get("model"))}
         if a["before"] and "completion_tokens" in stats:  # a continued answer: all its tokens
@@ -556,7 +561,7 @@ class ChatController(QObject):
         ]
         if news:
             self.error.emit("; ".join(news))
-        if stats:
+        if timed:
             self.answer_finished.emit(stats)
         self._next_waiting()
 

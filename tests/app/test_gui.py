@@ -145,8 +145,11 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     send(gui, "crash")
     wait_until(qloop, lambda: answer_done(gui), what="the crash")
     last = gui.store.messages(gui.ctrl.current)[-1]
-    assert last.status == "error" and last.content.startswith("You said:")  # partial kept
-    assert plain(gui.window.chat.widgets[-1].meta.text()) == "ended by an error"  # unfinished
+    assert last.status == "error" and last.content == "You said: crash"  # partial kept
+    # the three pieces that came before the crash are its tokens (the engine sent no stats)
+    assert last.stats["completion_tokens"] == 3
+    meta = plain(gui.window.chat.widgets[-1].meta.text())
+    assert meta.startswith("3 tokens · ") and meta.endswith(" · ended by an error")
     banner = gui.window.banner.text()
     assert "stopped unexpectedly" in banner and str(gui.log_dir) in banner
     # the window's note on the restart stays: the answer's end does not repeat the crash over it
@@ -165,6 +168,7 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     wait_until(qloop, lambda: answer_done(gui), what="the answer continued")
     last = gui.store.messages(gui.ctrl.current)[-1]
     assert last.status == "done" and last.content == "You said: crash and more."
+    assert last.stats["completion_tokens"] == 5  # the crash's 3 and Continue's 2
     assert "ended by an error" not in plain(gui.window.chat.widgets[-1].meta.text())
     send(gui, "again")
     wait_until(
@@ -205,10 +209,14 @@ def test_the_crash_note_says_how_the_restart_ended(gui, monkeypatch):
 def test_the_live_rate_goes_idle_when_a_crash_ends_the_answer(gui, qloop):
     """The panel's "Now" went on showing the rate of an answer a crash had ended (an answer
     without stats never reached the panel)."""
+    last_answer = gui.window.panel.last.text()
     send(gui, "crash late")
     wait_until(qloop, lambda: gui.window.panel.rate.text().endswith("tok/s"), what="the rate")
     wait_until(qloop, lambda: answer_done(gui), what="the crash")
     assert gui.store.messages(gui.ctrl.current)[-1].status == "error"
+    # its token count is kept with it, but it has no timings for the panel's last answer
+    assert gui.store.messages(gui.ctrl.current)[-1].stats["completion_tokens"] == 21
+    assert gui.window.panel.last.text() == last_answer
     assert gui.window.panel.rate.text() == "Now: idle"
 
 
