@@ -347,9 +347,9 @@ def planned_shape(
         return plan_cost(blocks, lookups, num_sms, per_sm, rate), c, shape, per_sm
 
     options = [cost(c) for c in plans(v, res_cw, ctas_per_sm)]
-    if not _given(ctas_per_sm) and blocks_per_sm(v, res_cw) == 2 and options[0][3] == 1:
-        four = cost(4)
-        if four[3] == 2:
+    if not _given(ctas_per_sm) and blocks_per_sm(v, res_cw) == 2:
+        (two,) = options  # what plans gives a kernel that holds two blocks an SM
+        if two[3] == 1 and (four := cost(4))[3] == 2:
             options.append(four)
     return min(options)[2]
 
