@@ -34,7 +34,7 @@ from PySide6.QtWidgets import (
 
 from ..controller import can_continue
 from .flow import FlowRow
-from .markdown import COPY_SCHEME, code_blocks, plain_html, to_html
+from .markdown import COPY_SCHEME, code_blocks, plain_html, render
 from .models import EditingRole, IdRole, MessageListModel, RoleRole, StatsRole, StatusRole
 
 # A search's words in the message it found: text and background, readable in each theme
@@ -177,6 +177,7 @@ class MessageWidget(QFrame):
         self.role, self.dark, self.text = role, dark, ""
         self.id: int | None = None  # the message's in the history (ChatView._make)
         self.copied: int | None = None  # the code block whose Copy link says "Copied ✓" now
+        self.code: list[str] = []  # the text's fenced code blocks, found where it is drawn
         self.can_continue = False  # stopped, cut at the token limit or by an error
         self.setObjectName("userMessage" if role == "user" else "assistantMessage")
         self.setFrameShape(QFrame.Shape.StyledPanel)
@@ -254,7 +255,7 @@ class MessageWidget(QFrame):
         if text != self.text or not self.body.toPlainText():
             self.text = text
             self._render()
-        self.copy_code.setVisible(bool(code_blocks(text)) and not self.editing())
+        self.copy_code.setVisible(bool(self.code) and not self.editing())
         self.can_continue = can_continue(self.role, status, stats, text)
         line = stats_line(stats, status)
         self.meta.setText(line)
@@ -282,10 +283,12 @@ class MessageWidget(QFrame):
     def _render(self) -> None:
         if self.role == "user":
             self.body.setHtml(plain_html(self.text))
+            self.code = code_blocks(self.text)
         else:
             # the message's font: on a new text size its body may not have taken it yet
             space = code_space_px(self.font())
-            self.body.setHtml(to_html(self.text, self.dark, space, self.copied))
+            page, self.code = render(self.text, self.dark, space, self.copied)
+            self.body.setHtml(page)
 
     def _link(self, url: QUrl) -> None:
         """A code block's Copy link copies that block; a web address opens in the browser."""
@@ -293,7 +296,7 @@ class MessageWidget(QFrame):
             QDesktopServices.openUrl(url)
             return
         n = int(url.path())  # the links and the blocks come from the same text: it is there
-        QGuiApplication.clipboard().setText(code_blocks(self.text)[n])
+        QGuiApplication.clipboard().setText(self.code[n])
         self.copied = n
         self._render()
 
@@ -408,7 +411,7 @@ class MessageWidget(QFrame):
         self.edit_box.hide()
         for w in (self.body, self.edit, self.copy):
             w.show()
-        self.copy_code.setVisible(bool(code_blocks(self.text)))
+        self.copy_code.setVisible(bool(self.code))
         self.edit_changed.emit(None)
 
     def set_edit_allowed(self, allowed: bool) -> None:
@@ -436,7 +439,7 @@ class MessageWidget(QFrame):
         self._copied(self.copy, "Copy")
 
     def _copy_code(self) -> None:
-        QGuiApplication.clipboard().setText("\n\n".join(code_blocks(self.text)))
+        QGuiApplication.clipboard().setText("\n\n".join(self.code))
         self._copied(self.copy_code, "Copy code")
 
     def _copied(self, button: QToolButton, text: str) -> None:

@@ -2331,6 +2331,38 @@ def test_code_blocks_open_and_close_only_on_fence_lines():
     assert code_blocks("a\n```\n\n```\nb") == [""]
 
 
+def test_a_streamed_answer_is_parsed_once_a_piece_and_its_copy_code_follows_its_blocks(
+    qapp, monkeypatch
+):
+    """Each piece of a streamed answer is parsed once, for its HTML and its code blocks both
+    (code_blocks parsed it a second time at each piece), and Copy code appears with the first
+    fence and copies the blocks as they stand; the same text again parses nothing."""
+    from markdown_it import MarkdownIt
+    from PySide6.QtGui import QGuiApplication
+
+    from app.ui.chat_view import MessageWidget
+    from app.ui.markdown import code_blocks, render
+
+    parses = []
+    parse = MarkdownIt.parse
+    monkeypatch.setattr(MarkdownIt, "parse", lambda self, *a: parses.append(1) or parse(self, *a))
+    w = MessageWidget("assistant", False)
+    pieces = ["Here:\n", "```python\n", "x = 1\n", "```\nand\n", "```sh\nls"]
+    text, seen = "", []
+    for piece in pieces:
+        text += piece
+        w.set_content(text, "streaming", {})
+        seen.append(not w.copy_code.isHidden())
+    assert len(parses) == len(pieces)
+    assert seen == [False, True, True, True, True]
+    w.set_content(text, "done", {})
+    assert len(parses) == len(pieces)
+    w.copy_code.click()
+    assert QGuiApplication.clipboard().text() == "x = 1\n\nls" == "\n\n".join(code_blocks(text))
+    for sample in (text, "no code", "1. Run:\n   ```bash\n   ls -l\n   ```\n2. Done."):
+        assert render(sample)[1] == code_blocks(sample)
+
+
 def test_a_code_block_in_a_list_item_is_drawn_in_the_item(qapp):
     """A fenced block inside a list item sits under the item's text, and the list goes on after
     it as one list (the blocks were cut out before Markdown: drawn at the message's left edge,
