@@ -481,7 +481,7 @@ class ChatController(QObject):
                     self._started(a)
             elif msg.type == "delta":
                 a["text"] += msg.get("text", "")
-                a["tokens"] += 1
+                a["tokens"] = _so_far(msg.get("tokens"), a["tokens"])
                 a["dirty"] = True
                 if time.monotonic() - a["saved"] > SAVE_S:
                     self.store.update_message(a["message"].id, content=a["text"])
@@ -535,8 +535,8 @@ class ChatController(QObject):
                 self.context_changed.emit(used, n_ctx, dropped)
         timed = bool(stats)  # an engine that died mid-answer sent none
         if status == "error" and "completion_tokens" not in stats and a["tokens"]:
-            # its tokens are the pieces that came, so that Continue counts on from them (it
-            # counted only its own)
+            # its tokens are those that came, so that Continue counts on from them (it counted
+            # only its own)
             stats = {**stats, "completion_tokens": a["tokens"]}
         if stats:  # the model that wrote it (the one loaded: a load waits for the answer)
             stats = {**stats, "model": model_label(self.client.loaded.get("model"))}
@@ -714,6 +714,15 @@ class ChatController(QObject):
     def _progress(self, fraction: float, stage: str) -> None:
         self.status.emit(f"{stage}: {fraction:.0%}")
         self.load_progress.emit(fraction, stage)
+
+
+def _so_far(sent: Any, counted: int) -> int:
+    """An answer's tokens after a delta: the count the engine sent with it (a piece can hold
+    several tokens, and the text held back at the end comes without a new one), else one more
+    than before (an engine that sends none)."""
+    if isinstance(sent, int) and not isinstance(sent, bool):
+        return max(sent, counted)
+    return counted + 1
 
 
 def _worth_keeping(answer: Message) -> bool:

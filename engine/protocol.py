@@ -16,7 +16,9 @@ PROTOCOL_VERSION = 1
 # (SAMPLING_FIELDS), `stop`, and `continue`: true where the last message is an answer to write
 # more of (the app's Continue).
 REQUESTS = frozenset({"hello", "load", "unload", "generate", "cancel", "stats", "shutdown"})
-# Engine -> app.
+# Engine -> app. A `delta` carries the answer's next `text` and `tokens`, how many tokens it has
+# so far: a piece can hold several (a character split across tokens, text held back while it
+# could begin a stop string).
 EVENTS = frozenset(
     {"hello", "load_progress", "loaded", "started", "delta", "finished", "error", "stats"}
 )

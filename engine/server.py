@@ -214,8 +214,8 @@ class Server:
             self.send("finished", id_, reason="error", stats={})
             return
         try:
-            for text in gen:
-                self.send("delta", id_, text=text)
+            for text in gen:  # with the answer's tokens so far: a piece may hold several
+                self.send("delta", id_, text=text, tokens=len(gen.tokens))
             self.send("finished", id_, reason=gen.reason, stats=gen.stats.as_dict())
         except Exception as e:
             log.error("generation %s failed:\n%s", id_, traceback.format_exc())

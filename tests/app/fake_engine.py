@@ -102,7 +102,11 @@ def generate(msg):
         if msg.id in cancelled or ANSWERING in cancelled:
             send("finished", msg.id, reason="cancelled", stats={"completion_tokens": i})
             return
-        send("delta", msg.id, text=(" " if i or msg.get("continue") else "") + w)
+        piece = (" " if i or msg.get("continue") else "") + w
+        if text == "crash":  # each word two tokens (as a split character makes), counted as sent
+            send("delta", msg.id, text=piece, tokens=2 * (i + 1))
+        else:  # no count: as an engine that sends none
+            send("delta", msg.id, text=piece)
         if (text, i) in (("crash", 2), ("crash late", 20)):
             os._exit(3)
         time.sleep(0.02 if text in ("slow", "crash", "crash late") else 0.001)

@@ -146,10 +146,11 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     wait_until(qloop, lambda: answer_done(gui), what="the crash")
     last = gui.store.messages(gui.ctrl.current)[-1]
     assert last.status == "error" and last.content == "You said: crash"  # partial kept
-    # the three pieces that came before the crash are its tokens (the engine sent no stats)
-    assert last.stats["completion_tokens"] == 3
+    # the tokens of the three pieces that came before the crash (two a piece, as the engine
+    # counted them with each) are its count: the engine sent no stats
+    assert last.stats["completion_tokens"] == 6
     meta = plain(gui.window.chat.widgets[-1].meta.text())
-    assert meta.startswith("3 tokens · ") and meta.endswith(" · ended by an error")
+    assert meta.startswith("6 tokens · ") and meta.endswith(" · ended by an error")
     banner = gui.window.banner.text()
     assert "stopped unexpectedly" in banner and str(gui.log_dir) in banner
     # the window's note on the restart stays: the answer's end does not repeat the crash over it
@@ -168,7 +169,7 @@ def test_engine_crash_is_reported_and_survived(gui, qloop):
     wait_until(qloop, lambda: answer_done(gui), what="the answer continued")
     last = gui.store.messages(gui.ctrl.current)[-1]
     assert last.status == "done" and last.content == "You said: crash and more."
-    assert last.stats["completion_tokens"] == 5  # the crash's 3 and Continue's 2
+    assert last.stats["completion_tokens"] == 8  # the crash's 6 and Continue's 2
     assert "ended by an error" not in plain(gui.window.chat.widgets[-1].meta.text())
     send(gui, "again")
     wait_until(
@@ -214,7 +215,8 @@ def test_the_live_rate_goes_idle_when_a_crash_ends_the_answer(gui, qloop):
     wait_until(qloop, lambda: gui.window.panel.rate.text().endswith("tok/s"), what="the rate")
     wait_until(qloop, lambda: answer_done(gui), what="the crash")
     assert gui.store.messages(gui.ctrl.current)[-1].status == "error"
-    # its token count is kept with it, but it has no timings for the panel's last answer
+    # its token count is kept with it (one a piece: the fake sends no counts here), but it has
+    # no timings for the panel's last answer
     assert gui.store.messages(gui.ctrl.current)[-1].stats["completion_tokens"] == 21
     assert gui.window.panel.last.text() == last_answer
     assert gui.window.panel.rate.text() == "Now: idle"

@@ -160,7 +160,8 @@ def test_a_generate_streams_its_answer_between_started_and_finished(session):
     messages = [{"role": "user", "content": "Name three colours."}]
     ids, dropped = session.prompt_ids(messages=messages, max_new_tokens=5)
     want = session.generate(ids, SamplingParams(**GREEDY))
-    want_text = "".join(want)
+    pieces = [(text, len(want.tokens)) for text in want]  # each piece, and the tokens so far
+    want_text = "".join(text for text, _ in pieces)
     e = Engine(session)
     events = e.ask("generate", "g", messages=messages, sampling=GREEDY)
     assert kinds(events) == ["started"] + ["delta"] * (len(events) - 2) + ["finished"]
@@ -170,6 +171,9 @@ def test_a_generate_streams_its_answer_between_started_and_finished(session):
         "prompt_tokens": len(ids), "dropped_messages": dropped, "n_ctx": CONTEXT,
     }  # fmt: skip
     assert text_of(events) == want_text and all(m.get("text") for m in events[1:-1])
+    # each piece says the answer's tokens so far (a piece may hold several), up to all of them
+    assert [m.get("tokens") for m in events[1:-1]] == [n for _, n in pieces]
+    assert events[-2].get("tokens") == 5
     assert finished.get("reason") == "length"
     stats = finished.get("stats")
     assert (stats["prompt_tokens"], stats["completion_tokens"]) == (len(ids), 5)
