@@ -2336,9 +2336,10 @@ def test_code_blocks_open_and_close_only_on_fence_lines():
 def test_a_streamed_answer_is_parsed_once_a_piece_and_its_copy_code_follows_its_blocks(
     qapp, monkeypatch
 ):
-    """Each piece of a streamed answer is parsed once, for its HTML and its code blocks both
-    (code_blocks parsed it a second time at each piece), and Copy code appears with the first
-    fence and copies the blocks as they stand; the same text again parses nothing."""
+    """Each text a streamed answer is drawn with (the repaint timer's) is parsed once, for its
+    HTML and its code blocks both (code_blocks parsed it a second time for Copy code), and Copy
+    code appears with the first fence and copies the blocks as they stand; the same text again
+    parses nothing."""
     from markdown_it import MarkdownIt
     from PySide6.QtGui import QGuiApplication
 
