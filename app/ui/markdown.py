@@ -118,7 +118,7 @@ def render(
     text: str, dark: bool = False, space_px: float = 0.0, copied: int | None = None
 ) -> tuple[str, list[str]]:
     """(to_html's HTML, code_blocks' blocks) of one message from one parse: a streamed answer is
-    drawn again at each piece, and its Copy code button follows its blocks. Each call starts
+    drawn again at each repaint, and its Copy code button follows its blocks. Each call starts
     from an empty environment: one answer's reference links never carry into the next. Qt
     draws a bare <table> without rules or cell padding: cells ran into each other."""
     env = {"dark": dark, "space_px": space_px, "blocks": 0, "copied": copied, "code": []}

@@ -2333,7 +2333,7 @@ def test_code_blocks_open_and_close_only_on_fence_lines():
     assert code_blocks("a\n```\n\n```\nb") == [""]
 
 
-def test_a_streamed_answer_is_parsed_once_a_piece_and_its_copy_code_follows_its_blocks(
+def test_a_streamed_answer_is_parsed_once_each_time_it_is_drawn_and_copy_code_follows_it(
     qapp, monkeypatch
 ):
     """Each text a streamed answer is drawn with (the repaint timer's) is parsed once, for its
