@@ -107,20 +107,16 @@ def _fence(renderer, tokens, idx, options, env) -> str:
     return _code_html(lang[0] if lang else "", code, env)
 
 
-def to_html(text: str, dark: bool = False, space_px: float = 0.0, copied: int | None = None) -> str:
-    """HTML for one message, its code blocks highlighted by Pygments. ``space_px``: a space's
-    width in code blocks (chat_view.code_space_px), for the hanging indent of their wrapped
-    lines; ``copied``: the block whose Copy link says "Copied ✓" for now."""
-    return render(text, dark, space_px, copied)[0]
-
-
 def render(
     text: str, dark: bool = False, space_px: float = 0.0, copied: int | None = None
 ) -> tuple[str, list[str]]:
-    """(to_html's HTML, code_blocks' blocks) of one message from one parse: a streamed answer is
-    drawn again at each repaint, and its Copy code button follows its blocks. Each call starts
-    from an empty environment: one answer's reference links never carry into the next. Qt
-    draws a bare <table> without rules or cell padding: cells ran into each other."""
+    """(HTML, code_blocks' blocks) of one message from one parse, its code blocks highlighted by
+    Pygments: a streamed answer is drawn again at each repaint, and its Copy code button follows
+    its blocks. ``space_px``: a space's width in code blocks (chat_view.code_space_px), for the
+    hanging indent of their wrapped lines; ``copied``: the block whose Copy link says "Copied ✓"
+    for now. Each call starts from an empty environment: one answer's reference links never
+    carry into the next. Qt draws a bare <table> without rules or cell padding: cells ran into
+    each other."""
     env = {"dark": dark, "space_px": space_px, "blocks": 0, "copied": copied, "code": []}
     page = _converter().render(text, env).rstrip("\n").replace("<table>", TABLE)
     return page, env["code"]

@@ -2263,10 +2263,15 @@ def test_html_in_an_answer_is_shown_as_written(gui, qloop):
     assert "<img" not in body.toHtml().replace("&lt;img", "")
 
 
+def to_html(text: str) -> str:
+    """A message's HTML as the chat draws it."""
+    from app.ui.markdown import render
+
+    return render(text)[0]
+
+
 def test_a_markdown_table_has_rules_and_cell_padding(qapp):
     from PySide6.QtGui import QTextDocument, QTextTable
-
-    from app.ui.markdown import to_html
 
     doc = QTextDocument()
     doc.setHtml(to_html("Tags:\n\n| tag | use |\n|---|---|\n| `<div>` | block |"))
@@ -2283,8 +2288,6 @@ def test_an_answer_keeps_its_line_breaks(qapp):
     test_a_markdown_table_has_rules_and_cell_padding)."""
     from PySide6.QtGui import QTextDocument
 
-    from app.ui.markdown import to_html
-
     def lines(text: str) -> list[str]:
         doc = QTextDocument()
         doc.setHtml(to_html(text))
@@ -2299,7 +2302,6 @@ def test_an_answer_keeps_its_line_breaks(qapp):
 
 
 def test_a_bare_web_address_in_an_answer_is_a_link():
-    from app.ui.markdown import to_html
 
     html = to_html("Models: https://huggingface.co/VPTQ-community, see main.py or example.com")
     assert html.count("<a ") == 1  # file names and bare domains stay words
@@ -2314,7 +2316,7 @@ def test_code_blocks_open_and_close_only_on_fence_lines():
     list's indent; a block still streaming counts."""
     from PySide6.QtGui import QTextDocument
 
-    from app.ui.markdown import code_blocks, to_html
+    from app.ui.markdown import code_blocks
 
     prose = "Type ``` to start a block.\nThen more prose."
     assert code_blocks(prose) == [] and "<table" not in to_html(prose)
@@ -2372,8 +2374,6 @@ def test_a_code_block_in_a_list_item_is_drawn_in_the_item(qapp):
     the list split in two around them); a block at the top level stays at the left edge."""
     from PySide6.QtGui import QTextDocument, QTextTable
 
-    from app.ui.markdown import to_html
-
     doc = QTextDocument()
     doc.setTextWidth(500)
     doc.setHtml(to_html("1. Run:\n   ```bash\n   ls -l\n   ```\n2. Done.\n\n```\ntop\n```\nEnd."))
@@ -2397,7 +2397,6 @@ def test_a_code_block_in_a_list_item_is_drawn_in_the_item(qapp):
 def test_one_message_s_markdown_does_not_carry_into_the_next():
     """The converter is built once and kept: a reference link defined in one answer must not
     turn the same words in a later answer into a link."""
-    from app.ui.markdown import to_html
 
     assert 'href="https://example.com/a"' in to_html("[docs]: https://example.com/a\n\nsee [docs]")
     assert "example.com" not in to_html("see [docs]")
