@@ -1786,6 +1786,13 @@ def test_a_gpu_with_a_long_name_does_not_widen_the_live_panel(gui, qloop):
     w.panel.cuda_devices = [{"index": 1, "uuid": "GPU-a"}]
     w.panel.set_gpus([info], None, None)
     qloop.run_until_complete(asyncio.sleep(0.2))  # layouts settle
+
+    def settled() -> bool:  # or longer, on a loaded machine (one CI run failed here once)
+        t = w.panel.cards[0].title
+        fits = w.panel.widget().width() <= w.panel.viewport().width()
+        return w.panel.width() <= 200 and fits and t.height() >= t.heightForWidth(t.width())
+
+    wait_until(qloop, settled, timeout=5, what="the panel's layout")
     title = w.panel.cards[0].title
     assert title.text() == f"GPU 0 (cuda:1): {name}"
     assert w.panel.width() <= 200  # the narrowest the window gives it
