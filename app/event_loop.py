@@ -5,7 +5,8 @@ loop has stopped running. A task resumed in that pass that then waits on an asyn
 already bound to the loop (the chat's stream of engine events, app/controller.py) raises
 "bound to a different event loop" and dies: the answer then never finishes. The app runs
 run_until_complete twice (until the window closes, then the shutdown that saves a streaming
-answer), the GUI tests many times; here that last pass runs with the loop marked running.
+answer), the GUI tests many times; here that last pass runs with the loop marked running
+(process_events), as do the passes pytest-qt makes around each GUI test.
 
 And one change: asyncio.to_thread (the hub's calls) runs each call in a daemon thread of its
 own (DaemonThreads), not in qasync's QThreads.
@@ -42,14 +43,21 @@ class QtAsyncLoop(qasync.QEventLoop):
             self.run_forever()
         finally:
             future.remove_done_callback(stop)
-        asyncio.events._set_running_loop(self)  # the last pass, as a running loop
+        self.process_events()  # the last pass, as a running loop
+        if not future.done():
+            raise RuntimeError("the event loop stopped before the future completed")
+        return future.result()
+
+    def process_events(self) -> None:
+        """Qt's pending events once, with this loop marked as running, so that the asyncio
+        callbacks Qt runs in the pass (qasync's timers and notifiers) find their loop. For a
+        pass outside run_until_complete, as pytest-qt makes around each test (tests/app
+        conftest.py routes those here)."""
+        asyncio.events._set_running_loop(self)
         try:
             self._qapp.eventDispatcher().processEvents(QEventLoop.ProcessEventsFlag.AllEvents)
         finally:
             asyncio.events._set_running_loop(None)
-        if not future.done():
-            raise RuntimeError("the event loop stopped before the future completed")
-        return future.result()
 
 
 def close_on_signals(close: Callable[[], None], parent: QObject) -> None:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytestqt.plugin
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
@@ -19,7 +20,13 @@ def qloop(qapp):
 
     loop = QtAsyncLoop(qapp)
     asyncio.set_event_loop(loop)
+    # pytest-qt processes Qt's events after each test and around its teardown, outside the
+    # loop: a chat's task resumed there by the engine's events (a test that ends mid-answer)
+    # died with "Queue ... is bound to a different event loop". Its passes run as the loop's.
+    plain = pytestqt.plugin._process_events
+    pytestqt.plugin._process_events = loop.process_events
     yield loop
+    pytestqt.plugin._process_events = plain
     loop.close()  # before Qt goes away, not in a finalizer at exit
 
 

@@ -26,6 +26,36 @@ def test_a_task_resumed_as_the_loop_stops_keeps_reading_its_queue(qloop):
     task.cancel()
 
 
+def test_a_task_resumed_in_the_passes_pytest_qt_makes_between_tests_keeps_reading_its_queue(
+    qloop,
+):
+    """pytest-qt processes Qt's events after each test, outside the loop (tests/app/conftest.py
+    routes those passes to QtAsyncLoop.process_events): a chat's task that the engine's events
+    resume there must still be able to wait on its queue. Plain processEvents killed it with
+    "bound to a different event loop" (a test that ended mid-answer)."""
+    import time
+
+    import pytestqt.plugin
+
+    q = asyncio.Queue()
+    got = []
+
+    async def consume():
+        while True:
+            got.append(await q.get())
+
+    task = qloop.create_task(consume())
+    qloop.run_until_complete(asyncio.sleep(0.01))  # the consumer waits, the queue is bound
+    for item in (1, 2):
+        q.put_nowait(item)  # wakes the consumer in the next pass
+        for _ in range(3):
+            pytestqt.plugin._process_events()
+            time.sleep(0.01)
+    assert got == [1, 2] and not task.done(), task.exception() if task.done() else got
+    task.cancel()
+    qloop.run_until_complete(asyncio.sleep(0))
+
+
 def test_daemon_threads_run_calls_in_order_at_most_n_at_once_and_never_hold_the_exit():
     """app/threads.py: what the downloads and the hub's calls run on."""
     import concurrent.futures
