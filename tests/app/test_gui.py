@@ -2292,6 +2292,36 @@ def test_a_markdown_table_has_rules_and_cell_padding(qapp):
     assert tables[0].cellAt(1, 0).firstCursorPosition().block().text() == "<div>"
 
 
+@pytest.mark.parametrize("dark", [False, True])
+def test_inline_code_in_an_answer_has_a_fixed_pitch_font_on_a_ground_of_its_own(qapp, dark):
+    """In the answer's own document: the code's characters (escaped as written) in a
+    fixed-pitch font on the theme's code ground; the words around it on none (in the font
+    alone, inline code hardly stood out of a sentence)."""
+    from PySide6.QtCore import Qt
+    from PySide6.QtGui import QColor, QFontInfo
+
+    from app.ui.chat_view import MessageWidget
+    from app.ui.markdown import INLINE_CODE_BG
+
+    w = MessageWidget("assistant", dark)
+    w.set_content("Run `pip install x<2` now.", "done", {})
+    block, parts = w.body.document().firstBlock(), []
+    it = block.begin()
+    while not it.atEnd():
+        fmt = it.fragment().charFormat()
+        parts.append((it.fragment().text(), QFontInfo(fmt.font()).fixedPitch(), fmt.background()))
+        it += 1
+    assert [(text, fixed) for text, fixed, _ in parts] == [
+        ("Run ", False),
+        ("pip install x<2", True),
+        (" now.", False),
+    ]
+    assert parts[1][2].color() == QColor(INLINE_CODE_BG[dark])
+    assert parts[0][2].style() == parts[2][2].style() == Qt.BrushStyle.NoBrush
+    assert INLINE_CODE_BG[False] != INLINE_CODE_BG[True]
+    w.deleteLater()
+
+
 def test_an_answer_keeps_its_line_breaks(qapp):
     """A single newline in an answer is a line break (Markdown would join the lines); a blank
     line still starts a paragraph, and a list may follow its introducing line directly (tables:
