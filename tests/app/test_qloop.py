@@ -3,18 +3,24 @@
 import asyncio
 
 
-def test_a_task_resumed_as_the_loop_stops_keeps_reading_its_queue(qloop):
-    """The chat reads the engine's events from an asyncio.Queue in a task: a task resumed
-    while run_until_complete winds down must still be able to wait on it."""
-    q = asyncio.Queue()
-    got = []
+def waiting_consumer(loop):
+    """(queue, what it gave, task): a task that reads an asyncio.Queue as the chat reads the
+    engine's events, left waiting on it (the queue bound to the loop)."""
+    q, got = asyncio.Queue(), []
 
     async def consume():
         while True:
             got.append(await q.get())
 
-    task = qloop.create_task(consume())
-    qloop.run_until_complete(asyncio.sleep(0.01))  # the consumer waits, the queue is bound
+    task = loop.create_task(consume())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    return q, got, task
+
+
+def test_a_task_resumed_as_the_loop_stops_keeps_reading_its_queue(qloop):
+    """The chat reads the engine's events from an asyncio.Queue in a task: a task resumed
+    while run_until_complete winds down must still be able to wait on it."""
+    q, got, task = waiting_consumer(qloop)
 
     async def feed():  # the consumer wakes after the run has been told to stop
         qloop.call_soon(q.put_nowait, 1)
@@ -37,15 +43,7 @@ def test_a_task_resumed_in_the_passes_pytest_qt_makes_between_tests_keeps_readin
 
     import pytestqt.plugin
 
-    q = asyncio.Queue()
-    got = []
-
-    async def consume():
-        while True:
-            got.append(await q.get())
-
-    task = qloop.create_task(consume())
-    qloop.run_until_complete(asyncio.sleep(0.01))  # the consumer waits, the queue is bound
+    q, got, task = waiting_consumer(qloop)
     for item in (1, 2):
         q.put_nowait(item)  # wakes the consumer in the next pass
         for _ in range(3):
