@@ -51,8 +51,8 @@ class QtAsyncLoop(qasync.QEventLoop):
     def process_events(self) -> None:
         """Qt's pending events once, with this loop marked as running, so that the asyncio
         callbacks Qt runs in the pass (qasync's timers and notifiers) find their loop. For a
-        pass outside run_until_complete, as pytest-qt makes around each test (tests/app
-        conftest.py routes those here)."""
+        pass outside run_until_complete, as pytest-qt makes around each test
+        (tests/app/conftest.py routes those here)."""
         asyncio.events._set_running_loop(self)
         try:
             self._qapp.eventDispatcher().processEvents(QEventLoop.ProcessEventsFlag.AllEvents)

@@ -1788,9 +1788,8 @@ def test_a_gpu_with_a_long_name_does_not_widen_the_live_panel(gui, qloop):
     w.gpu_timer.stop()
     w.panel.cuda_devices = [{"index": 1, "uuid": "GPU-a"}]
     w.panel.set_gpus([info], None, None)
-    qloop.run_until_complete(asyncio.sleep(0.2))  # layouts settle
 
-    def settled() -> bool:  # or longer, on a loaded machine
+    def settled() -> bool:  # the layouts, up to 5 s on a loaded machine
         t = w.panel.cards[0].title
         fits = w.panel.widget().width() <= w.panel.viewport().width()
         return w.panel.width() <= 200 and fits and t.height() >= t.heightForWidth(t.width())
@@ -2342,7 +2341,6 @@ def test_an_answer_keeps_its_line_breaks(qapp):
 
 
 def test_a_bare_web_address_in_an_answer_is_a_link():
-
     html = to_html("Models: https://huggingface.co/VPTQ-community, see main.py or example.com")
     assert html.count("<a ") == 1  # file names and bare domains stay words
     assert '<a href="https://huggingface.co/VPTQ-community">' in html
@@ -2437,7 +2435,6 @@ def test_a_code_block_in_a_list_item_is_drawn_in_the_item(qapp):
 def test_one_message_s_markdown_does_not_carry_into_the_next():
     """The converter is built once and kept: a reference link defined in one answer must not
     turn the same words in a later answer into a link."""
-
     assert 'href="https://example.com/a"' in to_html("[docs]: https://example.com/a\n\nsee [docs]")
     assert "example.com" not in to_html("see [docs]")
     assert to_html("see [docs]") == "<p>see [docs]</p>"
